@@ -1,0 +1,543 @@
+"""Stateless operations with PyTorch's names, over the Rust kernels in ``bnrs._core``.
+
+Every forward takes the arguments of its ``torch.nn.functional`` namesake. Each has a
+``*_backward`` counterpart that returns the gradients of its inputs; what a backward needs
+from its forward (max-pool indices, batch-norm statistics, the dropout seed) is passed to it
+explicitly.
+
+Input rule
+----------
+Arrays that are already ``float32`` and C-contiguous are passed to the kernels without a
+copy. Any other real-valued array (float16/float64, signed or unsigned integers, any memory
+order or stride) is converted once to a new ``float32`` C-contiguous array; the caller's
+array is never modified. Boolean, complex, object and string arrays raise ``TypeError``.
+Buffers updated in place (batch-norm running statistics, optimizer parameters and state)
+must already be writeable ``float32`` C-contiguous arrays, or ``TypeError``/``ValueError``
+is raised: converting them would silently drop the update.
+
+Shapes are NCHW for 4-D inputs; conv weights are ``(out_channels, in_channels, kh, kw)``;
+linear weights are ``(out_features, in_features)`` and ``linear(x, w, b) = x @ w.T + b``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+
+IntPair = Union[int, Tuple[int, int]]
+
+__all__ = [
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "batch_norm",
+    "native_batch_norm",
+    "batch_norm_backward",
+    "dropout",
+    "dropout2d",
+    "dropout_backward",
+    "dropout2d_backward",
+    "dropout_mask",
+    "linear",
+    "linear_backward",
+    "relu",
+    "relu_backward",
+    "leaky_relu",
+    "leaky_relu_backward",
+    "sigmoid",
+    "sigmoid_backward",
+    "tanh",
+    "tanh_backward",
+    "log_softmax",
+    "log_softmax_backward",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "sgd_step",
+    "adam_step",
+]
+
+
+# --------------------------------------------------------------------------- coercion
+
+
+def as_float32(array, name: str) -> np.ndarray:
+    """Return ``array`` as a float32 C-contiguous ndarray, copying only when needed.
+
+    Raises ``TypeError`` naming ``name`` for non-real dtypes (bool, complex, object, str).
+    """
+    arr = np.asarray(array) if not isinstance(array, np.ndarray) else array
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(
+            f"{name}: expected a real-valued numeric array (float or integer), "
+            f"got dtype {arr.dtype}"
+        )
+    if arr.dtype == np.float32 and arr.flags.c_contiguous:
+        return arr
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _optional_float32(array, name: str) -> Optional[np.ndarray]:
+    return None if array is None else as_float32(array, name)
+
+
+def _inplace_float32(array, name: str) -> np.ndarray:
+    """Check a buffer the kernels update in place: float32, C-contiguous, writeable."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(
+            f"{name}: expected a numpy.ndarray updated in place, got {type(array).__name__}"
+        )
+    if array.dtype != np.float32:
+        raise TypeError(
+            f"{name}: is updated in place, so it must be float32; got dtype {array.dtype}"
+        )
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name}: is updated in place, so it must be C-contiguous")
+    if not array.flags.writeable:
+        raise ValueError(f"{name}: is updated in place, but the array is read-only")
+    return array
+
+
+def _pair(value, name: str) -> Tuple[int, int]:
+    """Expand an int or a 2-sequence of ints to a pair, as PyTorch's ``_pair`` does."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(
+            f"{name}: expected an int or a pair of ints, got {type(value).__name__}"
+        ) from None
+    if len(items) != 2 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        for v in items
+    ):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    return int(items[0]), int(items[1])
+
+
+def _labels(target, name: str = "target") -> np.ndarray:
+    arr = np.asarray(target)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer class indices, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _seed(seed) -> int:
+    if seed is None:
+        return secrets.randbits(64)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed}")
+    return seed
+
+
+def _probability(p) -> float:
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        raise TypeError(f"p: expected a float in [0, 1), got {p!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"p: expected a dropout probability in [0, 1), got {p!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- conv2d
+
+
+def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: IntPair = 0,
+           dilation: IntPair = 1) -> np.ndarray:
+    """2-D convolution (cross-correlation, as in PyTorch), groups = 1.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C_in, H, W)
+    weight : array_like, shape (C_out, C_in, kH, kW)
+    bias : array_like, shape (C_out,), optional
+    stride, padding, dilation : int or (int, int)
+        Per-axis (height, width) or one value for both. Padding is zeros.
+
+    Returns
+    -------
+    ndarray, float32, shape (N, C_out, H_out, W_out)
+        ``H_out = (H + 2*pad_h - dil_h*(kH - 1) - 1) // stride_h + 1``, likewise W_out.
+    """
+    return _core.conv2d_forward(
+        as_float32(input, "input"), as_float32(weight, "weight"),
+        _optional_float32(bias, "bias"), _pair(stride, "stride"),
+        _pair(padding, "padding"), _pair(dilation, "dilation"))
+
+
+def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: IntPair = 0,
+                    dilation: IntPair = 1, bias: bool = True, input_grad: bool = True):
+    """Gradients of :func:`conv2d`.
+
+    Parameters
+    ----------
+    grad_output : array_like, shape (N, C_out, H_out, W_out)
+    input, weight : the forward's arguments
+    stride, padding, dilation : the forward's arguments
+    bias : bool
+        Whether the forward had a bias (then ``grad_bias`` is returned, else None).
+    input_grad : bool
+        Compute ``grad_input``; a network's first layer can skip it (then None).
+
+    Returns
+    -------
+    grad_input : ndarray (N, C_in, H, W) or None
+    grad_weight : ndarray (C_out, C_in, kH, kW)
+    grad_bias : ndarray (C_out,) or None
+    """
+    return _core.conv2d_backward(
+        as_float32(grad_output, "grad_output"), as_float32(input, "input"),
+        as_float32(weight, "weight"), _pair(stride, "stride"), _pair(padding, "padding"),
+        _pair(dilation, "dilation"), bool(bias), bool(input_grad))
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
+               padding: IntPair = 0, return_indices: bool = False):
+    """2-D max pooling (``ceil_mode=False``, dilation 1); padding counts as -inf.
+
+    Returns
+    -------
+    output : ndarray (N, C, H_out, W_out)
+    indices : ndarray of int64, same shape, only if ``return_indices``
+        The argmax as a flat index into each input H×W plane, as PyTorch returns it;
+        pass it to :func:`max_pool2d_backward`. Ties keep the first maximum; NaN wins.
+    """
+    kernel = _pair(kernel_size, "kernel_size")
+    out, indices = _core.max_pool2d_forward(
+        as_float32(input, "input"), kernel,
+        kernel if stride is None else _pair(stride, "stride"), _pair(padding, "padding"))
+    return (out, indices) if return_indices else out
+
+
+def max_pool2d_backward(grad_output, indices, input_shape) -> np.ndarray:
+    """Input gradient of :func:`max_pool2d` from its ``indices``.
+
+    Each output gradient is added at its argmax; overlapping windows accumulate.
+    ``input_shape`` is the forward input's shape (N, C, H, W).
+    """
+    idx = np.asarray(indices)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"indices: expected an integer array, got dtype {idx.dtype}")
+    return _core.max_pool2d_backward(
+        as_float32(grad_output, "grad_output"),
+        np.ascontiguousarray(idx, dtype=np.int64), _shape4(input_shape))
+
+
+def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
+               padding: IntPair = 0, count_include_pad: bool = True) -> np.ndarray:
+    """2-D average pooling (``ceil_mode=False``).
+
+    With ``count_include_pad`` (the default, as in PyTorch) every window divides by
+    kH*kW even where it overlaps the zero padding; otherwise by the number of input
+    elements it covers.
+    """
+    kernel = _pair(kernel_size, "kernel_size")
+    return _core.avg_pool2d_forward(
+        as_float32(input, "input"), kernel,
+        kernel if stride is None else _pair(stride, "stride"), _pair(padding, "padding"),
+        bool(count_include_pad))
+
+
+def avg_pool2d_backward(grad_output, input_shape, kernel_size: IntPair,
+                        stride: Optional[IntPair] = None, padding: IntPair = 0,
+                        count_include_pad: bool = True) -> np.ndarray:
+    """Input gradient of :func:`avg_pool2d`; ``input_shape`` is (N, C, H, W)."""
+    kernel = _pair(kernel_size, "kernel_size")
+    return _core.avg_pool2d_backward(
+        as_float32(grad_output, "grad_output"), _shape4(input_shape), kernel,
+        kernel if stride is None else _pair(stride, "stride"), _pair(padding, "padding"),
+        bool(count_include_pad))
+
+
+def _shape4(shape) -> Tuple[int, int, int, int]:
+    try:
+        dims = tuple(int(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"input_shape: expected 4 ints (N, C, H, W), got {shape!r}") from None
+    if len(dims) != 4:
+        raise ValueError(f"input_shape: expected 4 ints (N, C, H, W), got {shape!r}")
+    return dims  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+def native_batch_norm(input, weight=None, bias=None, running_mean=None, running_var=None,
+                      training: bool = False, momentum: float = 0.1, eps: float = 1e-5):
+    """Batch normalisation returning what its backward needs.
+
+    Statistics are per channel (axis 1) over every other axis: (N, H, W) for a 4-D input,
+    N for a 2-D (N, C) input, (N, L) for a 3-D one.
+
+    In training (or when ``running_mean``/``running_var`` are None) the input is normalised
+    with the batch mean and *biased* variance; if running buffers are given they are
+    updated in place: ``running = (1 - momentum) * running + momentum * batch_stat``, with
+    the *unbiased* batch variance for ``running_var`` (PyTorch's rule). A training batch
+    with a single value per channel raises ``ValueError``. In evaluation the running
+    statistics are used and left unchanged.
+
+    Returns
+    -------
+    output : ndarray, same shape as input
+    save_mean, save_invstd : ndarray (C,)
+        The mean and 1/sqrt(var + eps) that were used; pass them to
+        :func:`batch_norm_backward`.
+    """
+    x = as_float32(input, "input")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean, running_var: give both or neither")
+    use_batch_stats = bool(training) or running_mean is None
+    rm = None if running_mean is None else _inplace_float32(running_mean, "running_mean")
+    rv = None if running_var is None else _inplace_float32(running_var, "running_var")
+    return _core.batch_norm_forward(
+        x, _optional_float32(weight, "weight"), _optional_float32(bias, "bias"), rm, rv,
+        use_batch_stats, float(momentum), float(eps))
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> np.ndarray:
+    """Batch normalisation with ``torch.nn.functional.batch_norm``'s signature.
+
+    See :func:`native_batch_norm` for the semantics; this returns only the output.
+    """
+    return native_batch_norm(input, weight, bias, running_mean, running_var, training,
+                             momentum, eps)[0]
+
+
+def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd,
+                        training: bool = True):
+    """Gradients of batch normalisation.
+
+    Parameters
+    ----------
+    grad_output, input : arrays of the forward's shape
+    weight : array (C,) or None (``affine=False``: gamma = 1, and no parameter gradients)
+    save_mean, save_invstd : the statistics :func:`native_batch_norm` returned
+    training : bool
+        True when the forward used batch statistics (the gradient then flows through
+        them), False for running statistics (a fixed affine map).
+
+    Returns
+    -------
+    grad_input : ndarray, shape of input
+    grad_weight, grad_bias : ndarray (C,), or None when ``weight`` is None
+    """
+    return _core.batch_norm_backward(
+        as_float32(grad_output, "grad_output"), as_float32(input, "input"),
+        _optional_float32(weight, "weight"), as_float32(save_mean, "save_mean"),
+        as_float32(save_invstd, "save_invstd"), bool(training))
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def dropout(input, p: float = 0.5, training: bool = True, seed: Optional[int] = None):
+    """Inverted dropout: zero each element with probability ``p``, scale the rest by 1/(1-p).
+
+    Element i is kept or dropped by a counter-based generator (Philox4x32-10) keyed by
+    ``seed`` and indexed by i, so the result depends only on ``(seed, input)``, never on
+    the number of threads. Pass the same ``seed`` to :func:`dropout_backward`. With
+    ``seed=None`` a fresh random seed is drawn. Identity (a copy) when not training or
+    ``p == 0``.
+    """
+    x = as_float32(input, "input")
+    p = _probability(p)
+    seed = _seed(seed)
+    if not training or p == 0.0:
+        return x.copy()
+    return _core.dropout_forward(x, p, seed, 1)
+
+
+def dropout2d(input, p: float = 0.5, training: bool = True, seed: Optional[int] = None):
+    """Channel-wise ("spatial") inverted dropout of a 4-D (N, C, H, W) input.
+
+    Whole feature maps are kept or dropped: the decision for map (n, c) is drawn from
+    ``(seed, n*C + c)``. Otherwise as :func:`dropout`.
+    """
+    x = as_float32(input, "input")
+    if x.ndim != 4:
+        raise ValueError(f"input: dropout2d expects a 4-D (N, C, H, W) array, got {x.ndim}-D")
+    p = _probability(p)
+    seed = _seed(seed)
+    if not training or p == 0.0:
+        return x.copy()
+    return _core.dropout_forward(x, p, seed, x.shape[2] * x.shape[3])
+
+
+def dropout_backward(grad_output, p: float, seed: int) -> np.ndarray:
+    """Input gradient of :func:`dropout` (training, same ``p`` and ``seed``)."""
+    g = as_float32(grad_output, "grad_output")
+    p = _probability(p)
+    return g.copy() if p == 0.0 else _core.dropout_forward(g, p, _seed(seed), 1)
+
+
+def dropout2d_backward(grad_output, p: float, seed: int) -> np.ndarray:
+    """Input gradient of :func:`dropout2d` (training, same ``p`` and ``seed``)."""
+    g = as_float32(grad_output, "grad_output")
+    if g.ndim != 4:
+        raise ValueError(f"grad_output: expects a 4-D array, got {g.ndim}-D")
+    p = _probability(p)
+    if p == 0.0:
+        return g.copy()
+    return _core.dropout_forward(g, p, _seed(seed), g.shape[2] * g.shape[3])
+
+
+def dropout_mask(n: int, p: float, seed: int) -> np.ndarray:
+    """The keep decisions (bool, length ``n``) that dropout with ``(p, seed)`` uses.
+
+    Element i of :func:`dropout` (or map i of :func:`dropout2d`) is kept iff ``mask[i]``.
+    """
+    return _core.dropout_mask(int(n), _probability(p), _seed(seed)).astype(bool)
+
+
+# --------------------------------------------------------------------------- linear
+
+
+def linear(input, weight, bias=None) -> np.ndarray:
+    """``input @ weight.T + bias`` for a 2-D input (N, in_features)."""
+    return _core.linear_forward(as_float32(input, "input"), as_float32(weight, "weight"),
+                                _optional_float32(bias, "bias"))
+
+
+def linear_backward(grad_output, input, weight, bias: bool = True, input_grad: bool = True):
+    """Gradients of :func:`linear`: ``(grad_input or None, grad_weight, grad_bias or None)``."""
+    return _core.linear_backward(
+        as_float32(grad_output, "grad_output"), as_float32(input, "input"),
+        as_float32(weight, "weight"), bool(bias), bool(input_grad))
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def relu(input) -> np.ndarray:
+    """max(x, 0)."""
+    return _core.activation_forward(as_float32(input, "input"), "relu", 0.0)
+
+
+def relu_backward(grad_output, input) -> np.ndarray:
+    """Gradient of :func:`relu` given the forward's *input* (0 at x <= 0)."""
+    return _core.activation_backward(as_float32(grad_output, "grad_output"),
+                                     as_float32(input, "input"), "relu", 0.0)
+
+
+def leaky_relu(input, negative_slope: float = 0.01) -> np.ndarray:
+    """x if x > 0 else negative_slope * x."""
+    return _core.activation_forward(as_float32(input, "input"), "leaky_relu",
+                                    float(negative_slope))
+
+
+def leaky_relu_backward(grad_output, input, negative_slope: float = 0.01) -> np.ndarray:
+    """Gradient of :func:`leaky_relu` given the forward's *input*."""
+    return _core.activation_backward(as_float32(grad_output, "grad_output"),
+                                     as_float32(input, "input"), "leaky_relu",
+                                     float(negative_slope))
+
+
+def sigmoid(input) -> np.ndarray:
+    """1 / (1 + exp(-x))."""
+    return _core.activation_forward(as_float32(input, "input"), "sigmoid", 0.0)
+
+
+def sigmoid_backward(grad_output, output) -> np.ndarray:
+    """Gradient of :func:`sigmoid` given the forward's *output* y: grad * y * (1 - y)."""
+    return _core.activation_backward(as_float32(grad_output, "grad_output"),
+                                     as_float32(output, "output"), "sigmoid", 0.0)
+
+
+def tanh(input) -> np.ndarray:
+    """Hyperbolic tangent."""
+    return _core.activation_forward(as_float32(input, "input"), "tanh", 0.0)
+
+
+def tanh_backward(grad_output, output) -> np.ndarray:
+    """Gradient of :func:`tanh` given the forward's *output* y: grad * (1 - y**2)."""
+    return _core.activation_backward(as_float32(grad_output, "grad_output"),
+                                     as_float32(output, "output"), "tanh", 0.0)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def _check_dim(dim) -> None:
+    if dim not in (1, -1):
+        raise ValueError(f"dim: only the class axis of a 2-D (N, C) input is supported "
+                         f"(1 or -1), got {dim!r}")
+
+
+def log_softmax(input, dim: int = 1) -> np.ndarray:
+    """Numerically stable log-softmax over the classes of a 2-D (N, C) input."""
+    _check_dim(dim)
+    return _core.log_softmax_forward(as_float32(input, "input"))
+
+
+def log_softmax_backward(grad_output, output, dim: int = 1) -> np.ndarray:
+    """Gradient of :func:`log_softmax` given its *output* y: g - exp(y) * sum(g)."""
+    _check_dim(dim)
+    return _core.log_softmax_backward(as_float32(grad_output, "grad_output"),
+                                      as_float32(output, "output"))
+
+
+def cross_entropy(input, target) -> float:
+    """Mean over the batch of -log_softmax(input)[n, target[n]] (PyTorch's default).
+
+    ``input`` is (N, C) logits, ``target`` N integer class indices in [0, C).
+    """
+    return _core.cross_entropy_forward(as_float32(input, "input"), _labels(target))
+
+
+def cross_entropy_backward(input, target) -> np.ndarray:
+    """Gradient of :func:`cross_entropy` w.r.t. the logits: (softmax - onehot) / N."""
+    return _core.cross_entropy_backward(as_float32(input, "input"), _labels(target))
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def sgd_step(param, grad, momentum_buffer=None, *, lr: float, momentum: float = 0.0,
+             dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+             first_step: bool = False) -> None:
+    """One in-place step of PyTorch's SGD on ``param`` (and ``momentum_buffer``).
+
+    ``d = grad + weight_decay * param``; with momentum, ``buf = d`` on the first step
+    (``first_step=True``) and ``buf = momentum * buf + (1 - dampening) * d`` after;
+    ``d = d + momentum * buf`` (nesterov) or ``buf``; ``param -= lr * d``.
+    """
+    p = _inplace_float32(param, "param")
+    buf = None if momentum_buffer is None else _inplace_float32(momentum_buffer,
+                                                                "momentum_buffer")
+    if momentum != 0.0 and buf is None:
+        raise ValueError("momentum_buffer: required when momentum != 0")
+    _core.sgd_step(p, as_float32(grad, "grad"), buf, float(lr), float(momentum),
+                   float(dampening), bool(nesterov), float(weight_decay), bool(first_step))
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, step: int, *, lr: float = 1e-3,
+              beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+              weight_decay: float = 0.0, decoupled_weight_decay: bool = False) -> None:
+    """One in-place step of PyTorch's Adam (or AdamW with ``decoupled_weight_decay``).
+
+    ``step`` counts this step (1 for the first) and sets the bias corrections.
+    """
+    if int(step) < 1:
+        raise ValueError(f"step: expected the 1-based index of this step, got {step!r}")
+    _core.adam_step(
+        _inplace_float32(param, "param"), as_float32(grad, "grad"),
+        _inplace_float32(exp_avg, "exp_avg"), _inplace_float32(exp_avg_sq, "exp_avg_sq"),
+        int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        bool(decoupled_weight_decay))

@@ -1,0 +1,74 @@
+//! One error type for every kernel; the binding maps it to Python exceptions.
+
+use std::fmt;
+
+/// Why a kernel refused its arguments. Every variant names the argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A value, shape or size the operation cannot take (Python `ValueError`).
+    Invalid {
+        /// The argument, as the Python API names it.
+        arg: &'static str,
+        /// What was given.
+        got: String,
+        /// What the operation expects.
+        expected: String,
+    },
+    /// The output would not fit in memory, or its size overflows (Python `MemoryError`).
+    TooLarge {
+        /// What could not be allocated.
+        what: &'static str,
+        /// The requested number of elements, as text (it may overflow `usize`).
+        elements: String,
+    },
+}
+
+/// Result of a kernel.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Build an [`Error::Invalid`].
+    pub fn invalid(arg: &'static str, got: impl fmt::Display, expected: impl fmt::Display) -> Self {
+        Error::Invalid { arg, got: got.to_string(), expected: expected.to_string() }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Invalid { arg, got, expected } => {
+                write!(f, "{arg}: expected {expected}, got {got}")
+            }
+            Error::TooLarge { what, elements } => {
+                write!(f, "{what}: {elements} elements is too large to allocate")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Check that a slice has the length its shape implies.
+pub fn check_len(arg: &'static str, len: usize, expected: usize) -> Result<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(Error::invalid(arg, format!("{len} elements"), format!("{expected} elements")))
+    }
+}
+
+/// Multiply sizes, failing with [`Error::TooLarge`] instead of overflowing.
+pub fn checked_size(what: &'static str, dims: &[usize]) -> Result<usize> {
+    let mut total: usize = 1;
+    for &d in dims {
+        total = total.checked_mul(d).ok_or_else(|| Error::TooLarge {
+            what,
+            elements: dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×"),
+        })?;
+    }
+    // Beyond isize::MAX bytes no allocation can succeed.
+    if total > (isize::MAX as usize) / std::mem::size_of::<f32>() {
+        return Err(Error::TooLarge { what, elements: total.to_string() });
+    }
+    Ok(total)
+}

@@ -1,0 +1,124 @@
+//! Element-wise activations and their gradients.
+
+use rayon::prelude::*;
+
+use crate::error::{check_len, Error, Result};
+use crate::parallel::ELEMENTWISE_CHUNK;
+use crate::simd_dispatch;
+
+/// An activation function.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    Relu,
+    LeakyRelu(f32),
+    Sigmoid,
+    Tanh,
+}
+
+impl Activation {
+    /// Parse a name (`relu`, `leaky_relu`, `sigmoid`, `tanh`) and its slope.
+    pub fn from_name(name: &str, negative_slope: f32) -> Result<Self> {
+        match name {
+            "relu" => Ok(Activation::Relu),
+            "leaky_relu" => {
+                if !negative_slope.is_finite() {
+                    return Err(Error::invalid("negative_slope", negative_slope, "a finite number"));
+                }
+                Ok(Activation::LeakyRelu(negative_slope))
+            }
+            "sigmoid" => Ok(Activation::Sigmoid),
+            "tanh" => Ok(Activation::Tanh),
+            other => Err(Error::invalid("activation", other, "one of relu, leaky_relu, sigmoid, tanh")),
+        }
+    }
+}
+
+simd_dispatch! {
+    fn relu_chunk(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = if v > 0.0 { v } else if v.is_nan() { v } else { 0.0 };
+        }
+    }
+}
+
+simd_dispatch! {
+    fn leaky_chunk(x: &[f32], y: &mut [f32], slope: f32) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = if v > 0.0 { v } else { v * slope };
+        }
+    }
+}
+
+simd_dispatch! {
+    fn relu_grad_chunk(g: &[f32], x: &[f32], out: &mut [f32], slope: f32) {
+        for ((o, &gv), &xv) in out.iter_mut().zip(g).zip(x) {
+            *o = if xv > 0.0 { gv } else { gv * slope };
+        }
+    }
+}
+
+simd_dispatch! {
+    fn sigmoid_grad_chunk(g: &[f32], y: &[f32], out: &mut [f32]) {
+        for ((o, &gv), &yv) in out.iter_mut().zip(g).zip(y) {
+            *o = gv * (yv * (1.0 - yv));
+        }
+    }
+}
+
+simd_dispatch! {
+    fn tanh_grad_chunk(g: &[f32], y: &[f32], out: &mut [f32]) {
+        for ((o, &gv), &yv) in out.iter_mut().zip(g).zip(y) {
+            *o = gv * (1.0 - yv * yv);
+        }
+    }
+}
+
+fn sigmoid_chunk(x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        // Stable on both tails: exp of a non-positive number only.
+        *o = if v >= 0.0 {
+            1.0 / (1.0 + (-v).exp())
+        } else {
+            let e = v.exp();
+            e / (1.0 + e)
+        };
+    }
+}
+
+fn tanh_chunk(x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = v.tanh();
+    }
+}
+
+/// y = f(x).
+pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
+    check_len("output", y.len(), x.len())?;
+    y.par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(x.par_chunks(ELEMENTWISE_CHUNK))
+        .for_each(|(y, x)| match act {
+            Activation::Relu => relu_chunk(x, y),
+            Activation::LeakyRelu(s) => leaky_chunk(x, y, s),
+            Activation::Sigmoid => sigmoid_chunk(x, y),
+            Activation::Tanh => tanh_chunk(x, y),
+        });
+    Ok(())
+}
+
+/// Input gradient. `saved` is the forward's input for relu and leaky relu, its output
+/// for sigmoid and tanh (PyTorch's convention).
+pub fn backward(act: Activation, grad_output: &[f32], saved: &[f32], grad_input: &mut [f32])
+    -> Result<()> {
+    check_len("input", saved.len(), grad_output.len())?;
+    check_len("grad_input", grad_input.len(), grad_output.len())?;
+    grad_input
+        .par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(grad_output.par_chunks(ELEMENTWISE_CHUNK).zip(saved.par_chunks(ELEMENTWISE_CHUNK)))
+        .for_each(|(out, (g, s))| match act {
+            Activation::Relu => relu_grad_chunk(g, s, out, 0.0),
+            Activation::LeakyRelu(slope) => relu_grad_chunk(g, s, out, slope),
+            Activation::Sigmoid => sigmoid_grad_chunk(g, s, out),
+            Activation::Tanh => tanh_grad_chunk(g, s, out),
+        });
+    Ok(())
+}

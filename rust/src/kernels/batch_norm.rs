@@ -1,0 +1,300 @@
+//! Batch normalisation over (N, C, *) inputs: statistics per channel over every other axis.
+//!
+//! Training normalises with the batch mean and biased variance (one pass over the data,
+//! sums of values shifted by a sample of the channel, accumulated in f64 across planes)
+//! and can update running statistics (unbiased variance, as PyTorch does). Evaluation
+//! uses the running statistics. Channels are independent, so every result is the same at
+//! any thread count.
+
+use rayon::prelude::*;
+
+use super::reduce::{grad_sums, shifted_sums};
+use crate::error::{check_len, Error, Result};
+use crate::simd_dispatch;
+
+/// Layout of a batch-norm input: `batch` × `channels` × `spatial` values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormParams {
+    pub batch: usize,
+    pub channels: usize,
+    pub spatial: usize,
+    pub eps: f32,
+}
+
+/// Running statistics updated in place by a training forward.
+pub struct RunningStats<'a> {
+    pub mean: &'a mut [f32],
+    pub var: &'a mut [f32],
+    pub momentum: f32,
+}
+
+impl BatchNormParams {
+    /// Validate an input of shape (N, C, *) (2-D or more).
+    pub fn new(input_shape: &[usize], eps: f32) -> Result<Self> {
+        if input_shape.len() < 2 {
+            return Err(Error::invalid("input", format!("a {}-D array {input_shape:?}", input_shape.len()),
+                                      "a 2-D (N, C) or 4-D (N, C, H, W) array"));
+        }
+        super::nonzero("input", input_shape)?;
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(Error::invalid("eps", eps, "a finite number >= 0"));
+        }
+        Ok(BatchNormParams {
+            batch: input_shape[0],
+            channels: input_shape[1],
+            spatial: input_shape[2..].iter().product(),
+            eps,
+        })
+    }
+
+    /// Values per channel.
+    pub fn count(&self) -> usize {
+        self.batch * self.spatial
+    }
+
+    fn len(&self) -> usize {
+        self.batch * self.channels * self.spatial
+    }
+
+    /// The slices of channel `c`, one per image.
+    fn channel_planes<'a>(&'a self, x: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+        let stride = self.channels * self.spatial;
+        (0..self.batch).map(move |n| &x[n * stride + c * self.spatial..n * stride + (c + 1) * self.spatial])
+    }
+
+    fn check_channel_vector(&self, arg: &'static str, v: Option<&[f32]>) -> Result<()> {
+        match v {
+            Some(v) => check_len(arg, v.len(), self.channels),
+            None => Ok(()),
+        }
+    }
+}
+
+simd_dispatch! {
+    fn plane_shifted_sums(x: &[f32], shift: f32) -> (f32, f32) {
+        shifted_sums(x, shift)
+    }
+}
+
+simd_dispatch! {
+    fn plane_grad_sums(g: &[f32], x: &[f32], mean: f32) -> (f32, f32) {
+        grad_sums(g, x, mean)
+    }
+}
+
+simd_dispatch! {
+    /// out = x·a + b.
+    fn plane_affine(x: &[f32], out: &mut [f32], a: f32, b: f32) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * a + b;
+        }
+    }
+}
+
+simd_dispatch! {
+    /// out = g·a + x·b + c.
+    fn plane_grad_input(g: &[f32], x: &[f32], out: &mut [f32], a: f32, b: f32, c: f32) {
+        for ((o, &gv), &xv) in out.iter_mut().zip(g).zip(x) {
+            *o = gv * a + xv * b + c;
+        }
+    }
+}
+
+/// Per channel: y = x·scale[c] + shift[c], over planes in parallel.
+fn apply_affine(p: &BatchNormParams, x: &[f32], y: &mut [f32], scale: &[f32], shift: &[f32]) {
+    y.par_chunks_mut(p.spatial)
+        .zip(x.par_chunks(p.spatial))
+        .with_min_len((4096 / p.spatial).max(1))
+        .enumerate()
+        .for_each(|(i, (out, plane))| {
+            let c = i % p.channels;
+            plane_affine(plane, out, scale[c], shift[c]);
+        });
+}
+
+/// Batch mean and biased variance of every channel.
+fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
+    let count = p.count() as f64;
+    (0..p.channels)
+        .into_par_iter()
+        .map(|c| {
+            let shift = x[c * p.spatial];
+            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            for plane in p.channel_planes(x, c) {
+                let (a, b) = plane_shifted_sums(plane, shift);
+                s1 += f64::from(a);
+                s2 += f64::from(b);
+            }
+            let mean_shifted = s1 / count;
+            let var = (s2 / count - mean_shifted * mean_shifted).max(0.0);
+            (f64::from(shift) + mean_shifted, var)
+        })
+        .collect()
+}
+
+/// Scale and shift that map x to gamma·(x - mean)·invstd + beta.
+fn affine_coefficients(p: &BatchNormParams, gamma: Option<&[f32]>, beta: Option<&[f32]>,
+                       mean: &[f32], invstd: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    (0..p.channels)
+        .map(|c| {
+            let g = gamma.map_or(1.0, |g| g[c]);
+            let b = beta.map_or(0.0, |b| b[c]);
+            let scale = g * invstd[c];
+            (scale, b - mean[c] * scale)
+        })
+        .unzip()
+}
+
+/// Training forward: normalise with batch statistics, write them (mean, 1/sqrt(var+eps))
+/// to `save_mean`/`save_invstd`, and update `running` if given.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_train(p: &BatchNormParams, x: &[f32], gamma: Option<&[f32]>, beta: Option<&[f32]>,
+                     running: Option<RunningStats<'_>>, y: &mut [f32], save_mean: &mut [f32],
+                     save_invstd: &mut [f32]) -> Result<()> {
+    check_len("input", x.len(), p.len())?;
+    check_len("output", y.len(), p.len())?;
+    p.check_channel_vector("weight", gamma)?;
+    p.check_channel_vector("bias", beta)?;
+    check_len("save_mean", save_mean.len(), p.channels)?;
+    check_len("save_invstd", save_invstd.len(), p.channels)?;
+    if p.count() < 2 {
+        return Err(Error::invalid("input", format!("{} value per channel (shape N={}, C={})",
+                                                   p.count(), p.batch, p.channels),
+                                  "more than 1 value per channel when training"));
+    }
+    if let Some(r) = &running {
+        check_len("running_mean", r.mean.len(), p.channels)?;
+        check_len("running_var", r.var.len(), p.channels)?;
+        if !r.momentum.is_finite() {
+            return Err(Error::invalid("momentum", r.momentum, "a finite number"));
+        }
+    }
+    let stats = batch_stats(p, x);
+    for (c, &(mean, var)) in stats.iter().enumerate() {
+        save_mean[c] = mean as f32;
+        save_invstd[c] = (1.0 / (var + f64::from(p.eps)).sqrt()) as f32;
+    }
+    if let Some(r) = running {
+        let m = f64::from(r.momentum);
+        let unbias = p.count() as f64 / (p.count() - 1) as f64;
+        for (c, &(mean, var)) in stats.iter().enumerate() {
+            r.mean[c] = ((1.0 - m) * f64::from(r.mean[c]) + m * mean) as f32;
+            r.var[c] = ((1.0 - m) * f64::from(r.var[c]) + m * var * unbias) as f32;
+        }
+    }
+    let (scale, shift) = affine_coefficients(p, gamma, beta, save_mean, save_invstd);
+    apply_affine(p, x, y, &scale, &shift);
+    Ok(())
+}
+
+/// Evaluation forward with running statistics; also writes the mean and invstd it used.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_eval(p: &BatchNormParams, x: &[f32], gamma: Option<&[f32]>, beta: Option<&[f32]>,
+                    running_mean: &[f32], running_var: &[f32], y: &mut [f32],
+                    save_mean: &mut [f32], save_invstd: &mut [f32]) -> Result<()> {
+    check_len("input", x.len(), p.len())?;
+    check_len("output", y.len(), p.len())?;
+    p.check_channel_vector("weight", gamma)?;
+    p.check_channel_vector("bias", beta)?;
+    check_len("running_mean", running_mean.len(), p.channels)?;
+    check_len("running_var", running_var.len(), p.channels)?;
+    for c in 0..p.channels {
+        save_mean[c] = running_mean[c];
+        save_invstd[c] = (1.0 / (f64::from(running_var[c]) + f64::from(p.eps)).sqrt()) as f32;
+    }
+    let (scale, shift) = affine_coefficients(p, gamma, beta, save_mean, save_invstd);
+    apply_affine(p, x, y, &scale, &shift);
+    Ok(())
+}
+
+/// Gradients of batch normalisation. `training` says whether the forward used batch
+/// statistics (the gradient then flows through them) or fixed running statistics.
+/// `grad_gamma`/`grad_beta` are written when given.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(p: &BatchNormParams, grad_output: &[f32], x: &[f32], gamma: Option<&[f32]>,
+                save_mean: &[f32], save_invstd: &[f32], training: bool, grad_input: &mut [f32],
+                grad_gamma: Option<&mut [f32]>, grad_beta: Option<&mut [f32]>) -> Result<()> {
+    check_len("grad_output", grad_output.len(), p.len())?;
+    check_len("input", x.len(), p.len())?;
+    check_len("grad_input", grad_input.len(), p.len())?;
+    p.check_channel_vector("weight", gamma)?;
+    check_len("save_mean", save_mean.len(), p.channels)?;
+    check_len("save_invstd", save_invstd.len(), p.channels)?;
+    let sums: Vec<(f64, f64)> = (0..p.channels)
+        .into_par_iter()
+        .map(|c| {
+            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+            for (g, xp) in p.channel_planes(grad_output, c).zip(p.channel_planes(x, c)) {
+                let (a, b) = plane_grad_sums(g, xp, save_mean[c]);
+                sg += f64::from(a);
+                sgx += f64::from(b);
+            }
+            (sg, sgx)
+        })
+        .collect();
+    let count = p.count() as f64;
+    // grad_input = a·g + b·x + c per channel.
+    let coefficients: Vec<(f32, f32, f32)> = (0..p.channels)
+        .map(|c| {
+            let invstd = f64::from(save_invstd[c]);
+            let k = f64::from(gamma.map_or(1.0, |g| g[c])) * invstd;
+            if training {
+                let (sg, sgx) = sums[c];
+                let b = -k * invstd * invstd * sgx / count;
+                let c0 = -k * sg / count - b * f64::from(save_mean[c]);
+                (k as f32, b as f32, c0 as f32)
+            } else {
+                (k as f32, 0.0, 0.0)
+            }
+        })
+        .collect();
+    grad_input
+        .par_chunks_mut(p.spatial)
+        .zip(grad_output.par_chunks(p.spatial).zip(x.par_chunks(p.spatial)))
+        .with_min_len((4096 / p.spatial).max(1))
+        .enumerate()
+        .for_each(|(i, (out, (g, xp)))| {
+            let (a, b, c0) = coefficients[i % p.channels];
+            plane_grad_input(g, xp, out, a, b, c0);
+        });
+    if let Some(gg) = grad_gamma {
+        check_len("grad_weight", gg.len(), p.channels)?;
+        for c in 0..p.channels {
+            gg[c] = (sums[c].1 * f64::from(save_invstd[c])) as f32;
+        }
+    }
+    if let Some(gb) = grad_beta {
+        check_len("grad_bias", gb.len(), p.channels)?;
+        for c in 0..p.channels {
+            gb[c] = sums[c].0 as f32;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalised_channels_have_zero_mean_unit_variance() {
+        let p = BatchNormParams::new(&[3, 2, 2, 2], 0.0).unwrap();
+        let x: Vec<f32> = (0..24).map(|i| (i * i % 7) as f32 + 100.0).collect();
+        let (mut y, mut mean, mut invstd) = (vec![0.0; 24], vec![0.0; 2], vec![0.0; 2]);
+        forward_train(&p, &x, None, None, None, &mut y, &mut mean, &mut invstd).unwrap();
+        for c in 0..2 {
+            let vals: Vec<f64> = p.channel_planes(&y, c).flatten().map(|&v| f64::from(v)).collect();
+            let m = vals.iter().sum::<f64>() / 12.0;
+            let v = vals.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / 12.0;
+            assert!(m.abs() < 1e-5 && (v - 1.0).abs() < 1e-4, "channel {c}: {m} {v}");
+        }
+    }
+
+    #[test]
+    fn one_value_per_channel_is_rejected_in_training() {
+        let p = BatchNormParams::new(&[1, 3], 1e-5).unwrap();
+        let (mut y, mut m, mut s) = (vec![0.0; 3], vec![0.0; 3], vec![0.0; 3]);
+        let err = forward_train(&p, &[1.0, 2.0, 3.0], None, None, None, &mut y, &mut m, &mut s);
+        assert!(matches!(err, Err(Error::Invalid { arg: "input", .. })));
+    }
+}

@@ -1,0 +1,340 @@
+//! 2-D convolution (cross-correlation, groups = 1), forward and backward.
+//!
+//! Each image is unfolded (im2col) into a K×P matrix, K = C_in·kH·kW, P = H_out·W_out,
+//! and multiplied by the C_out×K weight matrix. A 1×1 convolution with stride 1 and no
+//! padding is a plain GEMM on the image. Images run in parallel; the weight gradient is
+//! summed per fixed group of images, then over groups in order.
+
+use rayon::prelude::*;
+
+use super::gemm::{sgemm, MatRef};
+use super::{nchw, non_negative_pair, positive_pair, valid_range, window_out_len};
+use crate::error::{checked_size, Error, Result};
+use crate::parallel::chunk_len;
+
+/// Shapes and hyper-parameters of a convolution, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dParams {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub out_channels: usize,
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub dilation: (usize, usize),
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl Conv2dParams {
+    /// Validate an input of shape (N, C_in, H, W) against a weight (C_out, C_in, kH, kW).
+    pub fn new(input_shape: &[usize], weight_shape: &[usize], stride: (i64, i64),
+               padding: (i64, i64), dilation: (i64, i64)) -> Result<Self> {
+        let (batch, in_channels, in_h, in_w) = nchw("input", input_shape)?;
+        if weight_shape.len() != 4 {
+            return Err(Error::invalid("weight", format!("a {}-D array {weight_shape:?}",
+                                                        weight_shape.len()),
+                                      "a 4-D (C_out, C_in, kH, kW) array"));
+        }
+        super::nonzero("weight", weight_shape)?;
+        let (out_channels, w_in, kernel_h, kernel_w) =
+            (weight_shape[0], weight_shape[1], weight_shape[2], weight_shape[3]);
+        if w_in != in_channels {
+            return Err(Error::invalid("weight", format!("{w_in} input channels (shape {weight_shape:?})"),
+                                      format!("{in_channels} input channels, as input has (shape {input_shape:?})")));
+        }
+        let stride = positive_pair("stride", stride)?;
+        let padding = non_negative_pair("padding", padding)?;
+        let dilation = positive_pair("dilation", dilation)?;
+        let out_h = window_out_len(in_h, padding.0, kernel_h, stride.0, dilation.0);
+        let out_w = window_out_len(in_w, padding.1, kernel_w, stride.1, dilation.1);
+        let (Some(out_h), Some(out_w)) = (out_h, out_w) else {
+            return Err(Error::invalid(
+                "weight",
+                format!("a kernel of {kernel_h}×{kernel_w} (dilation {dilation:?}) on an input of \
+                         {in_h}×{in_w} padded by {padding:?}"),
+                "a (dilated) kernel no larger than the padded input"));
+        };
+        let params = Conv2dParams { batch, in_channels, in_h, in_w, out_channels, kernel_h,
+                                    kernel_w, stride, padding, dilation, out_h, out_w };
+        checked_size("output", &[batch, out_channels, out_h, out_w])?;
+        checked_size("im2col buffer", &[params.col_rows(), out_h, out_w])?;
+        Ok(params)
+    }
+
+    /// Output shape (N, C_out, H_out, W_out).
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.batch, self.out_channels, self.out_h, self.out_w]
+    }
+
+    /// Rows of the unfolded image: C_in · kH · kW.
+    pub fn col_rows(&self) -> usize {
+        self.in_channels * self.kernel_h * self.kernel_w
+    }
+
+    fn pixels(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    fn image_len(&self) -> usize {
+        self.in_channels * self.in_h * self.in_w
+    }
+
+    /// 1×1, stride 1, no padding: the image itself is the unfolded matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kernel_h == 1 && self.kernel_w == 1 && self.stride == (1, 1) && self.padding == (0, 0)
+    }
+
+    fn check_lengths(&self, input: usize, weight: usize, output: usize) -> Result<()> {
+        crate::error::check_len("input", input, self.batch * self.image_len())?;
+        crate::error::check_len("weight", weight, self.out_channels * self.col_rows())?;
+        crate::error::check_len("output", output, self.batch * self.out_channels * self.pixels())
+    }
+}
+
+/// Unfold one image (C_in, H, W) into `col` (K rows of P pixels); padding reads as zero.
+fn im2col(p: &Conv2dParams, image: &[f32], col: &mut [f32]) {
+    let pixels = p.pixels();
+    let plane = p.in_h * p.in_w;
+    let mut rows = col.chunks_exact_mut(pixels);
+    for c in 0..p.in_channels {
+        let src = &image[c * plane..(c + 1) * plane];
+        for ki in 0..p.kernel_h {
+            let row_offset = (ki * p.dilation.0) as isize - p.padding.0 as isize;
+            let (oh_lo, oh_hi) = valid_range(row_offset, p.stride.0, p.in_h, p.out_h);
+            for kj in 0..p.kernel_w {
+                let col_offset = (kj * p.dilation.1) as isize - p.padding.1 as isize;
+                let (ow_lo, ow_hi) = valid_range(col_offset, p.stride.1, p.in_w, p.out_w);
+                let dst = rows.next().expect("im2col: buffer has K rows");
+                dst[..oh_lo * p.out_w].fill(0.0);
+                dst[oh_hi * p.out_w..].fill(0.0);
+                for oh in oh_lo..oh_hi {
+                    let ih = (oh * p.stride.0) as isize + row_offset;
+                    let src_row = &src[ih as usize * p.in_w..(ih as usize + 1) * p.in_w];
+                    let out_row = &mut dst[oh * p.out_w..(oh + 1) * p.out_w];
+                    out_row[..ow_lo].fill(0.0);
+                    out_row[ow_hi..].fill(0.0);
+                    let first = ((ow_lo * p.stride.1) as isize + col_offset) as usize;
+                    if p.stride.1 == 1 {
+                        out_row[ow_lo..ow_hi].copy_from_slice(&src_row[first..first + ow_hi - ow_lo]);
+                    } else {
+                        for (o, v) in out_row[ow_lo..ow_hi].iter_mut()
+                            .zip(src_row[first..].iter().step_by(p.stride.1)) {
+                            *o = *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Fold `col` (K rows of P pixels) back onto one image, adding overlapping entries.
+fn col2im(p: &Conv2dParams, col: &[f32], image: &mut [f32]) {
+    image.fill(0.0);
+    let pixels = p.pixels();
+    let plane = p.in_h * p.in_w;
+    let mut rows = col.chunks_exact(pixels);
+    for c in 0..p.in_channels {
+        let dst = &mut image[c * plane..(c + 1) * plane];
+        for ki in 0..p.kernel_h {
+            let row_offset = (ki * p.dilation.0) as isize - p.padding.0 as isize;
+            let (oh_lo, oh_hi) = valid_range(row_offset, p.stride.0, p.in_h, p.out_h);
+            for kj in 0..p.kernel_w {
+                let col_offset = (kj * p.dilation.1) as isize - p.padding.1 as isize;
+                let (ow_lo, ow_hi) = valid_range(col_offset, p.stride.1, p.in_w, p.out_w);
+                let src = rows.next().expect("col2im: buffer has K rows");
+                for oh in oh_lo..oh_hi {
+                    let ih = ((oh * p.stride.0) as isize + row_offset) as usize;
+                    let dst_row = &mut dst[ih * p.in_w..(ih + 1) * p.in_w];
+                    let src_row = &src[oh * p.out_w + ow_lo..oh * p.out_w + ow_hi];
+                    let first = ((ow_lo * p.stride.1) as isize + col_offset) as usize;
+                    if p.stride.1 == 1 {
+                        for (d, s) in dst_row[first..first + src_row.len()].iter_mut().zip(src_row) {
+                            *d += *s;
+                        }
+                    } else {
+                        for (d, s) in dst_row[first..].iter_mut().step_by(p.stride.1).zip(src_row) {
+                            *d += *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The unfolded image: the image itself for pointwise convolutions, else `col` filled.
+fn unfolded<'a>(p: &Conv2dParams, image: &'a [f32], col: &'a mut Vec<f32>) -> &'a [f32] {
+    if p.is_pointwise() {
+        image
+    } else {
+        col.resize(p.col_rows() * p.pixels(), 0.0);
+        im2col(p, image, col);
+        col
+    }
+}
+
+/// `output = conv2d(input, weight) + bias`.
+pub fn forward(p: &Conv2dParams, input: &[f32], weight: &[f32], bias: Option<&[f32]>,
+               output: &mut [f32]) -> Result<()> {
+    p.check_lengths(input.len(), weight.len(), output.len())?;
+    if let Some(b) = bias {
+        crate::error::check_len("bias", b.len(), p.out_channels)?;
+    }
+    let (pixels, k) = (p.pixels(), p.col_rows());
+    output
+        .par_chunks_mut(p.out_channels * pixels)
+        .zip(input.par_chunks(p.image_len()))
+        .for_each_init(Vec::new, |col, (out_image, image)| {
+            if let Some(b) = bias {
+                for (row, &bc) in out_image.chunks_exact_mut(pixels).zip(b) {
+                    row.fill(bc);
+                }
+            }
+            let rhs = unfolded(p, image, col);
+            sgemm(p.out_channels, pixels, k, out_image, pixels, bias.is_some(),
+                  MatRef::rows(weight, k), MatRef::rows(rhs, pixels));
+        });
+    Ok(())
+}
+
+/// Gradients of [`forward`]: `grad_input` (if given), `grad_weight`, `grad_bias` (if given).
+pub fn backward(p: &Conv2dParams, grad_output: &[f32], input: &[f32], weight: &[f32],
+                grad_input: Option<&mut [f32]>, grad_weight: &mut [f32],
+                grad_bias: Option<&mut [f32]>) -> Result<()> {
+    p.check_lengths(input.len(), weight.len(), grad_output.len())?;
+    crate::error::check_len("grad_weight", grad_weight.len(), weight.len())?;
+    let (pixels, k) = (p.pixels(), p.col_rows());
+    let out_image = p.out_channels * pixels;
+
+    if let Some(gb) = grad_bias {
+        crate::error::check_len("grad_bias", gb.len(), p.out_channels)?;
+        gb.par_iter_mut().enumerate().for_each(|(co, g)| {
+            let mut total = 0.0f64;
+            for n in 0..p.batch {
+                let start = n * out_image + co * pixels;
+                total += f64::from(super::reduce::sum(&grad_output[start..start + pixels]));
+            }
+            *g = total as f32;
+        });
+    }
+
+    // Images are split into at most 8 groups fixed by the batch size; each group sums its
+    // images' weight gradients into its own buffer, and the buffers are added in order.
+    let group = chunk_len(p.batch, 1, 8);
+    let n_groups = p.batch.div_ceil(group);
+    let mut partials = vec![0.0f32; n_groups * weight.len()];
+    let grad_input_groups: Vec<Option<&mut [f32]>> = match grad_input {
+        Some(gx) => {
+            crate::error::check_len("grad_input", gx.len(), input.len())?;
+            gx.chunks_mut(group * p.image_len()).map(Some).collect()
+        }
+        None => (0..n_groups).map(|_| None).collect(),
+    };
+    grad_input_groups
+        .into_par_iter()
+        .zip(partials.par_chunks_mut(weight.len()))
+        .enumerate()
+        .for_each(|(g, (mut gx_group, partial))| {
+            let mut col = Vec::new();
+            let mut grad_col = Vec::new();
+            let first = g * group;
+            for n in first..(first + group).min(p.batch) {
+                let image = &input[n * p.image_len()..(n + 1) * p.image_len()];
+                let gy = &grad_output[n * out_image..(n + 1) * out_image];
+                let unfolded_image = unfolded(p, image, &mut col);
+                sgemm(p.out_channels, k, pixels, partial, k, n > first,
+                      MatRef::rows(gy, pixels), MatRef::transposed(unfolded_image, pixels));
+                if let Some(gx_group) = gx_group.as_deref_mut() {
+                    let local = n - first;
+                    let gx = &mut gx_group[local * p.image_len()..(local + 1) * p.image_len()];
+                    let wt = MatRef::transposed(weight, k);
+                    if p.is_pointwise() {
+                        sgemm(k, pixels, p.out_channels, gx, pixels, false, wt,
+                              MatRef::rows(gy, pixels));
+                    } else {
+                        grad_col.resize(k * pixels, 0.0);
+                        sgemm(k, pixels, p.out_channels, &mut grad_col, pixels, false, wt,
+                              MatRef::rows(gy, pixels));
+                        col2im(p, &grad_col, gx);
+                    }
+                }
+            }
+        });
+    grad_weight.par_iter_mut().enumerate().for_each(|(i, g)| {
+        let mut total = 0.0f32;
+        for part in partials.chunks_exact(weight.len()) {
+            total += part[i];
+        }
+        *g = total;
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct definition of the convolution, for comparison.
+    fn naive(p: &Conv2dParams, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let mut y = vec![0.0f32; p.output_shape().iter().product()];
+        for n in 0..p.batch {
+            for co in 0..p.out_channels {
+                for oh in 0..p.out_h {
+                    for ow in 0..p.out_w {
+                        let mut acc = 0.0f64;
+                        for c in 0..p.in_channels {
+                            for ki in 0..p.kernel_h {
+                                for kj in 0..p.kernel_w {
+                                    let ih = (oh * p.stride.0 + ki * p.dilation.0) as isize - p.padding.0 as isize;
+                                    let iw = (ow * p.stride.1 + kj * p.dilation.1) as isize - p.padding.1 as isize;
+                                    if ih < 0 || iw < 0 || ih >= p.in_h as isize || iw >= p.in_w as isize {
+                                        continue;
+                                    }
+                                    let xv = x[((n * p.in_channels + c) * p.in_h + ih as usize) * p.in_w + iw as usize];
+                                    let wv = w[((co * p.in_channels + c) * p.kernel_h + ki) * p.kernel_w + kj];
+                                    acc += f64::from(xv) * f64::from(wv);
+                                }
+                            }
+                        }
+                        y[((n * p.out_channels + co) * p.out_h + oh) * p.out_w + ow] = acc as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn values(len: usize, salt: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(salt) >> 8) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn forward_matches_direct_definition() {
+        for (shape, wshape, s, pd, d) in [
+            ([2, 3, 7, 9], [4, 3, 3, 3], (1, 1), (1, 1), (1, 1)),
+            ([1, 2, 8, 8], [3, 2, 3, 2], (2, 1), (0, 1), (1, 2)),
+            ([3, 1, 5, 5], [2, 1, 1, 1], (1, 1), (0, 0), (1, 1)),
+            ([1, 2, 6, 7], [2, 2, 5, 5], (2, 2), (2, 1), (1, 1)),
+        ] {
+            let p = Conv2dParams::new(&shape, &wshape, s, pd, d).unwrap();
+            let x = values(shape.iter().product(), 1);
+            let w = values(wshape.iter().product(), 2);
+            let mut y = vec![0.0; p.output_shape().iter().product()];
+            forward(&p, &x, &w, None, &mut y).unwrap();
+            for (a, b) in y.iter().zip(naive(&p, &x, &w)) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_kernel_larger_than_padded_input() {
+        let err = Conv2dParams::new(&[1, 1, 2, 2], &[1, 1, 3, 3], (1, 1), (0, 0), (1, 1));
+        assert!(matches!(err, Err(Error::Invalid { arg: "weight", .. })));
+    }
+}

@@ -1,0 +1,236 @@
+//! 2-D max and average pooling (floor mode, dilation 1), forward and backward.
+//!
+//! Planes (one per image and channel) are independent and run in parallel; a backward
+//! writes only its own plane, so every result is independent of the thread count.
+
+use rayon::prelude::*;
+
+use super::{nchw, non_negative_pair, positive_pair, window_out_len};
+use crate::error::{check_len, checked_size, Error, Result};
+
+/// Shapes and hyper-parameters of a pooling, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool2dParams {
+    pub batch: usize,
+    pub channels: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl Pool2dParams {
+    /// Validate pooling of an (N, C, H, W) input, with PyTorch's rules: padding at most
+    /// half the kernel, and at least one output position per axis.
+    pub fn new(input_shape: &[usize], kernel: (i64, i64), stride: (i64, i64),
+               padding: (i64, i64)) -> Result<Self> {
+        let (batch, channels, in_h, in_w) = nchw("input", input_shape)?;
+        let kernel = positive_pair("kernel_size", kernel)?;
+        let stride = positive_pair("stride", stride)?;
+        let padding = non_negative_pair("padding", padding)?;
+        if padding.0 > kernel.0 / 2 || padding.1 > kernel.1 / 2 {
+            return Err(Error::invalid("padding", format!("{padding:?}"),
+                                      format!("at most half the kernel size {kernel:?}")));
+        }
+        let out_h = window_out_len(in_h, padding.0, kernel.0, stride.0, 1);
+        let out_w = window_out_len(in_w, padding.1, kernel.1, stride.1, 1);
+        let (Some(out_h), Some(out_w)) = (out_h, out_w) else {
+            return Err(Error::invalid(
+                "kernel_size",
+                format!("{kernel:?} on an input of {in_h}×{in_w} padded by {padding:?}"),
+                "a window no larger than the padded input"));
+        };
+        checked_size("output", &[batch, channels, out_h, out_w])?;
+        Ok(Pool2dParams { batch, channels, in_h, in_w, kernel, stride, padding, out_h, out_w })
+    }
+
+    /// Output shape (N, C, H_out, W_out).
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.batch, self.channels, self.out_h, self.out_w]
+    }
+
+    fn in_plane(&self) -> usize {
+        self.in_h * self.in_w
+    }
+
+    fn out_plane(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    fn planes(&self) -> usize {
+        self.batch * self.channels
+    }
+
+    /// Window rows (or columns) of output position `o` along an axis, clipped to the input.
+    #[inline]
+    fn window(o: usize, stride: usize, pad: usize, kernel: usize, len: usize) -> (usize, usize) {
+        let start = (o * stride) as isize - pad as isize;
+        let end = (start + kernel as isize).min(len as isize);
+        (start.max(0) as usize, end.max(0) as usize)
+    }
+
+    /// Divisor of average pooling at (oh, ow), as PyTorch computes it.
+    #[inline]
+    fn avg_divisor(&self, oh: usize, ow: usize, count_include_pad: bool) -> f32 {
+        let (h0, h1) = Self::window(oh, self.stride.0, self.padding.0, self.kernel.0, self.in_h);
+        let (w0, w1) = Self::window(ow, self.stride.1, self.padding.1, self.kernel.1, self.in_w);
+        if count_include_pad {
+            // The window clipped to the padded input (not to the input itself).
+            let hs = (oh * self.stride.0) as isize - self.padding.0 as isize;
+            let ws = (ow * self.stride.1) as isize - self.padding.1 as isize;
+            let he = (hs + self.kernel.0 as isize).min((self.in_h + self.padding.0) as isize);
+            let we = (ws + self.kernel.1 as isize).min((self.in_w + self.padding.1) as isize);
+            ((he - hs) * (we - ws)) as f32
+        } else {
+            ((h1 - h0) * (w1 - w0)) as f32
+        }
+    }
+}
+
+/// Max pooling; `indices` receives each maximum's flat index in its input plane.
+/// Ties keep the first maximum in row-major window order; NaN propagates.
+pub fn max_forward(p: &Pool2dParams, input: &[f32], output: &mut [f32], indices: &mut [i64])
+    -> Result<()> {
+    check_len("input", input.len(), p.planes() * p.in_plane())?;
+    check_len("output", output.len(), p.planes() * p.out_plane())?;
+    check_len("indices", indices.len(), output.len())?;
+    output
+        .par_chunks_mut(p.out_plane())
+        .zip(indices.par_chunks_mut(p.out_plane()))
+        .zip(input.par_chunks(p.in_plane()))
+        .for_each(|((out, idx), plane)| {
+            for oh in 0..p.out_h {
+                let (h0, h1) = Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
+                for ow in 0..p.out_w {
+                    let (w0, w1) = Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
+                    let mut best = f32::NEG_INFINITY;
+                    let mut best_at = h0 * p.in_w + w0;
+                    'window: for ih in h0..h1 {
+                        let row = &plane[ih * p.in_w..(ih + 1) * p.in_w];
+                        for (iw, &v) in row.iter().enumerate().take(w1).skip(w0) {
+                            if v > best || v.is_nan() {
+                                best = v;
+                                best_at = ih * p.in_w + iw;
+                                if v.is_nan() {
+                                    break 'window;
+                                }
+                            }
+                        }
+                    }
+                    out[oh * p.out_w + ow] = best;
+                    idx[oh * p.out_w + ow] = best_at as i64;
+                }
+            }
+        });
+    Ok(())
+}
+
+/// Input gradient of max pooling: each output gradient is added at its recorded index.
+/// Needs only the input and output shapes (N, C, H, W) and (N, C, H_out, W_out).
+pub fn max_backward(input_shape: &[usize], grad_output_shape: &[usize], grad_output: &[f32],
+                    indices: &[i64], grad_input: &mut [f32]) -> Result<()> {
+    let (n, c, h, w) = nchw("input_shape", input_shape)?;
+    let (gn, gc, gh, gw) = nchw("grad_output", grad_output_shape)?;
+    if (gn, gc) != (n, c) {
+        return Err(Error::invalid("grad_output", format!("shape {grad_output_shape:?}"),
+                                  format!("N={n} and C={c}, as input_shape {input_shape:?}")));
+    }
+    check_len("grad_output", grad_output.len(), n * c * gh * gw)?;
+    check_len("indices", indices.len(), grad_output.len())?;
+    check_len("grad_input", grad_input.len(), n * c * h * w)?;
+    let plane_len = (h * w) as i64;
+    if let Some(bad) = indices.iter().find(|&&i| i < 0 || i >= plane_len) {
+        return Err(Error::invalid("indices", format!("index {bad}"),
+                                  format!("flat indices into an H×W plane of {plane_len} elements")));
+    }
+    grad_input
+        .par_chunks_mut(h * w)
+        .zip(grad_output.par_chunks(gh * gw))
+        .zip(indices.par_chunks(gh * gw))
+        .for_each(|((gx, gy), idx)| {
+            gx.fill(0.0);
+            for (&g, &i) in gy.iter().zip(idx) {
+                gx[i as usize] += g;
+            }
+        });
+    Ok(())
+}
+
+/// Average pooling.
+pub fn avg_forward(p: &Pool2dParams, input: &[f32], count_include_pad: bool,
+                   output: &mut [f32]) -> Result<()> {
+    check_len("input", input.len(), p.planes() * p.in_plane())?;
+    check_len("output", output.len(), p.planes() * p.out_plane())?;
+    output
+        .par_chunks_mut(p.out_plane())
+        .zip(input.par_chunks(p.in_plane()))
+        .for_each(|(out, plane)| {
+            for oh in 0..p.out_h {
+                let (h0, h1) = Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
+                for ow in 0..p.out_w {
+                    let (w0, w1) = Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
+                    let mut total = 0.0f32;
+                    for ih in h0..h1 {
+                        for &v in &plane[ih * p.in_w + w0..ih * p.in_w + w1] {
+                            total += v;
+                        }
+                    }
+                    out[oh * p.out_w + ow] = total / p.avg_divisor(oh, ow, count_include_pad);
+                }
+            }
+        });
+    Ok(())
+}
+
+/// Input gradient of average pooling; overlapping windows accumulate.
+pub fn avg_backward(p: &Pool2dParams, grad_output: &[f32], count_include_pad: bool,
+                    grad_input: &mut [f32]) -> Result<()> {
+    check_len("grad_output", grad_output.len(), p.planes() * p.out_plane())?;
+    check_len("grad_input", grad_input.len(), p.planes() * p.in_plane())?;
+    grad_input
+        .par_chunks_mut(p.in_plane())
+        .zip(grad_output.par_chunks(p.out_plane()))
+        .for_each(|(gx, gy)| {
+            gx.fill(0.0);
+            for oh in 0..p.out_h {
+                let (h0, h1) = Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
+                for ow in 0..p.out_w {
+                    let (w0, w1) = Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
+                    let g = gy[oh * p.out_w + ow] / p.avg_divisor(oh, ow, count_include_pad);
+                    for ih in h0..h1 {
+                        for v in &mut gx[ih * p.in_w + w0..ih * p.in_w + w1] {
+                            *v += g;
+                        }
+                    }
+                }
+            }
+        });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_pool_2x2_picks_window_maxima_and_routes_gradients() {
+        let p = Pool2dParams::new(&[1, 1, 2, 4], (2, 2), (2, 2), (0, 0)).unwrap();
+        let x = [1.0, 5.0, 2.0, 2.0, 3.0, 4.0, 7.0, 0.0];
+        let (mut y, mut idx) = ([0.0; 2], [0i64; 2]);
+        max_forward(&p, &x, &mut y, &mut idx).unwrap();
+        assert_eq!(y, [5.0, 7.0]);
+        assert_eq!(idx, [1, 6]);
+        let mut gx = [9.0; 8];
+        max_backward(&[1, 1, 2, 4], &p.output_shape(), &[1.0, 2.0], &idx, &mut gx).unwrap();
+        assert_eq!(gx, [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0]);
+    }
+
+    #[test]
+    fn padding_above_half_the_kernel_is_rejected() {
+        let err = Pool2dParams::new(&[1, 1, 4, 4], (2, 2), (2, 2), (2, 2));
+        assert!(matches!(err, Err(Error::Invalid { arg: "padding", .. })));
+    }
+}

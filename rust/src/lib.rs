@@ -1,0 +1,14 @@
+//! bnrs: CPU kernels for convolutional networks with batch normalization and dropout.
+//!
+//! The kernels in [`kernels`] are plain Rust on slices (NCHW, float32, C-contiguous);
+//! the Python extension `bnrs._core` (feature `python`) is a thin layer over them.
+
+pub mod error;
+pub mod kernels;
+pub mod parallel;
+pub mod simd;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use error::{Error, Result};

@@ -1,0 +1,48 @@
+//! Activation bindings.
+
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use super::{buffer, check_shape, run, slice, to_numpy};
+use crate::kernels::activation::{self, Activation};
+
+type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
+
+/// y = f(x) for f in relu, leaky_relu, sigmoid, tanh.
+#[pyfunction]
+fn activation_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>, name: &str,
+                           negative_slope: f32) -> PyResult<Array<'py>> {
+    let act = Activation::from_name(name, negative_slope)?;
+    let x = slice(&input, "input")?;
+    let shape = input.shape().to_vec();
+    let out = run(py, || {
+        let mut out = buffer("output", &shape)?;
+        activation::forward(act, x, &mut out)?;
+        Ok(out)
+    })?;
+    to_numpy(py, out, &shape)
+}
+
+/// Input gradient from the forward's input (relu, leaky_relu) or output (sigmoid, tanh).
+#[pyfunction]
+fn activation_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py, f32>,
+                            saved: PyReadonlyArrayDyn<'py, f32>, name: &str,
+                            negative_slope: f32) -> PyResult<Array<'py>> {
+    let act = Activation::from_name(name, negative_slope)?;
+    let saved_name = if matches!(act, Activation::Sigmoid | Activation::Tanh) { "output" } else { "input" };
+    check_shape(&saved, saved_name, grad_output.shape())?;
+    let (g, s) = (slice(&grad_output, "grad_output")?, slice(&saved, saved_name)?);
+    let shape = grad_output.shape().to_vec();
+    let out = run(py, || {
+        let mut out = buffer("grad_input", &shape)?;
+        activation::backward(act, g, s, &mut out)?;
+        Ok(out)
+    })?;
+    to_numpy(py, out, &shape)
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(activation_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(activation_backward, m)?)?;
+    Ok(())
+}

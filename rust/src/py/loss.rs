@@ -1,0 +1,77 @@
+//! Log-softmax and cross-entropy bindings.
+
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use super::{buffer, check_shape, run, slice, to_numpy};
+use crate::kernels::loss::{self, ClassesParams};
+
+type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
+
+/// Row-wise log-softmax of (N, C) logits.
+#[pyfunction]
+fn log_softmax_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>)
+    -> PyResult<Array<'py>> {
+    let p = ClassesParams::new(input.shape())?;
+    let x = slice(&input, "input")?;
+    let shape = input.shape().to_vec();
+    let out = run(py, || {
+        let mut out = buffer("output", &shape)?;
+        loss::log_softmax(&p, x, &mut out)?;
+        Ok(out)
+    })?;
+    to_numpy(py, out, &shape)
+}
+
+/// Gradient of log-softmax from its output.
+#[pyfunction]
+fn log_softmax_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py, f32>,
+                             output: PyReadonlyArrayDyn<'py, f32>) -> PyResult<Array<'py>> {
+    let p = ClassesParams::new(output.shape())?;
+    check_shape(&grad_output, "grad_output", output.shape())?;
+    let (g, y) = (slice(&grad_output, "grad_output")?, slice(&output, "output")?);
+    let shape = output.shape().to_vec();
+    let out = run(py, || {
+        let mut out = buffer("grad_input", &shape)?;
+        loss::log_softmax_backward(&p, g, y, &mut out)?;
+        Ok(out)
+    })?;
+    to_numpy(py, out, &shape)
+}
+
+fn targets<'a>(p: &ClassesParams, target: &'a PyReadonlyArrayDyn<'_, i64>) -> PyResult<&'a [i64]> {
+    check_shape(target, "target", &[p.batch])?;
+    slice(target, "target")
+}
+
+/// Mean cross-entropy of (N, C) logits against N class indices.
+#[pyfunction]
+fn cross_entropy_forward(py: Python<'_>, input: PyReadonlyArrayDyn<'_, f32>,
+                         target: PyReadonlyArrayDyn<'_, i64>) -> PyResult<f64> {
+    let p = ClassesParams::new(input.shape())?;
+    let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
+    run(py, || loss::cross_entropy(&p, x, t))
+}
+
+/// Gradient of the mean cross-entropy w.r.t. the logits.
+#[pyfunction]
+fn cross_entropy_backward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
+                               target: PyReadonlyArrayDyn<'py, i64>) -> PyResult<Array<'py>> {
+    let p = ClassesParams::new(input.shape())?;
+    let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
+    let shape = input.shape().to_vec();
+    let out = run(py, || {
+        let mut out = buffer("grad_input", &shape)?;
+        loss::cross_entropy_backward(&p, x, t, &mut out)?;
+        Ok(out)
+    })?;
+    to_numpy(py, out, &shape)
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(log_softmax_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(log_softmax_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cross_entropy_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(cross_entropy_backward, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The Python extension `bnrs._core`: argument extraction, the GIL, errors. Nothing else.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use numpy::ndarray::{ArrayD, IxDyn};
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::error::{checked_size, Error};
+
+mod activation;
+mod batch_norm;
+mod conv;
+mod dropout;
+mod linear;
+mod loss;
+mod optim;
+mod pool;
+mod runtime;
+
+impl From<Error> for PyErr {
+    fn from(err: Error) -> PyErr {
+        match err {
+            Error::Invalid { .. } => PyValueError::new_err(err.to_string()),
+            Error::TooLarge { .. } => PyMemoryError::new_err(err.to_string()),
+        }
+    }
+}
+
+/// Run a kernel without the GIL, in the bnrs thread pool. A panic becomes a
+/// `RuntimeError` instead of aborting, and a pending Ctrl-C is raised afterwards.
+pub(crate) fn run<T: Send>(py: Python<'_>, kernel: impl FnOnce() -> crate::Result<T> + Send)
+    -> PyResult<T> {
+    let outcome = py.detach(|| crate::parallel::install(|| catch_unwind(AssertUnwindSafe(kernel))));
+    py.check_signals()?;
+    match outcome {
+        Ok(result) => result.map_err(PyErr::from),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(PyRuntimeError::new_err(format!(
+                "internal error in a bnrs kernel (please report it): {message}")))
+        }
+    }
+}
+
+/// The contiguous data of a read-only array argument.
+pub(crate) fn slice<'a, T: numpy::Element>(arr: &'a PyReadonlyArrayDyn<'_, T>, name: &str)
+    -> PyResult<&'a [T]> {
+    arr.as_slice().map_err(|_| PyValueError::new_err(format!("{name}: expected a C-contiguous array")))
+}
+
+/// The contiguous data of an array updated in place.
+pub(crate) fn slice_mut<'a>(arr: &'a mut PyReadwriteArrayDyn<'_, f32>, name: &str)
+    -> PyResult<&'a mut [f32]> {
+    arr.as_slice_mut()
+        .map_err(|_| PyValueError::new_err(format!("{name}: expected a C-contiguous array")))
+}
+
+/// Borrow an array for in-place update, with errors that name it.
+pub(crate) fn writeable<'py>(arr: &Bound<'py, PyArrayDyn<f32>>, name: &str)
+    -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+    use numpy::PyArrayMethods;
+    arr.try_readwrite().map_err(|e| {
+        PyValueError::new_err(format!(
+            "{name}: cannot be updated in place ({e}); pass a writeable float32 array that \
+             is not also passed as another argument"))
+    })
+}
+
+/// A zero-filled buffer of `len` elements, failing cleanly when it cannot be allocated.
+pub(crate) fn zeros<T: Clone + Default>(what: &'static str, len: usize) -> crate::Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::TooLarge { what, elements: len.to_string() })?;
+    v.resize(len, T::default());
+    Ok(v)
+}
+
+/// A zero-filled f32 buffer for an output of the given shape.
+pub(crate) fn buffer(what: &'static str, shape: &[usize]) -> crate::Result<Vec<f32>> {
+    zeros(what, checked_size(what, shape)?)
+}
+
+/// Wrap a buffer as a NumPy array of the given shape, without copying.
+pub(crate) fn to_numpy<'py, T: numpy::Element>(py: Python<'py>, data: Vec<T>, shape: &[usize])
+    -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    let array = ArrayD::from_shape_vec(IxDyn(shape), data)
+        .map_err(|e| PyRuntimeError::new_err(format!("internal shape error: {e}")))?;
+    Ok(array.into_pyarray(py))
+}
+
+/// Require `arr` to have exactly `expected` shape.
+pub(crate) fn check_shape<T: numpy::Element>(arr: &PyReadonlyArrayDyn<'_, T>, name: &str,
+                                             expected: &[usize]) -> PyResult<()> {
+    if arr.shape() != expected {
+        return Err(PyValueError::new_err(format!(
+            "{name}: expected shape {expected:?}, got {:?}", arr.shape())));
+    }
+    Ok(())
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    activation::register(m)?;
+    batch_norm::register(m)?;
+    conv::register(m)?;
+    dropout::register(m)?;
+    linear::register(m)?;
+    loss::register(m)?;
+    optim::register(m)?;
+    pool::register(m)?;
+    runtime::register(m)?;
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! Threads, SIMD path and forced panics (for tests of the error path).
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+/// Use `n` threads for the kernels from now on (at least 1).
+#[pyfunction]
+fn set_num_threads(n: i64) -> PyResult<()> {
+    if n < 1 {
+        return Err(PyValueError::new_err(format!("n_threads: expected an int >= 1, got {n}")));
+    }
+    crate::parallel::set_num_threads(n as usize);
+    Ok(())
+}
+
+/// Number of threads the kernels use.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::parallel::num_threads()
+}
+
+/// The SIMD code path in use: "avx2" or "scalar".
+#[pyfunction]
+fn simd_backend() -> &'static str {
+    crate::simd::backend()
+}
+
+/// Use the AVX2+FMA path (when the CPU has it) or force the portable scalar path.
+#[pyfunction]
+fn set_simd_enabled(enabled: bool) {
+    crate::simd::set_enabled(enabled);
+}
+
+/// Raise the error a kernel panic becomes (tests the panic-to-exception path).
+#[pyfunction]
+fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
+    super::run(py, || -> crate::Result<()> { panic!("forced panic for a test") })
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    Ok(())
+}
