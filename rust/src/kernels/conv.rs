@@ -117,6 +117,9 @@ fn im2col(p: &Conv2dParams, image: &[f32], col: &mut [f32]) {
                     let out_row = &mut dst[oh * p.out_w..(oh + 1) * p.out_w];
                     out_row[..ow_lo].fill(0.0);
                     out_row[ow_hi..].fill(0.0);
+                    if ow_lo == ow_hi {
+                        continue;
+                    }
                     let first = ((ow_lo * p.stride.1) as isize + col_offset) as usize;
                     if p.stride.1 == 1 {
                         out_row[ow_lo..ow_hi].copy_from_slice(&src_row[first..first + ow_hi - ow_lo]);
@@ -147,6 +150,9 @@ fn col2im(p: &Conv2dParams, col: &[f32], image: &mut [f32]) {
                 let col_offset = (kj * p.dilation.1) as isize - p.padding.1 as isize;
                 let (ow_lo, ow_hi) = valid_range(col_offset, p.stride.1, p.in_w, p.out_w);
                 let src = rows.next().expect("col2im: buffer has K rows");
+                if ow_lo == ow_hi {
+                    continue;
+                }
                 for oh in oh_lo..oh_hi {
                     let ih = ((oh * p.stride.0) as isize + row_offset) as usize;
                     let dst_row = &mut dst[ih * p.in_w..(ih + 1) * p.in_w];
@@ -330,6 +336,19 @@ mod tests {
                 assert!((a - b).abs() < 1e-4, "{a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn output_columns_entirely_in_the_padding() {
+        // Width 1, padding 2, stride 3: the second output column reads only padding.
+        let p = Conv2dParams::new(&[1, 1, 3, 1], &[1, 1, 1, 1], (1, 3), (0, 2), (1, 1)).unwrap();
+        let x = [1.0, 2.0, 3.0];
+        let mut y = vec![0.0; p.output_shape().iter().product()];
+        forward(&p, &x, &[2.0], None, &mut y).unwrap();
+        assert_eq!(y, naive(&p, &x, &[2.0]));
+        let (mut gx, mut gw) = (vec![0.0; 3], vec![0.0; 1]);
+        backward(&p, &vec![1.0; y.len()], &x, &[2.0], Some(&mut gx), &mut gw, None).unwrap();
+        assert_eq!(gx, [0.0; 3]);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Inverted dropout with a counter-based generator.
 //!
-//! The keep decision of unit i (an element, or a whole feature map for channel-wise
-//! dropout) is word `i % 4` of Philox4x32-10 (Salmon et al., SC'11; the generator PyTorch
-//! uses on CUDA) at counter `i / 4` under key `seed`: it depends on (seed, i) alone, so
-//! masks are the same at any thread count and the backward regenerates them from the seed.
+//! Keep decisions come from Philox4x32-10 (Salmon et al., SC'11; the generator PyTorch
+//! uses on CUDA) keyed by `seed`. Units (elements, or whole feature maps for channel-wise
+//! dropout) go in groups of 32: unit `i` belongs to group `g = i / 32`; with `r = i % 32`
+//! it takes word `r / 8` of the Philox block at counter `8g + r % 8`. A decision therefore
+//! depends on (seed, i) alone, so masks are the same at any thread count, the backward
+//! regenerates them from the seed, and eight blocks are computed side by side in SIMD lanes.
 
 use rayon::prelude::*;
 
@@ -16,7 +18,11 @@ const PHILOX_M1: u32 = 0xCD9E_8D57;
 const PHILOX_W0: u32 = 0x9E37_79B9;
 const PHILOX_W1: u32 = 0xBB67_AE85;
 
-/// Philox4x32 with 10 rounds.
+/// Units per group: 8 Philox blocks of 4 words.
+pub const GROUP: usize = 32;
+const LANES: usize = 8;
+
+/// Philox4x32 with 10 rounds, one block.
 #[inline(always)]
 pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     let (mut c, mut k) = (counter, key);
@@ -34,9 +40,36 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     c
 }
 
-/// Keep threshold: unit i is kept iff its 32-bit word is below it.
-fn keep_threshold(p: f32) -> u64 {
-    (((1.0 - f64::from(p)) * 4_294_967_296.0).round() as u64).min(1 << 32)
+/// The 32 words of group `group`: `words[w][l]` is word `w` of block `8·group + l`,
+/// the word of unit `8w + l` of the group. Written lane-wise so it vectorises.
+#[inline(always)]
+fn group_words(seed: u64, group: u64) -> [[u32; LANES]; 4] {
+    let mut c = [[0u32; LANES]; 4];
+    for l in 0..LANES {
+        let block = group * LANES as u64 + l as u64;
+        c[0][l] = block as u32;
+        c[1][l] = (block >> 32) as u32;
+    }
+    let mut k = [seed as u32, (seed >> 32) as u32];
+    for _ in 0..10 {
+        let mut next = [[0u32; LANES]; 4];
+        for l in 0..LANES {
+            let p0 = u64::from(PHILOX_M0) * u64::from(c[0][l]);
+            let p1 = u64::from(PHILOX_M1) * u64::from(c[2][l]);
+            next[0][l] = ((p1 >> 32) as u32) ^ c[1][l] ^ k[0];
+            next[1][l] = p1 as u32;
+            next[2][l] = ((p0 >> 32) as u32) ^ c[3][l] ^ k[1];
+            next[3][l] = p0 as u32;
+        }
+        c = next;
+        k = [k[0].wrapping_add(PHILOX_W0), k[1].wrapping_add(PHILOX_W1)];
+    }
+    c
+}
+
+/// Keep threshold: a unit is kept iff its word is below it. For p > 0 it is below 2^32.
+fn keep_threshold(p: f32) -> u32 {
+    ((1.0 - f64::from(p)) * 4_294_967_296.0).round().min(f64::from(u32::MAX)) as u32
 }
 
 fn check_p(p: f32) -> Result<()> {
@@ -46,33 +79,37 @@ fn check_p(p: f32) -> Result<()> {
     Ok(())
 }
 
-#[inline(always)]
-fn block_words(seed: u64, block: u64) -> [u32; 4] {
-    philox4x32_10([block as u32, (block >> 32) as u32, 0, 0], [seed as u32, (seed >> 32) as u32])
-}
-
 simd_dispatch! {
-    /// Keep decisions (1 or 0) of units `first..first + keep.len()`, `first` a multiple of 4.
-    fn fill_mask(keep: &mut [u8], first: u64, seed: u64, threshold: u64) {
-        let mut blocks = keep.chunks_mut(4);
-        let mut block = first / 4;
-        for chunk in &mut blocks {
-            let words = block_words(seed, block);
-            for (k, w) in chunk.iter_mut().zip(words) {
-                *k = u8::from(u64::from(w) < threshold);
+    /// Multipliers (`scale` if kept, else 0) of units `32·first_group..` for `factor.len()` units.
+    fn fill_factors(factor: &mut [f32], first_group: u64, seed: u64, threshold: u32, scale: f32) {
+        for (g, chunk) in factor.chunks_mut(GROUP).enumerate() {
+            let words = group_words(seed, first_group + g as u64);
+            let mut all = [0.0f32; GROUP];
+            for w in 0..4 {
+                for l in 0..LANES {
+                    all[w * LANES + l] = if words[w][l] < threshold { scale } else { 0.0 };
+                }
             }
-            block += 1;
+            chunk.copy_from_slice(&all[..chunk.len()]);
         }
     }
 }
 
 simd_dispatch! {
-    /// out[i] = x[i]·scale where the unit of element i is kept, else 0.
-    fn apply_mask(x: &[f32], out: &mut [f32], keep: &[u8], unit: usize, scale: f32) {
-        for ((o, xs), &k) in out.chunks_mut(unit).zip(x.chunks(unit)).zip(keep) {
-            let factor = if k != 0 { scale } else { 0.0 };
+    /// out = x · factor, element-wise.
+    fn multiply(x: &[f32], factor: &[f32], out: &mut [f32]) {
+        for ((o, &v), &f) in out.iter_mut().zip(x).zip(factor) {
+            *o = v * f;
+        }
+    }
+}
+
+simd_dispatch! {
+    /// out = x · factor[unit], for units of `unit` consecutive elements.
+    fn multiply_units(x: &[f32], factor: &[f32], unit: usize, out: &mut [f32]) {
+        for ((o, xs), &f) in out.chunks_mut(unit).zip(x.chunks(unit)).zip(factor) {
             for (ov, &xv) in o.iter_mut().zip(xs) {
-                *ov = xv * factor;
+                *ov = xv * f;
             }
         }
     }
@@ -88,18 +125,27 @@ pub fn forward(input: &[f32], p: f32, seed: u64, unit: usize, output: &mut [f32]
         return Err(Error::invalid("input", format!("{} elements", input.len()),
                                   format!("a whole number of units of {unit} elements")));
     }
+    if p == 0.0 {
+        output.copy_from_slice(input);
+        return Ok(());
+    }
     let threshold = keep_threshold(p);
     let scale = (1.0 / (1.0 - f64::from(p))) as f32;
-    // Chunks hold a whole number of units and a multiple of 4 units (one Philox block).
-    let units_per_chunk = (ELEMENTWISE_CHUNK / unit).max(1).next_multiple_of(4);
+    // Chunks hold a whole number of groups of units.
+    let units_per_chunk = (ELEMENTWISE_CHUNK / unit).max(1).next_multiple_of(GROUP);
     output
         .par_chunks_mut(units_per_chunk * unit)
         .zip(input.par_chunks(units_per_chunk * unit))
         .enumerate()
         .for_each(|(i, (out, x))| {
-            let mut keep = vec![0u8; x.len() / unit];
-            fill_mask(&mut keep, (i * units_per_chunk) as u64, seed, threshold);
-            apply_mask(x, out, &keep, unit, scale);
+            let mut factor = vec![0.0f32; x.len() / unit];
+            let first_group = (i * units_per_chunk / GROUP) as u64;
+            fill_factors(&mut factor, first_group, seed, threshold, scale);
+            if unit == 1 {
+                multiply(x, &factor, out);
+            } else {
+                multiply_units(x, &factor, unit, out);
+            }
         });
     Ok(())
 }
@@ -107,7 +153,15 @@ pub fn forward(input: &[f32], p: f32, seed: u64, unit: usize, output: &mut [f32]
 /// The keep decisions of units `0..keep.len()` (1 = kept), as [`forward`] draws them.
 pub fn mask(p: f32, seed: u64, keep: &mut [u8]) -> Result<()> {
     check_p(p)?;
-    fill_mask(keep, 0, seed, keep_threshold(p));
+    if p == 0.0 {
+        keep.fill(1);
+        return Ok(());
+    }
+    let mut factor = vec![0.0f32; keep.len()];
+    fill_factors(&mut factor, 0, seed, keep_threshold(p), 1.0);
+    for (k, f) in keep.iter_mut().zip(factor) {
+        *k = u8::from(f != 0.0);
+    }
     Ok(())
 }
 
@@ -127,6 +181,20 @@ mod tests {
             philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
+    }
+
+    #[test]
+    fn lane_wise_groups_match_single_blocks() {
+        let seed = 0x0123_4567_89ab_cdef;
+        let words = group_words(seed, 5);
+        for l in 0..LANES {
+            let block = 5 * LANES as u64 + l as u64;
+            let single = philox4x32_10([block as u32, (block >> 32) as u32, 0, 0],
+                                       [seed as u32, (seed >> 32) as u32]);
+            for w in 0..4 {
+                assert_eq!(words[w][l], single[w]);
+            }
+        }
     }
 
     #[test]

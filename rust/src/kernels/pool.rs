@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::{nchw, non_negative_pair, positive_pair, window_out_len};
 use crate::error::{check_len, checked_size, Error, Result};
+use crate::simd_dispatch;
 
 /// Shapes and hyper-parameters of a pooling, validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +91,35 @@ impl Pool2dParams {
     }
 }
 
+simd_dispatch! {
+    /// Max pooling of one plane with 2×2 windows, stride 2, no padding (the common case),
+    /// with the same tie and NaN rules as the general loop.
+    fn max_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], idx: &mut [i64],
+                          out_w: usize) {
+        for (oh, (out_row, idx_row)) in out.chunks_exact_mut(out_w)
+            .zip(idx.chunks_exact_mut(out_w)).enumerate() {
+            let top = &plane[2 * oh * in_w..(2 * oh + 1) * in_w];
+            let bottom = &plane[(2 * oh + 1) * in_w..(2 * oh + 2) * in_w];
+            let base = (2 * oh * in_w) as i64;
+            for ow in 0..out_w {
+                let candidates = [top[2 * ow], top[2 * ow + 1], bottom[2 * ow], bottom[2 * ow + 1]];
+                let offsets = [0, 1, in_w as i64, in_w as i64 + 1];
+                let (mut best, mut at) = (candidates[0], 0i64);
+                for j in 1..4 {
+                    let v = candidates[j];
+                    // Replace when v is larger or NaN, unless the best so far is NaN.
+                    if !(v <= best) && best == best {
+                        best = v;
+                        at = offsets[j];
+                    }
+                }
+                out_row[ow] = best;
+                idx_row[ow] = base + 2 * ow as i64 + at;
+            }
+        }
+    }
+}
+
 /// Max pooling; `indices` receives each maximum's flat index in its input plane.
 /// Ties keep the first maximum in row-major window order; NaN propagates.
 pub fn max_forward(p: &Pool2dParams, input: &[f32], output: &mut [f32], indices: &mut [i64])
@@ -102,6 +132,10 @@ pub fn max_forward(p: &Pool2dParams, input: &[f32], output: &mut [f32], indices:
         .zip(indices.par_chunks_mut(p.out_plane()))
         .zip(input.par_chunks(p.in_plane()))
         .for_each(|((out, idx), plane)| {
+            if p.kernel == (2, 2) && p.stride == (2, 2) && p.padding == (0, 0) {
+                max_pool_2x2_plane(plane, p.in_w, out, idx, p.out_w);
+                return;
+            }
             for oh in 0..p.out_h {
                 let (h0, h1) = Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
                 for ow in 0..p.out_w {

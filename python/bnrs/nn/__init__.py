@@ -1,0 +1,54 @@
+"""Layers for training CNNs with batch norm and dropout, with PyTorch's names.
+
+Each module's ``forward`` (or call) returns its output and keeps what ``backward``
+needs; ``backward(grad_output)`` returns the input gradient and adds the parameter
+gradients to ``param.grad``. ``train()``/``eval()``, ``named_parameters()``,
+``zero_grad()``, ``state_dict()`` and ``load_state_dict()`` behave as in PyTorch, with
+PyTorch's state-dict key names.
+
+Examples
+--------
+>>> import numpy as np
+>>> from bnrs import nn
+>>> model = nn.from_spec("c8-bn-relu-mp2", (1, 8, 8), 3, random_state=0)
+>>> crit = nn.CrossEntropyLoss()
+>>> x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+>>> loss = crit(model(x), np.array([0, 1, 2, 0]))
+>>> model.backward(crit.backward(), input_grad=False)
+>>> model[0].weight.grad.shape
+(8, 1, 3, 3)
+"""
+
+from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
+from .batchnorm import BatchNorm1d, BatchNorm2d
+from .dropout import Dropout, Dropout2d
+from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d
+from .loss import CrossEntropyLoss
+from .module import IncompatibleKeys, Module, Parameter, Sequential
+from .spec import DEFAULT_ARCHITECTURE, SpecError, Token, from_spec, parse
+
+__all__ = [
+    "DEFAULT_ARCHITECTURE",
+    "AvgPool2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Conv2d",
+    "CrossEntropyLoss",
+    "Dropout",
+    "Dropout2d",
+    "Flatten",
+    "IncompatibleKeys",
+    "LeakyReLU",
+    "Linear",
+    "MaxPool2d",
+    "Module",
+    "Parameter",
+    "ReLU",
+    "Sequential",
+    "Sigmoid",
+    "SpecError",
+    "Tanh",
+    "Token",
+    "from_spec",
+    "parse",
+]

@@ -1,0 +1,124 @@
+"""Dropout layers: element-wise Dropout and channel-wise Dropout2d."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+from .module import Module, as_generator
+
+__all__ = ["Dropout", "Dropout2d"]
+
+
+def _own_generator(random_state, rng) -> np.random.Generator:
+    """A Generator for this layer alone: a given Generator only seeds a new one."""
+    given = random_state if rng is None else rng
+    generator = as_generator(random_state, rng)
+    if isinstance(given, np.random.Generator):
+        return np.random.default_rng(int(generator.integers(0, 2**63)))
+    return generator
+
+
+class _Dropout(Module):
+    """Shared logic: a fresh 64-bit seed per training forward, kept for backward."""
+
+    def __init__(self, p: float = 0.5, *, rng=None, random_state=None):
+        super().__init__()
+        try:
+            p = float(p)
+        except (TypeError, ValueError):
+            raise TypeError(f"p: expected a float in [0, 1], got {p!r}") from None
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p: dropout probability has to be between 0 and 1, got {p!r}")
+        self.p = p
+        self._rng = _own_generator(random_state, rng)
+
+    def _check(self, x: np.ndarray) -> None:
+        """Raise for an input the layer does not accept."""
+
+    def forward(self, input) -> np.ndarray:
+        """Drop and rescale in training; the input itself (no copy) in evaluation."""
+        x = F.as_float32(input, "input")
+        self._check(x)
+        if not self.training or self.p == 0.0:
+            self._ctx = ("identity",)
+            return x
+        if self.p == 1.0:
+            self._ctx = ("zero",)
+            return np.zeros_like(x)
+        seed = int(self._rng.integers(0, 2**64, dtype=np.uint64))
+        self._ctx = ("mask", seed)
+        return self._dropout(x, seed)
+
+    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
+        """Apply the forward's mask (same seed) and scale to the gradient."""
+        ctx = self._saved()
+        if not input_grad:
+            return None
+        if ctx[0] == "identity":
+            return F.as_float32(grad_output, "grad_output")
+        if ctx[0] == "zero":
+            return np.zeros(np.shape(grad_output), dtype=np.float32)
+        return self._dropout_backward(grad_output, ctx[1])
+
+    def output_shape(self, input_shape) -> tuple[int, ...]:
+        """The sample shape, unchanged."""
+        return tuple(input_shape)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Dropout(_Dropout):
+    """Inverted dropout, as ``torch.nn.Dropout``: zero elements with probability ``p``.
+
+    In training each element is zeroed with probability ``p`` and the rest scaled by
+    1/(1 - p); in evaluation the layer is the identity.
+
+    Parameters
+    ----------
+    p : float, default 0.5
+        Probability of zeroing an element, in [0, 1].
+    rng, random_state : int, numpy.random.Generator or None
+        Seeds the layer's own Generator, from which each training forward draws the
+        64-bit seed of its mask (a given Generator only seeds the layer's own). The mask
+        depends only on that seed, so training is reproducible at any thread count.
+    """
+
+    def _dropout(self, x, seed):
+        return F.dropout(x, self.p, True, seed)
+
+    def _dropout_backward(self, grad_output, seed):
+        return F.dropout_backward(grad_output, self.p, seed)
+
+
+class Dropout2d(_Dropout):
+    """Channel-wise dropout of (N, C, H, W) input, as ``torch.nn.Dropout2d``.
+
+    In training each whole feature map (n, c) is zeroed with probability ``p`` and the
+    rest scaled by 1/(1 - p); in evaluation the layer is the identity.
+
+    Parameters
+    ----------
+    p : float, default 0.5
+        Probability of zeroing a channel, in [0, 1].
+    rng, random_state : int, numpy.random.Generator or None
+        Seeds the layer's own Generator, as for :class:`Dropout`.
+    """
+
+    def _check(self, x: np.ndarray) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"{self!r}: expected a 4-D input (N, C, H, W), got shape {x.shape}")
+
+    def _dropout(self, x, seed):
+        return F.dropout2d(x, self.p, True, seed)
+
+    def _dropout_backward(self, grad_output, seed):
+        return F.dropout2d_backward(grad_output, self.p, seed)
+
+    def output_shape(self, input_shape) -> tuple[int, ...]:
+        """The sample shape, unchanged; must be (C, H, W)."""
+        shape = tuple(input_shape)
+        if len(shape) != 3:
+            raise ValueError(f"{self!r}: expected samples of shape (C, H, W), got {shape}")
+        return shape

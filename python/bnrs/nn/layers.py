@@ -1,0 +1,391 @@
+"""Convolution, linear, pooling and reshaping layers over :mod:`bnrs.functional`.
+
+Every layer also has ``output_shape(input_shape)``, the shape arithmetic on one sample
+(without the batch axis), which :func:`bnrs.nn.from_spec` uses to size the next layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import functional as F
+from .module import Module, Parameter, as_generator
+
+__all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d", "conv_output_size"]
+
+
+def int_pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """Expand an int or a pair of ints to a pair, each at least ``minimum``."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        pair = (int(value), int(value))
+    else:
+        try:
+            pair = tuple(value)
+        except TypeError:
+            raise TypeError(f"{name}: expected an int or a pair of ints, "
+                            f"got {type(value).__name__}") from None
+        if len(pair) != 2 or not all(isinstance(v, (int, np.integer))
+                                     and not isinstance(v, (bool, np.bool_)) for v in pair):
+            raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+        pair = (int(pair[0]), int(pair[1]))
+    if min(pair) < minimum:
+        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+    return pair
+
+
+def positive_int(value, name: str) -> int:
+    """Check that ``value`` is an int >= 1 and return it."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+            or value < 1):
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int,
+                     dilation: int = 1) -> int:
+    """Output length of a convolution or pooling along one axis (``ceil_mode=False``).
+
+    ``(size + 2*padding - dilation*(kernel - 1) - 1) // stride + 1``, which may be < 1
+    when the window does not fit.
+    """
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _spatial_output(layer: Module, input_shape, kernel, stride, padding, dilation=(1, 1)):
+    """The (H_out, W_out) of a window layer on a (C, H, W) sample, or ValueError if < 1."""
+    height, width = input_shape[1], input_shape[2]
+    out = (conv_output_size(height, kernel[0], stride[0], padding[0], dilation[0]),
+           conv_output_size(width, kernel[1], stride[1], padding[1], dilation[1]))
+    if min(out) < 1:
+        raise ValueError(f"{layer!r}: the spatial size shrinks below 1, a {height}x{width} "
+                         f"input gives a {out[0]}x{out[1]} output")
+    return out
+
+
+def _check_input(layer: Module, x: np.ndarray, channels: int | None, layout: str) -> None:
+    """ValueError naming the expected layout unless ``x`` is 4-D with ``channels``."""
+    if x.ndim != 4 or (channels is not None and x.shape[1] != channels):
+        raise ValueError(f"{layer!r}: expected a 4-D input {layout}, got shape {x.shape}")
+
+
+def _check_sample(layer: Module, input_shape, channels: int | None, layout: str):
+    shape = tuple(input_shape)
+    if len(shape) != 3 or (channels is not None and shape[0] != channels):
+        raise ValueError(f"{layer!r}: expected samples of shape {layout}, got {shape}")
+    return shape
+
+
+def _kaiming_uniform(generator: np.random.Generator, shape, fan_in: int) -> np.ndarray:
+    """PyTorch's default weight (and bias) initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    ``kaiming_uniform_(a=sqrt(5))`` has gain sqrt(2 / (1 + 5)) and bound
+    gain * sqrt(3 / fan_in), which is 1/sqrt(fan_in); PyTorch's bias uses the same bound.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    return generator.uniform(-bound, bound, size=shape)
+
+
+class Conv2d(Module):
+    """2-D convolution over NCHW input, as ``torch.nn.Conv2d`` with ``groups=1``.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size : int or (int, int)
+    stride : int or (int, int), default 1
+    padding : int or (int, int), default 0
+        Zero padding on both sides of each spatial axis.
+    dilation : int or (int, int), default 1
+    bias : bool, default True
+    rng, random_state : int, numpy.random.Generator or None
+        Seed or generator for the initialisation (one of the two names).
+
+    Attributes
+    ----------
+    weight : Parameter, shape (out_channels, in_channels, kH, kW)
+        Initialised U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels*kH*kW,
+        PyTorch's default.
+    bias : Parameter, shape (out_channels,), or None
+        Same distribution.
+    """
+
+    _parameter_names = ("weight", "bias")
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
+                 padding=0, dilation=1, bias: bool = True, *, rng=None, random_state=None):
+        super().__init__()
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
+        self.kernel_size = int_pair(kernel_size, "kernel_size", 1)
+        self.stride = int_pair(stride, "stride", 1)
+        self.padding = int_pair(padding, "padding", 0)
+        self.dilation = int_pair(dilation, "dilation", 1)
+        generator = as_generator(random_state, rng)
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        shape = (self.out_channels, self.in_channels) + self.kernel_size
+        self.weight = Parameter(_kaiming_uniform(generator, shape, fan_in))
+        self.bias = (Parameter(_kaiming_uniform(generator, (self.out_channels,), fan_in))
+                     if bias else None)
+
+    def forward(self, input) -> np.ndarray:
+        """Convolve a (N, in_channels, H, W) batch."""
+        x = F.as_float32(input, "input")
+        _check_input(self, x, self.in_channels, f"(N, {self.in_channels}, H, W)")
+        output = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data,
+                          self.stride, self.padding, self.dilation)
+        self._ctx = x
+        return output
+
+    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
+        """Add the weight and bias gradients; return the input gradient (or None)."""
+        x = self._saved()
+        grad_input, grad_weight, grad_bias = F.conv2d_backward(
+            grad_output, x, self.weight.data, self.stride, self.padding, self.dilation,
+            bias=self.bias is not None, input_grad=input_grad)
+        self.weight.grad += grad_weight
+        if self.bias is not None:
+            self.bias.grad += grad_bias
+        return grad_input
+
+    def output_shape(self, input_shape) -> tuple[int, int, int]:
+        """(out_channels, H_out, W_out) for a (in_channels, H, W) sample."""
+        shape = _check_sample(self, input_shape, self.in_channels, f"({self.in_channels}, H, W)")
+        return (self.out_channels,) + _spatial_output(
+            self, shape, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}")
+        if self.padding != (0, 0):
+            text += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
+
+
+class Linear(Module):
+    """Fully connected layer ``y = x @ weight.T + bias``, as ``torch.nn.Linear``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool, default True
+    rng, random_state : int, numpy.random.Generator or None
+        Seed or generator for the initialisation (one of the two names).
+
+    Attributes
+    ----------
+    weight : Parameter, shape (out_features, in_features)
+        Initialised U(-1/sqrt(in_features), 1/sqrt(in_features)), PyTorch's default.
+    bias : Parameter, shape (out_features,), or None
+        Same distribution.
+
+    Notes
+    -----
+    The input is (*, in_features): any leading axes are treated as the batch.
+    """
+
+    _parameter_names = ("weight", "bias")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 rng=None, random_state=None):
+        super().__init__()
+        self.in_features = positive_int(in_features, "in_features")
+        self.out_features = positive_int(out_features, "out_features")
+        generator = as_generator(random_state, rng)
+        self.weight = Parameter(_kaiming_uniform(
+            generator, (self.out_features, self.in_features), self.in_features))
+        self.bias = (Parameter(_kaiming_uniform(generator, (self.out_features,),
+                                                self.in_features)) if bias else None)
+
+    def forward(self, input) -> np.ndarray:
+        """Apply the affine map to a (*, in_features) input."""
+        x = F.as_float32(input, "input")
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self!r}: expected input (*, {self.in_features}), "
+                             f"got shape {x.shape}")
+        rows = x.reshape(-1, self.in_features)
+        output = F.linear(rows, self.weight.data,
+                          None if self.bias is None else self.bias.data)
+        self._ctx = (rows, x.shape)
+        return output.reshape(x.shape[:-1] + (self.out_features,))
+
+    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
+        """Add the weight and bias gradients; return the input gradient (or None)."""
+        rows, input_shape = self._saved()
+        grad_rows = np.reshape(grad_output, (-1, self.out_features))
+        grad_input, grad_weight, grad_bias = F.linear_backward(
+            grad_rows, rows, self.weight.data, bias=self.bias is not None,
+            input_grad=input_grad)
+        self.weight.grad += grad_weight
+        if self.bias is not None:
+            self.bias.grad += grad_bias
+        return None if grad_input is None else grad_input.reshape(input_shape)
+
+    def output_shape(self, input_shape) -> tuple[int, ...]:
+        """The sample shape with its last axis (in_features) replaced by out_features."""
+        shape = tuple(input_shape)
+        if not shape or shape[-1] != self.in_features:
+            raise ValueError(f"{self!r}: expected samples of shape (*, {self.in_features}), "
+                             f"got {shape}")
+        return shape[:-1] + (self.out_features,)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class _Pool2d(Module):
+    """Shared arguments and checks of the 2-D pooling layers."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, *, rng=None, random_state=None):
+        super().__init__()
+        self.kernel_size = int_pair(kernel_size, "kernel_size", 1)
+        self.stride = self.kernel_size if stride is None else int_pair(stride, "stride", 1)
+        self.padding = int_pair(padding, "padding", 0)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"padding: should be at most half of kernel_size "
+                             f"{self.kernel_size}, got {self.padding}")
+
+    def _input(self, input) -> np.ndarray:
+        x = F.as_float32(input, "input")
+        _check_input(self, x, None, "(N, C, H, W)")
+        return x
+
+    def output_shape(self, input_shape) -> tuple[int, int, int]:
+        """(C, H_out, W_out) for a (C, H, W) sample."""
+        shape = _check_sample(self, input_shape, None, "(C, H, W)")
+        return (shape[0],) + _spatial_output(self, shape, self.kernel_size, self.stride,
+                                             self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}")
+
+
+class MaxPool2d(_Pool2d):
+    """2-D max pooling, as ``torch.nn.MaxPool2d`` (dilation 1, ``ceil_mode=False``).
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        Defaults to ``kernel_size``.
+    padding : int or (int, int), default 0
+        Implicit -inf padding, at most half the kernel size.
+    rng, random_state : ignored
+        Accepted so that every layer takes them.
+
+    Notes
+    -----
+    Only the argmax indices (int64, the output's shape) are kept for backward.
+    """
+
+    def forward(self, input) -> np.ndarray:
+        """Pool a (N, C, H, W) batch."""
+        x = self._input(input)
+        output, indices = F.max_pool2d(x, self.kernel_size, self.stride, self.padding,
+                                       return_indices=True)
+        self._ctx = (indices, x.shape)
+        return output
+
+    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
+        """Route each output gradient to its argmax."""
+        indices, input_shape = self._saved()
+        return F.max_pool2d_backward(grad_output, indices, input_shape) if input_grad else None
+
+
+class AvgPool2d(_Pool2d):
+    """2-D average pooling, as ``torch.nn.AvgPool2d`` (``ceil_mode=False``).
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        Defaults to ``kernel_size``.
+    padding : int or (int, int), default 0
+        Zero padding, at most half the kernel size.
+    count_include_pad : bool, default True
+        Divide by the full window size even where it overlaps the padding.
+    rng, random_state : ignored
+        Accepted so that every layer takes them.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad: bool = True,
+                 *, rng=None, random_state=None):
+        super().__init__(kernel_size, stride, padding)
+        self.count_include_pad = bool(count_include_pad)
+
+    def forward(self, input) -> np.ndarray:
+        """Pool a (N, C, H, W) batch."""
+        x = self._input(input)
+        output = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
+                              self.count_include_pad)
+        self._ctx = x.shape
+        return output
+
+    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
+        """Spread each output gradient over its window."""
+        input_shape = self._saved()
+        if not input_grad:
+            return None
+        return F.avg_pool2d_backward(grad_output, input_shape, self.kernel_size, self.stride,
+                                     self.padding, self.count_include_pad)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.count_include_pad else text + ", count_include_pad=False"
+
+
+class Flatten(Module):
+    """Merge the axes ``start_dim`` .. ``end_dim`` into one, as ``torch.nn.Flatten``.
+
+    Parameters
+    ----------
+    start_dim : int, default 1
+    end_dim : int, default -1
+    rng, random_state : ignored
+        Accepted so that every layer takes them.
+
+    Notes
+    -----
+    The output is a view of a C-contiguous input (no copy).
+    """
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1, *, rng=None,
+                 random_state=None):
+        super().__init__()
+        self.start_dim = int(start_dim)
+        self.end_dim = int(end_dim)
+
+    def _flat_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        ndim = len(shape)
+        start = self.start_dim + ndim if self.start_dim < 0 else self.start_dim
+        end = self.end_dim + ndim if self.end_dim < 0 else self.end_dim
+        if not 0 <= start <= end < ndim:
+            raise ValueError(f"{self!r}: cannot flatten axes {self.start_dim}..{self.end_dim} "
+                             f"of a {ndim}-D input")
+        merged = int(np.prod(shape[start:end + 1], dtype=np.int64))
+        return shape[:start] + (merged,) + shape[end + 1:]
+
+    def forward(self, input) -> np.ndarray:
+        """Reshape the input."""
+        x = F.as_float32(input, "input")
+        self._ctx = x.shape
+        return x.reshape(self._flat_shape(x.shape))
+
+    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
+        """Reshape the gradient back to the input's shape."""
+        input_shape = self._saved()
+        return np.reshape(grad_output, input_shape) if input_grad else None
+
+    def output_shape(self, input_shape) -> tuple[int, ...]:
+        """The flattened sample shape (axes count the batch axis, as in forward)."""
+        return self._flat_shape((1,) + tuple(input_shape))[1:]
+
+    def extra_repr(self) -> str:
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"

@@ -1,0 +1,292 @@
+"""The architecture grammar: a compact string that describes a CNN, built into a Sequential.
+
+Tokens are joined by ``-``:
+
+============================  =====================================================
+``c<out>[k<size>][s<stride>][p<pad>]``  Conv2d; defaults k3, s1, p = size // 2
+``fc<units>``                 Linear; a Flatten is inserted first on a 4-D tensor
+``bn``                        BatchNorm2d on a 4-D tensor, BatchNorm1d on a 2-D one
+``d<p>``                      Dropout(p)
+``sd<p>``                     Dropout2d(p), spatial (channel) dropout, 4-D only
+``mp<k>[s<s>]``               MaxPool2d(k, s); the stride defaults to k
+``ap<k>[s<s>]``               AvgPool2d(k, s); the stride defaults to k
+``relu`` ``lrelu``            ReLU, LeakyReLU(0.01)
+``sigmoid`` ``tanh``          Sigmoid, Tanh
+============================  =====================================================
+
+The output layer ``fc<n_classes>`` (after a Flatten if needed) is appended by
+:func:`from_spec`; the empty string is a linear model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
+from .batchnorm import BatchNorm1d, BatchNorm2d
+from .dropout import Dropout, Dropout2d
+from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, positive_int
+from .module import Module, Sequential, as_generator
+
+__all__ = ["DEFAULT_ARCHITECTURE", "SpecError", "Token", "from_spec", "parse"]
+
+#: The default network: two conv-bn-relu-pool blocks, then a 128-unit hidden layer.
+DEFAULT_ARCHITECTURE = "c16-bn-relu-mp2-c32-bn-relu-mp2-d0.25-fc128-bn-relu-d0.5"
+
+_NUMBER = r"(\d+)"
+_PROBABILITY = r"(\d+(?:\.\d*)?|\.\d+)"
+
+#: kind -> (full-token regex, the form shown in errors)
+_FORMS: dict[str, tuple[str, str]] = {
+    "conv": (rf"c{_NUMBER}(?:k{_NUMBER})?(?:s{_NUMBER})?(?:p{_NUMBER})?",
+             "c<out>[k<size>][s<stride>][p<pad>]"),
+    "fc": (rf"fc{_NUMBER}", "fc<units>"),
+    "bn": ("bn", "bn"),
+    "dropout": (rf"d{_PROBABILITY}", "d<p>"),
+    "spatial_dropout": (rf"sd{_PROBABILITY}", "sd<p>"),
+    "maxpool": (rf"mp{_NUMBER}(?:s{_NUMBER})?", "mp<k>[s<s>]"),
+    "avgpool": (rf"ap{_NUMBER}(?:s{_NUMBER})?", "ap<k>[s<s>]"),
+    "relu": ("relu", "relu"),
+    "lrelu": ("lrelu", "lrelu"),
+    "sigmoid": ("sigmoid", "sigmoid"),
+    "tanh": ("tanh", "tanh"),
+}
+_PATTERNS = {kind: re.compile(pattern, re.ASCII) for kind, (pattern, _) in _FORMS.items()}
+#: A token that starts like this is meant as that kind (for a precise error message).
+_PREFIXES = (("fc", "fc"), ("sd", "spatial_dropout"), ("mp", "maxpool"),
+             ("ap", "avgpool"), ("c", "conv"), ("d", "dropout"))
+_EXAMPLES = {"conv": "c32, c32k5, c64k3s2p1", "dropout": "d0.5",
+             "spatial_dropout": "sd0.1", "maxpool": "mp2, mp3s2", "avgpool": "ap2, ap3s1",
+             "fc": "fc128"}
+_ALL_FORMS = ", ".join(form for _, form in _FORMS.values())
+
+
+class Token(NamedTuple):
+    """One parsed token of an architecture string.
+
+    Attributes
+    ----------
+    kind : str
+        One of ``conv``, ``fc``, ``bn``, ``dropout``, ``spatial_dropout``, ``maxpool``,
+        ``avgpool``, ``relu``, ``lrelu``, ``sigmoid``, ``tanh``.
+    text : str
+        The token as written.
+    index : int
+        0-based position among the tokens.
+    offset : int
+        0-based character offset in the string.
+    args : dict
+        The values, defaults filled in: conv ``out_channels, kernel_size, stride,
+        padding``; fc ``units``; dropout and spatial_dropout ``p``; maxpool and avgpool
+        ``kernel_size, stride``; nothing for the others.
+    """
+
+    kind: str
+    text: str
+    index: int
+    offset: int
+    args: dict
+
+
+class SpecError(ValueError):
+    """A bad architecture string; says which token, where, and what was expected.
+
+    Attributes
+    ----------
+    spec : str
+    token_index : int
+        0-based index of the bad token.
+    offset : int
+        0-based character offset of the bad token.
+    text : str
+        The bad token.
+    """
+
+    def __init__(self, spec: str, token_index: int, offset: int, text: str, reason: str):
+        self.spec, self.token_index, self.offset, self.text = spec, token_index, offset, text
+        caret = " " * offset + "^" * max(len(text), 1)
+        super().__init__(f"bad token {text!r} (token {token_index + 1}, character "
+                         f"{offset + 1}) in architecture {spec!r}: {reason}\n"
+                         f"    {spec}\n    {caret}")
+
+
+def _expected(kind: str) -> str:
+    form = _FORMS[kind][1]
+    example = _EXAMPLES.get(kind)
+    return f"expected {form}" + (f" (e.g. {example})" if example else "")
+
+
+def _token_args(kind: str, groups: Sequence[str | None]) -> tuple[dict, str | None]:
+    """The argument dict of a token that matched, or an error reason for a bad value."""
+    if kind == "conv":
+        out, size, stride, pad = groups
+        size_value = 3 if size is None else int(size)
+        args = {"out_channels": int(out), "kernel_size": size_value,
+                "stride": 1 if stride is None else int(stride),
+                "padding": size_value // 2 if pad is None else int(pad)}
+        if min(args["out_channels"], args["kernel_size"], args["stride"]) < 1:
+            return args, "the channel count, kernel size and stride must be at least 1"
+        return args, None
+    if kind == "fc":
+        args = {"units": int(groups[0])}
+        return args, (None if args["units"] >= 1 else "the unit count must be at least 1")
+    if kind in ("dropout", "spatial_dropout"):
+        args = {"p": float(groups[0])}
+        return args, (None if args["p"] < 1.0
+                      else f"the dropout probability must be in [0, 1), got {groups[0]}")
+    if kind in ("maxpool", "avgpool"):
+        size = int(groups[0])
+        args = {"kernel_size": size, "stride": size if groups[1] is None else int(groups[1])}
+        return args, (None if min(args.values()) >= 1
+                      else "the pooling size and stride must be at least 1")
+    return {}, None
+
+
+def parse(spec: str) -> list[Token]:
+    """Split an architecture string into validated tokens.
+
+    Parameters
+    ----------
+    spec : str
+        Tokens joined by ``-`` (see the module docstring); the empty string has none.
+
+    Returns
+    -------
+    list of Token
+
+    Raises
+    ------
+    SpecError
+        A ValueError naming the bad token, its position and what was expected.
+
+    Examples
+    --------
+    >>> [(t.kind, t.args) for t in parse("c32k5-mp2")]
+    [('conv', {'out_channels': 32, 'kernel_size': 5, 'stride': 1, 'padding': 2}), \
+('maxpool', {'kernel_size': 2, 'stride': 2})]
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"spec: expected an architecture string, got {type(spec).__name__}")
+    if spec == "":
+        return []
+    tokens, offset = [], 0
+    for index, text in enumerate(spec.split("-")):
+        tokens.append(_parse_token(spec, index, offset, text))
+        offset += len(text) + 1
+    return tokens
+
+
+def _parse_token(spec: str, index: int, offset: int, text: str) -> Token:
+    if not text:
+        raise SpecError(spec, index, offset, text,
+                        "empty token (two '-' in a row, or one at an end)")
+    for kind, pattern in _PATTERNS.items():
+        match = pattern.fullmatch(text)
+        if match:
+            args, reason = _token_args(kind, match.groups())
+            if reason:
+                raise SpecError(spec, index, offset, text, reason)
+            return Token(kind, text, index, offset, args)
+    intended = next((kind for prefix, kind in _PREFIXES if text.startswith(prefix)), None)
+    if intended is not None:
+        raise SpecError(spec, index, offset, text, _expected(intended))
+    raise SpecError(spec, index, offset, text, f"unknown token; expected one of {_ALL_FORMS}")
+
+
+def _build_layer(token: Token, shape: tuple[int, ...], generator) -> list[Module]:
+    """The layers for one token given the current sample shape (Flatten where needed)."""
+    args, rng = token.args, {"random_state": generator}
+    spatial = len(shape) == 3
+    if token.kind in ("conv", "spatial_dropout", "maxpool", "avgpool") and not spatial:
+        raise ValueError(f"needs a (C, H, W) feature map, but the tensor is already "
+                         f"flat here, shape {shape}")
+    if token.kind == "conv":
+        return [Conv2d(shape[0], args["out_channels"], args["kernel_size"], args["stride"],
+                       args["padding"], **rng)]
+    if token.kind == "fc":
+        flatten = [Flatten()] if spatial else []
+        features = shape[0] * shape[1] * shape[2] if spatial else shape[-1]
+        return flatten + [Linear(features, args["units"], **rng)]
+    if token.kind == "bn":
+        return [(BatchNorm2d if spatial else BatchNorm1d)(shape[0], **rng)]
+    if token.kind == "dropout":
+        return [Dropout(args["p"], **rng)]
+    if token.kind == "spatial_dropout":
+        return [Dropout2d(args["p"], **rng)]
+    if token.kind == "maxpool":
+        return [MaxPool2d(args["kernel_size"], args["stride"], **rng)]
+    if token.kind == "avgpool":
+        return [AvgPool2d(args["kernel_size"], args["stride"], **rng)]
+    activation = {"relu": ReLU, "lrelu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh}
+    return [activation[token.kind](**rng)]
+
+
+def _check_shape(input_shape) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in input_shape)
+    except TypeError:
+        raise TypeError(f"input_shape: expected (C, H, W) or (n_features,), "
+                        f"got {input_shape!r}") from None
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise ValueError(f"input_shape: expected positive (C, H, W) or (n_features,), "
+                         f"got {input_shape!r}")
+    return shape
+
+
+def from_spec(spec: str | Sequence[Token], input_shape, n_classes: int,
+              random_state=None) -> Sequential:
+    """Build the network an architecture string describes, with its output layer.
+
+    The sample shape is tracked through the tokens to size every layer; the output
+    layer ``fc<n_classes>`` (after a Flatten if the tensor is still 4-D) is appended.
+
+    Parameters
+    ----------
+    spec : str or list of Token
+        For example :data:`DEFAULT_ARCHITECTURE`.
+    input_shape : tuple of int
+        One sample's shape: (C, H, W) for images, or (n_features,).
+    n_classes : int
+        Width of the output layer (the logits).
+    random_state : int, numpy.random.Generator or None
+        One Generator made from it initialises the layers in order (each Dropout seeds
+        its own Generator from it), so the same seed builds the same network.
+
+    Returns
+    -------
+    Sequential
+        In training mode.
+
+    Raises
+    ------
+    SpecError
+        A ValueError naming the bad token: bad syntax, a layer that needs a feature map
+        after the tensor was flattened, or a spatial size that shrinks below 1.
+
+    Examples
+    --------
+    >>> model = from_spec("c8-bn-relu-mp2", (1, 8, 8), 10, random_state=0)
+    >>> [type(m).__name__ for m in model]
+    ['Conv2d', 'BatchNorm2d', 'ReLU', 'MaxPool2d', 'Flatten', 'Linear']
+    """
+    tokens = parse(spec) if isinstance(spec, str) else list(spec)
+    text = spec if isinstance(spec, str) else "-".join(t.text for t in tokens)
+    shape = _check_shape(input_shape)
+    n_classes = positive_int(n_classes, "n_classes")
+    generator = as_generator(random_state)
+    layers: list[Module] = []
+    for token in tokens:
+        try:
+            new_layers = _build_layer(token, shape, generator)
+            for layer in new_layers:
+                shape = layer.output_shape(shape)
+        except ValueError as error:
+            raise SpecError(text, token.index, token.offset, token.text, str(error)) from None
+        layers.extend(new_layers)
+    if len(shape) == 3:
+        layers.append(Flatten())
+        shape = layers[-1].output_shape(shape)
+    layers.append(Linear(shape[0], n_classes, random_state=generator))
+    return Sequential(*layers)
