@@ -1,0 +1,138 @@
+"""Type stubs for the compiled extension ``bnrs._core`` (Rust kernels).
+
+Arrays are float32 and C-contiguous unless noted; :mod:`bnrs.functional` converts user
+input before calling these. Every function raises ``ValueError`` (bad shapes or values,
+naming the argument), ``MemoryError`` (an output too large to allocate) or
+``RuntimeError`` (an internal error, reported instead of aborting).
+"""
+
+from typing import Optional, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+_F32 = npt.NDArray[np.float32]
+_I64 = npt.NDArray[np.int64]
+_Pair = Tuple[int, int]
+
+__version__: str
+__all__ = [
+    "__version__",
+    "_panic_for_test",
+    "activation_backward",
+    "activation_forward",
+    "adam_step",
+    "avg_pool2d_backward",
+    "avg_pool2d_forward",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "conv2d_backward",
+    "conv2d_forward",
+    "cross_entropy_backward",
+    "cross_entropy_forward",
+    "dropout_forward",
+    "dropout_mask",
+    "get_num_threads",
+    "linear_backward",
+    "linear_forward",
+    "log_softmax_backward",
+    "log_softmax_forward",
+    "max_pool2d_backward",
+    "max_pool2d_forward",
+    "set_num_threads",
+    "set_simd_enabled",
+    "sgd_step",
+    "simd_backend",
+]
+
+def conv2d_forward(
+    input: _F32, weight: _F32, bias: Optional[_F32], stride: _Pair, padding: _Pair, dilation: _Pair
+) -> _F32: ...
+def conv2d_backward(
+    grad_output: _F32,
+    input: _F32,
+    weight: _F32,
+    stride: _Pair,
+    padding: _Pair,
+    dilation: _Pair,
+    bias: bool,
+    input_grad: bool,
+) -> Tuple[Optional[_F32], _F32, Optional[_F32]]: ...
+def max_pool2d_forward(
+    input: _F32, kernel_size: _Pair, stride: _Pair, padding: _Pair
+) -> Tuple[_F32, _I64]: ...
+def max_pool2d_backward(
+    grad_output: _F32, indices: _I64, input_shape: Tuple[int, int, int, int]
+) -> _F32: ...
+def avg_pool2d_forward(
+    input: _F32, kernel_size: _Pair, stride: _Pair, padding: _Pair, count_include_pad: bool
+) -> _F32: ...
+def avg_pool2d_backward(
+    grad_output: _F32,
+    input_shape: Tuple[int, int, int, int],
+    kernel_size: _Pair,
+    stride: _Pair,
+    padding: _Pair,
+    count_include_pad: bool,
+) -> _F32: ...
+def batch_norm_forward(
+    input: _F32,
+    weight: Optional[_F32],
+    bias: Optional[_F32],
+    running_mean: Optional[_F32],
+    running_var: Optional[_F32],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tuple[_F32, _F32, _F32]: ...
+def batch_norm_backward(
+    grad_output: _F32,
+    input: _F32,
+    weight: Optional[_F32],
+    save_mean: _F32,
+    save_invstd: _F32,
+    training: bool,
+) -> Tuple[_F32, Optional[_F32], Optional[_F32]]: ...
+def dropout_forward(input: _F32, p: float, seed: int, unit: int) -> _F32: ...
+def dropout_mask(n: int, p: float, seed: int) -> npt.NDArray[np.uint8]: ...
+def linear_forward(input: _F32, weight: _F32, bias: Optional[_F32]) -> _F32: ...
+def linear_backward(
+    grad_output: _F32, input: _F32, weight: _F32, bias: bool, input_grad: bool
+) -> Tuple[Optional[_F32], _F32, Optional[_F32]]: ...
+def activation_forward(input: _F32, name: str, negative_slope: float) -> _F32: ...
+def activation_backward(
+    grad_output: _F32, saved: _F32, name: str, negative_slope: float
+) -> _F32: ...
+def log_softmax_forward(input: _F32) -> _F32: ...
+def log_softmax_backward(grad_output: _F32, output: _F32) -> _F32: ...
+def cross_entropy_forward(input: _F32, target: _I64) -> float: ...
+def cross_entropy_backward(input: _F32, target: _I64) -> _F32: ...
+def sgd_step(
+    param: _F32,
+    grad: _F32,
+    momentum_buffer: Optional[_F32],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    first_step: bool,
+) -> None: ...
+def adam_step(
+    param: _F32,
+    grad: _F32,
+    exp_avg: _F32,
+    exp_avg_sq: _F32,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> None: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def simd_backend() -> str: ...
+def set_simd_enabled(enabled: bool) -> None: ...
+def _panic_for_test() -> None: ...
