@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod linear;
 pub mod loss;
 pub mod optim;
+pub mod peak;
 pub mod pool;
 pub mod reduce;
 

@@ -31,6 +31,15 @@ fn set_simd_enabled(enabled: bool) {
     crate::simd::set_enabled(enabled);
 }
 
+/// Single-thread float32 FMA throughput (GFLOP/s), measured for about `seconds`.
+#[pyfunction]
+fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
+        return Err(PyValueError::new_err(format!("seconds: expected a number in (0, 60], got {seconds}")));
+    }
+    py.detach(|| Ok(crate::kernels::peak::fma_gflops(seconds)))
+}
+
 /// Raise the error a kernel panic becomes (tests the panic-to-exception path).
 #[pyfunction]
 fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
@@ -43,5 +52,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
     Ok(())
 }

@@ -1,0 +1,214 @@
+"""Results do not depend on the thread count, and the scalar fallback agrees with SIMD.
+
+Shapes are large enough for the kernels to split the work between threads. Every kernel must
+give bit-identical results at 1 and 2 threads. With SIMD disabled (the portable scalar path)
+elementwise kernels, batch-norm statistics, dropout and pooling must be bit-identical too;
+conv2d and linear, whose GEMM picks its own code path, within float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from bnrs import _core
+from bnrs import functional as F
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    return rng, normal
+
+
+def _conv():
+    _, normal = _data()
+    x, w, b = normal(8, 16, 20, 20), normal(16, 16, 3, 3), normal(16)
+    gy = normal(8, 16, 10, 10)
+    y = F.conv2d(x, w, b, stride=2, padding=1)
+    grads = F.conv2d_backward(gy, x, w, stride=2, padding=1)
+    return {"output": y, "grad_input": grads[0], "grad_weight": grads[1], "grad_bias": grads[2]}
+
+
+def _conv_first_layer():
+    _, normal = _data(1)
+    x, w = normal(8, 1, 28, 28), normal(16, 1, 5, 5)
+    gy = normal(8, 16, 28, 28)
+    grads = F.conv2d_backward(gy, x, w, padding=2, input_grad=False)
+    return {"output": F.conv2d(x, w, None, padding=2), "grad_weight": grads[1],
+            "grad_bias": grads[2]}
+
+
+def _linear():
+    _, normal = _data(2)
+    x, w, b, gy = normal(64, 300), normal(100, 300), normal(100), normal(64, 100)
+    grads = F.linear_backward(gy, x, w)
+    return {"output": F.linear(x, w, b), "grad_input": grads[0], "grad_weight": grads[1],
+            "grad_bias": grads[2]}
+
+
+def _batch_norm(shape, training):
+    def run():
+        rng, normal = _data(3)
+        channels = shape[1]
+        x = normal(*shape) * 2 + 1
+        gamma, beta, gy = normal(channels), normal(channels), normal(*shape)
+        running_mean = normal(channels)
+        running_var = rng.uniform(0.5, 2, channels).astype(np.float32)
+        y, save_mean, save_invstd = F.native_batch_norm(x, gamma, beta, running_mean,
+                                                        running_var, training, 0.1, 1e-5)
+        grads = F.batch_norm_backward(gy, x, gamma, save_mean, save_invstd, training)
+        return {"output": y, "save_mean": save_mean, "save_invstd": save_invstd,
+                "running_mean": running_mean, "running_var": running_var,
+                "grad_input": grads[0], "grad_weight": grads[1], "grad_bias": grads[2]}
+    return run
+
+
+def _pools():
+    _, normal = _data(4)
+    x, gy = normal(8, 16, 20, 20), normal(8, 16, 10, 10)
+    y, indices = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    return {"max": y, "max_indices": indices,
+            "max_grad": F.max_pool2d_backward(gy, indices, x.shape),
+            "avg": F.avg_pool2d(x, 3, 2, 1),
+            "avg_grad": F.avg_pool2d_backward(gy, x.shape, 3, 2, 1),
+            "avg_nopad": F.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+            "avg_nopad_grad": F.avg_pool2d_backward(gy, x.shape, 3, 2, 1,
+                                                    count_include_pad=False)}
+
+
+def _elementwise():
+    _, normal = _data(5)
+    x, gy = normal(100_003) * 4, normal(100_003)
+    sigmoid, tanh = F.sigmoid(x), F.tanh(x)
+    return {"relu": F.relu(x), "relu_grad": F.relu_backward(gy, x),
+            "leaky_relu": F.leaky_relu(x, 0.1),
+            "leaky_relu_grad": F.leaky_relu_backward(gy, x, 0.1),
+            "sigmoid": sigmoid, "sigmoid_grad": F.sigmoid_backward(gy, sigmoid),
+            "tanh": tanh, "tanh_grad": F.tanh_backward(gy, tanh)}
+
+
+def _dropout():
+    _, normal = _data(6)
+    x = normal(100_003)
+    maps = normal(16, 32, 14, 14)
+    return {"dropout": F.dropout(x, 0.3, seed=11),
+            "dropout_grad": F.dropout_backward(x, 0.3, 11),
+            "dropout2d": F.dropout2d(maps, 0.4, seed=12),
+            "dropout2d_grad": F.dropout2d_backward(maps, 0.4, 12),
+            "mask": F.dropout_mask(100_003, 0.5, 13)}
+
+
+def _loss():
+    rng, normal = _data(7)
+    logits, gy = normal(64, 1000) * 3, normal(64, 1000)
+    target = rng.integers(0, 1000, 64)
+    y = F.log_softmax(logits)
+    return {"log_softmax": y, "log_softmax_grad": F.log_softmax_backward(gy, y),
+            "cross_entropy": np.float64(F.cross_entropy(logits, target)),
+            "cross_entropy_grad": F.cross_entropy_backward(logits, target)}
+
+
+def _optimizers():
+    _, normal = _data(8)
+    param, grad, buffer = normal(100_003), normal(100_003), normal(100_003)
+    F.sgd_step(param, grad, buffer, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    adam_param, exp_avg, exp_avg_sq = normal(100_003), normal(100_003), normal(100_003) ** 2
+    for step in (1, 2):
+        F.adam_step(adam_param, grad, exp_avg, exp_avg_sq, step, lr=0.01, weight_decay=0.1,
+                    decoupled_weight_decay=step == 2)
+    return {"sgd_param": param, "sgd_buffer": buffer, "adam_param": adam_param,
+            "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+# name: (run, outputs that may differ within float32 tolerance between SIMD and scalar,
+#        the number of terms those outputs sum)
+KERNELS = {
+    "conv2d": (_conv, {"output", "grad_input", "grad_weight", "grad_bias"}, 8 * 10 * 10),
+    "conv2d_first_layer": (_conv_first_layer, {"output", "grad_weight", "grad_bias"},
+                           8 * 28 * 28),
+    "linear": (_linear, {"output", "grad_input", "grad_weight", "grad_bias"}, 300),
+    "batch_norm_2d_train": (_batch_norm((16, 8, 14, 14), True),
+                            {"output", "grad_input", "grad_weight", "grad_bias"}, 16 * 14 * 14),
+    "batch_norm_2d_eval": (_batch_norm((16, 8, 14, 14), False),
+                           {"output", "grad_input", "grad_weight", "grad_bias"}, 16 * 14 * 14),
+    "batch_norm_1d_train": (_batch_norm((64, 100), True),
+                            {"output", "grad_input", "grad_weight", "grad_bias"}, 64),
+    "pooling": (_pools, set(), 1),
+    "elementwise": (_elementwise, set(), 1),
+    "dropout": (_dropout, set(), 1),
+    "log_softmax_cross_entropy": (_loss, {"log_softmax", "log_softmax_grad", "cross_entropy",
+                                          "cross_entropy_grad"}, 64 * 1000),
+    "optimizers": (_optimizers, set(), 1),
+}
+
+
+@pytest.fixture
+def restore_threads():
+    before = _core.get_num_threads()
+    yield
+    _core.set_num_threads(before)
+
+
+@pytest.fixture
+def restore_simd():
+    enabled = _core.simd_backend() != "scalar"
+    yield
+    _core.set_simd_enabled(enabled)
+
+
+def _assert_identical(actual, expected, what):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert np.array_equal(actual[key], expected[key]), (
+            f"{what}: {key} differs in {np.count_nonzero(actual[key] != expected[key])} of "
+            f"{np.size(expected[key])} elements")
+
+
+def test_thread_count_can_be_set(restore_threads):
+    _core.set_num_threads(1)
+    assert _core.get_num_threads() == 1
+    _core.set_num_threads(2)
+    assert _core.get_num_threads() == 2
+    with pytest.raises(ValueError):
+        _core.set_num_threads(0)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_bit_identical_at_one_and_two_threads(restore_threads, name):
+    run = KERNELS[name][0]
+    _core.set_num_threads(1)
+    one_thread = run()
+    _core.set_num_threads(2)
+    two_threads = run()
+    _assert_identical(two_threads, one_thread, "2 threads vs 1")
+    _assert_identical(run(), two_threads, "2 threads, second run")
+
+
+def test_simd_switch(restore_simd):
+    backend = _core.simd_backend()
+    assert backend in ("avx2", "scalar")
+    _core.set_simd_enabled(False)
+    assert _core.simd_backend() == "scalar"
+    _core.set_simd_enabled(True)
+    assert _core.simd_backend() == backend
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_scalar_fallback_agrees_with_simd(restore_simd, assert_close, name):
+    run, tolerant, terms = KERNELS[name]
+    _core.set_simd_enabled(True)
+    simd = run()
+    _core.set_simd_enabled(False)
+    scalar = run()
+    assert simd.keys() == scalar.keys()
+    for key in simd:
+        if key in tolerant:
+            expected = np.asarray(simd[key], np.float64)
+            assert_close(scalar[key], expected, terms=terms, dtype=None, name=key)
+        else:
+            assert np.array_equal(scalar[key], simd[key]), (
+                f"{key}: scalar path differs from SIMD in "
+                f"{np.count_nonzero(scalar[key] != simd[key])} of {np.size(simd[key])} elements")
