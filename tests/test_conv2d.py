@@ -26,6 +26,11 @@ CASES = {
     "stride_above_kernel_skips_pixels": ((3, 2, 7, 9), (1, 2, 2, 2), 3, 0, 1, True),
     "k5p2_on_1x1_maps": ((2, 3, 1, 1), (4, 3, 5, 5), 1, 2, 1, True),
     "output_column_in_padding_only": ((2, 2, 3, 1), (2, 2, 1, 1), (1, 3), (0, 1), 1, True),
+    # 576 unfolded rows by 30 columns: the GEMM path unfolds each image in several tiles.
+    "wide_cin64_several_im2col_tiles": ((2, 64, 11, 30), (3, 64, 3, 3), 1, 1, 1, True),
+    "cin64_strided_several_tiles": ((1, 64, 13, 30), (2, 64, 3, 3), (2, 1), (0, 1), 1, False),
+    # Few unfolded rows: the direct (no GEMM) path, with dilation and vertical stride.
+    "direct_path_cin3_dilated": ((2, 3, 9, 8), (4, 3, 3, 3), (2, 1), 2, 2, True),
 }
 
 

@@ -29,7 +29,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// Build an [`Error::Invalid`].
     pub fn invalid(arg: &'static str, got: impl fmt::Display, expected: impl fmt::Display) -> Self {
-        Error::Invalid { arg, got: got.to_string(), expected: expected.to_string() }
+        Error::Invalid {
+            arg,
+            got: got.to_string(),
+            expected: expected.to_string(),
+        }
     }
 }
 
@@ -53,7 +57,11 @@ pub fn check_len(arg: &'static str, len: usize, expected: usize) -> Result<()> {
     if len == expected {
         Ok(())
     } else {
-        Err(Error::invalid(arg, format!("{len} elements"), format!("{expected} elements")))
+        Err(Error::invalid(
+            arg,
+            format!("{len} elements"),
+            format!("{expected} elements"),
+        ))
     }
 }
 
@@ -63,12 +71,19 @@ pub fn checked_size(what: &'static str, dims: &[usize]) -> Result<usize> {
     for &d in dims {
         total = total.checked_mul(d).ok_or_else(|| Error::TooLarge {
             what,
-            elements: dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×"),
+            elements: dims
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("×"),
         })?;
     }
     // Beyond isize::MAX bytes no allocation can succeed.
     if total > (isize::MAX as usize) / std::mem::size_of::<f32>() {
-        return Err(Error::TooLarge { what, elements: total.to_string() });
+        return Err(Error::TooLarge {
+            what,
+            elements: total.to_string(),
+        });
     }
     Ok(total)
 }

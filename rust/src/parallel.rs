@@ -35,7 +35,11 @@ fn build(threads: usize) -> Pool {
         .thread_name(|i| format!("bnrs-{i}"))
         .build()
         .expect("failed to start the bnrs thread pool");
-    Pool { pool: Arc::new(pool), threads, pid: std::process::id() }
+    Pool {
+        pool: Arc::new(pool),
+        threads,
+        pid: std::process::id(),
+    }
 }
 
 /// The pool, rebuilt in a child process after `fork` (whose copy has no threads).
@@ -69,7 +73,10 @@ pub fn num_threads() -> usize {
 pub fn set_num_threads(threads: usize) {
     let threads = threads.max(1);
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if guard.as_ref().is_some_and(|p| p.threads == threads && p.pid == std::process::id()) {
+    if guard
+        .as_ref()
+        .is_some_and(|p| p.threads == threads && p.pid == std::process::id())
+    {
         return;
     }
     *guard = Some(build(threads));

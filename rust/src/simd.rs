@@ -52,7 +52,11 @@ pub fn use_avx2() -> bool {
 
 /// Enable (if the CPU supports it) or disable the AVX2+FMA path.
 pub fn set_enabled(enabled: bool) {
-    let state = if enabled && cpu_has_avx2_fma() { AVX2 } else { SCALAR };
+    let state = if enabled && cpu_has_avx2_fma() {
+        AVX2
+    } else {
+        SCALAR
+    };
     STATE.store(state, Ordering::Relaxed);
 }
 

@@ -22,13 +22,21 @@ impl Activation {
             "relu" => Ok(Activation::Relu),
             "leaky_relu" => {
                 if !negative_slope.is_finite() {
-                    return Err(Error::invalid("negative_slope", negative_slope, "a finite number"));
+                    return Err(Error::invalid(
+                        "negative_slope",
+                        negative_slope,
+                        "a finite number",
+                    ));
                 }
                 Ok(Activation::LeakyRelu(negative_slope))
             }
             "sigmoid" => Ok(Activation::Sigmoid),
             "tanh" => Ok(Activation::Tanh),
-            other => Err(Error::invalid("activation", other, "one of relu, leaky_relu, sigmoid, tanh")),
+            other => Err(Error::invalid(
+                "activation",
+                other,
+                "one of relu, leaky_relu, sigmoid, tanh",
+            )),
         }
     }
 }
@@ -36,7 +44,7 @@ impl Activation {
 simd_dispatch! {
     fn relu_chunk(x: &[f32], y: &mut [f32]) {
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = if v > 0.0 { v } else if v.is_nan() { v } else { 0.0 };
+            *o = if v > 0.0 || v.is_nan() { v } else { 0.0 };
         }
     }
 }
@@ -107,13 +115,21 @@ pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
 
 /// Input gradient. `saved` is the forward's input for relu and leaky relu, its output
 /// for sigmoid and tanh (PyTorch's convention).
-pub fn backward(act: Activation, grad_output: &[f32], saved: &[f32], grad_input: &mut [f32])
-    -> Result<()> {
+pub fn backward(
+    act: Activation,
+    grad_output: &[f32],
+    saved: &[f32],
+    grad_input: &mut [f32],
+) -> Result<()> {
     check_len("input", saved.len(), grad_output.len())?;
     check_len("grad_input", grad_input.len(), grad_output.len())?;
     grad_input
         .par_chunks_mut(ELEMENTWISE_CHUNK)
-        .zip(grad_output.par_chunks(ELEMENTWISE_CHUNK).zip(saved.par_chunks(ELEMENTWISE_CHUNK)))
+        .zip(
+            grad_output
+                .par_chunks(ELEMENTWISE_CHUNK)
+                .zip(saved.par_chunks(ELEMENTWISE_CHUNK)),
+        )
         .for_each(|(out, (g, s))| match act {
             Activation::Relu => relu_grad_chunk(g, s, out, 0.0),
             Activation::LeakyRelu(slope) => relu_grad_chunk(g, s, out, slope),

@@ -32,8 +32,11 @@ impl BatchNormParams {
     /// Validate an input of shape (N, C, *) (2-D or more).
     pub fn new(input_shape: &[usize], eps: f32) -> Result<Self> {
         if input_shape.len() < 2 {
-            return Err(Error::invalid("input", format!("a {}-D array {input_shape:?}", input_shape.len()),
-                                      "a 2-D (N, C) or 4-D (N, C, H, W) array"));
+            return Err(Error::invalid(
+                "input",
+                format!("a {}-D array {input_shape:?}", input_shape.len()),
+                "a 2-D (N, C) or 4-D (N, C, H, W) array",
+            ));
         }
         super::nonzero("input", input_shape)?;
         if !(eps.is_finite() && eps >= 0.0) {
@@ -57,9 +60,14 @@ impl BatchNormParams {
     }
 
     /// The slices of channel `c`, one per image.
-    fn channel_planes<'a>(&'a self, x: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+    fn channel_planes<'a>(
+        &'a self,
+        x: &'a [f32],
+        c: usize,
+    ) -> impl Iterator<Item = &'a [f32]> + 'a {
         let stride = self.channels * self.spatial;
-        (0..self.batch).map(move |n| &x[n * stride + c * self.spatial..n * stride + (c + 1) * self.spatial])
+        (0..self.batch)
+            .map(move |n| &x[n * stride + c * self.spatial..n * stride + (c + 1) * self.spatial])
     }
 
     fn check_channel_vector(&self, arg: &'static str, v: Option<&[f32]>) -> Result<()> {
@@ -133,8 +141,13 @@ fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
 }
 
 /// Scale and shift that map x to gamma·(x - mean)·invstd + beta.
-fn affine_coefficients(p: &BatchNormParams, gamma: Option<&[f32]>, beta: Option<&[f32]>,
-                       mean: &[f32], invstd: &[f32]) -> (Vec<f32>, Vec<f32>) {
+fn affine_coefficients(
+    p: &BatchNormParams,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    mean: &[f32],
+    invstd: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
     (0..p.channels)
         .map(|c| {
             let g = gamma.map_or(1.0, |g| g[c]);
@@ -148,9 +161,16 @@ fn affine_coefficients(p: &BatchNormParams, gamma: Option<&[f32]>, beta: Option<
 /// Training forward: normalise with batch statistics, write them (mean, 1/sqrt(var+eps))
 /// to `save_mean`/`save_invstd`, and update `running` if given.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_train(p: &BatchNormParams, x: &[f32], gamma: Option<&[f32]>, beta: Option<&[f32]>,
-                     running: Option<RunningStats<'_>>, y: &mut [f32], save_mean: &mut [f32],
-                     save_invstd: &mut [f32]) -> Result<()> {
+pub fn forward_train(
+    p: &BatchNormParams,
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    running: Option<RunningStats<'_>>,
+    y: &mut [f32],
+    save_mean: &mut [f32],
+    save_invstd: &mut [f32],
+) -> Result<()> {
     check_len("input", x.len(), p.len())?;
     check_len("output", y.len(), p.len())?;
     p.check_channel_vector("weight", gamma)?;
@@ -158,9 +178,16 @@ pub fn forward_train(p: &BatchNormParams, x: &[f32], gamma: Option<&[f32]>, beta
     check_len("save_mean", save_mean.len(), p.channels)?;
     check_len("save_invstd", save_invstd.len(), p.channels)?;
     if p.count() < 2 {
-        return Err(Error::invalid("input", format!("{} value per channel (shape N={}, C={})",
-                                                   p.count(), p.batch, p.channels),
-                                  "more than 1 value per channel when training"));
+        return Err(Error::invalid(
+            "input",
+            format!(
+                "{} value per channel (shape N={}, C={})",
+                p.count(),
+                p.batch,
+                p.channels
+            ),
+            "more than 1 value per channel when training",
+        ));
     }
     if let Some(r) = &running {
         check_len("running_mean", r.mean.len(), p.channels)?;
@@ -189,9 +216,17 @@ pub fn forward_train(p: &BatchNormParams, x: &[f32], gamma: Option<&[f32]>, beta
 
 /// Evaluation forward with running statistics; also writes the mean and invstd it used.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_eval(p: &BatchNormParams, x: &[f32], gamma: Option<&[f32]>, beta: Option<&[f32]>,
-                    running_mean: &[f32], running_var: &[f32], y: &mut [f32],
-                    save_mean: &mut [f32], save_invstd: &mut [f32]) -> Result<()> {
+pub fn forward_eval(
+    p: &BatchNormParams,
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    running_mean: &[f32],
+    running_var: &[f32],
+    y: &mut [f32],
+    save_mean: &mut [f32],
+    save_invstd: &mut [f32],
+) -> Result<()> {
     check_len("input", x.len(), p.len())?;
     check_len("output", y.len(), p.len())?;
     p.check_channel_vector("weight", gamma)?;
@@ -211,9 +246,18 @@ pub fn forward_eval(p: &BatchNormParams, x: &[f32], gamma: Option<&[f32]>, beta:
 /// statistics (the gradient then flows through them) or fixed running statistics.
 /// `grad_gamma`/`grad_beta` are written when given.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(p: &BatchNormParams, grad_output: &[f32], x: &[f32], gamma: Option<&[f32]>,
-                save_mean: &[f32], save_invstd: &[f32], training: bool, grad_input: &mut [f32],
-                grad_gamma: Option<&mut [f32]>, grad_beta: Option<&mut [f32]>) -> Result<()> {
+pub fn backward(
+    p: &BatchNormParams,
+    grad_output: &[f32],
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    save_mean: &[f32],
+    save_invstd: &[f32],
+    training: bool,
+    grad_input: &mut [f32],
+    grad_gamma: Option<&mut [f32]>,
+    grad_beta: Option<&mut [f32]>,
+) -> Result<()> {
     check_len("grad_output", grad_output.len(), p.len())?;
     check_len("input", x.len(), p.len())?;
     check_len("grad_input", grad_input.len(), p.len())?;
@@ -250,7 +294,11 @@ pub fn backward(p: &BatchNormParams, grad_output: &[f32], x: &[f32], gamma: Opti
         .collect();
     grad_input
         .par_chunks_mut(p.spatial)
-        .zip(grad_output.par_chunks(p.spatial).zip(x.par_chunks(p.spatial)))
+        .zip(
+            grad_output
+                .par_chunks(p.spatial)
+                .zip(x.par_chunks(p.spatial)),
+        )
         .with_min_len((4096 / p.spatial).max(1))
         .enumerate()
         .for_each(|(i, (out, (g, xp)))| {
@@ -283,10 +331,17 @@ mod tests {
         let (mut y, mut mean, mut invstd) = (vec![0.0; 24], vec![0.0; 2], vec![0.0; 2]);
         forward_train(&p, &x, None, None, None, &mut y, &mut mean, &mut invstd).unwrap();
         for c in 0..2 {
-            let vals: Vec<f64> = p.channel_planes(&y, c).flatten().map(|&v| f64::from(v)).collect();
+            let vals: Vec<f64> = p
+                .channel_planes(&y, c)
+                .flatten()
+                .map(|&v| f64::from(v))
+                .collect();
             let m = vals.iter().sum::<f64>() / 12.0;
             let v = vals.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / 12.0;
-            assert!(m.abs() < 1e-5 && (v - 1.0).abs() < 1e-4, "channel {c}: {m} {v}");
+            assert!(
+                m.abs() < 1e-5 && (v - 1.0).abs() < 1e-4,
+                "channel {c}: {m} {v}"
+            );
         }
     }
 
@@ -294,7 +349,16 @@ mod tests {
     fn one_value_per_channel_is_rejected_in_training() {
         let p = BatchNormParams::new(&[1, 3], 1e-5).unwrap();
         let (mut y, mut m, mut s) = (vec![0.0; 3], vec![0.0; 3], vec![0.0; 3]);
-        let err = forward_train(&p, &[1.0, 2.0, 3.0], None, None, None, &mut y, &mut m, &mut s);
+        let err = forward_train(
+            &p,
+            &[1.0, 2.0, 3.0],
+            None,
+            None,
+            None,
+            &mut y,
+            &mut m,
+            &mut s,
+        );
         assert!(matches!(err, Err(Error::Invalid { arg: "input", .. })));
     }
 }

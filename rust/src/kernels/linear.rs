@@ -27,21 +27,37 @@ impl LinearParams {
     /// Validate an input (N, in_features) against a weight (out_features, in_features).
     pub fn new(input_shape: &[usize], weight_shape: &[usize]) -> Result<Self> {
         if input_shape.len() != 2 {
-            return Err(Error::invalid("input", format!("a {}-D array {input_shape:?}", input_shape.len()),
-                                      "a 2-D (N, in_features) array"));
+            return Err(Error::invalid(
+                "input",
+                format!("a {}-D array {input_shape:?}", input_shape.len()),
+                "a 2-D (N, in_features) array",
+            ));
         }
         if weight_shape.len() != 2 {
-            return Err(Error::invalid("weight", format!("a {}-D array {weight_shape:?}", weight_shape.len()),
-                                      "a 2-D (out_features, in_features) array"));
+            return Err(Error::invalid(
+                "weight",
+                format!("a {}-D array {weight_shape:?}", weight_shape.len()),
+                "a 2-D (out_features, in_features) array",
+            ));
         }
         super::nonzero("input", input_shape)?;
         super::nonzero("weight", weight_shape)?;
         if weight_shape[1] != input_shape[1] {
-            return Err(Error::invalid("weight", format!("{} in_features (shape {weight_shape:?})", weight_shape[1]),
-                                      format!("{} in_features, as input has (shape {input_shape:?})", input_shape[1])));
+            return Err(Error::invalid(
+                "weight",
+                format!("{} in_features (shape {weight_shape:?})", weight_shape[1]),
+                format!(
+                    "{} in_features, as input has (shape {input_shape:?})",
+                    input_shape[1]
+                ),
+            ));
         }
         checked_size("output", &[input_shape[0], weight_shape[0]])?;
-        Ok(LinearParams { batch: input_shape[0], in_features: input_shape[1], out_features: weight_shape[0] })
+        Ok(LinearParams {
+            batch: input_shape[0],
+            in_features: input_shape[1],
+            out_features: weight_shape[0],
+        })
     }
 
     fn check(&self, input: usize, weight: usize, output: usize) -> Result<()> {
@@ -52,8 +68,13 @@ impl LinearParams {
 }
 
 /// `output = input · weightᵀ + bias`.
-pub fn forward(p: &LinearParams, input: &[f32], weight: &[f32], bias: Option<&[f32]>,
-               output: &mut [f32]) -> Result<()> {
+pub fn forward(
+    p: &LinearParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+) -> Result<()> {
     p.check(input.len(), weight.len(), output.len())?;
     if let Some(b) = bias {
         check_len("bias", b.len(), p.out_features)?;
@@ -69,16 +90,30 @@ pub fn forward(p: &LinearParams, input: &[f32], weight: &[f32], bias: Option<&[f
                     row.copy_from_slice(b);
                 }
             }
-            sgemm(m, p.out_features, p.in_features, out, p.out_features, bias.is_some(),
-                  MatRef::rows(x, p.in_features), MatRef::transposed(weight, p.in_features));
+            sgemm(
+                m,
+                p.out_features,
+                p.in_features,
+                out,
+                p.out_features,
+                bias.is_some(),
+                MatRef::rows(x, p.in_features),
+                MatRef::transposed(weight, p.in_features),
+            );
         });
     Ok(())
 }
 
 /// Gradients of [`forward`]: `grad_input` (if given), `grad_weight`, `grad_bias` (if given).
-pub fn backward(p: &LinearParams, grad_output: &[f32], input: &[f32], weight: &[f32],
-                grad_input: Option<&mut [f32]>, grad_weight: &mut [f32],
-                grad_bias: Option<&mut [f32]>) -> Result<()> {
+pub fn backward(
+    p: &LinearParams,
+    grad_output: &[f32],
+    input: &[f32],
+    weight: &[f32],
+    grad_input: Option<&mut [f32]>,
+    grad_weight: &mut [f32],
+    grad_bias: Option<&mut [f32]>,
+) -> Result<()> {
     p.check(input.len(), weight.len(), grad_output.len())?;
     check_len("grad_weight", grad_weight.len(), weight.len())?;
     if let Some(gx) = grad_input {
@@ -88,8 +123,16 @@ pub fn backward(p: &LinearParams, grad_output: &[f32], input: &[f32], weight: &[
             .zip(grad_output.par_chunks(rows * p.out_features))
             .for_each(|(gx, gy)| {
                 let m = gy.len() / p.out_features;
-                sgemm(m, p.in_features, p.out_features, gx, p.in_features, false,
-                      MatRef::rows(gy, p.out_features), MatRef::rows(weight, p.in_features));
+                sgemm(
+                    m,
+                    p.in_features,
+                    p.out_features,
+                    gx,
+                    p.in_features,
+                    false,
+                    MatRef::rows(gy, p.out_features),
+                    MatRef::rows(weight, p.in_features),
+                );
             });
     }
     // grad_weight rows (one per output feature) in blocks: gyᵀ · x over the whole batch.
@@ -100,9 +143,16 @@ pub fn backward(p: &LinearParams, grad_output: &[f32], input: &[f32], weight: &[
         .for_each(|(blk, gw)| {
             let m = gw.len() / p.in_features;
             let first = blk * rows;
-            sgemm(m, p.in_features, p.batch, gw, p.in_features, false,
-                  MatRef::transposed(&grad_output[first..], p.out_features),
-                  MatRef::rows(input, p.in_features));
+            sgemm(
+                m,
+                p.in_features,
+                p.batch,
+                gw,
+                p.in_features,
+                false,
+                MatRef::transposed(&grad_output[first..], p.out_features),
+                MatRef::rows(input, p.in_features),
+            );
         });
     if let Some(gb) = grad_bias {
         check_len("grad_bias", gb.len(), p.out_features)?;

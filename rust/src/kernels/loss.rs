@@ -15,18 +15,30 @@ impl ClassesParams {
     /// Validate (N, C) logits.
     pub fn new(shape: &[usize]) -> Result<Self> {
         if shape.len() != 2 {
-            return Err(Error::invalid("input", format!("a {}-D array {shape:?}", shape.len()),
-                                      "a 2-D (N, C) array of logits"));
+            return Err(Error::invalid(
+                "input",
+                format!("a {}-D array {shape:?}", shape.len()),
+                "a 2-D (N, C) array of logits",
+            ));
         }
         super::nonzero("input", shape)?;
-        Ok(ClassesParams { batch: shape[0], classes: shape[1] })
+        Ok(ClassesParams {
+            batch: shape[0],
+            classes: shape[1],
+        })
     }
 
     fn check_target(&self, target: &[i64]) -> Result<()> {
         check_len("target", target.len(), self.batch)?;
-        if let Some(&bad) = target.iter().find(|&&t| t < 0 || t as usize >= self.classes) {
-            return Err(Error::invalid("target", format!("class index {bad}"),
-                                      format!("class indices in [0, {})", self.classes)));
+        if let Some(&bad) = target
+            .iter()
+            .find(|&&t| t < 0 || t as usize >= self.classes)
+        {
+            return Err(Error::invalid(
+                "target",
+                format!("class index {bad}"),
+                format!("class indices in [0, {})", self.classes),
+            ));
         }
         Ok(())
     }
@@ -43,24 +55,34 @@ fn row_log_norm(row: &[f32]) -> (f32, f64) {
 pub fn log_softmax(p: &ClassesParams, x: &[f32], out: &mut [f32]) -> Result<()> {
     check_len("input", x.len(), p.batch * p.classes)?;
     check_len("output", out.len(), x.len())?;
-    out.par_chunks_mut(p.classes).zip(x.par_chunks(p.classes)).for_each(|(o, row)| {
-        let (max, log_norm) = row_log_norm(row);
-        for (ov, &v) in o.iter_mut().zip(row) {
-            *ov = (f64::from(v - max) - log_norm) as f32;
-        }
-    });
+    out.par_chunks_mut(p.classes)
+        .zip(x.par_chunks(p.classes))
+        .for_each(|(o, row)| {
+            let (max, log_norm) = row_log_norm(row);
+            for (ov, &v) in o.iter_mut().zip(row) {
+                *ov = (f64::from(v - max) - log_norm) as f32;
+            }
+        });
     Ok(())
 }
 
 /// Gradient of log-softmax from its output y: g - exp(y)·Σg, row-wise.
-pub fn log_softmax_backward(p: &ClassesParams, grad_output: &[f32], output: &[f32],
-                            grad_input: &mut [f32]) -> Result<()> {
+pub fn log_softmax_backward(
+    p: &ClassesParams,
+    grad_output: &[f32],
+    output: &[f32],
+    grad_input: &mut [f32],
+) -> Result<()> {
     check_len("grad_output", grad_output.len(), p.batch * p.classes)?;
     check_len("output", output.len(), grad_output.len())?;
     check_len("grad_input", grad_input.len(), grad_output.len())?;
     grad_input
         .par_chunks_mut(p.classes)
-        .zip(grad_output.par_chunks(p.classes).zip(output.par_chunks(p.classes)))
+        .zip(
+            grad_output
+                .par_chunks(p.classes)
+                .zip(output.par_chunks(p.classes)),
+        )
         .for_each(|(gx, (g, y))| {
             let total: f64 = g.iter().map(|&v| f64::from(v)).sum();
             for ((o, &gv), &yv) in gx.iter_mut().zip(g).zip(y) {
@@ -86,8 +108,12 @@ pub fn cross_entropy(p: &ClassesParams, x: &[f32], target: &[i64]) -> Result<f64
 }
 
 /// Gradient of [`cross_entropy`] w.r.t. the logits: (softmax(x) - onehot(target)) / N.
-pub fn cross_entropy_backward(p: &ClassesParams, x: &[f32], target: &[i64],
-                              grad_input: &mut [f32]) -> Result<()> {
+pub fn cross_entropy_backward(
+    p: &ClassesParams,
+    x: &[f32],
+    target: &[i64],
+    grad_input: &mut [f32],
+) -> Result<()> {
     check_len("input", x.len(), p.batch * p.classes)?;
     check_len("grad_input", grad_input.len(), x.len())?;
     p.check_target(target)?;

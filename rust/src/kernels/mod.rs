@@ -20,7 +20,11 @@ use crate::error::{Error, Result};
 /// A (height, width) pair of strictly positive sizes, from signed user input.
 pub fn positive_pair(arg: &'static str, value: (i64, i64)) -> Result<(usize, usize)> {
     if value.0 < 1 || value.1 < 1 {
-        return Err(Error::invalid(arg, format!("{value:?}"), "positive values (>= 1)"));
+        return Err(Error::invalid(
+            arg,
+            format!("{value:?}"),
+            "positive values (>= 1)",
+        ));
     }
     Ok((value.0 as usize, value.1 as usize))
 }
@@ -28,7 +32,11 @@ pub fn positive_pair(arg: &'static str, value: (i64, i64)) -> Result<(usize, usi
 /// A (height, width) pair of non-negative sizes, from signed user input.
 pub fn non_negative_pair(arg: &'static str, value: (i64, i64)) -> Result<(usize, usize)> {
     if value.0 < 0 || value.1 < 0 {
-        return Err(Error::invalid(arg, format!("{value:?}"), "non-negative values"));
+        return Err(Error::invalid(
+            arg,
+            format!("{value:?}"),
+            "non-negative values",
+        ));
     }
     Ok((value.0 as usize, value.1 as usize))
 }
@@ -36,8 +44,11 @@ pub fn non_negative_pair(arg: &'static str, value: (i64, i64)) -> Result<(usize,
 /// Require an NCHW shape with no zero dimension; returns (N, C, H, W).
 pub fn nchw(arg: &'static str, shape: &[usize]) -> Result<(usize, usize, usize, usize)> {
     if shape.len() != 4 {
-        return Err(Error::invalid(arg, format!("a {}-D array {shape:?}", shape.len()),
-                                  "a 4-D (N, C, H, W) array"));
+        return Err(Error::invalid(
+            arg,
+            format!("a {}-D array {shape:?}", shape.len()),
+            "a 4-D (N, C, H, W) array",
+        ));
     }
     nonzero(arg, shape)?;
     Ok((shape[0], shape[1], shape[2], shape[3]))
@@ -46,15 +57,24 @@ pub fn nchw(arg: &'static str, shape: &[usize]) -> Result<(usize, usize, usize, 
 /// Reject shapes with a zero dimension (empty batches, channels or planes).
 pub fn nonzero(arg: &'static str, shape: &[usize]) -> Result<()> {
     if shape.contains(&0) {
-        return Err(Error::invalid(arg, format!("shape {shape:?}"), "no zero-size dimension"));
+        return Err(Error::invalid(
+            arg,
+            format!("shape {shape:?}"),
+            "no zero-size dimension",
+        ));
     }
     Ok(())
 }
 
 /// Output length of a sliding window along one axis (floor mode), or `None` when the
 /// (dilated) window does not fit in the padded input.
-pub fn window_out_len(len: usize, pad: usize, kernel: usize, stride: usize, dilation: usize)
-    -> Option<usize> {
+pub fn window_out_len(
+    len: usize,
+    pad: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+) -> Option<usize> {
     let padded = len.checked_add(pad.checked_mul(2)?)?;
     let span = dilation.checked_mul(kernel - 1)?.checked_add(1)?;
     if padded < span {
@@ -66,7 +86,11 @@ pub fn window_out_len(len: usize, pad: usize, kernel: usize, stride: usize, dila
 /// The output positions `o` in `0..n_out` for which `o * stride + offset` lies in `0..len`.
 pub fn valid_range(offset: isize, stride: usize, len: usize, n_out: usize) -> (usize, usize) {
     let s = stride as isize;
-    let lo = if offset >= 0 { 0 } else { (-offset + s - 1) / s };
+    let lo = if offset >= 0 {
+        0
+    } else {
+        (-offset + s - 1) / s
+    };
     let room = len as isize - offset;
     let hi = if room <= 0 { 0 } else { (room + s - 1) / s };
     let hi = (hi as usize).min(n_out);

@@ -48,10 +48,18 @@ impl SgdConfig {
         finite_non_negative("momentum", self.momentum)?;
         finite_non_negative("weight_decay", self.weight_decay)?;
         if !self.dampening.is_finite() {
-            return Err(Error::invalid("dampening", self.dampening, "a finite number"));
+            return Err(Error::invalid(
+                "dampening",
+                self.dampening,
+                "a finite number",
+            ));
         }
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
-            return Err(Error::invalid("nesterov", "True", "momentum > 0 and dampening = 0 with nesterov"));
+            return Err(Error::invalid(
+                "nesterov",
+                "True",
+                "momentum > 0 and dampening = 0 with nesterov",
+            ));
         }
         Ok(())
     }
@@ -109,12 +117,19 @@ simd_dispatch! {
 
 /// One SGD step on `param`; `momentum_buffer` is required when momentum is non-zero and
 /// is (re)initialised to the gradient when `first_step`.
-pub fn sgd_step(param: &mut [f32], grad: &[f32], momentum_buffer: Option<&mut [f32]>,
-                cfg: SgdConfig, first_step: bool) -> Result<()> {
+pub fn sgd_step(
+    param: &mut [f32],
+    grad: &[f32],
+    momentum_buffer: Option<&mut [f32]>,
+    cfg: SgdConfig,
+    first_step: bool,
+) -> Result<()> {
     cfg.validate()?;
     check_len("grad", grad.len(), param.len())?;
     let buf = if cfg.momentum != 0.0 {
-        let buf = momentum_buffer.ok_or_else(|| Error::invalid("momentum_buffer", "None", "a buffer when momentum != 0"))?;
+        let buf = momentum_buffer.ok_or_else(|| {
+            Error::invalid("momentum_buffer", "None", "a buffer when momentum != 0")
+        })?;
         check_len("momentum_buffer", buf.len(), param.len())?;
         Some(buf)
     } else {
@@ -135,11 +150,21 @@ pub fn sgd_step(param: &mut [f32], grad: &[f32], momentum_buffer: Option<&mut [f
 }
 
 /// One Adam (or AdamW) step; `step` is the 1-based index of this step.
-pub fn adam_step(param: &mut [f32], grad: &[f32], exp_avg: &mut [f32], exp_avg_sq: &mut [f32],
-                 step: u64, cfg: AdamConfig) -> Result<()> {
+pub fn adam_step(
+    param: &mut [f32],
+    grad: &[f32],
+    exp_avg: &mut [f32],
+    exp_avg_sq: &mut [f32],
+    step: u64,
+    cfg: AdamConfig,
+) -> Result<()> {
     cfg.validate()?;
     if step == 0 {
-        return Err(Error::invalid("step", 0, "the 1-based index of this step (>= 1)"));
+        return Err(Error::invalid(
+            "step",
+            0,
+            "the 1-based index of this step (>= 1)",
+        ));
     }
     check_len("grad", grad.len(), param.len())?;
     check_len("exp_avg", exp_avg.len(), param.len())?;
@@ -152,7 +177,11 @@ pub fn adam_step(param: &mut [f32], grad: &[f32], exp_avg: &mut [f32], exp_avg_s
     param
         .par_chunks_mut(ELEMENTWISE_CHUNK)
         .zip(grad.par_chunks(ELEMENTWISE_CHUNK))
-        .zip(exp_avg.par_chunks_mut(ELEMENTWISE_CHUNK).zip(exp_avg_sq.par_chunks_mut(ELEMENTWISE_CHUNK)))
+        .zip(
+            exp_avg
+                .par_chunks_mut(ELEMENTWISE_CHUNK)
+                .zip(exp_avg_sq.par_chunks_mut(ELEMENTWISE_CHUNK)),
+        )
         .for_each(|((w, g), (m, v))| adam_chunk(w, g, m, v, cfg, step_size, bias2_sqrt));
     Ok(())
 }

@@ -26,15 +26,22 @@ pub struct Pool2dParams {
 impl Pool2dParams {
     /// Validate pooling of an (N, C, H, W) input, with PyTorch's rules: padding at most
     /// half the kernel, and at least one output position per axis.
-    pub fn new(input_shape: &[usize], kernel: (i64, i64), stride: (i64, i64),
-               padding: (i64, i64)) -> Result<Self> {
+    pub fn new(
+        input_shape: &[usize],
+        kernel: (i64, i64),
+        stride: (i64, i64),
+        padding: (i64, i64),
+    ) -> Result<Self> {
         let (batch, channels, in_h, in_w) = nchw("input", input_shape)?;
         let kernel = positive_pair("kernel_size", kernel)?;
         let stride = positive_pair("stride", stride)?;
         let padding = non_negative_pair("padding", padding)?;
         if padding.0 > kernel.0 / 2 || padding.1 > kernel.1 / 2 {
-            return Err(Error::invalid("padding", format!("{padding:?}"),
-                                      format!("at most half the kernel size {kernel:?}")));
+            return Err(Error::invalid(
+                "padding",
+                format!("{padding:?}"),
+                format!("at most half the kernel size {kernel:?}"),
+            ));
         }
         let out_h = window_out_len(in_h, padding.0, kernel.0, stride.0, 1);
         let out_w = window_out_len(in_w, padding.1, kernel.1, stride.1, 1);
@@ -42,10 +49,21 @@ impl Pool2dParams {
             return Err(Error::invalid(
                 "kernel_size",
                 format!("{kernel:?} on an input of {in_h}×{in_w} padded by {padding:?}"),
-                "a window no larger than the padded input"));
+                "a window no larger than the padded input",
+            ));
         };
         checked_size("output", &[batch, channels, out_h, out_w])?;
-        Ok(Pool2dParams { batch, channels, in_h, in_w, kernel, stride, padding, out_h, out_w })
+        Ok(Pool2dParams {
+            batch,
+            channels,
+            in_h,
+            in_w,
+            kernel,
+            stride,
+            padding,
+            out_h,
+            out_w,
+        })
     }
 
     /// Output shape (N, C, H_out, W_out).
@@ -108,7 +126,7 @@ simd_dispatch! {
                 for j in 1..4 {
                     let v = candidates[j];
                     // Replace when v is larger or NaN, unless the best so far is NaN.
-                    if !(v <= best) && best == best {
+                    if (v > best || v.is_nan()) && !best.is_nan() {
                         best = v;
                         at = offsets[j];
                     }
@@ -122,8 +140,12 @@ simd_dispatch! {
 
 /// Max pooling; `indices` receives each maximum's flat index in its input plane.
 /// Ties keep the first maximum in row-major window order; NaN propagates.
-pub fn max_forward(p: &Pool2dParams, input: &[f32], output: &mut [f32], indices: &mut [i64])
-    -> Result<()> {
+pub fn max_forward(
+    p: &Pool2dParams,
+    input: &[f32],
+    output: &mut [f32],
+    indices: &mut [i64],
+) -> Result<()> {
     check_len("input", input.len(), p.planes() * p.in_plane())?;
     check_len("output", output.len(), p.planes() * p.out_plane())?;
     check_len("indices", indices.len(), output.len())?;
@@ -137,9 +159,11 @@ pub fn max_forward(p: &Pool2dParams, input: &[f32], output: &mut [f32], indices:
                 return;
             }
             for oh in 0..p.out_h {
-                let (h0, h1) = Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
+                let (h0, h1) =
+                    Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
                 for ow in 0..p.out_w {
-                    let (w0, w1) = Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
+                    let (w0, w1) =
+                        Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
                     let mut best = f32::NEG_INFINITY;
                     let mut best_at = h0 * p.in_w + w0;
                     'window: for ih in h0..h1 {
@@ -164,21 +188,32 @@ pub fn max_forward(p: &Pool2dParams, input: &[f32], output: &mut [f32], indices:
 
 /// Input gradient of max pooling: each output gradient is added at its recorded index.
 /// Needs only the input and output shapes (N, C, H, W) and (N, C, H_out, W_out).
-pub fn max_backward(input_shape: &[usize], grad_output_shape: &[usize], grad_output: &[f32],
-                    indices: &[i64], grad_input: &mut [f32]) -> Result<()> {
+pub fn max_backward(
+    input_shape: &[usize],
+    grad_output_shape: &[usize],
+    grad_output: &[f32],
+    indices: &[i64],
+    grad_input: &mut [f32],
+) -> Result<()> {
     let (n, c, h, w) = nchw("input_shape", input_shape)?;
     let (gn, gc, gh, gw) = nchw("grad_output", grad_output_shape)?;
     if (gn, gc) != (n, c) {
-        return Err(Error::invalid("grad_output", format!("shape {grad_output_shape:?}"),
-                                  format!("N={n} and C={c}, as input_shape {input_shape:?}")));
+        return Err(Error::invalid(
+            "grad_output",
+            format!("shape {grad_output_shape:?}"),
+            format!("N={n} and C={c}, as input_shape {input_shape:?}"),
+        ));
     }
     check_len("grad_output", grad_output.len(), n * c * gh * gw)?;
     check_len("indices", indices.len(), grad_output.len())?;
     check_len("grad_input", grad_input.len(), n * c * h * w)?;
     let plane_len = (h * w) as i64;
     if let Some(bad) = indices.iter().find(|&&i| i < 0 || i >= plane_len) {
-        return Err(Error::invalid("indices", format!("index {bad}"),
-                                  format!("flat indices into an H×W plane of {plane_len} elements")));
+        return Err(Error::invalid(
+            "indices",
+            format!("index {bad}"),
+            format!("flat indices into an H×W plane of {plane_len} elements"),
+        ));
     }
     grad_input
         .par_chunks_mut(h * w)
@@ -194,8 +229,12 @@ pub fn max_backward(input_shape: &[usize], grad_output_shape: &[usize], grad_out
 }
 
 /// Average pooling.
-pub fn avg_forward(p: &Pool2dParams, input: &[f32], count_include_pad: bool,
-                   output: &mut [f32]) -> Result<()> {
+pub fn avg_forward(
+    p: &Pool2dParams,
+    input: &[f32],
+    count_include_pad: bool,
+    output: &mut [f32],
+) -> Result<()> {
     check_len("input", input.len(), p.planes() * p.in_plane())?;
     check_len("output", output.len(), p.planes() * p.out_plane())?;
     output
@@ -203,9 +242,11 @@ pub fn avg_forward(p: &Pool2dParams, input: &[f32], count_include_pad: bool,
         .zip(input.par_chunks(p.in_plane()))
         .for_each(|(out, plane)| {
             for oh in 0..p.out_h {
-                let (h0, h1) = Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
+                let (h0, h1) =
+                    Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
                 for ow in 0..p.out_w {
-                    let (w0, w1) = Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
+                    let (w0, w1) =
+                        Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
                     let mut total = 0.0f32;
                     for ih in h0..h1 {
                         for &v in &plane[ih * p.in_w + w0..ih * p.in_w + w1] {
@@ -220,8 +261,12 @@ pub fn avg_forward(p: &Pool2dParams, input: &[f32], count_include_pad: bool,
 }
 
 /// Input gradient of average pooling; overlapping windows accumulate.
-pub fn avg_backward(p: &Pool2dParams, grad_output: &[f32], count_include_pad: bool,
-                    grad_input: &mut [f32]) -> Result<()> {
+pub fn avg_backward(
+    p: &Pool2dParams,
+    grad_output: &[f32],
+    count_include_pad: bool,
+    grad_input: &mut [f32],
+) -> Result<()> {
     check_len("grad_output", grad_output.len(), p.planes() * p.out_plane())?;
     check_len("grad_input", grad_input.len(), p.planes() * p.in_plane())?;
     grad_input
@@ -230,9 +275,11 @@ pub fn avg_backward(p: &Pool2dParams, grad_output: &[f32], count_include_pad: bo
         .for_each(|(gx, gy)| {
             gx.fill(0.0);
             for oh in 0..p.out_h {
-                let (h0, h1) = Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
+                let (h0, h1) =
+                    Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
                 for ow in 0..p.out_w {
-                    let (w0, w1) = Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
+                    let (w0, w1) =
+                        Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
                     let g = gy[oh * p.out_w + ow] / p.avg_divisor(oh, ow, count_include_pad);
                     for ih in h0..h1 {
                         for v in &mut gx[ih * p.in_w + w0..ih * p.in_w + w1] {

@@ -10,8 +10,12 @@ type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 
 /// y = f(x) for f in relu, leaky_relu, sigmoid, tanh.
 #[pyfunction]
-fn activation_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>, name: &str,
-                           negative_slope: f32) -> PyResult<Array<'py>> {
+fn activation_forward<'py>(
+    py: Python<'py>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    name: &str,
+    negative_slope: f32,
+) -> PyResult<Array<'py>> {
     let act = Activation::from_name(name, negative_slope)?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
@@ -25,13 +29,24 @@ fn activation_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
 
 /// Input gradient from the forward's input (relu, leaky_relu) or output (sigmoid, tanh).
 #[pyfunction]
-fn activation_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py, f32>,
-                            saved: PyReadonlyArrayDyn<'py, f32>, name: &str,
-                            negative_slope: f32) -> PyResult<Array<'py>> {
+fn activation_backward<'py>(
+    py: Python<'py>,
+    grad_output: PyReadonlyArrayDyn<'py, f32>,
+    saved: PyReadonlyArrayDyn<'py, f32>,
+    name: &str,
+    negative_slope: f32,
+) -> PyResult<Array<'py>> {
     let act = Activation::from_name(name, negative_slope)?;
-    let saved_name = if matches!(act, Activation::Sigmoid | Activation::Tanh) { "output" } else { "input" };
+    let saved_name = if matches!(act, Activation::Sigmoid | Activation::Tanh) {
+        "output"
+    } else {
+        "input"
+    };
     check_shape(&saved, saved_name, grad_output.shape())?;
-    let (g, s) = (slice(&grad_output, "grad_output")?, slice(&saved, saved_name)?);
+    let (g, s) = (
+        slice(&grad_output, "grad_output")?,
+        slice(&saved, saved_name)?,
+    );
     let shape = grad_output.shape().to_vec();
     let out = run(py, || {
         let mut out = buffer("grad_input", &shape)?;

@@ -14,12 +14,17 @@ type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 #[pyfunction]
 #[pyo3(signature = (input, weight, bias, running_mean, running_var, training, momentum, eps))]
 #[allow(clippy::too_many_arguments)]
-fn batch_norm_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
-                           weight: Option<PyReadonlyArrayDyn<'py, f32>>,
-                           bias: Option<PyReadonlyArrayDyn<'py, f32>>,
-                           running_mean: Option<Array<'py>>, running_var: Option<Array<'py>>,
-                           training: bool, momentum: f32, eps: f32)
-    -> PyResult<(Array<'py>, Array<'py>, Array<'py>)> {
+fn batch_norm_forward<'py>(
+    py: Python<'py>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    weight: Option<PyReadonlyArrayDyn<'py, f32>>,
+    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
+    running_mean: Option<Array<'py>>,
+    running_var: Option<Array<'py>>,
+    training: bool,
+    momentum: f32,
+    eps: f32,
+) -> PyResult<(Array<'py>, Array<'py>, Array<'py>)> {
     let p = BatchNormParams::new(input.shape(), eps)?;
     let c = [p.channels];
     for (arr, name) in [(&weight, "weight"), (&bias, "bias")] {
@@ -30,18 +35,32 @@ fn batch_norm_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
     let x = slice(&input, "input")?;
     let gamma = weight.as_ref().map(|w| slice(w, "weight")).transpose()?;
     let beta = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
-    let mut rm = running_mean.as_ref().map(|a| writeable(a, "running_mean")).transpose()?;
-    let mut rv = running_var.as_ref().map(|a| writeable(a, "running_var")).transpose()?;
+    let mut rm = running_mean
+        .as_ref()
+        .map(|a| writeable(a, "running_mean"))
+        .transpose()?;
+    let mut rv = running_var
+        .as_ref()
+        .map(|a| writeable(a, "running_var"))
+        .transpose()?;
     for (arr, name) in [(&rm, "running_mean"), (&rv, "running_var")] {
         if let Some(a) = arr {
             if a.shape() != c {
                 return Err(PyValueError::new_err(format!(
-                    "{name}: expected shape {c:?}, got {:?}", a.shape())));
+                    "{name}: expected shape {c:?}, got {:?}",
+                    a.shape()
+                )));
             }
         }
     }
-    let rm = rm.as_mut().map(|a| slice_mut(a, "running_mean")).transpose()?;
-    let rv = rv.as_mut().map(|a| slice_mut(a, "running_var")).transpose()?;
+    let rm = rm
+        .as_mut()
+        .map(|a| slice_mut(a, "running_mean"))
+        .transpose()?;
+    let rv = rv
+        .as_mut()
+        .map(|a| slice_mut(a, "running_var"))
+        .transpose()?;
     let shape = input.shape().to_vec();
     let (y, mean, invstd) = run(py, || {
         let mut y = buffer("output", &shape)?;
@@ -49,31 +68,64 @@ fn batch_norm_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
         let mut invstd = buffer("save_invstd", &c)?;
         match (training, rm, rv) {
             (true, rm, rv) => {
-                let running = rm.zip(rv).map(|(mean, var)| RunningStats { mean, var, momentum });
-                batch_norm::forward_train(&p, x, gamma, beta, running, &mut y, &mut mean, &mut invstd)?;
+                let running = rm.zip(rv).map(|(mean, var)| RunningStats {
+                    mean,
+                    var,
+                    momentum,
+                });
+                batch_norm::forward_train(
+                    &p,
+                    x,
+                    gamma,
+                    beta,
+                    running,
+                    &mut y,
+                    &mut mean,
+                    &mut invstd,
+                )?;
             }
             (false, Some(rm), Some(rv)) => {
-                batch_norm::forward_eval(&p, x, gamma, beta, rm, rv, &mut y, &mut mean, &mut invstd)?;
+                batch_norm::forward_eval(
+                    &p,
+                    x,
+                    gamma,
+                    beta,
+                    rm,
+                    rv,
+                    &mut y,
+                    &mut mean,
+                    &mut invstd,
+                )?;
             }
             (false, _, _) => {
-                return Err(crate::Error::invalid("running_mean", "None",
-                    "running statistics when not training (or training=True)"));
+                return Err(crate::Error::invalid(
+                    "running_mean",
+                    "None",
+                    "running statistics when not training (or training=True)",
+                ));
             }
         }
         Ok((y, mean, invstd))
     })?;
-    Ok((to_numpy(py, y, &shape)?, to_numpy(py, mean, &c)?, to_numpy(py, invstd, &c)?))
+    Ok((
+        to_numpy(py, y, &shape)?,
+        to_numpy(py, mean, &c)?,
+        to_numpy(py, invstd, &c)?,
+    ))
 }
 
 /// Batch-norm backward: (grad_input, grad_weight or None, grad_bias or None).
 #[pyfunction]
 #[pyo3(signature = (grad_output, input, weight, save_mean, save_invstd, training))]
-fn batch_norm_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py, f32>,
-                            input: PyReadonlyArrayDyn<'py, f32>,
-                            weight: Option<PyReadonlyArrayDyn<'py, f32>>,
-                            save_mean: PyReadonlyArrayDyn<'py, f32>,
-                            save_invstd: PyReadonlyArrayDyn<'py, f32>, training: bool)
-    -> PyResult<(Array<'py>, Option<Array<'py>>, Option<Array<'py>>)> {
+fn batch_norm_backward<'py>(
+    py: Python<'py>,
+    grad_output: PyReadonlyArrayDyn<'py, f32>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    weight: Option<PyReadonlyArrayDyn<'py, f32>>,
+    save_mean: PyReadonlyArrayDyn<'py, f32>,
+    save_invstd: PyReadonlyArrayDyn<'py, f32>,
+    training: bool,
+) -> PyResult<(Array<'py>, Option<Array<'py>>, Option<Array<'py>>)> {
     let p = BatchNormParams::new(input.shape(), 0.0)?;
     let c = [p.channels];
     check_shape(&grad_output, "grad_output", input.shape())?;
@@ -83,16 +135,37 @@ fn batch_norm_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py
         check_shape(w, "weight", &c)?;
     }
     let (gy, x) = (slice(&grad_output, "grad_output")?, slice(&input, "input")?);
-    let (mean, invstd) = (slice(&save_mean, "save_mean")?, slice(&save_invstd, "save_invstd")?);
+    let (mean, invstd) = (
+        slice(&save_mean, "save_mean")?,
+        slice(&save_invstd, "save_invstd")?,
+    );
     let gamma = weight.as_ref().map(|w| slice(w, "weight")).transpose()?;
     let affine = gamma.is_some();
     let shape = input.shape().to_vec();
     let (gx, gg, gb) = run(py, || {
         let mut gx = buffer("grad_input", &shape)?;
-        let mut gg = if affine { Some(buffer("grad_weight", &c)?) } else { None };
-        let mut gb = if affine { Some(buffer("grad_bias", &c)?) } else { None };
-        batch_norm::backward(&p, gy, x, gamma, mean, invstd, training, &mut gx,
-                             gg.as_deref_mut(), gb.as_deref_mut())?;
+        let mut gg = if affine {
+            Some(buffer("grad_weight", &c)?)
+        } else {
+            None
+        };
+        let mut gb = if affine {
+            Some(buffer("grad_bias", &c)?)
+        } else {
+            None
+        };
+        batch_norm::backward(
+            &p,
+            gy,
+            x,
+            gamma,
+            mean,
+            invstd,
+            training,
+            &mut gx,
+            gg.as_deref_mut(),
+            gb.as_deref_mut(),
+        )?;
         Ok((gx, gg, gb))
     })?;
     Ok((

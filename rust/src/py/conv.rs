@@ -11,10 +11,15 @@ type Pair = (i64, i64);
 /// conv2d forward: (N, C_in, H, W) * (C_out, C_in, kH, kW) -> (N, C_out, H_out, W_out).
 #[pyfunction]
 #[pyo3(signature = (input, weight, bias, stride, padding, dilation))]
-fn conv2d_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
-                       weight: PyReadonlyArrayDyn<'py, f32>,
-                       bias: Option<PyReadonlyArrayDyn<'py, f32>>, stride: Pair, padding: Pair,
-                       dilation: Pair) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn conv2d_forward<'py>(
+    py: Python<'py>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    weight: PyReadonlyArrayDyn<'py, f32>,
+    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let p = Conv2dParams::new(input.shape(), weight.shape(), stride, padding, dilation)?;
     if let Some(b) = &bias {
         check_shape(b, "bias", &[p.out_channels])?;
@@ -30,26 +35,47 @@ fn conv2d_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
     to_numpy(py, out, &shape)
 }
 
-type Grads<'py> = (Option<Bound<'py, PyArrayDyn<f32>>>, Bound<'py, PyArrayDyn<f32>>,
-                   Option<Bound<'py, PyArrayDyn<f32>>>);
+type Grads<'py> = (
+    Option<Bound<'py, PyArrayDyn<f32>>>,
+    Bound<'py, PyArrayDyn<f32>>,
+    Option<Bound<'py, PyArrayDyn<f32>>>,
+);
 
 /// conv2d backward: (grad_input or None, grad_weight, grad_bias or None).
 #[pyfunction]
 #[pyo3(signature = (grad_output, input, weight, stride, padding, dilation, bias, input_grad))]
 #[allow(clippy::too_many_arguments)]
-fn conv2d_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py, f32>,
-                        input: PyReadonlyArrayDyn<'py, f32>, weight: PyReadonlyArrayDyn<'py, f32>,
-                        stride: Pair, padding: Pair, dilation: Pair, bias: bool,
-                        input_grad: bool) -> PyResult<Grads<'py>> {
+fn conv2d_backward<'py>(
+    py: Python<'py>,
+    grad_output: PyReadonlyArrayDyn<'py, f32>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    weight: PyReadonlyArrayDyn<'py, f32>,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    bias: bool,
+    input_grad: bool,
+) -> PyResult<Grads<'py>> {
     let p = Conv2dParams::new(input.shape(), weight.shape(), stride, padding, dilation)?;
     check_shape(&grad_output, "grad_output", &p.output_shape())?;
-    let (gy, x, w) = (slice(&grad_output, "grad_output")?, slice(&input, "input")?,
-                      slice(&weight, "weight")?);
+    let (gy, x, w) = (
+        slice(&grad_output, "grad_output")?,
+        slice(&input, "input")?,
+        slice(&weight, "weight")?,
+    );
     let (in_shape, w_shape) = (input.shape().to_vec(), weight.shape().to_vec());
     let (gx, gw, gb) = run(py, || {
-        let mut gx = if input_grad { Some(buffer("grad_input", &in_shape)?) } else { None };
+        let mut gx = if input_grad {
+            Some(buffer("grad_input", &in_shape)?)
+        } else {
+            None
+        };
         let mut gw = buffer("grad_weight", &w_shape)?;
-        let mut gb = if bias { Some(buffer("grad_bias", &[p.out_channels])?) } else { None };
+        let mut gb = if bias {
+            Some(buffer("grad_bias", &[p.out_channels])?)
+        } else {
+            None
+        };
         conv::backward(&p, gy, x, w, gx.as_deref_mut(), &mut gw, gb.as_deref_mut())?;
         Ok((gx, gw, gb))
     })?;

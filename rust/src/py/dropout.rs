@@ -8,8 +8,13 @@ use crate::kernels::dropout;
 
 /// Inverted dropout over units of `unit` consecutive elements; also its own backward.
 #[pyfunction]
-fn dropout_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>, p: f32, seed: u64,
-                        unit: usize) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn dropout_forward<'py>(
+    py: Python<'py>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    p: f32,
+    seed: u64,
+    unit: usize,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     crate::kernels::nonzero("input", input.shape())?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
@@ -23,8 +28,12 @@ fn dropout_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>, p:
 
 /// The keep decisions (1 = kept) of units 0..n.
 #[pyfunction]
-fn dropout_mask<'py>(py: Python<'py>, n: usize, p: f32, seed: u64)
-    -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+fn dropout_mask<'py>(
+    py: Python<'py>,
+    n: usize,
+    p: f32,
+    seed: u64,
+) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
     let keep = run(py, || {
         let mut keep = zeros::<u8>("mask", n)?;
         dropout::mask(p, seed, &mut keep)?;

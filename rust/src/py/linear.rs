@@ -11,9 +11,12 @@ type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 /// y = x·Wᵀ + b.
 #[pyfunction]
 #[pyo3(signature = (input, weight, bias))]
-fn linear_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
-                       weight: PyReadonlyArrayDyn<'py, f32>,
-                       bias: Option<PyReadonlyArrayDyn<'py, f32>>) -> PyResult<Array<'py>> {
+fn linear_forward<'py>(
+    py: Python<'py>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    weight: PyReadonlyArrayDyn<'py, f32>,
+    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
+) -> PyResult<Array<'py>> {
     let p = LinearParams::new(input.shape(), weight.shape())?;
     if let Some(b) = &bias {
         check_shape(b, "bias", &[p.out_features])?;
@@ -31,19 +34,34 @@ fn linear_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
 
 /// (grad_input or None, grad_weight, grad_bias or None).
 #[pyfunction]
-fn linear_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py, f32>,
-                        input: PyReadonlyArrayDyn<'py, f32>, weight: PyReadonlyArrayDyn<'py, f32>,
-                        bias: bool, input_grad: bool)
-    -> PyResult<(Option<Array<'py>>, Array<'py>, Option<Array<'py>>)> {
+fn linear_backward<'py>(
+    py: Python<'py>,
+    grad_output: PyReadonlyArrayDyn<'py, f32>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    weight: PyReadonlyArrayDyn<'py, f32>,
+    bias: bool,
+    input_grad: bool,
+) -> PyResult<(Option<Array<'py>>, Array<'py>, Option<Array<'py>>)> {
     let p = LinearParams::new(input.shape(), weight.shape())?;
     check_shape(&grad_output, "grad_output", &[p.batch, p.out_features])?;
-    let (gy, x, w) = (slice(&grad_output, "grad_output")?, slice(&input, "input")?,
-                      slice(&weight, "weight")?);
+    let (gy, x, w) = (
+        slice(&grad_output, "grad_output")?,
+        slice(&input, "input")?,
+        slice(&weight, "weight")?,
+    );
     let (in_shape, w_shape) = (input.shape().to_vec(), weight.shape().to_vec());
     let (gx, gw, gb) = run(py, || {
-        let mut gx = if input_grad { Some(buffer("grad_input", &in_shape)?) } else { None };
+        let mut gx = if input_grad {
+            Some(buffer("grad_input", &in_shape)?)
+        } else {
+            None
+        };
         let mut gw = buffer("grad_weight", &w_shape)?;
-        let mut gb = if bias { Some(buffer("grad_bias", &[p.out_features])?) } else { None };
+        let mut gb = if bias {
+            Some(buffer("grad_bias", &[p.out_features])?)
+        } else {
+            None
+        };
         linear::backward(&p, gy, x, w, gx.as_deref_mut(), &mut gw, gb.as_deref_mut())?;
         Ok((gx, gw, gb))
     })?;

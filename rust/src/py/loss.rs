@@ -10,8 +10,10 @@ type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 
 /// Row-wise log-softmax of (N, C) logits.
 #[pyfunction]
-fn log_softmax_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>)
-    -> PyResult<Array<'py>> {
+fn log_softmax_forward<'py>(
+    py: Python<'py>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+) -> PyResult<Array<'py>> {
     let p = ClassesParams::new(input.shape())?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
@@ -25,11 +27,17 @@ fn log_softmax_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>
 
 /// Gradient of log-softmax from its output.
 #[pyfunction]
-fn log_softmax_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py, f32>,
-                             output: PyReadonlyArrayDyn<'py, f32>) -> PyResult<Array<'py>> {
+fn log_softmax_backward<'py>(
+    py: Python<'py>,
+    grad_output: PyReadonlyArrayDyn<'py, f32>,
+    output: PyReadonlyArrayDyn<'py, f32>,
+) -> PyResult<Array<'py>> {
     let p = ClassesParams::new(output.shape())?;
     check_shape(&grad_output, "grad_output", output.shape())?;
-    let (g, y) = (slice(&grad_output, "grad_output")?, slice(&output, "output")?);
+    let (g, y) = (
+        slice(&grad_output, "grad_output")?,
+        slice(&output, "output")?,
+    );
     let shape = output.shape().to_vec();
     let out = run(py, || {
         let mut out = buffer("grad_input", &shape)?;
@@ -46,8 +54,11 @@ fn targets<'a>(p: &ClassesParams, target: &'a PyReadonlyArrayDyn<'_, i64>) -> Py
 
 /// Mean cross-entropy of (N, C) logits against N class indices.
 #[pyfunction]
-fn cross_entropy_forward(py: Python<'_>, input: PyReadonlyArrayDyn<'_, f32>,
-                         target: PyReadonlyArrayDyn<'_, i64>) -> PyResult<f64> {
+fn cross_entropy_forward(
+    py: Python<'_>,
+    input: PyReadonlyArrayDyn<'_, f32>,
+    target: PyReadonlyArrayDyn<'_, i64>,
+) -> PyResult<f64> {
     let p = ClassesParams::new(input.shape())?;
     let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
     run(py, || loss::cross_entropy(&p, x, t))
@@ -55,8 +66,11 @@ fn cross_entropy_forward(py: Python<'_>, input: PyReadonlyArrayDyn<'_, f32>,
 
 /// Gradient of the mean cross-entropy w.r.t. the logits.
 #[pyfunction]
-fn cross_entropy_backward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
-                               target: PyReadonlyArrayDyn<'py, i64>) -> PyResult<Array<'py>> {
+fn cross_entropy_backward<'py>(
+    py: Python<'py>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    target: PyReadonlyArrayDyn<'py, i64>,
+) -> PyResult<Array<'py>> {
     let p = ClassesParams::new(input.shape())?;
     let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
     let shape = input.shape().to_vec();

@@ -3,7 +3,9 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use numpy::ndarray::{ArrayD, IxDyn};
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -30,8 +32,10 @@ impl From<Error> for PyErr {
 
 /// Run a kernel without the GIL, in the bnrs thread pool. A panic becomes a
 /// `RuntimeError` instead of aborting, and a pending Ctrl-C is raised afterwards.
-pub(crate) fn run<T: Send>(py: Python<'_>, kernel: impl FnOnce() -> crate::Result<T> + Send)
-    -> PyResult<T> {
+pub(crate) fn run<T: Send>(
+    py: Python<'_>,
+    kernel: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
     let outcome = py.detach(|| crate::parallel::install(|| catch_unwind(AssertUnwindSafe(kernel))));
     py.check_signals()?;
     match outcome {
@@ -43,40 +47,51 @@ pub(crate) fn run<T: Send>(py: Python<'_>, kernel: impl FnOnce() -> crate::Resul
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_string());
             Err(PyRuntimeError::new_err(format!(
-                "internal error in a bnrs kernel (please report it): {message}")))
+                "internal error in a bnrs kernel (please report it): {message}"
+            )))
         }
     }
 }
 
 /// The contiguous data of a read-only array argument.
-pub(crate) fn slice<'a, T: numpy::Element>(arr: &'a PyReadonlyArrayDyn<'_, T>, name: &str)
-    -> PyResult<&'a [T]> {
-    arr.as_slice().map_err(|_| PyValueError::new_err(format!("{name}: expected a C-contiguous array")))
+pub(crate) fn slice<'a, T: numpy::Element>(
+    arr: &'a PyReadonlyArrayDyn<'_, T>,
+    name: &str,
+) -> PyResult<&'a [T]> {
+    arr.as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name}: expected a C-contiguous array")))
 }
 
 /// The contiguous data of an array updated in place.
-pub(crate) fn slice_mut<'a>(arr: &'a mut PyReadwriteArrayDyn<'_, f32>, name: &str)
-    -> PyResult<&'a mut [f32]> {
+pub(crate) fn slice_mut<'a>(
+    arr: &'a mut PyReadwriteArrayDyn<'_, f32>,
+    name: &str,
+) -> PyResult<&'a mut [f32]> {
     arr.as_slice_mut()
         .map_err(|_| PyValueError::new_err(format!("{name}: expected a C-contiguous array")))
 }
 
 /// Borrow an array for in-place update, with errors that name it.
-pub(crate) fn writeable<'py>(arr: &Bound<'py, PyArrayDyn<f32>>, name: &str)
-    -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+pub(crate) fn writeable<'py>(
+    arr: &Bound<'py, PyArrayDyn<f32>>,
+    name: &str,
+) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
     use numpy::PyArrayMethods;
     arr.try_readwrite().map_err(|e| {
         PyValueError::new_err(format!(
             "{name}: cannot be updated in place ({e}); pass a writeable float32 array that \
-             is not also passed as another argument"))
+             is not also passed as another argument"
+        ))
     })
 }
 
 /// A zero-filled buffer of `len` elements, failing cleanly when it cannot be allocated.
 pub(crate) fn zeros<T: Clone + Default>(what: &'static str, len: usize) -> crate::Result<Vec<T>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| Error::TooLarge { what, elements: len.to_string() })?;
+    v.try_reserve_exact(len).map_err(|_| Error::TooLarge {
+        what,
+        elements: len.to_string(),
+    })?;
     v.resize(len, T::default());
     Ok(v)
 }
@@ -87,19 +102,27 @@ pub(crate) fn buffer(what: &'static str, shape: &[usize]) -> crate::Result<Vec<f
 }
 
 /// Wrap a buffer as a NumPy array of the given shape, without copying.
-pub(crate) fn to_numpy<'py, T: numpy::Element>(py: Python<'py>, data: Vec<T>, shape: &[usize])
-    -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+pub(crate) fn to_numpy<'py, T: numpy::Element>(
+    py: Python<'py>,
+    data: Vec<T>,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     let array = ArrayD::from_shape_vec(IxDyn(shape), data)
         .map_err(|e| PyRuntimeError::new_err(format!("internal shape error: {e}")))?;
     Ok(array.into_pyarray(py))
 }
 
 /// Require `arr` to have exactly `expected` shape.
-pub(crate) fn check_shape<T: numpy::Element>(arr: &PyReadonlyArrayDyn<'_, T>, name: &str,
-                                             expected: &[usize]) -> PyResult<()> {
+pub(crate) fn check_shape<T: numpy::Element>(
+    arr: &PyReadonlyArrayDyn<'_, T>,
+    name: &str,
+    expected: &[usize],
+) -> PyResult<()> {
     if arr.shape() != expected {
         return Err(PyValueError::new_err(format!(
-            "{name}: expected shape {expected:?}, got {:?}", arr.shape())));
+            "{name}: expected shape {expected:?}, got {:?}",
+            arr.shape()
+        )));
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use super::{buffer, check_shape, run, slice, to_numpy, zeros};
 use crate::kernels::pool::{self, Pool2dParams};
 
 type Pair = (i64, i64);
+type PooledWithIndices<'py> = (Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<i64>>);
 type Shape4 = (i64, i64, i64, i64);
 
 /// An (N, C, H, W) shape given by the caller.
@@ -14,16 +15,21 @@ fn shape4(shape: Shape4) -> PyResult<[usize; 4]> {
     let dims = [shape.0, shape.1, shape.2, shape.3];
     if dims.iter().any(|&d| d < 1) {
         return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "input_shape: expected 4 positive sizes (N, C, H, W), got {dims:?}")));
+            "input_shape: expected 4 positive sizes (N, C, H, W), got {dims:?}"
+        )));
     }
     Ok(dims.map(|d| d as usize))
 }
 
 /// max_pool2d forward: (output, indices).
 #[pyfunction]
-fn max_pool2d_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>, kernel_size: Pair,
-                           stride: Pair, padding: Pair)
-    -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<i64>>)> {
+fn max_pool2d_forward<'py>(
+    py: Python<'py>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    kernel_size: Pair,
+    stride: Pair,
+    padding: Pair,
+) -> PyResult<PooledWithIndices<'py>> {
     let p = Pool2dParams::new(input.shape(), kernel_size, stride, padding)?;
     let x = slice(&input, "input")?;
     let shape = p.output_shape();
@@ -38,12 +44,18 @@ fn max_pool2d_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
 
 /// max_pool2d backward from the forward's indices.
 #[pyfunction]
-fn max_pool2d_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py, f32>,
-                            indices: PyReadonlyArrayDyn<'py, i64>, input_shape: Shape4)
-    -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn max_pool2d_backward<'py>(
+    py: Python<'py>,
+    grad_output: PyReadonlyArrayDyn<'py, f32>,
+    indices: PyReadonlyArrayDyn<'py, i64>,
+    input_shape: Shape4,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let in_shape = shape4(input_shape)?;
     check_shape(&indices, "indices", grad_output.shape())?;
-    let (gy, idx) = (slice(&grad_output, "grad_output")?, slice(&indices, "indices")?);
+    let (gy, idx) = (
+        slice(&grad_output, "grad_output")?,
+        slice(&indices, "indices")?,
+    );
     let gy_shape = grad_output.shape().to_vec();
     let gx = run(py, || {
         let mut gx = buffer("grad_input", &in_shape)?;
@@ -55,9 +67,14 @@ fn max_pool2d_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py
 
 /// avg_pool2d forward.
 #[pyfunction]
-fn avg_pool2d_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>, kernel_size: Pair,
-                           stride: Pair, padding: Pair, count_include_pad: bool)
-    -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn avg_pool2d_forward<'py>(
+    py: Python<'py>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    kernel_size: Pair,
+    stride: Pair,
+    padding: Pair,
+    count_include_pad: bool,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let p = Pool2dParams::new(input.shape(), kernel_size, stride, padding)?;
     let x = slice(&input, "input")?;
     let shape = p.output_shape();
@@ -71,9 +88,15 @@ fn avg_pool2d_forward<'py>(py: Python<'py>, input: PyReadonlyArrayDyn<'py, f32>,
 
 /// avg_pool2d backward.
 #[pyfunction]
-fn avg_pool2d_backward<'py>(py: Python<'py>, grad_output: PyReadonlyArrayDyn<'py, f32>,
-                            input_shape: Shape4, kernel_size: Pair, stride: Pair, padding: Pair,
-                            count_include_pad: bool) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+fn avg_pool2d_backward<'py>(
+    py: Python<'py>,
+    grad_output: PyReadonlyArrayDyn<'py, f32>,
+    input_shape: Shape4,
+    kernel_size: Pair,
+    stride: Pair,
+    padding: Pair,
+    count_include_pad: bool,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let in_shape = shape4(input_shape)?;
     let p = Pool2dParams::new(&in_shape, kernel_size, stride, padding)?;
     check_shape(&grad_output, "grad_output", &p.output_shape())?;

@@ -7,7 +7,9 @@ use pyo3::prelude::*;
 #[pyfunction]
 fn set_num_threads(n: i64) -> PyResult<()> {
     if n < 1 {
-        return Err(PyValueError::new_err(format!("n_threads: expected an int >= 1, got {n}")));
+        return Err(PyValueError::new_err(format!(
+            "n_threads: expected an int >= 1, got {n}"
+        )));
     }
     crate::parallel::set_num_threads(n as usize);
     Ok(())
@@ -35,7 +37,9 @@ fn set_simd_enabled(enabled: bool) {
 #[pyfunction]
 fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
     if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
-        return Err(PyValueError::new_err(format!("seconds: expected a number in (0, 60], got {seconds}")));
+        return Err(PyValueError::new_err(format!(
+            "seconds: expected a number in (0, 60], got {seconds}"
+        )));
     }
     py.detach(|| Ok(crate::kernels::peak::fma_gflops(seconds)))
 }
@@ -43,7 +47,9 @@ fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
 /// Raise the error a kernel panic becomes (tests the panic-to-exception path).
 #[pyfunction]
 fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
-    super::run(py, || -> crate::Result<()> { panic!("forced panic for a test") })
+    super::run(py, || -> crate::Result<()> {
+        panic!("forced panic for a test")
+    })
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
