@@ -244,46 +244,52 @@ fn unfolded<'a>(p: &Conv2dParams, image: &'a [f32], col: &'a mut Vec<f32>) -> &'
     }
 }
 
-/// Whether the direct (no GEMM) forward suits this shape: few unfolded rows (a first
-/// layer on one or three channels), where a GEMM with a tiny inner dimension is slow.
-fn use_direct(p: &Conv2dParams) -> bool {
-    p.col_rows() <= 32 && p.stride.1 == 1
+/// Unfolded rows up to which the small-K product replaces the GEMM.
+const SMALL_K: usize = 32;
+
+/// Whether the small-K product suits this shape: few unfolded rows (a first layer on one
+/// or three channels), where a GEMM with a tiny inner dimension spends its time packing.
+fn use_small_k(p: &Conv2dParams) -> bool {
+    p.col_rows() <= SMALL_K
 }
 
 simd_dispatch! {
-    /// Direct convolution of one image: every output row is a sum of scaled input rows.
-    fn direct_image(p: &Conv2dParams, image: &[f32], weight: &[f32], bias: Option<&[f32]>,
-                    out: &mut [f32]) {
-        let plane = p.in_h * p.in_w;
-        let pixels = p.out_h * p.out_w;
-        let k = p.col_rows();
-        for (co, out_plane) in out.chunks_exact_mut(pixels).enumerate() {
-            out_plane.fill(bias.map_or(0.0, |b| b[co]));
-            let w = &weight[co * k..(co + 1) * k];
-            for c in 0..p.in_channels {
-                let src = &image[c * plane..(c + 1) * plane];
-                for ki in 0..p.kernel_h {
-                    let row_offset = (ki * p.dilation.0) as isize - p.padding.0 as isize;
-                    let (oh_lo, oh_hi) = valid_range(row_offset, p.stride.0, p.in_h, p.out_h);
-                    for kj in 0..p.kernel_w {
-                        let col_offset = (kj * p.dilation.1) as isize - p.padding.1 as isize;
-                        let (ow_lo, ow_hi) = valid_range(col_offset, 1, p.in_w, p.out_w);
-                        if ow_lo == ow_hi {
-                            continue;
-                        }
-                        let wv = w[(c * p.kernel_h + ki) * p.kernel_w + kj];
-                        let first = (ow_lo as isize + col_offset) as usize;
-                        for oh in oh_lo..oh_hi {
-                            let ih = ((oh * p.stride.0) as isize + row_offset) as usize;
-                            let src_row = &src[ih * p.in_w + first..ih * p.in_w + first + (ow_hi - ow_lo)];
-                            let dst = &mut out_plane[oh * p.out_w + ow_lo..oh * p.out_w + ow_hi];
-                            for (d, &s) in dst.iter_mut().zip(src_row) {
-                                *d += wv * s;
-                            }
-                        }
-                    }
+    /// out (C_out × P) = weight (C_out × K) · col (K × P) (+ bias), K <= 32: a block of
+    /// 32 pixels is loaded once and reused for every output channel, with four
+    /// independent accumulators of eight lanes so the adds do not wait on each other.
+    fn small_k_product(weight: &[f32], col: &[f32], k: usize, pixels: usize,
+                       bias: Option<&[f32]>, out: &mut [f32]) {
+        const BLOCK: usize = 32;
+        let channels = out.len() / pixels;
+        let mut block = [[0.0f32; BLOCK]; SMALL_K];
+        let mut start = 0;
+        while start < pixels {
+            let width = BLOCK.min(pixels - start);
+            for (kk, lanes) in block.iter_mut().enumerate().take(k) {
+                let src = &col[kk * pixels + start..kk * pixels + start + width];
+                if width == BLOCK {
+                    // A fixed-size copy is a few vector loads; a variable one calls memmove.
+                    *lanes = src.try_into().expect("a full block");
+                } else {
+                    lanes[..width].copy_from_slice(src);
                 }
             }
+            for co in 0..channels {
+                let mut acc = [bias.map_or(0.0, |b| b[co]); BLOCK];
+                for (&w, lanes) in weight[co * k..(co + 1) * k].iter().zip(&block) {
+                    for (a, &v) in acc.iter_mut().zip(lanes) {
+                        *a += w * v;
+                    }
+                }
+                let dst = &mut out[co * pixels + start..co * pixels + start + width];
+                if width == BLOCK {
+                    let dst: &mut [f32; BLOCK] = dst.try_into().expect("a full block");
+                    *dst = acc;
+                } else {
+                    dst.copy_from_slice(&acc[..width]);
+                }
+            }
+            start += BLOCK;
         }
     }
 }
@@ -304,8 +310,11 @@ pub fn forward(
     let images = output
         .par_chunks_mut(p.out_channels * pixels)
         .zip(input.par_chunks(p.image_len()));
-    if use_direct(p) {
-        images.for_each(|(out_image, image)| direct_image(p, image, weight, bias, out_image));
+    if use_small_k(p) {
+        images.for_each_init(Vec::new, |col, (out_image, image)| {
+            let unfolded_image = unfolded(p, image, col);
+            small_k_product(weight, unfolded_image, k, pixels, bias, out_image);
+        });
         return Ok(());
     }
     let rows_per_tile = tile_rows(p);
