@@ -4,10 +4,21 @@ Rust kernels (multithreaded, AVX2/FMA chosen at run time) exposed to NumPy. Star
 :mod:`bnrs.functional` (PyTorch's function names) or :mod:`bnrs.nn` (layers).
 """
 
-from . import _core, functional, nn, optim
+from . import functional, nn, optim
 from ._core import __version__, get_num_threads, set_num_threads, simd_backend
 
+
+def __getattr__(name: str):
+    # The estimator imports scikit-learn (about a second); load it on first use only.
+    if name == "CNNClassifier":
+        from .estimator import CNNClassifier
+
+        return CNNClassifier
+    raise AttributeError(f"module 'bnrs' has no attribute {name!r}")
+
+
 __all__ = [
+    "CNNClassifier",
     "__version__",
     "functional",
     "nn",

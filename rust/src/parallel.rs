@@ -5,7 +5,9 @@
 //! decides *who* computes a chunk, not *what* is computed, so every result is bit-identical
 //! at any thread count.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
@@ -21,12 +23,17 @@ struct Pool {
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 
+/// `BNRS_NUM_THREADS`, else the number of cores; read once (the core count reads cgroup
+/// files, too slow to repeat per call).
 fn default_threads() -> usize {
-    std::env::var("BNRS_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(|| {
+        std::env::var("BNRS_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
 }
 
 fn build(threads: usize) -> Pool {
@@ -85,6 +92,67 @@ pub fn set_num_threads(threads: usize) {
 /// Run `f` inside the bnrs pool, so its rayon calls use the configured threads.
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     current_pool().install(f)
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether running kernels should stop early (an interrupt arrived). Kernels check it
+/// between chunks of work; a job that saw it set is reported as interrupted, never as a
+/// result.
+#[inline]
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// How [`run_interruptible`] ended.
+pub enum Outcome<R> {
+    /// The job finished undisturbed.
+    Done(R),
+    /// The caller's poll asked to stop (its value is kept), or another caller's did while
+    /// this job ran (`None`); partial results were discarded.
+    Interrupted(Option<Box<dyn std::any::Any + Send>>),
+}
+
+/// Run `job` in the pool while the calling thread calls `poll` every `interval`. When
+/// `poll` returns `Some(reason)`, every running kernel is asked to stop
+/// ([`stop_requested`]) and the job's result is discarded.
+pub fn run_interruptible<R: Send>(
+    job: impl FnOnce() -> R + Send,
+    interval: Duration,
+    mut poll: impl FnMut() -> Option<Box<dyn std::any::Any + Send>>,
+) -> Outcome<R> {
+    RUNNING.fetch_add(1, Ordering::SeqCst);
+    let pool = current_pool();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut result = None;
+    let mut reason = None;
+    pool.in_place_scope(|scope| {
+        let slot = &mut result;
+        scope.spawn(move |_| {
+            *slot = Some(job());
+            // The receiver outlives the scope, so the send cannot fail.
+            let _ = done_tx.send(());
+        });
+        while let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(interval) {
+            if reason.is_none() {
+                if let Some(r) = poll() {
+                    reason = Some(r);
+                    STOP.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    // STOP is only cleared when no job runs, so a job that overlapped an interrupt sees it.
+    let stopped = STOP.load(Ordering::SeqCst);
+    if RUNNING.fetch_sub(1, Ordering::SeqCst) == 1 {
+        STOP.store(false, Ordering::SeqCst);
+    }
+    match (reason, stopped) {
+        (Some(r), _) => Outcome::Interrupted(Some(r)),
+        (None, true) => Outcome::Interrupted(None),
+        (None, false) => Outcome::Done(result.expect("the job ran to completion")),
+    }
 }
 
 /// Chunk length for `len` items split into at most `max_chunks` chunks of at least

@@ -115,6 +115,9 @@ fn apply_affine(p: &BatchNormParams, x: &[f32], y: &mut [f32], scale: &[f32], sh
         .with_min_len((4096 / p.spatial).max(1))
         .enumerate()
         .for_each(|(i, (out, plane))| {
+            if crate::parallel::stop_requested() {
+                return;
+            }
             let c = i % p.channels;
             plane_affine(plane, out, scale[c], shift[c]);
         });
@@ -302,6 +305,9 @@ pub fn backward(
         .with_min_len((4096 / p.spatial).max(1))
         .enumerate()
         .for_each(|(i, (out, (g, xp)))| {
+            if crate::parallel::stop_requested() {
+                return;
+            }
             let (a, b, c0) = coefficients[i % p.channels];
             plane_grad_input(g, xp, out, a, b, c0);
         });

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::gemm::{sgemm, MatRef};
 use super::{nchw, non_negative_pair, positive_pair, valid_range, window_out_len};
 use crate::error::{checked_size, Error, Result};
-use crate::parallel::chunk_len;
+use crate::parallel::{chunk_len, stop_requested};
 use crate::simd_dispatch;
 use std::ops::Range;
 
@@ -99,6 +99,14 @@ impl Conv2dParams {
     /// Output shape (N, C_out, H_out, W_out).
     pub fn output_shape(&self) -> [usize; 4] {
         [self.batch, self.out_channels, self.out_h, self.out_w]
+    }
+
+    /// Multiply-adds of the forward pass.
+    pub fn multiply_adds(&self) -> usize {
+        self.output_shape()
+            .iter()
+            .product::<usize>()
+            .saturating_mul(self.col_rows())
     }
 
     /// Rows of the unfolded image: C_in · kH · kW.
@@ -312,6 +320,9 @@ pub fn forward(
         .zip(input.par_chunks(p.image_len()));
     if use_small_k(p) {
         images.for_each_init(Vec::new, |col, (out_image, image)| {
+            if stop_requested() {
+                return;
+            }
             let unfolded_image = unfolded(p, image, col);
             small_k_product(weight, unfolded_image, k, pixels, bias, out_image);
         });
@@ -319,6 +330,9 @@ pub fn forward(
     }
     let rows_per_tile = tile_rows(p);
     images.for_each_init(Vec::new, |col, (out_image, image)| {
+        if stop_requested() {
+            return;
+        }
         if let Some(b) = bias {
             for (row, &bc) in out_image.chunks_exact_mut(pixels).zip(b) {
                 row.fill(bc);
@@ -405,6 +419,9 @@ pub fn backward(
             let mut grad_col = Vec::new();
             let first = g * group;
             for n in first..(first + group).min(p.batch) {
+                if stop_requested() {
+                    return;
+                }
                 let image = &input[n * p.image_len()..(n + 1) * p.image_len()];
                 let gy = &grad_output[n * out_image..(n + 1) * out_image];
                 let unfolded_image = unfolded(p, image, &mut col);

@@ -146,6 +146,9 @@ pub fn forward(input: &[f32], p: f32, seed: u64, unit: usize, output: &mut [f32]
         .zip(input.par_chunks(units_per_chunk * unit))
         .enumerate()
         .for_each(|(i, (out, x))| {
+            if crate::parallel::stop_requested() {
+                return;
+            }
             let mut factor = vec![0.0f32; x.len() / unit];
             let first_group = (i * units_per_chunk / GROUP) as u64;
             fill_factors(&mut factor, first_group, seed, threshold, scale);

@@ -84,6 +84,9 @@ pub fn forward(
         .par_chunks_mut(rows * p.out_features)
         .zip(input.par_chunks(rows * p.in_features))
         .for_each(|(out, x)| {
+            if crate::parallel::stop_requested() {
+                return;
+            }
             let m = x.len() / p.in_features;
             if let Some(b) = bias {
                 for row in out.chunks_exact_mut(p.out_features) {
@@ -122,6 +125,9 @@ pub fn backward(
         gx.par_chunks_mut(rows * p.in_features)
             .zip(grad_output.par_chunks(rows * p.out_features))
             .for_each(|(gx, gy)| {
+                if crate::parallel::stop_requested() {
+                    return;
+                }
                 let m = gy.len() / p.out_features;
                 sgemm(
                     m,
@@ -141,6 +147,9 @@ pub fn backward(
         .par_chunks_mut(rows * p.in_features)
         .enumerate()
         .for_each(|(blk, gw)| {
+            if crate::parallel::stop_requested() {
+                return;
+            }
             let m = gw.len() / p.in_features;
             let first = blk * rows;
             sgemm(

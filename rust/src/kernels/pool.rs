@@ -183,6 +183,9 @@ pub fn max_forward(
         .zip(indices.par_chunks_mut(p.out_plane()))
         .zip(input.par_chunks(p.in_plane()))
         .for_each(|((out, idx), plane)| {
+            if crate::parallel::stop_requested() {
+                return;
+            }
             if p.kernel == (2, 2) && p.stride == (2, 2) && p.padding == (0, 0) {
                 max_pool_2x2_plane(plane, p.in_w, out, idx, p.out_w);
                 return;
@@ -249,6 +252,9 @@ pub fn max_backward(
         .zip(grad_output.par_chunks(gh * gw))
         .zip(indices.par_chunks(gh * gw))
         .for_each(|((gx, gy), idx)| {
+            if crate::parallel::stop_requested() {
+                return;
+            }
             gx.fill(0.0);
             for (&g, &i) in gy.iter().zip(idx) {
                 gx[i as usize] += g;
@@ -270,6 +276,9 @@ pub fn avg_forward(
         .par_chunks_mut(p.out_plane())
         .zip(input.par_chunks(p.in_plane()))
         .for_each(|(out, plane)| {
+            if crate::parallel::stop_requested() {
+                return;
+            }
             for oh in 0..p.out_h {
                 let (h0, h1) =
                     Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
@@ -302,6 +311,9 @@ pub fn avg_backward(
         .par_chunks_mut(p.in_plane())
         .zip(grad_output.par_chunks(p.out_plane()))
         .for_each(|(gx, gy)| {
+            if crate::parallel::stop_requested() {
+                return;
+            }
             gx.fill(0.0);
             for oh in 0..p.out_h {
                 let (h0, h1) =

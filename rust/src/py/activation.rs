@@ -19,7 +19,7 @@ fn activation_forward<'py>(
     let act = Activation::from_name(name, negative_slope)?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
-    let out = run(py, || {
+    let out = run(py, x.len(), || {
         let mut out = buffer("output", &shape)?;
         activation::forward(act, x, &mut out)?;
         Ok(out)
@@ -48,7 +48,7 @@ fn activation_backward<'py>(
         slice(&saved, saved_name)?,
     );
     let shape = grad_output.shape().to_vec();
-    let out = run(py, || {
+    let out = run(py, g.len(), || {
         let mut out = buffer("grad_input", &shape)?;
         activation::backward(act, g, s, &mut out)?;
         Ok(out)

@@ -62,7 +62,7 @@ fn batch_norm_forward<'py>(
         .map(|a| slice_mut(a, "running_var"))
         .transpose()?;
     let shape = input.shape().to_vec();
-    let (y, mean, invstd) = run(py, || {
+    let (y, mean, invstd) = run(py, x.len(), || {
         let mut y = buffer("output", &shape)?;
         let mut mean = buffer("save_mean", &c)?;
         let mut invstd = buffer("save_invstd", &c)?;
@@ -142,7 +142,7 @@ fn batch_norm_backward<'py>(
     let gamma = weight.as_ref().map(|w| slice(w, "weight")).transpose()?;
     let affine = gamma.is_some();
     let shape = input.shape().to_vec();
-    let (gx, gg, gb) = run(py, || {
+    let (gx, gg, gb) = run(py, x.len(), || {
         let mut gx = buffer("grad_input", &shape)?;
         let mut gg = if affine {
             Some(buffer("grad_weight", &c)?)

@@ -27,7 +27,7 @@ fn conv2d_forward<'py>(
     let (x, w) = (slice(&input, "input")?, slice(&weight, "weight")?);
     let b = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
     let shape = p.output_shape();
-    let out = run(py, || {
+    let out = run(py, p.multiply_adds(), || {
         let mut out = buffer("output", &shape)?;
         conv::forward(&p, x, w, b, &mut out)?;
         Ok(out)
@@ -64,7 +64,7 @@ fn conv2d_backward<'py>(
         slice(&weight, "weight")?,
     );
     let (in_shape, w_shape) = (input.shape().to_vec(), weight.shape().to_vec());
-    let (gx, gw, gb) = run(py, || {
+    let (gx, gw, gb) = run(py, p.multiply_adds().saturating_mul(2), || {
         let mut gx = if input_grad {
             Some(buffer("grad_input", &in_shape)?)
         } else {

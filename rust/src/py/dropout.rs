@@ -18,7 +18,7 @@ fn dropout_forward<'py>(
     crate::kernels::nonzero("input", input.shape())?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
-    let out = run(py, || {
+    let out = run(py, x.len(), || {
         let mut out = buffer("output", &shape)?;
         dropout::forward(x, p, seed, unit, &mut out)?;
         Ok(out)
@@ -34,7 +34,7 @@ fn dropout_mask<'py>(
     p: f32,
     seed: u64,
 ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
-    let keep = run(py, || {
+    let keep = run(py, n, || {
         let mut keep = zeros::<u8>("mask", n)?;
         dropout::mask(p, seed, &mut keep)?;
         Ok(keep)

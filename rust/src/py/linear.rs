@@ -24,11 +24,17 @@ fn linear_forward<'py>(
     let (x, w) = (slice(&input, "input")?, slice(&weight, "weight")?);
     let b = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
     let shape = [p.batch, p.out_features];
-    let out = run(py, || {
-        let mut out = buffer("output", &shape)?;
-        linear::forward(&p, x, w, b, &mut out)?;
-        Ok(out)
-    })?;
+    let out = run(
+        py,
+        p.batch
+            .saturating_mul(p.in_features)
+            .saturating_mul(p.out_features),
+        || {
+            let mut out = buffer("output", &shape)?;
+            linear::forward(&p, x, w, b, &mut out)?;
+            Ok(out)
+        },
+    )?;
     to_numpy(py, out, &shape)
 }
 
@@ -50,21 +56,27 @@ fn linear_backward<'py>(
         slice(&weight, "weight")?,
     );
     let (in_shape, w_shape) = (input.shape().to_vec(), weight.shape().to_vec());
-    let (gx, gw, gb) = run(py, || {
-        let mut gx = if input_grad {
-            Some(buffer("grad_input", &in_shape)?)
-        } else {
-            None
-        };
-        let mut gw = buffer("grad_weight", &w_shape)?;
-        let mut gb = if bias {
-            Some(buffer("grad_bias", &[p.out_features])?)
-        } else {
-            None
-        };
-        linear::backward(&p, gy, x, w, gx.as_deref_mut(), &mut gw, gb.as_deref_mut())?;
-        Ok((gx, gw, gb))
-    })?;
+    let (gx, gw, gb) = run(
+        py,
+        p.batch
+            .saturating_mul(p.in_features)
+            .saturating_mul(2 * p.out_features),
+        || {
+            let mut gx = if input_grad {
+                Some(buffer("grad_input", &in_shape)?)
+            } else {
+                None
+            };
+            let mut gw = buffer("grad_weight", &w_shape)?;
+            let mut gb = if bias {
+                Some(buffer("grad_bias", &[p.out_features])?)
+            } else {
+                None
+            };
+            linear::backward(&p, gy, x, w, gx.as_deref_mut(), &mut gw, gb.as_deref_mut())?;
+            Ok((gx, gw, gb))
+        },
+    )?;
     Ok((
         gx.map(|g| to_numpy(py, g, &in_shape)).transpose()?,
         to_numpy(py, gw, &w_shape)?,

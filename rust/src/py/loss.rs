@@ -17,7 +17,7 @@ fn log_softmax_forward<'py>(
     let p = ClassesParams::new(input.shape())?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
-    let out = run(py, || {
+    let out = run(py, x.len(), || {
         let mut out = buffer("output", &shape)?;
         loss::log_softmax(&p, x, &mut out)?;
         Ok(out)
@@ -39,7 +39,7 @@ fn log_softmax_backward<'py>(
         slice(&output, "output")?,
     );
     let shape = output.shape().to_vec();
-    let out = run(py, || {
+    let out = run(py, g.len(), || {
         let mut out = buffer("grad_input", &shape)?;
         loss::log_softmax_backward(&p, g, y, &mut out)?;
         Ok(out)
@@ -61,7 +61,7 @@ fn cross_entropy_forward(
 ) -> PyResult<f64> {
     let p = ClassesParams::new(input.shape())?;
     let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
-    run(py, || loss::cross_entropy(&p, x, t))
+    run(py, x.len(), || loss::cross_entropy(&p, x, t))
 }
 
 /// Gradient of the mean cross-entropy w.r.t. the logits.
@@ -74,7 +74,7 @@ fn cross_entropy_backward<'py>(
     let p = ClassesParams::new(input.shape())?;
     let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
     let shape = input.shape().to_vec();
-    let out = run(py, || {
+    let out = run(py, x.len(), || {
         let mut out = buffer("grad_input", &shape)?;
         loss::cross_entropy_backward(&p, x, t, &mut out)?;
         Ok(out)

@@ -6,10 +6,12 @@ use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{
     IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::error::{checked_size, Error};
+use crate::parallel::Outcome;
+use std::time::Duration;
 
 mod activation;
 mod batch_norm;
@@ -30,14 +32,58 @@ impl From<Error> for PyErr {
     }
 }
 
-/// Run a kernel without the GIL, in the bnrs thread pool. A panic becomes a
-/// `RuntimeError` instead of aborting, and a pending Ctrl-C is raised afterwards.
+/// Work (elements, or multiply-adds) from which a call is long enough (~10 ms) to be
+/// watched for Ctrl-C while it runs.
+const INTERRUPTIBLE_WORK: usize = 1 << 24;
+
+/// How often a waiting caller checks for Ctrl-C while a kernel runs.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Run a kernel without the GIL, in the bnrs thread pool. For long calls (`work` at least
+/// [`INTERRUPTIBLE_WORK`]) Ctrl-C is checked every 50 ms while it runs: the kernel stops
+/// at its next chunk and `KeyboardInterrupt` is raised; shorter calls check it when they
+/// return. A panic becomes a `RuntimeError` instead of aborting.
 pub(crate) fn run<T: Send>(
     py: Python<'_>,
+    work: usize,
     kernel: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    let outcome = py.detach(|| crate::parallel::install(|| catch_unwind(AssertUnwindSafe(kernel))));
+    if work < INTERRUPTIBLE_WORK {
+        // Short: handing the wait to a polling thread would cost more than the kernel.
+        let outcome =
+            py.detach(|| crate::parallel::install(|| catch_unwind(AssertUnwindSafe(kernel))));
+        py.check_signals()?;
+        return outcome_to_result(outcome);
+    }
+    let outcome = py.detach(|| {
+        crate::parallel::run_interruptible(
+            || catch_unwind(AssertUnwindSafe(kernel)),
+            SIGNAL_POLL,
+            || {
+                Python::attach(|py| py.check_signals().err())
+                    .map(|err| Box::new(err) as Box<dyn std::any::Any + Send>)
+            },
+        )
+    });
+    let outcome = match outcome {
+        Outcome::Done(outcome) => outcome,
+        Outcome::Interrupted(Some(reason)) => {
+            return Err(*reason.downcast::<PyErr>().expect("the poll keeps a PyErr"));
+        }
+        Outcome::Interrupted(None) => {
+            return Err(PyKeyboardInterrupt::new_err(
+                "interrupted: Ctrl-C arrived while this kernel ran in another thread",
+            ));
+        }
+    };
     py.check_signals()?;
+    outcome_to_result(outcome)
+}
+
+type Caught<T> = std::thread::Result<crate::Result<T>>;
+
+/// The kernel's result, or its panic as a `RuntimeError`.
+fn outcome_to_result<T>(outcome: Caught<T>) -> PyResult<T> {
     match outcome {
         Ok(result) => result.map_err(PyErr::from),
         Err(payload) => {

@@ -33,7 +33,7 @@ fn max_pool2d_forward<'py>(
     let p = Pool2dParams::new(input.shape(), kernel_size, stride, padding)?;
     let x = slice(&input, "input")?;
     let shape = p.output_shape();
-    let (out, idx) = run(py, || {
+    let (out, idx) = run(py, x.len(), || {
         let mut out = buffer("output", &shape)?;
         let mut idx = zeros::<i64>("indices", out.len())?;
         pool::max_forward(&p, x, &mut out, &mut idx)?;
@@ -57,7 +57,7 @@ fn max_pool2d_backward<'py>(
         slice(&indices, "indices")?,
     );
     let gy_shape = grad_output.shape().to_vec();
-    let gx = run(py, || {
+    let gx = run(py, gy.len(), || {
         let mut gx = buffer("grad_input", &in_shape)?;
         pool::max_backward(&in_shape, &gy_shape, gy, idx, &mut gx)?;
         Ok(gx)
@@ -78,7 +78,7 @@ fn avg_pool2d_forward<'py>(
     let p = Pool2dParams::new(input.shape(), kernel_size, stride, padding)?;
     let x = slice(&input, "input")?;
     let shape = p.output_shape();
-    let out = run(py, || {
+    let out = run(py, x.len(), || {
         let mut out = buffer("output", &shape)?;
         pool::avg_forward(&p, x, count_include_pad, &mut out)?;
         Ok(out)
@@ -101,7 +101,7 @@ fn avg_pool2d_backward<'py>(
     let p = Pool2dParams::new(&in_shape, kernel_size, stride, padding)?;
     check_shape(&grad_output, "grad_output", &p.output_shape())?;
     let gy = slice(&grad_output, "grad_output")?;
-    let gx = run(py, || {
+    let gx = run(py, gy.len(), || {
         let mut gx = buffer("grad_input", &in_shape)?;
         pool::avg_backward(&p, gy, count_include_pad, &mut gx)?;
         Ok(gx)
