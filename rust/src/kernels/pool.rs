@@ -118,50 +118,30 @@ fn replaces(v: f32, best: f32) -> bool {
 
 simd_dispatch! {
     /// Max pooling of one plane with 2×2 windows, stride 2, no padding (the common case),
-    /// with the same tie and NaN rules as the general loop. Eight outputs at a time with
-    /// selects instead of branches: on real data the comparisons are unpredictable.
+    /// with the same tie and NaN rules as the general loop. Selects instead of branches
+    /// (the comparisons are unpredictable on real data), so the loop over a row vectorises.
     fn max_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], idx: &mut [i64],
                           out_w: usize) {
-        const L: usize = 8;
+        let w = in_w as i64;
         for (oh, (out_row, idx_row)) in out.chunks_exact_mut(out_w)
             .zip(idx.chunks_exact_mut(out_w)).enumerate() {
-            let top = &plane[2 * oh * in_w..(2 * oh + 1) * in_w];
-            let bottom = &plane[(2 * oh + 1) * in_w..(2 * oh + 2) * in_w];
+            let top = &plane[2 * oh * in_w..2 * oh * in_w + 2 * out_w];
+            let bottom = &plane[(2 * oh + 1) * in_w..(2 * oh + 1) * in_w + 2 * out_w];
             let base = (2 * oh * in_w) as i64;
-            let window = |ow: usize| [top[2 * ow], top[2 * ow + 1], bottom[2 * ow], bottom[2 * ow + 1]];
-            let offsets = [0, 1, in_w as i64, in_w as i64 + 1];
-            let full = out_w / L * L;
-            for ow0 in (0..full).step_by(L) {
-                let mut best = [0.0f32; L];
-                let mut at = [0i64; L];
-                let candidates: [[f32; 4]; L] = std::array::from_fn(|l| window(ow0 + l));
-                for l in 0..L {
-                    best[l] = candidates[l][0];
-                }
-                for j in 1..4 {
-                    for l in 0..L {
-                        let v = candidates[l][j];
-                        let take = replaces(v, best[l]);
-                        best[l] = if take { v } else { best[l] };
-                        at[l] = if take { offsets[j] } else { at[l] };
-                    }
-                }
-                out_row[ow0..ow0 + L].copy_from_slice(&best);
-                for l in 0..L {
-                    idx_row[ow0 + l] = base + 2 * (ow0 + l) as i64 + at[l];
-                }
-            }
-            for ow in full..out_w {
-                let candidates = window(ow);
-                let (mut best, mut at) = (candidates[0], 0i64);
-                for j in 1..4 {
-                    if replaces(candidates[j], best) {
-                        best = candidates[j];
-                        at = offsets[j];
-                    }
-                }
-                out_row[ow] = best;
-                idx_row[ow] = base + 2 * ow as i64 + at;
+            for (ow, ((o, i), (t, b))) in out_row.iter_mut().zip(idx_row.iter_mut())
+                .zip(top.chunks_exact(2).zip(bottom.chunks_exact(2))).enumerate() {
+                let (mut best, mut at) = (t[0], 0i64);
+                let take = replaces(t[1], best);
+                best = if take { t[1] } else { best };
+                at = if take { 1 } else { at };
+                let take = replaces(b[0], best);
+                best = if take { b[0] } else { best };
+                at = if take { w } else { at };
+                let take = replaces(b[1], best);
+                best = if take { b[1] } else { best };
+                at = if take { w + 1 } else { at };
+                *o = best;
+                *i = base + 2 * ow as i64 + at;
             }
         }
     }

@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{buffer, check_shape, run, slice, to_numpy};
+use super::{check_shape, run, slice, Output};
 use crate::kernels::activation::{self, Activation};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -19,12 +19,10 @@ fn activation_forward<'py>(
     let act = Activation::from_name(name, negative_slope)?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
-    let out = run(py, x.len(), || {
-        let mut out = buffer("output", &shape)?;
-        activation::forward(act, x, &mut out)?;
-        Ok(out)
-    })?;
-    to_numpy(py, out, &shape)
+    let mut out = Output::new(py, &shape)?;
+    let out_data = out.data();
+    run(py, x.len(), || activation::forward(act, x, out_data))?;
+    Ok(out.into_array())
 }
 
 /// Input gradient from the forward's input (relu, leaky_relu) or output (sigmoid, tanh).
@@ -48,12 +46,10 @@ fn activation_backward<'py>(
         slice(&saved, saved_name)?,
     );
     let shape = grad_output.shape().to_vec();
-    let out = run(py, g.len(), || {
-        let mut out = buffer("grad_input", &shape)?;
-        activation::backward(act, g, s, &mut out)?;
-        Ok(out)
-    })?;
-    to_numpy(py, out, &shape)
+    let mut out = Output::new(py, &shape)?;
+    let out_data = out.data();
+    run(py, g.len(), || activation::backward(act, g, s, out_data))?;
+    Ok(out.into_array())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -4,7 +4,7 @@ use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::{buffer, check_shape, run, slice, slice_mut, to_numpy, writeable};
+use super::{check_shape, run, slice, slice_mut, writeable, Output};
 use crate::kernels::batch_norm::{self, BatchNormParams, RunningStats};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -61,57 +61,29 @@ fn batch_norm_forward<'py>(
         .as_mut()
         .map(|a| slice_mut(a, "running_var"))
         .transpose()?;
-    let shape = input.shape().to_vec();
-    let (y, mean, invstd) = run(py, x.len(), || {
-        let mut y = buffer("output", &shape)?;
-        let mut mean = buffer("save_mean", &c)?;
-        let mut invstd = buffer("save_invstd", &c)?;
-        match (training, rm, rv) {
-            (true, rm, rv) => {
-                let running = rm.zip(rv).map(|(mean, var)| RunningStats {
-                    mean,
-                    var,
-                    momentum,
-                });
-                batch_norm::forward_train(
-                    &p,
-                    x,
-                    gamma,
-                    beta,
-                    running,
-                    &mut y,
-                    &mut mean,
-                    &mut invstd,
-                )?;
-            }
-            (false, Some(rm), Some(rv)) => {
-                batch_norm::forward_eval(
-                    &p,
-                    x,
-                    gamma,
-                    beta,
-                    rm,
-                    rv,
-                    &mut y,
-                    &mut mean,
-                    &mut invstd,
-                )?;
-            }
-            (false, _, _) => {
-                return Err(crate::Error::invalid(
-                    "running_mean",
-                    "None",
-                    "running statistics when not training (or training=True)",
-                ));
-            }
+    let mut y = Output::new(py, input.shape())?;
+    let mut mean = Output::new(py, &c)?;
+    let mut invstd = Output::new(py, &c)?;
+    let (y_data, mean_data, invstd_data) = (y.data(), mean.data(), invstd.data());
+    run(py, x.len(), || match (training, rm, rv) {
+        (true, rm, rv) => {
+            let running = rm.zip(rv).map(|(mean, var)| RunningStats {
+                mean,
+                var,
+                momentum,
+            });
+            batch_norm::forward_train(&p, x, gamma, beta, running, y_data, mean_data, invstd_data)
         }
-        Ok((y, mean, invstd))
+        (false, Some(rm), Some(rv)) => {
+            batch_norm::forward_eval(&p, x, gamma, beta, rm, rv, y_data, mean_data, invstd_data)
+        }
+        (false, _, _) => Err(crate::Error::invalid(
+            "running_mean",
+            "None",
+            "running statistics when not training (or training=True)",
+        )),
     })?;
-    Ok((
-        to_numpy(py, y, &shape)?,
-        to_numpy(py, mean, &c)?,
-        to_numpy(py, invstd, &c)?,
-    ))
+    Ok((y.into_array(), mean.into_array(), invstd.into_array()))
 }
 
 /// Batch-norm backward: (grad_input, grad_weight or None, grad_bias or None).
@@ -141,37 +113,23 @@ fn batch_norm_backward<'py>(
     );
     let gamma = weight.as_ref().map(|w| slice(w, "weight")).transpose()?;
     let affine = gamma.is_some();
-    let shape = input.shape().to_vec();
-    let (gx, gg, gb) = run(py, x.len(), || {
-        let mut gx = buffer("grad_input", &shape)?;
-        let mut gg = if affine {
-            Some(buffer("grad_weight", &c)?)
-        } else {
-            None
-        };
-        let mut gb = if affine {
-            Some(buffer("grad_bias", &c)?)
-        } else {
-            None
-        };
+    let mut gx = Output::new(py, input.shape())?;
+    let mut gg = Output::maybe(py, affine, &c)?;
+    let mut gb = Output::maybe(py, affine, &c)?;
+    let (gx_data, gg_data, gb_data) = (
+        gx.data(),
+        gg.as_mut().map(Output::data),
+        gb.as_mut().map(Output::data),
+    );
+    run(py, x.len(), || {
         batch_norm::backward(
-            &p,
-            gy,
-            x,
-            gamma,
-            mean,
-            invstd,
-            training,
-            &mut gx,
-            gg.as_deref_mut(),
-            gb.as_deref_mut(),
-        )?;
-        Ok((gx, gg, gb))
+            &p, gy, x, gamma, mean, invstd, training, gx_data, gg_data, gb_data,
+        )
     })?;
     Ok((
-        to_numpy(py, gx, &shape)?,
-        gg.map(|g| to_numpy(py, g, &c)).transpose()?,
-        gb.map(|g| to_numpy(py, g, &c)).transpose()?,
+        gx.into_array(),
+        gg.map(Output::into_array),
+        gb.map(Output::into_array),
     ))
 }
 

@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{buffer, check_shape, run, slice, to_numpy};
+use super::{check_shape, run, slice, Output};
 use crate::kernels::conv::{self, Conv2dParams};
 
 type Pair = (i64, i64);
@@ -27,12 +27,12 @@ fn conv2d_forward<'py>(
     let (x, w) = (slice(&input, "input")?, slice(&weight, "weight")?);
     let b = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
     let shape = p.output_shape();
-    let out = run(py, p.multiply_adds(), || {
-        let mut out = buffer("output", &shape)?;
-        conv::forward(&p, x, w, b, &mut out)?;
-        Ok(out)
+    let mut out = Output::new(py, &shape)?;
+    let out_data = out.data();
+    run(py, p.multiply_adds(), || {
+        conv::forward(&p, x, w, b, out_data)
     })?;
-    to_numpy(py, out, &shape)
+    Ok(out.into_array())
 }
 
 type Grads<'py> = (
@@ -63,26 +63,21 @@ fn conv2d_backward<'py>(
         slice(&input, "input")?,
         slice(&weight, "weight")?,
     );
-    let (in_shape, w_shape) = (input.shape().to_vec(), weight.shape().to_vec());
-    let (gx, gw, gb) = run(py, p.multiply_adds().saturating_mul(2), || {
-        let mut gx = if input_grad {
-            Some(buffer("grad_input", &in_shape)?)
-        } else {
-            None
-        };
-        let mut gw = buffer("grad_weight", &w_shape)?;
-        let mut gb = if bias {
-            Some(buffer("grad_bias", &[p.out_channels])?)
-        } else {
-            None
-        };
-        conv::backward(&p, gy, x, w, gx.as_deref_mut(), &mut gw, gb.as_deref_mut())?;
-        Ok((gx, gw, gb))
+    let mut gx = Output::maybe(py, input_grad, input.shape())?;
+    let mut gw = Output::new(py, weight.shape())?;
+    let mut gb = Output::maybe(py, bias, &[p.out_channels])?;
+    let (gx_data, gw_data, gb_data) = (
+        gx.as_mut().map(Output::data),
+        gw.data(),
+        gb.as_mut().map(Output::data),
+    );
+    run(py, p.multiply_adds().saturating_mul(2), || {
+        conv::backward(&p, gy, x, w, gx_data, gw_data, gb_data)
     })?;
     Ok((
-        gx.map(|g| to_numpy(py, g, &in_shape)).transpose()?,
-        to_numpy(py, gw, &w_shape)?,
-        gb.map(|g| to_numpy(py, g, &[p.out_channels])).transpose()?,
+        gx.map(Output::into_array),
+        gw.into_array(),
+        gb.map(Output::into_array),
     ))
 }
 

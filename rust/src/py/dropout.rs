@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{buffer, run, slice, to_numpy, zeros};
+use super::{run, slice, Output};
 use crate::kernels::dropout;
 
 /// Inverted dropout over units of `unit` consecutive elements; also its own backward.
@@ -18,12 +18,10 @@ fn dropout_forward<'py>(
     crate::kernels::nonzero("input", input.shape())?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
-    let out = run(py, x.len(), || {
-        let mut out = buffer("output", &shape)?;
-        dropout::forward(x, p, seed, unit, &mut out)?;
-        Ok(out)
-    })?;
-    to_numpy(py, out, &shape)
+    let mut out = Output::new(py, &shape)?;
+    let out_data = out.data();
+    run(py, x.len(), || dropout::forward(x, p, seed, unit, out_data))?;
+    Ok(out.into_array())
 }
 
 /// The keep decisions (1 = kept) of units 0..n.
@@ -34,12 +32,10 @@ fn dropout_mask<'py>(
     p: f32,
     seed: u64,
 ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
-    let keep = run(py, n, || {
-        let mut keep = zeros::<u8>("mask", n)?;
-        dropout::mask(p, seed, &mut keep)?;
-        Ok(keep)
-    })?;
-    to_numpy(py, keep, &[n])
+    let mut keep = Output::new(py, &[n])?;
+    let keep_data = keep.data();
+    run(py, n, || dropout::mask(p, seed, keep_data))?;
+    Ok(keep.into_array())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{buffer, check_shape, run, slice, to_numpy};
+use super::{check_shape, run, slice, Output};
 use crate::kernels::linear::{self, LinearParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -23,19 +23,14 @@ fn linear_forward<'py>(
     }
     let (x, w) = (slice(&input, "input")?, slice(&weight, "weight")?);
     let b = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
-    let shape = [p.batch, p.out_features];
-    let out = run(
-        py,
-        p.batch
-            .saturating_mul(p.in_features)
-            .saturating_mul(p.out_features),
-        || {
-            let mut out = buffer("output", &shape)?;
-            linear::forward(&p, x, w, b, &mut out)?;
-            Ok(out)
-        },
-    )?;
-    to_numpy(py, out, &shape)
+    let mut out = Output::new(py, &[p.batch, p.out_features])?;
+    let out_data = out.data();
+    let work = p
+        .batch
+        .saturating_mul(p.in_features)
+        .saturating_mul(p.out_features);
+    run(py, work, || linear::forward(&p, x, w, b, out_data))?;
+    Ok(out.into_array())
 }
 
 /// (grad_input or None, grad_weight, grad_bias or None).
@@ -55,32 +50,25 @@ fn linear_backward<'py>(
         slice(&input, "input")?,
         slice(&weight, "weight")?,
     );
-    let (in_shape, w_shape) = (input.shape().to_vec(), weight.shape().to_vec());
-    let (gx, gw, gb) = run(
-        py,
-        p.batch
-            .saturating_mul(p.in_features)
-            .saturating_mul(2 * p.out_features),
-        || {
-            let mut gx = if input_grad {
-                Some(buffer("grad_input", &in_shape)?)
-            } else {
-                None
-            };
-            let mut gw = buffer("grad_weight", &w_shape)?;
-            let mut gb = if bias {
-                Some(buffer("grad_bias", &[p.out_features])?)
-            } else {
-                None
-            };
-            linear::backward(&p, gy, x, w, gx.as_deref_mut(), &mut gw, gb.as_deref_mut())?;
-            Ok((gx, gw, gb))
-        },
-    )?;
+    let mut gx = Output::maybe(py, input_grad, input.shape())?;
+    let mut gw = Output::new(py, weight.shape())?;
+    let mut gb = Output::maybe(py, bias, &[p.out_features])?;
+    let (gx_data, gw_data, gb_data) = (
+        gx.as_mut().map(Output::data),
+        gw.data(),
+        gb.as_mut().map(Output::data),
+    );
+    let work = p
+        .batch
+        .saturating_mul(p.in_features)
+        .saturating_mul(2 * p.out_features);
+    run(py, work, || {
+        linear::backward(&p, gy, x, w, gx_data, gw_data, gb_data)
+    })?;
     Ok((
-        gx.map(|g| to_numpy(py, g, &in_shape)).transpose()?,
-        to_numpy(py, gw, &w_shape)?,
-        gb.map(|g| to_numpy(py, g, &[p.out_features])).transpose()?,
+        gx.map(Output::into_array),
+        gw.into_array(),
+        gb.map(Output::into_array),
     ))
 }
 

@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{buffer, check_shape, run, slice, to_numpy};
+use super::{check_shape, run, slice, Output};
 use crate::kernels::loss::{self, ClassesParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -17,12 +17,10 @@ fn log_softmax_forward<'py>(
     let p = ClassesParams::new(input.shape())?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
-    let out = run(py, x.len(), || {
-        let mut out = buffer("output", &shape)?;
-        loss::log_softmax(&p, x, &mut out)?;
-        Ok(out)
-    })?;
-    to_numpy(py, out, &shape)
+    let mut out = Output::new(py, &shape)?;
+    let out_data = out.data();
+    run(py, x.len(), || loss::log_softmax(&p, x, out_data))?;
+    Ok(out.into_array())
 }
 
 /// Gradient of log-softmax from its output.
@@ -39,12 +37,12 @@ fn log_softmax_backward<'py>(
         slice(&output, "output")?,
     );
     let shape = output.shape().to_vec();
-    let out = run(py, g.len(), || {
-        let mut out = buffer("grad_input", &shape)?;
-        loss::log_softmax_backward(&p, g, y, &mut out)?;
-        Ok(out)
+    let mut out = Output::new(py, &shape)?;
+    let out_data = out.data();
+    run(py, g.len(), || {
+        loss::log_softmax_backward(&p, g, y, out_data)
     })?;
-    to_numpy(py, out, &shape)
+    Ok(out.into_array())
 }
 
 fn targets<'a>(p: &ClassesParams, target: &'a PyReadonlyArrayDyn<'_, i64>) -> PyResult<&'a [i64]> {
@@ -74,12 +72,12 @@ fn cross_entropy_backward<'py>(
     let p = ClassesParams::new(input.shape())?;
     let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
     let shape = input.shape().to_vec();
-    let out = run(py, x.len(), || {
-        let mut out = buffer("grad_input", &shape)?;
-        loss::cross_entropy_backward(&p, x, t, &mut out)?;
-        Ok(out)
+    let mut out = Output::new(py, &shape)?;
+    let out_data = out.data();
+    run(py, x.len(), || {
+        loss::cross_entropy_backward(&p, x, t, out_data)
     })?;
-    to_numpy(py, out, &shape)
+    Ok(out.into_array())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -2,14 +2,16 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{
-    IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
+    Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyTuple;
 
-use crate::error::{checked_size, Error};
+use crate::error::Error;
 use crate::parallel::Outcome;
 use std::time::Duration;
 
@@ -131,31 +133,45 @@ pub(crate) fn writeable<'py>(
     })
 }
 
-/// A zero-filled buffer of `len` elements, failing cleanly when it cannot be allocated.
-pub(crate) fn zeros<T: Clone + Default>(what: &'static str, len: usize) -> crate::Result<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| Error::TooLarge {
-        what,
-        elements: len.to_string(),
-    })?;
-    v.resize(len, T::default());
-    Ok(v)
+static NUMPY_EMPTY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// A new NumPy array for a kernel to fill, and the kernel's view of its data.
+///
+/// The array comes from `numpy.empty` (so a failed allocation is a clean `MemoryError`),
+/// uninitialised: every kernel writes each element of its outputs before anything reads
+/// them, which saves a zeroing pass over memory. Arrays of a failed or interrupted call
+/// are dropped unread.
+pub(crate) struct Output<'py, T: Element> {
+    array: Bound<'py, PyArrayDyn<T>>,
+    view: PyReadwriteArrayDyn<'py, T>,
 }
 
-/// A zero-filled f32 buffer for an output of the given shape.
-pub(crate) fn buffer(what: &'static str, shape: &[usize]) -> crate::Result<Vec<f32>> {
-    zeros(what, checked_size(what, shape)?)
-}
+impl<'py, T: Element> Output<'py, T> {
+    pub(crate) fn new(py: Python<'py>, shape: &[usize]) -> PyResult<Self> {
+        let empty = NUMPY_EMPTY.import(py, "numpy", "empty")?;
+        let array = empty
+            .call1((PyTuple::new(py, shape)?, numpy::dtype::<T>(py)))?
+            .cast_into::<PyArrayDyn<T>>()?;
+        let view = array
+            .try_readwrite()
+            .map_err(|e| PyRuntimeError::new_err(format!("internal error: {e}")))?;
+        Ok(Output { array, view })
+    }
 
-/// Wrap a buffer as a NumPy array of the given shape, without copying.
-pub(crate) fn to_numpy<'py, T: numpy::Element>(
-    py: Python<'py>,
-    data: Vec<T>,
-    shape: &[usize],
-) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
-    let array = ArrayD::from_shape_vec(IxDyn(shape), data)
-        .map_err(|e| PyRuntimeError::new_err(format!("internal shape error: {e}")))?;
-    Ok(array.into_pyarray(py))
+    /// The array's data, for the kernel to write.
+    pub(crate) fn data(&mut self) -> &mut [T] {
+        self.view.as_slice_mut().expect("a new array is contiguous")
+    }
+
+    /// An optional output: `Some` when `wanted`.
+    pub(crate) fn maybe(py: Python<'py>, wanted: bool, shape: &[usize]) -> PyResult<Option<Self>> {
+        wanted.then(|| Self::new(py, shape)).transpose()
+    }
+
+    pub(crate) fn into_array(self) -> Bound<'py, PyArrayDyn<T>> {
+        drop(self.view);
+        self.array
+    }
 }
 
 /// Require `arr` to have exactly `expected` shape.

@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{buffer, check_shape, run, slice, to_numpy, zeros};
+use super::{check_shape, run, slice, Output};
 use crate::kernels::pool::{self, Pool2dParams};
 
 type Pair = (i64, i64);
@@ -32,14 +32,11 @@ fn max_pool2d_forward<'py>(
 ) -> PyResult<PooledWithIndices<'py>> {
     let p = Pool2dParams::new(input.shape(), kernel_size, stride, padding)?;
     let x = slice(&input, "input")?;
-    let shape = p.output_shape();
-    let (out, idx) = run(py, x.len(), || {
-        let mut out = buffer("output", &shape)?;
-        let mut idx = zeros::<i64>("indices", out.len())?;
-        pool::max_forward(&p, x, &mut out, &mut idx)?;
-        Ok((out, idx))
-    })?;
-    Ok((to_numpy(py, out, &shape)?, to_numpy(py, idx, &shape)?))
+    let mut out = Output::new(py, &p.output_shape())?;
+    let mut idx = Output::new(py, &p.output_shape())?;
+    let (out_data, idx_data) = (out.data(), idx.data());
+    run(py, x.len(), || pool::max_forward(&p, x, out_data, idx_data))?;
+    Ok((out.into_array(), idx.into_array()))
 }
 
 /// max_pool2d backward from the forward's indices.
@@ -57,12 +54,12 @@ fn max_pool2d_backward<'py>(
         slice(&indices, "indices")?,
     );
     let gy_shape = grad_output.shape().to_vec();
-    let gx = run(py, gy.len(), || {
-        let mut gx = buffer("grad_input", &in_shape)?;
-        pool::max_backward(&in_shape, &gy_shape, gy, idx, &mut gx)?;
-        Ok(gx)
+    let mut gx = Output::new(py, &in_shape)?;
+    let gx_data = gx.data();
+    run(py, gy.len(), || {
+        pool::max_backward(&in_shape, &gy_shape, gy, idx, gx_data)
     })?;
-    to_numpy(py, gx, &in_shape)
+    Ok(gx.into_array())
 }
 
 /// avg_pool2d forward.
@@ -78,12 +75,12 @@ fn avg_pool2d_forward<'py>(
     let p = Pool2dParams::new(input.shape(), kernel_size, stride, padding)?;
     let x = slice(&input, "input")?;
     let shape = p.output_shape();
-    let out = run(py, x.len(), || {
-        let mut out = buffer("output", &shape)?;
-        pool::avg_forward(&p, x, count_include_pad, &mut out)?;
-        Ok(out)
+    let mut out = Output::new(py, &shape)?;
+    let out_data = out.data();
+    run(py, x.len(), || {
+        pool::avg_forward(&p, x, count_include_pad, out_data)
     })?;
-    to_numpy(py, out, &shape)
+    Ok(out.into_array())
 }
 
 /// avg_pool2d backward.
@@ -101,12 +98,12 @@ fn avg_pool2d_backward<'py>(
     let p = Pool2dParams::new(&in_shape, kernel_size, stride, padding)?;
     check_shape(&grad_output, "grad_output", &p.output_shape())?;
     let gy = slice(&grad_output, "grad_output")?;
-    let gx = run(py, gy.len(), || {
-        let mut gx = buffer("grad_input", &in_shape)?;
-        pool::avg_backward(&p, gy, count_include_pad, &mut gx)?;
-        Ok(gx)
+    let mut gx = Output::new(py, &in_shape)?;
+    let gx_data = gx.data();
+    run(py, gy.len(), || {
+        pool::avg_backward(&p, gy, count_include_pad, gx_data)
     })?;
-    to_numpy(py, gx, &in_shape)
+    Ok(gx.into_array())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
