@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run, slice, Output};
+use super::{check_shape, run, slice, GradArrays, LayerGrads, Output};
 use crate::kernels::conv::{self, Conv2dParams};
 
 type Pair = (i64, i64);
@@ -35,12 +35,6 @@ fn conv2d_forward<'py>(
     Ok(out.into_array())
 }
 
-type Grads<'py> = (
-    Option<Bound<'py, PyArrayDyn<f32>>>,
-    Bound<'py, PyArrayDyn<f32>>,
-    Option<Bound<'py, PyArrayDyn<f32>>>,
-);
-
 /// conv2d backward: (grad_input or None, grad_weight, grad_bias or None).
 #[pyfunction]
 #[pyo3(signature = (grad_output, input, weight, stride, padding, dilation, bias, input_grad))]
@@ -55,7 +49,7 @@ fn conv2d_backward<'py>(
     dilation: Pair,
     bias: bool,
     input_grad: bool,
-) -> PyResult<Grads<'py>> {
+) -> PyResult<GradArrays<'py>> {
     let p = Conv2dParams::new(input.shape(), weight.shape(), stride, padding, dilation)?;
     check_shape(&grad_output, "grad_output", &p.output_shape())?;
     let (gy, x, w) = (
@@ -63,22 +57,17 @@ fn conv2d_backward<'py>(
         slice(&input, "input")?,
         slice(&weight, "weight")?,
     );
-    let mut gx = Output::maybe(py, input_grad, input.shape())?;
-    let mut gw = Output::new(py, weight.shape())?;
-    let mut gb = Output::maybe(py, bias, &[p.out_channels])?;
-    let (gx_data, gw_data, gb_data) = (
-        gx.as_mut().map(Output::data),
-        gw.data(),
-        gb.as_mut().map(Output::data),
-    );
+    let mut grads = LayerGrads::new(
+        py,
+        input_grad.then(|| input.shape()),
+        weight.shape(),
+        bias.then_some(p.out_channels),
+    )?;
+    let (gx_data, gw_data, gb_data) = grads.data();
     run(py, p.multiply_adds().saturating_mul(2), || {
         conv::backward(&p, gy, x, w, gx_data, gw_data, gb_data)
     })?;
-    Ok((
-        gx.map(Output::into_array),
-        gw.into_array(),
-        gb.map(Output::into_array),
-    ))
+    Ok(grads.into_arrays())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run, slice, Output};
+use super::{check_shape, run, slice, LayerGrads, Output};
 use crate::kernels::linear::{self, LinearParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -50,14 +50,13 @@ fn linear_backward<'py>(
         slice(&input, "input")?,
         slice(&weight, "weight")?,
     );
-    let mut gx = Output::maybe(py, input_grad, input.shape())?;
-    let mut gw = Output::new(py, weight.shape())?;
-    let mut gb = Output::maybe(py, bias, &[p.out_features])?;
-    let (gx_data, gw_data, gb_data) = (
-        gx.as_mut().map(Output::data),
-        gw.data(),
-        gb.as_mut().map(Output::data),
-    );
+    let mut grads = LayerGrads::new(
+        py,
+        input_grad.then(|| input.shape()),
+        weight.shape(),
+        bias.then_some(p.out_features),
+    )?;
+    let (gx_data, gw_data, gb_data) = grads.data();
     let work = p
         .batch
         .saturating_mul(p.in_features)
@@ -65,11 +64,7 @@ fn linear_backward<'py>(
     run(py, work, || {
         linear::backward(&p, gy, x, w, gx_data, gw_data, gb_data)
     })?;
-    Ok((
-        gx.map(Output::into_array),
-        gw.into_array(),
-        gb.map(Output::into_array),
-    ))
+    Ok(grads.into_arrays())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -174,6 +174,54 @@ impl<'py, T: Element> Output<'py, T> {
     }
 }
 
+/// The arrays a layer's backward returns: (grad_input or None, grad_weight, grad_bias or None).
+pub(crate) type GradArrays<'py> = (
+    Option<Bound<'py, PyArrayDyn<f32>>>,
+    Bound<'py, PyArrayDyn<f32>>,
+    Option<Bound<'py, PyArrayDyn<f32>>>,
+);
+
+/// The outputs of a conv or linear backward, the input and bias gradients optional.
+pub(crate) struct LayerGrads<'py> {
+    input: Option<Output<'py, f32>>,
+    weight: Output<'py, f32>,
+    bias: Option<Output<'py, f32>>,
+}
+
+/// The kernel's views of [`LayerGrads`]: input, weight and bias gradients.
+pub(crate) type LayerGradData<'a> = (Option<&'a mut [f32]>, &'a mut [f32], Option<&'a mut [f32]>);
+
+impl<'py> LayerGrads<'py> {
+    pub(crate) fn new(
+        py: Python<'py>,
+        input_shape: Option<&[usize]>,
+        weight_shape: &[usize],
+        bias_len: Option<usize>,
+    ) -> PyResult<Self> {
+        Ok(LayerGrads {
+            input: input_shape.map(|s| Output::new(py, s)).transpose()?,
+            weight: Output::new(py, weight_shape)?,
+            bias: bias_len.map(|n| Output::new(py, &[n])).transpose()?,
+        })
+    }
+
+    pub(crate) fn data(&mut self) -> LayerGradData<'_> {
+        (
+            self.input.as_mut().map(Output::data),
+            self.weight.data(),
+            self.bias.as_mut().map(Output::data),
+        )
+    }
+
+    pub(crate) fn into_arrays(self) -> GradArrays<'py> {
+        (
+            self.input.map(Output::into_array),
+            self.weight.into_array(),
+            self.bias.map(Output::into_array),
+        )
+    }
+}
+
 /// Require `arr` to have exactly `expected` shape.
 pub(crate) fn check_shape<T: numpy::Element>(
     arr: &PyReadonlyArrayDyn<'_, T>,
