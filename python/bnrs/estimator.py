@@ -32,6 +32,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
 from . import _core, nn, optim
+from .diagnostics import layer_statistics, probe_indices
 from .nn.module import as_generator
 from .nn.spec import DEFAULT_ARCHITECTURE, SpecError, from_spec, parse
 
@@ -229,6 +230,12 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     verbose : int, default 0
         With 1 or more, print a line per epoch (loss, validation accuracy, seconds) to
         standard output.
+    record_layer_stats : bool, default False
+        Record every layer's weight-gradient norm and activation mean and standard
+        deviation at initialisation (``layer_stats_init_``) and after every epoch
+        (``history_[i]["layers"]``), measured on a fixed probe batch of the training data
+        with :func:`bnrs.diagnostics.layer_statistics`. Recording does not change
+        training: the fitted network is bit-identical with and without it.
 
     Attributes
     ----------
@@ -260,7 +267,13 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         Epochs run (accumulated over ``warm_start`` fits and ``partial_fit`` calls).
     history_ : list of dict
         One dict per epoch: ``epoch`` (1-based, accumulated like ``n_iter_``),
-        ``train_loss``, ``valid_score`` (with ``early_stopping`` only) and ``seconds``.
+        ``train_loss``, ``valid_score`` (with ``early_stopping`` only), ``seconds``, and
+        with ``record_layer_stats`` ``layers``: the network's per-layer statistics after
+        the epoch (see the Notes).
+    layer_stats_init_ : list of dict or None
+        With ``record_layer_stats``, the per-layer statistics of the network before its
+        first epoch (as ``history_[i]["layers"]``); None otherwise (or when the network
+        was first trained without recording).
 
     See Also
     --------
@@ -301,6 +314,19 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     (a RuntimeError) is raised, naming the epoch and batch; lower ``learning_rate``.
     In a grid search, ``error_score`` then applies to that candidate.
 
+    **Layer statistics.** With ``record_layer_stats=True``, before the first epoch and
+    after every epoch the network is run on a probe batch of up to 128 training samples
+    (evenly spaced through the training part of X, so no random number is drawn), in
+    training mode (batch norm with the probe's batch statistics, as training sees it) but
+    with dropout switched off. The probe's mean cross-entropy is back-propagated, and
+    each layer that has a weight (Conv2d, Linear, batch norm) or is an activation gets a
+    dict ``{"name", "kind", "weight_grad_norm", "activation_mean", "activation_std"}``
+    (``name`` as in the ``model_.state_dict()`` keys, ``kind`` the class name;
+    ``weight_grad_norm`` is None for activations). The parameter gradients, batch-norm
+    running statistics, modes and dropout random streams are restored afterwards, so
+    training is unchanged. :func:`bnrs.diagnostics.plot_layer_statistics` draws them;
+    :func:`bnrs.diagnostics.layer_statistics` measures any network.
+
     **Reproducibility.** The same int ``random_state`` and data give bit-identical
     training and predictions at any ``n_threads``. Calls on the same X agree exactly, but
     a sample's probabilities may differ in the last float32 bits with the number of
@@ -327,7 +353,8 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
                  max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
                  validation_fraction: float = 0.1, n_iter_no_change: int = 10,
                  tol: float = 1e-4, warm_start: bool = False, random_state=None,
-                 n_threads: int | None = None, verbose: int = 0):
+                 n_threads: int | None = None, verbose: int = 0,
+                 record_layer_stats: bool = False):
         self.architecture = architecture
         self.input_shape = input_shape
         self.optimizer = optimizer
@@ -345,6 +372,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.n_threads = n_threads
         self.verbose = verbose
+        self.record_layer_stats = record_layer_stats
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -433,6 +461,9 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         _check_int("n_iter_no_change", self.n_iter_no_change, 1)
         _check_real("tol", self.tol, 0.0)
         _check_int("verbose", int(self.verbose), 0)
+        if not isinstance(self.record_layer_stats, (bool, np.bool_)):
+            raise TypeError(f"record_layer_stats: expected a bool, got "
+                             f"{self.record_layer_stats!r}")
         if self.n_threads is not None:
             _check_int("n_threads", self.n_threads, 1)
         _check_input_shape(self.input_shape)
@@ -465,6 +496,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         self.loss_ = self.best_loss_ = None
         self.loss_curve_, self.history_, self.n_iter_ = [], [], 0
         self.validation_scores_ = self.best_validation_score_ = None
+        self.layer_stats_init_ = None
         return y_index
 
     def _check_batch_size(self, min_batch: int, n_train: int) -> None:
@@ -565,6 +597,12 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             if self.validation_scores_ is None:
                 self.validation_scores_ = []
         bounds = _batch_bounds(len(X), self.batch_size)
+        probe = None
+        if self.record_layer_stats:
+            index = probe_indices(len(X))
+            probe = (X[index], y[index])
+            if self.n_iter_ == 0:
+                self.layer_stats_init_ = layer_statistics(self.model_, *probe)
         self.best_loss_ = self.best_validation_score_ = None
         best_state, epochs_without_improvement = None, 0
         completed = self._snapshot()
@@ -574,6 +612,9 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
                 epoch, start = self.n_iter_ + 1, time.perf_counter()
                 try:
                     loss, score, state = self._run_epoch(X, y, bounds, valid)
+                    seconds = time.perf_counter() - start   # the probe is not training
+                    layers = None if probe is None else layer_statistics(self.model_,
+                                                                         *probe)
                 except KeyboardInterrupt:
                     self._restore(completed)
                     warnings.warn(
@@ -592,7 +633,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
                         f"state after epoch {self.n_iter_}. Lower learning_rate (now "
                         f"{self.learning_rate})") from None
                 completed = (state, self.optimizer_.state_dict())
-                self._record(epoch, loss, score, time.perf_counter() - start)
+                self._record(epoch, loss, score, seconds, layers)
                 improved, is_best = self._track_best(loss, score)
                 if is_best and validate:
                     best_state = state
@@ -663,7 +704,8 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         self.model_.load_state_dict(model_state)
         self.optimizer_.load_state_dict(optimizer_state)
 
-    def _record(self, epoch: int, loss: float, score: float | None, seconds: float) -> None:
+    def _record(self, epoch: int, loss: float, score: float | None, seconds: float,
+                layers: list | None = None) -> None:
         self.n_iter_ = epoch
         self.loss_ = loss
         self.loss_curve_.append(loss)
@@ -672,6 +714,8 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             self.validation_scores_.append(score)
             entry["valid_score"] = score
         entry["seconds"] = seconds
+        if layers is not None:
+            entry["layers"] = layers
         self.history_.append(entry)
         if self.verbose:
             valid = "" if score is None else f"  valid_score {score:.4f}"

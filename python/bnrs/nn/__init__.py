@@ -25,6 +25,7 @@ from .dropout import Dropout, Dropout2d
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d
 from .loss import CrossEntropyLoss
 from .module import IncompatibleKeys, Module, Parameter, Sequential
+from .renorm import BatchRenorm1d, BatchRenorm2d
 from .spec import DEFAULT_ARCHITECTURE, SpecError, Token, from_spec, parse
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "AvgPool2d",
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
     "Conv2d",
     "CrossEntropyLoss",
     "Dropout",

@@ -6,6 +6,7 @@ Tokens are joined by ``-``:
 ``c<out>[k<size>][s<stride>][p<pad>]``  Conv2d; defaults k3, s1, p = size // 2
 ``fc<units>``                 Linear; a Flatten is inserted first on a 4-D tensor
 ``bn``                        BatchNorm2d on a 4-D tensor, BatchNorm1d on a 2-D one
+``brn``                       BatchRenorm2d / BatchRenorm1d (batch renormalisation)
 ``d<p>``                      Dropout(p)
 ``sd<p>``                     Dropout2d(p), spatial (channel) dropout, 4-D only
 ``mp<k>[s<s>]``               MaxPool2d(k, s); the stride defaults to k
@@ -29,6 +30,7 @@ from .batchnorm import BatchNorm1d, BatchNorm2d
 from .dropout import Dropout, Dropout2d
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, positive_int
 from .module import Module, Sequential, as_generator
+from .renorm import BatchRenorm1d, BatchRenorm2d
 
 __all__ = ["DEFAULT_ARCHITECTURE", "SpecError", "Token", "from_spec", "parse"]
 
@@ -44,6 +46,7 @@ _FORMS: dict[str, tuple[str, str]] = {
              "c<out>[k<size>][s<stride>][p<pad>]"),
     "fc": (rf"fc{_NUMBER}", "fc<units>"),
     "bn": ("bn", "bn"),
+    "brn": ("brn", "brn"),
     "dropout": (rf"d{_PROBABILITY}", "d<p>"),
     "spatial_dropout": (rf"sd{_PROBABILITY}", "sd<p>"),
     "maxpool": (rf"mp{_NUMBER}(?:s{_NUMBER})?", "mp<k>[s<s>]"),
@@ -69,8 +72,8 @@ class Token(NamedTuple):
     Attributes
     ----------
     kind : str
-        One of ``conv``, ``fc``, ``bn``, ``dropout``, ``spatial_dropout``, ``maxpool``,
-        ``avgpool``, ``relu``, ``lrelu``, ``sigmoid``, ``tanh``.
+        One of ``conv``, ``fc``, ``bn``, ``brn``, ``dropout``, ``spatial_dropout``,
+        ``maxpool``, ``avgpool``, ``relu``, ``lrelu``, ``sigmoid``, ``tanh``.
     text : str
         The token as written.
     index : int
@@ -211,6 +214,8 @@ def _build_layer(token: Token, shape: tuple[int, ...], generator) -> list[Module
         return flatten + [Linear(features, args["units"], **rng)]
     if token.kind == "bn":
         return [(BatchNorm2d if spatial else BatchNorm1d)(shape[0], **rng)]
+    if token.kind == "brn":
+        return [(BatchRenorm2d if spatial else BatchRenorm1d)(shape[0], **rng)]
     if token.kind == "dropout":
         return [Dropout(args["p"], **rng)]
     if token.kind == "spatial_dropout":

@@ -1,0 +1,137 @@
+"""The ``bnrs`` command: ``bnrs study ...`` and ``bnrs bench ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "study_parser"]
+
+
+def study_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``bnrs study``."""
+    parser = argparse.ArgumentParser(
+        prog="bnrs study",
+        description="Answer the batch-norm and dropout questions with evidence: train "
+                    "every variant with several seeds, compare them paired by seed, and "
+                    "write report.md, report.html and results.csv. Finished runs are "
+                    "stored in OUT/results.sqlite at once: rerunning the same command "
+                    "resumes an interrupted study.")
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick budget: 2 seeds, few epochs (a few minutes on digits)")
+    parser.add_argument("--questions", type=int, nargs="+", metavar="N",
+                        help="question numbers to run (default: all, 1-10)")
+    parser.add_argument("--dataset", default="digits", metavar="NAME|PATH",
+                        help="digits (default), fashion-mnist, a directory with the "
+                             "Fashion-MNIST files, or a .npz file with X and y")
+    parser.add_argument("--architectures", nargs="+", metavar="ARCH",
+                        help="compare your own architecture strings instead of the "
+                             "questions, each against the first, e.g. "
+                             "c16-relu-mp2-fc64 c16-bn-relu-mp2-fc64")
+    parser.add_argument("--seeds", type=_positive_int, metavar="N",
+                        help="seeds per variant (default 5; --quick 2)")
+    parser.add_argument("--epochs", type=_positive_int, metavar="N",
+                        help="epochs per run (default: the dataset's budget)")
+    parser.add_argument("--scale", type=_positive_float, default=1.0, metavar="X",
+                        help="multiply the training-subset sizes (e.g. 6 for all of "
+                             "Fashion-MNIST's 60,000 images)")
+    parser.add_argument("--out", default="study-out", metavar="DIR",
+                        help="output directory (default: study-out)")
+    parser.add_argument("--n-jobs", type=int, default=-1, metavar="N",
+                        help="parallel jobs; each gets max(1, cores // N) kernel threads "
+                             "(default -1: one job per core; with dask or ray: all "
+                             "workers)")
+    parser.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="kernel threads per job (default: cores // n-jobs; 1 with "
+                             "dask or ray)")
+    parser.add_argument("--backend", choices=("loky", "dask", "ray"),
+                        help="joblib backend (default loky: local processes)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="the dask scheduler (e.g. tcp://host:8786) or ray address")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite the report from the stored runs of OUT (with "
+                             "the arguments of the study that wrote it, unless given)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar or summary on standard error")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def study_main(argv: Sequence[str]) -> int:
+    """Run ``bnrs study`` with the arguments ``argv``; returns the exit status."""
+    parser = study_parser()
+    args = parser.parse_args(list(argv))
+    if args.n_jobs == 0 or args.n_jobs < -1:
+        parser.error("--n-jobs: expected a positive integer or -1")
+    if args.scheduler and args.backend not in ("dask", "ray"):
+        parser.error("--scheduler needs --backend dask or ray")
+    from .study import runner
+
+    kwargs = {"questions": args.questions, "dataset": args.dataset, "quick": args.quick,
+              "seeds": args.seeds, "epochs": args.epochs, "scale": args.scale,
+              "architectures": args.architectures}
+    try:
+        if args.report_only:
+            kwargs = runner.stored_arguments(args.out, kwargs, parser.get_default)
+        runner.run(out=args.out, n_jobs=args.n_jobs, backend=args.backend,
+                   scheduler=args.scheduler, n_threads=args.threads,
+                   report_only=args.report_only, progress=not args.no_progress, **kwargs)
+    except (FileNotFoundError, ValueError) as error:   # incl. DatasetNotFoundError
+        print(f"bnrs study: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as error:
+        print(f"bnrs study: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+USAGE = """\
+usage: bnrs <command> [options]
+
+commands:
+  study   answer the batch-norm and dropout questions on real data (bnrs study --help)
+  bench   benchmark the kernels and training (bnrs bench --help)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bnrs`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "study":
+        return study_main(rest)
+    if command == "bench":
+        from . import bench
+
+        status = bench.main(rest)
+        return 0 if status is None else int(status)
+    if command in ("-V", "--version"):
+        from . import __version__
+
+        print(f"bnrs {__version__}")
+        return 0
+    print(f"bnrs: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Plan a study, run its missing runs in parallel with joblib, store each one at once.
+
+:func:`run` is what ``bnrs study`` calls:
+
+1. load the dataset (for its fingerprint and sizes) and pick the budget
+   (:func:`bnrs.study.questions.settings_for`);
+2. build the questions, turn every (question, variant, seed) into a run configuration
+   and a key; identical configurations share one run;
+3. skip the keys already in ``OUT/results.sqlite``, and dispatch the others as
+   independent joblib jobs, the most expensive first (``n_jobs`` processes with
+   ``max(1, cores // n_jobs)`` kernel threads each; with ``backend="dask"`` or
+   ``"ray"`` the same jobs go to a cluster);
+4. store every result in the database as soon as it arrives (the parent process is
+   the only writer, so workers on other machines need no access to the output
+   directory, only to the dataset), with a progress bar and the estimated time left;
+5. write ``report.md``, ``report.html``, ``results.csv`` and the plots.
+
+Ctrl-C stops the workers; the finished runs are kept, and the same command resumes.
+A job that raises (a bug, not a divergence) is reported and not stored, so that a
+rerun retries it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__, nn
+from .. import datasets as bnrs_datasets
+from .questions import Question, Settings, build_questions, custom_question, settings_for
+from .storage import ResultStore, run_key
+from .train import RunConfig, train_run
+
+__all__ = ["Job", "ResultTable", "plan", "run", "stored_arguments", "threads_per_job"]
+
+STUDY_FILE = "study.json"
+
+
+def _joblib_return_as() -> str:
+    """Results as each job finishes (joblib >= 1.4), else in order (joblib 1.3)."""
+    import joblib
+
+    major, minor = (int(part) for part in joblib.__version__.split(".")[:2])
+    return "generator_unordered" if (major, minor) >= (1, 4) else "generator"
+
+
+_RETURN_AS = _joblib_return_as()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run to do: its key, configuration, seed and estimated relative cost."""
+
+    key: str
+    config: RunConfig
+    seed: int
+    cost: float
+
+
+class ResultTable(list):
+    """The study's results: a list of dicts, one per (question, variant, seed).
+
+    Each row has ``question``, ``variant``, ``label``, ``seed``, ``status``, the metrics
+    (``test_acc``, ``final_train_loss``, ``gap``, ``epochs_to_target``, ...), the
+    configuration (``architecture``, ``batch_size``, ``lr``, ...) and ``run_key``.
+
+    Attributes
+    ----------
+    verdicts : list of dict
+        One per claim: question, statement, verdict, mean difference, interval, d_z.
+    out : Path
+        The output directory (report.md, report.html, results.csv, results.sqlite).
+    """
+
+    columns = ("question", "variant", "label", "seed", "status", "test_acc",
+               "best_epoch", "best_val_acc", "train_acc", "gap", "final_train_loss",
+               "epochs_to_target", "seconds_to_target", "train_seconds", "architecture",
+               "batch_size", "lr", "init_scale", "epochs", "n_train", "run_key")
+
+    def __init__(self, rows=(), verdicts=(), out=None):
+        super().__init__(rows)
+        self.verdicts = list(verdicts)
+        self.out = None if out is None else Path(out)
+
+    def where(self, **conditions) -> ResultTable:
+        """The rows whose fields equal the given values, e.g. ``where(question=1)``."""
+        return ResultTable([row for row in self
+                            if all(row.get(k) == v for k, v in conditions.items())],
+                           self.verdicts, self.out)
+
+    def column(self, name: str) -> list:
+        return [row.get(name) for row in self]
+
+    def __repr__(self) -> str:
+        return (f"ResultTable({len(self)} rows, {len(self.verdicts)} verdicts"
+                + (f", out={str(self.out)!r})" if self.out else ")"))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def threads_per_job(n_jobs: int, backend: str | None = None, n_threads: int | None = None,
+                    cores: int | None = None) -> int:
+    """Kernel threads per job so that jobs x threads never exceed the cores.
+
+    ``n_threads`` if given; 1 on a cluster (dask, ray: each worker is a job); otherwise
+    ``max(1, cores // n_jobs)`` (``n_jobs=-1`` means one job per core).
+    """
+    if n_threads is not None:
+        return n_threads
+    if backend in ("dask", "ray"):
+        return 1
+    cores = cores or _cores()
+    workers = cores if n_jobs < 0 else n_jobs
+    return max(1, cores // max(1, workers))
+
+
+def _cost(config: RunConfig) -> float:
+    """Relative cost of a run: per-step overhead makes small batches dear (measured)."""
+    per_epoch = (config.n_train * (1.0 + 10.8 / config.batch_size)
+                 + 0.45 * (config.n_val + config.n_train_eval + config.n_test_curve))
+    return config.epochs * per_epoch + 0.45 * 10_000
+
+
+def _dataset_kind(data: bnrs_datasets.Dataset) -> str:
+    return "fashion-mnist" if data.name == "fashion-mnist" else "small"
+
+
+def plan(questions: Sequence[Question], settings: Settings, data: bnrs_datasets.Dataset,
+         dataset: str):
+    """The entries ``(question, variant, seed, key)`` and the unique jobs by key."""
+    entries, jobs = [], {}
+    for q in questions:
+        for variant in q.variants:
+            config = RunConfig(
+                dataset=dataset, data_fingerprint=data.fingerprint, n_train=q.n_train,
+                n_val=settings.n_val, architecture=variant.architecture,
+                optimizer=settings.optimizer,
+                lr=variant.lr if variant.lr is not None else settings.lr,
+                batch_size=variant.batch_size or settings.batch_size, epochs=q.epochs,
+                init_scale=variant.init_scale, n_train_eval=min(settings.n_train_eval,
+                                                                q.n_train),
+                n_test_curve=min(settings.n_test_curve, len(data.y_test)),
+                target_accuracy=settings.target_accuracy)
+            for seed in range(settings.seeds):
+                key = run_key(config.to_dict(), seed)
+                entries.append((q, variant, seed, key))
+                jobs.setdefault(key, Job(key, config, seed, _cost(config)))
+    return entries, jobs
+
+
+def _execute(config: RunConfig, seed: int, n_threads: int, key: str):
+    """A joblib job: train one run; an exception comes back as text (not stored)."""
+    started = time.perf_counter()
+    try:
+        result = train_run(config, seed, n_threads)
+    except Exception:   # noqa: BLE001 - reported by the parent, and retried next time
+        return key, None, traceback.format_exc()
+    result["metrics"]["wall_seconds"] = time.perf_counter() - started
+    return key, result, None
+
+
+class Progress:
+    """A progress bar over all runs with the time left, on standard error.
+
+    On a terminal it redraws one line; otherwise (a log file) it prints a line at most
+    every 30 seconds. The time left is the elapsed time scaled by the estimated cost
+    still to do over the cost done.
+    """
+
+    def __init__(self, jobs: Sequence[Job], reused: int, enabled: bool = True,
+                 stream=None):
+        self.total = len(jobs) + reused
+        self.done = reused
+        self.failed = self.diverged = 0
+        self.cost_total = sum(job.cost for job in jobs)
+        self.cost_done = 0.0
+        self.start = time.perf_counter()
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.last_print = -math.inf
+        if enabled and reused:
+            print(f"{reused} of {self.total} runs already in the database: skipped",
+                  file=self.stream, flush=True)
+
+    @staticmethod
+    def _clock(seconds: float) -> str:
+        if not math.isfinite(seconds):
+            return "?"
+        seconds = round(seconds)
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        fraction = self.cost_done / self.cost_total if self.cost_total else 1.0
+        left = elapsed * (1 - fraction) / fraction if fraction > 0 else math.inf
+        width = 30
+        filled = round(width * self.done / self.total) if self.total else width
+        extra = "".join([f", {self.diverged} diverged" if self.diverged else "",
+                         f", {self.failed} FAILED" if self.failed else ""])
+        return (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} runs"
+                f"{extra}  elapsed {self._clock(elapsed)}  left ~{self._clock(left)}")
+
+    def update(self, job: Job, status: str) -> None:
+        self.done += 1
+        self.cost_done += job.cost
+        self.failed += status == "failed"
+        self.diverged += status == "diverged"
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        finished = self.done == self.total
+        if self.tty:
+            print("\r" + self.line(), end="\n" if finished else "", file=self.stream,
+                  flush=True)
+        elif finished or now - self.last_print >= 30:
+            print(self.line(), file=self.stream, flush=True)
+            self.last_print = now
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.done != self.total:
+            print(file=self.stream, flush=True)
+
+
+def _backend_context(backend: str | None, scheduler: str | None):
+    """The joblib configuration for ``backend`` (and the dask client it needs)."""
+    from joblib import parallel_config
+
+    if backend in (None, "loky", "threading", "multiprocessing"):
+        return parallel_config(backend=backend or "loky"), None
+    if backend == "dask":
+        try:
+            from dask.distributed import Client
+        except ImportError:
+            raise ImportError("backend 'dask' needs dask.distributed: pip install "
+                              "'bnrs[dask]'") from None
+        client = Client(scheduler) if scheduler else Client(processes=True)
+        return parallel_config(backend="dask"), client
+    if backend == "ray":
+        try:
+            import ray
+            from ray.util.joblib import register_ray
+        except ImportError:
+            raise ImportError("backend 'ray' needs ray: pip install 'ray[default]'") from None
+        register_ray()
+        if not ray.is_initialized():
+            ray.init(address=scheduler) if scheduler else ray.init()
+        return parallel_config(backend="ray"), None
+    raise ValueError(f"backend: expected 'loky', 'threading', 'multiprocessing', 'dask' or "
+                     f"'ray', got {backend!r}")
+
+
+def _execute_jobs(jobs: list[Job], store: ResultStore, n_jobs: int, n_threads: int,
+                  backend: str | None, scheduler: str | None, progress: Progress) -> list:
+    """Run ``jobs``, storing each result as it arrives; returns the failures."""
+    from joblib import Parallel, delayed
+
+    by_key = {job.key: job for job in jobs}
+    failures = []
+    context, client = _backend_context(backend, scheduler)
+    try:
+        with context:
+            results = Parallel(n_jobs=n_jobs, return_as=_RETURN_AS, pre_dispatch="2*n_jobs")(
+                delayed(_execute)(job.config, job.seed, n_threads, job.key) for job in jobs)
+            for key, result, error in results:
+                job = by_key[key]
+                if error is not None:
+                    failures.append((job, error))
+                    progress.update(job, "failed")
+                    print(f"\nrun failed ({job.config.architecture}, seed {job.seed}):\n"
+                          f"{error}", file=sys.stderr, flush=True)
+                    continue
+                store.put(key, job.config.to_dict(), job.seed, result, __version__)
+                progress.update(job, result["status"])
+    finally:
+        progress.close()
+        if client is not None:
+            client.close()
+    return failures
+
+
+def stored_arguments(out, given: dict, default) -> dict:
+    """The study arguments for ``--report-only``: those saved in ``OUT/study.json`` by
+    the study that wrote the database, overridden by any given on the command line
+    (``default(name)`` tells which were not given)."""
+    path = Path(out) / STUDY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no study here to report on (run bnrs study "
+                                f"--out {out} first)")
+    stored = json.loads(path.read_text())
+    return {name: (stored.get(name, value) if value == default(name) else value)
+            for name, value in given.items()}
+
+
+def _study_args(**kwargs) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+
+
+def run(questions: Sequence[int] | None = None, dataset: str = "digits", *,
+        quick: bool = False, seeds: int | None = None, epochs: int | None = None,
+        scale: float = 1.0, out="study-out", n_jobs: int = -1, backend: str | None = None,
+        scheduler: str | None = None, architectures: Sequence[str] | None = None,
+        report: bool = True, report_only: bool = False, progress: bool = True,
+        n_threads: int | None = None) -> ResultTable:
+    """Run (or resume) a study and write its report; returns the results table.
+
+    Parameters
+    ----------
+    questions : list of int, optional
+        Question numbers (default: all; see :data:`bnrs.study.questions.QUESTIONS`).
+        Ignored with ``architectures``.
+    dataset : str
+        ``"digits"``, ``"fashion-mnist"``, a directory with the Fashion-MNIST files, or
+        a .npz file (see :mod:`bnrs.datasets`).
+    quick : bool
+        The quick budget (2 seeds, few epochs).
+    seeds, epochs : int, optional
+        Override the budget's number of seeds (0 .. seeds-1) and epochs.
+    scale : float
+        Multiply the training-subset sizes (e.g. 6 for all 60,000 Fashion-MNIST images).
+    out : path
+        Output directory: results.sqlite, study.json, report.md/html, results.csv, plots.
+    n_jobs : int, default -1
+        Parallel jobs (processes); each uses ``max(1, cores // n_jobs)`` kernel threads
+        unless ``n_threads`` is given. -1: one job per core (with a cluster backend: all
+        workers). 1 runs in this process.
+    backend : {"loky", "dask", "ray"}, optional
+        joblib backend; ``scheduler`` is the dask scheduler (or ray) address.
+    architectures : list of str, optional
+        Your own comparison instead of the questions: every architecture against the
+        first (on the same budget as the questions).
+    report, report_only : bool
+        Write the report at the end; only write it from the stored runs.
+    progress : bool
+        Show the progress bar.
+    """
+    out = Path(out)
+    data = bnrs_datasets.load_dataset(dataset)
+    dataset_key = dataset if dataset in ("digits", "fashion-mnist") else str(
+        Path(dataset).resolve())
+    side = data.input_shape[-1] if len(data.input_shape) == 3 else None
+    settings = settings_for(dataset_key, _dataset_kind(data), quick, len(data.y_train),
+                            seeds=seeds, epochs=epochs, scale=scale, input_side=side)
+    if architectures:
+        question_list = [custom_question(settings, architectures)]
+        for architecture in architectures:   # a bad string fails here, not in every job
+            nn.from_spec(architecture, data.input_shape, data.n_classes)
+    elif len(data.input_shape) != 3:
+        raise ValueError(f"{data.name} has flat samples {data.input_shape}; the questions "
+                         "need images (N, C, H, W): give your own dense-only networks "
+                         "with architectures=[...] (--architectures)")
+    else:
+        question_list = build_questions(settings, questions)
+    entries, jobs = plan(question_list, settings, data, dataset_key)
+
+    store = ResultStore(out)
+    (out / STUDY_FILE).write_text(json.dumps(_study_args(
+        questions=questions, dataset=dataset, quick=quick, seeds=seeds, epochs=epochs,
+        scale=scale, architectures=architectures), indent=2) + "\n")
+    finished = store.finished_keys(jobs)
+    todo = sorted((job for key, job in jobs.items() if key not in finished),
+                  key=lambda job: -job.cost)
+    failures: list = []
+    interrupted = False
+    if not report_only and todo:
+        if n_jobs == 0:
+            raise ValueError("n_jobs: expected a positive int or -1")
+        threads = threads_per_job(n_jobs, backend, n_threads)
+        if progress:
+            print(f"bnrs study: {len(entries)} (question, variant, seed) entries, "
+                  f"{len(jobs)} distinct runs, {len(todo)} to do on {data.name} with "
+                  f"{'one job per core' if n_jobs < 0 else f'{n_jobs} job(s)'} x "
+                  f"{threads} thread(s); results in "
+                  f"{store.path}", file=sys.stderr, flush=True)
+        bar = Progress(todo, len(jobs) - len(todo), enabled=progress)
+        try:
+            failures = _execute_jobs(todo, store, n_jobs, threads, backend, scheduler, bar)
+        except KeyboardInterrupt:
+            interrupted = True
+            print(f"\ninterrupted: {len(store.finished_keys(jobs))} of {len(jobs)} runs "
+                  "are stored; run the same command again to resume", file=sys.stderr)
+    runs = store.get(jobs)
+    from .report import build_table, write_report
+
+    table = build_table(entries, runs, question_list, out)
+    if report and not interrupted:
+        write_report(out, question_list, settings, data, entries, runs, table,
+                     progress=progress)
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed (see the tracebacks above); "
+                           "the others are stored, and a rerun retries the failed ones")
+    if interrupted:
+        raise KeyboardInterrupt
+    return table

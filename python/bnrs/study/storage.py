@@ -1,0 +1,168 @@
+"""The study's results database: one SQLite file, one row per finished run.
+
+Design, so that a study can be interrupted, resumed and shared:
+
+* A run's key is a hash of its configuration (:class:`bnrs.study.train.RunConfig`,
+  which includes the protocol version and the data fingerprint) and its seed. Questions
+  that need the same configuration look up the same key and share the run.
+* A run is written once it has finished, in one short transaction
+  (``INSERT OR IGNORE``): a killed process leaves either the whole row or nothing, and a
+  second writer that finished the same run meanwhile is simply ignored.
+* WAL journal mode and a busy timeout let several processes (two studies, or a study
+  and ``--report-only``) read and write one file at the same time.
+
+Each row keeps the configuration and the metrics as JSON, the per-epoch curves as JSON,
+the bnrs version, the host and timestamps; a few columns are copied out of the JSON for
+queries by hand (``sqlite3 results.sqlite "select architecture, avg(test_acc) ..."``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["DB_NAME", "ResultStore", "run_key"]
+
+DB_NAME = "results.sqlite"
+_BUSY_TIMEOUT_MS = 60_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_key       TEXT PRIMARY KEY,
+    config        TEXT NOT NULL,
+    seed          INTEGER NOT NULL,
+    status        TEXT NOT NULL,
+    metrics       TEXT NOT NULL,
+    curves        TEXT NOT NULL,
+    dataset       TEXT,
+    architecture  TEXT,
+    batch_size    INTEGER,
+    lr            REAL,
+    init_scale    REAL,
+    epochs        INTEGER,
+    n_train       INTEGER,
+    test_acc      REAL,
+    train_seconds REAL,
+    bnrs_version  TEXT,
+    host          TEXT,
+    finished_at   TEXT NOT NULL
+);
+"""
+
+
+def run_key(config: dict, seed: int) -> str:
+    """The hex SHA-256 of the canonical JSON of ``config`` and ``seed``."""
+    text = json.dumps({"config": config, "seed": int(seed)}, sort_keys=True,
+                      separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _json(value) -> str:
+    """JSON with NaN and infinities as null (strict JSON for other tools)."""
+    return json.dumps(_finite_or_none(value), sort_keys=True, allow_nan=False)
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+class ResultStore:
+    """The results database in ``directory`` (created if needed).
+
+    Connections are opened per operation, so a store can be used from several threads
+    and processes, and pickled.
+    """
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / DB_NAME
+        with self._connect() as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000,
+                                     isolation_level=None)
+        try:
+            connection.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            yield connection
+        finally:
+            connection.close()
+
+    def finished_keys(self, keys: Iterable[str] | None = None) -> set[str]:
+        """The keys (of ``keys``, or all) that have a stored run."""
+        with self._connect() as connection:
+            stored = {row[0] for row in connection.execute("SELECT run_key FROM runs")}
+        return stored if keys is None else stored & set(keys)
+
+    def put(self, key: str, config: dict, seed: int, result: dict,
+            bnrs_version: str) -> bool:
+        """Store one finished run in one transaction; False if the key was already there."""
+        metrics = result["metrics"]
+        row = (key, _json(config), int(seed), result["status"], _json(metrics),
+               _json(result["curves"]), config.get("dataset"), config.get("architecture"),
+               config.get("batch_size"), config.get("lr"), config.get("init_scale"),
+               config.get("epochs"), config.get("n_train"),
+               _finite_or_none(metrics.get("test_acc")),
+               _finite_or_none(metrics.get("train_seconds")), bnrs_version,
+               socket.gethostname(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = connection.execute(
+                    f"INSERT OR IGNORE INTO runs VALUES ({', '.join('?' * len(row))})", row)
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+        return cursor.rowcount == 1
+
+    def get(self, keys: Iterable[str] | None = None) -> dict[str, dict]:
+        """Stored runs by key: ``{"config", "seed", "status", "metrics", "curves", ...}``."""
+        wanted = None if keys is None else set(keys)
+        runs = {}
+        with self._connect() as connection:
+            connection.row_factory = sqlite3.Row
+            for row in connection.execute(
+                    "SELECT run_key, config, seed, status, metrics, curves, bnrs_version, "
+                    "host, finished_at FROM runs"):
+                if wanted is not None and row["run_key"] not in wanted:
+                    continue
+                runs[row["run_key"]] = {
+                    "config": json.loads(row["config"]), "seed": row["seed"],
+                    "status": row["status"], "metrics": _nan_for_none(json.loads(
+                        row["metrics"])), "curves": _nan_for_none(json.loads(row["curves"])),
+                    "bnrs_version": row["bnrs_version"], "host": row["host"],
+                    "finished_at": row["finished_at"]}
+        return runs
+
+    def __len__(self) -> int:
+        with self._connect() as connection:
+            return connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+_KEEP_NONE = {"epochs_to_target", "seconds_to_target", "diverged_reason"}
+
+
+def _nan_for_none(value):
+    """Inverse of :func:`_finite_or_none` for numbers (the metrics that may be None stay)."""
+    if isinstance(value, dict):
+        return {k: (v if k in _KEEP_NONE else _nan_for_none(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_for_none(v) for v in value]
+    return math.nan if value is None else value

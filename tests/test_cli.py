@@ -1,0 +1,88 @@
+"""The ``bnrs`` console script: dispatch to study and bench, and study's arguments."""
+
+from __future__ import annotations
+
+import types
+
+import bnrs
+import pytest
+from bnrs import cli
+from bnrs.study import runner
+
+
+def test_study_arguments_parse():
+    args = cli.study_parser().parse_args(
+        ["--quick", "--questions", "1", "2", "6", "--dataset", "fashion-mnist", "--seeds",
+         "3", "--epochs", "4", "--out", "here", "--n-jobs", "2", "--scale", "2.5",
+         "--backend", "dask", "--scheduler", "tcp://127.0.0.1:8786"])
+    assert args.quick and args.questions == [1, 2, 6] and args.dataset == "fashion-mnist"
+    assert (args.seeds, args.epochs, args.out, args.n_jobs) == (3, 4, "here", 2)
+    assert args.scale == 2.5 and args.backend == "dask"
+    assert args.scheduler == "tcp://127.0.0.1:8786"
+    defaults = cli.study_parser().parse_args([])
+    assert (defaults.dataset, defaults.out, defaults.n_jobs, defaults.quick) == (
+        "digits", "study-out", -1, False)
+    assert defaults.questions is None and defaults.architectures is None
+    custom = cli.study_parser().parse_args(["--architectures", "c16-relu-mp2-fc64",
+                                            "c16-bn-relu-mp2-fc64"])
+    assert custom.architectures == ["c16-relu-mp2-fc64", "c16-bn-relu-mp2-fc64"]
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0"], ["--epochs", "-1"], ["--scale", "0"],
+                                  ["--backend", "spark"], ["--n-jobs", "0"],
+                                  ["--scheduler", "tcp://x:1"], ["--questions", "one"]])
+def test_bad_study_arguments_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["study", *argv])
+    assert exit_info.value.code == 2
+    assert "usage: bnrs study" in capsys.readouterr().err
+
+
+def test_study_is_dispatched_with_its_arguments(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(runner, "run", lambda **kwargs: seen.update(kwargs))
+    assert cli.main(["study", "--quick", "--questions", "1", "6", "--n-jobs", "2",
+                     "--out", "x"]) == 0
+    assert seen["quick"] and seen["questions"] == [1, 6] and seen["n_jobs"] == 2
+    assert seen["out"] == "x" and seen["dataset"] == "digits" and not seen["report_only"]
+
+
+def test_report_only_reuses_the_stored_arguments(monkeypatch, tmp_path):
+    (tmp_path / runner.STUDY_FILE).write_text(
+        '{"questions": [2], "dataset": "fashion-mnist", "quick": false, "seeds": 3, '
+        '"epochs": null, "scale": 1.0, "architectures": null}')
+    seen = {}
+    monkeypatch.setattr(runner, "run", lambda **kwargs: seen.update(kwargs))
+    assert cli.main(["study", "--report-only", "--out", str(tmp_path), "--seeds", "4"]) == 0
+    assert seen["report_only"] and seen["dataset"] == "fashion-mnist"
+    assert seen["questions"] == [2] and seen["seeds"] == 4     # given on the command line
+
+
+def test_report_only_without_a_study(tmp_path, capsys):
+    assert cli.main(["study", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "no study here" in capsys.readouterr().err
+
+
+def test_missing_dataset_explains_how_to_get_it(tmp_path, capsys):
+    assert cli.main(["study", "--dataset", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_bench_is_dispatched_lazily(monkeypatch):
+    seen = []
+    fake = types.ModuleType("bnrs.bench")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(__import__("sys").modules, "bnrs.bench", fake)
+    monkeypatch.setattr(bnrs, "bench", fake, raising=False)
+    assert cli.main(["bench", "--smoke", "--threads", "1"]) == 0
+    assert seen == [["--smoke", "--threads", "1"]]
+
+
+def test_usage_and_unknown_commands(capsys):
+    assert cli.main([]) == 2
+    assert "study" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    assert cli.main(["train"]) == 2
+    assert "unknown command 'train'" in capsys.readouterr().err
+    assert cli.main(["--version"]) == 0
+    assert bnrs.__version__ in capsys.readouterr().out

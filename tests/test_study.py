@@ -1,0 +1,339 @@
+"""bnrs.study: statistics, storage (resume, concurrent writers, killed runs), the runner,
+the pairing of seeds, a tiny end-to-end study and the dask backend."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bnrs.study import questions, report, runner, stats, storage, train
+
+# --------------------------------------------------------------------------- stats
+
+
+def test_t_quantile_known_values():
+    assert stats.t_quantile(1) == pytest.approx(12.706, abs=1e-3)
+    assert stats.t_quantile(4) == pytest.approx(2.776, abs=1e-3)
+    assert stats.t_quantile(30) == pytest.approx(2.042, abs=1e-3)
+    with pytest.raises(ValueError):
+        stats.t_quantile(0)
+
+
+def test_t_quantile_without_scipy(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    assert stats.t_quantile(4) == 2.776
+    assert stats.t_quantile(1000) == pytest.approx(1.962, abs=1e-3)
+
+
+def test_mean_interval_on_known_numbers():
+    interval = stats.mean_interval([1, 2, 3, 4, 5])
+    # sd = sqrt(2.5); half width = 2.776 * sqrt(2.5) / sqrt(5) = 1.963
+    assert interval.mean == 3 and interval.n == 5
+    assert interval.half_width == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5))
+    single = stats.mean_interval([0.9])
+    assert single.mean == 0.9 and math.isnan(single.low)
+    assert stats.mean_interval([]).n == 0
+
+
+@pytest.mark.parametrize("differences, verdict", [
+    ([0.010, 0.012, 0.008, 0.011, 0.009], "supported"),
+    ([-0.010, -0.012, -0.008, -0.011, -0.009], "contradicted"),
+    ([0.010, -0.012, 0.008, -0.011, 0.009], "inconclusive"),
+    ([0.05], "inconclusive"),                     # one seed: no interval
+    ([0.02, 0.02, 0.02], "supported"),            # no spread: the sign decides
+    ([0.0, 0.0, 0.0], "inconclusive"),
+])
+def test_paired_verdict(differences, verdict):
+    result = stats.paired_verdict(differences)
+    assert result.verdict == verdict
+    if len(differences) > 1 and np.std(differences) > 0:
+        assert result.d_z == pytest.approx(np.mean(differences) / np.std(differences, ddof=1))
+
+
+# --------------------------------------------------------------------------- storage
+
+FAKE_RESULT = {"status": "ok", "metrics": {"test_acc": 0.5, "train_seconds": 1.0,
+                                           "best_val_acc": math.nan},
+               "curves": {"epoch": [1], "val_acc": [0.5]}}
+
+
+def test_store_round_trip_and_insert_or_ignore(tmp_path):
+    store = storage.ResultStore(tmp_path)
+    config = {"dataset": "digits", "architecture": "c4", "lr": 0.001}
+    key = storage.run_key(config, 3)
+    assert key != storage.run_key(config, 4)
+    assert key != storage.run_key(dict(config, lr=0.002), 3)
+    assert store.put(key, config, 3, FAKE_RESULT, "0.0")
+    assert not store.put(key, config, 3, dict(FAKE_RESULT, status="diverged"), "0.0")
+    run = store.get([key])[key]
+    assert run["status"] == "ok" and run["seed"] == 3 and run["config"] == config
+    assert math.isnan(run["metrics"]["best_val_acc"])    # NaN survives as JSON null
+    assert store.finished_keys() == {key} and len(store) == 1
+    with sqlite3.connect(store.path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _writer(directory: str, start: int, count: int) -> None:
+    store = storage.ResultStore(directory)
+    for index in range(start, start + count):
+        config = {"index": index}
+        store.put(storage.run_key(config, 0), config, 0, FAKE_RESULT, "0.0")
+
+
+def test_two_concurrent_writers(tmp_path):
+    # Overlapping ranges: both write keys 40..59; every key ends up exactly once.
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_writer, args=(str(tmp_path), start, 60))
+               for start in (0, 40)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+        assert writer.exitcode == 0
+    store = storage.ResultStore(tmp_path)
+    assert len(store) == 100
+    with sqlite3.connect(store.path) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def _small_settings(**changes):
+    settings = questions.settings_for("digits", "small", True, 1258, seeds=2, epochs=2)
+    return settings if not changes else questions.replace(settings, **changes)
+
+
+def test_identical_configurations_are_shared():
+    from bnrs import datasets
+
+    data = datasets.load_digits()
+    settings = _small_settings()
+    question_list = questions.build_questions(settings, [1, 2, 3])
+    entries, jobs = runner.plan(question_list, settings, data, "digits")
+    # Q1 has plain and bn, Q2 repeats both, Q3 repeats bn: 2 + 3 + 1 distinct variants.
+    assert len(entries) == (2 + 5 + 2) * 2
+    assert len(jobs) == (2 + 3 + 1) * 2
+
+
+def test_threads_never_oversubscribe():
+    assert runner.threads_per_job(2, cores=2) == 1
+    assert runner.threads_per_job(1, cores=8) == 8
+    assert runner.threads_per_job(3, cores=8) == 2
+    assert runner.threads_per_job(16, cores=8) == 1
+    assert runner.threads_per_job(-1, cores=8) == 1
+    assert runner.threads_per_job(2, backend="dask", cores=8) == 1
+    assert runner.threads_per_job(2, n_threads=3, cores=8) == 3
+
+
+def test_same_seed_same_initial_weights_and_order():
+    config = train.RunConfig("digits", "", 100, 50, "c4-relu-mp2-fc8-relu")
+    plain = train.build_network(config, (1, 8, 8), 10, seed=3)
+    for architecture in ("c4-bn-relu-mp2-fc8-bn-relu", "c4-relu-d0.2-mp2-fc8-relu-d0.5",
+                         "c4-relu-mp2-sd0.1-fc8-brn-relu"):
+        other = train.build_network(train.RunConfig("digits", "", 100, 50, architecture),
+                                    (1, 8, 8), 10, seed=3)
+        pairs = zip(train._parametric_layers(plain), train._parametric_layers(other))
+        for a, b in pairs:
+            assert np.array_equal(a.weight.data, b.weight.data)
+            assert np.array_equal(a.bias.data, b.bias.data)
+    different = train.build_network(config, (1, 8, 8), 10, seed=4)
+    assert not np.array_equal(plain[0].weight.data, different[0].weight.data)
+    scaled = train.build_network(
+        train.RunConfig("digits", "", 100, 50, "c4-relu-mp2-fc8-relu", init_scale=10.0),
+        (1, 8, 8), 10, seed=3)
+    assert np.allclose(scaled[0].weight.data, 10 * plain[0].weight.data)
+    assert np.array_equal(scaled[0].bias.data, plain[0].bias.data)
+    assert np.array_equal(train._order_stream(3).permutation(10),
+                          train._order_stream(3).permutation(10))
+
+
+def test_a_diverging_run_is_recorded_not_raised():
+    from bnrs import datasets
+
+    data = datasets.load_digits()
+    config = train.RunConfig("digits", data.fingerprint, 200, 100, "c4-relu-mp2-fc8-relu",
+                             lr=1e6, epochs=2, n_train_eval=100, n_test_curve=100)
+    result = train.train_run(config, 0)
+    assert result["status"] == "diverged"
+    assert result["metrics"]["diverged_reason"]
+
+
+def test_claim_scores_diverged_runs_at_chance():
+    q = questions.Question(1, "x", "x", variants=(questions.Variant("a", "a", "a"),
+                                                  questions.Variant("b", "b", "b")),
+                           claims=(questions.Claim("a beats b", ("a",), ("b",)),),
+                           n_train=1, epochs=1)
+    runs, entries = {}, []
+    for seed, (acc_a, status_b) in enumerate([(0.8, "diverged"), (0.82, "diverged"),
+                                              (0.79, "ok")]):
+        for variant, acc, status in ((q.variants[0], acc_a, "ok"),
+                                     (q.variants[1], 0.7, status_b)):
+            key = f"{variant.name}{seed}"
+            runs[key] = {"status": status, "metrics": {"test_acc": acc, "chance": 0.1}}
+            entries.append((q, variant, seed, key))
+    (result,) = report.claim_results(q, entries, runs)
+    assert result.differences == pytest.approx([0.7, 0.72, 0.09])
+    assert result.diverged == 2 and result.verdict == "inconclusive"
+
+
+def _study(out, **kwargs):
+    arguments = {"questions": [1, 3], "dataset": "digits", "quick": True, "seeds": 2,
+                 "epochs": 2, "out": out, "progress": False, "n_jobs": 1}
+    arguments.update(kwargs)
+    return runner.run(**arguments)
+
+
+def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
+    table = _study(tmp_path)
+    for name in ("report.md", "report.html", "results.csv", "results.sqlite", "study.json"):
+        assert (tmp_path / name).is_file(), name
+    assert len(table) == (2 + 2) * 2 and len(table.where(question=3)) == 4
+    assert {row["status"] for row in table} <= {"ok", "diverged"}
+    assert len(table.verdicts) == 3
+    assert {v["verdict"] for v in table.verdicts} <= {"supported", "contradicted",
+                                                      "inconclusive"}
+    text = (tmp_path / "report.md").read_text()
+    assert "What this means for your network" in text and "## Q3." in text
+    assert "BN before the activation beats BN after it" in text and "## Method" in text
+    html = (tmp_path / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<table>" in html
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(table) and csv_lines[0].startswith("question,variant")
+    if report._matplotlib() is not None:
+        assert (tmp_path / "plots" / "q1-curves.png").is_file()
+        assert "plots/q1-accuracy.png" in text
+
+    # The same command again trains nothing: every run is in the database.
+    monkeypatch.setattr(runner, "train_run", _must_not_train)
+    again = _study(tmp_path)
+    assert [row["test_acc"] for row in again] == [row["test_acc"] for row in table]
+
+
+def _must_not_train(*args, **kwargs):
+    raise AssertionError("a finished run was trained again")
+
+
+def test_report_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "_matplotlib", lambda: None)
+    _study(tmp_path, questions=[1], seeds=1, epochs=1)
+    text = (tmp_path / "report.md").read_text()
+    assert "not drawn: matplotlib is not installed" in text and "![" not in text
+
+
+def test_quick_plan_covers_every_question():
+    from bnrs import datasets
+
+    data = datasets.load_digits()
+    settings = questions.settings_for("digits", "small", True, len(data.y_train))
+    question_list = questions.build_questions(settings)
+    assert [q.number for q in question_list] == list(range(1, 11))
+    assert all(q.claims for q in question_list)
+    for q in question_list:
+        names = {v.name for v in q.variants}
+        for claim in q.claims:
+            assert set(claim.plus + claim.minus) <= names, (q.number, claim.statement)
+    with pytest.raises(ValueError, match="unknown"):
+        questions.build_questions(settings, [42])
+
+
+_KILLED_STUDY = textwrap.dedent("""
+    import sys, time
+    from bnrs.study import runner
+    real = runner.train_run
+    calls = []
+    def slow_third(config, seed, n_threads=None):
+        calls.append(1)
+        if len(calls) == 3:
+            time.sleep(600)
+        return real(config, seed, n_threads)
+    runner.train_run = slow_third
+    runner.run(questions=[1], dataset="digits", quick=True, seeds=2, epochs=1,
+               out=sys.argv[1], progress=False, n_jobs=1)
+""")
+
+
+def test_killed_study_keeps_whole_rows_and_resumes(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", _KILLED_STUDY, str(tmp_path)])
+    database = tmp_path / storage.DB_NAME
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if database.exists() and len(storage.ResultStore(tmp_path)) >= 2:
+                break
+            assert process.poll() is None, "the study ended before it was killed"
+            time.sleep(0.2)
+        time.sleep(0.3)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    store = storage.ResultStore(tmp_path)
+    assert len(store) == 2
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    for run in store.get().values():   # whole rows: every field parses
+        assert run["curves"]["epoch"] == [1] and math.isfinite(run["metrics"]["test_acc"])
+    table = _study(tmp_path, questions=[1], seeds=2, epochs=1)
+    assert len(storage.ResultStore(tmp_path)) == 4 and len(table) == 4
+
+
+def test_custom_architectures_on_npz(tmp_path):
+    from bnrs import datasets
+
+    digits = datasets.load_digits()
+    path = tmp_path / "mine.npz"
+    np.savez(path, X=digits.X_train[:300, 0], y=digits.y_train[:300])
+    table = runner.run(dataset=str(path), architectures=["c4-relu-mp2-fc16-relu",
+                                                         "c4-bn-relu-mp2-fc16-bn-relu"],
+                       seeds=2, epochs=2, out=tmp_path / "out", progress=False, n_jobs=1)
+    assert len(table) == 4 and {row["architecture"] for row in table} == {
+        "c4-relu-mp2-fc16-relu", "c4-bn-relu-mp2-fc16-bn-relu"}
+    assert table.verdicts[0]["statement"] == ("c4-bn-relu-mp2-fc16-bn-relu beats "
+                                              "c4-relu-mp2-fc16-relu")
+    stored = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert stored["architectures"] == ["c4-relu-mp2-fc16-relu", "c4-bn-relu-mp2-fc16-bn-relu"]
+
+
+def test_dask_backend_on_a_local_cluster(tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        table = _study(tmp_path, questions=[1], seeds=2, epochs=1, backend="dask",
+                       scheduler=cluster.scheduler_address, n_jobs=-1)
+    assert len(table) == 4 and all(row["status"] in ("ok", "diverged") for row in table)
+    assert len(storage.ResultStore(tmp_path)) == 4
+    assert os.path.isfile(Path(tmp_path) / "report.md")
+
+
+def test_flat_data_runs_dense_architectures_only(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "flat.npz"
+    X = rng.standard_normal((120, 5))
+    np.savez(path, X=X, y=(X[:, 0] > 0).astype(int))
+    with pytest.raises(ValueError, match="flat samples"):
+        runner.run(dataset=str(path), out=tmp_path / "a", n_jobs=1, progress=False)
+    with pytest.raises(ValueError, match="bad token 'c4x'"):
+        runner.run(dataset=str(path), architectures=["fc8", "c4x"], out=tmp_path / "b",
+                   n_jobs=1, progress=False)
+    table = runner.run(dataset=str(path), architectures=["fc8-relu", "fc8-bn-relu"], seeds=2,
+                       epochs=2, out=tmp_path / "c", n_jobs=1, progress=False)
+    assert len(table) == 4 and len(table.verdicts) == 1
