@@ -409,10 +409,13 @@ def _batch_size(s: Settings) -> Question:
         epochs=s.small_batch_epochs, sweep=("batch size (images per step)", "log"),
         baseline=f"bn-b{normal}",
         note=(f"Learning rate by the square-root rule lr = {s.lr:g} x sqrt(batch / "
-              f"{s.batch_size}) (Adam), the same epochs for every batch size (so small "
-              "batches take more steps); smaller budget than the other questions: "
-              f"{s.small_batch_n_train} training images, {s.small_batch_epochs} epochs. "
-              "Batch renormalisation: r_max 3, d_max 5, momentum 0.01 (bias-corrected)."))
+              f"{s.batch_size}) (Adam); the same epochs for every batch size, so small "
+              "batches take more steps. Smaller budget than the other questions (batch 2 "
+              f"costs ~5x more per image): {s.small_batch_epochs} epochs instead of "
+              f"{s.epochs}" + (f", {s.small_batch_n_train} training images"
+                               if s.small_batch_n_train != s.n_train else "") +
+              ". Batch renormalisation: r_max 3, d_max 5, momentum 0.01 (bias-corrected "
+              "running statistics), no warm-up."))
 
 
 @question(7, "learning-rate")

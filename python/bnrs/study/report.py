@@ -99,9 +99,12 @@ class ClaimResult:
         if not math.isfinite(self.mean):
             return "no paired seeds yet"
         text = f"{sign * scale * self.mean:+.2f}{unit}"
+        if self.lower_is_better:
+            text = f"{sign * scale * self.mean:.3g} lower"
         if math.isfinite(self.low):
             low, high = sorted((sign * scale * self.low, sign * scale * self.high))
-            text += f", 95% CI {low:+.2f} to {high:+.2f}"
+            text += (f", 95% CI {low:.3g} to {high:.3g}" if self.lower_is_better
+                     else f", 95% CI {low:+.2f} to {high:+.2f}")
         if math.isfinite(self.d_z) or math.isinf(self.d_z):
             text += f", d_z {self.d_z:.2f}"
         return text + f", {self.n_seeds} seeds"
@@ -338,9 +341,10 @@ def _matplotlib():
 
 def _plain_log_axis(ax) -> None:
     """A log y axis labelled with plain numbers (0.3, 1, 2) instead of 10^x."""
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
 
     ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.tick_params(axis="y", which="minor", labelsize=7)
@@ -487,7 +491,7 @@ def _plot_sweep(plt, q, summaries, path: Path) -> None:
 
 # --------------------------------------------------------------------------- writing
 
-_ADVICE_MARK = {"supported": "agrees", "contradicted": "disagrees",
+_ADVICE_MARK = {"supported": "agree", "contradicted": "disagree",
                 "inconclusive": "cannot tell"}
 
 
@@ -566,7 +570,12 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
     counts = {v: sum(r.verdict == v and r.n_seeds > 0 for rs in results_by_question.values()
                      for r in rs) for v in ("supported", "contradicted", "inconclusive")}
     doc.paragraph(f"{counts['supported']} claims supported, {counts['contradicted']} "
-                  f"contradicted, {counts['inconclusive']} inconclusive on this data.")
+                  f"contradicted, {counts['inconclusive']} inconclusive on this data. The "
+                  "verdicts hold for this setting (a small CNN, "
+                  f"{settings.n_train} training images, {settings.epochs} epochs, Adam; "
+                  "see [Method](#method)); a longer training, a larger network or other "
+                  "data can change them, dropout's in particular (a regulariser pays off "
+                  "once the network without it overfits; compare the train−test gaps).")
     doc.bullets(items)
 
     for q in questions:
