@@ -1053,7 +1053,7 @@ def parse_args(argv) -> argparse.Namespace:
         "kernels, a training epoch and inference, at each thread count.")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="2,000 training samples and fewer repeats (under a minute)")
+                      help="a shorter run: 2,000 training samples, 3 repeats")
     size.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, nargs="+", metavar="N",
                         default=sorted({1, usable}),
