@@ -90,9 +90,25 @@ class ResultStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / DB_NAME
-        with self._connect() as connection:
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.executescript(_SCHEMA)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        # Switching to WAL needs an exclusive lock, and SQLite does not call the busy
+        # handler for it while another process creates the same file: retry with backoff.
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        delay = 0.01
+        while True:
+            try:
+                with self._connect() as connection:
+                    if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        connection.execute("PRAGMA journal_mode=WAL")
+                    connection.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
