@@ -51,3 +51,46 @@ def assert_close():
 def rng():
     """A generator with a fixed seed, so every failure reproduces."""
     return np.random.default_rng(20261121)
+
+
+# --------------------------------------------------------------------------- long runs
+# The robustness suites (test_fuzz, test_memory, ...) read their sizes from longrun.py:
+# small by default. The long run, run before a release and after changes to a kernel's
+# argument checks, is (on one thread, so a failure reproduces):
+#
+#     BNRS_LONG_RUN=1 BNRS_NUM_THREADS=1 pytest -m "fuzz or memory or long" tests/
+#
+# BNRS_LONG_RUN=1 makes it 10,000 generated cases per fuzzed entry point (and per kind,
+# valid and invalid), 10,000 calls per kernel in the memory tests, and runs the tests
+# marked ``long``; BNRS_FUZZ_EXAMPLES / BNRS_REPEATED_CALLS override either count.
+
+import longrun
+
+
+def pytest_report_header(config):
+    return (f"bnrs robustness: {longrun.FUZZ_EXAMPLES} fuzz cases per entry point, "
+            f"{longrun.REPEATED_CALLS} repeated calls, long run "
+            f"{'on' if longrun.LONG_RUN else 'off (BNRS_LONG_RUN=1)'}")
+
+
+def pytest_collection_modifyitems(config, items):
+    if longrun.LONG_RUN:
+        return
+    skip = pytest.mark.skip(reason="long run only (set BNRS_LONG_RUN=1)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if longrun.FIGURES:
+        terminalreporter.section("bnrs robustness figures")
+        for name, figure in longrun.FIGURES.items():
+            terminalreporter.write_line(f"{name}: {figure}")
+    if not longrun.CASES:
+        return
+    terminalreporter.section("bnrs fuzz cases run")
+    for name, count in sorted(longrun.CASES.items()):
+        terminalreporter.write_line(f"{count:>9}  {name}")
+    terminalreporter.write_line(f"{sum(longrun.CASES.values()):>9}  total, "
+                                f"{len(longrun.CASES)} entry points x kinds")

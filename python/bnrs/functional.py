@@ -7,13 +7,16 @@ explicitly.
 
 Input rule
 ----------
-Arrays that are already ``float32`` and C-contiguous are passed to the kernels without a
-copy. Any other real-valued array (float16/float64, signed or unsigned integers, any memory
-order or stride) is converted once to a new ``float32`` C-contiguous array; the caller's
-array is never modified. Boolean, complex, object and string arrays raise ``TypeError``.
-Buffers updated in place (batch-norm running statistics, optimizer parameters and state)
-must already be writeable ``float32`` C-contiguous arrays, or ``TypeError``/``ValueError``
-is raised: converting them would silently drop the update.
+Arrays that are already ``float32``, C-contiguous and aligned are passed to the kernels
+without a copy. Any other real-valued array (float16/float64, signed or unsigned integers,
+any memory order, stride or alignment) is converted once to a new ``float32`` C-contiguous
+array; the caller's array is never modified. Boolean, complex, object and string arrays
+raise ``TypeError``; a conversion larger than the machine's memory (e.g. of a broadcast
+view) raises ``MemoryError`` before allocating. Buffers updated in place (batch-norm running
+statistics, optimizer parameters and state) must already be writeable, aligned ``float32``
+C-contiguous arrays, or ``TypeError``/``ValueError`` is raised: converting them would
+silently drop the update. Hyper-parameters that are not numbers raise ``TypeError``, and
+ints beyond 64 bits ``ValueError``, each naming the argument.
 
 Shapes are NCHW for 4-D inputs; conv weights are ``(out_channels, in_channels, kh, kw)``;
 linear weights are ``(out_features, in_features)`` and ``linear(x, w, b) = x @ w.T + b``.
@@ -21,6 +24,7 @@ linear weights are ``(out_features, in_features)`` and ``linear(x, w, b) = x @ w
 
 from __future__ import annotations
 
+import os
 import secrets
 from typing import Optional, Tuple, Union
 
@@ -70,17 +74,56 @@ __all__ = [
 def as_float32(array, name: str) -> np.ndarray:
     """Return ``array`` as a float32 C-contiguous ndarray, copying only when needed.
 
-    Raises ``TypeError`` naming ``name`` for non-real dtypes (bool, complex, object, str).
+    Raises ``TypeError`` naming ``name`` for non-real dtypes (bool, complex, object, str),
+    ``ValueError`` for what NumPy cannot make an array of (ragged nested lists), and
+    ``MemoryError`` before converting an array larger than this machine's memory (a
+    broadcast view is tiny until it is copied).
     """
-    arr = np.asarray(array) if not isinstance(array, np.ndarray) else array
+    arr = _asarray(array, name)
     if arr.dtype.kind not in "fiu":
         raise TypeError(
             f"{name}: expected a real-valued numeric array (float or integer), "
             f"got dtype {arr.dtype}"
         )
-    if arr.dtype == np.float32 and arr.flags.c_contiguous:
+    # An unaligned float32 buffer (e.g. np.frombuffer at an odd offset) cannot be read
+    # as a Rust slice, so it is copied like any other layout.
+    if arr.dtype == np.float32 and arr.flags.c_contiguous and arr.flags.aligned:
         return arr
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    check_fits_in_memory(name, arr.size, np.dtype(np.float32).itemsize)
+    try:
+        return np.require(arr, np.float32, ["C_CONTIGUOUS", "ALIGNED"])
+    except MemoryError as error:
+        raise MemoryError(f"{name}: converting to float32 failed: {error}") from None
+
+
+def _asarray(value, name: str) -> np.ndarray:
+    """``np.asarray(value)``, with an error that names the argument."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{name}: cannot be converted to an array: {error}") from None
+
+
+def check_fits_in_memory(name: str, elements: int, itemsize: int) -> None:
+    """Raise ``MemoryError`` naming ``name`` if ``elements`` items exceed physical memory.
+
+    Checked before allocating, so that an impossible request fails with an exception
+    instead of being granted by an overcommitting OS and then killed when touched.
+    """
+    needed = int(elements) * int(itemsize)
+    if needed > _physical_memory():
+        raise MemoryError(
+            f"{name}: needs {needed / 2**30:.3g} GiB ({int(elements)} elements), more "
+            f"than this machine's {_physical_memory() / 2**30:.3g} GiB of memory")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: no limit known
+        return 2**63
 
 
 def _optional_float32(array, name: str) -> Optional[np.ndarray]:
@@ -99,6 +142,9 @@ def _inplace_float32(array, name: str) -> np.ndarray:
         )
     if not array.flags.c_contiguous:
         raise ValueError(f"{name}: is updated in place, so it must be C-contiguous")
+    if not array.flags.aligned:
+        raise ValueError(f"{name}: is updated in place, so it must be aligned (not a view "
+                         "at an odd byte offset)")
     if not array.flags.writeable:
         raise ValueError(f"{name}: is updated in place, but the array is read-only")
     return array
@@ -109,7 +155,7 @@ def _pair(value, name: str) -> Tuple[int, int]:
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
+        return _int64(value, name), _int64(value, name)
     try:
         items = tuple(value)
     except TypeError:
@@ -121,14 +167,39 @@ def _pair(value, name: str) -> Tuple[int, int]:
         for v in items
     ):
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
-    return int(items[0]), int(items[1])
+    return _int64(items[0], name), _int64(items[1], name)
+
+
+def _int64(value, name: str) -> int:
+    """``int(value)``, or ValueError naming ``name`` when it does not fit in 64 bits."""
+    value = int(value)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name}: {value} is out of range (a 64-bit integer)")
+    return value
+
+
+def _count(value, name: str, minimum: int) -> int:
+    """An int in [minimum, 2**63), or TypeError/ValueError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if not minimum <= value < 2**63:
+        raise ValueError(f"{name}: expected an int in [{minimum}, 2**63), got {value}")
+    return int(value)
+
+
+def _real(value, name: str) -> float:
+    """``float(value)``, or TypeError naming ``name`` for what is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a real number, got {value!r}") from None
 
 
 def _labels(target, name: str = "target") -> np.ndarray:
-    arr = np.asarray(target)
+    arr = _asarray(target, name)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected integer class indices, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return np.require(arr, np.int64, ["C_CONTIGUOUS", "ALIGNED"])
 
 
 def _seed(seed) -> int:
@@ -231,12 +302,12 @@ def max_pool2d_backward(grad_output, indices, input_shape) -> np.ndarray:
     Each output gradient is added at its argmax; overlapping windows accumulate.
     ``input_shape`` is the forward input's shape (N, C, H, W).
     """
-    idx = np.asarray(indices)
+    idx = _asarray(indices, "indices")
     if idx.dtype.kind not in "iu":
         raise TypeError(f"indices: expected an integer array, got dtype {idx.dtype}")
     return _core.max_pool2d_backward(
         as_float32(grad_output, "grad_output"),
-        np.ascontiguousarray(idx, dtype=np.int64), _shape4(input_shape))
+        np.require(idx, np.int64, ["C_CONTIGUOUS", "ALIGNED"]), _shape4(input_shape))
 
 
 def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
@@ -267,12 +338,15 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size: IntPair,
 
 def _shape4(shape) -> Tuple[int, int, int, int]:
     try:
-        dims = tuple(int(d) for d in shape)
+        dims = tuple(shape)
     except TypeError:
         raise TypeError(f"input_shape: expected 4 ints (N, C, H, W), got {shape!r}") from None
+    if not all(isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_))
+               for d in dims):
+        raise TypeError(f"input_shape: expected 4 ints (N, C, H, W), got {shape!r}")
     if len(dims) != 4:
         raise ValueError(f"input_shape: expected 4 ints (N, C, H, W), got {shape!r}")
-    return dims  # type: ignore[return-value]
+    return tuple(_int64(d, "input_shape") for d in dims)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -305,9 +379,13 @@ def native_batch_norm(input, weight=None, bias=None, running_mean=None, running_
     use_batch_stats = bool(training) or running_mean is None
     rm = None if running_mean is None else _inplace_float32(running_mean, "running_mean")
     rv = None if running_var is None else _inplace_float32(running_var, "running_var")
+    if not use_batch_stats:
+        # Only read here, but the kernel borrows them for writing: pass copies (C values),
+        # so that threads evaluating one shared model do not fail with "already borrowed".
+        rm, rv = rm.copy(), rv.copy()
     return _core.batch_norm_forward(
         x, _optional_float32(weight, "weight"), _optional_float32(bias, "bias"), rm, rv,
-        use_batch_stats, float(momentum), float(eps))
+        use_batch_stats, _real(momentum, "momentum"), _real(eps, "eps"))
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None,
@@ -383,8 +461,8 @@ def dropout2d(input, p: float = 0.5, training: bool = True, seed: Optional[int] 
 def dropout_backward(grad_output, p: float, seed: int) -> np.ndarray:
     """Input gradient of :func:`dropout` (training, same ``p`` and ``seed``)."""
     g = as_float32(grad_output, "grad_output")
-    p = _probability(p)
-    return g.copy() if p == 0.0 else _core.dropout_forward(g, p, _seed(seed), 1)
+    p, seed = _probability(p), _seed(seed)
+    return g.copy() if p == 0.0 else _core.dropout_forward(g, p, seed, 1)
 
 
 def dropout2d_backward(grad_output, p: float, seed: int) -> np.ndarray:
@@ -392,10 +470,10 @@ def dropout2d_backward(grad_output, p: float, seed: int) -> np.ndarray:
     g = as_float32(grad_output, "grad_output")
     if g.ndim != 4:
         raise ValueError(f"grad_output: expects a 4-D array, got {g.ndim}-D")
-    p = _probability(p)
+    p, seed = _probability(p), _seed(seed)
     if p == 0.0:
         return g.copy()
-    return _core.dropout_forward(g, p, _seed(seed), g.shape[2] * g.shape[3])
+    return _core.dropout_forward(g, p, seed, g.shape[2] * g.shape[3])
 
 
 def dropout_mask(n: int, p: float, seed: int) -> np.ndarray:
@@ -403,7 +481,7 @@ def dropout_mask(n: int, p: float, seed: int) -> np.ndarray:
 
     Element i of :func:`dropout` (or map i of :func:`dropout2d`) is kept iff ``mask[i]``.
     """
-    return _core.dropout_mask(int(n), _probability(p), _seed(seed)).astype(bool)
+    return _core.dropout_mask(_count(n, "n", 0), _probability(p), _seed(seed)).astype(bool)
 
 
 # --------------------------------------------------------------------------- linear
@@ -439,14 +517,14 @@ def relu_backward(grad_output, input) -> np.ndarray:
 def leaky_relu(input, negative_slope: float = 0.01) -> np.ndarray:
     """x if x > 0 else negative_slope * x."""
     return _core.activation_forward(as_float32(input, "input"), "leaky_relu",
-                                    float(negative_slope))
+                                    _real(negative_slope, "negative_slope"))
 
 
 def leaky_relu_backward(grad_output, input, negative_slope: float = 0.01) -> np.ndarray:
     """Gradient of :func:`leaky_relu` given the forward's *input*."""
     return _core.activation_backward(as_float32(grad_output, "grad_output"),
                                      as_float32(input, "input"), "leaky_relu",
-                                     float(negative_slope))
+                                     _real(negative_slope, "negative_slope"))
 
 
 def sigmoid(input) -> np.ndarray:
@@ -521,10 +599,11 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr: float, momentum: float = 
     p = _inplace_float32(param, "param")
     buf = None if momentum_buffer is None else _inplace_float32(momentum_buffer,
                                                                 "momentum_buffer")
-    if momentum != 0.0 and buf is None:
+    if _real(momentum, "momentum") != 0.0 and buf is None:
         raise ValueError("momentum_buffer: required when momentum != 0")
-    _core.sgd_step(p, as_float32(grad, "grad"), buf, float(lr), float(momentum),
-                   float(dampening), bool(nesterov), float(weight_decay), bool(first_step))
+    _core.sgd_step(p, as_float32(grad, "grad"), buf, _real(lr, "lr"),
+                   _real(momentum, "momentum"), _real(dampening, "dampening"), bool(nesterov),
+                   _real(weight_decay, "weight_decay"), bool(first_step))
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, step: int, *, lr: float = 1e-3,
@@ -534,10 +613,9 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, step: int, *, lr: float = 1e-3,
 
     ``step`` counts this step (1 for the first) and sets the bias corrections.
     """
-    if int(step) < 1:
-        raise ValueError(f"step: expected the 1-based index of this step, got {step!r}")
+    step = _count(step, "step", 1)  # the 1-based index of this step
     _core.adam_step(
         _inplace_float32(param, "param"), as_float32(grad, "grad"),
         _inplace_float32(exp_avg, "exp_avg"), _inplace_float32(exp_avg_sq, "exp_avg_sq"),
-        int(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-        bool(decoupled_weight_decay))
+        step, _real(lr, "lr"), _real(beta1, "beta1"), _real(beta2, "beta2"), _real(eps, "eps"),
+        _real(weight_decay, "weight_decay"), bool(decoupled_weight_decay))

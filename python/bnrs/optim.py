@@ -21,7 +21,8 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -33,9 +34,22 @@ __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
 
 def _non_negative(group: dict[str, Any], name: str, label: str) -> None:
-    value = group[name]
-    if not value >= 0.0:  # also rejects NaN
+    value = _finite(group[name], label)
+    if not value >= 0.0:
         raise ValueError(f"Invalid {label}: {value}")
+
+
+def _finite(value, label: str) -> float:
+    """A hyper-parameter as a finite float (what the kernels accept), or an error."""
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"Invalid {label}: expected a real number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"Invalid {label}: expected a real number, got {value!r}") from None
+    if not math.isfinite(number):  # also rejects NaN
+        raise ValueError(f"Invalid {label}: {value}")
+    return number
 
 
 class Optimizer:
@@ -118,6 +132,14 @@ class Optimizer:
             The closure's loss.
         """
         loss = None if closure is None else closure()
+        # Check every group first, so that a bad value (e.g. param_groups[1]["lr"] set to
+        # NaN between steps) fails before any parameter has moved.
+        for group in self.param_groups:
+            self._validate(group)
+            for param in group["params"]:
+                if param.grad.shape != param.data.shape:
+                    raise ValueError(f"grad: expected shape {param.data.shape} (the "
+                                     f"parameter's), got {param.grad.shape}")
         for group in self.param_groups:
             for param in group["params"]:
                 self._update(param, group, self.state.setdefault(param, {}))
@@ -154,6 +176,12 @@ class Optimizer:
         ValueError
             When the groups or the state arrays do not match this optimizer's parameters.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict: expected a mapping, got {type(state_dict).__name__}")
+        missing = [key for key in ("state", "param_groups") if key not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict: missing key(s) {missing}; expected what "
+                             "Optimizer.state_dict() returns")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
@@ -230,6 +258,7 @@ class SGD(Optimizer):
     def _validate(self, group):
         _non_negative(group, "lr", "learning rate")
         _non_negative(group, "momentum", "momentum value")
+        _finite(group["dampening"], "dampening value")
         _non_negative(group, "weight_decay", "weight_decay value")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
@@ -269,19 +298,24 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay})
 
     def _validate(self, group):
         _non_negative(group, "lr", "learning rate")
         _non_negative(group, "eps", "epsilon value")
         betas = group["betas"]
-        if len(betas) != 2:
+        try:
+            count = len(betas)
+        except TypeError:
+            raise TypeError(f"Invalid betas: expected (beta1, beta2), got {betas!r}") from None
+        if count != 2:
             raise ValueError(f"Invalid betas: expected (beta1, beta2), got {betas!r}")
         for index, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
+            if not 0.0 <= _finite(beta, f"beta parameter at index {index}") < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         _non_negative(group, "weight_decay", "weight_decay value")
+        group["betas"] = tuple(betas)
 
     def _update(self, param, group, state):
         if "step" not in state:

@@ -36,17 +36,17 @@ fn default_threads() -> usize {
     })
 }
 
-fn build(threads: usize) -> Pool {
+fn build(threads: usize) -> Result<Pool, String> {
     let pool = ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("bnrs-{i}"))
         .build()
-        .expect("failed to start the bnrs thread pool");
-    Pool {
+        .map_err(|e| format!("could not start a pool of {threads} threads: {e}"))?;
+    Ok(Pool {
         pool: Arc::new(pool),
         threads,
         pid: std::process::id(),
-    }
+    })
 }
 
 /// The pool, rebuilt in a child process after `fork` (whose copy has no threads).
@@ -57,7 +57,10 @@ fn current_pool() -> Arc<ThreadPool> {
         Some(p) if p.pid == pid => p.pool.clone(),
         stale => {
             let threads = stale.map_or_else(default_threads, |p| p.threads);
-            let fresh = build(threads);
+            // If the system refuses that many threads, one still computes the same result.
+            let fresh = build(threads)
+                .or_else(|_| build(1))
+                .unwrap_or_else(|e| panic!("bnrs: {e}"));
             let pool = fresh.pool.clone();
             // A pool inherited through fork has no threads behind it: leak it rather than
             // run its destructor, which would wait for threads that do not exist.
@@ -76,17 +79,66 @@ pub fn num_threads() -> usize {
     guard.as_ref().map_or_else(default_threads, |p| p.threads)
 }
 
-/// Use `threads` threads (at least 1) from now on.
-pub fn set_num_threads(threads: usize) {
+/// Use `threads` threads (at least 1) from now on. If the system cannot start them, the
+/// error says why and the current pool is kept.
+pub fn set_num_threads(threads: usize) -> Result<(), String> {
     let threads = threads.max(1);
     let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if guard
         .as_ref()
         .is_some_and(|p| p.threads == threads && p.pid == std::process::id())
     {
-        return;
+        return Ok(());
     }
-    *guard = Some(build(threads));
+    let fresh = build(threads)?;
+    if let Some(old) = guard.replace(fresh) {
+        if old.pid != std::process::id() {
+            std::mem::forget(old); // inherited through fork: no threads to stop
+        }
+    }
+    Ok(())
+}
+
+/// Make `fork` safe while other threads use bnrs: the pool's lock is taken before the
+/// fork and released after it in both processes, so the child never inherits it locked,
+/// and the child starts with no kernel running. Registered once, at import.
+pub fn prepare_for_fork() {
+    #[cfg(unix)]
+    {
+        static REGISTERED: std::sync::Once = std::sync::Once::new();
+        REGISTERED.call_once(|| {
+            // SAFETY: the handlers are plain functions that only lock and unlock POOL and
+            // store atomics, which is what pthread_atfork handlers may do.
+            unsafe {
+                libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child));
+            }
+        });
+    }
+}
+
+#[cfg(unix)]
+thread_local! {
+    static HELD_FOR_FORK: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Option<Pool>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+#[cfg(unix)]
+extern "C" fn fork_prepare() {
+    let guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = HELD_FOR_FORK.try_with(|held| *held.borrow_mut() = Some(guard));
+}
+
+#[cfg(unix)]
+extern "C" fn fork_parent() {
+    let _ = HELD_FOR_FORK.try_with(|held| held.borrow_mut().take());
+}
+
+#[cfg(unix)]
+extern "C" fn fork_child() {
+    // The kernels that were running belong to threads the child does not have.
+    RUNNING.store(0, Ordering::SeqCst);
+    STOP.store(false, Ordering::SeqCst);
+    let _ = HELD_FOR_FORK.try_with(|held| held.borrow_mut().take());
 }
 
 /// Run `f` inside the bnrs pool, so its rayon calls use the configured threads.

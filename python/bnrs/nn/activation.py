@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import functional as F
@@ -39,7 +41,8 @@ class ReLU(_Activation):
     def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
         """Pass the gradient where the input was positive."""
         x = self._saved()
-        return F.relu_backward(grad_output, x) if input_grad else None
+        grad = self._grad_output(grad_output, x.shape)
+        return F.relu_backward(grad, x) if input_grad else None
 
 
 class LeakyReLU(_Activation):
@@ -54,7 +57,10 @@ class LeakyReLU(_Activation):
 
     def __init__(self, negative_slope: float = 0.01, *, rng=None, random_state=None):
         super().__init__()
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = F._real(negative_slope, "negative_slope")
+        if not math.isfinite(self.negative_slope):
+            raise ValueError(f"negative_slope: expected a finite number, "
+                             f"got {negative_slope!r}")
 
     def forward(self, input) -> np.ndarray:
         """Apply the leaky rectifier."""
@@ -65,7 +71,8 @@ class LeakyReLU(_Activation):
     def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
         """Scale the gradient by 1 or ``negative_slope`` by the input's sign."""
         x = self._saved()
-        return F.leaky_relu_backward(grad_output, x, self.negative_slope) if input_grad else None
+        grad = self._grad_output(grad_output, x.shape)
+        return F.leaky_relu_backward(grad, x, self.negative_slope) if input_grad else None
 
     def extra_repr(self) -> str:
         return f"negative_slope={self.negative_slope}"
@@ -89,7 +96,8 @@ class Sigmoid(_Activation):
     def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
         """``grad * y * (1 - y)`` from the saved output y."""
         output = self._saved()
-        return F.sigmoid_backward(grad_output, output) if input_grad else None
+        grad = self._grad_output(grad_output, output.shape)
+        return F.sigmoid_backward(grad, output) if input_grad else None
 
 
 class Tanh(_Activation):
@@ -110,4 +118,5 @@ class Tanh(_Activation):
     def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
         """``grad * (1 - y**2)`` from the saved output y."""
         output = self._saved()
-        return F.tanh_backward(grad_output, output) if input_grad else None
+        grad = self._grad_output(grad_output, output.shape)
+        return F.tanh_backward(grad, output) if input_grad else None

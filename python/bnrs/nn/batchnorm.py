@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import functional as F
@@ -25,11 +27,11 @@ class _BatchNorm(Module):
                  random_state=None):
         super().__init__()
         self.num_features = positive_int(num_features, "num_features")
-        self.eps = float(eps)
-        if self.eps <= 0.0:
-            raise ValueError(f"eps: expected a positive float, got {eps!r}")
+        self.eps = F._real(eps, "eps")
+        if not (math.isfinite(self.eps) and self.eps > 0.0):
+            raise ValueError(f"eps: expected a positive finite float, got {eps!r}")
         if momentum is not None:
-            momentum = float(momentum)
+            momentum = F._real(momentum, "momentum")
             if not 0.0 <= momentum <= 1.0:
                 raise ValueError(f"momentum: expected a float in [0, 1] or None "
                                  f"(cumulative average), got {momentum!r}")
@@ -37,6 +39,7 @@ class _BatchNorm(Module):
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         channels = self.num_features
+        F.check_fits_in_memory("num_features", 4 * channels, np.dtype(np.float64).itemsize)
         self.weight = Parameter(np.ones(channels)) if self.affine else None
         self.bias = Parameter(np.zeros(channels)) if self.affine else None
         if self.track_running_stats:

@@ -41,25 +41,26 @@ class _Dropout(Module):
         x = F.as_float32(input, "input")
         self._check(x)
         if not self.training or self.p == 0.0:
-            self._ctx = ("identity",)
+            self._ctx = ("identity", x.shape)
             return x
         if self.p == 1.0:
-            self._ctx = ("zero",)
+            self._ctx = ("zero", x.shape)
             return np.zeros_like(x)
         seed = int(self._rng.integers(0, 2**64, dtype=np.uint64))
-        self._ctx = ("mask", seed)
+        self._ctx = ("mask", x.shape, seed)
         return self._dropout(x, seed)
 
     def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
         """Apply the forward's mask (same seed) and scale to the gradient."""
         ctx = self._saved()
+        grad = self._grad_output(grad_output, ctx[1])
         if not input_grad:
             return None
         if ctx[0] == "identity":
-            return F.as_float32(grad_output, "grad_output")
+            return grad
         if ctx[0] == "zero":
-            return np.zeros(np.shape(grad_output), dtype=np.float32)
-        return self._dropout_backward(grad_output, ctx[1])
+            return np.zeros_like(grad)
+        return self._dropout_backward(grad, ctx[2])
 
     def output_shape(self, input_shape) -> tuple[int, ...]:
         """The sample shape, unchanged."""

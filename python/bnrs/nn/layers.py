@@ -32,6 +32,8 @@ def int_pair(value, name: str, minimum: int) -> tuple[int, int]:
         pair = (int(pair[0]), int(pair[1]))
     if min(pair) < minimum:
         raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+    if max(pair) >= 2**63:
+        raise ValueError(f"{name}: {value!r} is out of range (a 64-bit integer)")
     return pair
 
 
@@ -83,6 +85,7 @@ def _kaiming_uniform(generator: np.random.Generator, shape, fan_in: int) -> np.n
     ``kaiming_uniform_(a=sqrt(5))`` has gain sqrt(2 / (1 + 5)) and bound
     gain * sqrt(3 / fan_in), which is 1/sqrt(fan_in); PyTorch's bias uses the same bound.
     """
+    F.check_fits_in_memory("weight", math.prod(shape), np.dtype(np.float64).itemsize)
     bound = 1.0 / math.sqrt(fan_in)
     return generator.uniform(-bound, bound, size=shape)
 
@@ -217,7 +220,8 @@ class Linear(Module):
     def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
         """Add the weight and bias gradients; return the input gradient (or None)."""
         rows, input_shape = self._saved()
-        grad_rows = np.reshape(grad_output, (-1, self.out_features))
+        grad = self._grad_output(grad_output, input_shape[:-1] + (self.out_features,))
+        grad_rows = grad.reshape(-1, self.out_features)
         grad_input, grad_weight, grad_bias = F.linear_backward(
             grad_rows, rows, self.weight.data, bias=self.bias is not None,
             input_grad=input_grad)
@@ -296,7 +300,8 @@ class MaxPool2d(_Pool2d):
     def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
         """Route each output gradient to its argmax."""
         indices, input_shape = self._saved()
-        return F.max_pool2d_backward(grad_output, indices, input_shape) if input_grad else None
+        grad = self._grad_output(grad_output, indices.shape)
+        return F.max_pool2d_backward(grad, indices, input_shape) if input_grad else None
 
 
 class AvgPool2d(_Pool2d):
@@ -325,15 +330,16 @@ class AvgPool2d(_Pool2d):
         x = self._input(input)
         output = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
                               self.count_include_pad)
-        self._ctx = x.shape
+        self._ctx = (x.shape, output.shape)
         return output
 
     def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
         """Spread each output gradient over its window."""
-        input_shape = self._saved()
+        input_shape, output_shape = self._saved()
+        grad = self._grad_output(grad_output, output_shape)
         if not input_grad:
             return None
-        return F.avg_pool2d_backward(grad_output, input_shape, self.kernel_size, self.stride,
+        return F.avg_pool2d_backward(grad, input_shape, self.kernel_size, self.stride,
                                      self.padding, self.count_include_pad)
 
     def extra_repr(self) -> str:
@@ -359,6 +365,9 @@ class Flatten(Module):
     def __init__(self, start_dim: int = 1, end_dim: int = -1, *, rng=None,
                  random_state=None):
         super().__init__()
+        for name, value in (("start_dim", start_dim), ("end_dim", end_dim)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name}: expected an int, got {value!r}")
         self.start_dim = int(start_dim)
         self.end_dim = int(end_dim)
 
@@ -369,7 +378,7 @@ class Flatten(Module):
         if not 0 <= start <= end < ndim:
             raise ValueError(f"{self!r}: cannot flatten axes {self.start_dim}..{self.end_dim} "
                              f"of a {ndim}-D input")
-        merged = int(np.prod(shape[start:end + 1], dtype=np.int64))
+        merged = math.prod(int(d) for d in shape[start:end + 1])  # exact, never overflows
         return shape[:start] + (merged,) + shape[end + 1:]
 
     def forward(self, input) -> np.ndarray:
@@ -381,7 +390,8 @@ class Flatten(Module):
     def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
         """Reshape the gradient back to the input's shape."""
         input_shape = self._saved()
-        return np.reshape(grad_output, input_shape) if input_grad else None
+        grad = self._grad_output(grad_output, self._flat_shape(input_shape))
+        return grad.reshape(input_shape) if input_grad else None
 
     def output_shape(self, input_shape) -> tuple[int, ...]:
         """The flattened sample shape (axes count the batch axis, as in forward)."""

@@ -57,6 +57,7 @@ class CrossEntropyLoss(Module):
         ndarray, float32, shape (N, C)
         """
         logits, labels = self._saved()
+        grad_output = F._real(grad_output, "grad_output")
         grad = F.cross_entropy_backward(logits, labels)
         if grad_output != 1.0:
             grad *= np.float32(grad_output)

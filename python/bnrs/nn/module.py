@@ -8,10 +8,12 @@ A module's ``forward`` (or call) computes its output and keeps what its ``backwa
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
+
+from .. import functional as F
 
 __all__ = ["IncompatibleKeys", "Module", "Parameter", "Sequential", "as_generator"]
 
@@ -105,7 +107,10 @@ class Parameter:
 
 
 def _writeable_float32(value, copy: bool) -> np.ndarray:
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"Parameter: cannot be converted to an array: {error}") from None
     if array.dtype.kind not in "fiu":
         raise TypeError(f"Parameter: expected a real-valued array, got dtype {array.dtype}")
     if (copy or array.dtype != np.float32 or not array.flags.c_contiguous
@@ -177,6 +182,14 @@ class Module:
                 "before backward (each forward supports one backward)")
         self._ctx = None
         return ctx
+
+    def _grad_output(self, grad_output, shape) -> np.ndarray:
+        """``grad_output`` as float32, checked to have ``shape``, the last output's shape."""
+        grad = F.as_float32(grad_output, "grad_output")
+        if grad.shape != tuple(shape):
+            raise ValueError(f"{type(self).__name__}.backward: grad_output: expected shape "
+                             f"{tuple(shape)} (the last forward's output), got {grad.shape}")
+        return grad
 
     def clear_saved(self) -> None:
         """Drop what the last forward kept for backward, here and in all children."""
@@ -324,14 +337,20 @@ class Module:
         TypeError
             For a value that is not a real-valued array.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict: expected a mapping of str to array, "
+                            f"got {type(state_dict).__name__}")
         targets = {key: (module, name) for key, module, name in self._state_items()}
         missing = [key for key in targets if key not in state_dict]
-        unexpected = [key for key in state_dict if key not in targets]
+        unexpected = [str(key) for key in state_dict if key not in targets]
         converted, problems = {}, []
         for key, (module, name) in targets.items():
             if key not in state_dict:
                 continue
-            value = np.asarray(state_dict[key])
+            try:
+                value = np.asarray(state_dict[key])
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{key}: cannot be converted to an array: {error}") from None
             if value.dtype.kind not in "fiu":
                 raise TypeError(f"{key}: expected a real-valued array, got dtype {value.dtype}")
             current = getattr(module, name)

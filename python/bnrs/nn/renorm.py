@@ -87,7 +87,8 @@ class _BatchRenorm:
     def _update_running_stats(self, mean, batch_std, count: int) -> None:
         self.num_batches_tracked += 1
         weight = self.momentum / (1.0 - (1.0 - self.momentum) ** int(self.num_batches_tracked))
-        biased_var = batch_std ** 2 - self.eps
+        # Recovered from the float32 invstd: a zero variance can come out a hair below 0.
+        biased_var = np.maximum(batch_std ** 2 - self.eps, 0.0)
         unbiased_var = biased_var * count / max(count - 1, 1)
         self.running_mean += np.float32(weight) * (mean - self.running_mean)
         self.running_var += (weight * (unbiased_var - self.running_var)).astype(np.float32)
@@ -97,7 +98,7 @@ class _BatchRenorm:
         if self._ctx is None or not isinstance(self._ctx[0], str):   # evaluation mode
             return super().backward(grad_output, input_grad)
         _, x, mean, invstd, r, d = self._saved()
-        grad = F.as_float32(grad_output, "grad_output")
+        grad = self._grad_output(grad_output, x.shape)
         shape = self._channel_shape(grad.ndim)
         weight = None if self.weight is None else self.weight.data
         grad_input, grad_weight, _ = F.batch_norm_backward(

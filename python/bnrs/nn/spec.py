@@ -21,6 +21,7 @@ The output layer ``fc<n_classes>`` (after a Flatten if needed) is appended by
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -230,10 +231,14 @@ def _build_layer(token: Token, shape: tuple[int, ...], generator) -> list[Module
 
 def _check_shape(input_shape) -> tuple[int, ...]:
     try:
-        shape = tuple(int(d) for d in input_shape)
+        dims = tuple(input_shape)
     except TypeError:
-        raise TypeError(f"input_shape: expected (C, H, W) or (n_features,), "
-                        f"got {input_shape!r}") from None
+        dims = None
+    if dims is None or isinstance(input_shape, str) or not all(
+            isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"input_shape: expected (C, H, W) or (n_features,) of ints, "
+                        f"got {input_shape!r}")
+    shape = tuple(int(d) for d in dims)
     if len(shape) not in (1, 3) or min(shape) < 1:
         raise ValueError(f"input_shape: expected positive (C, H, W) or (n_features,), "
                          f"got {input_shape!r}")
@@ -276,7 +281,13 @@ def from_spec(spec: str | Sequence[Token], input_shape, n_classes: int,
     >>> [type(m).__name__ for m in model]
     ['Conv2d', 'BatchNorm2d', 'ReLU', 'MaxPool2d', 'Flatten', 'Linear']
     """
-    tokens = parse(spec) if isinstance(spec, str) else list(spec)
+    if isinstance(spec, str):
+        tokens = parse(spec)
+    elif isinstance(spec, Sequence) and all(isinstance(t, Token) for t in spec):
+        tokens = list(spec)
+    else:
+        raise TypeError(f"spec: expected an architecture string or a list of parsed "
+                        f"tokens, got {type(spec).__name__}")
     text = spec if isinstance(spec, str) else "-".join(t.text for t in tokens)
     shape = _check_shape(input_shape)
     n_classes = positive_int(n_classes, "n_classes")

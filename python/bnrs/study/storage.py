@@ -144,7 +144,10 @@ class ResultStore:
                     f"INSERT OR IGNORE INTO runs VALUES ({', '.join('?' * len(row))})", row)
                 connection.execute("COMMIT")
             except BaseException:
-                connection.execute("ROLLBACK")
+                # An interrupt can land after COMMIT finished: then there is nothing to
+                # roll back, and the KeyboardInterrupt must not become an OperationalError.
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
                 raise
         return cursor.rowcount == 1
 

@@ -14,14 +14,19 @@ pub struct ClassesParams {
 impl ClassesParams {
     /// Validate (N, C) logits.
     pub fn new(shape: &[usize]) -> Result<Self> {
+        Self::named("input", shape)
+    }
+
+    /// Validate an (N, C) array the Python API calls `name`.
+    pub fn named(name: &'static str, shape: &[usize]) -> Result<Self> {
         if shape.len() != 2 {
             return Err(Error::invalid(
-                "input",
+                name,
                 format!("a {}-D array {shape:?}", shape.len()),
                 "a 2-D (N, C) array of logits",
             ));
         }
-        super::nonzero("input", shape)?;
+        super::nonzero(name, shape)?;
         Ok(ClassesParams {
             batch: shape[0],
             classes: shape[1],

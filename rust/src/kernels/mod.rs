@@ -97,3 +97,23 @@ pub fn valid_range(offset: isize, stride: usize, len: usize, n_out: usize) -> (u
     let lo = (lo as usize).min(hi);
     (lo, hi)
 }
+
+/// Set every lazily initialised global the kernels use (CPU feature and cache detection
+/// in the SIMD dispatch and the GEMM crate, the default thread count) with one tiny call
+/// each, so that later calls only read them.
+pub fn warm_up() {
+    let _ = crate::simd::backend();
+    let _ = crate::parallel::num_threads();
+    let _ = crate::memory::physical_bytes();
+    let mut out = [0.0f32; 1];
+    gemm::sgemm(
+        1,
+        1,
+        1,
+        &mut out,
+        1,
+        false,
+        gemm::MatRef::rows(&[1.0], 1),
+        gemm::MatRef::rows(&[1.0], 1),
+    );
+}

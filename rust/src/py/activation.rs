@@ -19,7 +19,7 @@ fn activation_forward<'py>(
     let act = Activation::from_name(name, negative_slope)?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
-    let mut out = Output::new(py, &shape)?;
+    let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
     run(py, x.len(), || activation::forward(act, x, out_data))?;
     Ok(out.into_array())
@@ -46,7 +46,7 @@ fn activation_backward<'py>(
         slice(&saved, saved_name)?,
     );
     let shape = grad_output.shape().to_vec();
-    let mut out = Output::new(py, &shape)?;
+    let mut out = Output::new(py, "grad_input", &shape)?;
     let out_data = out.data();
     run(py, g.len(), || activation::backward(act, g, s, out_data))?;
     Ok(out.into_array())

@@ -61,9 +61,9 @@ fn batch_norm_forward<'py>(
         .as_mut()
         .map(|a| slice_mut(a, "running_var"))
         .transpose()?;
-    let mut y = Output::new(py, input.shape())?;
-    let mut mean = Output::new(py, &c)?;
-    let mut invstd = Output::new(py, &c)?;
+    let mut y = Output::new(py, "output", input.shape())?;
+    let mut mean = Output::new(py, "save_mean", &c)?;
+    let mut invstd = Output::new(py, "save_invstd", &c)?;
     let (y_data, mean_data, invstd_data) = (y.data(), mean.data(), invstd.data());
     run(py, x.len(), || match (training, rm, rv) {
         (true, rm, rv) => {
@@ -113,9 +113,9 @@ fn batch_norm_backward<'py>(
     );
     let gamma = weight.as_ref().map(|w| slice(w, "weight")).transpose()?;
     let affine = gamma.is_some();
-    let mut gx = Output::new(py, input.shape())?;
-    let mut gg = Output::maybe(py, affine, &c)?;
-    let mut gb = Output::maybe(py, affine, &c)?;
+    let mut gx = Output::new(py, "grad_input", input.shape())?;
+    let mut gg = Output::maybe(py, "grad_weight", affine, &c)?;
+    let mut gb = Output::maybe(py, "grad_bias", affine, &c)?;
     let (gx_data, gg_data, gb_data) = (
         gx.data(),
         gg.as_mut().map(Output::data),

@@ -27,7 +27,7 @@ fn conv2d_forward<'py>(
     let (x, w) = (slice(&input, "input")?, slice(&weight, "weight")?);
     let b = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
     let shape = p.output_shape();
-    let mut out = Output::new(py, &shape)?;
+    let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
     run(py, p.multiply_adds(), || {
         conv::forward(&p, x, w, b, out_data)

@@ -18,7 +18,7 @@ fn dropout_forward<'py>(
     crate::kernels::nonzero("input", input.shape())?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
-    let mut out = Output::new(py, &shape)?;
+    let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
     run(py, x.len(), || dropout::forward(x, p, seed, unit, out_data))?;
     Ok(out.into_array())
@@ -32,7 +32,7 @@ fn dropout_mask<'py>(
     p: f32,
     seed: u64,
 ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
-    let mut keep = Output::new(py, &[n])?;
+    let mut keep = Output::new(py, "mask", &[n])?;
     let keep_data = keep.data();
     run(py, n, || dropout::mask(p, seed, keep_data))?;
     Ok(keep.into_array())

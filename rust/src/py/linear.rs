@@ -23,7 +23,7 @@ fn linear_forward<'py>(
     }
     let (x, w) = (slice(&input, "input")?, slice(&weight, "weight")?);
     let b = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
-    let mut out = Output::new(py, &[p.batch, p.out_features])?;
+    let mut out = Output::new(py, "output", &[p.batch, p.out_features])?;
     let out_data = out.data();
     let work = p
         .batch

@@ -17,7 +17,7 @@ fn log_softmax_forward<'py>(
     let p = ClassesParams::new(input.shape())?;
     let x = slice(&input, "input")?;
     let shape = input.shape().to_vec();
-    let mut out = Output::new(py, &shape)?;
+    let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
     run(py, x.len(), || loss::log_softmax(&p, x, out_data))?;
     Ok(out.into_array())
@@ -30,14 +30,14 @@ fn log_softmax_backward<'py>(
     grad_output: PyReadonlyArrayDyn<'py, f32>,
     output: PyReadonlyArrayDyn<'py, f32>,
 ) -> PyResult<Array<'py>> {
-    let p = ClassesParams::new(output.shape())?;
+    let p = ClassesParams::named("output", output.shape())?;
     check_shape(&grad_output, "grad_output", output.shape())?;
     let (g, y) = (
         slice(&grad_output, "grad_output")?,
         slice(&output, "output")?,
     );
     let shape = output.shape().to_vec();
-    let mut out = Output::new(py, &shape)?;
+    let mut out = Output::new(py, "grad_input", &shape)?;
     let out_data = out.data();
     run(py, g.len(), || {
         loss::log_softmax_backward(&p, g, y, out_data)
@@ -72,7 +72,7 @@ fn cross_entropy_backward<'py>(
     let p = ClassesParams::new(input.shape())?;
     let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
     let shape = input.shape().to_vec();
-    let mut out = Output::new(py, &shape)?;
+    let mut out = Output::new(py, "grad_input", &shape)?;
     let out_data = out.data();
     run(py, x.len(), || {
         loss::cross_entropy_backward(&p, x, t, out_data)

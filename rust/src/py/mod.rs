@@ -52,27 +52,34 @@ pub(crate) fn run<T: Send>(
 ) -> PyResult<T> {
     if work < INTERRUPTIBLE_WORK {
         // Short: handing the wait to a polling thread would cost more than the kernel.
-        let outcome =
-            py.detach(|| crate::parallel::install(|| catch_unwind(AssertUnwindSafe(kernel))));
+        // The outer catch_unwind covers the pool itself (a pool that cannot start).
+        let outcome = py.detach(|| {
+            catch_unwind(AssertUnwindSafe(|| {
+                crate::parallel::install(|| catch_unwind(AssertUnwindSafe(kernel)))
+            }))
+        });
         py.check_signals()?;
-        return outcome_to_result(outcome);
+        return outcome_to_result(outcome.unwrap_or_else(Err));
     }
     let outcome = py.detach(|| {
-        crate::parallel::run_interruptible(
-            || catch_unwind(AssertUnwindSafe(kernel)),
-            SIGNAL_POLL,
-            || {
-                Python::attach(|py| py.check_signals().err())
-                    .map(|err| Box::new(err) as Box<dyn std::any::Any + Send>)
-            },
-        )
+        catch_unwind(AssertUnwindSafe(|| {
+            crate::parallel::run_interruptible(
+                || catch_unwind(AssertUnwindSafe(kernel)),
+                SIGNAL_POLL,
+                || {
+                    Python::attach(|py| py.check_signals().err())
+                        .map(|err| Box::new(err) as Box<dyn std::any::Any + Send>)
+                },
+            )
+        }))
     });
     let outcome = match outcome {
-        Outcome::Done(outcome) => outcome,
-        Outcome::Interrupted(Some(reason)) => {
+        Err(payload) => return outcome_to_result(Err(payload)),
+        Ok(Outcome::Done(outcome)) => outcome,
+        Ok(Outcome::Interrupted(Some(reason))) => {
             return Err(*reason.downcast::<PyErr>().expect("the poll keeps a PyErr"));
         }
-        Outcome::Interrupted(None) => {
+        Ok(Outcome::Interrupted(None)) => {
             return Err(PyKeyboardInterrupt::new_err(
                 "interrupted: Ctrl-C arrived while this kernel ran in another thread",
             ));
@@ -147,10 +154,40 @@ pub(crate) struct Output<'py, T: Element> {
 }
 
 impl<'py, T: Element> Output<'py, T> {
-    pub(crate) fn new(py: Python<'py>, shape: &[usize]) -> PyResult<Self> {
+    /// `name` is the output as the Python API calls it, for the error when it is too
+    /// large: the size is checked against the machine's memory before allocating, so an
+    /// impossible request is a `MemoryError`, not a process the OS kills when it is touched.
+    pub(crate) fn new(py: Python<'py>, name: &'static str, shape: &[usize]) -> PyResult<Self> {
+        let bytes = shape
+            .iter()
+            .try_fold(std::mem::size_of::<T>(), |total, &d| total.checked_mul(d));
+        let too_large = |detail: String| {
+            PyMemoryError::new_err(format!(
+                "{name}: an array of shape {shape:?} ({}) is too large to allocate{detail}",
+                std::any::type_name::<T>()
+            ))
+        };
+        match bytes {
+            None => return Err(too_large(String::new())),
+            Some(b) if b > crate::memory::physical_bytes() => {
+                return Err(too_large(format!(
+                    ": {:.3} GiB, more than this machine's {:.3} GiB of memory",
+                    b as f64 / (1u64 << 30) as f64,
+                    crate::memory::physical_bytes() as f64 / (1u64 << 30) as f64
+                )));
+            }
+            Some(_) => {}
+        }
         let empty = NUMPY_EMPTY.import(py, "numpy", "empty")?;
         let array = empty
-            .call1((PyTuple::new(py, shape)?, numpy::dtype::<T>(py)))?
+            .call1((PyTuple::new(py, shape)?, numpy::dtype::<T>(py)))
+            .map_err(|e| {
+                if e.is_instance_of::<PyMemoryError>(py) || e.is_instance_of::<PyValueError>(py) {
+                    too_large(format!(": {e}"))
+                } else {
+                    e
+                }
+            })?
             .cast_into::<PyArrayDyn<T>>()?;
         let view = array
             .try_readwrite()
@@ -164,8 +201,13 @@ impl<'py, T: Element> Output<'py, T> {
     }
 
     /// An optional output: `Some` when `wanted`.
-    pub(crate) fn maybe(py: Python<'py>, wanted: bool, shape: &[usize]) -> PyResult<Option<Self>> {
-        wanted.then(|| Self::new(py, shape)).transpose()
+    pub(crate) fn maybe(
+        py: Python<'py>,
+        name: &'static str,
+        wanted: bool,
+        shape: &[usize],
+    ) -> PyResult<Option<Self>> {
+        wanted.then(|| Self::new(py, name, shape)).transpose()
     }
 
     pub(crate) fn into_array(self) -> Bound<'py, PyArrayDyn<T>> {
@@ -199,9 +241,13 @@ impl<'py> LayerGrads<'py> {
         bias_len: Option<usize>,
     ) -> PyResult<Self> {
         Ok(LayerGrads {
-            input: input_shape.map(|s| Output::new(py, s)).transpose()?,
-            weight: Output::new(py, weight_shape)?,
-            bias: bias_len.map(|n| Output::new(py, &[n])).transpose()?,
+            input: input_shape
+                .map(|s| Output::new(py, "grad_input", s))
+                .transpose()?,
+            weight: Output::new(py, "grad_weight", weight_shape)?,
+            bias: bias_len
+                .map(|n| Output::new(py, "grad_bias", &[n]))
+                .transpose()?,
         })
     }
 
@@ -241,6 +287,15 @@ pub(crate) fn check_shape<T: numpy::Element>(
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Initialise now, at import (which `os.fork` waits for), every lazily set global a
+    // call would otherwise set on first use: a fork in the middle of that first use in
+    // another thread would leave the child waiting on it forever.
+    let py = m.py();
+    NUMPY_EMPTY.import(py, "numpy", "empty")?;
+    let probe = numpy::PyArray1::<f32>::zeros(py, 1, false);
+    drop(probe.readwrite()); // rust-numpy's borrow-checking API, set on the first borrow
+    crate::parallel::prepare_for_fork();
+    crate::kernels::warm_up();
     activation::register(m)?;
     batch_norm::register(m)?;
     conv::register(m)?;

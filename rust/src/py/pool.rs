@@ -32,8 +32,8 @@ fn max_pool2d_forward<'py>(
 ) -> PyResult<PooledWithIndices<'py>> {
     let p = Pool2dParams::new(input.shape(), kernel_size, stride, padding)?;
     let x = slice(&input, "input")?;
-    let mut out = Output::new(py, &p.output_shape())?;
-    let mut idx = Output::new(py, &p.output_shape())?;
+    let mut out = Output::new(py, "output", &p.output_shape())?;
+    let mut idx = Output::new(py, "indices", &p.output_shape())?;
     let (out_data, idx_data) = (out.data(), idx.data());
     run(py, x.len(), || pool::max_forward(&p, x, out_data, idx_data))?;
     Ok((out.into_array(), idx.into_array()))
@@ -54,7 +54,7 @@ fn max_pool2d_backward<'py>(
         slice(&indices, "indices")?,
     );
     let gy_shape = grad_output.shape().to_vec();
-    let mut gx = Output::new(py, &in_shape)?;
+    let mut gx = Output::new(py, "grad_input", &in_shape)?;
     let gx_data = gx.data();
     run(py, gy.len(), || {
         pool::max_backward(&in_shape, &gy_shape, gy, idx, gx_data)
@@ -75,7 +75,7 @@ fn avg_pool2d_forward<'py>(
     let p = Pool2dParams::new(input.shape(), kernel_size, stride, padding)?;
     let x = slice(&input, "input")?;
     let shape = p.output_shape();
-    let mut out = Output::new(py, &shape)?;
+    let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
     run(py, x.len(), || {
         pool::avg_forward(&p, x, count_include_pad, out_data)
@@ -98,7 +98,7 @@ fn avg_pool2d_backward<'py>(
     let p = Pool2dParams::new(&in_shape, kernel_size, stride, padding)?;
     check_shape(&grad_output, "grad_output", &p.output_shape())?;
     let gy = slice(&grad_output, "grad_output")?;
-    let mut gx = Output::new(py, &in_shape)?;
+    let mut gx = Output::new(py, "grad_input", &in_shape)?;
     let gx_data = gx.data();
     run(py, gy.len(), || {
         pool::avg_backward(&p, gy, count_include_pad, gx_data)

@@ -1,18 +1,33 @@
 //! Threads, SIMD path and forced panics (for tests of the error path).
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-/// Use `n` threads for the kernels from now on (at least 1).
+/// Most threads a pool may have: far above any core count, far below what would exhaust
+/// the system's thread limit.
+const MAX_THREADS: usize = 1024;
+
+/// Use `n` threads for the kernels from now on (1 to 1024).
 #[pyfunction]
-fn set_num_threads(n: i64) -> PyResult<()> {
-    if n < 1 {
-        return Err(PyValueError::new_err(format!(
-            "n_threads: expected an int >= 1, got {n}"
+fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
+    let expected = format!("an int in [1, {MAX_THREADS}]");
+    if n.is_instance_of::<pyo3::types::PyBool>() || !n.hasattr("__index__")? {
+        return Err(PyTypeError::new_err(format!(
+            "n_threads: expected {expected}, got {}",
+            n.repr()?
         )));
     }
-    crate::parallel::set_num_threads(n as usize);
-    Ok(())
+    let value = n.call_method0("__index__")?;
+    let threads = value
+        .extract::<i64>()
+        .ok()
+        .filter(|&v| (1..=MAX_THREADS as i64).contains(&v))
+        .ok_or_else(|| {
+            PyValueError::new_err(format!("n_threads: expected {expected}, got {value}"))
+        })?;
+    crate::parallel::set_num_threads(threads as usize).map_err(|e| {
+        PyRuntimeError::new_err(format!("n_threads: {e}; the previous setting is kept"))
+    })
 }
 
 /// Number of threads the kernels use.

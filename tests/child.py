@@ -1,0 +1,60 @@
+"""Run Python code in a child process, for what cannot be tested in the test process:
+signals, fork, process-wide limits, a fresh interpreter.
+
+The child inherits the environment (so ``BNRS_NUM_THREADS`` etc. apply) plus ``env``; it
+imports bnrs from the same interpreter. Every wait has a timeout, so a hang fails a test
+instead of stopping the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+
+def _command(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def _environment(env: dict | None) -> dict:
+    return {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
+
+
+def run(code: str, *, timeout: float = 60, env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``code`` to completion; with ``check``, fail unless it exits with status 0."""
+    result = subprocess.run(_command(code), capture_output=True, text=True, timeout=timeout,
+                            env=_environment(env), check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"child exited with status {result.returncode}\n"
+                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def start(code: str, *, env: dict | None = None) -> subprocess.Popen:
+    """Start ``code``; read its lines from ``.stdout``, then ``finish()`` it."""
+    return subprocess.Popen(_command(code), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_environment(env))
+
+
+def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    """Wait for a started child (killing it after ``timeout``); return stdout, stderr."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"child still running after {timeout} s (killed)\n"
+                             f"stdout:\n{stdout}\nstderr:\n{stderr}") from None
+
+
+def expect_line(process: subprocess.Popen, prefix: str) -> str:
+    """The child's next line, which must start with ``prefix``."""
+    line = process.stdout.readline()
+    if not line.startswith(prefix):
+        stdout, stderr = finish(process, timeout=10)
+        raise AssertionError(f"expected a line starting {prefix!r}, got {line!r}\n"
+                             f"stdout:\n{stdout}\nstderr:\n{stderr}")
+    return line.strip()
