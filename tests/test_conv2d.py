@@ -29,6 +29,15 @@ CASES = {
     # 576 unfolded rows by 30 columns: the GEMM path unfolds each image in several tiles.
     "wide_cin64_several_im2col_tiles": ((2, 64, 11, 30), (3, 64, 3, 3), 1, 1, 1, True),
     "cin64_strided_several_tiles": ((1, 64, 13, 30), (2, 64, 3, 3), (2, 1), (0, 1), 1, False),
+    # Small images in a larger batch: blocks of images share one GEMM (19 = 6 blocks of 3
+    # and one of 1), with stride, padding and dilation.
+    "batch19_image_blocks": ((19, 4, 5, 7), (3, 4, 3, 3), 1, 1, 1, True),
+    "batch21_image_blocks_strided_dilated": ((21, 6, 9, 8), (4, 6, 3, 2), (2, 1), (1, 2),
+                                             (2, 1), False),
+    # 780 pixels: blocks of 2 images inside each backward group of 5 (2 + 2 + 1).
+    "batch40_blocks_inside_groups": ((40, 4, 26, 30), (2, 4, 3, 3), 1, 1, 1, True),
+    # The padded image is larger than its unfolded matrix: rows test their bounds.
+    "large_padding_strided_bounds_path": ((2, 8, 9, 9), (3, 8, 3, 3), 4, 3, 1, True),
     # Few unfolded rows: the direct (no GEMM) path, with dilation and vertical stride.
     "direct_path_cin3_dilated": ((2, 3, 9, 8), (4, 3, 3, 3), (2, 1), 2, 2, True),
 }

@@ -32,6 +32,16 @@ def _conv():
     return {"output": y, "grad_input": grads[0], "grad_weight": grads[1], "grad_bias": grads[2]}
 
 
+def _conv_image_blocks():
+    """Small images in a batch of 19: blocks of 3 images share one GEMM."""
+    _, normal = _data(3)
+    x, w, b = normal(19, 16, 12, 12), normal(8, 16, 3, 3), normal(8)
+    gy = normal(19, 8, 12, 12)
+    grads = F.conv2d_backward(gy, x, w, padding=1)
+    return {"output": F.conv2d(x, w, b, padding=1), "grad_input": grads[0],
+            "grad_weight": grads[1], "grad_bias": grads[2]}
+
+
 def _conv_first_layer():
     _, normal = _data(1)
     x, w = normal(8, 1, 28, 28), normal(16, 1, 5, 5)
@@ -127,6 +137,8 @@ def _optimizers():
 #        the number of terms those outputs sum)
 KERNELS = {
     "conv2d": (_conv, {"output", "grad_input", "grad_weight", "grad_bias"}, 8 * 10 * 10),
+    "conv2d_image_blocks": (_conv_image_blocks,
+                            {"output", "grad_input", "grad_weight", "grad_bias"}, 19 * 144),
     "conv2d_first_layer": (_conv_first_layer, {"output", "grad_weight", "grad_bias"},
                            8 * 28 * 28),
     "linear": (_linear, {"output", "grad_input", "grad_weight", "grad_bias"}, 300),
