@@ -5,7 +5,8 @@ Rust kernels (multithreaded, AVX2/FMA chosen at run time) exposed to NumPy. Star
 """
 
 from . import functional, nn, optim
-from ._core import __version__, get_num_threads, set_num_threads, simd_backend
+from ._core import (__version__, cached_memory, get_num_threads, release_memory,
+                    set_num_threads, simd_backend)
 
 
 def __getattr__(name: str):
@@ -23,7 +24,9 @@ __all__ = [
     "functional",
     "nn",
     "optim",
+    "cached_memory",
     "get_num_threads",
+    "release_memory",
     "set_num_threads",
     "simd_backend",
 ]

@@ -6,7 +6,7 @@ naming the argument), ``MemoryError`` (an output too large to allocate) or
 ``RuntimeError`` (an internal error, reported instead of aborting).
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, final
 
 import numpy as np
 import numpy.typing as npt
@@ -22,12 +22,14 @@ __all__ = [
     "activation_backward",
     "activation_forward",
     "adam_step",
+    "CachedBuffer",
     "avg_pool2d_backward",
     "avg_pool2d_forward",
     "batch_norm_backward",
     "batch_norm_forward",
     "conv2d_backward",
     "conv2d_forward",
+    "cached_memory",
     "cross_entropy_backward",
     "cross_entropy_forward",
     "dropout_forward",
@@ -40,6 +42,7 @@ __all__ = [
     "log_softmax_forward",
     "max_pool2d_backward",
     "max_pool2d_forward",
+    "release_memory",
     "set_num_threads",
     "set_simd_enabled",
     "sgd_step",
@@ -132,7 +135,13 @@ def adam_step(
     weight_decay: float,
     decoupled: bool,
 ) -> None: ...
+@final
+class CachedBuffer:
+    """The memory of a large output array (its ``base``), reused once the array is freed."""
+
 def set_num_threads(n: int) -> None: ...
+def release_memory() -> int: ...
+def cached_memory() -> int: ...
 def get_num_threads() -> int: ...
 def simd_backend() -> str: ...
 def set_simd_enabled(enabled: bool) -> None: ...

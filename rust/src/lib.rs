@@ -3,6 +3,7 @@
 //! The kernels in [`kernels`] are plain Rust on slices (NCHW, float32, C-contiguous);
 //! the Python extension `bnrs._core` (feature `python`) is a thin layer over them.
 
+pub mod buffers;
 pub mod error;
 pub mod kernels;
 pub mod memory;

@@ -99,15 +99,16 @@ pub fn set_num_threads(threads: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Make `fork` safe while other threads use bnrs: the pool's lock is taken before the
-/// fork and released after it in both processes, so the child never inherits it locked,
-/// and the child starts with no kernel running. Registered once, at import.
+/// Make `fork` safe while other threads use bnrs: the pool's and the buffer cache's locks
+/// are taken before the fork and released after it in both processes, so the child never
+/// inherits them locked, and the child starts with no kernel running. Registered once,
+/// at import.
 pub fn prepare_for_fork() {
     #[cfg(unix)]
     {
         static REGISTERED: std::sync::Once = std::sync::Once::new();
         REGISTERED.call_once(|| {
-            // SAFETY: the handlers are plain functions that only lock and unlock POOL and
+            // SAFETY: the handlers are plain functions that only lock and unlock mutexes and
             // store atomics, which is what pthread_atfork handlers may do.
             unsafe {
                 libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child));
@@ -116,16 +117,25 @@ pub fn prepare_for_fork() {
     }
 }
 
+/// The locks held across a fork: the pool's and the output buffer cache's.
+#[cfg(unix)]
+type ForkGuards = (
+    std::sync::MutexGuard<'static, Option<Pool>>,
+    std::sync::MutexGuard<'static, crate::buffers::Cache>,
+);
+
 #[cfg(unix)]
 thread_local! {
-    static HELD_FOR_FORK: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Option<Pool>>>> =
+    static HELD_FOR_FORK: std::cell::RefCell<Option<ForkGuards>> =
         const { std::cell::RefCell::new(None) };
 }
 
 #[cfg(unix)]
 extern "C" fn fork_prepare() {
-    let guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = HELD_FOR_FORK.try_with(|held| *held.borrow_mut() = Some(guard));
+    // Always in this order (nothing else ever holds both), so this cannot deadlock.
+    let pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let buffers = crate::buffers::lock_for_fork();
+    let _ = HELD_FOR_FORK.try_with(|held| *held.borrow_mut() = Some((pool, buffers)));
 }
 
 #[cfg(unix)]

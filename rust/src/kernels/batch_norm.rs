@@ -108,8 +108,73 @@ simd_dispatch! {
     }
 }
 
+// One value per channel and sample (BatchNorm1d on (N, C)): the loops below run over
+// rows of C values, vectorised across channels, instead of N·C planes of one value.
+// Each channel's sums are accumulated in f64 in sample order, as over planes.
+
+simd_dispatch! {
+    /// s1[c] += x[c] - shift[c]; s2[c] += (x[c] - shift[c])², for one row.
+    fn row_shifted_sums(x: &[f32], shift: &[f32], s1: &mut [f64], s2: &mut [f64]) {
+        for (((&v, &sh), a), b) in x.iter().zip(shift).zip(s1.iter_mut()).zip(s2.iter_mut()) {
+            let d = v - sh;
+            *a += f64::from(d);
+            *b += f64::from(d * d);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// sg[c] += g[c]; sgx[c] += g[c]·(x[c] - mean[c]), for one row.
+    fn row_grad_sums(g: &[f32], x: &[f32], mean: &[f32], sg: &mut [f64], sgx: &mut [f64]) {
+        for ((((&gv, &xv), &m), a), b) in
+            g.iter().zip(x).zip(mean).zip(sg.iter_mut()).zip(sgx.iter_mut())
+        {
+            *a += f64::from(gv);
+            *b += f64::from(gv * (xv - m));
+        }
+    }
+}
+
+simd_dispatch! {
+    /// out[c] = x[c]·a[c] + b[c], for rows of C values.
+    fn rows_affine(x: &[f32], out: &mut [f32], a: &[f32], b: &[f32]) {
+        for (o_row, x_row) in out.chunks_exact_mut(a.len()).zip(x.chunks_exact(a.len())) {
+            for (((o, &v), &aa), &bb) in o_row.iter_mut().zip(x_row).zip(a).zip(b) {
+                *o = v * aa + bb;
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// out[c] = g[c]·a[c] + x[c]·b[c] + c0[c], for rows of C values.
+    fn rows_grad_input(g: &[f32], x: &[f32], out: &mut [f32], a: &[f32], b: &[f32],
+                       c0: &[f32]) {
+        let c = a.len();
+        for ((o_row, g_row), x_row) in
+            out.chunks_exact_mut(c).zip(g.chunks_exact(c)).zip(x.chunks_exact(c))
+        {
+            for (i, o) in o_row.iter_mut().enumerate() {
+                *o = g_row[i] * a[i] + x_row[i] * b[i] + c0[i];
+            }
+        }
+    }
+}
+
+/// Rows per parallel chunk of the one-value-per-channel path (~32K values).
+fn rows_per_chunk(p: &BatchNormParams) -> usize {
+    (crate::parallel::ELEMENTWISE_CHUNK / p.channels).max(1)
+}
+
 /// Per channel: y = x·scale[c] + shift[c], over planes in parallel.
 fn apply_affine(p: &BatchNormParams, x: &[f32], y: &mut [f32], scale: &[f32], shift: &[f32]) {
+    if p.spatial == 1 {
+        let chunk = rows_per_chunk(p) * p.channels;
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(out, rows)| rows_affine(rows, out, scale, shift));
+        return;
+    }
     y.par_chunks_mut(p.spatial)
         .zip(x.par_chunks(p.spatial))
         .with_min_len((4096 / p.spatial).max(1))
@@ -126,6 +191,20 @@ fn apply_affine(p: &BatchNormParams, x: &[f32], y: &mut [f32], scale: &[f32], sh
 /// Batch mean and biased variance of every channel.
 fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
     let count = p.count() as f64;
+    if p.spatial == 1 {
+        let shift = &x[..p.channels];
+        let (mut s1, mut s2) = (vec![0.0f64; p.channels], vec![0.0f64; p.channels]);
+        for row in x.chunks_exact(p.channels) {
+            row_shifted_sums(row, shift, &mut s1, &mut s2);
+        }
+        return (0..p.channels)
+            .map(|c| {
+                let mean_shifted = s1[c] / count;
+                let var = (s2[c] / count - mean_shifted * mean_shifted).max(0.0);
+                (f64::from(shift[c]) + mean_shifted, var)
+            })
+            .collect();
+    }
     (0..p.channels)
         .into_par_iter()
         .map(|c| {
@@ -267,18 +346,29 @@ pub fn backward(
     p.check_channel_vector("weight", gamma)?;
     check_len("save_mean", save_mean.len(), p.channels)?;
     check_len("save_invstd", save_invstd.len(), p.channels)?;
-    let sums: Vec<(f64, f64)> = (0..p.channels)
-        .into_par_iter()
-        .map(|c| {
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for (g, xp) in p.channel_planes(grad_output, c).zip(p.channel_planes(x, c)) {
-                let (a, b) = plane_grad_sums(g, xp, save_mean[c]);
-                sg += f64::from(a);
-                sgx += f64::from(b);
-            }
-            (sg, sgx)
-        })
-        .collect();
+    let sums: Vec<(f64, f64)> = if p.spatial == 1 {
+        let (mut sg, mut sgx) = (vec![0.0f64; p.channels], vec![0.0f64; p.channels]);
+        for (g, xr) in grad_output
+            .chunks_exact(p.channels)
+            .zip(x.chunks_exact(p.channels))
+        {
+            row_grad_sums(g, xr, save_mean, &mut sg, &mut sgx);
+        }
+        sg.into_iter().zip(sgx).collect()
+    } else {
+        (0..p.channels)
+            .into_par_iter()
+            .map(|c| {
+                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+                for (g, xp) in p.channel_planes(grad_output, c).zip(p.channel_planes(x, c)) {
+                    let (a, b) = plane_grad_sums(g, xp, save_mean[c]);
+                    sg += f64::from(a);
+                    sgx += f64::from(b);
+                }
+                (sg, sgx)
+            })
+            .collect()
+    };
     let count = p.count() as f64;
     // grad_input = a·g + b·x + c per channel.
     let coefficients: Vec<(f32, f32, f32)> = (0..p.channels)
@@ -295,22 +385,32 @@ pub fn backward(
             }
         })
         .collect();
-    grad_input
-        .par_chunks_mut(p.spatial)
-        .zip(
-            grad_output
-                .par_chunks(p.spatial)
-                .zip(x.par_chunks(p.spatial)),
-        )
-        .with_min_len((4096 / p.spatial).max(1))
-        .enumerate()
-        .for_each(|(i, (out, (g, xp)))| {
-            if crate::parallel::stop_requested() {
-                return;
-            }
-            let (a, b, c0) = coefficients[i % p.channels];
-            plane_grad_input(g, xp, out, a, b, c0);
-        });
+    if p.spatial == 1 {
+        let (a, (b, c0)): (Vec<f32>, (Vec<f32>, Vec<f32>)) =
+            coefficients.iter().map(|&(a, b, c)| (a, (b, c))).unzip();
+        let chunk = rows_per_chunk(p) * p.channels;
+        grad_input
+            .par_chunks_mut(chunk)
+            .zip(grad_output.par_chunks(chunk).zip(x.par_chunks(chunk)))
+            .for_each(|(out, (g, xr))| rows_grad_input(g, xr, out, &a, &b, &c0));
+    } else {
+        grad_input
+            .par_chunks_mut(p.spatial)
+            .zip(
+                grad_output
+                    .par_chunks(p.spatial)
+                    .zip(x.par_chunks(p.spatial)),
+            )
+            .with_min_len((4096 / p.spatial).max(1))
+            .enumerate()
+            .for_each(|(i, (out, (g, xp)))| {
+                if crate::parallel::stop_requested() {
+                    return;
+                }
+                let (a, b, c0) = coefficients[i % p.channels];
+                plane_grad_input(g, xp, out, a, b, c0);
+            });
+    }
     if let Some(gg) = grad_gamma {
         check_len("grad_weight", gg.len(), p.channels)?;
         for c in 0..p.channels {

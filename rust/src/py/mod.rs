@@ -142,11 +142,28 @@ pub(crate) fn writeable<'py>(
 
 static NUMPY_EMPTY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
+/// The memory of a large output array (its base object): returned to the cache of
+/// [`crate::buffers`] when the array is freed, so the next output of that size reuses
+/// pages that are already mapped.
+#[pyclass(frozen, module = "bnrs._core")]
+struct CachedBuffer {
+    block: Option<crate::buffers::Block>,
+}
+
+impl Drop for CachedBuffer {
+    fn drop(&mut self) {
+        if let Some(block) = self.block.take() {
+            crate::buffers::give(block);
+        }
+    }
+}
+
 /// A new NumPy array for a kernel to fill, and the kernel's view of its data.
 ///
-/// The array comes from `numpy.empty` (so a failed allocation is a clean `MemoryError`),
-/// uninitialised: every kernel writes each element of its outputs before anything reads
-/// them, which saves a zeroing pass over memory. Arrays of a failed or interrupted call
+/// Large arrays (256 KiB and more) use memory from the cache of [`crate::buffers`], small
+/// ones come from `numpy.empty`; either way they are uninitialised: every kernel writes
+/// each element of its outputs before anything reads them, which saves a zeroing pass
+/// over memory. Arrays of a failed or interrupted call
 /// are dropped unread.
 pub(crate) struct Output<'py, T: Element> {
     array: Bound<'py, PyArrayDyn<T>>,
@@ -178,17 +195,36 @@ impl<'py, T: Element> Output<'py, T> {
             }
             Some(_) => {}
         }
-        let empty = NUMPY_EMPTY.import(py, "numpy", "empty")?;
-        let array = empty
-            .call1((PyTuple::new(py, shape)?, numpy::dtype::<T>(py)))
-            .map_err(|e| {
-                if e.is_instance_of::<PyMemoryError>(py) || e.is_instance_of::<PyValueError>(py) {
-                    too_large(format!(": {e}"))
-                } else {
-                    e
-                }
-            })?
-            .cast_into::<PyArrayDyn<T>>()?;
+        let bytes = bytes.expect("checked above");
+        let array = if bytes >= crate::buffers::MIN_CACHED_BYTES {
+            let block = crate::buffers::take(bytes)
+                .ok_or_else(|| too_large(": the system refused the memory".to_string()))?;
+            let data = block.as_ptr().cast::<T>();
+            let owner = Bound::new(py, CachedBuffer { block: Some(block) })?;
+            // SAFETY: the block holds `bytes` = size_of::<T>() × the shape's elements and
+            // is aligned for T; `owner` keeps it alive, unmoved, as long as the array (its
+            // base object) lives, and no other array or Rust code can reach it.
+            unsafe {
+                let view = numpy::ndarray::ArrayViewD::from_shape_ptr(
+                    numpy::ndarray::IxDyn(shape),
+                    data.cast_const(),
+                );
+                PyArrayDyn::<T>::borrow_from_array(&view, owner.into_any())
+            }
+        } else {
+            let empty = NUMPY_EMPTY.import(py, "numpy", "empty")?;
+            empty
+                .call1((PyTuple::new(py, shape)?, numpy::dtype::<T>(py)))
+                .map_err(|e| {
+                    if e.is_instance_of::<PyMemoryError>(py) || e.is_instance_of::<PyValueError>(py)
+                    {
+                        too_large(format!(": {e}"))
+                    } else {
+                        e
+                    }
+                })?
+                .cast_into::<PyArrayDyn<T>>()?
+        };
         let view = array
             .try_readwrite()
             .map_err(|e| PyRuntimeError::new_err(format!("internal error: {e}")))?;
@@ -305,5 +341,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     optim::register(m)?;
     pool::register(m)?;
     runtime::register(m)?;
+    m.add_class::<CachedBuffer>()?;
     Ok(())
 }

@@ -30,6 +30,18 @@ fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
     })
 }
 
+/// Free the memory kept for reuse by large outputs; returns the bytes freed.
+#[pyfunction]
+fn release_memory() -> usize {
+    crate::buffers::release()
+}
+
+/// Bytes kept for reuse by large outputs (at most an eighth of memory, 1 GiB).
+#[pyfunction]
+fn cached_memory() -> usize {
+    crate::buffers::cached_bytes()
+}
+
 /// Number of threads the kernels use.
 #[pyfunction]
 fn get_num_threads() -> usize {
@@ -70,6 +82,8 @@ fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(release_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(cached_memory, m)?)?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
