@@ -84,19 +84,106 @@ fn check_p(p: f32) -> Result<()> {
     Ok(())
 }
 
-simd_dispatch! {
-    /// Multipliers (`scale` if kept, else 0) of units `32·first_group..` for `factor.len()` units.
-    fn fill_factors(factor: &mut [f32], first_group: u64, seed: u64, threshold: u32, scale: f32) {
-        for (g, chunk) in factor.chunks_mut(GROUP).enumerate() {
-            let words = group_words(seed, first_group + g as u64);
-            let mut all = [0.0f32; GROUP];
-            for w in 0..4 {
-                for l in 0..LANES {
-                    all[w * LANES + l] = if words[w][l] < threshold { scale } else { 0.0 };
-                }
+/// Multipliers (`scale` if kept, else 0) of units `32·first_group..` for `factor.len()` units.
+fn fill_factors(factor: &mut [f32], first_group: u64, seed: u64, threshold: u32, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::use_avx2() {
+        // SAFETY: the AVX2 path is only on for CPUs that have AVX2.
+        unsafe { fill_factors_avx2(factor, first_group, seed, threshold, scale) };
+        return;
+    }
+    fill_factors_portable(factor, first_group, seed, threshold, scale);
+}
+
+/// [`fill_factors`] in portable code (LLVM vectorises the lane loops only partly).
+fn fill_factors_portable(
+    factor: &mut [f32],
+    first_group: u64,
+    seed: u64,
+    threshold: u32,
+    scale: f32,
+) {
+    for (g, chunk) in factor.chunks_mut(GROUP).enumerate() {
+        let words = group_words(seed, first_group + g as u64);
+        let mut all = [0.0f32; GROUP];
+        for w in 0..4 {
+            for l in 0..LANES {
+                all[w * LANES + l] = if words[w][l] < threshold { scale } else { 0.0 };
             }
-            chunk.copy_from_slice(&all[..chunk.len()]);
         }
+        chunk.copy_from_slice(&all[..chunk.len()]);
+    }
+}
+
+/// The high and low 32 bits of `m[l] · c[l]` for the eight lanes (`m` a broadcast value).
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn mulhilo_avx2(
+    m: std::arch::x86_64::__m256i,
+    c: std::arch::x86_64::__m256i,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    let even = _mm256_mul_epu32(m, c); // lanes 0, 2, 4, 6 as 64-bit products
+    let odd = _mm256_mul_epu32(m, _mm256_srli_epi64::<32>(c)); // lanes 1, 3, 5, 7
+    let lo = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+    let hi = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
+    (hi, lo)
+}
+
+/// [`fill_factors`] with AVX2 intrinsics: the eight Philox blocks of a group in the eight
+/// lanes of four registers, the same words as [`group_words`] (tested against it).
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fill_factors_avx2(
+    factor: &mut [f32],
+    first_group: u64,
+    seed: u64,
+    threshold: u32,
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    let m0 = _mm256_set1_epi32(PHILOX_M0 as i32);
+    let m1 = _mm256_set1_epi32(PHILOX_M1 as i32);
+    // Unsigned `word < threshold` as a signed comparison of both with the top bit flipped.
+    let flip = _mm256_set1_epi32(i32::MIN);
+    let limit = _mm256_xor_si256(_mm256_set1_epi32(threshold as i32), flip);
+    let scale = _mm256_set1_ps(scale);
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (g, chunk) in factor.chunks_mut(GROUP).enumerate() {
+        // Blocks 8·group + l: the low words of a multiple of 8 plus l never carry.
+        let first_block = (first_group + g as u64) * LANES as u64;
+        let mut c0 = _mm256_add_epi32(_mm256_set1_epi32(first_block as u32 as i32), lanes);
+        let mut c1 = _mm256_set1_epi32((first_block >> 32) as u32 as i32);
+        let mut c2 = _mm256_setzero_si256();
+        let mut c3 = _mm256_setzero_si256();
+        let (mut k0, mut k1) = (seed as u32, (seed >> 32) as u32);
+        for _ in 0..10 {
+            let (hi0, lo0) = mulhilo_avx2(m0, c0);
+            let (hi1, lo1) = mulhilo_avx2(m1, c2);
+            c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(k0 as i32));
+            c1 = lo1;
+            c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k1 as i32));
+            c3 = lo0;
+            k0 = k0.wrapping_add(PHILOX_W0);
+            k1 = k1.wrapping_add(PHILOX_W1);
+        }
+        let mut all = [0.0f32; GROUP];
+        for (w, words) in [c0, c1, c2, c3].into_iter().enumerate() {
+            let keep = _mm256_cmpgt_epi32(limit, _mm256_xor_si256(words, flip));
+            let f = _mm256_and_ps(_mm256_castsi256_ps(keep), scale);
+            let lanes_out: &mut [f32; LANES] = (&mut all[w * LANES..(w + 1) * LANES])
+                .try_into()
+                .expect("eight lanes");
+            // `lanes_out` is eight writable f32s; storeu needs no alignment.
+            _mm256_storeu_ps(lanes_out.as_mut_ptr(), f);
+        }
+        chunk.copy_from_slice(&all[..chunk.len()]);
     }
 }
 
@@ -213,6 +300,30 @@ mod tests {
             for w in 0..4 {
                 assert_eq!(words[w][l], single[w]);
             }
+        }
+    }
+
+    #[test]
+    fn avx2_factors_match_the_portable_ones() {
+        if !crate::simd::cpu_has_avx2_fma() {
+            return;
+        }
+        for &(seed, first_group, len, p) in &[
+            (0u64, 0u64, 32usize, 0.5f32),
+            (0x0123_4567_89ab_cdef, 5, 1000, 0.25),
+            (u64::MAX, (1u64 << 29) - 3, 77, 0.9), // blocks cross 2^32
+            (7, 12, 31, 1e-6),
+        ] {
+            let threshold = keep_threshold(p);
+            let mut portable = vec![0.0f32; len];
+            fill_factors_portable(&mut portable, first_group, seed, threshold, 2.0);
+            let mut avx2 = vec![0.0f32; len];
+            // SAFETY: checked above that the CPU has AVX2.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                fill_factors_avx2(&mut avx2, first_group, seed, threshold, 2.0)
+            };
+            assert_eq!(portable, avx2, "seed {seed} group {first_group}");
         }
     }
 
