@@ -259,3 +259,61 @@ def test_random_geometries_match_reference(assert_close, geometry_case, count_in
     assert_close(F.avg_pool2d_backward(gy, shape, **avg_args),
                  ref.avg_pool2d_backward(gy, shape, **avg_args), terms=terms,
                  name="avg grad_input")
+
+
+# ---------------------------------------------------------------- fast paths, exactly
+
+
+def _float32_avg_2x2(x):
+    """The general loop's order in float32: ((((0 + a) + b) + c) + d) / 4."""
+    n, c, h, w = x.shape
+    t = x[:, :, : h // 2 * 2, : w // 2 * 2]
+    a, b = t[:, :, 0::2, 0::2], t[:, :, 0::2, 1::2]
+    cc, d = t[:, :, 1::2, 0::2], t[:, :, 1::2, 1::2]
+    zero = np.float32(0.0)
+    return ((((zero + a) + b) + cc) + d) / np.float32(4.0)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 7, 9), (3, 1, 2, 2)])
+def test_avg_pool_2x2_is_exactly_the_window_sum_over_four(rng, shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.flat[::7] = -0.0
+    expected = _float32_avg_2x2(x)
+    actual = F.avg_pool2d(x, 2)
+    np.testing.assert_array_equal(actual, expected)
+    assert np.array_equal(np.signbit(actual), np.signbit(expected))
+    gy = rng.standard_normal(actual.shape).astype(np.float32)
+    gy.flat[::5] = -0.0
+    gx = F.avg_pool2d_backward(gy, shape, 2)
+    spread = np.float32(0.0) + gy / np.float32(4.0)
+    h2, w2 = shape[2] // 2 * 2, shape[3] // 2 * 2
+    for i in (0, 1):
+        for j in (0, 1):
+            window = gx[:, :, i:h2:2, j:w2:2]
+            np.testing.assert_array_equal(window, spread)
+            assert np.array_equal(np.signbit(window), np.signbit(spread))
+    assert not gx[:, :, h2:, :].any() and not gx[:, :, :, w2:].any()
+
+
+@pytest.mark.parametrize("geometry", [dict(kernel_size=2),
+                                      dict(kernel_size=3, stride=2, padding=1),
+                                      dict(kernel_size=(2, 3), stride=1)])
+def test_max_pool_without_indices_gives_the_same_values(rng, geometry):
+    x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    x[0, 0, :2, :2] = 1.5          # ties
+    x[1, 2, 3, 4] = np.nan         # NaN wins its windows
+    with_indices, _ = F.max_pool2d(x, **geometry, return_indices=True)
+    np.testing.assert_array_equal(F.max_pool2d(x, **geometry), with_indices)
+
+
+def test_max_pool_layer_in_eval_mode_still_has_a_backward(rng):
+    from bnrs import nn
+
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    layer = nn.MaxPool2d(2)
+    y_train = layer(x)
+    gy = rng.standard_normal(y_train.shape).astype(np.float32)
+    gx_train = layer.backward(gy)
+    layer.eval()
+    np.testing.assert_array_equal(layer(x), y_train)
+    np.testing.assert_array_equal(layer.backward(gy), gx_train)

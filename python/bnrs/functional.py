@@ -292,7 +292,8 @@ def max_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
     kernel = _pair(kernel_size, "kernel_size")
     out, indices = _core.max_pool2d_forward(
         as_float32(input, "input"), kernel,
-        kernel if stride is None else _pair(stride, "stride"), _pair(padding, "padding"))
+        kernel if stride is None else _pair(stride, "stride"), _pair(padding, "padding"),
+        bool(return_indices))
     return (out, indices) if return_indices else out
 
 

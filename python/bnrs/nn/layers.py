@@ -292,6 +292,11 @@ class MaxPool2d(_Pool2d):
     def forward(self, input) -> np.ndarray:
         """Pool a (N, C, H, W) batch."""
         x = self._input(input)
+        if not self.training:
+            # Inference needs no argmax: keep the input instead, in case of a backward.
+            output = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+            self._ctx = (None, x)
+            return output
         output, indices = F.max_pool2d(x, self.kernel_size, self.stride, self.padding,
                                        return_indices=True)
         self._ctx = (indices, x.shape)
@@ -299,9 +304,13 @@ class MaxPool2d(_Pool2d):
 
     def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
         """Route each output gradient to its argmax."""
-        indices, input_shape = self._saved()
+        indices, saved = self._saved()
+        if indices is None:  # after an evaluation-mode forward: find the argmax now
+            _, indices = F.max_pool2d(saved, self.kernel_size, self.stride, self.padding,
+                                      return_indices=True)
+            saved = saved.shape
         grad = self._grad_output(grad_output, indices.shape)
-        return F.max_pool2d_backward(grad, indices, input_shape) if input_grad else None
+        return F.max_pool2d_backward(grad, indices, saved) if input_grad else None
 
 
 class AvgPool2d(_Pool2d):

@@ -147,16 +147,38 @@ simd_dispatch! {
     }
 }
 
-/// Max pooling; `indices` receives each maximum's flat index in its input plane.
-/// Ties keep the first maximum in row-major window order; NaN propagates.
+simd_dispatch! {
+    /// [`max_pool_2x2_plane`] without the indices (inference), the same values.
+    fn max_pool_2x2_plane_values(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
+        for (oh, out_row) in out.chunks_exact_mut(out_w).enumerate() {
+            let top = &plane[2 * oh * in_w..2 * oh * in_w + 2 * out_w];
+            let bottom = &plane[(2 * oh + 1) * in_w..(2 * oh + 1) * in_w + 2 * out_w];
+            for (o, (t, b)) in out_row.iter_mut()
+                .zip(top.chunks_exact(2).zip(bottom.chunks_exact(2))) {
+                let mut best = t[0];
+                best = if replaces(t[1], best) { t[1] } else { best };
+                best = if replaces(b[0], best) { b[0] } else { best };
+                best = if replaces(b[1], best) { b[1] } else { best };
+                *o = best;
+            }
+        }
+    }
+}
+
+/// Max pooling; `indices`, if given, receives each maximum's flat index in its input
+/// plane. Ties keep the first maximum in row-major window order; NaN propagates.
 pub fn max_forward(
     p: &Pool2dParams,
     input: &[f32],
     output: &mut [f32],
-    indices: &mut [i64],
+    indices: Option<&mut [i64]>,
 ) -> Result<()> {
     check_len("input", input.len(), p.planes() * p.in_plane())?;
     check_len("output", output.len(), p.planes() * p.out_plane())?;
+    let Some(indices) = indices else {
+        max_forward_values(p, input, output);
+        return Ok(());
+    };
     check_len("indices", indices.len(), output.len())?;
     output
         .par_chunks_mut(p.out_plane())
@@ -166,7 +188,7 @@ pub fn max_forward(
             if crate::parallel::stop_requested() {
                 return;
             }
-            if p.kernel == (2, 2) && p.stride == (2, 2) && p.padding == (0, 0) {
+            if is_2x2(p) {
                 max_pool_2x2_plane(plane, p.in_w, out, idx, p.out_w);
                 return;
             }
@@ -196,6 +218,42 @@ pub fn max_forward(
             }
         });
     Ok(())
+}
+
+/// [`max_forward`] without indices.
+fn max_forward_values(p: &Pool2dParams, input: &[f32], output: &mut [f32]) {
+    output
+        .par_chunks_mut(p.out_plane())
+        .zip(input.par_chunks(p.in_plane()))
+        .for_each(|(out, plane)| {
+            if crate::parallel::stop_requested() {
+                return;
+            }
+            if is_2x2(p) {
+                max_pool_2x2_plane_values(plane, p.in_w, out, p.out_w);
+                return;
+            }
+            for oh in 0..p.out_h {
+                let (h0, h1) =
+                    Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
+                for ow in 0..p.out_w {
+                    let (w0, w1) =
+                        Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
+                    let mut best = f32::NEG_INFINITY;
+                    'window: for ih in h0..h1 {
+                        for &v in &plane[ih * p.in_w + w0..ih * p.in_w + w1] {
+                            if v > best || v.is_nan() {
+                                best = v;
+                                if v.is_nan() {
+                                    break 'window;
+                                }
+                            }
+                        }
+                    }
+                    out[oh * p.out_w + ow] = best;
+                }
+            }
+        });
 }
 
 /// Input gradient of max pooling: each output gradient is added at its recorded index.
@@ -243,6 +301,47 @@ pub fn max_backward(
     Ok(())
 }
 
+simd_dispatch! {
+    /// Average pooling of one plane with 2×2 windows, stride 2, no padding: the general
+    /// loop's sum order (from 0.0, row-major) and divisor, so the same values.
+    fn avg_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
+        for (oh, out_row) in out.chunks_exact_mut(out_w).enumerate() {
+            let top = &plane[2 * oh * in_w..2 * oh * in_w + 2 * out_w];
+            let bottom = &plane[(2 * oh + 1) * in_w..(2 * oh + 1) * in_w + 2 * out_w];
+            for (o, (t, b)) in out_row.iter_mut()
+                .zip(top.chunks_exact(2).zip(bottom.chunks_exact(2))) {
+                *o = (0.0 + t[0] + t[1] + b[0] + b[1]) / 4.0;
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// Input gradient of [`avg_pool_2x2_plane`]: each window gets 0.0 + g/4, as the
+    /// general loop adds it to a zeroed gradient; rows and columns no window covers are 0.
+    fn avg_pool_2x2_plane_backward(gy: &[f32], out_w: usize, gx: &mut [f32], in_w: usize) {
+        gx.fill(0.0);
+        for (oh, gy_row) in gy.chunks_exact(out_w).enumerate() {
+            let (top, rest) = gx[2 * oh * in_w..].split_at_mut(in_w);
+            let bottom = &mut rest[..in_w];
+            for ((&g, t), b) in gy_row.iter()
+                .zip(top[..2 * out_w].chunks_exact_mut(2))
+                .zip(bottom[..2 * out_w].chunks_exact_mut(2)) {
+                let v = 0.0 + g / 4.0;
+                t[0] = v;
+                t[1] = v;
+                b[0] = v;
+                b[1] = v;
+            }
+        }
+    }
+}
+
+/// Whether pooling uses the 2×2, stride 2, unpadded fast paths.
+fn is_2x2(p: &Pool2dParams) -> bool {
+    p.kernel == (2, 2) && p.stride == (2, 2) && p.padding == (0, 0)
+}
+
 /// Average pooling.
 pub fn avg_forward(
     p: &Pool2dParams,
@@ -257,6 +356,10 @@ pub fn avg_forward(
         .zip(input.par_chunks(p.in_plane()))
         .for_each(|(out, plane)| {
             if crate::parallel::stop_requested() {
+                return;
+            }
+            if is_2x2(p) {
+                avg_pool_2x2_plane(plane, p.in_w, out, p.out_w);
                 return;
             }
             for oh in 0..p.out_h {
@@ -294,6 +397,10 @@ pub fn avg_backward(
             if crate::parallel::stop_requested() {
                 return;
             }
+            if is_2x2(p) {
+                avg_pool_2x2_plane_backward(gy, p.out_w, gx, p.in_w);
+                return;
+            }
             gx.fill(0.0);
             for oh in 0..p.out_h {
                 let (h0, h1) =
@@ -322,7 +429,7 @@ mod tests {
         let p = Pool2dParams::new(&[1, 1, 2, 4], (2, 2), (2, 2), (0, 0)).unwrap();
         let x = [1.0, 5.0, 2.0, 2.0, 3.0, 4.0, 7.0, 0.0];
         let (mut y, mut idx) = ([0.0; 2], [0i64; 2]);
-        max_forward(&p, &x, &mut y, &mut idx).unwrap();
+        max_forward(&p, &x, &mut y, Some(&mut idx)).unwrap();
         assert_eq!(y, [5.0, 7.0]);
         assert_eq!(idx, [1, 6]);
         let mut gx = [9.0; 8];

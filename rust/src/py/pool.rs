@@ -7,7 +7,10 @@ use super::{check_shape, run, slice, Output};
 use crate::kernels::pool::{self, Pool2dParams};
 
 type Pair = (i64, i64);
-type PooledWithIndices<'py> = (Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<i64>>);
+type PooledWithIndices<'py> = (
+    Bound<'py, PyArrayDyn<f32>>,
+    Option<Bound<'py, PyArrayDyn<i64>>>,
+);
 type Shape4 = (i64, i64, i64, i64);
 
 /// An (N, C, H, W) shape given by the caller.
@@ -21,22 +24,24 @@ fn shape4(shape: Shape4) -> PyResult<[usize; 4]> {
     Ok(dims.map(|d| d as usize))
 }
 
-/// max_pool2d forward: (output, indices).
+/// max_pool2d forward: (output, indices), the indices None unless `return_indices`.
 #[pyfunction]
+#[pyo3(signature = (input, kernel_size, stride, padding, return_indices=true))]
 fn max_pool2d_forward<'py>(
     py: Python<'py>,
     input: PyReadonlyArrayDyn<'py, f32>,
     kernel_size: Pair,
     stride: Pair,
     padding: Pair,
+    return_indices: bool,
 ) -> PyResult<PooledWithIndices<'py>> {
     let p = Pool2dParams::new(input.shape(), kernel_size, stride, padding)?;
     let x = slice(&input, "input")?;
     let mut out = Output::new(py, "output", &p.output_shape())?;
-    let mut idx = Output::new(py, "indices", &p.output_shape())?;
-    let (out_data, idx_data) = (out.data(), idx.data());
+    let mut idx = Output::maybe(py, "indices", return_indices, &p.output_shape())?;
+    let (out_data, idx_data) = (out.data(), idx.as_mut().map(Output::data));
     run(py, x.len(), || pool::max_forward(&p, x, out_data, idx_data))?;
-    Ok((out.into_array(), idx.into_array()))
+    Ok((out.into_array(), idx.map(Output::into_array)))
 }
 
 /// max_pool2d backward from the forward's indices.
