@@ -36,6 +36,10 @@ CASES = {
                                              (2, 1), False),
     # 780 pixels: blocks of 2 images inside each backward group of 5 (2 + 2 + 1).
     "batch40_blocks_inside_groups": ((40, 4, 26, 30), (2, 4, 3, 3), 1, 1, 1, True),
+    # Stride 1 with padding beyond the kernel's extent: the input gradient is not a
+    # convolution of the output gradient (it would need negative padding), so it folds.
+    "k1x1_stride1_padding_beyond_kernel": ((2, 3, 5, 6), (4, 3, 1, 1), 1, 1, 1, True),
+    "k3_stride1_padding3_rect_dilated": ((2, 3, 6, 7), (2, 3, 3, 2), 1, (3, 1), (1, 2), True),
     # The padded image is larger than its unfolded matrix: rows test their bounds.
     "large_padding_strided_bounds_path": ((2, 8, 9, 9), (3, 8, 3, 3), 4, 3, 1, True),
     # Few unfolded rows: the direct (no GEMM) path, with dilation and vertical stride.

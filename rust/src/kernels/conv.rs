@@ -3,7 +3,9 @@
 //! Each image is unfolded (im2col) into a K×P matrix, K = C_in·kH·kW, P = H_out·W_out,
 //! and multiplied by the C_out×K weight matrix. A 1×1 convolution with stride 1 and no
 //! padding is a plain GEMM on the image. Images run in parallel; the weight gradient is
-//! summed per fixed group of images, then over groups in order.
+//! summed per fixed group of images, then over groups in order. The input gradient of a
+//! stride-1 convolution is itself a convolution (of the output gradient with the flipped,
+//! transposed weights); other strides fold the GEMM's K×P gradient back (col2im).
 
 use rayon::prelude::*;
 
@@ -744,6 +746,52 @@ fn forward_grouped(
         );
 }
 
+/// The convolution whose forward is the input gradient of `p`, when `p` has stride 1 and
+/// padding at most the dilated kernel's extent d·(k - 1): the output gradient convolved
+/// with the weights transposed (C_in × C_out) and flipped, padded by d·(k - 1) - p, which
+/// gives back H×W. It runs as a forward (unfolded in cache-sized tiles, no fold of a
+/// K×P gradient matrix), which measures faster than GEMM + col2im.
+fn transposed_params(p: &Conv2dParams) -> Option<Conv2dParams> {
+    let extent = (
+        p.dilation.0 * (p.kernel_h - 1),
+        p.dilation.1 * (p.kernel_w - 1),
+    );
+    if p.stride != (1, 1) || p.padding.0 > extent.0 || p.padding.1 > extent.1 {
+        return None;
+    }
+    Some(Conv2dParams {
+        batch: p.batch,
+        in_channels: p.out_channels,
+        in_h: p.out_h,
+        in_w: p.out_w,
+        out_channels: p.in_channels,
+        kernel_h: p.kernel_h,
+        kernel_w: p.kernel_w,
+        stride: (1, 1),
+        padding: (extent.0 - p.padding.0, extent.1 - p.padding.1),
+        dilation: p.dilation,
+        out_h: p.in_h,
+        out_w: p.in_w,
+    })
+}
+
+/// The weights of [`transposed_params`]: `[c][co][i][j] = weight[co][c][kH-1-i][kW-1-j]`.
+fn transposed_weight(p: &Conv2dParams, weight: &[f32]) -> Vec<f32> {
+    let (kh, kw) = (p.kernel_h, p.kernel_w);
+    let mut flipped = vec![0.0f32; weight.len()];
+    for co in 0..p.out_channels {
+        for c in 0..p.in_channels {
+            for i in 0..kh {
+                for j in 0..kw {
+                    flipped[((c * p.out_channels + co) * kh + i) * kw + j] =
+                        weight[((co * p.in_channels + c) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)];
+                }
+            }
+        }
+    }
+    flipped
+}
+
 /// Gradients of [`forward`]: `grad_input` (if given), `grad_weight`, `grad_bias` (if given).
 pub fn backward(
     p: &Conv2dParams,
@@ -778,6 +826,18 @@ pub fn backward(
     let block = images_per_gemm(p).min(group);
     let n_groups = p.batch.div_ceil(group);
     let mut partials = vec![0.0f32; n_groups * weight.len()];
+    let mut grad_input = grad_input;
+    if let (Some(gx), Some(transposed)) = (grad_input.as_deref_mut(), transposed_params(p)) {
+        crate::error::check_len("grad_input", gx.len(), input.len())?;
+        forward(
+            &transposed,
+            grad_output,
+            &transposed_weight(p, weight),
+            None,
+            gx,
+        )?;
+        grad_input = None; // done: the loop below computes the weight gradient only
+    }
     let grad_input_groups: Vec<Option<&mut [f32]>> = match grad_input {
         Some(gx) => {
             crate::error::check_len("grad_input", gx.len(), input.len())?;
