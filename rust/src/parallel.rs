@@ -23,7 +23,11 @@ struct Pool {
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 
-/// `BNRS_NUM_THREADS`, else the number of cores; read once (the core count reads cgroup
+/// Most threads a pool may have: far above any core count, far below what would exhaust
+/// the system's thread limit.
+pub const MAX_THREADS: usize = 1024;
+
+/// `BNRS_NUM_THREADS` (1 to [`MAX_THREADS`]), else the number of cores; read once (the core count reads cgroup
 /// files, too slow to repeat per call).
 fn default_threads() -> usize {
     static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -31,7 +35,7 @@ fn default_threads() -> usize {
         std::env::var("BNRS_NUM_THREADS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
+            .filter(|&n| (1..=MAX_THREADS).contains(&n))
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     })
 }
@@ -110,9 +114,11 @@ pub fn prepare_for_fork() {
         REGISTERED.call_once(|| {
             // SAFETY: the handlers are plain functions that only lock and unlock mutexes and
             // store atomics, which is what pthread_atfork handlers may do.
-            unsafe {
-                libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child));
-            }
+            // It fails only without memory for the registration; bnrs then works as
+            // before, minus the guarantee for a fork in the middle of a kernel call.
+            let _ = unsafe {
+                libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child))
+            };
         });
     }
 }
@@ -151,11 +157,6 @@ extern "C" fn fork_child() {
     let _ = HELD_FOR_FORK.try_with(|held| held.borrow_mut().take());
 }
 
-/// Run `f` inside the bnrs pool, so its rayon calls use the configured threads.
-pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    current_pool().install(f)
-}
-
 static STOP: AtomicBool = AtomicBool::new(false);
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
 
@@ -176,6 +177,44 @@ pub enum Outcome<R> {
     Interrupted(Option<Box<dyn std::any::Any + Send>>),
 }
 
+/// Counts a running job in [`RUNNING`] for its lifetime, whatever way it ends (a panic
+/// included): STOP is cleared when the last running job ends, never while one runs.
+struct Running;
+
+impl Running {
+    fn start() -> Running {
+        RUNNING.fetch_add(1, Ordering::SeqCst);
+        Running
+    }
+
+    /// Whether a stop was requested while this job ran (so it may have ended early).
+    fn stopped(&self) -> bool {
+        STOP.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if RUNNING.fetch_sub(1, Ordering::SeqCst) == 1 {
+            STOP.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Run `job` in the pool, without watching for interrupts itself; if another caller's
+/// interrupt asked the kernels to stop while it ran, its (possibly partial) result is
+/// discarded: `Interrupted(None)`.
+pub fn run<R: Send>(job: impl FnOnce() -> R + Send) -> Outcome<R> {
+    let pool = current_pool();
+    let running = Running::start();
+    let result = pool.install(job);
+    if running.stopped() {
+        Outcome::Interrupted(None)
+    } else {
+        Outcome::Done(result)
+    }
+}
+
 /// Run `job` in the pool while the calling thread calls `poll` every `interval`. When
 /// `poll` returns `Some(reason)`, every running kernel is asked to stop
 /// ([`stop_requested`]) and the job's result is discarded.
@@ -184,8 +223,8 @@ pub fn run_interruptible<R: Send>(
     interval: Duration,
     mut poll: impl FnMut() -> Option<Box<dyn std::any::Any + Send>>,
 ) -> Outcome<R> {
-    RUNNING.fetch_add(1, Ordering::SeqCst);
     let pool = current_pool();
+    let running = Running::start();
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut result = None;
     let mut reason = None;
@@ -206,10 +245,8 @@ pub fn run_interruptible<R: Send>(
         }
     });
     // STOP is only cleared when no job runs, so a job that overlapped an interrupt sees it.
-    let stopped = STOP.load(Ordering::SeqCst);
-    if RUNNING.fetch_sub(1, Ordering::SeqCst) == 1 {
-        STOP.store(false, Ordering::SeqCst);
-    }
+    let stopped = running.stopped();
+    drop(running);
     match (reason, stopped) {
         (Some(r), _) => Outcome::Interrupted(Some(r)),
         (None, true) => Outcome::Interrupted(None),
@@ -223,3 +260,4 @@ pub fn chunk_len(len: usize, min_len: usize, max_chunks: usize) -> usize {
     let by_count = len.div_ceil(max_chunks.max(1));
     by_count.max(min_len).max(1)
 }
+

@@ -895,35 +895,22 @@ pub fn backward(
                 let Some(gx_group) = gx_group.as_deref_mut() else {
                     continue;
                 };
+                // Only strided (or over-padded) convolutions get here: the rest took the
+                // transposed path above, pointwise ones included.
                 let gx_block = &mut gx_group[(start - first) * image_len..][..images * image_len];
-                let wt = MatRef::transposed(weight, k);
-                if p.is_pointwise() {
-                    // images == 1 (images_per_gemm): the input gradient is the GEMM itself.
-                    sgemm(
-                        k,
-                        n,
-                        p.out_channels,
-                        gx_block,
-                        n,
-                        false,
-                        wt,
-                        MatRef::rows(gys, n),
-                    );
-                } else {
-                    grad_col.resize(k * n, 0.0);
-                    sgemm(
-                        k,
-                        n,
-                        p.out_channels,
-                        &mut grad_col,
-                        n,
-                        false,
-                        wt,
-                        MatRef::rows(gys, n),
-                    );
-                    for (i, gx) in gx_block.chunks_exact_mut(image_len).enumerate() {
-                        fold(p, &grad_col[i * pixels..], n, gx, &mut scratch);
-                    }
+                grad_col.resize(k * n, 0.0);
+                sgemm(
+                    k,
+                    n,
+                    p.out_channels,
+                    &mut grad_col,
+                    n,
+                    false,
+                    MatRef::transposed(weight, k),
+                    MatRef::rows(gys, n),
+                );
+                for (i, gx) in gx_block.chunks_exact_mut(image_len).enumerate() {
+                    fold(p, &grad_col[i * pixels..], n, gx, &mut scratch);
                 }
             }
         });

@@ -55,11 +55,15 @@ pub(crate) fn run<T: Send>(
         // The outer catch_unwind covers the pool itself (a pool that cannot start).
         let outcome = py.detach(|| {
             catch_unwind(AssertUnwindSafe(|| {
-                crate::parallel::install(|| catch_unwind(AssertUnwindSafe(kernel)))
+                crate::parallel::run(|| catch_unwind(AssertUnwindSafe(kernel)))
             }))
         });
         py.check_signals()?;
-        return outcome_to_result(outcome.unwrap_or_else(Err));
+        return match outcome {
+            Err(payload) => outcome_to_result(Err(payload)),
+            Ok(Outcome::Done(outcome)) => outcome_to_result(outcome),
+            Ok(Outcome::Interrupted(_)) => Err(interrupted_elsewhere()),
+        };
     }
     let outcome = py.detach(|| {
         catch_unwind(AssertUnwindSafe(|| {
@@ -79,14 +83,17 @@ pub(crate) fn run<T: Send>(
         Ok(Outcome::Interrupted(Some(reason))) => {
             return Err(*reason.downcast::<PyErr>().expect("the poll keeps a PyErr"));
         }
-        Ok(Outcome::Interrupted(None)) => {
-            return Err(PyKeyboardInterrupt::new_err(
-                "interrupted: Ctrl-C arrived while this kernel ran in another thread",
-            ));
-        }
+        Ok(Outcome::Interrupted(None)) => return Err(interrupted_elsewhere()),
     };
     py.check_signals()?;
     outcome_to_result(outcome)
+}
+
+/// A kernel stopped early because Ctrl-C interrupted another thread's kernel call.
+fn interrupted_elsewhere() -> PyErr {
+    PyKeyboardInterrupt::new_err(
+        "interrupted: Ctrl-C arrived while this kernel ran in another thread",
+    )
 }
 
 type Caught<T> = std::thread::Result<crate::Result<T>>;

@@ -3,9 +3,7 @@
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-/// Most threads a pool may have: far above any core count, far below what would exhaust
-/// the system's thread limit.
-const MAX_THREADS: usize = 1024;
+use crate::parallel::MAX_THREADS;
 
 /// Use `n` threads for the kernels from now on (1 to 1024).
 #[pyfunction]
