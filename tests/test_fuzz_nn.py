@@ -726,8 +726,8 @@ def _bad_network_shape(draw, args):
     args["input_shape"] = draw(st.sampled_from([(0, 4, 4), (3, 4), (1, -1, 4), (), "x", None,
                                                 (1.5, 4, 4), (2**64, 1, 1)]),
                                label="input_shape")
-    # (2**64, 1, 1) is refused when the first weight would be allocated.
-    return (ValueError, TypeError, MemoryError), "input_shape|weight"
+    # (2**64, 1, 1): more elements per sample than a 64-bit size counts.
+    return (ValueError, TypeError, MemoryError), "input_shape"
 
 
 SPECS["from_spec"] = Spec(
@@ -838,12 +838,23 @@ OPTIMIZER_MUTATIONS = (
           (ValueError, TypeError), "empty parameter list|Parameter|params|iterable"),
     _wrong_grad_shape, _nan_lr_between_steps)
 
+def _nesterov_without_momentum(draw, args):
+    # Nesterov momentum needs a momentum and zero dampening (PyTorch's rule); with them
+    # (momentum 0.9, dampening 0) it is a valid setting, not a mutation.
+    args["nesterov"] = True
+    if draw(st.booleans(), label="no momentum"):
+        args["momentum"] = 0.0
+    else:
+        args["momentum"], args["dampening"] = 0.9, 0.1
+    return ValueError, "Nesterov"
+
+
 SPECS["SGD"] = Spec(
     call=_call_optimizer, draw=_draw_optimizer("SGD"), check=_check_optimizer,
     mutations=OPTIMIZER_MUTATIONS + (
         value("momentum", NON_FINITE + [-0.5], ValueError, "momentum"),
         value("dampening", NON_FINITE, ValueError, "dampening"),
-        value("nesterov", [True], ValueError, "Nesterov")))
+        _nesterov_without_momentum))
 for _kind in ("Adam", "AdamW"):
     SPECS[_kind] = Spec(
         call=_call_optimizer, draw=_draw_optimizer(_kind), check=_check_optimizer,

@@ -21,6 +21,7 @@ The output layer ``fc<n_classes>`` (after a Flatten if needed) is appended by
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from collections.abc import Sequence
@@ -242,6 +243,9 @@ def _check_shape(input_shape) -> tuple[int, ...]:
     if len(shape) not in (1, 3) or min(shape) < 1:
         raise ValueError(f"input_shape: expected positive (C, H, W) or (n_features,), "
                          f"got {input_shape!r}")
+    if math.prod(shape) >= 2**63:
+        raise ValueError(f"input_shape: {input_shape!r} has more elements per sample than "
+                         "a 64-bit size can count")
     return shape
 
 
