@@ -273,6 +273,20 @@ fn copy_row(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// For each image row (channel c, row h): where it starts in the image and in the
+/// zero-padded image.
+fn interior_rows(p: &Conv2dParams) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let (hp, wp) = padded_size(p);
+    (0..p.in_channels).flat_map(move |c| {
+        (0..p.in_h).map(move |h| {
+            (
+                (c * p.in_h + h) * p.in_w,
+                c * hp * wp + (h + p.padding.0) * wp + p.padding.1,
+            )
+        })
+    })
+}
+
 /// Images unfolded for the GEMM, through a zero-padded copy when [`unfolds_padded`].
 struct Unfolder {
     padded: Vec<f32>,
@@ -299,15 +313,11 @@ impl Unfolder {
             self.padded.clear();
             self.padded.resize(len, 0.0);
         }
-        let plane = p.in_h * p.in_w;
-        for c in 0..p.in_channels {
-            for h in 0..p.in_h {
-                let start = c * hp * wp + (h + p.padding.0) * wp + p.padding.1;
-                copy_row(
-                    &mut self.padded[start..start + p.in_w],
-                    &image[c * plane + h * p.in_w..c * plane + (h + 1) * p.in_w],
-                );
-            }
+        for (row, padded_row) in interior_rows(p) {
+            copy_row(
+                &mut self.padded[padded_row..padded_row + p.in_w],
+                &image[row..row + p.in_w],
+            );
         }
         Some(&self.padded)
     }
@@ -405,15 +415,11 @@ fn fold(p: &Conv2dParams, col: &[f32], ld: usize, gx: &mut [f32], scratch: &mut 
         }
     }
     if !unpadded {
-        let plane = p.in_h * p.in_w;
-        for c in 0..p.in_channels {
-            for h in 0..p.in_h {
-                let start = c * hp * wp + (h + p.padding.0) * wp + p.padding.1;
-                copy_row(
-                    &mut gx[c * plane + h * p.in_w..c * plane + (h + 1) * p.in_w],
-                    &scratch[start..start + p.in_w],
-                );
-            }
+        for (row, padded_row) in interior_rows(p) {
+            copy_row(
+                &mut gx[row..row + p.in_w],
+                &scratch[padded_row..padded_row + p.in_w],
+            );
         }
     }
 }

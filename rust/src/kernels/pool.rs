@@ -165,6 +165,32 @@ simd_dispatch! {
     }
 }
 
+/// The maximum of output (oh, ow)'s window in `plane` and its flat index: ties keep the
+/// first in row-major window order; the first NaN wins. Padding counts as -inf.
+fn window_max(p: &Pool2dParams, plane: &[f32], oh: usize, ow: usize) -> (f32, usize) {
+    let (h0, h1) = Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
+    let (w0, w1) = Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
+    let mut best = f32::NEG_INFINITY;
+    let mut best_at = h0 * p.in_w + w0;
+    for ih in h0..h1 {
+        for (iw, &v) in plane[ih * p.in_w..(ih + 1) * p.in_w]
+            .iter()
+            .enumerate()
+            .take(w1)
+            .skip(w0)
+        {
+            if v > best || v.is_nan() {
+                best = v;
+                best_at = ih * p.in_w + iw;
+                if v.is_nan() {
+                    return (best, best_at);
+                }
+            }
+        }
+    }
+    (best, best_at)
+}
+
 /// Max pooling; `indices`, if given, receives each maximum's flat index in its input
 /// plane. Ties keep the first maximum in row-major window order; NaN propagates.
 pub fn max_forward(
@@ -193,25 +219,8 @@ pub fn max_forward(
                 return;
             }
             for oh in 0..p.out_h {
-                let (h0, h1) =
-                    Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
                 for ow in 0..p.out_w {
-                    let (w0, w1) =
-                        Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
-                    let mut best = f32::NEG_INFINITY;
-                    let mut best_at = h0 * p.in_w + w0;
-                    'window: for ih in h0..h1 {
-                        let row = &plane[ih * p.in_w..(ih + 1) * p.in_w];
-                        for (iw, &v) in row.iter().enumerate().take(w1).skip(w0) {
-                            if v > best || v.is_nan() {
-                                best = v;
-                                best_at = ih * p.in_w + iw;
-                                if v.is_nan() {
-                                    break 'window;
-                                }
-                            }
-                        }
-                    }
+                    let (best, best_at) = window_max(p, plane, oh, ow);
                     out[oh * p.out_w + ow] = best;
                     idx[oh * p.out_w + ow] = best_at as i64;
                 }
@@ -234,23 +243,8 @@ fn max_forward_values(p: &Pool2dParams, input: &[f32], output: &mut [f32]) {
                 return;
             }
             for oh in 0..p.out_h {
-                let (h0, h1) =
-                    Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
                 for ow in 0..p.out_w {
-                    let (w0, w1) =
-                        Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
-                    let mut best = f32::NEG_INFINITY;
-                    'window: for ih in h0..h1 {
-                        for &v in &plane[ih * p.in_w + w0..ih * p.in_w + w1] {
-                            if v > best || v.is_nan() {
-                                best = v;
-                                if v.is_nan() {
-                                    break 'window;
-                                }
-                            }
-                        }
-                    }
-                    out[oh * p.out_w + ow] = best;
+                    out[oh * p.out_w + ow] = window_max(p, plane, oh, ow).0;
                 }
             }
         });
