@@ -260,4 +260,3 @@ pub fn chunk_len(len: usize, min_len: usize, max_chunks: usize) -> usize {
     let by_count = len.div_ceil(max_chunks.max(1));
     by_count.max(min_len).max(1)
 }
-
