@@ -511,7 +511,12 @@ def _updating(mutation):
     forward updates running statistics."""
     def mutate(draw, args):
         args["training"] = True
-        return _needs_running(mutation)(draw, args)
+        errors, names = _needs_running(mutation)(draw, args)
+        x = args["input"]
+        if x.size <= x.shape[1]:
+            # One value per channel is itself invalid in training; either may be reported.
+            names = f"{names}|input"
+        return errors, names
     return mutate
 
 
