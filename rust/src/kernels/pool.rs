@@ -229,25 +229,38 @@ pub fn max_forward(
     Ok(())
 }
 
-/// [`max_forward`] without indices.
-fn max_forward_values(p: &Pool2dParams, input: &[f32], output: &mut [f32]) {
+/// Run `f` on each (output plane, input plane) pair in parallel, unless a stop was
+/// requested. Planes are the split, so the result does not depend on the thread count.
+fn per_plane(
+    output: &mut [f32],
+    out_plane: usize,
+    input: &[f32],
+    in_plane: usize,
+    f: impl Fn(&mut [f32], &[f32]) + Sync + Send,
+) {
     output
-        .par_chunks_mut(p.out_plane())
-        .zip(input.par_chunks(p.in_plane()))
+        .par_chunks_mut(out_plane)
+        .zip(input.par_chunks(in_plane))
         .for_each(|(out, plane)| {
-            if crate::parallel::stop_requested() {
-                return;
-            }
-            if is_2x2(p) {
-                max_pool_2x2_plane_values(plane, p.in_w, out, p.out_w);
-                return;
-            }
-            for oh in 0..p.out_h {
-                for ow in 0..p.out_w {
-                    out[oh * p.out_w + ow] = window_max(p, plane, oh, ow).0;
-                }
+            if !crate::parallel::stop_requested() {
+                f(out, plane);
             }
         });
+}
+
+/// [`max_forward`] without indices.
+fn max_forward_values(p: &Pool2dParams, input: &[f32], output: &mut [f32]) {
+    per_plane(output, p.out_plane(), input, p.in_plane(), |out, plane| {
+        if is_2x2(p) {
+            max_pool_2x2_plane_values(plane, p.in_w, out, p.out_w);
+            return;
+        }
+        for oh in 0..p.out_h {
+            for ow in 0..p.out_w {
+                out[oh * p.out_w + ow] = window_max(p, plane, oh, ow).0;
+            }
+        }
+    });
 }
 
 /// Input gradient of max pooling: each output gradient is added at its recorded index.
@@ -345,33 +358,26 @@ pub fn avg_forward(
 ) -> Result<()> {
     check_len("input", input.len(), p.planes() * p.in_plane())?;
     check_len("output", output.len(), p.planes() * p.out_plane())?;
-    output
-        .par_chunks_mut(p.out_plane())
-        .zip(input.par_chunks(p.in_plane()))
-        .for_each(|(out, plane)| {
-            if crate::parallel::stop_requested() {
-                return;
-            }
-            if is_2x2(p) {
-                avg_pool_2x2_plane(plane, p.in_w, out, p.out_w);
-                return;
-            }
-            for oh in 0..p.out_h {
-                let (h0, h1) =
-                    Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
-                for ow in 0..p.out_w {
-                    let (w0, w1) =
-                        Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
-                    let mut total = 0.0f32;
-                    for ih in h0..h1 {
-                        for &v in &plane[ih * p.in_w + w0..ih * p.in_w + w1] {
-                            total += v;
-                        }
+    per_plane(output, p.out_plane(), input, p.in_plane(), |out, plane| {
+        if is_2x2(p) {
+            avg_pool_2x2_plane(plane, p.in_w, out, p.out_w);
+            return;
+        }
+        for oh in 0..p.out_h {
+            let (h0, h1) = Pool2dParams::window(oh, p.stride.0, p.padding.0, p.kernel.0, p.in_h);
+            for ow in 0..p.out_w {
+                let (w0, w1) =
+                    Pool2dParams::window(ow, p.stride.1, p.padding.1, p.kernel.1, p.in_w);
+                let mut total = 0.0f32;
+                for ih in h0..h1 {
+                    for &v in &plane[ih * p.in_w + w0..ih * p.in_w + w1] {
+                        total += v;
                     }
-                    out[oh * p.out_w + ow] = total / p.avg_divisor(oh, ow, count_include_pad);
                 }
+                out[oh * p.out_w + ow] = total / p.avg_divisor(oh, ow, count_include_pad);
             }
-        });
+        }
+    });
     Ok(())
 }
 
@@ -384,13 +390,12 @@ pub fn avg_backward(
 ) -> Result<()> {
     check_len("grad_output", grad_output.len(), p.planes() * p.out_plane())?;
     check_len("grad_input", grad_input.len(), p.planes() * p.in_plane())?;
-    grad_input
-        .par_chunks_mut(p.in_plane())
-        .zip(grad_output.par_chunks(p.out_plane()))
-        .for_each(|(gx, gy)| {
-            if crate::parallel::stop_requested() {
-                return;
-            }
+    per_plane(
+        grad_input,
+        p.in_plane(),
+        grad_output,
+        p.out_plane(),
+        |gx, gy| {
             if is_2x2(p) {
                 avg_pool_2x2_plane_backward(gy, p.out_w, gx, p.in_w);
                 return;
@@ -410,7 +415,8 @@ pub fn avg_backward(
                     }
                 }
             }
-        });
+        },
+    );
     Ok(())
 }
 
