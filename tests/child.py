@@ -9,6 +9,7 @@ instead of stopping the suite.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -22,11 +23,19 @@ def _environment(env: dict | None) -> dict:
     return {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for children that must see Ctrl-C: a shell without job control
+    starts background commands with SIGINT ignored, and an ignored signal stays ignored
+    across exec, so Python would not install its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(code: str, *, timeout: float = 60, env: dict | None = None,
         check: bool = True) -> subprocess.CompletedProcess:
     """Run ``code`` to completion; with ``check``, fail unless it exits with status 0."""
     result = subprocess.run(_command(code), capture_output=True, text=True, timeout=timeout,
-                            env=_environment(env), check=False)
+                            env=_environment(env), check=False,
+                            preexec_fn=default_sigint)
     if check and result.returncode != 0:
         raise AssertionError(f"child exited with status {result.returncode}\n"
                              f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
@@ -36,7 +45,8 @@ def run(code: str, *, timeout: float = 60, env: dict | None = None,
 def start(code: str, *, env: dict | None = None) -> subprocess.Popen:
     """Start ``code``; read its lines from ``.stdout``, then ``finish()`` it."""
     return subprocess.Popen(_command(code), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_environment(env))
+                            text=True, env=_environment(env),
+                            preexec_fn=default_sigint)
 
 
 def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
@@ -44,9 +54,14 @@ def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
     try:
         return process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"child still running after {timeout} s (killed)\n"
+        # SIGABRT first: faulthandler (PYTHONFAULTHANDLER) prints every thread's stack.
+        process.send_signal(signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        raise AssertionError(f"child still running after {timeout} s (aborted)\n"
                              f"stdout:\n{stdout}\nstderr:\n{stderr}") from None
 
 
