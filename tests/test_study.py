@@ -8,6 +8,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -215,6 +216,13 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     text = (tmp_path / "report.md").read_text()
     assert "What this means for your network" in text and "## Q3." in text
     assert "BN before the activation beats BN after it" in text and "## Method" in text
+    # Each question's compute: Q1 and Q3 have 2 variants x 2 seeds of their own.
+    minutes = re.findall(r"Run time: ([0-9.]+) min summed over its (\d+) stored runs", text)
+    stored = storage.ResultStore(tmp_path).get()
+    seconds = {q: sum(stored[row["run_key"]]["metrics"]["wall_seconds"]
+                      for row in table.where(question=q)) for q in (1, 3)}
+    assert [int(n) for _, n in minutes] == [4, 4]
+    assert [float(m) for m, _ in minutes] == [round(seconds[q] / 60, 1) for q in (1, 3)]
     html = (tmp_path / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "<table>" in html
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()

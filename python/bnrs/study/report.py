@@ -515,6 +515,16 @@ def _wall_clock(runs: list[dict]) -> str:
             + ", ".join(sorted({run["host"] or "?" for run in runs})))
 
 
+def _question_time(q, entries, runs) -> str:
+    """The compute of one question's distinct stored runs (a run that two questions
+    share counts in both)."""
+    keys = {key for question, _, _, key in entries if question is q and key in runs}
+    if not keys:
+        return "Run time: no runs stored yet."
+    minutes = sum(_run_seconds(runs[key]) for key in keys) / 60
+    return f"Run time: {minutes:.1f} min summed over its {len(keys)} stored runs."
+
+
 def write_csv(table, path: Path) -> None:
     columns = list(table.columns)
     with open(path, "w", newline="") as handle:
@@ -584,7 +594,8 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
         for result in results_by_question[q.number]:
             doc.paragraph(result.sentence())
         doc.paragraph(f"Budget: {q.n_train} training images, {q.epochs} epochs"
-                      + (f". {q.note}" if q.note else "."))
+                      + (f". {q.note}" if q.note else ".") + " " + _question_time(q, entries,
+                                                                               runs))
         header = ["variant", "architecture", "test acc. (%)", "final train loss",
                   "train−test gap (points)", "epochs to target", "seconds to target",
                   "diverged"]
