@@ -155,3 +155,19 @@ def test_bnrs_bench_command_reaches_the_bench(capsys):
         cli.main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: bnrs bench")
+
+
+def test_digits_bench_runs_and_reports_accuracy():
+    """benches/bench_digits.py, at its smallest, without PyTorch: it trains and reports."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benches" / "bench_digits.py"
+    result = subprocess.run([sys.executable, str(script), "--seeds", "1", "--epochs", "2",
+                             "--no-torch"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "PyTorch comparison disabled" in lines[0] and "2 epochs" in lines[0]
+    accuracy = float(lines[1].split("test accuracy ")[1].split(",")[0])
+    assert 0.5 < accuracy <= 1.0   # two epochs learn the digits well beyond chance (0.1)
+    assert lines[-1].startswith("bnrs: test accuracy mean")

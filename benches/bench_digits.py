@@ -1,0 +1,131 @@
+"""The estimator's quality benchmark: CNNClassifier on scikit-learn's digits, next to PyTorch.
+
+The protocol: the 1797 digits split 75/25 (``train_test_split(..., random_state=0)``),
+X / 16 as 1x8x8 float32 images, the default architecture (its two 2x2 poolings take 8x8
+to 2x2), Adam (learning rate 1e-3), batches of 64, 30 epochs, no early stopping. For each
+seed it reports the test accuracy and the fit time of ``CNNClassifier.fit``.
+
+When PyTorch is importable, the same network (same layers, same initial weights from
+``bnrs.nn.from_spec``) is trained with ``torch.optim.Adam`` on the same batches, in the
+same process, alternating with bnrs seed by seed, so the fit-time ratio is measured side
+by side (absolute times move by 25-60% on a shared machine; the ratio much less).
+
+    python benches/bench_digits.py [--seeds 5] [--epochs 30] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import bnrs
+from bnrs import CNNClassifier, nn
+from bnrs.bench import build_torch_network, import_torch
+from bnrs.estimator import _batch_bounds
+from bnrs.nn.spec import DEFAULT_ARCHITECTURE
+
+BATCH_SIZE = 64
+LEARNING_RATE = 1e-3
+
+
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25,
+                                                        random_state=0)
+    return X_train, y_train, X_test, y_test
+
+
+def fit_bnrs(seed: int, epochs: int, X_train, y_train, X_test, y_test) -> tuple[float, float]:
+    clf = CNNClassifier(DEFAULT_ARCHITECTURE, learning_rate=LEARNING_RATE,
+                        batch_size=BATCH_SIZE, max_epochs=epochs, random_state=seed)
+    start = time.perf_counter()
+    clf.fit(X_train, y_train)
+    seconds = time.perf_counter() - start
+    return clf.score(X_test, y_test), seconds
+
+
+def fit_torch(torch, seed: int, epochs: int, X_train, y_train, X_test,
+              y_test) -> tuple[float, float]:
+    """The same network and batches in PyTorch: a plain training loop, as its users write."""
+    model = build_torch_network(nn.from_spec(DEFAULT_ARCHITECTURE, (1, 8, 8), 10,
+                                             random_state=seed), torch)
+    torch.manual_seed(seed)   # dropout masks
+    rng = np.random.default_rng(seed)
+    bounds = _batch_bounds(len(X_train), BATCH_SIZE)
+    inputs, targets = torch.from_numpy(X_train), torch.from_numpy(y_train.astype(np.int64))
+    start = time.perf_counter()
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    model.train()
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(X_train)))
+        for first, last in bounds:
+            index = order[first:last]
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(inputs[index]), targets[index])
+            loss.backward()
+            optimizer.step()
+    seconds = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(X_test)).argmax(1).numpy()
+    return float(np.mean(predicted == y_test)), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args()
+    torch, why = import_torch(args.no_torch)
+    bnrs.set_num_threads(args.threads)
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+    data = digits()
+    print(f"bnrs {bnrs.__version__} ({bnrs.simd_backend()} kernels), "
+          + (f"PyTorch {torch.__version__}" if torch is not None else why)
+          + f"; {args.threads} thread(s); digits {len(data[0])} train / {len(data[2])} test; "
+          f"{DEFAULT_ARCHITECTURE}; Adam lr {LEARNING_RATE}, batch {BATCH_SIZE}, "
+          f"{args.epochs} epochs")
+    fit_bnrs(0, 1, *data)   # warm-up: thread pool, pages
+    if torch is not None:
+        fit_torch(torch, 0, 1, *data)
+    rows = []
+    for seed in range(args.seeds):
+        # Alternate which framework goes first, so drifts of the machine's speed cancel.
+        order = ("bnrs", "torch") if seed % 2 == 0 else ("torch", "bnrs")
+        row = {}
+        for name in order:
+            if name == "bnrs":
+                row["bnrs"] = fit_bnrs(seed, args.epochs, *data)
+            elif torch is not None:
+                row["torch"] = fit_torch(torch, seed, args.epochs, *data)
+        rows.append(row)
+        line = f"seed {seed}: bnrs test accuracy {row['bnrs'][0]:.4f}, fit {row['bnrs'][1]:.2f} s"
+        if "torch" in row:
+            line += (f"; PyTorch {row['torch'][0]:.4f}, {row['torch'][1]:.2f} s; "
+                     f"time ratio torch/bnrs {row['torch'][1] / row['bnrs'][1]:.2f}x")
+        print(line, flush=True)
+    accuracies = [row["bnrs"][0] for row in rows]
+    seconds = [row["bnrs"][1] for row in rows]
+    print(f"bnrs: test accuracy mean {statistics.mean(accuracies):.4f} "
+          f"(min {min(accuracies):.4f}, max {max(accuracies):.4f}); fit time median "
+          f"{statistics.median(seconds):.2f} s")
+    if torch is not None:
+        t_accuracies = [row["torch"][0] for row in rows]
+        ratios = [row["torch"][1] / row["bnrs"][1] for row in rows]
+        print(f"PyTorch: test accuracy mean {statistics.mean(t_accuracies):.4f} "
+              f"(min {min(t_accuracies):.4f}, max {max(t_accuracies):.4f}); fit time median "
+              f"{statistics.median(row['torch'][1] for row in rows):.2f} s; "
+              f"time ratio torch/bnrs median {statistics.median(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
