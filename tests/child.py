@@ -33,9 +33,9 @@ def default_sigint() -> None:
 def run(code: str, *, timeout: float = 60, env: dict | None = None,
         check: bool = True) -> subprocess.CompletedProcess:
     """Run ``code`` to completion; with ``check``, fail unless it exits with status 0."""
-    result = subprocess.run(_command(code), capture_output=True, text=True, timeout=timeout,
-                            env=_environment(env), check=False,
-                            preexec_fn=default_sigint)
+    process = start(code, env=env)
+    stdout, stderr = finish(process, timeout=timeout)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"child exited with status {result.returncode}\n"
                              f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
@@ -50,7 +50,7 @@ def start(code: str, *, env: dict | None = None) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
-    """Wait for a started child (killing it after ``timeout``); return stdout, stderr."""
+    """Wait for a started child (aborting it after ``timeout``); return stdout, stderr."""
     try:
         return process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
