@@ -216,13 +216,7 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     text = (tmp_path / "report.md").read_text()
     assert "What this means for your network" in text and "## Q3." in text
     assert "BN before the activation beats BN after it" in text and "## Method" in text
-    # Each question's compute: Q1 and Q3 have 2 variants x 2 seeds of their own.
-    minutes = re.findall(r"Run time: ([0-9.]+) min summed over its (\d+) stored runs", text)
-    stored = storage.ResultStore(tmp_path).get()
-    seconds = {q: sum(stored[row["run_key"]]["metrics"]["wall_seconds"]
-                      for row in table.where(question=q)) for q in (1, 3)}
-    assert [int(n) for _, n in minutes] == [4, 4]
-    assert [float(m) for m, _ in minutes] == [round(seconds[q] / 60, 1) for q in (1, 3)]
+    assert len(re.findall(r"Run time: [0-9.]+ min summed over its \d+ stored runs", text)) == 2
     html = (tmp_path / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "<table>" in html
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
@@ -235,6 +229,20 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "train_run", _must_not_train)
     again = _study(tmp_path)
     assert [row["test_acc"] for row in again] == [row["test_acc"] for row in table]
+
+
+def test_question_run_time_sums_its_stored_runs():
+    q1, q2 = object(), object()
+    entries = [(q1, "a", 0, "k1"), (q1, "b", 0, "k2"), (q1, "b", 1, "k3"),
+               (q2, "a", 0, "k2"), (q2, "b", 0, "k4")]   # k2 is shared, k4 not stored
+    runs = {"k1": {"metrics": {"wall_seconds": 45.0, "train_seconds": 1.0}},
+            "k2": {"metrics": {"wall_seconds": 90.0, "train_seconds": 2.0}},
+            "k3": {"metrics": {"train_seconds": 45.0}}}   # an old run without wall time
+    assert report._question_time(q1, entries, runs) == (
+        "Run time: 3.0 min summed over its 3 stored runs.")
+    assert report._question_time(q2, entries, runs) == (
+        "Run time: 1.5 min summed over its 1 stored run.")
+    assert report._question_time(object(), entries, runs) == "Run time: no runs stored yet."
 
 
 def _must_not_train(*args, **kwargs):

@@ -91,9 +91,8 @@ class Settings:
 
 #: (dataset kind, quick) -> Settings without the dataset name. See the README/report.
 PRESETS: dict[tuple[str, bool], dict] = {
-    # Measured: one 10-epoch run on 4,000 Fashion-MNIST images takes ~17 s of one idle
-    # core; the whole default study (255 runs) ~3,800 core-seconds, ~35 min on 2 idle
-    # cores (about 1.5 h on 2 cores shared with other work, as when docs/study was made).
+    # Measured: the whole default study (questions 1-10, 375 runs) takes 104.5 min of
+    # summed run time, 53 min on 2 idle cores with 2 jobs (docs/study).
     ("fashion-mnist", False): {
         "profile": MEDIUM, "seeds": 5, "n_train": 4000, "n_val": 2000, "epochs": 10,
         "small_batch_n_train": 4000, "small_batch_epochs": 4, "target_accuracy": 0.85},

@@ -522,7 +522,8 @@ def _question_time(q, entries, runs) -> str:
     if not keys:
         return "Run time: no runs stored yet."
     minutes = sum(_run_seconds(runs[key]) for key in keys) / 60
-    return f"Run time: {minutes:.1f} min summed over its {len(keys)} stored runs."
+    runs_text = "1 stored run" if len(keys) == 1 else f"{len(keys)} stored runs"
+    return f"Run time: {minutes:.1f} min summed over its {runs_text}."
 
 
 def write_csv(table, path: Path) -> None:
@@ -553,7 +554,8 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
         f"Data: **{data.name}** ({data.description}). {len(stored)} of {len(distinct)} "
         f"distinct runs stored ({sum(r['status'] == 'diverged' for r in stored)} "
         f"diverged), {settings.seeds} seeds per variant. Run time: {compute / 60:.1f} min "
-        f"summed over runs; {_wall_clock(stored)}. bnrs {__version__}; report written "
+        f"summed over runs (each question's below counts a run it shares with another "
+        f"in both); {_wall_clock(stored)}. bnrs {__version__}; report written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
     if len(stored) < len(distinct):
         doc.paragraph(f"**Incomplete:** {len(distinct) - len(stored)} runs are missing "
@@ -593,9 +595,9 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
         doc.heading(2, f"Q{q.number}. {q.title}", anchor=f"q{q.number}")
         for result in results_by_question[q.number]:
             doc.paragraph(result.sentence())
-        doc.paragraph(f"Budget: {q.n_train} training images, {q.epochs} epochs"
-                      + (f". {q.note}" if q.note else ".") + " " + _question_time(q, entries,
-                                                                               runs))
+        budget = f"Budget: {q.n_train} training images, {q.epochs} epochs" + (
+            f". {q.note}" if q.note else ".")
+        doc.paragraph(f"{budget} {_question_time(q, entries, runs)}")
         header = ["variant", "architecture", "test acc. (%)", "final train loss",
                   "train−test gap (points)", "epochs to target", "seconds to target",
                   "diverged"]

@@ -325,7 +325,7 @@ def run(questions: Sequence[int] | None = None, dataset: str = "digits", *,
         ``"digits"``, ``"fashion-mnist"``, a directory with the Fashion-MNIST files, or
         a .npz file (see :mod:`bnrs.datasets`).
     quick : bool
-        The quick budget (2 seeds, few epochs).
+        The quick budget: few seeds (3 on digits, 2 on Fashion-MNIST) and epochs.
     seeds, epochs : int, optional
         Override the budget's number of seeds (0 .. seeds-1) and epochs.
     scale : float
