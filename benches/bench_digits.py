@@ -5,10 +5,12 @@ X / 16 as 1x8x8 float32 images, the default architecture (its two 2x2 poolings t
 to 2x2), Adam (learning rate 1e-3), batches of 64, 30 epochs, no early stopping. For each
 seed it reports the test accuracy and the fit time of ``CNNClassifier.fit``.
 
-When PyTorch is importable, the same network (same layers, same initial weights from
-``bnrs.nn.from_spec``) is trained with ``torch.optim.Adam`` on the same batches, in the
+When PyTorch is importable, the same network (same layers, same initial weights) is
+trained with ``torch.optim.Adam`` on the same batches in the same order (the generator
+that drew the weights then shuffles each epoch, as in ``CNNClassifier.fit``), in the
 same process, alternating with bnrs seed by seed, so the fit-time ratio is measured side
-by side (absolute times move by 25-60% on a shared machine; the ratio much less).
+by side (absolute times move by 25-60% on a shared machine; the ratio much less). Only
+the dropout masks differ (each framework draws its own).
 
     python benches/bench_digits.py [--seeds 5] [--epochs 30] [--threads 1]
 """
@@ -26,7 +28,8 @@ from sklearn.model_selection import train_test_split
 import bnrs
 from bnrs import CNNClassifier, nn
 from bnrs.bench import build_torch_network, import_torch
-from bnrs.estimator import _batch_bounds
+from bnrs.estimator import _batch_bounds   # the estimator's batches, for the same steps
+from bnrs.nn.module import as_generator
 from bnrs.nn.spec import DEFAULT_ARCHITECTURE
 
 BATCH_SIZE = 64
@@ -43,7 +46,8 @@ def digits():
 
 def fit_bnrs(seed: int, epochs: int, X_train, y_train, X_test, y_test) -> tuple[float, float]:
     clf = CNNClassifier(DEFAULT_ARCHITECTURE, learning_rate=LEARNING_RATE,
-                        batch_size=BATCH_SIZE, max_epochs=epochs, random_state=seed)
+                        batch_size=BATCH_SIZE, max_epochs=epochs, random_state=seed,
+                        n_iter_no_change=epochs + 1)   # always the full epochs
     start = time.perf_counter()
     clf.fit(X_train, y_train)
     seconds = time.perf_counter() - start
@@ -53,10 +57,10 @@ def fit_bnrs(seed: int, epochs: int, X_train, y_train, X_test, y_test) -> tuple[
 def fit_torch(torch, seed: int, epochs: int, X_train, y_train, X_test,
               y_test) -> tuple[float, float]:
     """The same network and batches in PyTorch: a plain training loop, as its users write."""
+    rng = as_generator(seed)   # as CNNClassifier.fit: weights first, then the shuffles
     model = build_torch_network(nn.from_spec(DEFAULT_ARCHITECTURE, (1, 8, 8), 10,
-                                             random_state=seed), torch)
+                                             random_state=rng), torch)
     torch.manual_seed(seed)   # dropout masks
-    rng = np.random.default_rng(seed)
     bounds = _batch_bounds(len(X_train), BATCH_SIZE)
     inputs, targets = torch.from_numpy(X_train), torch.from_numpy(y_train.astype(np.int64))
     start = time.perf_counter()

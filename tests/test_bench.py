@@ -8,9 +8,12 @@ PyTorch happens to be installed.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,13 +160,19 @@ def test_bnrs_bench_command_reaches_the_bench(capsys):
     assert capsys.readouterr().out.startswith("usage: bnrs bench")
 
 
+DIGITS_BENCH = Path(__file__).parent.parent / "benches" / "bench_digits.py"
+
+
+def _digits_bench():
+    spec = importlib.util.spec_from_file_location("bench_digits", DIGITS_BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_digits_bench_runs_and_reports_accuracy():
     """benches/bench_digits.py, at its smallest, without PyTorch: it trains and reports."""
-    import subprocess
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "benches" / "bench_digits.py"
-    result = subprocess.run([sys.executable, str(script), "--seeds", "1", "--epochs", "2",
+    result = subprocess.run([sys.executable, str(DIGITS_BENCH), "--seeds", "1", "--epochs", "2",
                              "--no-torch"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -171,3 +180,30 @@ def test_digits_bench_runs_and_reports_accuracy():
     accuracy = float(lines[1].split("test accuracy ")[1].split(",")[0])
     assert 0.5 < accuracy <= 1.0   # two epochs learn the digits well beyond chance (0.1)
     assert lines[-1].startswith("bnrs: test accuracy mean")
+
+
+def test_digits_bench_replays_the_estimators_shuffles():
+    """The PyTorch loop draws its weights and then each epoch's order from one generator,
+    as CNNClassifier.fit does: after an epoch both generators are in the same state."""
+    from bnrs import CNNClassifier, nn
+    from bnrs.nn.module import as_generator
+
+    digits = _digits_bench()
+    X_train, y_train, _, _ = digits.digits()
+    clf = CNNClassifier(digits.DEFAULT_ARCHITECTURE, max_epochs=1, random_state=5)
+    clf.fit(X_train, y_train)
+    rng = as_generator(5)
+    model = nn.from_spec(digits.DEFAULT_ARCHITECTURE, (1, 8, 8), 10, random_state=rng)
+    rng.permutation(len(X_train))                          # the first epoch's order
+    np.testing.assert_array_equal(rng.permutation(len(X_train)),
+                                  clf._rng.permutation(len(X_train)))
+    fresh = nn.from_spec(digits.DEFAULT_ARCHITECTURE, (1, 8, 8), 10, random_state=5)
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_digits_bench_torch_loop_trains():
+    torch = pytest.importorskip("torch")
+    digits = _digits_bench()
+    accuracy, seconds = digits.fit_torch(torch, 0, 2, *digits.digits())
+    assert 0.5 < accuracy <= 1.0 and seconds > 0
