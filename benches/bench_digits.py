@@ -101,35 +101,29 @@ def main() -> None:
     fit_bnrs(0, 1, *data)   # warm-up: thread pool, pages
     if torch is not None:
         fit_torch(torch, 0, 1, *data)
+    fits = {"bnrs": lambda seed: fit_bnrs(seed, args.epochs, *data)}
+    if torch is not None:
+        fits["PyTorch"] = lambda seed: fit_torch(torch, seed, args.epochs, *data)
     rows = []
     for seed in range(args.seeds):
         # Alternate which framework goes first, so drifts of the machine's speed cancel.
-        order = ("bnrs", "torch") if seed % 2 == 0 else ("torch", "bnrs")
-        row = {}
-        for name in order:
-            if name == "bnrs":
-                row["bnrs"] = fit_bnrs(seed, args.epochs, *data)
-            elif torch is not None:
-                row["torch"] = fit_torch(torch, seed, args.epochs, *data)
+        names = list(fits) if seed % 2 == 0 else list(fits)[::-1]
+        row = {name: fits[name](seed) for name in names}
         rows.append(row)
         line = f"seed {seed}: bnrs test accuracy {row['bnrs'][0]:.4f}, fit {row['bnrs'][1]:.2f} s"
-        if "torch" in row:
-            line += (f"; PyTorch {row['torch'][0]:.4f}, {row['torch'][1]:.2f} s; "
-                     f"time ratio torch/bnrs {row['torch'][1] / row['bnrs'][1]:.2f}x")
+        if "PyTorch" in row:
+            line += (f"; PyTorch {row['PyTorch'][0]:.4f}, {row['PyTorch'][1]:.2f} s; "
+                     f"time ratio torch/bnrs {row['PyTorch'][1] / row['bnrs'][1]:.2f}x")
         print(line, flush=True)
-    accuracies = [row["bnrs"][0] for row in rows]
-    seconds = [row["bnrs"][1] for row in rows]
-    print(f"bnrs: test accuracy mean {statistics.mean(accuracies):.4f} "
-          f"(min {min(accuracies):.4f}, max {max(accuracies):.4f}); fit time median "
-          f"{statistics.median(seconds):.2f} s")
-    if torch is not None:
-        t_accuracies = [row["torch"][0] for row in rows]
-        ratios = [row["torch"][1] / row["bnrs"][1] for row in rows]
-        print(f"PyTorch: test accuracy mean {statistics.mean(t_accuracies):.4f} "
-              f"(min {min(t_accuracies):.4f}, max {max(t_accuracies):.4f}); fit time median "
-              f"{statistics.median(row['torch'][1] for row in rows):.2f} s; "
-              f"time ratio torch/bnrs median {statistics.median(ratios):.2f}x")
-
+    for name in fits:
+        accuracies = [row[name][0] for row in rows]
+        line = (f"{name}: test accuracy mean {statistics.mean(accuracies):.4f} "
+                f"(min {min(accuracies):.4f}, max {max(accuracies):.4f}); fit time median "
+                f"{statistics.median(row[name][1] for row in rows):.2f} s")
+        if name == "PyTorch":
+            ratios = [row["PyTorch"][1] / row["bnrs"][1] for row in rows]
+            line += f"; time ratio torch/bnrs median {statistics.median(ratios):.2f}x"
+        print(line)
 
 if __name__ == "__main__":
     main()
