@@ -1,7 +1,7 @@
-"""Every case of the PyTorch 2.13 float64 fixtures, against bnrs and against the references.
+"""Every case of the PyTorch float64 fixtures, against bnrs and against the references.
 
-The fixtures (``shared/fixtures/torch_fixtures.npz`` beside the repository, described in the
-README there) store inputs, outputs and the gradients of loss = Σ(y · gy) for a random ``gy``.
+The fixtures (``tests/fixtures/torch_fixtures.npz``, written by ``make_torch_fixtures.py`` and
+described in the README beside it) store inputs, outputs and the gradients of loss = Σ(y · gy) for a random ``gy``.
 Each case runs twice: through ``bnrs.functional`` with float32 tolerances, and through the
 float64 references in ``reference.py`` with tight ones, which shows that the references the
 other tests trust agree with PyTorch.
@@ -16,18 +16,11 @@ import pytest
 import reference as ref
 from bnrs import functional as F
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "torch_fixtures.npz"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "torch_fixtures.npz"
 
 
-def _load():
-    if not FIXTURES.exists():
-        return None
-    with np.load(FIXTURES) as archive:
-        return {key: archive[key] for key in archive.files}
-
-
-DATA = _load()
-MISSING = pytest.mark.skip(reason=f"PyTorch fixtures not found at {FIXTURES}")
+with np.load(FIXTURES) as _archive:
+    DATA = {key: _archive[key] for key in _archive.files}
 
 IMPLEMENTATIONS = ["bnrs", "reference"]
 # float64 reference against float64 PyTorch: only summation order differs.
@@ -36,8 +29,6 @@ REFERENCE_TOLERANCE = {"rtol": 1e-9, "atol": 1e-10, "dtype": None}
 
 def _cases(selects, depth):
     """Case prefixes (the first ``depth`` dotted parts of the keys ``selects`` accepts)."""
-    if DATA is None:
-        return [pytest.param(None, marks=MISSING)]
     return sorted({".".join(key.split(".")[:depth]) for key in DATA if selects(key)})
 
 
@@ -67,8 +58,6 @@ def implementation(request, assert_close):
 
 
 def test_every_fixture_key_belongs_to_a_tested_case():
-    if DATA is None:
-        pytest.skip(f"PyTorch fixtures not found at {FIXTURES}")
     tested = (CONV_CASES + BN_TRAIN_CASES + BN_EVAL_CASES + MAX_POOL_CASES + AVG_POOL_CASES
               + SINGLE_CASES)
     untested = [key for key in DATA if not any(key.startswith(case + ".") for case in tested)]
@@ -190,8 +179,6 @@ def test_avg_pool2d(implementation, case):
 
 
 def test_linear(implementation):
-    if DATA is None:
-        pytest.skip(f"PyTorch fixtures not found at {FIXTURES}")
     kind, close = implementation
     get = _get("linear")
     x, w, b, gy = get("x"), get("w"), get("b"), get("gy")
@@ -206,8 +193,6 @@ def test_linear(implementation):
 
 
 def test_cross_entropy(implementation):
-    if DATA is None:
-        pytest.skip(f"PyTorch fixtures not found at {FIXTURES}")
     kind, close = implementation
     get = _get("cross_entropy")
     logits, target = get("logits"), get("target")
@@ -229,8 +214,6 @@ def test_dropout(implementation):
     bnrs's generator cannot reproduce PyTorch's draw, so bnrs is checked on its own mask,
     and against PyTorch's values wherever both kept an element.
     """
-    if DATA is None:
-        pytest.skip(f"PyTorch fixtures not found at {FIXTURES}")
     kind, close = implementation
     get = _get("dropout")
     x, gy, p = get("x"), get("gy"), float(get("p"))
@@ -252,8 +235,6 @@ def test_dropout(implementation):
 
 
 def test_adam(implementation):
-    if DATA is None:
-        pytest.skip(f"PyTorch fixtures not found at {FIXTURES}")
     kind, close = implementation
     get = _get("adam")
     hyper = {"lr": float(get("lr")), "beta1": float(get("beta1")),
