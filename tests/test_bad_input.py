@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import reference as ref
 from bnrs import functional as F
+from bnrs import nn, optim
 
 
 def f32(*shape):
@@ -470,3 +471,69 @@ def test_any_real_dtype_and_layout_gives_the_float32_result(rng, name, variant):
     expected = call(*inputs)
     assert all(array.dtype == np.float32 and array.flags.c_contiguous for array in inputs)
     _assert_same_results(call(*[VARIANTS[variant](array) for array in inputs]), expected)
+
+
+# --------------------------------------------------------------------------- one set of checks
+
+
+def test_the_shared_checks_name_the_argument_what_it_expected_and_what_it_got():
+    from bnrs import _validation as V
+
+    def message(error, call):
+        with pytest.raises(error) as info:
+            call()
+        return str(info.value)
+
+    assert V.check_int(np.int64(3), "n", 1) == 3
+    assert message(TypeError, lambda: V.check_int(2.5, "n", 1)) == (
+        "n: expected an int >= 1, got 2.5")
+    assert message(ValueError, lambda: V.check_int(0, "n", 1)) == (
+        "n: expected an int >= 1, got 0")
+    assert message(TypeError, lambda: V.check_int(True, "n")) == "n: expected an int, got True"
+    assert V.check_bool(np.True_, "flag") is True
+    assert message(TypeError, lambda: V.check_bool("no", "flag")) == (
+        "flag: expected a bool, got 'no'")
+    assert message(ValueError, lambda: V.check_options("x", "mode", ["b", "a"])) == (
+        "mode: expected one of ['a', 'b'], got 'x'")
+    assert message(TypeError, lambda: V.check_options(1, "mode", ["a"])) == (
+        "mode: expected one of ['a'], got 1")
+    assert message(ValueError, lambda: V.check_real(1.0, "p", 0.0, 1.0, high_open=True)) == (
+        "p: expected a finite real number in [0.0, 1.0), got 1.0")
+    _raises(ValueError, "^p: ", lambda: V.check_real(float("nan"), "p"))
+    _raises(ValueError, "^p: ", lambda: V.check_real(float("inf"), "p", 0.0))
+    _raises(TypeError, "^p: ", lambda: V.check_real("0.5", "p"))
+    assert V.check_int_tuple(np.array([2, 8, 8]), "shape", (1, 3), 1) == (2, 8, 8)
+    _raises(ValueError, "^shape: ", lambda: V.check_int_tuple((8, 8), "shape", (1, 3), 1))
+    _raises(TypeError, "^shape: ", lambda: V.check_int_tuple("88", "shape", (2,)))
+    assert V.check_int_pair(3, "stride", 1) == (3, 3)
+    _raises(ValueError, "^stride: ", lambda: V.check_int_pair((1, 0), "stride", 1))
+    # A wrong type is also a ValueError, as scikit-learn's InvalidParameterError is, so
+    # code written when some of these raised ValueError still catches them.
+    _raises(ValueError, "^n: ", lambda: V.check_int(2.5, "n", 1))
+
+
+LAYER_AND_OPTIMIZER_ARGUMENTS = {
+    "linear_in_features_float": (TypeError, "in_features", lambda: nn.Linear(2.5, 3)),
+    "linear_out_features_zero": (ValueError, "out_features", lambda: nn.Linear(2, 0)),
+    "conv_stride_float": (TypeError, "stride", lambda: nn.Conv2d(3, 4, 3, stride=1.5)),
+    "conv_stride_zero": (ValueError, "stride", lambda: nn.Conv2d(3, 4, 3, stride=(1, 0))),
+    "conv_padding_negative": (ValueError, "padding", lambda: nn.Conv2d(3, 4, 3, padding=-1)),
+    "batch_norm_eps_inf": (ValueError, "eps", lambda: nn.BatchNorm2d(4, eps=float("inf"))),
+    "batch_norm_momentum": (ValueError, "momentum", lambda: nn.BatchNorm1d(4, momentum=2.0)),
+    "dropout_p_text": (TypeError, r"\bp\b", lambda: nn.Dropout("half")),
+    "leaky_relu_slope_nan": (ValueError, "negative_slope",
+                             lambda: nn.LeakyReLU(float("nan"))),
+    "flatten_start_dim_float": (TypeError, "start_dim", lambda: nn.Flatten(1.0)),
+    "sgd_lr_text": (TypeError, "learning rate",
+                    lambda: optim.SGD(nn.Linear(2, 2).parameters(), lr="0.1")),
+    "adam_lr_bool": (TypeError, "learning rate",
+                     lambda: optim.Adam(nn.Linear(2, 2).parameters(), lr=True)),
+    "adam_beta_one": (ValueError, "beta parameter at index 1",
+                      lambda: optim.Adam(nn.Linear(2, 2).parameters(), betas=(0.9, 1.0))),
+}
+
+
+@pytest.mark.parametrize("name", LAYER_AND_OPTIMIZER_ARGUMENTS)
+def test_layer_and_optimizer_arguments(name):
+    error, argument, call = LAYER_AND_OPTIMIZER_ARGUMENTS[name]
+    _raises(error, argument, call)

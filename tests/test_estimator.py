@@ -143,6 +143,141 @@ def test_bad_parameters(digits):
         _fit(X[:10], np.zeros(10))
 
 
+#: One value of the wrong type and one of the right type but out of range, per parameter.
+BAD_PARAMETERS = {
+    "architecture": (3, None),
+    "input_shape": ("1x8x8", (8, 8)),
+    "optimizer": (1, "rmsprop"),
+    "learning_rate": ("0.1", 0.0),
+    "momentum": (None, -0.5),
+    "weight_decay": ("0", -1e-4),
+    "batch_size": (8.0, 0),
+    "max_epochs": (True, 0),
+    "shuffle": ("no", None),
+    "early_stopping": ("no", None),
+    "validation_fraction": ("0.1", 1.0),
+    "n_iter_no_change": (2.5, 0),
+    "tol": ([1e-4], float("nan")),
+    "warm_start": (1, None),
+    "random_state": ("seed", -1),
+    "n_threads": (1.0, 0),
+    "verbose": (2.7, -1),
+    "record_layer_stats": ("yes", None),
+}
+
+
+def test_every_parameter_has_a_constraint():
+    assert set(CNNClassifier._parameter_constraints) == set(CNNClassifier().get_params())
+    assert set(BAD_PARAMETERS) == set(CNNClassifier().get_params())
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+@pytest.mark.parametrize("name", BAD_PARAMETERS)
+def test_bad_parameter_type_or_value(digits, name, method):
+    X, y = digits
+    wrong_type, wrong_value = BAD_PARAMETERS[name]
+    params = {"architecture": SMALL_CNN, "max_epochs": 1}
+    fit = getattr(CNNClassifier(**{**params, name: wrong_type}), method)
+    with pytest.raises(TypeError, match=rf"^{name}: expected .*, got "):
+        fit(X, y, classes=np.unique(y)) if method == "partial_fit" else fit(X, y)
+    if wrong_value is not None:
+        fit = getattr(CNNClassifier(**{**params, name: wrong_value}), method)
+        with pytest.raises(ValueError, match=rf"^{name}: expected .*, got "):
+            fit(X, y, classes=np.unique(y)) if method == "partial_fit" else fit(X, y)
+
+
+@pytest.mark.parametrize("name", ["shuffle", "early_stopping"])
+def test_a_string_is_not_taken_for_true(digits, name):
+    # "no" used to be truthy: early_stopping="no" held out validation data and
+    # shuffle="no" shuffled.
+    X, y = digits
+    with pytest.raises(TypeError, match=name):
+        _fit(X, y, **{name: "no"})
+
+
+def test_numpy_bools_and_bool_verbose_are_accepted(digits, capsys):
+    X, y = digits
+    clf = _fit(X, y, shuffle=np.False_, early_stopping=np.True_, warm_start=np.False_,
+               record_layer_stats=np.False_, verbose=True, max_epochs=1)
+    assert clf.validation_scores_ is not None
+    assert "epoch   1" in capsys.readouterr().out
+    with pytest.raises(TypeError, match="verbose"):
+        _fit(X, y, verbose=2.7)
+
+
+def _fitted_state(clf) -> dict:
+    """Every attribute a fit sets, in a form that compares with ==."""
+    state = {}
+    for name, value in vars(clf).items():
+        if name in CNNClassifier._parameter_constraints:
+            continue
+        if name == "model_":
+            value = {key: array.tobytes() for key, array in value.state_dict().items()}
+        elif name == "optimizer_":
+            value = repr(value.state_dict())
+        elif name == "_rng":
+            value = value.bit_generator.state
+        elif isinstance(value, np.ndarray):
+            value = (value.dtype, value.shape, value.tobytes())
+        state[name] = value
+    return state
+
+
+def test_a_rejected_fit_leaves_the_fitted_estimator_as_it_was(digits):
+    X, y = digits
+    flat = X.reshape(len(X), -1)
+    clf = _fit(flat, y)
+    state, proba = _fitted_state(clf), clf.predict_proba(flat)
+    # A class of one sample cannot be stratified into a validation split.
+    rare = y.copy()
+    rare[0] = 99
+    one_nine = np.r_[np.flatnonzero(y != 9), np.flatnonzero(y == 9)[:1]]
+    rejected = [
+        lambda: clf.fit(flat[:, :63], y),                        # not a square number
+        lambda: clf.fit(flat, np.zeros(len(flat))),              # one class
+        lambda: clf.set_params(batch_size=0).fit(flat, y),       # a bad parameter
+        lambda: clf.set_params(batch_size=64, early_stopping=True).fit(flat, rare),
+        lambda: clf.set_params(early_stopping=False, architecture="c4-mp2-mp2-mp2-mp2"
+                               ).fit(flat, y),                    # cannot be built
+        lambda: clf.set_params(architecture=SMALL_CNN).partial_fit(flat[:, :63], y),
+        lambda: clf.partial_fit(flat, y, classes=np.arange(11)),
+        lambda: clf.set_params(warm_start=True).fit(X, y),       # another layout
+        lambda: clf.set_params(early_stopping=True).fit(flat, rare),
+        lambda: clf.fit(flat[one_nine], y[one_nine]),            # after the stream's draw
+    ]
+    for call in rejected:
+        with pytest.raises(ValueError):
+            call()
+        assert _fitted_state(clf) == state
+        np.testing.assert_array_equal(clf.predict_proba(flat), proba)
+    # Warm-start training goes on as if the rejected calls had never been made.
+    clf.set_params(warm_start=True, early_stopping=True)
+    again = _fit(flat, y).set_params(warm_start=True, early_stopping=True)
+    np.testing.assert_array_equal(clf.fit(flat, y).predict_proba(flat),
+                                  again.fit(flat, y).predict_proba(flat))
+
+
+def test_adamw_has_its_own_default_weight_decay(digits):
+    X, y = digits
+    decays = {name: _fit(X, y, optimizer=name, max_epochs=1).optimizer_.param_groups[0][
+        "weight_decay"] for name in ("adam", "adamw", "sgd")}
+    assert decays == {"adam": 0.0, "adamw": 0.01, "sgd": 0.0}
+    assert bnrs.optim.AdamW(nn.Linear(2, 2).parameters()).param_groups[0][
+        "weight_decay"] == decays["adamw"]
+    plain = _fit(X, y, optimizer="adamw", weight_decay=0.0)
+    assert plain.optimizer_.param_groups[0]["weight_decay"] == 0.0
+    assert plain.loss_curve_ != _fit(X, y, optimizer="adamw").loss_curve_
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_default_weight_decay_is_zero_for_adam_and_sgd(digits, optimizer):
+    X, y = digits
+    default = _fit(X, y, optimizer=optimizer)
+    zero = _fit(X, y, optimizer=optimizer, weight_decay=0.0)
+    assert default.loss_curve_ == zero.loss_curve_
+    np.testing.assert_array_equal(default.predict_proba(X), zero.predict_proba(X))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_other_optimizers(digits, optimizer):
     X, y = digits

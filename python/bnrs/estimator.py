@@ -17,21 +17,24 @@ Examples
 
 from __future__ import annotations
 
+import copy
 import math
-import numbers
 import sys
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
 from . import _core, nn, optim
+from ._validation import (NONE, Boolean, Constraint, Instances, Interval, IntTuple,
+                          Options, check_params)
 from .diagnostics import layer_statistics, probe_indices
 from .nn.module import as_generator
 from .nn.spec import DEFAULT_ARCHITECTURE, SpecError, from_spec, parse
@@ -47,6 +50,8 @@ except ImportError:  # scikit-learn < 1.6 has the method instead of the function
 __all__ = ["CNNClassifier", "DivergenceError", "FitInterruptedWarning"]
 
 _OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}
+#: The weight decay of ``weight_decay=None``: each optimizer's own default (PyTorch's).
+_DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2, "sgd": 0.0}
 #: Samples per forward pass in prediction (bounds the memory of the im2col buffers).
 _PREDICT_CHUNK = 512
 
@@ -85,42 +90,6 @@ def _num_threads(n_threads: int | None) -> Iterator[None]:
         yield
     finally:
         _core.set_num_threads(previous)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral)
-            or value < minimum):
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_real(name: str, value, low: float, high: float = math.inf, *,
-                low_open: bool = False, high_open: bool = False) -> float:
-    valid = (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-             and math.isfinite(value)
-             and (value > low if low_open else value >= low)
-             and (value < high if high_open else value <= high))
-    if not valid:
-        interval = ("(" if low_open else "[") + f"{low}, {high}" + (
-            ")" if high_open or high == math.inf else "]")
-        raise ValueError(f"{name}: expected a finite real number in {interval}, "
-                         f"got {value!r}")
-    return float(value)
-
-
-def _check_input_shape(input_shape) -> tuple[int, ...] | None:
-    if input_shape is None:
-        return None
-    try:
-        shape = tuple(input_shape)
-    except TypeError:
-        shape = ()
-    if (len(shape) not in (1, 3) or not all(
-            isinstance(d, numbers.Integral) and not isinstance(d, (bool, np.bool_)) and d >= 1
-            for d in shape)):
-        raise ValueError(f"input_shape: expected None, (C, H, W) or (n_features,) of "
-                         f"positive ints, got {input_shape!r}")
-    return tuple(int(d) for d in shape)
 
 
 def _batch_bounds(n_samples: int, batch_size: int) -> list[tuple[int, int]]:
@@ -192,9 +161,11 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         The optimizer's ``lr``.
     momentum : float, default 0.9
         SGD momentum (ignored by Adam and AdamW).
-    weight_decay : float, default 0.0
+    weight_decay : float or None, default None
         L2 penalty added to the gradient (SGD, Adam) or decoupled weight decay (AdamW),
-        applied to every parameter.
+        applied to every parameter. None means the optimizer's own default, as in
+        PyTorch: 0 for "adam" and "sgd", 0.01 for "adamw" (pass 0.0 for AdamW without
+        decay, which is Adam).
     batch_size : int, default 64
         Samples per mini-batch, clipped to the number of training samples. A last batch
         of a single sample is merged into the one before (batch norm has no statistics
@@ -227,8 +198,8 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     n_threads : int, optional
         Kernel threads during ``fit`` and prediction (``bnrs.set_num_threads``, restored
         afterwards); None uses the current setting (``bnrs.get_num_threads()``).
-    verbose : int, default 0
-        With 1 or more, print a line per epoch (loss, validation accuracy, seconds) to
+    verbose : int or bool, default 0
+        With 1 (or True) or more, print a line per epoch (loss, validation accuracy, seconds) to
         standard output.
     record_layer_stats : bool, default False
         Record every layer's weight-gradient norm and activation mean and standard
@@ -294,6 +265,14 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     (e.g. pooling below 1 x 1) raises a ValueError naming the token. Prediction takes
     X of the layout seen in ``fit``.
 
+    **Parameters and rejected calls.** Every parameter is checked against
+    ``_parameter_constraints`` (type and range) at each ``fit`` and ``partial_fit``:
+    TypeError for a wrong type (a flag must be a bool or NumPy bool, so ``"no"`` is
+    refused rather than taken as true), ValueError for a value out of range, both naming
+    the parameter. A call rejected before training starts (bad parameters, X or y)
+    leaves a fitted estimator exactly as it was: everything is checked, and the new
+    network and state built aside, before the first attribute is set.
+
     **Small batches.** Batch norm cannot normalise a single value per channel, so a
     last mini-batch of one sample is merged into the previous one, and when some
     batch-norm layer would see one value per channel (``BatchNorm1d``, or
@@ -349,7 +328,8 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(self, architecture: str = DEFAULT_ARCHITECTURE, *, input_shape=None,
                  optimizer: str = "adam", learning_rate: float = 1e-3,
-                 momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 64,
+                 momentum: float = 0.9, weight_decay: float | None = None,
+                 batch_size: int = 64,
                  max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
                  validation_fraction: float = 0.1, n_iter_no_change: int = 10,
                  tol: float = 1e-4, warm_start: bool = False, random_state=None,
@@ -395,7 +375,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : CNNClassifier
         """
-        self._check_params()
+        self._validate_params()
         reset = not (self.warm_start and hasattr(self, "model_"))
         return self._fit(X, y, classes=None, reset=reset, incremental=False)
 
@@ -417,16 +397,21 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : CNNClassifier
         """
-        self._check_params()
+        self._validate_params()
         reset = not hasattr(self, "model_")
         if reset and classes is None:
             raise ValueError("classes must be passed on the first call to partial_fit")
         return self._fit(X, y, classes=classes, reset=reset, incremental=True)
 
     def _fit(self, X, y, *, classes, reset: bool, incremental: bool):
+        # Every check runs, and the new state is built aside, before the first attribute
+        # is set: a call that is rejected leaves a fitted estimator exactly as it was.
         with _num_threads(self.n_threads):
-            X, y = validate_data(self, X, y, reset=reset, allow_nd=True, dtype=np.float32,
-                                 order="C")
+            # validate_data(reset=True) records n_features_in_ on the estimator it is
+            # given, so a new fit validates on an unfitted copy.
+            checked = clone(self) if reset else self
+            X, y = validate_data(checked, X, y, reset=reset, allow_nd=True,
+                                 dtype=np.float32, order="C")
             check_classification_targets(y)
             if X.ndim > 4:
                 raise ValueError(f"X: expected a 2-D, 3-D or 4-D array, got shape {X.shape}")
@@ -435,43 +420,77 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             n_train = len(X) - (math.ceil(self.validation_fraction * len(X)) if validate
                                 else 0)
             if reset:
-                y_index = self._initialize(X, y, classes, n_train)
+                state, y_index = self._new_state(X, y, classes, n_train)
+                for name in ("n_features_in_", "feature_names_in_"):
+                    state[name] = getattr(checked, name, None)
             else:
-                y_index = self._check_continuation(X, y, classes, incremental, n_train)
-            self._train(X.reshape((len(X),) + self.input_shape_), y_index,
-                        1 if incremental else self.max_epochs, validate)
+                state, y_index = self._continued_state(X, y, classes, incremental, n_train)
+            X = X.reshape((len(X),) + (state["input_shape_"] if reset
+                                       else self.input_shape_))
+            valid = None
+            if validate:
+                seed = int(state["_rng"].integers(0, 2**32))
+                X, X_valid, y_index, y_valid = train_test_split(
+                    X, y_index, test_size=self.validation_fraction, stratify=y_index,
+                    random_state=seed)
+                valid = (X_valid, y_valid)
+            for name, value in state.items():
+                if value is None and name == "feature_names_in_":
+                    if hasattr(self, name):   # X without column names this time
+                        del self.feature_names_in_
+                else:
+                    setattr(self, name, value)
+            if not reset:   # e.g. a lower learning rate for the optimizer kept
+                for group in self.optimizer_.param_groups:
+                    group.update(self._optimizer_kwargs())
+            self._train(X, y_index, 1 if incremental else self.max_epochs, valid)
         return self
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "model_")
 
-    def _check_params(self) -> None:
-        """Validate the hyper-parameters (``__init__`` only stores them)."""
+    #: The hyper-parameters' types and ranges, checked at every fit and partial_fit (in
+    #: the style of scikit-learn's ``_parameter_constraints``); ``architecture``'s
+    #: grammar is checked by :func:`bnrs.nn.spec.parse` besides.
+    _parameter_constraints: ClassVar[dict[str, list[Constraint]]] = {
+        "architecture": [Instances(str, description="an architecture string")],
+        "input_shape": [NONE, IntTuple((1, 3), 1, "(C, H, W) or (n_features,) of "
+                                                  "positive ints")],
+        "optimizer": [Options(_OPTIMIZERS)],
+        "learning_rate": [Interval("real", 0.0, None, closed="neither")],
+        "momentum": [Interval("real", 0.0, None)],
+        "weight_decay": [NONE, Interval("real", 0.0, None)],
+        "batch_size": [Interval("int", 1)],
+        "max_epochs": [Interval("int", 1)],
+        "shuffle": [Boolean()],
+        "early_stopping": [Boolean()],
+        "validation_fraction": [Interval("real", 0.0, 1.0, closed="neither")],
+        "n_iter_no_change": [Interval("int", 1)],
+        "tol": [Interval("real", 0.0, None)],
+        "warm_start": [Boolean()],
+        "random_state": [NONE, Interval("int", 0),
+                         Instances(np.random.Generator, np.random.RandomState,
+                                   description="a numpy.random.Generator or RandomState")],
+        "n_threads": [NONE, Interval("int", 1)],
+        "verbose": [Interval("int", 0), Boolean()],
+        "record_layer_stats": [Boolean()],
+    }
+
+    def _validate_params(self) -> None:
+        """Check every hyper-parameter against ``_parameter_constraints``.
+
+        ``__init__`` only stores them. A wrong type raises TypeError, a wrong value
+        ValueError, naming the parameter.
+        """
+        check_params(self._parameter_constraints, self.get_params(deep=False))
         parse(self.architecture)
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer: expected one of {sorted(_OPTIMIZERS)}, "
-                             f"got {self.optimizer!r}")
-        _check_real("learning_rate", self.learning_rate, 0.0, low_open=True)
-        _check_real("momentum", self.momentum, 0.0)
-        _check_real("weight_decay", self.weight_decay, 0.0)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("max_epochs", self.max_epochs, 1)
-        _check_real("validation_fraction", self.validation_fraction, 0.0, 1.0,
-                    low_open=True, high_open=True)
-        _check_int("n_iter_no_change", self.n_iter_no_change, 1)
-        _check_real("tol", self.tol, 0.0)
-        _check_int("verbose", int(self.verbose), 0)
-        if not isinstance(self.record_layer_stats, (bool, np.bool_)):
-            raise TypeError(f"record_layer_stats: expected a bool, got "
-                             f"{self.record_layer_stats!r}")
-        if self.n_threads is not None:
-            _check_int("n_threads", self.n_threads, 1)
-        _check_input_shape(self.input_shape)
 
-    def _initialize(self, X: np.ndarray, y: np.ndarray, classes, n_train: int) -> np.ndarray:
-        """Set classes_, input_shape_, a new network, optimizer and history.
+    def _new_state(self, X: np.ndarray, y: np.ndarray, classes,
+                   n_train: int) -> tuple[dict, np.ndarray]:
+        """The attributes of a new fit: classes_, input_shape_, network, optimizer, history.
 
-        Everything is checked before any attribute is set. Returns y as class indices.
+        Only checks and builds; the caller sets them. Returns them by name, and y as
+        class indices.
         """
         all_classes = np.unique(y if classes is None else np.asarray(classes))
         if len(all_classes) < 2:
@@ -489,15 +508,14 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
                              f"input-shape rule of CNNClassifier): {error}") from error
         min_batch = 2 if _needs_two_samples(model, input_shape) else 1
         self._check_batch_size(min_batch, n_train)
-        self.classes_, self.input_shape_, self.model_ = all_classes, input_shape, model
-        self._x_sample_shape, self._rng, self._min_batch = X.shape[1:], rng, min_batch
-        self._fit_architecture = self.architecture
-        self.optimizer_ = self._new_optimizer()
-        self.loss_ = self.best_loss_ = None
-        self.loss_curve_, self.history_, self.n_iter_ = [], [], 0
-        self.validation_scores_ = self.best_validation_score_ = None
-        self.layer_stats_init_ = None
-        return y_index
+        state = {"classes_": all_classes, "input_shape_": input_shape, "model_": model,
+                 "_x_sample_shape": X.shape[1:], "_rng": rng, "_min_batch": min_batch,
+                 "_fit_architecture": self.architecture,
+                 "optimizer_": self._new_optimizer(model),
+                 "loss_": None, "best_loss_": None, "loss_curve_": [], "history_": [],
+                 "n_iter_": 0, "validation_scores_": None, "best_validation_score_": None,
+                 "layer_stats_init_": None}
+        return state, y_index
 
     def _check_batch_size(self, min_batch: int, n_train: int) -> None:
         if n_train < min_batch or self.batch_size < min_batch:
@@ -509,8 +527,8 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     def _infer_input_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The network's sample shape for X of ``x_shape`` (the class Notes' rule)."""
         sample = tuple(x_shape[1:])
-        given = _check_input_shape(self.input_shape)
-        if given is not None:
+        if self.input_shape is not None:
+            given = tuple(int(d) for d in self.input_shape)
             if math.prod(given) != math.prod(sample):
                 raise ValueError(f"input_shape={given} has {math.prod(given)} values per "
                                  f"sample, but X of shape {x_shape} has "
@@ -534,12 +552,13 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
                              "input_shape=(C, H, W), or X of shape (n, C, H, W)")
         return (1, side, side)
 
-    def _check_continuation(self, X: np.ndarray, y: np.ndarray, classes, incremental: bool,
-                            n_train: int) -> np.ndarray:
+    def _continued_state(self, X: np.ndarray, y: np.ndarray, classes, incremental: bool,
+                         n_train: int) -> tuple[dict, np.ndarray]:
         """Check that a warm-start fit or a later partial_fit can reuse the network.
 
-        Then update the optimizer to the current hyper-parameters (e.g. a lower
-        learning rate). Returns y as class indices.
+        Returns the attributes to set (the random stream, to be advanced, and the
+        optimizer, a new one if ``optimizer`` changed) and y as class indices; changes
+        nothing itself.
         """
         if incremental and classes is not None and not np.array_equal(
                 np.unique(classes), self.classes_):
@@ -559,22 +578,23 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
                              f"{type(self).__name__} was fitted on samples of shape "
                              f"{self._x_sample_shape}")
         self._check_batch_size(self._min_batch, n_train)
-        if type(self.optimizer_) is _OPTIMIZERS[self.optimizer]:
-            for group in self.optimizer_.param_groups:
-                group.update(self._optimizer_kwargs())
-        else:
-            self.optimizer_ = self._new_optimizer()
-        return y_index
+        # The kept optimizer gets the current hyper-parameters when the call is accepted.
+        optimizer = (self.optimizer_ if type(self.optimizer_) is _OPTIMIZERS[self.optimizer]
+                     else self._new_optimizer(self.model_))
+        # A copy of the stream: drawing the validation split must not advance the
+        # estimator's own before the call is accepted.
+        return {"_rng": copy.deepcopy(self._rng), "optimizer_": optimizer}, y_index
 
     def _optimizer_kwargs(self) -> dict:
-        kwargs = {"lr": float(self.learning_rate), "weight_decay": float(self.weight_decay)}
+        weight_decay = (_DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None
+                        else self.weight_decay)
+        kwargs = {"lr": float(self.learning_rate), "weight_decay": float(weight_decay)}
         if self.optimizer == "sgd":
             kwargs["momentum"] = float(self.momentum)
         return kwargs
 
-    def _new_optimizer(self) -> optim.Optimizer:
-        return _OPTIMIZERS[self.optimizer](self.model_.parameters(),
-                                           **self._optimizer_kwargs())
+    def _new_optimizer(self, model: nn.Sequential) -> optim.Optimizer:
+        return _OPTIMIZERS[self.optimizer](model.parameters(), **self._optimizer_kwargs())
 
     def _network_input(self, X: np.ndarray) -> np.ndarray:
         """Reshape validated X to (n, *input_shape_); its layout must be that of fit."""
@@ -586,16 +606,11 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ training loop
 
-    def _train(self, X: np.ndarray, y: np.ndarray, n_epochs: int, validate: bool) -> None:
-        """Run up to ``n_epochs`` epochs, holding out validation data if ``validate``."""
-        valid = None
-        if validate:
-            seed = int(self._rng.integers(0, 2**32))
-            X, X_valid, y, y_valid = train_test_split(
-                X, y, test_size=self.validation_fraction, stratify=y, random_state=seed)
-            valid = (X_valid, y_valid)
-            if self.validation_scores_ is None:
-                self.validation_scores_ = []
+    def _train(self, X: np.ndarray, y: np.ndarray, n_epochs: int, valid) -> None:
+        """Run up to ``n_epochs`` epochs, validating on ``valid`` (X, y) if given."""
+        validate = valid is not None
+        if validate and self.validation_scores_ is None:
+            self.validation_scores_ = []
         bounds = _batch_bounds(len(X), self.batch_size)
         probe = None
         if self.record_layer_stats:

@@ -31,6 +31,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from . import _core
+from ._validation import as_real, check_int, check_int_pair, check_int_tuple, check_real
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -152,22 +153,8 @@ def _inplace_float32(array, name: str) -> np.ndarray:
 
 def _pair(value, name: str) -> Tuple[int, int]:
     """Expand an int or a 2-sequence of ints to a pair, as PyTorch's ``_pair`` does."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
-    if isinstance(value, (int, np.integer)):
-        return _int64(value, name), _int64(value, name)
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise TypeError(
-            f"{name}: expected an int or a pair of ints, got {type(value).__name__}"
-        ) from None
-    if len(items) != 2 or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-        for v in items
-    ):
-        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
-    return _int64(items[0], name), _int64(items[1], name)
+    first, second = check_int_pair(value, name)
+    return _int64(first, name), _int64(second, name)
 
 
 def _int64(value, name: str) -> int:
@@ -180,19 +167,10 @@ def _int64(value, name: str) -> int:
 
 def _count(value, name: str, minimum: int) -> int:
     """An int in [minimum, 2**63), or TypeError/ValueError naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    if not minimum <= value < 2**63:
-        raise ValueError(f"{name}: expected an int in [{minimum}, 2**63), got {value}")
-    return int(value)
+    return check_int(value, name, minimum, 2**63 - 1)
 
 
-def _real(value, name: str) -> float:
-    """``float(value)``, or TypeError naming ``name`` for what is not a number."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a real number, got {value!r}") from None
+_real = as_real
 
 
 def _labels(target, name: str = "target") -> np.ndarray:
@@ -205,22 +183,11 @@ def _labels(target, name: str = "target") -> np.ndarray:
 def _seed(seed) -> int:
     if seed is None:
         return secrets.randbits(64)
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
-    seed = int(seed)
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed}")
-    return seed
+    return check_int(seed, "seed", 0, 2**64 - 1)
 
 
 def _probability(p) -> float:
-    try:
-        value = float(p)
-    except (TypeError, ValueError):
-        raise TypeError(f"p: expected a float in [0, 1), got {p!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"p: expected a dropout probability in [0, 1), got {p!r}")
-    return value
+    return check_real(as_real(p, "p"), "p", 0.0, 1.0, high_open=True)
 
 
 # --------------------------------------------------------------------------- conv2d
@@ -338,15 +305,7 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size: IntPair,
 
 
 def _shape4(shape) -> Tuple[int, int, int, int]:
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        raise TypeError(f"input_shape: expected 4 ints (N, C, H, W), got {shape!r}") from None
-    if not all(isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_))
-               for d in dims):
-        raise TypeError(f"input_shape: expected 4 ints (N, C, H, W), got {shape!r}")
-    if len(dims) != 4:
-        raise ValueError(f"input_shape: expected 4 ints (N, C, H, W), got {shape!r}")
+    dims = check_int_tuple(shape, "input_shape", (4,), description="4 ints (N, C, H, W)")
     return tuple(_int64(d, "input_shape") for d in dims)  # type: ignore[return-value]
 
 

@@ -21,35 +21,31 @@ Examples
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import numpy as np
 
 from . import functional as F
+from ._validation import as_real, check_real
 from .nn.module import Parameter
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
 
 def _non_negative(group: dict[str, Any], name: str, label: str) -> None:
-    value = _finite(group[name], label)
-    if not value >= 0.0:
-        raise ValueError(f"Invalid {label}: {value}")
+    _finite(group[name], label, 0.0)
 
 
-def _finite(value, label: str) -> float:
-    """A hyper-parameter as a finite float (what the kernels accept), or an error."""
-    if isinstance(value, (bool, str, bytes)):
-        raise TypeError(f"Invalid {label}: expected a real number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"Invalid {label}: expected a real number, got {value!r}") from None
-    if not math.isfinite(number):  # also rejects NaN
-        raise ValueError(f"Invalid {label}: {value}")
-    return number
+def _finite(value, label: str, low: float | None = None, high: float | None = None, *,
+            high_open: bool = False) -> float:
+    """A hyper-parameter as a finite float (what the kernels accept), or an error.
+
+    The messages start as PyTorch's do ("Invalid learning rate").
+    """
+    name = f"Invalid {label}"
+    return check_real(as_real(value, name, numbers_only=True), name, low, high,
+                      high_open=high_open)
 
 
 class Optimizer:
@@ -312,8 +308,7 @@ class Adam(Optimizer):
         if count != 2:
             raise ValueError(f"Invalid betas: expected (beta1, beta2), got {betas!r}")
         for index, beta in enumerate(betas):
-            if not 0.0 <= _finite(beta, f"beta parameter at index {index}") < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+            _finite(beta, f"beta parameter at index {index}", 0.0, 1.0, high_open=True)
         _non_negative(group, "weight_decay", "weight_decay value")
         group["betas"] = tuple(betas)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from .. import functional as F
+from .._validation import as_real, check_real
 from .module import Module
 
 __all__ = ["LeakyReLU", "ReLU", "Sigmoid", "Tanh"]
@@ -57,10 +57,8 @@ class LeakyReLU(_Activation):
 
     def __init__(self, negative_slope: float = 0.01, *, rng=None, random_state=None):
         super().__init__()
-        self.negative_slope = F._real(negative_slope, "negative_slope")
-        if not math.isfinite(self.negative_slope):
-            raise ValueError(f"negative_slope: expected a finite number, "
-                             f"got {negative_slope!r}")
+        self.negative_slope = check_real(as_real(negative_slope, "negative_slope"),
+                                         "negative_slope")
 
     def forward(self, input) -> np.ndarray:
         """Apply the leaky rectifier."""

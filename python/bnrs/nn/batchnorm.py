@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from .. import functional as F
+from .._validation import as_real, check_real
 from .layers import positive_int
 from .module import Module, Parameter
 
@@ -27,14 +27,9 @@ class _BatchNorm(Module):
                  random_state=None):
         super().__init__()
         self.num_features = positive_int(num_features, "num_features")
-        self.eps = F._real(eps, "eps")
-        if not (math.isfinite(self.eps) and self.eps > 0.0):
-            raise ValueError(f"eps: expected a positive finite float, got {eps!r}")
-        if momentum is not None:
-            momentum = F._real(momentum, "momentum")
-            if not 0.0 <= momentum <= 1.0:
-                raise ValueError(f"momentum: expected a float in [0, 1] or None "
-                                 f"(cumulative average), got {momentum!r}")
+        self.eps = check_real(as_real(eps, "eps"), "eps", 0.0, low_open=True)
+        if momentum is not None:  # None: the cumulative average
+            momentum = check_real(as_real(momentum, "momentum"), "momentum", 0.0, 1.0)
         self.momentum = momentum
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import functional as F
+from .._validation import as_real, check_real
 from .module import Module, as_generator
 
 __all__ = ["Dropout", "Dropout2d"]
@@ -24,13 +25,7 @@ class _Dropout(Module):
 
     def __init__(self, p: float = 0.5, *, rng=None, random_state=None):
         super().__init__()
-        try:
-            p = float(p)
-        except (TypeError, ValueError):
-            raise TypeError(f"p: expected a float in [0, 1], got {p!r}") from None
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p: dropout probability has to be between 0 and 1, got {p!r}")
-        self.p = p
+        self.p = check_real(as_real(p, "p"), "p", 0.0, 1.0)
         self._rng = _own_generator(random_state, rng)
 
     def _check(self, x: np.ndarray) -> None:

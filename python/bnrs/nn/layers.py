@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from .. import functional as F
+from .._validation import check_int, check_int_pair
 from .module import Module, Parameter, as_generator
 
 __all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d", "conv_output_size"]
@@ -18,20 +19,7 @@ __all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d", "conv_output
 
 def int_pair(value, name: str, minimum: int) -> tuple[int, int]:
     """Expand an int or a pair of ints to a pair, each at least ``minimum``."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        pair = (int(value), int(value))
-    else:
-        try:
-            pair = tuple(value)
-        except TypeError:
-            raise TypeError(f"{name}: expected an int or a pair of ints, "
-                            f"got {type(value).__name__}") from None
-        if len(pair) != 2 or not all(isinstance(v, (int, np.integer))
-                                     and not isinstance(v, (bool, np.bool_)) for v in pair):
-            raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
-        pair = (int(pair[0]), int(pair[1]))
-    if min(pair) < minimum:
-        raise ValueError(f"{name}: expected values >= {minimum}, got {value!r}")
+    pair = check_int_pair(value, name, minimum)
     if max(pair) >= 2**63:
         raise ValueError(f"{name}: {value!r} is out of range (a 64-bit integer)")
     return pair
@@ -39,10 +27,7 @@ def int_pair(value, name: str, minimum: int) -> tuple[int, int]:
 
 def positive_int(value, name: str) -> int:
     """Check that ``value`` is an int >= 1 and return it."""
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
-            or value < 1):
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
+    return check_int(value, name, 1)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int,
@@ -374,11 +359,8 @@ class Flatten(Module):
     def __init__(self, start_dim: int = 1, end_dim: int = -1, *, rng=None,
                  random_state=None):
         super().__init__()
-        for name, value in (("start_dim", start_dim), ("end_dim", end_dim)):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name}: expected an int, got {value!r}")
-        self.start_dim = int(start_dim)
-        self.end_dim = int(end_dim)
+        self.start_dim = check_int(start_dim, "start_dim")
+        self.end_dim = check_int(end_dim, "end_dim")
 
     def _flat_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         ndim = len(shape)

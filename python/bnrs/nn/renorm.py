@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import functional as F
+from .._validation import as_real, check_real
 from .batchnorm import BatchNorm1d, BatchNorm2d
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
@@ -43,16 +44,11 @@ class _BatchRenorm:
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.01,
                  affine: bool = True, r_max: float = 3.0, d_max: float = 5.0, *, rng=None,
                  random_state=None):
-        if momentum is None or not 0.0 < float(momentum) <= 1.0:
-            raise ValueError(f"momentum: expected a float in (0, 1], got {momentum!r}")
+        check_real(as_real(momentum, "momentum"), "momentum", 0.0, 1.0, low_open=True)
         super().__init__(num_features, eps, momentum, affine, track_running_stats=True,
                          rng=rng, random_state=random_state)
-        self.r_max = float(r_max)
-        self.d_max = float(d_max)
-        if not self.r_max >= 1.0:
-            raise ValueError(f"r_max: expected a float >= 1, got {r_max!r}")
-        if not self.d_max >= 0.0:
-            raise ValueError(f"d_max: expected a float >= 0, got {d_max!r}")
+        self.r_max = check_real(as_real(r_max, "r_max"), "r_max", 1.0)
+        self.d_max = check_real(as_real(d_max, "d_max"), "d_max", 0.0)
 
     def _channel_shape(self, ndim: int) -> tuple[int, ...]:
         return (1, self.num_features) + (1,) * (ndim - 2)
