@@ -37,7 +37,7 @@ from .report import (all_targets, format_memory, format_profile, format_scaling,
 from .runner import machine_info, main, measure_section, run
 from .timing import Timings, measure, measure_row, measure_scaling, spread
 from .torch_mirror import (NO_TORCH_MESSAGE, TORCH_DISABLED_MESSAGE, build_torch_network,
-                           import_torch)
+                           import_torch, torch_train_epoch, torch_train_step)
 from .workloads import GBPS, GFLOPS, MIB, MODES, Mode, Work, kernel_works
 
 __all__ = ["ARCHITECTURE", "GBPS", "GFLOPS", "INPUT_SHAPE", "MIB", "MODES",
@@ -48,4 +48,4 @@ __all__ = ["ARCHITECTURE", "GBPS", "GFLOPS", "INPUT_SHAPE", "MIB", "MODES",
            "kernel_works", "machine_info", "main", "make_data", "measure", "measure_memory",
            "measure_peaks", "measure_row", "measure_scaling", "measure_section",
            "network_flops", "plot_results", "profile_bnrs", "profile_torch", "rss_child",
-           "run", "spread"]
+           "run", "spread", "torch_train_epoch", "torch_train_step"]

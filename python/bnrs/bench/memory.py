@@ -10,10 +10,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .. import _core, nn, optim
-from .network import _batches, bnrs_train_step, build_bnrs_network, make_data
+from .. import nn, optim
+from ..training import batch_bounds, num_threads, train_epoch
+from .network import build_bnrs_network, make_data
 from .timing import _target
-from .torch_mirror import build_torch_network, import_torch, torch_train_step
+from .torch_mirror import build_torch_network, import_torch, torch_train_epoch
 from .workloads import Mode
 
 
@@ -47,32 +48,30 @@ def _peak_rss_kib() -> int:
 def rss_child(framework: str, mode: Mode, threads: int) -> dict:
     """Peak RSS of one training epoch in this (fresh) process, above the baseline after the
     imports and the data; printed as JSON by ``--rss-child``."""
-    _core.set_num_threads(threads)
-    images, labels = make_data(mode.train_samples)
-    torch, torch_missing = import_torch(disabled=framework != "torch")
-    if framework == "torch":
+    with num_threads(threads):
+        images, labels = make_data(mode.train_samples)
+        torch, torch_missing = import_torch(disabled=framework != "torch")
+        if framework == "torch":
+            if torch is None:
+                raise SystemExit(torch_missing)
+            torch.set_num_threads(threads)
+        # After a reset the baseline is the current RSS, not the high-water mark of the
+        # imports.
+        reset = _reset_peak_rss()
+        baseline_kib = _peak_rss_kib()
+        bounds = batch_bounds(len(images), mode.batch_size, last="keep")[:mode.memory_batches]
+        model = build_bnrs_network()
         if torch is None:
-            raise SystemExit(torch_missing)
-        torch.set_num_threads(threads)
-    # After a reset the baseline is the current RSS, not the high-water mark of the imports.
-    reset = _reset_peak_rss()
-    baseline_kib = _peak_rss_kib()
-    steps = len(list(_batches(len(images), mode.batch_size, mode.memory_batches)))
-    model = build_bnrs_network()
-    if torch is None:
-        criterion, optimizer = nn.CrossEntropyLoss(), optim.Adam(model.parameters(), lr=1e-3)
-        for batch in _batches(len(images), mode.batch_size, mode.memory_batches):
-            bnrs_train_step(model, criterion, optimizer, images[batch], labels[batch])
-    else:
-        torch_model = build_torch_network(model, torch)
-        del model
-        optimizer = torch.optim.Adam(torch_model.parameters(), lr=1e-3)
-        torch_images, torch_labels = torch.from_numpy(images), torch.from_numpy(labels)
-        for batch in _batches(len(images), mode.batch_size, mode.memory_batches):
-            torch_train_step(torch_model, optimizer, torch_images[batch], torch_labels[batch],
-                             torch)
-    peak_kib = _peak_rss_kib()
-    return {"framework": framework, "threads": threads, "steps": steps,
+            optimizer = optim.Adam(model.parameters(), lr=1e-3)
+            train_epoch(model, nn.CrossEntropyLoss(), optimizer, images, labels, bounds)
+        else:
+            torch_model = build_torch_network(model, torch)
+            del model
+            optimizer = torch.optim.Adam(torch_model.parameters(), lr=1e-3)
+            torch_train_epoch(torch_model, optimizer, torch.from_numpy(images),
+                              torch.from_numpy(labels), bounds, torch)
+        peak_kib = _peak_rss_kib()
+    return {"framework": framework, "threads": threads, "steps": len(bounds),
             "baseline_kib": baseline_kib,
             "peak_kib": peak_kib, "epoch_kib": peak_kib - baseline_kib,
             "baseline_is_current_rss": reset}

@@ -8,7 +8,8 @@ import math
 import numpy as np
 
 from .. import nn, optim
-from .torch_mirror import build_torch_network, torch_train_step
+from ..training import batch_bounds, eval_logits, train_epoch
+from .torch_mirror import build_torch_network, torch_train_epoch
 from .workloads import GFLOPS, Mode, Work
 
 
@@ -54,32 +55,6 @@ def network_flops(model: nn.Sequential, input_shape=INPUT_SHAPE) -> tuple[float,
     return forward, forward + backward
 
 
-def _no_mark(stage: str) -> None:
-    """The default ``mark`` of :func:`bnrs_train_step`: no instrumentation."""
-
-
-def bnrs_train_step(model, criterion, optimizer, inputs, targets, mark=_no_mark) -> None:
-    """One training step; ``mark(stage)`` is called as each stage ends (for --profile)."""
-    model.train()
-    optimizer.zero_grad()
-    mark("zero_grad")
-    logits = model(inputs)
-    mark("forward")
-    criterion(logits, targets)
-    grad_logits = criterion.backward()
-    mark("loss fwd+bwd")
-    model.backward(grad_logits, input_grad=False)
-    mark("backward")
-    optimizer.step()
-    mark("optimizer step")
-
-
-def _batches(n_samples: int, batch_size: int, limit: int | None = None):
-    starts = range(0, n_samples, batch_size)
-    for start in starts if limit is None else starts[:limit]:
-        yield slice(start, start + batch_size)
-
-
 class Trainer:
     """One network in both frameworks, with the same initial weights, data and optimizer."""
 
@@ -95,31 +70,33 @@ class Trainer:
             self.torch_images = torch.from_numpy(self.images)
             self.torch_labels = torch.from_numpy(self.labels)
 
-    def bnrs_epoch(self, limit: int | None = None, mark=_no_mark) -> None:
-        for batch in _batches(len(self.images), self.mode.batch_size, limit):
-            bnrs_train_step(self.model, self.criterion, self.optimizer, self.images[batch],
-                            self.labels[batch], mark)
+    def _train_bounds(self, limit: int | None = None) -> list[tuple[int, int]]:
+        """The epoch's batches (the last one shorter), or its first ``limit``."""
+        return batch_bounds(len(self.images), self.mode.batch_size, last="keep")[:limit]
+
+    def _inference_samples(self, limit: int | None = None) -> int:
+        n = min(len(self.images), self.mode.infer_batches * self.mode.infer_batch_size)
+        return n if limit is None else min(n, limit * self.mode.infer_batch_size)
+
+    def bnrs_epoch(self, limit: int | None = None, mark=None) -> None:
+        train_epoch(self.model, self.criterion, self.optimizer, self.images, self.labels,
+                    self._train_bounds(limit), mark=mark)
 
     def torch_epoch(self, limit: int | None = None) -> None:
-        for batch in _batches(len(self.images), self.mode.batch_size, limit):
-            torch_train_step(self.torch_model, self.torch_optimizer, self.torch_images[batch],
-                             self.torch_labels[batch], self.torch)
-
-    def _inference_batches(self, limit: int | None = None):
-        n = min(len(self.images), self.mode.infer_batches * self.mode.infer_batch_size)
-        return _batches(n, self.mode.infer_batch_size, limit)
+        torch_train_epoch(self.torch_model, self.torch_optimizer, self.torch_images,
+                          self.torch_labels, self._train_bounds(limit), self.torch)
 
     def bnrs_inference(self, limit: int | None = None) -> None:
-        self.model.eval()
-        for batch in self._inference_batches(limit):
-            self.model(self.images[batch])
-        self.model.clear_saved()
+        for _ in eval_logits(self.model, self.images[:self._inference_samples(limit)],
+                             self.mode.infer_batch_size):
+            pass
 
     def torch_inference(self, limit: int | None = None) -> None:
         self.torch_model.eval()
         with self.torch.no_grad():
-            for batch in self._inference_batches(limit):
-                self.torch_model(self.torch_images[batch])
+            for start, stop in batch_bounds(self._inference_samples(limit),
+                                            self.mode.infer_batch_size, last="keep"):
+                self.torch_model(self.torch_images[start:stop])
 
     def works(self) -> list[Work]:
         """The inference and training-epoch rows (warm-ups: one batch, a few steps)."""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .. import nn
 
 
@@ -54,8 +56,18 @@ def build_torch_network(model: nn.Sequential, torch):
 
 
 def torch_train_step(model, optimizer, inputs, targets, torch) -> None:
-    model.train()
+    """:func:`bnrs.training.train_step` in PyTorch (the model in training mode)."""
     optimizer.zero_grad()
     loss = torch.nn.functional.cross_entropy(model(inputs), targets)
     loss.backward()
     optimizer.step()
+
+
+def torch_train_epoch(model, optimizer, inputs, targets, bounds: Sequence[tuple[int, int]],
+                      torch, order=None) -> None:
+    """:func:`bnrs.training.train_epoch` in PyTorch: a step per (start, stop) of
+    ``bounds``, positions into ``order`` (a tensor of sample indices) or the samples."""
+    model.train()
+    for start, stop in bounds:
+        index = slice(start, stop) if order is None else order[start:stop]
+        torch_train_step(model, optimizer, inputs[index], targets[index], torch)
