@@ -1,4 +1,8 @@
-"""The ``bnrs`` command: ``bnrs study ...`` and ``bnrs bench ...``."""
+"""The ``bnrs`` command: ``bnrs study ...`` and ``bnrs bench ...``, and their arguments.
+
+The bench's arguments are parsed by :func:`parse_bench_args`, called from
+:func:`bnrs.bench.main` so that ``python -m bnrs.bench`` takes the same ones.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "parse_bench_args", "study_parser"]
+__all__ = ["bench_parser", "main", "parse_bench_args", "study_parser"]
 
 
 def study_parser() -> argparse.ArgumentParser:
@@ -105,8 +109,8 @@ def study_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def parse_bench_args(argv) -> argparse.Namespace:
-    """The arguments of ``bnrs bench``, checked."""
+def bench_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``bnrs bench``."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     parser = argparse.ArgumentParser(
         prog="bnrs bench", description="Time bnrs against PyTorch (when importable): "
@@ -128,6 +132,13 @@ def parse_bench_args(argv) -> argparse.Namespace:
     parser.add_argument("--no-torch", action="store_true",
                         help="run bnrs alone even if PyTorch is importable")
     parser.add_argument("--rss-child", choices=("bnrs", "torch"), help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments of ``bnrs bench`` (``sys.argv[1:]`` if None), checked; exits with the
+    usage on an error, as argparse does."""
+    parser = bench_parser()
     args = parser.parse_args(argv)
     if min(args.threads) < 1:
         parser.error(f"--threads: expected counts >= 1, got {args.threads}")

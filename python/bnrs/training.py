@@ -5,6 +5,8 @@ steps over the mini-batches the caller chose (:func:`batch_bounds`, :func:`train
 the forward passes of evaluation in chunks (:func:`eval_logits`) and the kernel thread
 count of a block (:func:`num_threads`). Each caller keeps its own rules (how the batches
 are cut, the order of the samples, what a non-finite loss means) and passes them in.
+:func:`train_step` is the one entry point of the computation: another engine (a fused
+step, say) replaces it, and :func:`train_epoch` and the callers see only its loss.
 
 Examples
 --------
@@ -124,7 +126,8 @@ def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: opti
     -------
     float
         The loss of the batch. A non-finite loss is returned at once, before the backward
-        and the optimizer step: the parameters stay as they were.
+        and the optimizer step: the parameters stay as they were (batch norm's running
+        statistics have taken the forward in).
     """
     mark = mark or _no_mark
     optimizer.zero_grad()
@@ -188,10 +191,10 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
 def eval_logits(model: nn.Module, X: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     """The logits of X in evaluation mode, ``batch_size`` samples at a time.
 
-    Only memory depends on ``batch_size`` as far as the values go, except in the last
-    float32 bits: the dense-layer kernel picks its code path by batch size, so a caller
-    keeps its size to keep its results. The model's mode is restored, and what the last
-    forward kept dropped, when the iteration ends.
+    The logits depend on ``batch_size`` only in their last float32 bits (the dense-layer
+    kernel picks its code path by batch size): a caller keeps its size to keep its
+    results. The model's mode is restored, and what the last forward kept is dropped,
+    when the iteration ends.
 
     Parameters
     ----------

@@ -1,5 +1,4 @@
-"""Peak resident memory of a training epoch, measured in a fresh process per framework.
-"""
+"""Peak resident memory of a training epoch, measured in a fresh process per framework."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from typing import Any
 from .. import nn, optim
 from ..training import batch_bounds, num_threads, train_epoch
 from .network import build_bnrs_network, make_data
-from .timing import _target
+from .timing import check_target
 from .torch_mirror import build_torch_network, import_torch, torch_train_epoch
 from .workloads import Mode
 
@@ -94,5 +93,5 @@ def measure_memory(frameworks: Sequence[str], mode: Mode, threads: int) -> dict:
     torch_kib = result.get("torch", {}).get("epoch_kib")
     ratio = torch_kib / bnrs_kib if bnrs_kib and torch_kib is not None else None
     result["ratio"] = ratio
-    result["targets"] = [_target("peak RSS torch/bnrs", 1.0, ratio)]
+    result["targets"] = [check_target("peak RSS torch/bnrs", 1.0, ratio)]
     return result

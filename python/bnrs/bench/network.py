@@ -1,5 +1,4 @@
-"""The end-to-end rows of ``bnrs bench``: training and inference of LeNetBN.
-"""
+"""The end-to-end rows of ``bnrs bench``: training and inference of LeNetBN."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The machine's peaks that the rates are quoted against: FMA throughput and copy bandwidth.
-"""
+"""The machine's peaks that the rates are quoted against: FMA throughput and copy bandwidth."""
 
 from __future__ import annotations
 

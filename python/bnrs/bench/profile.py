@@ -1,5 +1,4 @@
-"""``--profile``: the time of each layer and stage of the bnrs training step, and PyTorch's top ops.
-"""
+"""``--profile``: the time per layer and stage of the bnrs training step; PyTorch's top ops."""
 
 from __future__ import annotations
 

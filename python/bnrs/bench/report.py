@@ -1,5 +1,4 @@
-"""The tables, the summary of the targets and the plot of ``bnrs bench``.
-"""
+"""The tables, the summary of the targets and the plot of ``bnrs bench``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""One run of ``bnrs bench``: every section, printed as it is done, and the entry point.
-"""
+"""One run of ``bnrs bench``: every section, printed as it is done, and the entry point."""
 
 from __future__ import annotations
 

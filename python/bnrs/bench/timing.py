@@ -1,5 +1,4 @@
-"""Timing of the rows: interleaved repeats, their spread, and the speed targets.
-"""
+"""Timing of the rows: interleaved repeats, their spread, and the speed targets."""
 
 from __future__ import annotations
 
@@ -119,13 +118,15 @@ def measure_row(work: Work, threads: int, mode: Mode, peaks: Peaks) -> dict:
         row["paired_ratio"] = spread([t / b for b, t in zip(samples[0], samples[1])])
         row["torch_rate"] = work.amount / torch_time["median"] / 1e9
     if work.min_ratio is not None:
-        row["targets"].append(_target("speed ratio torch/bnrs", work.min_ratio, row["ratio"]))
+        row["targets"].append(check_target("speed ratio torch/bnrs", work.min_ratio,
+                                           row["ratio"]))
     if work.min_peak is not None and threads == 1:
-        row["targets"].append(_target("fraction of peak", work.min_peak, row["peak_fraction"]))
+        row["targets"].append(check_target("fraction of peak", work.min_peak,
+                                           row["peak_fraction"]))
     return row
 
 
-def _target(kind: str, minimum: float, measured: float | None) -> dict:
+def check_target(kind: str, minimum: float, measured: float | None) -> dict:
     """A target ``measured >= minimum``; unmeasured (None) when PyTorch is missing."""
     return {"kind": kind, "target": minimum, "measured": measured,
             "met": None if measured is None else bool(measured >= minimum)}
@@ -162,4 +163,4 @@ def measure_scaling(work: Work, threads: int, mode: Mode, torch) -> dict:
             "torch_speedup": speedups[1] if torch is not None else None,
             # CPU time / wall time of each run: below ``threads`` on a busy machine.
             "cores": cores,
-            "targets": [_target("thread speed-up", 0.9 * threads, speedups[0])]}
+            "targets": [check_target("thread speed-up", 0.9 * threads, speedups[0])]}

@@ -1,5 +1,4 @@
-"""PyTorch beside bnrs: its import, and the bnrs network and training step mirrored.
-"""
+"""PyTorch beside bnrs: its import, and the bnrs network and training step mirrored."""
 
 from __future__ import annotations
 

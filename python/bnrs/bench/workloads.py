@@ -1,5 +1,4 @@
-"""The kernel rows of ``bnrs bench``: each the same computation in bnrs and PyTorch.
-"""
+"""The kernel rows of ``bnrs bench``: each the same computation in bnrs and PyTorch."""
 
 from __future__ import annotations
 
