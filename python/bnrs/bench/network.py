@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -70,14 +71,16 @@ class Trainer:
             self.torch_labels = torch.from_numpy(self.labels)
 
     def _train_bounds(self, limit: int | None = None) -> list[tuple[int, int]]:
-        """The epoch's batches (the last one shorter), or its first ``limit``."""
+        """The epoch's batches (the last may be shorter), or its first ``limit``."""
         return batch_bounds(len(self.images), self.mode.batch_size, last="keep")[:limit]
 
     def _inference_samples(self, limit: int | None = None) -> int:
+        """The samples of the inference passes, or of their first ``limit`` batches."""
         n = min(len(self.images), self.mode.infer_batches * self.mode.infer_batch_size)
         return n if limit is None else min(n, limit * self.mode.infer_batch_size)
 
-    def bnrs_epoch(self, limit: int | None = None, mark=None) -> None:
+    def bnrs_epoch(self, limit: int | None = None,
+                   mark: Callable[[str], None] | None = None) -> None:
         train_epoch(self.model, self.criterion, self.optimizer, self.images, self.labels,
                     self._train_bounds(limit), mark=mark)
 
@@ -101,7 +104,7 @@ class Trainer:
         """The inference and training-epoch rows (warm-ups: one batch, a few steps)."""
         mode, has_torch = self.mode, self.torch is not None
         inference_flops, train_flops = network_flops(self.model)
-        n_infer = min(len(self.images), mode.infer_batches * mode.infer_batch_size)
+        n_infer = self._inference_samples()
         n_train = len(self.images)
         return [
             Work("inference", f"LeNetBN inference, {mode.infer_batches} x "
