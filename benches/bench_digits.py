@@ -27,10 +27,10 @@ from sklearn.model_selection import train_test_split
 
 import bnrs
 from bnrs import CNNClassifier, nn
-from bnrs.bench import build_torch_network, import_torch
-from bnrs.estimator import _batch_bounds   # the estimator's batches, for the same steps
+from bnrs.bench import build_torch_network, import_torch, torch_train_epoch
 from bnrs.nn.module import as_generator
 from bnrs.nn.spec import DEFAULT_ARCHITECTURE
+from bnrs.training import batch_bounds   # the estimator's batches, for the same steps
 
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
@@ -56,24 +56,19 @@ def fit_bnrs(seed: int, epochs: int, X_train, y_train, X_test, y_test) -> tuple[
 
 def fit_torch(torch, seed: int, epochs: int, X_train, y_train, X_test,
               y_test) -> tuple[float, float]:
-    """The same network and batches in PyTorch: a plain training loop, as its users write."""
+    """The same network and batches in PyTorch, in the plain training loop its users write
+    (:func:`bnrs.bench.torch_train_epoch`)."""
     rng = as_generator(seed)   # as CNNClassifier.fit: weights first, then the shuffles
     model = build_torch_network(nn.from_spec(DEFAULT_ARCHITECTURE, (1, 8, 8), 10,
                                              random_state=rng), torch)
     torch.manual_seed(seed)   # dropout masks
-    bounds = _batch_bounds(len(X_train), BATCH_SIZE)
+    bounds = batch_bounds(len(X_train), BATCH_SIZE, last="merge_single")
     inputs, targets = torch.from_numpy(X_train), torch.from_numpy(y_train.astype(np.int64))
     start = time.perf_counter()
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    model.train()
     for _ in range(epochs):
-        order = torch.from_numpy(rng.permutation(len(X_train)))
-        for first, last in bounds:
-            index = order[first:last]
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(inputs[index]), targets[index])
-            loss.backward()
-            optimizer.step()
+        torch_train_epoch(model, optimizer, inputs, targets, bounds, torch,
+                          order=torch.from_numpy(rng.permutation(len(X_train))))
     seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():

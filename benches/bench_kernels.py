@@ -1,29 +1,28 @@
 """Kernel throughput at 1 and 2 threads: GFLOP/s for conv and linear, GB/s for the rest.
 
 Run from the repository (after installing bnrs):  python benches/bench_kernels.py
-Medians of several repeats after a warm-up; the machine is shared and noisy, so compare
-figures from one run only.
+Medians of several repeats after a warm-up, timed as ``bnrs bench`` times its kernel rows
+(:func:`bnrs.bench.measure`); the machine is shared and noisy, so compare figures from one
+run only.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import bnrs
 import bnrs.functional as F
+from bnrs.bench import MODES, measure, spread
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: page faults, pool start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    """Median seconds per call of ``fn`` over ``repeats`` samples, as ``bnrs bench --quick``
+    times a kernel (warmed up, each sample long enough for the timer)."""
+    samples, _ = measure([fn], [fn], repeats, MODES["quick"].min_sample_seconds,
+                         settle_seconds=0.0)
+    return spread(samples[0])["median"]
 
 
 def conv_cases(rng):

@@ -1,12 +1,17 @@
-"""The ``bnrs`` command: ``bnrs study ...`` and ``bnrs bench ...``."""
+"""The ``bnrs`` command: ``bnrs study ...`` and ``bnrs bench ...``, and their arguments.
+
+The bench's arguments are parsed by :func:`parse_bench_args`, called from
+:func:`bnrs.bench.main` so that ``python -m bnrs.bench`` takes the same ones.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "study_parser"]
+__all__ = ["bench_parser", "main", "parse_bench_args", "study_parser"]
 
 
 def study_parser() -> argparse.ArgumentParser:
@@ -102,6 +107,50 @@ def study_main(argv: Sequence[str]) -> int:
         print(f"bnrs study: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``bnrs bench``."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    parser = argparse.ArgumentParser(
+        prog="bnrs bench", description="Time bnrs against PyTorch (when importable): "
+        "kernels, a training epoch and inference, at each thread count.")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="a shorter run: 2,000 training samples, 3 repeats")
+    size.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, nargs="+", metavar="N",
+                        default=sorted({1, usable}),
+                        help="thread counts to run (default: 1 and the usable cores)")
+    parser.add_argument("--repeats", type=int, metavar="R",
+                        help="repeats per kernel (default 15, 3 with --quick)")
+    parser.add_argument("--json", metavar="FILE", help="write every raw number here")
+    parser.add_argument("--plot", metavar="FILE", help="draw the ratios (needs matplotlib)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time each layer of the bnrs training step, and PyTorch's "
+                        "top ops")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="run bnrs alone even if PyTorch is importable")
+    parser.add_argument("--rss-child", choices=("bnrs", "torch"), help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments of ``bnrs bench`` (``sys.argv[1:]`` if None), checked; exits with the
+    usage on an error, as argparse does."""
+    parser = bench_parser()
+    args = parser.parse_args(argv)
+    if min(args.threads) < 1:
+        parser.error(f"--threads: expected counts >= 1, got {args.threads}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats: expected at least 1, got {args.repeats}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib, which is not installed "
+                         "(pip install matplotlib), or leave out --plot")
+    return args
 
 
 USAGE = """\

@@ -22,8 +22,6 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import ClassVar
 
 import numpy as np
@@ -32,12 +30,13 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from . import _core, nn, optim
+from . import nn, optim
 from ._validation import (NONE, Boolean, Constraint, Instances, Interval, IntTuple,
                           Options, check_params)
 from .diagnostics import layer_statistics, probe_indices
 from .nn.module import as_generator
 from .nn.spec import DEFAULT_ARCHITECTURE, SpecError, from_spec, parse
+from .training import batch_bounds, eval_logits, num_threads, train_epoch
 
 try:
     from sklearn.utils.validation import validate_data
@@ -78,27 +77,9 @@ class _Diverged(Exception):
         self.batch, self.n_batches, self.loss = batch, n_batches, loss
 
 
-@contextmanager
-def _num_threads(n_threads: int | None) -> Iterator[None]:
-    """Use ``n_threads`` kernel threads inside the block (if given), then restore."""
-    if n_threads is None:
-        yield
-        return
-    previous = _core.get_num_threads()
-    _core.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        _core.set_num_threads(previous)
-
-
-def _batch_bounds(n_samples: int, batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) of each mini-batch; a last batch of one sample joins the one before."""
-    size = min(batch_size, n_samples)
-    starts = list(range(0, n_samples, size))
-    if len(starts) > 1 and n_samples - starts[-1] == 1:
-        starts.pop()
-    return list(zip(starts, starts[1:] + [n_samples]))
+#: Moved to :func:`bnrs.training.batch_bounds`, whose default is the estimator's rule (a
+#: last batch of one sample joins the one before); this name stays for existing imports.
+_batch_bounds = batch_bounds
 
 
 def _needs_two_samples(model: nn.Sequential, input_shape: tuple[int, ...]) -> bool:
@@ -406,7 +387,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     def _fit(self, X, y, *, classes, reset: bool, incremental: bool):
         # Every check runs, and the new state is built aside, before the first attribute
         # is set: a call that is rejected leaves a fitted estimator exactly as it was.
-        with _num_threads(self.n_threads):
+        with num_threads(self.n_threads):
             # validate_data(reset=True) records n_features_in_ on the estimator it is
             # given, so a new fit validates on an unfitted copy.
             checked = clone(self) if reset else self
@@ -611,7 +592,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         validate = valid is not None
         if validate and self.validation_scores_ is None:
             self.validation_scores_ = []
-        bounds = _batch_bounds(len(X), self.batch_size)
+        bounds = batch_bounds(len(X), self.batch_size, last="merge_single")
         probe = None
         if self.record_layer_stats:
             index = probe_indices(len(X))
@@ -621,7 +602,6 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         self.best_loss_ = self.best_validation_score_ = None
         best_state, epochs_without_improvement = None, 0
         completed = self._snapshot()
-        self.model_.train()
         try:
             for _ in range(n_epochs):
                 epoch, start = self.n_iter_ + 1, time.perf_counter()
@@ -671,21 +651,16 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         Returns the mean training loss, the validation accuracy (or None) and the
         network's state dict; raises _Diverged for a non-finite loss or state.
         """
-        model, optimizer = self.model_, self.optimizer_
-        criterion = nn.CrossEntropyLoss()
         order = self._rng.permutation(len(X)) if self.shuffle else None
+        losses = train_epoch(self.model_, nn.CrossEntropyLoss(), self.optimizer_, X, y,
+                             bounds, order)
+        if not math.isfinite(losses[-1]):
+            raise _Diverged(len(losses), len(bounds), losses[-1])
         total = 0.0
-        for batch, (start, stop) in enumerate(bounds, 1):
-            index = slice(start, stop) if order is None else order[start:stop]
-            optimizer.zero_grad()
-            loss = criterion(model(X[index]), y[index])
-            if not math.isfinite(loss):
-                raise _Diverged(batch, len(bounds), loss)
-            model.backward(criterion.backward(), input_grad=False)
-            optimizer.step()
+        for loss, (start, stop) in zip(losses, bounds):   # in order (same bits as ever)
             total += loss * (stop - start)
         loss = total / len(X)
-        state = model.state_dict()
+        state = self.model_.state_dict()
         if not _all_finite(state):
             raise _Diverged(len(bounds), len(bounds), loss)
         score = None
@@ -741,15 +716,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         """Logits of network-shaped X in evaluation mode, in chunks."""
-        model = self.model_
-        training = model.training
-        model.eval()
-        try:
-            return np.concatenate([model(X[start:start + _PREDICT_CHUNK])
-                                   for start in range(0, len(X), _PREDICT_CHUNK)])
-        finally:
-            model.clear_saved()
-            model.train(training)
+        return np.concatenate(list(eval_logits(self.model_, X, _PREDICT_CHUNK)))
 
     def predict_log_proba(self, X) -> np.ndarray:
         """Log of the class probabilities (log-softmax of the logits, float64).
@@ -764,7 +731,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             Columns in the order of ``classes_``.
         """
         check_is_fitted(self)
-        with _num_threads(self.n_threads):
+        with num_threads(self.n_threads):
             X = validate_data(self, X, reset=False, allow_nd=True, dtype=np.float32,
                               order="C")
             logits = self._logits(self._network_input(X))

@@ -52,8 +52,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .. import _core, diagnostics, nn, optim
 from .. import datasets as bnrs_datasets
+from .. import diagnostics, nn, optim
+from ..training import batch_bounds, eval_logits, num_threads, train_epoch
 
 __all__ = ["PROTOCOL", "RunConfig", "load_split", "train_run"]
 
@@ -131,16 +132,14 @@ def _order_stream(seed: int) -> np.random.Generator:
 
 def _evaluate(model: nn.Sequential, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) in evaluation mode."""
-    model.eval()
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum, start = 0, 0.0, 0
     criterion = nn.CrossEntropyLoss()
-    for start in range(0, len(X), _EVAL_BATCH):
-        logits = model(X[start:start + _EVAL_BATCH])
-        target = y[start:start + _EVAL_BATCH]
+    for logits in eval_logits(model, X, _EVAL_BATCH):
+        target = y[start:start + len(logits)]
+        start += len(logits)
         with np.errstate(all="ignore"):
             loss_sum += criterion(logits, target) * len(target)
             correct += int(np.sum(np.argmax(logits, axis=1) == target))
-    model.clear_saved()
     return correct / len(X), loss_sum / len(X)
 
 
@@ -158,9 +157,13 @@ def train_run(config: RunConfig, seed: int, n_threads: int | None = None) -> dic
 
     ``status`` is ``"ok"`` or ``"diverged"``; ``metrics`` the summary (step 5 of the
     protocol, and ``diverged_reason`` when it applies); ``curves`` the per-epoch lists.
+    ``n_threads`` kernel threads (if given) train and measure it.
     """
-    if n_threads is not None:
-        _core.set_num_threads(n_threads)
+    with num_threads(n_threads):
+        return _train_and_measure(config, seed)
+
+
+def _train_and_measure(config: RunConfig, seed: int) -> dict:
     data, train_index, val_index = load_split(config.dataset, config.n_val, config.n_train)
     if data.fingerprint != config.data_fingerprint:
         raise RuntimeError(f"{config.dataset}: the data differ from those the study was "
@@ -179,7 +182,8 @@ def train_run(config: RunConfig, seed: int, n_threads: int | None = None) -> dic
     optimizer = _optimizer(config, model)
     criterion = nn.CrossEntropyLoss()
     order_stream = _order_stream(seed)
-    n_batches = len(X_train) // config.batch_size
+    bounds = batch_bounds(len(X_train), config.batch_size, last="drop")
+    n_batches = len(bounds)
     if n_batches < 1:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(X_train)} "
                          "training images")
@@ -192,25 +196,17 @@ def train_run(config: RunConfig, seed: int, n_threads: int | None = None) -> dic
     diverged_reason = None
     train_seconds = 0.0
     for epoch in range(1, config.epochs + 1):
-        model.train()
         order = order_stream.permutation(len(X_train))
         start = time.perf_counter()
-        loss_sum = 0.0
-        for batch in range(n_batches):
-            index = order[batch * config.batch_size:(batch + 1) * config.batch_size]
-            optimizer.zero_grad()
-            with np.errstate(all="ignore"):
-                loss = criterion(model(X_train[index]), y_train[index])
-            if not math.isfinite(loss):
-                diverged_reason = f"training loss {loss} in epoch {epoch}, batch {batch + 1}"
-                break
-            model.backward(criterion.backward(), input_grad=False)
-            optimizer.step()
-            loss_sum += loss
+        losses = train_epoch(model, criterion, optimizer, X_train, y_train, bounds, order)
         train_seconds += time.perf_counter() - start
-        model.clear_saved()
-        if diverged_reason:
+        if not math.isfinite(losses[-1]):
+            diverged_reason = (f"training loss {losses[-1]} in epoch {epoch}, "
+                               f"batch {len(losses)}")
             break
+        loss_sum = 0.0
+        for loss in losses:   # in order, not sum(): Python 3.12's sum() compensates
+            loss_sum += loss
         train_acc, train_eval_loss = _evaluate(model, X_train_eval, y_train_eval)
         val_acc, _ = _evaluate(model, X_val, y_val)
         test_curve_acc, _ = _evaluate(model, X_test_curve, y_test_curve)

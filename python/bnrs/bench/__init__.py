@@ -1,0 +1,51 @@
+"""``bnrs bench``: bnrs against PyTorch on the kernels, a training epoch and inference.
+
+Each work item runs in bnrs and, when PyTorch is importable, in PyTorch in the same process
+on the same arrays (``torch.from_numpy``): both are warmed up, then their repeats alternate
+(bnrs, torch, torch, bnrs, ...), at each thread count. A row gives the medians and
+interquartile ranges, the speed ratio torch time / bnrs time (above 1: bnrs is faster), the
+bnrs rate (GFLOP/s for conv, linear and the whole network, GB/s for the memory-bound
+kernels) and that rate as a fraction of the machine's peak, measured here: the FMA
+throughput of one core (``bnrs._core.fma_peak_gflops``) times the threads, and the
+bandwidth of a large NumPy copy on that many threads. The peak resident memory of a training
+epoch is measured in a fresh process per framework.
+
+PyTorch is never a dependency of bnrs: install it beside bnrs in a separate virtual
+environment to compare (docs/benchmark.md). Without it the bench runs bnrs alone.
+
+Usage::
+
+    python -m bnrs.bench [--quick] [--threads 1 2] [--json FILE] [--plot FILE] [--profile]
+
+The package, one module per job: :mod:`.workloads` (the kernel rows and the run modes),
+:mod:`.network` (the LeNetBN training and inference rows), :mod:`.torch_mirror` (PyTorch's
+import and the mirrored network), :mod:`.timing` (interleaved repeats, targets),
+:mod:`.peaks` (the machine's peaks), :mod:`.memory` (peak RSS in a fresh process),
+:mod:`.profile` (``--profile``), :mod:`.report` (tables, plot) and :mod:`.runner` (a run
+and the entry point); the arguments are parsed in :mod:`bnrs.cli`.
+"""
+
+from __future__ import annotations
+
+from .memory import measure_memory, rss_child
+from .network import (ARCHITECTURE, INPUT_SHAPE, N_CLASSES, Trainer, build_bnrs_network,
+                      make_data, network_flops)
+from .peaks import Peaks, copy_bandwidth_gbps, measure_peaks
+from .profile import LayerTimer, profile_bnrs, profile_torch
+from .report import (all_targets, format_memory, format_profile, format_scaling,
+                     format_section, format_summary, plot_results)
+from .runner import machine_info, main, measure_section, run
+from .timing import Timings, measure, measure_row, measure_scaling, spread
+from .torch_mirror import (NO_TORCH_MESSAGE, TORCH_DISABLED_MESSAGE, build_torch_network,
+                           import_torch, torch_train_epoch, torch_train_step)
+from .workloads import GBPS, GFLOPS, MIB, MODES, Mode, Work, kernel_works
+
+__all__ = ["ARCHITECTURE", "GBPS", "GFLOPS", "INPUT_SHAPE", "MIB", "MODES",
+           "NO_TORCH_MESSAGE", "N_CLASSES", "TORCH_DISABLED_MESSAGE", "LayerTimer", "Mode",
+           "Peaks", "Timings", "Trainer", "Work", "all_targets", "build_bnrs_network",
+           "build_torch_network", "copy_bandwidth_gbps", "format_memory", "format_profile",
+           "format_scaling", "format_section", "format_summary", "import_torch",
+           "kernel_works", "machine_info", "main", "make_data", "measure", "measure_memory",
+           "measure_peaks", "measure_row", "measure_scaling", "measure_section",
+           "network_flops", "plot_results", "profile_bnrs", "profile_torch", "rss_child",
+           "run", "spread", "torch_train_epoch", "torch_train_step"]

@@ -1,0 +1,160 @@
+"""One run of ``bnrs bench``: every section, printed as it is done, and the entry point."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import _core
+from ..cli import parse_bench_args
+from .memory import measure_memory, rss_child
+from .network import ARCHITECTURE, Trainer
+from .peaks import Peaks, measure_peaks
+from .profile import profile_bnrs, profile_torch
+from .report import all_targets, format_scaling, format_section, format_summary, plot_results
+from .timing import measure_row, measure_scaling
+from .torch_mirror import import_torch
+from .workloads import MODES, Mode, Work, kernel_works
+
+
+def machine_info(torch) -> dict:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo
+                              if line.startswith("model name")), cpu_model)
+    except OSError:
+        pass
+    usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count())
+    return {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+            "load_average_start": _load_average(),
+            "simd_backend": _core.simd_backend(), "platform": platform.platform(),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "bnrs": _core.__version__, "torch": None if torch is None else torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (other processes compete for the cores), if known."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def measure_section(threads: int, works: Sequence[Work], trainer: Trainer, mode: Mode,
+                    peaks: Peaks, args: argparse.Namespace) -> dict:
+    """Every row at ``threads`` (already set), the peak memory and the profile."""
+    rows = []
+    gc.collect()
+    for work in works:
+        _progress(f"  {threads}t: {work.name}")
+        rows.append(measure_row(work, threads, mode, peaks))
+    section: dict[str, Any] = {"threads": threads, "rows": rows}
+    if mode.memory_all_threads or threads == args.threads[-1]:
+        _progress(f"  {threads}t: peak memory of a training epoch (fresh processes)")
+        frameworks = ["bnrs"] + ([] if trainer.torch is None else ["torch"])
+        section["memory"] = measure_memory(frameworks, mode, threads)
+    if args.profile:
+        _progress(f"  {threads}t: profiling the training step")
+        section["profile"] = {
+            "bnrs": profile_bnrs(trainer),
+            "torch": None if trainer.torch is None else profile_torch(trainer)}
+    return section
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure everything the arguments ask for, printing each table as it is done."""
+    mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.repeats is not None:
+        mode = dataclasses.replace(mode, kernel_repeats=args.repeats)
+    torch, torch_missing = import_torch(args.no_torch)
+    info = machine_info(torch)
+    print(f"bnrs bench ({mode.name}): bnrs {info['bnrs']} ({info['simd_backend']}), "
+          f"PyTorch {info['torch'] or '-'}, NumPy {info['numpy']}, Python {info['python']}")
+    print(f"machine: {info['cpu_model']}, {info['usable_cpus']} usable of "
+          f"{info['logical_cpus']} logical CPUs, load average {info['load_average_start']}, "
+          f"{info['date']}")
+    if torch_missing:
+        print(torch_missing)
+    busy = info["load_average_start"] is not None and info["load_average_start"] >= 1
+    if busy:
+        print(f"note: the machine is busy (load average {info['load_average_start']} on "
+              f"{info['usable_cpus']} CPUs): times run long and vary, the 2-thread ones most; "
+              "ratios compare interleaved runs")
+    print("speed ratio = torch time / bnrs time (above 1: bnrs is faster); medians of "
+          f"{mode.kernel_repeats} interleaved repeats ({mode.epoch_repeats} for the network), "
+          "IQR in brackets", flush=True)
+    _progress("measuring the machine's peaks...")
+    peaks = measure_peaks(args.threads, mode)
+    works = kernel_works(mode, torch)
+    trainer = Trainer(mode, torch)
+    works += trainer.works()
+    sections = []
+    previous_threads = _core.get_num_threads()
+    previous_torch_threads = None if torch is None else torch.get_num_threads()
+    try:
+        for threads in args.threads:
+            _core.set_num_threads(threads)
+            if torch is not None:
+                torch.set_num_threads(threads)
+            section = measure_section(threads, works, trainer, mode, peaks, args)
+            sections.append(section)
+            print()
+            print("\n".join(format_section(section, peaks)), flush=True)
+        scaling = []
+        for threads in (n for n in args.threads if n > 1 and 1 in args.threads):
+            for work in works:
+                if work.scaling:
+                    _progress(f"  speed-up 1t -> {threads}t: {work.name}")
+                    scaling.append(measure_scaling(work, threads, mode, torch))
+    finally:
+        _core.set_num_threads(previous_threads)
+        if torch is not None:
+            torch.set_num_threads(previous_torch_threads)
+    info["load_average_end"] = _load_average()
+    print(f"\nload average at the end: {info['load_average_end']}")
+    targets = all_targets(sections, scaling)
+    lines = format_scaling(scaling)
+    print(("\n" + "\n".join(lines)) if lines else "")
+    print("\n" + "\n".join(format_summary(targets)), flush=True)
+    return {"schema": 1, "mode": dataclasses.asdict(mode), "architecture": ARCHITECTURE,
+            "machine": info, "torch_available": torch is not None,
+            "torch_missing": torch_missing,
+            "peaks": {"fma_gflops_1t": peaks.fma_gflops_1t,
+                      "fma_gflops_concurrent": peaks.fma_gflops_concurrent,
+                      "copy_gbps": peaks.copy_gbps},
+            "sections": sections, "scaling": scaling, "targets": targets}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bnrs bench`` (and ``python -m bnrs.bench``); returns the exit code."""
+    args = parse_bench_args(argv)
+    if args.rss_child:
+        mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
+        print(json.dumps(rss_child(args.rss_child, mode, args.threads[0])))
+        return 0
+    result = run(args)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(result, out, indent=1)
+        print(f"raw numbers written to {args.json}")
+    if args.plot:
+        plot_results(result, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0

@@ -1,0 +1,219 @@
+"""The training loop of :class:`bnrs.CNNClassifier`, ``bnrs study`` and ``bnrs bench``.
+
+One place for what the three share: the training step (:func:`train_step`), an epoch of
+steps over the mini-batches the caller chose (:func:`batch_bounds`, :func:`train_epoch`),
+the forward passes of evaluation in chunks (:func:`eval_logits`) and the kernel thread
+count of a block (:func:`num_threads`). Each caller keeps its own rules (how the batches
+are cut, the order of the samples, what a non-finite loss means) and passes them in.
+:func:`train_step` is the one entry point of the computation: another engine (a fused
+step, say) replaces it, and :func:`train_epoch` and the callers see only its loss.
+
+Examples
+--------
+>>> import numpy as np
+>>> from bnrs import nn, optim
+>>> from bnrs.training import batch_bounds, eval_logits, train_epoch
+>>> model = nn.from_spec("fc8-bn-relu", (4,), 3, random_state=0)
+>>> X = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+>>> y = np.arange(10) % 3
+>>> losses = train_epoch(model, nn.CrossEntropyLoss(), optim.Adam(model.parameters()),
+...                      X, y, batch_bounds(10, 4))
+>>> len(losses)          # batches of 4, 4 and 2 samples
+3
+>>> np.concatenate(list(eval_logits(model, X, 4))).shape
+(10, 3)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import numpy as np
+
+from . import _core, nn, optim
+
+__all__ = ["STAGES", "batch_bounds", "eval_logits", "num_threads", "train_epoch",
+           "train_step"]
+
+#: The stages of :func:`train_step`, in order: the names its ``mark`` is called with.
+STAGES = ("zero_grad", "forward", "loss fwd+bwd", "backward", "optimizer step")
+
+
+def _no_mark(stage: str) -> None:
+    """The default ``mark``: no instrumentation."""
+
+
+@contextmanager
+def num_threads(n_threads: int | None) -> Iterator[None]:
+    """Use ``n_threads`` kernel threads inside the block (if given), then restore.
+
+    Parameters
+    ----------
+    n_threads : int or None
+        The thread count (``bnrs.set_num_threads``); None leaves the current one.
+    """
+    if n_threads is None:
+        yield
+        return
+    previous = _core.get_num_threads()
+    _core.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        _core.set_num_threads(previous)
+
+
+def batch_bounds(n_samples: int, batch_size: int,
+                 last: Literal["merge_single", "keep", "drop"] = "merge_single",
+                 ) -> list[tuple[int, int]]:
+    """(start, stop) of each mini-batch of ``batch_size`` consecutive positions.
+
+    Parameters
+    ----------
+    n_samples : int
+        Positions to cover, 0 .. n_samples - 1 (indices into the samples, or into an
+        order of them).
+    batch_size : int
+        Positions per batch (clipped to ``n_samples``).
+    last : {"merge_single", "keep", "drop"}, default "merge_single"
+        What becomes of a last batch smaller than ``batch_size``: kept, unless it has a
+        single sample, which joins the batch before (batch norm has no statistics of one
+        value per channel; :class:`bnrs.CNNClassifier`); kept whatever its size; or
+        dropped, so that every step sees ``batch_size`` samples (as PyTorch's
+        ``DataLoader(drop_last=True)``; ``bnrs study``).
+
+    Returns
+    -------
+    list of (int, int)
+    """
+    if last not in ("merge_single", "keep", "drop"):
+        raise ValueError(f"last: expected 'merge_single', 'keep' or 'drop', got {last!r}")
+    if n_samples < 1:
+        return []
+    size = min(batch_size, n_samples)
+    starts = list(range(0, n_samples, size))
+    if last == "drop" and n_samples - starts[-1] < batch_size:
+        starts.pop()
+        return [(start, start + size) for start in starts]
+    if last == "merge_single" and len(starts) > 1 and n_samples - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n_samples]))
+
+
+def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: optim.Optimizer,
+               inputs: np.ndarray, targets: np.ndarray,
+               mark: Callable[[str], None] | None = None) -> float:
+    """One training step: zero the gradients, forward, loss, backward, optimizer step.
+
+    The model is left in the mode it is in (:func:`train_epoch` sets training mode).
+
+    Parameters
+    ----------
+    model : bnrs.nn.Module
+    criterion : bnrs.nn.CrossEntropyLoss
+    optimizer : bnrs.optim.Optimizer
+        Over the model's parameters.
+    inputs, targets : ndarray
+        One mini-batch.
+    mark : callable, optional
+        Called with the name of each stage of :data:`STAGES` as it ends (the bench's
+        profiler measures the time between the calls).
+
+    Returns
+    -------
+    float
+        The loss of the batch. A non-finite loss is returned at once, before the backward
+        and the optimizer step: the parameters stay as they were (batch norm's running
+        statistics have taken the forward in).
+    """
+    mark = mark or _no_mark
+    optimizer.zero_grad()
+    mark("zero_grad")
+    # A diverging network overflows; the caller sees the non-finite loss, so NumPy's
+    # warnings would only repeat it.
+    with np.errstate(all="ignore"):
+        logits = model(inputs)
+        mark("forward")
+        loss = criterion(logits, targets)
+    if not math.isfinite(loss):
+        return loss
+    grad_logits = criterion.backward()
+    mark("loss fwd+bwd")
+    model.backward(grad_logits, input_grad=False)
+    mark("backward")
+    optimizer.step()
+    mark("optimizer step")
+    return loss
+
+
+def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
+                optimizer: optim.Optimizer, X: np.ndarray, y: np.ndarray,
+                bounds: Sequence[tuple[int, int]], order: np.ndarray | None = None,
+                mark: Callable[[str], None] | None = None) -> list[float]:
+    """A training step per mini-batch, in training mode; stops at a non-finite loss.
+
+    Parameters
+    ----------
+    model, criterion, optimizer
+        As :func:`train_step`.
+    X, y : ndarray
+        The training samples and their class indices.
+    bounds : sequence of (int, int)
+        The batches (:func:`batch_bounds`): positions into ``order``, or into X.
+    order : ndarray of int, optional
+        The order of the samples in this epoch (None: as they are in X).
+    mark : callable, optional
+        Passed to every :func:`train_step`.
+
+    Returns
+    -------
+    list of float
+        The loss of every step taken, in order. When the last is not finite the epoch
+        stopped there, before that step's backward.
+    """
+    model.train()
+    losses = []
+    try:
+        for start, stop in bounds:
+            index = slice(start, stop) if order is None else order[start:stop]
+            loss = train_step(model, criterion, optimizer, X[index], y[index], mark)
+            losses.append(loss)
+            if not math.isfinite(loss):
+                break
+    finally:
+        model.clear_saved()
+    return losses
+
+
+def eval_logits(model: nn.Module, X: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """The logits of X in evaluation mode, ``batch_size`` samples at a time.
+
+    The logits depend on ``batch_size`` only in their last float32 bits (the dense-layer
+    kernel picks its code path by batch size): a caller keeps its size to keep its
+    results. The model's mode is restored, and what the last forward kept is dropped,
+    when the iteration ends.
+
+    Parameters
+    ----------
+    model : bnrs.nn.Module
+    X : ndarray
+        Samples in the network's shape.
+    batch_size : int
+        Samples per forward pass (the last may have fewer).
+
+    Yields
+    ------
+    ndarray
+        The logits of ``X[start:start + batch_size]``, for start = 0, batch_size, ...
+    """
+    training = model.training
+    model.eval()
+    try:
+        for start, stop in batch_bounds(len(X), batch_size, last="keep"):
+            yield model(X[start:stop])
+    finally:
+        model.clear_saved()
+        model.train(training)
