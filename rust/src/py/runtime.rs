@@ -72,7 +72,7 @@ fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
 /// Raise the error a kernel panic becomes (tests the panic-to-exception path).
 #[pyfunction]
 fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
-    super::run(py, usize::MAX, || -> crate::Result<()> {
+    super::run_kernel(py, usize::MAX, || -> crate::Result<()> {
         panic!("forced panic for a test")
     })
 }
