@@ -17,6 +17,7 @@ mod loss;
 mod optim;
 mod pool;
 mod runtime;
+mod shapes;
 
 pub(crate) use arrays::{check_shape, slice, slice_mut, writeable, GradArrays, LayerGrads, Output};
 pub(crate) use guard::run_kernel;
@@ -43,6 +44,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     optim::register(m)?;
     pool::register(m)?;
     runtime::register(m)?;
+    shapes::register(m)?;
     m.add_class::<arrays::CachedBuffer>()?;
     Ok(())
 }
