@@ -86,18 +86,12 @@ impl<'py, T: Element> Output<'py, T> {
                 std::any::type_name::<T>()
             ))
         };
-        match bytes {
-            None => return Err(too_large(String::new())),
-            Some(b) if b > crate::memory::physical_bytes() => {
-                return Err(too_large(format!(
-                    ": {:.3} GiB, more than this machine's {:.3} GiB of memory",
-                    b as f64 / (1u64 << 30) as f64,
-                    crate::memory::physical_bytes() as f64 / (1u64 << 30) as f64
-                )));
-            }
-            Some(_) => {}
+        let Some(bytes) = bytes else {
+            return Err(too_large(String::new()));
+        };
+        if let Some(excess) = crate::memory::exceeds_physical(bytes as u128) {
+            return Err(too_large(format!(": {excess}")));
         }
-        let bytes = bytes.expect("checked above");
         let array = if bytes >= crate::buffers::MIN_CACHED_BYTES {
             let block = crate::buffers::take(bytes)
                 .ok_or_else(|| too_large(": the system refused the memory".to_string()))?;
