@@ -30,6 +30,8 @@ __all__ = [
     "conv2d_backward",
     "conv2d_forward",
     "cached_memory",
+    "check_fits_in_memory",
+    "conv2d_output_shape",
     "cross_entropy_backward",
     "cross_entropy_forward",
     "dropout_forward",
@@ -42,6 +44,7 @@ __all__ = [
     "log_softmax_forward",
     "max_pool2d_backward",
     "max_pool2d_forward",
+    "pool2d_output_shape",
     "release_memory",
     "set_num_threads",
     "set_simd_enabled",
@@ -139,6 +142,13 @@ def adam_step(
 class CachedBuffer:
     """The memory of a large output array (its ``base``), reused once the array is freed."""
 
+def conv2d_output_shape(
+    input_hw: _Pair, kernel_size: _Pair, stride: _Pair, padding: _Pair, dilation: _Pair
+) -> _Pair: ...
+def pool2d_output_shape(
+    input_hw: _Pair, kernel_size: _Pair, stride: _Pair, padding: _Pair
+) -> _Pair: ...
+def check_fits_in_memory(name: str, elements: int, itemsize: int) -> None: ...
 def set_num_threads(n: int) -> None: ...
 def release_memory() -> int: ...
 def cached_memory() -> int: ...

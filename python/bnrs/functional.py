@@ -24,7 +24,6 @@ linear weights are ``(out_features, in_features)`` and ``linear(x, w, b) = x @ w
 
 from __future__ import annotations
 
-import os
 import secrets
 from typing import Optional, Tuple, Union
 
@@ -113,18 +112,7 @@ def check_fits_in_memory(name: str, elements: int, itemsize: int) -> None:
     Checked before allocating, so that an impossible request fails with an exception
     instead of being granted by an overcommitting OS and then killed when touched.
     """
-    needed = int(elements) * int(itemsize)
-    if needed > _physical_memory():
-        raise MemoryError(
-            f"{name}: needs {needed / 2**30:.3g} GiB ({int(elements)} elements), more "
-            f"than this machine's {_physical_memory() / 2**30:.3g} GiB of memory")
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not POSIX: no limit known
-        return 2**63
+    _core.check_fits_in_memory(name, int(elements), int(itemsize))
 
 
 def _optional_float32(array, name: str) -> Optional[np.ndarray]:

@@ -1,4 +1,4 @@
-//! One error type for every kernel; the binding maps it to Python exceptions.
+//! One error type for every kernel, and its one mapping to Python exceptions.
 
 use std::fmt;
 
@@ -51,6 +51,18 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// `ValueError` for arguments the kernel refuses, `MemoryError` for outputs too large.
+#[cfg(feature = "python")]
+impl From<Error> for pyo3::PyErr {
+    fn from(err: Error) -> pyo3::PyErr {
+        use pyo3::exceptions::{PyMemoryError, PyValueError};
+        match err {
+            Error::Invalid { .. } => PyValueError::new_err(err.to_string()),
+            Error::TooLarge { .. } => PyMemoryError::new_err(err.to_string()),
+        }
+    }
+}
 
 /// Check that a slice has the length its shape implies.
 pub fn check_len(arg: &'static str, len: usize, expected: usize) -> Result<()> {

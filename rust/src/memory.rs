@@ -8,6 +8,21 @@ pub fn physical_bytes() -> usize {
     *BYTES.get_or_init(read_physical_bytes)
 }
 
+/// How far `bytes` exceeds this machine's memory ("X GiB, more than this machine's Y GiB
+/// of memory"), or `None` when it fits. Checked before allocating: an overcommitting OS
+/// would grant an impossible request and kill the process when the memory is touched.
+pub fn exceeds_physical(bytes: u128) -> Option<String> {
+    let physical = physical_bytes();
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    (bytes > physical as u128).then(|| {
+        format!(
+            "{:.3} GiB, more than this machine's {:.3} GiB of memory",
+            gib(bytes as f64),
+            gib(physical as f64)
+        )
+    })
+}
+
 #[cfg(unix)]
 fn read_physical_bytes() -> usize {
     // SAFETY: sysconf only reads system configuration.
@@ -34,5 +49,14 @@ mod tests {
     fn physical_memory_is_plausible() {
         let bytes = super::physical_bytes();
         assert!(bytes >= 64 << 20, "{bytes} bytes");
+    }
+
+    #[test]
+    fn only_more_than_physical_memory_exceeds_it() {
+        let bytes = super::physical_bytes() as u128;
+        assert_eq!(super::exceeds_physical(bytes), None);
+        assert!(super::exceeds_physical(bytes + 1)
+            .unwrap()
+            .contains("more than this machine's"));
     }
 }

@@ -204,7 +204,7 @@ impl Drop for Running {
 /// Run `job` in the pool, without watching for interrupts itself; if another caller's
 /// interrupt asked the kernels to stop while it ran, its (possibly partial) result is
 /// discarded: `Interrupted(None)`.
-pub fn run<R: Send>(job: impl FnOnce() -> R + Send) -> Outcome<R> {
+pub fn run_in_pool<R: Send>(job: impl FnOnce() -> R + Send) -> Outcome<R> {
     let pool = current_pool();
     let running = Running::start();
     let result = pool.install(job);

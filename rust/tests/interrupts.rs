@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bnrs::parallel::{run, run_interruptible, stop_requested, Outcome};
+use bnrs::parallel::{run_in_pool, run_interruptible, stop_requested, Outcome};
 
 /// Wait (at most 10 s) until a stop is requested.
 fn until_stopped() -> bool {
@@ -31,7 +31,7 @@ fn a_short_job_that_overlaps_an_interrupt_is_not_reported_done() {
         });
         matches!(outcome, Outcome::Interrupted(Some(_)))
     });
-    let short = run(|| {
+    let short = run_in_pool(|| {
         SHORT_STARTED.store(true, Ordering::SeqCst);
         until_stopped()
     });
@@ -39,5 +39,5 @@ fn a_short_job_that_overlaps_an_interrupt_is_not_reported_done() {
     assert!(long.join().expect("no panic"));
     // Once no job runs, the stop is cleared and jobs complete again.
     assert!(!stop_requested());
-    assert!(matches!(run(|| 7), Outcome::Done(7)));
+    assert!(matches!(run_in_pool(|| 7), Outcome::Done(7)));
 }

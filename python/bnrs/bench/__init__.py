@@ -34,7 +34,7 @@ from .peaks import Peaks, copy_bandwidth_gbps, measure_peaks
 from .profile import LayerTimer, profile_bnrs, profile_torch
 from .report import (all_targets, format_memory, format_profile, format_scaling,
                      format_section, format_summary, plot_results)
-from .runner import machine_info, main, measure_section, run
+from .runner import machine_info, main, measure_section, run_benchmarks
 from .timing import Timings, measure, measure_row, measure_scaling, spread
 from .torch_mirror import (NO_TORCH_MESSAGE, TORCH_DISABLED_MESSAGE, build_torch_network,
                            import_torch, torch_train_epoch, torch_train_step)
@@ -48,4 +48,4 @@ __all__ = ["ARCHITECTURE", "GBPS", "GFLOPS", "INPUT_SHAPE", "MIB", "MODES",
            "kernel_works", "machine_info", "main", "make_data", "measure", "measure_memory",
            "measure_peaks", "measure_row", "measure_scaling", "measure_section",
            "network_flops", "plot_results", "profile_bnrs", "profile_torch", "rss_child",
-           "run", "spread", "torch_train_epoch", "torch_train_step"]
+           "run_benchmarks", "spread", "torch_train_epoch", "torch_train_step"]

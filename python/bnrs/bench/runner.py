@@ -78,7 +78,7 @@ def measure_section(threads: int, works: Sequence[Work], trainer: Trainer, mode:
     return section
 
 
-def run(args: argparse.Namespace) -> dict:
+def run_benchmarks(args: argparse.Namespace) -> dict:
     """Measure everything the arguments ask for, printing each table as it is done."""
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.repeats is not None:
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
         print(json.dumps(rss_child(args.rss_child, mode, args.threads[0])))
         return 0
-    result = run(args)
+    result = run_benchmarks(args)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=1)

@@ -10,11 +10,12 @@ import math
 
 import numpy as np
 
+from .. import _core
 from .. import functional as F
 from .._validation import check_int, check_int_pair
 from .module import Module, Parameter, as_generator
 
-__all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d", "conv_output_size"]
+__all__ = ["AvgPool2d", "Conv2d", "Flatten", "Linear", "MaxPool2d"]
 
 
 def int_pair(value, name: str, minimum: int) -> tuple[int, int]:
@@ -30,25 +31,14 @@ def positive_int(value, name: str) -> int:
     return check_int(value, name, 1)
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int,
-                     dilation: int = 1) -> int:
-    """Output length of a convolution or pooling along one axis (``ceil_mode=False``).
-
-    ``(size + 2*padding - dilation*(kernel - 1) - 1) // stride + 1``, which may be < 1
-    when the window does not fit.
-    """
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def _spatial_output(layer: Module, input_shape, kernel, stride, padding, dilation=(1, 1)):
-    """The (H_out, W_out) of a window layer on a (C, H, W) sample, or ValueError if < 1."""
-    height, width = input_shape[1], input_shape[2]
-    out = (conv_output_size(height, kernel[0], stride[0], padding[0], dilation[0]),
-           conv_output_size(width, kernel[1], stride[1], padding[1], dilation[1]))
-    if min(out) < 1:
-        raise ValueError(f"{layer!r}: the spatial size shrinks below 1, a {height}x{width} "
-                         f"input gives a {out[0]}x{out[1]} output")
-    return out
+def _spatial_output(layer: Module, input_shape, output_hw, *window) -> tuple[int, int]:
+    """The (H_out, W_out) of a window layer on a (C, H, W) sample, from ``output_hw``
+    (:func:`bnrs._core.conv2d_output_shape` or ``pool2d_output_shape``, the kernels' rule),
+    or ValueError naming the layer if the window does not fit."""
+    try:
+        return output_hw((input_shape[1], input_shape[2]), *window)
+    except ValueError as error:
+        raise ValueError(f"{layer!r}: {error}") from None
 
 
 def _check_input(layer: Module, x: np.ndarray, channels: int | None, layout: str) -> None:
@@ -141,7 +131,8 @@ class Conv2d(Module):
         """(out_channels, H_out, W_out) for a (in_channels, H, W) sample."""
         shape = _check_sample(self, input_shape, self.in_channels, f"({self.in_channels}, H, W)")
         return (self.out_channels,) + _spatial_output(
-            self, shape, self.kernel_size, self.stride, self.padding, self.dilation)
+            self, shape, _core.conv2d_output_shape, self.kernel_size, self.stride,
+            self.padding, self.dilation)
 
     def extra_repr(self) -> str:
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -248,8 +239,9 @@ class _Pool2d(Module):
     def output_shape(self, input_shape) -> tuple[int, int, int]:
         """(C, H_out, W_out) for a (C, H, W) sample."""
         shape = _check_sample(self, input_shape, None, "(C, H, W)")
-        return (shape[0],) + _spatial_output(self, shape, self.kernel_size, self.stride,
-                                             self.padding)
+        return (shape[0],) + _spatial_output(
+            self, shape, _core.pool2d_output_shape, self.kernel_size, self.stride,
+            self.padding)
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, "

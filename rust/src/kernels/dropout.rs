@@ -25,49 +25,96 @@ const PHILOX_W1: u32 = 0xBB67_AE85;
 pub const GROUP: usize = 32;
 const LANES: usize = 8;
 
-/// Philox4x32 with 10 rounds, one block.
+/// The words Philox works on: one block's (`u32`), or the same word of eight blocks side
+/// by side (SIMD lanes), so that the rounds are written once for every width.
+trait PhiloxWords: Copy {
+    /// The high and low 32 bits of `multiplier · self`.
+    fn mul_hi_lo(self, multiplier: u32) -> (Self, Self);
+    fn xor(self, other: Self) -> Self;
+    fn xor_key(self, key: u32) -> Self;
+}
+
+impl PhiloxWords for u32 {
+    #[inline(always)]
+    fn mul_hi_lo(self, multiplier: u32) -> (u32, u32) {
+        let product = u64::from(multiplier) * u64::from(self);
+        ((product >> 32) as u32, product as u32)
+    }
+
+    #[inline(always)]
+    fn xor(self, other: u32) -> u32 {
+        self ^ other
+    }
+
+    #[inline(always)]
+    fn xor_key(self, key: u32) -> u32 {
+        self ^ key
+    }
+}
+
+/// Lane-wise loops, in the form LLVM vectorises.
+impl PhiloxWords for [u32; LANES] {
+    #[inline(always)]
+    fn mul_hi_lo(self, multiplier: u32) -> (Self, Self) {
+        let (mut hi, mut lo) = ([0u32; LANES], [0u32; LANES]);
+        for l in 0..LANES {
+            (hi[l], lo[l]) = self[l].mul_hi_lo(multiplier);
+        }
+        (hi, lo)
+    }
+
+    #[inline(always)]
+    fn xor(self, other: Self) -> Self {
+        std::array::from_fn(|l| self[l] ^ other[l])
+    }
+
+    #[inline(always)]
+    fn xor_key(self, key: u32) -> Self {
+        self.map(|word| word ^ key)
+    }
+}
+
+/// Philox4x32-10: ten rounds on the counter `counter` with key `key`.
 #[inline(always)]
-pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+fn philox_rounds<W: PhiloxWords>(counter: [W; 4], key: [u32; 2]) -> [W; 4] {
     let (mut c, mut k) = (counter, key);
     for _ in 0..10 {
-        let p0 = u64::from(PHILOX_M0) * u64::from(c[0]);
-        let p1 = u64::from(PHILOX_M1) * u64::from(c[2]);
+        let (hi0, lo0) = c[0].mul_hi_lo(PHILOX_M0);
+        let (hi1, lo1) = c[2].mul_hi_lo(PHILOX_M1);
         c = [
-            ((p1 >> 32) as u32) ^ c[1] ^ k[0],
-            p1 as u32,
-            ((p0 >> 32) as u32) ^ c[3] ^ k[1],
-            p0 as u32,
+            hi1.xor(c[1]).xor_key(k[0]),
+            lo1,
+            hi0.xor(c[3]).xor_key(k[1]),
+            lo0,
         ];
         k = [k[0].wrapping_add(PHILOX_W0), k[1].wrapping_add(PHILOX_W1)];
     }
     c
 }
 
+/// Philox4x32 with 10 rounds, one block.
+#[inline(always)]
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    philox_rounds(counter, key)
+}
+
+/// The key of the blocks of `seed`.
+fn seed_key(seed: u64) -> [u32; 2] {
+    [seed as u32, (seed >> 32) as u32]
+}
+
 /// The 32 words of group `group`: `words[w][l]` is word `w` of block `8·group + l`,
-/// the word of unit `8w + l` of the group. Written lane-wise so it vectorises.
+/// the word of unit `8w + l` of the group.
 #[inline(always)]
 fn group_words(seed: u64, group: u64) -> [[u32; LANES]; 4] {
-    let mut c = [[0u32; LANES]; 4];
-    for l in 0..LANES {
-        let block = group * LANES as u64 + l as u64;
-        c[0][l] = block as u32;
-        c[1][l] = (block >> 32) as u32;
-    }
-    let mut k = [seed as u32, (seed >> 32) as u32];
-    for _ in 0..10 {
-        let mut next = [[0u32; LANES]; 4];
-        for l in 0..LANES {
-            let p0 = u64::from(PHILOX_M0) * u64::from(c[0][l]);
-            let p1 = u64::from(PHILOX_M1) * u64::from(c[2][l]);
-            next[0][l] = ((p1 >> 32) as u32) ^ c[1][l] ^ k[0];
-            next[1][l] = p1 as u32;
-            next[2][l] = ((p0 >> 32) as u32) ^ c[3][l] ^ k[1];
-            next[3][l] = p0 as u32;
-        }
-        c = next;
-        k = [k[0].wrapping_add(PHILOX_W0), k[1].wrapping_add(PHILOX_W1)];
-    }
-    c
+    let block = |l: usize| group * LANES as u64 + l as u64;
+    let counter = [
+        std::array::from_fn(|l| block(l) as u32),
+        std::array::from_fn(|l| (block(l) >> 32) as u32),
+        [0; LANES],
+        [0; LANES],
+    ];
+    philox_rounds(counter, seed_key(seed))
 }
 
 /// Keep threshold: a unit is kept iff its word is below it. For p > 0 it is below 2^32.
@@ -115,22 +162,38 @@ fn fill_factors_portable(
     }
 }
 
-/// The high and low 32 bits of `m[l] · c[l]` for the eight lanes (`m` a broadcast value).
-///
-/// # Safety
-/// The CPU must have AVX2.
+/// The same word of eight blocks in the lanes of an AVX2 register.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn mulhilo_avx2(
-    m: std::arch::x86_64::__m256i,
-    c: std::arch::x86_64::__m256i,
-) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
-    use std::arch::x86_64::*;
-    let even = _mm256_mul_epu32(m, c); // lanes 0, 2, 4, 6 as 64-bit products
-    let odd = _mm256_mul_epu32(m, _mm256_srli_epi64::<32>(c)); // lanes 1, 3, 5, 7
-    let lo = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
-    let hi = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
-    (hi, lo)
+#[derive(Clone, Copy)]
+struct Avx2Words(std::arch::x86_64::__m256i);
+
+// SAFETY (every method): `Avx2Words` are only made in `fill_factors_avx2`, which runs on
+// CPUs with AVX2 only, and these methods are inlined into it.
+#[cfg(target_arch = "x86_64")]
+impl PhiloxWords for Avx2Words {
+    #[inline(always)]
+    fn mul_hi_lo(self, multiplier: u32) -> (Self, Self) {
+        use std::arch::x86_64::*;
+        unsafe {
+            let m = _mm256_set1_epi32(multiplier as i32);
+            let even = _mm256_mul_epu32(m, self.0); // lanes 0, 2, 4, 6 as 64-bit products
+            let odd = _mm256_mul_epu32(m, _mm256_srli_epi64::<32>(self.0)); // lanes 1, 3, 5, 7
+            let lo = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+            let hi = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
+            (Avx2Words(hi), Avx2Words(lo))
+        }
+    }
+
+    #[inline(always)]
+    fn xor(self, other: Self) -> Self {
+        unsafe { Avx2Words(std::arch::x86_64::_mm256_xor_si256(self.0, other.0)) }
+    }
+
+    #[inline(always)]
+    fn xor_key(self, key: u32) -> Self {
+        use std::arch::x86_64::*;
+        unsafe { Avx2Words(_mm256_xor_si256(self.0, _mm256_set1_epi32(key as i32))) }
+    }
 }
 
 /// [`fill_factors`] with AVX2 intrinsics: the eight Philox blocks of a group in the eight
@@ -148,8 +211,6 @@ unsafe fn fill_factors_avx2(
     scale: f32,
 ) {
     use std::arch::x86_64::*;
-    let m0 = _mm256_set1_epi32(PHILOX_M0 as i32);
-    let m1 = _mm256_set1_epi32(PHILOX_M1 as i32);
     // Unsigned `word < threshold` as a signed comparison of both with the top bit flipped.
     let flip = _mm256_set1_epi32(i32::MIN);
     let limit = _mm256_xor_si256(_mm256_set1_epi32(threshold as i32), flip);
@@ -158,23 +219,18 @@ unsafe fn fill_factors_avx2(
     for (g, chunk) in factor.chunks_mut(GROUP).enumerate() {
         // Blocks 8·group + l: the low words of a multiple of 8 plus l never carry.
         let first_block = (first_group + g as u64) * LANES as u64;
-        let mut c0 = _mm256_add_epi32(_mm256_set1_epi32(first_block as u32 as i32), lanes);
-        let mut c1 = _mm256_set1_epi32((first_block >> 32) as u32 as i32);
-        let mut c2 = _mm256_setzero_si256();
-        let mut c3 = _mm256_setzero_si256();
-        let (mut k0, mut k1) = (seed as u32, (seed >> 32) as u32);
-        for _ in 0..10 {
-            let (hi0, lo0) = mulhilo_avx2(m0, c0);
-            let (hi1, lo1) = mulhilo_avx2(m1, c2);
-            c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(k0 as i32));
-            c1 = lo1;
-            c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(k1 as i32));
-            c3 = lo0;
-            k0 = k0.wrapping_add(PHILOX_W0);
-            k1 = k1.wrapping_add(PHILOX_W1);
-        }
+        let counter = [
+            Avx2Words(_mm256_add_epi32(
+                _mm256_set1_epi32(first_block as u32 as i32),
+                lanes,
+            )),
+            Avx2Words(_mm256_set1_epi32((first_block >> 32) as u32 as i32)),
+            Avx2Words(_mm256_setzero_si256()),
+            Avx2Words(_mm256_setzero_si256()),
+        ];
+        let words = philox_rounds(counter, seed_key(seed));
         let mut all = [0.0f32; GROUP];
-        for (w, words) in [c0, c1, c2, c3].into_iter().enumerate() {
+        for (w, Avx2Words(words)) in words.into_iter().enumerate() {
             let keep = _mm256_cmpgt_epi32(limit, _mm256_xor_si256(words, flip));
             let f = _mm256_and_ps(_mm256_castsi256_ps(keep), scale);
             let lanes_out: &mut [f32; LANES] = (&mut all[w * LANES..(w + 1) * LANES])

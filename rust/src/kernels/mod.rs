@@ -83,6 +83,21 @@ pub fn window_out_len(
     Some((padded - span) / stride + 1)
 }
 
+/// Output (H, W) of a sliding window on an (H, W) input (floor mode), or `None` when the
+/// (dilated) window does not fit in the padded input on an axis.
+pub fn window_output_hw(
+    input_hw: (usize, usize),
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+) -> Option<(usize, usize)> {
+    Some((
+        window_out_len(input_hw.0, padding.0, kernel.0, stride.0, dilation.0)?,
+        window_out_len(input_hw.1, padding.1, kernel.1, stride.1, dilation.1)?,
+    ))
+}
+
 /// The output positions `o` in `0..n_out` for which `o * stride + offset` lies in `0..len`.
 pub fn valid_range(offset: isize, stride: usize, len: usize, n_out: usize) -> (usize, usize) {
     let s = stride as isize;

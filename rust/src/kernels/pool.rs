@@ -5,9 +5,21 @@
 
 use rayon::prelude::*;
 
-use super::{nchw, non_negative_pair, positive_pair, window_out_len};
+use super::{nchw, non_negative_pair, positive_pair, window_output_hw};
 use crate::error::{check_len, checked_size, Error, Result};
 use crate::simd_dispatch;
+
+/// PyTorch's rule for pooling: padding at most half the kernel on each axis.
+pub fn check_padding(kernel: (usize, usize), padding: (usize, usize)) -> Result<()> {
+    if padding.0 > kernel.0 / 2 || padding.1 > kernel.1 / 2 {
+        return Err(Error::invalid(
+            "padding",
+            format!("{padding:?}"),
+            format!("at most half the kernel size {kernel:?}"),
+        ));
+    }
+    Ok(())
+}
 
 /// Shapes and hyper-parameters of a pooling, validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,16 +48,9 @@ impl Pool2dParams {
         let kernel = positive_pair("kernel_size", kernel)?;
         let stride = positive_pair("stride", stride)?;
         let padding = non_negative_pair("padding", padding)?;
-        if padding.0 > kernel.0 / 2 || padding.1 > kernel.1 / 2 {
-            return Err(Error::invalid(
-                "padding",
-                format!("{padding:?}"),
-                format!("at most half the kernel size {kernel:?}"),
-            ));
-        }
-        let out_h = window_out_len(in_h, padding.0, kernel.0, stride.0, 1);
-        let out_w = window_out_len(in_w, padding.1, kernel.1, stride.1, 1);
-        let (Some(out_h), Some(out_w)) = (out_h, out_w) else {
+        check_padding(kernel, padding)?;
+        let Some((out_h, out_w)) = window_output_hw((in_h, in_w), kernel, stride, padding, (1, 1))
+        else {
             return Err(Error::invalid(
                 "kernel_size",
                 format!("{kernel:?} on an input of {in_h}×{in_w} padded by {padding:?}"),

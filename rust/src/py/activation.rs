@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run, slice, Output};
+use super::{check_shape, run_kernel, slice, Output};
 use crate::kernels::activation::{self, Activation};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -21,7 +21,7 @@ fn activation_forward<'py>(
     let shape = input.shape().to_vec();
     let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
-    run(py, x.len(), || activation::forward(act, x, out_data))?;
+    run_kernel(py, x.len(), || activation::forward(act, x, out_data))?;
     Ok(out.into_array())
 }
 
@@ -48,7 +48,7 @@ fn activation_backward<'py>(
     let shape = grad_output.shape().to_vec();
     let mut out = Output::new(py, "grad_input", &shape)?;
     let out_data = out.data();
-    run(py, g.len(), || activation::backward(act, g, s, out_data))?;
+    run_kernel(py, g.len(), || activation::backward(act, g, s, out_data))?;
     Ok(out.into_array())
 }
 

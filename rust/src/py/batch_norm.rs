@@ -4,7 +4,7 @@ use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::{check_shape, run, slice, slice_mut, writeable, Output};
+use super::{check_shape, run_kernel, slice, slice_mut, writeable, Output};
 use crate::kernels::batch_norm::{self, BatchNormParams, RunningStats};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -65,7 +65,7 @@ fn batch_norm_forward<'py>(
     let mut mean = Output::new(py, "save_mean", &c)?;
     let mut invstd = Output::new(py, "save_invstd", &c)?;
     let (y_data, mean_data, invstd_data) = (y.data(), mean.data(), invstd.data());
-    run(py, x.len(), || match (training, rm, rv) {
+    run_kernel(py, x.len(), || match (training, rm, rv) {
         (true, rm, rv) => {
             let running = rm.zip(rv).map(|(mean, var)| RunningStats {
                 mean,
@@ -121,7 +121,7 @@ fn batch_norm_backward<'py>(
         gg.as_mut().map(Output::data),
         gb.as_mut().map(Output::data),
     );
-    run(py, x.len(), || {
+    run_kernel(py, x.len(), || {
         batch_norm::backward(
             &p, gy, x, gamma, mean, invstd, training, gx_data, gg_data, gb_data,
         )

@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run, slice, GradArrays, LayerGrads, Output};
+use super::{check_shape, run_kernel, slice, GradArrays, LayerGrads, Output};
 use crate::kernels::conv::{self, Conv2dParams};
 
 type Pair = (i64, i64);
@@ -29,7 +29,7 @@ fn conv2d_forward<'py>(
     let shape = p.output_shape();
     let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
-    run(py, p.multiply_adds(), || {
+    run_kernel(py, p.multiply_adds(), || {
         conv::forward(&p, x, w, b, out_data)
     })?;
     Ok(out.into_array())
@@ -64,7 +64,7 @@ fn conv2d_backward<'py>(
         bias.then_some(p.out_channels),
     )?;
     let (gx_data, gw_data, gb_data) = grads.data();
-    run(py, p.multiply_adds().saturating_mul(2), || {
+    run_kernel(py, p.multiply_adds().saturating_mul(2), || {
         conv::backward(&p, gy, x, w, gx_data, gw_data, gb_data)
     })?;
     Ok(grads.into_arrays())

@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{run, slice, Output};
+use super::{run_kernel, slice, Output};
 use crate::kernels::dropout;
 
 /// Inverted dropout over units of `unit` consecutive elements; also its own backward.
@@ -20,7 +20,7 @@ fn dropout_forward<'py>(
     let shape = input.shape().to_vec();
     let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
-    run(py, x.len(), || dropout::forward(x, p, seed, unit, out_data))?;
+    run_kernel(py, x.len(), || dropout::forward(x, p, seed, unit, out_data))?;
     Ok(out.into_array())
 }
 
@@ -34,7 +34,7 @@ fn dropout_mask<'py>(
 ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
     let mut keep = Output::new(py, "mask", &[n])?;
     let keep_data = keep.data();
-    run(py, n, || dropout::mask(p, seed, keep_data))?;
+    run_kernel(py, n, || dropout::mask(p, seed, keep_data))?;
     Ok(keep.into_array())
 }
 

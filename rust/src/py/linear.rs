@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run, slice, LayerGrads, Output};
+use super::{check_shape, run_kernel, slice, LayerGrads, Output};
 use crate::kernels::linear::{self, LinearParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -29,7 +29,7 @@ fn linear_forward<'py>(
         .batch
         .saturating_mul(p.in_features)
         .saturating_mul(p.out_features);
-    run(py, work, || linear::forward(&p, x, w, b, out_data))?;
+    run_kernel(py, work, || linear::forward(&p, x, w, b, out_data))?;
     Ok(out.into_array())
 }
 
@@ -61,7 +61,7 @@ fn linear_backward<'py>(
         .batch
         .saturating_mul(p.in_features)
         .saturating_mul(2 * p.out_features);
-    run(py, work, || {
+    run_kernel(py, work, || {
         linear::backward(&p, gy, x, w, gx_data, gw_data, gb_data)
     })?;
     Ok(grads.into_arrays())

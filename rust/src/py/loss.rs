@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run, slice, Output};
+use super::{check_shape, run_kernel, slice, Output};
 use crate::kernels::loss::{self, ClassesParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -19,7 +19,7 @@ fn log_softmax_forward<'py>(
     let shape = input.shape().to_vec();
     let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
-    run(py, x.len(), || loss::log_softmax(&p, x, out_data))?;
+    run_kernel(py, x.len(), || loss::log_softmax(&p, x, out_data))?;
     Ok(out.into_array())
 }
 
@@ -39,7 +39,7 @@ fn log_softmax_backward<'py>(
     let shape = output.shape().to_vec();
     let mut out = Output::new(py, "grad_input", &shape)?;
     let out_data = out.data();
-    run(py, g.len(), || {
+    run_kernel(py, g.len(), || {
         loss::log_softmax_backward(&p, g, y, out_data)
     })?;
     Ok(out.into_array())
@@ -59,7 +59,7 @@ fn cross_entropy_forward(
 ) -> PyResult<f64> {
     let p = ClassesParams::new(input.shape())?;
     let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
-    run(py, x.len(), || loss::cross_entropy(&p, x, t))
+    run_kernel(py, x.len(), || loss::cross_entropy(&p, x, t))
 }
 
 /// Gradient of the mean cross-entropy w.r.t. the logits.
@@ -74,7 +74,7 @@ fn cross_entropy_backward<'py>(
     let shape = input.shape().to_vec();
     let mut out = Output::new(py, "grad_input", &shape)?;
     let out_data = out.data();
-    run(py, x.len(), || {
+    run_kernel(py, x.len(), || {
         loss::cross_entropy_backward(&p, x, t, out_data)
     })?;
     Ok(out.into_array())

@@ -4,7 +4,7 @@ use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::{run, slice, slice_mut, writeable};
+use super::{run_kernel, slice, slice_mut, writeable};
 use crate::kernels::optim::{self, AdamConfig, SgdConfig};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -56,7 +56,7 @@ fn sgd_step(
         .as_mut()
         .map(|b| slice_mut(b, "momentum_buffer"))
         .transpose()?;
-    run(py, g.len(), || optim::sgd_step(w, g, buf, cfg, first_step))
+    run_kernel(py, g.len(), || optim::sgd_step(w, g, buf, cfg, first_step))
 }
 
 /// One Adam / AdamW step, in place on `param`, `exp_avg` and `exp_avg_sq`.
@@ -97,7 +97,7 @@ fn adam_step(
         slice_mut(&mut m, "exp_avg")?,
         slice_mut(&mut v, "exp_avg_sq")?,
     );
-    run(py, g.len(), || optim::adam_step(w, g, m, v, step, cfg))
+    run_kernel(py, g.len(), || optim::adam_step(w, g, m, v, step, cfg))
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run, slice, Output};
+use super::{check_shape, run_kernel, slice, Output};
 use crate::kernels::pool::{self, Pool2dParams};
 
 type Pair = (i64, i64);
@@ -40,7 +40,7 @@ fn max_pool2d_forward<'py>(
     let mut out = Output::new(py, "output", &p.output_shape())?;
     let mut idx = Output::maybe(py, "indices", return_indices, &p.output_shape())?;
     let (out_data, idx_data) = (out.data(), idx.as_mut().map(Output::data));
-    run(py, x.len(), || pool::max_forward(&p, x, out_data, idx_data))?;
+    run_kernel(py, x.len(), || pool::max_forward(&p, x, out_data, idx_data))?;
     Ok((out.into_array(), idx.map(Output::into_array)))
 }
 
@@ -61,7 +61,7 @@ fn max_pool2d_backward<'py>(
     let gy_shape = grad_output.shape().to_vec();
     let mut gx = Output::new(py, "grad_input", &in_shape)?;
     let gx_data = gx.data();
-    run(py, gy.len(), || {
+    run_kernel(py, gy.len(), || {
         pool::max_backward(&in_shape, &gy_shape, gy, idx, gx_data)
     })?;
     Ok(gx.into_array())
@@ -82,7 +82,7 @@ fn avg_pool2d_forward<'py>(
     let shape = p.output_shape();
     let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
-    run(py, x.len(), || {
+    run_kernel(py, x.len(), || {
         pool::avg_forward(&p, x, count_include_pad, out_data)
     })?;
     Ok(out.into_array())
@@ -105,7 +105,7 @@ fn avg_pool2d_backward<'py>(
     let gy = slice(&grad_output, "grad_output")?;
     let mut gx = Output::new(py, "grad_input", &in_shape)?;
     let gx_data = gx.data();
-    run(py, gy.len(), || {
+    run_kernel(py, gy.len(), || {
         pool::avg_backward(&p, gy, count_include_pad, gx_data)
     })?;
     Ok(gx.into_array())

@@ -1,6 +1,6 @@
-//! Threads, SIMD path and forced panics (for tests of the error path).
+//! Threads, SIMD path, memory, and forced panics (for tests of the error path).
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::parallel::MAX_THREADS;
@@ -40,6 +40,30 @@ fn cached_memory() -> usize {
     crate::buffers::cached_bytes()
 }
 
+/// Raise `MemoryError` naming `name` if `elements` items of `itemsize` bytes exceed this
+/// machine's physical memory (the check every output gets before it is allocated).
+#[pyfunction]
+fn check_fits_in_memory(name: &str, elements: &Bound<'_, PyAny>, itemsize: usize) -> PyResult<()> {
+    // A Python int may exceed any Rust integer: such a count is too large by definition.
+    let bytes = match elements.extract::<i128>() {
+        Ok(count) => count
+            .checked_mul(itemsize as i128)
+            .map(|b| b.max(0) as u128),
+        Err(err) if err.is_instance_of::<PyOverflowError>(elements.py()) => None,
+        Err(err) => return Err(err),
+    };
+    let excess = match bytes {
+        Some(bytes) => crate::memory::exceeds_physical(bytes),
+        None => Some("more than any machine's memory".to_string()),
+    };
+    match excess {
+        Some(excess) => Err(PyMemoryError::new_err(format!(
+            "{name}: {elements} elements of {itemsize} bytes need {excess}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Number of threads the kernels use.
 #[pyfunction]
 fn get_num_threads() -> usize {
@@ -72,7 +96,7 @@ fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
 /// Raise the error a kernel panic becomes (tests the panic-to-exception path).
 #[pyfunction]
 fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
-    super::run(py, usize::MAX, || -> crate::Result<()> {
+    super::run_kernel(py, usize::MAX, || -> crate::Result<()> {
         panic!("forced panic for a test")
     })
 }
@@ -82,6 +106,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(release_memory, m)?)?;
     m.add_function(wrap_pyfunction!(cached_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(check_fits_in_memory, m)?)?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;

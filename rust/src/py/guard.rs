@@ -1,0 +1,90 @@
+//! The call guard of every kernel call: the GIL released, Ctrl-C watched, panics caught.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
+use pyo3::prelude::*;
+
+use crate::parallel::Outcome;
+
+/// Work (elements, or multiply-adds) from which a call is long enough (~10 ms) to be
+/// watched for Ctrl-C while it runs.
+const INTERRUPTIBLE_WORK: usize = 1 << 24;
+
+/// How often a waiting caller checks for Ctrl-C while a kernel runs.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Run a kernel without the GIL, in the bnrs thread pool. For long calls (`work` at least
+/// [`INTERRUPTIBLE_WORK`]) Ctrl-C is checked every 50 ms while it runs: the kernel stops
+/// at its next chunk and `KeyboardInterrupt` is raised; shorter calls check it when they
+/// return. A panic becomes a `RuntimeError` instead of aborting.
+pub(crate) fn run_kernel<T: Send>(
+    py: Python<'_>,
+    work: usize,
+    kernel: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    if work < INTERRUPTIBLE_WORK {
+        // Short: handing the wait to a polling thread would cost more than the kernel.
+        // The outer catch_unwind covers the pool itself (a pool that cannot start).
+        let outcome = py.detach(|| {
+            catch_unwind(AssertUnwindSafe(|| {
+                crate::parallel::run_in_pool(|| catch_unwind(AssertUnwindSafe(kernel)))
+            }))
+        });
+        py.check_signals()?;
+        return match outcome {
+            Err(payload) => outcome_to_result(Err(payload)),
+            Ok(Outcome::Done(outcome)) => outcome_to_result(outcome),
+            Ok(Outcome::Interrupted(_)) => Err(interrupted_elsewhere()),
+        };
+    }
+    let outcome = py.detach(|| {
+        catch_unwind(AssertUnwindSafe(|| {
+            crate::parallel::run_interruptible(
+                || catch_unwind(AssertUnwindSafe(kernel)),
+                SIGNAL_POLL,
+                || {
+                    Python::attach(|py| py.check_signals().err())
+                        .map(|err| Box::new(err) as Box<dyn std::any::Any + Send>)
+                },
+            )
+        }))
+    });
+    let outcome = match outcome {
+        Err(payload) => return outcome_to_result(Err(payload)),
+        Ok(Outcome::Done(outcome)) => outcome,
+        Ok(Outcome::Interrupted(Some(reason))) => {
+            return Err(*reason.downcast::<PyErr>().expect("the poll keeps a PyErr"));
+        }
+        Ok(Outcome::Interrupted(None)) => return Err(interrupted_elsewhere()),
+    };
+    py.check_signals()?;
+    outcome_to_result(outcome)
+}
+
+/// A kernel stopped early because Ctrl-C interrupted another thread's kernel call.
+fn interrupted_elsewhere() -> PyErr {
+    PyKeyboardInterrupt::new_err(
+        "interrupted: Ctrl-C arrived while this kernel ran in another thread",
+    )
+}
+
+type Caught<T> = std::thread::Result<crate::Result<T>>;
+
+/// The kernel's result, or its panic as a `RuntimeError`.
+fn outcome_to_result<T>(outcome: Caught<T>) -> PyResult<T> {
+    match outcome {
+        Ok(result) => result.map_err(PyErr::from),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(PyRuntimeError::new_err(format!(
+                "internal error in a bnrs kernel (please report it): {message}"
+            )))
+        }
+    }
+}
