@@ -64,6 +64,9 @@ impl Level {
 /// The level in use; 0 until the first call reads `BNRS_SIMD` and the CPU.
 static STATE: AtomicU8 = AtomicU8::new(0);
 
+/// The level the first detection chose (from `BNRS_SIMD` and the CPU); 0 until then.
+static INITIAL: AtomicU8 = AtomicU8::new(0);
+
 /// Why the first detection did not give what `BNRS_SIMD` asked for, until taken.
 static ENV_WARNING: Mutex<Option<String>> = Mutex::new(None);
 
@@ -96,9 +99,9 @@ pub fn resolve(requested: Level) -> (Level, Option<String>) {
 }
 
 /// The level `BNRS_SIMD` asks for, resolved against the CPU, and a warning when the value
-/// is not a level name or the CPU lacks that level.
+/// is not a level name or the CPU lacks that level. Unset or blank: the widest level.
 fn from_environment(value: Option<&str>) -> (Level, Option<String>) {
-    let Some(value) = value else {
+    let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
         return (widest_available(), None);
     };
     match Level::parse(value) {
@@ -124,6 +127,7 @@ fn detect() -> Level {
     if warning.is_some() {
         *ENV_WARNING.lock().unwrap_or_else(|e| e.into_inner()) = warning;
     }
+    INITIAL.store(level as u8, Ordering::Relaxed);
     level
 }
 
@@ -192,12 +196,15 @@ pub fn set_level(requested: Level) -> (Level, Option<String>) {
     (level, warning)
 }
 
-/// Use the widest level the CPU has (`true`) or the portable path (`false`).
+/// Use SIMD (`true`: the level `BNRS_SIMD` chose at start if it is not scalar, else the
+/// widest the CPU has) or the portable path (`false`).
 pub fn set_enabled(enabled: bool) {
-    let level = if enabled {
-        widest_available()
-    } else {
-        Level::Scalar
+    let _ = level();
+    let initial = Level::from_u8(INITIAL.load(Ordering::Relaxed)).unwrap_or(Level::Scalar);
+    let level = match (enabled, initial) {
+        (false, _) => Level::Scalar,
+        (true, Level::Scalar) => widest_available(),
+        (true, initial) => initial,
     };
     STATE.store(level as u8, Ordering::Relaxed);
 }
@@ -264,6 +271,7 @@ mod tests {
     fn environment_values() {
         let widest = widest_available();
         assert_eq!(from_environment(None), (widest, None));
+        assert_eq!(from_environment(Some(" ")), (widest, None));
         assert_eq!(from_environment(Some("scalar")), (Level::Scalar, None));
         assert_eq!(from_environment(Some("0")), (Level::Scalar, None));
         let (level, warning) = from_environment(Some("avx9"));

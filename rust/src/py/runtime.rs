@@ -93,7 +93,8 @@ fn set_simd(py: Python<'_>, level: &str) -> PyResult<&'static str> {
     Ok(level.name())
 }
 
-/// Use the widest SIMD level the CPU has (True) or force the portable scalar path (False).
+/// Use SIMD (True: the level BNRS_SIMD chose at import unless it was scalar, else the
+/// widest the CPU has) or force the portable scalar path (False).
 #[pyfunction]
 fn set_simd_enabled(enabled: bool) {
     crate::simd::set_enabled(enabled);
