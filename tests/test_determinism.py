@@ -1,13 +1,18 @@
-"""Results do not depend on the thread count, and the scalar fallback agrees with SIMD.
+"""Results do not depend on the thread count, and every SIMD level agrees with the scalar path.
 
 Shapes are large enough for the kernels to split the work between threads. Every kernel must
-give bit-identical results at 1 and 2 threads. With SIMD disabled (the portable scalar path)
-elementwise kernels, batch-norm statistics, dropout and pooling must be bit-identical too;
-conv2d and linear, whose GEMM picks its own code path, within float32 tolerance.
+give bit-identical results at 1 and 2 threads. Every SIMD level the CPU has (avx2, avx512) is
+compared with the portable scalar path: elementwise kernels, batch-norm statistics, dropout
+and pooling must be bit-identical; conv2d and linear, whose GEMM blocks and rounds its sums
+by the level's register width (and fuses multiply-adds only with SIMD), within float32
+tolerance. A level the CPU lacks is skipped, with the reason.
 """
 
 from __future__ import annotations
 
+import os
+
+import child
 import numpy as np
 import pytest
 from bnrs import _core
@@ -166,9 +171,15 @@ def restore_threads():
 
 @pytest.fixture
 def restore_simd():
-    enabled = _core.simd_backend() != "scalar"
+    level = _core.simd_backend()
     yield
-    _core.set_simd_enabled(enabled)
+    _core.set_simd(level)
+
+
+def _use_level(level):
+    if level not in _core.simd_levels():
+        pytest.skip(f"this CPU has no {level} (it has {', '.join(_core.simd_levels())})")
+    assert _core.set_simd(level) == level
 
 
 def _assert_identical(actual, expected, what):
@@ -201,7 +212,7 @@ def test_bit_identical_at_one_and_two_threads(restore_threads, name):
 
 def test_simd_switch(restore_simd):
     backend = _core.simd_backend()
-    assert backend in ("avx2", "scalar")
+    assert backend in ("avx512", "avx2", "scalar")
     _core.set_simd_enabled(False)
     assert _core.simd_backend() == "scalar"
     _core.set_simd_enabled(True)
@@ -224,3 +235,121 @@ def test_scalar_fallback_agrees_with_simd(restore_simd, assert_close, name):
             assert np.array_equal(scalar[key], simd[key]), (
                 f"{key}: scalar path differs from SIMD in "
                 f"{np.count_nonzero(scalar[key] != simd[key])} of {np.size(simd[key])} elements")
+
+
+SIMD_LEVELS = ("avx2", "avx512")
+
+
+def _assert_agree(actual, expected, tolerant, terms, assert_close, what):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        if key in tolerant:
+            assert_close(actual[key], np.asarray(expected[key], np.float64), terms=terms,
+                         dtype=None, name=f"{what}: {key}")
+        else:
+            assert np.array_equal(actual[key], expected[key]), (
+                f"{what}: {key} differs in {np.count_nonzero(actual[key] != expected[key])} "
+                f"of {np.size(expected[key])} elements")
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+@pytest.mark.parametrize("name", KERNELS)
+def test_each_simd_level_agrees_with_the_scalar_path(restore_simd, assert_close, level, name):
+    run, tolerant, terms = KERNELS[name]
+    _use_level(level)
+    simd = run()
+    _core.set_simd("scalar")
+    _assert_agree(run(), simd, tolerant, terms, assert_close, f"scalar vs {level}")
+
+
+# Outputs computed by the GEMM. gemm's AVX-512 kernels hold 16 floats a register and block
+# the product differently from its AVX2 kernels (8 floats), so the same sums are rounded
+# in another order: they agree within float32 tolerance of the terms summed, not bit for bit
+# (linear 64x1568->128 differs in about 93% of its outputs, by up to 1.5e-4 on values ~40).
+# Everything bnrs computes itself is compiled from one body per level and must be identical.
+GEMM_OUTPUTS = {
+    "conv2d": {"output", "grad_input", "grad_weight"},
+    "conv2d_image_blocks": {"output", "grad_input", "grad_weight"},
+    "conv2d_first_layer": {"grad_weight"},
+    "linear": {"output", "grad_input", "grad_weight"},
+}
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_avx512_agrees_with_avx2(restore_simd, assert_close, name):
+    run, _, terms = KERNELS[name]
+    _use_level("avx2")
+    avx2 = run()
+    _use_level("avx512")
+    _assert_agree(run(), avx2, GEMM_OUTPUTS.get(name, set()), terms, assert_close,
+                  "avx512 vs avx2")
+
+
+def test_simd_levels_and_set_simd(restore_simd):
+    levels = _core.simd_levels()
+    assert levels[0] == "scalar"
+    assert set(levels) <= {"scalar", "avx2", "avx512"}
+    assert _core.simd_backend() == levels[-1] or "BNRS_SIMD" in os.environ
+    for level in levels:
+        assert _core.set_simd(level) == level
+        assert _core.simd_backend() == level
+    # True goes back to the level BNRS_SIMD chose, unless that was scalar.
+    forced = os.environ.get("BNRS_SIMD", "").strip().lower()
+    _core.set_simd_enabled(True)
+    assert _core.simd_backend() == (forced if forced in levels[1:] else levels[-1])
+    _core.set_simd_enabled(False)
+    assert _core.simd_backend() == "scalar"
+
+
+@pytest.mark.parametrize("name", ["sse", "AVX-512", "", "1"])
+def test_set_simd_rejects_unknown_levels(restore_simd, name):
+    before = _core.simd_backend()
+    with pytest.raises(ValueError, match="expected 'avx512', 'avx2' or 'scalar'"):
+        _core.set_simd(name)
+    assert _core.simd_backend() == before
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_a_level_the_cpu_lacks_warns_and_uses_the_widest(restore_simd, level):
+    levels = _core.simd_levels()
+    if level in levels:
+        pytest.skip(f"this CPU has {level}: the fallback cannot be exercised here")
+    with pytest.warns(RuntimeWarning, match=f"no {level}"):
+        assert _core.set_simd(level) == levels[-1]
+
+
+_BACKEND_CHILD = """
+    import bnrs
+    print(bnrs.simd_backend())
+"""
+
+
+@pytest.mark.parametrize("variable, level", [("avx512", "avx512"), ("avx2", "avx2"),
+                                             ("scalar", "scalar"), ("0", "scalar"),
+                                             (" AVX2 ", "avx2"), ("", None)])
+def test_bnrs_simd_forces_a_level(variable, level):
+    level = level or _core.simd_levels()[-1]  # blank: as if unset, the widest
+    if level not in _core.simd_levels():
+        pytest.skip(f"this CPU has no {level}")
+    result = child.run(_BACKEND_CHILD, env={"BNRS_SIMD": variable})
+    assert result.stdout.split() == [level]
+    assert "RuntimeWarning" not in result.stderr
+
+
+@pytest.mark.parametrize("variable", ["1", "sse4", "avx-512", "avx2,avx512"])
+def test_an_invalid_bnrs_simd_warns_and_uses_the_widest(variable):
+    result = child.run(_BACKEND_CHILD, env={"BNRS_SIMD": variable})
+    assert result.stdout.split() == [_core.simd_levels()[-1]]
+    assert "RuntimeWarning" in result.stderr
+    assert f"BNRS_SIMD={variable!r}".replace("'", '"') in result.stderr
+    assert "expected avx512, avx2, scalar or 0" in result.stderr
+
+
+@pytest.mark.parametrize("level", SIMD_LEVELS)
+def test_bnrs_simd_naming_a_level_the_cpu_lacks_warns(level):
+    levels = _core.simd_levels()
+    if level in levels:
+        pytest.skip(f"this CPU has {level}: the fallback cannot be exercised here")
+    result = child.run(_BACKEND_CHILD, env={"BNRS_SIMD": level})
+    assert result.stdout.split() == [levels[-1]]
+    assert f"this CPU has no {level}" in result.stderr

@@ -1,12 +1,12 @@
 """bnrs: fast CPU training of convolutional networks with batch normalization and dropout.
 
-Rust kernels (multithreaded, AVX2/FMA chosen at run time) exposed to NumPy. Start with
+Rust kernels (multithreaded, AVX-512 or AVX2+FMA chosen at run time) exposed to NumPy. Start with
 :mod:`bnrs.functional` (PyTorch's function names) or :mod:`bnrs.nn` (layers).
 """
 
 from . import functional, nn, optim
 from ._core import (__version__, cached_memory, get_num_threads, release_memory,
-                    set_num_threads, simd_backend)
+                    set_num_threads, set_simd, simd_backend, simd_levels)
 
 
 def __getattr__(name: str):
@@ -28,5 +28,7 @@ __all__ = [
     "get_num_threads",
     "release_memory",
     "set_num_threads",
+    "set_simd",
     "simd_backend",
+    "simd_levels",
 ]

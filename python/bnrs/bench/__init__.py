@@ -6,7 +6,8 @@ on the same arrays (``torch.from_numpy``): both are warmed up, then their repeat
 interquartile ranges, the speed ratio torch time / bnrs time (above 1: bnrs is faster), the
 bnrs rate (GFLOP/s for conv, linear and the whole network, GB/s for the memory-bound
 kernels) and that rate as a fraction of the machine's peak, measured here: the FMA
-throughput of one core (``bnrs._core.fma_peak_gflops``) times the threads, and the
+throughput of one core at the SIMD level in use (``bnrs._core.fma_peak_gflops``: AVX-512
+where the CPU has it, unless ``BNRS_SIMD`` lowers it) times the threads, and the
 bandwidth of a large NumPy copy on that many threads. The peak resident memory of a training
 epoch is measured in a fresh process per framework.
 

@@ -269,7 +269,7 @@ simd_dispatch! {
 pub fn forward(input: &[f32], p: f32, seed: u64, unit: usize, output: &mut [f32]) -> Result<()> {
     check_p(p)?;
     check_len("output", output.len(), input.len())?;
-    if unit == 0 || input.len() % unit != 0 {
+    if unit == 0 || !input.len().is_multiple_of(unit) {
         return Err(Error::invalid(
             "input",
             format!("{} elements", input.len()),

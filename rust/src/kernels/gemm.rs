@@ -2,6 +2,16 @@
 //!
 //! Callers parallelise over images or row blocks themselves, with a split fixed by the
 //! problem size, so results do not depend on the thread count.
+//!
+//! `gemm::gemm` picks its kernels once per process from the CPU alone, so a lower
+//! [`crate::simd::Level`] could not reach it. [`sgemm`] therefore calls the f32 kernels of
+//! the level in use itself, exactly as `gemm`'s own dispatch does (`gemm_common`'s
+//! `gemm_basic_generic` with `gemm_f32`'s micro-kernels of that level; tested bit for bit
+//! against `gemm::gemm` at the widest level). Their register blocking differs between
+//! levels (8 or 16 lanes), and so may their rounding.
+
+use crate::simd::Level;
+use gemm_common::simd::MixedSimd;
 
 /// A read-only matrix view: element (i, j) is `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
@@ -26,6 +36,14 @@ impl<'a> MatRef<'a> {
             data,
             row_stride: 1,
             col_stride: ld,
+        }
+    }
+    /// The same elements seen as the transposed matrix.
+    fn transpose(self) -> Self {
+        MatRef {
+            data: self.data,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
         }
     }
     fn check(&self, rows: usize, cols: usize, what: &str) {
@@ -64,29 +82,149 @@ pub fn sgemm(
     );
     a.check(m, k, "lhs");
     b.check(k, n, "rhs");
+    // The `gemm` crate transposes the problem when dst is row-major (its micro-kernels
+    // prefer column-major dst); do the same, so each level runs what `gemm::gemm` would.
+    let (m, n, dst_cs, dst_rs, lhs, rhs) = if 1 < ld_dst {
+        (n, m, ld_dst, 1, b.transpose(), a.transpose())
+    } else {
+        (m, n, 1, ld_dst, a, b)
+    };
     // SAFETY: every index the product touches was bounds-checked above; dst does not
-    // alias a or b (it is a distinct &mut borrow).
+    // alias a or b (it is a distinct &mut borrow); the level's kernels run only on a CPU
+    // that has its features (`simd::level()` never names a level the CPU lacks).
     unsafe {
-        gemm::gemm(
+        product_at_level(
+            crate::simd::level(),
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            ld_dst as isize,
+            dst_cs as isize,
+            dst_rs as isize,
             accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+            lhs,
+            rhs,
+        )
     }
+}
+
+/// `gemm_common::gemm::gemm_basic_generic` with the micro-kernels of one level, as the
+/// `gemm` crate instantiates it (`gemm_common::__inject_mod!`): `$lanes` floats a register.
+macro_rules! gemm_basic {
+    ($simd:expr, $lanes:literal, $($kernels:ident)::+, $m:expr, $n:expr, $k:expr, $dst:expr,
+     $dst_cs:expr, $dst_rs:expr, $read_dst:expr, $lhs:expr, $rhs:expr) => {
+        gemm_common::gemm::gemm_basic_generic::<
+            _,
+            f32,
+            $lanes,
+            { $($kernels)::+::MR_DIV_N * $lanes },
+            { $($kernels)::+::NR },
+            { $($kernels)::+::MR_DIV_N },
+            { $($kernels)::+::H_M },
+            { $($kernels)::+::H_N },
+        >(
+            $simd,
+            $m,
+            $n,
+            $k,
+            $dst,
+            $dst_cs,
+            $dst_rs,
+            $read_dst,
+            $lhs.data.as_ptr(),
+            $lhs.col_stride as isize,
+            $lhs.row_stride as isize,
+            $rhs.data.as_ptr(),
+            $rhs.col_stride as isize,
+            $rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            |a, b, c| a * b + c,
+            &$($kernels)::+::UKR,
+            &$($kernels)::+::H_UKR,
+            false,
+            gemm_common::Parallelism::None,
+        )
+    };
+}
+
+/// `dst = (read_dst ? dst : 0) + lhs · rhs` (dst m×n with strides `dst_cs`, `dst_rs`) with
+/// the `gemm` kernels of `level`.
+///
+/// # Safety
+/// The views and dst cover every index of the product, dst aliases neither, and the CPU
+/// has `level`'s features.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_at_level(
+    level: Level,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_cs: isize,
+    dst_rs: isize,
+    read_dst: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        Level::Avx512 => {
+            let simd = <gemm_common::simd::V4 as MixedSimd<f32, f32, f32, f32>>::try_new()
+                .expect("simd::level() is Avx512 only on CPUs with AVX-512");
+            gemm_basic!(
+                simd,
+                16,
+                gemm_f32::microkernel::avx512f::f32,
+                m,
+                n,
+                k,
+                dst,
+                dst_cs,
+                dst_rs,
+                read_dst,
+                lhs,
+                rhs
+            );
+            return;
+        }
+        Level::Avx2 => {
+            let simd = <gemm_common::simd::V3 as MixedSimd<f32, f32, f32, f32>>::try_new()
+                .expect("simd::level() is Avx2 only on CPUs with AVX2 and FMA");
+            gemm_basic!(
+                simd,
+                8,
+                gemm_f32::microkernel::fma::f32,
+                m,
+                n,
+                k,
+                dst,
+                dst_cs,
+                dst_rs,
+                read_dst,
+                lhs,
+                rhs
+            );
+            return;
+        }
+        Level::Scalar => {}
+    }
+    let _ = level; // only x86-64 has levels above the portable one
+    gemm_basic!(
+        gemm_common::simd::Scalar,
+        1,
+        gemm_f32::microkernel::scalar::f32,
+        m,
+        n,
+        k,
+        dst,
+        dst_cs,
+        dst_rs,
+        read_dst,
+        lhs,
+        rhs
+    );
 }

@@ -2,17 +2,21 @@
 
 use std::time::Instant;
 
+use crate::simd::Level;
+
 /// Independent FMA chains per call: enough to cover the FMA latency on current cores.
 const CHAINS: usize = 12;
 
+/// `CHAINS` chains of `LANES`-wide FMAs (one register each at the matching level), or of a
+/// multiply then an add when not `FUSED` (portable code has no FMA instruction).
 #[inline(always)]
-fn fma_chains(iterations: u64, seed: f32) -> f32 {
-    let mut acc = [[seed; 8]; CHAINS];
+fn fma_chains<const LANES: usize, const FUSED: bool>(iterations: u64, seed: f32) -> f32 {
+    let mut acc = [[seed; LANES]; CHAINS];
     let (a, b) = (0.999_999f32, 1e-7f32);
     for _ in 0..iterations {
         for chain in acc.iter_mut() {
             for v in chain.iter_mut() {
-                *v = v.mul_add(a, b);
+                *v = if FUSED { v.mul_add(a, b) } else { *v * a + b };
             }
         }
     }
@@ -22,19 +26,52 @@ fn fma_chains(iterations: u64, seed: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn fma_chains_avx2(iterations: u64, seed: f32) -> f32 {
-    fma_chains(iterations, seed)
+    fma_chains::<8, true>(iterations, seed)
+}
+
+/// [`fma_chains`] on 16 lanes, in intrinsics: LLVM turns the generic loop at 16 lanes into
+/// gathers and scatters through memory (under 1 GFLOP/s), not 12 registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512cd,avx512dq,avx512vl")]
+unsafe fn fma_chains_avx512(iterations: u64, seed: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(seed); CHAINS];
+    let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    for _ in 0..iterations {
+        for chain in acc.iter_mut() {
+            *chain = _mm512_fmadd_ps(*chain, a, b);
+        }
+    }
+    let mut lanes = [0.0f32; 16];
+    let mut total = 0.0;
+    for chain in acc {
+        // `lanes` holds 16 floats; storeu needs no alignment.
+        _mm512_storeu_ps(lanes.as_mut_ptr(), chain);
+        total += lanes.iter().sum::<f32>();
+    }
+    total
 }
 
 /// Single-thread float32 FMA throughput in GFLOP/s (2 flops per FMA), over about
-/// `seconds` seconds, on the AVX2+FMA path when the CPU has it.
+/// `seconds` seconds, at the SIMD level in use (the widest the CPU has unless lowered;
+/// at the portable level, SSE multiplies and adds, which is what its kernels run).
 pub fn fma_gflops(seconds: f64) -> f64 {
+    let level = crate::simd::level();
+    let lanes = match level {
+        Level::Avx512 => 16,
+        Level::Avx2 => 8,
+        Level::Scalar => 4,
+    };
     let run = |iterations: u64| {
         #[cfg(target_arch = "x86_64")]
-        if crate::simd::cpu_has_avx2_fma() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { fma_chains_avx2(iterations, 1.0) };
+        match level {
+            // SAFETY: simd::level() names only levels the CPU has.
+            Level::Avx512 => return unsafe { fma_chains_avx512(iterations, 1.0) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { fma_chains_avx2(iterations, 1.0) },
+            Level::Scalar => {}
         }
-        fma_chains(iterations, 1.0)
+        fma_chains::<4, false>(iterations, 1.0)
     };
     let mut iterations = 1_000u64;
     loop {
@@ -42,7 +79,7 @@ pub fn fma_gflops(seconds: f64) -> f64 {
         std::hint::black_box(run(std::hint::black_box(iterations)));
         let elapsed = start.elapsed().as_secs_f64();
         if elapsed >= seconds {
-            let flops = 2.0 * (iterations as f64) * (CHAINS * 8) as f64;
+            let flops = 2.0 * (iterations as f64) * (CHAINS * lanes) as f64;
             return flops / elapsed / 1e9;
         }
         iterations = iterations.saturating_mul(if elapsed < seconds / 10.0 { 8 } else { 2 });

@@ -35,6 +35,9 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     drop(probe.readwrite()); // rust-numpy's borrow-checking API, set on the first borrow
     crate::parallel::prepare_for_fork();
     crate::kernels::warm_up();
+    if let Some(message) = crate::simd::take_environment_warning() {
+        runtime::warn_runtime(py, &message)?;
+    }
     activation::register(m)?;
     batch_norm::register(m)?;
     conv::register(m)?;

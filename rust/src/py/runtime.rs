@@ -70,16 +70,66 @@ fn get_num_threads() -> usize {
     crate::parallel::num_threads()
 }
 
-/// The SIMD code path in use: "avx2" or "scalar".
+/// The SIMD level in use: "avx512", "avx2" or "scalar".
 #[pyfunction]
 fn simd_backend() -> &'static str {
     crate::simd::backend()
 }
 
-/// Use the AVX2+FMA path (when the CPU has it) or force the portable scalar path.
+/// The SIMD levels this CPU can run, narrowest first ("scalar" always).
+#[pyfunction]
+fn simd_levels() -> Vec<&'static str> {
+    crate::simd::Level::ALL
+        .into_iter()
+        .filter(|l| l.is_available())
+        .map(|l| l.name())
+        .collect()
+}
+
+/// Use a SIMD level for the kernels and the GEMM from now on (process-wide).
+///
+/// Parameters
+/// ----------
+/// level : str
+///     "avx512", "avx2" or "scalar" (see `simd_levels()` for what this CPU has).
+///
+/// Returns
+/// -------
+/// str
+///     The level now in use: `level`, or the widest the CPU has if it lacks `level`
+///     (with a RuntimeWarning).
+///
+/// Raises
+/// ------
+/// ValueError
+///     If `level` is not one of the names above.
+#[pyfunction]
+fn set_simd(py: Python<'_>, level: &str) -> PyResult<&'static str> {
+    let requested = crate::simd::Level::parse(level).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "level: expected 'avx512', 'avx2' or 'scalar', got {level:?}"
+        ))
+    })?;
+    let (level, warning) = crate::simd::set_level(requested);
+    if let Some(message) = warning {
+        warn_runtime(py, &message)?;
+    }
+    Ok(level.name())
+}
+
+/// Use SIMD (True: the level BNRS_SIMD chose at import unless it was scalar, else the
+/// widest the CPU has) or force the portable scalar path (False).
 #[pyfunction]
 fn set_simd_enabled(enabled: bool) {
     crate::simd::set_enabled(enabled);
+}
+
+/// Issue a `RuntimeWarning` (attributed to the caller's line).
+pub(super) fn warn_runtime(py: Python<'_>, message: &str) -> PyResult<()> {
+    let message =
+        std::ffi::CString::new(message.replace('\0', " ")).expect("NUL bytes were replaced");
+    let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+    PyErr::warn(py, category.as_any(), &message, 1)
 }
 
 /// Single-thread float32 FMA throughput (GFLOP/s), measured for about `seconds`.
@@ -108,6 +158,8 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cached_memory, m)?)?;
     m.add_function(wrap_pyfunction!(check_fits_in_memory, m)?)?;
     m.add_function(wrap_pyfunction!(simd_backend, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
