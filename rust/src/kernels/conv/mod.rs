@@ -130,7 +130,7 @@ pub fn forward(
                 let rows = first_row..(first_row + rows_per_tile).min(p.out_h);
                 let width = rows.len() * p.out_w;
                 col.resize(k * width, 0.0);
-                unfold(p, src, image, rows.clone(), col, width);
+                unfold(p, src, rows.clone(), col, width);
                 sgemm(
                     p.out_channels,
                     width,
