@@ -1,48 +1,32 @@
 //! 2-D convolution (cross-correlation, groups = 1), forward and backward.
 //!
 //! Each image is unfolded (im2col) into a K×P matrix, K = C_in·kH·kW, P = H_out·W_out,
-//! and multiplied by the C_out×K weight matrix. A 1×1 convolution with stride 1 and no
-//! padding is a plain GEMM on the image. Images run in parallel; the weight gradient is
-//! summed per fixed group of images, then over groups in order. The input gradient of a
-//! stride-1 convolution is itself a convolution (of the output gradient with the flipped,
-//! transposed weights); other strides fold the GEMM's K×P gradient back (col2im).
+//! and multiplied by the C_out×K weight matrix. Which way that runs (a small-K product
+//! for first layers, one GEMM shared by several small images, a GEMM on the image itself
+//! for pointwise convolutions, or tiles of a large image) and how the backward runs is
+//! chosen once from the shape by [`plan::Plan::new`], beside the reasons and
+//! measurements. Images run in parallel; the weight gradient is summed per fixed group of
+//! images, then over groups in order. The input gradient of a stride-1 convolution is
+//! itself a convolution (of the output gradient with the flipped, transposed weights);
+//! other strides fold the GEMM's K×P gradient back (col2im).
+//!
+//! Files: `params` (validation, output shape), `plan` (the choice of algorithm),
+//! `unfold` (im2col and col2im, one loop), `microkernel` (the small-K product).
 
 mod microkernel;
 mod params;
+mod plan;
 mod unfold;
 
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, MatRef};
 use crate::error::Result;
-use crate::parallel::{chunk_len, stop_requested};
-use microkernel::{small_k_product, SMALL_K};
+use crate::parallel::stop_requested;
+use microkernel::small_k_product;
 pub use params::Conv2dParams;
+use plan::{Forward, InputGrad, Plan, Unfolding};
 use unfold::{fold, unfold, Unfolder};
-
-/// Output rows per im2col tile: the unfolded tile stays within about 256 KiB (L2-sized),
-/// so the GEMM reads it from cache. Fixed by the problem, never by the thread count.
-fn tile_rows(p: &Conv2dParams) -> usize {
-    const TILE_BYTES: usize = 256 * 1024;
-    let row_bytes = p.col_rows() * p.out_w * std::mem::size_of::<f32>();
-    (TILE_BYTES / row_bytes.max(1)).clamp(1, p.out_h)
-}
-
-/// Images unfolded side by side into one GEMM, so that its n (images × pixels) reaches
-/// about 512 columns: measured, a 7×7 image (49 columns) alone runs the GEMM 1.1-1.2×
-/// slower than eight side by side, while 14×14 images (196) gain nothing from more than
-/// two and lose ~10% at eight (the block leaves the L2 cache). At least eight blocks
-/// remain for the threads. 1 for pointwise convolutions and large images (tiled by rows
-/// instead). Fixed by the problem, never by the thread count.
-fn images_per_gemm(p: &Conv2dParams) -> usize {
-    const TARGET_COLUMNS: usize = 512;
-    const BLOCK_BYTES: usize = 1 << 20;
-    if p.is_pointwise() {
-        return 1;
-    }
-    let columns = TARGET_COLUMNS.min(BLOCK_BYTES / (std::mem::size_of::<f32>() * p.col_rows()));
-    (columns / p.pixels().max(1)).clamp(1, p.batch.div_ceil(8).max(1))
-}
 
 /// The unfolded image: the image itself for pointwise convolutions, else `col` filled.
 fn unfolded<'a>(
@@ -60,13 +44,7 @@ fn unfolded<'a>(
     }
 }
 
-/// Whether the small-K product suits this shape: few unfolded rows (a first layer on one
-/// or three channels), where a GEMM with a tiny inner dimension spends its time packing.
-fn use_small_k(p: &Conv2dParams) -> bool {
-    p.col_rows() <= SMALL_K
-}
-
-/// `output = conv2d(input, weight) + bias`.
+/// `output = conv2d(input, weight) + bias`, by the algorithm [`Plan::new`] chooses.
 pub fn forward(
     p: &Conv2dParams,
     input: &[f32],
@@ -78,13 +56,35 @@ pub fn forward(
     if let Some(b) = bias {
         crate::error::check_len("bias", b.len(), p.out_channels)?;
     }
+    let plan = Plan::new(p);
+    match plan.forward {
+        Forward::SmallK => forward_small_k(p, input, weight, bias, output, plan.unfolding),
+        Forward::SharedGemm { images } => {
+            forward_shared(p, input, weight, bias, output, images, plan.unfolding)
+        }
+        Forward::Pointwise => forward_pointwise(p, input, weight, bias, output),
+        Forward::TiledIm2col { rows } => {
+            forward_tiled(p, input, weight, bias, output, rows, plan.unfolding)
+        }
+    }
+    Ok(())
+}
+
+/// [`Forward::SmallK`].
+fn forward_small_k(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    unfolding: Unfolding,
+) {
     let (pixels, k) = (p.pixels(), p.col_rows());
-    let images = output
+    output
         .par_chunks_mut(p.out_channels * pixels)
-        .zip(input.par_chunks(p.image_len()));
-    if use_small_k(p) {
-        images.for_each_init(
-            || (Vec::new(), Unfolder::new()),
+        .zip(input.par_chunks(p.image_len()))
+        .for_each_init(
+            || (Vec::new(), Unfolder::new(unfolding)),
             |(col, unfolder), (out_image, image)| {
                 if stop_requested() {
                     return;
@@ -93,69 +93,99 @@ pub fn forward(
                 small_k_product(weight, unfolded_image, k, pixels, bias, out_image);
             },
         );
-        return Ok(());
+}
+
+/// Fill each output channel's plane with its bias, for a GEMM to accumulate onto.
+fn fill_bias(out_image: &mut [f32], bias: Option<&[f32]>, pixels: usize) {
+    if let Some(b) = bias {
+        for (row, &bc) in out_image.chunks_exact_mut(pixels).zip(b) {
+            row.fill(bc);
+        }
     }
-    let group = images_per_gemm(p);
-    if group > 1 {
-        forward_grouped(p, input, weight, bias, output, group);
-        return Ok(());
-    }
-    let rows_per_tile = tile_rows(p);
-    images.for_each_init(
-        || (Vec::new(), Unfolder::new()),
-        |(col, unfolder), (out_image, image)| {
+}
+
+/// [`Forward::Pointwise`].
+fn forward_pointwise(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+) {
+    let (pixels, k) = (p.pixels(), p.col_rows());
+    output
+        .par_chunks_mut(p.out_channels * pixels)
+        .zip(input.par_chunks(p.image_len()))
+        .for_each(|(out_image, image)| {
             if stop_requested() {
                 return;
             }
-            if let Some(b) = bias {
-                for (row, &bc) in out_image.chunks_exact_mut(pixels).zip(b) {
-                    row.fill(bc);
-                }
-            }
-            if p.is_pointwise() {
-                sgemm(
-                    p.out_channels,
-                    pixels,
-                    k,
-                    out_image,
-                    pixels,
-                    bias.is_some(),
-                    MatRef::rows(weight, k),
-                    MatRef::rows(image, pixels),
-                );
-                return;
-            }
-            let src = unfolder.source(p, image);
-            for first_row in (0..p.out_h).step_by(rows_per_tile) {
-                let rows = first_row..(first_row + rows_per_tile).min(p.out_h);
-                let width = rows.len() * p.out_w;
-                col.resize(k * width, 0.0);
-                unfold(p, src, rows.clone(), col, width);
-                sgemm(
-                    p.out_channels,
-                    width,
-                    k,
-                    &mut out_image[rows.start * p.out_w..],
-                    pixels,
-                    bias.is_some(),
-                    MatRef::rows(weight, k),
-                    MatRef::rows(col, width),
-                );
-            }
-        },
-    );
-    Ok(())
+            fill_bias(out_image, bias, pixels);
+            sgemm(
+                p.out_channels,
+                pixels,
+                k,
+                out_image,
+                pixels,
+                bias.is_some(),
+                MatRef::rows(weight, k),
+                MatRef::rows(image, pixels),
+            );
+        });
 }
 
-/// [`forward`] for small images: `group` images unfolded side by side, one GEMM for them
-/// into `product` (C_out × group·P), then copied to NCHW with the bias added.
-fn forward_grouped(
+/// [`Forward::TiledIm2col`]: `rows_per_tile` output rows unfolded at a time.
+fn forward_tiled(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    rows_per_tile: usize,
+    unfolding: Unfolding,
+) {
+    let (pixels, k) = (p.pixels(), p.col_rows());
+    output
+        .par_chunks_mut(p.out_channels * pixels)
+        .zip(input.par_chunks(p.image_len()))
+        .for_each_init(
+            || (Vec::new(), Unfolder::new(unfolding)),
+            |(col, unfolder), (out_image, image)| {
+                if stop_requested() {
+                    return;
+                }
+                fill_bias(out_image, bias, pixels);
+                let src = unfolder.source(p, image);
+                for first_row in (0..p.out_h).step_by(rows_per_tile) {
+                    let rows = first_row..(first_row + rows_per_tile).min(p.out_h);
+                    let width = rows.len() * p.out_w;
+                    col.resize(k * width, 0.0);
+                    unfold(p, src, rows.clone(), col, width);
+                    sgemm(
+                        p.out_channels,
+                        width,
+                        k,
+                        &mut out_image[rows.start * p.out_w..],
+                        pixels,
+                        bias.is_some(),
+                        MatRef::rows(weight, k),
+                        MatRef::rows(col, width),
+                    );
+                }
+            },
+        );
+}
+
+/// [`Forward::SharedGemm`]: `group` images unfolded side by side, one GEMM for them into
+/// `product` (C_out × group·P), then copied to NCHW with the bias added.
+fn forward_shared(
     p: &Conv2dParams,
     input: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
     output: &mut [f32],
     group: usize,
+    unfolding: Unfolding,
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let out_image = p.out_channels * pixels;
@@ -163,7 +193,7 @@ fn forward_grouped(
         .par_chunks_mut(group * out_image)
         .zip(input.par_chunks(group * p.image_len()))
         .for_each_init(
-            || (Vec::new(), Vec::new(), Unfolder::new()),
+            || (Vec::new(), Vec::new(), Unfolder::new(unfolding)),
             |(col, product, unfolder), (out_group, in_group)| {
                 if stop_requested() {
                     return;
@@ -197,36 +227,7 @@ fn forward_grouped(
         );
 }
 
-/// The convolution whose forward is the input gradient of `p`, when `p` has stride 1 and
-/// padding at most the dilated kernel's extent d·(k - 1): the output gradient convolved
-/// with the weights transposed (C_in × C_out) and flipped, padded by d·(k - 1) - p, which
-/// gives back H×W. It runs as a forward (unfolded in cache-sized tiles, no fold of a
-/// K×P gradient matrix), which measures faster than GEMM + col2im.
-fn transposed_params(p: &Conv2dParams) -> Option<Conv2dParams> {
-    let extent = (
-        p.dilation.0 * (p.kernel_h - 1),
-        p.dilation.1 * (p.kernel_w - 1),
-    );
-    if p.stride != (1, 1) || p.padding.0 > extent.0 || p.padding.1 > extent.1 {
-        return None;
-    }
-    Some(Conv2dParams {
-        batch: p.batch,
-        in_channels: p.out_channels,
-        in_h: p.out_h,
-        in_w: p.out_w,
-        out_channels: p.in_channels,
-        kernel_h: p.kernel_h,
-        kernel_w: p.kernel_w,
-        stride: (1, 1),
-        padding: (extent.0 - p.padding.0, extent.1 - p.padding.1),
-        dilation: p.dilation,
-        out_h: p.in_h,
-        out_w: p.in_w,
-    })
-}
-
-/// The weights of [`transposed_params`]: `[c][co][i][j] = weight[co][c][kH-1-i][kW-1-j]`.
+/// The weights of [`InputGrad::Transposed`]: `[c][co][i][j] = weight[co][c][kH-1-i][kW-1-j]`.
 fn transposed_weight(p: &Conv2dParams, weight: &[f32]) -> Vec<f32> {
     let (kh, kw) = (p.kernel_h, p.kernel_w);
     let mut flipped = vec![0.0f32; weight.len()];
@@ -272,15 +273,14 @@ pub fn backward(
         });
     }
 
-    // Images are split into at most 8 groups fixed by the batch size; each group sums its
-    // images' weight gradients into its own buffer, and the buffers are added in order.
-    // Within a group, blocks of `block` images share one GEMM (see images_per_gemm).
-    let group = chunk_len(p.batch, 1, 8);
-    let block = images_per_gemm(p).min(group);
+    let plan = Plan::new(p);
+    let (group, block) = (plan.weight_grad_group, plan.weight_grad_images);
     let n_groups = p.batch.div_ceil(group);
     let mut partials = vec![0.0f32; n_groups * weight.len()];
     let mut grad_input = grad_input;
-    if let (Some(gx), Some(transposed)) = (grad_input.as_deref_mut(), transposed_params(p)) {
+    if let (Some(gx), InputGrad::Transposed(transposed)) =
+        (grad_input.as_deref_mut(), plan.input_grad)
+    {
         crate::error::check_len("grad_input", gx.len(), input.len())?;
         forward(
             &transposed,
@@ -305,7 +305,7 @@ pub fn backward(
         .enumerate()
         .for_each(|(g, (mut gx_group, partial))| {
             let (mut col, mut grad_col, mut gy_block) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut unfolder, mut scratch) = (Unfolder::new(), Vec::new());
+            let (mut unfolder, mut scratch) = (Unfolder::new(plan.unfolding), Vec::new());
             let first = g * group;
             let last = (first + group).min(p.batch);
             for start in (first..last).step_by(block) {
@@ -348,8 +348,7 @@ pub fn backward(
                 let Some(gx_group) = gx_group.as_deref_mut() else {
                     continue;
                 };
-                // Only strided (or over-padded) convolutions get here: the rest took the
-                // transposed path above, pointwise ones included.
+                // InputGrad::GemmFold: the other plan was done above.
                 let gx_block = &mut gx_group[(start - first) * image_len..][..images * image_len];
                 grad_col.resize(k * n, 0.0);
                 sgemm(
@@ -363,7 +362,14 @@ pub fn backward(
                     MatRef::rows(gys, n),
                 );
                 for (i, gx) in gx_block.chunks_exact_mut(image_len).enumerate() {
-                    fold(p, &grad_col[i * pixels..], n, gx, &mut scratch);
+                    fold(
+                        p,
+                        plan.unfolding,
+                        &grad_col[i * pixels..],
+                        n,
+                        gx,
+                        &mut scratch,
+                    );
                 }
             }
         });
@@ -446,7 +452,7 @@ pub(super) mod tests {
             let p = Conv2dParams::new(&shape, &wshape, s, pd, d).unwrap();
             if shape[1] == 64 {
                 assert!(
-                    tile_rows(&p) < p.out_h,
+                    matches!(Plan::new(&p).forward, Forward::TiledIm2col { rows } if rows < p.out_h),
                     "the case should span several tiles"
                 );
             }

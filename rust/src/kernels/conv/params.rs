@@ -112,6 +112,14 @@ impl Conv2dParams {
         self.in_channels * self.in_h * self.in_w
     }
 
+    /// The zero-padded image's height and width.
+    pub(super) fn padded_size(&self) -> (usize, usize) {
+        (
+            self.in_h + 2 * self.padding.0,
+            self.in_w + 2 * self.padding.1,
+        )
+    }
+
     /// 1×1, stride 1, no padding: the image itself is the unfolded matrix.
     pub(super) fn is_pointwise(&self) -> bool {
         self.kernel_h == 1 && self.kernel_w == 1 && self.stride == (1, 1) && self.padding == (0, 0)

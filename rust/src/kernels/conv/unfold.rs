@@ -3,21 +3,9 @@
 
 use std::ops::Range;
 
+use super::plan::Unfolding;
 use super::Conv2dParams;
 use crate::kernels::valid_range;
-
-/// The zero-padded image's height and width.
-fn padded_size(p: &Conv2dParams) -> (usize, usize) {
-    (p.in_h + 2 * p.padding.0, p.in_w + 2 * p.padding.1)
-}
-
-/// Whether images are unfolded through a zero-padded copy: when that copy is no larger
-/// than the unfolded matrix itself (every usual convolution; not a huge padding), so that
-/// every unfolded row is a plain copy with no bounds to test.
-fn unfolds_padded(p: &Conv2dParams) -> bool {
-    let (hp, wp) = padded_size(p);
-    p.in_channels * hp * wp <= p.col_rows() * p.pixels()
-}
 
 /// Copy `src` to `dst` (same length): eight lanes at a time and an overlapping last eight,
 /// so that the short rows of small images do not pay for a call to memcpy.
@@ -44,7 +32,7 @@ fn copy_row(dst: &mut [f32], src: &[f32]) {
 /// For each image row (channel c, row h): where it starts in the image and in the
 /// zero-padded image.
 fn interior_rows(p: &Conv2dParams) -> impl Iterator<Item = (usize, usize)> + '_ {
-    let (hp, wp) = padded_size(p);
+    let (hp, wp) = p.padded_size();
     (0..p.in_channels).flat_map(move |c| {
         (0..p.in_h).map(move |h| {
             (
@@ -76,7 +64,7 @@ impl Frame {
     }
 
     fn padded(p: &Conv2dParams) -> Self {
-        let (h, w) = padded_size(p);
+        let (h, w) = p.padded_size();
         Frame {
             h,
             w,
@@ -266,26 +254,30 @@ pub(super) struct Source<'a> {
     frame: Frame,
 }
 
-/// Images unfolded for the GEMM, through a zero-padded copy when [`unfolds_padded`].
+/// Images unfolded for the GEMM as the plan's [`Unfolding`] says.
 pub(super) struct Unfolder {
+    unfolding: Unfolding,
     padded: Vec<f32>,
 }
 
 impl Unfolder {
-    pub(super) fn new() -> Self {
-        Unfolder { padded: Vec::new() }
+    pub(super) fn new(unfolding: Unfolding) -> Self {
+        Unfolder {
+            unfolding,
+            padded: Vec::new(),
+        }
     }
 
-    /// The image as unfolded rows read it: the padded copy (borders zero) when
-    /// [`unfolds_padded`], else the image itself (bounds tested where padded).
+    /// The image as unfolded rows read it: the padded copy (borders zero) for
+    /// [`Unfolding::PaddedCopy`], else the image itself.
     pub(super) fn source<'a>(&'a mut self, p: &Conv2dParams, image: &'a [f32]) -> Source<'a> {
-        if !unfolds_padded(p) || p.padding == (0, 0) {
+        if self.unfolding != Unfolding::PaddedCopy {
             return Source {
                 data: image,
                 frame: Frame::image(p),
             };
         }
-        let (hp, wp) = padded_size(p);
+        let (hp, wp) = p.padded_size();
         let len = p.in_channels * hp * wp;
         if self.padded.len() != len {
             // Only interiors are written below, so the borders stay zero from here on.
@@ -331,16 +323,17 @@ pub(super) fn unfold(
 
 /// Fold `col` (all output rows, row r at `col[r * ld]`) onto one image's gradient `gx`,
 /// adding overlapping entries and overwriting `gx`: through a zero-padded buffer
-/// `scratch` when [`unfolds_padded`].
+/// `scratch` for [`Unfolding::PaddedCopy`].
 pub(super) fn fold(
     p: &Conv2dParams,
+    unfolding: Unfolding,
     col: &[f32],
     ld: usize,
     gx: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
     let stride = p.stride.1;
-    if !unfolds_padded(p) || p.padding == (0, 0) {
+    if unfolding != Unfolding::PaddedCopy {
         gx.fill(0.0);
         let mut transfer = Fold {
             col,
@@ -350,7 +343,7 @@ pub(super) fn fold(
         walk(p, Frame::image(p), 0..p.out_h, ld, &mut transfer);
         return;
     }
-    let (hp, wp) = padded_size(p);
+    let (hp, wp) = p.padded_size();
     scratch.clear();
     scratch.resize(p.in_channels * hp * wp, 0.0);
     let mut transfer = Fold {
