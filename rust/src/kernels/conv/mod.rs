@@ -1,0 +1,496 @@
+//! 2-D convolution (cross-correlation, groups = 1), forward and backward.
+//!
+//! Each image is unfolded (im2col) into a K×P matrix, K = C_in·kH·kW, P = H_out·W_out,
+//! and multiplied by the C_out×K weight matrix. Which way that runs (a small-K product
+//! for first layers, one GEMM shared by several small images, a GEMM on the image itself
+//! for pointwise convolutions, or tiles of a large image) and how the backward runs is
+//! chosen once from the shape by [`plan::Plan::new`], beside the reasons and
+//! measurements. Images run in parallel; the weight gradient is summed per fixed group of
+//! images, then over groups in order. The input gradient of a stride-1 convolution is
+//! itself a convolution (of the output gradient with the flipped, transposed weights);
+//! other strides fold the GEMM's K×P gradient back (col2im).
+//!
+//! Files: `params` (validation, output shape), `plan` (the choice of algorithm),
+//! `unfold` (im2col and col2im, one loop), `microkernel` (the small-K product).
+
+mod microkernel;
+mod params;
+mod plan;
+mod unfold;
+
+use rayon::prelude::*;
+
+use super::gemm::{sgemm, MatRef};
+use crate::error::Result;
+use crate::parallel::stop_requested;
+use microkernel::small_k_product;
+pub use params::Conv2dParams;
+use plan::{Forward, InputGrad, Plan, Unfolding};
+use unfold::{fold, unfold, Unfolder};
+
+/// The unfolded image: the image itself for pointwise convolutions, else `col` filled.
+fn unfolded<'a>(
+    p: &Conv2dParams,
+    image: &'a [f32],
+    col: &'a mut Vec<f32>,
+    unfolder: &mut Unfolder,
+) -> &'a [f32] {
+    if p.is_pointwise() {
+        image
+    } else {
+        col.resize(p.col_rows() * p.pixels(), 0.0);
+        unfolder.im2col(p, image, col, p.pixels());
+        col
+    }
+}
+
+/// `output = conv2d(input, weight) + bias`, by the algorithm [`Plan::new`] chooses.
+pub fn forward(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+) -> Result<()> {
+    p.check_lengths(input.len(), weight.len(), output.len())?;
+    if let Some(b) = bias {
+        crate::error::check_len("bias", b.len(), p.out_channels)?;
+    }
+    let plan = Plan::new(p);
+    match plan.forward {
+        Forward::SmallK => forward_small_k(p, input, weight, bias, output, plan.unfolding),
+        Forward::SharedGemm { images } => {
+            forward_shared(p, input, weight, bias, output, images, plan.unfolding)
+        }
+        Forward::Pointwise => forward_pointwise(p, input, weight, bias, output),
+        Forward::TiledIm2col { rows } => {
+            forward_tiled(p, input, weight, bias, output, rows, plan.unfolding)
+        }
+    }
+    Ok(())
+}
+
+/// [`Forward::SmallK`].
+fn forward_small_k(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    unfolding: Unfolding,
+) {
+    let (pixels, k) = (p.pixels(), p.col_rows());
+    output
+        .par_chunks_mut(p.out_channels * pixels)
+        .zip(input.par_chunks(p.image_len()))
+        .for_each_init(
+            || (Vec::new(), Unfolder::new(unfolding)),
+            |(col, unfolder), (out_image, image)| {
+                if stop_requested() {
+                    return;
+                }
+                let unfolded_image = unfolded(p, image, col, unfolder);
+                small_k_product(weight, unfolded_image, k, pixels, bias, out_image);
+            },
+        );
+}
+
+/// Fill each output channel's plane with its bias, for a GEMM to accumulate onto.
+fn fill_bias(out_image: &mut [f32], bias: Option<&[f32]>, pixels: usize) {
+    if let Some(b) = bias {
+        for (row, &bc) in out_image.chunks_exact_mut(pixels).zip(b) {
+            row.fill(bc);
+        }
+    }
+}
+
+/// [`Forward::Pointwise`].
+fn forward_pointwise(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+) {
+    let (pixels, k) = (p.pixels(), p.col_rows());
+    output
+        .par_chunks_mut(p.out_channels * pixels)
+        .zip(input.par_chunks(p.image_len()))
+        .for_each(|(out_image, image)| {
+            if stop_requested() {
+                return;
+            }
+            fill_bias(out_image, bias, pixels);
+            sgemm(
+                p.out_channels,
+                pixels,
+                k,
+                out_image,
+                pixels,
+                bias.is_some(),
+                MatRef::rows(weight, k),
+                MatRef::rows(image, pixels),
+            );
+        });
+}
+
+/// [`Forward::TiledIm2col`]: `rows_per_tile` output rows unfolded at a time.
+fn forward_tiled(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    rows_per_tile: usize,
+    unfolding: Unfolding,
+) {
+    let (pixels, k) = (p.pixels(), p.col_rows());
+    output
+        .par_chunks_mut(p.out_channels * pixels)
+        .zip(input.par_chunks(p.image_len()))
+        .for_each_init(
+            || (Vec::new(), Unfolder::new(unfolding)),
+            |(col, unfolder), (out_image, image)| {
+                if stop_requested() {
+                    return;
+                }
+                fill_bias(out_image, bias, pixels);
+                let src = unfolder.source(p, image);
+                for first_row in (0..p.out_h).step_by(rows_per_tile) {
+                    let rows = first_row..(first_row + rows_per_tile).min(p.out_h);
+                    let width = rows.len() * p.out_w;
+                    col.resize(k * width, 0.0);
+                    unfold(p, src, rows.clone(), col, width);
+                    sgemm(
+                        p.out_channels,
+                        width,
+                        k,
+                        &mut out_image[rows.start * p.out_w..],
+                        pixels,
+                        bias.is_some(),
+                        MatRef::rows(weight, k),
+                        MatRef::rows(col, width),
+                    );
+                }
+            },
+        );
+}
+
+/// [`Forward::SharedGemm`]: `group` images unfolded side by side, one GEMM for them into
+/// `product` (C_out × group·P), then copied to NCHW with the bias added.
+fn forward_shared(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    group: usize,
+    unfolding: Unfolding,
+) {
+    let (pixels, k) = (p.pixels(), p.col_rows());
+    let out_image = p.out_channels * pixels;
+    output
+        .par_chunks_mut(group * out_image)
+        .zip(input.par_chunks(group * p.image_len()))
+        .for_each_init(
+            || (Vec::new(), Vec::new(), Unfolder::new(unfolding)),
+            |(col, product, unfolder), (out_group, in_group)| {
+                if stop_requested() {
+                    return;
+                }
+                let n = in_group.len() / p.image_len() * pixels;
+                col.resize(k * n, 0.0);
+                for (i, image) in in_group.chunks_exact(p.image_len()).enumerate() {
+                    unfolder.im2col(p, image, &mut col[i * pixels..], n);
+                }
+                product.resize(p.out_channels * n, 0.0);
+                sgemm(
+                    p.out_channels,
+                    n,
+                    k,
+                    product,
+                    n,
+                    false,
+                    MatRef::rows(weight, k),
+                    MatRef::rows(col, n),
+                );
+                for (i, out) in out_group.chunks_exact_mut(out_image).enumerate() {
+                    for (co, dst) in out.chunks_exact_mut(pixels).enumerate() {
+                        let src = &product[co * n + i * pixels..co * n + (i + 1) * pixels];
+                        let b = bias.map_or(0.0, |b| b[co]);
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = v + b;
+                        }
+                    }
+                }
+            },
+        );
+}
+
+/// The weights of [`InputGrad::Transposed`]: `[c][co][i][j] = weight[co][c][kH-1-i][kW-1-j]`.
+fn transposed_weight(p: &Conv2dParams, weight: &[f32]) -> Vec<f32> {
+    let (kh, kw) = (p.kernel_h, p.kernel_w);
+    let mut flipped = vec![0.0f32; weight.len()];
+    for co in 0..p.out_channels {
+        for c in 0..p.in_channels {
+            for i in 0..kh {
+                for j in 0..kw {
+                    flipped[((c * p.out_channels + co) * kh + i) * kw + j] =
+                        weight[((co * p.in_channels + c) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)];
+                }
+            }
+        }
+    }
+    flipped
+}
+
+/// Gradients of [`forward`]: `grad_input` (if given), `grad_weight`, `grad_bias` (if given).
+pub fn backward(
+    p: &Conv2dParams,
+    grad_output: &[f32],
+    input: &[f32],
+    weight: &[f32],
+    grad_input: Option<&mut [f32]>,
+    grad_weight: &mut [f32],
+    grad_bias: Option<&mut [f32]>,
+) -> Result<()> {
+    p.check_lengths(input.len(), weight.len(), grad_output.len())?;
+    crate::error::check_len("grad_weight", grad_weight.len(), weight.len())?;
+    let (pixels, k) = (p.pixels(), p.col_rows());
+    let out_image = p.out_channels * pixels;
+
+    if let Some(gb) = grad_bias {
+        crate::error::check_len("grad_bias", gb.len(), p.out_channels)?;
+        gb.par_iter_mut().enumerate().for_each(|(co, g)| {
+            let mut total = 0.0f64;
+            for n in 0..p.batch {
+                let start = n * out_image + co * pixels;
+                total += f64::from(crate::kernels::reduce::sum(
+                    &grad_output[start..start + pixels],
+                ));
+            }
+            *g = total as f32;
+        });
+    }
+
+    let plan = Plan::new(p);
+    let (group, block) = (plan.weight_grad_group, plan.weight_grad_images);
+    let n_groups = p.batch.div_ceil(group);
+    let mut partials = vec![0.0f32; n_groups * weight.len()];
+    let mut grad_input = grad_input;
+    if let (Some(gx), InputGrad::Transposed(transposed)) =
+        (grad_input.as_deref_mut(), plan.input_grad)
+    {
+        crate::error::check_len("grad_input", gx.len(), input.len())?;
+        forward(
+            &transposed,
+            grad_output,
+            &transposed_weight(p, weight),
+            None,
+            gx,
+        )?;
+        grad_input = None; // done: the loop below computes the weight gradient only
+    }
+    let grad_input_groups: Vec<Option<&mut [f32]>> = match grad_input {
+        Some(gx) => {
+            crate::error::check_len("grad_input", gx.len(), input.len())?;
+            gx.chunks_mut(group * p.image_len()).map(Some).collect()
+        }
+        None => (0..n_groups).map(|_| None).collect(),
+    };
+    let image_len = p.image_len();
+    grad_input_groups
+        .into_par_iter()
+        .zip(partials.par_chunks_mut(weight.len()))
+        .enumerate()
+        .for_each(|(g, (mut gx_group, partial))| {
+            let (mut col, mut grad_col, mut gy_block) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut unfolder, mut scratch) = (Unfolder::new(plan.unfolding), Vec::new());
+            let first = g * group;
+            let last = (first + group).min(p.batch);
+            for start in (first..last).step_by(block) {
+                if stop_requested() {
+                    return;
+                }
+                let images = block.min(last - start);
+                let n = images * pixels;
+                // The block's unfolded images (K × n) and output gradients (C_out × n).
+                let (cols, gys): (&[f32], &[f32]) = if images == 1 {
+                    let image = &input[start * image_len..(start + 1) * image_len];
+                    (
+                        unfolded(p, image, &mut col, &mut unfolder),
+                        &grad_output[start * out_image..(start + 1) * out_image],
+                    )
+                } else {
+                    col.resize(k * n, 0.0);
+                    gy_block.resize(p.out_channels * n, 0.0);
+                    for i in 0..images {
+                        let image = &input[(start + i) * image_len..(start + i + 1) * image_len];
+                        unfolder.im2col(p, image, &mut col[i * pixels..], n);
+                        let gy = &grad_output[(start + i) * out_image..][..out_image];
+                        for (co, src) in gy.chunks_exact(pixels).enumerate() {
+                            gy_block[co * n + i * pixels..co * n + (i + 1) * pixels]
+                                .copy_from_slice(src);
+                        }
+                    }
+                    (&col, &gy_block)
+                };
+                sgemm(
+                    p.out_channels,
+                    k,
+                    n,
+                    partial,
+                    k,
+                    start > first,
+                    MatRef::rows(gys, n),
+                    MatRef::transposed(cols, n),
+                );
+                let Some(gx_group) = gx_group.as_deref_mut() else {
+                    continue;
+                };
+                // InputGrad::GemmFold: the other plan was done above.
+                let gx_block = &mut gx_group[(start - first) * image_len..][..images * image_len];
+                grad_col.resize(k * n, 0.0);
+                sgemm(
+                    k,
+                    n,
+                    p.out_channels,
+                    &mut grad_col,
+                    n,
+                    false,
+                    MatRef::transposed(weight, k),
+                    MatRef::rows(gys, n),
+                );
+                for (i, gx) in gx_block.chunks_exact_mut(image_len).enumerate() {
+                    fold(
+                        p,
+                        plan.unfolding,
+                        &grad_col[i * pixels..],
+                        n,
+                        gx,
+                        &mut scratch,
+                    );
+                }
+            }
+        });
+    grad_weight.par_iter_mut().enumerate().for_each(|(i, g)| {
+        let mut total = 0.0f32;
+        for part in partials.chunks_exact(weight.len()) {
+            total += part[i];
+        }
+        *g = total;
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    /// Direct definition of the convolution, for comparison.
+    fn naive(p: &Conv2dParams, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let mut y = vec![0.0f32; p.output_shape().iter().product()];
+        for n in 0..p.batch {
+            for co in 0..p.out_channels {
+                for oh in 0..p.out_h {
+                    for ow in 0..p.out_w {
+                        let mut acc = 0.0f64;
+                        for c in 0..p.in_channels {
+                            for ki in 0..p.kernel_h {
+                                for kj in 0..p.kernel_w {
+                                    let ih = (oh * p.stride.0 + ki * p.dilation.0) as isize
+                                        - p.padding.0 as isize;
+                                    let iw = (ow * p.stride.1 + kj * p.dilation.1) as isize
+                                        - p.padding.1 as isize;
+                                    if ih < 0
+                                        || iw < 0
+                                        || ih >= p.in_h as isize
+                                        || iw >= p.in_w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv = x[((n * p.in_channels + c) * p.in_h + ih as usize)
+                                        * p.in_w
+                                        + iw as usize];
+                                    let wv = w[((co * p.in_channels + c) * p.kernel_h + ki)
+                                        * p.kernel_w
+                                        + kj];
+                                    acc += f64::from(xv) * f64::from(wv);
+                                }
+                            }
+                        }
+                        y[((n * p.out_channels + co) * p.out_h + oh) * p.out_w + ow] = acc as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    pub(super) fn values(len: usize, salt: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(salt) >> 8) % 1000) as f32
+                    / 500.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn forward_matches_direct_definition() {
+        for (shape, wshape, s, pd, d) in [
+            ([2, 3, 7, 9], [4, 3, 3, 3], (1, 1), (1, 1), (1, 1)),
+            ([1, 2, 8, 8], [3, 2, 3, 2], (2, 1), (0, 1), (1, 2)),
+            ([3, 1, 5, 5], [2, 1, 1, 1], (1, 1), (0, 0), (1, 1)),
+            ([1, 2, 6, 7], [2, 2, 5, 5], (2, 2), (2, 1), (1, 1)),
+            // K = 576 with 30 output columns: several im2col tiles per image.
+            ([2, 64, 20, 30], [3, 64, 3, 3], (1, 1), (1, 1), (1, 1)),
+            ([1, 64, 21, 30], [2, 64, 3, 3], (2, 1), (0, 1), (1, 1)),
+        ] {
+            let p = Conv2dParams::new(&shape, &wshape, s, pd, d).unwrap();
+            if shape[1] == 64 {
+                assert!(
+                    matches!(Plan::new(&p).forward, Forward::TiledIm2col { rows } if rows < p.out_h),
+                    "the case should span several tiles"
+                );
+            }
+            let x = values(shape.iter().product(), 1);
+            let w = values(wshape.iter().product(), 2);
+            let mut y = vec![0.0; p.output_shape().iter().product()];
+            forward(&p, &x, &w, None, &mut y).unwrap();
+            for (a, b) in y.iter().zip(naive(&p, &x, &w)) {
+                assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn output_columns_entirely_in_the_padding() {
+        // Width 1, padding 2, stride 3: the second output column reads only padding.
+        let p = Conv2dParams::new(&[1, 1, 3, 1], &[1, 1, 1, 1], (1, 3), (0, 2), (1, 1)).unwrap();
+        let x = [1.0, 2.0, 3.0];
+        let mut y = vec![0.0; p.output_shape().iter().product()];
+        forward(&p, &x, &[2.0], None, &mut y).unwrap();
+        assert_eq!(y, naive(&p, &x, &[2.0]));
+        let (mut gx, mut gw) = (vec![0.0; 3], vec![0.0; 1]);
+        backward(
+            &p,
+            &vec![1.0; y.len()],
+            &x,
+            &[2.0],
+            Some(&mut gx),
+            &mut gw,
+            None,
+        )
+        .unwrap();
+        assert_eq!(gx, [0.0; 3]);
+    }
+
+    #[test]
+    fn rejects_kernel_larger_than_padded_input() {
+        let err = Conv2dParams::new(&[1, 1, 2, 2], &[1, 1, 3, 3], (1, 1), (0, 0), (1, 1));
+        assert!(matches!(err, Err(Error::Invalid { arg: "weight", .. })));
+    }
+}

@@ -1,0 +1,137 @@
+//! Shapes and hyper-parameters of a convolution: validation and the output-shape
+//! arithmetic, in one place.
+
+use crate::error::{checked_size, Error, Result};
+use crate::kernels::{nchw, non_negative_pair, nonzero, positive_pair, window_out_len};
+
+/// Shapes and hyper-parameters of a convolution, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dParams {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub out_channels: usize,
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub dilation: (usize, usize),
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl Conv2dParams {
+    /// Validate an input of shape (N, C_in, H, W) against a weight (C_out, C_in, kH, kW).
+    pub fn new(
+        input_shape: &[usize],
+        weight_shape: &[usize],
+        stride: (i64, i64),
+        padding: (i64, i64),
+        dilation: (i64, i64),
+    ) -> Result<Self> {
+        let (batch, in_channels, in_h, in_w) = nchw("input", input_shape)?;
+        if weight_shape.len() != 4 {
+            return Err(Error::invalid(
+                "weight",
+                format!("a {}-D array {weight_shape:?}", weight_shape.len()),
+                "a 4-D (C_out, C_in, kH, kW) array",
+            ));
+        }
+        nonzero("weight", weight_shape)?;
+        let (out_channels, w_in, kernel_h, kernel_w) = (
+            weight_shape[0],
+            weight_shape[1],
+            weight_shape[2],
+            weight_shape[3],
+        );
+        if w_in != in_channels {
+            return Err(Error::invalid(
+                "weight",
+                format!("{w_in} input channels (shape {weight_shape:?})"),
+                format!("{in_channels} input channels, as input has (shape {input_shape:?})"),
+            ));
+        }
+        let stride = positive_pair("stride", stride)?;
+        let padding = non_negative_pair("padding", padding)?;
+        let dilation = positive_pair("dilation", dilation)?;
+        let out_h = window_out_len(in_h, padding.0, kernel_h, stride.0, dilation.0);
+        let out_w = window_out_len(in_w, padding.1, kernel_w, stride.1, dilation.1);
+        let (Some(out_h), Some(out_w)) = (out_h, out_w) else {
+            return Err(Error::invalid(
+                "weight",
+                format!(
+                    "a kernel of {kernel_h}×{kernel_w} (dilation {dilation:?}) on an input of \
+                         {in_h}×{in_w} padded by {padding:?}"
+                ),
+                "a (dilated) kernel no larger than the padded input",
+            ));
+        };
+        let params = Conv2dParams {
+            batch,
+            in_channels,
+            in_h,
+            in_w,
+            out_channels,
+            kernel_h,
+            kernel_w,
+            stride,
+            padding,
+            dilation,
+            out_h,
+            out_w,
+        };
+        checked_size("output", &[batch, out_channels, out_h, out_w])?;
+        checked_size("im2col buffer", &[params.col_rows(), out_h, out_w])?;
+        Ok(params)
+    }
+
+    /// Output shape (N, C_out, H_out, W_out).
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.batch, self.out_channels, self.out_h, self.out_w]
+    }
+
+    /// Multiply-adds of the forward pass.
+    pub fn multiply_adds(&self) -> usize {
+        self.output_shape()
+            .iter()
+            .product::<usize>()
+            .saturating_mul(self.col_rows())
+    }
+
+    /// Rows of the unfolded image: C_in · kH · kW.
+    pub fn col_rows(&self) -> usize {
+        self.in_channels * self.kernel_h * self.kernel_w
+    }
+
+    pub(super) fn pixels(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    pub(super) fn image_len(&self) -> usize {
+        self.in_channels * self.in_h * self.in_w
+    }
+
+    /// The zero-padded image's height and width.
+    pub(super) fn padded_size(&self) -> (usize, usize) {
+        (
+            self.in_h + 2 * self.padding.0,
+            self.in_w + 2 * self.padding.1,
+        )
+    }
+
+    /// 1×1, stride 1, no padding: the image itself is the unfolded matrix.
+    pub(super) fn is_pointwise(&self) -> bool {
+        self.kernel_h == 1 && self.kernel_w == 1 && self.stride == (1, 1) && self.padding == (0, 0)
+    }
+
+    pub(super) fn check_lengths(&self, input: usize, weight: usize, output: usize) -> Result<()> {
+        crate::error::check_len("input", input, self.batch * self.image_len())?;
+        crate::error::check_len("weight", weight, self.out_channels * self.col_rows())?;
+        crate::error::check_len(
+            "output",
+            output,
+            self.batch * self.out_channels * self.pixels(),
+        )
+    }
+}

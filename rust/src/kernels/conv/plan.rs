@@ -1,0 +1,201 @@
+//! Which algorithm runs a convolution, chosen once from its shape by [`Plan::new`].
+//!
+//! Every choice depends on the shape alone, never on the thread count, so that results
+//! are bit-identical at any number of threads. Measurements are CPU time, 1 thread, from
+//! the commits that introduced each path (git log -- rust/src/kernels/conv*).
+
+use super::microkernel::SMALL_K;
+use super::Conv2dParams;
+
+/// How the forward runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Forward {
+    /// Per image, the small-K product ([`super::microkernel`]) of the unfolded image, or
+    /// of the image itself when pointwise.
+    SmallK,
+    /// `images` small images unfolded side by side and multiplied by one GEMM.
+    SharedGemm { images: usize },
+    /// Per image, one GEMM on the image itself: a pointwise convolution (1×1, stride 1,
+    /// no padding) is its own unfolded matrix.
+    Pointwise,
+    /// Per image, `rows` output rows unfolded at a time, one GEMM per tile.
+    TiledIm2col { rows: usize },
+}
+
+/// How images are unfolded, and gradients folded back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Unfolding {
+    /// Straight from the image: without padding every window lies inside it.
+    Unpadded,
+    /// Through a zero-padded copy of the image, so that no unfolded row tests bounds
+    /// (each row a plain copy, no memcpy call for short rows).
+    PaddedCopy,
+    /// From the image, each row testing its bounds (padding reads as zero): when the
+    /// padded copy would be larger than the unfolded matrix (a huge padding).
+    BoundsTested,
+}
+
+/// How the input gradient runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum InputGrad {
+    /// The forward of this convolution (the output gradient convolved with the
+    /// transposed, flipped weights): see [`transposed_params`].
+    Transposed(Conv2dParams),
+    /// Per block of images, Wᵀ·dY by GEMM, folded back onto the images (col2im).
+    GemmFold,
+}
+
+/// The algorithms of one convolution, forward and backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Plan {
+    pub forward: Forward,
+    pub unfolding: Unfolding,
+    pub input_grad: InputGrad,
+    /// Images per weight-gradient group: at most 8 groups, fixed by the batch size,
+    /// each summing its images' gradients into its own buffer; the buffers are then
+    /// added in order, so the sum's order never depends on the threads.
+    pub weight_grad_group: usize,
+    /// Images whose unfolded matrices share one weight-gradient GEMM within a group.
+    pub weight_grad_images: usize,
+}
+
+impl Plan {
+    pub(super) fn new(p: &Conv2dParams) -> Self {
+        let images = images_per_gemm(p);
+        let forward = if p.col_rows() <= SMALL_K {
+            // Few unfolded rows (a first layer on one or three channels, 3×3): a GEMM with
+            // a tiny inner dimension spends its time packing. 64x1x28x28->16 k3p1
+            // forward: 2.5 -> 1.7 ms over the former row-wise direct kernel, and with
+            // FMA intrinsics 0.98x -> 1.52-1.62x PyTorch 2.15's speed. The bound 32 is
+            // the micro-kernel's register block, not a measured crossover.
+            Forward::SmallK
+        } else if images > 1 {
+            Forward::SharedGemm { images }
+        } else if p.is_pointwise() {
+            Forward::Pointwise
+        } else {
+            Forward::TiledIm2col { rows: tile_rows(p) }
+        };
+        let unfolding = if p.padding == (0, 0) {
+            Unfolding::Unpadded
+        } else if unfolds_padded(p) {
+            Unfolding::PaddedCopy
+        } else {
+            Unfolding::BoundsTested
+        };
+        let input_grad = match transposed_params(p) {
+            Some(transposed) => InputGrad::Transposed(transposed),
+            None => InputGrad::GemmFold,
+        };
+        let weight_grad_group = crate::parallel::chunk_len(p.batch, 1, 8);
+        Plan {
+            forward,
+            unfolding,
+            input_grad,
+            weight_grad_group,
+            weight_grad_images: images.min(weight_grad_group),
+        }
+    }
+}
+
+/// Output rows per im2col tile: the unfolded tile stays within about 256 KiB (L2-sized),
+/// so the GEMM reads it from cache (2d18151; the size was not tuned by measurement).
+fn tile_rows(p: &Conv2dParams) -> usize {
+    const TILE_BYTES: usize = 256 * 1024;
+    let row_bytes = p.col_rows() * p.out_w * std::mem::size_of::<f32>();
+    (TILE_BYTES / row_bytes.max(1)).clamp(1, p.out_h)
+}
+
+/// Images unfolded side by side into one GEMM, so that its n (images × pixels) reaches
+/// about 512 columns: measured, a 7×7 image (49 columns) alone runs the GEMM 1.1-1.2×
+/// slower than eight side by side, while 14×14 images (196) gain nothing from more than
+/// two and lose ~10% at eight (the block leaves the L2 cache). At least eight blocks
+/// remain for the threads. 1 for pointwise convolutions and large images (tiled by rows
+/// instead). With the padded copy: 64x16x14x14->32 forward 1.11x, backward 1.02x
+/// PyTorch 2.15's speed (4121f25).
+fn images_per_gemm(p: &Conv2dParams) -> usize {
+    const TARGET_COLUMNS: usize = 512;
+    const BLOCK_BYTES: usize = 1 << 20;
+    if p.is_pointwise() {
+        return 1;
+    }
+    let columns = TARGET_COLUMNS.min(BLOCK_BYTES / (std::mem::size_of::<f32>() * p.col_rows()));
+    (columns / p.pixels().max(1)).clamp(1, p.batch.div_ceil(8).max(1))
+}
+
+/// Whether images are unfolded through a zero-padded copy: when that copy is no larger
+/// than the unfolded matrix itself (every usual convolution; not a huge padding).
+fn unfolds_padded(p: &Conv2dParams) -> bool {
+    let (hp, wp) = p.padded_size();
+    p.in_channels * hp * wp <= p.col_rows() * p.pixels()
+}
+
+/// The convolution whose forward is the input gradient of `p`, when `p` has stride 1 and
+/// padding at most the dilated kernel's extent d·(k - 1): the output gradient convolved
+/// with the weights transposed (C_in × C_out) and flipped, padded by d·(k - 1) - p, which
+/// gives back H×W. It runs as a forward (unfolded in cache-sized tiles, no fold of a
+/// K×P gradient matrix), which measured faster than GEMM + col2im: backward
+/// 32x64x32x32->64 191 -> 178 ms, 64x16x28x28->16 24.2 -> 21.8 ms (bbf295f).
+fn transposed_params(p: &Conv2dParams) -> Option<Conv2dParams> {
+    let extent = (
+        p.dilation.0 * (p.kernel_h - 1),
+        p.dilation.1 * (p.kernel_w - 1),
+    );
+    if p.stride != (1, 1) || p.padding.0 > extent.0 || p.padding.1 > extent.1 {
+        return None;
+    }
+    Some(Conv2dParams {
+        batch: p.batch,
+        in_channels: p.out_channels,
+        in_h: p.out_h,
+        in_w: p.out_w,
+        out_channels: p.in_channels,
+        kernel_h: p.kernel_h,
+        kernel_w: p.kernel_w,
+        stride: (1, 1),
+        padding: (extent.0 - p.padding.0, extent.1 - p.padding.1),
+        dilation: p.dilation,
+        out_h: p.in_h,
+        out_w: p.in_w,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(input: [usize; 4], weight: [usize; 4], stride: i64, padding: i64) -> Plan {
+        let p = Conv2dParams::new(
+            &input,
+            &weight,
+            (stride, stride),
+            (padding, padding),
+            (1, 1),
+        )
+        .unwrap();
+        Plan::new(&p)
+    }
+
+    #[test]
+    fn lenet_shapes_choose_the_expected_algorithms() {
+        let first = plan([64, 1, 28, 28], [16, 1, 3, 3], 1, 1);
+        assert_eq!(first.forward, Forward::SmallK);
+        assert_eq!(first.unfolding, Unfolding::PaddedCopy);
+        assert!(matches!(first.input_grad, InputGrad::Transposed(_)));
+        let middle = plan([64, 16, 14, 14], [32, 16, 3, 3], 1, 1);
+        assert_eq!(middle.forward, Forward::SharedGemm { images: 2 });
+        assert_eq!(
+            (middle.weight_grad_group, middle.weight_grad_images),
+            (8, 2)
+        );
+        let strided = plan([64, 16, 14, 14], [32, 16, 3, 3], 2, 1);
+        assert_eq!(strided.input_grad, InputGrad::GemmFold);
+        let pointwise = plan([2, 64, 32, 32], [32, 64, 1, 1], 1, 0);
+        assert_eq!(pointwise.forward, Forward::Pointwise);
+        assert_eq!(pointwise.unfolding, Unfolding::Unpadded);
+        let large = plan([2, 64, 40, 40], [8, 64, 3, 3], 1, 1);
+        assert!(matches!(large.forward, Forward::TiledIm2col { rows } if rows < 40));
+        let huge_padding = plan([1, 3, 6, 6], [4, 3, 1, 1], 2, 3);
+        assert_eq!(huge_padding.unfolding, Unfolding::BoundsTested);
+    }
+}
