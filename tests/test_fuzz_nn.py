@@ -433,18 +433,55 @@ def _call_renorm(args):
 
 
 def _check_renorm(result, before):
-    x = as_seen(before["input"])
+    x, gy = as_seen(before["input"]), as_seen(before["grad_output"])
     for name in ("output", "grad_input"):
         assert result[name].dtype == np.float32 and result[name].shape == x.shape, name
         assert np.isfinite(result[name]).all(), name
     layer = result["layer"]
     assert np.isfinite(layer.running_mean).all() and (layer.running_var >= 0).all()
-    if before["r_max"] == 1.0 and before["d_max"] == 0.0 and before["training"]:
-        # Exactly batch norm (from fresh parameters: weight 1, bias 0).
-        y, _, invstd, _, _ = ref.batch_norm(x, None, None, None, None, True,
-                                               before["momentum"], before["eps"])
-        assert_matches(result["output"], y, name="output (r=1, d=0)", terms=x.size,
-                       scale=magnitude(x) * float(np.max(invstd)))
+    channels = x.shape[1]
+    # Fresh parameters (weight 1, bias 0) and running statistics (0, 1), then the warm-up
+    # batch (when drawn) through the reference too.
+    weight, bias = (np.ones(channels), np.zeros(channels)) if before["affine"] else (None, None)
+    running = (np.zeros(channels), np.ones(channels))
+    hyper = {"momentum": before["momentum"], "eps": before["eps"],
+             "r_max": before["r_max"], "d_max": before["d_max"]}
+    seen = 0
+    if before["warm_up"]:
+        running = ref.batch_renorm(as_seen(before["warm_up_batch"]), weight, bias, *running,
+                                   seen, **hyper)[3:]
+        seen = 1
+    if before["training"]:
+        y, r, d, new_mean, new_var = ref.batch_renorm(x, weight, bias, *running, seen,
+                                                      **hyper)
+        grad_input, grad_weight, grad_bias = ref.batch_renorm_backward(
+            gy, x, weight, r, d, before["eps"])
+        invstd = 1.0 / np.sqrt(x.var(axis=ref.stat_axes(x.ndim)) + before["eps"])
+        gain = float(np.max(invstd * r))
+    else:
+        y, mean, invstd, new_mean, new_var = ref.batch_norm(x, weight, bias, *running, False,
+                                                            before["momentum"], before["eps"])
+        grad_input, grad_weight, grad_bias = ref.batch_norm_backward(gy, x, weight, mean,
+                                                                     invstd, False)
+        gain = float(np.max(invstd))
+    terms = x.size
+    # Training: |y| <= |x_hat| r + d; evaluation: (x - running_mean) * invstd.
+    scale = (magnitude(x) * gain + before["d_max"] if before["training"]
+             else (magnitude(x) + magnitude(*running)) * gain)
+    assert_matches(result["output"], y, name="output", terms=terms, scale=scale)
+    backward_scale = magnitude(gy) * gain * (1 + scale) ** 2
+    assert_matches(result["grad_input"], grad_input, name="grad_input", terms=terms,
+                   scale=backward_scale)
+    if before["affine"]:
+        assert_matches(result["grads"]["weight"], grad_weight, name="weight.grad",
+                       terms=terms, scale=magnitude(gy) * (1 + scale))
+        assert_matches(result["grads"]["bias"], grad_bias, name="bias.grad", terms=terms,
+                       scale=magnitude(gy))
+    stats_scale = (magnitude(x) + magnitude(before["warm_up_batch"])) ** 2
+    assert_matches(layer.running_mean, new_mean, name="running_mean", terms=terms,
+                   scale=stats_scale)
+    assert_matches(layer.running_var, new_var, name="running_var", terms=terms,
+                   scale=stats_scale)
 
 
 RENORM_MUTATIONS = (*_counts("num_features"),
@@ -695,9 +732,57 @@ def _call_network(args):
                         random_state=args["seed"])
     model.eval()
     twin.eval()
-    return {"model": model, "output": output, "grad_input": grad,
+    return {"model": model, "twin": twin, "output": output, "grad_input": grad,
             "eval": model(args["input"]), "twin_eval": twin(args["input"]),
             "eval_again": model(args["input"])}
+
+
+def _reference_layer(layer, h):
+    """(expected output, terms summed per output, magnitude scale) of one layer in
+    evaluation mode on the float32 values ``h``, from the plain-NumPy references."""
+    size = magnitude(h)
+    if isinstance(layer, nn.Conv2d):
+        bias = None if layer.bias is None else layer.bias.data
+        expected = ref.conv2d(h, layer.weight.data, bias, layer.stride, layer.padding,
+                              layer.dilation)
+        return expected, layer.weight.data[0].size, size * magnitude(layer.weight.data, bias)
+    if isinstance(layer, nn.Linear):
+        bias = None if layer.bias is None else layer.bias.data
+        expected = ref.linear(h, layer.weight.data, bias)
+        return expected, layer.in_features, size * magnitude(layer.weight.data, bias)
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        weight, bias = ((None, None) if layer.weight is None
+                        else (layer.weight.data, layer.bias.data))
+        expected, _, invstd, _, _ = ref.batch_norm(h, weight, bias, layer.running_mean,
+                                                   layer.running_var, False, 0.1, layer.eps)
+        gain = float(np.max(invstd)) * magnitude(weight)
+        return expected, 1, (size + magnitude(layer.running_mean)) * gain + magnitude(bias)
+    if isinstance(layer, nn.MaxPool2d):
+        return ref.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding)[0], 1, size
+    if isinstance(layer, nn.AvgPool2d):
+        expected = ref.avg_pool2d(h, layer.kernel_size, layer.stride, layer.padding,
+                                  layer.count_include_pad)
+        return expected, layer.kernel_size[0] * layer.kernel_size[1], size
+    if isinstance(layer, nn.Flatten):
+        return h.reshape(len(h), -1), 1, size  # from_spec's Flatten keeps axis 0 only
+    if isinstance(layer, (nn.Dropout, nn.Dropout2d)):
+        return h, 1, size  # the identity in evaluation
+    if isinstance(layer, nn.LeakyReLU):
+        return ref.leaky_relu(h, layer.negative_slope), 1, size
+    elementwise = {nn.ReLU: ref.relu, nn.Sigmoid: ref.sigmoid, nn.Tanh: ref.tanh}
+    return elementwise[type(layer)](h), 1, size
+
+
+def _assert_matches_layer_by_layer(model, x, output, what):
+    """Evaluation of ``model`` on ``x`` agrees, layer by layer, with the references fed
+    the previous layer's float32 output, and chains to ``output`` bit for bit."""
+    h = np.asarray(x, dtype=np.float32)
+    for index, layer in enumerate(model):
+        expected, terms, scale = _reference_layer(layer, as_seen(h))
+        h = layer(h)
+        assert_matches(h, expected, name=f"{what}: layer {index} ({type(layer).__name__})",
+                       terms=terms, scale=scale)
+    assert identical(h, output), f"{what}: the layers chained differ from the model's output"
 
 
 def _check_network(result, before):
@@ -710,9 +795,17 @@ def _check_network(result, before):
     for name, param in result["model"].named_parameters():
         assert np.isfinite(param.grad).all(), name
     assert np.isfinite(result["output"]).all() and np.isfinite(result["eval"]).all()
-    # Evaluation is deterministic, and the same seed builds the same network... whose
-    # running statistics differ after one training forward: compare only reruns.
+    # Evaluation is deterministic, and the same seed builds the same network (parameters;
+    # the model's running statistics moved in its training forward, the twin's did not).
     assert identical(result["eval"], result["eval_again"])
+    model, twin = result["model"], result["twin"]
+    params, twin_params = list(model.named_parameters()), list(twin.named_parameters())
+    assert len(params) == len(twin_params)
+    for (name, param), (twin_name, twin_param) in zip(params, twin_params):
+        assert name == twin_name and identical(param.data, twin_param.data), name
+    x = as_seen(before["input"])
+    _assert_matches_layer_by_layer(model, x, result["eval"], "eval")
+    _assert_matches_layer_by_layer(twin, x, result["twin_eval"], "twin_eval")
 
 
 def _bad_spec(draw, args):
