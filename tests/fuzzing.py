@@ -408,7 +408,7 @@ def alias(first, second):
     """Pass the same buffer for two arguments, one of them updated in place."""
     def mutate(draw, args):
         args[second] = args[first]
-        return ValueError, f"{first}|{second}"
+        return ValueError, second
     return mutate
 
 

@@ -91,8 +91,9 @@ def _counts(arg):
     (refused when the weight would be allocated)."""
     return (value(arg, [0, -1], ValueError),
             value(arg, [1.5, "3", None, True], (TypeError, ValueError)),
-            value(arg, [2**64, HUGE * HUGE], (ValueError, MemoryError),
-                  f"{arg}|weight|num_features"))
+            # KNOWN: Conv2d and Linear refuse a huge count when allocating the weight and
+            # name the weight, not the count (batch norm names num_features).
+            value(arg, [2**64, HUGE * HUGE], (ValueError, MemoryError), f"{arg}|weight"))
 
 
 def _pairs(arg, minimum, optional=False):
@@ -154,7 +155,7 @@ def _channels_mismatch(draw, args):
     shape = list(np.shape(args["input"]))
     shape[1] += draw(st.integers(1, 3), label="extra channels")
     args["input"] = floats(draw, tuple(shape))
-    return ValueError, "input|Conv2d|in_channels|expected a 4-D input"
+    return ValueError, "input"
 
 
 def _input_ndim(names, accepted=()):
@@ -175,7 +176,7 @@ def _input_too_small(draw, args):
     shape[2] = 1
     args["kernel_size"] = (2 * args["padding"][0] + 2, args["kernel_size"][1])
     args["input"] = floats(draw, tuple(shape))
-    return ValueError, "weight|kernel|kernel_size|input"
+    return ValueError, "input"
 
 
 def _common_forward_mutations(names):
@@ -188,7 +189,7 @@ SPECS["Conv2d"] = Spec(
     mutations=(*_counts("in_channels"), *_counts("out_channels"),
                *_pairs("kernel_size", 1), *_pairs("stride", 1), *_pairs("padding", 0),
                *_pairs("dilation", 1), _channels_mismatch, _input_too_small,
-               *_common_forward_mutations("input|Conv2d|expected a 4-D input")))
+               *_common_forward_mutations("input")))
 
 
 # --------------------------------------------------------------------------- Linear
@@ -231,14 +232,14 @@ def _check_linear(result, before):
 def _features_mismatch(draw, args):
     shape = np.shape(args["input"])
     args["input"] = floats(draw, shape[:-1] + (shape[-1] + draw(st.integers(1, 3)),))
-    return ValueError, "input|Linear"
+    return ValueError, "input"
 
 
 SPECS["Linear"] = Spec(
     call=_call, draw=_draw_linear, check=_check_linear, layouts=("input", "grad_output"),
     mutations=(*_counts("in_features"), *_counts("out_features"), _features_mismatch,
                non_real("input"), _grad_output_shape, _backward_without_forward,
-               value("input", [np.float32(1.0), 3.0], ValueError, "input|Linear")))
+               value("input", [np.float32(1.0), 3.0], ValueError, "input")))
 
 
 # --------------------------------------------------------------------------- pooling
@@ -297,7 +298,7 @@ def _pool_padding_over_half(draw, args):
 POOL_MUTATIONS = (*_pairs("kernel_size", 1), *_pairs("stride", 1, optional=True),
                   *_pairs("padding", 0),
                   _pool_padding_over_half,
-                  *_common_forward_mutations("input|Pool2d|expected a 4-D input"))
+                  *_common_forward_mutations("input"))
 
 SPECS["MaxPool2d"] = Spec(call=_call, draw=_draw_pool("max"), check=_check_pool("max"),
                           layouts=("input", "grad_output"), mutations=POOL_MUTATIONS)
@@ -371,7 +372,7 @@ def _single_sample(draw, args):
         args["input"] = floats(draw, (1, args["num_features"], 1, 1))
     elif len(np.shape(args["input"])) == 3:
         args["input"] = floats(draw, (1, args["num_features"], 1))
-    return ValueError, "input|value per channel"
+    return ValueError, "input"
 
 
 def _bn_channels(names):
@@ -395,12 +396,12 @@ SPECS["BatchNorm1d"] = Spec(
     call=_call, draw=_draw_batch_norm((2, 3)), check=_check_batch_norm,
     layouts=("input", "grad_output"),
     mutations=BN_MUTATIONS + (_bn_channels("BatchNorm1d"),
-                              _input_ndim("BatchNorm1d|input", accepted=(2, 3))))
+                              _input_ndim("input", accepted=(2, 3))))
 SPECS["BatchNorm2d"] = Spec(
     call=_call, draw=_draw_batch_norm((4,)), check=_check_batch_norm,
     layouts=("input", "grad_output"),
     mutations=BN_MUTATIONS + (_bn_channels("BatchNorm2d"),
-                              _input_ndim("BatchNorm2d|input")))
+                              _input_ndim("input")))
 
 
 def _draw_renorm(dims):
@@ -499,12 +500,12 @@ SPECS["BatchRenorm1d"] = Spec(
     call=_call_renorm, draw=_draw_renorm((2, 3)), check=_check_renorm,
     layouts=("input", "grad_output"),
     mutations=RENORM_MUTATIONS + (_bn_channels("BatchRenorm1d"),
-                                  _input_ndim("BatchRenorm1d|input", accepted=(2, 3))))
+                                  _input_ndim("input", accepted=(2, 3))))
 SPECS["BatchRenorm2d"] = Spec(
     call=_call_renorm, draw=_draw_renorm((4,)), check=_check_renorm,
     layouts=("input", "grad_output"),
     mutations=RENORM_MUTATIONS + (_bn_channels("BatchRenorm2d"),
-                                  _input_ndim("BatchRenorm2d|input")))
+                                  _input_ndim("input")))
 
 
 # --------------------------------------------------------------------------- dropout
@@ -559,7 +560,7 @@ SPECS["Dropout"] = Spec(call=_call, draw=_draw_dropout(nn.Dropout, (1, 2, 3, 4))
 SPECS["Dropout2d"] = Spec(call=_call, draw=_draw_dropout(nn.Dropout2d, (4,)),
                           check=_check_dropout(maps=True), layouts=("input", "grad_output"),
                           mutations=DROPOUT_MUTATIONS + (
-                              _input_ndim("input|Dropout2d|expected a 4-D input"),))
+                              _input_ndim("input"),))
 
 
 # --------------------------------------------------------------------------- activations
@@ -639,9 +640,9 @@ def _check_flatten(result, before):
 
 def _flatten_axes_out_of_range(draw, args):
     ndim = len(np.shape(args["input"]))
-    args[draw(st.sampled_from(["start_dim", "end_dim"]), label="which")] = draw(
-        st.sampled_from([ndim, ndim + 3, -ndim - 1]), label="axis")
-    return ValueError, "Flatten|axes"
+    which = draw(st.sampled_from(["start_dim", "end_dim"]), label="which")
+    args[which] = draw(st.sampled_from([ndim, ndim + 3, -ndim - 1]), label="axis")
+    return ValueError, which
 
 
 SPECS["Flatten"] = Spec(
@@ -815,7 +816,9 @@ def _bad_spec(draw, args):
     args["spec"] = draw(st.sampled_from(["c", "c0", "fc0", "d1.5", "mp0", "xyz", "c3-",
                                          "c3--relu", "bn bn", "c3k0", "d-0.1", "fc1e3"]),
                         label="spec")
-    return ValueError, "spec|token|c|fc|d|mp|expected"
+    # The message quotes the bad token and the whole spec ("bad token 'c0' (token 1, ...)
+    # in architecture 'c0'"); "spec" itself is the parameter's name, not in the text.
+    return ValueError, "bad token"
 
 
 def _bad_network_shape(draw, args):
@@ -941,8 +944,10 @@ OPTIMIZER_MUTATIONS = (
     value("lr", NON_FINITE + [-1e-3], ValueError, "learning rate"),
     value("lr", NOT_A_NUMBER, TypeError, "learning rate"),
     value("weight_decay", NON_FINITE + [-0.1], ValueError, "weight_decay"),
-    value("given_params", [[], [np.zeros(3)], [1.0], nn.Parameter(np.zeros(2)), None],
-          (ValueError, TypeError), "empty parameter list|Parameter|params|iterable"),
+    value("given_params", [[]], ValueError, "empty parameter list"),  # PyTorch's words
+    value("given_params", [[np.zeros(3)], [1.0]], TypeError,
+          "can only optimize bnrs.nn.Parameter"),
+    value("given_params", [nn.Parameter(np.zeros(2)), None, 3], TypeError, "params"),
     _wrong_grad_shape, _nan_lr_between_steps)
 
 def _nesterov_without_momentum(draw, args):
@@ -969,7 +974,7 @@ for _kind in ("Adam", "AdamW"):
             value("betas", [(1.0, 0.9), (0.9, -0.1), (math.nan, 0.9), (0.9, math.inf)],
                   ValueError, "beta"),
             value("betas", [0.9, (0.9,), (0.1, 0.2, 0.3), ("a", 0.9), None],
-                  (TypeError, ValueError), "betas|beta"),
+                  (TypeError, ValueError), "betas"),
             value("eps", NON_FINITE + [-1.0], ValueError, "epsilon")))
 
 
@@ -1030,7 +1035,7 @@ def _nonfinite_X(draw, args):
     X.flat[draw(st.integers(0, X.size - 1), label="where")] = draw(
         st.sampled_from([np.nan, np.inf, -np.inf, 1e39]), label="value")
     args["X"] = X
-    return ValueError, "X|Input|NaN|infinity"
+    return ValueError, "X"
 
 
 def _bad_y(draw, args):
@@ -1064,7 +1069,7 @@ def _bad_param(name, choices, errors=(ValueError, TypeError), names=None):
 def _predict_wrong_features(draw, args):
     X = np.asarray(args["X"])
     args["X_predict"] = np.zeros((3,) + X.shape[1:-1] + (X.shape[-1] + 1,), np.float32)
-    return ValueError, "X|features|samples of shape"
+    return ValueError, "X"
 
 
 def _non_numeric_X(draw, args):
@@ -1088,8 +1093,7 @@ SPECS["CNNClassifier"] = Spec(
                # scikit-learn's validate_data words these (e.g. a ragged list: "setting an
                # array element with a sequence"; a dict: "float() argument must be ...").
                _predict_before_fit, _non_numeric_X,
-               _bad_param("architecture", ["c0", "xyz", "fc-1", None, 3], names=(
-                   "architecture|spec|token|expected")),
+               _bad_param("architecture", ["c0", "xyz", "fc-1", None, 3]),
                _bad_param("learning_rate", [0.0, -1.0, math.nan, math.inf, "x"]),
                _bad_param("batch_size", [0, -1, 1.5, "8"]),
                _bad_param("max_epochs", [0, -2, 2.5]),
