@@ -202,6 +202,89 @@ def assert_matches(actual, expected, *, name, terms=1, scale=1.0, dtype=np.float
                   atol=FLOAT32_ATOL * scale, dtype=None, name=name)
 
 
+#: float32's unit roundoff: one rounding of x is off by at most UNIT_ROUNDOFF * |x|.
+UNIT_ROUNDOFF = 2.0**-24
+
+
+def as_float32_scalar(value: float) -> float:
+    """A hyper-parameter as the float32 kernels see it."""
+    return float(np.float32(value))
+
+
+def adam_step_bounds(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps,
+                     weight_decay, decoupled, errors=(0.0, 0.0, 0.0)):
+    """Bounds on the float32 rounding error of one Adam step, element-wise, given the
+    bounds ``errors`` already carried by (param, exp_avg, exp_avg_sq).
+
+    Follows the kernel's evaluation order (``rust/src/kernels/optim.rs``), with float64
+    values of its intermediates: every operation adds one rounding of its result
+    (UNIT_ROUNDOFF times its magnitude) to the errors it propagates from its operands
+    (first order; the hyper-parameters are exact float32 values and 1 - beta is exact for
+    beta in [0.5, 1) or 0). The tolerance is this bound times 2 (second-order terms and
+    the float64 reference's own rounding), far below a wrong update's error.
+    Returns the bounds on (param, exp_avg, exp_avg_sq) after the step.
+    """
+    u = UNIT_ROUNDOFF
+    w, g = as_seen(param), as_seen(grad)
+    m, v = as_seen(exp_avg), as_seen(exp_avg_sq)
+    err_w, err_m, err_v = (np.broadcast_to(np.asarray(e, np.float64), w.shape)
+                           for e in errors)
+    if decoupled:
+        decay = 1.0 - lr * weight_decay
+        err_w = abs(decay) * err_w + u * np.abs(w) * (lr * weight_decay + abs(decay)) \
+            + u * np.abs(w * decay)
+        w = w * decay
+        err_g = np.zeros_like(g)
+    else:
+        err_g = weight_decay * err_w + u * np.abs(weight_decay * w)
+        g = g + weight_decay * w
+        err_g = err_g + u * np.abs(g)
+    d = g - m
+    err_d = err_g + err_m + u * np.abs(d)
+    t = d * (1.0 - beta1)
+    err_t = (1.0 - beta1) * err_d + u * np.abs(t)
+    m_new = m + t
+    err_m_new = err_m + err_t + u * np.abs(m_new)
+    q = (1.0 - beta2) * g * g
+    err_q = 2 * (1.0 - beta2) * np.abs(g) * err_g + 2 * u * q
+    r = beta2 * v
+    err_r = beta2 * err_v + u * r
+    v_new = r + q
+    err_v_new = err_r + err_q + u * v_new
+    s = np.sqrt(v_new)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err_s = np.where(s > 0, err_v_new / (2 * s), 0.0)
+    err_s = np.minimum(err_s, np.sqrt(err_v_new)) + u * s
+    bias2_sqrt = np.sqrt(1.0 - beta2**step)
+    denom = s / bias2_sqrt + eps
+    # Division and the float32 rounding of bias2_sqrt, then the addition of eps.
+    err_denom = err_s / bias2_sqrt + 2 * u * s / bias2_sqrt + u * denom
+    ratio = m_new / denom
+    err_ratio = err_m_new / denom + np.abs(ratio) * err_denom / denom + u * np.abs(ratio)
+    step_size = lr / (1.0 - beta1**step)
+    update = step_size * ratio
+    # step_size rounded to float32, then the product, then the subtraction.
+    err_w_new = err_w + step_size * err_ratio + 2 * u * np.abs(update) \
+        + u * np.abs(w - update)
+    return err_w_new, err_m_new, err_v_new
+
+
+def assert_within(actual, expected, bound, *, name):
+    """``actual`` is a float32 array within ``bound`` (element-wise) of ``expected``."""
+    assert isinstance(actual, np.ndarray) and actual.dtype == np.float32, name
+    got = np.asarray(actual, dtype=np.float64)
+    want = np.asarray(expected, dtype=np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
+    error = np.abs(got - want)
+    bad = ~(error <= bound)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} elements differ; first "
+                             f"at {where}: got {got[where]!r}, expected {want[where]!r} "
+                             f"(error {error[where]:.3g}, allowed "
+                             f"{np.broadcast_to(bound, error.shape)[where]:.3g})")
+
+
 def pair_arg(draw, pair):
     """A (h, w) pair as the user may write it: int, tuple, list or NumPy ints."""
     forms = ["tuple", "list", "numpy"] + (["int"] if pair[0] == pair[1] else [])
@@ -325,7 +408,7 @@ def alias(first, second):
     """Pass the same buffer for two arguments, one of them updated in place."""
     def mutate(draw, args):
         args[second] = args[first]
-        return ValueError, f"{first}|{second}"
+        return ValueError, second
     return mutate
 
 

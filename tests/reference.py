@@ -11,6 +11,8 @@ Shapes and conventions follow PyTorch, as ``bnrs.functional`` does: NCHW inputs,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -249,6 +251,57 @@ def batch_norm_backward(gy, x, weight, save_mean, save_invstd, training=True):
     return grad_input, (gy * x_hat).sum(axis=axes), gy.sum(axis=axes)
 
 
+def batch_renorm(x, weight, bias, running_mean, running_var, batches_seen, *, momentum,
+                 eps, r_max, d_max):
+    """Batch renormalisation (Ioffe 2017) of a training batch, as bnrs documents it.
+
+    x̂ = (x − μ_B)/σ_B, r = clip(σ_B/σ, 1/r_max, r_max), d = clip((μ_B − μ)/σ, −d_max,
+    d_max) with σ = sqrt(running_var + eps), y = weight·(x̂·r + d) + bias; r = 1, d = 0
+    while ``batches_seen`` is 0. The running statistics move by the bias-corrected weight
+    momentum / (1 − (1 − momentum)^t) of batch t towards μ_B and the unbiased variance.
+    Returns (y, r, d, new_running_mean, new_running_var).
+    """
+    x = _f64(x)
+    axes = stat_axes(x.ndim)
+    count = x.size // x.shape[1]
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    batch_std = np.sqrt(var + eps)
+    running_mean, running_var = _f64(running_mean), _f64(running_var)
+    running_std = np.sqrt(running_var + eps)
+    if batches_seen == 0:
+        r, d = np.ones_like(mean), np.zeros_like(mean)
+    else:
+        r = np.clip(batch_std / running_std, 1.0 / r_max, r_max)
+        d = np.clip((mean - running_mean) / running_std, -d_max, d_max)
+    x_hat = (x - per_channel(mean, x.ndim)) / per_channel(batch_std, x.ndim)
+    y = x_hat * per_channel(r, x.ndim) + per_channel(d, x.ndim)
+    if weight is not None:
+        y = y * per_channel(_f64(weight), x.ndim) + per_channel(_f64(bias), x.ndim)
+    step = momentum / (1.0 - (1.0 - momentum) ** (batches_seen + 1))
+    new_mean = running_mean + step * (mean - running_mean)
+    new_var = running_var + step * (var * count / (count - 1) - running_var)
+    return y, r, d, new_mean, new_var
+
+
+def batch_renorm_backward(gy, x, weight, r, d, eps):
+    """(grad_input, grad_weight, grad_bias) of :func:`batch_renorm` with r and d held
+    constant (the paper's rule); the parameter gradients are None without weight."""
+    gy, x = _f64(gy), _f64(x)
+    axes = stat_axes(x.ndim)
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    invstd = 1.0 / np.sqrt(var + eps)
+    x_hat = (x - per_channel(mean, x.ndim)) * per_channel(invstd, x.ndim)
+    gamma = 1.0 if weight is None else per_channel(_f64(weight), x.ndim)
+    g = gy * gamma * per_channel(_f64(r), x.ndim)  # dL/dx̂
+    grad_input = per_channel(invstd, x.ndim) * (
+        g - g.mean(axis=axes, keepdims=True)
+        - x_hat * (g * x_hat).mean(axis=axes, keepdims=True))
+    if weight is None:
+        return grad_input, None, None
+    y_hat = x_hat * per_channel(_f64(r), x.ndim) + per_channel(_f64(d), x.ndim)
+    return grad_input, (gy * y_hat).sum(axis=axes), gy.sum(axis=axes)
+
+
 # --------------------------------------------------------------------------- dropout
 
 
@@ -258,6 +311,46 @@ def dropout(x, keep, p):
     Also the backward: the gradient goes through the same mask and scale.
     """
     return _f64(x) * np.asarray(keep, dtype=np.float64) / (1.0 - p)
+
+
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32 with 10 rounds (Salmon et al., SC'11): four uint32 arrays of counter
+    words and a (k0, k1) key in, the four uint32 output words out, element-wise."""
+    c = [np.asarray(word, dtype=np.uint64) & _LOW32 for word in counter]
+    k0, k1 = int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF
+    for _ in range(10):
+        p0 = np.uint64(_PHILOX_M[0]) * c[0]  # below 2**64: no wrap-around
+        p1 = np.uint64(_PHILOX_M[1]) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0), p1 & _LOW32,
+             (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1), p0 & _LOW32]
+        k0, k1 = (k0 + _PHILOX_W[0]) & 0xFFFFFFFF, (k1 + _PHILOX_W[1]) & 0xFFFFFFFF
+    return [word.astype(np.uint32) for word in c]
+
+
+def dropout_mask(n, p, seed):
+    """The keep decisions of units 0..n-1 (bool), as bnrs documents them.
+
+    Units go in groups of 32: unit i (g = i // 32, r = i % 32) takes word r // 8 of the
+    Philox4x32-10 block at counter (8g + r % 8) keyed by the 64-bit seed, and is kept iff
+    that word is below round((1 - p) * 2**32) (capped at 2**32 - 1), with p as float32.
+    """
+    p = float(np.float32(p))
+    if p == 0.0:
+        return np.ones(n, dtype=bool)
+    unit = np.arange(n, dtype=np.uint64)
+    group, within = unit // np.uint64(32), unit % np.uint64(32)
+    block = group * np.uint64(8) + within % np.uint64(8)
+    zeros = np.zeros(n, dtype=np.uint64)
+    words = philox4x32_10((block & _LOW32, block >> np.uint64(32), zeros, zeros),
+                          (seed & 0xFFFFFFFF, seed >> 32))
+    word = np.choose((within // np.uint64(8)).astype(np.intp), words)
+    threshold = min(math.floor((1.0 - p) * 2.0**32 + 0.5), 2**32 - 1)  # round half up
+    return word.astype(np.uint64) < np.uint64(threshold)
 
 
 def dropout2d_keep(map_mask, shape):

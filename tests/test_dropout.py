@@ -1,4 +1,5 @@
-"""Inverted dropout and dropout2d: the formula with bnrs's own mask, statistics, seeding."""
+"""Inverted dropout and dropout2d: the formula with the reference's independent Philox mask,
+statistics, seeding."""
 
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ def _input(rng, shape=SHAPE):
 def test_dropout_is_x_times_mask_over_keep_probability(rng, assert_close, p):
     x = _input(rng)
     y = F.dropout(x, p, training=True, seed=SEED)
-    keep = F.dropout_mask(x.size, p, SEED).reshape(x.shape)
-    assert keep.dtype == np.bool_
+    keep = ref.dropout_mask(x.size, p, SEED).reshape(x.shape)
     assert_close(y, ref.dropout(x, keep, p), name="output")
     assert (y[~keep] == 0).all() and (y[keep] != 0).all()
 
@@ -30,7 +30,7 @@ def test_dropout_is_x_times_mask_over_keep_probability(rng, assert_close, p):
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
 def test_dropout_backward_uses_the_same_mask(rng, assert_close, p):
     gy = _input(rng)
-    keep = F.dropout_mask(gy.size, p, SEED).reshape(gy.shape)
+    keep = ref.dropout_mask(gy.size, p, SEED).reshape(gy.shape)
     assert_close(F.dropout_backward(gy, p, SEED), ref.dropout(gy, keep, p), name="grad_input")
     # Forward and backward of the same (p, seed) zero the same elements.
     x = _input(rng)
@@ -42,12 +42,34 @@ def test_dropout_backward_uses_the_same_mask(rng, assert_close, p):
 def test_dropout2d_drops_whole_maps(rng, assert_close, p):
     x = _input(rng)
     n, c = x.shape[:2]
-    keep = ref.dropout2d_keep(F.dropout_mask(n * c, p, SEED), x.shape)
+    keep = ref.dropout2d_keep(ref.dropout_mask(n * c, p, SEED), x.shape)
     y = F.dropout2d(x, p, training=True, seed=SEED)
     assert_close(y, ref.dropout(x, keep, p), name="output")
     zero_maps = (y == 0).all(axis=(2, 3))
     np.testing.assert_array_equal(zero_maps, ~keep[:, :, 0, 0])
     assert_close(F.dropout2d_backward(x, p, SEED), ref.dropout(x, keep, p), name="grad_input")
+
+
+def test_reference_philox_gives_the_random123_known_answers():
+    # kat_vectors of the Random123 distribution, philox4x32_10: the reference mask's
+    # generator is right on its own, before it is compared with bnrs.
+    for counter, key, expected in [
+            ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+            ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2,
+             (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+            ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+             (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]:
+        words = ref.philox4x32_10([np.array([c], np.uint32) for c in counter], key)
+        assert [int(w[0]) for w in words] == list(expected)
+
+
+@pytest.mark.parametrize("n, p, seed", [(1000, 0.5, SEED), (77, 0.9, 2**64 - 1),
+                                        (100_003, 0.3, 42), (64, 1e-6, 0), (33, 0.999, 5),
+                                        (5, 0.0, 1)])
+def test_dropout_mask_is_the_documented_philox_draw(n, p, seed):
+    keep = F.dropout_mask(n, p, seed)
+    assert keep.dtype == np.bool_ and keep.shape == (n,)
+    np.testing.assert_array_equal(keep, ref.dropout_mask(n, p, seed))
 
 
 @pytest.mark.parametrize("p", [0.05, 0.2, 0.5, 0.9])

@@ -37,11 +37,14 @@ from fuzzing import (
     NON_FINITE,
     NOT_A_NUMBER,
     Spec,
+    adam_step_bounds,
     alias,
     any_layout,
+    as_float32_scalar,
     as_seen,
     assert_matches,
     assert_rejected,
+    assert_within,
     channel_vector,
     floats,
     geometry,
@@ -154,7 +157,7 @@ def _kernel_too_large(draw, args):
     padded = args["input"].shape[2 + axis] + 2 * padding[axis]
     shape[2 + axis] = (padded - 1) // dilation[axis] + 2  # span = d*(k-1)+1 > padded
     args["weight"] = floats(draw, tuple(shape))
-    return ValueError, "weight|kernel"
+    return ValueError, "weight"
 
 
 def _dilation_too_large(draw, args):
@@ -163,13 +166,15 @@ def _dilation_too_large(draw, args):
     if args["weight"].shape[2] == 1 and args["weight"].shape[3] == 1:
         args["weight"] = floats(draw, args["weight"].shape[:2] + (2, 2))
     args["dilation"] = (max(padded) + 1, max(padded) + 1)
-    return ValueError, "weight|kernel|dilation"
+    return ValueError, "dilation"
 
 
 def _huge_padding(draw, args):
     args["padding"] = draw(st.sampled_from([HUGE, (HUGE, 0), (0, 2**62), 10**9]), label="pad")
     # Too large an output, or (on the other axis) a kernel that no longer fits, or (in a
-    # backward) a grad_output that is not of the new output's shape.
+    # backward) a grad_output that is not of the new output's shape. KNOWN: none of these
+    # messages names padding (the conv binding reports the consequence); left to the conv
+    # rework, so this regex still lists the consequences.
     return (MemoryError, ValueError), "output|padding|im2col|weight|kernel|grad_output"
 
 
@@ -187,7 +192,7 @@ SPECS["conv2d"] = Spec(
     draw=_draw_conv, check=_check_conv2d, layouts=("input", "weight", "bias"),
     mutations=(non_real("input"), non_real("weight"), non_real("bias", required=False),
                ndim("input"), ndim("weight"), zero_size("input"), zero_size("weight"),
-               resize("weight", 1, "weight|input"),
+               resize("weight", 1),
                geometry("stride", 1), geometry("padding", 0), geometry("dilation", 1),
                _kernel_too_large, _dilation_too_large, _huge_padding, _bias_length,
                _huge_view("input", lambda a: (HUGE, 1) + a["input"].shape[2:]),
@@ -200,10 +205,12 @@ SPECS["conv2d_backward"] = Spec(
     draw=_draw_conv_finite, check=_check_conv2d_backward,
     layouts=("grad_output", "input", "weight"),
     mutations=(non_real("grad_output"), non_real("input"), non_real("weight"),
-               ndim("grad_output"), ndim("input", "input|grad_output"), ndim("weight"),
-               zero_size("grad_output"), zero_size("input", "input|grad_output"),
+               ndim("grad_output"), ndim("input"), ndim("weight"),
+               zero_size("grad_output"), zero_size("input"),
                resize("grad_output", 1), resize("grad_output", 2), resize("grad_output", 3),
-               resize("weight", 1, "weight|input"),
+               resize("weight", 1),
+               # KNOWN: fewer output channels in weight is reported as a grad_output of
+               # the wrong shape (the binding checks grad_output against weight).
                resize("weight", 0, "grad_output|weight"),
                geometry("stride", 1), geometry("padding", 0), geometry("dilation", 1),
                _kernel_too_large, _huge_padding))
@@ -328,9 +335,13 @@ def _input_shape_mutation(draw, args):
         "huge": ((n, c, HUGE, HUGE), (MemoryError, ValueError)),
         "beyond_int64": ((n, c, 2**64, w), ValueError),
     }
-    shape, error = choices[draw(st.sampled_from(sorted(choices)), label="input_shape")]
-    args["input_shape"] = shape
-    return error, "input_shape|grad_input|grad_output|output|indices|kernel_size|padding"
+    kind = draw(st.sampled_from(sorted(choices)), label="input_shape")
+    args["input_shape"], error = choices[kind]
+    if kind in ("overflow", "huge"):
+        # KNOWN: refused when the gradient is allocated, naming that array (grad_input in
+        # max_pool2d_backward, output in avg_pool2d_backward), not input_shape.
+        return error, "input_shape|grad_input|output"
+    return error, "input_shape"
 
 
 SPECS["max_pool2d"] = Spec(call=_pool_call(F.max_pool2d, with_indices=True),
@@ -353,7 +364,7 @@ def _bad_indices(draw, args):
         return TypeError, "indices"
     if kind == "shape":
         args["indices"] = np.zeros(indices.shape[:-1] + (indices.shape[-1] + 1,), np.int64)
-        return ValueError, "indices|grad_output"
+        return ValueError, "indices"
     bad = indices.copy()
     bad.flat[draw(st.integers(0, bad.size - 1), label="where")] = (
         -1 if kind == "negative" else plane + draw(st.integers(0, 2**40), label="beyond"))
@@ -365,6 +376,8 @@ SPECS["max_pool2d_backward"] = Spec(
     call=lambda a: F.max_pool2d_backward(a["grad_output"], a["indices"], a["input_shape"]),
     draw=_draw_pool, check=_check_max_pool2d_backward,
     layouts=("grad_output", "indices"),
+    # KNOWN: a grad_output of the wrong shape is reported as indices of the wrong shape
+    # (the binding checks indices against grad_output first).
     mutations=(non_real("grad_output"), ndim("grad_output", "grad_output|indices"),
                resize("grad_output", 0, "grad_output|indices"),
                resize("grad_output", 1, "grad_output|indices"),
@@ -376,8 +389,7 @@ SPECS["avg_pool2d_backward"] = Spec(
                                          a["count_include_pad"]),
     draw=_draw_pool, check=_check_avg_pool2d_backward, layouts=("grad_output",),
     mutations=(non_real("grad_output"), ndim("grad_output"),
-               resize("grad_output", 2, "grad_output|input_shape"),
-               resize("grad_output", 1, "grad_output|input_shape"),
+               resize("grad_output", 2), resize("grad_output", 1),
                _input_shape_mutation, geometry("kernel_size", 1),
                geometry("stride", 1, optional=True), geometry("padding", 0),
                _pool_kernel_too_large, _pool_padding_over_half))
@@ -503,7 +515,7 @@ def _one_running_buffer(draw, args):
     which = draw(st.sampled_from(["running_mean", "running_var"]), label="given")
     args["running_mean"] = args["running_var"] = None
     args[which] = np.zeros(channels, np.float32)
-    return ValueError, "running_mean|running_var"
+    return ValueError, "running_var" if which == "running_mean" else "running_mean"
 
 
 def _updating(mutation):
@@ -513,9 +525,8 @@ def _updating(mutation):
         args["training"] = True
         errors, names = _needs_running(mutation)(draw, args)
         x = args["input"]
-        if x.size <= x.shape[1]:
-            # One value per channel is itself invalid in training; either may be reported.
-            names = f"{names}|input"
+        if x.size <= x.shape[1]:  # one value per channel is itself invalid in training
+            args["input"] = np.concatenate([x, x + 1])
         return errors, names
     return mutate
 
@@ -525,14 +536,13 @@ BN_HYPER = (_updating(value("momentum", NON_FINITE, ValueError)),
             value("eps", NON_FINITE + [-1.0, -1e-9], ValueError),
             value("eps", NOT_A_NUMBER, TypeError))
 
-BN_VECTORS = "input|weight|bias|running_mean|running_var"
 _weight = present(resize("weight", 0), weight=channel_vector(np.ones))
 _bias = present(resize("bias", 0), bias=channel_vector(np.zeros))
 
 SPECS["native_batch_norm"] = Spec(
     call=_bn_call, draw=_draw_batch_norm, check=_check_native_batch_norm,
     layouts=("input", "weight", "bias"), inplace=("running_mean", "running_var"),
-    mutations=(non_real("input"), ndim("input", BN_VECTORS, accepted=range(2, 32)),
+    mutations=(non_real("input"), ndim("input", accepted=range(2, 32)),
                zero_size("input"), non_real("weight", required=False),
                non_real("bias", required=False), _weight, _bias,
                _needs_running(resize("running_mean", 0)),
@@ -546,7 +556,7 @@ SPECS["batch_norm"] = Spec(
                                 a["bias"], a["training"], a["momentum"], a["eps"]),
     draw=_draw_batch_norm, check=_check_batch_norm,
     layouts=("input", "weight", "bias"), inplace=("running_mean", "running_var"),
-    mutations=(non_real("input"), ndim("input", BN_VECTORS, accepted=range(2, 32)),
+    mutations=(non_real("input"), ndim("input", accepted=range(2, 32)),
                zero_size("input"), _weight,
                _needs_running(inplace("running_mean")), _needs_running(inplace("running_var")),
                _needs_running(resize("running_var", 0))) + BN_HYPER)
@@ -559,11 +569,10 @@ SPECS["batch_norm_backward"] = Spec(
     layouts=("grad_output", "input", "weight", "save_mean", "save_invstd"),
     mutations=(non_real("grad_output"), non_real("input"), non_real("save_mean"),
                non_real("save_invstd"),
-               ndim("input", "input|grad_output|weight|save_mean|save_invstd",
-                    accepted=range(2, 32)),
-               resize("grad_output", 0), resize("grad_output", 1, "grad_output|input"),
+               ndim("input", accepted=range(2, 32)),
+               resize("grad_output", 0), resize("grad_output", 1),
                resize("save_mean", 0), resize("save_invstd", 0), _weight,
-               zero_size("input", "input|grad_output")))
+               zero_size("input")))
 
 
 # --------------------------------------------------------------------------- dropout
@@ -592,11 +601,12 @@ def _check_dropout(maps: bool, backward: bool = False):
         if (not before["training"] and not backward) or before["p"] == 0.0:
             assert_matches(result, x, name="output")
             return
+        # The mask from the reference's own Philox, not from bnrs's dropout_mask.
         if maps:
-            keep = ref.dropout2d_keep(F.dropout_mask(x.shape[0] * x.shape[1], before["p"],
-                                                     before["seed"]), x.shape)
+            keep = ref.dropout2d_keep(ref.dropout_mask(x.shape[0] * x.shape[1], before["p"],
+                                                       before["seed"]), x.shape)
         else:
-            keep = F.dropout_mask(x.size, before["p"], before["seed"]).reshape(x.shape)
+            keep = ref.dropout_mask(x.size, before["p"], before["seed"]).reshape(x.shape)
         expected = ref.dropout(x, keep, before["p"])  # as PyTorch: a dropped NaN stays NaN
         assert_matches(result, expected, name="output", scale=magnitude(x) / (1 - before["p"]))
     return check
@@ -605,10 +615,7 @@ def _check_dropout(maps: bool, backward: bool = False):
 def _check_dropout_mask(result, before):
     n, p = before["n"], before["p"]
     assert result.dtype == bool and result.shape == (n,)
-    longer = F.dropout_mask(n + 7, p, before["seed"])
-    np.testing.assert_array_equal(result, longer[:n])
-    if p == 0.0:
-        assert result.all()
+    np.testing.assert_array_equal(result, ref.dropout_mask(n, p, before["seed"]))
 
 
 DROPOUT_MUTATIONS = (non_real("input"), value("p", [1.0, -0.1, 1.5] + NON_FINITE, ValueError),
@@ -693,7 +700,7 @@ SPECS["linear"] = Spec(
     draw=_draw_linear, check=_check_linear, layouts=("input", "weight", "bias"),
     mutations=(non_real("input"), non_real("weight"), non_real("bias", required=False),
                ndim("input"), ndim("weight"), zero_size("input"), zero_size("weight"),
-               resize("weight", 1, "weight|input"), _bias_length,
+               resize("weight", 1), _bias_length,
                _huge_view("weight", lambda a: (HUGE, a["weight"].shape[1])),
                _huge_view("input", lambda a: (HUGE, a["input"].shape[1]))))
 
@@ -703,9 +710,9 @@ SPECS["linear_backward"] = Spec(
     draw=_draw_linear_finite, check=_check_linear_backward,
     layouts=("grad_output", "input", "weight"),
     mutations=(non_real("grad_output"), non_real("input"), non_real("weight"),
-               ndim("grad_output"), ndim("input", "input|grad_output"), ndim("weight"),
+               ndim("grad_output"), ndim("input"), ndim("weight"),
                resize("grad_output", 0), resize("grad_output", 1),
-               resize("weight", 1, "weight|input"), zero_size("input", "input|grad_output")))
+               resize("weight", 1), zero_size("input")))
 
 
 # --------------------------------------------------------------------------- activations
@@ -757,6 +764,8 @@ ACTIVATION_MUTATIONS = (non_real("input"),)
 
 
 def _activation_backward_mutations(saved):
+    # KNOWN: a grad_output of the wrong shape is reported as the saved tensor of the wrong
+    # shape (the binding checks input/output against grad_output).
     return (non_real("grad_output"), non_real("input", names=saved),
             resize_elementwise("grad_output", f"grad_output|{saved}"))
 
@@ -869,12 +878,8 @@ SPECS["log_softmax"] = Spec(call=lambda a: F.log_softmax(a["input"], a["dim"]),
 SPECS["log_softmax_backward"] = Spec(
     call=lambda a: F.log_softmax_backward(a["grad_output"], a["output"], a["dim"]),
     draw=_draw_logits, check=_check_log_softmax_backward, layouts=("grad_output", "output"),
-    # KNOWN BUG (Rust): the binding names a bad ``output`` "input"; accepted here so the
-    # fuzz runs, and test_log_softmax_backward_names_its_output_argument keeps it visible.
-    mutations=(non_real("grad_output"), non_real("output"),
-               ndim("output", "output|grad_output|input"),
-               resize("grad_output", 1, "grad_output|output"),
-               resize("grad_output", 0, "grad_output|output")))
+    mutations=(non_real("grad_output"), non_real("output"), ndim("output"),
+               resize("grad_output", 1), resize("grad_output", 0)))
 SPECS["cross_entropy"] = Spec(call=lambda a: F.cross_entropy(a["input"], a["target"]),
                               draw=_draw_logits, check=_check_cross_entropy,
                               layouts=("input", "target"),
@@ -946,16 +951,19 @@ def _check_sgd(result, before, after):
 
 def _check_adam(result, before, after):
     assert result is None
+    hyper = {key: as_float32_scalar(before[key]) for key in ADAM_KEYS}
     param, exp_avg, exp_avg_sq = ref.adam_step(
         as_seen(before["param"]), as_seen(before["grad"]), as_seen(before["exp_avg"]),
         as_seen(before["exp_avg_sq"]), before["step"], decoupled_weight_decay=before["decoupled"],
-        **{key: before[key] for key in ADAM_KEYS})
-    scale = magnitude(before["param"], before["grad"], before["exp_avg"]) ** 2
-    # The update divides by sqrt(v) + eps: relative, not absolute, float32 error.
-    assert_matches(after["param"], param, name="param",
-                    scale=scale * max(1.0, before["lr"] / max(before["eps"], 1e-8) * 1e-4))
-    assert_matches(after["exp_avg"], exp_avg, name="exp_avg", scale=scale)
-    assert_matches(after["exp_avg_sq"], exp_avg_sq, name="exp_avg_sq", scale=scale)
+        **hyper)
+    # Twice the float32 rounding of the update's terms: a wrong update (halved, a lost
+    # bias correction) is off by far more unless it is below param's own rounding.
+    bounds = adam_step_bounds(before["param"], before["grad"], before["exp_avg"],
+                              before["exp_avg_sq"], before["step"],
+                              decoupled=before["decoupled"], **hyper)
+    for name, expected, bound in zip(("param", "exp_avg", "exp_avg_sq"),
+                                     (param, exp_avg, exp_avg_sq), bounds):
+        assert_within(after[name], expected, 2 * bound, name=name)
 
 
 STEP_HYPER = (value("lr", NON_FINITE + [-0.1], ValueError),

@@ -29,10 +29,13 @@ from fuzzing import (
     NON_FINITE,
     NOT_A_NUMBER,
     Spec,
+    adam_step_bounds,
     any_layout,
+    as_float32_scalar,
     as_seen,
     assert_matches,
     assert_rejected,
+    assert_within,
     floats,
     identical,
     magnitude,
@@ -88,8 +91,9 @@ def _counts(arg):
     (refused when the weight would be allocated)."""
     return (value(arg, [0, -1], ValueError),
             value(arg, [1.5, "3", None, True], (TypeError, ValueError)),
-            value(arg, [2**64, HUGE * HUGE], (ValueError, MemoryError),
-                  f"{arg}|weight|num_features"))
+            # KNOWN: Conv2d and Linear refuse a huge count when allocating the weight and
+            # name the weight, not the count (batch norm names num_features).
+            value(arg, [2**64, HUGE * HUGE], (ValueError, MemoryError), f"{arg}|weight"))
 
 
 def _pairs(arg, minimum, optional=False):
@@ -151,7 +155,7 @@ def _channels_mismatch(draw, args):
     shape = list(np.shape(args["input"]))
     shape[1] += draw(st.integers(1, 3), label="extra channels")
     args["input"] = floats(draw, tuple(shape))
-    return ValueError, "input|Conv2d|in_channels|expected a 4-D input"
+    return ValueError, "input"
 
 
 def _input_ndim(names, accepted=()):
@@ -172,7 +176,7 @@ def _input_too_small(draw, args):
     shape[2] = 1
     args["kernel_size"] = (2 * args["padding"][0] + 2, args["kernel_size"][1])
     args["input"] = floats(draw, tuple(shape))
-    return ValueError, "weight|kernel|kernel_size|input"
+    return ValueError, "input"
 
 
 def _common_forward_mutations(names):
@@ -185,7 +189,7 @@ SPECS["Conv2d"] = Spec(
     mutations=(*_counts("in_channels"), *_counts("out_channels"),
                *_pairs("kernel_size", 1), *_pairs("stride", 1), *_pairs("padding", 0),
                *_pairs("dilation", 1), _channels_mismatch, _input_too_small,
-               *_common_forward_mutations("input|Conv2d|expected a 4-D input")))
+               *_common_forward_mutations("input")))
 
 
 # --------------------------------------------------------------------------- Linear
@@ -228,14 +232,14 @@ def _check_linear(result, before):
 def _features_mismatch(draw, args):
     shape = np.shape(args["input"])
     args["input"] = floats(draw, shape[:-1] + (shape[-1] + draw(st.integers(1, 3)),))
-    return ValueError, "input|Linear"
+    return ValueError, "input"
 
 
 SPECS["Linear"] = Spec(
     call=_call, draw=_draw_linear, check=_check_linear, layouts=("input", "grad_output"),
     mutations=(*_counts("in_features"), *_counts("out_features"), _features_mismatch,
                non_real("input"), _grad_output_shape, _backward_without_forward,
-               value("input", [np.float32(1.0), 3.0], ValueError, "input|Linear")))
+               value("input", [np.float32(1.0), 3.0], ValueError, "input")))
 
 
 # --------------------------------------------------------------------------- pooling
@@ -294,7 +298,7 @@ def _pool_padding_over_half(draw, args):
 POOL_MUTATIONS = (*_pairs("kernel_size", 1), *_pairs("stride", 1, optional=True),
                   *_pairs("padding", 0),
                   _pool_padding_over_half,
-                  *_common_forward_mutations("input|Pool2d|expected a 4-D input"))
+                  *_common_forward_mutations("input"))
 
 SPECS["MaxPool2d"] = Spec(call=_call, draw=_draw_pool("max"), check=_check_pool("max"),
                           layouts=("input", "grad_output"), mutations=POOL_MUTATIONS)
@@ -368,7 +372,7 @@ def _single_sample(draw, args):
         args["input"] = floats(draw, (1, args["num_features"], 1, 1))
     elif len(np.shape(args["input"])) == 3:
         args["input"] = floats(draw, (1, args["num_features"], 1))
-    return ValueError, "input|value per channel"
+    return ValueError, "input"
 
 
 def _bn_channels(names):
@@ -392,12 +396,12 @@ SPECS["BatchNorm1d"] = Spec(
     call=_call, draw=_draw_batch_norm((2, 3)), check=_check_batch_norm,
     layouts=("input", "grad_output"),
     mutations=BN_MUTATIONS + (_bn_channels("BatchNorm1d"),
-                              _input_ndim("BatchNorm1d|input", accepted=(2, 3))))
+                              _input_ndim("input", accepted=(2, 3))))
 SPECS["BatchNorm2d"] = Spec(
     call=_call, draw=_draw_batch_norm((4,)), check=_check_batch_norm,
     layouts=("input", "grad_output"),
     mutations=BN_MUTATIONS + (_bn_channels("BatchNorm2d"),
-                              _input_ndim("BatchNorm2d|input")))
+                              _input_ndim("input")))
 
 
 def _draw_renorm(dims):
@@ -433,18 +437,55 @@ def _call_renorm(args):
 
 
 def _check_renorm(result, before):
-    x = as_seen(before["input"])
+    x, gy = as_seen(before["input"]), as_seen(before["grad_output"])
     for name in ("output", "grad_input"):
         assert result[name].dtype == np.float32 and result[name].shape == x.shape, name
         assert np.isfinite(result[name]).all(), name
     layer = result["layer"]
     assert np.isfinite(layer.running_mean).all() and (layer.running_var >= 0).all()
-    if before["r_max"] == 1.0 and before["d_max"] == 0.0 and before["training"]:
-        # Exactly batch norm (from fresh parameters: weight 1, bias 0).
-        y, _, invstd, _, _ = ref.batch_norm(x, None, None, None, None, True,
-                                               before["momentum"], before["eps"])
-        assert_matches(result["output"], y, name="output (r=1, d=0)", terms=x.size,
-                       scale=magnitude(x) * float(np.max(invstd)))
+    channels = x.shape[1]
+    # Fresh parameters (weight 1, bias 0) and running statistics (0, 1), then the warm-up
+    # batch (when drawn) through the reference too.
+    weight, bias = (np.ones(channels), np.zeros(channels)) if before["affine"] else (None, None)
+    running = (np.zeros(channels), np.ones(channels))
+    hyper = {"momentum": before["momentum"], "eps": before["eps"],
+             "r_max": before["r_max"], "d_max": before["d_max"]}
+    seen = 0
+    if before["warm_up"]:
+        running = ref.batch_renorm(as_seen(before["warm_up_batch"]), weight, bias, *running,
+                                   seen, **hyper)[3:]
+        seen = 1
+    if before["training"]:
+        y, r, d, new_mean, new_var = ref.batch_renorm(x, weight, bias, *running, seen,
+                                                      **hyper)
+        grad_input, grad_weight, grad_bias = ref.batch_renorm_backward(
+            gy, x, weight, r, d, before["eps"])
+        invstd = 1.0 / np.sqrt(x.var(axis=ref.stat_axes(x.ndim)) + before["eps"])
+        gain = float(np.max(invstd * r))
+    else:
+        y, mean, invstd, new_mean, new_var = ref.batch_norm(x, weight, bias, *running, False,
+                                                            before["momentum"], before["eps"])
+        grad_input, grad_weight, grad_bias = ref.batch_norm_backward(gy, x, weight, mean,
+                                                                     invstd, False)
+        gain = float(np.max(invstd))
+    terms = x.size
+    # Training: |y| <= |x_hat| r + d; evaluation: (x - running_mean) * invstd.
+    scale = (magnitude(x) * gain + before["d_max"] if before["training"]
+             else (magnitude(x) + magnitude(*running)) * gain)
+    assert_matches(result["output"], y, name="output", terms=terms, scale=scale)
+    backward_scale = magnitude(gy) * gain * (1 + scale) ** 2
+    assert_matches(result["grad_input"], grad_input, name="grad_input", terms=terms,
+                   scale=backward_scale)
+    if before["affine"]:
+        assert_matches(result["grads"]["weight"], grad_weight, name="weight.grad",
+                       terms=terms, scale=magnitude(gy) * (1 + scale))
+        assert_matches(result["grads"]["bias"], grad_bias, name="bias.grad", terms=terms,
+                       scale=magnitude(gy))
+    stats_scale = (magnitude(x) + magnitude(before["warm_up_batch"])) ** 2
+    assert_matches(layer.running_mean, new_mean, name="running_mean", terms=terms,
+                   scale=stats_scale)
+    assert_matches(layer.running_var, new_var, name="running_var", terms=terms,
+                   scale=stats_scale)
 
 
 RENORM_MUTATIONS = (*_counts("num_features"),
@@ -459,12 +500,12 @@ SPECS["BatchRenorm1d"] = Spec(
     call=_call_renorm, draw=_draw_renorm((2, 3)), check=_check_renorm,
     layouts=("input", "grad_output"),
     mutations=RENORM_MUTATIONS + (_bn_channels("BatchRenorm1d"),
-                                  _input_ndim("BatchRenorm1d|input", accepted=(2, 3))))
+                                  _input_ndim("input", accepted=(2, 3))))
 SPECS["BatchRenorm2d"] = Spec(
     call=_call_renorm, draw=_draw_renorm((4,)), check=_check_renorm,
     layouts=("input", "grad_output"),
     mutations=RENORM_MUTATIONS + (_bn_channels("BatchRenorm2d"),
-                                  _input_ndim("BatchRenorm2d|input")))
+                                  _input_ndim("input")))
 
 
 # --------------------------------------------------------------------------- dropout
@@ -519,7 +560,7 @@ SPECS["Dropout"] = Spec(call=_call, draw=_draw_dropout(nn.Dropout, (1, 2, 3, 4))
 SPECS["Dropout2d"] = Spec(call=_call, draw=_draw_dropout(nn.Dropout2d, (4,)),
                           check=_check_dropout(maps=True), layouts=("input", "grad_output"),
                           mutations=DROPOUT_MUTATIONS + (
-                              _input_ndim("input|Dropout2d|expected a 4-D input"),))
+                              _input_ndim("input"),))
 
 
 # --------------------------------------------------------------------------- activations
@@ -599,9 +640,9 @@ def _check_flatten(result, before):
 
 def _flatten_axes_out_of_range(draw, args):
     ndim = len(np.shape(args["input"]))
-    args[draw(st.sampled_from(["start_dim", "end_dim"]), label="which")] = draw(
-        st.sampled_from([ndim, ndim + 3, -ndim - 1]), label="axis")
-    return ValueError, "Flatten|axes"
+    which = draw(st.sampled_from(["start_dim", "end_dim"]), label="which")
+    args[which] = draw(st.sampled_from([ndim, ndim + 3, -ndim - 1]), label="axis")
+    return ValueError, which
 
 
 SPECS["Flatten"] = Spec(
@@ -695,9 +736,57 @@ def _call_network(args):
                         random_state=args["seed"])
     model.eval()
     twin.eval()
-    return {"model": model, "output": output, "grad_input": grad,
+    return {"model": model, "twin": twin, "output": output, "grad_input": grad,
             "eval": model(args["input"]), "twin_eval": twin(args["input"]),
             "eval_again": model(args["input"])}
+
+
+def _reference_layer(layer, h):
+    """(expected output, terms summed per output, magnitude scale) of one layer in
+    evaluation mode on the float32 values ``h``, from the plain-NumPy references."""
+    size = magnitude(h)
+    if isinstance(layer, nn.Conv2d):
+        bias = None if layer.bias is None else layer.bias.data
+        expected = ref.conv2d(h, layer.weight.data, bias, layer.stride, layer.padding,
+                              layer.dilation)
+        return expected, layer.weight.data[0].size, size * magnitude(layer.weight.data, bias)
+    if isinstance(layer, nn.Linear):
+        bias = None if layer.bias is None else layer.bias.data
+        expected = ref.linear(h, layer.weight.data, bias)
+        return expected, layer.in_features, size * magnitude(layer.weight.data, bias)
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        weight, bias = ((None, None) if layer.weight is None
+                        else (layer.weight.data, layer.bias.data))
+        expected, _, invstd, _, _ = ref.batch_norm(h, weight, bias, layer.running_mean,
+                                                   layer.running_var, False, 0.1, layer.eps)
+        gain = float(np.max(invstd)) * magnitude(weight)
+        return expected, 1, (size + magnitude(layer.running_mean)) * gain + magnitude(bias)
+    if isinstance(layer, nn.MaxPool2d):
+        return ref.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding)[0], 1, size
+    if isinstance(layer, nn.AvgPool2d):
+        expected = ref.avg_pool2d(h, layer.kernel_size, layer.stride, layer.padding,
+                                  layer.count_include_pad)
+        return expected, layer.kernel_size[0] * layer.kernel_size[1], size
+    if isinstance(layer, nn.Flatten):
+        return h.reshape(len(h), -1), 1, size  # from_spec's Flatten keeps axis 0 only
+    if isinstance(layer, (nn.Dropout, nn.Dropout2d)):
+        return h, 1, size  # the identity in evaluation
+    if isinstance(layer, nn.LeakyReLU):
+        return ref.leaky_relu(h, layer.negative_slope), 1, size
+    elementwise = {nn.ReLU: ref.relu, nn.Sigmoid: ref.sigmoid, nn.Tanh: ref.tanh}
+    return elementwise[type(layer)](h), 1, size
+
+
+def _assert_matches_layer_by_layer(model, x, output, what):
+    """Evaluation of ``model`` on ``x`` agrees, layer by layer, with the references fed
+    the previous layer's float32 output, and chains to ``output`` bit for bit."""
+    h = np.asarray(x, dtype=np.float32)
+    for index, layer in enumerate(model):
+        expected, terms, scale = _reference_layer(layer, as_seen(h))
+        h = layer(h)
+        assert_matches(h, expected, name=f"{what}: layer {index} ({type(layer).__name__})",
+                       terms=terms, scale=scale)
+    assert identical(h, output), f"{what}: the layers chained differ from the model's output"
 
 
 def _check_network(result, before):
@@ -710,16 +799,26 @@ def _check_network(result, before):
     for name, param in result["model"].named_parameters():
         assert np.isfinite(param.grad).all(), name
     assert np.isfinite(result["output"]).all() and np.isfinite(result["eval"]).all()
-    # Evaluation is deterministic, and the same seed builds the same network... whose
-    # running statistics differ after one training forward: compare only reruns.
+    # Evaluation is deterministic, and the same seed builds the same network (parameters;
+    # the model's running statistics moved in its training forward, the twin's did not).
     assert identical(result["eval"], result["eval_again"])
+    model, twin = result["model"], result["twin"]
+    params, twin_params = list(model.named_parameters()), list(twin.named_parameters())
+    assert len(params) == len(twin_params)
+    for (name, param), (twin_name, twin_param) in zip(params, twin_params):
+        assert name == twin_name and identical(param.data, twin_param.data), name
+    x = as_seen(before["input"])
+    _assert_matches_layer_by_layer(model, x, result["eval"], "eval")
+    _assert_matches_layer_by_layer(twin, x, result["twin_eval"], "twin_eval")
 
 
 def _bad_spec(draw, args):
     args["spec"] = draw(st.sampled_from(["c", "c0", "fc0", "d1.5", "mp0", "xyz", "c3-",
                                          "c3--relu", "bn bn", "c3k0", "d-0.1", "fc1e3"]),
                         label="spec")
-    return ValueError, "spec|token|c|fc|d|mp|expected"
+    # The message quotes the bad token and the whole spec ("bad token 'c0' (token 1, ...)
+    # in architecture 'c0'"); "spec" itself is the parameter's name, not in the text.
+    return ValueError, "bad token"
 
 
 def _bad_network_shape(draw, args):
@@ -786,11 +885,14 @@ def _call_optimizer(args):
 
 
 def _reference_steps(args):
+    """The float64 reference parameters after the steps and, for Adam, element-wise bounds
+    on the float32 kernels' rounding error (None for SGD)."""
     kind, results = args["kind"], []
     for index, param in enumerate(args["params"]):
         value_ = param.astype(np.float64)
         state = {"momentum_buffer": None, "exp_avg": np.zeros_like(value_),
                  "exp_avg_sq": np.zeros_like(value_)}
+        bounds = (0.0, 0.0, 0.0)
         for step, grads in enumerate(args["grads"], 1):
             grad = grads[index]
             if kind == "SGD":
@@ -799,23 +901,31 @@ def _reference_steps(args):
                     momentum=args["momentum"], dampening=args["dampening"],
                     nesterov=args["nesterov"], weight_decay=args["weight_decay"],
                     first_step=step == 1)
-            else:
-                value_, state["exp_avg"], state["exp_avg_sq"] = ref.adam_step(
-                    value_, grad, state["exp_avg"], state["exp_avg_sq"], step, lr=args["lr"],
-                    beta1=args["betas"][0], beta2=args["betas"][1], eps=args["eps"],
-                    weight_decay=args["weight_decay"],
-                    decoupled_weight_decay=kind == "AdamW")
-        results.append(value_)
+                continue
+            hyper = {"lr": as_float32_scalar(args["lr"]),
+                     "beta1": as_float32_scalar(args["betas"][0]),
+                     "beta2": as_float32_scalar(args["betas"][1]),
+                     "eps": as_float32_scalar(args["eps"]),
+                     "weight_decay": as_float32_scalar(args["weight_decay"])}
+            bounds = adam_step_bounds(value_, grad, state["exp_avg"], state["exp_avg_sq"],
+                                      step, decoupled=kind == "AdamW", errors=bounds, **hyper)
+            value_, state["exp_avg"], state["exp_avg_sq"] = ref.adam_step(
+                value_, grad, state["exp_avg"], state["exp_avg_sq"], step,
+                decoupled_weight_decay=kind == "AdamW", **hyper)
+        results.append((value_, None if kind == "SGD" else bounds[0]))
     return results
 
 
 def _check_optimizer(result, before):
     expected = _reference_steps(before)
     scale = max(magnitude(*before["params"]), magnitude(*[g for s in before["grads"] for g in s]))
-    for index, (got, want) in enumerate(zip(result, expected)):
-        assert_matches(got, want, name=f"param {index}", terms=len(before["grads"]),
-                       scale=scale * (1 + (before.get("lr", 0) / before.get("eps", 1.0)
-                                           if before["kind"] != "SGD" else 0) * 1e-4))
+    for index, (got, (want, bound)) in enumerate(zip(result, expected)):
+        if bound is None:
+            assert_matches(got, want, name=f"param {index}", terms=len(before["grads"]),
+                           scale=scale)
+        else:
+            # Twice the float32 rounding carried through the steps (adam_step_bounds).
+            assert_within(got, want, 2 * bound, name=f"param {index}")
 
 
 def _wrong_grad_shape(draw, args):
@@ -834,8 +944,10 @@ OPTIMIZER_MUTATIONS = (
     value("lr", NON_FINITE + [-1e-3], ValueError, "learning rate"),
     value("lr", NOT_A_NUMBER, TypeError, "learning rate"),
     value("weight_decay", NON_FINITE + [-0.1], ValueError, "weight_decay"),
-    value("given_params", [[], [np.zeros(3)], [1.0], nn.Parameter(np.zeros(2)), None],
-          (ValueError, TypeError), "empty parameter list|Parameter|params|iterable"),
+    value("given_params", [[]], ValueError, "empty parameter list"),  # PyTorch's words
+    value("given_params", [[np.zeros(3)], [1.0]], TypeError,
+          "can only optimize bnrs.nn.Parameter"),
+    value("given_params", [nn.Parameter(np.zeros(2)), None, 3], TypeError, "params"),
     _wrong_grad_shape, _nan_lr_between_steps)
 
 def _nesterov_without_momentum(draw, args):
@@ -862,7 +974,7 @@ for _kind in ("Adam", "AdamW"):
             value("betas", [(1.0, 0.9), (0.9, -0.1), (math.nan, 0.9), (0.9, math.inf)],
                   ValueError, "beta"),
             value("betas", [0.9, (0.9,), (0.1, 0.2, 0.3), ("a", 0.9), None],
-                  (TypeError, ValueError), "betas|beta"),
+                  (TypeError, ValueError), "betas"),
             value("eps", NON_FINITE + [-1.0], ValueError, "epsilon")))
 
 
@@ -923,7 +1035,7 @@ def _nonfinite_X(draw, args):
     X.flat[draw(st.integers(0, X.size - 1), label="where")] = draw(
         st.sampled_from([np.nan, np.inf, -np.inf, 1e39]), label="value")
     args["X"] = X
-    return ValueError, "X|Input|NaN|infinity"
+    return ValueError, "X"
 
 
 def _bad_y(draw, args):
@@ -957,7 +1069,7 @@ def _bad_param(name, choices, errors=(ValueError, TypeError), names=None):
 def _predict_wrong_features(draw, args):
     X = np.asarray(args["X"])
     args["X_predict"] = np.zeros((3,) + X.shape[1:-1] + (X.shape[-1] + 1,), np.float32)
-    return ValueError, "X|features|samples of shape"
+    return ValueError, "X"
 
 
 def _non_numeric_X(draw, args):
@@ -981,8 +1093,7 @@ SPECS["CNNClassifier"] = Spec(
                # scikit-learn's validate_data words these (e.g. a ragged list: "setting an
                # array element with a sequence"; a dict: "float() argument must be ...").
                _predict_before_fit, _non_numeric_X,
-               _bad_param("architecture", ["c0", "xyz", "fc-1", None, 3], names=(
-                   "architecture|spec|token|expected")),
+               _bad_param("architecture", ["c0", "xyz", "fc-1", None, 3]),
                _bad_param("learning_rate", [0.0, -1.0, math.nan, math.inf, "x"]),
                _bad_param("batch_size", [0, -1, 1.5, "8"]),
                _bad_param("max_epochs", [0, -2, 2.5]),

@@ -10,7 +10,7 @@ import pickle
 import bnrs
 import numpy as np
 import pytest
-from bnrs import functional as F
+import reference as ref
 from bnrs import nn, optim
 
 # --------------------------------------------------------------------------- reference
@@ -159,9 +159,10 @@ def ref_elementwise(x, kind, slope=0.01):
 
 
 def ref_dropout(x, p, seed, per_channel=False):
-    """Inverted dropout with the documented mask: ``F.dropout_mask`` of the same seed."""
+    """Inverted dropout with the documented mask (``ref.dropout_mask``, the reference's own
+    Philox) of the same seed."""
     group = x.shape[2] * x.shape[3] if per_channel else 1
-    keep = F.dropout_mask(x.size // group, p, seed)
+    keep = ref.dropout_mask(x.size // group, p, seed)
     scale = np.repeat(keep, group).reshape(x.shape) / (1 - p)
     return x * scale, lambda g: (g * scale, [])
 
@@ -760,11 +761,21 @@ def test_batchnorm_initialisation():
 
 
 def test_every_layer_accepts_a_random_state():
+    x = np.random.default_rng(3).standard_normal((4, 3, 4, 4)).astype(np.float32)
     for make in (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Flatten,
                  lambda **kw: nn.MaxPool2d(2, **kw), lambda **kw: nn.AvgPool2d(2, **kw),
-                 lambda **kw: nn.BatchNorm1d(3, **kw), lambda **kw: nn.Dropout2d(**kw)):
-        make(random_state=0)
-        make(rng=np.random.default_rng(0))
+                 lambda **kw: nn.BatchNorm2d(3, **kw)):
+        # A layer without randomness computes the same whatever seed it was given.
+        expected = make()(x)
+        for layer in (make(random_state=0), make(rng=np.random.default_rng(0))):
+            np.testing.assert_array_equal(layer(x), expected)
+    # Dropout2d draws its masks from it: the same seed, the same masks; another, others.
+    first = nn.Dropout2d(random_state=0)(x)
+    np.testing.assert_array_equal(nn.Dropout2d(random_state=0)(x), first)
+    np.testing.assert_array_equal(nn.Dropout2d(rng=0)(x), first)
+    assert not np.array_equal(nn.Dropout2d(random_state=1)(x), first)
+    with pytest.raises(TypeError, match="rng or random_state"):
+        nn.Dropout2d(rng=0, random_state=0)
 
 
 # --------------------------------------------------------------------------- state dicts

@@ -197,9 +197,12 @@ def test_invalid_hyper_parameters_raise_value_error(make, message):
 def test_invalid_parameter_lists():
     with pytest.raises(ValueError, match="empty parameter list"):
         optim.SGD([], lr=0.1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"^params: .*got a single Parameter"):
         optim.SGD(make_params()[0], lr=0.1)
-    with pytest.raises(TypeError, match="Parameter"):
+    for not_iterable in (None, 3):
+        with pytest.raises(TypeError, match=r"^params: .*got (NoneType|int)$"):
+            optim.SGD(not_iterable, lr=0.1)
+    with pytest.raises(TypeError, match="can only optimize bnrs.nn.Parameter objects"):
         optim.SGD([np.zeros(3, np.float32)], lr=0.1)
     params = make_params()
     with pytest.raises(ValueError, match="more than one parameter group"):

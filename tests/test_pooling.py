@@ -84,6 +84,35 @@ def test_max_ties_keep_the_first_maximum():
     np.testing.assert_array_equal(indices[0, 0], [[0, 1, 3], [6, 7, 9], [18, 19, 21]])
 
 
+@pytest.mark.parametrize("mode", ["functional", "layer (train)", "layer (eval)"])
+def test_tied_window_gradient_goes_to_the_first_maximum_in_row_major_order(mode):
+    """As PyTorch: the whole gradient of a tied window lands on its first maximum (row
+    by row, left to right), the others get none. The positions are written out by hand,
+    not taken from an argmax, so a backward that split the gradient among the ties, or
+    routed it to the last one, fails."""
+    from bnrs import nn
+
+    x = np.zeros((1, 1, 4, 4), dtype=np.float32)
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = x[0, 0, 1, 1] = 5.0  # window (0, 0): three ties
+    x[0, 0, 2, 3] = x[0, 0, 3, 2] = 2.0                  # window (1, 1): two ties
+    gy = np.array([[[[1.0, 2.0], [4.0, 8.0]]]], dtype=np.float32)
+    if mode == "functional":
+        _, indices = F.max_pool2d(x, 2, return_indices=True)
+        grad_input = F.max_pool2d_backward(gy, indices, x.shape)
+    else:
+        layer = nn.MaxPool2d(2)
+        if mode == "layer (eval)":
+            layer.eval()
+        layer(x)
+        grad_input = layer.backward(gy)
+    expected = np.zeros((1, 1, 4, 4), dtype=np.float32)
+    expected[0, 0, 0, 1] = 1.0  # (0, 1) comes before (1, 0) and (1, 1) in row-major order
+    expected[0, 0, 0, 2] = 2.0  # window (0, 1) is all zeros: its first element
+    expected[0, 0, 2, 0] = 4.0  # window (1, 0) likewise
+    expected[0, 0, 2, 3] = 8.0  # (2, 3) before (3, 2)
+    np.testing.assert_array_equal(grad_input, expected)
+
+
 def test_max_padding_is_never_chosen():
     # All inputs negative: a zero-valued padding would win; -inf padding never does.
     x = -1.0 - np.arange(2 * 7 * 9, dtype=np.float32).reshape(1, 2, 7, 9)

@@ -74,7 +74,11 @@ class Optimizer:
         if isinstance(params, Parameter):
             raise TypeError("params: expected an iterable of Parameters (model.parameters()), "
                             "got a single Parameter")
-        groups = list(params)
+        try:
+            groups = list(params)
+        except TypeError:
+            raise TypeError("params: expected an iterable of Parameters (model.parameters()), "
+                            f"got {type(params).__name__}") from None
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
         if not isinstance(groups[0], dict):

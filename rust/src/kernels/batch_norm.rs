@@ -91,10 +91,10 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// out = x·a + b.
-    fn plane_affine(x: &[f32], out: &mut [f32], a: f32, b: f32) {
+    /// out = (x - mean)·a + b.
+    fn plane_normalise(x: &[f32], out: &mut [f32], mean: f32, a: f32, b: f32) {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = v * a + b;
+            *o = (v - mean) * a + b;
         }
     }
 }
@@ -136,11 +136,12 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// out[c] = x[c]·a[c] + b[c], for rows of C values.
-    fn rows_affine(x: &[f32], out: &mut [f32], a: &[f32], b: &[f32]) {
+    /// out[c] = (x[c] - mean[c])·a[c] + b[c], for rows of C values.
+    fn rows_normalise(x: &[f32], out: &mut [f32], mean: &[f32], a: &[f32], b: &[f32]) {
         for (o_row, x_row) in out.chunks_exact_mut(a.len()).zip(x.chunks_exact(a.len())) {
-            for (((o, &v), &aa), &bb) in o_row.iter_mut().zip(x_row).zip(a).zip(b) {
-                *o = v * aa + bb;
+            for ((((o, &v), &m), &aa), &bb) in o_row.iter_mut().zip(x_row).zip(mean).zip(a).zip(b)
+            {
+                *o = (v - m) * aa + bb;
             }
         }
     }
@@ -166,13 +167,24 @@ fn rows_per_chunk(p: &BatchNormParams) -> usize {
     (crate::parallel::ELEMENTWISE_CHUNK / p.channels).max(1)
 }
 
-/// Per channel: y = x·scale[c] + shift[c], over planes in parallel.
-fn apply_affine(p: &BatchNormParams, x: &[f32], y: &mut [f32], scale: &[f32], shift: &[f32]) {
+/// Per channel: y = (x - mean[c])·scale[c] + shift[c], over planes in parallel.
+///
+/// Subtracting the mean first (rather than folding it into the shift, x·scale +
+/// (shift - mean·scale), as PyTorch's CPU kernel does) keeps the rounding relative to
+/// |x - mean| instead of |mean·scale|: a constant channel gives `shift` exactly.
+fn normalise(
+    p: &BatchNormParams,
+    x: &[f32],
+    y: &mut [f32],
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
     if p.spatial == 1 {
         let chunk = rows_per_chunk(p) * p.channels;
         y.par_chunks_mut(chunk)
             .zip(x.par_chunks(chunk))
-            .for_each(|(out, rows)| rows_affine(rows, out, scale, shift));
+            .for_each(|(out, rows)| rows_normalise(rows, out, mean, scale, shift));
         return;
     }
     y.par_chunks_mut(p.spatial)
@@ -184,7 +196,7 @@ fn apply_affine(p: &BatchNormParams, x: &[f32], y: &mut [f32], scale: &[f32], sh
                 return;
             }
             let c = i % p.channels;
-            plane_affine(plane, out, scale[c], shift[c]);
+            plane_normalise(plane, out, mean[c], scale[c], shift[c]);
         });
 }
 
@@ -222,20 +234,18 @@ fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Scale and shift that map x to gamma·(x - mean)·invstd + beta.
+/// Scale gamma·invstd and shift beta of every channel (1 and 0 when not given).
 fn affine_coefficients(
     p: &BatchNormParams,
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
-    mean: &[f32],
     invstd: &[f32],
 ) -> (Vec<f32>, Vec<f32>) {
     (0..p.channels)
         .map(|c| {
             let g = gamma.map_or(1.0, |g| g[c]);
             let b = beta.map_or(0.0, |b| b[c]);
-            let scale = g * invstd[c];
-            (scale, b - mean[c] * scale)
+            (g * invstd[c], b)
         })
         .unzip()
 }
@@ -291,8 +301,8 @@ pub fn forward_train(
             r.var[c] = ((1.0 - m) * f64::from(r.var[c]) + m * var * unbias) as f32;
         }
     }
-    let (scale, shift) = affine_coefficients(p, gamma, beta, save_mean, save_invstd);
-    apply_affine(p, x, y, &scale, &shift);
+    let (scale, shift) = affine_coefficients(p, gamma, beta, save_invstd);
+    normalise(p, x, y, save_mean, &scale, &shift);
     Ok(())
 }
 
@@ -319,8 +329,8 @@ pub fn forward_eval(
         save_mean[c] = running_mean[c];
         save_invstd[c] = (1.0 / (f64::from(running_var[c]) + f64::from(p.eps)).sqrt()) as f32;
     }
-    let (scale, shift) = affine_coefficients(p, gamma, beta, save_mean, save_invstd);
-    apply_affine(p, x, y, &scale, &shift);
+    let (scale, shift) = affine_coefficients(p, gamma, beta, save_invstd);
+    normalise(p, x, y, save_mean, &scale, &shift);
     Ok(())
 }
 
@@ -447,6 +457,60 @@ mod tests {
             assert!(
                 m.abs() < 1e-5 && (v - 1.0).abs() < 1e-4,
                 "channel {c}: {m} {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_constant_channel_far_from_zero_gives_beta_exactly() {
+        // Folded as x·a + (beta - mean·a), |mean·a| ~ 2e7 here and the output was -2, not -1.
+        for shape in [[4usize, 2, 3, 3], [6, 2, 1, 1]] {
+            let p = BatchNormParams::new(&shape, 1e-5).unwrap();
+            let n = p.len();
+            let x: Vec<f32> = (0..n)
+                .map(|i| {
+                    if (i / p.spatial) % 2 == 1 {
+                        -3e4
+                    } else {
+                        i as f32
+                    }
+                })
+                .collect();
+            let (gamma, beta) = ([1.0f32, 2.0], [0.5f32, -1.0]);
+            let (mut y, mut mean, mut invstd) = (vec![0.0; n], vec![0.0; 2], vec![0.0; 2]);
+            forward_train(
+                &p,
+                &x,
+                Some(&gamma),
+                Some(&beta),
+                None,
+                &mut y,
+                &mut mean,
+                &mut invstd,
+            )
+            .unwrap();
+            let channel_1: Vec<f32> = p.channel_planes(&y, 1).flatten().copied().collect();
+            assert!(
+                channel_1.iter().all(|&v| v == -1.0),
+                "{shape:?}: {channel_1:?}"
+            );
+            let (rm, rv) = (vec![-3e4f32; 2], vec![0.0f32; 2]);
+            forward_eval(
+                &p,
+                &x,
+                Some(&gamma),
+                Some(&beta),
+                &rm,
+                &rv,
+                &mut y,
+                &mut mean,
+                &mut invstd,
+            )
+            .unwrap();
+            let channel_1: Vec<f32> = p.channel_planes(&y, 1).flatten().copied().collect();
+            assert!(
+                channel_1.iter().all(|&v| v == -1.0),
+                "{shape:?} eval: {channel_1:?}"
             );
         }
     }
