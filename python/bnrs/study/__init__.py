@@ -15,8 +15,8 @@ Examples
 'supported'
 """
 
-from . import depth  # noqa: F401  (registers question 10)
 from .questions import QUESTIONS, Claim, Question, Variant, question
-from .runner import ResultTable, run
+from .results import ResultTable
+from .runner import run
 
 __all__ = ["QUESTIONS", "Claim", "Question", "ResultTable", "Variant", "question", "run"]
