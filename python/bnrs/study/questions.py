@@ -502,8 +502,6 @@ EPOCH_FRACTION = 0.5
 #: A run whose final training loss exceeds this fraction of ln(classes) did not train.
 STUCK_FRACTION = 0.9
 
-_DEPTH_NORMS = (("plain", "no BN", False), ("bn", "BN", True))
-
 
 def depth_network(depth: int, *, bn: bool, activation: str = "relu", pools: int = 2,
                   conv_dropout: float = 0.0, dense_dropout: float = 0.0,
@@ -547,17 +545,17 @@ def _depth_variants(s: Settings) -> tuple[Variant, ...]:
     pools = 1 if s.profile == SMALL else 2
     variants = []
     for activation, dropout in FAMILIES:
-        for norm, label, bn in _DEPTH_NORMS:
+        for norm, label, sites in _NORMS[:2]:
             group = label + (" + dropout" if dropout else "") + (
                 f", {activation}" if activation != "relu" else "")
             for depth in DEPTHS:
                 architecture = depth_network(
-                    depth, bn=bn, activation=activation, pools=pools,
+                    depth, bn=bool(sites), activation=activation, pools=pools,
                     conv_dropout=s.conv_dropout if dropout else 0.0,
                     dense_dropout=s.dense_dropout if dropout else 0.0,
                     hidden=s.profile.hidden)
-                variants.append(Variant(_depth_variant_name(activation, norm, dropout, depth),
-                                        f"{group}, {depth} conv", architecture,
+                name = _depth_variant_name(activation, norm, dropout, depth)
+                variants.append(Variant(name, f"{group}, {depth} conv", architecture,
                                         group=group, x=depth))
     return tuple(variants)
 

@@ -7,14 +7,23 @@ Per question: a table of every variant (mean and 95% interval over the seeds tha
 diverge, and how many diverged), the verdict on each claim in one sentence, and plots:
 learning curves (train and test accuracy and training loss per epoch), the test accuracy
 of every variant with its interval, and for sweeps (batch size, learning rate, initial
-scale) the accuracy against the factor with and without BN. Plots need matplotlib (the
-``plot`` extra); without it the report says so and has everything else.
+scale) the accuracy against the factor with and without BN. Question 10 also gets where
+each variant stops training and accuracy and training loss against depth; questions 7-10
+the per-layer gradient diagnostics (each run's ``curves["layers"]``, recorded by
+:func:`bnrs.diagnostics.run_recorder`). Plots need matplotlib (the ``plot`` extra; they
+are drawn by :mod:`bnrs.study.plots`); without it the report says so and has everything
+else.
+
+The numbers come from :mod:`bnrs.study.results`; this module formats them.
 """
 
 from __future__ import annotations
 
+import calendar
 import html
 import math
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -151,8 +160,6 @@ class _Document:
 
 def _inline(text: str) -> str:
     """Escape for HTML, and render `code`, **bold**, *italic* and [links](#anchor)."""
-    import re
-
     escaped = html.escape(text, quote=False)
     escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
     escaped = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
@@ -173,8 +180,6 @@ def _run_seconds(run: dict) -> float:
 def _wall_clock(runs: list[dict]) -> str:
     """From the first run's start to the last run's end (including any pause between
     an interrupted study and its resumption)."""
-    import calendar
-
     if not runs:
         return "no runs yet"
     ends = [calendar.timegm(time.strptime(run["finished_at"], "%Y-%m-%dT%H:%M:%SZ"))
@@ -298,8 +303,6 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html("bnrs study report"))
     if progress:
-        import sys
-
         print(f"report: {out / 'report.md'}, {out / 'report.html'}, "
               f"{out / 'results.csv'}", file=sys.stderr)
         for q in questions:

@@ -277,11 +277,9 @@ def _is_stuck(run: dict) -> bool:
 
 
 def runs_by_variant(q: Question, entries, runs) -> dict[str, list[dict]]:
-    by_variant: dict[str, list[dict]] = {v.name: [] for v in q.variants}
-    for question_, variant, _seed, key in entries:
-        if question_ is q and key in runs:
-            by_variant[variant.name].append(runs[key])
-    return by_variant
+    """variant name -> its stored runs (in seed order), for question ``q``."""
+    return {name: list(by_seed.values())
+            for name, by_seed in _runs_of(q, entries, runs).items()}
 
 
 def stopping_depths(q: Question, entries, runs) -> dict[str, dict]:
