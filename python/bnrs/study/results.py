@@ -106,6 +106,9 @@ def _value(run: dict, metric: str) -> float | None:
 
 @dataclass
 class ClaimResult:
+    """The verdict on one claim: the paired differences over seeds (in the metric's own
+    direction, plus - minus), their mean, 95% interval and d_z."""
+
     question: int
     statement: str
     source: str
@@ -181,6 +184,9 @@ def claim_results(q, entries, runs) -> list[ClaimResult]:
 
 @dataclass
 class VariantSummary:
+    """One variant over its seeds: counts, intervals of its metrics (over the seeds
+    that did not diverge) and its mean learning curves."""
+
     name: str
     label: str
     n_ok: int
@@ -198,6 +204,7 @@ class VariantSummary:
 
 
 def variant_summaries(q, entries, runs, n_seeds: int) -> list[VariantSummary]:
+    """The summary of each of ``q``'s variants, in the question's order."""
     by_variant = _runs_of(q, entries, runs)
     summaries = []
     for variant in q.variants:
@@ -245,6 +252,8 @@ def _mean_curves(runs: list[dict]) -> dict:
 
 
 def write_csv(table, path: Path) -> None:
+    """Write the table's rows to ``path``, one column per ``table.columns`` (empty if
+    missing)."""
     columns = list(table.columns)
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
