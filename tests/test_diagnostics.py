@@ -1,5 +1,5 @@
 """Per-layer diagnostics (bnrs.diagnostics), the estimator's record_layer_stats, and
-question 10 of the study (bnrs.study.depth) end to end on a tiny budget.
+question 10 of the study (bnrs.study.questions) end to end on a tiny budget.
 
 Everything uses scikit-learn's 8x8 digits and a few epochs; the file runs in seconds.
 """
@@ -190,27 +190,27 @@ def test_run_recorder_stores_columns(digits):
 
 
 def test_depth_networks_keep_the_head_size():
-    from bnrs.study import depth
+    from bnrs.study import questions
 
     shapes = set()
-    for d in depth.DEPTHS:
+    for d in questions.DEPTHS:
         for pools, side in ((2, 28), (1, 8)):
-            arch = depth.depth_network(d, bn=True, pools=pools, conv_dropout=0.2,
-                                       dense_dropout=0.5, hidden=32)
+            arch = questions.depth_network(d, bn=True, pools=pools, conv_dropout=0.2,
+                                           dense_dropout=0.5, hidden=32)
             model = nn.from_spec(arch, (1, side, side), 10)
             assert sum(isinstance(m, nn.Conv2d) for m in model) == d
             head = next(m for m in model if isinstance(m, nn.Linear))
             shapes.add((side, head.weight.shape))
     assert shapes == {(28, (32, 16 * 7 * 7)), (8, (32, 16 * 4 * 4))}
     with pytest.raises(ValueError):
-        depth.depth_network(1, bn=False, pools=2)
+        questions.depth_network(1, bn=False, pools=2)
 
 
 def test_question_10_end_to_end(tmp_path, monkeypatch):
     """Question 10 on a tiny budget through the study's runner and report."""
-    from bnrs.study import depth, questions, report, runner, storage
+    from bnrs.study import plots, questions, runner, storage
 
-    monkeypatch.setattr(depth, "DEPTHS", (2, 3))
+    monkeypatch.setattr(questions, "DEPTHS", (2, 3))
     table = runner.run(questions=[10], dataset="digits", quick=True, seeds=1, epochs=1,
                        scale=0.2, out=tmp_path, progress=False, n_jobs=1)
     assert 10 in questions.QUESTIONS
@@ -223,7 +223,7 @@ def test_question_10_end_to_end(tmp_path, monkeypatch):
     layers = run["curves"]["layers"]          # initial + 1 epoch, per layer
     assert len(layers["weight_grad_norm"]) == 2
     assert len(layers["activation_std"][1]) == len(layers["kind"]) > 0
-    if report._matplotlib() is not None:
+    if plots.load_pyplot() is not None:
         for name in ("q10-depth.png", "q10-layers.png"):
             assert (tmp_path / "plots" / name).is_file()
             assert f"plots/{name}" in text

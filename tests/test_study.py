@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bnrs.study import questions, report, runner, stats, storage, train
+from bnrs.study import plots, questions, report, results, runner, stats, storage, train
 
 # --------------------------------------------------------------------------- stats
 
@@ -192,7 +192,7 @@ def test_claim_scores_diverged_runs_at_chance():
             key = f"{variant.name}{seed}"
             runs[key] = {"status": status, "metrics": {"test_acc": acc, "chance": 0.1}}
             entries.append((q, variant, seed, key))
-    (result,) = report.claim_results(q, entries, runs)
+    (result,) = results.claim_results(q, entries, runs)
     assert result.differences == pytest.approx([0.7, 0.72, 0.09])
     assert result.diverged == 2 and result.verdict == "inconclusive"
 
@@ -221,7 +221,7 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     assert html.startswith("<!DOCTYPE html>") and "<table>" in html
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(table) and csv_lines[0].startswith("question,variant")
-    if report._matplotlib() is not None:
+    if plots.load_pyplot() is not None:
         assert (tmp_path / "plots" / "q1-curves.png").is_file()
         assert "plots/q1-accuracy.png" in text
 
@@ -250,7 +250,7 @@ def _must_not_train(*args, **kwargs):
 
 
 def test_report_without_matplotlib(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "_matplotlib", lambda: None)
+    monkeypatch.setattr(report, "load_pyplot", lambda: None)
     _study(tmp_path, questions=[1], seeds=1, epochs=1)
     text = (tmp_path / "report.md").read_text()
     assert "not drawn: matplotlib is not installed" in text and "![" not in text

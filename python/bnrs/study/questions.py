@@ -16,6 +16,9 @@ Every network is one template (:func:`network`) on a per-dataset :class:`Profile
 with three BN *sites*: ``conv1`` (between the two convolutions: conv→conv), ``conv2``
 (at the conv→dense transition) and ``fc`` (between the dense layers: dense→dense).
 
+Question 10 (depth) uses plain conv stacks of several depths instead of the template
+(:func:`depth_network`).
+
 Adding a question: write a function ``(settings) -> Question`` and decorate it with
 ``@question(number, key)``; it then runs with ``--questions <number>`` and appears in
 the report (a ``sweep`` gives it an accuracy-versus-factor plot).
@@ -28,7 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 __all__ = [
+    "DEPTHS",
+    "EPOCH_FRACTION",
+    "FAMILIES",
     "QUESTIONS",
+    "STUCK_FRACTION",
+    "WIDTH",
     "Claim",
     "Profile",
     "Question",
@@ -36,6 +44,7 @@ __all__ = [
     "Variant",
     "build_questions",
     "custom_question",
+    "depth_network",
     "network",
     "question",
     "settings_for",
@@ -477,6 +486,144 @@ def _activations(s: Settings) -> Question:
                 Claim("BN helps a tanh network", ("tanh-bn",), ("tanh-plain",),
                       "Ioffe & Szegedy 2015")),
         baseline="sigmoid-plain", **_main_budget(s))
+
+
+# --------------------------------------------------------------------------- question 10
+
+#: Conv layers of question 10's stacks.
+DEPTHS = (2, 4, 8, 12)
+#: (activation, dropout) of the variant families, each with and without BN at every depth.
+FAMILIES = (("relu", False), ("relu", True), ("sigmoid", False))
+#: Channels of every conv layer.
+WIDTH = 16
+#: Question 10 trains for this fraction of the study's epochs (rounded up): it has many
+#: variants, and its deep networks cost up to 3x the template's time per epoch.
+EPOCH_FRACTION = 0.5
+#: A run whose final training loss exceeds this fraction of ln(classes) did not train.
+STUCK_FRACTION = 0.9
+
+
+def depth_network(depth: int, *, bn: bool, activation: str = "relu", pools: int = 2,
+                  conv_dropout: float = 0.0, dense_dropout: float = 0.0,
+                  hidden: int = 128, width: int = WIDTH) -> str:
+    """The architecture string of a ``depth``-conv stack (question 10's networks).
+
+    A plain stack of 3x3 convolutions of constant width (:data:`WIDTH` channels), with
+    max-pooling at fixed points (after convolutions 1 and 2 on 28x28 images, 28 -> 14
+    -> 7; after convolution 1 on 8x8 images, 8 -> 4), so that the classifier head
+    ``fc(hidden)-act-fc(classes)`` has the same size at every depth; the extra
+    convolutions all work at the smallest resolution::
+
+        c16 [bn] act mp2 [d]  c16 [bn] act mp2 [d]  (c16 [bn] act) x (depth - 2)
+        fc(hidden) [bn] act [d]  fc(classes)
+
+    ``pools`` max-poolings follow the first ``pools`` convolutions; conv dropout (if
+    any) follows each pooling, dense dropout the hidden dense layer's activation.
+    """
+    if depth < max(1, pools):
+        raise ValueError(f"depth: expected at least {max(1, pools)} conv layers, got {depth}")
+    block = [f"c{width}"] + (["bn"] if bn else []) + [activation]
+    tokens: list[str] = []
+    for index in range(depth):
+        tokens += block
+        if index < pools:
+            tokens.append("mp2")
+            if conv_dropout:
+                tokens.append(f"d{conv_dropout:g}")
+    tokens += [f"fc{hidden}"] + (["bn"] if bn else []) + [activation]
+    if dense_dropout:
+        tokens.append(f"d{dense_dropout:g}")
+    return "-".join(tokens)
+
+
+def _depth_variant_name(activation: str, norm: str, dropout: bool, depth: int) -> str:
+    prefix = "" if activation == "relu" else f"{activation}-"
+    return f"{prefix}{norm}{'-drop' if dropout else ''}-depth{depth}"
+
+
+def _depth_variants(s: Settings) -> tuple[Variant, ...]:
+    pools = 1 if s.profile == SMALL else 2
+    variants = []
+    for activation, dropout in FAMILIES:
+        for norm, label, sites in _NORMS[:2]:
+            group = label + (" + dropout" if dropout else "") + (
+                f", {activation}" if activation != "relu" else "")
+            for depth in DEPTHS:
+                architecture = depth_network(
+                    depth, bn=bool(sites), activation=activation, pools=pools,
+                    conv_dropout=s.conv_dropout if dropout else 0.0,
+                    dense_dropout=s.dense_dropout if dropout else 0.0,
+                    hidden=s.profile.hidden)
+                name = _depth_variant_name(activation, norm, dropout, depth)
+                variants.append(Variant(name, f"{group}, {depth} conv", architecture,
+                                        group=group, x=depth))
+    return tuple(variants)
+
+
+@question(10, "depth")
+def _depth(s: Settings) -> Question:
+    """Question 10: depth, with and without BN and dropout.
+
+    Two claims practitioners repeat: batch norm lets much deeper networks train (it
+    keeps gradients from vanishing or exploding, above all with saturating activations),
+    and dropout helps more as a network gets deeper. The networks are plain conv stacks
+    with the same classifier head at every depth (:func:`depth_network`).
+
+    Variants: depth in :data:`DEPTHS` x {no BN, BN after every conv and dense layer} x
+    {no dropout, dropout (conv dropout after each pooling and dense dropout, at the
+    study's usual rates: the same dropout at every depth)}, with ReLU; plus sigmoid
+    networks with and without BN and no dropout (the saturating case of the claim). Same
+    optimizer, data, training subset and seeds as the main questions, for half their
+    epochs (:data:`EPOCH_FRACTION`, rounded up; ``--epochs`` sets the main questions'
+    epochs and so halves here too): 24 variants x seeds runs; a 12-layer run takes about
+    4x the time of a 2-layer one (measured on Fashion-MNIST, 4,000 images, 5 epochs).
+
+    A run is *stuck* (did not train) when its training loss after the last epoch is
+    above :data:`STUCK_FRACTION` x ln(classes), or it diverged; a variant *stops
+    training* at the smallest depth at which most of its seeds are stuck
+    (:func:`bnrs.study.results.stopping_depths`).
+    """
+    shallow, deep = DEPTHS[0], DEPTHS[-1]
+    claims = (
+        Claim(f"BN lets deeper networks train: at {deep} conv layers BN beats no BN "
+              "(ReLU)", (f"bn-depth{deep}",), (f"plain-depth{deep}",),
+              "Ioffe & Szegedy 2015; 'BN lets you train much deeper networks'"),
+        Claim(f"BN lets deeper networks train: at {deep} conv layers BN reaches a lower "
+              "training loss (ReLU)", (f"bn-depth{deep}",), (f"plain-depth{deep}",),
+              "Ioffe & Szegedy 2015 (less internal covariate shift, faster training)",
+              metric="final_train_loss", lower_is_better=True),
+        Claim(f"BN lets a deep sigmoid network train: at {deep} conv layers BN beats no "
+              "BN", (f"sigmoid-bn-depth{deep}",), (f"sigmoid-plain-depth{deep}",),
+              "Ioffe & Szegedy 2015 (BN keeps saturating nonlinearities out of "
+              "saturation)"),
+        Claim(f"Dropout helps more as depth grows (no BN): its gain at {deep} conv "
+              f"layers exceeds its gain at {shallow}",
+              (f"plain-drop-depth{deep}", f"plain-depth{shallow}"),
+              (f"plain-depth{deep}", f"plain-drop-depth{shallow}"),
+              "'deeper networks overfit more, so dropout helps them more'"),
+        Claim(f"Dropout helps more as depth grows (with BN): its gain at {deep} conv "
+              f"layers exceeds its gain at {shallow}",
+              (f"bn-drop-depth{deep}", f"bn-depth{shallow}"),
+              (f"bn-depth{deep}", f"bn-drop-depth{shallow}"),
+              "'deeper networks overfit more, so dropout helps them more'"),
+    )
+    pools = "after conv 1" if s.profile == SMALL else "after convs 1 and 2"
+    return Question(
+        10, "depth", f"Depth: {', '.join(map(str, DEPTHS))} conv layers with and without "
+        "BN and dropout (and sigmoid networks)",
+        variants=_depth_variants(s), claims=claims, n_train=s.n_train,
+        epochs=max(1, math.ceil(EPOCH_FRACTION * s.epochs)),
+        sweep=("conv layers (depth)", "linear"), baseline=f"bn-depth{shallow}",
+        note=(f"Plain stacks of 3x3 convolutions, {WIDTH} channels, max-pooling {pools} "
+              f"only, then fc{s.profile.hidden} and the output layer (the same head at "
+              f"every depth). Dropout variants: d{s.conv_dropout:g} after each pooling "
+              f"and d{s.dense_dropout:g} after the hidden dense layer. A run is *stuck* "
+              "(did not train) when its loss on the training sample after the last epoch "
+              f"(evaluation mode) exceeds {STUCK_FRACTION:g} x ln(classes), or it "
+              "diverged; a variant stops training at the smallest "
+              "depth where most seeds are stuck. \"Dropout helps more as depth grows\" "
+              "is the paired difference of dropout's gains: (dropout - none) at the "
+              f"deepest ({deep}) minus (dropout - none) at the shallowest ({shallow})."))
 
 
 def build_questions(settings: Settings, numbers=None) -> list[Question]:

@@ -7,211 +7,54 @@ Per question: a table of every variant (mean and 95% interval over the seeds tha
 diverge, and how many diverged), the verdict on each claim in one sentence, and plots:
 learning curves (train and test accuracy and training loss per epoch), the test accuracy
 of every variant with its interval, and for sweeps (batch size, learning rate, initial
-scale) the accuracy against the factor with and without BN. Plots need matplotlib (the
-``plot`` extra); without it the report says so and has everything else.
+scale) the accuracy against the factor with and without BN. Question 10 also gets where
+each variant stops training and accuracy and training loss against depth; questions 7-10
+the per-layer gradient diagnostics (each run's ``curves["layers"]``, recorded by
+:func:`bnrs.diagnostics.run_recorder`). Plots need matplotlib (the ``plot`` extra; they
+are drawn by :mod:`bnrs.study.plots`); without it the report says so and has everything
+else.
+
+The numbers come from :mod:`bnrs.study.results`; this module formats them.
 """
 
 from __future__ import annotations
 
-import csv
+import calendar
 import html
 import math
+import re
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
-from .depth import report_section
-from .stats import Interval, mean_interval, paired_verdict
+from .. import __version__, diagnostics
+from .plots import (
+    load_pyplot,
+    plot_curves,
+    plot_depth,
+    plot_diagnostics,
+    plot_final,
+    plot_sweep,
+)
+from .questions import STUCK_FRACTION, Question
+from .results import (
+    VariantSummary,
+    claim_results,
+    diagnosed_variants,
+    mean_layers,
+    runs_by_variant,
+    seed_values,
+    stopping_depths,
+    variant_summaries,
+    write_csv,
+)
+from .stats import Interval
 from .train import PROTOCOL
 
-__all__ = ["build_table", "claim_results", "write_report"]
+__all__ = ["write_report"]
 
-_METRIC_NAMES = {"test_acc": "test accuracy", "final_train_loss": "final training loss"}
-
-
-# --------------------------------------------------------------------------- tables
-
-def build_table(entries, runs: dict, questions, out):
-    """The per-(question, variant, seed) rows and the claims' verdicts."""
-    from .runner import ResultTable
-
-    rows = []
-    for q, variant, seed, key in entries:
-        run = runs.get(key)
-        row = {"question": q.number, "variant": variant.name, "label": variant.label,
-               "seed": seed, "status": "missing" if run is None else run["status"],
-               "run_key": key}
-        if run is not None:
-            metrics = run["metrics"]
-            for name in ResultTable.columns:
-                if name in metrics:
-                    row[name] = metrics[name]
-            for name in ("architecture", "batch_size", "lr", "init_scale", "epochs",
-                         "n_train"):
-                row[name] = run["config"][name]
-        rows.append(row)
-    verdicts = [result.as_dict() for q in questions for result in claim_results(q, entries,
-                                                                                runs)]
-    return ResultTable(rows, verdicts, out)
-
-
-def _runs_of(q, entries, runs) -> dict[str, dict[int, dict]]:
-    """variant name -> seed -> stored run, for question ``q``."""
-    by_variant: dict[str, dict[int, dict]] = {v.name: {} for v in q.variants}
-    for question, variant, seed, key in entries:
-        if question is q and key in runs:
-            by_variant[variant.name][seed] = runs[key]
-    return by_variant
-
-
-def _value(run: dict, metric: str) -> float | None:
-    """A run's value for a claim: a diverged run scores chance accuracy (it failed to
-    train); for other metrics it has no value and its seed is left out."""
-    if run["status"] == "diverged":
-        return run["metrics"]["chance"] if metric == "test_acc" else None
-    value = run["metrics"].get(metric)
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-@dataclass
-class ClaimResult:
-    question: int
-    statement: str
-    source: str
-    metric: str
-    verdict: str
-    mean: float
-    low: float
-    high: float
-    d_z: float
-    n_seeds: int
-    diverged: int
-    lower_is_better: bool = False
-    differences: list = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    def effect_text(self) -> str:
-        scale, unit = (100, " points") if self.metric.endswith("acc") else (1, "")
-        sign = -1 if self.lower_is_better else 1
-        if not math.isfinite(self.mean):
-            return "no paired seeds yet"
-        text = f"{sign * scale * self.mean:+.2f}{unit}"
-        if self.lower_is_better:
-            text = f"{sign * scale * self.mean:.3g} lower"
-        if math.isfinite(self.low):
-            low, high = sorted((sign * scale * self.low, sign * scale * self.high))
-            text += (f", 95% CI {low:.3g} to {high:.3g}" if self.lower_is_better
-                     else f", 95% CI {low:+.2f} to {high:+.2f}")
-        if math.isfinite(self.d_z) or math.isinf(self.d_z):
-            text += f", d_z {self.d_z:.2f}"
-        return text + f", {self.n_seeds} seeds"
-
-    def sentence(self) -> str:
-        what = {"supported": "Supported", "contradicted": "Contradicted",
-                "inconclusive": "Inconclusive"}[self.verdict]
-        extra = (f"; {self.diverged} diverged run(s) scored at chance"
-                 if self.diverged and self.metric == "test_acc" else "")
-        metric = _METRIC_NAMES.get(self.metric, self.metric)
-        direction = ("how much lower the expected variant's is" if self.lower_is_better
-                     else "expected variant minus the other")
-        return (f"{what} on this data: \"{self.statement}\" ({metric}, {direction}: "
-                f"{self.effect_text()}{extra}).")
-
-
-def claim_results(q, entries, runs) -> list[ClaimResult]:
-    """The verdict on each of ``q``'s claims from the paired per-seed contrasts."""
-    by_variant = _runs_of(q, entries, runs)
-    results = []
-    for claim in q.claims:
-        names = claim.plus + claim.minus
-        seeds = set.intersection(*(set(by_variant[n]) for n in names)) if names else set()
-        differences, diverged = [], 0
-        for seed in sorted(seeds):
-            chosen = [by_variant[n][seed] for n in names]
-            diverged += sum(run["status"] == "diverged" for run in chosen)
-            values = [_value(run, claim.metric) for run in chosen]
-            if any(v is None for v in values):
-                continue
-            plus = sum(values[:len(claim.plus)])
-            minus = sum(values[len(claim.plus):])
-            differences.append((minus - plus) if claim.lower_is_better else (plus - minus))
-        paired = paired_verdict(differences)
-        # Store the difference in the metric's own direction (plus - minus).
-        sign = -1 if claim.lower_is_better else 1
-        results.append(ClaimResult(
-            q.number, claim.statement, claim.source, claim.metric, paired.verdict,
-            sign * paired.difference.mean, sign * paired.difference.low,
-            sign * paired.difference.high, paired.d_z, paired.difference.n, diverged,
-            claim.lower_is_better, [sign * d for d in differences]))
-    return results
-
-
-@dataclass
-class VariantSummary:
-    name: str
-    label: str
-    n_ok: int
-    n_diverged: int
-    n_missing: int
-    test_acc: Interval
-    final_train_loss: Interval
-    gap: Interval
-    train_acc: Interval
-    epochs_to_target: Interval
-    seconds_to_target: Interval
-    reached: int
-    curves: dict
-    chance: float = math.nan
-
-
-def _summaries(q, entries, runs, n_seeds: int) -> list[VariantSummary]:
-    by_variant = _runs_of(q, entries, runs)
-    summaries = []
-    for variant in q.variants:
-        seed_runs = by_variant[variant.name]
-        ok = [run for run in seed_runs.values() if run["status"] == "ok"]
-
-        def interval(metric, pool=ok):
-            values = [run["metrics"][metric] for run in pool
-                      if run["metrics"].get(metric) is not None
-                      and math.isfinite(run["metrics"][metric])]
-            return mean_interval(values)
-
-        reached = [run for run in ok if run["metrics"].get("epochs_to_target") is not None]
-        summaries.append(VariantSummary(
-            variant.name, variant.label, len(ok), len(seed_runs) - len(ok),
-            n_seeds - len(seed_runs), interval("test_acc"), interval("final_train_loss"),
-            interval("gap"), interval("train_acc"), interval("epochs_to_target", reached),
-            interval("seconds_to_target", reached), len(reached), _mean_curves(ok),
-            next((run["metrics"]["chance"] for run in seed_runs.values()), math.nan)))
-    return summaries
-
-
-def _seed_values(q, entries, runs) -> dict[str, list[tuple[float, str]]]:
-    """variant name -> [(test accuracy, status)] over its stored seeds."""
-    return {name: [(run["metrics"]["test_acc"], run["status"]) for run in by_seed.values()]
-            for name, by_seed in _runs_of(q, entries, runs).items()}
-
-
-def _mean_curves(runs: list[dict]) -> dict:
-    """Per-epoch means over runs (over the runs that reached each epoch)."""
-    if not runs:
-        return {}
-    length = max(len(run["curves"]["epoch"]) for run in runs)
-    curves = {}
-    for key in ("train_loss", "train_acc", "val_acc", "test_acc"):
-        means = []
-        for epoch in range(length):
-            values = [run["curves"][key][epoch] for run in runs
-                      if epoch < len(run["curves"][key])
-                      and math.isfinite(run["curves"][key][epoch])]
-            means.append(sum(values) / len(values) if values else math.nan)
-        curves[key] = means
-    curves["epoch"] = list(range(1, length + 1))
-    return curves
+#: The questions whose report sections get the per-layer gradient diagnostics.
+DIAGNOSED_QUESTIONS = (7, 8, 9, 10)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -317,176 +160,11 @@ class _Document:
 
 def _inline(text: str) -> str:
     """Escape for HTML, and render `code`, **bold**, *italic* and [links](#anchor)."""
-    import re
-
     escaped = html.escape(text, quote=False)
     escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
     escaped = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
     escaped = re.sub(r"(?<![*\w])\*([^*]+)\*(?![*\w])", r"<em>\1</em>", escaped)
     return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', escaped)
-
-
-# --------------------------------------------------------------------------- plots
-
-def _matplotlib():
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plain_log_axis(ax) -> None:
-    """A log y axis labelled with plain numbers (0.3, 1, 2) instead of 10^x."""
-    from matplotlib.ticker import FormatStrFormatter, LogLocator
-
-    ax.set_yscale("log")
-    ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    ax.tick_params(axis="y", which="minor", labelsize=7)
-
-
-def _curve_panels(ax_loss, ax_acc, summaries, colours, labels) -> None:
-    for summary, colour, label in zip(summaries, colours, labels):
-        epochs = summary.curves["epoch"]
-        ax_loss.plot(epochs, summary.curves["train_loss"], color=colour, label=label)
-        ax_acc.plot(epochs, [100 * v for v in summary.curves["train_acc"]], color=colour,
-                    linestyle="--", linewidth=1)
-        ax_acc.plot(epochs, [100 * v for v in summary.curves["test_acc"]], color=colour,
-                    label=label)
-    ax_loss.set(xlabel="epoch", ylabel="training loss (cross-entropy)")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
-    losses = [v for s in summaries for v in s.curves.get("train_loss", [])
-              if math.isfinite(v) and v > 0]
-    if losses and max(losses) / min(losses) > 20:   # e.g. weights x10 at init
-        _plain_log_axis(ax_loss)
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-
-
-def _plot_curves(plt, q, summaries, path: Path) -> None:
-    """Training loss, and test (solid) / training (dashed) accuracy per epoch.
-
-    A sweep gets one column per group (no BN, BN, ...), coloured by the swept value.
-    """
-    if q.sweep:
-        groups: dict[str, list] = {}
-        for variant, summary in zip(q.variants, summaries):
-            if summary.curves:
-                groups.setdefault(variant.group, []).append((variant, summary))
-        fig, axes = plt.subplots(2, len(groups), figsize=(4.6 * len(groups), 7.2),
-                                 squeeze=False, sharey="row")
-        cmap = plt.get_cmap("viridis")
-        for column, (group, members) in enumerate(groups.items()):
-            colours = [cmap(i / max(1, len(members) - 1)) for i in range(len(members))]
-            _curve_panels(axes[0, column], axes[1, column], [m[1] for m in members],
-                          colours, [f"{m[0].x:g}" for m in members])
-            axes[0, column].set_title(group)
-            axes[1, column].legend(title=q.sweep[0].split(" (")[0], fontsize=7,
-                                   title_fontsize=7, loc="lower right")
-        fig.suptitle(f"Q{q.number}: learning curves (mean over seeds that did not diverge); "
-                     "accuracy: test sample solid, training sample dashed")
-    else:
-        shown = [s for s in summaries if s.curves]
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.6))
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        _curve_panels(ax_loss, ax_acc, shown,
-                      [colours[i % len(colours)] for i in range(len(shown))],
-                      [s.label for s in shown])
-        ax_loss.set_title("Training loss (mini-batch mean per epoch)")
-        ax_acc.set_title("Accuracy: test sample (solid), training sample (dashed)")
-        ax_acc.legend(fontsize=8, loc="lower right")
-        fig.suptitle(f"Q{q.number}: learning curves (mean over seeds that did not diverge)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_final(plt, q, summaries, seed_values, path: Path) -> None:
-    """Test accuracy per variant: every seed (grey; diverged: red x at its accuracy),
-    and the mean with its 95% interval over the seeds that did not diverge."""
-    fig, ax = plt.subplots(figsize=(9, 0.42 * len(summaries) + 1.6))
-    labels, lowest = [], 100.0
-    for position, summary in enumerate(reversed(summaries)):
-        labels.append(summary.label + (f"  [{summary.n_diverged} diverged]"
-                                       if summary.n_diverged else ""))
-        for value, status in seed_values.get(summary.name, []):
-            if not math.isfinite(value):
-                continue
-            lowest = min(lowest, 100 * value)
-            ax.plot(100 * value, position + 0.18, "x" if status == "diverged" else ".",
-                    color="red" if status == "diverged" else "0.55", markersize=6)
-        interval = summary.test_acc
-        if interval.n == 0:
-            continue
-        error = 100 * interval.half_width if math.isfinite(interval.low) else 0
-        ax.errorbar(100 * interval.mean, position, xerr=error, fmt="o", color="C0",
-                    capsize=4)
-        lowest = min(lowest, 100 * interval.mean - error)
-    ax.set_yticks(range(len(labels)))
-    ax.set_yticklabels(labels)
-    ax.set_xlim(max(0.0, lowest - 1.0), 100.0 if lowest > 90 else None)
-    ax.set_xlabel("test accuracy (%)")
-    from matplotlib.lines import Line2D
-
-    ax.legend(handles=[
-        Line2D([], [], color="C0", marker="o", label="mean, 95% interval (not diverged)"),
-        Line2D([], [], color="0.55", marker=".", linestyle="", label="one seed"),
-        Line2D([], [], color="red", marker="x", linestyle="", label="a diverged seed")],
-        fontsize=8, loc="best")
-    ax.set_title(f"Q{q.number}: test accuracy per variant")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_sweep(plt, q, summaries, path: Path) -> None:
-    by_name = {s.name: s for s in summaries}
-    groups: dict[str, list] = {}
-    for variant in q.variants:
-        groups.setdefault(variant.group, []).append(variant)
-    fig, ax = plt.subplots(figsize=(8, 4.6))
-    markers = "osD^v"
-    for index, (group, variants) in enumerate(groups.items()):
-        xs, ys, errors = [], [], []
-        for variant in variants:
-            interval = by_name[variant.name].test_acc
-            if interval.n == 0:
-                continue
-            xs.append(variant.x)
-            ys.append(100 * interval.mean)
-            errors.append(100 * interval.half_width if math.isfinite(interval.low) else 0)
-            diverged = by_name[variant.name].n_diverged
-            if diverged:
-                ax.annotate(f"{diverged} div.", (variant.x, 100 * interval.mean),
-                            textcoords="offset points", xytext=(4, -12), fontsize=7)
-        ax.errorbar(xs, ys, yerr=errors, marker=markers[index % len(markers)], capsize=3,
-                    label=group)
-        for variant in variants:   # variants whose every seed diverged
-            summary = by_name[variant.name]
-            if summary.test_acc.n == 0 and summary.n_diverged:
-                ax.plot(variant.x, 100 * summary.chance, marker="x", color="red")
-    low, high = ax.get_ylim()
-    ax.set_ylim(max(low, 0.0), min(high, 100.0))
-    ax.set_xscale(q.sweep[1])
-    ax.set_xlabel(q.sweep[0])
-    ax.set_ylabel("test accuracy (%), mean and 95% interval")
-    ax.set_title(f"Q{q.number}: test accuracy vs {q.sweep[0].split(' (')[0]}")
-    if q.sweep[1] == "log":
-        xs = sorted({v.x for v in q.variants})
-        ax.set_xticks(xs)
-        ax.set_xticklabels([f"{x:g}" for x in xs])
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- writing
@@ -502,8 +180,6 @@ def _run_seconds(run: dict) -> float:
 def _wall_clock(runs: list[dict]) -> str:
     """From the first run's start to the last run's end (including any pause between
     an interrupted study and its resumption)."""
-    import calendar
-
     if not runs:
         return "no runs yet"
     ends = [calendar.timegm(time.strptime(run["finished_at"], "%Y-%m-%dT%H:%M:%SZ"))
@@ -526,21 +202,12 @@ def _question_time(q, entries, runs) -> str:
     return f"Run time: {minutes:.1f} min summed over its {runs_text}."
 
 
-def write_csv(table, path: Path) -> None:
-    columns = list(table.columns)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in table:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-
-
 def write_report(out, questions, settings, data, entries, runs, table, *,
                  progress: bool = True) -> dict:
     """Write report.md, report.html, results.csv and the plots into ``out``."""
     out = Path(out)
     write_csv(table, out / "results.csv")
-    plt = _matplotlib()
+    plt = load_pyplot()
     plot_dir = out / "plots"
     if plt is not None:
         plot_dir.mkdir(exist_ok=True)
@@ -591,7 +258,7 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
     doc.bullets(items)
 
     for q in questions:
-        summaries = _summaries(q, entries, runs, settings.seeds)
+        summaries = variant_summaries(q, entries, runs, settings.seeds)
         doc.heading(2, f"Q{q.number}. {q.title}", anchor=f"q{q.number}")
         for result in results_by_question[q.number]:
             doc.paragraph(result.sentence())
@@ -622,22 +289,20 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
         doc.table(header, rows)
         if plt is not None and any(s.curves for s in summaries):
             names = [f"q{q.number}-curves.png", f"q{q.number}-accuracy.png"]
-            _plot_curves(plt, q, summaries, plot_dir / names[0])
-            _plot_final(plt, q, summaries, _seed_values(q, entries, runs),
-                        plot_dir / names[1])
+            plot_curves(plt, q, summaries, plot_dir / names[0])
+            plot_final(plt, q, summaries, seed_values(q, entries, runs),
+                       plot_dir / names[1])
             if q.sweep:
                 names.append(f"q{q.number}-sweep.png")
-                _plot_sweep(plt, q, summaries, plot_dir / names[2])
+                plot_sweep(plt, q, summaries, plot_dir / names[2])
             for name in names[::-1] if q.sweep else names:
                 doc.image(f"plots/{name}", f"Q{q.number} {name.split('-', 1)[1][:-4]}")
-        report_section(doc, q, entries, runs, plt, plot_dir)   # Q10 depths; Q7-10 gradients
+        _depth_and_diagnostics(doc, q, entries, runs, plt, plot_dir)
 
     _method(doc, settings, data, plt is not None)
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html("bnrs study report"))
     if progress:
-        import sys
-
         print(f"report: {out / 'report.md'}, {out / 'report.html'}, "
               f"{out / 'results.csv'}", file=sys.stderr)
         for q in questions:
@@ -646,6 +311,85 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
                       f"({result.effect_text()})", file=sys.stderr)
     return {"markdown": out / "report.md", "html": out / "report.html",
             "csv": out / "results.csv"}
+
+
+# --------------------------------------------------------------------------- question 10 and diagnostics
+
+def _gradient_ratio_rows(q: Question, entries, runs) -> list[list[str]]:
+    """Per diagnosed variant: first/last weight layer's gradient norm at init and end."""
+    by_variant = runs_by_variant(q, entries, runs)
+    rows = []
+    for variant in diagnosed_variants(q):
+        cells = [variant.label]
+        for moment in (0, -1):
+            columns = mean_layers(by_variant[variant.name], moment)
+            if columns is None:
+                cells += ["–", "–"]
+                continue
+            weights = diagnostics.weight_layer_positions(columns["kind"])
+            first = columns["weight_grad_norm"][weights[0]]
+            last = columns["weight_grad_norm"][weights[-1]]
+            cells += [f"{first:.2g} / {last:.2g}",
+                      f"{first / last:.2g}" if last and math.isfinite(last) else "–"]
+        rows.append(cells)
+    return rows
+
+
+def _stops_text(stops_at, shallowest: int) -> str:
+    if stops_at is None:
+        return "trains at every depth"
+    if stops_at == "?":
+        return "no runs yet"
+    if stops_at == shallowest:
+        return f"does not train even at {shallowest} conv layers"
+    return f"{stops_at} conv layers"
+
+
+def _depth_and_diagnostics(doc, q: Question, entries, runs, plt, plot_dir) -> None:
+    """Add question 10's depth table and plots, and for questions 7-10 the per-layer
+    gradient diagnostics, to the report document ``doc`` (after the question's table).
+
+    ``plt`` is matplotlib.pyplot or None (no plots); ``plot_dir`` the plots directory.
+    """
+    plot_dir = Path(plot_dir)
+    if q.number == 10:
+        groups = stopping_depths(q, entries, runs)
+        depths = sorted({int(v.x) for v in q.variants})
+        header = ["variant"] + [f"{d} conv: stuck" for d in depths] + ["stops training at"]
+        rows = []
+        for group, info in groups.items():
+            cells = [group]
+            for depth in depths:
+                stuck, n = info["stuck"].get(depth, (0, 0))
+                cells.append(f"{stuck}/{n}" if n else "–")
+            cells.append(_stops_text(info["stops_at"], depths[0]))
+            rows.append(cells)
+        doc.paragraph("Where each variant stops training: per depth, the seeds that did "
+                      "not train (diverged, or a loss on the fixed training sample after "
+                      f"the last epoch, in evaluation mode, above {STUCK_FRACTION:g} x "
+                      "ln(classes)); a variant stops at the smallest depth where most "
+                      "seeds did not train.")
+        doc.table(header, rows)
+        if plt is not None and runs:
+            plot_depth(plt, q, entries, runs, plot_dir / f"q{q.number}-depth.png")
+            doc.image(f"plots/q{q.number}-depth.png", f"Q{q.number} depth")
+    if q.number not in DIAGNOSED_QUESTIONS:
+        return
+    rows = _gradient_ratio_rows(q, entries, runs)
+    if all(cell == "–" for row in rows for cell in row[1:]):
+        return
+    doc.paragraph("Gradient diagnostics: the L2 norm of each conv and dense weight's "
+                  "gradient of the mean cross-entropy on a fixed probe of 128 training "
+                  "images (training mode, dropout off), at initialisation and after the "
+                  "last epoch (geometric mean over seeds). A first-to-last ratio far below "
+                  "1 is a vanishing gradient at the input end, far above 1 an exploding "
+                  "one.")
+    doc.table(["variant", "first / last layer's gradient norm, initial",
+               "ratio, initial", "first / last, after training", "ratio, after training"],
+              rows)
+    name = f"q{q.number}-layers.png"
+    if plt is not None and plot_diagnostics(plt, q, entries, runs, plot_dir / name):
+        doc.image(f"plots/{name}", f"Q{q.number} per-layer gradients and activations")
 
 
 def _method(doc: _Document, settings, data, plots: bool) -> None:

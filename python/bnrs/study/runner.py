@@ -34,11 +34,19 @@ from pathlib import Path
 
 from .. import __version__, nn
 from .. import datasets as bnrs_datasets
-from .questions import Question, Settings, build_questions, custom_question, settings_for
+from .questions import (
+    Question,
+    Settings,
+    build_questions,
+    custom_question,
+    settings_for,
+)
+from .report import write_report
+from .results import ResultTable, build_table
 from .storage import ResultStore, run_key
 from .train import RunConfig, train_run
 
-__all__ = ["Job", "ResultTable", "plan", "run", "stored_arguments", "threads_per_job"]
+__all__ = ["Job", "plan", "run", "stored_arguments", "threads_per_job"]
 
 STUDY_FILE = "study.json"
 
@@ -62,45 +70,6 @@ class Job:
     config: RunConfig
     seed: int
     cost: float
-
-
-class ResultTable(list):
-    """The study's results: a list of dicts, one per (question, variant, seed).
-
-    Each row has ``question``, ``variant``, ``label``, ``seed``, ``status``, the metrics
-    (``test_acc``, ``final_train_loss``, ``gap``, ``epochs_to_target``, ...), the
-    configuration (``architecture``, ``batch_size``, ``lr``, ...) and ``run_key``.
-
-    Attributes
-    ----------
-    verdicts : list of dict
-        One per claim: question, statement, verdict, mean difference, interval, d_z.
-    out : Path
-        The output directory (report.md, report.html, results.csv, results.sqlite).
-    """
-
-    columns = ("question", "variant", "label", "seed", "status", "test_acc",
-               "best_epoch", "best_val_acc", "train_acc", "gap", "final_train_loss",
-               "epochs_to_target", "seconds_to_target", "train_seconds", "architecture",
-               "batch_size", "lr", "init_scale", "epochs", "n_train", "run_key")
-
-    def __init__(self, rows=(), verdicts=(), out=None):
-        super().__init__(rows)
-        self.verdicts = list(verdicts)
-        self.out = None if out is None else Path(out)
-
-    def where(self, **conditions) -> ResultTable:
-        """The rows whose fields equal the given values, e.g. ``where(question=1)``."""
-        return ResultTable([row for row in self
-                            if all(row.get(k) == v for k, v in conditions.items())],
-                           self.verdicts, self.out)
-
-    def column(self, name: str) -> list:
-        return [row.get(name) for row in self]
-
-    def __repr__(self) -> str:
-        return (f"ResultTable({len(self)} rows, {len(self.verdicts)} verdicts"
-                + (f", out={str(self.out)!r})" if self.out else ")"))
 
 
 def _cores() -> int:
@@ -393,8 +362,6 @@ def run(questions: Sequence[int] | None = None, dataset: str = "digits", *,
             print(f"\ninterrupted: {len(store.finished_keys(jobs))} of {len(jobs)} runs "
                   "are stored; run the same command again to resume", file=sys.stderr)
     runs = store.get(jobs)
-    from .report import build_table, write_report
-
     table = build_table(entries, runs, question_list, out)
     if report and not interrupted:
         write_report(out, question_list, settings, data, entries, runs, table,
