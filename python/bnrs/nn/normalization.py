@@ -32,9 +32,12 @@ class _PerSampleNorm(Module):
 
     _parameter_names = ("weight", "bias")
 
-    def _init_affine(self, shape: tuple[int, ...], weight: bool, bias: bool) -> None:
-        F.check_fits_in_memory("num_channels", 2 * math.prod(shape),
-                               np.dtype(np.float64).itemsize)
+    def _init_affine(self, name: str, shape: tuple[int, ...], weight: bool,
+                     bias: bool) -> None:
+        """Create ``weight`` (ones) and ``bias`` (zeros) of ``shape``, as asked; ``name``
+        is the argument that sets the shape, for the error when it is too large."""
+        if weight or bias:
+            F.check_fits_in_memory(name, 2 * math.prod(shape), np.dtype(np.float64).itemsize)
         self.weight = Parameter(np.ones(shape)) if weight else None
         self.bias = Parameter(np.zeros(shape)) if bias else None
 
@@ -86,7 +89,7 @@ class GroupNorm(_PerSampleNorm):
                              f"({num_channels})")
         self.eps = _eps(eps)
         self.affine = bool(affine)
-        self._init_affine((self.num_channels,), self.affine, self.affine)
+        self._init_affine("num_channels", (self.num_channels,), self.affine, self.affine)
 
     def _check_shape(self, shape: tuple[int, ...], batched: bool) -> None:
         channel_axis = 1 if batched else 0
@@ -154,7 +157,7 @@ class LayerNorm(_PerSampleNorm):
         self.normalized_shape = tuple(positive_int(d, "normalized_shape") for d in dims)
         self.eps = _eps(eps)
         self.elementwise_affine = bool(elementwise_affine)
-        self._init_affine(self.normalized_shape, self.elementwise_affine,
+        self._init_affine("normalized_shape", self.normalized_shape, self.elementwise_affine,
                           self.elementwise_affine and bool(bias))
 
     def _check_shape(self, shape: tuple[int, ...], batched: bool) -> None:
@@ -234,7 +237,7 @@ class InstanceNorm2d(_PerSampleNorm):
                 "implemented; use track_running_stats=False (PyTorch's default)")
         self.affine = bool(affine)
         self.track_running_stats = False
-        self._init_affine((self.num_features,), self.affine, self.affine)
+        self._init_affine("num_features", (self.num_features,), self.affine, self.affine)
 
     def _check_shape(self, shape: tuple[int, ...], batched: bool) -> None:
         channel_axis = 1 if batched else 0
