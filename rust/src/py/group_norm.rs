@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run, slice, Output};
+use super::{check_shape, run_kernel, slice, Output};
 use crate::kernels::group_norm::{self, GroupNormParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -34,7 +34,7 @@ fn group_norm_forward<'py>(
     let mut mean = Output::new(py, "mean", &stats_shape)?;
     let mut rstd = Output::new(py, "rstd", &stats_shape)?;
     let (y_data, mean_data, rstd_data) = (y.data(), mean.data(), rstd.data());
-    run(py, x.len(), || {
+    run_kernel(py, x.len(), || {
         group_norm::forward(&p, x, gamma, beta, y_data, mean_data, rstd_data)
     })?;
     Ok((y.into_array(), mean.into_array(), rstd.into_array()))
@@ -73,7 +73,7 @@ fn group_norm_backward<'py>(
         gg.as_mut().map(Output::data),
         gb.as_mut().map(Output::data),
     );
-    run(py, x.len(), || {
+    run_kernel(py, x.len(), || {
         group_norm::backward(
             &p, gy, x, gamma, mean_data, rstd_data, gx_data, gg_data, gb_data,
         )
