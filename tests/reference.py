@@ -302,6 +302,90 @@ def batch_renorm_backward(gy, x, weight, r, d, eps):
     return grad_input, (gy * y_hat).sum(axis=axes), gy.sum(axis=axes)
 
 
+# --------------------------------------------------------------------------- group norm
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """PyTorch's group norm: (y, mean, rstd), the statistics of shape (N, num_groups).
+
+    Each (sample, group of C/num_groups consecutive channels) is normalised with its own
+    mean and biased variance, then scaled and shifted per channel.
+    """
+    x = _f64(x)
+    grouped = x.reshape(x.shape[0], num_groups, -1)
+    mean = grouped.mean(axis=2)
+    rstd = 1.0 / np.sqrt(grouped.var(axis=2) + eps)
+    y = ((grouped - mean[:, :, None]) * rstd[:, :, None]).reshape(x.shape)
+    if weight is not None:
+        y = y * per_channel(_f64(weight), x.ndim)
+    if bias is not None:
+        y = y + per_channel(_f64(bias), x.ndim)
+    return y, mean, rstd
+
+
+def group_norm_backward(gy, x, num_groups, weight, mean, rstd):
+    """(grad_input, grad_weight, grad_bias) of :func:`group_norm`; None without weight.
+
+    With x̂ the normalised input and g = gy · gamma, per (sample, group):
+    gx = rstd · (g − mean(g) − x̂ · mean(g · x̂)).
+    """
+    gy, x = _f64(gy), _f64(x)
+    n = x.shape[0]
+    gamma = 1.0 if weight is None else per_channel(_f64(weight), x.ndim)
+    grouped_shape = (n, num_groups, -1)
+    rstd = _f64(rstd).reshape(n, num_groups, 1)
+    x_hat = (x.reshape(grouped_shape) - _f64(mean).reshape(n, num_groups, 1)) * rstd
+    g = (gy * gamma).reshape(grouped_shape)
+    grad_input = rstd * (g - g.mean(axis=2, keepdims=True)
+                         - x_hat * (g * x_hat).mean(axis=2, keepdims=True))
+    grad_input = grad_input.reshape(x.shape)
+    if weight is None:
+        return grad_input, None, None
+    axes = stat_axes(x.ndim)
+    return grad_input, (gy * x_hat.reshape(x.shape)).sum(axis=axes), gy.sum(axis=axes)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """PyTorch's layer norm over the trailing ``normalized_shape`` dimensions, with a
+    per-element affine: (y, mean, rstd), the statistics shaped like PyTorch's (the leading
+    dimensions, then 1 for each normalised one)."""
+    x = _f64(x)
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    rstd = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    y = (x - mean) * rstd
+    if weight is not None:
+        y = y * _f64(weight)
+    if bias is not None:
+        y = y + _f64(bias)
+    return y, mean, rstd
+
+
+def layer_norm_backward(gy, x, normalized_shape, weight, mean, rstd):
+    """(grad_input, grad_weight, grad_bias) of :func:`layer_norm`; None without weight."""
+    gy, x = _f64(gy), _f64(x)
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    lead = tuple(range(x.ndim - len(normalized_shape)))
+    rstd = _f64(rstd)
+    x_hat = (x - _f64(mean)) * rstd
+    g = gy * (1.0 if weight is None else _f64(weight))
+    grad_input = rstd * (g - g.mean(axis=axes, keepdims=True)
+                         - x_hat * (g * x_hat).mean(axis=axes, keepdims=True))
+    if weight is None:
+        return grad_input, None, None
+    return grad_input, (gy * x_hat).sum(axis=lead), gy.sum(axis=lead)
+
+
+def instance_norm(x, weight=None, bias=None, eps=1e-5):
+    """PyTorch's instance norm with the input's statistics: group norm with C groups."""
+    return group_norm(x, np.shape(x)[1], weight, bias, eps)
+
+
+def instance_norm_backward(gy, x, weight, mean, rstd):
+    """(grad_input, grad_weight, grad_bias) of :func:`instance_norm`."""
+    return group_norm_backward(gy, x, np.shape(x)[1], weight, mean, rstd)
+
+
 # --------------------------------------------------------------------------- dropout
 
 

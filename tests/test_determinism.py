@@ -2,7 +2,7 @@
 
 Shapes are large enough for the kernels to split the work between threads. Every kernel must
 give bit-identical results at 1 and 2 threads. Every SIMD level the CPU has (avx2, avx512) is
-compared with the portable scalar path: elementwise kernels, batch-norm statistics, dropout
+compared with the portable scalar path: elementwise kernels, batch-norm statistics, group norm, dropout
 and pooling must be bit-identical; conv2d and linear, whose GEMM blocks and rounds its sums
 by the level's register width (and fuses multiply-adds only with SIMD), within float32
 tolerance. A level the CPU lacks is skipped, with the reason.
@@ -81,6 +81,19 @@ def _batch_norm(shape, training):
     return run
 
 
+def _group_norm(shape, groups):
+    def run():
+        _, normal = _data(9)
+        channels = shape[1]
+        x = normal(*shape) * 2 + 1
+        gamma, beta, gy = normal(channels), normal(channels), normal(*shape)
+        y, mean, rstd = F.native_group_norm(x, groups, gamma, beta)
+        grads = F.group_norm_backward(gy, x, groups, gamma, mean, rstd)
+        return {"output": y, "mean": mean, "rstd": rstd, "grad_input": grads[0],
+                "grad_weight": grads[1], "grad_bias": grads[2]}
+    return run
+
+
 def _pools():
     _, normal = _data(4)
     x, gy = normal(8, 16, 20, 20), normal(8, 16, 10, 10)
@@ -153,6 +166,8 @@ KERNELS = {
                            {"output", "grad_input", "grad_weight", "grad_bias"}, 16 * 14 * 14),
     "batch_norm_1d_train": (_batch_norm((64, 100), True),
                             {"output", "grad_input", "grad_weight", "grad_bias"}, 64),
+    "group_norm_2d": (_group_norm((16, 32, 14, 14), 8), set(), 1),
+    "layer_norm_features": (_group_norm((64, 300), 1), set(), 1),
     "pooling": (_pools, set(), 1),
     "elementwise": (_elementwise, set(), 1),
     "dropout": (_dropout, set(), 1),

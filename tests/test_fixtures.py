@@ -37,6 +37,9 @@ BN_TRAIN_CASES = _cases(lambda key: key.startswith("bn") and key.split(".")[1] =
 BN_EVAL_CASES = _cases(lambda key: key.startswith("bn") and key.split(".")[1] == "eval", 2)
 MAX_POOL_CASES = _cases(lambda key: key.startswith("pool.max."), 3)
 AVG_POOL_CASES = _cases(lambda key: key.startswith("pool.avg."), 3)
+GROUP_NORM_CASES = _cases(lambda key: key.startswith("group_norm."), 2)
+LAYER_NORM_CASES = _cases(lambda key: key.startswith("layer_norm."), 2)
+INSTANCE_NORM_CASES = _cases(lambda key: key.startswith("instance_norm."), 2)
 SINGLE_CASES = ["linear", "cross_entropy", "dropout", "adam", "meta"]
 
 
@@ -59,11 +62,13 @@ def implementation(request, assert_close):
 
 def test_every_fixture_key_belongs_to_a_tested_case():
     tested = (CONV_CASES + BN_TRAIN_CASES + BN_EVAL_CASES + MAX_POOL_CASES + AVG_POOL_CASES
-              + SINGLE_CASES)
+              + GROUP_NORM_CASES + LAYER_NORM_CASES + INSTANCE_NORM_CASES + SINGLE_CASES)
     untested = [key for key in DATA if not any(key.startswith(case + ".") for case in tested)]
     assert not untested
     assert len(CONV_CASES) == 9 and len(BN_TRAIN_CASES) == len(BN_EVAL_CASES) == 4
     assert len(MAX_POOL_CASES) == 4 and len(AVG_POOL_CASES) == 5
+    assert len(GROUP_NORM_CASES) == 6 and len(LAYER_NORM_CASES) == 4
+    assert len(INSTANCE_NORM_CASES) == 3
     assert str(DATA["meta.dtype"]) == "float64"
 
 
@@ -141,6 +146,67 @@ def test_batch_norm_eval(implementation, case):
     close(y, get("y"), name="y")
     for name, grad in zip(["gx", "ggamma", "gbeta"], grads):
         close(grad, get(name), terms=count, name=name)
+
+
+def _check_norm(close, get, y, mean, rstd, grads, terms, affine=True):
+    """Output, statistics and gradients of a group/layer/instance norm case; ``terms`` is
+    the number of values each statistic sums."""
+    close(y, get("y"), terms=terms, name="y")
+    close(mean, get("mean"), terms=terms, name="mean")
+    close(rstd, get("rstd"), terms=terms, name="rstd")
+    close(grads[0], get("gx"), terms=terms, name="gx")
+    if affine:
+        parameter_terms = get("x").size // get("gamma").size
+        close(grads[1], get("ggamma"), terms=parameter_terms, name="ggamma")
+        close(grads[2], get("gbeta"), terms=parameter_terms, name="gbeta")
+    else:
+        assert grads[1] is None and grads[2] is None
+
+
+@pytest.mark.parametrize("case", GROUP_NORM_CASES)
+def test_group_norm(implementation, case):
+    kind, close = implementation
+    get = _get(case)
+    x, gamma, beta, gy = get("x"), get("gamma"), get("beta"), get("gy")
+    groups, eps = int(get("num_groups")), float(get("eps"))
+    if kind == "bnrs":
+        y, mean, rstd = F.native_group_norm(x, groups, gamma, beta, eps)
+        grads = F.group_norm_backward(gy, x, groups, gamma, mean, rstd)
+    else:
+        y, mean, rstd = ref.group_norm(x, groups, gamma, beta, eps)
+        grads = ref.group_norm_backward(gy, x, groups, gamma, mean, rstd)
+    _check_norm(close, get, y, mean, rstd, grads, x.size // x.shape[0] // groups)
+
+
+@pytest.mark.parametrize("case", LAYER_NORM_CASES)
+def test_layer_norm(implementation, case):
+    kind, close = implementation
+    get = _get(case)
+    x, gamma, beta, gy = get("x"), get("gamma"), get("beta"), get("gy")
+    normalized_shape, eps = tuple(int(d) for d in get("normalized_shape")), float(get("eps"))
+    if kind == "bnrs":
+        y, mean, rstd = F.native_layer_norm(x, normalized_shape, gamma, beta, eps)
+        grads = F.layer_norm_backward(gy, x, normalized_shape, gamma, mean, rstd)
+    else:
+        y, mean, rstd = ref.layer_norm(x, normalized_shape, gamma, beta, eps)
+        grads = ref.layer_norm_backward(gy, x, normalized_shape, gamma, mean, rstd)
+    _check_norm(close, get, y, mean, rstd, grads, gamma.size)
+
+
+@pytest.mark.parametrize("case", INSTANCE_NORM_CASES)
+def test_instance_norm(implementation, case):
+    kind, close = implementation
+    get = _get(case)
+    x, gy, eps, affine = get("x"), get("gy"), float(get("eps")), bool(get("affine"))
+    gamma, beta = (get("gamma"), get("beta")) if affine else (None, None)
+    if kind == "bnrs":
+        y, mean, rstd = F.native_instance_norm(x, gamma, beta, eps)
+        np.testing.assert_array_equal(F.instance_norm(x, weight=gamma, bias=beta, eps=eps), y)
+        grads = F.instance_norm_backward(gy, x, gamma, mean, rstd)
+    else:
+        y, mean, rstd = ref.instance_norm(x, gamma, beta, eps)
+        grads = ref.instance_norm_backward(gy, x, gamma, mean, rstd)
+    _check_norm(close, get, y, mean, rstd, grads, x[0, 0].size, affine)
 
 
 def _pool_geometry(get):

@@ -575,6 +575,241 @@ SPECS["batch_norm_backward"] = Spec(
                zero_size("input")))
 
 
+# --------------------------------------------------------------------------- group norm
+
+
+def _draw_group_norm(draw):
+    dims = draw(st.sampled_from([2, 3, 4]), label="ndim")
+    groups = draw(st.integers(1, 3), label="groups")
+    channels = groups * draw(st.integers(1, 3), label="channels per group")
+    spatial = tuple(draw(st.integers(1, 6), label="size") for _ in range(dims - 2))
+    shape = (draw(st.integers(1, 4), label="batch"), channels) + spatial
+    affine = draw(st.booleans(), label="affine")
+    x = floats(draw, shape)
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1, 1.0]), label="eps")
+    _, mean, rstd = ref.group_norm(x, groups, eps=eps)
+    return {"input": x, "num_groups": groups, "eps": eps,
+            "weight": floats(draw, (channels,)) if affine else None,
+            "bias": floats(draw, (channels,)) if affine else None,
+            "grad_output": floats(draw, shape),
+            "mean": mean.astype(np.float32), "rstd": rstd.astype(np.float32)}
+
+
+def _norm_scales(before, rstd):
+    """Tolerance scales of a normalisation's output, rstd and gradients, as for batch norm."""
+    x, gy, w = before["input"], before["grad_output"], before["weight"]
+    top = float(np.max(rstd))
+    output = magnitude(x) * top * magnitude(w) + magnitude(before.get("bias"))
+    backward = magnitude(gy) * magnitude(w) * top * (1 + magnitude(x) * top) ** 2
+    return output, top ** 3 * magnitude(x) ** 2, backward
+
+
+def _group_norm_reference(before):
+    """(y, mean, rstd) of the reference, and the number of values each statistic sums."""
+    x, groups = as_seen(before["input"]), before["num_groups"]
+    return (*ref.group_norm(x, groups, as_seen(before["weight"]), as_seen(before["bias"]),
+                            before["eps"]), x.size // x.shape[0] // groups)
+
+
+def _check_norm_forward(reference, with_statistics=True):
+    """Check ``(output, mean, rstd)`` (or the output alone) against ``reference(before)``."""
+    def check(result, before):
+        y, mean, rstd, terms = reference(before)
+        output_scale, rstd_scale, _ = _norm_scales(before, rstd)
+        output = result[0] if with_statistics else result
+        assert_matches(output, y, name="output", terms=terms, scale=output_scale)
+        if with_statistics:
+            assert_matches(result[1], mean, name="mean", terms=terms,
+                           scale=magnitude(before["input"]))
+            assert_matches(result[2], rstd, name="rstd", terms=terms, scale=rstd_scale)
+    return check
+
+
+def _check_norm_backward(result, expected, before, terms):
+    _, _, scale = _norm_scales(before, before["rstd"])
+    assert_matches(result[0], expected[0], name="grad_input", terms=terms, scale=scale)
+    for index, name in ((1, "grad_weight"), (2, "grad_bias")):
+        if before["weight"] is None:
+            assert result[index] is None
+        else:
+            assert_matches(result[index], expected[index], name=name,
+                           terms=np.asarray(before["input"]).size,
+                           scale=scale * magnitude(before["input"]))
+
+
+def _check_group_norm_backward(result, before):
+    x = as_seen(before["input"])
+    expected = ref.group_norm_backward(as_seen(before["grad_output"]), x,
+                                       before["num_groups"], as_seen(before["weight"]),
+                                       as_seen(before["mean"]), as_seen(before["rstd"]))
+    _check_norm_backward(result, expected, before, x.size // x.shape[0])
+
+
+def _groups_not_dividing(draw, args):
+    args["num_groups"] = np.shape(args["input"])[1] + draw(st.integers(1, 3), label="extra")
+    return ValueError, "num_groups"
+
+
+GROUP_NORM_VECTORS = "input|num_groups|weight|bias"
+NUM_GROUPS = (_groups_not_dividing, value("num_groups", [0, -1, 2**64], ValueError),
+              value("num_groups", [1.5, "2", None, True], TypeError))
+NORM_EPS = (value("eps", NON_FINITE + [-1.0], ValueError), value("eps", NOT_A_NUMBER, TypeError))
+
+SPECS["native_group_norm"] = Spec(
+    call=lambda a: F.native_group_norm(a["input"], a["num_groups"], a["weight"], a["bias"],
+                                       a["eps"]),
+    draw=_draw_group_norm, check=_check_norm_forward(_group_norm_reference),
+    layouts=("input", "weight", "bias"),
+    mutations=(non_real("input"), ndim("input", GROUP_NORM_VECTORS, accepted=range(2, 32)),
+               zero_size("input", GROUP_NORM_VECTORS), non_real("weight", required=False),
+               non_real("bias", required=False), _weight, _bias) + NUM_GROUPS + NORM_EPS)
+
+SPECS["group_norm"] = Spec(
+    call=lambda a: F.group_norm(a["input"], a["num_groups"], a["weight"], a["bias"],
+                                a["eps"]),
+    draw=_draw_group_norm, check=_check_norm_forward(_group_norm_reference, False),
+    layouts=("input", "weight", "bias"),
+    mutations=(non_real("input"), zero_size("input", GROUP_NORM_VECTORS), _weight)
+    + NUM_GROUPS + NORM_EPS)
+
+SPECS["group_norm_backward"] = Spec(
+    call=lambda a: F.group_norm_backward(a["grad_output"], a["input"], a["num_groups"],
+                                         a["weight"], a["mean"], a["rstd"]),
+    draw=_draw_group_norm, check=_check_group_norm_backward,
+    layouts=("grad_output", "input", "weight", "mean", "rstd"),
+    mutations=(non_real("grad_output"), non_real("input"), non_real("mean"),
+               non_real("rstd"), resize("grad_output", 0),
+               resize("grad_output", 1, "grad_output|input"), resize("mean", 0),
+               resize("mean", 1), resize("rstd", 0), _weight,
+               zero_size("input", "input|grad_output|num_groups")) + NUM_GROUPS)
+
+
+def _draw_layer_norm(draw):
+    dims = draw(st.integers(1, 4), label="ndim")
+    shape = tuple(draw(st.integers(1, 5), label="size") for _ in range(dims))
+    k = draw(st.integers(1, dims), label="normalised dims")
+    normalized = shape[dims - k:]
+    form = draw(st.sampled_from(["tuple", "list"] + (["int"] if k == 1 else [])), label="form")
+    affine = draw(st.booleans(), label="affine")
+    x = floats(draw, shape)
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1, 1.0]), label="eps")
+    _, mean, rstd = ref.layer_norm(x, normalized, eps=eps)
+    return {"input": x, "eps": eps,
+            "normalized_shape": {"tuple": normalized, "list": list(normalized),
+                                 "int": normalized[0]}[form],
+            "weight": floats(draw, normalized) if affine else None,
+            "bias": floats(draw, normalized) if affine else None,
+            "grad_output": floats(draw, shape),
+            "mean": mean.astype(np.float32), "rstd": rstd.astype(np.float32)}
+
+
+def _normalized(before):
+    shape = before["normalized_shape"]
+    return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
+def _layer_norm_reference(before):
+    normalized = _normalized(before)
+    return (*ref.layer_norm(as_seen(before["input"]), normalized, as_seen(before["weight"]),
+                            as_seen(before["bias"]), before["eps"]),
+            int(np.prod(normalized)))
+
+
+def _check_layer_norm_backward(result, before):
+    x, normalized = as_seen(before["input"]), _normalized(before)
+    expected = ref.layer_norm_backward(as_seen(before["grad_output"]), x, normalized,
+                                       as_seen(before["weight"]), as_seen(before["mean"]),
+                                       as_seen(before["rstd"]))
+    _check_norm_backward(result, expected, before, int(np.prod(normalized)))
+
+
+def _normalized_shape_mismatch(draw, args):
+    shape = np.shape(args["input"])
+    args["normalized_shape"] = draw(st.sampled_from(
+        [(shape[-1] + 1,), (2,) + shape, [shape[-1], 7], ()]), label="normalized_shape")
+    return ValueError, "normalized_shape"
+
+
+def _layer_parameter(arg):
+    def mutate(draw, args):
+        args[arg] = floats(draw, _normalized(args) + (2,))
+        return ValueError, arg
+    return mutate
+
+
+LAYER_SHAPE = (_normalized_shape_mismatch,
+               value("normalized_shape", ["3", 2.0, [1.5], None], TypeError))
+
+SPECS["native_layer_norm"] = Spec(
+    call=lambda a: F.native_layer_norm(a["input"], a["normalized_shape"], a["weight"],
+                                       a["bias"], a["eps"]),
+    draw=_draw_layer_norm, check=_check_norm_forward(_layer_norm_reference),
+    layouts=("input", "weight", "bias"),
+    mutations=(non_real("input"), zero_size("input", "input|normalized_shape"),
+               non_real("weight", required=False), _layer_parameter("weight"),
+               _layer_parameter("bias")) + LAYER_SHAPE + NORM_EPS)
+
+SPECS["layer_norm"] = Spec(
+    call=lambda a: F.layer_norm(a["input"], a["normalized_shape"], a["weight"], a["bias"],
+                                a["eps"]),
+    draw=_draw_layer_norm, check=_check_norm_forward(_layer_norm_reference, False),
+    layouts=("input", "weight", "bias"),
+    mutations=(non_real("input"), _layer_parameter("weight")) + LAYER_SHAPE + NORM_EPS)
+
+SPECS["layer_norm_backward"] = Spec(
+    call=lambda a: F.layer_norm_backward(a["grad_output"], a["input"], a["normalized_shape"],
+                                         a["weight"], a["mean"], a["rstd"]),
+    draw=_draw_layer_norm, check=_check_layer_norm_backward,
+    layouts=("grad_output", "input", "weight", "mean", "rstd"),
+    mutations=(non_real("grad_output"), non_real("input"), non_real("mean"),
+               non_real("rstd"), resize("grad_output", 0, "grad_output|input"),
+               _layer_parameter("weight")) + LAYER_SHAPE)
+
+
+def _draw_instance_norm(draw):
+    dims = draw(st.sampled_from([3, 4]), label="ndim")
+    channels = draw(st.integers(1, 4), label="channels")
+    spatial = (draw(st.integers(2, 6), label="size"),) + tuple(
+        draw(st.integers(1, 6), label="size") for _ in range(dims - 3))
+    shape = (draw(st.integers(1, 4), label="batch"), channels) + spatial
+    args = _draw_group_norm(draw)
+    x = floats(draw, shape)
+    _, mean, rstd = ref.instance_norm(x, eps=args["eps"])
+    args.update(input=x, num_groups=channels, grad_output=floats(draw, shape),
+                mean=mean.astype(np.float32), rstd=rstd.astype(np.float32),
+                weight=floats(draw, (channels,)) if args["weight"] is not None else None,
+                bias=floats(draw, (channels,)) if args["bias"] is not None else None)
+    return args
+
+
+def _single_spatial_value(draw, args):
+    args["input"] = floats(draw, np.shape(args["input"])[:2] + (1, 1))
+    return ValueError, "input"
+
+
+def _running_statistics(draw, args):
+    channels = np.shape(args["input"])[1]
+    args["running_mean"] = np.zeros(channels, np.float32)
+    return NotImplementedError, "running_mean"
+
+
+SPECS["instance_norm"] = Spec(
+    call=lambda a: F.instance_norm(a["input"], a.get("running_mean"), None, a["weight"],
+                                   a["bias"], eps=a["eps"]),
+    draw=_draw_instance_norm, check=_check_norm_forward(_group_norm_reference, False),
+    layouts=("input", "weight", "bias"),
+    mutations=(non_real("input"), _single_spatial_value, _running_statistics, _weight)
+    + NORM_EPS)
+
+SPECS["instance_norm_backward"] = Spec(
+    call=lambda a: F.instance_norm_backward(a["grad_output"], a["input"], a["weight"],
+                                            a["mean"], a["rstd"]),
+    draw=_draw_instance_norm, check=_check_group_norm_backward,
+    layouts=("grad_output", "input", "weight", "mean", "rstd"),
+    mutations=(non_real("grad_output"), non_real("input"), resize("mean", 1),
+               resize("grad_output", 1, "grad_output|input"), _single_spatial_value, _weight))
+
+
 # --------------------------------------------------------------------------- dropout
 
 

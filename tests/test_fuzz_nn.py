@@ -508,6 +508,116 @@ SPECS["BatchRenorm2d"] = Spec(
                                   _input_ndim("input")))
 
 
+# --------------------------------------------------------------------------- per-sample norms
+
+
+MAKE_NORM = {
+    "GroupNorm": lambda a: nn.GroupNorm(a["num_groups"], a["num_channels"], a["eps"],
+                                        a["affine"]),
+    "LayerNorm": lambda a: nn.LayerNorm(a["normalized_shape"], a["eps"], a["affine"]),
+    "InstanceNorm2d": lambda a: nn.InstanceNorm2d(a["num_features"], a["eps"],
+                                                  affine=a["affine"]),
+}
+
+
+def _draw_per_sample_norm(kind):
+    def draw_args(draw):
+        groups = draw(st.integers(1, 3), label="groups")
+        channels = groups * draw(st.integers(1, 3), label="channels per group")
+        n = draw(st.integers(1, 4), label="n")
+        if kind == "GroupNorm":
+            sizes = draw(st.integers(0, 2), label="spatial dims")
+            shape = (n, channels) + tuple(draw(st.integers(1, 5), label="size")
+                                          for _ in range(sizes))
+        elif kind == "LayerNorm":
+            shape = (n,) + tuple(draw(st.integers(1, 5), label="size")
+                                 for _ in range(draw(st.integers(1, 3), label="ndim")))
+        else:
+            shape = (n, channels, draw(st.integers(2, 5), label="h"),
+                     draw(st.integers(1, 5), label="w"))
+        k = draw(st.integers(1, len(shape) - 1), label="normalised dims")
+        return {"make": MAKE_NORM[kind], "kind": kind, "num_groups": groups,
+                "num_channels": channels, "num_features": channels,
+                "normalized_shape": shape[len(shape) - k:],
+                "eps": draw(st.sampled_from([1e-5, 1e-3, 0.5]), label="eps"),
+                "affine": draw(st.booleans(), label="affine"),
+                "training": draw(st.booleans(), label="training"),
+                "input": floats(draw, shape), "grad_output": floats(draw, shape),
+                "input_grad": True}
+    return draw_args
+
+
+def _check_per_sample_norm(result, before):
+    """Fresh parameters (weight 1, bias 0): the references with those, in either mode."""
+    x, gy, kind = as_seen(before["input"]), as_seen(before["grad_output"]), before["kind"]
+    if kind == "LayerNorm":
+        normalized = tuple(before["normalized_shape"])
+        ones = np.ones(normalized) if before["affine"] else None
+        y, mean, rstd = ref.layer_norm(x, normalized, ones, None, before["eps"])
+        grads = ref.layer_norm_backward(gy, x, normalized, ones, mean, rstd)
+        terms = int(np.prod(normalized))
+    else:
+        groups = before["num_groups"] if kind == "GroupNorm" else before["num_channels"]
+        ones = np.ones(x.shape[1]) if before["affine"] else None
+        y, mean, rstd = ref.group_norm(x, groups, ones, None, before["eps"])
+        grads = ref.group_norm_backward(gy, x, groups, ones, mean, rstd)
+        terms = x.size // x.shape[0] // groups
+    top = float(np.max(rstd))
+    assert_matches(result["output"], y, name="output", terms=terms, scale=magnitude(x) * top)
+    backward_scale = magnitude(gy) * top * (1 + magnitude(x) * top) ** 2
+    assert_matches(result["grad_input"], grads[0], name="grad_input", terms=terms,
+                   scale=backward_scale)
+    if before["affine"]:
+        assert_matches(result["grads"]["weight"], grads[1], name="weight.grad",
+                       terms=x.size, scale=backward_scale * magnitude(x))
+        assert_matches(result["grads"]["bias"], grads[2], name="bias.grad", terms=x.size,
+                       scale=magnitude(gy))
+    else:
+        assert result["grads"] == {}
+    assert result["sample_shape"] == x.shape[1:]
+
+
+def _norm_channels(names):
+    def mutate(draw, args):
+        shape = list(np.shape(args["input"]))
+        shape[-1 if args["kind"] == "LayerNorm" else 1] += draw(st.integers(1, 3), label="+")
+        args["input"] = floats(draw, tuple(shape))
+        return ValueError, names
+    return mutate
+
+
+def _norm_counts(arg, kind):
+    """As :func:`_counts`; without affine parameters nothing is allocated, so a huge count
+    builds (as in PyTorch) and the input is refused by the layer (named by its repr)."""
+    return (*_counts(arg)[:2], value(arg, [2**64, HUGE * HUGE], (ValueError, MemoryError),
+                                     f"{arg}|{kind}"))
+
+
+NORM_MUTATIONS = (value("eps", [0.0, -1e-5] + NON_FINITE, ValueError),
+                  value("eps", NOT_A_NUMBER, TypeError), non_real("input"),
+                  _grad_output_shape, _backward_without_forward)
+
+SPECS["GroupNorm"] = Spec(
+    call=_call, draw=_draw_per_sample_norm("GroupNorm"), check=_check_per_sample_norm,
+    layouts=("input", "grad_output"),
+    mutations=NORM_MUTATIONS + (*_norm_counts("num_channels", "GroupNorm"),
+                                _norm_channels("GroupNorm"),
+                                value("num_groups", [0, -1, 1.5, None], (ValueError, TypeError)),
+                                _input_ndim("GroupNorm|input", accepted=range(2, 32))))
+SPECS["LayerNorm"] = Spec(
+    call=_call, draw=_draw_per_sample_norm("LayerNorm"), check=_check_per_sample_norm,
+    layouts=("input", "grad_output"),
+    mutations=NORM_MUTATIONS + (_norm_channels("LayerNorm"),
+                                value("normalized_shape", [(0,), (-1, 2), ()], ValueError),
+                                value("normalized_shape", ["x", None, (1.5,)], TypeError)))
+SPECS["InstanceNorm2d"] = Spec(
+    call=_call, draw=_draw_per_sample_norm("InstanceNorm2d"), check=_check_per_sample_norm,
+    layouts=("input", "grad_output"),
+    mutations=NORM_MUTATIONS + (*_norm_counts("num_features", "InstanceNorm2d"),
+                                _norm_channels("InstanceNorm2d"),
+                                _input_ndim("InstanceNorm2d|input")))
+
+
 # --------------------------------------------------------------------------- dropout
 
 
@@ -700,8 +810,8 @@ SPECS["CrossEntropyLoss"] = Spec(
 # --------------------------------------------------------------------------- from_spec
 
 TOKENS_4D = ["c{c}", "c{c}k{k}", "c{c}k{k}s2", "c{c}k1p0", "bn", "relu", "lrelu", "tanh",
-             "sigmoid", "mp2", "ap2", "mp3s1", "sd0.2", "d0.3"]
-TOKENS_2D = ["fc{c}", "bn", "relu", "d0.5", "tanh"]
+             "sigmoid", "mp2", "ap2", "mp3s1", "sd0.2", "d0.3", "gn1", "ln", "in"]
+TOKENS_2D = ["fc{c}", "bn", "relu", "d0.5", "tanh", "gn1", "ln"]
 
 
 def _draw_network(draw):
@@ -727,8 +837,10 @@ def _call_network(args):
         model = nn.from_spec(args["spec"], args["input_shape"], args["n_classes"],
                              random_state=args["seed"])
     except ValueError as error:
-        if "shrinks below 1" in str(error) or "spatial size" in str(error):
-            return "unbuildable"  # a valid refusal: pooling below 1x1 for this size
+        if any(reason in str(error) for reason in (
+                "shrinks below 1", "spatial size", "more than 1 spatial element")):
+            # A valid refusal: pooling below 1x1, or instance norm of 1x1 maps.
+            return "unbuildable"
         raise
     output = model(args["input"])
     grad = model.backward(np.ones_like(output))

@@ -38,6 +38,8 @@ __all__ = [
     "dropout_mask",
     "fma_peak_gflops",
     "get_num_threads",
+    "group_norm_backward",
+    "group_norm_forward",
     "linear_backward",
     "linear_forward",
     "log_softmax_backward",
@@ -101,6 +103,17 @@ def batch_norm_backward(
     save_mean: _F32,
     save_invstd: _F32,
     training: bool,
+) -> Tuple[_F32, Optional[_F32], Optional[_F32]]: ...
+def group_norm_forward(
+    input: _F32, num_groups: int, weight: Optional[_F32], bias: Optional[_F32], eps: float
+) -> Tuple[_F32, _F32, _F32]: ...
+def group_norm_backward(
+    grad_output: _F32,
+    input: _F32,
+    num_groups: int,
+    weight: Optional[_F32],
+    mean: _F32,
+    rstd: _F32,
 ) -> Tuple[_F32, Optional[_F32], Optional[_F32]]: ...
 def dropout_forward(input: _F32, p: float, seed: int, unit: int) -> _F32: ...
 def dropout_mask(n: int, p: float, seed: int) -> npt.NDArray[np.uint8]: ...

@@ -129,9 +129,10 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     ----------
     architecture : str, default ``bnrs.nn.DEFAULT_ARCHITECTURE``
         Tokens joined by ``-``: ``c<out>[k<size>][s<stride>][p<pad>]`` (Conv2d), ``bn``,
-        ``relu``/``lrelu``/``sigmoid``/``tanh``, ``mp<k>``/``ap<k>`` (pooling),
-        ``d<p>``/``sd<p>`` (dropout, spatial dropout), ``fc<units>``. The empty string
-        is a linear (softmax regression) model.
+        ``brn``, ``gn<groups>``, ``ln``, ``in`` (batch norm, batch renorm, group, layer and
+        instance norm), ``relu``/``lrelu``/``sigmoid``/``tanh``, ``mp<k>``/``ap<k>``
+        (pooling), ``d<p>``/``sd<p>`` (dropout, spatial dropout), ``fc<units>``; see
+        :mod:`bnrs.nn.spec`. The empty string is a linear (softmax regression) model.
     input_shape : tuple of int, optional
         The shape of one sample as the network sees it, (C, H, W) or (n_features,);
         X is reshaped to ``(n_samples, *input_shape)`` and must have that many values

@@ -65,6 +65,15 @@ __all__ = [
     "cross_entropy_backward",
     "sgd_step",
     "adam_step",
+    "native_group_norm",
+    "group_norm",
+    "group_norm_backward",
+    "native_layer_norm",
+    "layer_norm",
+    "layer_norm_backward",
+    "native_instance_norm",
+    "instance_norm",
+    "instance_norm_backward",
 ]
 
 
@@ -567,3 +576,248 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, step: int, *, lr: float = 1e-3,
         _inplace_float32(exp_avg, "exp_avg"), _inplace_float32(exp_avg_sq, "exp_avg_sq"),
         step, _real(lr, "lr"), _real(beta1, "beta1"), _real(beta2, "beta2"), _real(eps, "eps"),
         _real(weight_decay, "weight_decay"), bool(decoupled_weight_decay))
+
+
+# --------------------------------------------------------------------------- group norm
+# LayerNorm and InstanceNorm are group norm: one group of the trailing values, or one
+# group per channel. All three run the same kernel (rust/src/kernels/group_norm.rs).
+
+
+def native_group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
+    """Group normalisation returning what its backward needs (``torch.native_group_norm``).
+
+    The C channels of an (N, C, *) input are split into ``num_groups`` consecutive groups;
+    each (sample, group) is normalised with its own mean and *biased* variance, the same
+    in training and evaluation, then scaled and shifted per channel:
+    ``y = (x - mean) * rstd * weight[c] + bias[c]`` with ``rstd = 1 / sqrt(var + eps)``.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, *)
+        2-D (N, C) or more.
+    num_groups : int
+        Must divide C.
+    weight, bias : array_like (C,), optional
+        Per-channel scale (gamma) and shift (beta).
+    eps : float, default 1e-5
+
+    Returns
+    -------
+    output : ndarray, same shape as input
+    mean, rstd : ndarray (N, num_groups)
+        Pass them to :func:`group_norm_backward`.
+    """
+    return _core.group_norm_forward(
+        as_float32(input, "input"), _int64(_integer(num_groups, "num_groups"), "num_groups"),
+        _optional_float32(weight, "weight"), _optional_float32(bias, "bias"),
+        _real(eps, "eps"))
+
+
+def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> np.ndarray:
+    """Group normalisation with ``torch.nn.functional.group_norm``'s signature.
+
+    See :func:`native_group_norm`; this returns only the output.
+    """
+    return native_group_norm(input, num_groups, weight, bias, eps)[0]
+
+
+def group_norm_backward(grad_output, input, num_groups: int, weight, mean, rstd):
+    """Gradients of group normalisation.
+
+    Parameters
+    ----------
+    grad_output, input : arrays of the forward's shape (N, C, *)
+    num_groups : int
+    weight : array (C,) or None (no affine: gamma = 1, and no parameter gradients)
+    mean, rstd : ndarray (N, num_groups), what :func:`native_group_norm` returned
+
+    Returns
+    -------
+    grad_input : ndarray, shape of input
+    grad_weight, grad_bias : ndarray (C,), or None when ``weight`` is None
+    """
+    return _core.group_norm_backward(
+        as_float32(grad_output, "grad_output"), as_float32(input, "input"),
+        _int64(_integer(num_groups, "num_groups"), "num_groups"),
+        _optional_float32(weight, "weight"), as_float32(mean, "mean"),
+        as_float32(rstd, "rstd"))
+
+
+def _integer(value, name: str) -> int:
+    """An int (not a bool), or TypeError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    return int(value)
+
+
+def _normalized_shape(normalized_shape) -> tuple[int, ...]:
+    """``normalized_shape`` as a tuple of ints (an int is a 1-tuple, as in PyTorch)."""
+    if isinstance(normalized_shape, (int, np.integer)) and not isinstance(
+            normalized_shape, (bool, np.bool_)):
+        return (int(normalized_shape),)
+    try:
+        dims = tuple(normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape: expected an int or a sequence of ints, got "
+                        f"{normalized_shape!r}") from None
+    if isinstance(normalized_shape, str) or not all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_))
+            for d in dims):
+        raise TypeError(f"normalized_shape: expected an int or a sequence of ints, got "
+                        f"{normalized_shape!r}")
+    if not dims:
+        raise ValueError("normalized_shape: expected at least one dimension, got ()")
+    return tuple(int(d) for d in dims)
+
+
+def _layer_rows(x: np.ndarray, normalized_shape) -> tuple[tuple[int, ...], np.ndarray]:
+    """``normalized_shape`` checked against the trailing axes of ``x``, and ``x`` as
+    (rows, features): one group of ``features`` one-value channels per row."""
+    dims = _normalized_shape(normalized_shape)
+    if x.ndim < len(dims) or x.shape[x.ndim - len(dims):] != dims:
+        raise ValueError(f"normalized_shape: expected the trailing dimensions of the input, "
+                         f"got {dims} for an input of shape {x.shape}")
+    features = int(np.prod(dims))
+    rows = int(np.prod(x.shape[:x.ndim - len(dims)]))
+    return dims, x.reshape(rows, features)
+
+
+def _affine_vector(array, name: str, dims: tuple[int, ...]) -> np.ndarray | None:
+    """A weight or bias of exactly ``normalized_shape``, flattened for the kernel."""
+    if array is None:
+        return None
+    vector = as_float32(array, name)
+    if vector.shape != dims:
+        raise ValueError(f"{name}: expected shape {dims} (normalized_shape), got "
+                         f"{vector.shape}")
+    return vector.reshape(-1)
+
+
+def native_layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    """Layer normalisation returning what its backward needs (``torch.native_layer_norm``).
+
+    The trailing dimensions given by ``normalized_shape`` are normalised together, each
+    leading index on its own (mean and biased variance), then scaled and shifted per
+    *element*: ``weight`` and ``bias`` have shape ``normalized_shape``.
+
+    Parameters
+    ----------
+    input : array_like, shape (*, *normalized_shape)
+    normalized_shape : int or sequence of int
+        Must equal the input's trailing dimensions.
+    weight, bias : array_like of shape ``normalized_shape``, optional
+    eps : float, default 1e-5
+
+    Returns
+    -------
+    output : ndarray, same shape as input
+    mean, rstd : ndarray of shape ``input.shape[:-k] + (1,) * k`` (k = len(normalized_shape))
+        As PyTorch returns them; pass them to :func:`layer_norm_backward`.
+    """
+    x = as_float32(input, "input")
+    dims, rows = _layer_rows(x, normalized_shape)
+    output, mean, rstd = _core.group_norm_forward(
+        rows, 1, _affine_vector(weight, "weight", dims), _affine_vector(bias, "bias", dims),
+        _real(eps, "eps"))
+    stats_shape = x.shape[:x.ndim - len(dims)] + (1,) * len(dims)
+    return output.reshape(x.shape), mean.reshape(stats_shape), rstd.reshape(stats_shape)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None,
+               eps: float = 1e-5) -> np.ndarray:
+    """Layer normalisation with ``torch.nn.functional.layer_norm``'s signature.
+
+    See :func:`native_layer_norm`; this returns only the output.
+    """
+    return native_layer_norm(input, normalized_shape, weight, bias, eps)[0]
+
+
+def layer_norm_backward(grad_output, input, normalized_shape, weight, mean, rstd):
+    """Gradients of layer normalisation.
+
+    Parameters
+    ----------
+    grad_output, input : arrays of the forward's shape
+    normalized_shape : the forward's
+    weight : array of shape ``normalized_shape``, or None (no parameter gradients then)
+    mean, rstd : what :func:`native_layer_norm` returned
+
+    Returns
+    -------
+    grad_input : ndarray, shape of input
+    grad_weight, grad_bias : ndarray of shape ``normalized_shape``, or None
+    """
+    x = as_float32(input, "input")
+    dims, rows = _layer_rows(x, normalized_shape)
+    grad = as_float32(grad_output, "grad_output")
+    if grad.shape != x.shape:
+        raise ValueError(f"grad_output: expected shape {x.shape} (the input's), got "
+                         f"{grad.shape}")
+    stats = (rows.shape[0], 1)
+    mean, rstd = as_float32(mean, "mean"), as_float32(rstd, "rstd")
+    for name, array in (("mean", mean), ("rstd", rstd)):
+        if array.size != rows.shape[0]:
+            raise ValueError(f"{name}: expected {rows.shape[0]} values (one per normalised "
+                             f"row), got shape {array.shape}")
+    grad_input, grad_weight, grad_bias = _core.group_norm_backward(
+        grad.reshape(rows.shape), rows, 1, _affine_vector(weight, "weight", dims),
+        mean.reshape(stats), rstd.reshape(stats))
+    if grad_weight is not None:
+        grad_weight, grad_bias = grad_weight.reshape(dims), grad_bias.reshape(dims)
+    return grad_input.reshape(x.shape), grad_weight, grad_bias
+
+
+def _instance_input(input) -> np.ndarray:
+    """An (N, C, *) input with more than one value per channel, as PyTorch requires."""
+    x = as_float32(input, "input")
+    if x.ndim < 3:
+        raise ValueError(f"input: expected an (N, C, *) array of 3 or more dimensions, got "
+                         f"shape {x.shape}")
+    if int(np.prod(x.shape[2:])) == 1:
+        raise ValueError(f"input: expected more than 1 spatial element per channel, got "
+                         f"input of shape {x.shape}")
+    return x
+
+
+def native_instance_norm(input, weight=None, bias=None, eps: float = 1e-5):
+    """Instance normalisation (batch statistics) returning what its backward needs.
+
+    Every (sample, channel) of an (N, C, *) input is normalised with its own mean and
+    biased variance: group normalisation with C groups.
+
+    Returns
+    -------
+    output : ndarray, same shape as input
+    mean, rstd : ndarray (N, C)
+        Pass them to :func:`instance_norm_backward`.
+    """
+    x = _instance_input(input)
+    return native_group_norm(x, x.shape[1], weight, bias, eps)
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats: bool = True, momentum: float = 0.1,
+                  eps: float = 1e-5) -> np.ndarray:
+    """Instance normalisation with ``torch.nn.functional.instance_norm``'s signature.
+
+    Only the statistics of the input are supported (PyTorch's default,
+    ``use_input_stats=True`` without running buffers); ``running_mean``/``running_var``
+    raise ``NotImplementedError``. ``momentum`` is accepted and unused, as in PyTorch
+    without running buffers. See :func:`native_instance_norm`.
+    """
+    if running_mean is not None or running_var is not None or not use_input_stats:
+        raise NotImplementedError(
+            "running_mean, running_var, use_input_stats: instance norm with running "
+            "statistics is not implemented; use the input's statistics (the default)")
+    _real(momentum, "momentum")
+    return native_instance_norm(input, weight, bias, eps)[0]
+
+
+def instance_norm_backward(grad_output, input, weight, mean, rstd):
+    """Gradients of instance normalisation: ``(grad_input, grad_weight, grad_bias)``.
+
+    ``mean``/``rstd`` are the (N, C) statistics :func:`native_instance_norm` returned; the
+    parameter gradients are None when ``weight`` is None.
+    """
+    x = _instance_input(input)
+    return group_norm_backward(grad_output, x, x.shape[1], weight, mean, rstd)

@@ -25,6 +25,7 @@ from .dropout import Dropout, Dropout2d
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d
 from .loss import CrossEntropyLoss
 from .module import IncompatibleKeys, Module, Parameter, Sequential
+from .normalization import GroupNorm, InstanceNorm2d, LayerNorm
 from .renorm import BatchRenorm1d, BatchRenorm2d
 from .spec import DEFAULT_ARCHITECTURE, SpecError, Token, from_spec, parse
 
@@ -40,7 +41,10 @@ __all__ = [
     "Dropout",
     "Dropout2d",
     "Flatten",
+    "GroupNorm",
     "IncompatibleKeys",
+    "InstanceNorm2d",
+    "LayerNorm",
     "LeakyReLU",
     "Linear",
     "MaxPool2d",

@@ -7,6 +7,11 @@ Tokens are joined by ``-``:
 ``fc<units>``                 Linear; a Flatten is inserted first on a 4-D tensor
 ``bn``                        BatchNorm2d on a 4-D tensor, BatchNorm1d on a 2-D one
 ``brn``                       BatchRenorm2d / BatchRenorm1d (batch renormalisation)
+``gn<groups>``                GroupNorm(groups, C) on a 4-D tensor, GroupNorm(groups, F)
+                              over the features of a 2-D one; groups must divide C (F)
+``ln``                        GroupNorm(1, C) on a 4-D tensor (see below), LayerNorm(F)
+                              on a 2-D one
+``in``                        InstanceNorm2d(C) (no affine, PyTorch's default), 4-D only
 ``d<p>``                      Dropout(p)
 ``sd<p>``                     Dropout2d(p), spatial (channel) dropout, 4-D only
 ``mp<k>[s<s>]``               MaxPool2d(k, s); the stride defaults to k
@@ -17,6 +22,16 @@ Tokens are joined by ``-``:
 
 The output layer ``fc<n_classes>`` (after a Flatten if needed) is appended by
 :func:`from_spec`; the empty string is a linear model.
+
+The per-sample norms and their PyTorch mirrors (same state-dict keys and shapes): ``gn8``
+after a conv of C channels is ``nn.GroupNorm(8, C)`` (``weight``, ``bias`` of shape (C,));
+after a dense layer of F units ``nn.GroupNorm(8, F)``, which PyTorch also applies to an
+(N, F) input. ``ln`` after a conv or pool is layer normalisation over (C, H, W) with a
+*per-channel* affine, ``nn.GroupNorm(1, C)`` (``weight``, ``bias`` of shape (C,)), as in
+Wu and He's comparison of the norms; PyTorch's ``nn.LayerNorm([C, H, W])`` normalises the
+same values but learns a per-element affine of shape (C, H, W), which depends on the image
+size. After a dense layer ``ln`` is ``nn.LayerNorm(F)``. ``in`` is
+``nn.InstanceNorm2d(C)``: no parameters, nothing in the state dict.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from .batchnorm import BatchNorm1d, BatchNorm2d
 from .dropout import Dropout, Dropout2d
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, positive_int
 from .module import Module, Sequential, as_generator
+from .normalization import GroupNorm, InstanceNorm2d, LayerNorm
 from .renorm import BatchRenorm1d, BatchRenorm2d
 
 __all__ = ["DEFAULT_ARCHITECTURE", "SpecError", "Token", "from_spec", "parse"]
@@ -49,6 +65,9 @@ _FORMS: dict[str, tuple[str, str]] = {
     "fc": (rf"fc{_NUMBER}", "fc<units>"),
     "bn": ("bn", "bn"),
     "brn": ("brn", "brn"),
+    "gn": (rf"gn{_NUMBER}", "gn<groups>"),
+    "ln": ("ln", "ln"),
+    "in": ("in", "in"),
     "dropout": (rf"d{_PROBABILITY}", "d<p>"),
     "spatial_dropout": (rf"sd{_PROBABILITY}", "sd<p>"),
     "maxpool": (rf"mp{_NUMBER}(?:s{_NUMBER})?", "mp<k>[s<s>]"),
@@ -60,11 +79,11 @@ _FORMS: dict[str, tuple[str, str]] = {
 }
 _PATTERNS = {kind: re.compile(pattern, re.ASCII) for kind, (pattern, _) in _FORMS.items()}
 #: A token that starts like this is meant as that kind (for a precise error message).
-_PREFIXES = (("fc", "fc"), ("sd", "spatial_dropout"), ("mp", "maxpool"),
+_PREFIXES = (("fc", "fc"), ("sd", "spatial_dropout"), ("mp", "maxpool"), ("gn", "gn"),
              ("ap", "avgpool"), ("c", "conv"), ("d", "dropout"))
 _EXAMPLES = {"conv": "c32, c32k5, c64k3s2p1", "dropout": "d0.5",
              "spatial_dropout": "sd0.1", "maxpool": "mp2, mp3s2", "avgpool": "ap2, ap3s1",
-             "fc": "fc128"}
+             "fc": "fc128", "gn": "gn8, gn1"}
 _ALL_FORMS = ", ".join(form for _, form in _FORMS.values())
 
 
@@ -74,8 +93,9 @@ class Token(NamedTuple):
     Attributes
     ----------
     kind : str
-        One of ``conv``, ``fc``, ``bn``, ``brn``, ``dropout``, ``spatial_dropout``,
-        ``maxpool``, ``avgpool``, ``relu``, ``lrelu``, ``sigmoid``, ``tanh``.
+        One of ``conv``, ``fc``, ``bn``, ``brn``, ``gn``, ``ln``, ``in``, ``dropout``,
+        ``spatial_dropout``, ``maxpool``, ``avgpool``, ``relu``, ``lrelu``, ``sigmoid``,
+        ``tanh``.
     text : str
         The token as written.
     index : int
@@ -84,7 +104,7 @@ class Token(NamedTuple):
         0-based character offset in the string.
     args : dict
         The values, defaults filled in: conv ``out_channels, kernel_size, stride,
-        padding``; fc ``units``; dropout and spatial_dropout ``p``; maxpool and avgpool
+        padding``; fc ``units``; gn ``num_groups``; dropout and spatial_dropout ``p``; maxpool and avgpool
         ``kernel_size, stride``; nothing for the others.
     """
 
@@ -134,6 +154,10 @@ def _token_args(kind: str, groups: Sequence[str | None]) -> tuple[dict, str | No
         if min(args["out_channels"], args["kernel_size"], args["stride"]) < 1:
             return args, "the channel count, kernel size and stride must be at least 1"
         return args, None
+    if kind == "gn":
+        args = {"num_groups": int(groups[0])}
+        return args, (None if args["num_groups"] >= 1
+                      else "the number of groups must be at least 1")
     if kind == "fc":
         args = {"units": int(groups[0])}
         return args, (None if args["units"] >= 1 else "the unit count must be at least 1")
@@ -204,7 +228,7 @@ def _build_layer(token: Token, shape: tuple[int, ...], generator) -> list[Module
     """The layers for one token given the current sample shape (Flatten where needed)."""
     args, rng = token.args, {"random_state": generator}
     spatial = len(shape) == 3
-    if token.kind in ("conv", "spatial_dropout", "maxpool", "avgpool") and not spatial:
+    if token.kind in ("conv", "spatial_dropout", "maxpool", "avgpool", "in") and not spatial:
         raise ValueError(f"needs a (C, H, W) feature map, but the tensor is already "
                          f"flat here, shape {shape}")
     if token.kind == "conv":
@@ -218,6 +242,12 @@ def _build_layer(token: Token, shape: tuple[int, ...], generator) -> list[Module
         return [(BatchNorm2d if spatial else BatchNorm1d)(shape[0], **rng)]
     if token.kind == "brn":
         return [(BatchRenorm2d if spatial else BatchRenorm1d)(shape[0], **rng)]
+    if token.kind == "gn":
+        return [GroupNorm(args["num_groups"], shape[0], **rng)]
+    if token.kind == "ln":
+        return [GroupNorm(1, shape[0], **rng) if spatial else LayerNorm(shape[0], **rng)]
+    if token.kind == "in":
+        return [InstanceNorm2d(shape[0], **rng)]
     if token.kind == "dropout":
         return [Dropout(args["p"], **rng)]
     if token.kind == "spatial_dropout":

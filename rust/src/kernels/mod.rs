@@ -8,6 +8,7 @@ pub mod batch_norm;
 pub mod conv;
 pub mod dropout;
 pub mod gemm;
+pub mod group_norm;
 pub mod linear;
 pub mod loss;
 pub mod optim;

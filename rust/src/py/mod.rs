@@ -12,6 +12,7 @@ mod activation;
 mod batch_norm;
 mod conv;
 mod dropout;
+mod group_norm;
 mod linear;
 mod loss;
 mod optim;
@@ -42,6 +43,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     batch_norm::register(m)?;
     conv::register(m)?;
     dropout::register(m)?;
+    group_norm::register(m)?;
     linear::register(m)?;
     loss::register(m)?;
     optim::register(m)?;
