@@ -23,7 +23,7 @@ from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .batchnorm import BatchNorm1d, BatchNorm2d
 from .dropout import Dropout, Dropout2d
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d
-from .loss import CrossEntropyLoss
+from .loss import CrossEntropyLoss, HuberLoss, MSELoss
 from .module import IncompatibleKeys, Module, Parameter, Sequential
 from .renorm import BatchRenorm1d, BatchRenorm2d
 from .spec import DEFAULT_ARCHITECTURE, SpecError, Token, from_spec, parse
@@ -40,9 +40,11 @@ __all__ = [
     "Dropout",
     "Dropout2d",
     "Flatten",
+    "HuberLoss",
     "IncompatibleKeys",
     "LeakyReLU",
     "Linear",
+    "MSELoss",
     "MaxPool2d",
     "Module",
     "Parameter",
