@@ -115,7 +115,428 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-class CNNClassifier(ClassifierMixin, BaseEstimator):
+class _BaseCNN(BaseEstimator):
+    """What :class:`CNNClassifier` and :class:`CNNRegressor` share: the parameters and their
+    checks, the input-shape rule, the network's construction, the training loop (early
+    stopping, warm start, Ctrl-C, divergence) and the fitted state.
+
+    A subclass says what its targets are and how they are scored, through ``_y_checks``,
+    ``_check_targets``, ``_new_targets``, ``_continued_targets``, ``_criterion``,
+    ``_validation_score`` and ``_stratify``.
+    """
+
+
+    def __init__(self, architecture: str = DEFAULT_ARCHITECTURE, *, input_shape=None,
+                 optimizer: str = "adam", learning_rate: float = 1e-3,
+                 momentum: float = 0.9, weight_decay: float | None = None,
+                 batch_size: int = 64,
+                 max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 10,
+                 tol: float = 1e-4, warm_start: bool = False, random_state=None,
+                 n_threads: int | None = None, verbose: int = 0,
+                 record_layer_stats: bool = False):
+        self.architecture = architecture
+        self.input_shape = input_shape
+        self.optimizer = optimizer
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.shuffle = shuffle
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.warm_start = warm_start
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.verbose = verbose
+        self.record_layer_stats = record_layer_stats
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        return tags
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self, X, y):
+        """Train the network on (X, y) for up to ``max_epochs`` epochs.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, C, H, W), (n_samples, H, W) or (n_samples, d)
+            Training samples; see the input-shape rule in the class Notes.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Class labels (ints, strings, ...), at least two distinct ones, for
+            :class:`CNNClassifier`; real-valued targets for :class:`CNNRegressor`.
+
+        Returns
+        -------
+        self : object
+            The fitted estimator.
+        """
+        self._validate_params()
+        reset = not (self.warm_start and hasattr(self, "model_"))
+        return self._fit(X, y, classes=None, reset=reset, incremental=False)
+
+    def _fit(self, X, y, *, classes, reset: bool, incremental: bool):
+        # Every check runs, and the new state is built aside, before the first attribute
+        # is set: a call that is rejected leaves a fitted estimator exactly as it was.
+        with num_threads(self.n_threads):
+            # validate_data(reset=True) records n_features_in_ on the estimator it is
+            # given, so a new fit validates on an unfitted copy.
+            checked = clone(self) if reset else self
+            X, y = validate_data(checked, X, y, reset=reset, allow_nd=True,
+                                 dtype=np.float32, order="C", **self._y_checks)
+            self._check_targets(y)
+            if X.ndim > 4:
+                raise ValueError(f"X: expected a 2-D, 3-D or 4-D array, got shape {X.shape}")
+            validate = self.early_stopping and not incremental
+            # train_test_split's rule for the size of the validation part
+            n_train = len(X) - (math.ceil(self.validation_fraction * len(X)) if validate
+                                else 0)
+            if reset:
+                state, targets = self._new_state(X, y, classes, n_train)
+                for name in ("n_features_in_", "feature_names_in_"):
+                    state[name] = getattr(checked, name, None)
+            else:
+                state, targets = self._continued_state(X, y, classes, incremental, n_train)
+            X = X.reshape((len(X),) + (state["input_shape_"] if reset
+                                       else self.input_shape_))
+            valid = None
+            if validate:
+                seed = int(state["_rng"].integers(0, 2**32))
+                X, X_valid, targets, y_valid = train_test_split(
+                    X, targets, test_size=self.validation_fraction,
+                    stratify=self._stratify(targets), random_state=seed)
+                valid = (X_valid, y_valid)
+            for name, value in state.items():
+                if value is None and name == "feature_names_in_":
+                    if hasattr(self, name):   # X without column names this time
+                        del self.feature_names_in_
+                else:
+                    setattr(self, name, value)
+            if not reset:   # e.g. a lower learning rate for the optimizer kept
+                for group in self.optimizer_.param_groups:
+                    group.update(self._optimizer_kwargs())
+            self._train(X, targets, 1 if incremental else self.max_epochs, valid)
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "model_")
+
+    #: The hyper-parameters' types and ranges, checked at every fit and partial_fit (in
+    #: the style of scikit-learn's ``_parameter_constraints``); ``architecture``'s
+    #: grammar is checked by :func:`bnrs.nn.spec.parse` besides.
+    _parameter_constraints: ClassVar[dict[str, list[Constraint]]] = {
+        "architecture": [Instances(str, description="an architecture string")],
+        "input_shape": [NONE, IntTuple((1, 3), 1, "(C, H, W) or (n_features,) of "
+                                                  "positive ints")],
+        "optimizer": [Options(_OPTIMIZERS)],
+        "learning_rate": [Interval("real", 0.0, None, closed="neither")],
+        "momentum": [Interval("real", 0.0, None)],
+        "weight_decay": [NONE, Interval("real", 0.0, None)],
+        "batch_size": [Interval("int", 1)],
+        "max_epochs": [Interval("int", 1)],
+        "shuffle": [Boolean()],
+        "early_stopping": [Boolean()],
+        "validation_fraction": [Interval("real", 0.0, 1.0, closed="neither")],
+        "n_iter_no_change": [Interval("int", 1)],
+        "tol": [Interval("real", 0.0, None)],
+        "warm_start": [Boolean()],
+        "random_state": [NONE, Interval("int", 0),
+                         Instances(np.random.Generator, np.random.RandomState,
+                                   description="a numpy.random.Generator or RandomState")],
+        "n_threads": [NONE, Interval("int", 1)],
+        "verbose": [Interval("int", 0), Boolean()],
+        "record_layer_stats": [Boolean()],
+    }
+
+    def _validate_params(self) -> None:
+        """Check every hyper-parameter against ``_parameter_constraints``.
+
+        ``__init__`` only stores them. A wrong type raises TypeError, a wrong value
+        ValueError, naming the parameter.
+        """
+        check_params(self._parameter_constraints, self.get_params(deep=False))
+        parse(self.architecture)
+
+    def _new_state(self, X: np.ndarray, y: np.ndarray, classes,
+                   n_train: int) -> tuple[dict, np.ndarray]:
+        """The attributes of a new fit: the targets' (classes_, ...), input_shape_, network,
+        optimizer, history.
+
+        Only checks and builds; the caller sets them. Returns them by name, and y as the
+        loss takes it (class indices, float32 targets).
+        """
+        target_state, targets, n_outputs = self._new_targets(y, classes)
+        input_shape = self._infer_input_shape(X.shape)
+        rng = as_generator(self.random_state)
+        try:
+            model = from_spec(self.architecture, input_shape, n_outputs, random_state=rng)
+        except SpecError as error:
+            raise ValueError(f"cannot build the architecture for samples of shape "
+                             f"{input_shape} (from X of shape {X.shape}; see the "
+                             f"input-shape rule of {type(self).__name__}): {error}") from error
+        min_batch = 2 if _needs_two_samples(model, input_shape) else 1
+        self._check_batch_size(min_batch, n_train)
+        state = {**target_state, "input_shape_": input_shape, "model_": model,
+                 "_x_sample_shape": X.shape[1:], "_rng": rng, "_min_batch": min_batch,
+                 "_fit_architecture": self.architecture,
+                 "optimizer_": self._new_optimizer(model),
+                 "loss_": None, "best_loss_": None, "loss_curve_": [], "history_": [],
+                 "n_iter_": 0, "validation_scores_": None, "best_validation_score_": None,
+                 "layer_stats_init_": None}
+        return state, targets
+
+    def _check_batch_size(self, min_batch: int, n_train: int) -> None:
+        if n_train < min_batch or self.batch_size < min_batch:
+            raise ValueError(
+                f"batch norm in architecture {self.architecture!r} needs at least 2 "
+                f"samples per mini-batch; got {n_train} training sample(s) and "
+                f"batch_size={self.batch_size}")
+
+    def _infer_input_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The network's sample shape for X of ``x_shape`` (the class Notes' rule)."""
+        sample = tuple(x_shape[1:])
+        if self.input_shape is not None:
+            given = tuple(int(d) for d in self.input_shape)
+            if math.prod(given) != math.prod(sample):
+                raise ValueError(f"input_shape={given} has {math.prod(given)} values per "
+                                 f"sample, but X of shape {x_shape} has "
+                                 f"{math.prod(sample)}")
+            return given
+        if len(sample) == 3:
+            return sample
+        if len(sample) == 2:
+            return (1,) + sample
+        n_features = sample[0]
+        try:  # a throwaway build: does any layer need a feature map?
+            from_spec(self.architecture, (n_features,), 2, random_state=0)
+            return (n_features,)
+        except SpecError:
+            pass
+        side = math.isqrt(n_features)
+        if side * side != n_features:
+            raise ValueError(f"X has {n_features} features per sample, which is not a "
+                             f"square number, and architecture {self.architecture!r} has "
+                             "convolution or pooling layers that need images: pass "
+                             "input_shape=(C, H, W), or X of shape (n, C, H, W)")
+        return (1, side, side)
+
+    def _continued_state(self, X: np.ndarray, y: np.ndarray, classes, incremental: bool,
+                         n_train: int) -> tuple[dict, np.ndarray]:
+        """Check that a warm-start fit or a later partial_fit can reuse the network.
+
+        Returns the attributes to set (the random stream, to be advanced, and the
+        optimizer, a new one if ``optimizer`` changed) and y as the loss takes it; changes
+        nothing itself.
+        """
+        targets = self._continued_targets(y, classes, incremental)
+        if self.architecture != self._fit_architecture:
+            raise ValueError(f"the architecture changed from {self._fit_architecture!r} "
+                             f"to {self.architecture!r} since the network was built; set "
+                             "warm_start=False (or fit anew) to build a new network")
+        if X.shape[1:] != self._x_sample_shape:
+            raise ValueError(f"X has samples of shape {X.shape[1:]}, but "
+                             f"{type(self).__name__} was fitted on samples of shape "
+                             f"{self._x_sample_shape}")
+        self._check_batch_size(self._min_batch, n_train)
+        # The kept optimizer gets the current hyper-parameters when the call is accepted.
+        optimizer = (self.optimizer_ if type(self.optimizer_) is _OPTIMIZERS[self.optimizer]
+                     else self._new_optimizer(self.model_))
+        # A copy of the stream: drawing the validation split must not advance the
+        # estimator's own before the call is accepted.
+        return {"_rng": copy.deepcopy(self._rng), "optimizer_": optimizer}, targets
+
+    def _optimizer_kwargs(self) -> dict:
+        weight_decay = (_DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None
+                        else self.weight_decay)
+        kwargs = {"lr": float(self.learning_rate), "weight_decay": float(weight_decay)}
+        if self.optimizer == "sgd":
+            kwargs["momentum"] = float(self.momentum)
+        return kwargs
+
+    def _new_optimizer(self, model: nn.Sequential) -> optim.Optimizer:
+        return _OPTIMIZERS[self.optimizer](model.parameters(), **self._optimizer_kwargs())
+
+    def _network_input(self, X: np.ndarray) -> np.ndarray:
+        """Reshape validated X to (n, *input_shape_); its layout must be that of fit."""
+        if X.shape[1:] != self._x_sample_shape:
+            raise ValueError(f"X has samples of shape {X.shape[1:]}, but "
+                             f"{type(self).__name__} was fitted on samples of shape "
+                             f"{self._x_sample_shape}")
+        return X.reshape((len(X),) + self.input_shape_)
+
+    # ------------------------------------------------------------------ training loop
+
+    def _train(self, X: np.ndarray, y: np.ndarray, n_epochs: int, valid) -> None:
+        """Run up to ``n_epochs`` epochs, validating on ``valid`` (X, y) if given."""
+        validate = valid is not None
+        if validate and self.validation_scores_ is None:
+            self.validation_scores_ = []
+        bounds = batch_bounds(len(X), self.batch_size, last="merge_single")
+        probe = None
+        if self.record_layer_stats:
+            index = probe_indices(len(X))
+            probe = (X[index], y[index])
+            if self.n_iter_ == 0:
+                self.layer_stats_init_ = layer_statistics(self.model_, *probe)
+        self.best_loss_ = self.best_validation_score_ = None
+        best_state, epochs_without_improvement = None, 0
+        completed = self._snapshot()
+        try:
+            for _ in range(n_epochs):
+                epoch, start = self.n_iter_ + 1, time.perf_counter()
+                try:
+                    loss, score, state = self._run_epoch(X, y, bounds, valid)
+                    seconds = time.perf_counter() - start   # the probe is not training
+                    layers = None if probe is None else layer_statistics(self.model_,
+                                                                         *probe)
+                except KeyboardInterrupt:
+                    self._restore(completed)
+                    warnings.warn(
+                        f"fit interrupted by KeyboardInterrupt during epoch {epoch}; kept "
+                        f"the network as it was after epoch {self.n_iter_} (the last "
+                        "completed one)", FitInterruptedWarning, stacklevel=4)
+                    break
+                except _Diverged as diverged:
+                    self._restore(completed)
+                    what = ("a parameter or batch-norm statistic became NaN or infinite"
+                            if math.isfinite(diverged.loss)
+                            else f"the training loss became {diverged.loss}")
+                    raise DivergenceError(
+                        f"training diverged in epoch {epoch} (batch {diverged.batch} of "
+                        f"{diverged.n_batches}): {what}; the network was restored to its "
+                        f"state after epoch {self.n_iter_}. Lower learning_rate (now "
+                        f"{self.learning_rate})") from None
+                completed = (state, self.optimizer_.state_dict())
+                self._record(epoch, loss, score, seconds, layers)
+                improved, is_best = self._track_best(loss, score)
+                if is_best and validate:
+                    best_state = state
+                epochs_without_improvement = 0 if improved else epochs_without_improvement + 1
+                if epochs_without_improvement >= self.n_iter_no_change:
+                    if self.verbose:
+                        monitored = "validation score" if validate else "training loss"
+                        print(f"stopping: the {monitored} did not improve by tol={self.tol}"
+                              f" for {self.n_iter_no_change} epochs", flush=True)
+                    break
+        finally:
+            if best_state is not None:
+                self.model_.load_state_dict(best_state)
+            self.model_.clear_saved()
+            self.model_.eval()
+
+    def _run_epoch(self, X: np.ndarray, y: np.ndarray, bounds, valid):
+        """One pass of mini-batch training, then the validation score if ``valid``.
+
+        Returns the mean training loss, the validation score (or None) and the
+        network's state dict; raises _Diverged for a non-finite loss or state.
+        """
+        order = self._rng.permutation(len(X)) if self.shuffle else None
+        losses = train_epoch(self.model_, self._criterion(), self.optimizer_, X, y, bounds,
+                             order)
+        if not math.isfinite(losses[-1]):
+            raise _Diverged(len(losses), len(bounds), losses[-1])
+        total = 0.0
+        for loss, (start, stop) in zip(losses, bounds):   # in order (same bits as ever)
+            total += loss * (stop - start)
+        loss = total / len(X)
+        state = self.model_.state_dict()
+        if not _all_finite(state):
+            raise _Diverged(len(bounds), len(bounds), loss)
+        score = None
+        if valid is not None:
+            X_valid, y_valid = valid
+            score = self._validation_score(self._logits(X_valid), y_valid)
+        return loss, score, state
+
+    def _track_best(self, loss: float, score: float | None) -> tuple[bool, bool]:
+        """Update best_loss_ or best_validation_score_ (when ``score`` is given).
+
+        Returns whether the epoch improved on the best by more than ``tol``, and whether
+        it is the new best.
+        """
+        if score is not None:
+            best = self.best_validation_score_
+            if best is None or score > best:
+                self.best_validation_score_ = score
+            return best is None or score > best + self.tol, best is None or score > best
+        best = self.best_loss_
+        if best is None or loss < best:
+            self.best_loss_ = loss
+        return best is None or loss < best - self.tol, best is None or loss < best
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        return self.model_.state_dict(), self.optimizer_.state_dict()
+
+    def _restore(self, snapshot: tuple[dict, dict]) -> None:
+        model_state, optimizer_state = snapshot
+        self.model_.clear_saved()
+        self.model_.load_state_dict(model_state)
+        self.optimizer_.load_state_dict(optimizer_state)
+
+    def _record(self, epoch: int, loss: float, score: float | None, seconds: float,
+                layers: list | None = None) -> None:
+        self.n_iter_ = epoch
+        self.loss_ = loss
+        self.loss_curve_.append(loss)
+        entry = {"epoch": epoch, "train_loss": loss}
+        if score is not None:
+            self.validation_scores_.append(score)
+            entry["valid_score"] = score
+        entry["seconds"] = seconds
+        if layers is not None:
+            entry["layers"] = layers
+        self.history_.append(entry)
+        if self.verbose:
+            valid = "" if score is None else f"  valid_score {score:.4f}"
+            print(f"epoch {epoch:>3}  train_loss {loss:.4f}{valid}  {seconds:.2f} s",
+                  file=sys.stdout, flush=True)
+
+    # ------------------------------------------------------------------ prediction
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        """The network's outputs (logits, for a classifier) of network-shaped X in
+        evaluation mode, in chunks."""
+        return np.concatenate(list(eval_logits(self.model_, X, _PREDICT_CHUNK)))
+
+    # ------------------------------------------------------------------ the subclass's part
+
+    #: Keyword arguments of ``validate_data`` for y (e.g. ``multi_output``).
+    _y_checks: ClassVar[dict] = {}
+
+    def _check_targets(self, y: np.ndarray) -> None:
+        """Reject y that is not of the estimator's kind (after ``validate_data``)."""
+        raise NotImplementedError
+
+    def _new_targets(self, y: np.ndarray, classes) -> tuple[dict, np.ndarray, int]:
+        """For a new fit: the target attributes to set, y as the loss takes it, and the
+        width of the output layer."""
+        raise NotImplementedError
+
+    def _continued_targets(self, y: np.ndarray, classes, incremental: bool) -> np.ndarray:
+        """For a warm-start fit or a later partial_fit: y as the loss takes it, checked
+        against the fitted targets."""
+        raise NotImplementedError
+
+    def _criterion(self) -> nn.Module:
+        """The training loss (a :mod:`bnrs.nn` loss module)."""
+        raise NotImplementedError
+
+    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
+        """The early-stopping score (higher is better) of network outputs."""
+        raise NotImplementedError
+
+    def _stratify(self, targets: np.ndarray) -> np.ndarray | None:
+        """``stratify`` of the validation split."""
+        raise NotImplementedError
+
+
+class CNNClassifier(ClassifierMixin, _BaseCNN):
     """A convolutional network classifier with batch norm and dropout, trained on the CPU.
 
     The network is given as an architecture string (see :mod:`bnrs.nn.spec`), e.g.
@@ -307,59 +728,6 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     (2, 2)
     """
 
-    def __init__(self, architecture: str = DEFAULT_ARCHITECTURE, *, input_shape=None,
-                 optimizer: str = "adam", learning_rate: float = 1e-3,
-                 momentum: float = 0.9, weight_decay: float | None = None,
-                 batch_size: int = 64,
-                 max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
-                 validation_fraction: float = 0.1, n_iter_no_change: int = 10,
-                 tol: float = 1e-4, warm_start: bool = False, random_state=None,
-                 n_threads: int | None = None, verbose: int = 0,
-                 record_layer_stats: bool = False):
-        self.architecture = architecture
-        self.input_shape = input_shape
-        self.optimizer = optimizer
-        self.learning_rate = learning_rate
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.shuffle = shuffle
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.n_iter_no_change = n_iter_no_change
-        self.tol = tol
-        self.warm_start = warm_start
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.verbose = verbose
-        self.record_layer_stats = record_layer_stats
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.three_d_array = True
-        return tags
-
-    # ------------------------------------------------------------------ fitting
-
-    def fit(self, X, y):
-        """Train the network on (X, y) for up to ``max_epochs`` epochs.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, C, H, W), (n_samples, H, W) or (n_samples, d)
-            Training samples; see the input-shape rule in the class Notes.
-        y : array-like of shape (n_samples,)
-            Class labels (ints, strings, ...), at least two distinct ones.
-
-        Returns
-        -------
-        self : CNNClassifier
-        """
-        self._validate_params()
-        reset = not (self.warm_start and hasattr(self, "model_"))
-        return self._fit(X, y, classes=None, reset=reset, incremental=False)
-
     def partial_fit(self, X, y, classes=None):
         """Train for one epoch over (X, y), continuing from the previous call if any.
 
@@ -384,163 +752,19 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError("classes must be passed on the first call to partial_fit")
         return self._fit(X, y, classes=classes, reset=reset, incremental=True)
 
-    def _fit(self, X, y, *, classes, reset: bool, incremental: bool):
-        # Every check runs, and the new state is built aside, before the first attribute
-        # is set: a call that is rejected leaves a fitted estimator exactly as it was.
-        with num_threads(self.n_threads):
-            # validate_data(reset=True) records n_features_in_ on the estimator it is
-            # given, so a new fit validates on an unfitted copy.
-            checked = clone(self) if reset else self
-            X, y = validate_data(checked, X, y, reset=reset, allow_nd=True,
-                                 dtype=np.float32, order="C")
-            check_classification_targets(y)
-            if X.ndim > 4:
-                raise ValueError(f"X: expected a 2-D, 3-D or 4-D array, got shape {X.shape}")
-            validate = self.early_stopping and not incremental
-            # train_test_split's rule for the size of the validation part
-            n_train = len(X) - (math.ceil(self.validation_fraction * len(X)) if validate
-                                else 0)
-            if reset:
-                state, y_index = self._new_state(X, y, classes, n_train)
-                for name in ("n_features_in_", "feature_names_in_"):
-                    state[name] = getattr(checked, name, None)
-            else:
-                state, y_index = self._continued_state(X, y, classes, incremental, n_train)
-            X = X.reshape((len(X),) + (state["input_shape_"] if reset
-                                       else self.input_shape_))
-            valid = None
-            if validate:
-                seed = int(state["_rng"].integers(0, 2**32))
-                X, X_valid, y_index, y_valid = train_test_split(
-                    X, y_index, test_size=self.validation_fraction, stratify=y_index,
-                    random_state=seed)
-                valid = (X_valid, y_valid)
-            for name, value in state.items():
-                if value is None and name == "feature_names_in_":
-                    if hasattr(self, name):   # X without column names this time
-                        del self.feature_names_in_
-                else:
-                    setattr(self, name, value)
-            if not reset:   # e.g. a lower learning rate for the optimizer kept
-                for group in self.optimizer_.param_groups:
-                    group.update(self._optimizer_kwargs())
-            self._train(X, y_index, 1 if incremental else self.max_epochs, valid)
-        return self
+    _y_checks: ClassVar[dict] = {}
 
-    def __sklearn_is_fitted__(self) -> bool:
-        return hasattr(self, "model_")
+    def _check_targets(self, y: np.ndarray) -> None:
+        check_classification_targets(y)
 
-    #: The hyper-parameters' types and ranges, checked at every fit and partial_fit (in
-    #: the style of scikit-learn's ``_parameter_constraints``); ``architecture``'s
-    #: grammar is checked by :func:`bnrs.nn.spec.parse` besides.
-    _parameter_constraints: ClassVar[dict[str, list[Constraint]]] = {
-        "architecture": [Instances(str, description="an architecture string")],
-        "input_shape": [NONE, IntTuple((1, 3), 1, "(C, H, W) or (n_features,) of "
-                                                  "positive ints")],
-        "optimizer": [Options(_OPTIMIZERS)],
-        "learning_rate": [Interval("real", 0.0, None, closed="neither")],
-        "momentum": [Interval("real", 0.0, None)],
-        "weight_decay": [NONE, Interval("real", 0.0, None)],
-        "batch_size": [Interval("int", 1)],
-        "max_epochs": [Interval("int", 1)],
-        "shuffle": [Boolean()],
-        "early_stopping": [Boolean()],
-        "validation_fraction": [Interval("real", 0.0, 1.0, closed="neither")],
-        "n_iter_no_change": [Interval("int", 1)],
-        "tol": [Interval("real", 0.0, None)],
-        "warm_start": [Boolean()],
-        "random_state": [NONE, Interval("int", 0),
-                         Instances(np.random.Generator, np.random.RandomState,
-                                   description="a numpy.random.Generator or RandomState")],
-        "n_threads": [NONE, Interval("int", 1)],
-        "verbose": [Interval("int", 0), Boolean()],
-        "record_layer_stats": [Boolean()],
-    }
-
-    def _validate_params(self) -> None:
-        """Check every hyper-parameter against ``_parameter_constraints``.
-
-        ``__init__`` only stores them. A wrong type raises TypeError, a wrong value
-        ValueError, naming the parameter.
-        """
-        check_params(self._parameter_constraints, self.get_params(deep=False))
-        parse(self.architecture)
-
-    def _new_state(self, X: np.ndarray, y: np.ndarray, classes,
-                   n_train: int) -> tuple[dict, np.ndarray]:
-        """The attributes of a new fit: classes_, input_shape_, network, optimizer, history.
-
-        Only checks and builds; the caller sets them. Returns them by name, and y as
-        class indices.
-        """
+    def _new_targets(self, y: np.ndarray, classes) -> tuple[dict, np.ndarray, int]:
         all_classes = np.unique(y if classes is None else np.asarray(classes))
         if len(all_classes) < 2:
             raise ValueError(f"y has only one class ({all_classes[0]!r}); a classifier "
                              "needs at least 2 classes")
-        y_index = _encode(y, all_classes)
-        input_shape = self._infer_input_shape(X.shape)
-        rng = as_generator(self.random_state)
-        try:
-            model = from_spec(self.architecture, input_shape, len(all_classes),
-                              random_state=rng)
-        except SpecError as error:
-            raise ValueError(f"cannot build the architecture for samples of shape "
-                             f"{input_shape} (from X of shape {X.shape}; see the "
-                             f"input-shape rule of CNNClassifier): {error}") from error
-        min_batch = 2 if _needs_two_samples(model, input_shape) else 1
-        self._check_batch_size(min_batch, n_train)
-        state = {"classes_": all_classes, "input_shape_": input_shape, "model_": model,
-                 "_x_sample_shape": X.shape[1:], "_rng": rng, "_min_batch": min_batch,
-                 "_fit_architecture": self.architecture,
-                 "optimizer_": self._new_optimizer(model),
-                 "loss_": None, "best_loss_": None, "loss_curve_": [], "history_": [],
-                 "n_iter_": 0, "validation_scores_": None, "best_validation_score_": None,
-                 "layer_stats_init_": None}
-        return state, y_index
+        return {"classes_": all_classes}, _encode(y, all_classes), len(all_classes)
 
-    def _check_batch_size(self, min_batch: int, n_train: int) -> None:
-        if n_train < min_batch or self.batch_size < min_batch:
-            raise ValueError(
-                f"batch norm in architecture {self.architecture!r} needs at least 2 "
-                f"samples per mini-batch; got {n_train} training sample(s) and "
-                f"batch_size={self.batch_size}")
-
-    def _infer_input_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The network's sample shape for X of ``x_shape`` (the class Notes' rule)."""
-        sample = tuple(x_shape[1:])
-        if self.input_shape is not None:
-            given = tuple(int(d) for d in self.input_shape)
-            if math.prod(given) != math.prod(sample):
-                raise ValueError(f"input_shape={given} has {math.prod(given)} values per "
-                                 f"sample, but X of shape {x_shape} has "
-                                 f"{math.prod(sample)}")
-            return given
-        if len(sample) == 3:
-            return sample
-        if len(sample) == 2:
-            return (1,) + sample
-        n_features = sample[0]
-        try:  # a throwaway build: does any layer need a feature map?
-            from_spec(self.architecture, (n_features,), 2, random_state=0)
-            return (n_features,)
-        except SpecError:
-            pass
-        side = math.isqrt(n_features)
-        if side * side != n_features:
-            raise ValueError(f"X has {n_features} features per sample, which is not a "
-                             f"square number, and architecture {self.architecture!r} has "
-                             "convolution or pooling layers that need images: pass "
-                             "input_shape=(C, H, W), or X of shape (n, C, H, W)")
-        return (1, side, side)
-
-    def _continued_state(self, X: np.ndarray, y: np.ndarray, classes, incremental: bool,
-                         n_train: int) -> tuple[dict, np.ndarray]:
-        """Check that a warm-start fit or a later partial_fit can reuse the network.
-
-        Returns the attributes to set (the random stream, to be advanced, and the
-        optimizer, a new one if ``optimizer`` changed) and y as class indices; changes
-        nothing itself.
-        """
+    def _continued_targets(self, y: np.ndarray, classes, incremental: bool) -> np.ndarray:
         if incremental and classes is not None and not np.array_equal(
                 np.unique(classes), self.classes_):
             raise ValueError(f"classes={np.unique(classes)!r} is not the same as on the "
@@ -550,173 +774,18 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"warm_start: y has the classes {np.unique(y)!r}, but the "
                              f"network was fitted for {self.classes_!r}; set "
                              "warm_start=False to fit anew")
-        if self.architecture != self._fit_architecture:
-            raise ValueError(f"the architecture changed from {self._fit_architecture!r} "
-                             f"to {self.architecture!r} since the network was built; set "
-                             "warm_start=False (or fit anew) to build a new network")
-        if X.shape[1:] != self._x_sample_shape:
-            raise ValueError(f"X has samples of shape {X.shape[1:]}, but "
-                             f"{type(self).__name__} was fitted on samples of shape "
-                             f"{self._x_sample_shape}")
-        self._check_batch_size(self._min_batch, n_train)
-        # The kept optimizer gets the current hyper-parameters when the call is accepted.
-        optimizer = (self.optimizer_ if type(self.optimizer_) is _OPTIMIZERS[self.optimizer]
-                     else self._new_optimizer(self.model_))
-        # A copy of the stream: drawing the validation split must not advance the
-        # estimator's own before the call is accepted.
-        return {"_rng": copy.deepcopy(self._rng), "optimizer_": optimizer}, y_index
+        return y_index
 
-    def _optimizer_kwargs(self) -> dict:
-        weight_decay = (_DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None
-                        else self.weight_decay)
-        kwargs = {"lr": float(self.learning_rate), "weight_decay": float(weight_decay)}
-        if self.optimizer == "sgd":
-            kwargs["momentum"] = float(self.momentum)
-        return kwargs
+    def _criterion(self) -> nn.Module:
+        return nn.CrossEntropyLoss()
 
-    def _new_optimizer(self, model: nn.Sequential) -> optim.Optimizer:
-        return _OPTIMIZERS[self.optimizer](model.parameters(), **self._optimizer_kwargs())
+    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
+        return float(np.mean(np.argmax(outputs, axis=1) == targets))
 
-    def _network_input(self, X: np.ndarray) -> np.ndarray:
-        """Reshape validated X to (n, *input_shape_); its layout must be that of fit."""
-        if X.shape[1:] != self._x_sample_shape:
-            raise ValueError(f"X has samples of shape {X.shape[1:]}, but "
-                             f"{type(self).__name__} was fitted on samples of shape "
-                             f"{self._x_sample_shape}")
-        return X.reshape((len(X),) + self.input_shape_)
-
-    # ------------------------------------------------------------------ training loop
-
-    def _train(self, X: np.ndarray, y: np.ndarray, n_epochs: int, valid) -> None:
-        """Run up to ``n_epochs`` epochs, validating on ``valid`` (X, y) if given."""
-        validate = valid is not None
-        if validate and self.validation_scores_ is None:
-            self.validation_scores_ = []
-        bounds = batch_bounds(len(X), self.batch_size, last="merge_single")
-        probe = None
-        if self.record_layer_stats:
-            index = probe_indices(len(X))
-            probe = (X[index], y[index])
-            if self.n_iter_ == 0:
-                self.layer_stats_init_ = layer_statistics(self.model_, *probe)
-        self.best_loss_ = self.best_validation_score_ = None
-        best_state, epochs_without_improvement = None, 0
-        completed = self._snapshot()
-        try:
-            for _ in range(n_epochs):
-                epoch, start = self.n_iter_ + 1, time.perf_counter()
-                try:
-                    loss, score, state = self._run_epoch(X, y, bounds, valid)
-                    seconds = time.perf_counter() - start   # the probe is not training
-                    layers = None if probe is None else layer_statistics(self.model_,
-                                                                         *probe)
-                except KeyboardInterrupt:
-                    self._restore(completed)
-                    warnings.warn(
-                        f"fit interrupted by KeyboardInterrupt during epoch {epoch}; kept "
-                        f"the network as it was after epoch {self.n_iter_} (the last "
-                        "completed one)", FitInterruptedWarning, stacklevel=4)
-                    break
-                except _Diverged as diverged:
-                    self._restore(completed)
-                    what = ("a parameter or batch-norm statistic became NaN or infinite"
-                            if math.isfinite(diverged.loss)
-                            else f"the training loss became {diverged.loss}")
-                    raise DivergenceError(
-                        f"training diverged in epoch {epoch} (batch {diverged.batch} of "
-                        f"{diverged.n_batches}): {what}; the network was restored to its "
-                        f"state after epoch {self.n_iter_}. Lower learning_rate (now "
-                        f"{self.learning_rate})") from None
-                completed = (state, self.optimizer_.state_dict())
-                self._record(epoch, loss, score, seconds, layers)
-                improved, is_best = self._track_best(loss, score)
-                if is_best and validate:
-                    best_state = state
-                epochs_without_improvement = 0 if improved else epochs_without_improvement + 1
-                if epochs_without_improvement >= self.n_iter_no_change:
-                    if self.verbose:
-                        monitored = "validation score" if validate else "training loss"
-                        print(f"stopping: the {monitored} did not improve by tol={self.tol}"
-                              f" for {self.n_iter_no_change} epochs", flush=True)
-                    break
-        finally:
-            if best_state is not None:
-                self.model_.load_state_dict(best_state)
-            self.model_.clear_saved()
-            self.model_.eval()
-
-    def _run_epoch(self, X: np.ndarray, y: np.ndarray, bounds, valid):
-        """One pass of mini-batch training, then the validation accuracy if ``valid``.
-
-        Returns the mean training loss, the validation accuracy (or None) and the
-        network's state dict; raises _Diverged for a non-finite loss or state.
-        """
-        order = self._rng.permutation(len(X)) if self.shuffle else None
-        losses = train_epoch(self.model_, nn.CrossEntropyLoss(), self.optimizer_, X, y,
-                             bounds, order)
-        if not math.isfinite(losses[-1]):
-            raise _Diverged(len(losses), len(bounds), losses[-1])
-        total = 0.0
-        for loss, (start, stop) in zip(losses, bounds):   # in order (same bits as ever)
-            total += loss * (stop - start)
-        loss = total / len(X)
-        state = self.model_.state_dict()
-        if not _all_finite(state):
-            raise _Diverged(len(bounds), len(bounds), loss)
-        score = None
-        if valid is not None:
-            X_valid, y_valid = valid
-            score = float(np.mean(np.argmax(self._logits(X_valid), axis=1) == y_valid))
-        return loss, score, state
-
-    def _track_best(self, loss: float, score: float | None) -> tuple[bool, bool]:
-        """Update best_loss_ or best_validation_score_ (when ``score`` is given).
-
-        Returns whether the epoch improved on the best by more than ``tol``, and whether
-        it is the new best.
-        """
-        if score is not None:
-            best = self.best_validation_score_
-            if best is None or score > best:
-                self.best_validation_score_ = score
-            return best is None or score > best + self.tol, best is None or score > best
-        best = self.best_loss_
-        if best is None or loss < best:
-            self.best_loss_ = loss
-        return best is None or loss < best - self.tol, best is None or loss < best
-
-    def _snapshot(self) -> tuple[dict, dict]:
-        return self.model_.state_dict(), self.optimizer_.state_dict()
-
-    def _restore(self, snapshot: tuple[dict, dict]) -> None:
-        model_state, optimizer_state = snapshot
-        self.model_.clear_saved()
-        self.model_.load_state_dict(model_state)
-        self.optimizer_.load_state_dict(optimizer_state)
-
-    def _record(self, epoch: int, loss: float, score: float | None, seconds: float,
-                layers: list | None = None) -> None:
-        self.n_iter_ = epoch
-        self.loss_ = loss
-        self.loss_curve_.append(loss)
-        entry = {"epoch": epoch, "train_loss": loss}
-        if score is not None:
-            self.validation_scores_.append(score)
-            entry["valid_score"] = score
-        entry["seconds"] = seconds
-        if layers is not None:
-            entry["layers"] = layers
-        self.history_.append(entry)
-        if self.verbose:
-            valid = "" if score is None else f"  valid_score {score:.4f}"
-            print(f"epoch {epoch:>3}  train_loss {loss:.4f}{valid}  {seconds:.2f} s",
-                  file=sys.stdout, flush=True)
+    def _stratify(self, targets: np.ndarray) -> np.ndarray | None:
+        return targets
 
     # ------------------------------------------------------------------ prediction
-
-    def _logits(self, X: np.ndarray) -> np.ndarray:
-        """Logits of network-shaped X in evaluation mode, in chunks."""
-        return np.concatenate(list(eval_logits(self.model_, X, _PREDICT_CHUNK)))
 
     def predict_log_proba(self, X) -> np.ndarray:
         """Log of the class probabilities (log-softmax of the logits, float64).
