@@ -53,6 +53,9 @@ _OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}
 _DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2, "sgd": 0.0}
 #: Samples per forward pass in prediction (bounds the memory of the im2col buffers).
 _PREDICT_CHUNK = 512
+_DATA_FORMATS = ("channels_first", "channels_last", "auto")
+#: Channel counts of images as PIL, OpenCV, Keras and TensorFlow hold them: grey, RGB, RGBA.
+_IMAGE_CHANNELS = (1, 3, 4)
 
 
 class DivergenceError(RuntimeError):
@@ -92,6 +95,47 @@ def _needs_two_samples(model: nn.Sequential, input_shape: tuple[int, ...]) -> bo
     return False
 
 
+def _x_layout(x_shape: tuple[int, ...], data_format: str, input_shape) -> str:
+    """Where X of ``x_shape`` holds its channels (the class Notes' data-format rule)."""
+    if data_format != "auto":
+        return data_format
+    sample = tuple(x_shape[1:])
+    if len(sample) != 3:   # (n, H, W) has one channel; rows of (n, d) are read as (C, H, W)
+        return "channels_first"
+    if input_shape is not None and len(input_shape) == 3:
+        channels, height, width = (int(d) for d in input_shape)
+        first, last = (channels, height, width), (height, width, channels)
+        if first != last and sample in (first, last):
+            return "channels_first" if sample == first else "channels_last"
+    first_is_channels = sample[0] in _IMAGE_CHANNELS
+    last_is_channels = sample[2] in _IMAGE_CHANNELS
+    if last_is_channels and not first_is_channels:
+        return "channels_last"
+    if first_is_channels and not last_is_channels:
+        return "channels_first"
+    if not (first_is_channels or last_is_channels):
+        # Feature maps of other channel counts (e.g. (n, 16, 8, 8)): channels first, as
+        # before data_format existed.
+        return "channels_first"
+    raise ValueError(
+        f"data_format='auto' cannot tell the layout of X of shape {tuple(x_shape)}: it "
+        f"may be {sample[0]}-channel {sample[1]}x{sample[2]} images (channels first) or "
+        f"{sample[2]}-channel {sample[0]}x{sample[1]} images (channels last); pass "
+        "data_format='channels_first' or data_format='channels_last'")
+
+
+def _to_network(X: np.ndarray, input_shape: tuple[int, ...], layout: str) -> np.ndarray:
+    """X brought to (n, C, H, W) from its layout, then reshaped to (n, *input_shape)."""
+    if layout == "channels_last":
+        if X.ndim == 4:
+            X = X.transpose(0, 3, 1, 2)
+        elif len(input_shape) == 3:   # rows of (H, W, C) values
+            channels, height, width = input_shape
+            X = X.reshape(len(X), height, width, channels).transpose(0, 3, 1, 2)
+        X = np.ascontiguousarray(X)
+    return X.reshape((len(X),) + tuple(input_shape))
+
+
 def _all_finite(state: dict) -> bool:
     return all(np.isfinite(value).all() for value in state.values()
                if np.asarray(value).dtype.kind == "f")
@@ -127,7 +171,7 @@ class _BaseCNN(BaseEstimator):
 
 
     def __init__(self, architecture: str = DEFAULT_ARCHITECTURE, *, input_shape=None,
-                 optimizer: str = "adam", learning_rate: float = 1e-3,
+                 data_format: str = "auto", optimizer: str = "adam", learning_rate: float = 1e-3,
                  momentum: float = 0.9, weight_decay: float | None = None,
                  batch_size: int = 64,
                  max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
@@ -137,6 +181,7 @@ class _BaseCNN(BaseEstimator):
                  record_layer_stats: bool = False):
         self.architecture = architecture
         self.input_shape = input_shape
+        self.data_format = data_format
         self.optimizer = optimizer
         self.learning_rate = learning_rate
         self.momentum = momentum
@@ -159,6 +204,13 @@ class _BaseCNN(BaseEstimator):
         tags.input_tags.three_d_array = True
         return tags
 
+    def __setstate__(self, state):
+        # Estimators pickled before data_format existed read every X channels first.
+        state.setdefault("data_format", "auto")
+        if "model_" in state:
+            state.setdefault("data_format_", "channels_first")
+        super().__setstate__(state)
+
     # ------------------------------------------------------------------ fitting
 
     def fit(self, X, y):
@@ -166,8 +218,9 @@ class _BaseCNN(BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, C, H, W), (n_samples, H, W) or (n_samples, d)
-            Training samples; see the input-shape rule in the class Notes.
+        X : array-like of 4-D (channels first or last), 3-D or 2-D shape
+            Training samples, (n_samples, ...); see the data-format and input-shape rules in the class
+            Notes.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Class labels (ints, strings, ...), at least two distinct ones, for
             :class:`CNNClassifier`; real-valued targets for :class:`CNNRegressor`.
@@ -203,8 +256,8 @@ class _BaseCNN(BaseEstimator):
                     state[name] = getattr(checked, name, None)
             else:
                 state, targets = self._continued_state(X, y, classes, incremental, n_train)
-            X = X.reshape((len(X),) + (state["input_shape_"] if reset
-                                       else self.input_shape_))
+            X = _to_network(X, state["input_shape_"] if reset else self.input_shape_,
+                            state["data_format_"] if reset else self.data_format_)
             valid = None
             if validate:
                 seed = int(state["_rng"].integers(0, 2**32))
@@ -234,6 +287,7 @@ class _BaseCNN(BaseEstimator):
         "architecture": [Instances(str, description="an architecture string")],
         "input_shape": [NONE, IntTuple((1, 3), 1, "(C, H, W) or (n_features,) of "
                                                   "positive ints")],
+        "data_format": [Options(_DATA_FORMATS)],
         "optimizer": [Options(_OPTIMIZERS)],
         "learning_rate": [Interval("real", 0.0, None, closed="neither")],
         "momentum": [Interval("real", 0.0, None)],
@@ -272,7 +326,8 @@ class _BaseCNN(BaseEstimator):
         loss takes it (class indices, float32 targets).
         """
         target_state, targets, n_outputs = self._new_targets(y, classes)
-        input_shape = self._infer_input_shape(X.shape)
+        layout = _x_layout(X.shape, self.data_format, self.input_shape)
+        input_shape = self._infer_input_shape(X.shape, layout)
         rng = as_generator(self.random_state)
         try:
             model = from_spec(self.architecture, input_shape, n_outputs, random_state=rng)
@@ -282,7 +337,8 @@ class _BaseCNN(BaseEstimator):
                              f"input-shape rule of {type(self).__name__}): {error}") from error
         min_batch = 2 if _needs_two_samples(model, input_shape) else 1
         self._check_batch_size(min_batch, n_train)
-        state = {**target_state, "input_shape_": input_shape, "model_": model,
+        state = {**target_state, "input_shape_": input_shape, "data_format_": layout,
+                 "model_": model,
                  "_x_sample_shape": X.shape[1:], "_rng": rng, "_min_batch": min_batch,
                  "_fit_architecture": self.architecture,
                  "optimizer_": self._new_optimizer(model),
@@ -298,8 +354,9 @@ class _BaseCNN(BaseEstimator):
                 f"samples per mini-batch; got {n_train} training sample(s) and "
                 f"batch_size={self.batch_size}")
 
-    def _infer_input_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The network's sample shape for X of ``x_shape`` (the class Notes' rule)."""
+    def _infer_input_shape(self, x_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+        """The network's sample shape (C, H, W) or (n_features,) for X of ``x_shape`` held
+        in ``layout`` (the class Notes' rule)."""
         sample = tuple(x_shape[1:])
         if self.input_shape is not None:
             given = tuple(int(d) for d in self.input_shape)
@@ -309,7 +366,7 @@ class _BaseCNN(BaseEstimator):
                                  f"{math.prod(sample)}")
             return given
         if len(sample) == 3:
-            return sample
+            return (sample[2],) + sample[:2] if layout == "channels_last" else sample
         if len(sample) == 2:
             return (1,) + sample
         n_features = sample[0]
@@ -343,6 +400,10 @@ class _BaseCNN(BaseEstimator):
             raise ValueError(f"X has samples of shape {X.shape[1:]}, but "
                              f"{type(self).__name__} was fitted on samples of shape "
                              f"{self._x_sample_shape}")
+        if self.data_format not in ("auto", self.data_format_):
+            raise ValueError(f"data_format={self.data_format!r}, but the network was fitted "
+                             f"on X held {self.data_format_!r}; set warm_start=False (or "
+                             "fit anew) to change the layout")
         self._check_batch_size(self._min_batch, n_train)
         # The kept optimizer gets the current hyper-parameters when the call is accepted.
         optimizer = (self.optimizer_ if type(self.optimizer_) is _OPTIMIZERS[self.optimizer]
@@ -363,12 +424,13 @@ class _BaseCNN(BaseEstimator):
         return _OPTIMIZERS[self.optimizer](model.parameters(), **self._optimizer_kwargs())
 
     def _network_input(self, X: np.ndarray) -> np.ndarray:
-        """Reshape validated X to (n, *input_shape_); its layout must be that of fit."""
+        """Validated X as the network takes it, (n, *input_shape_); X must have the sample
+        shape (and so the layout, ``data_format_``) seen in fit."""
         if X.shape[1:] != self._x_sample_shape:
             raise ValueError(f"X has samples of shape {X.shape[1:]}, but "
                              f"{type(self).__name__} was fitted on samples of shape "
                              f"{self._x_sample_shape}")
-        return X.reshape((len(X),) + self.input_shape_)
+        return _to_network(X, self.input_shape_, self.data_format_)
 
     # ------------------------------------------------------------------ training loop
 
@@ -557,6 +619,11 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         The shape of one sample as the network sees it, (C, H, W) or (n_features,);
         X is reshaped to ``(n_samples, *input_shape)`` and must have that many values
         per sample. When None it is inferred from X (see Notes).
+    data_format : {"auto", "channels_first", "channels_last"}, default "auto"
+        Where 4-D X holds the channels: ``(n, C, H, W)`` ("channels_first", PyTorch's
+        layout) or ``(n, H, W, C)`` ("channels_last", as PIL, OpenCV, Keras and
+        TensorFlow hold images). "auto" decides from X's shape (see Notes). The network
+        always sees (N, C, H, W): X is transposed once in ``fit`` and in prediction.
     optimizer : {"adam", "adamw", "sgd"}, default "adam"
         :class:`bnrs.optim.Adam`, :class:`bnrs.optim.AdamW` or :class:`bnrs.optim.SGD`.
     learning_rate : float, default 1e-3
@@ -621,6 +688,8 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         The column names of X, when X was a DataFrame with string column names.
     input_shape_ : tuple of int
         The shape of one sample as the network sees it, (C, H, W) or (n_features,).
+    data_format_ : {"channels_first", "channels_last"}
+        The layout of X in ``fit``, which prediction takes too.
     model_ : bnrs.nn.Sequential
         The network, left in evaluation mode; ``model_.state_dict()`` has PyTorch's key
         names.
@@ -655,8 +724,21 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
 
     Notes
     -----
-    **The input-shape rule.** With ``input_shape`` given, every X is reshaped to
-    ``(n_samples, *input_shape)``. Otherwise 4-D X ``(n, C, H, W)`` is used as is, 3-D X
+    **The data-format rule.** With ``data_format="auto"``, 4-D X ``(n, a, b, c)`` is
+    channels last when ``c`` is 1, 3 or 4 (grey, RGB, RGBA) and ``a`` is not, channels
+    first when ``a`` is 1, 3 or 4 and ``c`` is not, and channels first (as before this
+    parameter existed) when neither is (feature maps such as ``(n, 16, 8, 8)``; pass
+    ``data_format="channels_last"`` for channels-last X with other channel counts). When
+    both are, as in ``(n, 3, 8, 3)``, a ValueError asks for ``data_format``. An
+    ``input_shape=(C, H, W)`` given decides instead when X's samples are ``(C, H, W)`` or
+    ``(H, W, C)`` (and the two differ). 2-D X is read as rows of (C, H, W) values (of
+    (H, W, C) values with ``data_format="channels_last"``), 3-D X as one channel.
+    Channels-last X trains exactly the network channels-first X does (bit for bit);
+    ``input_shape_`` is (C, H, W) in both cases.
+
+    **The input-shape rule.** With ``input_shape`` given, every X (brought to channels
+    first) is reshaped to ``(n_samples, *input_shape)``. Otherwise 4-D X ``(n, C, H, W)``
+    (or ``(n, H, W, C)``, channels last) is used as is, 3-D X
     ``(n, H, W)`` becomes ``(n, 1, H, W)``, and 2-D X ``(n, d)`` depends on the
     architecture: if it can be built on vectors (only ``fc``, ``bn``, dropout and
     activations: a multilayer perceptron), each row is a vector of ``d`` features;
