@@ -1,4 +1,4 @@
-"""scikit-learn estimators over :mod:`bnrs.nn`: :class:`CNNClassifier`.
+"""scikit-learn estimators over :mod:`bnrs.nn`: :class:`CNNClassifier`, :class:`CNNRegressor`.
 
 The network is described by an architecture string (see :mod:`bnrs.nn.spec`), built by
 :func:`bnrs.nn.from_spec` at the first ``fit`` and trained with mini-batches in training
@@ -25,7 +25,8 @@ import warnings
 from typing import ClassVar
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
+from sklearn.metrics import r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
@@ -46,7 +47,7 @@ except ImportError:  # scikit-learn < 1.6 has the method instead of the function
         return estimator._validate_data(X, y, **kwargs)
 
 
-__all__ = ["CNNClassifier", "DivergenceError", "FitInterruptedWarning"]
+__all__ = ["CNNClassifier", "CNNRegressor", "DivergenceError", "FitInterruptedWarning"]
 
 _OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}
 #: The weight decay of ``weight_decay=None``: each optimizer's own default (PyTorch's).
@@ -54,6 +55,8 @@ _DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2, "sgd": 0.0}
 #: Samples per forward pass in prediction (bounds the memory of the im2col buffers).
 _PREDICT_CHUNK = 512
 _DATA_FORMATS = ("channels_first", "channels_last", "auto")
+#: CNNRegressor's losses, with scikit-learn's names.
+_REGRESSION_LOSSES = ("squared_error", "huber")
 #: Channel counts of images as PIL, OpenCV, Keras and TensorFlow hold them: grey, RGB, RGBA.
 _IMAGE_CHANNELS = (1, 3, 4)
 
@@ -445,7 +448,8 @@ class _BaseCNN(BaseEstimator):
             index = probe_indices(len(X))
             probe = (X[index], y[index])
             if self.n_iter_ == 0:
-                self.layer_stats_init_ = layer_statistics(self.model_, *probe)
+                self.layer_stats_init_ = layer_statistics(self.model_, *probe,
+                                                          criterion=self._criterion())
         self.best_loss_ = self.best_validation_score_ = None
         best_state, epochs_without_improvement = None, 0
         completed = self._snapshot()
@@ -455,8 +459,8 @@ class _BaseCNN(BaseEstimator):
                 try:
                     loss, score, state = self._run_epoch(X, y, bounds, valid)
                     seconds = time.perf_counter() - start   # the probe is not training
-                    layers = None if probe is None else layer_statistics(self.model_,
-                                                                         *probe)
+                    layers = None if probe is None else layer_statistics(
+                        self.model_, *probe, criterion=self._criterion())
                 except KeyboardInterrupt:
                     self._restore(completed)
                     warnings.warn(
@@ -720,6 +724,7 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
     See Also
     --------
     bnrs.nn.from_spec : builds the network from the architecture string.
+    CNNRegressor : the same network and training for real-valued targets.
     sklearn.neural_network.MLPClassifier : whose parameter names this follows.
 
     Notes
@@ -916,3 +921,218 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         """
         log_proba = self.predict_log_proba(X)
         return self.classes_[np.argmax(log_proba, axis=1)]
+
+
+class CNNRegressor(RegressorMixin, _BaseCNN):
+    """A convolutional network regressor with batch norm and dropout, trained on the CPU.
+
+    The network is given as an architecture string, as for :class:`CNNClassifier`; the
+    output layer, a linear ``fc<n_outputs>`` (no activation), is appended, and the loss
+    is the mean squared error or the Huber loss (:class:`bnrs.nn.MSELoss`,
+    :class:`bnrs.nn.HuberLoss`, PyTorch's). Targets of shape (n_samples,) give
+    predictions of shape (n_samples,), targets of shape (n_samples, n_outputs)
+    predictions of that shape. Training, prediction modes, the input-shape and
+    data-format rules, ``partial_fit``, ``warm_start``, Ctrl-C, divergence, pickling,
+    ``n_threads`` and ``random_state`` behave as for :class:`CNNClassifier` (see its
+    Notes); ``score`` is the coefficient of determination R² (``RegressorMixin``).
+
+    Parameters
+    ----------
+    architecture : str, default ``bnrs.nn.DEFAULT_ARCHITECTURE``
+        The hidden layers (see :class:`CNNClassifier`); the empty string is a linear
+        model.
+    loss : {"squared_error", "huber"}, default "squared_error"
+        The training loss, named as scikit-learn names them: the mean squared error
+        (``nn.MSELoss``) or the Huber loss (``nn.HuberLoss(delta)``), quadratic within
+        ``delta`` of the target and linear beyond, so outliers pull less.
+    delta : float, default 1.0
+        The Huber loss's threshold, as PyTorch's ``HuberLoss(delta=1.0)``, in the units
+        of y; a finite number > 0, used only with ``loss="huber"``.
+    input_shape : tuple of int, optional
+        The shape of one sample as the network sees it, (C, H, W) or (n_features,).
+    data_format : {"auto", "channels_first", "channels_last"}, default "auto"
+        Where 4-D X holds the channels (see :class:`CNNClassifier`).
+    optimizer : {"adam", "adamw", "sgd"}, default "adam"
+    learning_rate : float, default 1e-3
+    momentum : float, default 0.9
+        SGD momentum.
+    weight_decay : float or None, default None
+        None: the optimizer's own default (0 for "adam" and "sgd", 0.01 for "adamw").
+    batch_size : int, default 64
+    max_epochs : int, default 20
+    shuffle : bool, default True
+    early_stopping : bool, default False
+        Hold out ``validation_fraction`` of the training data (at random) and stop when
+        its R² has not improved by ``tol`` for ``n_iter_no_change`` epochs, restoring
+        the network of the best epoch (as ``MLPRegressor``, which also scores the
+        validation part by R²). R² rather than the validation loss: it is what ``score``
+        reports, and ``validation_scores_`` then means the same for both estimators
+        (higher is better). When False, the training loss is monitored.
+    validation_fraction : float, default 0.1
+    n_iter_no_change : int, default 10
+    tol : float, default 1e-4
+    warm_start : bool, default False
+        Continue from the network and optimizer of the previous ``fit`` (same
+        architecture, sample shape and number of outputs).
+    random_state : int, numpy.random.Generator, numpy.random.RandomState or None
+        As for :class:`CNNClassifier`: the same int gives bit-identical predictions at
+        any thread count.
+    n_threads : int, optional
+    verbose : int or bool, default 0
+    record_layer_stats : bool, default False
+        As for :class:`CNNClassifier`, with the training loss back-propagated.
+
+    Attributes
+    ----------
+    n_outputs_ : int
+        The number of targets (columns of y; 1 for 1-D y).
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+    input_shape_ : tuple of int
+        (C, H, W) or (n_features,), as the network sees a sample.
+    data_format_ : {"channels_first", "channels_last"}
+    model_ : bnrs.nn.Sequential
+    optimizer_ : bnrs.optim.Optimizer
+    loss_ : float or None
+    loss_curve_ : list of float
+    best_loss_ : float or None
+    validation_scores_ : list of float or None
+        The validation R² after every epoch with ``early_stopping``, else None.
+    best_validation_score_ : float or None
+    n_iter_ : int
+    history_ : list of dict
+    layer_stats_init_ : list of dict or None
+
+    See Also
+    --------
+    CNNClassifier : the classifier, whose attributes these are.
+    sklearn.neural_network.MLPRegressor : whose parameter names this follows.
+
+    Notes
+    -----
+    Targets are trained on in float32, as the network computes; predictions are
+    float64. Targets far from unit scale train slowly (as with ``MLPRegressor``):
+    standardise y, e.g. with ``sklearn.compose.TransformedTargetRegressor``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnrs import CNNRegressor
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((64, 1, 8, 8)).astype(np.float32)
+    >>> y = X[:, 0, :4].mean(axis=(1, 2))
+    >>> reg = CNNRegressor("c8-bn-relu-mp2-fc16", max_epochs=5, random_state=0)
+    >>> reg.fit(X, y).predict(X[:3]).shape
+    (3,)
+    >>> reg.n_outputs_
+    1
+    """
+
+    def __init__(self, architecture: str = DEFAULT_ARCHITECTURE, *,
+                 loss: str = "squared_error", delta: float = 1.0, input_shape=None,
+                 data_format: str = "auto", optimizer: str = "adam",
+                 learning_rate: float = 1e-3, momentum: float = 0.9,
+                 weight_decay: float | None = None, batch_size: int = 64,
+                 max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 10,
+                 tol: float = 1e-4, warm_start: bool = False, random_state=None,
+                 n_threads: int | None = None, verbose: int = 0,
+                 record_layer_stats: bool = False):
+        super().__init__(
+            architecture, input_shape=input_shape, data_format=data_format,
+            optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
+            weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs,
+            shuffle=shuffle, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
+            tol=tol, warm_start=warm_start, random_state=random_state,
+            n_threads=n_threads, verbose=verbose, record_layer_stats=record_layer_stats)
+        self.loss = loss
+        self.delta = delta
+
+    _parameter_constraints: ClassVar[dict[str, list[Constraint]]] = {
+        **_BaseCNN._parameter_constraints,
+        "loss": [Options(_REGRESSION_LOSSES)],
+        "delta": [Interval("real", 0.0, None, closed="neither")],
+    }
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    def partial_fit(self, X, y):
+        """Train for one epoch over (X, y), continuing from the previous call if any.
+
+        No validation data are held out (``early_stopping`` is ignored), and
+        ``max_epochs`` and ``warm_start`` do not apply.
+
+        Parameters
+        ----------
+        X : array-like of 4-D (channels first or last), 3-D or 2-D shape
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            As many outputs as on the first call.
+
+        Returns
+        -------
+        self : CNNRegressor
+        """
+        self._validate_params()
+        return self._fit(X, y, classes=None, reset=not hasattr(self, "model_"),
+                         incremental=True)
+
+    # ------------------------------------------------------------------ the targets
+
+    _y_checks: ClassVar[dict] = {"multi_output": True, "y_numeric": True}
+
+    def _check_targets(self, y: np.ndarray) -> None:
+        if y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[1] < 1):
+            raise ValueError(f"y: expected shape (n_samples,) or (n_samples, n_outputs), "
+                             f"got {y.shape}")
+
+    @staticmethod
+    def _as_targets(y: np.ndarray) -> np.ndarray:
+        """y as the loss takes it: float32 (n_samples, n_outputs)."""
+        return np.ascontiguousarray(y, dtype=np.float32).reshape(len(y), -1)
+
+    def _new_targets(self, y: np.ndarray, classes) -> tuple[dict, np.ndarray, int]:
+        targets = self._as_targets(y)
+        return ({"n_outputs_": targets.shape[1], "_y_ndim": y.ndim}, targets,
+                targets.shape[1])
+
+    def _continued_targets(self, y: np.ndarray, classes, incremental: bool) -> np.ndarray:
+        targets = self._as_targets(y)
+        if targets.shape[1] != self.n_outputs_ or y.ndim != self._y_ndim:
+            raise ValueError(f"y has shape {y.shape}, but the network was fitted on y of "
+                             f"{self._y_ndim} dimension(s) with {self.n_outputs_} "
+                             "output(s); set warm_start=False (or fit anew) to change them")
+        return targets
+
+    def _criterion(self) -> nn.Module:
+        return nn.HuberLoss(self.delta) if self.loss == "huber" else nn.MSELoss()
+
+    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
+        return float(r2_score(targets.astype(np.float64), outputs.astype(np.float64)))
+
+    def _stratify(self, targets: np.ndarray) -> np.ndarray | None:
+        return None
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict(self, X) -> np.ndarray:
+        """The network's outputs for X, in evaluation mode.
+
+        Parameters
+        ----------
+        X : array-like, of the layout seen in ``fit``
+
+        Returns
+        -------
+        ndarray of float64, of shape (n_samples,) or (n_samples, n_outputs)
+            1-D when y was 1-D in ``fit``.
+        """
+        check_is_fitted(self)
+        with num_threads(self.n_threads):
+            X = validate_data(self, X, reset=False, allow_nd=True, dtype=np.float32,
+                              order="C")
+            outputs = self._logits(self._network_input(X)).astype(np.float64)
+        return outputs.ravel() if self._y_ndim == 1 else outputs
