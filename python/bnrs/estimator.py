@@ -1,4 +1,5 @@
-"""scikit-learn estimators over :mod:`bnrs.nn`: :class:`CNNClassifier`, :class:`CNNRegressor`.
+"""scikit-learn estimators over :mod:`bnrs.nn`: :class:`CNNClassifier` and
+:class:`CNNRegressor`.
 
 The network is described by an architecture string (see :mod:`bnrs.nn.spec`), built by
 :func:`bnrs.nn.from_spec` at the first ``fit`` and trained with mini-batches in training
@@ -172,11 +173,10 @@ class _BaseCNN(BaseEstimator):
     ``_validation_score`` and ``_stratify``.
     """
 
-
     def __init__(self, architecture: str = DEFAULT_ARCHITECTURE, *, input_shape=None,
-                 data_format: str = "auto", optimizer: str = "adam", learning_rate: float = 1e-3,
-                 momentum: float = 0.9, weight_decay: float | None = None,
-                 batch_size: int = 64,
+                 data_format: str = "auto", optimizer: str = "adam",
+                 learning_rate: float = 1e-3, momentum: float = 0.9,
+                 weight_decay: float | None = None, batch_size: int = 64,
                  max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
                  validation_fraction: float = 0.1, n_iter_no_change: int = 10,
                  tol: float = 1e-4, warm_start: bool = False, random_state=None,
@@ -222,8 +222,8 @@ class _BaseCNN(BaseEstimator):
         Parameters
         ----------
         X : array-like of 4-D (channels first or last), 3-D or 2-D shape
-            Training samples, (n_samples, ...); see the data-format and input-shape rules in the class
-            Notes.
+            Training samples, (n_samples, ...); see the data-format and input-shape
+            rules in the class Notes of :class:`CNNClassifier`.
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Class labels (ints, strings, ...), at least two distinct ones, for
             :class:`CNNClassifier`; real-valued targets for :class:`CNNRegressor`.
@@ -570,6 +570,14 @@ class _BaseCNN(BaseEstimator):
         evaluation mode, in chunks."""
         return np.concatenate(list(eval_logits(self.model_, X, _PREDICT_CHUNK)))
 
+    def _predict_outputs(self, X) -> np.ndarray:
+        """The network's float32 outputs for user X (checked, in the fitted layout)."""
+        check_is_fitted(self)
+        with num_threads(self.n_threads):
+            X = validate_data(self, X, reset=False, allow_nd=True, dtype=np.float32,
+                              order="C")
+            return self._logits(self._network_input(X))
+
     # ------------------------------------------------------------------ the subclass's part
 
     #: Keyword arguments of ``validate_data`` for y (e.g. ``multi_output``).
@@ -823,7 +831,7 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, C, H, W), (n_samples, H, W) or (n_samples, d)
+        X : array-like of 4-D (channels first or last), 3-D or 2-D shape
         y : array-like of shape (n_samples,)
         classes : array-like of shape (n_classes,), optional
             Every class label that will ever be seen; required on the first call (when
@@ -886,12 +894,7 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         ndarray of shape (n_samples, n_classes)
             Columns in the order of ``classes_``.
         """
-        check_is_fitted(self)
-        with num_threads(self.n_threads):
-            X = validate_data(self, X, reset=False, allow_nd=True, dtype=np.float32,
-                              order="C")
-            logits = self._logits(self._network_input(X))
-        return _log_softmax(logits)
+        return _log_softmax(self._predict_outputs(X))
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (softmax of the logits, float64; rows sum to 1).
@@ -1130,9 +1133,5 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
         ndarray of float64, of shape (n_samples,) or (n_samples, n_outputs)
             1-D when y was 1-D in ``fit``.
         """
-        check_is_fitted(self)
-        with num_threads(self.n_threads):
-            X = validate_data(self, X, reset=False, allow_nd=True, dtype=np.float32,
-                              order="C")
-            outputs = self._logits(self._network_input(X)).astype(np.float64)
+        outputs = self._predict_outputs(X).astype(np.float64)
         return outputs.ravel() if self._y_ndim == 1 else outputs
