@@ -526,6 +526,31 @@ def cross_entropy_backward(x, target):
     return grad / len(target)
 
 
+
+def mse_loss(x, target):
+    """Mean over every element of (x − target)²."""
+    return float(np.mean((_f64(x) - _f64(target)) ** 2))
+
+
+def mse_loss_backward(x, target):
+    """2 (x − target) / numel."""
+    diff = _f64(x) - _f64(target)
+    return 2.0 * diff / diff.size
+
+
+def huber_loss(x, target, delta=1.0):
+    """Mean over every element of ½d² where |d| < delta, else delta (|d| − ½ delta)."""
+    diff = _f64(x) - _f64(target)
+    quadratic = np.abs(diff) < delta
+    return float(np.mean(np.where(quadratic, 0.5 * diff ** 2,
+                                  delta * (np.abs(diff) - 0.5 * delta))))
+
+
+def huber_loss_backward(x, target, delta=1.0):
+    """d / numel where |d| <= delta, else delta sign(d) / numel."""
+    diff = _f64(x) - _f64(target)
+    return np.clip(diff, -delta, delta) / diff.size
+
 # --------------------------------------------------------------------------- optimizers
 
 

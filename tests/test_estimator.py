@@ -115,6 +115,104 @@ def test_input_shape_parameter(digits):
         _fit(two_channels, y, input_shape=(8, 8))
 
 
+def _colour(X):
+    """(n, 8, 8) digits as 3-channel (n, 3, 8, 8) images with distinct channels."""
+    return np.stack([X, 1.0 - X, X * X], axis=1)
+
+
+def _same_fit(first, second, X_first, X_second):
+    assert first.input_shape_ == second.input_shape_
+    assert first.loss_curve_ == second.loss_curve_
+    state, other = first.model_.state_dict(), second.model_.state_dict()
+    for key, value in state.items():
+        np.testing.assert_array_equal(other[key], value, err_msg=key)
+    np.testing.assert_array_equal(second.predict_proba(X_second),
+                                  first.predict_proba(X_first))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_channels_last_images_fit_as_channels_first(digits, channels, early_stopping):
+    X, y = digits
+    first = _colour(X)[:, :channels]
+    last = np.ascontiguousarray(first.transpose(0, 2, 3, 1))   # (n, 8, 8, C) as PIL holds it
+    params = {"early_stopping": early_stopping, "validation_fraction": 0.2}
+    from_first, from_last = _fit(first, y, **params), _fit(last, y, **params)
+    assert from_first.data_format_ == "channels_first"
+    assert from_last.data_format_ == "channels_last"
+    assert from_last.input_shape_ == (channels, 8, 8)
+    assert from_last.model_[0].weight.shape == (4, channels, 3, 3)
+    _same_fit(from_first, from_last, first, last)
+    # Prediction takes the fitted layout only; the other one is refused, not misread.
+    with pytest.raises(ValueError, match="expecting 8 features"):
+        from_last.predict(first)
+    # Explicit data_format gives the same network as "auto".
+    _same_fit(from_last, _fit(last, y, data_format="channels_last", **params), last, last)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 3), (1, 5, 1), (4, 6, 3)])
+def test_auto_data_format_refuses_ambiguous_shapes(shape):
+    X = np.zeros((20,) + shape, np.float32)
+    y = np.arange(20) % 2
+    pattern = (rf"data_format='auto' cannot tell the layout of X of shape "
+               rf"\(20, {shape[0]}, {shape[1]}, {shape[2]}\).*pass "
+               r"data_format='channels_first' or data_format='channels_last'")
+    with pytest.raises(ValueError, match=pattern):
+        CNNClassifier("c4-relu", max_epochs=1).fit(X, y)
+
+
+def test_explicit_data_format_and_input_shape_decide(digits):
+    X, y = digits
+    rng = np.random.default_rng(0)
+    ambiguous = rng.random((len(X), 3, 8, 3)).astype(np.float32)
+    arch = "c4-relu-fc8"
+    assert _fit(ambiguous, y, architecture=arch, data_format="channels_first"
+                ).input_shape_ == (3, 8, 3)
+    assert _fit(ambiguous, y, architecture=arch, data_format="channels_last"
+                ).input_shape_ == (3, 3, 8)
+    # An input_shape matching one reading only decides under "auto".
+    clf = _fit(ambiguous, y, architecture=arch, input_shape=(3, 3, 8))
+    assert clf.data_format_ == "channels_last" and clf.input_shape_ == (3, 3, 8)
+    clf = _fit(ambiguous, y, architecture=arch, input_shape=(3, 8, 3))
+    assert clf.data_format_ == "channels_first"
+    # An explicit data_format is honoured even where "auto" would decide otherwise.
+    last = np.ascontiguousarray(_colour(X).transpose(0, 2, 3, 1))   # (n, 8, 8, 3)
+    clf = _fit(last, y, architecture=arch, data_format="channels_first")
+    assert clf.data_format_ == "channels_first" and clf.input_shape_ == (8, 8, 3)
+    # Other channel counts stay channels first, as before data_format existed.
+    assert _fit(rng.random((len(X), 2, 6, 6)), y, architecture=arch).input_shape_ == (2, 6, 6)
+    assert _fit(rng.random((len(X), 6, 6, 2)), y, architecture=arch,
+                data_format="channels_last").input_shape_ == (2, 6, 6)
+    # Rows of (H, W, C) values with input_shape=(C, H, W) and channels_last.
+    first = _colour(X)
+    rows = first.transpose(0, 2, 3, 1).reshape(len(X), -1)
+    _same_fit(_fit(first, y), _fit(rows, y, input_shape=(3, 8, 8), data_format="channels_last"),
+              first, rows)
+
+
+def test_data_format_is_kept_by_warm_start_and_pickle(digits):
+    X, y = digits
+    last = np.ascontiguousarray(_colour(X).transpose(0, 2, 3, 1))
+    clf = _fit(last, y, warm_start=True, max_epochs=1)
+    restored = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(restored.predict_proba(last), clf.predict_proba(last))
+    clf.fit(last, y)                                           # "auto" keeps the layout
+    assert clf.n_iter_ == 2 and clf.data_format_ == "channels_last"
+    with pytest.raises(ValueError, match="data_format='channels_first'.*channels_last"):
+        clf.set_params(data_format="channels_first").fit(last, y)
+
+
+def test_an_estimator_pickled_before_data_format_reads_channels_first(digits):
+    X, y = digits
+    clf = _fit(X[:, None], y)
+    state = clf.__getstate__()
+    del state["data_format"], state["data_format_"]
+    old = CNNClassifier.__new__(CNNClassifier)
+    old.__setstate__(state)
+    assert old.get_params()["data_format"] == "auto" and old.data_format_ == "channels_first"
+    np.testing.assert_array_equal(old.predict_proba(X[:, None]), clf.predict_proba(X[:, None]))
+
+
 def test_two_d_rule(digits):
     X, y = digits
     flat = X.reshape(len(X), -1)
@@ -147,6 +245,7 @@ def test_bad_parameters(digits):
 BAD_PARAMETERS = {
     "architecture": (3, None),
     "input_shape": ("1x8x8", (8, 8)),
+    "data_format": (1, "nhwc"),
     "optimizer": (1, "rmsprop"),
     "learning_rate": ("0.1", 0.0),
     "momentum": (None, -0.5),

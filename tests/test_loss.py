@@ -1,4 +1,5 @@
-"""log_softmax and cross_entropy: forward, backward, numerical stability."""
+"""log_softmax and cross_entropy: forward, backward, numerical stability; nn.MSELoss and
+nn.HuberLoss against the NumPy reference and finite differences."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import reference as ref
 from bnrs import functional as F
+from bnrs import nn
 
 SHAPES = [(1, 1), (1, 5), (3, 10), (7, 3), (64, 100)]
 
@@ -110,3 +112,83 @@ def test_backward_matches_finite_differences(rng, assert_close):
                  terms=x.shape[1], name="log_softmax")
     assert_close(F.cross_entropy_backward(x, target), numerical_cross_entropy,
                  terms=x.shape[1], name="cross_entropy")
+
+
+# --------------------------------------------------------------------------- regression losses
+
+REGRESSION_SHAPES = [(1,), (5,), (4, 1), (7, 3), (2, 3, 4)]
+DELTAS = [0.1, 1.0, 2.5]
+
+
+def _regression_case(rng, shape, scale=2.0):
+    return ((rng.standard_normal(shape) * scale).astype(np.float32),
+            (rng.standard_normal(shape) * scale).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", REGRESSION_SHAPES)
+def test_mse_loss_matches_reference(rng, assert_close, shape):
+    x, target = _regression_case(rng, shape)
+    crit = nn.MSELoss()
+    loss = crit(x, target)
+    assert isinstance(loss, float)
+    assert_close(loss, ref.mse_loss(x, target), dtype=None, name="loss")
+    grad = crit.backward()
+    assert_close(grad, ref.mse_loss_backward(x, target), name="grad")
+
+
+@pytest.mark.parametrize("delta", DELTAS)
+@pytest.mark.parametrize("shape", REGRESSION_SHAPES)
+def test_huber_loss_matches_reference(rng, assert_close, shape, delta):
+    x, target = _regression_case(rng, shape)
+    crit = nn.HuberLoss(delta=delta)
+    assert_close(crit(x, target), ref.huber_loss(x, target, delta), dtype=None, name="loss")
+    assert_close(crit.backward(), ref.huber_loss_backward(x, target, delta), name="grad")
+
+
+def test_huber_loss_is_half_mse_within_delta_and_linear_beyond():
+    x = np.array([0.5, -0.25, 3.0, -4.0], np.float32)
+    zero = np.zeros_like(x)
+    crit = nn.HuberLoss(delta=1.0)
+    # 0.5 * 0.25, 0.5 * 0.0625, 1 * (3 - 0.5), 1 * (4 - 0.5), averaged
+    assert crit(x, zero) == pytest.approx((0.125 + 0.03125 + 2.5 + 3.5) / 4, rel=1e-12)
+    np.testing.assert_array_equal(crit.backward(), np.array([0.5, -0.25, 1.0, -1.0]) / 4)
+    # A delta larger than every residual is half the squared error.
+    assert nn.HuberLoss(delta=10.0)(x, zero) == pytest.approx(0.5 * nn.MSELoss()(x, zero))
+
+
+@pytest.mark.parametrize("make", [nn.MSELoss, lambda: nn.HuberLoss(0.7)])
+def test_regression_loss_backward_matches_finite_differences(rng, assert_close, make):
+    x, target = _regression_case(rng, (3, 4))
+    x[0, 0] = target[0, 0] + 0.7 + 0.01   # near the Huber kink, but not on it
+    crit = make()
+    crit(x, target)
+    grad = crit.backward(grad_output=3.0)
+    reference_loss = (ref.mse_loss if isinstance(crit, nn.MSELoss) else
+                      lambda v, t: ref.huber_loss(v, t, 0.7))
+    (numerical,) = ref.numerical_gradients(lambda v: 3.0 * reference_loss(v, target), x)
+    assert_close(grad, numerical, name="grad")
+    # The references themselves agree with finite differences in float64.
+    reference_grad = (ref.mse_loss_backward(x, target) if isinstance(crit, nn.MSELoss)
+                      else ref.huber_loss_backward(x, target, 0.7))
+    assert_close(3.0 * reference_grad, numerical, **ref.FD_TOLERANCE, name="reference")
+
+
+@pytest.mark.parametrize("make", [nn.MSELoss, nn.HuberLoss])
+def test_regression_loss_shapes_and_state(make):
+    crit = make()
+    with pytest.raises(ValueError, match=r"target: expected the shape of input \(4, 1\)"):
+        crit(np.zeros((4, 1), np.float32), np.zeros(4, np.float32))
+    with pytest.raises(RuntimeError, match="no saved forward state"):
+        crit.backward()
+    crit(np.ones(3), [0, 1, 2])           # lists and float64 are converted
+    assert crit.backward().dtype == np.float32
+    with pytest.raises(RuntimeError, match="no saved forward state"):
+        crit.backward()                    # one backward per forward
+
+
+@pytest.mark.parametrize("delta", [0.0, -1.0, float("nan"), float("inf")])
+def test_huber_delta_must_be_positive_and_finite(delta):
+    with pytest.raises(ValueError, match="delta"):
+        nn.HuberLoss(delta=delta)
+    with pytest.raises(TypeError, match="delta"):
+        nn.HuberLoss(delta="1")

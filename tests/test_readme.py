@@ -14,8 +14,13 @@ def test_readme_python_blocks_run():
         namespace: dict = {}
         exec(compile(block, str(README), "exec"), namespace)
         namespaces.append(namespace)
-    estimator, layers = namespaces[0], namespaces[1]
+    estimator, regressor, layers = namespaces
     # The estimator example reaches the accuracy the README's claims rest on.
     assert estimator["clf"].score(estimator["X_test"], estimator["y_test"]) >= 0.98
+    # The regressor example reads its channels-last images as such and fits both targets.
+    reg = regressor["reg"]
+    assert reg.data_format_ == "channels_last" and reg.input_shape_ == (1, 8, 8)
+    assert reg.predict(regressor["X"][1500:]).shape == (297, 2)
+    assert reg.score(regressor["X"][1500:], regressor["Y"][1500:]) > 0.9
     # The layer example ends with evaluation-mode logits for its 32 samples and 10 classes.
     assert layers["logits"].shape == (32, 10)

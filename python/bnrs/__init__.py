@@ -11,15 +11,16 @@ from ._core import (__version__, cached_memory, get_num_threads, release_memory,
 
 def __getattr__(name: str):
     # The estimator imports scikit-learn (about a second); load it on first use only.
-    if name == "CNNClassifier":
-        from .estimator import CNNClassifier
+    if name in ("CNNClassifier", "CNNRegressor"):
+        from . import estimator
 
-        return CNNClassifier
+        return getattr(estimator, name)
     raise AttributeError(f"module 'bnrs' has no attribute {name!r}")
 
 
 __all__ = [
     "CNNClassifier",
+    "CNNRegressor",
     "__version__",
     "functional",
     "nn",

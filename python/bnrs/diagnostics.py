@@ -78,7 +78,8 @@ def _norm(array: np.ndarray) -> float:
     return float(np.sqrt(np.sum(np.square(array, dtype=np.float64))))
 
 
-def layer_statistics(model: nn.Sequential, X, y) -> list[dict]:
+def layer_statistics(model: nn.Sequential, X, y, criterion: nn.Module | None = None
+                     ) -> list[dict]:
     """Weight-gradient norm and activation mean and std of every layer, on one batch.
 
     Parameters
@@ -89,7 +90,10 @@ def layer_statistics(model: nn.Sequential, X, y) -> list[dict]:
     X : array-like of shape (N, *sample_shape)
         The probe batch (at least 2 samples when the network has batch norm).
     y : array-like of int of shape (N,)
-        Class indices (0 .. n_classes - 1) of the probe.
+        Class indices (0 .. n_classes - 1) of the probe (the targets ``criterion`` takes).
+    criterion : bnrs.nn loss module, optional
+        The loss back-propagated; None is ``nn.CrossEntropyLoss()``
+        (:class:`bnrs.CNNRegressor` passes its regression loss).
 
     Returns
     -------
@@ -114,7 +118,7 @@ def layer_statistics(model: nn.Sequential, X, y) -> list[dict]:
                for module in modules for name in module._buffer_names
                if getattr(module, name) is not None]
     grads = [(param, param.grad, param.grad.copy()) for param in model.parameters()]
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss() if criterion is None else criterion
     try:
         model.train()
         for module in modules:

@@ -1,4 +1,5 @@
-"""scikit-learn estimators over :mod:`bnrs.nn`: :class:`CNNClassifier`.
+"""scikit-learn estimators over :mod:`bnrs.nn`: :class:`CNNClassifier` and
+:class:`CNNRegressor`.
 
 The network is described by an architecture string (see :mod:`bnrs.nn.spec`), built by
 :func:`bnrs.nn.from_spec` at the first ``fit`` and trained with mini-batches in training
@@ -25,7 +26,8 @@ import warnings
 from typing import ClassVar
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
+from sklearn.metrics import r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
@@ -46,13 +48,18 @@ except ImportError:  # scikit-learn < 1.6 has the method instead of the function
         return estimator._validate_data(X, y, **kwargs)
 
 
-__all__ = ["CNNClassifier", "DivergenceError", "FitInterruptedWarning"]
+__all__ = ["CNNClassifier", "CNNRegressor", "DivergenceError", "FitInterruptedWarning"]
 
 _OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}
 #: The weight decay of ``weight_decay=None``: each optimizer's own default (PyTorch's).
 _DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2, "sgd": 0.0}
 #: Samples per forward pass in prediction (bounds the memory of the im2col buffers).
 _PREDICT_CHUNK = 512
+_DATA_FORMATS = ("channels_first", "channels_last", "auto")
+#: CNNRegressor's losses, with scikit-learn's names.
+_REGRESSION_LOSSES = ("squared_error", "huber")
+#: Channel counts of images as PIL, OpenCV, Keras and TensorFlow hold them: grey, RGB, RGBA.
+_IMAGE_CHANNELS = (1, 3, 4)
 
 
 class DivergenceError(RuntimeError):
@@ -92,6 +99,47 @@ def _needs_two_samples(model: nn.Sequential, input_shape: tuple[int, ...]) -> bo
     return False
 
 
+def _x_layout(x_shape: tuple[int, ...], data_format: str, input_shape) -> str:
+    """Where X of ``x_shape`` holds its channels (the class Notes' data-format rule)."""
+    if data_format != "auto":
+        return data_format
+    sample = tuple(x_shape[1:])
+    if len(sample) != 3:   # (n, H, W) has one channel; rows of (n, d) are read as (C, H, W)
+        return "channels_first"
+    if input_shape is not None and len(input_shape) == 3:
+        channels, height, width = (int(d) for d in input_shape)
+        first, last = (channels, height, width), (height, width, channels)
+        if first != last and sample in (first, last):
+            return "channels_first" if sample == first else "channels_last"
+    first_is_channels = sample[0] in _IMAGE_CHANNELS
+    last_is_channels = sample[2] in _IMAGE_CHANNELS
+    if last_is_channels and not first_is_channels:
+        return "channels_last"
+    if first_is_channels and not last_is_channels:
+        return "channels_first"
+    if not (first_is_channels or last_is_channels):
+        # Feature maps of other channel counts (e.g. (n, 16, 8, 8)): channels first, as
+        # before data_format existed.
+        return "channels_first"
+    raise ValueError(
+        f"data_format='auto' cannot tell the layout of X of shape {tuple(x_shape)}: it "
+        f"may be {sample[0]}-channel {sample[1]}x{sample[2]} images (channels first) or "
+        f"{sample[2]}-channel {sample[0]}x{sample[1]} images (channels last); pass "
+        "data_format='channels_first' or data_format='channels_last'")
+
+
+def _to_network(X: np.ndarray, input_shape: tuple[int, ...], layout: str) -> np.ndarray:
+    """X brought to (n, C, H, W) from its layout, then reshaped to (n, *input_shape)."""
+    if layout == "channels_last":
+        if X.ndim == 4:
+            X = X.transpose(0, 3, 1, 2)
+        elif len(input_shape) == 3:   # rows of (H, W, C) values
+            channels, height, width = input_shape
+            X = X.reshape(len(X), height, width, channels).transpose(0, 3, 1, 2)
+        X = np.ascontiguousarray(X)
+    return X.reshape((len(X),) + tuple(input_shape))
+
+
 def _all_finite(state: dict) -> bool:
     return all(np.isfinite(value).all() for value in state.values()
                if np.asarray(value).dtype.kind == "f")
@@ -115,7 +163,454 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-class CNNClassifier(ClassifierMixin, BaseEstimator):
+class _BaseCNN(BaseEstimator):
+    """What :class:`CNNClassifier` and :class:`CNNRegressor` share: the parameters and their
+    checks, the input-shape rule, the network's construction, the training loop (early
+    stopping, warm start, Ctrl-C, divergence) and the fitted state.
+
+    A subclass says what its targets are and how they are scored, through ``_y_checks``,
+    ``_check_targets``, ``_new_targets``, ``_continued_targets``, ``_criterion``,
+    ``_validation_score`` and ``_stratify``.
+    """
+
+    def __init__(self, architecture: str = DEFAULT_ARCHITECTURE, *, input_shape=None,
+                 data_format: str = "auto", optimizer: str = "adam",
+                 learning_rate: float = 1e-3, momentum: float = 0.9,
+                 weight_decay: float | None = None, batch_size: int = 64,
+                 max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 10,
+                 tol: float = 1e-4, warm_start: bool = False, random_state=None,
+                 n_threads: int | None = None, verbose: int = 0,
+                 record_layer_stats: bool = False):
+        self.architecture = architecture
+        self.input_shape = input_shape
+        self.data_format = data_format
+        self.optimizer = optimizer
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.shuffle = shuffle
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.warm_start = warm_start
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.verbose = verbose
+        self.record_layer_stats = record_layer_stats
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        return tags
+
+    def __setstate__(self, state):
+        # Estimators pickled before data_format existed read every X channels first.
+        state.setdefault("data_format", "auto")
+        if "model_" in state:
+            state.setdefault("data_format_", "channels_first")
+        super().__setstate__(state)
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self, X, y):
+        """Train the network on (X, y) for up to ``max_epochs`` epochs.
+
+        Parameters
+        ----------
+        X : array-like of 4-D (channels first or last), 3-D or 2-D shape
+            Training samples, (n_samples, ...); see the data-format and input-shape
+            rules in the class Notes of :class:`CNNClassifier`.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Class labels (ints, strings, ...), at least two distinct ones, for
+            :class:`CNNClassifier`; real-valued targets for :class:`CNNRegressor`.
+
+        Returns
+        -------
+        self : object
+            The fitted estimator.
+        """
+        self._validate_params()
+        reset = not (self.warm_start and hasattr(self, "model_"))
+        return self._fit(X, y, classes=None, reset=reset, incremental=False)
+
+    def _fit(self, X, y, *, classes, reset: bool, incremental: bool):
+        # Every check runs, and the new state is built aside, before the first attribute
+        # is set: a call that is rejected leaves a fitted estimator exactly as it was.
+        with num_threads(self.n_threads):
+            # validate_data(reset=True) records n_features_in_ on the estimator it is
+            # given, so a new fit validates on an unfitted copy.
+            checked = clone(self) if reset else self
+            X, y = validate_data(checked, X, y, reset=reset, allow_nd=True,
+                                 dtype=np.float32, order="C", **self._y_checks)
+            self._check_targets(y)
+            if X.ndim > 4:
+                raise ValueError(f"X: expected a 2-D, 3-D or 4-D array, got shape {X.shape}")
+            validate = self.early_stopping and not incremental
+            # train_test_split's rule for the size of the validation part
+            n_train = len(X) - (math.ceil(self.validation_fraction * len(X)) if validate
+                                else 0)
+            if reset:
+                state, targets = self._new_state(X, y, classes, n_train)
+                for name in ("n_features_in_", "feature_names_in_"):
+                    state[name] = getattr(checked, name, None)
+            else:
+                state, targets = self._continued_state(X, y, classes, incremental, n_train)
+            X = _to_network(X, state["input_shape_"] if reset else self.input_shape_,
+                            state["data_format_"] if reset else self.data_format_)
+            valid = None
+            if validate:
+                seed = int(state["_rng"].integers(0, 2**32))
+                X, X_valid, targets, y_valid = train_test_split(
+                    X, targets, test_size=self.validation_fraction,
+                    stratify=self._stratify(targets), random_state=seed)
+                valid = (X_valid, y_valid)
+            for name, value in state.items():
+                if value is None and name == "feature_names_in_":
+                    if hasattr(self, name):   # X without column names this time
+                        del self.feature_names_in_
+                else:
+                    setattr(self, name, value)
+            if not reset:   # e.g. a lower learning rate for the optimizer kept
+                for group in self.optimizer_.param_groups:
+                    group.update(self._optimizer_kwargs())
+            self._train(X, targets, 1 if incremental else self.max_epochs, valid)
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "model_")
+
+    #: The hyper-parameters' types and ranges, checked at every fit and partial_fit (in
+    #: the style of scikit-learn's ``_parameter_constraints``); ``architecture``'s
+    #: grammar is checked by :func:`bnrs.nn.spec.parse` besides.
+    _parameter_constraints: ClassVar[dict[str, list[Constraint]]] = {
+        "architecture": [Instances(str, description="an architecture string")],
+        "input_shape": [NONE, IntTuple((1, 3), 1, "(C, H, W) or (n_features,) of "
+                                                  "positive ints")],
+        "data_format": [Options(_DATA_FORMATS)],
+        "optimizer": [Options(_OPTIMIZERS)],
+        "learning_rate": [Interval("real", 0.0, None, closed="neither")],
+        "momentum": [Interval("real", 0.0, None)],
+        "weight_decay": [NONE, Interval("real", 0.0, None)],
+        "batch_size": [Interval("int", 1)],
+        "max_epochs": [Interval("int", 1)],
+        "shuffle": [Boolean()],
+        "early_stopping": [Boolean()],
+        "validation_fraction": [Interval("real", 0.0, 1.0, closed="neither")],
+        "n_iter_no_change": [Interval("int", 1)],
+        "tol": [Interval("real", 0.0, None)],
+        "warm_start": [Boolean()],
+        "random_state": [NONE, Interval("int", 0),
+                         Instances(np.random.Generator, np.random.RandomState,
+                                   description="a numpy.random.Generator or RandomState")],
+        "n_threads": [NONE, Interval("int", 1)],
+        "verbose": [Interval("int", 0), Boolean()],
+        "record_layer_stats": [Boolean()],
+    }
+
+    def _validate_params(self) -> None:
+        """Check every hyper-parameter against ``_parameter_constraints``.
+
+        ``__init__`` only stores them. A wrong type raises TypeError, a wrong value
+        ValueError, naming the parameter.
+        """
+        check_params(self._parameter_constraints, self.get_params(deep=False))
+        parse(self.architecture)
+
+    def _new_state(self, X: np.ndarray, y: np.ndarray, classes,
+                   n_train: int) -> tuple[dict, np.ndarray]:
+        """The attributes of a new fit: the targets' (classes_, ...), input_shape_, network,
+        optimizer, history.
+
+        Only checks and builds; the caller sets them. Returns them by name, and y as the
+        loss takes it (class indices, float32 targets).
+        """
+        target_state, targets, n_outputs = self._new_targets(y, classes)
+        layout = _x_layout(X.shape, self.data_format, self.input_shape)
+        input_shape = self._infer_input_shape(X.shape, layout)
+        rng = as_generator(self.random_state)
+        try:
+            model = from_spec(self.architecture, input_shape, n_outputs, random_state=rng)
+        except SpecError as error:
+            raise ValueError(f"cannot build the architecture for samples of shape "
+                             f"{input_shape} (from X of shape {X.shape}; see the "
+                             f"input-shape rule of {type(self).__name__}): {error}") from error
+        min_batch = 2 if _needs_two_samples(model, input_shape) else 1
+        self._check_batch_size(min_batch, n_train)
+        state = {**target_state, "input_shape_": input_shape, "data_format_": layout,
+                 "model_": model,
+                 "_x_sample_shape": X.shape[1:], "_rng": rng, "_min_batch": min_batch,
+                 "_fit_architecture": self.architecture,
+                 "optimizer_": self._new_optimizer(model),
+                 "loss_": None, "best_loss_": None, "loss_curve_": [], "history_": [],
+                 "n_iter_": 0, "validation_scores_": None, "best_validation_score_": None,
+                 "layer_stats_init_": None}
+        return state, targets
+
+    def _check_batch_size(self, min_batch: int, n_train: int) -> None:
+        if n_train < min_batch or self.batch_size < min_batch:
+            raise ValueError(
+                f"batch norm in architecture {self.architecture!r} needs at least 2 "
+                f"samples per mini-batch; got {n_train} training sample(s) and "
+                f"batch_size={self.batch_size}")
+
+    def _infer_input_shape(self, x_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+        """The network's sample shape (C, H, W) or (n_features,) for X of ``x_shape`` held
+        in ``layout`` (the class Notes' rule)."""
+        sample = tuple(x_shape[1:])
+        if self.input_shape is not None:
+            given = tuple(int(d) for d in self.input_shape)
+            if math.prod(given) != math.prod(sample):
+                raise ValueError(f"input_shape={given} has {math.prod(given)} values per "
+                                 f"sample, but X of shape {x_shape} has "
+                                 f"{math.prod(sample)}")
+            return given
+        if len(sample) == 3:
+            return (sample[2],) + sample[:2] if layout == "channels_last" else sample
+        if len(sample) == 2:
+            return (1,) + sample
+        n_features = sample[0]
+        try:  # a throwaway build: does any layer need a feature map?
+            from_spec(self.architecture, (n_features,), 2, random_state=0)
+            return (n_features,)
+        except SpecError:
+            pass
+        side = math.isqrt(n_features)
+        if side * side != n_features:
+            raise ValueError(f"X has {n_features} features per sample, which is not a "
+                             f"square number, and architecture {self.architecture!r} has "
+                             "convolution or pooling layers that need images: pass "
+                             "input_shape=(C, H, W), or X of shape (n, C, H, W)")
+        return (1, side, side)
+
+    def _continued_state(self, X: np.ndarray, y: np.ndarray, classes, incremental: bool,
+                         n_train: int) -> tuple[dict, np.ndarray]:
+        """Check that a warm-start fit or a later partial_fit can reuse the network.
+
+        Returns the attributes to set (the random stream, to be advanced, and the
+        optimizer, a new one if ``optimizer`` changed) and y as the loss takes it; changes
+        nothing itself.
+        """
+        targets = self._continued_targets(y, classes, incremental)
+        if self.architecture != self._fit_architecture:
+            raise ValueError(f"the architecture changed from {self._fit_architecture!r} "
+                             f"to {self.architecture!r} since the network was built; set "
+                             "warm_start=False (or fit anew) to build a new network")
+        if X.shape[1:] != self._x_sample_shape:
+            raise ValueError(f"X has samples of shape {X.shape[1:]}, but "
+                             f"{type(self).__name__} was fitted on samples of shape "
+                             f"{self._x_sample_shape}")
+        if self.data_format not in ("auto", self.data_format_):
+            raise ValueError(f"data_format={self.data_format!r}, but the network was fitted "
+                             f"on X held {self.data_format_!r}; set warm_start=False (or "
+                             "fit anew) to change the layout")
+        self._check_batch_size(self._min_batch, n_train)
+        # The kept optimizer gets the current hyper-parameters when the call is accepted.
+        optimizer = (self.optimizer_ if type(self.optimizer_) is _OPTIMIZERS[self.optimizer]
+                     else self._new_optimizer(self.model_))
+        # A copy of the stream: drawing the validation split must not advance the
+        # estimator's own before the call is accepted.
+        return {"_rng": copy.deepcopy(self._rng), "optimizer_": optimizer}, targets
+
+    def _optimizer_kwargs(self) -> dict:
+        weight_decay = (_DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None
+                        else self.weight_decay)
+        kwargs = {"lr": float(self.learning_rate), "weight_decay": float(weight_decay)}
+        if self.optimizer == "sgd":
+            kwargs["momentum"] = float(self.momentum)
+        return kwargs
+
+    def _new_optimizer(self, model: nn.Sequential) -> optim.Optimizer:
+        return _OPTIMIZERS[self.optimizer](model.parameters(), **self._optimizer_kwargs())
+
+    def _network_input(self, X: np.ndarray) -> np.ndarray:
+        """Validated X as the network takes it, (n, *input_shape_); X must have the sample
+        shape (and so the layout, ``data_format_``) seen in fit."""
+        if X.shape[1:] != self._x_sample_shape:
+            raise ValueError(f"X has samples of shape {X.shape[1:]}, but "
+                             f"{type(self).__name__} was fitted on samples of shape "
+                             f"{self._x_sample_shape}")
+        return _to_network(X, self.input_shape_, self.data_format_)
+
+    # ------------------------------------------------------------------ training loop
+
+    def _train(self, X: np.ndarray, y: np.ndarray, n_epochs: int, valid) -> None:
+        """Run up to ``n_epochs`` epochs, validating on ``valid`` (X, y) if given."""
+        validate = valid is not None
+        if validate and self.validation_scores_ is None:
+            self.validation_scores_ = []
+        bounds = batch_bounds(len(X), self.batch_size, last="merge_single")
+        probe = None
+        if self.record_layer_stats:
+            index = probe_indices(len(X))
+            probe = (X[index], y[index])
+            if self.n_iter_ == 0:
+                self.layer_stats_init_ = layer_statistics(self.model_, *probe,
+                                                          criterion=self._criterion())
+        self.best_loss_ = self.best_validation_score_ = None
+        best_state, epochs_without_improvement = None, 0
+        completed = self._snapshot()
+        try:
+            for _ in range(n_epochs):
+                epoch, start = self.n_iter_ + 1, time.perf_counter()
+                try:
+                    loss, score, state = self._run_epoch(X, y, bounds, valid)
+                    seconds = time.perf_counter() - start   # the probe is not training
+                    layers = None if probe is None else layer_statistics(
+                        self.model_, *probe, criterion=self._criterion())
+                except KeyboardInterrupt:
+                    self._restore(completed)
+                    warnings.warn(
+                        f"fit interrupted by KeyboardInterrupt during epoch {epoch}; kept "
+                        f"the network as it was after epoch {self.n_iter_} (the last "
+                        "completed one)", FitInterruptedWarning, stacklevel=4)
+                    break
+                except _Diverged as diverged:
+                    self._restore(completed)
+                    what = ("a parameter or batch-norm statistic became NaN or infinite"
+                            if math.isfinite(diverged.loss)
+                            else f"the training loss became {diverged.loss}")
+                    raise DivergenceError(
+                        f"training diverged in epoch {epoch} (batch {diverged.batch} of "
+                        f"{diverged.n_batches}): {what}; the network was restored to its "
+                        f"state after epoch {self.n_iter_}. Lower learning_rate (now "
+                        f"{self.learning_rate})") from None
+                completed = (state, self.optimizer_.state_dict())
+                self._record(epoch, loss, score, seconds, layers)
+                improved, is_best = self._track_best(loss, score)
+                if is_best and validate:
+                    best_state = state
+                epochs_without_improvement = 0 if improved else epochs_without_improvement + 1
+                if epochs_without_improvement >= self.n_iter_no_change:
+                    if self.verbose:
+                        monitored = "validation score" if validate else "training loss"
+                        print(f"stopping: the {monitored} did not improve by tol={self.tol}"
+                              f" for {self.n_iter_no_change} epochs", flush=True)
+                    break
+        finally:
+            if best_state is not None:
+                self.model_.load_state_dict(best_state)
+            self.model_.clear_saved()
+            self.model_.eval()
+
+    def _run_epoch(self, X: np.ndarray, y: np.ndarray, bounds, valid):
+        """One pass of mini-batch training, then the validation score if ``valid``.
+
+        Returns the mean training loss, the validation score (or None) and the
+        network's state dict; raises _Diverged for a non-finite loss or state.
+        """
+        order = self._rng.permutation(len(X)) if self.shuffle else None
+        losses = train_epoch(self.model_, self._criterion(), self.optimizer_, X, y, bounds,
+                             order)
+        if not math.isfinite(losses[-1]):
+            raise _Diverged(len(losses), len(bounds), losses[-1])
+        total = 0.0
+        for loss, (start, stop) in zip(losses, bounds):   # in order (same bits as ever)
+            total += loss * (stop - start)
+        loss = total / len(X)
+        state = self.model_.state_dict()
+        if not _all_finite(state):
+            raise _Diverged(len(bounds), len(bounds), loss)
+        score = None
+        if valid is not None:
+            X_valid, y_valid = valid
+            score = self._validation_score(self._logits(X_valid), y_valid)
+        return loss, score, state
+
+    def _track_best(self, loss: float, score: float | None) -> tuple[bool, bool]:
+        """Update best_loss_ or best_validation_score_ (when ``score`` is given).
+
+        Returns whether the epoch improved on the best by more than ``tol``, and whether
+        it is the new best.
+        """
+        if score is not None:
+            best = self.best_validation_score_
+            if best is None or score > best:
+                self.best_validation_score_ = score
+            return best is None or score > best + self.tol, best is None or score > best
+        best = self.best_loss_
+        if best is None or loss < best:
+            self.best_loss_ = loss
+        return best is None or loss < best - self.tol, best is None or loss < best
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        return self.model_.state_dict(), self.optimizer_.state_dict()
+
+    def _restore(self, snapshot: tuple[dict, dict]) -> None:
+        model_state, optimizer_state = snapshot
+        self.model_.clear_saved()
+        self.model_.load_state_dict(model_state)
+        self.optimizer_.load_state_dict(optimizer_state)
+
+    def _record(self, epoch: int, loss: float, score: float | None, seconds: float,
+                layers: list | None = None) -> None:
+        self.n_iter_ = epoch
+        self.loss_ = loss
+        self.loss_curve_.append(loss)
+        entry = {"epoch": epoch, "train_loss": loss}
+        if score is not None:
+            self.validation_scores_.append(score)
+            entry["valid_score"] = score
+        entry["seconds"] = seconds
+        if layers is not None:
+            entry["layers"] = layers
+        self.history_.append(entry)
+        if self.verbose:
+            valid = "" if score is None else f"  valid_score {score:.4f}"
+            print(f"epoch {epoch:>3}  train_loss {loss:.4f}{valid}  {seconds:.2f} s",
+                  file=sys.stdout, flush=True)
+
+    # ------------------------------------------------------------------ prediction
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        """The network's outputs (logits, for a classifier) of network-shaped X in
+        evaluation mode, in chunks."""
+        return np.concatenate(list(eval_logits(self.model_, X, _PREDICT_CHUNK)))
+
+    def _predict_outputs(self, X) -> np.ndarray:
+        """The network's float32 outputs for user X (checked, in the fitted layout)."""
+        check_is_fitted(self)
+        with num_threads(self.n_threads):
+            X = validate_data(self, X, reset=False, allow_nd=True, dtype=np.float32,
+                              order="C")
+            return self._logits(self._network_input(X))
+
+    # ------------------------------------------------------------------ the subclass's part
+
+    #: Keyword arguments of ``validate_data`` for y (e.g. ``multi_output``).
+    _y_checks: ClassVar[dict] = {}
+
+    def _check_targets(self, y: np.ndarray) -> None:
+        """Reject y that is not of the estimator's kind (after ``validate_data``)."""
+        raise NotImplementedError
+
+    def _new_targets(self, y: np.ndarray, classes) -> tuple[dict, np.ndarray, int]:
+        """For a new fit: the target attributes to set, y as the loss takes it, and the
+        width of the output layer."""
+        raise NotImplementedError
+
+    def _continued_targets(self, y: np.ndarray, classes, incremental: bool) -> np.ndarray:
+        """For a warm-start fit or a later partial_fit: y as the loss takes it, checked
+        against the fitted targets."""
+        raise NotImplementedError
+
+    def _criterion(self) -> nn.Module:
+        """The training loss (a :mod:`bnrs.nn` loss module)."""
+        raise NotImplementedError
+
+    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
+        """The early-stopping score (higher is better) of network outputs."""
+        raise NotImplementedError
+
+    def _stratify(self, targets: np.ndarray) -> np.ndarray | None:
+        """``stratify`` of the validation split."""
+        raise NotImplementedError
+
+
+class CNNClassifier(ClassifierMixin, _BaseCNN):
     """A convolutional network classifier with batch norm and dropout, trained on the CPU.
 
     The network is given as an architecture string (see :mod:`bnrs.nn.spec`), e.g.
@@ -137,6 +632,11 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         The shape of one sample as the network sees it, (C, H, W) or (n_features,);
         X is reshaped to ``(n_samples, *input_shape)`` and must have that many values
         per sample. When None it is inferred from X (see Notes).
+    data_format : {"auto", "channels_first", "channels_last"}, default "auto"
+        Where 4-D X holds the channels: ``(n, C, H, W)`` ("channels_first", PyTorch's
+        layout) or ``(n, H, W, C)`` ("channels_last", as PIL, OpenCV, Keras and
+        TensorFlow hold images). "auto" decides from X's shape (see Notes). The network
+        always sees (N, C, H, W): X is transposed once in ``fit`` and in prediction.
     optimizer : {"adam", "adamw", "sgd"}, default "adam"
         :class:`bnrs.optim.Adam`, :class:`bnrs.optim.AdamW` or :class:`bnrs.optim.SGD`.
     learning_rate : float, default 1e-3
@@ -201,6 +701,8 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         The column names of X, when X was a DataFrame with string column names.
     input_shape_ : tuple of int
         The shape of one sample as the network sees it, (C, H, W) or (n_features,).
+    data_format_ : {"channels_first", "channels_last"}
+        The layout of X in ``fit``, which prediction takes too.
     model_ : bnrs.nn.Sequential
         The network, left in evaluation mode; ``model_.state_dict()`` has PyTorch's key
         names.
@@ -231,12 +733,26 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     See Also
     --------
     bnrs.nn.from_spec : builds the network from the architecture string.
+    CNNRegressor : the same network and training for real-valued targets.
     sklearn.neural_network.MLPClassifier : whose parameter names this follows.
 
     Notes
     -----
-    **The input-shape rule.** With ``input_shape`` given, every X is reshaped to
-    ``(n_samples, *input_shape)``. Otherwise 4-D X ``(n, C, H, W)`` is used as is, 3-D X
+    **The data-format rule.** With ``data_format="auto"``, 4-D X ``(n, a, b, c)`` is
+    channels last when ``c`` is 1, 3 or 4 (grey, RGB, RGBA) and ``a`` is not, channels
+    first when ``a`` is 1, 3 or 4 and ``c`` is not, and channels first (as before this
+    parameter existed) when neither is (feature maps such as ``(n, 16, 8, 8)``; pass
+    ``data_format="channels_last"`` for channels-last X with other channel counts). When
+    both are, as in ``(n, 3, 8, 3)``, a ValueError asks for ``data_format``. An
+    ``input_shape=(C, H, W)`` given decides instead when X's samples are ``(C, H, W)`` or
+    ``(H, W, C)`` (and the two differ). 2-D X is read as rows of (C, H, W) values (of
+    (H, W, C) values with ``data_format="channels_last"``), 3-D X as one channel.
+    Channels-last X trains exactly the network channels-first X does (bit for bit);
+    ``input_shape_`` is (C, H, W) in both cases.
+
+    **The input-shape rule.** With ``input_shape`` given, every X (brought to channels
+    first) is reshaped to ``(n_samples, *input_shape)``. Otherwise 4-D X ``(n, C, H, W)``
+    (or ``(n, H, W, C)``, channels last) is used as is, 3-D X
     ``(n, H, W)`` becomes ``(n, 1, H, W)``, and 2-D X ``(n, d)`` depends on the
     architecture: if it can be built on vectors (only ``fc``, ``bn``, dropout and
     activations: a multilayer perceptron), each row is a vector of ``d`` features;
@@ -308,59 +824,6 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     (2, 2)
     """
 
-    def __init__(self, architecture: str = DEFAULT_ARCHITECTURE, *, input_shape=None,
-                 optimizer: str = "adam", learning_rate: float = 1e-3,
-                 momentum: float = 0.9, weight_decay: float | None = None,
-                 batch_size: int = 64,
-                 max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
-                 validation_fraction: float = 0.1, n_iter_no_change: int = 10,
-                 tol: float = 1e-4, warm_start: bool = False, random_state=None,
-                 n_threads: int | None = None, verbose: int = 0,
-                 record_layer_stats: bool = False):
-        self.architecture = architecture
-        self.input_shape = input_shape
-        self.optimizer = optimizer
-        self.learning_rate = learning_rate
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.shuffle = shuffle
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.n_iter_no_change = n_iter_no_change
-        self.tol = tol
-        self.warm_start = warm_start
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.verbose = verbose
-        self.record_layer_stats = record_layer_stats
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.three_d_array = True
-        return tags
-
-    # ------------------------------------------------------------------ fitting
-
-    def fit(self, X, y):
-        """Train the network on (X, y) for up to ``max_epochs`` epochs.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, C, H, W), (n_samples, H, W) or (n_samples, d)
-            Training samples; see the input-shape rule in the class Notes.
-        y : array-like of shape (n_samples,)
-            Class labels (ints, strings, ...), at least two distinct ones.
-
-        Returns
-        -------
-        self : CNNClassifier
-        """
-        self._validate_params()
-        reset = not (self.warm_start and hasattr(self, "model_"))
-        return self._fit(X, y, classes=None, reset=reset, incremental=False)
-
     def partial_fit(self, X, y, classes=None):
         """Train for one epoch over (X, y), continuing from the previous call if any.
 
@@ -369,7 +832,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, C, H, W), (n_samples, H, W) or (n_samples, d)
+        X : array-like of 4-D (channels first or last), 3-D or 2-D shape
         y : array-like of shape (n_samples,)
         classes : array-like of shape (n_classes,), optional
             Every class label that will ever be seen; required on the first call (when
@@ -385,163 +848,19 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError("classes must be passed on the first call to partial_fit")
         return self._fit(X, y, classes=classes, reset=reset, incremental=True)
 
-    def _fit(self, X, y, *, classes, reset: bool, incremental: bool):
-        # Every check runs, and the new state is built aside, before the first attribute
-        # is set: a call that is rejected leaves a fitted estimator exactly as it was.
-        with num_threads(self.n_threads):
-            # validate_data(reset=True) records n_features_in_ on the estimator it is
-            # given, so a new fit validates on an unfitted copy.
-            checked = clone(self) if reset else self
-            X, y = validate_data(checked, X, y, reset=reset, allow_nd=True,
-                                 dtype=np.float32, order="C")
-            check_classification_targets(y)
-            if X.ndim > 4:
-                raise ValueError(f"X: expected a 2-D, 3-D or 4-D array, got shape {X.shape}")
-            validate = self.early_stopping and not incremental
-            # train_test_split's rule for the size of the validation part
-            n_train = len(X) - (math.ceil(self.validation_fraction * len(X)) if validate
-                                else 0)
-            if reset:
-                state, y_index = self._new_state(X, y, classes, n_train)
-                for name in ("n_features_in_", "feature_names_in_"):
-                    state[name] = getattr(checked, name, None)
-            else:
-                state, y_index = self._continued_state(X, y, classes, incremental, n_train)
-            X = X.reshape((len(X),) + (state["input_shape_"] if reset
-                                       else self.input_shape_))
-            valid = None
-            if validate:
-                seed = int(state["_rng"].integers(0, 2**32))
-                X, X_valid, y_index, y_valid = train_test_split(
-                    X, y_index, test_size=self.validation_fraction, stratify=y_index,
-                    random_state=seed)
-                valid = (X_valid, y_valid)
-            for name, value in state.items():
-                if value is None and name == "feature_names_in_":
-                    if hasattr(self, name):   # X without column names this time
-                        del self.feature_names_in_
-                else:
-                    setattr(self, name, value)
-            if not reset:   # e.g. a lower learning rate for the optimizer kept
-                for group in self.optimizer_.param_groups:
-                    group.update(self._optimizer_kwargs())
-            self._train(X, y_index, 1 if incremental else self.max_epochs, valid)
-        return self
+    _y_checks: ClassVar[dict] = {}
 
-    def __sklearn_is_fitted__(self) -> bool:
-        return hasattr(self, "model_")
+    def _check_targets(self, y: np.ndarray) -> None:
+        check_classification_targets(y)
 
-    #: The hyper-parameters' types and ranges, checked at every fit and partial_fit (in
-    #: the style of scikit-learn's ``_parameter_constraints``); ``architecture``'s
-    #: grammar is checked by :func:`bnrs.nn.spec.parse` besides.
-    _parameter_constraints: ClassVar[dict[str, list[Constraint]]] = {
-        "architecture": [Instances(str, description="an architecture string")],
-        "input_shape": [NONE, IntTuple((1, 3), 1, "(C, H, W) or (n_features,) of "
-                                                  "positive ints")],
-        "optimizer": [Options(_OPTIMIZERS)],
-        "learning_rate": [Interval("real", 0.0, None, closed="neither")],
-        "momentum": [Interval("real", 0.0, None)],
-        "weight_decay": [NONE, Interval("real", 0.0, None)],
-        "batch_size": [Interval("int", 1)],
-        "max_epochs": [Interval("int", 1)],
-        "shuffle": [Boolean()],
-        "early_stopping": [Boolean()],
-        "validation_fraction": [Interval("real", 0.0, 1.0, closed="neither")],
-        "n_iter_no_change": [Interval("int", 1)],
-        "tol": [Interval("real", 0.0, None)],
-        "warm_start": [Boolean()],
-        "random_state": [NONE, Interval("int", 0),
-                         Instances(np.random.Generator, np.random.RandomState,
-                                   description="a numpy.random.Generator or RandomState")],
-        "n_threads": [NONE, Interval("int", 1)],
-        "verbose": [Interval("int", 0), Boolean()],
-        "record_layer_stats": [Boolean()],
-    }
-
-    def _validate_params(self) -> None:
-        """Check every hyper-parameter against ``_parameter_constraints``.
-
-        ``__init__`` only stores them. A wrong type raises TypeError, a wrong value
-        ValueError, naming the parameter.
-        """
-        check_params(self._parameter_constraints, self.get_params(deep=False))
-        parse(self.architecture)
-
-    def _new_state(self, X: np.ndarray, y: np.ndarray, classes,
-                   n_train: int) -> tuple[dict, np.ndarray]:
-        """The attributes of a new fit: classes_, input_shape_, network, optimizer, history.
-
-        Only checks and builds; the caller sets them. Returns them by name, and y as
-        class indices.
-        """
+    def _new_targets(self, y: np.ndarray, classes) -> tuple[dict, np.ndarray, int]:
         all_classes = np.unique(y if classes is None else np.asarray(classes))
         if len(all_classes) < 2:
             raise ValueError(f"y has only one class ({all_classes[0]!r}); a classifier "
                              "needs at least 2 classes")
-        y_index = _encode(y, all_classes)
-        input_shape = self._infer_input_shape(X.shape)
-        rng = as_generator(self.random_state)
-        try:
-            model = from_spec(self.architecture, input_shape, len(all_classes),
-                              random_state=rng)
-        except SpecError as error:
-            raise ValueError(f"cannot build the architecture for samples of shape "
-                             f"{input_shape} (from X of shape {X.shape}; see the "
-                             f"input-shape rule of CNNClassifier): {error}") from error
-        min_batch = 2 if _needs_two_samples(model, input_shape) else 1
-        self._check_batch_size(min_batch, n_train)
-        state = {"classes_": all_classes, "input_shape_": input_shape, "model_": model,
-                 "_x_sample_shape": X.shape[1:], "_rng": rng, "_min_batch": min_batch,
-                 "_fit_architecture": self.architecture,
-                 "optimizer_": self._new_optimizer(model),
-                 "loss_": None, "best_loss_": None, "loss_curve_": [], "history_": [],
-                 "n_iter_": 0, "validation_scores_": None, "best_validation_score_": None,
-                 "layer_stats_init_": None}
-        return state, y_index
+        return {"classes_": all_classes}, _encode(y, all_classes), len(all_classes)
 
-    def _check_batch_size(self, min_batch: int, n_train: int) -> None:
-        if n_train < min_batch or self.batch_size < min_batch:
-            raise ValueError(
-                f"batch norm in architecture {self.architecture!r} needs at least 2 "
-                f"samples per mini-batch; got {n_train} training sample(s) and "
-                f"batch_size={self.batch_size}")
-
-    def _infer_input_shape(self, x_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The network's sample shape for X of ``x_shape`` (the class Notes' rule)."""
-        sample = tuple(x_shape[1:])
-        if self.input_shape is not None:
-            given = tuple(int(d) for d in self.input_shape)
-            if math.prod(given) != math.prod(sample):
-                raise ValueError(f"input_shape={given} has {math.prod(given)} values per "
-                                 f"sample, but X of shape {x_shape} has "
-                                 f"{math.prod(sample)}")
-            return given
-        if len(sample) == 3:
-            return sample
-        if len(sample) == 2:
-            return (1,) + sample
-        n_features = sample[0]
-        try:  # a throwaway build: does any layer need a feature map?
-            from_spec(self.architecture, (n_features,), 2, random_state=0)
-            return (n_features,)
-        except SpecError:
-            pass
-        side = math.isqrt(n_features)
-        if side * side != n_features:
-            raise ValueError(f"X has {n_features} features per sample, which is not a "
-                             f"square number, and architecture {self.architecture!r} has "
-                             "convolution or pooling layers that need images: pass "
-                             "input_shape=(C, H, W), or X of shape (n, C, H, W)")
-        return (1, side, side)
-
-    def _continued_state(self, X: np.ndarray, y: np.ndarray, classes, incremental: bool,
-                         n_train: int) -> tuple[dict, np.ndarray]:
-        """Check that a warm-start fit or a later partial_fit can reuse the network.
-
-        Returns the attributes to set (the random stream, to be advanced, and the
-        optimizer, a new one if ``optimizer`` changed) and y as class indices; changes
-        nothing itself.
-        """
+    def _continued_targets(self, y: np.ndarray, classes, incremental: bool) -> np.ndarray:
         if incremental and classes is not None and not np.array_equal(
                 np.unique(classes), self.classes_):
             raise ValueError(f"classes={np.unique(classes)!r} is not the same as on the "
@@ -551,173 +870,18 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"warm_start: y has the classes {np.unique(y)!r}, but the "
                              f"network was fitted for {self.classes_!r}; set "
                              "warm_start=False to fit anew")
-        if self.architecture != self._fit_architecture:
-            raise ValueError(f"the architecture changed from {self._fit_architecture!r} "
-                             f"to {self.architecture!r} since the network was built; set "
-                             "warm_start=False (or fit anew) to build a new network")
-        if X.shape[1:] != self._x_sample_shape:
-            raise ValueError(f"X has samples of shape {X.shape[1:]}, but "
-                             f"{type(self).__name__} was fitted on samples of shape "
-                             f"{self._x_sample_shape}")
-        self._check_batch_size(self._min_batch, n_train)
-        # The kept optimizer gets the current hyper-parameters when the call is accepted.
-        optimizer = (self.optimizer_ if type(self.optimizer_) is _OPTIMIZERS[self.optimizer]
-                     else self._new_optimizer(self.model_))
-        # A copy of the stream: drawing the validation split must not advance the
-        # estimator's own before the call is accepted.
-        return {"_rng": copy.deepcopy(self._rng), "optimizer_": optimizer}, y_index
+        return y_index
 
-    def _optimizer_kwargs(self) -> dict:
-        weight_decay = (_DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None
-                        else self.weight_decay)
-        kwargs = {"lr": float(self.learning_rate), "weight_decay": float(weight_decay)}
-        if self.optimizer == "sgd":
-            kwargs["momentum"] = float(self.momentum)
-        return kwargs
+    def _criterion(self) -> nn.Module:
+        return nn.CrossEntropyLoss()
 
-    def _new_optimizer(self, model: nn.Sequential) -> optim.Optimizer:
-        return _OPTIMIZERS[self.optimizer](model.parameters(), **self._optimizer_kwargs())
+    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
+        return float(np.mean(np.argmax(outputs, axis=1) == targets))
 
-    def _network_input(self, X: np.ndarray) -> np.ndarray:
-        """Reshape validated X to (n, *input_shape_); its layout must be that of fit."""
-        if X.shape[1:] != self._x_sample_shape:
-            raise ValueError(f"X has samples of shape {X.shape[1:]}, but "
-                             f"{type(self).__name__} was fitted on samples of shape "
-                             f"{self._x_sample_shape}")
-        return X.reshape((len(X),) + self.input_shape_)
-
-    # ------------------------------------------------------------------ training loop
-
-    def _train(self, X: np.ndarray, y: np.ndarray, n_epochs: int, valid) -> None:
-        """Run up to ``n_epochs`` epochs, validating on ``valid`` (X, y) if given."""
-        validate = valid is not None
-        if validate and self.validation_scores_ is None:
-            self.validation_scores_ = []
-        bounds = batch_bounds(len(X), self.batch_size, last="merge_single")
-        probe = None
-        if self.record_layer_stats:
-            index = probe_indices(len(X))
-            probe = (X[index], y[index])
-            if self.n_iter_ == 0:
-                self.layer_stats_init_ = layer_statistics(self.model_, *probe)
-        self.best_loss_ = self.best_validation_score_ = None
-        best_state, epochs_without_improvement = None, 0
-        completed = self._snapshot()
-        try:
-            for _ in range(n_epochs):
-                epoch, start = self.n_iter_ + 1, time.perf_counter()
-                try:
-                    loss, score, state = self._run_epoch(X, y, bounds, valid)
-                    seconds = time.perf_counter() - start   # the probe is not training
-                    layers = None if probe is None else layer_statistics(self.model_,
-                                                                         *probe)
-                except KeyboardInterrupt:
-                    self._restore(completed)
-                    warnings.warn(
-                        f"fit interrupted by KeyboardInterrupt during epoch {epoch}; kept "
-                        f"the network as it was after epoch {self.n_iter_} (the last "
-                        "completed one)", FitInterruptedWarning, stacklevel=4)
-                    break
-                except _Diverged as diverged:
-                    self._restore(completed)
-                    what = ("a parameter or batch-norm statistic became NaN or infinite"
-                            if math.isfinite(diverged.loss)
-                            else f"the training loss became {diverged.loss}")
-                    raise DivergenceError(
-                        f"training diverged in epoch {epoch} (batch {diverged.batch} of "
-                        f"{diverged.n_batches}): {what}; the network was restored to its "
-                        f"state after epoch {self.n_iter_}. Lower learning_rate (now "
-                        f"{self.learning_rate})") from None
-                completed = (state, self.optimizer_.state_dict())
-                self._record(epoch, loss, score, seconds, layers)
-                improved, is_best = self._track_best(loss, score)
-                if is_best and validate:
-                    best_state = state
-                epochs_without_improvement = 0 if improved else epochs_without_improvement + 1
-                if epochs_without_improvement >= self.n_iter_no_change:
-                    if self.verbose:
-                        monitored = "validation score" if validate else "training loss"
-                        print(f"stopping: the {monitored} did not improve by tol={self.tol}"
-                              f" for {self.n_iter_no_change} epochs", flush=True)
-                    break
-        finally:
-            if best_state is not None:
-                self.model_.load_state_dict(best_state)
-            self.model_.clear_saved()
-            self.model_.eval()
-
-    def _run_epoch(self, X: np.ndarray, y: np.ndarray, bounds, valid):
-        """One pass of mini-batch training, then the validation accuracy if ``valid``.
-
-        Returns the mean training loss, the validation accuracy (or None) and the
-        network's state dict; raises _Diverged for a non-finite loss or state.
-        """
-        order = self._rng.permutation(len(X)) if self.shuffle else None
-        losses = train_epoch(self.model_, nn.CrossEntropyLoss(), self.optimizer_, X, y,
-                             bounds, order)
-        if not math.isfinite(losses[-1]):
-            raise _Diverged(len(losses), len(bounds), losses[-1])
-        total = 0.0
-        for loss, (start, stop) in zip(losses, bounds):   # in order (same bits as ever)
-            total += loss * (stop - start)
-        loss = total / len(X)
-        state = self.model_.state_dict()
-        if not _all_finite(state):
-            raise _Diverged(len(bounds), len(bounds), loss)
-        score = None
-        if valid is not None:
-            X_valid, y_valid = valid
-            score = float(np.mean(np.argmax(self._logits(X_valid), axis=1) == y_valid))
-        return loss, score, state
-
-    def _track_best(self, loss: float, score: float | None) -> tuple[bool, bool]:
-        """Update best_loss_ or best_validation_score_ (when ``score`` is given).
-
-        Returns whether the epoch improved on the best by more than ``tol``, and whether
-        it is the new best.
-        """
-        if score is not None:
-            best = self.best_validation_score_
-            if best is None or score > best:
-                self.best_validation_score_ = score
-            return best is None or score > best + self.tol, best is None or score > best
-        best = self.best_loss_
-        if best is None or loss < best:
-            self.best_loss_ = loss
-        return best is None or loss < best - self.tol, best is None or loss < best
-
-    def _snapshot(self) -> tuple[dict, dict]:
-        return self.model_.state_dict(), self.optimizer_.state_dict()
-
-    def _restore(self, snapshot: tuple[dict, dict]) -> None:
-        model_state, optimizer_state = snapshot
-        self.model_.clear_saved()
-        self.model_.load_state_dict(model_state)
-        self.optimizer_.load_state_dict(optimizer_state)
-
-    def _record(self, epoch: int, loss: float, score: float | None, seconds: float,
-                layers: list | None = None) -> None:
-        self.n_iter_ = epoch
-        self.loss_ = loss
-        self.loss_curve_.append(loss)
-        entry = {"epoch": epoch, "train_loss": loss}
-        if score is not None:
-            self.validation_scores_.append(score)
-            entry["valid_score"] = score
-        entry["seconds"] = seconds
-        if layers is not None:
-            entry["layers"] = layers
-        self.history_.append(entry)
-        if self.verbose:
-            valid = "" if score is None else f"  valid_score {score:.4f}"
-            print(f"epoch {epoch:>3}  train_loss {loss:.4f}{valid}  {seconds:.2f} s",
-                  file=sys.stdout, flush=True)
+    def _stratify(self, targets: np.ndarray) -> np.ndarray | None:
+        return targets
 
     # ------------------------------------------------------------------ prediction
-
-    def _logits(self, X: np.ndarray) -> np.ndarray:
-        """Logits of network-shaped X in evaluation mode, in chunks."""
-        return np.concatenate(list(eval_logits(self.model_, X, _PREDICT_CHUNK)))
 
     def predict_log_proba(self, X) -> np.ndarray:
         """Log of the class probabilities (log-softmax of the logits, float64).
@@ -731,12 +895,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         ndarray of shape (n_samples, n_classes)
             Columns in the order of ``classes_``.
         """
-        check_is_fitted(self)
-        with num_threads(self.n_threads):
-            X = validate_data(self, X, reset=False, allow_nd=True, dtype=np.float32,
-                              order="C")
-            logits = self._logits(self._network_input(X))
-        return _log_softmax(logits)
+        return _log_softmax(self._predict_outputs(X))
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (softmax of the logits, float64; rows sum to 1).
@@ -766,3 +925,214 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         """
         log_proba = self.predict_log_proba(X)
         return self.classes_[np.argmax(log_proba, axis=1)]
+
+
+class CNNRegressor(RegressorMixin, _BaseCNN):
+    """A convolutional network regressor with batch norm and dropout, trained on the CPU.
+
+    The network is given as an architecture string, as for :class:`CNNClassifier`; the
+    output layer, a linear ``fc<n_outputs>`` (no activation), is appended, and the loss
+    is the mean squared error or the Huber loss (:class:`bnrs.nn.MSELoss`,
+    :class:`bnrs.nn.HuberLoss`, PyTorch's). Targets of shape (n_samples,) give
+    predictions of shape (n_samples,), targets of shape (n_samples, n_outputs)
+    predictions of that shape. Training, prediction modes, the input-shape and
+    data-format rules, ``partial_fit``, ``warm_start``, Ctrl-C, divergence, pickling,
+    ``n_threads`` and ``random_state`` behave as for :class:`CNNClassifier` (see its
+    Notes); ``score`` is the coefficient of determination R² (``RegressorMixin``).
+
+    Parameters
+    ----------
+    architecture : str, default ``bnrs.nn.DEFAULT_ARCHITECTURE``
+        The hidden layers (see :class:`CNNClassifier`); the empty string is a linear
+        model.
+    loss : {"squared_error", "huber"}, default "squared_error"
+        The training loss, named as scikit-learn names them: the mean squared error
+        (``nn.MSELoss``) or the Huber loss (``nn.HuberLoss(delta)``), quadratic within
+        ``delta`` of the target and linear beyond, so outliers pull less.
+    delta : float, default 1.0
+        The Huber loss's threshold, as PyTorch's ``HuberLoss(delta=1.0)``, in the units
+        of y; a finite number > 0, used only with ``loss="huber"``.
+    input_shape : tuple of int, optional
+        The shape of one sample as the network sees it, (C, H, W) or (n_features,).
+    data_format : {"auto", "channels_first", "channels_last"}, default "auto"
+        Where 4-D X holds the channels (see :class:`CNNClassifier`).
+    optimizer : {"adam", "adamw", "sgd"}, default "adam"
+    learning_rate : float, default 1e-3
+    momentum : float, default 0.9
+        SGD momentum.
+    weight_decay : float or None, default None
+        None: the optimizer's own default (0 for "adam" and "sgd", 0.01 for "adamw").
+    batch_size : int, default 64
+    max_epochs : int, default 20
+    shuffle : bool, default True
+    early_stopping : bool, default False
+        Hold out ``validation_fraction`` of the training data (at random) and stop when
+        its R² has not improved by ``tol`` for ``n_iter_no_change`` epochs, restoring
+        the network of the best epoch (as ``MLPRegressor``, which also scores the
+        validation part by R²). R² rather than the validation loss: it is what ``score``
+        reports, and ``validation_scores_`` then means the same for both estimators
+        (higher is better). When False, the training loss is monitored.
+    validation_fraction : float, default 0.1
+    n_iter_no_change : int, default 10
+    tol : float, default 1e-4
+    warm_start : bool, default False
+        Continue from the network and optimizer of the previous ``fit`` (same
+        architecture, sample shape and number of outputs).
+    random_state : int, numpy.random.Generator, numpy.random.RandomState or None
+        As for :class:`CNNClassifier`: the same int gives bit-identical predictions at
+        any thread count.
+    n_threads : int, optional
+    verbose : int or bool, default 0
+    record_layer_stats : bool, default False
+        As for :class:`CNNClassifier`, with the training loss back-propagated.
+
+    Attributes
+    ----------
+    n_outputs_ : int
+        The number of targets (columns of y; 1 for 1-D y).
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+    input_shape_ : tuple of int
+        (C, H, W) or (n_features,), as the network sees a sample.
+    data_format_ : {"channels_first", "channels_last"}
+    model_ : bnrs.nn.Sequential
+    optimizer_ : bnrs.optim.Optimizer
+    loss_ : float or None
+    loss_curve_ : list of float
+    best_loss_ : float or None
+    validation_scores_ : list of float or None
+        The validation R² after every epoch with ``early_stopping``, else None.
+    best_validation_score_ : float or None
+    n_iter_ : int
+    history_ : list of dict
+    layer_stats_init_ : list of dict or None
+
+    See Also
+    --------
+    CNNClassifier : the classifier, whose attributes these are.
+    sklearn.neural_network.MLPRegressor : whose parameter names this follows.
+
+    Notes
+    -----
+    Targets are trained on in float32, as the network computes; predictions are
+    float64. Targets far from unit scale train slowly (as with ``MLPRegressor``):
+    standardise y, e.g. with ``sklearn.compose.TransformedTargetRegressor``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnrs import CNNRegressor
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((64, 1, 8, 8)).astype(np.float32)
+    >>> y = X[:, 0, :4].mean(axis=(1, 2))
+    >>> reg = CNNRegressor("c8-bn-relu-mp2-fc16", max_epochs=5, random_state=0)
+    >>> reg.fit(X, y).predict(X[:3]).shape
+    (3,)
+    >>> reg.n_outputs_
+    1
+    """
+
+    def __init__(self, architecture: str = DEFAULT_ARCHITECTURE, *,
+                 loss: str = "squared_error", delta: float = 1.0, input_shape=None,
+                 data_format: str = "auto", optimizer: str = "adam",
+                 learning_rate: float = 1e-3, momentum: float = 0.9,
+                 weight_decay: float | None = None, batch_size: int = 64,
+                 max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 10,
+                 tol: float = 1e-4, warm_start: bool = False, random_state=None,
+                 n_threads: int | None = None, verbose: int = 0,
+                 record_layer_stats: bool = False):
+        super().__init__(
+            architecture, input_shape=input_shape, data_format=data_format,
+            optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
+            weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs,
+            shuffle=shuffle, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
+            tol=tol, warm_start=warm_start, random_state=random_state,
+            n_threads=n_threads, verbose=verbose, record_layer_stats=record_layer_stats)
+        self.loss = loss
+        self.delta = delta
+
+    _parameter_constraints: ClassVar[dict[str, list[Constraint]]] = {
+        **_BaseCNN._parameter_constraints,
+        "loss": [Options(_REGRESSION_LOSSES)],
+        "delta": [Interval("real", 0.0, None, closed="neither")],
+    }
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    def partial_fit(self, X, y):
+        """Train for one epoch over (X, y), continuing from the previous call if any.
+
+        No validation data are held out (``early_stopping`` is ignored), and
+        ``max_epochs`` and ``warm_start`` do not apply.
+
+        Parameters
+        ----------
+        X : array-like of 4-D (channels first or last), 3-D or 2-D shape
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            As many outputs as on the first call.
+
+        Returns
+        -------
+        self : CNNRegressor
+        """
+        self._validate_params()
+        return self._fit(X, y, classes=None, reset=not hasattr(self, "model_"),
+                         incremental=True)
+
+    # ------------------------------------------------------------------ the targets
+
+    _y_checks: ClassVar[dict] = {"multi_output": True, "y_numeric": True}
+
+    def _check_targets(self, y: np.ndarray) -> None:
+        if y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[1] < 1):
+            raise ValueError(f"y: expected shape (n_samples,) or (n_samples, n_outputs), "
+                             f"got {y.shape}")
+
+    @staticmethod
+    def _as_targets(y: np.ndarray) -> np.ndarray:
+        """y as the loss takes it: float32 (n_samples, n_outputs)."""
+        return np.ascontiguousarray(y, dtype=np.float32).reshape(len(y), -1)
+
+    def _new_targets(self, y: np.ndarray, classes) -> tuple[dict, np.ndarray, int]:
+        targets = self._as_targets(y)
+        return ({"n_outputs_": targets.shape[1], "_y_ndim": y.ndim}, targets,
+                targets.shape[1])
+
+    def _continued_targets(self, y: np.ndarray, classes, incremental: bool) -> np.ndarray:
+        targets = self._as_targets(y)
+        if targets.shape[1] != self.n_outputs_ or y.ndim != self._y_ndim:
+            raise ValueError(f"y has shape {y.shape}, but the network was fitted on y of "
+                             f"{self._y_ndim} dimension(s) with {self.n_outputs_} "
+                             "output(s); set warm_start=False (or fit anew) to change them")
+        return targets
+
+    def _criterion(self) -> nn.Module:
+        return nn.HuberLoss(self.delta) if self.loss == "huber" else nn.MSELoss()
+
+    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
+        return float(r2_score(targets.astype(np.float64), outputs.astype(np.float64)))
+
+    def _stratify(self, targets: np.ndarray) -> np.ndarray | None:
+        return None
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict(self, X) -> np.ndarray:
+        """The network's outputs for X, in evaluation mode.
+
+        Parameters
+        ----------
+        X : array-like, of the layout seen in ``fit``
+
+        Returns
+        -------
+        ndarray of float64, of shape (n_samples,) or (n_samples, n_outputs)
+            1-D when y was 1-D in ``fit``.
+        """
+        outputs = self._predict_outputs(X).astype(np.float64)
+        return outputs.ravel() if self._y_ndim == 1 else outputs

@@ -23,7 +23,7 @@ from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .batchnorm import BatchNorm1d, BatchNorm2d
 from .dropout import Dropout, Dropout2d
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d
-from .loss import CrossEntropyLoss
+from .loss import CrossEntropyLoss, HuberLoss, MSELoss
 from .module import IncompatibleKeys, Module, Parameter, Sequential
 from .normalization import GroupNorm, InstanceNorm2d, LayerNorm
 from .renorm import BatchRenorm1d, BatchRenorm2d
@@ -42,11 +42,13 @@ __all__ = [
     "Dropout2d",
     "Flatten",
     "GroupNorm",
+    "HuberLoss",
     "IncompatibleKeys",
     "InstanceNorm2d",
     "LayerNorm",
     "LeakyReLU",
     "Linear",
+    "MSELoss",
     "MaxPool2d",
     "Module",
     "Parameter",

@@ -1,13 +1,15 @@
-"""Loss functions."""
+"""Loss functions: cross-entropy for classification, mean squared error and Huber for
+regression, each a forward returning a float and a backward returning the input gradient."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .. import functional as F
+from .._validation import as_real, check_real
 from .module import Module
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "HuberLoss", "MSELoss"]
 
 
 class CrossEntropyLoss(Module):
@@ -62,3 +64,117 @@ class CrossEntropyLoss(Module):
         if grad_output != 1.0:
             grad *= np.float32(grad_output)
         return grad
+
+
+class _RegressionLoss(Module):
+    """A mean over the elements of an elementwise loss of ``input - target`` (NumPy).
+
+    Subclasses give the elementwise loss and its derivative; the float32 difference is
+    kept for the backward, the loss is summed in float64.
+    """
+
+    def _elementwise(self, diff: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _derivative(self, diff: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, input, target) -> float:
+        """The mean loss of ``input`` against ``target`` of the same shape."""
+        prediction = F.as_float32(input, "input")
+        target = F.as_float32(target, "target")
+        if target.shape != prediction.shape:
+            # PyTorch broadcasts with a warning; an (N,) target against (N, 1) outputs
+            # would silently become an N x N loss.
+            raise ValueError(f"target: expected the shape of input {prediction.shape}, got "
+                             f"{target.shape}")
+        diff = prediction - target
+        self._ctx = diff
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.mean(self._elementwise(diff.astype(np.float64))))
+
+    def backward(self, grad_output: float = 1.0, input_grad: bool = True) -> np.ndarray:
+        """The gradient of the last loss with respect to its input.
+
+        Parameters
+        ----------
+        grad_output : float, default 1.0
+            Multiplies the gradient (the gradient of the final objective w.r.t. the loss).
+        input_grad : bool
+            Accepted for the :class:`Module` signature; the input gradient is always
+            returned.
+
+        Returns
+        -------
+        ndarray, float32, of the input's shape
+        """
+        diff = self._saved()
+        grad_output = F._real(grad_output, "grad_output")
+        scale = np.float32(grad_output / max(diff.size, 1))
+        with np.errstate(over="ignore", invalid="ignore"):
+            return (self._derivative(diff) * scale).astype(np.float32, copy=False)
+
+
+class MSELoss(_RegressionLoss):
+    """Mean squared error, as ``torch.nn.MSELoss()`` (mean over every element).
+
+    ``loss = crit(input, target)`` returns ``mean((input - target) ** 2)`` as a Python
+    float; ``crit.backward()`` returns ``2 * (input - target) / input.size``. ``input`` and
+    ``target`` must have the same shape (PyTorch would broadcast them, with a warning).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnrs import nn
+    >>> crit = nn.MSELoss()
+    >>> crit(np.array([[1.0], [3.0]], np.float32), np.array([[0.0], [1.0]], np.float32))
+    2.5
+    >>> crit.backward().ravel().tolist()
+    [1.0, 2.0]
+    """
+
+    def _elementwise(self, diff):
+        return np.square(diff)
+
+    def _derivative(self, diff):
+        return np.float32(2.0) * diff
+
+
+class HuberLoss(_RegressionLoss):
+    """Huber loss, as ``torch.nn.HuberLoss(delta=delta)`` (mean over every element).
+
+    Elementwise, for ``x = input - target``: ``0.5 * x**2`` where ``|x| < delta``, else
+    ``delta * (|x| - 0.5 * delta)``: squared error near the target, absolute error (so a
+    bounded gradient, ``delta * sign(x)``) far from it.
+
+    Parameters
+    ----------
+    delta : float, default 1.0
+        Where the loss turns from quadratic to linear; a finite number > 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnrs import nn
+    >>> crit = nn.HuberLoss(delta=1.0)
+    >>> crit(np.array([0.5, 3.0], np.float32), np.zeros(2, np.float32))
+    1.3125
+    >>> crit.backward().tolist()
+    [0.25, 0.5]
+    """
+
+    def __init__(self, delta: float = 1.0):
+        super().__init__()
+        self.delta = check_real(as_real(delta, "delta", numbers_only=True), "delta", 0.0,
+                                low_open=True)
+
+    def _elementwise(self, diff):
+        magnitude = np.abs(diff)
+        return np.where(magnitude < self.delta, 0.5 * np.square(diff),
+                        self.delta * (magnitude - 0.5 * self.delta))
+
+    def _derivative(self, diff):
+        return np.clip(diff, np.float32(-self.delta), np.float32(self.delta))
+
+    def extra_repr(self) -> str:
+        return f"delta={self.delta}"
