@@ -529,11 +529,11 @@ LAYER_AND_OPTIMIZER_ARGUMENTS = {
     "leaky_relu_slope_nan": (ValueError, "negative_slope",
                              lambda: nn.LeakyReLU(float("nan"))),
     "flatten_start_dim_float": (TypeError, "start_dim", lambda: nn.Flatten(1.0)),
-    "sgd_lr_text": (TypeError, "learning rate",
+    "sgd_lr_text": (TypeError, "Invalid learning rate",
                     lambda: optim.SGD(nn.Linear(2, 2).parameters(), lr="0.1")),
-    "adam_lr_bool": (TypeError, "learning rate",
+    "adam_lr_bool": (TypeError, "Invalid learning rate",
                      lambda: optim.Adam(nn.Linear(2, 2).parameters(), lr=True)),
-    "adam_beta_one": (ValueError, "beta parameter at index 1",
+    "adam_beta_one": (ValueError, "Invalid beta parameter at index 1",
                       lambda: optim.Adam(nn.Linear(2, 2).parameters(), betas=(0.9, 1.0))),
 }
 

@@ -873,6 +873,23 @@ def _reference_layer(layer, h):
                                                    layer.running_var, False, 0.1, layer.eps)
         gain = float(np.max(invstd)) * magnitude(weight)
         return expected, 1, (size + magnitude(layer.running_mean)) * gain + magnitude(bias)
+    if isinstance(layer, (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)):
+        # Per-sample statistics in evaluation too: normalised values are at most
+        # sqrt(group size) in magnitude, then scaled and shifted.
+        weight = None if layer.weight is None else layer.weight.data
+        bias = None if layer.bias is None else layer.bias.data
+        if isinstance(layer, nn.GroupNorm):
+            expected, _, rstd = ref.group_norm(h, layer.num_groups, weight, bias, layer.eps)
+            group = h[0].size // layer.num_groups
+        elif isinstance(layer, nn.LayerNorm):
+            expected, _, rstd = ref.layer_norm(h, layer.normalized_shape, weight, bias,
+                                               layer.eps)
+            group = int(np.prod(layer.normalized_shape))
+        else:
+            expected, _, rstd = ref.instance_norm(h, weight, bias, layer.eps)
+            group = h[0, 0].size
+        gain = float(np.max(rstd)) * magnitude(weight)
+        return expected, group, 2 * size * gain + magnitude(bias)
     if isinstance(layer, nn.MaxPool2d):
         return ref.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding)[0], 1, size
     if isinstance(layer, nn.AvgPool2d):
