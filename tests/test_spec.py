@@ -41,6 +41,62 @@ def test_every_token_kind_and_its_defaults(text, kind, args):
         kind, text, args, 0, 0)
 
 
+@pytest.mark.parametrize("text,kind,args", [
+    ("bnm0.01", "bn", {"momentum": 0.01}),
+    ("bnm0", "bn", {"momentum": 0.0}),
+    ("bnm1", "bn", {"momentum": 1.0}),
+    ("bne1e-3", "bn", {"eps": 1e-3}),
+    ("bne0.001", "bn", {"eps": 1e-3}),
+    ("bnm.5e.5e-4", "bn", {"momentum": 0.5, "eps": 5e-5}),
+    ("bnm0.01e1e-3", "bn", {"momentum": 0.01, "eps": 1e-3}),
+    ("bnm1e-2e1e-5", "bn", {"momentum": 0.01, "eps": 1e-5}),
+    ("brn", "brn", {}),
+    ("brnr2d1", "brn", {"r_max": 2.0, "d_max": 1.0}),
+    ("brnr1d0", "brn", {"r_max": 1.0, "d_max": 0.0}),
+    ("brnd0", "brn", {"d_max": 0.0}),
+    ("brnm0.05e1e-4r3d5", "brn", {"momentum": 0.05, "eps": 1e-4, "r_max": 3.0,
+                                  "d_max": 5.0}),
+])
+def test_batch_norm_options(text, kind, args):
+    (token,) = parse(text)
+    assert (token.kind, token.text, token.args) == (kind, text, args)
+
+
+def test_an_exponent_minus_is_not_a_separator():
+    spec = "c8-bnm0.01e1e-3-relu-fc4-brne1e-4r2-d0.5"
+    tokens = parse(spec)
+    assert [t.text for t in tokens] == ["c8", "bnm0.01e1e-3", "relu", "fc4", "brne1e-4r2",
+                                        "d0.5"]
+    assert [t.index for t in tokens] == list(range(6))
+    assert [spec[t.offset:t.offset + len(t.text)] for t in tokens] == [t.text for t in tokens]
+    assert "-".join(t.text for t in tokens) == spec
+
+
+def test_batch_norm_options_reach_the_layers():
+    model = from_spec("c4-bnm0.01e1e-3-relu-brnm0.05e1e-4r2d1-fc8-bne0.01-brnd0",
+                      (1, 6, 6), 2, random_state=0)
+    bn2d, brn2d, bn1d, brn1d = (m for m in model
+                                if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)))
+    assert type(bn2d) is nn.BatchNorm2d and (bn2d.momentum, bn2d.eps) == (0.01, 1e-3)
+    assert type(brn2d) is nn.BatchRenorm2d
+    assert (brn2d.momentum, brn2d.eps, brn2d.r_max, brn2d.d_max) == (0.05, 1e-4, 2.0, 1.0)
+    assert type(bn1d) is nn.BatchNorm1d and (bn1d.momentum, bn1d.eps) == (0.1, 0.01)
+    assert type(brn1d) is nn.BatchRenorm1d
+    assert (brn1d.momentum, brn1d.eps, brn1d.r_max, brn1d.d_max) == (0.01, 1e-5, 3.0, 0.0)
+
+
+def test_written_defaults_build_the_same_network():
+    plain = from_spec("c4-bn-relu-fc8-brn", (1, 6, 6), 2, random_state=3)
+    explicit = from_spec("c4-bnm0.1e1e-5-relu-fc8-brnm0.01e1e-5r3d5", (1, 6, 6), 2,
+                         random_state=3)
+    assert [repr(m) for m in plain] == [repr(m) for m in explicit]
+    x = np.random.default_rng(0).standard_normal((5, 1, 6, 6)).astype(np.float32)
+    for model in (plain, explicit):
+        model(x)
+    for (key, a), (_, b) in zip(plain.state_dict().items(), explicit.state_dict().items()):
+        assert np.array_equal(a, b), key
+
+
 def test_parse_gives_positions():
     tokens = parse("c16-bn-relu-mp2")
     assert [t.text for t in tokens] == ["c16", "bn", "relu", "mp2"]
@@ -144,6 +200,25 @@ def test_from_spec_accepts_parsed_tokens():
     ("sd1.5", "sd1.5", 1, r"dropout probability must be in \[0, 1\)"),
     ("c16--relu", "", 2, "empty token"),
     ("c16-", "", 2, "empty token"),
+    ("c8-bnm1.5-relu", "bnm1.5", 2,
+     r"momentum \(m\) must be a finite real number in \[0, 1\], got 1.5"),
+    ("bne0", "bne0", 1, r"eps \(e\) must be a finite real number in \(0, inf\), got 0"),
+    ("c8-bne0e-3-relu", "bne0e-3", 2, r"eps \(e\) must be .* got 0e-3"),
+    ("bne1e-400", "bne1e-400", 1, r"eps \(e\) must be .* got 1e-400"),
+    ("brnm0", "brnm0", 1, r"momentum \(m\) must be a finite real number in \(0, 1\]"),
+    ("c8-brnr0.5", "brnr0.5", 2, r"r_max \(r\) must be a finite real number in \[1, inf\)"),
+    ("brnm0.1e1e-5r9" + "9" * 400, "brnm0.1e1e-5r9" + "9" * 400, 1,
+     r"r_max \(r\) must be a finite real number"),
+    ("bnx", "bnx", 1, r"expected bn\[m<momentum>\]\[e<eps>\] \(e.g. bn, bnm0.01"),
+    ("bnm", "bnm", 1, r"expected bn\[m<momentum>\]\[e<eps>\]"),
+    ("bne1e5", "bne1e5", 1, r"expected bn\[m<momentum>\]\[e<eps>\]"),
+    ("bne1e+5", "bne1e+5", 1, r"expected bn\[m<momentum>\]\[e<eps>\]"),
+    ("bnm0.1m0.2", "bnm0.1m0.2", 1, r"expected bn\[m<momentum>\]"),
+    ("bnr3", "bnr3", 1, r"expected bn\[m<momentum>\]\[e<eps>\]"),
+    ("brnd5r3", "brnd5r3", 1,
+     r"expected brn\[m<momentum>\]\[e<eps>\]\[r<r_max>\]\[d<d_max>\]"),
+    ("c8-bne1e-3-", "", 3, "empty token"),
+    ("relu-d1e-3", "d1e-3", 2, "expected d<p>"),
 ])
 def test_bad_tokens_are_pointed_at(spec, bad, number, expected):
     with pytest.raises(SpecError, match=expected) as info:

@@ -5,8 +5,10 @@ Tokens are joined by ``-``:
 ============================  =====================================================
 ``c<out>[k<size>][s<stride>][p<pad>]``  Conv2d; defaults k3, s1, p = size // 2
 ``fc<units>``                 Linear; a Flatten is inserted first on a 4-D tensor
-``bn``                        BatchNorm2d on a 4-D tensor, BatchNorm1d on a 2-D one
-``brn``                       BatchRenorm2d / BatchRenorm1d (batch renormalisation)
+``bn[m<momentum>][e<eps>]``   BatchNorm2d on a 4-D tensor, BatchNorm1d on a 2-D one;
+                              defaults m0.1, e1e-5 (PyTorch's)
+``brn[m<momentum>][e<eps>][r<r_max>][d<d_max>]``  BatchRenorm2d / BatchRenorm1d (batch
+                              renormalisation); defaults m0.01, e1e-5, r3, d5
 ``gn<groups>``                GroupNorm(groups, C) on a 4-D tensor, GroupNorm(groups, F)
                               over the features of a 2-D one; groups must divide C (F)
 ``ln``                        GroupNorm(1, C) on a 4-D tensor (see below), LayerNorm(F)
@@ -19,6 +21,14 @@ Tokens are joined by ``-``:
 ``relu`` ``lrelu``            ReLU, LeakyReLU(0.01)
 ``sigmoid`` ``tanh``          Sigmoid, Tanh
 ============================  =====================================================
+
+The options of ``bn`` and ``brn`` come in the order shown, each at most once, and take a
+decimal number with an optional negative exponent: ``bnm0.01``, ``bne1e-3``,
+``bnm0.01e1e-3`` (momentum 0.01, eps 0.001), ``brnr2d1``, ``brnm0.05e1e-4r3d5``. Within
+such a number the ``-`` of ``e-3`` is not a token separator (no token starts with a digit,
+so a ``-`` between ``<digit>e`` and a digit cannot end a token). The ranges are the
+layers': momentum in [0, 1] for ``bn`` and (0, 1] for ``brn``, eps > 0, r_max >= 1,
+d_max >= 0.
 
 The output layer ``fc<n_classes>`` (after a Flatten if needed) is appended by
 :func:`from_spec`; the empty string is a linear model.
@@ -42,6 +52,7 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from .._validation import Interval
 from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .batchnorm import BatchNorm1d, BatchNorm2d
 from .dropout import Dropout, Dropout2d
@@ -57,14 +68,38 @@ DEFAULT_ARCHITECTURE = "c16-bn-relu-mp2-c32-bn-relu-mp2-d0.25-fc128-bn-relu-d0.5
 
 _NUMBER = r"(\d+)"
 _PROBABILITY = r"(\d+(?:\.\d*)?|\.\d+)"
+#: A positive decimal with an optional negative exponent (``0.01``, ``1e-5``, ``.5e-3``).
+_REAL = r"((?:\d+(?:\.\d*)?|\.\d+)(?:e-\d+)?)"
+#: A ``-`` that separates tokens: any but the one in an exponent like ``1e-5``.
+_SEPARATOR = re.compile(r"(?<!\de)-|-(?!\d)", re.ASCII)
+
+#: The batch-norm tokens' options, in their written order: kind -> (letter, keyword of
+#: the layer, allowed values). The ranges are the layers' own.
+_NORM_OPTIONS: dict[str, tuple[tuple[str, str, Interval], ...]] = {
+    "bn": (("m", "momentum", Interval("real", 0, 1)),
+           ("e", "eps", Interval("real", 0, None, closed="right"))),
+    "brn": (("m", "momentum", Interval("real", 0, 1, closed="right")),
+            ("e", "eps", Interval("real", 0, None, closed="right")),
+            ("r", "r_max", Interval("real", 1, None)),
+            ("d", "d_max", Interval("real", 0, None))),
+}
+
+
+def _norm_form(kind: str) -> tuple[str, str]:
+    """The full-token regex and the written form of a batch-norm token with its options."""
+    options = _NORM_OPTIONS[kind]
+    pattern = kind + "".join(f"(?:{letter}{_REAL})?" for letter, _, _ in options)
+    form = kind + "".join(f"[{letter}<{name}>]" for letter, name, _ in options)
+    return pattern, form
+
 
 #: kind -> (full-token regex, the form shown in errors)
 _FORMS: dict[str, tuple[str, str]] = {
     "conv": (rf"c{_NUMBER}(?:k{_NUMBER})?(?:s{_NUMBER})?(?:p{_NUMBER})?",
              "c<out>[k<size>][s<stride>][p<pad>]"),
     "fc": (rf"fc{_NUMBER}", "fc<units>"),
-    "bn": ("bn", "bn"),
-    "brn": ("brn", "brn"),
+    "bn": _norm_form("bn"),
+    "brn": _norm_form("brn"),
     "gn": (rf"gn{_NUMBER}", "gn<groups>"),
     "ln": ("ln", "ln"),
     "in": ("in", "in"),
@@ -80,10 +115,12 @@ _FORMS: dict[str, tuple[str, str]] = {
 _PATTERNS = {kind: re.compile(pattern, re.ASCII) for kind, (pattern, _) in _FORMS.items()}
 #: A token that starts like this is meant as that kind (for a precise error message).
 _PREFIXES = (("fc", "fc"), ("sd", "spatial_dropout"), ("mp", "maxpool"), ("gn", "gn"),
-             ("ap", "avgpool"), ("c", "conv"), ("d", "dropout"))
+             ("ap", "avgpool"), ("brn", "brn"), ("bn", "bn"), ("c", "conv"),
+             ("d", "dropout"))
 _EXAMPLES = {"conv": "c32, c32k5, c64k3s2p1", "dropout": "d0.5",
              "spatial_dropout": "sd0.1", "maxpool": "mp2, mp3s2", "avgpool": "ap2, ap3s1",
-             "fc": "fc128", "gn": "gn8, gn1"}
+             "fc": "fc128", "gn": "gn8, gn1", "bn": "bn, bnm0.01, bne1e-3, bnm0.01e1e-3",
+             "brn": "brn, brnr2d1, brnm0.05e1e-4r3d5"}
 _ALL_FORMS = ", ".join(form for _, form in _FORMS.values())
 
 
@@ -105,7 +142,9 @@ class Token(NamedTuple):
     args : dict
         The values, defaults filled in: conv ``out_channels, kernel_size, stride,
         padding``; fc ``units``; gn ``num_groups``; dropout and spatial_dropout ``p``; maxpool and avgpool
-        ``kernel_size, stride``; nothing for the others.
+        ``kernel_size, stride``; bn and brn the options written (``momentum``, ``eps``,
+        and for brn ``r_max``, ``d_max``), the layer's defaults standing for the others;
+        nothing for the others.
     """
 
     kind: str
@@ -154,6 +193,15 @@ def _token_args(kind: str, groups: Sequence[str | None]) -> tuple[dict, str | No
         if min(args["out_channels"], args["kernel_size"], args["stride"]) < 1:
             return args, "the channel count, kernel size and stride must be at least 1"
         return args, None
+    if kind in _NORM_OPTIONS:
+        args = {}
+        for (letter, name, allowed), written in zip(_NORM_OPTIONS[kind], groups):
+            if written is None:
+                continue
+            args[name] = float(written)
+            if not allowed.accepts(args[name]):
+                return args, f"{name} ({letter}) must be {allowed.description}, got {written}"
+        return args, None
     if kind == "gn":
         args = {"num_groups": int(groups[0])}
         return args, (None if args["num_groups"] >= 1
@@ -200,11 +248,10 @@ def parse(spec: str) -> list[Token]:
         raise TypeError(f"spec: expected an architecture string, got {type(spec).__name__}")
     if spec == "":
         return []
-    tokens, offset = [], 0
-    for index, text in enumerate(spec.split("-")):
-        tokens.append(_parse_token(spec, index, offset, text))
-        offset += len(text) + 1
-    return tokens
+    starts = [0] + [separator.end() for separator in _SEPARATOR.finditer(spec)]
+    ends = [separator.start() for separator in _SEPARATOR.finditer(spec)] + [len(spec)]
+    return [_parse_token(spec, index, start, spec[start:end])
+            for index, (start, end) in enumerate(zip(starts, ends))]
 
 
 def _parse_token(spec: str, index: int, offset: int, text: str) -> Token:
@@ -239,9 +286,9 @@ def _build_layer(token: Token, shape: tuple[int, ...], generator) -> list[Module
         features = shape[0] * shape[1] * shape[2] if spatial else shape[-1]
         return flatten + [Linear(features, args["units"], **rng)]
     if token.kind == "bn":
-        return [(BatchNorm2d if spatial else BatchNorm1d)(shape[0], **rng)]
+        return [(BatchNorm2d if spatial else BatchNorm1d)(shape[0], **args, **rng)]
     if token.kind == "brn":
-        return [(BatchRenorm2d if spatial else BatchRenorm1d)(shape[0], **rng)]
+        return [(BatchRenorm2d if spatial else BatchRenorm1d)(shape[0], **args, **rng)]
     if token.kind == "gn":
         return [GroupNorm(args["num_groups"], shape[0], **rng)]
     if token.kind == "ln":
