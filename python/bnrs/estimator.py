@@ -283,6 +283,12 @@ class _BaseCNN(BaseEstimator):
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "model_")
 
+    def summary(self) -> nn.ModelSummary:
+        """The fitted network's table of layers, output shapes, parameters and
+        multiply-adds per sample of ``input_shape_`` (see :func:`bnrs.nn.summary`)."""
+        check_is_fitted(self)
+        return self.model_.summary(self.input_shape_)
+
     #: The hyper-parameters' types and ranges, checked at every fit and partial_fit (in
     #: the style of scikit-learn's ``_parameter_constraints``); ``architecture``'s
     #: grammar is checked by :func:`bnrs.nn.spec.parse` besides.

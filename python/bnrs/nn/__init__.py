@@ -28,6 +28,7 @@ from .module import IncompatibleKeys, Module, Parameter, Sequential
 from .normalization import GroupNorm, InstanceNorm2d, LayerNorm
 from .renorm import BatchRenorm1d, BatchRenorm2d
 from .spec import DEFAULT_ARCHITECTURE, SpecError, Token, from_spec, parse
+from .summary import LayerSummary, ModelSummary, summary
 
 __all__ = [
     "DEFAULT_ARCHITECTURE",
@@ -46,10 +47,12 @@ __all__ = [
     "IncompatibleKeys",
     "InstanceNorm2d",
     "LayerNorm",
+    "LayerSummary",
     "LeakyReLU",
     "Linear",
     "MSELoss",
     "MaxPool2d",
+    "ModelSummary",
     "Module",
     "Parameter",
     "ReLU",
@@ -60,4 +63,5 @@ __all__ = [
     "Token",
     "from_spec",
     "parse",
+    "summary",
 ]

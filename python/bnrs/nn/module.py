@@ -369,6 +369,19 @@ class Module:
             target[...] = value
         return IncompatibleKeys(missing, unexpected)
 
+    def summary(self, input_shape):
+        """The table of layers, output shapes, parameters and multiply-adds for samples
+        of ``input_shape`` (no batch axis); see :func:`bnrs.nn.summary`.
+
+        Returns
+        -------
+        ModelSummary
+            A ``str`` to print, with the rows and totals as attributes.
+        """
+        from .summary import summary   # summary.py imports this module
+
+        return summary(self, input_shape)
+
     # ---------------------------------------------------------------- pickling, repr
 
     def __getstate__(self):
