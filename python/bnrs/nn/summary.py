@@ -88,16 +88,20 @@ class ModelSummary(str):
     total_mult_adds: int
 
 
-def _leaves(module: Module, prefix: str = "") -> list[tuple[str, Module]]:
-    """The layers of a (possibly nested) Sequential in the order they run."""
+def layers_in_order(module: Module, prefix: str = "") -> list[tuple[str, Module]]:
+    """``(name, layer)`` for the layers of a (possibly nested) Sequential in the order
+    they run, or for ``module`` itself if it has no children.
+
+    Raises TypeError for any other container: the order of its data flow is unknown.
+    """
     if isinstance(module, Sequential):
         layers = []
         for name, child in module.named_children():
-            layers += _leaves(child, f"{prefix}.{name}" if prefix else name)
+            layers += layers_in_order(child, f"{prefix}.{name}" if prefix else name)
         return layers
     if next(module.children(), None) is not None:
-        raise TypeError(f"summary: cannot follow the data through a {type(module).__name__} "
-                        "with child modules; only Sequential containers are supported")
+        raise TypeError(f"cannot follow the data through a {type(module).__name__} with "
+                        "child modules; only Sequential containers are supported")
     return [(prefix or type(module).__name__, module)]
 
 
@@ -161,10 +165,11 @@ def summary(model: Module, input_shape) -> ModelSummary:
     try:
         shape = tuple(int(d) for d in input_shape)
     except TypeError:
-        raise TypeError(f"input_shape: expected a tuple of ints, got {input_shape!r}") from None
+        raise TypeError(f"input_shape: expected a tuple of ints, "
+                        f"got {input_shape!r}") from None
     input_shape = shape
     rows = []
-    for name, layer in _leaves(model):
+    for name, layer in layers_in_order(model):
         output_shape = tuple(layer.output_shape(shape))
         params = sum(param.data.size for _, param in layer.named_parameters())
         buffers = sum(buffer.size for _, buffer in layer.named_buffers())
@@ -190,8 +195,8 @@ def summary(model: Module, input_shape) -> ModelSummary:
     width = sum(widths) + 8
     lines = [line(header), "-" * width, line(input_row)] + [line(cell) for cell in cells]
     lines += ["=" * width,
-              f"Total params: {_group(total_params)} "
-              f"({_group(4 * total_params)} bytes as float32)",
+              (f"Total params: {_group(total_params)} "
+               f"({_group(4 * total_params)} bytes as float32)"),
               f"Buffers (running statistics, not trained): {_group(total_buffers)}",
               f"Mult-adds per sample: {_group(total_mult_adds)}",
               f"Output shape: {_shape_text(shape)}"]

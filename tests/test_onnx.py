@@ -1,0 +1,227 @@
+"""Tests of the ONNX export (bnrs.onnx): the file runs in ONNX Runtime with bnrs's outputs.
+
+Run where the ``onnx`` extra and ONNX Runtime are installed (``pip install "bnrs[onnx]"
+onnxruntime``); elsewhere only the import-error test runs.
+"""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from bnrs import nn
+from bnrs import onnx as bnrs_onnx
+
+#: A network of every exported layer kind, the per-sample norms after conv and dense layers.
+SPEC = ("c4k3p1-bn-relu-mp2-gn2-sd0.1-c6k3s1p0-in-ap2s1-d0.5-brn-fc10-ln-lrelu-fc8-bn"
+        "-sigmoid-gn2-tanh")
+INPUT_SHAPE = (3, 10, 10)
+
+
+@pytest.fixture
+def ort():
+    pytest.importorskip("onnx")
+    return pytest.importorskip("onnxruntime")
+
+
+def run(ort, model_proto, x):
+    session = ort.InferenceSession(model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})
+
+
+def trained(model, input_shape, steps=3, seed=1):
+    """``model`` after a few training forwards (running statistics away from 0 and 1),
+    then in evaluation mode."""
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        model(rng.standard_normal((16, *input_shape)).astype(np.float32) * 2 + 0.5)
+    return model.eval()
+
+
+def assert_float32_close(actual, expected):
+    # Different summation orders in float32: a few ulps of the values' scale.
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=4e-6 * scale)
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_network_matches_in_onnx_runtime(ort, tmp_path, batch):
+    model = trained(nn.from_spec(SPEC, INPUT_SHAPE, 5, random_state=0), INPUT_SHAPE)
+    path = tmp_path / "model.onnx"
+    proto = bnrs_onnx.export(model, path, input_shape=INPUT_SHAPE)
+    x = np.random.default_rng(2).standard_normal((batch, *INPUT_SHAPE)).astype(np.float32)
+    (output,) = run(ort, proto, x)
+    assert output.shape == (batch, 5) and output.dtype == np.float32
+    assert_float32_close(output, model(x))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["N", *INPUT_SHAPE]
+    assert [o.name for o in session.get_outputs()] == ["output"]
+    np.testing.assert_array_equal(session.run(None, {"input": x})[0], output)
+
+
+def test_operators_of_the_default_opset(ort):
+    import onnx
+
+    model = trained(nn.from_spec(SPEC, INPUT_SHAPE, 5, random_state=0), INPUT_SHAPE)
+    proto = bnrs_onnx.export(model, None, input_shape=INPUT_SHAPE)
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops == [
+        "Conv", "BatchNormalization", "Relu", "MaxPool",
+        "Reshape", "LayerNormalization", "Reshape", "Mul", "Add",   # gn2 below opset 21
+        "Conv", "InstanceNormalization", "AveragePool", "BatchNormalization", "Flatten",
+        "Gemm", "LayerNormalization", "LeakyRelu", "Gemm", "BatchNormalization", "Sigmoid",
+        "Reshape", "LayerNormalization", "Reshape", "Mul", "Add", "Tanh", "Gemm",
+        "Identity"]
+    assert proto.opset_import[0].version == bnrs_onnx.DEFAULT_OPSET == 17
+    assert proto.ir_version == onnx.helper.find_min_ir_version_for(list(proto.opset_import))
+    pool = next(n for n in proto.graph.node if n.op_type == "AveragePool")
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute}
+    assert attributes["count_include_pad"] == 1 and attributes["kernel_shape"] == [2, 2]
+    assert proto.producer_name == "bnrs"
+
+
+@pytest.mark.parametrize("opset", [18, 19, 20, 21])
+def test_other_opsets(ort, opset):
+    model = trained(nn.from_spec(SPEC, INPUT_SHAPE, 5, random_state=0), INPUT_SHAPE)
+    proto = bnrs_onnx.export(model, None, input_shape=INPUT_SHAPE, opset=opset)
+    ops = [node.op_type for node in proto.graph.node]
+    assert ("GroupNormalization" in ops) == (opset >= 21)
+    x = np.random.default_rng(2).standard_normal((6, *INPUT_SHAPE)).astype(np.float32)
+    (output,) = run(ort, proto, x)
+    if opset < 21:
+        assert_float32_close(output, model(x))
+    else:
+        # ONNX Runtime's GroupNormalization is less accurate than the layer-norm form
+        # (see the module docstring); on these inputs it stays within 2e-5.
+        np.testing.assert_allclose(output, model(x), rtol=0, atol=2e-5)
+
+
+def test_layer_options_and_the_other_forms(ort):
+    """Padding, dilation, no bias, count_include_pad=False, a partial Flatten, Linear on
+    3-D input (MatMul), 3-D batch norm, multi-axis layer norm, affine instance norm."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2, bias=False, random_state=0),
+        nn.InstanceNorm2d(3, affine=True),
+        nn.MaxPool2d(3, 2, padding=1),
+        nn.AvgPool2d(3, 1, padding=1, count_include_pad=False),
+        nn.AvgPool2d(2, 1, padding=1),
+        nn.Flatten(2),                         # (N, 3, H*W)
+        nn.Linear(20, 4, bias=False, random_state=1),
+        nn.Linear(4, 2, random_state=2),       # (N, 3, 2)
+        nn.BatchNorm1d(3),
+        nn.LayerNorm([3, 2]),
+        # Over all 6 values of the layer-normalised sample: groups of 2 of them can have a
+        # variance near eps, where float32 rounding of the input is amplified 100-fold.
+        nn.GroupNorm(1, 3),
+        nn.Flatten(),
+        nn.ReLU(),
+    )
+    for module in model:
+        if getattr(module, "weight", None) is not None and isinstance(
+                module, (nn.InstanceNorm2d, nn.LayerNorm, nn.GroupNorm)):
+            rng = np.random.default_rng(3)
+            module.weight.data[...] = rng.uniform(0.5, 2, module.weight.shape)
+            module.bias.data[...] = rng.uniform(-1, 1, module.bias.shape)
+    model = trained(model, (2, 13, 11))
+    assert model.output_shape((2, 13, 11)) == (6,)
+    proto = bnrs_onnx.export(model, None, input_shape=(2, 13, 11))
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops[:6] == ["Conv", "InstanceNormalization", "MaxPool", "AveragePool",
+                       "AveragePool", "Reshape"]
+    assert ops[6:10] == ["MatMul", "MatMul", "Add", "BatchNormalization"]
+    x = np.random.default_rng(4).standard_normal((5, 2, 13, 11)).astype(np.float32)
+    (output,) = run(ort, proto, x)
+    assert_float32_close(output, model(x))
+
+
+def test_export_uses_running_statistics_and_leaves_the_model_alone(ort):
+    model = trained(nn.from_spec("c4-bn-relu-d0.5-fc6-brn", (1, 6, 6), 3, random_state=0),
+                    (1, 6, 6))
+    model.train()
+    before = model.state_dict()
+    proto = bnrs_onnx.export(model, None, input_shape=(1, 6, 6))
+    assert model.training
+    assert all(np.array_equal(before[k], v) for k, v in model.state_dict().items())
+    x = np.random.default_rng(5).standard_normal((4, 1, 6, 6)).astype(np.float32)
+    (output,) = run(ort, proto, x)
+    assert_float32_close(output, model.eval()(x))
+
+
+def test_classifier_gives_logits_and_probabilities(ort, tmp_path):
+    from bnrs import CNNClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 1, 8, 8)).astype(np.float32)
+    y = np.array(["cat", "dog", "emu"])[np.arange(60) % 3]
+    X[y == "dog", :, :4] += 1.0
+    clf = CNNClassifier("c4-bn-relu-mp2-gn2-fc8-bn-relu-d0.2", max_epochs=3,
+                        random_state=0).fit(X, y)
+    proto = bnrs_onnx.export(clf, tmp_path / "clf.onnx")
+    logits, probabilities = run(ort, proto, X[:9])
+    assert [o.name for o in proto.graph.output] == ["logits", "probabilities"]
+    np.testing.assert_allclose(probabilities, clf.predict_proba(X[:9]), rtol=0, atol=1e-6)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    classes = np.array(json.loads(metadata["classes"]))
+    np.testing.assert_array_equal(classes, clf.classes_)
+    np.testing.assert_array_equal(classes[logits.argmax(axis=1)], clf.predict(X[:9]))
+    assert metadata["architecture"] == clf.architecture
+    assert metadata["data_format"] == "channels_first"
+
+
+def test_regressor_gives_predictions(ort):
+    from bnrs import CNNRegressor
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 12)).astype(np.float32)
+    y = X[:, :3].sum(axis=1)
+    reg = CNNRegressor("fc16-ln-relu-fc8-bn-tanh", max_epochs=3, random_state=0).fit(X, y)
+    proto = bnrs_onnx.export(reg, None)
+    (predictions,) = run(ort, proto, X[:7])
+    assert predictions.shape == (7, 1)
+    np.testing.assert_allclose(predictions.ravel(), reg.predict(X[:7]), rtol=0, atol=1e-5)
+
+
+def test_refusals(ort):
+    from bnrs import CNNClassifier
+    from sklearn.exceptions import NotFittedError
+
+    model = nn.from_spec("c4-bn-relu", (1, 6, 6), 2, random_state=0)
+    with pytest.raises(TypeError, match="input_shape"):
+        bnrs_onnx.export(model, None)
+    with pytest.raises(ValueError, match="Conv2d"):
+        bnrs_onnx.export(model, None, input_shape=(2, 6, 6))
+    for opset in (16, 22, 17.0, True):
+        with pytest.raises(ValueError, match="opset"):
+            bnrs_onnx.export(model, None, input_shape=(1, 6, 6), opset=opset)
+    batch_stats = nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(NotImplementedError, match="running statistics"):
+        bnrs_onnx.export(batch_stats, None, input_shape=(4,))
+
+    class Square(nn.Module):
+        def output_shape(self, input_shape):
+            return tuple(input_shape)
+
+    with pytest.raises(NotImplementedError, match="1: Square has no ONNX export"):
+        bnrs_onnx.export(nn.Sequential(nn.ReLU(), Square()), None, input_shape=(4,))
+    block = nn.Module()
+    block.add_module("conv", nn.Conv2d(1, 1, 1, random_state=0))
+    with pytest.raises(TypeError, match="only Sequential"):
+        bnrs_onnx.export(block, None, input_shape=(1, 4, 4))
+    with pytest.raises(NotImplementedError, match="batch axis"):
+        bnrs_onnx.export(nn.Sequential(nn.Flatten(0)), None, input_shape=(4,))
+    with pytest.raises(NotFittedError):
+        bnrs_onnx.export(CNNClassifier(), None)
+    X = np.random.default_rng(0).standard_normal((20, 1, 6, 6)).astype(np.float32)
+    clf = CNNClassifier("c2-relu", max_epochs=1, random_state=0).fit(X, np.arange(20) % 2)
+    with pytest.raises(ValueError, match=r"fitted on samples of shape \(1, 6, 6\)"):
+        bnrs_onnx.export(clf, None, input_shape=(36,))
+    with pytest.raises(TypeError, match="model_or_estimator"):
+        bnrs_onnx.export("model", None, input_shape=(4,))
+
+
+def test_without_onnx_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)   # makes `import onnx` fail
+    model = nn.Sequential(nn.ReLU())
+    with pytest.raises(ImportError, match=r'pip install "bnrs\[onnx\]"'):
+        bnrs_onnx.export(model, None, input_shape=(4,))
