@@ -284,8 +284,14 @@ class _BaseCNN(BaseEstimator):
         return hasattr(self, "model_")
 
     def summary(self) -> nn.ModelSummary:
-        """The fitted network's table of layers, output shapes, parameters and
-        multiply-adds per sample of ``input_shape_`` (see :func:`bnrs.nn.summary`)."""
+        """The fitted network's layers, output shapes, parameters and multiply-adds.
+
+        Returns
+        -------
+        bnrs.nn.ModelSummary
+            A ``str`` to print, for samples of ``input_shape_``, with the rows and totals
+            as attributes (see :func:`bnrs.nn.summary`).
+        """
         check_is_fitted(self)
         return self.model_.summary(self.input_shape_)
 
