@@ -288,6 +288,10 @@ BAD_PARAMETERS = {
     "n_threads": (1.0, 0),
     "verbose": (2.7, -1),
     "record_layer_stats": ("yes", None),
+    "mc_samples": (1.5, -1),
+    "augment_shift": ("2", -1),
+    "augment_flip": (1, None),
+    "class_weight": ([1.0, 2.0], "balance"),
 }
 
 
