@@ -861,6 +861,27 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         (``history_[i]["layers"]``), measured on a fixed probe batch of the training data
         with :func:`bnrs.diagnostics.layer_statistics`. Recording does not change
         training: the fitted network is bit-identical with and without it.
+    mc_samples : int, default 0
+        With k > 0, ``predict_proba``, ``predict_log_proba``, ``predict`` and ``score``
+        average the class probabilities of k passes with dropout on and batch norm in
+        evaluation mode (Monte Carlo dropout), and :meth:`predict_uncertainty` gives
+        their mean and standard deviation; 0 predicts in evaluation mode, as before.
+        Training is the same whatever the value.
+    augment_shift : int, default 0
+        With k > 0, every training batch is translated at random by up to k pixels in
+        each direction (zero padding by k, then a random crop, per sample, as
+        torchvision's ``RandomCrop(size, padding=k)``); k must be smaller than the
+        images' height and width. Images only: refused when the network takes
+        vectors.
+    augment_flip : bool, default False
+        Mirror each training sample left to right with probability 1/2 (images only).
+        Augmentation draws from the ``random_state`` stream, batch after batch, so it
+        is reproducible at any thread count; prediction is not augmented.
+    class_weight : dict, "balanced" or None, default None
+        Weights of the classes in the loss, multiplying ``sample_weight``: a dict
+        ``{label: weight}`` (finite, >= 0; classes not named weigh 1) or "balanced",
+        ``n_samples / (n_classes * np.bincount(y))`` from the y of ``fit``
+        (scikit-learn's meaning, refused by ``partial_fit``).
 
     Attributes
     ----------
@@ -1272,6 +1293,14 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
     verbose : int or bool, default 0
     record_layer_stats : bool, default False
         As for :class:`CNNClassifier`, with the training loss back-propagated.
+    mc_samples : int, default 0
+        With k > 0, ``predict`` (and ``score``) average k Monte Carlo dropout passes and
+        :meth:`predict_uncertainty` gives their mean and standard deviation (see
+        :class:`CNNClassifier`).
+    augment_shift : int, default 0
+    augment_flip : bool, default False
+        Random translation and left-right mirroring of the training images, as for
+        :class:`CNNClassifier`.
 
     Attributes
     ----------
