@@ -178,3 +178,61 @@ pub fn cross_entropy_backward(
         });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> (ClassesParams, Vec<f32>, Vec<i64>) {
+        let p = ClassesParams::new(&[5, 3]).unwrap();
+        let x: Vec<f32> = (0..15)
+            .map(|i| ((i * 7) % 11) as f32 * 0.37 - 1.5)
+            .collect();
+        (p, x, vec![0, 2, 1, 1, 0])
+    }
+
+    #[test]
+    fn weights_of_one_give_the_unweighted_bits() {
+        let (p, x, t) = batch();
+        let ones = [1.0; 5];
+        let plain = cross_entropy(&p, &x, &t, None).unwrap();
+        assert_eq!(
+            cross_entropy(&p, &x, &t, Some(&ones)).unwrap().to_bits(),
+            plain.to_bits()
+        );
+        let (mut g_plain, mut g_ones) = (vec![0.0; 15], vec![0.0; 15]);
+        cross_entropy_backward(&p, &x, &t, None, &mut g_plain).unwrap();
+        cross_entropy_backward(&p, &x, &t, Some(&ones), &mut g_ones).unwrap();
+        assert_eq!(g_plain, g_ones);
+    }
+
+    #[test]
+    fn an_integer_weight_is_the_row_repeated() {
+        let (p, x, t) = batch();
+        let weight = [2.0, 1.0, 0.0, 1.0, 1.0];
+        let rows = [0usize, 0, 1, 3, 4];
+        let xr: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| x[r * 3..r * 3 + 3].to_vec())
+            .collect();
+        let tr: Vec<i64> = rows.iter().map(|&r| t[r]).collect();
+        let weighted = cross_entropy(&p, &x, &t, Some(&weight)).unwrap();
+        let repeated = cross_entropy(&ClassesParams::new(&[5, 3]).unwrap(), &xr, &tr, None);
+        assert!((weighted - repeated.unwrap()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_weights_are_refused() {
+        let (p, x, t) = batch();
+        for weight in [
+            vec![1.0; 4],
+            vec![1.0, -1.0, 1.0, 1.0, 1.0],
+            vec![1.0, f64::NAN, 1.0, 1.0, 1.0],
+            vec![0.0; 5],
+        ] {
+            assert!(cross_entropy(&p, &x, &t, Some(&weight)).is_err());
+            let mut grad = vec![0.0; 15];
+            assert!(cross_entropy_backward(&p, &x, &t, Some(&weight), &mut grad).is_err());
+        }
+    }
+}
