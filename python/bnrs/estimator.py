@@ -719,7 +719,11 @@ class _BaseCNN(BaseEstimator):
                                                   dtype=np.float32, order="C"))
             model = self.model_
             dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
-            streams = np.random.SeedSequence(self._mc_seed).spawn(len(dropouts))
+            # Estimators pickled before mc_samples existed have no seed of their own.
+            seed = getattr(self, "_mc_seed", None)
+            if seed is None:
+                seed = _mc_seed(copy.deepcopy(self._rng))
+            streams = np.random.SeedSequence(seed).spawn(len(dropouts))
             training_streams = [layer._rng for layer in dropouts]
             training = model.training
             bounds = batch_bounds(len(X), _PREDICT_CHUNK, last="keep")
