@@ -40,11 +40,37 @@ def _fit(X, y, **params):
 # --------------------------------------------------------------------------- sklearn checks
 
 
+#: scikit-learn checks that fail, and why (marked as expected failures, strictly: a check
+#: that starts to pass fails the test until it is taken off this list).
+EXPECTED_FAILURES = {
+    # Equivalent up to float32 rounding (the network computes in float32: a weighted row
+    # and its repeats are summed in another order), max relative difference 2.5e-7
+    # against the check's rtol=1e-7; tests/test_weights_mc.py checks it at 1e-5.
+    "check_sample_weight_equivalence_on_dense_data":
+        "equivalent only within float32 rounding (2.5e-7 > the check's rtol 1e-7)",
+    # max_epochs=10 is 10 Adam steps on the check's 50 samples: too few to move the
+    # predictions (the share of class 0 is 0.78/0.98 after 30 epochs and 1.0 after 100;
+    # tests/test_weights_mc.py runs the check's problem with 100 epochs).
+    "check_class_weight_classifiers":
+        "10 epochs of 1 batch each are too few steps for the class weights to show",
+}
+
+
+def expect_known_failure(request, check, expected_failures=EXPECTED_FAILURES):
+    """Mark ``check`` xfail (strict) if it is listed, with the reason; works with every
+    supported scikit-learn (``expected_failed_checks`` needs 1.6)."""
+    name = getattr(check, "func", check).__name__
+    if name in expected_failures:
+        request.node.add_marker(pytest.mark.xfail(reason=expected_failures[name],
+                                                  strict=True))
+
+
 @parametrize_with_checks([CNNClassifier("fc16", max_epochs=10, learning_rate=0.01,
                                         random_state=0)])
-def test_sklearn_compatible(estimator, check):
+def test_sklearn_compatible(estimator, check, request):
     # A small multilayer perceptron: the checks feed 2-D data with 1 to 20 features,
     # which a CNN cannot take (see the input-shape rule); the CNN is tested below.
+    expect_known_failure(request, check)
     check(estimator)
 
 
@@ -262,6 +288,10 @@ BAD_PARAMETERS = {
     "n_threads": (1.0, 0),
     "verbose": (2.7, -1),
     "record_layer_stats": ("yes", None),
+    "mc_samples": (1.5, -1),
+    "augment_shift": ("2", -1),
+    "augment_flip": (1, None),
+    "class_weight": ([1.0, 2.0], "balance"),
 }
 
 

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import numpy as np
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -14,7 +16,7 @@ def test_readme_python_blocks_run():
         namespace: dict = {}
         exec(compile(block, str(README), "exec"), namespace)
         namespaces.append(namespace)
-    estimator, regressor, layers = namespaces
+    estimator, regressor, layers, weighted, mc_dropout, augmented = namespaces
     # The estimator example reaches the accuracy the README's claims rest on.
     assert estimator["clf"].score(estimator["X_test"], estimator["y_test"]) >= 0.98
     # The regressor example reads its channels-last images as such and fits both targets.
@@ -24,3 +26,10 @@ def test_readme_python_blocks_run():
     assert reg.score(regressor["X"][1500:], regressor["Y"][1500:]) > 0.9
     # The layer example ends with evaluation-mode logits for its 32 samples and 10 classes.
     assert layers["logits"].shape == (32, 10)
+    # The weights example balances its rare class; the MC-dropout example's mean is
+    # predict_proba and it has a spread; the augmented network still learns.
+    assert weighted["clf"].n_iter_ == 5
+    mean, std = mc_dropout["mean"], mc_dropout["std"]
+    np.testing.assert_array_equal(mean, mc_dropout["clf"].predict_proba(mc_dropout["X"][1500:]))
+    assert std.shape == (297, 10) and std.max() > 0
+    assert augmented["clf"].score(augmented["X"][1500:], augmented["y"][1500:]) > 0.8

@@ -50,9 +50,16 @@ def _same_network(first, second):
 
 @parametrize_with_checks([CNNRegressor("fc16", max_epochs=10, learning_rate=0.01,
                                        random_state=0)])
-def test_sklearn_compatible(estimator, check):
+def test_sklearn_compatible(estimator, check, request):
     # As for the classifier: a small multilayer perceptron, since the checks feed 2-D data
     # with a few features.
+    name = getattr(check, "func", check).__name__
+    if name == "check_sample_weight_equivalence_on_dense_data":
+        # As for the classifier: equal within float32 rounding only (max relative
+        # difference 1.5e-7 against the check's rtol=1e-7); tests/test_weights_mc.py
+        # checks it at 1e-5.
+        request.node.add_marker(pytest.mark.xfail(
+            reason="equivalent only within float32 rounding", strict=True))
     check(estimator)
 
 
@@ -134,7 +141,8 @@ BAD_PARAMETERS = {"loss": (1, "absolute_error"), "delta": ("1", 0.0),
 def test_every_parameter_has_a_constraint():
     assert set(CNNRegressor._parameter_constraints) == set(CNNRegressor().get_params())
     shared = set(bnrs.CNNClassifier().get_params())
-    assert set(CNNRegressor().get_params()) == shared | {"loss", "delta"}
+    # class_weight is the classifier's alone
+    assert set(CNNRegressor().get_params()) == (shared - {"class_weight"}) | {"loss", "delta"}
 
 
 @pytest.mark.parametrize("method", ["fit", "partial_fit"])

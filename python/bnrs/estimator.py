@@ -29,12 +29,13 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
 from sklearn.metrics import r2_score
 from sklearn.model_selection import train_test_split
+from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
 from . import nn, optim
 from ._validation import (NONE, Boolean, Constraint, Instances, Interval, IntTuple,
-                          Options, check_params)
+                          Options, check, check_params)
 from .diagnostics import layer_statistics, probe_indices
 from .nn.module import as_generator
 from .nn.spec import DEFAULT_ARCHITECTURE, SpecError, from_spec, parse
@@ -163,6 +164,63 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def _checked_sample_weight(sample_weight, n_samples: int) -> np.ndarray | None:
+    """``sample_weight`` of ``fit`` as float64 (n_samples,): a number (the same for every
+    sample) or n_samples finite, non-negative reals, not all zero; None stays None."""
+    if sample_weight is None:
+        return None
+    try:
+        weight = np.asarray(sample_weight)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"sample_weight: expected an array of real numbers: {error}") from None
+    if weight.dtype.kind not in "iuf":
+        raise TypeError(f"sample_weight: expected real numbers, got an array of dtype "
+                        f"{weight.dtype}")
+    if weight.ndim == 0:
+        weight = np.full(n_samples, weight)
+    if weight.shape != (n_samples,):
+        raise ValueError(f"sample_weight: expected shape ({n_samples},), one weight per "
+                         f"sample of X, got shape {weight.shape}")
+    weight = weight.astype(np.float64)
+    bad = ~np.isfinite(weight) | (weight < 0)
+    if bad.any():
+        raise ValueError(f"sample_weight: expected finite, non-negative weights, got "
+                         f"{float(weight[bad][0])!r} at index {int(np.flatnonzero(bad)[0])}")
+    if not weight.sum() > 0:
+        raise ValueError("sample_weight: expected at least one positive weight, got "
+                         "weights that are all zero")
+    return weight
+
+
+def _mc_seed(rng: np.random.Generator) -> int:
+    """The seed of the MC-dropout passes, taken from ``rng`` without advancing its stream
+    (so that training draws the same numbers as without it)."""
+    try:
+        child = rng.spawn(1)[0]   # advances the seed sequence's child count only
+    except TypeError:   # a bit generator made from a state has no seed sequence
+        child = copy.deepcopy(rng)
+    return int(child.integers(0, 2**63))
+
+
+def _augment(X: np.ndarray, rng: np.random.Generator, shift: int, flip: bool) -> np.ndarray:
+    """A randomly translated (zero padding, then a crop) and mirrored copy of the
+    (N, C, H, W) batch X, drawing from ``rng`` in a fixed order: the N row and N column
+    offsets, then the N flips."""
+    n, channels, height, width = X.shape
+    if shift:
+        offsets = rng.integers(0, 2 * shift + 1, size=(2, n))
+        padded = np.pad(X, ((0, 0), (0, 0), (shift, shift), (shift, shift)))
+        rows = offsets[0][:, None] + np.arange(height)
+        cols = offsets[1][:, None] + np.arange(width)
+        X = padded[np.arange(n)[:, None, None, None], np.arange(channels)[None, :, None, None],
+                   rows[:, None, :, None], cols[:, None, None, :]]
+    if flip:
+        mirrored = rng.random(n) < 0.5
+        X = X.copy() if not shift else X   # never write into the caller's batch
+        X[mirrored] = X[mirrored, :, :, ::-1]
+    return X
+
+
 class _BaseCNN(BaseEstimator):
     """What :class:`CNNClassifier` and :class:`CNNRegressor` share: the parameters and their
     checks, the input-shape rule, the network's construction, the training loop (early
@@ -181,7 +239,8 @@ class _BaseCNN(BaseEstimator):
                  validation_fraction: float = 0.1, n_iter_no_change: int = 10,
                  tol: float = 1e-4, warm_start: bool = False, random_state=None,
                  n_threads: int | None = None, verbose: int = 0,
-                 record_layer_stats: bool = False):
+                 record_layer_stats: bool = False, mc_samples: int = 0,
+                 augment_shift: int = 0, augment_flip: bool = False):
         self.architecture = architecture
         self.input_shape = input_shape
         self.data_format = data_format
@@ -201,6 +260,9 @@ class _BaseCNN(BaseEstimator):
         self.n_threads = n_threads
         self.verbose = verbose
         self.record_layer_stats = record_layer_stats
+        self.mc_samples = mc_samples
+        self.augment_shift = augment_shift
+        self.augment_flip = augment_flip
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -210,13 +272,16 @@ class _BaseCNN(BaseEstimator):
     def __setstate__(self, state):
         # Estimators pickled before data_format existed read every X channels first.
         state.setdefault("data_format", "auto")
+        for name, default in (("mc_samples", 0), ("augment_shift", 0),
+                              ("augment_flip", False)):
+            state.setdefault(name, default)
         if "model_" in state:
             state.setdefault("data_format_", "channels_first")
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Train the network on (X, y) for up to ``max_epochs`` epochs.
 
         Parameters
@@ -227,6 +292,12 @@ class _BaseCNN(BaseEstimator):
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             Class labels (ints, strings, ...), at least two distinct ones, for
             :class:`CNNClassifier`; real-valued targets for :class:`CNNRegressor`.
+        sample_weight : array-like of shape (n_samples,) or float, optional
+            Finite, non-negative weights, not all zero (a number: the same for every
+            sample). Each mini-batch's loss is the weighted mean ``sum(w * loss) /
+            sum(w)`` over its samples, as in scikit-learn's ``MLPClassifier``, so a
+            weight of 2 counts as the sample twice in its batch and weights of 1 train
+            exactly as none. With ``early_stopping`` the validation score is weighted too.
 
         Returns
         -------
@@ -235,9 +306,10 @@ class _BaseCNN(BaseEstimator):
         """
         self._validate_params()
         reset = not (self.warm_start and hasattr(self, "model_"))
-        return self._fit(X, y, classes=None, reset=reset, incremental=False)
+        return self._fit(X, y, classes=None, reset=reset, incremental=False,
+                         sample_weight=sample_weight)
 
-    def _fit(self, X, y, *, classes, reset: bool, incremental: bool):
+    def _fit(self, X, y, *, classes, reset: bool, incremental: bool, sample_weight=None):
         # Every check runs, and the new state is built aside, before the first attribute
         # is set: a call that is rejected leaves a fitted estimator exactly as it was.
         with num_threads(self.n_threads):
@@ -249,6 +321,7 @@ class _BaseCNN(BaseEstimator):
             self._check_targets(y)
             if X.ndim > 4:
                 raise ValueError(f"X: expected a 2-D, 3-D or 4-D array, got shape {X.shape}")
+            sample_weight = _checked_sample_weight(sample_weight, len(X))
             validate = self.early_stopping and not incremental
             # train_test_split's rule for the size of the validation part
             n_train = len(X) - (math.ceil(self.validation_fraction * len(X)) if validate
@@ -259,15 +332,26 @@ class _BaseCNN(BaseEstimator):
                     state[name] = getattr(checked, name, None)
             else:
                 state, targets = self._continued_state(X, y, classes, incremental, n_train)
-            X = _to_network(X, state["input_shape_"] if reset else self.input_shape_,
+            input_shape = state["input_shape_"] if reset else self.input_shape_
+            self._check_augment(input_shape)
+            sample_weight = self._training_weights(
+                targets, sample_weight, incremental,
+                state.get("classes_", getattr(self, "classes_", None)))
+            X = _to_network(X, input_shape,
                             state["data_format_"] if reset else self.data_format_)
             valid = None
             if validate:
                 seed = int(state["_rng"].integers(0, 2**32))
-                X, X_valid, targets, y_valid = train_test_split(
-                    X, targets, test_size=self.validation_fraction,
+                parts = train_test_split(
+                    *((X, targets) if sample_weight is None else (X, targets, sample_weight)),
+                    test_size=self.validation_fraction,
                     stratify=self._stratify(targets), random_state=seed)
-                valid = (X_valid, y_valid)
+                X, X_valid, targets, y_valid = parts[:4]
+                valid = (X_valid, y_valid, None if sample_weight is None else parts[5])
+                sample_weight = None if sample_weight is None else parts[4]
+                if sample_weight is not None and not sample_weight.sum() > 0:
+                    raise ValueError("sample_weight: every sample left for training after "
+                                     "the validation split has weight 0")
             for name, value in state.items():
                 if value is None and name == "feature_names_in_":
                     if hasattr(self, name):   # X without column names this time
@@ -277,8 +361,30 @@ class _BaseCNN(BaseEstimator):
             if not reset:   # e.g. a lower learning rate for the optimizer kept
                 for group in self.optimizer_.param_groups:
                     group.update(self._optimizer_kwargs())
-            self._train(X, targets, 1 if incremental else self.max_epochs, valid)
+            self._train(X, targets, 1 if incremental else self.max_epochs, valid,
+                        sample_weight)
         return self
+
+    def _training_weights(self, targets: np.ndarray, sample_weight: np.ndarray | None,
+                          incremental: bool, classes) -> np.ndarray | None:
+        """The per-sample loss weights: ``sample_weight`` (checked), times the class
+        weights of a classifier; None when neither is given (the unweighted loss)."""
+        return sample_weight
+
+    def _check_augment(self, input_shape: tuple[int, ...]) -> None:
+        """Refuse augmentation of samples that are not images (or smaller than the shift)."""
+        if not (self.augment_shift or self.augment_flip):
+            return
+        given = "augment_shift" if self.augment_shift else "augment_flip"
+        if len(input_shape) != 3:
+            raise ValueError(f"{given}: augmentation needs image samples (C, H, W), but the "
+                             f"network takes vectors of shape {tuple(input_shape)} (2-D X "
+                             "with an architecture of dense layers only); pass X of shape "
+                             "(n, C, H, W) or input_shape=(C, H, W)")
+        if self.augment_shift >= min(input_shape[1:]):
+            raise ValueError(f"augment_shift: expected fewer pixels than the images' "
+                             f"height and width {tuple(input_shape[1:])}, got "
+                             f"{self.augment_shift}")
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "model_")
@@ -321,6 +427,9 @@ class _BaseCNN(BaseEstimator):
         "n_threads": [NONE, Interval("int", 1)],
         "verbose": [Interval("int", 0), Boolean()],
         "record_layer_stats": [Boolean()],
+        "mc_samples": [Interval("int", 0)],
+        "augment_shift": [Interval("int", 0)],
+        "augment_flip": [Boolean()],
     }
 
     def _validate_params(self) -> None:
@@ -355,6 +464,7 @@ class _BaseCNN(BaseEstimator):
         state = {**target_state, "input_shape_": input_shape, "data_format_": layout,
                  "model_": model,
                  "_x_sample_shape": X.shape[1:], "_rng": rng, "_min_batch": min_batch,
+                 "_mc_seed": _mc_seed(rng),
                  "_fit_architecture": self.architecture,
                  "optimizer_": self._new_optimizer(model),
                  "loss_": None, "best_loss_": None, "loss_curve_": [], "history_": [],
@@ -449,8 +559,10 @@ class _BaseCNN(BaseEstimator):
 
     # ------------------------------------------------------------------ training loop
 
-    def _train(self, X: np.ndarray, y: np.ndarray, n_epochs: int, valid) -> None:
-        """Run up to ``n_epochs`` epochs, validating on ``valid`` (X, y) if given."""
+    def _train(self, X: np.ndarray, y: np.ndarray, n_epochs: int, valid,
+               sample_weight: np.ndarray | None = None) -> None:
+        """Run up to ``n_epochs`` epochs, validating on ``valid`` (X, y, sample_weight) if
+        given."""
         validate = valid is not None
         if validate and self.validation_scores_ is None:
             self.validation_scores_ = []
@@ -469,7 +581,7 @@ class _BaseCNN(BaseEstimator):
             for _ in range(n_epochs):
                 epoch, start = self.n_iter_ + 1, time.perf_counter()
                 try:
-                    loss, score, state = self._run_epoch(X, y, bounds, valid)
+                    loss, score, state = self._run_epoch(X, y, bounds, valid, sample_weight)
                     seconds = time.perf_counter() - start   # the probe is not training
                     layers = None if probe is None else layer_statistics(
                         self.model_, *probe, criterion=self._criterion())
@@ -508,28 +620,39 @@ class _BaseCNN(BaseEstimator):
             self.model_.clear_saved()
             self.model_.eval()
 
-    def _run_epoch(self, X: np.ndarray, y: np.ndarray, bounds, valid):
+    def _run_epoch(self, X: np.ndarray, y: np.ndarray, bounds, valid,
+                   sample_weight: np.ndarray | None = None):
         """One pass of mini-batch training, then the validation score if ``valid``.
 
-        Returns the mean training loss, the validation score (or None) and the
-        network's state dict; raises _Diverged for a non-finite loss or state.
+        Returns the mean (or weighted mean) training loss, the validation score (or
+        None) and the network's state dict; raises _Diverged for a non-finite loss or
+        state.
         """
         order = self._rng.permutation(len(X)) if self.shuffle else None
+        transform = None
+        if self.augment_shift or self.augment_flip:
+            def transform(batch, rng=self._rng, shift=self.augment_shift,
+                          flip=self.augment_flip):
+                return _augment(batch, rng, shift, flip)
         losses = train_epoch(self.model_, self._criterion(), self.optimizer_, X, y, bounds,
-                             order)
+                             order, sample_weight=sample_weight, transform=transform)
         if not math.isfinite(losses[-1]):
             raise _Diverged(len(losses), len(bounds), losses[-1])
         total = 0.0
         for loss, (start, stop) in zip(losses, bounds):   # in order (same bits as ever)
-            total += loss * (stop - start)
-        loss = total / len(X)
+            if sample_weight is None:
+                total += loss * (stop - start)
+            else:
+                index = slice(start, stop) if order is None else order[start:stop]
+                total += loss * float(sample_weight[index].sum())
+        loss = total / (len(X) if sample_weight is None else float(sample_weight.sum()))
         state = self.model_.state_dict()
         if not _all_finite(state):
             raise _Diverged(len(bounds), len(bounds), loss)
         score = None
         if valid is not None:
-            X_valid, y_valid = valid
-            score = self._validation_score(self._logits(X_valid), y_valid)
+            X_valid, y_valid, weight_valid = valid
+            score = self._validation_score(self._logits(X_valid), y_valid, weight_valid)
         return loss, score, state
 
     def _track_best(self, loss: float, score: float | None) -> tuple[bool, bool]:
@@ -589,6 +712,59 @@ class _BaseCNN(BaseEstimator):
             X = validate_data(self, X, reset=False, allow_nd=True, dtype=np.float32,
                               order="C")
             return self._logits(self._network_input(X))
+
+    def _mc_passes(self, X) -> np.ndarray:
+        """The ``mc_samples`` stochastic passes over user X: batch norm (and every other
+        layer) in evaluation mode, dropout in training mode, as a float64 array
+        (mc_samples, n_samples, n_outputs) of ``_mc_output`` values.
+
+        The dropout layers draw their masks' seeds from streams seeded by ``_mc_seed``
+        (one per layer, in layer order; pass after pass, chunk after chunk), set aside
+        for the passes and then given back, so predictions are reproducible and
+        training's streams are untouched.
+        """
+        mc_samples = check(self.mc_samples, "mc_samples",
+                           *self._parameter_constraints["mc_samples"])
+        check_is_fitted(self)
+        with num_threads(self.n_threads):
+            X = self._network_input(validate_data(self, X, reset=False, allow_nd=True,
+                                                  dtype=np.float32, order="C"))
+            model = self.model_
+            dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+            # Estimators pickled before mc_samples existed have no seed of their own.
+            seed = getattr(self, "_mc_seed", None)
+            if seed is None:
+                seed = _mc_seed(copy.deepcopy(self._rng))
+            streams = np.random.SeedSequence(seed).spawn(len(dropouts))
+            training_streams = [layer._rng for layer in dropouts]
+            training = model.training
+            bounds = batch_bounds(len(X), _PREDICT_CHUNK, last="keep")
+            try:
+                for layer, stream in zip(dropouts, streams):
+                    layer._rng = np.random.default_rng(stream)
+                nn.enable_dropout(model.eval())
+                return np.stack([
+                    self._mc_output(np.concatenate([model(X[start:stop])
+                                                    for start, stop in bounds]))
+                    for _ in range(mc_samples)])
+            finally:
+                for layer, stream in zip(dropouts, training_streams):
+                    layer._rng = stream
+                model.clear_saved()
+                model.train(training)
+
+    def _mc_output(self, outputs: np.ndarray) -> np.ndarray:
+        """What an MC-dropout pass contributes for the network's outputs (float64)."""
+        raise NotImplementedError
+
+    def _uncertainty(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation over the MC-dropout passes (mc_samples >= 1)."""
+        if self.mc_samples == 0:
+            check(self.mc_samples, "mc_samples", *self._parameter_constraints["mc_samples"])
+            raise ValueError("mc_samples: predict_uncertainty needs Monte Carlo dropout "
+                             "passes; set mc_samples to 1 or more (e.g. 30), got 0")
+        passes = self._mc_passes(X)
+        return passes.mean(axis=0), passes.std(axis=0)
 
     # ------------------------------------------------------------------ the subclass's part
 
@@ -701,6 +877,27 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         (``history_[i]["layers"]``), measured on a fixed probe batch of the training data
         with :func:`bnrs.diagnostics.layer_statistics`. Recording does not change
         training: the fitted network is bit-identical with and without it.
+    mc_samples : int, default 0
+        With k > 0, ``predict_proba``, ``predict_log_proba``, ``predict`` and ``score``
+        average the class probabilities of k passes with dropout on and batch norm in
+        evaluation mode (Monte Carlo dropout), and :meth:`predict_uncertainty` gives
+        their mean and standard deviation; 0 predicts in evaluation mode, as before.
+        Training is the same whatever the value.
+    augment_shift : int, default 0
+        With k > 0, every training batch is translated at random by up to k pixels in
+        each direction (zero padding by k, then a random crop, per sample, as
+        torchvision's ``RandomCrop(size, padding=k)``); k must be smaller than the
+        images' height and width. Images only: refused when the network takes
+        vectors.
+    augment_flip : bool, default False
+        Mirror each training sample left to right with probability 1/2 (images only).
+        Augmentation draws from the ``random_state`` stream, batch after batch, so it
+        is reproducible at any thread count; prediction is not augmented.
+    class_weight : dict, "balanced" or None, default None
+        Weights of the classes in the loss, multiplying ``sample_weight``: a dict
+        ``{label: weight}`` (finite, >= 0; classes not named weigh 1) or "balanced",
+        ``n_samples / (n_classes * np.bincount(y))`` from the y of ``fit``
+        (scikit-learn's meaning, refused by ``partial_fit``).
 
     Attributes
     ----------
@@ -836,7 +1033,38 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
     (2, 2)
     """
 
-    def partial_fit(self, X, y, classes=None):
+    def __init__(self, architecture: str = DEFAULT_ARCHITECTURE, *, input_shape=None,
+                 data_format: str = "auto", optimizer: str = "adam",
+                 learning_rate: float = 1e-3, momentum: float = 0.9,
+                 weight_decay: float | None = None, batch_size: int = 64,
+                 max_epochs: int = 20, shuffle: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, n_iter_no_change: int = 10,
+                 tol: float = 1e-4, warm_start: bool = False, random_state=None,
+                 n_threads: int | None = None, verbose: int = 0,
+                 record_layer_stats: bool = False, mc_samples: int = 0,
+                 augment_shift: int = 0, augment_flip: bool = False, class_weight=None):
+        super().__init__(
+            architecture, input_shape=input_shape, data_format=data_format,
+            optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
+            weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs,
+            shuffle=shuffle, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
+            tol=tol, warm_start=warm_start, random_state=random_state,
+            n_threads=n_threads, verbose=verbose, record_layer_stats=record_layer_stats,
+            mc_samples=mc_samples, augment_shift=augment_shift, augment_flip=augment_flip)
+        self.class_weight = class_weight
+
+    _parameter_constraints: ClassVar[dict[str, list[Constraint]]] = {
+        **_BaseCNN._parameter_constraints,
+        "class_weight": [NONE, Options({"balanced"}),
+                         Instances(dict, description="a dict {class label: weight}")],
+    }
+
+    def __setstate__(self, state):
+        state.setdefault("class_weight", None)
+        super().__setstate__(state)
+
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Train for one epoch over (X, y), continuing from the previous call if any.
 
         No validation data are held out (``early_stopping`` is ignored), and
@@ -849,6 +1077,9 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         classes : array-like of shape (n_classes,), optional
             Every class label that will ever be seen; required on the first call (when
             the estimator is not fitted), optional after (then it must be the same).
+        sample_weight : array-like of shape (n_samples,) or float, optional
+            As for :meth:`fit`. ``class_weight="balanced"`` is refused here (one call's
+            y does not tell the class frequencies); pass a dict of weights instead.
 
         Returns
         -------
@@ -858,7 +1089,8 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         reset = not hasattr(self, "model_")
         if reset and classes is None:
             raise ValueError("classes must be passed on the first call to partial_fit")
-        return self._fit(X, y, classes=classes, reset=reset, incremental=True)
+        return self._fit(X, y, classes=classes, reset=reset, incremental=True,
+                         sample_weight=sample_weight)
 
     _y_checks: ClassVar[dict] = {}
 
@@ -884,11 +1116,49 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
                              "warm_start=False to fit anew")
         return y_index
 
+    def _training_weights(self, targets: np.ndarray, sample_weight: np.ndarray | None,
+                          incremental: bool, classes) -> np.ndarray | None:
+        if self.class_weight is None:
+            return sample_weight
+        if isinstance(self.class_weight, str):   # "balanced", n / (n_classes * count)
+            if incremental:
+                raise ValueError(
+                    "class_weight='balanced' is not supported by partial_fit (one call's y "
+                    "does not give the class frequencies); pass a dict, e.g. from "
+                    "sklearn.utils.class_weight.compute_class_weight('balanced', "
+                    "classes=classes, y=y) on a sample of the training targets")
+            present = np.unique(targets)
+            per_class = np.ones(len(classes))
+            per_class[present] = compute_class_weight("balanced", classes=present, y=targets)
+        else:
+            per_class = np.ones(len(classes))
+            for label, weight in self.class_weight.items():
+                where = np.flatnonzero(classes == label) if np.ndim(label) == 0 else []
+                if len(where) == 0:
+                    raise ValueError(f"class_weight: the key {label!r} is not a class; the "
+                                     f"classes are {classes!r}")
+                if isinstance(weight, (bool, np.bool_)) or not isinstance(
+                        weight, (int, float, np.integer, np.floating)) or not (
+                        math.isfinite(weight) and weight >= 0):
+                    raise ValueError(f"class_weight: expected finite, non-negative weights, "
+                                     f"got {weight!r} for class {label!r}")
+                per_class[where[0]] = weight
+        weight = per_class[targets]
+        if sample_weight is not None:
+            weight = weight * sample_weight
+        if not weight.sum() > 0:
+            raise ValueError("class_weight and sample_weight: every sample has weight 0")
+        return weight
+
     def _criterion(self) -> nn.Module:
         return nn.CrossEntropyLoss()
 
-    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
-        return float(np.mean(np.argmax(outputs, axis=1) == targets))
+    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray,
+                          sample_weight: np.ndarray | None = None) -> float:
+        correct = np.argmax(outputs, axis=1) == targets
+        if sample_weight is None or not sample_weight.sum() > 0:   # no weights to average by
+            return float(np.mean(correct))
+        return float(np.average(correct, weights=sample_weight))
 
     def _stratify(self, targets: np.ndarray) -> np.ndarray | None:
         return targets
@@ -898,6 +1168,8 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
     def predict_log_proba(self, X) -> np.ndarray:
         """Log of the class probabilities (log-softmax of the logits, float64).
 
+        With ``mc_samples`` > 0, the log of the mean of the passes' probabilities.
+
         Parameters
         ----------
         X : array-like, of the layout seen in ``fit``
@@ -907,11 +1179,17 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         ndarray of shape (n_samples, n_classes)
             Columns in the order of ``classes_``.
         """
+        if self.mc_samples:
+            with np.errstate(divide="ignore"):   # a probability may underflow to 0
+                return np.log(self.predict_proba(X))
         return _log_softmax(self._predict_outputs(X))
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (softmax of the logits, float64; rows sum to 1).
 
+        With ``mc_samples`` > 0, the mean of the softmax probabilities of that many
+        passes with dropout on (Monte Carlo dropout; see :meth:`predict_uncertainty`).
+
         Parameters
         ----------
         X : array-like, of the layout seen in ``fit``
@@ -921,7 +1199,41 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         ndarray of shape (n_samples, n_classes)
             Columns in the order of ``classes_``.
         """
+        if self.mc_samples:
+            return self._mc_passes(X).mean(axis=0)
         return np.exp(self.predict_log_proba(X))
+
+    def predict_uncertainty(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of the class probabilities over ``mc_samples``
+        Monte Carlo dropout passes.
+
+        Each pass runs the network with dropout on and everything else (batch norm
+        with its running statistics) in evaluation mode. The dropout masks come from a
+        seed fixed at the first ``fit`` (drawn from ``random_state`` without changing
+        training's draws), so an int ``random_state`` gives the same result at every
+        call and any ``n_threads``; the masks depend on how many samples are predicted
+        together (chunks of up to 512), as the mask of a batch does.
+
+        Parameters
+        ----------
+        X : array-like, of the layout seen in ``fit``
+
+        Returns
+        -------
+        mean, std : ndarray of shape (n_samples, n_classes)
+            float64; ``mean`` is :meth:`predict_proba`, ``std`` the spread (population
+            standard deviation) of the passes. A network without dropout layers gives
+            std 0.
+
+        Raises
+        ------
+        ValueError
+            When ``mc_samples`` is 0.
+        """
+        return self._uncertainty(X)
+
+    def _mc_output(self, outputs: np.ndarray) -> np.ndarray:
+        return np.exp(_log_softmax(outputs))
 
     def predict(self, X) -> np.ndarray:
         """The most probable class of each sample.
@@ -935,8 +1247,8 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         ndarray of shape (n_samples,)
             Labels from ``classes_``.
         """
-        log_proba = self.predict_log_proba(X)
-        return self.classes_[np.argmax(log_proba, axis=1)]
+        scores = self.predict_proba(X) if self.mc_samples else self.predict_log_proba(X)
+        return self.classes_[np.argmax(scores, axis=1)]
 
 
 class CNNRegressor(RegressorMixin, _BaseCNN):
@@ -997,6 +1309,14 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
     verbose : int or bool, default 0
     record_layer_stats : bool, default False
         As for :class:`CNNClassifier`, with the training loss back-propagated.
+    mc_samples : int, default 0
+        With k > 0, ``predict`` (and ``score``) average k Monte Carlo dropout passes and
+        :meth:`predict_uncertainty` gives their mean and standard deviation (see
+        :class:`CNNClassifier`).
+    augment_shift : int, default 0
+    augment_flip : bool, default False
+        Random translation and left-right mirroring of the training images, as for
+        :class:`CNNClassifier`.
 
     Attributes
     ----------
@@ -1053,7 +1373,8 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
                  validation_fraction: float = 0.1, n_iter_no_change: int = 10,
                  tol: float = 1e-4, warm_start: bool = False, random_state=None,
                  n_threads: int | None = None, verbose: int = 0,
-                 record_layer_stats: bool = False):
+                 record_layer_stats: bool = False, mc_samples: int = 0,
+                 augment_shift: int = 0, augment_flip: bool = False):
         super().__init__(
             architecture, input_shape=input_shape, data_format=data_format,
             optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
@@ -1061,7 +1382,8 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
             shuffle=shuffle, early_stopping=early_stopping,
             validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
             tol=tol, warm_start=warm_start, random_state=random_state,
-            n_threads=n_threads, verbose=verbose, record_layer_stats=record_layer_stats)
+            n_threads=n_threads, verbose=verbose, record_layer_stats=record_layer_stats,
+            mc_samples=mc_samples, augment_shift=augment_shift, augment_flip=augment_flip)
         self.loss = loss
         self.delta = delta
 
@@ -1076,7 +1398,7 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
         tags.target_tags.multi_output = True
         return tags
 
-    def partial_fit(self, X, y):
+    def partial_fit(self, X, y, sample_weight=None):
         """Train for one epoch over (X, y), continuing from the previous call if any.
 
         No validation data are held out (``early_stopping`` is ignored), and
@@ -1087,6 +1409,8 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
         X : array-like of 4-D (channels first or last), 3-D or 2-D shape
         y : array-like of shape (n_samples,) or (n_samples, n_outputs)
             As many outputs as on the first call.
+        sample_weight : array-like of shape (n_samples,) or float, optional
+            As for :meth:`fit`.
 
         Returns
         -------
@@ -1094,7 +1418,7 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
         """
         self._validate_params()
         return self._fit(X, y, classes=None, reset=not hasattr(self, "model_"),
-                         incremental=True)
+                         incremental=True, sample_weight=sample_weight)
 
     # ------------------------------------------------------------------ the targets
 
@@ -1126,8 +1450,12 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
     def _criterion(self) -> nn.Module:
         return nn.HuberLoss(self.delta) if self.loss == "huber" else nn.MSELoss()
 
-    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
-        return float(r2_score(targets.astype(np.float64), outputs.astype(np.float64)))
+    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray,
+                          sample_weight: np.ndarray | None = None) -> float:
+        if sample_weight is not None and not sample_weight.sum() > 0:
+            sample_weight = None   # no weights to average by
+        return float(r2_score(targets.astype(np.float64), outputs.astype(np.float64),
+                              sample_weight=sample_weight))
 
     def _stratify(self, targets: np.ndarray) -> np.ndarray | None:
         return None
@@ -1146,5 +1474,35 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
         ndarray of float64, of shape (n_samples,) or (n_samples, n_outputs)
             1-D when y was 1-D in ``fit``.
         """
-        outputs = self._predict_outputs(X).astype(np.float64)
+        if self.mc_samples:
+            return self._as_predictions(self._mc_passes(X).mean(axis=0))
+        return self._as_predictions(self._predict_outputs(X).astype(np.float64))
+
+    def predict_uncertainty(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of the outputs over ``mc_samples`` Monte Carlo
+        dropout passes (see :meth:`CNNClassifier.predict_uncertainty`).
+
+        Parameters
+        ----------
+        X : array-like, of the layout seen in ``fit``
+
+        Returns
+        -------
+        mean, std : ndarray of float64, of shape (n_samples,) or (n_samples, n_outputs)
+            ``mean`` is :meth:`predict`, ``std`` the spread of the passes (in the units
+            of y).
+
+        Raises
+        ------
+        ValueError
+            When ``mc_samples`` is 0.
+        """
+        mean, std = self._uncertainty(X)
+        return self._as_predictions(mean), self._as_predictions(std)
+
+    def _mc_output(self, outputs: np.ndarray) -> np.ndarray:
+        return outputs.astype(np.float64)
+
+    def _as_predictions(self, outputs: np.ndarray) -> np.ndarray:
+        """(n_samples, n_outputs) outputs in the shape of y in fit."""
         return outputs.ravel() if self._y_ndim == 1 else outputs

@@ -528,17 +528,41 @@ def log_softmax_backward(grad_output, output, dim: int = 1) -> np.ndarray:
                                       as_float32(output, "output"))
 
 
-def cross_entropy(input, target) -> float:
+def _sample_weight(weight, n: int, name: str = "weight") -> np.ndarray | None:
+    """``weight`` as the loss kernels take it: None, or n float64 values (the kernel checks
+    that they are finite, non-negative and not all zero)."""
+    if weight is None:
+        return None
+    arr = _asarray(weight, name)
+    if arr.dtype.kind not in "iuf" or arr.dtype == np.float16:
+        raise TypeError(f"{name}: expected real sample weights, got dtype {arr.dtype}")
+    if arr.shape != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), one weight per sample, got "
+                         f"shape {arr.shape}")
+    return np.require(arr, np.float64, ["C_CONTIGUOUS", "ALIGNED"])
+
+
+def cross_entropy(input, target, weight=None) -> float:
     """Mean over the batch of -log_softmax(input)[n, target[n]] (PyTorch's default).
 
-    ``input`` is (N, C) logits, ``target`` N integer class indices in [0, C).
+    ``input`` is (N, C) logits, ``target`` N integer class indices in [0, C). With
+    ``weight``, N finite non-negative sample weights (not all zero), the weighted mean
+    ``sum(weight * loss) / sum(weight)``: a weight of 2 counts as the row twice (as
+    scikit-learn's ``sample_weight``); weights of 1 give the unweighted bits.
     """
-    return _core.cross_entropy_forward(as_float32(input, "input"), _labels(target))
+    logits = as_float32(input, "input")
+    labels = _labels(target)
+    return _core.cross_entropy_forward(logits, labels,
+                                       _sample_weight(weight, labels.shape[0]))
 
 
-def cross_entropy_backward(input, target) -> np.ndarray:
-    """Gradient of :func:`cross_entropy` w.r.t. the logits: (softmax - onehot) / N."""
-    return _core.cross_entropy_backward(as_float32(input, "input"), _labels(target))
+def cross_entropy_backward(input, target, weight=None) -> np.ndarray:
+    """Gradient of :func:`cross_entropy` w.r.t. the logits: (softmax - onehot) / N, or with
+    ``weight`` row n scaled by ``weight[n] / sum(weight)`` instead of 1 / N."""
+    logits = as_float32(input, "input")
+    labels = _labels(target)
+    return _core.cross_entropy_backward(logits, labels,
+                                        _sample_weight(weight, labels.shape[0]))
 
 
 # --------------------------------------------------------------------------- optimizers

@@ -105,7 +105,8 @@ def batch_bounds(n_samples: int, batch_size: int,
 
 def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: optim.Optimizer,
                inputs: np.ndarray, targets: np.ndarray,
-               mark: Callable[[str], None] | None = None) -> float:
+               mark: Callable[[str], None] | None = None,
+               sample_weight: np.ndarray | None = None) -> float:
     """One training step: zero the gradients, forward, loss, backward, optimizer step.
 
     The model is left in the mode it is in (:func:`train_epoch` sets training mode).
@@ -121,6 +122,9 @@ def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: opti
     mark : callable, optional
         Called with the name of each stage of :data:`STAGES` as it ends (the bench's
         profiler measures the time between the calls).
+    sample_weight : ndarray, optional
+        One weight per sample of the batch, passed to the criterion (the weighted mean
+        loss, a weight of 2 counting as the sample twice); None: the plain mean.
 
     Returns
     -------
@@ -137,7 +141,8 @@ def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: opti
     with np.errstate(all="ignore"):
         logits = model(inputs)
         mark("forward")
-        loss = criterion(logits, targets)
+        loss = (criterion(logits, targets) if sample_weight is None
+                else criterion(logits, targets, sample_weight))
     if not math.isfinite(loss):
         return loss
     grad_logits = criterion.backward()
@@ -152,7 +157,10 @@ def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: opti
 def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
                 optimizer: optim.Optimizer, X: np.ndarray, y: np.ndarray,
                 bounds: Sequence[tuple[int, int]], order: np.ndarray | None = None,
-                mark: Callable[[str], None] | None = None) -> list[float]:
+                mark: Callable[[str], None] | None = None,
+                sample_weight: np.ndarray | None = None,
+                transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                ) -> list[float]:
     """A training step per mini-batch, in training mode; stops at a non-finite loss.
 
     Parameters
@@ -167,6 +175,12 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
         The order of the samples in this epoch (None: as they are in X).
     mark : callable, optional
         Passed to every :func:`train_step`.
+    sample_weight : ndarray, optional
+        One weight per sample of X; each batch's share goes to :func:`train_step`. A
+        batch whose weights are all 0 is skipped (no step; its loss is recorded as 0.0).
+    transform : callable, optional
+        Applied to each batch's inputs before its step, in batch order (e.g. the
+        estimators' random augmentation); it must not change them in place.
 
     Returns
     -------
@@ -179,7 +193,13 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
     try:
         for start, stop in bounds:
             index = slice(start, stop) if order is None else order[start:stop]
-            loss = train_step(model, criterion, optimizer, X[index], y[index], mark)
+            weight = None if sample_weight is None else sample_weight[index]
+            if weight is not None and not weight.sum() > 0:
+                # Samples of weight 0 count as absent, and so does a batch of them only.
+                losses.append(0.0)
+                continue
+            inputs = X[index] if transform is None else transform(X[index])
+            loss = train_step(model, criterion, optimizer, inputs, y[index], mark, weight)
             losses.append(loss)
             if not math.isfinite(loss):
                 break

@@ -21,7 +21,7 @@ Examples
 
 from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .batchnorm import BatchNorm1d, BatchNorm2d
-from .dropout import Dropout, Dropout2d
+from .dropout import Dropout, Dropout2d, enable_dropout
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d
 from .loss import CrossEntropyLoss, HuberLoss, MSELoss
 from .module import IncompatibleKeys, Module, Parameter, Sequential
@@ -61,6 +61,7 @@ __all__ = [
     "SpecError",
     "Tanh",
     "Token",
+    "enable_dropout",
     "from_spec",
     "parse",
     "summary",

@@ -8,7 +8,7 @@ from .. import functional as F
 from .._validation import as_real, check_real
 from .module import Module, as_generator
 
-__all__ = ["Dropout", "Dropout2d"]
+__all__ = ["Dropout", "Dropout2d", "enable_dropout"]
 
 
 def _own_generator(random_state, rng) -> np.random.Generator:
@@ -118,3 +118,38 @@ class Dropout2d(_Dropout):
         if len(shape) != 3:
             raise ValueError(f"{self!r}: expected samples of shape (C, H, W), got {shape}")
         return shape
+
+
+def enable_dropout(model: Module, mode: bool = True) -> Module:
+    """Set the dropout layers of ``model`` alone to training mode (``mode=True``) or to
+    evaluation mode, leaving every other layer's mode as it is.
+
+    After ``model.eval()``, ``enable_dropout(model)`` gives Monte Carlo dropout: batch
+    norm uses its running statistics while every forward draws new dropout masks (each
+    from its layer's own seed stream, so the passes are reproducible at any thread
+    count). ``model.train()`` and ``model.eval()`` set every layer again.
+
+    Parameters
+    ----------
+    model : bnrs.nn.Module
+        Searched with ``model.modules()`` (the module itself included).
+    mode : bool, default True
+
+    Returns
+    -------
+    bnrs.nn.Module
+        ``model``.
+
+    Examples
+    --------
+    >>> from bnrs import nn
+    >>> model = nn.from_spec("fc8-bn-relu-d0.5", (4,), 2, random_state=0).eval()
+    >>> [layer.training for layer in nn.enable_dropout(model)]
+    [False, False, False, True, False]
+    """
+    if not isinstance(mode, (bool, np.bool_)):
+        raise TypeError(f"mode: expected a bool, got {mode!r}")
+    for module in model.modules():
+        if isinstance(module, _Dropout):
+            module.training = bool(mode)
+    return model

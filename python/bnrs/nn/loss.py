@@ -17,7 +17,10 @@ class CrossEntropyLoss(Module):
 
     ``loss = crit(logits, target)`` returns a Python float and keeps the logits and
     targets; ``crit.backward()`` then returns the gradient of the loss with respect to the
-    logits, ``(softmax(logits) - onehot(target)) / N``.
+    logits, ``(softmax(logits) - onehot(target)) / N``. ``crit(logits, target,
+    sample_weight)`` gives the weighted mean ``sum(w * loss) / sum(w)`` instead (a weight
+    of 2 counts as the sample twice, scikit-learn's meaning) and the gradient rows
+    scaled by ``w[n] / sum(w)``; weights of 1 give the unweighted bits.
 
     Examples
     --------
@@ -30,8 +33,9 @@ class CrossEntropyLoss(Module):
     (2, 4)
     """
 
-    def forward(self, input, target) -> float:
-        """The mean loss of (N, C) logits ``input`` for N class indices ``target``."""
+    def forward(self, input, target, sample_weight=None) -> float:
+        """The mean loss of (N, C) logits ``input`` for N class indices ``target``
+        (weighted by N finite, non-negative ``sample_weight``, not all zero, if given)."""
         logits = F.as_float32(input, "input")
         if logits.ndim != 2:
             raise ValueError(f"input: expected (N, C) logits, got shape {logits.shape}")
@@ -39,8 +43,9 @@ class CrossEntropyLoss(Module):
         if labels.shape != logits.shape[:1]:
             raise ValueError(f"target: expected {logits.shape[0]} class indices (shape "
                              f"{logits.shape[:1]}), got shape {labels.shape}")
-        loss = F.cross_entropy(logits, labels)
-        self._ctx = (logits, labels)
+        weight = F._sample_weight(sample_weight, len(labels), "sample_weight")
+        loss = F.cross_entropy(logits, labels, weight)
+        self._ctx = (logits, labels, weight)
         return float(loss)
 
     def backward(self, grad_output: float = 1.0, input_grad: bool = True) -> np.ndarray:
@@ -58,9 +63,9 @@ class CrossEntropyLoss(Module):
         -------
         ndarray, float32, shape (N, C)
         """
-        logits, labels = self._saved()
+        logits, labels, weight = self._saved()
         grad_output = F._real(grad_output, "grad_output")
-        grad = F.cross_entropy_backward(logits, labels)
+        grad = F.cross_entropy_backward(logits, labels, weight)
         if grad_output != 1.0:
             grad *= np.float32(grad_output)
         return grad
@@ -70,7 +75,11 @@ class _RegressionLoss(Module):
     """A mean over the elements of an elementwise loss of ``input - target`` (NumPy).
 
     Subclasses give the elementwise loss and its derivative; the float32 difference is
-    kept for the backward, the loss is summed in float64.
+    kept for the backward, the loss is summed in float64. With ``sample_weight`` (one
+    finite, non-negative weight per row, not all zero) each row's elements count
+    ``w[n]`` times: the loss is ``sum(w[n] * loss[n, j]) / (sum(w) * n_columns)``
+    (scikit-learn's meaning: a weight of 2 counts as the row twice) and weights of 1
+    give the unweighted bits.
     """
 
     def _elementwise(self, diff: np.ndarray) -> np.ndarray:
@@ -79,8 +88,9 @@ class _RegressionLoss(Module):
     def _derivative(self, diff: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def forward(self, input, target) -> float:
-        """The mean loss of ``input`` against ``target`` of the same shape."""
+    def forward(self, input, target, sample_weight=None) -> float:
+        """The mean loss of ``input`` against ``target`` of the same shape (weighted by
+        one ``sample_weight`` per row of ``input``, if given)."""
         prediction = F.as_float32(input, "input")
         target = F.as_float32(target, "target")
         if target.shape != prediction.shape:
@@ -89,9 +99,18 @@ class _RegressionLoss(Module):
             raise ValueError(f"target: expected the shape of input {prediction.shape}, got "
                              f"{target.shape}")
         diff = prediction - target
-        self._ctx = diff
+        weight = None
+        if sample_weight is not None:
+            weight = _row_weights(sample_weight, diff.shape)
+        self._ctx = (diff, weight)
         with np.errstate(over="ignore", invalid="ignore"):
-            return float(np.mean(self._elementwise(diff.astype(np.float64))))
+            elementwise = self._elementwise(diff.astype(np.float64))
+            if weight is None:
+                return float(np.mean(elementwise))
+            # Same summation as np.mean's (weights of 1 multiply exactly), then one
+            # division, so that weights of 1 give np.mean's bits.
+            return float(np.sum(elementwise * weight)
+                         / (weight.sum() * (diff.size // max(len(diff), 1))))
 
     def backward(self, grad_output: float = 1.0, input_grad: bool = True) -> np.ndarray:
         """The gradient of the last loss with respect to its input.
@@ -108,11 +127,27 @@ class _RegressionLoss(Module):
         -------
         ndarray, float32, of the input's shape
         """
-        diff = self._saved()
+        diff, weight = self._saved()
         grad_output = F._real(grad_output, "grad_output")
         scale = np.float32(grad_output / max(diff.size, 1))
+        if weight is not None:
+            # w[n] / sum(w) per row in place of 1 / N (the same float for weights of 1)
+            scale = (grad_output * weight
+                     / (weight.sum() * (diff.size // max(len(diff), 1)))).astype(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):
             return (self._derivative(diff) * scale).astype(np.float32, copy=False)
+
+
+def _row_weights(sample_weight, shape: tuple[int, ...]) -> np.ndarray:
+    """Checked sample weights as a float64 column broadcasting over ``shape``'s rows."""
+    weight = F._sample_weight(sample_weight, shape[0] if shape else 1, "sample_weight")
+    if not np.isfinite(weight).all() or (weight < 0).any():
+        raise ValueError("sample_weight: expected finite, non-negative sample weights, "
+                         f"got {weight[~np.isfinite(weight) | (weight < 0)][0]!r}")
+    if not weight.sum() > 0:
+        raise ValueError("sample_weight: expected at least one positive sample weight, "
+                         "got weights that are all zero")
+    return weight.reshape((-1,) + (1,) * (len(shape) - 1))
 
 
 class MSELoss(_RegressionLoss):

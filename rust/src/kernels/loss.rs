@@ -97,10 +97,41 @@ pub fn log_softmax_backward(
     Ok(())
 }
 
-/// Mean over the batch of -log_softmax(x)[n, target[n]], summed in row order.
-pub fn cross_entropy(p: &ClassesParams, x: &[f32], target: &[i64]) -> Result<f64> {
+/// Validate per-sample loss weights: N finite, non-negative values, not all zero.
+/// Returns their sum, taken in row order (f64).
+fn weight_total(p: &ClassesParams, weight: &[f64]) -> Result<f64> {
+    check_len("weight", weight.len(), p.batch)?;
+    if let Some(&bad) = weight.iter().find(|w| !w.is_finite() || **w < 0.0) {
+        return Err(Error::invalid(
+            "weight",
+            format!("the value {bad}"),
+            "finite, non-negative sample weights",
+        ));
+    }
+    let total: f64 = weight.iter().sum();
+    if total <= 0.0 {
+        return Err(Error::invalid(
+            "weight",
+            "weights that are all zero",
+            "at least one positive sample weight",
+        ));
+    }
+    Ok(total)
+}
+
+/// Mean over the batch of -log_softmax(x)[n, target[n]], summed in row order; with
+/// `weight`, the weighted mean Σ w_n·l_n / Σ w_n (scikit-learn's meaning: a weight of 2
+/// counts as the row twice). Weights of 1 give the unweighted bits: every product and
+/// both sums are then exact.
+pub fn cross_entropy(
+    p: &ClassesParams,
+    x: &[f32],
+    target: &[i64],
+    weight: Option<&[f64]>,
+) -> Result<f64> {
     check_len("input", x.len(), p.batch * p.classes)?;
     p.check_target(target)?;
+    let total_weight = weight.map(|w| weight_total(p, w)).transpose()?;
     let losses: Vec<f64> = x
         .par_chunks(p.classes)
         .zip(target.par_iter())
@@ -109,30 +140,99 @@ pub fn cross_entropy(p: &ClassesParams, x: &[f32], target: &[i64]) -> Result<f64
             log_norm - f64::from(row[t as usize] - max)
         })
         .collect();
-    Ok(losses.iter().sum::<f64>() / p.batch as f64)
+    Ok(match (weight, total_weight) {
+        (Some(w), Some(total)) => losses.iter().zip(w).map(|(l, w)| l * w).sum::<f64>() / total,
+        _ => losses.iter().sum::<f64>() / p.batch as f64,
+    })
 }
 
-/// Gradient of [`cross_entropy`] w.r.t. the logits: (softmax(x) - onehot(target)) / N.
+/// Gradient of [`cross_entropy`] w.r.t. the logits: (softmax(x) - onehot(target)) / N,
+/// or with `weight` row n scaled by w_n / Σ w instead of 1 / N.
 pub fn cross_entropy_backward(
     p: &ClassesParams,
     x: &[f32],
     target: &[i64],
+    weight: Option<&[f64]>,
     grad_input: &mut [f32],
 ) -> Result<()> {
     check_len("input", x.len(), p.batch * p.classes)?;
     check_len("grad_input", grad_input.len(), x.len())?;
     p.check_target(target)?;
+    let total_weight = weight.map(|w| weight_total(p, w)).transpose()?;
     let inv_n = 1.0 / p.batch as f64;
     grad_input
         .par_chunks_mut(p.classes)
         .zip(x.par_chunks(p.classes).zip(target.par_iter()))
-        .for_each(|(g, (row, &t))| {
+        .enumerate()
+        .for_each(|(n, (g, (row, &t)))| {
+            let scale = match (weight, total_weight) {
+                (Some(w), Some(total)) => w[n] / total,
+                _ => inv_n,
+            };
             let (max, log_norm) = row_log_norm(row);
             for (j, (gv, &v)) in g.iter_mut().zip(row).enumerate() {
                 let prob = (f64::from(v - max) - log_norm).exp();
                 let onehot = if j == t as usize { 1.0 } else { 0.0 };
-                *gv = ((prob - onehot) * inv_n) as f32;
+                *gv = ((prob - onehot) * scale) as f32;
             }
         });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> (ClassesParams, Vec<f32>, Vec<i64>) {
+        let p = ClassesParams::new(&[5, 3]).unwrap();
+        let x: Vec<f32> = (0..15)
+            .map(|i| ((i * 7) % 11) as f32 * 0.37 - 1.5)
+            .collect();
+        (p, x, vec![0, 2, 1, 1, 0])
+    }
+
+    #[test]
+    fn weights_of_one_give_the_unweighted_bits() {
+        let (p, x, t) = batch();
+        let ones = [1.0; 5];
+        let plain = cross_entropy(&p, &x, &t, None).unwrap();
+        assert_eq!(
+            cross_entropy(&p, &x, &t, Some(&ones)).unwrap().to_bits(),
+            plain.to_bits()
+        );
+        let (mut g_plain, mut g_ones) = (vec![0.0; 15], vec![0.0; 15]);
+        cross_entropy_backward(&p, &x, &t, None, &mut g_plain).unwrap();
+        cross_entropy_backward(&p, &x, &t, Some(&ones), &mut g_ones).unwrap();
+        assert_eq!(g_plain, g_ones);
+    }
+
+    #[test]
+    fn an_integer_weight_is_the_row_repeated() {
+        let (p, x, t) = batch();
+        let weight = [2.0, 1.0, 0.0, 1.0, 1.0];
+        let rows = [0usize, 0, 1, 3, 4];
+        let xr: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| x[r * 3..r * 3 + 3].to_vec())
+            .collect();
+        let tr: Vec<i64> = rows.iter().map(|&r| t[r]).collect();
+        let weighted = cross_entropy(&p, &x, &t, Some(&weight)).unwrap();
+        let repeated = cross_entropy(&ClassesParams::new(&[5, 3]).unwrap(), &xr, &tr, None);
+        assert!((weighted - repeated.unwrap()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_weights_are_refused() {
+        let (p, x, t) = batch();
+        for weight in [
+            vec![1.0; 4],
+            vec![1.0, -1.0, 1.0, 1.0, 1.0],
+            vec![1.0, f64::NAN, 1.0, 1.0, 1.0],
+            vec![0.0; 5],
+        ] {
+            assert!(cross_entropy(&p, &x, &t, Some(&weight)).is_err());
+            let mut grad = vec![0.0; 15];
+            assert!(cross_entropy_backward(&p, &x, &t, Some(&weight), &mut grad).is_err());
+        }
+    }
 }

@@ -50,32 +50,51 @@ fn targets<'a>(p: &ClassesParams, target: &'a PyReadonlyArrayDyn<'_, i64>) -> Py
     slice(target, "target")
 }
 
-/// Mean cross-entropy of (N, C) logits against N class indices.
+fn weights<'a>(
+    p: &ClassesParams,
+    weight: &'a Option<PyReadonlyArrayDyn<'_, f64>>,
+) -> PyResult<Option<&'a [f64]>> {
+    weight
+        .as_ref()
+        .map(|w| {
+            check_shape(w, "weight", &[p.batch])?;
+            slice(w, "weight")
+        })
+        .transpose()
+}
+
+/// Mean (or weighted mean) cross-entropy of (N, C) logits against N class indices.
 #[pyfunction]
+#[pyo3(signature = (input, target, weight=None))]
 fn cross_entropy_forward(
     py: Python<'_>,
     input: PyReadonlyArrayDyn<'_, f32>,
     target: PyReadonlyArrayDyn<'_, i64>,
+    weight: Option<PyReadonlyArrayDyn<'_, f64>>,
 ) -> PyResult<f64> {
     let p = ClassesParams::new(input.shape())?;
     let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
-    run_kernel(py, x.len(), || loss::cross_entropy(&p, x, t))
+    let w = weights(&p, &weight)?;
+    run_kernel(py, x.len(), || loss::cross_entropy(&p, x, t, w))
 }
 
-/// Gradient of the mean cross-entropy w.r.t. the logits.
+/// Gradient of the mean (or weighted mean) cross-entropy w.r.t. the logits.
 #[pyfunction]
+#[pyo3(signature = (input, target, weight=None))]
 fn cross_entropy_backward<'py>(
     py: Python<'py>,
     input: PyReadonlyArrayDyn<'py, f32>,
     target: PyReadonlyArrayDyn<'py, i64>,
+    weight: Option<PyReadonlyArrayDyn<'py, f64>>,
 ) -> PyResult<Array<'py>> {
     let p = ClassesParams::new(input.shape())?;
     let (x, t) = (slice(&input, "input")?, targets(&p, &target)?);
+    let w = weights(&p, &weight)?;
     let shape = input.shape().to_vec();
     let mut out = Output::new(py, "grad_input", &shape)?;
     let out_data = out.data();
     run_kernel(py, x.len(), || {
-        loss::cross_entropy_backward(&p, x, t, out_data)
+        loss::cross_entropy_backward(&p, x, t, w, out_data)
     })?;
     Ok(out.into_array())
 }
