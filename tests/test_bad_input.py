@@ -151,6 +151,17 @@ def test_pool_padding_over_half_the_kernel(pool, kernel_size, padding):
     _raises(ValueError, "padding", lambda: pool(X, kernel_size, 1, padding))
 
 
+@pytest.mark.parametrize("call", [lambda: F.max_pool2d(X, 2, padding=2),
+                                  lambda: F.avg_pool2d(X, 2, padding=2),
+                                  lambda: nn.MaxPool2d(2, padding=2)])
+def test_pool_padding_message_states_the_limit_it_enforces(call):
+    # Once read "expected at most half the kernel size (2, 2), got (2, 2)".
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == (
+        "padding: expected at most kernel_size // 2 = 1 (kernel_size 2), got 2")
+
+
 @pytest.mark.parametrize("value", [1.5, (1, 2, 3), "2", True, None])
 def test_geometry_that_is_not_an_int_or_pair(value):
     _raises(TypeError, "stride", lambda: F.conv2d(X, W, stride=value))
