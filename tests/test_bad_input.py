@@ -346,6 +346,54 @@ def test_max_pool_indices_out_of_range(index):
             lambda: F.max_pool2d_backward(f32(1, 1, 1, 1), indices, (1, 1, 2, 2)))
 
 
+UINT64_MAX = 2**64 - 1
+
+UINT64_INDICES = {
+    # Once reported as -1: the cast to int64 wrapped the value before the kernel saw it.
+    "max_pool2d_backward": (
+        ("indices: expected flat indices into an H×W plane of 4 elements, "
+         f"got index {UINT64_MAX}"),
+        lambda: F.max_pool2d_backward(f32(1, 1, 1, 2), np.array([[[[1, UINT64_MAX]]]],
+                                                                 np.uint64), (1, 1, 2, 2))),
+    "cross_entropy": (
+        f"target: expected class indices in [0, 3), got class index {UINT64_MAX}",
+        lambda: F.cross_entropy(f32(2, 3), np.array([0, UINT64_MAX], np.uint64))),
+    "cross_entropy_backward": (
+        f"target: expected class indices in [0, 3), got class index {2**63}",
+        lambda: F.cross_entropy_backward(f32(2, 3), np.array([2**63, 0], np.uint64))),
+}
+
+
+@pytest.mark.parametrize("name", UINT64_INDICES)
+def test_uint64_index_past_int64_is_reported_as_given(name):
+    message, call = UINT64_INDICES[name]
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == message
+
+
+def test_uint64_indices_in_range_give_the_int64_result():
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    out, indices = F.max_pool2d(x, 2, return_indices=True)
+    np.testing.assert_array_equal(
+        F.max_pool2d_backward(out, indices.astype(np.uint64), x.shape),
+        F.max_pool2d_backward(out, indices, x.shape))
+    target = np.array([2, 0])
+    assert (F.cross_entropy(f32(2, 3), target.astype(np.uint64))
+            == F.cross_entropy(f32(2, 3), target))
+
+
+@pytest.mark.parametrize("seed", [UINT64_MAX, np.uint64(UINT64_MAX)])
+def test_largest_seed_is_accepted(seed):
+    np.testing.assert_array_equal(F.dropout(X, 0.5, seed=seed),
+                                  F.dropout(X, 0.5, seed=UINT64_MAX))
+
+
+def test_seed_past_uint64_is_reported_as_given():
+    _raises(ValueError, f"seed: expected an int in \\[0, 2\\*\\*64 - 1\\], got {2**64}$",
+            lambda: F.dropout(X, 0.5, seed=2**64))
+
+
 # --------------------------------------------------------------------------- inputs untouched
 
 

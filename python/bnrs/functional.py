@@ -161,10 +161,24 @@ def _count(value, name: str, minimum: int) -> int:
 _real = as_real
 
 
-def _labels(target, name: str = "target") -> np.ndarray:
-    arr = _asarray(target, name)
+def _labels(target, logits: np.ndarray) -> np.ndarray:
+    arr = _asarray(target, "target")
     if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected integer class indices, got dtype {arr.dtype}")
+        raise TypeError(f"target: expected integer class indices, got dtype {arr.dtype}")
+    # Logits of another shape are the kernel's to report, before any class index.
+    classes = f"[0, {logits.shape[1]})" if logits.ndim == 2 else "[0, C)"
+    return _as_int64(arr, "target", f"class indices in {classes}", "class index")
+
+
+def _as_int64(arr: np.ndarray, name: str, expected: str, element: str) -> np.ndarray:
+    """Integer ``arr`` as C-contiguous int64 for the kernels. An unsigned value past int64
+    is refused here, as given: the cast would wrap 2**64 - 1 to -1, and the kernel's
+    message would report -1."""
+    if arr.dtype.kind == "u" and arr.size:
+        past_int64 = arr > np.iinfo(np.int64).max
+        if past_int64.any():
+            value = int(arr[past_int64][0])
+            raise ValueError(f"{name}: expected {expected}, got {element} {value}")
     return np.require(arr, np.int64, ["C_CONTIGUOUS", "ALIGNED"])
 
 
@@ -261,9 +275,11 @@ def max_pool2d_backward(grad_output, indices, input_shape) -> np.ndarray:
     idx = _asarray(indices, "indices")
     if idx.dtype.kind not in "iu":
         raise TypeError(f"indices: expected an integer array, got dtype {idx.dtype}")
+    shape = _shape4(input_shape)
+    plane = f"an H×W plane of {shape[2] * shape[3]} elements"
     return _core.max_pool2d_backward(
         as_float32(grad_output, "grad_output"),
-        np.require(idx, np.int64, ["C_CONTIGUOUS", "ALIGNED"]), _shape4(input_shape))
+        _as_int64(idx, "indices", f"flat indices into {plane}", "index"), shape)
 
 
 def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
@@ -524,12 +540,14 @@ def cross_entropy(input, target) -> float:
 
     ``input`` is (N, C) logits, ``target`` N integer class indices in [0, C).
     """
-    return _core.cross_entropy_forward(as_float32(input, "input"), _labels(target))
+    logits = as_float32(input, "input")
+    return _core.cross_entropy_forward(logits, _labels(target, logits))
 
 
 def cross_entropy_backward(input, target) -> np.ndarray:
     """Gradient of :func:`cross_entropy` w.r.t. the logits: (softmax - onehot) / N."""
-    return _core.cross_entropy_backward(as_float32(input, "input"), _labels(target))
+    logits = as_float32(input, "input")
+    return _core.cross_entropy_backward(logits, _labels(target, logits))
 
 
 # --------------------------------------------------------------------------- optimizers
