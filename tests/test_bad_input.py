@@ -246,6 +246,28 @@ def _bn_call(argument, bad):
                                        buffers["running_var"], training=True)
 
 
+@pytest.mark.parametrize("bad", BAD_BUFFERS)
+@pytest.mark.parametrize("argument", ["running_mean", "running_var"])
+def test_running_stats_only_read_in_evaluation_may_be_any_array(argument, bad):
+    # Evaluation only reads them: a read-only buffer was once refused as if updated.
+    make_bad, _ = BAD_BUFFERS[bad]
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    buffers = {"running_mean": np.array([1, 2, 3], np.float32),
+               "running_var": np.array([4, 1, 0.25], np.float32)}
+    expected = F.native_batch_norm(x, None, None, *buffers.values(), training=False)
+    buffers[argument] = make_bad(buffers[argument])
+    before = buffers[argument].copy()
+    _assert_same_results(F.native_batch_norm(x, None, None, *buffers.values()), expected)
+    np.testing.assert_array_equal(buffers[argument], before)
+
+
+def test_read_only_running_stats_in_training_name_the_argument():
+    frozen = _read_only(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="^running_var: is updated in place, but the array "
+                                         "is read-only$"):
+        F.batch_norm(f32(4, 3), np.zeros(3, np.float32), frozen, training=True)
+
+
 def _sgd_call(argument, bad, param):
     buffer = np.zeros(5, np.float32)
     if argument == "param":
@@ -448,6 +470,9 @@ def _operations(rng):
         "avg_pool2d_backward": (lambda gy: F.avg_pool2d_backward(gy, x.shape, 3, 2, 1),
                                 (gy_pool,)),
         "batch_norm_train": (_bn_train, (x_bn, gamma, beta)),
+        "batch_norm_eval": (
+            lambda x, w, b, m, v: F.native_batch_norm(x, w, b, m, v, False, 0.1, 1e-5),
+            (x_bn, gamma, beta, mean, invstd)),
         "batch_norm_backward": (
             lambda gy, x, w, m, s: F.batch_norm_backward(gy, x, w, m, s, True),
             (gy_bn, x_bn, gamma, mean, invstd)),

@@ -330,6 +330,9 @@ def native_batch_norm(input, weight=None, bias=None, running_mean=None, running_
     with a single value per channel raises ``ValueError``. In evaluation the running
     statistics are used and left unchanged.
 
+    Buffers updated in place (training) must be writeable float32 C-contiguous arrays;
+    buffers only read (evaluation) may be of any real dtype or layout, and read-only.
+
     Returns
     -------
     output : ndarray, same shape as input
@@ -341,12 +344,12 @@ def native_batch_norm(input, weight=None, bias=None, running_mean=None, running_
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean, running_var: give both or neither")
     use_batch_stats = bool(training) or running_mean is None
-    rm = None if running_mean is None else _inplace_float32(running_mean, "running_mean")
-    rv = None if running_var is None else _inplace_float32(running_var, "running_var")
-    if not use_batch_stats:
-        # Only read here, but the kernel borrows them for writing: pass copies (C values),
-        # so that threads evaluating one shared model do not fail with "already borrowed".
-        rm, rv = rm.copy(), rv.copy()
+    if use_batch_stats:
+        rm = None if running_mean is None else _inplace_float32(running_mean, "running_mean")
+        rv = None if running_var is None else _inplace_float32(running_var, "running_var")
+    else:
+        rm = as_float32(running_mean, "running_mean")
+        rv = as_float32(running_var, "running_var")
     return _core.batch_norm_forward(
         x, _optional_float32(weight, "weight"), _optional_float32(bias, "bias"), rm, rv,
         use_batch_stats, _real(momentum, "momentum"), _real(eps, "eps"))
