@@ -155,6 +155,17 @@ def test_pool_padding_over_half_the_kernel(pool, kernel_size, padding):
     _raises(ValueError, "padding", lambda: pool(X, kernel_size, 1, padding))
 
 
+@pytest.mark.parametrize("call", [lambda: F.max_pool2d(X, 2, padding=2),
+                                  lambda: F.avg_pool2d(X, 2, padding=2),
+                                  lambda: nn.MaxPool2d(2, padding=2)])
+def test_pool_padding_message_states_the_limit_it_enforces(call):
+    # Once read "expected at most half the kernel size (2, 2), got (2, 2)".
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == (
+        "padding: expected at most kernel_size // 2 = 1 (kernel_size 2), got 2")
+
+
 @pytest.mark.parametrize("value", [1.5, (1, 2, 3), "2", True, None])
 def test_geometry_that_is_not_an_int_or_pair(value):
     _raises(TypeError, "stride", lambda: F.conv2d(X, W, stride=value))
@@ -237,6 +248,28 @@ def _bn_call(argument, bad):
     buffers[argument] = bad(buffers[argument])
     return lambda: F.native_batch_norm(f32(4, 3), None, None, buffers["running_mean"],
                                        buffers["running_var"], training=True)
+
+
+@pytest.mark.parametrize("bad", BAD_BUFFERS)
+@pytest.mark.parametrize("argument", ["running_mean", "running_var"])
+def test_running_stats_only_read_in_evaluation_may_be_any_array(argument, bad):
+    # Evaluation only reads them: a read-only buffer was once refused as if updated.
+    make_bad, _ = BAD_BUFFERS[bad]
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    buffers = {"running_mean": np.array([1, 2, 3], np.float32),
+               "running_var": np.array([4, 1, 0.25], np.float32)}
+    expected = F.native_batch_norm(x, None, None, *buffers.values(), training=False)
+    buffers[argument] = make_bad(buffers[argument])
+    before = buffers[argument].copy()
+    _assert_same_results(F.native_batch_norm(x, None, None, *buffers.values()), expected)
+    np.testing.assert_array_equal(buffers[argument], before)
+
+
+def test_read_only_running_stats_in_training_name_the_argument():
+    frozen = _read_only(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="^running_var: is updated in place, but the array "
+                                         "is read-only$"):
+        F.batch_norm(f32(4, 3), np.zeros(3, np.float32), frozen, training=True)
 
 
 def _sgd_call(argument, bad, param):
@@ -340,6 +373,54 @@ def test_max_pool_indices_out_of_range(index):
             lambda: F.max_pool2d_backward(f32(1, 1, 1, 1), indices, (1, 1, 2, 2)))
 
 
+UINT64_MAX = 2**64 - 1
+
+UINT64_INDICES = {
+    # Once reported as -1: the cast to int64 wrapped the value before the kernel saw it.
+    "max_pool2d_backward": (
+        ("indices: expected flat indices into an H×W plane of 4 elements, "
+         f"got index {UINT64_MAX}"),
+        lambda: F.max_pool2d_backward(f32(1, 1, 1, 2), np.array([[[[1, UINT64_MAX]]]],
+                                                                 np.uint64), (1, 1, 2, 2))),
+    "cross_entropy": (
+        f"target: expected class indices in [0, 3), got class index {UINT64_MAX}",
+        lambda: F.cross_entropy(f32(2, 3), np.array([0, UINT64_MAX], np.uint64))),
+    "cross_entropy_backward": (
+        f"target: expected class indices in [0, 3), got class index {2**63}",
+        lambda: F.cross_entropy_backward(f32(2, 3), np.array([2**63, 0], np.uint64))),
+}
+
+
+@pytest.mark.parametrize("name", UINT64_INDICES)
+def test_uint64_index_past_int64_is_reported_as_given(name):
+    message, call = UINT64_INDICES[name]
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == message
+
+
+def test_uint64_indices_in_range_give_the_int64_result():
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    out, indices = F.max_pool2d(x, 2, return_indices=True)
+    np.testing.assert_array_equal(
+        F.max_pool2d_backward(out, indices.astype(np.uint64), x.shape),
+        F.max_pool2d_backward(out, indices, x.shape))
+    target = np.array([2, 0])
+    assert (F.cross_entropy(f32(2, 3), target.astype(np.uint64))
+            == F.cross_entropy(f32(2, 3), target))
+
+
+@pytest.mark.parametrize("seed", [UINT64_MAX, np.uint64(UINT64_MAX)])
+def test_largest_seed_is_accepted(seed):
+    np.testing.assert_array_equal(F.dropout(X, 0.5, seed=seed),
+                                  F.dropout(X, 0.5, seed=UINT64_MAX))
+
+
+def test_seed_past_uint64_is_reported_as_given():
+    _raises(ValueError, f"seed: expected an int in \\[0, 2\\*\\*64 - 1\\], got {2**64}$",
+            lambda: F.dropout(X, 0.5, seed=2**64))
+
+
 # --------------------------------------------------------------------------- inputs untouched
 
 
@@ -394,6 +475,9 @@ def _operations(rng):
         "avg_pool2d_backward": (lambda gy: F.avg_pool2d_backward(gy, x.shape, 3, 2, 1),
                                 (gy_pool,)),
         "batch_norm_train": (_bn_train, (x_bn, gamma, beta)),
+        "batch_norm_eval": (
+            lambda x, w, b, m, v: F.native_batch_norm(x, w, b, m, v, False, 0.1, 1e-5),
+            (x_bn, gamma, beta, mean, invstd)),
         "batch_norm_backward": (
             lambda gy, x, w, m, s: F.batch_norm_backward(gy, x, w, m, s, True),
             (gy_bn, x_bn, gamma, mean, invstd)),

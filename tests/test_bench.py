@@ -114,6 +114,27 @@ def test_plot_needs_matplotlib_or_draws(smoke_run, tmp_path, capsys):
         assert path.stat().st_size > 0
 
 
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+@pytest.mark.parametrize("where", ["missing directory", "a directory"])
+def test_unwritable_output_stops_before_measuring(tmp_path, monkeypatch, capsys, option,
+                                                  where):
+    # Once found only after the whole run, as a traceback.
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    path = tmp_path / "missing" / "x.json" if where == "missing directory" else tmp_path
+    monkeypatch.setattr(bench.runner, "run_benchmarks",
+                        lambda args: pytest.fail("measured before checking the output"))
+    with pytest.raises(SystemExit) as error:
+        bench.main(["--smoke", option, str(path)])
+    assert error.value.code == 2
+    why = (f"no such directory {tmp_path / 'missing'}" if where == "missing directory"
+           else "it is a directory")
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"bnrs bench: error: {option}: cannot write {str(path)!r}: {why}")
+    assert "Traceback" not in err
+
+
 def test_repeats_interleave_after_warm_up():
     calls = []
     runs = [lambda: calls.append("bnrs"), lambda: calls.append("torch")]

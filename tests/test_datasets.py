@@ -67,6 +67,27 @@ def test_fashion_mnist_absent_says_how_to_get_it(tmp_path, monkeypatch):
     assert isinstance(error.value, FileNotFoundError)
 
 
+@pytest.mark.parametrize("variable, why", [("nowhere", "no such directory"),
+                                           ("", "empty"),
+                                           ("present", "missing t10k-labels-idx1-ubyte[.gz]")])
+def test_fashion_mnist_variable_passed_over_is_a_warning(tmp_path, monkeypatch, variable, why):
+    # Once passed over without a word when the default location had the files.
+    (tmp_path / "default").mkdir()
+    _fake_fashion(tmp_path / "default")
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", (str(tmp_path / "default"),))
+    if variable == "present":
+        (tmp_path / variable).mkdir()
+        _fake_fashion(tmp_path / variable)
+        (tmp_path / variable / "t10k-labels-idx1-ubyte.gz").unlink()
+    value = str(tmp_path / variable) if variable else ""
+    monkeypatch.setenv(datasets.FASHION_MNIST_ENV, value)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert datasets.find_fashion_mnist() == tmp_path / "default"
+    assert [str(w.message) for w in caught] == [
+        (f"BNRS_FASHION_MNIST: expected a directory holding the Fashion-MNIST files, got "
+         f"{value!r} ({why}); ignored, using {tmp_path / 'default'}")]
+
+
 def test_fashion_mnist_partial_directory_names_missing_files(tmp_path):
     _fake_fashion(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()

@@ -547,7 +547,8 @@ SPECS["native_batch_norm"] = Spec(
                non_real("bias", required=False), _weight, _bias,
                _needs_running(resize("running_mean", 0)),
                _needs_running(resize("running_var", 0)),
-               _needs_running(inplace("running_mean")), _needs_running(inplace("running_var")),
+               # Buffers only read in evaluation may be any array: updated ones may not.
+               _updating(inplace("running_mean")), _updating(inplace("running_var")),
                _updating(alias("running_mean", "running_var")),  # read-only in eval
                _one_running_buffer, _single_value_per_channel) + BN_HYPER)
 
@@ -558,7 +559,7 @@ SPECS["batch_norm"] = Spec(
     layouts=("input", "weight", "bias"), inplace=("running_mean", "running_var"),
     mutations=(non_real("input"), ndim("input", accepted=range(2, 32)),
                zero_size("input"), _weight,
-               _needs_running(inplace("running_mean")), _needs_running(inplace("running_var")),
+               _updating(inplace("running_mean")), _updating(inplace("running_var")),
                _needs_running(resize("running_var", 0))) + BN_HYPER)
 
 SPECS["batch_norm_backward"] = Spec(

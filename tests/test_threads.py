@@ -215,14 +215,34 @@ def test_bnrs_num_threads_and_set_num_threads_bound_the_pool(variable, expected)
     assert lines[1:] == [["SET", str(n), str(n), str(n)] for n in (1, 3, 2)]
 
 
-@pytest.mark.parametrize("variable", ["0", "-2", "many", ""])
-def test_an_invalid_bnrs_num_threads_falls_back_to_the_cores(variable):
+@pytest.mark.parametrize("variable", ["0", "-2", "many", "", "99999", "-1", "abc", "2.5"])
+def test_an_invalid_bnrs_num_threads_falls_back_to_the_cores_with_a_warning(variable):
+    # Once ignored without a word.
     result = child.run("""
-        import os, bnrs
+        import os, warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import bnrs
         print(bnrs.get_num_threads(), len(os.sched_getaffinity(0)))
+        for warning in caught:
+            print(warning.category.__name__, warning.filename, warning.message, sep="|")
     """, env={"BNRS_NUM_THREADS": variable})
-    threads, cores = result.stdout.split()
+    lines = result.stdout.splitlines()
+    threads, cores = lines[0].split()
     assert threads == cores
+    assert lines[1:] == [
+        (f"RuntimeWarning|<string>|BNRS_NUM_THREADS: expected an int in [1, 1024], got "
+         f"'{variable}'; ignored, using the default: {cores} (the number of cores)")]
+
+
+def test_a_valid_bnrs_num_threads_gives_no_warning():
+    result = child.run("""
+        import warnings
+        warnings.simplefilter("error")
+        import bnrs
+        print(bnrs.get_num_threads())
+    """, env={"BNRS_NUM_THREADS": " 2 "})
+    assert result.stdout.split() == ["2"]
 
 
 @pytest.mark.parametrize("n", [0, -1])

@@ -4,9 +4,21 @@ Rust kernels (multithreaded, AVX-512 or AVX2+FMA chosen at run time) exposed to 
 :mod:`bnrs.functional` (PyTorch's function names) or :mod:`bnrs.nn` (layers).
 """
 
-from . import functional, nn, optim
+import warnings as _warnings
+
+from . import _core, functional, nn, optim
 from ._core import (__version__, cached_memory, get_num_threads, release_memory,
                     set_num_threads, set_simd, simd_backend, simd_levels)
+
+
+def _warn_about_environment() -> None:
+    # Issued here rather than by the extension so that the warning points at the user's
+    # import line (stacklevel: this function, the package, then importlib is skipped).
+    for message in _core._environment_warnings():
+        _warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+_warn_about_environment()
 
 
 def __getattr__(name: str):

@@ -150,7 +150,25 @@ def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
         except ImportError:
             parser.error("--plot needs matplotlib, which is not installed "
                          "(pip install matplotlib), or leave out --plot")
+    # Both are written after the whole run: a path that cannot be written must stop it
+    # before anything is measured, not after.
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = path and _cannot_write(path)
+        if problem:
+            parser.error(f"{option}: cannot write {path!r}: {problem}")
     return args
+
+
+def _cannot_write(path: str) -> str | None:
+    """Why the file ``path`` cannot be created or overwritten, or None if it can."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"no such directory {directory}"
+    if os.path.isdir(path):
+        return "it is a directory"
+    if not os.access(path if os.path.exists(path) else directory, os.W_OK):
+        return "permission denied"
+    return None
 
 
 USAGE = """\

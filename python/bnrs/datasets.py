@@ -32,6 +32,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,22 +246,32 @@ def find_fashion_mnist(path=None) -> Path:
     DatasetNotFoundError
         Listing where it looked and how to get the files.
     """
+    environment = None if path is not None else os.environ.get(FASHION_MNIST_ENV)
     if path is not None:
         candidates = [("the path argument", Path(path))]
     else:
         candidates = []
-        if os.environ.get(FASHION_MNIST_ENV):
-            candidates.append((f"${FASHION_MNIST_ENV}", Path(os.environ[FASHION_MNIST_ENV])))
+        if environment:   # an empty value would name the current directory
+            candidates.append((f"${FASHION_MNIST_ENV}", Path(environment)))
         candidates += [("the default location", Path(d)) for d in FASHION_MNIST_DIRS]
-    looked = []
+    # Why the directory $BNRS_FASHION_MNIST names was passed over, for the warning.
+    refused = "empty" if environment == "" else None
+    looked = [f"  '' (${FASHION_MNIST_ENV}): empty"] if refused else []
     for origin, directory in candidates:
         missing = [stem for stem in FASHION_MNIST_FILES.values()
                    if _find_file(directory, stem) is None]
         if not missing:
+            if refused:
+                warnings.warn(
+                    f"{FASHION_MNIST_ENV}: expected a directory holding the Fashion-MNIST "
+                    f"files, got {environment!r} ({refused}); ignored, using {directory}",
+                    RuntimeWarning, stacklevel=3)
             return directory
-        looked.append(f"  {directory} ({origin}): "
-                      + ("no such directory" if not directory.is_dir()
-                         else "missing " + ", ".join(m + "[.gz]" for m in missing)))
+        why = ("no such directory" if not directory.is_dir()
+               else "missing " + ", ".join(m + "[.gz]" for m in missing))
+        if origin == f"${FASHION_MNIST_ENV}":
+            refused = why
+        looked.append(f"  {directory} ({origin}): {why}")
     raise DatasetNotFoundError("Fashion-MNIST not found. Looked in:\n" + "\n".join(looked)
                                + "\n" + FASHION_MNIST_HOWTO)
 

@@ -170,10 +170,24 @@ def _count(value, name: str, minimum: int) -> int:
 _real = as_real
 
 
-def _labels(target, name: str = "target") -> np.ndarray:
-    arr = _asarray(target, name)
+def _labels(target, logits: np.ndarray) -> np.ndarray:
+    arr = _asarray(target, "target")
     if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected integer class indices, got dtype {arr.dtype}")
+        raise TypeError(f"target: expected integer class indices, got dtype {arr.dtype}")
+    # Logits of another shape are the kernel's to report, before any class index.
+    classes = f"[0, {logits.shape[1]})" if logits.ndim == 2 else "[0, C)"
+    return _as_int64(arr, "target", f"class indices in {classes}", "class index")
+
+
+def _as_int64(arr: np.ndarray, name: str, expected: str, element: str) -> np.ndarray:
+    """Integer ``arr`` as C-contiguous int64 for the kernels. An unsigned value past int64
+    is refused here, as given: the cast would wrap 2**64 - 1 to -1, and the kernel's
+    message would report -1."""
+    if arr.dtype.kind == "u" and arr.size:
+        past_int64 = arr > np.iinfo(np.int64).max
+        if past_int64.any():
+            value = int(arr[past_int64][0])
+            raise ValueError(f"{name}: expected {expected}, got {element} {value}")
     return np.require(arr, np.int64, ["C_CONTIGUOUS", "ALIGNED"])
 
 
@@ -270,9 +284,11 @@ def max_pool2d_backward(grad_output, indices, input_shape) -> np.ndarray:
     idx = _asarray(indices, "indices")
     if idx.dtype.kind not in "iu":
         raise TypeError(f"indices: expected an integer array, got dtype {idx.dtype}")
+    shape = _shape4(input_shape)
+    plane = f"an H×W plane of {shape[2] * shape[3]} elements"
     return _core.max_pool2d_backward(
         as_float32(grad_output, "grad_output"),
-        np.require(idx, np.int64, ["C_CONTIGUOUS", "ALIGNED"]), _shape4(input_shape))
+        _as_int64(idx, "indices", f"flat indices into {plane}", "index"), shape)
 
 
 def avg_pool2d(input, kernel_size: IntPair, stride: Optional[IntPair] = None,
@@ -323,6 +339,9 @@ def native_batch_norm(input, weight=None, bias=None, running_mean=None, running_
     with a single value per channel raises ``ValueError``. In evaluation the running
     statistics are used and left unchanged.
 
+    Buffers updated in place (training) must be writeable float32 C-contiguous arrays;
+    buffers only read (evaluation) may be of any real dtype or layout, and read-only.
+
     Returns
     -------
     output : ndarray, same shape as input
@@ -334,12 +353,12 @@ def native_batch_norm(input, weight=None, bias=None, running_mean=None, running_
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean, running_var: give both or neither")
     use_batch_stats = bool(training) or running_mean is None
-    rm = None if running_mean is None else _inplace_float32(running_mean, "running_mean")
-    rv = None if running_var is None else _inplace_float32(running_var, "running_var")
-    if not use_batch_stats:
-        # Only read here, but the kernel borrows them for writing: pass copies (C values),
-        # so that threads evaluating one shared model do not fail with "already borrowed".
-        rm, rv = rm.copy(), rv.copy()
+    if use_batch_stats:
+        rm = None if running_mean is None else _inplace_float32(running_mean, "running_mean")
+        rv = None if running_var is None else _inplace_float32(running_var, "running_var")
+    else:
+        rm = as_float32(running_mean, "running_mean")
+        rv = as_float32(running_var, "running_var")
     return _core.batch_norm_forward(
         x, _optional_float32(weight, "weight"), _optional_float32(bias, "bias"), rm, rv,
         use_batch_stats, _real(momentum, "momentum"), _real(eps, "eps"))
@@ -551,7 +570,7 @@ def cross_entropy(input, target, weight=None) -> float:
     scikit-learn's ``sample_weight``); weights of 1 give the unweighted bits.
     """
     logits = as_float32(input, "input")
-    labels = _labels(target)
+    labels = _labels(target, logits)
     return _core.cross_entropy_forward(logits, labels,
                                        _sample_weight(weight, labels.shape[0]))
 
@@ -560,7 +579,7 @@ def cross_entropy_backward(input, target, weight=None) -> np.ndarray:
     """Gradient of :func:`cross_entropy` w.r.t. the logits: (softmax - onehot) / N, or with
     ``weight`` row n scaled by ``weight[n] / sum(weight)`` instead of 1 / N."""
     logits = as_float32(input, "input")
-    labels = _labels(target)
+    labels = _labels(target, logits)
     return _core.cross_entropy_backward(logits, labels,
                                         _sample_weight(weight, labels.shape[0]))
 

@@ -27,17 +27,72 @@ static POOL: Mutex<Option<Pool>> = Mutex::new(None);
 /// the system's thread limit.
 pub const MAX_THREADS: usize = 1024;
 
-/// `BNRS_NUM_THREADS` (1 to [`MAX_THREADS`]), else the number of cores; read once (the core count reads cgroup
-/// files, too slow to repeat per call).
-fn default_threads() -> usize {
-    static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *DEFAULT.get_or_init(|| {
-        std::env::var("BNRS_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&n| (1..=MAX_THREADS).contains(&n))
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+/// The environment variable that sets the default number of threads.
+pub const NUM_THREADS_ENV: &str = "BNRS_NUM_THREADS";
+
+/// The thread count a `BNRS_NUM_THREADS` value asks for (1 to [`MAX_THREADS`],
+/// surrounding spaces allowed), or why the value is refused.
+pub fn parse_num_threads(value: &str) -> Result<usize, String> {
+    value
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_THREADS).contains(n))
+        .ok_or_else(|| format!("expected an int in [1, {MAX_THREADS}], got '{value}'"))
+}
+
+/// The default thread count, and the warning to give if `BNRS_NUM_THREADS` was refused.
+struct DefaultThreads {
+    threads: usize,
+    refused: Option<String>,
+}
+
+/// `BNRS_NUM_THREADS`, else the number of cores; read once (the core count reads cgroup
+/// files, too slow to repeat per call), at import since the module warms up.
+fn default_setting() -> &'static DefaultThreads {
+    static DEFAULT: std::sync::OnceLock<DefaultThreads> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(|| {
+        let cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
+        let Some(raw) = std::env::var_os(NUM_THREADS_ENV) else {
+            return DefaultThreads {
+                threads: cores(),
+                refused: None,
+            };
+        };
+        let requested = match raw.to_str() {
+            Some(value) => parse_num_threads(value),
+            None => Err(format!(
+                "expected an int in [1, {MAX_THREADS}], got {raw:?} (not valid UTF-8)"
+            )),
+        };
+        match requested {
+            Ok(threads) => DefaultThreads {
+                threads,
+                refused: None,
+            },
+            // A bad value must not stop the program: the cores are a safe default, and
+            // the warning says the setting had no effect.
+            Err(why) => {
+                let threads = cores();
+                DefaultThreads {
+                    threads,
+                    refused: Some(format!(
+                        "{NUM_THREADS_ENV}: {why}; ignored, using the default: {threads} \
+                         (the number of cores)"
+                    )),
+                }
+            }
+        }
     })
+}
+
+fn default_threads() -> usize {
+    default_setting().threads
+}
+
+/// Why the value of `BNRS_NUM_THREADS` was ignored, if it was (for a warning).
+pub fn num_threads_env_refusal() -> Option<&'static str> {
+    default_setting().refused.as_deref()
 }
 
 fn build(threads: usize) -> Result<Pool, String> {
@@ -259,4 +314,21 @@ pub fn run_interruptible<R: Send>(
 pub fn chunk_len(len: usize, min_len: usize, max_chunks: usize) -> usize {
     let by_count = len.div_ceil(max_chunks.max(1));
     by_count.max(min_len).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_counts_from_the_environment() {
+        assert_eq!(parse_num_threads("3"), Ok(3));
+        assert_eq!(parse_num_threads(" 1024 "), Ok(1024));
+        for bad in ["0", "abc", "99999", "-1", "", "2.5"] {
+            assert_eq!(
+                parse_num_threads(bad),
+                Err(format!("expected an int in [1, 1024], got '{bad}'"))
+            );
+        }
+    }
 }

@@ -227,9 +227,10 @@ class _Pool2d(Module):
         self.kernel_size = int_pair(kernel_size, "kernel_size", 1)
         self.stride = self.kernel_size if stride is None else int_pair(stride, "stride", 1)
         self.padding = int_pair(padding, "padding", 0)
-        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
-            raise ValueError(f"padding: should be at most half of kernel_size "
-                             f"{self.kernel_size}, got {self.padding}")
+        # The kernels' padding rule and message, checked now rather than at the first
+        # forward: an input the size of the kernel fits any valid window.
+        _core.pool2d_output_shape(self.kernel_size, self.kernel_size, self.stride,
+                                  self.padding)
 
     def _input(self, input) -> np.ndarray:
         x = F.as_float32(input, "input")

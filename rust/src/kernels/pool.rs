@@ -9,16 +9,31 @@ use super::{nchw, non_negative_pair, positive_pair, window_output_hw};
 use crate::error::{check_len, checked_size, Error, Result};
 use crate::simd_dispatch;
 
-/// PyTorch's rule for pooling: padding at most half the kernel on each axis.
+/// PyTorch's rule for pooling: padding at most half the kernel on each axis, rounded down
+/// (`padding <= kernel_size // 2`).
 pub fn check_padding(kernel: (usize, usize), padding: (usize, usize)) -> Result<()> {
-    if padding.0 > kernel.0 / 2 || padding.1 > kernel.1 / 2 {
+    let most = (kernel.0 / 2, kernel.1 / 2);
+    if padding.0 > most.0 || padding.1 > most.1 {
         return Err(Error::invalid(
             "padding",
-            format!("{padding:?}"),
-            format!("at most half the kernel size {kernel:?}"),
+            pair_text(padding),
+            format!(
+                "at most kernel_size // 2 = {} (kernel_size {})",
+                pair_text(most),
+                pair_text(kernel)
+            ),
         ));
     }
     Ok(())
+}
+
+/// A pair as the user most likely wrote it: `2` when both axes agree, else `(2, 3)`.
+fn pair_text(pair: (usize, usize)) -> String {
+    if pair.0 == pair.1 {
+        pair.0.to_string()
+    } else {
+        format!("{pair:?}")
+    }
 }
 
 /// Shapes and hyper-parameters of a pooling, validated.
@@ -446,5 +461,18 @@ mod tests {
     fn padding_above_half_the_kernel_is_rejected() {
         let err = Pool2dParams::new(&[1, 1, 4, 4], (2, 2), (2, 2), (2, 2));
         assert!(matches!(err, Err(Error::Invalid { arg: "padding", .. })));
+    }
+
+    #[test]
+    fn padding_message_states_the_limit_and_the_value() {
+        let message = |kernel, padding| check_padding(kernel, padding).unwrap_err().to_string();
+        assert_eq!(
+            message((2, 2), (2, 2)),
+            "padding: expected at most kernel_size // 2 = 1 (kernel_size 2), got 2"
+        );
+        assert_eq!(
+            message((2, 5), (1, 3)),
+            "padding: expected at most kernel_size // 2 = (1, 2) (kernel_size (2, 5)), got (1, 3)"
+        );
     }
 }

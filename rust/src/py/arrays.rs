@@ -42,6 +42,19 @@ pub(crate) fn writeable<'py>(
     })
 }
 
+/// Borrow an array argument that is only read, with errors that name it. Unlike a
+/// `PyReadonlyArrayDyn` argument, the caller decides at run time whether to read or write.
+pub(crate) fn readable<'py>(
+    arr: &Bound<'py, PyArrayDyn<f32>>,
+    name: &str,
+) -> PyResult<PyReadonlyArrayDyn<'py, f32>> {
+    arr.try_readonly().map_err(|e| {
+        PyValueError::new_err(format!(
+            "{name}: cannot be read ({e}); it is being updated in place by another call"
+        ))
+    })
+}
+
 pub(super) static NUMPY_EMPTY: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 /// The memory of a large output array (its base object): returned to the cache of

@@ -4,7 +4,7 @@ use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::{check_shape, run_kernel, slice, slice_mut, writeable, Output};
+use super::{check_shape, readable, run_kernel, slice, slice_mut, writeable, Output};
 use crate::kernels::batch_norm::{self, BatchNormParams, RunningStats};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -32,18 +32,10 @@ fn batch_norm_forward<'py>(
             check_shape(a, name, &c)?;
         }
     }
-    let x = slice(&input, "input")?;
-    let gamma = weight.as_ref().map(|w| slice(w, "weight")).transpose()?;
-    let beta = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
-    let mut rm = running_mean
-        .as_ref()
-        .map(|a| writeable(a, "running_mean"))
-        .transpose()?;
-    let mut rv = running_var
-        .as_ref()
-        .map(|a| writeable(a, "running_var"))
-        .transpose()?;
-    for (arr, name) in [(&rm, "running_mean"), (&rv, "running_var")] {
+    for (arr, name) in [
+        (&running_mean, "running_mean"),
+        (&running_var, "running_var"),
+    ] {
         if let Some(a) = arr {
             if a.shape() != c {
                 return Err(PyValueError::new_err(format!(
@@ -53,36 +45,68 @@ fn batch_norm_forward<'py>(
             }
         }
     }
-    let rm = rm
-        .as_mut()
-        .map(|a| slice_mut(a, "running_mean"))
-        .transpose()?;
-    let rv = rv
-        .as_mut()
-        .map(|a| slice_mut(a, "running_var"))
-        .transpose()?;
+    let x = slice(&input, "input")?;
+    let gamma = weight.as_ref().map(|w| slice(w, "weight")).transpose()?;
+    let beta = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
     let mut y = Output::new(py, "output", input.shape())?;
     let mut mean = Output::new(py, "save_mean", &c)?;
     let mut invstd = Output::new(py, "save_invstd", &c)?;
     let (y_data, mean_data, invstd_data) = (y.data(), mean.data(), invstd.data());
-    run_kernel(py, x.len(), || match (training, rm, rv) {
-        (true, rm, rv) => {
+    match (training, running_mean, running_var) {
+        (true, running_mean, running_var) => {
+            let mut rm = running_mean
+                .as_ref()
+                .map(|a| writeable(a, "running_mean"))
+                .transpose()?;
+            let mut rv = running_var
+                .as_ref()
+                .map(|a| writeable(a, "running_var"))
+                .transpose()?;
+            let rm = rm
+                .as_mut()
+                .map(|a| slice_mut(a, "running_mean"))
+                .transpose()?;
+            let rv = rv
+                .as_mut()
+                .map(|a| slice_mut(a, "running_var"))
+                .transpose()?;
             let running = rm.zip(rv).map(|(mean, var)| RunningStats {
                 mean,
                 var,
                 momentum,
             });
-            batch_norm::forward_train(&p, x, gamma, beta, running, y_data, mean_data, invstd_data)
+            run_kernel(py, x.len(), || {
+                batch_norm::forward_train(
+                    &p,
+                    x,
+                    gamma,
+                    beta,
+                    running,
+                    y_data,
+                    mean_data,
+                    invstd_data,
+                )
+            })?;
         }
-        (false, Some(rm), Some(rv)) => {
-            batch_norm::forward_eval(&p, x, gamma, beta, rm, rv, y_data, mean_data, invstd_data)
+        // Only read in evaluation: a shared borrow, so read-only arrays (and several
+        // threads evaluating one model) are fine.
+        (false, Some(running_mean), Some(running_var)) => {
+            let rm = readable(&running_mean, "running_mean")?;
+            let rv = readable(&running_var, "running_var")?;
+            let (rm, rv) = (slice(&rm, "running_mean")?, slice(&rv, "running_var")?);
+            run_kernel(py, x.len(), || {
+                batch_norm::forward_eval(&p, x, gamma, beta, rm, rv, y_data, mean_data, invstd_data)
+            })?;
         }
-        (false, _, _) => Err(crate::Error::invalid(
-            "running_mean",
-            "None",
-            "running statistics when not training (or training=True)",
-        )),
-    })?;
+        (false, _, _) => {
+            return Err(crate::Error::invalid(
+                "running_mean",
+                "None",
+                "running statistics when not training (or training=True)",
+            )
+            .into())
+        }
+    }
     Ok((y.into_array(), mean.into_array(), invstd.into_array()))
 }
 

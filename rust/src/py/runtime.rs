@@ -151,6 +151,15 @@ fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
     })
 }
 
+/// Why the values of bnrs's environment variables were ignored, if they were: the
+/// package warns with these at import (from Python, so the warning points at the import).
+#[pyfunction]
+fn _environment_warnings() -> Vec<&'static str> {
+    crate::parallel::num_threads_env_refusal()
+        .into_iter()
+        .collect()
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
@@ -162,6 +171,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    m.add_function(wrap_pyfunction!(_environment_warnings, m)?)?;
     m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
     Ok(())
 }
