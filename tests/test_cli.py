@@ -29,7 +29,9 @@ def test_study_arguments_parse():
 
 
 @pytest.mark.parametrize("argv", [["--seeds", "0"], ["--epochs", "-1"], ["--scale", "0"],
-                                  ["--backend", "spark"], ["--n-jobs", "0"],
+                                  ["--scale", "inf"], ["--scale", "nan"],
+                                  ["--backend", "spark"], ["--backend", "ray"],
+                                  ["--n-jobs", "0"],
                                   ["--scheduler", "tcp://x:1"], ["--questions", "one"]])
 def test_bad_study_arguments_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -47,15 +49,39 @@ def test_study_is_dispatched_with_its_arguments(monkeypatch):
     assert seen["out"] == "x" and seen["dataset"] == "digits" and not seen["report_only"]
 
 
-def test_report_only_reuses_the_stored_arguments(monkeypatch, tmp_path):
-    (tmp_path / runner.STUDY_FILE).write_text(
-        '{"questions": [2], "dataset": "fashion-mnist", "quick": false, "seeds": 3, '
-        '"epochs": null, "scale": 1.0, "architectures": null}')
+def test_report_only_reuses_the_stored_arguments_and_refuses_others(monkeypatch, tmp_path,
+                                                                     capsys):
+    saved = ('{"questions": [2], "dataset": "fashion-mnist", "quick": false, "seeds": 3, '
+             '"epochs": null, "scale": 1.0, "architectures": null}')
+    (tmp_path / runner.STUDY_FILE).write_text(saved)
     seen = {}
     monkeypatch.setattr(runner, "run", lambda **kwargs: seen.update(kwargs))
-    assert cli.main(["study", "--report-only", "--out", str(tmp_path), "--seeds", "4"]) == 0
+    assert cli.main(["study", "--report-only", "--out", str(tmp_path), "--no-progress"]) == 0
     assert seen["report_only"] and seen["dataset"] == "fashion-mnist"
-    assert seen["questions"] == [2] and seen["seeds"] == 4     # given on the command line
+    assert seen["questions"] == [2] and seen["seeds"] == 3
+    # A study argument (even one equal to its default) would report another study, and
+    # used to be saved as the study's: a later plain --report-only found none of its runs.
+    seen.clear()
+    for given in (["--seeds", "4"], ["--dataset", "digits"], ["--n-jobs", "2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["study", "--report-only", "--out", str(tmp_path), *given])
+        assert exit_info.value.code == 2 and not seen
+        assert f"it takes no {given[0]}" in capsys.readouterr().err
+    assert (tmp_path / runner.STUDY_FILE).read_text() == saved
+
+
+def test_report_only_after_a_study_reports_it_unchanged(tmp_path, capsys):
+    study = ["study", "--questions", "1", "--quick", "--seeds", "2", "--epochs", "1",
+             "--n-jobs", "1", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(study) == 0
+    saved = (tmp_path / runner.STUDY_FILE).read_bytes()
+    report = (tmp_path / "report.md").read_text()
+    assert "4 of 4 distinct runs stored" in report
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--report-only", "--seeds", "3", "--out", str(tmp_path)])
+    assert cli.main(["study", "--report-only", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / runner.STUDY_FILE).read_bytes() == saved
+    assert "4 of 4 distinct runs stored" in (tmp_path / "report.md").read_text()
 
 
 def test_report_only_without_a_study(tmp_path, capsys):
