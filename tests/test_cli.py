@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import sqlite3
+import sys
 import types
 
 import bnrs
 import pytest
 from bnrs import cli
-from bnrs.study import runner
+from bnrs.study import runner, storage
 
 
 def test_study_arguments_parse():
@@ -112,3 +116,110 @@ def test_usage_and_unknown_commands(capsys):
     assert "unknown command 'train'" in capsys.readouterr().err
     assert cli.main(["--version"]) == 0
     assert bnrs.__version__ in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- failures
+
+QUICK = ["study", "--questions", "1", "--quick", "--seeds", "1", "--epochs", "1",
+         "--n-jobs", "1", "--no-progress"]
+
+
+def _fails_in_one_line(argv, capsys, *expected) -> str:
+    """cli.main(argv) fails with a non-zero status and one line naming ``expected``."""
+    status = cli.main(argv)
+    err = capsys.readouterr().err
+    assert status != 0, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("bnrs study: ")
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+def test_a_text_file_as_results_database(tmp_path, capsys):
+    (tmp_path / "results.sqlite").write_text("not a database\n" * 100)
+    _fails_in_one_line(QUICK + ["--out", str(tmp_path)], capsys,
+                       str(tmp_path / "results.sqlite"), "not an SQLite database")
+    with pytest.raises(Exception, match="not an SQLite database"):   # --debug: traceback
+        cli.main(QUICK + ["--out", str(tmp_path), "--debug"])
+
+
+def test_a_foreign_sqlite_database_is_refused_untouched(tmp_path, capsys):
+    path = tmp_path / "results.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE people (name TEXT, age INTEGER)")
+    before = path.read_bytes()
+    _fails_in_one_line(QUICK + ["--out", str(tmp_path)], capsys, str(path),
+                       "not a bnrs results database", "people")
+    assert path.read_bytes() == before
+    path.unlink()
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE runs (run_key TEXT, score REAL)")
+    _fails_in_one_line(QUICK + ["--out", str(tmp_path)], capsys, str(path),
+                       "columns run_key, score")
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    _fails_in_one_line(QUICK + ["--out", str(tmp_path / "taken")], capsys,
+                       str(tmp_path / "taken"), "is a file, not a directory")
+    _fails_in_one_line(QUICK + ["--out", str(tmp_path / "taken" / "below")], capsys,
+                       str(tmp_path / "taken" / "below"), "cannot create")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root writes to read-only directories")
+def test_read_only_out(tmp_path, capsys):
+    tmp_path.chmod(0o555)
+    try:
+        _fails_in_one_line(QUICK + ["--out", str(tmp_path / "o")], capsys,
+                           str(tmp_path / "o"))
+        _fails_in_one_line(QUICK + ["--out", str(tmp_path)], capsys, str(tmp_path))
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_unwritable_database(tmp_path, monkeypatch, capsys):
+    # What SQLite says in a read-only directory (which root, running this test, is not in).
+    def read_only(self, connection):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(storage.ResultStore, "_check_schema", read_only)
+    _fails_in_one_line(QUICK + ["--out", str(tmp_path)], capsys,
+                       str(tmp_path / "results.sqlite"), "cannot write", "writable")
+
+
+def test_missing_dask_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)   # import fails
+    _fails_in_one_line(QUICK + ["--backend", "dask", "--out", str(tmp_path)], capsys,
+                       "--backend dask", 'pip install "bnrs[dask]"')
+
+
+def test_dask_scheduler_without_workers_times_out(tmp_path, monkeypatch, capsys):
+    distributed = pytest.importorskip("dask.distributed")
+    monkeypatch.setattr(runner, "DASK_TIMEOUT", 2.0)
+    with distributed.LocalCluster(n_workers=0, processes=False,
+                                  dashboard_address=None) as cluster:
+        _fails_in_one_line(QUICK + ["--backend", "dask", "--scheduler",
+                                    cluster.scheduler_address, "--out", str(tmp_path)],
+                           capsys, cluster.scheduler_address, "no dask worker joined")
+
+
+def test_unreachable_dask_scheduler(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("dask.distributed")
+    monkeypatch.setattr(runner, "DASK_TIMEOUT", 2.0)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{unused.getsockname()[1]}"
+    _fails_in_one_line(QUICK + ["--backend", "dask", "--scheduler", address, "--out",
+                                str(tmp_path)], capsys, address, "cannot reach")
+
+
+def test_help_counts_every_question(capsys):
+    from bnrs.study.questions import QUESTIONS
+
+    assert cli.N_QUESTIONS == len(QUESTIONS) == 10
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1-9" not in text and "all 10 questions" in text and "1-10" in text

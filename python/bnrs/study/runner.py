@@ -290,9 +290,9 @@ def _dask_results(jobs: list[Job], n_jobs: int, n_threads: int, scheduler: str |
     backend counts the cluster's threads, and with one it ran every job in the client.
     At most ``n_jobs`` are in flight (-1: all, the most expensive first by priority).
     """
+    client = _dask_client(scheduler)   # first: it explains a missing dask
     from dask.distributed import as_completed
 
-    client = _dask_client(scheduler)
     pending = iter(enumerate(jobs))
     in_flight = {}
 
