@@ -223,3 +223,13 @@ def test_help_counts_every_question(capsys):
         cli.main(["study", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "1-9" not in text and "all 10 questions" in text and "1-10" in text
+
+
+def test_report_only_on_a_broken_study_file_or_without_runs(tmp_path, capsys):
+    (tmp_path / runner.STUDY_FILE).write_text("{not json")
+    _fails_in_one_line(["study", "--report-only", "--out", str(tmp_path)], capsys,
+                       str(tmp_path / runner.STUDY_FILE), "not a study file")
+    (tmp_path / runner.STUDY_FILE).write_text('{"questions": [1], "quick": true}')
+    _fails_in_one_line(["study", "--report-only", "--out", str(tmp_path)], capsys,
+                       str(tmp_path / "results.sqlite"), "no stored runs")
+    assert not (tmp_path / "results.sqlite").exists()

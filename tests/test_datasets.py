@@ -145,20 +145,23 @@ def _images(n=40, seed=0):
     return np.random.default_rng(seed).standard_normal((n, 6, 6))
 
 
+_TWO_CLASSES = np.arange(40) % 2
+
+
 @pytest.mark.parametrize("arrays, message", [
-    (dict(X=np.where(np.arange(40)[:, None, None] == 7, np.nan, _images()),
-          y=np.arange(40) % 2), r"X has 36 NaN values \(first in sample 7\)"),
-    (dict(X=_images(), y=np.arange(40) % 2, X_test=np.full((4, 6, 6), np.inf),
-          y_test=np.arange(4) % 2), "X_test has 144 infinite values"),
-    (dict(X=_images(), y=np.zeros(40, dtype=int)), "single class"),
-    (dict(X=_images(), y=np.linspace(0, 1, 40)), "fractional labels"),
-    (dict(X=_images(), y=np.where(np.arange(40) == 3, np.nan, np.arange(40) % 2)),
+    ({"X": np.where(np.arange(40)[:, None, None] == 7, np.nan, _images()),
+      "y": _TWO_CLASSES}, r"X has 36 NaN values \(first in sample 7\)"),
+    ({"X": _images(), "y": _TWO_CLASSES, "X_test": np.full((4, 6, 6), np.inf),
+      "y_test": np.arange(4) % 2}, "X_test has 144 infinite values"),
+    ({"X": _images(), "y": np.zeros(40, dtype=int)}, "single class"),
+    ({"X": _images(), "y": np.linspace(0, 1, 40)}, "fractional labels"),
+    ({"X": _images(), "y": np.where(np.arange(40) == 3, np.nan, _TWO_CLASSES)},
      "NaN or infinite labels"),
-    (dict(X=_images(), y=np.zeros((40, 2), dtype=int)), r"one label per sample.*\(40, 2\)"),
-    (dict(X=_images(), y=np.arange(40) % 2, X_test=_images(4), y_test=np.arange(5) % 2),
+    ({"X": _images(), "y": np.zeros((40, 2), dtype=int)}, r"one label per sample.*\(40, 2\)"),
+    ({"X": _images(), "y": _TWO_CLASSES, "X_test": _images(4), "y_test": np.arange(5) % 2},
      "X_test has 4 samples but y_test has 5"),
-    (dict(X=np.zeros((0, 6, 6)), y=np.zeros(0, dtype=int)), r"X is empty"),
-    (dict(X=np.zeros((40, 2, 3, 4, 5)), y=np.arange(40) % 2), r"got shape \(40, 2, 3, 4, 5\)"),
+    ({"X": np.zeros((0, 6, 6)), "y": np.zeros(0, dtype=int)}, r"X is empty"),
+    ({"X": np.zeros((40, 2, 3, 4, 5)), "y": _TWO_CLASSES}, r"got shape \(40, 2, 3, 4, 5\)"),
 ])
 def test_npz_that_cannot_be_trained_on_is_refused_naming_the_file(tmp_path, arrays, message):
     path = tmp_path / "mine.npz"

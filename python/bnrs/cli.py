@@ -140,7 +140,7 @@ def study_main(argv: Sequence[str]) -> int:
 
         return 128 + (signal.SIGTERM if isinstance(interrupt, TerminatedError)
                       else signal.SIGINT)
-    except Exception as error:   # noqa: BLE001 - one line for the user; --debug for more
+    except Exception as error:   # one line for the user; --debug for the traceback
         if args.debug:
             raise
         print(f"bnrs study: {_one_line(error)}", file=sys.stderr)

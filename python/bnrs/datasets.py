@@ -323,9 +323,10 @@ def load_npz(path) -> Dataset:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
         raise ValueError(f"{path}: not a readable .npz file ({error})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: expected a .npz archive with arrays X and y, found a "
-                         "single .npy array")
+    if not isinstance(archive, np.lib.npyio.NpzFile):   # np.load read a .npy file
+        # A ValueError: the file's content is wrong, not the type of an argument.
+        raise ValueError(f"{path}: expected a .npz archive with arrays X and y, "  # noqa: TRY004
+                         "found a single .npy array")
     with archive:
         if "X" not in archive or "y" not in archive:
             raise ValueError(f"{path}: expected arrays 'X' and 'y', found {sorted(archive)}")

@@ -385,10 +385,13 @@ def stored_arguments(out) -> dict:
                                 f"--out {out} first)")
     try:
         stored = json.loads(path.read_text())
-        if not isinstance(stored, dict):
-            raise ValueError(f"expected a JSON object, got {type(stored).__name__}")
     except (OSError, ValueError) as error:   # JSONDecodeError is a ValueError
-        raise ValueError(f"{path}: not a study file written by bnrs study ({error})") from None
+        stored = error
+    if not isinstance(stored, dict):
+        reason = stored if isinstance(stored, Exception) else f"a JSON {type(stored).__name__}"
+        # A ValueError: the file's content is wrong, not the type of an argument.
+        raise ValueError(  # noqa: TRY004
+            f"{path}: not a study file written by bnrs study ({reason})")
     return {name: stored[name] for name in STUDY_ARGUMENTS if name in stored}
 
 
