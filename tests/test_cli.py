@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sqlite3
 import sys
@@ -46,9 +47,17 @@ def test_bad_study_arguments_exit_with_usage(argv, capsys):
 
 def test_study_is_dispatched_with_its_arguments(monkeypatch):
     seen = {}
-    monkeypatch.setattr(runner, "run", lambda **kwargs: seen.update(kwargs))
+    before = signal.getsignal(signal.SIGTERM)
+
+    def run(**kwargs):
+        seen.update(kwargs, sigterm=signal.getsignal(signal.SIGTERM))
+
+    monkeypatch.setattr(runner, "run", run)
     assert cli.main(["study", "--quick", "--questions", "1", "6", "--n-jobs", "2",
                      "--out", "x"]) == 0
+    # SIGTERM stops the study as Ctrl-C does, and only while it runs.
+    assert seen.pop("sigterm") not in (before, signal.SIG_DFL)
+    assert signal.getsignal(signal.SIGTERM) is before
     assert seen["quick"] and seen["questions"] == [1, 6] and seen["n_jobs"] == 2
     assert seen["out"] == "x" and seen["dataset"] == "digits" and not seen["report_only"]
 

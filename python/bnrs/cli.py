@@ -126,15 +126,16 @@ def study_main(argv: Sequence[str]) -> int:
     try:
         from .study import runner
 
-        runner.terminate_on_sigterm()
         kwargs = {"questions": args.questions, "dataset": args.dataset, "quick": args.quick,
                   "seeds": args.seeds, "epochs": args.epochs, "scale": args.scale,
                   "architectures": args.architectures}
         if args.report_only:
             kwargs.update(runner.stored_arguments(args.out))
-        runner.run(out=args.out, n_jobs=args.n_jobs, backend=args.backend,
-                   scheduler=args.scheduler, n_threads=args.threads,
-                   report_only=args.report_only, progress=not args.no_progress, **kwargs)
+        with runner.terminate_on_sigterm():
+            runner.run(out=args.out, n_jobs=args.n_jobs, backend=args.backend,
+                       scheduler=args.scheduler, n_threads=args.threads,
+                       report_only=args.report_only, progress=not args.no_progress,
+                       **kwargs)
     except KeyboardInterrupt as interrupt:   # the runner said what it kept
         from .study.runner import TerminatedError
 

@@ -33,6 +33,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,16 +248,26 @@ class TerminatedError(KeyboardInterrupt):
     study stops as on Ctrl-C (its workers are killed, the finished runs kept)."""
 
 
-def terminate_on_sigterm() -> None:
-    """Make SIGTERM raise :class:`TerminatedError` in the main thread (``bnrs study`` does).
+@contextmanager
+def terminate_on_sigterm():
+    """Within it, SIGTERM raises :class:`TerminatedError` in the main thread (``bnrs
+    study`` runs in it); the previous handler is restored on exit.
 
     Without it SIGTERM ends the process at once and its loky workers, which do not get
     the signal, run on until their parent-watch (:func:`_watch_parent`) notices.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield   # only the main thread may set handlers
+        return
+
     def handler(signum, frame):
         raise TerminatedError(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dask_client(scheduler: str | None):
