@@ -160,3 +160,51 @@ def test_split_indices_fixed_stratified_disjoint():
     assert len(everything) == 150
     with pytest.raises(ValueError, match="n_val"):
         datasets.split_indices(y, 0, None)
+
+
+def _images(n=40, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 6, 6))
+
+
+_TWO_CLASSES = np.arange(40) % 2
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"X": np.where(np.arange(40)[:, None, None] == 7, np.nan, _images()),
+      "y": _TWO_CLASSES}, r"X has 36 NaN values \(first in sample 7\)"),
+    ({"X": _images(), "y": _TWO_CLASSES, "X_test": np.full((4, 6, 6), np.inf),
+      "y_test": np.arange(4) % 2}, "X_test has 144 infinite values"),
+    ({"X": _images(), "y": np.zeros(40, dtype=int)}, "single class"),
+    ({"X": _images(), "y": np.linspace(0, 1, 40)}, "fractional labels"),
+    ({"X": _images(), "y": np.where(np.arange(40) == 3, np.nan, _TWO_CLASSES)},
+     "NaN or infinite labels"),
+    ({"X": _images(), "y": np.zeros((40, 2), dtype=int)}, r"one label per sample.*\(40, 2\)"),
+    ({"X": _images(), "y": _TWO_CLASSES, "X_test": _images(4), "y_test": np.arange(5) % 2},
+     "X_test has 4 samples but y_test has 5"),
+    ({"X": np.zeros((0, 6, 6)), "y": np.zeros(0, dtype=int)}, r"X is empty"),
+    ({"X": np.zeros((40, 2, 3, 4, 5)), "y": _TWO_CLASSES}, r"got shape \(40, 2, 3, 4, 5\)"),
+])
+def test_npz_that_cannot_be_trained_on_is_refused_naming_the_file(tmp_path, arrays, message):
+    path = tmp_path / "mine.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=message) as error:
+        datasets.load_dataset(str(path))
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+def test_npz_integral_float_labels_are_classes(tmp_path):
+    np.savez(tmp_path / "a.npz", X=_images(), y=(np.arange(40) % 2).astype(float))
+    data = datasets.load_npz(tmp_path / "a.npz")
+    assert data.classes == (0, 1) and data.y_train.dtype == np.int64
+
+
+@pytest.mark.parametrize("content", [b"not a zip archive at all", None])
+def test_a_file_that_is_not_an_npz_archive(tmp_path, content):
+    path = tmp_path / "mine.npz"
+    if content is None:
+        np.save(tmp_path / "array.npy", np.zeros(3))
+        (tmp_path / "array.npy").rename(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"mine\.npz: (not a readable|expected a \.npz)"):
+        datasets.load_npz(path)

@@ -136,6 +136,20 @@ def test_identical_configurations_are_shared():
     assert len(jobs) == (2 + 3 + 1) * 2
 
 
+def test_report_only_changes_nothing_stored(tmp_path, monkeypatch):
+    _study(tmp_path, questions=[1], seeds=2, epochs=1)
+    saved = (tmp_path / runner.STUDY_FILE).read_bytes()
+    monkeypatch.setattr(runner, "train_run", _must_not_train)
+    # Other arguments only select which stored runs to report (here: none of them).
+    table = _study(tmp_path, questions=[1], seeds=3, epochs=1, report_only=True)
+    assert len(table) == 6 and (tmp_path / runner.STUDY_FILE).read_bytes() == saved
+    assert len(storage.ResultStore(tmp_path)) == 4
+    assert runner.stored_arguments(tmp_path)["seeds"] == 2
+    with pytest.raises(FileNotFoundError, match="no stored runs"):
+        _study(tmp_path / "empty", report_only=True)
+    assert not (tmp_path / "empty").exists()
+
+
 def test_threads_never_oversubscribe():
     assert runner.threads_per_job(2, cores=2) == 1
     assert runner.threads_per_job(1, cores=8) == 8
@@ -338,6 +352,95 @@ def test_dask_backend_on_a_local_cluster(tmp_path):
     assert len(table) == 4 and all(row["status"] in ("ok", "diverged") for row in table)
     assert len(storage.ResultStore(tmp_path)) == 4
     assert os.path.isfile(Path(tmp_path) / "report.md")
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_dask_runs_every_job_on_a_single_one_thread_worker(tmp_path, monkeypatch, processes):
+    # joblib's dask backend counted one thread, fell back to one job and ran them all in
+    # the client: right results, idle cluster.
+    distributed = pytest.importorskip("dask.distributed")
+    ran_on = []
+    real_train_run = runner.train_run
+
+    def recording_train_run(config, seed, n_threads=None):
+        try:
+            ran_on.append(distributed.get_worker().address)
+        except ValueError:   # not in a dask worker
+            ran_on.append("the client")
+        return real_train_run(config, seed, n_threads)
+
+    monkeypatch.setattr(runner, "train_run", recording_train_run)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=processes,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        (worker,) = client.scheduler_info()["workers"]
+        before = client.run(lambda dask_worker: dask_worker.state.transition_counter)[worker]
+        table = _study(tmp_path, questions=[1], seeds=2, epochs=1, backend="dask",
+                       scheduler=cluster.scheduler_address, n_jobs=-1)
+        after = client.run(lambda dask_worker: dask_worker.state.transition_counter)[worker]
+    assert len(table) == 4 and len(storage.ResultStore(tmp_path)) == 4
+    # Each task goes through several transitions (released, waiting, ready, executing,
+    # memory, ...) on the worker; in the client none happen there.
+    assert after - before >= 4 * 3, (before, after)
+    if not processes:   # the same process: train_run's calls were seen
+        assert ran_on == [worker] * 4
+
+
+def _processes_with_parent(parent_pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent_pid:
+                children.append(int(entry))
+    return children
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a parent that does not reap is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_study_takes_its_workers_with_it(tmp_path, signum):
+    command = [sys.executable, "-m", "bnrs.cli", "study", "--questions", "1", "--quick",
+               "--seeds", "10", "--epochs", "3", "--n-jobs", "2", "--no-progress",
+               "--out", str(tmp_path)]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr_file:   # not a pipe: orphaned workers would hold it open
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr_file)
+    deadline = time.monotonic() + 180
+    try:
+        # Once a run is stored both workers have started a job.
+        while not ((tmp_path / storage.DB_NAME).exists()
+                   and len(storage.ResultStore(tmp_path)) >= 1):
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "no run finished in 180 s"
+            time.sleep(0.1)
+        workers = _processes_with_parent(process.pid)
+        assert workers, "no worker processes"
+        process.send_signal(signum)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = log.read_text()
+    assert len(storage.ResultStore(tmp_path)) < 20, "the study finished: make it longer"
+    if signum == signal.SIGTERM:
+        assert process.returncode == 128 + signal.SIGTERM, stderr
+        assert "interrupted:" in stderr and "Traceback" not in stderr, stderr
+    gone_by = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < gone_by:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "workers outlived the study"
 
 
 def test_flat_data_runs_dense_architectures_only(tmp_path):

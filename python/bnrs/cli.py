@@ -7,11 +7,17 @@ The bench's arguments are parsed by :func:`parse_bench_args`, called from
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 __all__ = ["bench_parser", "main", "parse_bench_args", "study_parser"]
+
+
+N_QUESTIONS = 10   # bnrs.study.questions.QUESTIONS (not imported here: --help stays fast)
 
 
 def study_parser() -> argparse.ArgumentParser:
@@ -24,10 +30,10 @@ def study_parser() -> argparse.ArgumentParser:
                     "stored in OUT/results.sqlite at once: rerunning the same command "
                     "resumes an interrupted study.")
     parser.add_argument("--quick", action="store_true",
-                        help="the quick budget: few seeds and epochs (about 1-2 minutes for questions "
-                             "1-9 on digits on 2 cores)")
+                        help=f"the quick budget: few seeds and epochs (minutes for all "
+                             f"{N_QUESTIONS} questions on digits on 2 cores)")
     parser.add_argument("--questions", type=int, nargs="+", metavar="N",
-                        help="question numbers to run (default: all, 1-10)")
+                        help=f"question numbers to run (default: all, 1-{N_QUESTIONS})")
     parser.add_argument("--dataset", default="digits", metavar="NAME|PATH",
                         help="digits (default), fashion-mnist, a directory with the "
                              "Fashion-MNIST files, or a .npz file with X and y")
@@ -48,21 +54,31 @@ def study_parser() -> argparse.ArgumentParser:
                         help="output directory (default: study-out)")
     parser.add_argument("--n-jobs", type=int, default=-1, metavar="N",
                         help="parallel jobs; each gets max(1, cores // N) kernel threads "
-                             "(default -1: one job per core; with dask or ray: all "
-                             "workers)")
+                             "(default -1: one job per core; with dask: as many as the "
+                             "workers take)")
     parser.add_argument("--threads", type=_positive_int, metavar="N",
                         help="kernel threads per job (default: cores // n-jobs; 1 with "
-                             "dask or ray)")
-    parser.add_argument("--backend", choices=("loky", "dask", "ray"),
-                        help="joblib backend (default loky: local processes)")
+                             "dask)")
+    parser.add_argument("--backend", choices=("loky", "dask"),
+                        help='loky (default): processes on this machine; dask: the '
+                             'workers of a dask.distributed cluster (pip install '
+                             '"bnrs[dask]")')
     parser.add_argument("--scheduler", metavar="ADDRESS",
-                        help="the dask scheduler (e.g. tcp://host:8786) or ray address")
+                        help="the dask scheduler, e.g. tcp://host:8786 (default: a new "
+                             "local cluster)")
     parser.add_argument("--report-only", action="store_true",
-                        help="only rewrite the report from the stored runs of OUT (with "
-                             "the arguments of the study that wrote it, unless given)")
+                        help="only rewrite the report of the study stored in OUT (with "
+                             "the arguments saved in OUT/study.json, which it never "
+                             "changes); takes only --out, --no-progress and --debug")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar or summary on standard error")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the Python traceback instead of one line")
     return parser
+
+
+#: The options --report-only takes: where the study is, and how to show the report.
+REPORT_ONLY_OPTIONS = ("report_only", "out", "no_progress", "debug")
 
 
 def _positive_int(text: str) -> int:
@@ -74,39 +90,72 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
 
 
+def _given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """The destinations of the options present in ``argv`` (abbreviations included)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:   # argparse has no public way to tell given from default
+        action.default = argparse.SUPPRESS
+    return list(vars(quiet.parse_args(list(argv))))
+
+
 def study_main(argv: Sequence[str]) -> int:
-    """Run ``bnrs study`` with the arguments ``argv``; returns the exit status."""
+    """Run ``bnrs study`` with the arguments ``argv``; returns the exit status.
+
+    A failure prints one line naming the file or option at fault (``--debug``: the
+    traceback) and returns 1 (2 for bad arguments and missing files; 130 on Ctrl-C, 143
+    on SIGTERM).
+    """
     parser = study_parser()
     args = parser.parse_args(list(argv))
     if args.n_jobs == 0 or args.n_jobs < -1:
         parser.error("--n-jobs: expected a positive integer or -1")
-    if args.scheduler and args.backend not in ("dask", "ray"):
-        parser.error("--scheduler needs --backend dask or ray")
-    from .study import runner
-
-    kwargs = {"questions": args.questions, "dataset": args.dataset, "quick": args.quick,
-              "seeds": args.seeds, "epochs": args.epochs, "scale": args.scale,
-              "architectures": args.architectures}
+    if args.scheduler and args.backend != "dask":
+        parser.error("--scheduler needs --backend dask")
+    if args.report_only:
+        others = [name for name in _given_options(parser, argv)
+                  if name not in REPORT_ONLY_OPTIONS]
+        if others:
+            parser.error(f"--report-only reports the study stored in --out as it was run; "
+                         f"it takes no {', '.join('--' + o.replace('_', '-') for o in others)}"
+                         f" (run the study without --report-only to change it)")
     try:
+        from .study import runner
+
+        kwargs = {"questions": args.questions, "dataset": args.dataset, "quick": args.quick,
+                  "seeds": args.seeds, "epochs": args.epochs, "scale": args.scale,
+                  "architectures": args.architectures}
         if args.report_only:
-            kwargs = runner.stored_arguments(args.out, kwargs, parser.get_default)
-        runner.run(out=args.out, n_jobs=args.n_jobs, backend=args.backend,
-                   scheduler=args.scheduler, n_threads=args.threads,
-                   report_only=args.report_only, progress=not args.no_progress, **kwargs)
-    except (FileNotFoundError, ValueError) as error:   # incl. DatasetNotFoundError
-        print(f"bnrs study: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except RuntimeError as error:
-        print(f"bnrs study: {error}", file=sys.stderr)
-        return 1
+            kwargs.update(runner.stored_arguments(args.out))
+        with runner.terminate_on_sigterm():
+            runner.run(out=args.out, n_jobs=args.n_jobs, backend=args.backend,
+                       scheduler=args.scheduler, n_threads=args.threads,
+                       report_only=args.report_only, progress=not args.no_progress,
+                       **kwargs)
+    except KeyboardInterrupt as interrupt:   # the runner said what it kept
+        from .study.runner import TerminatedError
+
+        return 128 + (signal.SIGTERM if isinstance(interrupt, TerminatedError)
+                      else signal.SIGINT)
+    except Exception as error:   # one line for the user; --debug for the traceback
+        if args.debug:
+            raise
+        print(f"bnrs study: {_one_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, (FileNotFoundError, ValueError)) else 1
     return 0
+
+
+def _one_line(error: Exception) -> str:
+    """The message of ``error``; its type too when the message alone would not say what
+    went wrong (an error that bnrs did not word itself: rerun with --debug)."""
+    text = str(error)
+    if isinstance(error, (OSError, ValueError, ImportError, RuntimeError)) and text:
+        return text
+    return f"{type(error).__name__}: {text} (bnrs study --debug ... shows the traceback)"
 
 
 def bench_parser() -> argparse.ArgumentParser:

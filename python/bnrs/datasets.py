@@ -14,7 +14,8 @@ train/test split and preprocessing, so that every run of the study sees the same
 a ``.npz`` path    Arrays ``X`` (N, H, W), (N, C, H, W) or (N, n_features) and ``y`` (N
                    labels), and optionally ``X_test``/``y_test``. Without a test set, a
                    stratified 20% is held out with seed 0. Standardised per channel with
-                   the training set's mean and std.
+                   the training set's mean and std. Checked when loaded: finite values,
+                   integer or string labels, at least 2 classes, matching lengths.
 =================  =========================================================================
 
 Fashion-MNIST is looked for, in this order, in the ``path`` argument, the directory named
@@ -316,28 +317,53 @@ def load_npz(path) -> Dataset:
     ``X`` may be (N, H, W) (one channel is added), (N, C, H, W) or (N, n_features) (for
     dense-only architectures). Without a test set a stratified 20% is held out (seed 0).
     Standardised per channel with the training statistics.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, when the data cannot be trained on: NaN or infinite values in
+        ``X`` or ``X_test``; a shape other than those above or an empty array; labels that
+        are not integers (integral floats such as 1.0 are taken) or strings; fewer than
+        2 classes in ``y``; ``X`` and ``y`` (or ``X_test`` and ``y_test``) of different
+        lengths; test labels absent from ``y``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected a .npz with arrays X and y)")
-    with np.load(path, allow_pickle=False) as archive:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):   # np.load read a .npy file
+        # A ValueError: the file's content is wrong, not the type of an argument.
+        raise ValueError(f"{path}: expected a .npz archive with arrays X and y, "  # noqa: TRY004
+                         "found a single .npy array")
+    with archive:
         if "X" not in archive or "y" not in archive:
             raise ValueError(f"{path}: expected arrays 'X' and 'y', found {sorted(archive)}")
-        X, y = archive["X"], archive["y"]
-        X_test, y_test = archive.get("X_test"), archive.get("y_test")
+        try:
+            X, y = archive["X"], archive["y"]
+            X_test, y_test = archive.get("X_test"), archive.get("y_test")
+        except ValueError as error:   # object arrays need pickle, refused for safety
+            raise ValueError(f"{path}: {error}") from None
     if (X_test is None) != (y_test is None):
         raise ValueError(f"{path}: give both X_test and y_test, or neither")
-    X = _as_samples(X, "X", path)
-    y = np.asarray(y).reshape(-1)
-    if len(X) != len(y):
-        raise ValueError(f"{path}: X has {len(X)} samples but y has {len(y)} labels")
+    X, y = _as_samples(X, "X", path), _as_labels(y, "y", path)
+    _check_pair(X, y, "X", "y", path)
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"{path}: y has a single class ({y[0]!r}); a classification "
+                         "study needs at least 2")
     if X_test is None:
         train, test = _stratified_split(y, 0.2, seed=0)
         X, X_test, y, y_test = X[train], X[test], y[train], y[test]
         split = "a stratified 20% test set (seed 0)"
     else:
-        X_test = _as_samples(X_test, "X_test", path)
-        y_test = np.asarray(y_test).reshape(-1)
+        X_test, y_test = _as_samples(X_test, "X_test", path), _as_labels(y_test, "y_test",
+                                                                         path)
+        _check_pair(X_test, y_test, "X_test", "y_test", path)
+        if y_test.dtype.kind != y.dtype.kind and "U" in (y.dtype.kind, y_test.dtype.kind):
+            raise ValueError(f"{path}: y holds {_label_kind(y)} but y_test holds "
+                             f"{_label_kind(y_test)}")
         if X_test.shape[1:] != X.shape[1:]:
             raise ValueError(f"{path}: X_test samples {X_test.shape[1:]} differ from X's "
                              f"{X.shape[1:]}")
@@ -349,15 +375,61 @@ def load_npz(path) -> Dataset:
 
 
 def _as_samples(X, name, path) -> np.ndarray:
+    """``X`` as (N, C, H, W) or (N, n_features): numeric, finite, no empty dimension."""
     X = np.asarray(X)
-    if X.dtype.kind not in "fiu":
+    if X.dtype.kind not in "fiub":
         raise ValueError(f"{path}: {name} must be numeric, got dtype {X.dtype}")
-    if X.ndim == 3:
-        return X[:, None]
-    if X.ndim in (2, 4):
-        return X
-    raise ValueError(f"{path}: {name} must be (N, H, W), (N, C, H, W) or (N, n_features), "
-                     f"got shape {X.shape}")
+    if X.ndim not in (2, 3, 4):
+        raise ValueError(f"{path}: {name} must be (N, H, W), (N, C, H, W) or "
+                         f"(N, n_features), got shape {X.shape}")
+    if 0 in X.shape:
+        raise ValueError(f"{path}: {name} is empty, shape {X.shape}")
+    if X.dtype.kind == "f":
+        bad = ~np.isfinite(X)
+        if bad.any():
+            n_nan = int(np.isnan(X).sum())
+            counts = " and ".join(text for count, text in (
+                (n_nan, f"{n_nan} NaN"), (bad.sum() - n_nan, f"{bad.sum() - n_nan} infinite"))
+                if count)
+            raise ValueError(f"{path}: {name} has {counts} values (first in sample "
+                             f"{int(np.argwhere(bad)[0][0])}); remove or impute them first")
+    return X[:, None] if X.ndim == 3 else X
+
+
+def _label_kind(y: np.ndarray) -> str:
+    return "strings" if y.dtype.kind in "US" else "numbers"
+
+
+def _as_labels(y, name, path) -> np.ndarray:
+    """``y`` as a 1-D array of class labels: integers (integral floats such as 1.0 too) or
+    strings; a fractional or non-finite label means a regression target, not a class."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"{path}: {name} must be one label per sample, shape (N,), got "
+                         f"shape {y.shape}")
+    if y.dtype.kind in "US":
+        return y
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all():
+            raise ValueError(f"{path}: {name} has NaN or infinite labels; labels must be "
+                             "integers or strings")
+        if (y != np.round(y)).any():
+            raise ValueError(f"{path}: {name} has fractional labels (e.g. "
+                             f"{y[y != np.round(y)][0]!r}); labels must be integers or "
+                             "strings (the study classifies; it does not regress)")
+        return y.astype(np.int64)
+    if y.dtype.kind not in "iub":
+        raise ValueError(f"{path}: {name} must hold integer or string labels, got dtype "
+                         f"{y.dtype}")
+    return y
+
+
+def _check_pair(X: np.ndarray, y: np.ndarray, x_name: str, y_name: str, path) -> None:
+    if len(X) != len(y):
+        raise ValueError(f"{path}: {x_name} has {len(X)} samples but {y_name} has "
+                         f"{len(y)} labels")
 
 
 def load_dataset(name_or_path) -> Dataset:

@@ -8,14 +8,16 @@
    and a key; identical configurations share one run;
 3. skip the keys already in ``OUT/results.sqlite``, and dispatch the others as
    independent joblib jobs, the most expensive first (``n_jobs`` processes with
-   ``max(1, cores // n_jobs)`` kernel threads each; with ``backend="dask"`` or
-   ``"ray"`` the same jobs go to a cluster);
+   ``max(1, cores // n_jobs)`` kernel threads each; with ``backend="dask"`` the same
+   jobs go to the workers of a dask cluster);
 4. store every result in the database as soon as it arrives (the parent process is
    the only writer, so workers on other machines need no access to the output
    directory, only to the dataset), with a progress bar and the estimated time left;
 5. write ``report.md``, ``report.html``, ``results.csv`` and the plots.
 
-Ctrl-C stops the workers; the finished runs are kept, and the same command resumes.
+Ctrl-C (or SIGTERM, with :func:`terminate_on_sigterm`) stops the workers; the finished
+runs are kept, and the same command resumes. A worker process whose study was killed
+(SIGKILL) exits within a second (:func:`_watch_parent`).
 A job that raises (a bug, not a divergence) is reported and not stored, so that a
 rerun retries it.
 """
@@ -25,10 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +48,11 @@ from .questions import (
 )
 from .report import write_report
 from .results import ResultTable, build_table
-from .storage import ResultStore, run_key
+from .storage import DB_NAME, ResultStore, ResultStoreError, run_key
 from .train import RunConfig, train_run
 
-__all__ = ["Job", "plan", "run", "stored_arguments", "threads_per_job"]
+__all__ = ["DASK_TIMEOUT", "Job", "TerminatedError", "plan", "run", "stored_arguments",
+           "terminate_on_sigterm", "threads_per_job"]
 
 STUDY_FILE = "study.json"
 
@@ -83,12 +89,12 @@ def threads_per_job(n_jobs: int, backend: str | None = None, n_threads: int | No
                     cores: int | None = None) -> int:
     """Kernel threads per job so that jobs x threads never exceed the cores.
 
-    ``n_threads`` if given; 1 on a cluster (dask, ray: each worker is a job); otherwise
+    ``n_threads`` if given; 1 on a cluster (dask: each worker thread is a job); otherwise
     ``max(1, cores // n_jobs)`` (``n_jobs=-1`` means one job per core).
     """
     if n_threads is not None:
         return n_threads
-    if backend in ("dask", "ray"):
+    if backend == "dask":
         return 1
     cores = cores or _cores()
     workers = cores if n_jobs < 0 else n_jobs
@@ -129,8 +135,38 @@ def plan(questions: Sequence[Question], settings: Settings, data: bnrs_datasets.
     return entries, jobs
 
 
-def _execute(config: RunConfig, seed: int, n_threads: int, key: str):
-    """A joblib job: train one run; an exception comes back as text (not stored)."""
+_PARENT_POLL_SECONDS = 0.5
+_watched_parent: int | None = None
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """In a worker process started by the study: exit as soon as the study is gone.
+
+    A study killed with SIGKILL cannot stop its loky workers, and loky keeps an idle
+    worker for 5 minutes (a busy one until its run ends). The check is the parent pid,
+    which changes when the parent dies (the orphan is adopted); it is polled by a daemon
+    thread, which runs while the kernels have released the GIL. Runs in this process,
+    or on a cluster's workers started by something else, are not watched.
+    """
+    global _watched_parent
+    if _watched_parent == parent_pid or os.getpid() == parent_pid \
+            or os.getppid() != parent_pid:
+        return
+    _watched_parent = parent_pid
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(1)   # the results go nowhere now; the parent was the only writer
+
+    threading.Thread(target=watch, name="bnrs-study-parent-watch", daemon=True).start()
+
+
+def _execute(config: RunConfig, seed: int, n_threads: int, key: str,
+             parent_pid: int | None = None):
+    """A job: train one run; an exception comes back as text (not stored)."""
+    if parent_pid is not None:
+        _watch_parent(parent_pid)
     started = time.perf_counter()
     try:
         result = train_run(config, seed, n_threads)
@@ -203,74 +239,171 @@ class Progress:
             print(file=self.stream, flush=True)
 
 
-def _backend_context(backend: str | None, scheduler: str | None):
-    """The joblib configuration for ``backend`` (and the dask client it needs)."""
-    from joblib import parallel_config
+#: Seconds to wait for a dask scheduler to answer and for a first worker to join it.
+DASK_TIMEOUT = 60.0
 
-    if backend in (None, "loky", "threading", "multiprocessing"):
-        return parallel_config(backend=backend or "loky"), None
-    if backend == "dask":
+
+class TerminatedError(KeyboardInterrupt):
+    """SIGTERM, raised in the study's main thread by :func:`terminate_on_sigterm`: the
+    study stops as on Ctrl-C (its workers are killed, the finished runs kept)."""
+
+
+@contextmanager
+def terminate_on_sigterm():
+    """Within it, SIGTERM raises :class:`TerminatedError` in the main thread (``bnrs
+    study`` runs in it); the previous handler is restored on exit.
+
+    Without it SIGTERM ends the process at once and its loky workers, which do not get
+    the signal, run on until their parent-watch (:func:`_watch_parent`) notices.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield   # only the main thread may set handlers
+        return
+
+    def handler(signum, frame):
+        raise TerminatedError(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dask_client(scheduler: str | None):
+    """A dask client of ``scheduler`` (or of a new local cluster) with a worker ready."""
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise ImportError('--backend dask needs dask.distributed, which is not installed: '
+                          'pip install "bnrs[dask]"') from None
+    if scheduler is None:
+        return Client(processes=True, dashboard_address=None)
+    try:
+        client = Client(scheduler, timeout=DASK_TIMEOUT)
+    except (OSError, TimeoutError) as error:
+        raise RuntimeError(f"--scheduler {scheduler}: cannot reach the dask scheduler "
+                           f"within {DASK_TIMEOUT:g} s ({error})") from None
+    try:
+        client.wait_for_workers(1, timeout=DASK_TIMEOUT)
+    except (OSError, TimeoutError):
+        client.close()
+        raise RuntimeError(f"--scheduler {scheduler}: no dask worker joined the scheduler "
+                           f"within {DASK_TIMEOUT:g} s (start some: dask worker "
+                           f"{scheduler})") from None
+    return client
+
+
+def _dask_results(jobs: list[Job], n_jobs: int, n_threads: int, scheduler: str | None):
+    """Run ``jobs`` on a dask cluster, ``(key, result, error)`` as each one finishes.
+
+    The jobs are submitted to the client directly, not through joblib: joblib's dask
+    backend counts the cluster's threads, and with one it ran every job in the client.
+    At most ``n_jobs`` are in flight (-1: all, the most expensive first by priority).
+    """
+    client = _dask_client(scheduler)   # first: it explains a missing dask
+    from dask.distributed import as_completed
+
+    pending = iter(enumerate(jobs))
+    in_flight = {}
+
+    def submit_next() -> None:
+        index, job = next(pending, (None, None))
+        if job is not None:
+            future = client.submit(_execute, job.config, job.seed, n_threads, job.key,
+                                   os.getpid(), pure=False, priority=len(jobs) - index)
+            in_flight[future] = job
+            finished.add(future)
+
+    finished = as_completed()
+    try:
+        for _ in range(len(jobs) if n_jobs < 0 else n_jobs):
+            submit_next()
+        for future in finished:
+            job = in_flight.pop(future)
+            try:
+                yield future.result()
+            except Exception:   # noqa: BLE001 - a lost worker: reported, retried next time
+                yield job.key, None, traceback.format_exc()
+            submit_next()
+    finally:
+        for future in in_flight:
+            future.cancel()
+        client.close()
+
+
+def _joblib_results(jobs: list[Job], n_jobs: int, n_threads: int, backend: str | None):
+    """Run ``jobs`` with joblib (loky processes by default), ``(key, result, error)``."""
+    from joblib import Parallel, delayed, parallel_config
+
+    # Never more workers than jobs: an idle loky worker would not watch its parent.
+    n_jobs = min(len(jobs), _cores() if n_jobs < 0 else n_jobs)
+    with parallel_config(backend=backend or "loky"):
+        results = Parallel(n_jobs=n_jobs, return_as=_RETURN_AS, pre_dispatch="2*n_jobs")(
+            delayed(_execute)(job.config, job.seed, n_threads, job.key, os.getpid())
+            for job in jobs)
         try:
-            from dask.distributed import Client
-        except ImportError:
-            raise ImportError("backend 'dask' needs dask.distributed: pip install "
-                              "'bnrs[dask]'") from None
-        client = Client(scheduler) if scheduler else Client(processes=True)
-        return parallel_config(backend="dask"), client
-    if backend == "ray":
-        try:
-            import ray
-            from ray.util.joblib import register_ray
-        except ImportError:
-            raise ImportError("backend 'ray' needs ray: pip install 'ray[default]'") from None
-        register_ray()
-        if not ray.is_initialized():
-            ray.init(address=scheduler) if scheduler else ray.init()
-        return parallel_config(backend="ray"), None
-    raise ValueError(f"backend: expected 'loky', 'threading', 'multiprocessing', 'dask' or "
-                     f"'ray', got {backend!r}")
+            yield from results
+        finally:
+            # An exception in the caller (SIGTERM, Ctrl-C, a failed insert) closes the
+            # generator here: joblib then kills the workers instead of finishing the runs.
+            results.close()
+
+
+_LOCAL_BACKENDS = ("loky", "threading", "multiprocessing")
 
 
 def _execute_jobs(jobs: list[Job], store: ResultStore, n_jobs: int, n_threads: int,
                   backend: str | None, scheduler: str | None, progress: Progress) -> list:
     """Run ``jobs``, storing each result as it arrives; returns the failures."""
-    from joblib import Parallel, delayed
-
+    if backend == "dask":
+        results = _dask_results(jobs, n_jobs, n_threads, scheduler)
+    elif backend is None or backend in _LOCAL_BACKENDS:
+        results = _joblib_results(jobs, n_jobs, n_threads, backend)
+    else:
+        raise ValueError(f"backend: expected one of {', '.join(_LOCAL_BACKENDS)} or 'dask', "
+                         f"got {backend!r}")
     by_key = {job.key: job for job in jobs}
     failures = []
-    context, client = _backend_context(backend, scheduler)
     try:
-        with context:
-            results = Parallel(n_jobs=n_jobs, return_as=_RETURN_AS, pre_dispatch="2*n_jobs")(
-                delayed(_execute)(job.config, job.seed, n_threads, job.key) for job in jobs)
-            for key, result, error in results:
-                job = by_key[key]
-                if error is not None:
-                    failures.append((job, error))
-                    progress.update(job, "failed")
-                    print(f"\nrun failed ({job.config.architecture}, seed {job.seed}):\n"
-                          f"{error}", file=sys.stderr, flush=True)
-                    continue
-                store.put(key, job.config.to_dict(), job.seed, result, __version__)
-                progress.update(job, result["status"])
+        for key, result, error in results:
+            job = by_key[key]
+            if error is not None:
+                failures.append((job, error))
+                progress.update(job, "failed")
+                print(f"\nrun failed ({job.config.architecture}, seed {job.seed}):\n"
+                      f"{error}", file=sys.stderr, flush=True)
+                continue
+            store.put(key, job.config.to_dict(), job.seed, result, __version__)
+            progress.update(job, result["status"])
     finally:
+        results.close()
         progress.close()
-        if client is not None:
-            client.close()
     return failures
 
 
-def stored_arguments(out, given: dict, default) -> dict:
-    """The study arguments for ``--report-only``: those saved in ``OUT/study.json`` by
-    the study that wrote the database, overridden by any given on the command line
-    (``default(name)`` tells which were not given)."""
+#: The arguments saved in ``OUT/study.json``: those that decide which runs a study has.
+STUDY_ARGUMENTS = ("questions", "dataset", "quick", "seeds", "epochs", "scale",
+                   "architectures")
+
+
+def stored_arguments(out) -> dict:
+    """The arguments of the study in ``out``, as saved in ``OUT/study.json`` by the last
+    study that ran there (``--report-only`` reports on exactly that study)."""
     path = Path(out) / STUDY_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no study here to report on (run bnrs study "
                                 f"--out {out} first)")
-    stored = json.loads(path.read_text())
-    return {name: (stored.get(name, value) if value == default(name) else value)
-            for name, value in given.items()}
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as error:   # JSONDecodeError is a ValueError
+        stored = error
+    if not isinstance(stored, dict):
+        reason = stored if isinstance(stored, Exception) else f"a JSON {type(stored).__name__}"
+        # A ValueError: the file's content is wrong, not the type of an argument.
+        raise ValueError(  # noqa: TRY004
+            f"{path}: not a study file written by bnrs study ({reason})")
+    return {name: stored[name] for name in STUDY_ARGUMENTS if name in stored}
 
 
 def _study_args(**kwargs) -> dict:
@@ -306,17 +439,23 @@ def run(questions: Sequence[int] | None = None, dataset: str = "digits", *,
         Parallel jobs (processes); each uses ``max(1, cores // n_jobs)`` kernel threads
         unless ``n_threads`` is given. -1: one job per core (with a cluster backend: all
         workers). 1 runs in this process.
-    backend : {"loky", "dask", "ray"}, optional
-        joblib backend; ``scheduler`` is the dask scheduler (or ray) address.
+    backend : {"loky", "threading", "multiprocessing", "dask"}, optional
+        Where the jobs run: a joblib backend on this machine (default loky: processes),
+        or ``"dask"``: a dask.distributed cluster, at the address ``scheduler`` (or a new
+        local one), every job on its workers.
     architectures : list of str, optional
         Your own comparison instead of the questions: every architecture against the
         first (on the same budget as the questions).
     report, report_only : bool
-        Write the report at the end; only write it from the stored runs.
+        Write the report at the end; only write it from the runs of these arguments
+        already stored (nothing is trained and ``study.json`` is left as it is: see
+        :func:`stored_arguments` for the arguments of the study stored in ``out``).
     progress : bool
         Show the progress bar.
     """
     out = Path(out)
+    if report_only and not (out / DB_NAME).is_file():
+        raise FileNotFoundError(f"{out / DB_NAME}: no stored runs to report on")
     data = bnrs_datasets.load_dataset(dataset)
     dataset_key = dataset if dataset in ("digits", "fashion-mnist") else str(
         Path(dataset).resolve())
@@ -336,14 +475,19 @@ def run(questions: Sequence[int] | None = None, dataset: str = "digits", *,
     entries, jobs = plan(question_list, settings, data, dataset_key)
 
     store = ResultStore(out)
-    (out / STUDY_FILE).write_text(json.dumps(_study_args(
-        questions=questions, dataset=dataset, quick=quick, seeds=seeds, epochs=epochs,
-        scale=scale, architectures=architectures), indent=2) + "\n")
+    if not report_only:   # a report changes nothing of the study it reports on
+        try:
+            (out / STUDY_FILE).write_text(json.dumps(_study_args(
+                questions=questions, dataset=dataset, quick=quick, seeds=seeds,
+                epochs=epochs, scale=scale, architectures=architectures), indent=2) + "\n")
+        except OSError as error:
+            reason = error.strerror or error
+            raise ResultStoreError(f"{out / STUDY_FILE}: cannot write ({reason})") from None
     finished = store.finished_keys(jobs)
     todo = sorted((job for key, job in jobs.items() if key not in finished),
                   key=lambda job: -job.cost)
     failures: list = []
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
     if not report_only and todo:
         if n_jobs == 0:
             raise ValueError("n_jobs: expected a positive int or -1")
@@ -357,18 +501,18 @@ def run(questions: Sequence[int] | None = None, dataset: str = "digits", *,
         bar = Progress(todo, len(jobs) - len(todo), enabled=progress)
         try:
             failures = _execute_jobs(todo, store, n_jobs, threads, backend, scheduler, bar)
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as interrupt:   # incl. TerminatedError (SIGTERM)
+            interrupted = interrupt
             print(f"\ninterrupted: {len(store.finished_keys(jobs))} of {len(jobs)} runs "
                   "are stored; run the same command again to resume", file=sys.stderr)
     runs = store.get(jobs)
     table = build_table(entries, runs, question_list, out)
-    if report and not interrupted:
+    if report and interrupted is None:
         write_report(out, question_list, settings, data, entries, runs, table,
                      progress=progress)
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed (see the tracebacks above); "
                            "the others are stored, and a rerun retries the failed ones")
-    if interrupted:
-        raise KeyboardInterrupt
+    if interrupted is not None:
+        raise interrupted
     return table

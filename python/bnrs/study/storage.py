@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["DB_NAME", "ResultStore", "run_key"]
+__all__ = ["DB_NAME", "ResultStore", "ResultStoreError", "run_key"]
 
 DB_NAME = "results.sqlite"
 _BUSY_TIMEOUT_MS = 60_000
@@ -55,6 +55,13 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at   TEXT NOT NULL
 );
 """
+
+
+_COLUMNS = tuple(line.split()[0] for line in _SCHEMA.strip().splitlines()[1:-1])
+
+
+class ResultStoreError(ValueError):
+    """The output directory or its database cannot be used; the message names the file."""
 
 
 def run_key(config: dict, seed: int) -> str:
@@ -88,9 +95,29 @@ class ResultStore:
 
     def __init__(self, directory):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / DB_NAME
-        self._initialise()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ResultStoreError(f"{self.directory}: is a file, not a directory (--out "
+                                   "names the directory to write the study to)")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ResultStoreError(f"{self.directory}: cannot create the output directory "
+                                   f"({error.strerror or error})") from None
+        try:
+            self._initialise()
+        except sqlite3.DatabaseError as error:   # incl. OperationalError
+            raise ResultStoreError(self._explain(error)) from None
+
+    def _explain(self, error: sqlite3.DatabaseError) -> str:
+        text = str(error)
+        if "not a database" in text or "malformed" in text:
+            return (f"{self.path}: not an SQLite database ({text}); move it away or choose "
+                    "another --out")
+        if "readonly" in text or "unable to open" in text or "permission" in text.lower():
+            return f"{self.path}: cannot write the results database ({text}); is " \
+                   f"{self.directory} writable?"
+        return f"{self.path}: {text}"
 
     def _initialise(self) -> None:
         # Switching to WAL needs an exclusive lock, and SQLite does not call the busy
@@ -100,6 +127,7 @@ class ResultStore:
         while True:
             try:
                 with self._connect() as connection:
+                    self._check_schema(connection)
                     if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                         connection.execute("PRAGMA journal_mode=WAL")
                     connection.executescript(_SCHEMA)
@@ -109,6 +137,19 @@ class ResultStore:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
+
+    def _check_schema(self, connection: sqlite3.Connection) -> None:
+        """Refuse, before writing anything to it, a database that another program made."""
+        tables = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return
+        columns = tuple(row[1] for row in connection.execute("PRAGMA table_info(runs)"))
+        if columns != _COLUMNS:
+            found = (f"a table 'runs' with columns {', '.join(columns)}" if columns
+                     else f"tables {', '.join(sorted(tables))}")
+            raise ResultStoreError(f"{self.path}: not a bnrs results database (it has "
+                                   f"{found}); move it away or choose another --out")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
