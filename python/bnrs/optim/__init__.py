@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import functional as F
-from ._validation import as_real, check_real
-from .nn.module import Parameter
+from .. import functional as F
+from .._validation import as_real, check_real
+from ..nn.module import Parameter
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
 
