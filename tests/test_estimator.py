@@ -68,7 +68,8 @@ def test_default_architecture_fits_and_predicts_images(digits):
     assert clf.loss_ == clf.loss_curve_[-1] and clf.best_loss_ == min(clf.loss_curve_)
     assert clf.validation_scores_ is None and clf.best_validation_score_ is None
     assert [entry["epoch"] for entry in clf.history_] == list(range(1, 9))
-    assert set(clf.history_[0]) == {"epoch", "train_loss", "seconds"}
+    assert set(clf.history_[0]) == {"epoch", "train_loss", "lr", "seconds"}
+    assert all(entry["lr"] == clf.learning_rate for entry in clf.history_)
     assert isinstance(clf.optimizer_, bnrs.optim.Adam)
     # Evaluation mode: repeated predictions are identical (no dropout, running stats).
     np.testing.assert_array_equal(clf.predict_proba(X[200:]), proba)
@@ -262,6 +263,11 @@ BAD_PARAMETERS = {
     "n_threads": (1.0, 0),
     "verbose": (2.7, -1),
     "record_layer_stats": ("yes", None),
+    "lr_scheduler": (1, "exponential"),
+    "lr_scheduler_params": ([("step_size", 2)], None),
+    "callbacks": ([print, 1], None),
+    "early_stopping_monitor": (None, "valid_accuracy"),
+    "weight_decay_exclude": (True, "bn"),
 }
 
 

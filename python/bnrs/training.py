@@ -152,7 +152,8 @@ def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: opti
 def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
                 optimizer: optim.Optimizer, X: np.ndarray, y: np.ndarray,
                 bounds: Sequence[tuple[int, int]], order: np.ndarray | None = None,
-                mark: Callable[[str], None] | None = None) -> list[float]:
+                mark: Callable[[str], None] | None = None,
+                after_step: Callable[[], None] | None = None) -> list[float]:
     """A training step per mini-batch, in training mode; stops at a non-finite loss.
 
     Parameters
@@ -167,6 +168,10 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
         The order of the samples in this epoch (None: as they are in X).
     mark : callable, optional
         Passed to every :func:`train_step`.
+    after_step : callable, optional
+        Called with no argument after every step that updated the parameters (a
+        per-batch learning-rate scheduler's ``step``, as PyTorch users call it after
+        ``optimizer.step()``).
 
     Returns
     -------
@@ -183,6 +188,8 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
             losses.append(loss)
             if not math.isfinite(loss):
                 break
+            if after_step is not None:
+                after_step()
     finally:
         model.clear_saved()
     return losses
