@@ -899,3 +899,19 @@ def test_an_estimator_pickled_before_the_schedule_parameters_loads(digits):
     assert loaded.lr_scheduler_ is None
     loaded.partial_fit(X, y)
     assert loaded.n_iter_ == 2
+
+
+def test_regressor_takes_the_same_schedule_and_callback_parameters(digits):
+    from bnrs import CNNRegressor
+
+    X, _ = digits
+    target = X[:, :4].mean(axis=(1, 2))
+    records = []
+    reg = CNNRegressor(SMALL_CNN, max_epochs=3, random_state=0, early_stopping=True,
+                       early_stopping_monitor="valid_loss", lr_scheduler="cosine",
+                       weight_decay_exclude="norm_and_bias", callbacks=[records.append])
+    reg.fit(X, target)
+    assert [record["epoch"] for record in records] == [1, 2, 3]
+    assert reg.best_validation_loss_ == min(entry["valid_loss"] for entry in reg.history_)
+    assert reg.history_[0]["lr"] == reg.learning_rate > reg.history_[2]["lr"]
+    assert clone(reg).get_params() == reg.get_params()
