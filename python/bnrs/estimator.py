@@ -36,8 +36,7 @@ from . import nn, optim
 from ._validation import (NONE, Boolean, Callables, Constraint, Instances, Interval,
                           IntTuple, Options, check_params)
 from .diagnostics import layer_statistics, probe_indices
-from .nn.module import as_generator
-from .nn.module import Parameter
+from .nn.module import Parameter, as_generator
 from .nn.spec import DEFAULT_ARCHITECTURE, SpecError, from_spec, parse
 from .optim.lr_scheduler import (CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR,
                                  OneCycleLR, ReduceLROnPlateau, StepLR)
@@ -234,9 +233,8 @@ class _BaseCNN(BaseEstimator):
                               ("weight_decay_exclude", None)):
             state.setdefault(name, default)
         if "model_" in state:
-            state.setdefault("lr_scheduler_", None)
-        if "model_" in state:
             state.setdefault("data_format_", "channels_first")
+            state.setdefault("lr_scheduler_", None)
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ fitting
