@@ -94,7 +94,8 @@ def test_default_architecture_fits_and_predicts_images(digits):
     assert clf.loss_ == clf.loss_curve_[-1] and clf.best_loss_ == min(clf.loss_curve_)
     assert clf.validation_scores_ is None and clf.best_validation_score_ is None
     assert [entry["epoch"] for entry in clf.history_] == list(range(1, 9))
-    assert set(clf.history_[0]) == {"epoch", "train_loss", "seconds"}
+    assert set(clf.history_[0]) == {"epoch", "train_loss", "lr", "seconds"}
+    assert all(entry["lr"] == clf.learning_rate for entry in clf.history_)
     assert isinstance(clf.optimizer_, bnrs.optim.Adam)
     # Evaluation mode: repeated predictions are identical (no dropout, running stats).
     np.testing.assert_array_equal(clf.predict_proba(X[200:]), proba)
@@ -292,6 +293,11 @@ BAD_PARAMETERS = {
     "augment_shift": ("2", -1),
     "augment_flip": (1, None),
     "class_weight": ([1.0, 2.0], "balance"),
+    "lr_scheduler": (1, "exponential"),
+    "lr_scheduler_params": ([("step_size", 2)], None),
+    "callbacks": ([print, 1], None),
+    "early_stopping_monitor": (None, "valid_accuracy"),
+    "weight_decay_exclude": (True, "bn"),
 }
 
 
@@ -614,3 +620,328 @@ def test_grid_search_over_architectures(digits):
                                                    "c8-bn-relu-mp2-mp2-fc16")
     assert np.isfinite(search.cv_results_["mean_test_score"]).all()
     assert search.best_estimator_.n_iter_ == 3
+
+
+# --------------------------------------------------------------------------- lr schedules, callbacks
+
+
+def _manual_fit(X, y, epochs, make_optimizer, make_scheduler=None, per_batch=False,
+                batch_size=64):
+    """What a PyTorch user writes: the estimator's network (seed 0), no shuffling, the
+    scheduler stepped after every batch or every epoch."""
+    from bnrs.training import batch_bounds, train_epoch
+
+    model = nn.from_spec(SMALL_CNN, (1, 8, 8), 10, np.random.default_rng(0))
+    optimizer = make_optimizer(model)
+    scheduler = None if make_scheduler is None else make_scheduler(optimizer)
+    bounds = batch_bounds(len(X), batch_size)
+    images = X.reshape(-1, 1, 8, 8)
+    for _ in range(epochs):
+        train_epoch(model, nn.CrossEntropyLoss(), optimizer, images, y, bounds,
+                    after_step=scheduler.step if per_batch else None)
+        if scheduler is not None and not per_batch:
+            scheduler.step()
+    return model
+
+
+def _assert_same_network(model, expected):
+    """Bit-identical state dicts; ``expected`` is a network or a state dict."""
+    state = model.state_dict()
+    expected_state = expected if isinstance(expected, dict) else expected.state_dict()
+    assert list(state) == list(expected_state)
+    for key, value in expected_state.items():
+        np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("name, per_batch", [("cosine", False), ("onecycle", True)])
+def test_lr_scheduler_trains_as_the_pytorch_style_loop(digits, name, per_batch):
+    X, y = digits
+    from bnrs.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
+
+    n_batches = len(_batch_bounds(len(X), 64))
+    make_scheduler = {
+        "cosine": lambda opt: CosineAnnealingLR(opt, T_max=4),
+        "onecycle": lambda opt: OneCycleLR(opt, max_lr=3e-3, total_steps=4 * n_batches),
+    }[name]
+    params = {"cosine": None, "onecycle": {"max_lr": 3e-3}}[name]
+    clf = _fit(X, y, max_epochs=4, shuffle=False, lr_scheduler=name,
+               lr_scheduler_params=params)
+    expected = _manual_fit(X, y, 4, lambda model: bnrs.optim.Adam(model.parameters()),
+                           make_scheduler, per_batch)
+    _assert_same_network(clf.model_, expected)
+    # The learning rate each epoch started with, from the same scheduler run alone.
+    stand_in = bnrs.optim.SGD([nn.Parameter(np.zeros(1))], lr=1e-3)
+    scheduler = make_scheduler(stand_in)
+    lrs = []
+    for _ in range(4):
+        lrs.append(scheduler.get_last_lr()[0])
+        for _ in range(n_batches if per_batch else 1):
+            scheduler.step()
+    assert [entry["lr"] for entry in clf.history_] == lrs
+    assert clf.lr_scheduler_.last_epoch == (4 * n_batches if per_batch else 4)
+    if per_batch:   # OneCycleLR cycles Adam's beta1 too (from 0.95 to 0.85 and back)
+        assert 0.94 < clf.optimizer_.param_groups[0]["betas"][0] < 0.95
+
+
+@pytest.mark.parametrize("name, params, lrs", [
+    ("step", {"step_size": 1, "gamma": 0.5}, [0.01, 0.005, 0.0025, 0.00125]),
+    ("step", None, [0.01, 0.001, 0.0001, 0.00001]),             # step_size 4 // 3 = 1
+    ("multistep", None, [0.01, 0.01, 0.001, 0.0001]),           # milestones [2, 3]
+    ("multistep", {"milestones": [1], "gamma": 0.5}, [0.01, 0.005, 0.005, 0.005]),
+    (None, {"step_size": 1}, [0.01] * 4),                       # params ignored
+])
+def test_epoch_schedules_and_their_defaults(digits, name, params, lrs):
+    X, y = digits
+    clf = _fit(X, y, max_epochs=4, learning_rate=0.01, lr_scheduler=name,
+               lr_scheduler_params=params)
+    assert [entry["lr"] for entry in clf.history_] == pytest.approx(lrs, rel=1e-12)
+    assert (clf.lr_scheduler_ is None) == (name is None)
+
+
+def test_linear_warm_up_default(digits):
+    X, y = digits
+    clf = _fit(X, y, max_epochs=7, learning_rate=0.03, lr_scheduler="linear")
+    lrs = [entry["lr"] for entry in clf.history_]
+    assert lrs[0] == pytest.approx(0.01) and lrs[5:] == pytest.approx([0.03, 0.03])
+    assert lrs == sorted(lrs)
+
+
+@pytest.mark.parametrize("early_stopping, monitor, key", [
+    (True, None, "valid_loss"), (False, None, "train_loss"),
+    (True, "valid_score", "valid_score"), (True, "train_loss", "train_loss")])
+def test_plateau_steps_on_the_monitored_value(digits, early_stopping, monitor, key):
+    from bnrs.optim.lr_scheduler import ReduceLROnPlateau
+
+    X, y = digits
+    params = {"patience": 0, "factor": 0.5, "threshold": 0.05}
+    if monitor is not None:
+        params["monitor"] = monitor
+    clf = _fit(X, y, max_epochs=6, learning_rate=0.01, early_stopping=early_stopping,
+               n_iter_no_change=100, lr_scheduler="plateau", lr_scheduler_params=params)
+    replay = ReduceLROnPlateau(bnrs.optim.SGD([nn.Parameter(np.zeros(1))], lr=0.01),
+                               mode="max" if key == "valid_score" else "min",
+                               patience=0, factor=0.5, threshold=0.05)
+    lrs = []
+    for entry in clf.history_:
+        lrs.append(replay.get_last_lr()[0])
+        replay.step(entry[key])
+    assert [entry["lr"] for entry in clf.history_] == lrs
+    assert clf.lr_scheduler_.get_last_lr() == replay.get_last_lr()
+
+
+def test_partial_fit_goes_on_with_the_schedule_and_fit_starts_anew(digits):
+    X, y = digits
+    clf = CNNClassifier(SMALL_CNN, learning_rate=0.01, random_state=0, lr_scheduler="step",
+                        lr_scheduler_params={"step_size": 1, "gamma": 0.5})
+    for _ in range(3):
+        clf.partial_fit(X, y, classes=np.arange(10))
+    assert [entry["lr"] for entry in clf.history_] == [0.01, 0.005, 0.0025]
+    clf.set_params(warm_start=True, max_epochs=2).fit(X, y)   # a new schedule
+    assert [entry["lr"] for entry in clf.history_[3:]] == [0.01, 0.005]
+    # OneCycleLR's cycle is max_epochs epochs of partial_fit long.
+    clf = CNNClassifier(SMALL_CNN, random_state=0, max_epochs=2, lr_scheduler="onecycle")
+    clf.partial_fit(X, y, classes=np.arange(10)).partial_fit(X, y)
+    state = _fitted_state(clf)
+    with pytest.raises(ValueError, match="lr_scheduler='onecycle'"):
+        clf.partial_fit(X, y)
+    assert _fitted_state(clf) == state
+
+
+def test_keyboard_interrupt_restores_the_schedule(digits, monkeypatch):
+    X, y = digits
+    n_batches = len(_batch_bounds(len(X), 64))
+    _interrupt_on_batch(monkeypatch, n_batches + 3)   # in epoch 2
+    with pytest.warns(FitInterruptedWarning):
+        clf = _fit(X, y, max_epochs=4, lr_scheduler="onecycle")
+    assert clf.n_iter_ == 1 and clf.lr_scheduler_.last_epoch == n_batches
+    assert clf.optimizer_.param_groups[0]["lr"] == clf.lr_scheduler_.get_last_lr()[0]
+    monkeypatch.undo()
+    clf.partial_fit(X, y)   # goes on with the cycle: 2 of 4 epochs done
+    assert clf.lr_scheduler_.last_epoch == 2 * n_batches
+
+
+@pytest.mark.parametrize("params, error, match", [
+    ({"lr_scheduler": "step", "lr_scheduler_params": {"step_size": 0}}, ValueError,
+     "step_size"),
+    ({"lr_scheduler": "cosine", "lr_scheduler_params": {"T_maximum": 3}}, TypeError,
+     "T_maximum"),
+    ({"lr_scheduler": "onecycle", "lr_scheduler_params": {"total_steps": 10}}, ValueError,
+     "total_steps"),
+    ({"lr_scheduler": "plateau", "lr_scheduler_params": {"monitor": "valid_acc"}},
+     ValueError, "monitor"),
+    ({"lr_scheduler": "step", "lr_scheduler_params": {"monitor": "train_loss"}},
+     ValueError, "monitor"),
+    ({"lr_scheduler": "plateau", "lr_scheduler_params": {"monitor": "valid_loss"}},
+     ValueError, "early_stopping=True"),
+])
+def test_bad_scheduler_arguments_name_lr_scheduler_params(digits, params, error, match):
+    X, y = digits
+    clf = _fit(X, y, max_epochs=1)
+    state = _fitted_state(clf)
+    with pytest.raises(error, match=rf"^lr_scheduler_params: .*{match}"):
+        clf.set_params(**params).fit(X, y)
+    assert _fitted_state(clf) == state
+
+
+def test_schedules_clone_and_grid_search(digits):
+    X, y = digits
+    clf = CNNClassifier(SMALL_CNN, max_epochs=2, random_state=0, lr_scheduler="step",
+                        lr_scheduler_params={"step_size": 1})
+    assert clone(clf).get_params()["lr_scheduler_params"] == {"step_size": 1}
+    search = GridSearchCV(clf, {"lr_scheduler": [None, "cosine", "onecycle"],
+                                "lr_scheduler_params": [None]}, cv=2,
+                          error_score="raise").fit(X, y)
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+
+
+def test_callbacks_see_every_epoch_and_can_stop(digits):
+    X, y = digits
+    seen, also_seen = [], []
+
+    def stop_at_two(record):
+        seen.append(record)
+        return record["epoch"] == 2
+
+    clf = _fit(X, y, max_epochs=5, early_stopping=True,
+               callbacks=[stop_at_two, also_seen.append])
+    assert clf.n_iter_ == 2 and len(seen) == len(also_seen) == 2
+    assert all(record["estimator"] is clf for record in seen)
+    assert set(seen[0]) == {"epoch", "train_loss", "valid_loss", "valid_score", "lr",
+                            "seconds", "estimator"}
+    assert [{k: v for k, v in record.items() if k != "estimator"} for record in seen] \
+        == clf.history_
+    # Stopped by a callback: the same network as a fit of 2 epochs.
+    _assert_same_network(clf.model_, _fit(X, y, max_epochs=2, early_stopping=True).model_)
+
+    def broken(record):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        _fit(X, y, callbacks=[broken])
+
+
+def test_checkpoint_keeps_the_best_network(digits, tmp_path):
+    from bnrs.callbacks import Checkpoint
+
+    X, y = digits
+    in_memory = Checkpoint()
+    on_disk = Checkpoint(path=tmp_path / "best.pkl")
+    by_score = Checkpoint("valid_score")
+    clf = _fit(X, y, max_epochs=6, early_stopping=True, learning_rate=0.03,
+               callbacks=[in_memory, on_disk, by_score])
+    losses = [entry["valid_loss"] for entry in clf.history_]
+    scores = [entry["valid_score"] for entry in clf.history_]
+    assert in_memory.best_epoch_ == on_disk.best_epoch_ == 1 + int(np.argmin(losses))
+    assert in_memory.best_value_ == min(losses) == clf.best_validation_loss_
+    assert by_score.best_epoch_ == 1 + int(np.argmax(scores))
+    assert on_disk.best_state_ is None
+    with open(tmp_path / "best.pkl", "rb") as file:
+        saved = pickle.load(file)
+    _assert_same_network(saved.model_, in_memory.best_state_)
+    assert saved.n_iter_ == in_memory.best_epoch_ and not saved.model_.training
+    # restore() loads the kept network: predictions of the best-loss epoch.
+    clf_copy = pickle.loads(pickle.dumps(clf))
+    in_memory.restore(clf_copy)
+    np.testing.assert_array_equal(clf_copy.predict_proba(X), saved.predict_proba(X))
+    # A new fit starts a new best.
+    _fit(X, y, max_epochs=1, early_stopping=True, callbacks=[in_memory])
+    assert in_memory.best_epoch_ == 1
+    with pytest.raises(ValueError, match="^monitor: .*early_stopping=True"):
+        _fit(X, y, max_epochs=1, callbacks=[Checkpoint()])
+    with pytest.raises(TypeError, match="^monitor"):
+        Checkpoint(monitor=1)
+    with pytest.raises(TypeError, match="^path"):
+        Checkpoint(path=3)
+    with pytest.raises(TypeError, match="^lower_is_better"):
+        Checkpoint(lower_is_better="yes")
+
+
+def test_early_stopping_on_the_validation_loss(digits):
+    from bnrs.callbacks import Checkpoint
+
+    X, y = digits
+    default = _fit(X, y, max_epochs=6, early_stopping=True, n_iter_no_change=2)
+    explicit = _fit(X, y, max_epochs=6, early_stopping=True, n_iter_no_change=2,
+                    early_stopping_monitor="valid_score")
+    np.testing.assert_array_equal(default.predict_proba(X), explicit.predict_proba(X))
+    checkpoint = Checkpoint("valid_loss")
+    clf = _fit(X, y, max_epochs=12, early_stopping=True, n_iter_no_change=2, tol=0.02,
+               learning_rate=0.03, early_stopping_monitor="valid_loss",
+               callbacks=[checkpoint])
+    losses = [entry["valid_loss"] for entry in clf.history_]
+    # Stopped after two epochs without a gain of tol, the best-loss network restored.
+    best = 0
+    for epoch, loss in enumerate(losses[1:], start=1):
+        if loss < losses[best] - 0.02:
+            best = epoch
+    assert clf.n_iter_ == min(12, best + 3) and clf.best_validation_loss_ == min(losses)
+    _assert_same_network(clf.model_, checkpoint.best_state_)
+
+
+def test_weight_decay_exclude_norm_and_bias(digits):
+    X, y = digits
+    params = {"optimizer": "sgd", "learning_rate": 0.05, "weight_decay": 0.01,
+              "shuffle": False}
+    clf = _fit(X, y, weight_decay_exclude="norm_and_bias", **params)
+    decay, no_decay = clf.optimizer_.param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.data.ndim > 1 for p in decay["params"])
+    assert all(p.data.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(
+        clf.model_.parameters()))
+
+    def grouped(model):
+        params = list(model.parameters())
+        return bnrs.optim.SGD(
+            [{"params": [p for p in params if p.data.ndim > 1]},
+             {"params": [p for p in params if p.data.ndim == 1], "weight_decay": 0.0}],
+            lr=0.05, momentum=0.9, weight_decay=0.01)
+
+    _assert_same_network(clf.model_, _manual_fit(X, y, 3, grouped))
+    # Without decay the groups change nothing: the same bits as one group.
+    plain = _fit(X, y, weight_decay_exclude=None, **{**params, "weight_decay": 0.0})
+    split = _fit(X, y, weight_decay_exclude="norm_and_bias",
+                 **{**params, "weight_decay": 0.0})
+    _assert_same_network(split.model_, plain.model_)
+    # A warm start that turns it on regroups and keeps the momentum buffers.
+    warm = _fit(X, y, warm_start=True, **params)
+    buffers = {id(p): s["momentum_buffer"] for p, s in warm.optimizer_.state.items()}
+    warm.set_params(weight_decay_exclude="norm_and_bias", max_epochs=1)
+    optimizer = warm.optimizer_
+    warm.fit(X, y)
+    assert warm.optimizer_ is not optimizer and len(warm.optimizer_.param_groups) == 2
+    assert warm.optimizer_.param_groups[1]["weight_decay"] == 0.0
+    assert set(buffers) == {id(p) for p in warm.optimizer_.state}
+    # partial_fit keeps the group without decay at 0.
+    warm.partial_fit(X, y)
+    assert warm.optimizer_.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_an_estimator_pickled_before_the_schedule_parameters_loads(digits):
+    X, y = digits
+    clf = _fit(X, y, max_epochs=1)
+    for name in ("lr_scheduler", "lr_scheduler_params", "callbacks",
+                 "early_stopping_monitor", "weight_decay_exclude", "lr_scheduler_",
+                 "best_validation_loss_"):
+        delattr(clf, name)
+    loaded = pickle.loads(pickle.dumps(clf))
+    assert loaded.get_params()["early_stopping_monitor"] == "valid_score"
+    assert loaded.lr_scheduler_ is None
+    loaded.partial_fit(X, y)
+    assert loaded.n_iter_ == 2
+
+
+def test_regressor_takes_the_same_schedule_and_callback_parameters(digits):
+    from bnrs import CNNRegressor
+
+    X, _ = digits
+    target = X[:, :4].mean(axis=(1, 2))
+    records = []
+    reg = CNNRegressor(SMALL_CNN, max_epochs=3, random_state=0, early_stopping=True,
+                       early_stopping_monitor="valid_loss", lr_scheduler="cosine",
+                       weight_decay_exclude="norm_and_bias", callbacks=[records.append])
+    reg.fit(X, target)
+    assert [record["epoch"] for record in records] == [1, 2, 3]
+    assert reg.best_validation_loss_ == min(entry["valid_loss"] for entry in reg.history_)
+    assert reg.history_[0]["lr"] == reg.learning_rate > reg.history_[2]["lr"]
+    assert clone(reg).get_params() == reg.get_params()

@@ -41,6 +41,8 @@ GROUP_NORM_CASES = _cases(lambda key: key.startswith("group_norm."), 2)
 LAYER_NORM_CASES = _cases(lambda key: key.startswith("layer_norm."), 2)
 INSTANCE_NORM_CASES = _cases(lambda key: key.startswith("instance_norm."), 2)
 SINGLE_CASES = ["linear", "cross_entropy", "dropout", "adam", "meta"]
+# Tested in test_lr_scheduler.py.
+LR_SCHEDULER_CASES = _cases(lambda key: key.startswith("lr_scheduler."), 2)
 
 
 def _get(case):
@@ -62,13 +64,14 @@ def implementation(request, assert_close):
 
 def test_every_fixture_key_belongs_to_a_tested_case():
     tested = (CONV_CASES + BN_TRAIN_CASES + BN_EVAL_CASES + MAX_POOL_CASES + AVG_POOL_CASES
-              + GROUP_NORM_CASES + LAYER_NORM_CASES + INSTANCE_NORM_CASES + SINGLE_CASES)
+              + GROUP_NORM_CASES + LAYER_NORM_CASES + INSTANCE_NORM_CASES + SINGLE_CASES
+              + LR_SCHEDULER_CASES)
     untested = [key for key in DATA if not any(key.startswith(case + ".") for case in tested)]
     assert not untested
     assert len(CONV_CASES) == 9 and len(BN_TRAIN_CASES) == len(BN_EVAL_CASES) == 4
     assert len(MAX_POOL_CASES) == 4 and len(AVG_POOL_CASES) == 5
     assert len(GROUP_NORM_CASES) == 6 and len(LAYER_NORM_CASES) == 4
-    assert len(INSTANCE_NORM_CASES) == 3
+    assert len(INSTANCE_NORM_CASES) == 3 and len(LR_SCHEDULER_CASES) == 14
     assert str(DATA["meta.dtype"]) == "float64"
 
 

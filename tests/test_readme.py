@@ -16,7 +16,7 @@ def test_readme_python_blocks_run():
         namespace: dict = {}
         exec(compile(block, str(README), "exec"), namespace)
         namespaces.append(namespace)
-    estimator, regressor, layers, weighted, mc_dropout, augmented = namespaces
+    estimator, regressor, schedule, layers, weighted, mc_dropout, augmented = namespaces
     # The estimator example reaches the accuracy the README's claims rest on.
     assert estimator["clf"].score(estimator["X_test"], estimator["y_test"]) >= 0.98
     # The regressor example reads its channels-last images as such and fits both targets.
@@ -24,6 +24,15 @@ def test_readme_python_blocks_run():
     assert reg.data_format_ == "channels_last" and reg.input_shape_ == (1, 8, 8)
     assert reg.predict(regressor["X"][1500:]).shape == (297, 2)
     assert reg.score(regressor["X"][1500:], regressor["Y"][1500:]) > 0.9
+    # The schedule example anneals the rate by its cosine, and its checkpoint found the
+    # epoch the estimator restored (early stopping on the same validation loss).
+    clf, best = schedule["clf"], schedule["best"]
+    lrs = [epoch["lr"] for epoch in clf.history_]
+    assert lrs[0] == 3e-3 and lrs == sorted(lrs, reverse=True) and len(set(lrs)) == len(lrs)
+    assert best.best_value_ == clf.best_validation_loss_
+    assert [epoch["valid_loss"] for epoch in clf.history_][best.best_epoch_ - 1] == \
+        best.best_value_
+    assert clf.score(schedule["X"], schedule["y"]) > 0.9
     # The layer example ends with evaluation-mode logits for its 32 samples and 10 classes.
     assert layers["logits"].shape == (32, 10)
     # The weights example balances its rare class; the MC-dropout example's mean is

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Boolean", "Constraint", "Instances", "IntTuple", "Interval", "Options",
+__all__ = ["Boolean", "Callables", "Constraint", "Instances", "IntTuple", "Interval", "Options",
            "ParameterTypeError", "as_real", "check", "check_bool", "check_int",
            "check_int_pair", "check_int_tuple", "check_options", "check_params",
            "check_real"]
@@ -175,6 +175,15 @@ class IntTuple(Constraint):
         items = self._items(value)
         return len(items) in self.lengths and (
             self.low is None or all(item >= self.low for item in items))
+
+
+class Callables(Constraint):
+    """A list or tuple of callables (a wrong element is a wrong type)."""
+
+    description = "a list of callables"
+
+    def accepts_type(self, value) -> bool:
+        return isinstance(value, (list, tuple)) and all(callable(item) for item in value)
 
 
 NONE = Instances(None, description="None")

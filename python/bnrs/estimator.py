@@ -34,11 +34,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
 from . import nn, optim
-from ._validation import (NONE, Boolean, Constraint, Instances, Interval, IntTuple,
-                          Options, check, check_params)
+from ._validation import (NONE, Boolean, Callables, Constraint, Instances, Interval,
+                          IntTuple, Options, check, check_params)
 from .diagnostics import layer_statistics, probe_indices
-from .nn.module import as_generator
+from .nn.module import Parameter, as_generator
 from .nn.spec import DEFAULT_ARCHITECTURE, SpecError, from_spec, parse
+from .optim.lr_scheduler import (CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR,
+                                 OneCycleLR, ReduceLROnPlateau, StepLR)
 from .training import batch_bounds, eval_logits, num_threads, train_epoch
 
 try:
@@ -61,6 +63,14 @@ _DATA_FORMATS = ("channels_first", "channels_last", "auto")
 _REGRESSION_LOSSES = ("squared_error", "huber")
 #: Channel counts of images as PIL, OpenCV, Keras and TensorFlow hold them: grey, RGB, RGBA.
 _IMAGE_CHANNELS = (1, 3, 4)
+#: ``lr_scheduler`` names: the :mod:`bnrs.optim.lr_scheduler` classes.
+_LR_SCHEDULERS = {"step": StepLR, "multistep": MultiStepLR, "cosine": CosineAnnealingLR,
+                  "linear": LinearLR, "onecycle": OneCycleLR, "plateau": ReduceLROnPlateau}
+#: What ``lr_scheduler="plateau"`` may monitor (its ``monitor`` in lr_scheduler_params).
+_PLATEAU_MONITORS = ("train_loss", "valid_loss", "valid_score")
+#: OneCycleLR arguments the estimator sets from max_epochs and the batches of an epoch.
+_ONECYCLE_LENGTH_ARGS = ("total_steps", "epochs", "steps_per_epoch")
+_EARLY_STOPPING_MONITORS = ("valid_score", "valid_loss")
 
 
 class DivergenceError(RuntimeError):
@@ -240,7 +250,10 @@ class _BaseCNN(BaseEstimator):
                  tol: float = 1e-4, warm_start: bool = False, random_state=None,
                  n_threads: int | None = None, verbose: int = 0,
                  record_layer_stats: bool = False, mc_samples: int = 0,
-                 augment_shift: int = 0, augment_flip: bool = False):
+                 augment_shift: int = 0, augment_flip: bool = False,
+                 lr_scheduler: str | None = None, lr_scheduler_params: dict | None = None,
+                 callbacks: list | None = None, early_stopping_monitor: str = "valid_score",
+                 weight_decay_exclude: str | None = None):
         self.architecture = architecture
         self.input_shape = input_shape
         self.data_format = data_format
@@ -263,6 +276,11 @@ class _BaseCNN(BaseEstimator):
         self.mc_samples = mc_samples
         self.augment_shift = augment_shift
         self.augment_flip = augment_flip
+        self.lr_scheduler = lr_scheduler
+        self.lr_scheduler_params = lr_scheduler_params
+        self.callbacks = callbacks
+        self.early_stopping_monitor = early_stopping_monitor
+        self.weight_decay_exclude = weight_decay_exclude
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -273,10 +291,14 @@ class _BaseCNN(BaseEstimator):
         # Estimators pickled before data_format existed read every X channels first.
         state.setdefault("data_format", "auto")
         for name, default in (("mc_samples", 0), ("augment_shift", 0),
-                              ("augment_flip", False)):
+                              ("augment_flip", False), ("lr_scheduler", None),
+                              ("lr_scheduler_params", None), ("callbacks", None),
+                              ("early_stopping_monitor", "valid_score"),
+                              ("weight_decay_exclude", None)):
             state.setdefault(name, default)
         if "model_" in state:
             state.setdefault("data_format_", "channels_first")
+            state.setdefault("lr_scheduler_", None)
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ fitting
@@ -339,6 +361,9 @@ class _BaseCNN(BaseEstimator):
                 state.get("classes_", getattr(self, "classes_", None)))
             X = _to_network(X, input_shape,
                             state["data_format_"] if reset else self.data_format_)
+            n_batches = len(batch_bounds(n_train, self.batch_size))
+            continue_schedule = self._check_lr_scheduler(state, validate, incremental,
+                                                         n_batches)
             valid = None
             if validate:
                 seed = int(state["_rng"].integers(0, 2**32))
@@ -359,8 +384,9 @@ class _BaseCNN(BaseEstimator):
                 else:
                     setattr(self, name, value)
             if not reset:   # e.g. a lower learning rate for the optimizer kept
-                for group in self.optimizer_.param_groups:
-                    group.update(self._optimizer_kwargs())
+                self._refresh_optimizer(continue_schedule)
+            if not continue_schedule:
+                self.lr_scheduler_ = self._new_lr_scheduler(self.optimizer_, n_batches)
             self._train(X, targets, 1 if incremental else self.max_epochs, valid,
                         sample_weight)
         return self
@@ -430,6 +456,12 @@ class _BaseCNN(BaseEstimator):
         "mc_samples": [Interval("int", 0)],
         "augment_shift": [Interval("int", 0)],
         "augment_flip": [Boolean()],
+        "lr_scheduler": [NONE, Options(_LR_SCHEDULERS)],
+        "lr_scheduler_params": [NONE, Instances(dict, description="a dict of the "
+                                                "scheduler's keyword arguments")],
+        "callbacks": [NONE, Callables()],
+        "early_stopping_monitor": [Options(_EARLY_STOPPING_MONITORS)],
+        "weight_decay_exclude": [NONE, Options(("norm_and_bias",))],
     }
 
     def _validate_params(self) -> None:
@@ -440,6 +472,12 @@ class _BaseCNN(BaseEstimator):
         """
         check_params(self._parameter_constraints, self.get_params(deep=False))
         parse(self.architecture)
+        if self.lr_scheduler is not None:
+            # Made once on a stand-in optimizer: the scheduler's own checks, naming its
+            # argument, before anything is built.
+            stand_in = _OPTIMIZERS[self.optimizer]([Parameter(np.zeros(1))],
+                                                   **self._optimizer_kwargs())
+            self._new_lr_scheduler(stand_in, n_batches=1)
 
     def _new_state(self, X: np.ndarray, y: np.ndarray, classes,
                    n_train: int) -> tuple[dict, np.ndarray]:
@@ -469,7 +507,8 @@ class _BaseCNN(BaseEstimator):
                  "optimizer_": self._new_optimizer(model),
                  "loss_": None, "best_loss_": None, "loss_curve_": [], "history_": [],
                  "n_iter_": 0, "validation_scores_": None, "best_validation_score_": None,
-                 "layer_stats_init_": None}
+                 "best_validation_loss_": None, "layer_stats_init_": None,
+                 "lr_scheduler_": None}
         return state, targets
 
     def _check_batch_size(self, min_batch: int, n_train: int) -> None:
@@ -533,6 +572,10 @@ class _BaseCNN(BaseEstimator):
         # The kept optimizer gets the current hyper-parameters when the call is accepted.
         optimizer = (self.optimizer_ if type(self.optimizer_) is _OPTIMIZERS[self.optimizer]
                      else self._new_optimizer(self.model_))
+        if optimizer is self.optimizer_ and not self._has_parameter_groups(optimizer):
+            # weight_decay_exclude changed: new groups, the same moments and buffers.
+            optimizer = self._new_optimizer(self.model_)
+            optimizer.state = dict(self.optimizer_.state)
         # A copy of the stream: drawing the validation split must not advance the
         # estimator's own before the call is accepted.
         return {"_rng": copy.deepcopy(self._rng), "optimizer_": optimizer}, targets
@@ -546,7 +589,140 @@ class _BaseCNN(BaseEstimator):
         return kwargs
 
     def _new_optimizer(self, model: nn.Sequential) -> optim.Optimizer:
-        return _OPTIMIZERS[self.optimizer](model.parameters(), **self._optimizer_kwargs())
+        return _OPTIMIZERS[self.optimizer](self._parameter_groups(model),
+                                           **self._optimizer_kwargs())
+
+    def _parameter_groups(self, model: nn.Sequential) -> list:
+        """The optimizer's parameters: all in one group, or with ``weight_decay_exclude``
+        the weights of convolutions and dense layers, then a group without decay of the
+        1-D parameters (normalisation layers' scales and shifts, every bias)."""
+        params = list(model.parameters())
+        if self.weight_decay_exclude is None:
+            return params
+        groups = [{"params": [p for p in params if p.data.ndim > 1]},
+                  {"params": [p for p in params if p.data.ndim <= 1], "weight_decay": 0.0}]
+        return [group for group in groups if group["params"]]
+
+    def _excluded_from_decay(self, group: dict) -> bool:
+        return (self.weight_decay_exclude is not None
+                and all(param.data.ndim <= 1 for param in group["params"]))
+
+    def _has_parameter_groups(self, optimizer: optim.Optimizer) -> bool:
+        """Whether ``optimizer`` groups the parameters as ``weight_decay_exclude`` asks."""
+        wanted = self._parameter_groups(self.model_)
+        if self.weight_decay_exclude is None:
+            wanted = [{"params": wanted}]
+        return ([[id(p) for p in group["params"]] for group in optimizer.param_groups]
+                == [[id(p) for p in group["params"]] for group in wanted])
+
+    def _refresh_optimizer(self, continue_schedule: bool) -> None:
+        """Give the kept optimizer the current hyper-parameters (a warm-start fit or a
+        later partial_fit); a schedule that goes on keeps the rates it set."""
+        kwargs = self._optimizer_kwargs()
+        if continue_schedule:
+            del kwargs["lr"]
+            if isinstance(self.lr_scheduler_, OneCycleLR):
+                kwargs.pop("momentum", None)
+        elif "betas" in self.optimizer_.defaults:   # OneCycleLR may have cycled beta1
+            kwargs["betas"] = self.optimizer_.defaults["betas"]
+        for group in self.optimizer_.param_groups:
+            group.update(kwargs)
+            if self._excluded_from_decay(group):
+                group["weight_decay"] = 0.0
+
+    # ------------------------------------------------------------------ lr schedule
+
+    def _lr_scheduler_kwargs(self, n_batches: int) -> dict:
+        """The scheduler's arguments: ``lr_scheduler_params`` over the estimator's
+        defaults (see the ``lr_scheduler`` parameter); ``monitor`` taken out."""
+        params = dict(self.lr_scheduler_params or {})
+        params.pop("monitor", None)
+        name, epochs = self.lr_scheduler, self.max_epochs
+        if name == "step":
+            params.setdefault("step_size", max(1, epochs // 3))
+        elif name == "multistep":
+            params.setdefault("milestones", sorted({max(1, epochs // 2),
+                                                    max(1, 3 * epochs // 4)}))
+        elif name == "cosine":
+            params.setdefault("T_max", epochs)
+        elif name == "onecycle":
+            given = [key for key in _ONECYCLE_LENGTH_ARGS if key in params]
+            if given:
+                raise ValueError(
+                    f"lr_scheduler_params: {given} of lr_scheduler='onecycle' are set by "
+                    "the estimator (max_epochs times the batches of an epoch); leave them "
+                    "out")
+            params.setdefault("max_lr", float(self.learning_rate))
+            params["total_steps"] = epochs * n_batches
+        elif name == "plateau":
+            params.setdefault("mode", "max" if self._plateau_monitor(True) == "valid_score"
+                              else "min")
+        return params
+
+    def _plateau_monitor(self, validate: bool) -> str:
+        """What ReduceLROnPlateau steps on: lr_scheduler_params' ``monitor``, else the
+        validation loss when there is validation data, else the training loss."""
+        monitor = (self.lr_scheduler_params or {}).get("monitor")
+        if monitor is None:
+            return "valid_loss" if validate else "train_loss"
+        return monitor
+
+    def _new_lr_scheduler(self, optimizer: optim.Optimizer,
+                          n_batches: int) -> LRScheduler | None:
+        """The ``lr_scheduler`` on ``optimizer`` (None without one); an error names
+        lr_scheduler_params."""
+        if self.lr_scheduler is None:
+            return None
+        monitor = (self.lr_scheduler_params or {}).get("monitor")
+        if monitor is not None and (self.lr_scheduler != "plateau"
+                                    or monitor not in _PLATEAU_MONITORS):
+            raise ValueError(f"lr_scheduler_params: monitor={monitor!r} is for "
+                             f"lr_scheduler='plateau', one of {list(_PLATEAU_MONITORS)}")
+        for group in optimizer.param_groups:
+            group.pop("initial_lr", None)   # a new schedule starts from learning_rate
+        try:
+            return _LR_SCHEDULERS[self.lr_scheduler](optimizer,
+                                                     **self._lr_scheduler_kwargs(n_batches))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"lr_scheduler_params: {error} (lr_scheduler="
+                              f"{self.lr_scheduler!r}, lr_scheduler_params="
+                              f"{self.lr_scheduler_params!r})") from error
+
+    def _check_lr_scheduler(self, state: dict, validate: bool, incremental: bool,
+                            n_batches: int) -> bool:
+        """Reject a schedule this call cannot run; return whether the schedule of the
+        previous call goes on (partial_fit with the same scheduler and optimizer)."""
+        if self.lr_scheduler is None:
+            return False
+        if self.lr_scheduler == "plateau" and not validate and self._plateau_monitor(
+                False) != "train_loss":
+            raise ValueError(f"lr_scheduler_params: monitor="
+                             f"{self._plateau_monitor(False)!r} needs validation data: "
+                             "early_stopping=True in fit (partial_fit has none)")
+        scheduler = getattr(self, "lr_scheduler_", None)
+        if not (incremental and scheduler is not None
+                and type(scheduler) is _LR_SCHEDULERS[self.lr_scheduler]
+                and state.get("optimizer_", self.optimizer_) is scheduler.optimizer):
+            return False
+        if isinstance(scheduler, OneCycleLR) and (
+                scheduler.last_epoch + n_batches > scheduler.total_steps):
+            raise ValueError(
+                f"lr_scheduler='onecycle': the cycle of {scheduler.total_steps} steps has "
+                f"{scheduler.total_steps - scheduler.last_epoch} left and this partial_fit "
+                f"needs {n_batches}; fit anew (or set lr_scheduler=None) to go on")
+        return True
+
+    def _step_lr_scheduler(self, loss: float, score: float | None,
+                           valid_loss: float | None) -> None:
+        """The end-of-epoch step of an epoch scheduler (OneCycleLR steps per batch)."""
+        scheduler = self.lr_scheduler_
+        if scheduler is None or isinstance(scheduler, OneCycleLR):
+            return
+        if isinstance(scheduler, ReduceLROnPlateau):
+            monitored = {"train_loss": loss, "valid_loss": valid_loss, "valid_score": score}
+            scheduler.step(monitored[self._plateau_monitor(score is not None)])
+        else:
+            scheduler.step()
 
     def _network_input(self, X: np.ndarray) -> np.ndarray:
         """Validated X as the network takes it, (n, *input_shape_); X must have the sample
@@ -574,14 +750,16 @@ class _BaseCNN(BaseEstimator):
             if self.n_iter_ == 0:
                 self.layer_stats_init_ = layer_statistics(self.model_, *probe,
                                                           criterion=self._criterion())
-        self.best_loss_ = self.best_validation_score_ = None
+        self.best_loss_ = self.best_validation_score_ = self.best_validation_loss_ = None
         best_state, epochs_without_improvement = None, 0
         completed = self._snapshot()
         try:
             for _ in range(n_epochs):
                 epoch, start = self.n_iter_ + 1, time.perf_counter()
+                lr = self.optimizer_.param_groups[0]["lr"]   # every group has the same
                 try:
-                    loss, score, state = self._run_epoch(X, y, bounds, valid, sample_weight)
+                    loss, score, valid_loss, state = self._run_epoch(X, y, bounds, valid,
+                                                                     sample_weight)
                     seconds = time.perf_counter() - start   # the probe is not training
                     layers = None if probe is None else layer_statistics(
                         self.model_, *probe, criterion=self._criterion())
@@ -602,17 +780,25 @@ class _BaseCNN(BaseEstimator):
                         f"{diverged.n_batches}): {what}; the network was restored to its "
                         f"state after epoch {self.n_iter_}. Lower learning_rate (now "
                         f"{self.learning_rate})") from None
-                completed = (state, self.optimizer_.state_dict())
-                self._record(epoch, loss, score, seconds, layers)
-                improved, is_best = self._track_best(loss, score)
+                self._step_lr_scheduler(loss, score, valid_loss)
+                completed = self._snapshot(state)
+                self._record(epoch, loss, score, seconds, layers, valid_loss=valid_loss, lr=lr)
+                improved, is_best = self._track_best(loss, score, valid_loss)
                 if is_best and validate:
                     best_state = state
                 epochs_without_improvement = 0 if improved else epochs_without_improvement + 1
+                stop = self._run_callbacks()
                 if epochs_without_improvement >= self.n_iter_no_change:
                     if self.verbose:
-                        monitored = "validation score" if validate else "training loss"
+                        monitored = ("training loss" if not validate else "validation loss"
+                                     if self.early_stopping_monitor == "valid_loss"
+                                     else "validation score")
                         print(f"stopping: the {monitored} did not improve by tol={self.tol}"
                               f" for {self.n_iter_no_change} epochs", flush=True)
+                    break
+                if stop:
+                    if self.verbose:
+                        print("stopping: a callback returned True", flush=True)
                     break
         finally:
             if best_state is not None:
@@ -622,11 +808,12 @@ class _BaseCNN(BaseEstimator):
 
     def _run_epoch(self, X: np.ndarray, y: np.ndarray, bounds, valid,
                    sample_weight: np.ndarray | None = None):
-        """One pass of mini-batch training, then the validation score if ``valid``.
+        """One pass of mini-batch training, then the validation score and loss if
+        ``valid``.
 
-        Returns the mean (or weighted mean) training loss, the validation score (or
-        None) and the network's state dict; raises _Diverged for a non-finite loss or
-        state.
+        Returns the mean (or weighted mean) training loss, the validation score and loss
+        (or None, None) and the network's state dict; raises _Diverged for a non-finite
+        loss or state.
         """
         order = self._rng.permutation(len(X)) if self.shuffle else None
         transform = None
@@ -634,8 +821,10 @@ class _BaseCNN(BaseEstimator):
             def transform(batch, rng=self._rng, shift=self.augment_shift,
                           flip=self.augment_flip):
                 return _augment(batch, rng, shift, flip)
+        per_batch = isinstance(self.lr_scheduler_, OneCycleLR)
         losses = train_epoch(self.model_, self._criterion(), self.optimizer_, X, y, bounds,
-                             order, sample_weight=sample_weight, transform=transform)
+                             order, sample_weight=sample_weight, transform=transform,
+                             after_step=self.lr_scheduler_.step if per_batch else None)
         if not math.isfinite(losses[-1]):
             raise _Diverged(len(losses), len(bounds), losses[-1])
         total = 0.0
@@ -649,52 +838,82 @@ class _BaseCNN(BaseEstimator):
         state = self.model_.state_dict()
         if not _all_finite(state):
             raise _Diverged(len(bounds), len(bounds), loss)
-        score = None
+        score = valid_loss = None
         if valid is not None:
             X_valid, y_valid, weight_valid = valid
-            score = self._validation_score(self._logits(X_valid), y_valid, weight_valid)
-        return loss, score, state
+            outputs = self._logits(X_valid)
+            score = self._validation_score(outputs, y_valid, weight_valid)
+            valid_loss = float(self._criterion()(outputs, y_valid, weight_valid))
+        return loss, score, valid_loss, state
 
-    def _track_best(self, loss: float, score: float | None) -> tuple[bool, bool]:
-        """Update best_loss_ or best_validation_score_ (when ``score`` is given).
+    def _track_best(self, loss: float, score: float | None,
+                    valid_loss: float | None = None) -> tuple[bool, bool]:
+        """Update best_loss_, or best_validation_score_ and best_validation_loss_ (when
+        ``score`` is given).
 
-        Returns whether the epoch improved on the best by more than ``tol``, and whether
+        Returns whether the epoch improved on the best of the monitored quantity (the
+        training loss, or ``early_stopping_monitor``) by more than ``tol``, and whether
         it is the new best.
         """
         if score is not None:
             best = self.best_validation_score_
             if best is None or score > best:
                 self.best_validation_score_ = score
+            best_loss = self.best_validation_loss_
+            if best_loss is None or valid_loss < best_loss:
+                self.best_validation_loss_ = valid_loss
+            if self.early_stopping_monitor == "valid_loss":
+                return (best_loss is None or valid_loss < best_loss - self.tol,
+                        best_loss is None or valid_loss < best_loss)
             return best is None or score > best + self.tol, best is None or score > best
         best = self.best_loss_
         if best is None or loss < best:
             self.best_loss_ = loss
         return best is None or loss < best - self.tol, best is None or loss < best
 
-    def _snapshot(self) -> tuple[dict, dict]:
-        return self.model_.state_dict(), self.optimizer_.state_dict()
+    def _snapshot(self, model_state: dict | None = None) -> tuple[dict, dict, dict | None]:
+        """The network's (``model_state`` if given), optimizer's and scheduler's state."""
+        scheduler = self.lr_scheduler_
+        return (self.model_.state_dict() if model_state is None else model_state,
+                self.optimizer_.state_dict(),
+                None if scheduler is None else scheduler.state_dict())
 
-    def _restore(self, snapshot: tuple[dict, dict]) -> None:
-        model_state, optimizer_state = snapshot
+    def _restore(self, snapshot: tuple[dict, dict, dict | None]) -> None:
+        model_state, optimizer_state, scheduler_state = snapshot
         self.model_.clear_saved()
         self.model_.load_state_dict(model_state)
         self.optimizer_.load_state_dict(optimizer_state)
+        if scheduler_state is not None:
+            self.lr_scheduler_.load_state_dict(scheduler_state)
+
+    def _run_callbacks(self) -> bool:
+        """Call every callback with the last epoch's record; whether one asked to stop."""
+        stop = False
+        for callback in self.callbacks or ():
+            if callback({**self.history_[-1], "estimator": self}):
+                stop = True
+        return stop
 
     def _record(self, epoch: int, loss: float, score: float | None, seconds: float,
-                layers: list | None = None) -> None:
+                layers: list | None = None, *, valid_loss: float | None = None,
+                lr: float | None = None) -> None:
         self.n_iter_ = epoch
         self.loss_ = loss
         self.loss_curve_.append(loss)
         entry = {"epoch": epoch, "train_loss": loss}
         if score is not None:
             self.validation_scores_.append(score)
+            entry["valid_loss"] = valid_loss
             entry["valid_score"] = score
+        entry["lr"] = lr
         entry["seconds"] = seconds
         if layers is not None:
             entry["layers"] = layers
         self.history_.append(entry)
         if self.verbose:
             valid = "" if score is None else f"  valid_score {score:.4f}"
+            if self.lr_scheduler is not None:
+                valid += f"  lr {lr:.3g}"
             print(f"epoch {epoch:>3}  train_loss {loss:.4f}{valid}  {seconds:.2f} s",
                   file=sys.stdout, flush=True)
 
@@ -898,6 +1117,48 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         ``{label: weight}`` (finite, >= 0; classes not named weigh 1) or "balanced",
         ``n_samples / (n_classes * np.bincount(y))`` from the y of ``fit``
         (scikit-learn's meaning, refused by ``partial_fit``).
+    lr_scheduler : {"step", "multistep", "cosine", "linear", "onecycle", "plateau"} or None
+        A learning-rate schedule from :mod:`bnrs.optim.lr_scheduler` (PyTorch's), stepped
+        after every epoch, except "onecycle" (``OneCycleLR``), stepped after every batch
+        as PyTorch users run it. Its arguments are ``lr_scheduler_params`` over these
+        defaults: "step" ``StepLR(step_size=max(1, max_epochs // 3))``, "multistep"
+        ``MultiStepLR(milestones=[max_epochs // 2, 3 * max_epochs // 4])`` (each at
+        least 1), "cosine" ``CosineAnnealingLR(T_max=max_epochs)``, "linear"
+        ``LinearLR()`` (a 5-epoch warm-up from a third of ``learning_rate``), "onecycle"
+        ``OneCycleLR(max_lr=learning_rate, total_steps=max_epochs * batches per epoch)``
+        (it also cycles SGD's momentum or Adam's beta1 unless ``cycle_momentum=False``),
+        "plateau" ``ReduceLROnPlateau`` on the validation loss with ``early_stopping``,
+        else on the training loss (``monitor`` in lr_scheduler_params: "train_loss",
+        "valid_loss" or "valid_score"; ``mode`` follows it). ``learning_rate`` is the
+        base rate. Each ``fit`` (warm start too) starts a new schedule; ``partial_fit``
+        goes on with the schedule of the previous call (one epoch per call; a "onecycle"
+        cycle ends after ``max_epochs`` calls, then ValueError). None (the default):
+        a constant rate. The rate of every epoch is ``history_[i]["lr"]``; the
+        scheduler is ``lr_scheduler_``.
+    lr_scheduler_params : dict or None, default None
+        Keyword arguments of the scheduler, e.g. ``{"step_size": 5, "gamma": 0.5}``
+        (ignored without ``lr_scheduler``). A bad argument raises a ValueError or
+        TypeError starting "lr_scheduler_params:" and naming it.
+    callbacks : list of callable or None, default None
+        Called after every epoch, in order, with the epoch's record: a dict of
+        ``epoch``, ``train_loss``, ``valid_loss`` and ``valid_score`` (with
+        ``early_stopping``), ``lr``, ``seconds``, ``layers`` (with
+        ``record_layer_stats``) and ``estimator`` (this estimator). A callback that
+        returns True (any true value) stops training after that epoch (each callback
+        still sees it); an exception raised by one propagates out of ``fit``. Ready
+        ones are in :mod:`bnrs.callbacks` (:class:`bnrs.callbacks.Checkpoint` keeps the
+        best network by a monitored quantity). ``clone`` copies them.
+    early_stopping_monitor : {"valid_score", "valid_loss"}, default "valid_score"
+        What ``early_stopping`` watches on the validation data: the score (accuracy,
+        higher is better; as before this parameter existed) or the loss (lower is
+        better), with ``tol`` and ``n_iter_no_change`` as for the score; the network of
+        the best epoch by it is restored. Ignored without ``early_stopping``.
+    weight_decay_exclude : {"norm_and_bias"} or None, default None
+        "norm_and_bias" applies ``weight_decay`` to the weights of convolutions and
+        dense layers only: the 1-D parameters (scales and shifts of the normalisation
+        layers, every bias) go into a second parameter group with ``weight_decay=0``
+        (PyTorch's ``[{"params": ...}, {"params": ..., "weight_decay": 0}]``). None:
+        every parameter is decayed, as before this parameter existed.
 
     Attributes
     ----------
@@ -929,11 +1190,18 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         The best of ``validation_scores_`` in the last ``fit``, else None.
     n_iter_ : int
         Epochs run (accumulated over ``warm_start`` fits and ``partial_fit`` calls).
+    best_validation_loss_ : float or None
+        The smallest validation loss in the last ``fit`` with ``early_stopping``, else
+        None.
     history_ : list of dict
         One dict per epoch: ``epoch`` (1-based, accumulated like ``n_iter_``),
-        ``train_loss``, ``valid_score`` (with ``early_stopping`` only), ``seconds``, and
-        with ``record_layer_stats`` ``layers``: the network's per-layer statistics after
-        the epoch (see the Notes).
+        ``train_loss``, ``valid_loss`` and ``valid_score`` (with ``early_stopping``
+        only; the loss is the training criterion on the validation data), ``lr`` (the
+        learning rate the epoch started with), ``seconds``, and with
+        ``record_layer_stats`` ``layers``: the network's per-layer statistics after the
+        epoch (see the Notes).
+    lr_scheduler_ : bnrs.optim.lr_scheduler.LRScheduler or None
+        The scheduler of ``lr_scheduler`` on ``optimizer_``, as the last epoch left it.
     layer_stats_init_ : list of dict or None
         With ``record_layer_stats``, the per-layer statistics of the network before its
         first epoch (as ``history_[i]["layers"]``); None otherwise (or when the network
@@ -1317,6 +1585,14 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
     augment_flip : bool, default False
         Random translation and left-right mirroring of the training images, as for
         :class:`CNNClassifier`.
+    lr_scheduler : {"step", "multistep", "cosine", "linear", "onecycle", "plateau"} or None
+        As for :class:`CNNClassifier`.
+    lr_scheduler_params : dict or None, default None
+    callbacks : list of callable or None, default None
+        As for :class:`CNNClassifier` (``valid_score`` is R²).
+    early_stopping_monitor : {"valid_score", "valid_loss"}, default "valid_score"
+        The validation R² or the validation loss (of ``loss``).
+    weight_decay_exclude : {"norm_and_bias"} or None, default None
 
     Attributes
     ----------
@@ -1335,8 +1611,10 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
     validation_scores_ : list of float or None
         The validation R² after every epoch with ``early_stopping``, else None.
     best_validation_score_ : float or None
+    best_validation_loss_ : float or None
     n_iter_ : int
     history_ : list of dict
+    lr_scheduler_ : bnrs.optim.lr_scheduler.LRScheduler or None
     layer_stats_init_ : list of dict or None
 
     See Also
@@ -1374,7 +1652,10 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
                  tol: float = 1e-4, warm_start: bool = False, random_state=None,
                  n_threads: int | None = None, verbose: int = 0,
                  record_layer_stats: bool = False, mc_samples: int = 0,
-                 augment_shift: int = 0, augment_flip: bool = False):
+                 augment_shift: int = 0, augment_flip: bool = False,
+                 lr_scheduler: str | None = None, lr_scheduler_params: dict | None = None,
+                 callbacks: list | None = None, early_stopping_monitor: str = "valid_score",
+                 weight_decay_exclude: str | None = None):
         super().__init__(
             architecture, input_shape=input_shape, data_format=data_format,
             optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
@@ -1383,7 +1664,10 @@ class CNNRegressor(RegressorMixin, _BaseCNN):
             validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
             tol=tol, warm_start=warm_start, random_state=random_state,
             n_threads=n_threads, verbose=verbose, record_layer_stats=record_layer_stats,
-            mc_samples=mc_samples, augment_shift=augment_shift, augment_flip=augment_flip)
+            mc_samples=mc_samples, augment_shift=augment_shift, augment_flip=augment_flip,
+            lr_scheduler=lr_scheduler, lr_scheduler_params=lr_scheduler_params,
+            callbacks=callbacks, early_stopping_monitor=early_stopping_monitor,
+            weight_decay_exclude=weight_decay_exclude)
         self.loss = loss
         self.delta = delta
 

@@ -160,6 +160,7 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
                 mark: Callable[[str], None] | None = None,
                 sample_weight: np.ndarray | None = None,
                 transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                after_step: Callable[[], None] | None = None,
                 ) -> list[float]:
     """A training step per mini-batch, in training mode; stops at a non-finite loss.
 
@@ -181,6 +182,10 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
     transform : callable, optional
         Applied to each batch's inputs before its step, in batch order (e.g. the
         estimators' random augmentation); it must not change them in place.
+    after_step : callable, optional
+        Called with no argument after every step that updated the parameters (a
+        per-batch learning-rate scheduler's ``step``, as PyTorch users call it after
+        ``optimizer.step()``).
 
     Returns
     -------
@@ -203,6 +208,8 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
             losses.append(loss)
             if not math.isfinite(loss):
                 break
+            if after_step is not None:
+                after_step()
     finally:
         model.clear_saved()
     return losses

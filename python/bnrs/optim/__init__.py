@@ -26,11 +26,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import functional as F
-from ._validation import as_real, check_real
-from .nn.module import Parameter
+from .. import functional as F
+from .._validation import as_real, check_real
+from ..nn.module import Parameter
 
-__all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "lr_scheduler"]
 
 
 def _non_negative(group: dict[str, Any], name: str, label: str) -> None:
@@ -349,3 +349,9 @@ class AdamW(Adam):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, lr, betas, eps, weight_decay)
+
+
+# Imported last: the schedulers subclass nothing here but check for Optimizer, which must
+# exist first. bnrs.optim.lr_scheduler is then available after `import bnrs`, as
+# torch.optim.lr_scheduler is after `import torch`.
+from . import lr_scheduler
