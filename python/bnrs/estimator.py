@@ -1310,7 +1310,10 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
                  tol: float = 1e-4, warm_start: bool = False, random_state=None,
                  n_threads: int | None = None, verbose: int = 0,
                  record_layer_stats: bool = False, mc_samples: int = 0,
-                 augment_shift: int = 0, augment_flip: bool = False, class_weight=None):
+                 augment_shift: int = 0, augment_flip: bool = False,
+                 lr_scheduler: str | None = None, lr_scheduler_params: dict | None = None,
+                 callbacks: list | None = None, early_stopping_monitor: str = "valid_score",
+                 weight_decay_exclude: str | None = None, class_weight=None):
         super().__init__(
             architecture, input_shape=input_shape, data_format=data_format,
             optimizer=optimizer, learning_rate=learning_rate, momentum=momentum,
@@ -1319,7 +1322,10 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
             validation_fraction=validation_fraction, n_iter_no_change=n_iter_no_change,
             tol=tol, warm_start=warm_start, random_state=random_state,
             n_threads=n_threads, verbose=verbose, record_layer_stats=record_layer_stats,
-            mc_samples=mc_samples, augment_shift=augment_shift, augment_flip=augment_flip)
+            mc_samples=mc_samples, augment_shift=augment_shift, augment_flip=augment_flip,
+            lr_scheduler=lr_scheduler, lr_scheduler_params=lr_scheduler_params,
+            callbacks=callbacks, early_stopping_monitor=early_stopping_monitor,
+            weight_decay_exclude=weight_decay_exclude)
         self.class_weight = class_weight
 
     _parameter_constraints: ClassVar[dict[str, list[Constraint]]] = {
