@@ -43,7 +43,7 @@ impl GroupNormParams {
         }
         super::nonzero("input", input_shape)?;
         let channels = input_shape[1];
-        if num_groups < 1 || channels % (num_groups as usize) != 0 {
+        if num_groups < 1 || !channels.is_multiple_of(num_groups as usize) {
             return Err(Error::invalid(
                 "num_groups",
                 num_groups,
