@@ -20,7 +20,9 @@ mod pool;
 mod runtime;
 mod shapes;
 
-pub(crate) use arrays::{check_shape, slice, slice_mut, writeable, GradArrays, LayerGrads, Output};
+pub(crate) use arrays::{
+    check_allocatable, check_shape, slice, slice_mut, writeable, GradArrays, LayerGrads, Output,
+};
 pub(crate) use guard::run_kernel;
 
 #[pymodule]
