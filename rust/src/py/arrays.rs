@@ -198,6 +198,57 @@ impl<'py> LayerGrads<'py> {
     }
 }
 
+/// The outputs of a norm's backward: the input gradient, and the weight and bias
+/// gradients (one value per channel) when the norm has an affine.
+pub(crate) struct NormGrads<'py> {
+    input: Output<'py, f32>,
+    weight: Option<Output<'py, f32>>,
+    bias: Option<Output<'py, f32>>,
+}
+
+/// The arrays a norm's backward returns: (grad_input, grad_weight or None, grad_bias or None).
+pub(crate) type NormGradArrays<'py> = (
+    Bound<'py, PyArrayDyn<f32>>,
+    Option<Bound<'py, PyArrayDyn<f32>>>,
+    Option<Bound<'py, PyArrayDyn<f32>>>,
+);
+
+impl<'py> NormGrads<'py> {
+    /// `affine_channels`: the channel count when there are weight and bias gradients.
+    pub(crate) fn new(
+        py: Python<'py>,
+        input_shape: &[usize],
+        affine_channels: Option<usize>,
+    ) -> PyResult<Self> {
+        let channel_grad = |name| {
+            affine_channels
+                .map(|c| Output::new(py, name, &[c]))
+                .transpose()
+        };
+        Ok(NormGrads {
+            input: Output::new(py, "grad_input", input_shape)?,
+            weight: channel_grad("grad_weight")?,
+            bias: channel_grad("grad_bias")?,
+        })
+    }
+
+    pub(crate) fn data(&mut self) -> (&mut [f32], Option<&mut [f32]>, Option<&mut [f32]>) {
+        (
+            self.input.data(),
+            self.weight.as_mut().map(Output::data),
+            self.bias.as_mut().map(Output::data),
+        )
+    }
+
+    pub(crate) fn into_arrays(self) -> NormGradArrays<'py> {
+        (
+            self.input.into_array(),
+            self.weight.map(Output::into_array),
+            self.bias.map(Output::into_array),
+        )
+    }
+}
+
 /// The error for an array of `shape` too large to allocate: "input_shape: a grad_input of
 /// shape [..] (f32) is too large to allocate: ..." when `arg` sized it, "output: an array
 /// of shape [..] ..." when the array is itself what the caller asked for.
