@@ -61,6 +61,10 @@ MISMATCHED_CHANNELS = {
     "conv2d_input_vs_weight": ("input|weight", lambda: F.conv2d(f32(2, 2, 7, 9), W)),
     "conv2d_backward_grad_output_vs_weight": (
         "grad_output", lambda: F.conv2d_backward(f32(2, 5, 7, 9), X, W, padding=1)),
+    # Nothing tells which of the two is wrong: the message names both.
+    "conv2d_backward_weight_vs_grad_output": (
+        "grad_output, weight", lambda: F.conv2d_backward(f32(2, 4, 7, 9), X, f32(3, 3, 3, 3),
+                                                         padding=1)),
     "conv2d_backward_grad_output_spatial": (
         "grad_output", lambda: F.conv2d_backward(f32(2, 4, 6, 9), X, W, padding=1)),
     "linear_input_vs_weight": ("input|weight", lambda: F.linear(f32(2, 6), f32(4, 5))),
@@ -69,15 +73,19 @@ MISMATCHED_CHANNELS = {
     "batch_norm_backward_grad_output": (
         "grad_output", lambda: F.batch_norm_backward(f32(2, 4), f32(2, 3), None, f32(3),
                                                      f32(3))),
-    "relu_backward_grad_output": ("grad_output|input",
+    "relu_backward_grad_output": ("grad_output",
                                   lambda: F.relu_backward(f32(3, 4), f32(4, 3))),
-    "sigmoid_backward_grad_output": ("grad_output|output",
+    "sigmoid_backward_grad_output": ("grad_output",
                                      lambda: F.sigmoid_backward(f32(3, 4), f32(3, 5))),
-    "log_softmax_backward_grad_output": ("grad_output|output",
+    "log_softmax_backward_grad_output": ("grad_output",
                                          lambda: F.log_softmax_backward(f32(3, 4), f32(3, 5))),
     "max_pool2d_backward_indices": (
         "indices",
         lambda: F.max_pool2d_backward(f32(2, 3, 3, 4), np.zeros((2, 3, 3, 3), np.int64),
+                                      X.shape)),
+    "max_pool2d_backward_grad_output": (
+        "grad_output",
+        lambda: F.max_pool2d_backward(f32(2, 4, 3, 4), np.zeros((2, 3, 3, 4), np.int64),
                                       X.shape)),
     "avg_pool2d_backward_input_shape": (
         "grad_output",

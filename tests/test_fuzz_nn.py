@@ -88,12 +88,10 @@ def _grad_output_shape(draw, args):
 
 def _counts(arg):
     """A bad count (channels, features): not positive, not an int, beyond memory or int64
-    (refused when the weight would be allocated)."""
+    (refused before the weight is allocated, naming the count)."""
     return (value(arg, [0, -1], ValueError),
             value(arg, [1.5, "3", None, True], (TypeError, ValueError)),
-            # KNOWN: Conv2d and Linear refuse a huge count when allocating the weight and
-            # name the weight, not the count (batch norm names num_features).
-            value(arg, [2**64, HUGE * HUGE], (ValueError, MemoryError), f"{arg}|weight"))
+            value(arg, [2**64, HUGE * HUGE], (ValueError, MemoryError), arg))
 
 
 def _pairs(arg, minimum, optional=False):

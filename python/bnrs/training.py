@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import _core, nn, optim
+from . import get_num_threads, nn, optim, set_num_threads
 
 __all__ = ["STAGES", "batch_bounds", "eval_logits", "num_threads", "train_epoch",
            "train_step"]
@@ -58,12 +58,12 @@ def num_threads(n_threads: int | None) -> Iterator[None]:
     if n_threads is None:
         yield
         return
-    previous = _core.get_num_threads()
-    _core.set_num_threads(n_threads)
+    previous = get_num_threads()
+    set_num_threads(n_threads)
     try:
         yield
     finally:
-        _core.set_num_threads(previous)
+        set_num_threads(previous)
 
 
 def batch_bounds(n_samples: int, batch_size: int,

@@ -16,10 +16,11 @@ pub enum Error {
     },
     /// The output would not fit in memory, or its size overflows (Python `MemoryError`).
     TooLarge {
-        /// What could not be allocated.
-        what: &'static str,
-        /// The requested number of elements, as text (it may overflow `usize`).
-        elements: String,
+        /// The argument whose value asked for too much, as the Python API names it; or,
+        /// when no one argument is at fault, what could not be allocated.
+        arg: &'static str,
+        /// What was asked for, and why it cannot be had.
+        reason: String,
     },
 }
 
@@ -43,9 +44,7 @@ impl fmt::Display for Error {
             Error::Invalid { arg, got, expected } => {
                 write!(f, "{arg}: expected {expected}, got {got}")
             }
-            Error::TooLarge { what, elements } => {
-                write!(f, "{what}: {elements} elements is too large to allocate")
-            }
+            Error::TooLarge { arg, reason } => write!(f, "{arg}: {reason}"),
         }
     }
 }
@@ -79,23 +78,27 @@ pub fn check_len(arg: &'static str, len: usize, expected: usize) -> Result<()> {
 
 /// Multiply sizes, failing with [`Error::TooLarge`] instead of overflowing.
 pub fn checked_size(what: &'static str, dims: &[usize]) -> Result<usize> {
+    let too_large = |elements: String| Error::TooLarge {
+        arg: what,
+        reason: format!("{elements} elements is too large to allocate"),
+    };
     let mut total: usize = 1;
     for &d in dims {
-        total = total.checked_mul(d).ok_or_else(|| Error::TooLarge {
-            what,
-            elements: dims
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join("×"),
-        })?;
+        total = total
+            .checked_mul(d)
+            .ok_or_else(|| too_large(join_dims(dims)))?;
     }
     // Beyond isize::MAX bytes no allocation can succeed.
     if total > (isize::MAX as usize) / std::mem::size_of::<f32>() {
-        return Err(Error::TooLarge {
-            what,
-            elements: total.to_string(),
-        });
+        return Err(too_large(total.to_string()));
     }
     Ok(total)
+}
+
+/// Dimensions as `2×3×4`.
+pub fn join_dims(dims: &[usize]) -> String {
+    dims.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("×")
 }

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core
+import bnrs
+
 from ..cli import parse_bench_args
 from .memory import measure_memory, rss_child
 from .network import ARCHITECTURE, Trainer
@@ -39,9 +40,9 @@ def machine_info(torch) -> dict:
               else os.cpu_count())
     return {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "load_average_start": _load_average(),
-            "simd_backend": _core.simd_backend(), "platform": platform.platform(),
+            "simd_backend": bnrs.simd_backend(), "platform": platform.platform(),
             "python": platform.python_version(), "numpy": np.__version__,
-            "bnrs": _core.__version__, "torch": None if torch is None else torch.__version__,
+            "bnrs": bnrs.__version__, "torch": None if torch is None else torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -106,11 +107,11 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
     trainer = Trainer(mode, torch)
     works += trainer.works()
     sections = []
-    previous_threads = _core.get_num_threads()
+    previous_threads = bnrs.get_num_threads()
     previous_torch_threads = None if torch is None else torch.get_num_threads()
     try:
         for threads in args.threads:
-            _core.set_num_threads(threads)
+            bnrs.set_num_threads(threads)
             if torch is not None:
                 torch.set_num_threads(threads)
             section = measure_section(threads, works, trainer, mode, peaks, args)
@@ -124,7 +125,7 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
                     _progress(f"  speed-up 1t -> {threads}t: {work.name}")
                     scaling.append(measure_scaling(work, threads, mode, torch))
     finally:
-        _core.set_num_threads(previous_threads)
+        bnrs.set_num_threads(previous_threads)
         if torch is not None:
             torch.set_num_threads(previous_torch_threads)
     info["load_average_end"] = _load_average()

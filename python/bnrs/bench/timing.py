@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .. import _core
+import bnrs
+
 from .peaks import Peaks
 from .workloads import Mode, Work
 
@@ -148,7 +149,7 @@ def measure_scaling(work: Work, threads: int, mode: Mode, torch) -> dict:
         return prepare
 
     runs = [work.run_bnrs, work.run_bnrs]
-    prepare = [switch(_core.set_num_threads, n, work.run_bnrs) for n in (1, threads)]
+    prepare = [switch(bnrs.set_num_threads, n, work.run_bnrs) for n in (1, threads)]
     if work.run_torch is not None:
         runs += [work.run_torch, work.run_torch]
         prepare += [switch(torch.set_num_threads, n, work.run_torch) for n in (1, threads)]

@@ -54,13 +54,26 @@ def _check_sample(layer: Module, input_shape, channels: int | None, layout: str)
     return shape
 
 
+def _check_weight_fits(shape, sizes: dict[str, tuple[object, int]]) -> None:
+    """MemoryError naming the argument at fault if a weight of ``shape`` exceeds memory.
+
+    ``sizes`` maps each argument that sets the shape to (its value, the factor it
+    contributes to the size); the one with the largest factor is the one blamed.
+    """
+    try:
+        F.check_fits_in_memory("weight", math.prod(shape), np.dtype(np.float64).itemsize)
+    except MemoryError as error:
+        arg = max(sizes, key=lambda name: sizes[name][1])
+        raise MemoryError(f"{arg}: {sizes[arg][0]!r} makes a weight of shape {shape} too "
+                          f"large to allocate ({error})") from None
+
+
 def _kaiming_uniform(generator: np.random.Generator, shape, fan_in: int) -> np.ndarray:
     """PyTorch's default weight (and bias) initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
     ``kaiming_uniform_(a=sqrt(5))`` has gain sqrt(2 / (1 + 5)) and bound
     gain * sqrt(3 / fan_in), which is 1/sqrt(fan_in); PyTorch's bias uses the same bound.
     """
-    F.check_fits_in_memory("weight", math.prod(shape), np.dtype(np.float64).itemsize)
     bound = 1.0 / math.sqrt(fan_in)
     return generator.uniform(-bound, bound, size=shape)
 
@@ -103,6 +116,10 @@ class Conv2d(Module):
         generator = as_generator(random_state, rng)
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         shape = (self.out_channels, self.in_channels) + self.kernel_size
+        _check_weight_fits(shape, {
+            "out_channels": (self.out_channels, self.out_channels),
+            "in_channels": (self.in_channels, self.in_channels),
+            "kernel_size": (self.kernel_size, math.prod(self.kernel_size))})
         self.weight = Parameter(_kaiming_uniform(generator, shape, fan_in))
         self.bias = (Parameter(_kaiming_uniform(generator, (self.out_channels,), fan_in))
                      if bias else None)
@@ -176,8 +193,10 @@ class Linear(Module):
         self.in_features = positive_int(in_features, "in_features")
         self.out_features = positive_int(out_features, "out_features")
         generator = as_generator(random_state, rng)
-        self.weight = Parameter(_kaiming_uniform(
-            generator, (self.out_features, self.in_features), self.in_features))
+        shape = (self.out_features, self.in_features)
+        _check_weight_fits(shape, {"out_features": (self.out_features, self.out_features),
+                                   "in_features": (self.in_features, self.in_features)})
+        self.weight = Parameter(_kaiming_uniform(generator, shape, self.in_features))
         self.bias = (Parameter(_kaiming_uniform(generator, (self.out_features,),
                                                 self.in_features)) if bias else None)
 

@@ -28,7 +28,13 @@ def _eps(eps) -> float:
 
 
 class _PerSampleNorm(Module):
-    """Shared parameters, forward and backward: per-channel affine over group norm."""
+    """Shared parameters, forward and backward: per-channel affine over group norm.
+
+    A subclass gives ``_check_shape(shape, batched)`` and its kernels:
+    ``_normalise(x, weight, bias) -> (output, mean, rstd)`` and
+    ``_normalise_backward(grad, x, weight, mean, rstd) -> (grad_input, grad_weight,
+    grad_bias)``.
+    """
 
     _parameter_names = ("weight", "bias")
 
@@ -45,12 +51,32 @@ class _PerSampleNorm(Module):
         return (None if self.weight is None else self.weight.data,
                 None if self.bias is None else self.bias.data)
 
-    def _accumulate(self, grad_weight, grad_bias) -> None:
-        """Add the parameter gradients (a bias never comes without a weight here)."""
+    def forward(self, input) -> np.ndarray:
+        """Normalise each sample's values with their own statistics (see the class)."""
+        x = F.as_float32(input, "input")
+        self._check_shape(x.shape, batched=True)
+        weight, bias = self._affine()
+        output, mean, rstd = self._normalise(x, weight, bias)
+        self._ctx = (x, mean, rstd)
+        return output
+
+    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
+        """Add the weight and bias gradients; return the input gradient (or None)."""
+        x, mean, rstd = self._saved()
+        grad = self._grad_output(grad_output, x.shape)
+        grad_input, grad_weight, grad_bias = self._normalise_backward(
+            grad, x, self._affine()[0], mean, rstd)
         if self.weight is not None:
             self.weight.grad += grad_weight
-        if self.bias is not None:
+        if self.bias is not None:   # a bias never comes without a weight here
             self.bias.grad += grad_bias
+        return grad_input if input_grad else None
+
+    def output_shape(self, input_shape) -> tuple[int, ...]:
+        """The sample shape, unchanged (checked against the layer's sizes)."""
+        shape = tuple(input_shape)
+        self._check_shape(shape, batched=False)
+        return shape
 
 
 class GroupNorm(_PerSampleNorm):
@@ -97,29 +123,11 @@ class GroupNorm(_PerSampleNorm):
             layout = f"(N, {self.num_channels}, *)" if batched else f"({self.num_channels}, *)"
             raise ValueError(f"{self!r}: expected input of shape {layout}, got {shape}")
 
-    def forward(self, input) -> np.ndarray:
-        """Normalise every (sample, group) with its own statistics."""
-        x = F.as_float32(input, "input")
-        self._check_shape(x.shape, batched=True)
-        weight, bias = self._affine()
-        output, mean, rstd = F.native_group_norm(x, self.num_groups, weight, bias, self.eps)
-        self._ctx = (x, mean, rstd)
-        return output
+    def _normalise(self, x, weight, bias):
+        return F.native_group_norm(x, self.num_groups, weight, bias, self.eps)
 
-    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
-        """Add the weight and bias gradients; return the input gradient (or None)."""
-        x, mean, rstd = self._saved()
-        grad = self._grad_output(grad_output, x.shape)
-        grad_input, grad_weight, grad_bias = F.group_norm_backward(
-            grad, x, self.num_groups, self._affine()[0], mean, rstd)
-        self._accumulate(grad_weight, grad_bias)
-        return grad_input if input_grad else None
-
-    def output_shape(self, input_shape) -> tuple[int, ...]:
-        """The sample shape, unchanged (checked against ``num_channels``)."""
-        shape = tuple(input_shape)
-        self._check_shape(shape, batched=False)
-        return shape
+    def _normalise_backward(self, grad, x, weight, mean, rstd):
+        return F.group_norm_backward(grad, x, self.num_groups, weight, mean, rstd)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
@@ -168,30 +176,11 @@ class LayerNorm(_PerSampleNorm):
             layout = f"(N, ..., {dims})" if batched else f"(..., {dims})"
             raise ValueError(f"{self!r}: expected input of shape {layout}, got {shape}")
 
-    def forward(self, input) -> np.ndarray:
-        """Normalise every leading index over the trailing ``normalized_shape``."""
-        x = F.as_float32(input, "input")
-        self._check_shape(x.shape, batched=True)
-        weight, bias = self._affine()
-        output, mean, rstd = F.native_layer_norm(x, self.normalized_shape, weight, bias,
-                                                 self.eps)
-        self._ctx = (x, mean, rstd)
-        return output
+    def _normalise(self, x, weight, bias):
+        return F.native_layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
-    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
-        """Add the weight and bias gradients; return the input gradient (or None)."""
-        x, mean, rstd = self._saved()
-        grad = self._grad_output(grad_output, x.shape)
-        grad_input, grad_weight, grad_bias = F.layer_norm_backward(
-            grad, x, self.normalized_shape, self._affine()[0], mean, rstd)
-        self._accumulate(grad_weight, grad_bias)
-        return grad_input if input_grad else None
-
-    def output_shape(self, input_shape) -> tuple[int, ...]:
-        """The sample shape, unchanged (its trailing dimensions checked)."""
-        shape = tuple(input_shape)
-        self._check_shape(shape, batched=False)
-        return shape
+    def _normalise_backward(self, grad, x, weight, mean, rstd):
+        return F.layer_norm_backward(grad, x, self.normalized_shape, weight, mean, rstd)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, "
@@ -249,29 +238,11 @@ class InstanceNorm2d(_PerSampleNorm):
             raise ValueError(f"{self!r}: expected more than 1 spatial element per channel, "
                              f"got input of shape {shape}")
 
-    def forward(self, input) -> np.ndarray:
-        """Normalise every (sample, channel) map with its own statistics."""
-        x = F.as_float32(input, "input")
-        self._check_shape(x.shape, batched=True)
-        weight, bias = self._affine()
-        output, mean, rstd = F.native_instance_norm(x, weight, bias, self.eps)
-        self._ctx = (x, mean, rstd)
-        return output
+    def _normalise(self, x, weight, bias):
+        return F.native_instance_norm(x, weight, bias, self.eps)
 
-    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
-        """Add the weight and bias gradients; return the input gradient (or None)."""
-        x, mean, rstd = self._saved()
-        grad = self._grad_output(grad_output, x.shape)
-        grad_input, grad_weight, grad_bias = F.instance_norm_backward(
-            grad, x, self._affine()[0], mean, rstd)
-        self._accumulate(grad_weight, grad_bias)
-        return grad_input if input_grad else None
-
-    def output_shape(self, input_shape) -> tuple[int, ...]:
-        """The sample shape, unchanged (checked against ``num_features``)."""
-        shape = tuple(input_shape)
-        self._check_shape(shape, batched=False)
-        return shape
+    def _normalise_backward(self, grad, x, weight, mean, rstd):
+        return F.instance_norm_backward(grad, x, weight, mean, rstd)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "

@@ -285,14 +285,13 @@ fn max_forward_values(p: &Pool2dParams, input: &[f32], output: &mut [f32]) {
 
 /// Input gradient of max pooling: each output gradient is added at its recorded index.
 /// Needs only the input and output shapes (N, C, H, W) and (N, C, H_out, W_out).
-pub fn max_backward(
+/// A max-pool backward's grad_output: 4-D, with the N and C of `input_shape`; returns
+/// its (H_out, W_out).
+pub fn check_max_grad_output(
     input_shape: &[usize],
     grad_output_shape: &[usize],
-    grad_output: &[f32],
-    indices: &[i64],
-    grad_input: &mut [f32],
-) -> Result<()> {
-    let (n, c, h, w) = nchw("input_shape", input_shape)?;
+) -> Result<(usize, usize)> {
+    let (n, c, _, _) = nchw("input_shape", input_shape)?;
     let (gn, gc, gh, gw) = nchw("grad_output", grad_output_shape)?;
     if (gn, gc) != (n, c) {
         return Err(Error::invalid(
@@ -301,6 +300,18 @@ pub fn max_backward(
             format!("N={n} and C={c}, as input_shape {input_shape:?}"),
         ));
     }
+    Ok((gh, gw))
+}
+
+pub fn max_backward(
+    input_shape: &[usize],
+    grad_output_shape: &[usize],
+    grad_output: &[f32],
+    indices: &[i64],
+    grad_input: &mut [f32],
+) -> Result<()> {
+    let (n, c, h, w) = nchw("input_shape", input_shape)?;
+    let (gh, gw) = check_max_grad_output(input_shape, grad_output_shape)?;
     check_len("grad_output", grad_output.len(), n * c * gh * gw)?;
     check_len("indices", indices.len(), grad_output.len())?;
     check_len("grad_input", grad_input.len(), n * c * h * w)?;

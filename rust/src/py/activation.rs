@@ -40,7 +40,8 @@ fn activation_backward<'py>(
     } else {
         "input"
     };
-    check_shape(&saved, saved_name, grad_output.shape())?;
+    // The saved tensor comes from the forward: the gradient is checked against it.
+    check_shape(&grad_output, "grad_output", saved.shape())?;
     let (g, s) = (
         slice(&grad_output, "grad_output")?,
         slice(&saved, saved_name)?,

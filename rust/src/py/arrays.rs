@@ -90,21 +90,19 @@ impl<'py, T: Element> Output<'py, T> {
     /// large: the size is checked against the machine's memory before allocating, so an
     /// impossible request is a `MemoryError`, not a process the OS kills when it is touched.
     pub(crate) fn new(py: Python<'py>, name: &'static str, shape: &[usize]) -> PyResult<Self> {
-        let bytes = shape
-            .iter()
-            .try_fold(std::mem::size_of::<T>(), |total, &d| total.checked_mul(d));
-        let too_large = |detail: String| {
-            PyMemoryError::new_err(format!(
-                "{name}: an array of shape {shape:?} ({}) is too large to allocate{detail}",
-                std::any::type_name::<T>()
-            ))
-        };
-        let Some(bytes) = bytes else {
-            return Err(too_large(String::new()));
-        };
-        if let Some(excess) = crate::memory::exceeds_physical(bytes as u128) {
-            return Err(too_large(format!(": {excess}")));
-        }
+        Self::sized_by(py, name, shape, name)
+    }
+
+    /// An output whose size one argument alone decides (`input_shape`, a count): a
+    /// request too large is that argument's fault, and its error names `arg`.
+    pub(crate) fn sized_by(
+        py: Python<'py>,
+        name: &'static str,
+        shape: &[usize],
+        arg: &'static str,
+    ) -> PyResult<Self> {
+        let too_large = |detail: String| too_large::<T>(name, shape, arg, &detail);
+        let bytes = check_allocatable::<T>(name, shape, arg)?;
         let array = if bytes >= crate::buffers::MIN_CACHED_BYTES {
             let block = crate::buffers::take(bytes)
                 .ok_or_else(|| too_large(": the system refused the memory".to_string()))?;
@@ -211,6 +209,87 @@ impl<'py> LayerGrads<'py> {
             self.bias.map(Output::into_array),
         )
     }
+}
+
+/// The outputs of a norm's backward: the input gradient, and the weight and bias
+/// gradients (one value per channel) when the norm has an affine.
+pub(crate) struct NormGrads<'py> {
+    input: Output<'py, f32>,
+    weight: Option<Output<'py, f32>>,
+    bias: Option<Output<'py, f32>>,
+}
+
+/// The arrays a norm's backward returns: (grad_input, grad_weight or None, grad_bias or None).
+pub(crate) type NormGradArrays<'py> = (
+    Bound<'py, PyArrayDyn<f32>>,
+    Option<Bound<'py, PyArrayDyn<f32>>>,
+    Option<Bound<'py, PyArrayDyn<f32>>>,
+);
+
+impl<'py> NormGrads<'py> {
+    /// `affine_channels`: the channel count when there are weight and bias gradients.
+    pub(crate) fn new(
+        py: Python<'py>,
+        input_shape: &[usize],
+        affine_channels: Option<usize>,
+    ) -> PyResult<Self> {
+        let channel_grad = |name| {
+            affine_channels
+                .map(|c| Output::new(py, name, &[c]))
+                .transpose()
+        };
+        Ok(NormGrads {
+            input: Output::new(py, "grad_input", input_shape)?,
+            weight: channel_grad("grad_weight")?,
+            bias: channel_grad("grad_bias")?,
+        })
+    }
+
+    pub(crate) fn data(&mut self) -> (&mut [f32], Option<&mut [f32]>, Option<&mut [f32]>) {
+        (
+            self.input.data(),
+            self.weight.as_mut().map(Output::data),
+            self.bias.as_mut().map(Output::data),
+        )
+    }
+
+    pub(crate) fn into_arrays(self) -> NormGradArrays<'py> {
+        (
+            self.input.into_array(),
+            self.weight.map(Output::into_array),
+            self.bias.map(Output::into_array),
+        )
+    }
+}
+
+/// The error for an array of `shape` too large to allocate: "input_shape: a grad_input of
+/// shape [..] (f32) is too large to allocate: ..." when `arg` sized it, "output: an array
+/// of shape [..] ..." when the array is itself what the caller asked for.
+fn too_large<T>(name: &str, shape: &[usize], arg: &str, detail: &str) -> PyErr {
+    let array = if arg == name {
+        "an array".to_string()
+    } else {
+        format!("a {name}")
+    };
+    PyMemoryError::new_err(format!(
+        "{arg}: {array} of shape {shape:?} ({}) is too large to allocate{detail}",
+        std::any::type_name::<T>()
+    ))
+}
+
+/// The bytes of an array of `shape`, or a `MemoryError` naming `arg` when its size
+/// overflows or exceeds this machine's memory (see [`Output::sized_by`]).
+pub(crate) fn check_allocatable<T>(name: &str, shape: &[usize], arg: &str) -> PyResult<usize> {
+    let bytes = shape
+        .iter()
+        .try_fold(std::mem::size_of::<T>(), |total, &d| total.checked_mul(d));
+    let Some(bytes) = bytes else {
+        return Err(too_large::<T>(name, shape, arg, ""));
+    };
+    if let Some(excess) = crate::memory::exceeds_physical(bytes as u128) {
+        return Err(too_large::<T>(name, shape, arg, &format!(": {excess}")));
+    }
+    Ok(bytes)
 }
 
 /// Require `arr` to have exactly `expected` shape.

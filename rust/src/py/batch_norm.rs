@@ -4,7 +4,10 @@ use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::{check_shape, readable, run_kernel, slice, slice_mut, writeable, Output};
+use super::{
+    check_shape, readable, run_kernel, slice, slice_mut, writeable, NormGradArrays, NormGrads,
+    Output,
+};
 use crate::kernels::batch_norm::{self, BatchNormParams, RunningStats};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -121,7 +124,7 @@ fn batch_norm_backward<'py>(
     save_mean: PyReadonlyArrayDyn<'py, f32>,
     save_invstd: PyReadonlyArrayDyn<'py, f32>,
     training: bool,
-) -> PyResult<(Array<'py>, Option<Array<'py>>, Option<Array<'py>>)> {
+) -> PyResult<NormGradArrays<'py>> {
     let p = BatchNormParams::new(input.shape(), 0.0)?;
     let c = [p.channels];
     check_shape(&grad_output, "grad_output", input.shape())?;
@@ -137,24 +140,14 @@ fn batch_norm_backward<'py>(
     );
     let gamma = weight.as_ref().map(|w| slice(w, "weight")).transpose()?;
     let affine = gamma.is_some();
-    let mut gx = Output::new(py, "grad_input", input.shape())?;
-    let mut gg = Output::maybe(py, "grad_weight", affine, &c)?;
-    let mut gb = Output::maybe(py, "grad_bias", affine, &c)?;
-    let (gx_data, gg_data, gb_data) = (
-        gx.data(),
-        gg.as_mut().map(Output::data),
-        gb.as_mut().map(Output::data),
-    );
+    let mut grads = NormGrads::new(py, input.shape(), affine.then_some(p.channels))?;
+    let (gx_data, gg_data, gb_data) = grads.data();
     run_kernel(py, x.len(), || {
         batch_norm::backward(
             &p, gy, x, gamma, mean, invstd, training, gx_data, gg_data, gb_data,
         )
     })?;
-    Ok((
-        gx.into_array(),
-        gg.map(Output::into_array),
-        gb.map(Output::into_array),
-    ))
+    Ok(grads.into_arrays())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -51,6 +51,7 @@ fn conv2d_backward<'py>(
     input_grad: bool,
 ) -> PyResult<GradArrays<'py>> {
     let p = Conv2dParams::new(input.shape(), weight.shape(), stride, padding, dilation)?;
+    check_grad_output_channels(&grad_output, &weight)?;
     check_shape(&grad_output, "grad_output", &p.output_shape())?;
     let (gy, x, w) = (
         slice(&grad_output, "grad_output")?,
@@ -68,6 +69,28 @@ fn conv2d_backward<'py>(
         conv::backward(&p, gy, x, w, gx_data, gw_data, gb_data)
     })?;
     Ok(grads.into_arrays())
+}
+
+/// grad_output's channels against the weight's output channels: nothing says which of
+/// the two is wrong, so the error names both.
+fn check_grad_output_channels(
+    grad_output: &PyReadonlyArrayDyn<'_, f32>,
+    weight: &PyReadonlyArrayDyn<'_, f32>,
+) -> PyResult<()> {
+    let (gy_shape, w_shape) = (grad_output.shape(), weight.shape());
+    if gy_shape.len() == 4 && gy_shape[1] != w_shape[0] {
+        return Err(crate::Error::invalid(
+            "grad_output, weight",
+            format!(
+                "{} channels in grad_output (shape {gy_shape:?}) and {} output channels in \
+                 weight (shape {w_shape:?})",
+                gy_shape[1], w_shape[0]
+            ),
+            "as many channels in grad_output as the weight has output channels",
+        )
+        .into());
+    }
+    Ok(())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

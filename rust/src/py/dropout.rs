@@ -32,7 +32,7 @@ fn dropout_mask<'py>(
     p: f32,
     seed: u64,
 ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
-    let mut keep = Output::new(py, "mask", &[n])?;
+    let mut keep = Output::sized_by(py, "mask", &[n], "n")?;
     let keep_data = keep.data();
     run_kernel(py, n, || dropout::mask(p, seed, keep_data))?;
     Ok(keep.into_array())

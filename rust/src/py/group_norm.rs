@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run_kernel, slice, Output};
+use super::{check_shape, run_kernel, slice, NormGradArrays, NormGrads, Output};
 use crate::kernels::group_norm::{self, GroupNormParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -51,7 +51,7 @@ fn group_norm_backward<'py>(
     weight: Option<PyReadonlyArrayDyn<'py, f32>>,
     mean: PyReadonlyArrayDyn<'py, f32>,
     rstd: PyReadonlyArrayDyn<'py, f32>,
-) -> PyResult<(Array<'py>, Option<Array<'py>>, Option<Array<'py>>)> {
+) -> PyResult<NormGradArrays<'py>> {
     let p = GroupNormParams::new(input.shape(), num_groups, 0.0)?;
     let c = [p.channels];
     let stats_shape = [p.batch, p.groups];
@@ -65,24 +65,14 @@ fn group_norm_backward<'py>(
     let (mean_data, rstd_data) = (slice(&mean, "mean")?, slice(&rstd, "rstd")?);
     let gamma = weight.as_ref().map(|w| slice(w, "weight")).transpose()?;
     let affine = gamma.is_some();
-    let mut gx = Output::new(py, "grad_input", input.shape())?;
-    let mut gg = Output::maybe(py, "grad_weight", affine, &c)?;
-    let mut gb = Output::maybe(py, "grad_bias", affine, &c)?;
-    let (gx_data, gg_data, gb_data) = (
-        gx.data(),
-        gg.as_mut().map(Output::data),
-        gb.as_mut().map(Output::data),
-    );
+    let mut grads = NormGrads::new(py, input.shape(), affine.then_some(p.channels))?;
+    let (gx_data, gg_data, gb_data) = grads.data();
     run_kernel(py, x.len(), || {
         group_norm::backward(
             &p, gy, x, gamma, mean_data, rstd_data, gx_data, gg_data, gb_data,
         )
     })?;
-    Ok((
-        gx.into_array(),
-        gg.map(Output::into_array),
-        gb.map(Output::into_array),
-    ))
+    Ok(grads.into_arrays())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

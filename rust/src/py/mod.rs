@@ -21,7 +21,8 @@ mod runtime;
 mod shapes;
 
 pub(crate) use arrays::{
-    check_shape, readable, slice, slice_mut, writeable, GradArrays, LayerGrads, Output,
+    check_allocatable, check_shape, readable, slice, slice_mut, writeable, GradArrays, LayerGrads,
+    NormGradArrays, NormGrads, Output,
 };
 pub(crate) use guard::run_kernel;
 

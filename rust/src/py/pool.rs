@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run_kernel, slice, Output};
+use super::{check_allocatable, check_shape, run_kernel, slice, Output};
 use crate::kernels::pool::{self, Pool2dParams};
 
 type Pair = (i64, i64);
@@ -13,15 +13,19 @@ type PooledWithIndices<'py> = (
 );
 type Shape4 = (i64, i64, i64, i64);
 
-/// An (N, C, H, W) shape given by the caller.
-fn shape4(shape: Shape4) -> PyResult<[usize; 4]> {
+/// The forward input's (N, C, H, W) shape given to a backward: 4 positive sizes of an
+/// input gradient that can be allocated (which else would be refused naming the array,
+/// not the argument at fault).
+fn checked_input_shape(shape: Shape4) -> PyResult<[usize; 4]> {
     let dims = [shape.0, shape.1, shape.2, shape.3];
     if dims.iter().any(|&d| d < 1) {
         return Err(pyo3::exceptions::PyValueError::new_err(format!(
             "input_shape: expected 4 positive sizes (N, C, H, W), got {dims:?}"
         )));
     }
-    Ok(dims.map(|d| d as usize))
+    let dims = dims.map(|d| d as usize);
+    check_allocatable::<f32>("grad_input", &dims, "input_shape")?;
+    Ok(dims)
 }
 
 /// max_pool2d forward: (output, indices), the indices None unless `return_indices`.
@@ -52,14 +56,16 @@ fn max_pool2d_backward<'py>(
     indices: PyReadonlyArrayDyn<'py, i64>,
     input_shape: Shape4,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-    let in_shape = shape4(input_shape)?;
+    let in_shape = checked_input_shape(input_shape)?;
+    // grad_output first: the indices are checked against its shape.
+    pool::check_max_grad_output(&in_shape, grad_output.shape())?;
     check_shape(&indices, "indices", grad_output.shape())?;
     let (gy, idx) = (
         slice(&grad_output, "grad_output")?,
         slice(&indices, "indices")?,
     );
     let gy_shape = grad_output.shape().to_vec();
-    let mut gx = Output::new(py, "grad_input", &in_shape)?;
+    let mut gx = Output::sized_by(py, "grad_input", &in_shape, "input_shape")?;
     let gx_data = gx.data();
     run_kernel(py, gy.len(), || {
         pool::max_backward(&in_shape, &gy_shape, gy, idx, gx_data)
@@ -99,11 +105,11 @@ fn avg_pool2d_backward<'py>(
     padding: Pair,
     count_include_pad: bool,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-    let in_shape = shape4(input_shape)?;
+    let in_shape = checked_input_shape(input_shape)?;
     let p = Pool2dParams::new(&in_shape, kernel_size, stride, padding)?;
     check_shape(&grad_output, "grad_output", &p.output_shape())?;
     let gy = slice(&grad_output, "grad_output")?;
-    let mut gx = Output::new(py, "grad_input", &in_shape)?;
+    let mut gx = Output::sized_by(py, "grad_input", &in_shape, "input_shape")?;
     let gx_data = gx.data();
     run_kernel(py, gy.len(), || {
         pool::avg_backward(&p, gy, count_include_pad, gx_data)

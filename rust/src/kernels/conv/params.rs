@@ -1,8 +1,8 @@
 //! Shapes and hyper-parameters of a convolution: validation and the output-shape
 //! arithmetic, in one place.
 
-use crate::error::{checked_size, Error, Result};
-use crate::kernels::{nchw, non_negative_pair, nonzero, positive_pair, window_out_len};
+use crate::error::{checked_size, join_dims, Error, Result};
+use crate::kernels::{nchw, non_negative_pair, nonzero, positive_pair, window_output_hw};
 
 /// Shapes and hyper-parameters of a convolution, validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,14 +55,15 @@ impl Conv2dParams {
         let stride = positive_pair("stride", stride)?;
         let padding = non_negative_pair("padding", padding)?;
         let dilation = positive_pair("dilation", dilation)?;
-        let out_h = window_out_len(in_h, padding.0, kernel_h, stride.0, dilation.0);
-        let out_w = window_out_len(in_w, padding.1, kernel_w, stride.1, dilation.1);
-        let (Some(out_h), Some(out_w)) = (out_h, out_w) else {
+        let kernel = (kernel_h, kernel_w);
+        let Some((out_h, out_w)) =
+            window_output_hw((in_h, in_w), kernel, stride, padding, dilation)
+        else {
             return Err(Error::invalid(
                 "weight",
                 format!(
                     "a kernel of {kernel_h}×{kernel_w} (dilation {dilation:?}) on an input of \
-                         {in_h}×{in_w} padded by {padding:?}"
+                         {in_h}×{in_w} with padding {padding:?}"
                 ),
                 "a (dilated) kernel no larger than the padded input",
             ));
@@ -81,7 +82,23 @@ impl Conv2dParams {
             out_h,
             out_w,
         };
-        checked_size("output", &[batch, out_channels, out_h, out_w])?;
+        let output = [batch, out_channels, out_h, out_w];
+        if let Some(excess) = beyond_memory(&output).filter(|_| padding != (0, 0)) {
+            // Without padding a convolution outputs no more per plane than its input,
+            // which is in memory: when that output would fit, the padding is at fault.
+            let unpadded = window_output_hw((in_h, in_w), kernel, stride, (0, 0), dilation);
+            if unpadded.is_none_or(|(h, w)| beyond_memory(&[batch, out_channels, h, w]).is_none()) {
+                return Err(Error::TooLarge {
+                    arg: "padding",
+                    reason: format!(
+                        "{padding:?} makes an output of {} elements, too large to \
+                         allocate{excess}",
+                        join_dims(&output)
+                    ),
+                });
+            }
+        }
+        checked_size("output", &output)?;
         checked_size("im2col buffer", &[params.col_rows(), out_h, out_w])?;
         Ok(params)
     }
@@ -134,4 +151,14 @@ impl Conv2dParams {
             self.batch * self.out_channels * self.pixels(),
         )
     }
+}
+
+/// Why a float32 array of `dims` cannot be allocated ("" when its size overflows, else how
+/// far it exceeds this machine's memory), or `None` when it can.
+fn beyond_memory(dims: &[usize]) -> Option<String> {
+    let Ok(elements) = checked_size("output", dims) else {
+        return Some(String::new());
+    };
+    let bytes = elements as u128 * std::mem::size_of::<f32>() as u128;
+    crate::memory::exceeds_physical(bytes).map(|excess| format!(": {excess}"))
 }
