@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::gemm::{sgemm, MatRef};
 use super::{nchw, non_negative_pair, positive_pair, valid_range, window_out_len};
 use crate::error::{checked_size, Error, Result};
-use crate::parallel::{chunk_len, stop_requested};
+use crate::parallel::{chunk_len, stop_token};
 use crate::simd_dispatch;
 use std::ops::Range;
 
@@ -634,6 +634,7 @@ pub fn forward(
         crate::error::check_len("bias", b.len(), p.out_channels)?;
     }
     let (pixels, k) = (p.pixels(), p.col_rows());
+    let stop = stop_token();
     let images = output
         .par_chunks_mut(p.out_channels * pixels)
         .zip(input.par_chunks(p.image_len()));
@@ -641,7 +642,7 @@ pub fn forward(
         images.for_each_init(
             || (Vec::new(), Unfolder::new()),
             |(col, unfolder), (out_image, image)| {
-                if stop_requested() {
+                if stop.is_set() {
                     return;
                 }
                 let unfolded_image = unfolded(p, image, col, unfolder);
@@ -659,7 +660,7 @@ pub fn forward(
     images.for_each_init(
         || (Vec::new(), Unfolder::new()),
         |(col, unfolder), (out_image, image)| {
-            if stop_requested() {
+            if stop.is_set() {
                 return;
             }
             if let Some(b) = bias {
@@ -714,13 +715,14 @@ fn forward_grouped(
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let out_image = p.out_channels * pixels;
+    let stop = stop_token();
     output
         .par_chunks_mut(group * out_image)
         .zip(input.par_chunks(group * p.image_len()))
         .for_each_init(
             || (Vec::new(), Vec::new(), Unfolder::new()),
             |(col, product, unfolder), (out_group, in_group)| {
-                if stop_requested() {
+                if stop.is_set() {
                     return;
                 }
                 let n = in_group.len() / p.image_len() * pixels;
@@ -852,6 +854,7 @@ pub fn backward(
         None => (0..n_groups).map(|_| None).collect(),
     };
     let image_len = p.image_len();
+    let stop = stop_token();
     grad_input_groups
         .into_par_iter()
         .zip(partials.par_chunks_mut(weight.len()))
@@ -862,7 +865,7 @@ pub fn backward(
             let first = g * group;
             let last = (first + group).min(p.batch);
             for start in (first..last).step_by(block) {
-                if stop_requested() {
+                if stop.is_set() {
                     return;
                 }
                 let images = block.min(last - start);
