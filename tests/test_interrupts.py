@@ -342,8 +342,10 @@ def test_sigint_during_a_grid_search_stops_the_search():
 
 
 #: The fit runs in a worker thread (printing its epochs) while the main thread loops over
-#: long kernel calls until Ctrl-C; the worker's fit must go on to its last epoch and equal
-#: the same fit made alone, bit for bit.
+#: long kernel calls, interrupted by each of several Ctrl-C; the worker's fit must go on to
+#: its last epoch and equal the same fit made alone, bit for bit. (Several: a Ctrl-C that
+#: finds the worker between two kernel calls, rather than inside one, could not disturb
+#: it even with one stop flag for all calls.)
 THREAD_FIT_CHILD = FIT_DATA + """
     import threading
     from bnrs import functional as F
@@ -355,7 +357,7 @@ THREAD_FIT_CHILD = FIT_DATA + """
     y = (X[:, 0, :12].mean(axis=(1, 2)) > 0).astype(int)
     params = dict(architecture="c16-bn-relu-mp2-c16-bn-relu-mp2-fc32-bn-relu",
                   batch_size=128, n_iter_no_change=10**6, random_state=3)
-    EPOCHS = 8
+    EPOCHS = 10
     outcome = {}
 
     def fit_in_thread():
@@ -371,12 +373,16 @@ THREAD_FIT_CHILD = FIT_DATA + """
     print("READY", flush=True)
     worker = threading.Thread(target=fit_in_thread)
     worker.start()
-    try:
-        while worker.is_alive():
-            F.conv2d(x, w, padding=1)
-        print("NOT INTERRUPTED", flush=True)
-    except KeyboardInterrupt:
-        print("INTERRUPTED", worker.is_alive(), flush=True)
+    interrupts = 0
+    while interrupts < {interrupts}:
+        try:
+            while worker.is_alive():
+                F.conv2d(x, w, padding=1)
+            print("NOT INTERRUPTED", flush=True)
+            break
+        except KeyboardInterrupt:
+            interrupts += 1
+            print("INTERRUPTED", interrupts, worker.is_alive(), flush=True)
     worker.join(300)
     print("ERROR", outcome.get("error"), flush=True)
     clf = outcome["clf"]
@@ -392,19 +398,31 @@ THREAD_FIT_CHILD = FIT_DATA + """
 
 
 def test_sigint_to_the_main_thread_leaves_a_fit_in_another_thread_whole():
-    process = child.start(THREAD_FIT_CHILD)
+    interrupts = 5
+    process = child.start(THREAD_FIT_CHILD.replace("{interrupts}", str(interrupts)))
     child.expect_line(process, "READY")
     child.expect_line(process, "epoch   1")
     child.expect_line(process, "epoch   2")
-    time.sleep(0.4)  # inside epoch 3, while the fit's kernel calls run (not between epochs)
-    process.send_signal(signal.SIGINT)
+    seen = []
+    for count in range(1, interrupts + 1):
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        # The next Ctrl-C only once this one was caught (the worker prints epoch lines).
+        line = process.stdout.readline()
+        while line and not line.startswith("INTERRUPTED"):
+            line = process.stdout.readline()
+        seen.append(line.strip())
+        if line.strip() != f"INTERRUPTED {count} True":
+            break
     stdout, stderr = child.finish(process, timeout=300)
+    # "INTERRUPTED n False": the fit had ended (or failed) before the n-th Ctrl-C.
+    assert seen == [f"INTERRUPTED {count} True" for count in range(1, interrupts + 1)], (
+        f"{seen}\n{stdout}\n{stderr}")
     assert process.returncode == 0, stderr
     lines = dict(line.split(" ", 1) for line in stdout.splitlines() if " " in line)
-    assert lines.get("INTERRUPTED") == "True", f"SIGINT came too late\n{stdout}"
     assert lines["ERROR"] == "None", stdout
     assert lines["WARNINGS"] == "[]", stdout
-    assert lines["EPOCHS"] == "8 8", stdout
+    assert lines["EPOCHS"] == "10 10", stdout
     assert lines["SAME"] == "True True", stdout
 
 

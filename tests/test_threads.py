@@ -292,6 +292,22 @@ FORK_CHILD = """
 """
 
 
+def test_a_forked_child_keeps_the_thread_count_set_before_the_fork():
+    result = child.run(THREAD_COUNT_CHILD.split("    x = np.ones")[0] + """
+    import signal
+    bnrs.set_num_threads(3)
+    F.relu(np.ones(3, np.float32))
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)
+        F.relu(np.ones(3, np.float32))
+        os._exit(10 * bnrs.get_num_threads() + settle(3))
+    _, status = os.waitpid(pid, 0)
+    print("CHILD", os.waitstatus_to_exitcode(status))
+""", env={"BNRS_NUM_THREADS": "2"})
+    assert result.stdout.split() == ["CHILD", "33"], result.stdout
+
+
 def test_fork_after_use_child_computes_and_exits():
     result = child.run(FORK_CHILD, timeout=90)
     assert result.stdout.split("\n")[:4] == ["CHILD 0 0", "CHILD 1 0", "CHILD 2 0",

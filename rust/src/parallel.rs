@@ -79,17 +79,19 @@ fn build_or_one(threads: usize) -> SizedPool {
         .unwrap_or_else(|e| panic!("bnrs: {e}"))
 }
 
-/// The pools of this process: those inherited through `fork` (which have no threads behind
-/// them) are replaced by fresh ones of the same sizes.
+/// The pools of this process: after `fork`, whose copies have no threads behind them, a
+/// fresh default pool of the same size (the others are built again when asked for).
 fn pools_here(guard: &mut Option<Pools>) -> &mut Pools {
     let pid = std::process::id();
-    if guard.as_ref().is_some_and(|p| p.pid != pid) {
+    let mut threads = default_threads();
+    if let Some(inherited) = guard.take_if(|p| p.pid != pid) {
+        threads = inherited.default.threads;
         // Leak the inherited pools rather than run their destructors, which would wait
         // for threads that do not exist.
-        std::mem::forget(guard.take());
+        std::mem::forget(inherited);
     }
     guard.get_or_insert_with(|| Pools {
-        default: build_or_one(default_threads()),
+        default: build_or_one(threads),
         others: Vec::new(),
         pid,
     })
