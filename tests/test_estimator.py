@@ -530,8 +530,12 @@ def test_keyboard_interrupt_keeps_the_last_completed_epoch(digits, monkeypatch, 
     X, y = digits
     batches_per_epoch = len(_batch_bounds(len(X), 64))  # 5
     _interrupt_on_batch(monkeypatch, completed * batches_per_epoch + 3)
-    with pytest.warns(FitInterruptedWarning, match=f"during epoch {completed + 1}"):
-        clf = _fit(X, y, max_epochs=5)
+    clf = CNNClassifier(SMALL_CNN, max_epochs=5, random_state=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt):
+            clf.fit(X, y)
+    assert not [w for w in caught if w.category is FitInterruptedWarning]
     assert clf.n_iter_ == completed == len(clf.loss_curve_)
     assert not clf.model_.training
     # The network is exactly that of a fit stopped after the completed epochs (the
@@ -547,6 +551,17 @@ def test_keyboard_interrupt_keeps_the_last_completed_epoch(digits, monkeypatch, 
     # It can go on training.
     clf.partial_fit(X, y)
     assert clf.n_iter_ == completed + 1
+
+
+def test_keyboard_interrupt_stops_a_grid_search(digits, monkeypatch):
+    """Ctrl-C in one candidate's fit stops the search, not only that fit."""
+    X, y = digits
+    _interrupt_on_batch(monkeypatch, 2)
+    search = GridSearchCV(CNNClassifier(SMALL_CNN, max_epochs=2, random_state=0),
+                          {"learning_rate": [1e-3, 1e-2]}, cv=2, n_jobs=1)
+    with pytest.raises(KeyboardInterrupt):
+        search.fit(X, y)
+    assert not hasattr(search, "cv_results_")
 
 
 def test_divergence_raises_and_keeps_a_finite_network(digits):

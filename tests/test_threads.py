@@ -312,6 +312,22 @@ FORK_CHILD = """
 """
 
 
+def test_a_forked_child_keeps_the_thread_count_set_before_the_fork():
+    result = child.run(THREAD_COUNT_CHILD.split("    x = np.ones")[0] + """
+    import signal
+    bnrs.set_num_threads(3)
+    F.relu(np.ones(3, np.float32))
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)
+        F.relu(np.ones(3, np.float32))
+        os._exit(10 * bnrs.get_num_threads() + settle(3))
+    _, status = os.waitpid(pid, 0)
+    print("CHILD", os.waitstatus_to_exitcode(status))
+""", env={"BNRS_NUM_THREADS": "2"})
+    assert result.stdout.split() == ["CHILD", "33"], result.stdout
+
+
 def test_fork_after_use_child_computes_and_exits():
     result = child.run(FORK_CHILD, timeout=90)
     assert result.stdout.split("\n")[:4] == ["CHILD 0 0", "CHILD 1 0", "CHILD 2 0",
@@ -398,7 +414,7 @@ def test_threads_predicting_with_one_fitted_estimator_get_the_sequential_results
 
 
 def test_fits_in_threads_with_different_n_threads_agree(restore_threads):
-    """n_threads sets the process-wide pool during fit; results do not depend on it."""
+    """n_threads sets the fitting thread's pool size; results do not depend on it."""
     rng = np.random.default_rng(1)
     X = rng.standard_normal((48, 1, 8, 8)).astype(np.float32)
     y = np.arange(48) % 3
@@ -413,6 +429,60 @@ def test_fits_in_threads_with_different_n_threads_agree(restore_threads):
     for n_threads, runs in results.items():
         for result in runs:
             _assert_identical(result, expected, f"n_threads={n_threads}")
+
+
+def test_overlapping_fits_keep_their_own_thread_counts(monkeypatch):
+    """n_threads is the fitting thread's own: two fits with different counts that overlap
+    (the second starts inside the first and ends after it) each use their count
+    throughout, and the process default is what it was before, whatever order they end
+    in."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((48, 1, 8, 8)).astype(np.float32)
+    y = np.arange(48) % 3
+    epochs = {1: 20, 3: 40}
+
+    def fit(n_threads):
+        return bnrs.CNNClassifier("c4-bn-relu-mp2-fc8", max_epochs=epochs[n_threads],
+                                  batch_size=16, random_state=5,
+                                  n_threads=n_threads).fit(X, y)
+
+    alone = {n: fit(n) for n in epochs}
+    before = bnrs.get_num_threads()
+    seen = {n: set() for n in epochs}
+    first_started = threading.Event()
+    forward = nn.CrossEntropyLoss.forward
+
+    def recording_forward(self, input, target):
+        name = threading.current_thread().name
+        if name in ("fit-1", "fit-3"):
+            seen[int(name[-1])].add(bnrs.get_num_threads())
+            first_started.set()
+        return forward(self, input, target)
+
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", recording_forward)
+    fitted, failures = {}, []
+
+    def run(n_threads):
+        try:
+            fitted[n_threads] = fit(n_threads)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+
+    first = threading.Thread(target=run, args=(1,), name="fit-1")
+    second = threading.Thread(target=run, args=(3,), name="fit-3")
+    first.start()
+    assert first_started.wait(60)
+    second.start()
+    for thread in (first, second):
+        thread.join(120)
+    assert not failures, failures
+    assert bnrs.get_num_threads() == before
+    assert seen == {1: {1}, 3: {3}}
+    for n_threads, clf in fitted.items():
+        expected = alone[n_threads]
+        assert clf.loss_curve_ == expected.loss_curve_
+        _assert_identical(clf.model_.state_dict(), expected.model_.state_dict(),
+                          f"n_threads={n_threads}")
 
 
 def _predict_chunk(index: int):

@@ -100,3 +100,37 @@ def test_num_threads_restores_the_count():
     assert bnrs.get_num_threads() == before
     with num_threads(None):
         assert bnrs.get_num_threads() == before
+
+
+def test_num_threads_blocks_overlapping_in_two_threads_keep_their_own_counts():
+    """A block's count is its thread's own: two blocks that overlap in time, the second
+    entered inside the first and left after it, each see their count and restore only
+    their thread's, so the process default is unchanged afterwards."""
+    import threading
+
+    before = bnrs.get_num_threads()
+    first_in, second_in, first_out = (threading.Event() for _ in range(3))
+    seen = {}
+
+    def first():
+        with num_threads(1):
+            first_in.set()
+            second_in.wait(30)
+            seen["first"] = bnrs.get_num_threads()
+        first_out.set()
+
+    def second():
+        first_in.wait(30)
+        with num_threads(3):
+            second_in.set()
+            first_out.wait(30)
+            seen["second"] = bnrs.get_num_threads()
+        seen["second after"] = bnrs.get_num_threads()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert seen == {"first": 1, "second": 3, "second after": before}
+    assert bnrs.get_num_threads() == before

@@ -22,7 +22,6 @@ import copy
 import math
 import sys
 import time
-import warnings
 from typing import ClassVar
 
 import numpy as np
@@ -84,7 +83,8 @@ class DivergenceError(RuntimeError):
 
 
 class FitInterruptedWarning(UserWarning):
-    """``fit`` was stopped by KeyboardInterrupt (Ctrl-C) and kept the last whole epoch."""
+    """No longer issued: an interrupted ``fit`` now re-raises the KeyboardInterrupt (see
+    "Ctrl-C" in :class:`CNNClassifier`). Kept so that code importing it still works."""
 
 
 class _Diverged(Exception):
@@ -764,12 +764,11 @@ class _BaseCNN(BaseEstimator):
                     layers = None if probe is None else layer_statistics(
                         self.model_, *probe, criterion=self._criterion())
                 except KeyboardInterrupt:
+                    # A request to stop the program, not to shorten this one fit among
+                    # those a search or script makes: it goes on up, with the model of
+                    # the completed epochs kept.
                     self._restore(completed)
-                    warnings.warn(
-                        f"fit interrupted by KeyboardInterrupt during epoch {epoch}; kept "
-                        f"the network as it was after epoch {self.n_iter_} (the last "
-                        "completed one)", FitInterruptedWarning, stacklevel=4)
-                    break
+                    raise
                 except _Diverged as diverged:
                     self._restore(completed)
                     what = ("a parameter or batch-norm statistic became NaN or infinite"
@@ -1085,8 +1084,9 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
         validation split and the order of every epoch. The same int gives bit-identical
         predictions at any thread count.
     n_threads : int, optional
-        Kernel threads during ``fit`` and prediction (``bnrs.set_num_threads``, restored
-        afterwards); None uses the current setting (``bnrs.get_num_threads()``).
+        Kernel threads during ``fit`` and prediction, for this call's thread only (see
+        :func:`bnrs.training.num_threads`: concurrent fits keep their own counts, and
+        ``bnrs.get_num_threads()`` is unchanged); None uses the current setting.
     verbose : int or bool, default 0
         With 1 (or True) or more, print a line per epoch (loss, validation accuracy, seconds) to
         standard output.
@@ -1257,10 +1257,13 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
     **Ctrl-C.** A KeyboardInterrupt during ``fit`` or ``partial_fit`` stops training at
     once and restores the network, its batch-norm statistics and the optimizer to their
     state at the end of the last completed epoch (the initial state if none completed;
-    with ``early_stopping``, the best epoch so far), issues a
-    :class:`FitInterruptedWarning` and returns normally: the estimator is fitted and
-    ``predict`` works. The attributes describe the completed epochs only. (A loop that
-    calls ``fit`` repeatedly, such as a grid search, then goes on with the next fit.)
+    with ``early_stopping``, the best epoch so far); then the KeyboardInterrupt
+    propagates, as from Keras's ``fit``. Ctrl-C is a request to stop, so a grid search,
+    pipeline, script or thread that called ``fit`` stops too, instead of going on with a
+    model fitted on fewer epochs. The estimator stays fitted and usable (at the
+    interactive prompt the model of the completed epochs is kept): ``predict`` works and
+    the attributes describe the completed epochs only. Only the main thread sees Ctrl-C:
+    a ``fit`` running in another thread is not interrupted by it.
 
     **Divergence.** When the training loss of a batch, or a parameter or batch-norm
     statistic after an epoch, is NaN or infinite, training stops, the state of the end

@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import get_num_threads, nn, optim, set_num_threads
+from . import _core, nn, optim
 
 __all__ = ["STAGES", "batch_bounds", "eval_logits", "num_threads", "train_epoch",
            "train_step"]
@@ -48,22 +48,27 @@ def _no_mark(stage: str) -> None:
 
 @contextmanager
 def num_threads(n_threads: int | None) -> Iterator[None]:
-    """Use ``n_threads`` kernel threads inside the block (if given), then restore.
+    """Use ``n_threads`` kernel threads for the calls this thread makes inside the block.
+
+    The count belongs to the calling thread only: the process default
+    (``bnrs.set_num_threads``) and other threads' counts are neither changed nor seen, so
+    blocks running at the same time in several threads (two fits with different
+    ``n_threads``) each keep their own count however they overlap, and each restores only
+    its own thread's previous count. Blocks nest.
 
     Parameters
     ----------
     n_threads : int or None
-        The thread count (``bnrs.set_num_threads``); None leaves the current one.
+        The thread count (1 to 1024); None leaves the current one.
     """
     if n_threads is None:
         yield
         return
-    previous = get_num_threads()
-    set_num_threads(n_threads)
+    previous = _core._set_local_num_threads(n_threads)
     try:
         yield
     finally:
-        set_num_threads(previous)
+        _core._set_local_num_threads(previous)
 
 
 def batch_bounds(n_samples: int, batch_size: int,

@@ -5,7 +5,8 @@
 //! decides *who* computes a chunk, not *what* is computed, so every result is bit-identical
 //! at any thread count.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -15,17 +16,35 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 /// small enough to balance two to a few dozen threads on typical layer sizes.
 pub const ELEMENTWISE_CHUNK: usize = 1 << 15;
 
-struct Pool {
-    pool: Arc<ThreadPool>,
-    threads: usize,
+/// The pools: the process default (`BNRS_NUM_THREADS` or [`set_num_threads`]) and a few
+/// of other sizes for calls made under a per-thread count ([`set_local_threads`]).
+struct Pools {
+    default: SizedPool,
+    /// Most recently used last; at most [`MAX_OTHER_POOLS`].
+    others: Vec<SizedPool>,
     pid: u32,
 }
 
-static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+struct SizedPool {
+    pool: Arc<ThreadPool>,
+    threads: usize,
+}
+
+static POOLS: Mutex<Option<Pools>> = Mutex::new(None);
+
+/// Pools kept besides the default one: enough for the few `n_threads` values a program
+/// uses at once (a grid search over it, say), few enough that idle threads stay bounded.
+/// An evicted pool lives on until the calls still running in it end.
+const MAX_OTHER_POOLS: usize = 3;
 
 /// Most threads a pool may have: far above any core count, far below what would exhaust
 /// the system's thread limit.
 pub const MAX_THREADS: usize = 1024;
+
+thread_local! {
+    /// The thread count of the kernel calls made from this thread, if it has its own.
+    static LOCAL_THREADS: Cell<Option<usize>> = const { Cell::new(None) };
+}
 
 /// The environment variable that sets the default number of threads.
 pub const NUM_THREADS_ENV: &str = "BNRS_NUM_THREADS";
@@ -95,67 +114,123 @@ pub fn num_threads_env_refusal() -> Option<&'static str> {
     default_setting().refused.as_deref()
 }
 
-fn build(threads: usize) -> Result<Pool, String> {
+fn build(threads: usize) -> Result<SizedPool, String> {
     let pool = ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("bnrs-{i}"))
         .build()
         .map_err(|e| format!("could not start a pool of {threads} threads: {e}"))?;
-    Ok(Pool {
+    Ok(SizedPool {
         pool: Arc::new(pool),
         threads,
-        pid: std::process::id(),
     })
 }
 
-/// The pool, rebuilt in a child process after `fork` (whose copy has no threads).
-fn current_pool() -> Arc<ThreadPool> {
-    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
+/// A pool of `threads` threads, or, if the system refuses that many, of one: one thread
+/// computes the same result.
+fn build_or_one(threads: usize) -> SizedPool {
+    build(threads)
+        .or_else(|_| build(1))
+        .unwrap_or_else(|e| panic!("bnrs: {e}"))
+}
+
+/// The pools of this process: after `fork`, whose copies have no threads behind them, a
+/// fresh default pool of the same size (the others are built again when asked for).
+fn pools_here(guard: &mut Option<Pools>) -> &mut Pools {
     let pid = std::process::id();
-    match guard.as_ref() {
-        Some(p) if p.pid == pid => p.pool.clone(),
-        stale => {
-            let threads = stale.map_or_else(default_threads, |p| p.threads);
-            // If the system refuses that many threads, one still computes the same result.
-            let fresh = build(threads)
-                .or_else(|_| build(1))
-                .unwrap_or_else(|e| panic!("bnrs: {e}"));
-            let pool = fresh.pool.clone();
-            // A pool inherited through fork has no threads behind it: leak it rather than
-            // run its destructor, which would wait for threads that do not exist.
-            if let Some(old) = guard.take() {
-                std::mem::forget(old);
-            }
-            *guard = Some(fresh);
-            pool
+    let mut threads = default_threads();
+    if let Some(inherited) = guard.take_if(|p| p.pid != pid) {
+        threads = inherited.default.threads;
+        // Leak the inherited pools rather than run their destructors, which would wait
+        // for threads that do not exist.
+        std::mem::forget(inherited);
+    }
+    guard.get_or_insert_with(|| Pools {
+        default: build_or_one(threads),
+        others: Vec::new(),
+        pid,
+    })
+}
+
+impl Pools {
+    /// The pool of `threads` threads, built if there is none.
+    fn of_size(&mut self, threads: usize) -> Result<Arc<ThreadPool>, String> {
+        if threads == self.default.threads {
+            return Ok(self.default.pool.clone());
         }
+        let sized = match self.others.iter().position(|p| p.threads == threads) {
+            Some(i) => self.others.remove(i),
+            None => build(threads)?,
+        };
+        let pool = sized.pool.clone();
+        self.others.push(sized);
+        if self.others.len() > MAX_OTHER_POOLS {
+            self.others.remove(0);
+        }
+        Ok(pool)
     }
 }
 
-/// Number of threads the kernels use (`BNRS_NUM_THREADS`, else the number of cores).
-pub fn num_threads() -> usize {
-    let guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    guard.as_ref().map_or_else(default_threads, |p| p.threads)
+/// The pool for a kernel call from this thread: of its own thread count if it has one
+/// ([`set_local_threads`]), else the default pool.
+fn current_pool() -> Arc<ThreadPool> {
+    let mut guard = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    let pools = pools_here(&mut guard);
+    match LOCAL_THREADS.get() {
+        None => pools.default.pool.clone(),
+        // Checked when it was set; should the system refuse the threads now, one thread
+        // computes the same result.
+        Some(threads) => pools
+            .of_size(threads)
+            .unwrap_or_else(|_| build_or_one(1).pool),
+    }
 }
 
-/// Use `threads` threads (at least 1) from now on. If the system cannot start them, the
-/// error says why and the current pool is kept.
+/// Number of threads the kernel calls made from this thread use: its own count
+/// ([`set_local_threads`]) if it has one, else the default (`BNRS_NUM_THREADS`, else the
+/// number of cores, or what [`set_num_threads`] set).
+pub fn num_threads() -> usize {
+    if let Some(threads) = LOCAL_THREADS.get() {
+        return threads;
+    }
+    let guard = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    guard
+        .as_ref()
+        .map_or_else(default_threads, |p| p.default.threads)
+}
+
+/// Use `threads` threads (at least 1) from now on, in every thread without a count of its
+/// own. If the system cannot start them, the error says why and the current pool is kept.
 pub fn set_num_threads(threads: usize) -> Result<(), String> {
     let threads = threads.max(1);
-    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if guard
-        .as_ref()
-        .is_some_and(|p| p.threads == threads && p.pid == std::process::id())
-    {
+    let mut guard = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    let pools = pools_here(&mut guard);
+    if pools.default.threads == threads {
         return Ok(());
     }
-    let fresh = build(threads)?;
-    if let Some(old) = guard.replace(fresh) {
-        if old.pid != std::process::id() {
-            std::mem::forget(old); // inherited through fork: no threads to stop
-        }
-    }
+    let fresh = match pools.others.iter().position(|p| p.threads == threads) {
+        Some(i) => pools.others.remove(i),
+        None => build(threads)?,
+    };
+    // The replaced pool's threads exit once the calls still running in it end.
+    pools.default = fresh;
     Ok(())
+}
+
+/// Give the kernel calls made from this thread their own thread count (`Some`), or the
+/// default again (`None`); returns the previous setting, for the caller to restore.
+///
+/// Per thread, so that concurrent callers (two `fit`s with different `n_threads`) neither
+/// see nor undo each other's count, however their calls overlap: each call runs in a pool
+/// of its caller's size. If the system cannot start the threads, the error says why and
+/// nothing changes.
+pub fn set_local_threads(threads: Option<usize>) -> Result<Option<usize>, String> {
+    let threads = threads.map(|n| n.max(1));
+    if let Some(n) = threads {
+        let mut guard = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+        pools_here(&mut guard).of_size(n)?;
+    }
+    Ok(LOCAL_THREADS.replace(threads))
 }
 
 /// Make `fork` safe while other threads use bnrs: the pool's and the buffer cache's locks
@@ -181,7 +256,7 @@ pub fn prepare_for_fork() {
 /// The locks held across a fork: the pool's and the output buffer cache's.
 #[cfg(unix)]
 type ForkGuards = (
-    std::sync::MutexGuard<'static, Option<Pool>>,
+    std::sync::MutexGuard<'static, Option<Pools>>,
     std::sync::MutexGuard<'static, crate::buffers::Cache>,
 );
 
@@ -194,9 +269,9 @@ thread_local! {
 #[cfg(unix)]
 extern "C" fn fork_prepare() {
     // Always in this order (nothing else ever holds both), so this cannot deadlock.
-    let pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
     let buffers = crate::buffers::lock_for_fork();
-    let _ = HELD_FOR_FORK.try_with(|held| *held.borrow_mut() = Some((pool, buffers)));
+    let _ = HELD_FOR_FORK.try_with(|held| *held.borrow_mut() = Some((pools, buffers)));
 }
 
 #[cfg(unix)]
@@ -206,106 +281,119 @@ extern "C" fn fork_parent() {
 
 #[cfg(unix)]
 extern "C" fn fork_child() {
-    // The kernels that were running belong to threads the child does not have.
-    RUNNING.store(0, Ordering::SeqCst);
-    STOP.store(false, Ordering::SeqCst);
     let _ = HELD_FOR_FORK.try_with(|held| held.borrow_mut().take());
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-static RUNNING: AtomicUsize = AtomicUsize::new(0);
+/// The stop request of one kernel call: set when its caller is interrupted, checked by
+/// the call's kernel between chunks of work. Per call, so that an interrupt reaches only
+/// the work of the thread it was meant for: calls from other threads, running in the same
+/// pool at the same time, go on undisturbed.
+#[derive(Clone, Default)]
+pub struct StopToken(Option<Arc<AtomicBool>>);
 
-/// Whether running kernels should stop early (an interrupt arrived). Kernels check it
-/// between chunks of work; a job that saw it set is reported as interrupted, never as a
-/// result.
-#[inline]
-pub fn stop_requested() -> bool {
-    STOP.load(Ordering::Relaxed)
+impl StopToken {
+    fn new() -> StopToken {
+        StopToken(Some(Arc::new(AtomicBool::new(false))))
+    }
+
+    fn set(&self) {
+        if let Some(flag) = &self.0 {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the call should stop early (its caller was interrupted). A call that was
+    /// asked to stop is reported as interrupted, never as a result.
+    #[inline]
+    pub fn is_set(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Relaxed))
+    }
+}
+
+thread_local! {
+    /// The token of the kernel call whose job this pool thread started, for the job's
+    /// kernel to take ([`stop_token`]).
+    static CALL_STOP: RefCell<StopToken> = RefCell::new(StopToken::default());
+}
+
+/// The stop token of the kernel call running on this thread. A kernel takes it where it
+/// starts, before its parallel loops, and the loops' closures capture it: inside a loop a
+/// pool thread may be running a chunk stolen from another call's job, whose token is not
+/// this thread's. Outside any call (Rust tests calling a kernel directly) nothing ever
+/// sets it.
+pub fn stop_token() -> StopToken {
+    CALL_STOP.with(|token| token.borrow().clone())
+}
+
+/// Run `job` with `token` as this thread's [`stop_token`], then put back the one before:
+/// a pool thread waiting inside one call's parallel loop may start another call's job,
+/// which nests.
+fn with_stop_token<R>(token: StopToken, job: impl FnOnce() -> R) -> R {
+    struct Restore(Option<StopToken>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(previous) = self.0.take() {
+                CALL_STOP.with(|token| *token.borrow_mut() = previous);
+            }
+        }
+    }
+    let _restore = Restore(Some(CALL_STOP.with(|current| current.replace(token))));
+    job()
 }
 
 /// How [`run_interruptible`] ended.
 pub enum Outcome<R> {
     /// The job finished undisturbed.
     Done(R),
-    /// The caller's poll asked to stop (its value is kept), or another caller's did while
-    /// this job ran (`None`); partial results were discarded.
-    Interrupted(Option<Box<dyn std::any::Any + Send>>),
+    /// The caller's poll asked to stop (its value is kept); partial results were
+    /// discarded.
+    Interrupted(Box<dyn std::any::Any + Send>),
 }
 
-/// Counts a running job in [`RUNNING`] for its lifetime, whatever way it ends (a panic
-/// included): STOP is cleared when the last running job ends, never while one runs.
-struct Running;
-
-impl Running {
-    fn start() -> Running {
-        RUNNING.fetch_add(1, Ordering::SeqCst);
-        Running
-    }
-
-    /// Whether a stop was requested while this job ran (so it may have ended early).
-    fn stopped(&self) -> bool {
-        STOP.load(Ordering::SeqCst)
-    }
+/// Run `job` in the pool of the calling thread's size, without watching for interrupts:
+/// nothing stops it early.
+pub fn run_in_pool<R: Send>(job: impl FnOnce() -> R + Send) -> R {
+    // A token of its own (never set), not that of whichever call's job the pool thread
+    // that starts this one may be inside.
+    current_pool().install(|| with_stop_token(StopToken::default(), job))
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        if RUNNING.fetch_sub(1, Ordering::SeqCst) == 1 {
-            STOP.store(false, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Run `job` in the pool, without watching for interrupts itself; if another caller's
-/// interrupt asked the kernels to stop while it ran, its (possibly partial) result is
-/// discarded: `Interrupted(None)`.
-pub fn run_in_pool<R: Send>(job: impl FnOnce() -> R + Send) -> Outcome<R> {
-    let pool = current_pool();
-    let running = Running::start();
-    let result = pool.install(job);
-    if running.stopped() {
-        Outcome::Interrupted(None)
-    } else {
-        Outcome::Done(result)
-    }
-}
-
-/// Run `job` in the pool while the calling thread calls `poll` every `interval`. When
-/// `poll` returns `Some(reason)`, every running kernel is asked to stop
-/// ([`stop_requested`]) and the job's result is discarded.
+/// Run `job` in the pool of the calling thread's size while the calling thread calls
+/// `poll` every `interval`. When `poll` returns `Some(reason)`, this call's kernel is asked
+/// to stop ([`StopToken::is_set`]) and the job's result is discarded; other calls running
+/// at the same time are not disturbed.
 pub fn run_interruptible<R: Send>(
     job: impl FnOnce() -> R + Send,
     interval: Duration,
     mut poll: impl FnMut() -> Option<Box<dyn std::any::Any + Send>>,
 ) -> Outcome<R> {
     let pool = current_pool();
-    let running = Running::start();
+    let stop = StopToken::new();
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut result = None;
     let mut reason = None;
     pool.in_place_scope(|scope| {
         let slot = &mut result;
+        let job_stop = stop.clone();
         scope.spawn(move |_| {
-            *slot = Some(job());
+            *slot = Some(with_stop_token(job_stop, job));
             // The receiver outlives the scope, so the send cannot fail.
             let _ = done_tx.send(());
         });
         while let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(interval) {
             if reason.is_none() {
-                if let Some(r) = poll() {
-                    reason = Some(r);
-                    STOP.store(true, Ordering::SeqCst);
+                reason = poll();
+                if reason.is_some() {
+                    stop.set();
                 }
             }
         }
     });
-    // STOP is only cleared when no job runs, so a job that overlapped an interrupt sees it.
-    let stopped = running.stopped();
-    drop(running);
-    match (reason, stopped) {
-        (Some(r), _) => Outcome::Interrupted(Some(r)),
-        (None, true) => Outcome::Interrupted(None),
-        (None, false) => Outcome::Done(result.expect("the job ran to completion")),
+    match reason {
+        Some(reason) => Outcome::Interrupted(reason),
+        None => Outcome::Done(result.expect("the job ran to completion")),
     }
 }
 

@@ -1,43 +1,112 @@
-//! The stop flag shared by concurrent kernel calls. A binary of its own: setting the
-//! flag would make kernels running in other tests of the same process stop early.
+//! Stop tokens: an interrupt stops the call it was meant for and no other call running in
+//! the same pool at the same time.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bnrs::parallel::{run_in_pool, run_interruptible, stop_requested, Outcome};
+use bnrs::parallel::{run_in_pool, run_interruptible, set_local_threads, stop_token, Outcome};
+use rayon::prelude::*;
 
-/// Wait (at most 10 s) until a stop is requested.
-fn until_stopped() -> bool {
-    let start = Instant::now();
-    while !stop_requested() {
-        if start.elapsed() > Duration::from_secs(10) {
-            return false;
+/// Chunks of a parallel loop, each waiting 1 ms unless `stop` is set; as a kernel does,
+/// the token is taken before the loop and captured by its closure. Returns how many
+/// chunks saw the stop.
+fn chunks_seeing_a_stop(chunks: usize, until: impl Fn() -> bool + Sync) -> usize {
+    let stop = stop_token();
+    let seen = AtomicUsize::new(0);
+    (0..chunks).into_par_iter().with_max_len(1).for_each(|_| {
+        if stop.is_set() {
+            seen.fetch_add(1, Ordering::SeqCst);
+        } else if !until() {
+            std::thread::sleep(Duration::from_millis(1));
         }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
+    });
+    seen.into_inner()
 }
 
 #[test]
-fn a_short_job_that_overlaps_an_interrupt_is_not_reported_done() {
-    // A long call is interrupted by its own poll while a short call runs; the short one
-    // sees the stop (kernels return early on it), so its result must be discarded.
-    static SHORT_STARTED: AtomicBool = AtomicBool::new(false);
-    let long = std::thread::spawn(|| {
-        let outcome = run_interruptible(until_stopped, Duration::from_millis(2), || {
-            SHORT_STARTED
-                .load(Ordering::SeqCst)
-                .then(|| Box::new("ctrl-c") as Box<dyn std::any::Any + Send>)
-        });
-        matches!(outcome, Outcome::Interrupted(Some(_)))
+fn an_interrupt_stops_only_the_call_it_was_meant_for() {
+    // Enough threads for both calls, whatever BNRS_NUM_THREADS says; the two callers use
+    // the same pool, so their chunks may run on the same pool threads.
+    static OTHER_STARTED: AtomicBool = AtomicBool::new(false);
+    static STOPPED: AtomicBool = AtomicBool::new(false);
+    let interrupted = std::thread::spawn(|| {
+        set_local_threads(Some(4)).expect("4 threads");
+        let outcome = run_interruptible(
+            || {
+                let start = Instant::now();
+                let stop = stop_token();
+                while !stop.is_set() && start.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                STOPPED.store(stop.is_set(), Ordering::SeqCst);
+                chunks_seeing_a_stop(64, || false)
+            },
+            Duration::from_millis(2),
+            || {
+                OTHER_STARTED
+                    .load(Ordering::SeqCst)
+                    .then(|| Box::new("ctrl-c") as Box<dyn std::any::Any + Send>)
+            },
+        );
+        matches!(outcome, Outcome::Interrupted(_))
     });
-    let short = run_in_pool(|| {
-        SHORT_STARTED.store(true, Ordering::SeqCst);
-        until_stopped()
+    set_local_threads(Some(4)).expect("4 threads");
+    // The other call starts, then goes on for 200 chunks after the interrupt.
+    let seen = run_in_pool(|| {
+        OTHER_STARTED.store(true, Ordering::SeqCst);
+        let start = Instant::now();
+        while !STOPPED.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        chunks_seeing_a_stop(200, || false)
     });
-    assert!(matches!(short, Outcome::Interrupted(None)));
-    assert!(long.join().expect("no panic"));
-    // Once no job runs, the stop is cleared and jobs complete again.
-    assert!(!stop_requested());
-    assert!(matches!(run_in_pool(|| 7), Outcome::Done(7)));
+    assert!(
+        interrupted.join().expect("no panic"),
+        "the poll's interrupt is reported"
+    );
+    assert!(
+        STOPPED.load(Ordering::SeqCst),
+        "the interrupted call saw its stop"
+    );
+    assert_eq!(seen, 0, "another call's chunks saw the interrupt");
+    // An interruptible call whose own poll never fires is not disturbed either.
+    let outcome = run_interruptible(
+        || chunks_seeing_a_stop(16, || false),
+        Duration::from_millis(1),
+        || None,
+    );
+    assert!(matches!(outcome, Outcome::Done(0)));
+}
+
+#[test]
+fn a_call_after_an_interrupt_starts_unstopped() {
+    let outcome = run_interruptible(
+        || chunks_seeing_a_stop(1000, || false),
+        Duration::from_millis(1),
+        || Some(Box::new("ctrl-c") as Box<dyn std::any::Any + Send>),
+    );
+    assert!(matches!(outcome, Outcome::Interrupted(_)));
+    assert!(!stop_token().is_set(), "outside a call nothing is stopped");
+    assert_eq!(run_in_pool(|| chunks_seeing_a_stop(8, || true)), 0);
+}
+
+#[test]
+fn a_local_thread_count_is_the_calling_threads_own() {
+    let default = bnrs::parallel::num_threads();
+    let other = if default == 3 { 2 } else { 3 };
+    let previous = set_local_threads(Some(other)).expect("threads");
+    assert_eq!(previous, None);
+    assert_eq!(bnrs::parallel::num_threads(), other);
+    assert_eq!(run_in_pool(rayon::current_num_threads), other);
+    let elsewhere = std::thread::spawn(|| {
+        (
+            bnrs::parallel::num_threads(),
+            run_in_pool(rayon::current_num_threads),
+        )
+    })
+    .join()
+    .expect("no panic");
+    assert_eq!(elsewhere, (default, default));
+    assert_eq!(set_local_threads(previous), Ok(Some(other)));
+    assert_eq!(run_in_pool(rayon::current_num_threads), default);
 }

@@ -180,6 +180,7 @@ fn normalise(
     scale: &[f32],
     shift: &[f32],
 ) {
+    let stop = crate::parallel::stop_token();
     if p.spatial == 1 {
         let chunk = rows_per_chunk(p) * p.channels;
         y.par_chunks_mut(chunk)
@@ -192,7 +193,7 @@ fn normalise(
         .with_min_len((4096 / p.spatial).max(1))
         .enumerate()
         .for_each(|(i, (out, plane))| {
-            if crate::parallel::stop_requested() {
+            if stop.is_set() {
                 return;
             }
             let c = i % p.channels;
@@ -404,6 +405,7 @@ pub fn backward(
             .zip(grad_output.par_chunks(chunk).zip(x.par_chunks(chunk)))
             .for_each(|(out, (g, xr))| rows_grad_input(g, xr, out, &a, &b, &c0));
     } else {
+        let stop = crate::parallel::stop_token();
         grad_input
             .par_chunks_mut(p.spatial)
             .zip(
@@ -414,7 +416,7 @@ pub fn backward(
             .with_min_len((4096 / p.spatial).max(1))
             .enumerate()
             .for_each(|(i, (out, (g, xp)))| {
-                if crate::parallel::stop_requested() {
+                if stop.is_set() {
                     return;
                 }
                 let (a, b, c0) = coefficients[i % p.channels];

@@ -284,12 +284,13 @@ pub fn forward(input: &[f32], p: f32, seed: u64, unit: usize, output: &mut [f32]
     let scale = (1.0 / (1.0 - f64::from(p))) as f32;
     // Chunks hold a whole number of groups of units.
     let units_per_chunk = (ELEMENTWISE_CHUNK / unit).max(1).next_multiple_of(GROUP);
+    let stop = crate::parallel::stop_token();
     output
         .par_chunks_mut(units_per_chunk * unit)
         .zip(input.par_chunks(units_per_chunk * unit))
         .enumerate()
         .for_each(|(i, (out, x))| {
-            if crate::parallel::stop_requested() {
+            if stop.is_set() {
                 return;
             }
             let mut factor = vec![0.0f32; x.len() / unit];

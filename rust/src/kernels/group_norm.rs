@@ -224,13 +224,14 @@ pub fn forward(
     let len = p.group_len();
     let count = len as f64;
     let eps = f64::from(p.eps);
+    let stop = crate::parallel::stop_token();
     y.par_chunks_mut(len)
         .zip(x.par_chunks(len))
         .zip(save_mean.par_iter_mut().zip(save_rstd.par_iter_mut()))
         .with_min_len(p.min_rows_per_task())
         .enumerate()
         .for_each(|(row, ((out, values), (mean_out, rstd_out)))| {
-            if crate::parallel::stop_requested() {
+            if stop.is_set() {
                 return;
             }
             // Sums shifted by a value of the row keep the variance exact for rows whose
@@ -289,13 +290,14 @@ pub fn backward(
     let cpg = p.group_channels();
     // (Σ dy, Σ dy·(x - mean)) of every (sample, channel), in (N, C) order.
     let mut channel_sums = vec![(0.0f64, 0.0f64); p.batch * p.channels];
+    let stop = crate::parallel::stop_token();
     channel_sums
         .par_chunks_mut(cpg)
         .zip(grad_output.par_chunks(len).zip(x.par_chunks(len)))
         .with_min_len(p.min_rows_per_task())
         .enumerate()
         .for_each(|(row, (sums, (g, values)))| {
-            if crate::parallel::stop_requested() {
+            if stop.is_set() {
                 return;
             }
             row_channel_grad_sums(g, values, save_mean[row], p.spatial, sums);
@@ -309,7 +311,7 @@ pub fn backward(
         .with_min_len(p.min_rows_per_task())
         .enumerate()
         .for_each(|(row, ((a, out), (g, values)))| {
-            if crate::parallel::stop_requested() {
+            if stop.is_set() {
                 return;
             }
             let rstd = f64::from(save_rstd[row]);

@@ -79,12 +79,13 @@ pub fn forward(
     if let Some(b) = bias {
         check_len("bias", b.len(), p.out_features)?;
     }
+    let stop = crate::parallel::stop_token();
     let rows = row_block(p.batch);
     output
         .par_chunks_mut(rows * p.out_features)
         .zip(input.par_chunks(rows * p.in_features))
         .for_each(|(out, x)| {
-            if crate::parallel::stop_requested() {
+            if stop.is_set() {
                 return;
             }
             let m = x.len() / p.in_features;
@@ -119,13 +120,14 @@ pub fn backward(
 ) -> Result<()> {
     p.check(input.len(), weight.len(), grad_output.len())?;
     check_len("grad_weight", grad_weight.len(), weight.len())?;
+    let stop = crate::parallel::stop_token();
     if let Some(gx) = grad_input {
         check_len("grad_input", gx.len(), input.len())?;
         let rows = row_block(p.batch);
         gx.par_chunks_mut(rows * p.in_features)
             .zip(grad_output.par_chunks(rows * p.out_features))
             .for_each(|(gx, gy)| {
-                if crate::parallel::stop_requested() {
+                if stop.is_set() {
                     return;
                 }
                 let m = gy.len() / p.out_features;
@@ -147,7 +149,7 @@ pub fn backward(
         .par_chunks_mut(rows * p.in_features)
         .enumerate()
         .for_each(|(blk, gw)| {
-            if crate::parallel::stop_requested() {
+            if stop.is_set() {
                 return;
             }
             let m = gw.len() / p.in_features;

@@ -226,12 +226,13 @@ pub fn max_forward(
         return Ok(());
     };
     check_len("indices", indices.len(), output.len())?;
+    let stop = crate::parallel::stop_token();
     output
         .par_chunks_mut(p.out_plane())
         .zip(indices.par_chunks_mut(p.out_plane()))
         .zip(input.par_chunks(p.in_plane()))
         .for_each(|((out, idx), plane)| {
-            if crate::parallel::stop_requested() {
+            if stop.is_set() {
                 return;
             }
             if is_2x2(p) {
@@ -258,11 +259,12 @@ fn per_plane(
     in_plane: usize,
     f: impl Fn(&mut [f32], &[f32]) + Sync + Send,
 ) {
+    let stop = crate::parallel::stop_token();
     output
         .par_chunks_mut(out_plane)
         .zip(input.par_chunks(in_plane))
         .for_each(|(out, plane)| {
-            if !crate::parallel::stop_requested() {
+            if !stop.is_set() {
                 f(out, plane);
             }
         });
@@ -323,12 +325,13 @@ pub fn max_backward(
             format!("flat indices into an H×W plane of {plane_len} elements"),
         ));
     }
+    let stop = crate::parallel::stop_token();
     grad_input
         .par_chunks_mut(h * w)
         .zip(grad_output.par_chunks(gh * gw))
         .zip(indices.par_chunks(gh * gw))
         .for_each(|((gx, gy), idx)| {
-            if crate::parallel::stop_requested() {
+            if stop.is_set() {
                 return;
             }
             gx.fill(0.0);

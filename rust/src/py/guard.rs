@@ -3,7 +3,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError};
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
 use crate::parallel::Outcome;
@@ -18,7 +18,9 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 /// Run a kernel without the GIL, in the bnrs thread pool. For long calls (`work` at least
 /// [`INTERRUPTIBLE_WORK`]) Ctrl-C is checked every 50 ms while it runs: the kernel stops
 /// at its next chunk and `KeyboardInterrupt` is raised; shorter calls check it when they
-/// return. A panic becomes a `RuntimeError` instead of aborting.
+/// return. Only the main thread sees Ctrl-C (Python runs signal handlers there), and the
+/// stop reaches only this call's kernel: calls from other threads run to their end. A
+/// panic becomes a `RuntimeError` instead of aborting.
 pub(crate) fn run_kernel<T: Send>(
     py: Python<'_>,
     work: usize,
@@ -33,11 +35,7 @@ pub(crate) fn run_kernel<T: Send>(
             }))
         });
         py.check_signals()?;
-        return match outcome {
-            Err(payload) => outcome_to_result(Err(payload)),
-            Ok(Outcome::Done(outcome)) => outcome_to_result(outcome),
-            Ok(Outcome::Interrupted(_)) => Err(interrupted_elsewhere()),
-        };
+        return outcome_to_result(outcome.and_then(|caught| caught));
     }
     let outcome = py.detach(|| {
         catch_unwind(AssertUnwindSafe(|| {
@@ -54,20 +52,12 @@ pub(crate) fn run_kernel<T: Send>(
     let outcome = match outcome {
         Err(payload) => return outcome_to_result(Err(payload)),
         Ok(Outcome::Done(outcome)) => outcome,
-        Ok(Outcome::Interrupted(Some(reason))) => {
+        Ok(Outcome::Interrupted(reason)) => {
             return Err(*reason.downcast::<PyErr>().expect("the poll keeps a PyErr"));
         }
-        Ok(Outcome::Interrupted(None)) => return Err(interrupted_elsewhere()),
     };
     py.check_signals()?;
     outcome_to_result(outcome)
-}
-
-/// A kernel stopped early because Ctrl-C interrupted another thread's kernel call.
-fn interrupted_elsewhere() -> PyErr {
-    PyKeyboardInterrupt::new_err(
-        "interrupted: Ctrl-C arrived while this kernel ran in another thread",
-    )
 }
 
 type Caught<T> = std::thread::Result<crate::Result<T>>;

@@ -5,9 +5,8 @@ use pyo3::prelude::*;
 
 use crate::parallel::MAX_THREADS;
 
-/// Use `n` threads for the kernels from now on (1 to 1024).
-#[pyfunction]
-fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
+/// `n` as a thread count, 1 to [`MAX_THREADS`].
+fn thread_count(n: &Bound<'_, PyAny>) -> PyResult<usize> {
     let expected = format!("an int in [1, {MAX_THREADS}]");
     if n.is_instance_of::<pyo3::types::PyBool>() || !n.hasattr("__index__")? {
         return Err(PyTypeError::new_err(format!(
@@ -23,9 +22,26 @@ fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
         .ok_or_else(|| {
             PyValueError::new_err(format!("n_threads: expected {expected}, got {value}"))
         })?;
-    crate::parallel::set_num_threads(threads as usize).map_err(|e| {
-        PyRuntimeError::new_err(format!("n_threads: {e}; the previous setting is kept"))
-    })
+    Ok(threads as usize)
+}
+
+fn pool_error(error: String) -> PyErr {
+    PyRuntimeError::new_err(format!("n_threads: {error}; the previous setting is kept"))
+}
+
+/// Use `n` threads for the kernels from now on (1 to 1024), in every thread without a
+/// count of its own.
+#[pyfunction]
+fn set_num_threads(n: &Bound<'_, PyAny>) -> PyResult<()> {
+    crate::parallel::set_num_threads(thread_count(n)?).map_err(pool_error)
+}
+
+/// Give the kernel calls of the calling thread their own thread count `n` (None: the
+/// default again); returns the previous one, for the caller to restore.
+#[pyfunction]
+fn _set_local_num_threads(n: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+    let threads = n.map(thread_count).transpose()?;
+    crate::parallel::set_local_threads(threads).map_err(pool_error)
 }
 
 /// Free the memory kept for reuse by large outputs; returns the bytes freed.
@@ -64,7 +80,7 @@ fn check_fits_in_memory(name: &str, elements: &Bound<'_, PyAny>, itemsize: usize
     }
 }
 
-/// Number of threads the kernels use.
+/// Number of threads the kernel calls of the calling thread use.
 #[pyfunction]
 fn get_num_threads() -> usize {
     crate::parallel::num_threads()
@@ -163,6 +179,7 @@ fn _environment_warnings() -> Vec<&'static str> {
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_local_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(release_memory, m)?)?;
     m.add_function(wrap_pyfunction!(cached_memory, m)?)?;
     m.add_function(wrap_pyfunction!(check_fits_in_memory, m)?)?;

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::gemm::{sgemm, MatRef};
 use crate::error::Result;
-use crate::parallel::stop_requested;
+use crate::parallel::stop_token;
 use microkernel::small_k_product;
 pub use params::Conv2dParams;
 use plan::{Forward, InputGrad, Plan, Unfolding};
@@ -80,13 +80,14 @@ fn forward_small_k(
     unfolding: Unfolding,
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
+    let stop = stop_token();
     output
         .par_chunks_mut(p.out_channels * pixels)
         .zip(input.par_chunks(p.image_len()))
         .for_each_init(
             || (Vec::new(), Unfolder::new(unfolding)),
             |(col, unfolder), (out_image, image)| {
-                if stop_requested() {
+                if stop.is_set() {
                     return;
                 }
                 let unfolded_image = unfolded(p, image, col, unfolder);
@@ -113,11 +114,12 @@ fn forward_pointwise(
     output: &mut [f32],
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
+    let stop = stop_token();
     output
         .par_chunks_mut(p.out_channels * pixels)
         .zip(input.par_chunks(p.image_len()))
         .for_each(|(out_image, image)| {
-            if stop_requested() {
+            if stop.is_set() {
                 return;
             }
             fill_bias(out_image, bias, pixels);
@@ -145,13 +147,14 @@ fn forward_tiled(
     unfolding: Unfolding,
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
+    let stop = stop_token();
     output
         .par_chunks_mut(p.out_channels * pixels)
         .zip(input.par_chunks(p.image_len()))
         .for_each_init(
             || (Vec::new(), Unfolder::new(unfolding)),
             |(col, unfolder), (out_image, image)| {
-                if stop_requested() {
+                if stop.is_set() {
                     return;
                 }
                 fill_bias(out_image, bias, pixels);
@@ -189,13 +192,14 @@ fn forward_shared(
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let out_image = p.out_channels * pixels;
+    let stop = stop_token();
     output
         .par_chunks_mut(group * out_image)
         .zip(input.par_chunks(group * p.image_len()))
         .for_each_init(
             || (Vec::new(), Vec::new(), Unfolder::new(unfolding)),
             |(col, product, unfolder), (out_group, in_group)| {
-                if stop_requested() {
+                if stop.is_set() {
                     return;
                 }
                 let n = in_group.len() / p.image_len() * pixels;
@@ -299,6 +303,7 @@ pub fn backward(
         None => (0..n_groups).map(|_| None).collect(),
     };
     let image_len = p.image_len();
+    let stop = stop_token();
     grad_input_groups
         .into_par_iter()
         .zip(partials.par_chunks_mut(weight.len()))
@@ -309,7 +314,7 @@ pub fn backward(
             let first = g * group;
             let last = (first + group).min(p.batch);
             for start in (first..last).step_by(block) {
-                if stop_requested() {
+                if stop.is_set() {
                     return;
                 }
                 let images = block.min(last - start);
