@@ -766,8 +766,9 @@ def test_keyboard_interrupt_restores_the_schedule(digits, monkeypatch):
     X, y = digits
     n_batches = len(_batch_bounds(len(X), 64))
     _interrupt_on_batch(monkeypatch, n_batches + 3)   # in epoch 2
-    with pytest.warns(FitInterruptedWarning):
-        clf = _fit(X, y, max_epochs=4, lr_scheduler="onecycle")
+    clf = CNNClassifier(SMALL_CNN, max_epochs=4, lr_scheduler="onecycle", random_state=0)
+    with pytest.raises(KeyboardInterrupt):
+        clf.fit(X, y)
     assert clf.n_iter_ == 1 and clf.lr_scheduler_.last_epoch == n_batches
     assert clf.optimizer_.param_groups[0]["lr"] == clf.lr_scheduler_.get_last_lr()[0]
     monkeypatch.undo()
