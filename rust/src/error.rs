@@ -21,6 +21,13 @@ pub enum Error {
         /// The requested number of elements, as text (it may overflow `usize`).
         elements: String,
     },
+    /// A kernel's scratch buffer would not fit in memory (Python `MemoryError`).
+    ScratchTooLarge {
+        /// What the buffer is for.
+        what: &'static str,
+        /// Its size and why it cannot be had.
+        detail: String,
+    },
 }
 
 /// Result of a kernel.
@@ -46,6 +53,9 @@ impl fmt::Display for Error {
             Error::TooLarge { what, elements } => {
                 write!(f, "{what}: {elements} elements is too large to allocate")
             }
+            Error::ScratchTooLarge { what, detail } => {
+                write!(f, "{what}: scratch buffer {detail}")
+            }
         }
     }
 }
@@ -59,7 +69,9 @@ impl From<Error> for pyo3::PyErr {
         use pyo3::exceptions::{PyMemoryError, PyValueError};
         match err {
             Error::Invalid { .. } => PyValueError::new_err(err.to_string()),
-            Error::TooLarge { .. } => PyMemoryError::new_err(err.to_string()),
+            Error::TooLarge { .. } | Error::ScratchTooLarge { .. } => {
+                PyMemoryError::new_err(err.to_string())
+            }
         }
     }
 }
