@@ -111,17 +111,17 @@ pub fn sgemm(
     }
 }
 
-/// Floating-point operations per GEMM panel: about 10-40 ms of one core, so that a stop
+/// Floating-point operations per GEMM panel: about 5-20 ms of one core, so that a stop
 /// request is seen within ~0.1 s even inside one huge product (a 4096×16384 by
 /// 16384×4096 linear layer's row block took 0.26-0.57 s between stop checks).
-const PANEL_FLOPS: usize = 1 << 31;
+const PANEL_FLOPS: usize = 1 << 30;
 
 /// Fewest rows or columns of a panel. Panels this long keep each piece on the path
 /// `gemm` takes for the whole product (its small-matrix and matrix-vector paths start
-/// at 64 and 1 rows or columns), and its depth blocking depends on k alone, so every
+/// at 64 and 1 rows or columns, its horizontal one at 256 elements), and its depth blocking depends on k alone, so every
 /// element sums the same terms in the same order: results are bit-identical to the
 /// unsplit product (tested).
-const MIN_PANEL: usize = 256;
+const MIN_PANEL: usize = 128;
 
 /// How many row panels and column panels split an m×n×k product: one of each unless it
 /// exceeds [`PANEL_FLOPS`]; rows first (the `gemm` crate's outermost loop on a row-major
@@ -315,8 +315,8 @@ mod tests {
 
     #[test]
     fn a_product_split_into_panels_is_bit_identical_to_the_whole() {
-        // Rows split (1024 → 2 × 512), then columns once rows are at their minimum.
-        for (m, n, k, expected) in [(1024, 520, 2100, (2, 1)), (300, 1024, 4000, (1, 2))] {
+        // Rows split (1024 → 4 × 256), then columns once rows are at their minimum.
+        for (m, n, k, expected) in [(1024, 520, 2100, (4, 1)), (300, 1024, 4000, (2, 2))] {
             assert_eq!(panels(m, n, k), expected);
             let (a, b) = (values(m * k, 1), values(k * n, 2));
             for accumulate in [false, true] {
