@@ -307,6 +307,25 @@ def test_a_large_image_is_convolved_in_bounded_scratch_under_a_memory_limit(name
         np.testing.assert_allclose(computed[name], LARGE_IMAGE_EXPECTED[name], rtol=1e-6)
 
 
+def test_scratch_that_cannot_be_tiled_away_is_a_memory_error_naming_it():
+    # One output row of a 1x25 kernel over 64 channels unfolds to 1.9 GB: the tile cannot
+    # be smaller, and the limit refuses it (this aborted the process before).
+    result = child.run("""
+        import resource
+        import numpy as np
+        resource.setrlimit(resource.RLIMIT_AS, (2**31, resource.RLIM_INFINITY))
+        from bnrs import functional as F
+        x = np.ones((1, 64, 1, 300_000), np.float32)
+        try:
+            F.conv2d(x, np.ones((1, 64, 1, 25), np.float32))
+        except MemoryError as error:
+            print("MemoryError:", error)
+        print("ALIVE", F.relu(np.array([-1.0, 1.0], np.float32)).tolist())
+    """)
+    assert "MemoryError: conv2d: the unfolded input (im2col): scratch buffer" in result.stdout
+    assert result.stdout.splitlines()[-1] == "ALIVE [0.0, 1.0]"
+
+
 @pytest.mark.memory
 def test_resident_memory_stays_flat_over_repeated_estimator_fits():
     import bnrs
