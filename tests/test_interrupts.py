@@ -252,6 +252,47 @@ def test_sigint_does_not_stop_kernel_calls_of_another_thread():
     assert lines["WORKER"] == str([True] * 6), stdout
 
 
+#: One image, 128 channels, 128 filters 3×3: a call is seconds of work on a single image,
+#: so Ctrl-C must be checked within it (per tile of output rows), not between images.
+LARGE_IMAGE_SETUP = """
+    x = rng.standard_normal((1, 128, {size}, {size}), dtype=np.float32)
+    w = rng.standard_normal((128, 128, 3, 3), dtype=np.float32)
+"""
+LARGE_IMAGE_BODY = """
+        while True:
+            F.conv2d(x, w, padding=1)
+"""
+#: One dense layer, 4096×16384 by 16384×4096: ~0.55 TFLOP in 16 row blocks, each a GEMM
+#: long enough to need checks for Ctrl-C within it (per panel).
+LARGE_LINEAR_SETUP = """
+    x = rng.standard_normal((4096, 16384), dtype=np.float32)
+    w = rng.standard_normal((4096, 16384), dtype=np.float32)
+"""
+LARGE_LINEAR_BODY = """
+        while True:
+            F.linear(x, w)
+"""
+
+
+def test_sigint_during_the_convolution_of_one_large_image_is_honoured_within_half_a_second():
+    # 1x128x512x512: about 1-2 s a call, which used to run to its end after Ctrl-C.
+    latency = sigint_latency(LARGE_IMAGE_SETUP.format(size=512), LARGE_IMAGE_BODY, delay=0.3)
+    assert latency < 0.5, f"SIGINT took {latency:.3f} s to be honoured"
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("case", ["conv 1x128x1024x1024", "linear 4096x16384 @ 16384x4096"])
+def test_sigint_during_one_huge_kernel_call_is_honoured_within_half_a_second(case):
+    setup, body = {
+        "conv 1x128x1024x1024": (LARGE_IMAGE_SETUP.format(size=1024), LARGE_IMAGE_BODY),
+        "linear 4096x16384 @ 16384x4096": (LARGE_LINEAR_SETUP, LARGE_LINEAR_BODY),
+    }[case]
+    latencies = [sigint_latency(setup, body, delay=1.0) for _ in range(3)]
+    longrun.FIGURES[f"SIGINT latency, {case}"] = ", ".join(
+        f"{value * 1000:.1f} ms" for value in latencies)
+    assert max(latencies) < 0.5, f"SIGINT took {max(latencies):.3f} s to be honoured"
+
+
 @pytest.mark.long
 def test_sigint_latencies_figures():
     """The figures of the robustness report: (a) many calls, (b) one ~5 s call."""

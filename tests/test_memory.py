@@ -16,8 +16,10 @@ for sizes the OS could grant, so that nothing here can exhaust the machine.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
+import textwrap
 import time
 
 import child
@@ -248,6 +250,80 @@ def test_allocation_failures_under_a_memory_limit_are_exceptions():
     assert lines[-1] == "ALIVE [0.0, 1.0]", result.stdout + result.stderr
     refused = [line for line in lines if line.startswith("REFUSED MemoryError")]
     assert len(refused) == 6, result.stdout
+
+
+#: A convolution of one 8000x8000 image under a 5x5 kernel, forward and backward (stride 1:
+#: input gradient as a convolution; stride 2: by col2im), under a 3 GiB address-space
+#: limit: inputs and outputs need ~1 GiB, the whole image unfolded would need 6.4 GB.
+LARGE_IMAGE_CHILD = """
+    import resource
+    import numpy as np
+    resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY))
+    from bnrs import functional as F
+
+    x = np.ones((1, 1, 8000, 8000), np.float32)
+    w = np.full((1, 1, 5, 5), 0.04, np.float32)
+    calls = {
+        "forward": lambda: F.conv2d(x, w, padding=2)[0, 0, [0, 4000], [0, 4000]],
+        "backward": lambda: F.conv2d_backward(
+            np.ones((1, 1, 8000, 8000), np.float32), x, w, padding=2)[0][0, 0, [0, 4000],
+                                                                        [0, 4000]],
+        "strided backward": lambda: F.conv2d_backward(
+            np.ones((1, 1, 4000, 4000), np.float32), x, w, stride=2,
+            padding=2)[0][0, 0, [0, 4000], [0, 4000]],
+    }
+    for name in NAMES:
+        call = calls[name]
+        try:
+            print("COMPUTED", name, call().tolist(), flush=True)
+        except MemoryError as error:
+            print("REFUSED", name, "|", error, flush=True)
+    print("ALIVE", F.relu(np.array([-1.0, 1.0], np.float32)).tolist())
+"""
+
+
+#: Corner and centre of each result, all ones in and 5x5 weights of 0.04: 9 and 25 of
+#: them summed (strided backward: 4 and 9 windows reach the pixel).
+LARGE_IMAGE_EXPECTED = {"forward": [0.36, 1.0], "backward": [0.36, 1.0],
+                        "strided backward": [0.16, 0.36]}
+
+
+@pytest.mark.parametrize("names", [
+    ["forward"], pytest.param(["backward", "strided backward"], marks=pytest.mark.long)])
+def test_a_large_image_is_convolved_in_bounded_scratch_under_a_memory_limit(names):
+    # The scratch (im2col) is tiled: the calls fit in the limit instead of aborting the
+    # process on a 6.4 GB request.
+    result = child.run(f"NAMES = {names!r}\n" + textwrap.dedent(LARGE_IMAGE_CHILD),
+                       timeout=300)
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "ALIVE [0.0, 1.0]", result.stdout + result.stderr
+    computed = {}
+    for line in lines:
+        if line.startswith("COMPUTED "):
+            name, values = line.removeprefix("COMPUTED ").split(" [")
+            computed[name] = json.loads("[" + values)
+    assert set(computed) == set(names), result.stdout
+    for name in names:
+        np.testing.assert_allclose(computed[name], LARGE_IMAGE_EXPECTED[name], rtol=1e-6)
+
+
+def test_scratch_that_cannot_be_tiled_away_is_a_memory_error_naming_it():
+    # One output row of a 1x25 kernel over 64 channels unfolds to 1.9 GB: the tile cannot
+    # be smaller, and the limit refuses it (this aborted the process before).
+    result = child.run("""
+        import resource
+        import numpy as np
+        resource.setrlimit(resource.RLIMIT_AS, (2**31, resource.RLIM_INFINITY))
+        from bnrs import functional as F
+        x = np.ones((1, 64, 1, 300_000), np.float32)
+        try:
+            F.conv2d(x, np.ones((1, 64, 1, 25), np.float32))
+        except MemoryError as error:
+            print("MemoryError:", error)
+        print("ALIVE", F.relu(np.array([-1.0, 1.0], np.float32)).tolist())
+    """)
+    assert "MemoryError: conv2d: the unfolded input (im2col): scratch buffer" in result.stdout
+    assert result.stdout.splitlines()[-1] == "ALIVE [0.0, 1.0]"
 
 
 @pytest.mark.memory

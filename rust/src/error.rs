@@ -22,6 +22,13 @@ pub enum Error {
         /// What was asked for, and why it cannot be had.
         reason: String,
     },
+    /// A kernel's scratch buffer would not fit in memory (Python `MemoryError`).
+    ScratchTooLarge {
+        /// What the buffer is for.
+        what: &'static str,
+        /// Its size and why it cannot be had.
+        detail: String,
+    },
 }
 
 /// Result of a kernel.
@@ -45,6 +52,9 @@ impl fmt::Display for Error {
                 write!(f, "{arg}: expected {expected}, got {got}")
             }
             Error::TooLarge { arg, reason } => write!(f, "{arg}: {reason}"),
+            Error::ScratchTooLarge { what, detail } => {
+                write!(f, "{what}: scratch buffer {detail}")
+            }
         }
     }
 }
@@ -58,7 +68,9 @@ impl From<Error> for pyo3::PyErr {
         use pyo3::exceptions::{PyMemoryError, PyValueError};
         match err {
             Error::Invalid { .. } => PyValueError::new_err(err.to_string()),
-            Error::TooLarge { .. } => PyMemoryError::new_err(err.to_string()),
+            Error::TooLarge { .. } | Error::ScratchTooLarge { .. } => {
+                PyMemoryError::new_err(err.to_string())
+            }
         }
     }
 }

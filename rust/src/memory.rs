@@ -2,6 +2,8 @@
 
 use std::sync::OnceLock;
 
+use crate::error::{Error, Result};
+
 /// Physical memory in bytes (`usize::MAX` where it cannot be read). Read once.
 pub fn physical_bytes() -> usize {
     static BYTES: OnceLock<usize> = OnceLock::new();
@@ -21,6 +23,25 @@ pub fn exceeds_physical(bytes: u128) -> Option<String> {
             gib(physical as f64)
         )
     })
+}
+
+/// Resize `buffer` to `len` zeroed floats, a kernel's scratch for `what`: a size beyond
+/// this machine's memory, or one the allocator refuses (an address-space limit), is an
+/// [`Error::ScratchTooLarge`] (Python `MemoryError`) before anything is allocated, where
+/// `Vec::resize` would abort the process.
+pub fn resize_scratch(buffer: &mut Vec<f32>, len: usize, what: &'static str) -> Result<()> {
+    if len > buffer.capacity() {
+        let bytes = len as u128 * std::mem::size_of::<f32>() as u128;
+        let refused = |detail: String| Error::ScratchTooLarge { what, detail };
+        if let Some(excess) = exceeds_physical(bytes) {
+            return Err(refused(excess));
+        }
+        buffer
+            .try_reserve_exact(len - buffer.len())
+            .map_err(|e| refused(format!("of {bytes} bytes refused by the system ({e})")))?;
+    }
+    buffer.resize(len, 0.0);
+    Ok(())
 }
 
 #[cfg(unix)]

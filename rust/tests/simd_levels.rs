@@ -187,6 +187,7 @@ fn product(m: usize, n: usize, k: usize, accumulate: bool, lhs_transposed: bool)
         accumulate,
         lhs,
         gemm::MatRef::rows(&b, n),
+        &bnrs::parallel::StopToken::default(),
     );
     dst
 }

@@ -312,10 +312,22 @@ pub fn mask(p: f32, seed: u64, keep: &mut [u8]) -> Result<()> {
         keep.fill(1);
         return Ok(());
     }
-    let mut factor = vec![0.0f32; keep.len()];
-    fill_factors(&mut factor, 0, seed, keep_threshold(p), 1.0);
-    for (k, f) in keep.iter_mut().zip(factor) {
-        *k = u8::from(f != 0.0);
+    // In chunks of whole groups, as `forward` draws them: the scratch stays bounded
+    // (it was four bytes per unit, 8 GB for a 2 GB mask).
+    let chunk = ELEMENTWISE_CHUNK.next_multiple_of(GROUP);
+    let mut factor = vec![0.0f32; chunk.min(keep.len())];
+    for (i, keep_chunk) in keep.chunks_mut(chunk).enumerate() {
+        let factor = &mut factor[..keep_chunk.len()];
+        fill_factors(
+            factor,
+            (i * chunk / GROUP) as u64,
+            seed,
+            keep_threshold(p),
+            1.0,
+        );
+        for (k, &f) in keep_chunk.iter_mut().zip(factor.iter()) {
+            *k = u8::from(f != 0.0);
+        }
     }
     Ok(())
 }

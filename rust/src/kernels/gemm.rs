@@ -46,6 +46,13 @@ impl<'a> MatRef<'a> {
             col_stride: self.row_stride,
         }
     }
+    /// The view from element (row, col) on.
+    fn offset(self, row: usize, col: usize) -> Self {
+        MatRef {
+            data: &self.data[row * self.row_stride + col * self.col_stride..],
+            ..self
+        }
+    }
     fn check(&self, rows: usize, cols: usize, what: &str) {
         let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
         assert!(last < self.data.len(), "gemm: {what} view out of bounds");
@@ -53,7 +60,8 @@ impl<'a> MatRef<'a> {
 }
 
 /// `dst = (accumulate ? dst : 0) + a · b`, with `dst` row-major m×n (leading dim `ld_dst`),
-/// `a` m×k and `b` k×n.
+/// `a` m×k and `b` k×n. A product large enough to be cut into panels checks `stop` (the
+/// calling kernel's token, captured before its parallel loop) between them.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     m: usize,
@@ -64,6 +72,7 @@ pub fn sgemm(
     accumulate: bool,
     a: MatRef<'_>,
     b: MatRef<'_>,
+    stop: &crate::parallel::StopToken,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -82,6 +91,73 @@ pub fn sgemm(
     );
     a.check(m, k, "lhs");
     b.check(k, n, "rhs");
+    let (row_panels, col_panels) = panels(m, n, k);
+    for i in 0..row_panels {
+        let rows = i * m / row_panels..(i + 1) * m / row_panels;
+        for j in 0..col_panels {
+            let cols = j * n / col_panels..(j + 1) * n / col_panels;
+            if (i, j) != (0, 0) && stop.is_set() {
+                return;
+            }
+            product_unchecked(
+                rows.len(),
+                cols.len(),
+                k,
+                &mut dst[rows.start * ld_dst + cols.start..],
+                ld_dst,
+                accumulate,
+                a.offset(rows.start, 0),
+                b.offset(0, cols.start),
+            );
+        }
+    }
+}
+
+/// Floating-point operations per GEMM panel: about 5-20 ms of one core, so that a stop
+/// request is seen within ~0.1 s even inside one huge product (a 4096×16384 by
+/// 16384×4096 linear layer's row block took 0.26-0.57 s between stop checks).
+const PANEL_FLOPS: usize = 1 << 30;
+
+/// Fewest rows or columns of a panel. Panels this long keep each piece on the path
+/// `gemm` takes for the whole product (its small-matrix and matrix-vector paths start
+/// at 64 and 1 rows or columns, its horizontal one at 256 elements), and its depth blocking depends on k alone, so every
+/// element sums the same terms in the same order: results are bit-identical to the
+/// unsplit product (tested).
+const MIN_PANEL: usize = 128;
+
+/// How many row panels and column panels split an m×n×k product: one of each unless it
+/// exceeds [`PANEL_FLOPS`]; rows first (the `gemm` crate's outermost loop on a row-major
+/// destination, so splitting them repacks the least).
+fn panels(m: usize, n: usize, k: usize) -> (usize, usize) {
+    let (mut row_panels, mut col_panels) = (1, 1);
+    if k <= 2 || m.min(n) < 16 {
+        return (1, 1);
+    }
+    let flops = |r: usize, c: usize| 2 * (m / r) * (n / c) * k;
+    while flops(row_panels, col_panels) > PANEL_FLOPS {
+        if m / (2 * row_panels) >= MIN_PANEL {
+            row_panels *= 2;
+        } else if n / (2 * col_panels) >= MIN_PANEL {
+            col_panels *= 2;
+        } else {
+            break;
+        }
+    }
+    (row_panels, col_panels)
+}
+
+/// [`sgemm`] of one panel, its bounds checked by the caller.
+#[allow(clippy::too_many_arguments)]
+fn product_unchecked(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    ld_dst: usize,
+    accumulate: bool,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+) {
     // The `gemm` crate transposes the problem when dst is row-major (its micro-kernels
     // prefer column-major dst); do the same, so each level runs what `gemm::gemm` would.
     let (m, n, dst_cs, dst_rs, lhs, rhs) = if 1 < ld_dst {
@@ -89,7 +165,7 @@ pub fn sgemm(
     } else {
         (m, n, 1, ld_dst, a, b)
     };
-    // SAFETY: every index the product touches was bounds-checked above; dst does not
+    // SAFETY: every index the product touches was bounds-checked by [`sgemm`]; dst does not
     // alias a or b (it is a distinct &mut borrow); the level's kernels run only on a CPU
     // that has its features (`simd::level()` never names a level the CPU lacks).
     unsafe {
@@ -227,4 +303,49 @@ unsafe fn product_at_level(
         lhs,
         rhs
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, salt: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(salt) >> 8) as f32 / 2e7)
+            .collect()
+    }
+
+    #[test]
+    fn a_product_split_into_panels_is_bit_identical_to_the_whole() {
+        // Rows split (1024 → 4 × 256), then columns once rows are at their minimum.
+        for (m, n, k, expected) in [(1024, 520, 2100, (4, 1)), (300, 1024, 4000, (2, 2))] {
+            assert_eq!(panels(m, n, k), expected);
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            for accumulate in [false, true] {
+                let start = values(m * n, 3);
+                let (mut split, mut whole) = (start.clone(), start);
+                let (a_view, b_view) = (MatRef::rows(&a, k), MatRef::transposed(&b, k));
+                sgemm(
+                    m,
+                    n,
+                    k,
+                    &mut split,
+                    n,
+                    accumulate,
+                    a_view,
+                    b_view,
+                    &crate::parallel::StopToken::default(),
+                );
+                product_unchecked(m, n, k, &mut whole, n, accumulate, a_view, b_view);
+                assert!(split == whole, "{m}x{n}x{k} accumulate {accumulate}");
+            }
+        }
+    }
+
+    #[test]
+    fn usual_products_are_not_split() {
+        assert_eq!(panels(64, 3136, 576), (1, 1));
+        assert_eq!(panels(4096, 4096, 8), (1, 1));
+        assert_eq!(panels(8, 1 << 20, 1 << 12), (1, 1));
+    }
 }

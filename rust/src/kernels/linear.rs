@@ -103,6 +103,7 @@ pub fn forward(
                 bias.is_some(),
                 MatRef::rows(x, p.in_features),
                 MatRef::transposed(weight, p.in_features),
+                &stop,
             );
         });
     Ok(())
@@ -140,6 +141,7 @@ pub fn backward(
                     false,
                     MatRef::rows(gy, p.out_features),
                     MatRef::rows(weight, p.in_features),
+                    &stop,
                 );
             });
     }
@@ -163,6 +165,7 @@ pub fn backward(
                 false,
                 MatRef::transposed(&grad_output[first..], p.out_features),
                 MatRef::rows(input, p.in_features),
+                &stop,
             );
         });
     if let Some(gb) = grad_bias {

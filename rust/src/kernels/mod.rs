@@ -131,5 +131,6 @@ pub fn warm_up() {
         false,
         gemm::MatRef::rows(&[1.0], 1),
         gemm::MatRef::rows(&[1.0], 1),
+        &crate::parallel::StopToken::default(),
     );
 }

@@ -6,9 +6,11 @@ use crate::simd_dispatch;
 /// Unfolded rows up to which the small-K product replaces the GEMM.
 pub(super) const SMALL_K: usize = 32;
 
-/// out (C_out × P) = weight (C_out × K) · col (K × P) (+ bias), K <= 32, for first layers
-/// on one or three channels: with AVX2 and FMA intrinsics when the AVX2 path is on
-/// (fused multiply-adds: within float32 rounding of the portable path, not bit-equal).
+/// out (C_out × P, row c at `out[c * out_ld]`) = weight (C_out × K) · col (K × P)
+/// (+ bias), K <= 32, for first layers on one or three channels: with AVX2 and FMA
+/// intrinsics when the AVX2 path is on (fused multiply-adds: within float32 rounding of
+/// the portable path, not bit-equal). Each pixel's sum is the same whatever P, so a
+/// tile of an image gives the bits of the whole.
 pub(super) fn small_k_product(
     weight: &[f32],
     col: &[f32],
@@ -16,10 +18,14 @@ pub(super) fn small_k_product(
     pixels: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
+    out_ld: usize,
 ) {
-    let channels = out.len() / pixels;
+    let channels = weight.len() / k;
     assert!(
-        k <= SMALL_K && weight.len() >= channels * k && col.len() >= k * pixels,
+        k <= SMALL_K
+            && col.len() >= k * pixels
+            && out_ld >= pixels
+            && out.len() >= (channels - 1) * out_ld + pixels,
         "small_k_product: operands too short"
     );
     if let Some(b) = bias {
@@ -28,10 +34,10 @@ pub(super) fn small_k_product(
     #[cfg(target_arch = "x86_64")]
     if crate::simd::use_avx2() {
         // SAFETY: the AVX2 path is on only for CPUs with AVX2 and FMA; lengths checked above.
-        unsafe { small_k_product_fma(weight, col, k, pixels, bias, out) };
+        unsafe { small_k_product_fma(weight, col, k, pixels, bias, out, out_ld) };
         return;
     }
-    small_k_product_portable(weight, col, k, pixels, bias, out);
+    small_k_product_portable(weight, col, k, pixels, bias, out, out_ld);
 }
 
 /// [`small_k_product`] with FMA: blocks of 32 pixels (four registers) for two output
@@ -48,9 +54,10 @@ unsafe fn small_k_product_fma(
     pixels: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
+    out_ld: usize,
 ) {
     use std::arch::x86_64::*;
-    let channels = out.len() / pixels;
+    let channels = weight.len() / k;
     let full = pixels / 32 * 32;
     let (w, x, y) = (weight.as_ptr(), col.as_ptr(), out.as_mut_ptr());
     let bias_of = |c: usize| bias.map_or(0.0, |b| b[c]);
@@ -86,13 +93,13 @@ unsafe fn small_k_product_fma(
                     c3 = _mm256_fmadd_ps(w1, x3, c3);
                 }
             }
-            let dst = y.add(co * pixels + start);
+            let dst = y.add(co * out_ld + start);
             _mm256_storeu_ps(dst, a0);
             _mm256_storeu_ps(dst.add(8), a1);
             _mm256_storeu_ps(dst.add(16), a2);
             _mm256_storeu_ps(dst.add(24), a3);
             if pair {
-                let dst = y.add((co + 1) * pixels + start);
+                let dst = y.add((co + 1) * out_ld + start);
                 _mm256_storeu_ps(dst, c0);
                 _mm256_storeu_ps(dst.add(8), c1);
                 _mm256_storeu_ps(dst.add(16), c2);
@@ -108,7 +115,7 @@ unsafe fn small_k_product_fma(
             for kk in 0..k {
                 acc = (*w.add(co * k + kk)).mul_add(*x.add(kk * pixels + px), acc);
             }
-            *y.add(co * pixels + px) = acc;
+            *y.add(co * out_ld + px) = acc;
         }
     }
 }
@@ -118,9 +125,9 @@ simd_dispatch! {
     /// reused for every output channel, with four independent accumulators of eight
     /// lanes so the adds do not wait on each other.
     fn small_k_product_portable(weight: &[f32], col: &[f32], k: usize, pixels: usize,
-                       bias: Option<&[f32]>, out: &mut [f32]) {
+                       bias: Option<&[f32]>, out: &mut [f32], out_ld: usize) {
         const BLOCK: usize = 32;
-        let channels = out.len() / pixels;
+        let channels = weight.len() / k;
         let mut block = [[0.0f32; BLOCK]; SMALL_K];
         let mut start = 0;
         while start < pixels {
@@ -141,7 +148,7 @@ simd_dispatch! {
                         *a += w * v;
                     }
                 }
-                let dst = &mut out[co * pixels + start..co * pixels + start + width];
+                let dst = &mut out[co * out_ld + start..co * out_ld + start + width];
                 if width == BLOCK {
                     let dst: &mut [f32; BLOCK] = dst.try_into().expect("a full block");
                     *dst = acc;
@@ -169,12 +176,12 @@ mod tests {
             let col = values(k * pixels, 2);
             let bias = values(channels, 3);
             let mut portable = vec![0.0f32; channels * pixels];
-            small_k_product_portable(&weight, &col, k, pixels, Some(&bias), &mut portable);
+            small_k_product_portable(&weight, &col, k, pixels, Some(&bias), &mut portable, pixels);
             let mut fused = vec![0.0f32; channels * pixels];
             #[cfg(target_arch = "x86_64")]
             // SAFETY: checked above that the CPU has AVX2 and FMA; lengths are exact.
             unsafe {
-                small_k_product_fma(&weight, &col, k, pixels, Some(&bias), &mut fused)
+                small_k_product_fma(&weight, &col, k, pixels, Some(&bias), &mut fused, pixels)
             };
             for (i, (a, b)) in portable.iter().zip(&fused).enumerate() {
                 let scale: f32 = (0..k)

@@ -18,15 +18,18 @@ mod params;
 mod plan;
 mod unfold;
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, MatRef};
 use crate::error::Result;
-use crate::parallel::stop_token;
+use crate::memory::resize_scratch;
+use crate::parallel::{stop_token, StopToken};
 use microkernel::small_k_product;
 pub use params::Conv2dParams;
 use plan::{Forward, InputGrad, Plan, Unfolding};
-use unfold::{fold, unfold, Unfolder};
+use unfold::{fold, unfold, Folding, Unfolder};
 
 /// The unfolded image: the image itself for pointwise convolutions, else `col` filled.
 fn unfolded<'a>(
@@ -34,14 +37,26 @@ fn unfolded<'a>(
     image: &'a [f32],
     col: &'a mut Vec<f32>,
     unfolder: &mut Unfolder,
-) -> &'a [f32] {
+) -> Result<&'a [f32]> {
     if p.is_pointwise() {
-        image
-    } else {
-        col.resize(p.col_rows() * p.pixels(), 0.0);
-        unfolder.im2col(p, image, col, p.pixels());
-        col
+        return Ok(image);
     }
+    resize_scratch(col, p.col_rows() * p.pixels(), UNFOLDED_INPUT)?;
+    unfolder.im2col(p, image, col, p.pixels())?;
+    Ok(col)
+}
+
+/// What the scratch buffers hold, for the `MemoryError` when one cannot be had.
+const UNFOLDED_INPUT: &str = "conv2d: the unfolded input (im2col)";
+const UNFOLDED_GRAD: &str = "conv2d backward: the unfolded input gradient (col2im)";
+const GEMM_PRODUCT: &str = "conv2d: the product of images sharing a GEMM";
+const OUTPUT_GRAD_BLOCK: &str = "conv2d backward: the output gradients sharing a GEMM";
+
+/// The output rows of tiles of `rows_per_tile` rows.
+fn tiles(out_h: usize, rows_per_tile: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..out_h)
+        .step_by(rows_per_tile)
+        .map(move |first| first..(first + rows_per_tile).min(out_h))
 }
 
 /// `output = conv2d(input, weight) + bias`, by the algorithm [`Plan::new`] chooses.
@@ -58,42 +73,60 @@ pub fn forward(
     }
     let plan = Plan::new(p);
     match plan.forward {
-        Forward::SmallK => forward_small_k(p, input, weight, bias, output, plan.unfolding),
+        Forward::SmallK { rows } => {
+            forward_small_k(p, input, weight, bias, output, rows, plan.unfolding)
+        }
         Forward::SharedGemm { images } => {
             forward_shared(p, input, weight, bias, output, images, plan.unfolding)
         }
-        Forward::Pointwise => forward_pointwise(p, input, weight, bias, output),
+        Forward::Pointwise => {
+            forward_pointwise(p, input, weight, bias, output);
+            Ok(())
+        }
         Forward::TiledIm2col { rows } => {
             forward_tiled(p, input, weight, bias, output, rows, plan.unfolding)
         }
     }
-    Ok(())
 }
 
-/// [`Forward::SmallK`].
+/// [`Forward::SmallK`]: `rows_per_tile` output rows unfolded at a time.
 fn forward_small_k(
     p: &Conv2dParams,
     input: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
     output: &mut [f32],
+    rows_per_tile: usize,
     unfolding: Unfolding,
-) {
+) -> Result<()> {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let stop = stop_token();
     output
         .par_chunks_mut(p.out_channels * pixels)
         .zip(input.par_chunks(p.image_len()))
-        .for_each_init(
+        .try_for_each_init(
             || (Vec::new(), Unfolder::new(unfolding)),
             |(col, unfolder), (out_image, image)| {
-                if stop.is_set() {
-                    return;
+                if p.is_pointwise() {
+                    if !stop.is_set() {
+                        small_k_product(weight, image, k, pixels, bias, out_image, pixels);
+                    }
+                    return Ok(());
                 }
-                let unfolded_image = unfolded(p, image, col, unfolder);
-                small_k_product(weight, unfolded_image, k, pixels, bias, out_image);
+                let src = unfolder.source(p, image)?;
+                for rows in tiles(p.out_h, rows_per_tile) {
+                    if stop.is_set() {
+                        break;
+                    }
+                    let width = rows.len() * p.out_w;
+                    resize_scratch(col, k * width, UNFOLDED_INPUT)?;
+                    unfold(p, src, rows.clone(), col, width);
+                    let out_tile = &mut out_image[rows.start * p.out_w..];
+                    small_k_product(weight, col, k, width, bias, out_tile, pixels);
+                }
+                Ok(())
             },
-        );
+        )
 }
 
 /// Fill each output channel's plane with its bias, for a GEMM to accumulate onto.
@@ -132,11 +165,13 @@ fn forward_pointwise(
                 bias.is_some(),
                 MatRef::rows(weight, k),
                 MatRef::rows(image, pixels),
+                &stop,
             );
         });
 }
 
-/// [`Forward::TiledIm2col`]: `rows_per_tile` output rows unfolded at a time.
+/// [`Forward::TiledIm2col`]: `rows_per_tile` output rows unfolded at a time, a stop
+/// check per tile (a 1×128×1024×1024 image took 4-5 s to stop between images).
 fn forward_tiled(
     p: &Conv2dParams,
     input: &[f32],
@@ -145,24 +180,26 @@ fn forward_tiled(
     output: &mut [f32],
     rows_per_tile: usize,
     unfolding: Unfolding,
-) {
+) -> Result<()> {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let stop = stop_token();
     output
         .par_chunks_mut(p.out_channels * pixels)
         .zip(input.par_chunks(p.image_len()))
-        .for_each_init(
+        .try_for_each_init(
             || (Vec::new(), Unfolder::new(unfolding)),
             |(col, unfolder), (out_image, image)| {
                 if stop.is_set() {
-                    return;
+                    return Ok(());
                 }
                 fill_bias(out_image, bias, pixels);
-                let src = unfolder.source(p, image);
-                for first_row in (0..p.out_h).step_by(rows_per_tile) {
-                    let rows = first_row..(first_row + rows_per_tile).min(p.out_h);
+                let src = unfolder.source(p, image)?;
+                for rows in tiles(p.out_h, rows_per_tile) {
+                    if stop.is_set() {
+                        break;
+                    }
                     let width = rows.len() * p.out_w;
-                    col.resize(k * width, 0.0);
+                    resize_scratch(col, k * width, UNFOLDED_INPUT)?;
                     unfold(p, src, rows.clone(), col, width);
                     sgemm(
                         p.out_channels,
@@ -173,10 +210,12 @@ fn forward_tiled(
                         bias.is_some(),
                         MatRef::rows(weight, k),
                         MatRef::rows(col, width),
+                        &stop,
                     );
                 }
+                Ok(())
             },
-        );
+        )
 }
 
 /// [`Forward::SharedGemm`]: `group` images unfolded side by side, one GEMM for them into
@@ -189,25 +228,25 @@ fn forward_shared(
     output: &mut [f32],
     group: usize,
     unfolding: Unfolding,
-) {
+) -> Result<()> {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let out_image = p.out_channels * pixels;
     let stop = stop_token();
     output
         .par_chunks_mut(group * out_image)
         .zip(input.par_chunks(group * p.image_len()))
-        .for_each_init(
+        .try_for_each_init(
             || (Vec::new(), Vec::new(), Unfolder::new(unfolding)),
             |(col, product, unfolder), (out_group, in_group)| {
                 if stop.is_set() {
-                    return;
+                    return Ok(());
                 }
                 let n = in_group.len() / p.image_len() * pixels;
-                col.resize(k * n, 0.0);
+                resize_scratch(col, k * n, UNFOLDED_INPUT)?;
                 for (i, image) in in_group.chunks_exact(p.image_len()).enumerate() {
-                    unfolder.im2col(p, image, &mut col[i * pixels..], n);
+                    unfolder.im2col(p, image, &mut col[i * pixels..], n)?;
                 }
-                product.resize(p.out_channels * n, 0.0);
+                resize_scratch(product, p.out_channels * n, GEMM_PRODUCT)?;
                 sgemm(
                     p.out_channels,
                     n,
@@ -217,6 +256,7 @@ fn forward_shared(
                     false,
                     MatRef::rows(weight, k),
                     MatRef::rows(col, n),
+                    &stop,
                 );
                 for (i, out) in out_group.chunks_exact_mut(out_image).enumerate() {
                     for (co, dst) in out.chunks_exact_mut(pixels).enumerate() {
@@ -227,8 +267,9 @@ fn forward_shared(
                         }
                     }
                 }
+                Ok(())
             },
-        );
+        )
 }
 
 /// The weights of [`InputGrad::Transposed`]: `[c][co][i][j] = weight[co][c][kH-1-i][kW-1-j]`.
@@ -280,7 +321,12 @@ pub fn backward(
     let plan = Plan::new(p);
     let (group, block) = (plan.weight_grad_group, plan.weight_grad_images);
     let n_groups = p.batch.div_ceil(group);
-    let mut partials = vec![0.0f32; n_groups * weight.len()];
+    let mut partials = Vec::new();
+    resize_scratch(
+        &mut partials,
+        n_groups * weight.len(),
+        "conv2d backward: the weight gradients of groups of images",
+    )?;
     let mut grad_input = grad_input;
     if let (Some(gx), InputGrad::Transposed(transposed)) =
         (grad_input.as_deref_mut(), plan.input_grad)
@@ -308,30 +354,56 @@ pub fn backward(
         .into_par_iter()
         .zip(partials.par_chunks_mut(weight.len()))
         .enumerate()
-        .for_each(|(g, (mut gx_group, partial))| {
+        .try_for_each(|(g, (mut gx_group, partial))| -> Result<()> {
             let (mut col, mut grad_col, mut gy_block) = (Vec::new(), Vec::new(), Vec::new());
             let (mut unfolder, mut scratch) = (Unfolder::new(plan.unfolding), Vec::new());
             let first = g * group;
             let last = (first + group).min(p.batch);
             for start in (first..last).step_by(block) {
                 if stop.is_set() {
-                    return;
+                    return Ok(());
                 }
                 let images = block.min(last - start);
                 let n = images * pixels;
+                if images == 1 && plan.backward_rows < p.out_h {
+                    let image = &input[start * image_len..(start + 1) * image_len];
+                    let gx = gx_group
+                        .as_deref_mut()
+                        .map(|gx| &mut gx[(start - first) * image_len..][..image_len]);
+                    let tile = TileScratch {
+                        col: &mut col,
+                        grad_col: &mut grad_col,
+                        unfolder: &mut unfolder,
+                        fold_scratch: &mut scratch,
+                    };
+                    let gy = &grad_output[start * out_image..(start + 1) * out_image];
+                    backward_image_tiled(
+                        p,
+                        &plan,
+                        image,
+                        gy,
+                        weight,
+                        partial,
+                        start > first,
+                        gx,
+                        tile,
+                        &stop,
+                    )?;
+                    continue;
+                }
                 // The block's unfolded images (K × n) and output gradients (C_out × n).
                 let (cols, gys): (&[f32], &[f32]) = if images == 1 {
                     let image = &input[start * image_len..(start + 1) * image_len];
                     (
-                        unfolded(p, image, &mut col, &mut unfolder),
+                        unfolded(p, image, &mut col, &mut unfolder)?,
                         &grad_output[start * out_image..(start + 1) * out_image],
                     )
                 } else {
-                    col.resize(k * n, 0.0);
-                    gy_block.resize(p.out_channels * n, 0.0);
+                    resize_scratch(&mut col, k * n, UNFOLDED_INPUT)?;
+                    resize_scratch(&mut gy_block, p.out_channels * n, OUTPUT_GRAD_BLOCK)?;
                     for i in 0..images {
                         let image = &input[(start + i) * image_len..(start + i + 1) * image_len];
-                        unfolder.im2col(p, image, &mut col[i * pixels..], n);
+                        unfolder.im2col(p, image, &mut col[i * pixels..], n)?;
                         let gy = &grad_output[(start + i) * out_image..][..out_image];
                         for (co, src) in gy.chunks_exact(pixels).enumerate() {
                             gy_block[co * n + i * pixels..co * n + (i + 1) * pixels]
@@ -349,13 +421,14 @@ pub fn backward(
                     start > first,
                     MatRef::rows(gys, n),
                     MatRef::transposed(cols, n),
+                    &stop,
                 );
                 let Some(gx_group) = gx_group.as_deref_mut() else {
                     continue;
                 };
                 // InputGrad::GemmFold: the other plan was done above.
                 let gx_block = &mut gx_group[(start - first) * image_len..][..images * image_len];
-                grad_col.resize(k * n, 0.0);
+                resize_scratch(&mut grad_col, k * n, UNFOLDED_GRAD)?;
                 sgemm(
                     k,
                     n,
@@ -365,6 +438,7 @@ pub fn backward(
                     false,
                     MatRef::transposed(weight, k),
                     MatRef::rows(gys, n),
+                    &stop,
                 );
                 for (i, gx) in gx_block.chunks_exact_mut(image_len).enumerate() {
                     fold(
@@ -374,10 +448,11 @@ pub fn backward(
                         n,
                         gx,
                         &mut scratch,
-                    );
+                    )?;
                 }
             }
-        });
+            Ok(())
+        })?;
     grad_weight.par_iter_mut().enumerate().for_each(|(i, g)| {
         let mut total = 0.0f32;
         for part in partials.chunks_exact(weight.len()) {
@@ -385,6 +460,78 @@ pub fn backward(
         }
         *g = total;
     });
+    Ok(())
+}
+
+/// The scratch of [`backward_image_tiled`], reused from tile to tile and image to image.
+struct TileScratch<'a> {
+    col: &'a mut Vec<f32>,
+    grad_col: &'a mut Vec<f32>,
+    unfolder: &'a mut Unfolder,
+    fold_scratch: &'a mut Vec<f32>,
+}
+
+/// The backward of one image too large to unfold whole ([`Plan::backward_rows`]): adds
+/// its weight gradient to `partial` (or overwrites it unless `accumulate`) and, for
+/// [`InputGrad::GemmFold`], writes its input gradient to `gx`, tile by tile with a stop
+/// check per tile. The weight gradient sums the tiles' products in order: its rounding
+/// differs from the whole image's single GEMM, but not with the thread count.
+#[allow(clippy::too_many_arguments)]
+fn backward_image_tiled(
+    p: &Conv2dParams,
+    plan: &Plan,
+    image: &[f32],
+    grad_output: &[f32],
+    weight: &[f32],
+    partial: &mut [f32],
+    accumulate: bool,
+    grad_input: Option<&mut [f32]>,
+    scratch: TileScratch,
+    stop: &StopToken,
+) -> Result<()> {
+    let (pixels, k) = (p.pixels(), p.col_rows());
+    let src = scratch.unfolder.source(p, image)?;
+    let mut folding = grad_input
+        .map(|gx| Folding::begin(p, plan.unfolding, gx, scratch.fold_scratch))
+        .transpose()?;
+    for (t, rows) in tiles(p.out_h, plan.backward_rows).enumerate() {
+        if stop.is_set() {
+            return Ok(());
+        }
+        let width = rows.len() * p.out_w;
+        let grad_output_tile = MatRef::rows(&grad_output[rows.start * p.out_w..], pixels);
+        resize_scratch(scratch.col, k * width, UNFOLDED_INPUT)?;
+        unfold(p, src, rows.clone(), scratch.col, width);
+        sgemm(
+            p.out_channels,
+            k,
+            width,
+            partial,
+            k,
+            accumulate || t > 0,
+            grad_output_tile,
+            MatRef::transposed(scratch.col, width),
+            stop,
+        );
+        if let Some(folding) = folding.as_mut() {
+            resize_scratch(scratch.grad_col, k * width, UNFOLDED_GRAD)?;
+            sgemm(
+                k,
+                width,
+                p.out_channels,
+                scratch.grad_col,
+                width,
+                false,
+                MatRef::transposed(weight, k),
+                grad_output_tile,
+                stop,
+            );
+            folding.add(scratch.grad_col, width, rows);
+        }
+    }
+    if let Some(folding) = folding {
+        folding.finish();
+    }
     Ok(())
 }
 

@@ -10,9 +10,9 @@ use super::Conv2dParams;
 /// How the forward runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Forward {
-    /// Per image, the small-K product ([`super::microkernel`]) of the unfolded image, or
-    /// of the image itself when pointwise.
-    SmallK,
+    /// Per image, the small-K product ([`super::microkernel`]) of the image unfolded
+    /// `rows` output rows at a time (all of them unless the image is large).
+    SmallK { rows: usize },
     /// `images` small images unfolded side by side and multiplied by one GEMM.
     SharedGemm { images: usize },
     /// Per image, one GEMM on the image itself: a pointwise convolution (1×1, stride 1,
@@ -57,6 +57,9 @@ pub(super) struct Plan {
     pub weight_grad_group: usize,
     /// Images whose unfolded matrices share one weight-gradient GEMM within a group.
     pub weight_grad_images: usize,
+    /// Output rows per unfolded tile of one image in the weight gradient (and the input
+    /// gradient by [`InputGrad::GemmFold`]): all of them unless the image is large.
+    pub backward_rows: usize,
 }
 
 impl Plan {
@@ -68,13 +71,22 @@ impl Plan {
             // forward: 2.5 -> 1.7 ms over the former row-wise direct kernel, and with
             // FMA intrinsics 0.98x -> 1.52-1.62x PyTorch 2.15's speed. The bound 32 is
             // the micro-kernel's register block, not a measured crossover.
-            Forward::SmallK
+            // A pointwise convolution reads the image itself: nothing to tile.
+            Forward::SmallK {
+                rows: if p.is_pointwise() {
+                    p.out_h
+                } else {
+                    rows_within(p, SMALL_K_TILE_BYTES)
+                },
+            }
         } else if images > 1 {
             Forward::SharedGemm { images }
         } else if p.is_pointwise() {
             Forward::Pointwise
         } else {
-            Forward::TiledIm2col { rows: tile_rows(p) }
+            Forward::TiledIm2col {
+                rows: rows_within(p, TILE_BYTES),
+            }
         };
         let unfolding = if p.padding == (0, 0) {
             Unfolding::Unpadded
@@ -94,16 +106,52 @@ impl Plan {
             input_grad,
             weight_grad_group,
             weight_grad_images: images.min(weight_grad_group),
+            backward_rows: backward_rows(p),
         }
     }
 }
 
-/// Output rows per im2col tile: the unfolded tile stays within about 256 KiB (L2-sized),
+/// The unfolded tile of [`Forward::TiledIm2col`] stays within about 256 KiB (L2-sized),
 /// so the GEMM reads it from cache (2d18151; the size was not tuned by measurement).
-fn tile_rows(p: &Conv2dParams) -> usize {
-    const TILE_BYTES: usize = 256 * 1024;
+const TILE_BYTES: usize = 256 * 1024;
+
+/// The unfolded tile of [`Forward::SmallK`]: LeNet-sized and other usual images are
+/// unfolded whole, as before; a large one (a 8000×8000 image under a 5×5 kernel unfolded
+/// to 6.4 GB) in tiles of bounded size. Each pixel's sum does not depend on the tiling,
+/// so neither do the results.
+const SMALL_K_TILE_BYTES: usize = 4 << 20;
+
+/// Whole-image unfolding in the backward up to this size, as before: beyond it the
+/// weight-gradient GEMM sums the image in tiles of [`BACKWARD_TILE_BYTES`], so its
+/// rounding differs from the whole-image product (only for images this large, from
+/// about 1×64×155×155 under 3×3: relative differences ~1e-6), and the unfolded scratch
+/// stays bounded.
+const WHOLE_IMAGE_UNFOLD_BYTES: usize = 128 << 20;
+
+/// The backward's unfolded tile of a large image: a GEMM of C_out × 4 MiB-of-columns
+/// floating-point operations between stop checks (~0.5 GFLOP at 128 output channels).
+const BACKWARD_TILE_BYTES: usize = 4 << 20;
+
+/// The padded copy of an image is made up to this size; a larger image is unfolded with
+/// bounds tests instead (same values, so the same results), so that no scratch grows
+/// with the image.
+const PADDED_COPY_BYTES: usize = 64 << 20;
+
+/// Output rows per unfolded tile of at most `bytes` (at least one row).
+fn rows_within(p: &Conv2dParams, bytes: usize) -> usize {
     let row_bytes = p.col_rows() * p.out_w * std::mem::size_of::<f32>();
-    (TILE_BYTES / row_bytes.max(1)).clamp(1, p.out_h)
+    (bytes / row_bytes.max(1)).clamp(1, p.out_h)
+}
+
+/// [`Plan::backward_rows`]: a pointwise convolution is its own unfolded matrix, so its
+/// images are never unfolded, nor tiled.
+fn backward_rows(p: &Conv2dParams) -> usize {
+    let whole = p.col_rows() * p.pixels() * std::mem::size_of::<f32>();
+    if p.is_pointwise() || whole <= WHOLE_IMAGE_UNFOLD_BYTES {
+        p.out_h
+    } else {
+        rows_within(p, BACKWARD_TILE_BYTES)
+    }
 }
 
 /// Images unfolded side by side into one GEMM, so that its n (images × pixels) reaches
@@ -124,10 +172,12 @@ fn images_per_gemm(p: &Conv2dParams) -> usize {
 }
 
 /// Whether images are unfolded through a zero-padded copy: when that copy is no larger
-/// than the unfolded matrix itself (every usual convolution; not a huge padding).
+/// than the unfolded matrix itself (every usual convolution; not a huge padding) and
+/// within [`PADDED_COPY_BYTES`].
 fn unfolds_padded(p: &Conv2dParams) -> bool {
     let (hp, wp) = p.padded_size();
-    p.in_channels * hp * wp <= p.col_rows() * p.pixels()
+    let padded = p.in_channels * hp * wp;
+    padded <= p.col_rows() * p.pixels() && padded * std::mem::size_of::<f32>() <= PADDED_COPY_BYTES
 }
 
 /// The convolution whose forward is the input gradient of `p`, when `p` has stride 1 and
@@ -179,7 +229,8 @@ mod tests {
     #[test]
     fn lenet_shapes_choose_the_expected_algorithms() {
         let first = plan([64, 1, 28, 28], [16, 1, 3, 3], 1, 1);
-        assert_eq!(first.forward, Forward::SmallK);
+        assert_eq!(first.forward, Forward::SmallK { rows: 28 });
+        assert_eq!(first.backward_rows, 28);
         assert_eq!(first.unfolding, Unfolding::PaddedCopy);
         assert!(matches!(first.input_grad, InputGrad::Transposed(_)));
         let middle = plan([64, 16, 14, 14], [32, 16, 3, 3], 1, 1);
@@ -197,5 +248,19 @@ mod tests {
         assert!(matches!(large.forward, Forward::TiledIm2col { rows } if rows < 40));
         let huge_padding = plan([1, 3, 6, 6], [4, 3, 1, 1], 2, 3);
         assert_eq!(huge_padding.unfolding, Unfolding::BoundsTested);
+    }
+
+    #[test]
+    fn scratch_of_huge_images_is_bounded() {
+        let huge = plan([1, 1, 8000, 8000], [1, 1, 5, 5], 1, 2);
+        let Forward::SmallK { rows } = huge.forward else {
+            panic!("{:?}", huge.forward)
+        };
+        assert!(rows * 8000 * 25 * 4 <= SMALL_K_TILE_BYTES && rows >= 1);
+        assert!(huge.backward_rows * 8000 * 25 * 4 <= BACKWARD_TILE_BYTES);
+        assert_eq!(huge.unfolding, Unfolding::BoundsTested);
+        let wide = plan([1, 128, 1024, 1024], [128, 128, 3, 3], 1, 1);
+        assert_eq!(wide.forward, Forward::TiledIm2col { rows: 1 });
+        assert_eq!(wide.unfolding, Unfolding::BoundsTested);
     }
 }

@@ -5,7 +5,12 @@ use std::ops::Range;
 
 use super::plan::Unfolding;
 use super::Conv2dParams;
+use crate::error::Result;
 use crate::kernels::valid_range;
+use crate::memory::resize_scratch;
+
+const PADDED_INPUT: &str = "conv2d: the zero-padded copy of an input image";
+const PADDED_GRAD: &str = "conv2d backward: the zero-padded input gradient of an image";
 
 /// Copy `src` to `dst` (same length): eight lanes at a time and an overlapping last eight,
 /// so that the short rows of small images do not pay for a call to memcpy.
@@ -270,19 +275,23 @@ impl Unfolder {
 
     /// The image as unfolded rows read it: the padded copy (borders zero) for
     /// [`Unfolding::PaddedCopy`], else the image itself.
-    pub(super) fn source<'a>(&'a mut self, p: &Conv2dParams, image: &'a [f32]) -> Source<'a> {
+    pub(super) fn source<'a>(
+        &'a mut self,
+        p: &Conv2dParams,
+        image: &'a [f32],
+    ) -> Result<Source<'a>> {
         if self.unfolding != Unfolding::PaddedCopy {
-            return Source {
+            return Ok(Source {
                 data: image,
                 frame: Frame::image(p),
-            };
+            });
         }
         let (hp, wp) = p.padded_size();
         let len = p.in_channels * hp * wp;
         if self.padded.len() != len {
             // Only interiors are written below, so the borders stay zero from here on.
             self.padded.clear();
-            self.padded.resize(len, 0.0);
+            resize_scratch(&mut self.padded, len, PADDED_INPUT)?;
         }
         for (row, padded_row) in interior_rows(p) {
             copy_row(
@@ -290,16 +299,23 @@ impl Unfolder {
                 &image[row..row + p.in_w],
             );
         }
-        Source {
+        Ok(Source {
             data: &self.padded,
             frame: Frame::padded(p),
-        }
+        })
     }
 
     /// [`unfold`] of all output rows of `image` into `col` (row r at `col[r * ld]`).
-    pub(super) fn im2col(&mut self, p: &Conv2dParams, image: &[f32], col: &mut [f32], ld: usize) {
-        let src = self.source(p, image);
+    pub(super) fn im2col(
+        &mut self,
+        p: &Conv2dParams,
+        image: &[f32],
+        col: &mut [f32],
+        ld: usize,
+    ) -> Result<()> {
+        let src = self.source(p, image)?;
         unfold(p, src, 0..p.out_h, col, ld);
+        Ok(())
     }
 }
 
@@ -331,31 +347,70 @@ pub(super) fn fold(
     ld: usize,
     gx: &mut [f32],
     scratch: &mut Vec<f32>,
-) {
-    let stride = p.stride.1;
-    if unfolding != Unfolding::PaddedCopy {
-        gx.fill(0.0);
+) -> Result<()> {
+    let mut folding = Folding::begin(p, unfolding, gx, scratch)?;
+    folding.add(col, ld, 0..p.out_h);
+    folding.finish();
+    Ok(())
+}
+
+/// [`fold`] tile by tile: [`Folding::begin`], [`Folding::add`] for each tile of output
+/// rows, [`Folding::finish`].
+pub(super) struct Folding<'a> {
+    p: &'a Conv2dParams,
+    padded: bool,
+    gx: &'a mut [f32],
+    scratch: &'a mut Vec<f32>,
+}
+
+impl<'a> Folding<'a> {
+    pub(super) fn begin(
+        p: &'a Conv2dParams,
+        unfolding: Unfolding,
+        gx: &'a mut [f32],
+        scratch: &'a mut Vec<f32>,
+    ) -> Result<Self> {
+        let padded = unfolding == Unfolding::PaddedCopy;
+        if padded {
+            let (hp, wp) = p.padded_size();
+            scratch.clear();
+            resize_scratch(scratch, p.in_channels * hp * wp, PADDED_GRAD)?;
+        } else {
+            gx.fill(0.0);
+        }
+        Ok(Folding {
+            p,
+            padded,
+            gx,
+            scratch,
+        })
+    }
+
+    /// Add `col` (output rows `rows`, row r at `col[r * ld]`) onto the gradient.
+    pub(super) fn add(&mut self, col: &[f32], ld: usize, rows: Range<usize>) {
+        let p = self.p;
+        let (frame, image) = if self.padded {
+            (Frame::padded(p), &mut self.scratch[..])
+        } else {
+            (Frame::image(p), &mut self.gx[..])
+        };
         let mut transfer = Fold {
             col,
-            image: gx,
-            stride,
+            image,
+            stride: p.stride.1,
         };
-        walk(p, Frame::image(p), 0..p.out_h, ld, &mut transfer);
-        return;
+        walk(p, frame, rows, ld, &mut transfer);
     }
-    let (hp, wp) = p.padded_size();
-    scratch.clear();
-    scratch.resize(p.in_channels * hp * wp, 0.0);
-    let mut transfer = Fold {
-        col,
-        image: scratch,
-        stride,
-    };
-    walk(p, Frame::padded(p), 0..p.out_h, ld, &mut transfer);
-    for (row, padded_row) in interior_rows(p) {
-        copy_row(
-            &mut gx[row..row + p.in_w],
-            &scratch[padded_row..padded_row + p.in_w],
-        );
+
+    pub(super) fn finish(self) {
+        if !self.padded {
+            return;
+        }
+        for (row, padded_row) in interior_rows(self.p) {
+            copy_row(
+                &mut self.gx[row..row + self.p.in_w],
+                &self.scratch[padded_row..padded_row + self.p.in_w],
+            );
+        }
     }
 }
