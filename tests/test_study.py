@@ -316,6 +316,99 @@ def test_claim_scores_diverged_runs_at_chance():
     assert result.diverged == 2 and result.verdict == "inconclusive"
 
 
+def _claim_study(claims, seeds_data):
+    """A two-variant question and its runs: seeds_data = [(acc_a, status_a, acc_b,
+    status_b)] per seed."""
+    q = questions.Question(1, "x", "x", variants=(questions.Variant("a", "a", "a"),
+                                                  questions.Variant("b", "b", "b")),
+                           claims=claims, n_train=1, epochs=1)
+    runs, entries = {}, []
+    for seed, (acc_a, status_a, acc_b, status_b) in enumerate(seeds_data):
+        for variant, acc, status in ((q.variants[0], acc_a, status_a),
+                                     (q.variants[1], acc_b, status_b)):
+            key = f"{variant.name}{seed}"
+            runs[key] = {"status": status, "metrics": {"test_acc": acc, "chance": 0.1}}
+            entries.append((q, variant, seed, key))
+    return results.claim_results(q, entries, runs)
+
+
+def test_divergence_claim_uses_exact_mcnemar():
+    claim = questions.Claim("fewer of a diverge", ("a",), ("b",), divergence=True)
+    seeds = [(0.8, "ok", 0.1, "diverged")] * 2 + [(0.8, "ok", 0.8, "ok")] * 3
+    (result,) = _claim_study((claim,), seeds)
+    assert result.test == "exact McNemar"
+    assert (result.plus_diverged, result.minus_diverged) == (0, 2)
+    assert (result.only_plus_diverged, result.only_minus_diverged) == (0, 2)
+    assert result.p == pytest.approx(0.5) and result.verdict == "inconclusive"
+    # Six of six seeds diverge only without BN: p = 2/64, supported.
+    (result,) = _claim_study((claim,), [(0.8, "ok", 0.1, "diverged")] * 6)
+    assert result.p == pytest.approx(2 / 64) and result.verdict == "supported"
+
+
+def test_adjusted_verdicts_and_equivalence():
+    strong = questions.Claim("a beats b", ("a",), ("b",))
+    equal = questions.Claim("a beats b by a lot", ("a",), ("b",), equivalence=0.01,
+                            equivalence_advice="a or b makes no difference")
+    seeds_strong = [(0.80 + d, "ok", 0.70, "ok") for d in (0.001, 0.003, -0.002, 0.0, 0.002)]
+    seeds_equal = [(0.80 + d, "ok", 0.80, "ok") for d in (0.001, 0.003, -0.002, 0.0, 0.002)]
+    claims = _claim_study((strong,), seeds_strong) + _claim_study((equal,), seeds_equal)
+    results.adjust_claims(claims)
+    first, second = claims
+    assert first.verdict == first.raw_verdict == "supported"
+    p_values = [first.p, second.p, second.tost_p]          # one family of three tests
+    assert first.p_holm == pytest.approx(stats.holm_adjust(p_values)[0])
+    assert first.p_bh == pytest.approx(stats.bh_adjust(p_values)[0])
+    assert second.tost_p_holm == pytest.approx(stats.holm_adjust(p_values)[2])
+    assert second.verdict == "inconclusive" and second.equivalence_verdict() == "equivalent"
+    assert first.equivalence_verdict() == ""
+    # The Holm-level interval is wider than the 95% one and still excludes zero.
+    assert first.adjusted_low < first.low and first.adjusted_high > first.high
+    assert first.adjusted_low > 0
+    assert "Holm" in first.sentence() and "equivalent" in second.sentence()
+
+
+def test_adjustment_can_turn_a_raw_verdict_inconclusive():
+    claim = questions.Claim("a beats b", ("a",), ("b",))
+    noisy = [(0.80 + d, "ok", 0.80, "ok") for d in (0.01, 0.02, 0.005, 0.015, 0.003)]
+    many = [r for _ in range(30) for r in _claim_study((claim,), noisy)]
+    assert all(r.raw_verdict == "supported" for r in many)
+    results.adjust_claims(many)
+    assert all(r.verdict == "inconclusive" for r in many)   # p ~0.02 x 30 > 0.05
+    assert all(r.adjusted_low < 0 for r in many)
+
+
+def test_study_marks_equivalence_and_divergence_claims():
+    settings = questions.settings_for("fashion-mnist", "fashion-mnist", False, 60000)
+    claims = {c.statement: c for q in questions.build_questions(settings) for c in q.claims}
+    assert len(claims) == 31
+    marked = {s for s, c in claims.items() if c.equivalence is not None}
+    assert "Adding dropout to a BN network still helps" in marked
+    assert "Dropout after BN beats dropout before BN" in marked
+    assert all(claims[s].equivalence == questions.EQUIVALENCE_MARGIN
+               and claims[s].equivalence_advice for s in marked)
+    assert [s for s, c in claims.items() if c.divergence] == [
+        "With BN fewer runs diverge at a 30x learning rate"]
+
+
+def test_summary_table_first_in_the_report():
+    doc = report._Document()
+    claim = questions.Claim("a beats b (with a long aside)", ("a",), ("b",),
+                            equivalence=0.01, equivalence_advice="no difference")
+    (result,) = _claim_study((claim,), [(0.8 + d, "ok", 0.8, "ok")
+                                        for d in (0.001, 0.003, -0.002, 0.0, 0.002)])
+    results.adjust_claims([result])
+    q = questions.Question(1, "x", "x", variants=(), claims=(claim,), n_train=1, epochs=1)
+    settings = questions.settings_for("fashion-mnist", "fashion-mnist", True, 60000)
+    report._summary(doc, [q], {1: [result]}, settings)
+    (table,) = [block for block in doc.blocks if block[0] == "table"]
+    assert table[1] == ["advice", "verdict (Holm)", "effect", "Holm-level CI", "p",
+                        "p Holm", "p BH"]
+    rows = table[2]
+    assert rows[0][0] == "[Q1](#q1) a beats b"              # the aside is left out
+    assert rows[0][1] == "inconclusive" and rows[1][0] == "≈ no difference"
+    assert rows[1][1] == "equivalent"
+
+
 def _study(out, **kwargs):
     arguments = {"questions": [1, 3], "dataset": "digits", "quick": True, "seeds": 2,
                  "epochs": 2, "out": out, "progress": False, "n_jobs": 1}
@@ -334,6 +427,11 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
                                                       "inconclusive"}
     text = (tmp_path / "report.md").read_text()
     assert "What this means for your network" in text and "## Q3." in text
+    summary = text.index("| advice | verdict (Holm) | effect | Holm-level CI | p | p Holm "
+                         "| p BH |")
+    assert summary < text.index("## Q1.")
+    assert "| ≈ BN before or after the activation makes no difference |" in text
+    assert "Smallest effect this design detects" in text and "Holm's step-down" in text
     assert "BN before the activation beats BN after it" in text and "## Method" in text
     assert len(re.findall(r"Run time: [0-9.]+ min summed over its \d+ stored runs", text)) == 2
     html = (tmp_path / "report.html").read_text()

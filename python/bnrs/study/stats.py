@@ -2,9 +2,10 @@
 
 * A summary over seeds is the mean with a 95% Student-t interval
   ``mean ± t(0.975, n-1) · sd / sqrt(n)`` (no interval for a single value).
-* A claim is decided on the paired differences ``d_s`` of its contrast over the seeds
-  ``s`` (the same seed gives both variants the same initial weights where their shapes
-  agree, the same order of mini-batches and the same data split):
+* A claim's unadjusted verdict (:func:`paired_verdict`) is decided on the paired
+  differences ``d_s`` of its contrast over the seeds ``s`` (the same seed gives both
+  variants the same initial weights where their shapes agree, the same order of
+  mini-batches and the same data split):
 
   - **supported** if the 95% t-interval of the mean difference lies above 0 (in the
     direction the claim expects),
