@@ -70,6 +70,111 @@ def test_paired_verdict(differences, verdict):
         assert result.d_z == pytest.approx(np.mean(differences) / np.std(differences, ddof=1))
 
 
+def test_t_cdf_against_closed_forms_and_tables():
+    # df = 1 is the Cauchy distribution, df = 2 has F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
+    for t in (-30.0, -3.0, -0.2, 0.0, 1.0, 4.5):
+        assert stats.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13)
+        assert stats.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)),
+                                                  abs=1e-13)
+    # Published quantiles: t(0.975; 4) = 2.776445, t(0.975; 10) = 2.228139,
+    # t(0.95; 30) = 1.697261, t(0.8; 4) = 0.940965.
+    assert stats.t_cdf(2.776445105, 4) == pytest.approx(0.975, abs=1e-9)
+    assert stats.t_cdf(2.228138852, 10) == pytest.approx(0.975, abs=1e-9)
+    assert stats.t_cdf(1.697260887, 30) == pytest.approx(0.95, abs=1e-9)
+    assert stats.t_cdf(0.940964577, 4) == pytest.approx(0.8, abs=1e-9)
+    assert stats.t_cdf(math.inf, 3) == 1.0 and stats.t_cdf(-math.inf, 3) == 0.0
+
+
+def test_t_quantile_at_other_levels_without_scipy(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    assert stats.t_quantile(4, 0.90) == pytest.approx(2.131847, abs=1e-6)
+    assert stats.t_quantile(4, 0.60) == pytest.approx(0.940965, abs=1e-6)
+    assert stats.t_quantile(1, 0.5) == pytest.approx(1.0, abs=1e-9)   # Cauchy quartile
+
+
+def test_t_p_value_on_hand_computed_numbers():
+    # [1, 2, 3]: mean 2, sd 1, t = 2 sqrt(3), df 2: p = 1 - t / sqrt(2 + t^2).
+    t = 2 * math.sqrt(3)
+    assert stats.t_p_value([1, 2, 3]) == pytest.approx(1 - t / math.sqrt(2 + t * t))
+    # [1..5]: t = 3 / (sqrt(2.5) / sqrt(5)) = 4.2426, df 4: p = 0.013236 (R: t.test).
+    assert stats.t_p_value([1, 2, 3, 4, 5]) == pytest.approx(0.013236, abs=1e-6)
+    assert stats.t_p_value([-1, -2, -3]) == stats.t_p_value([1, 2, 3])
+    assert math.isnan(stats.t_p_value([0.5]))
+    assert stats.t_p_value([0.0, 0.0]) == 1.0 and stats.t_p_value([0.1, 0.1]) == 0.0
+
+
+def test_holm_and_benjamini_hochberg_by_hand():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # Sorted 0.005, 0.01, 0.03, 0.04. Holm: 4 x 0.005 = 0.02, 3 x 0.01 = 0.03,
+    # 2 x 0.03 = 0.06, 1 x 0.04 = 0.04 -> running maximum 0.06.
+    assert stats.holm_adjust(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # BH: 0.005 x 4/1 = 0.02, 0.01 x 4/2 = 0.02, 0.03 x 4/3 = 0.04, 0.04 x 4/4 = 0.04,
+    # running minimum from the largest.
+    assert stats.bh_adjust(p) == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    # Capped at 1; a NaN (a claim without data) is left out of m.
+    assert stats.holm_adjust([0.5, 0.6, math.nan]) == pytest.approx([1.0, 1.0, math.nan],
+                                                                     nan_ok=True)
+    assert stats.bh_adjust([0.5, 0.6, math.nan]) == pytest.approx([0.6, 0.6, math.nan],
+                                                                   nan_ok=True)
+    # BH's step-up: 0.049 x 2/2 makes the first one 0.049 too, not 0.04 x 2 = 0.08.
+    assert stats.bh_adjust([0.04, 0.049]) == pytest.approx([0.049, 0.049])
+    assert stats.holm_adjust([0.04, 0.049]) == pytest.approx([0.08, 0.08])
+    assert stats.holm_adjust([]) == [] and stats.bh_adjust([]) == []
+
+
+def test_tost_by_hand():
+    # [0.1, 0.2, 0.3]: mean 0.2, se 0.1 / sqrt(3); against +-0.5 the binding test is the
+    # upper one, t = (0.2 - 0.5) / se = -3 sqrt(3), df 2.
+    t = -3 * math.sqrt(3)
+    result = stats.tost([0.1, 0.2, 0.3], 0.5)
+    assert result.p == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)))
+    assert result.equivalent
+    half = 2.919986 * 0.1 / math.sqrt(3)                      # t(0.95; 2) x se
+    assert (result.low, result.high) == pytest.approx((0.2 - half, 0.2 + half), abs=1e-6)
+    # The 90% interval (0.03, 0.37) is not inside +-0.25: not shown equivalent.
+    assert not stats.tost([0.1, 0.2, 0.3], 0.25).equivalent
+    assert stats.tost([-0.1, -0.2, -0.3], 0.5).p == pytest.approx(result.p)
+    with pytest.raises(ValueError):
+        stats.tost([0.1, 0.2], 0.0)
+
+
+def test_exact_tests_against_known_values():
+    # Binomial: R binom.test(7, 20)$p.value = 0.2632; 3 of 10: 2 x 176 / 1024.
+    assert stats.binomial_test(7, 20) == pytest.approx(0.263176, abs=1e-6)
+    assert stats.binomial_test(3, 10) == pytest.approx(352 / 1024)
+    assert stats.binomial_test(8, 10, alternative="greater") == pytest.approx(56 / 1024)
+    assert stats.binomial_test(0, 0) == 1.0
+    # Exact McNemar on paired seeds: only the discordant pairs count.
+    assert stats.exact_mcnemar(2, 0) == pytest.approx(0.5)
+    assert stats.exact_mcnemar(5, 0) == pytest.approx(2 / 32)      # 5 seeds: p >= 0.0625
+    assert stats.exact_mcnemar(5, 0, alternative="greater") == pytest.approx(1 / 32)
+    # Fisher: the lady tasting tea, [[3, 1], [1, 3]]: one-sided 17/70, two-sided 34/70;
+    # R fisher.test(matrix(c(8, 1, 2, 5), 2))$p.value = 0.03497.
+    assert stats.fisher_exact([[3, 1], [1, 3]], "greater") == pytest.approx(17 / 70)
+    assert stats.fisher_exact([[3, 1], [1, 3]]) == pytest.approx(34 / 70)
+    assert stats.fisher_exact([[8, 2], [1, 5]]) == pytest.approx(0.034965, abs=1e-6)
+    assert stats.fisher_exact([[5, 0], [0, 5]], "greater") == pytest.approx(1 / 252)
+
+
+def test_minimum_detectable_effect():
+    # (t(0.975; 4) + t(0.8; 4)) x sd / sqrt(5) = (2.776445 + 0.940965) / sqrt(5).
+    assert stats.minimum_detectable_effect(1.0, 5) == pytest.approx(
+        (2.776445 + 0.940965) / math.sqrt(5), abs=1e-5)
+    assert stats.minimum_detectable_effect(0.5, 5) == pytest.approx(
+        0.5 * stats.minimum_detectable_effect(1.0, 5))
+    # A stricter level needs a larger effect; more seeds a smaller one.
+    assert stats.minimum_detectable_effect(1.0, 5, alpha=0.05 / 35) > 2.0
+    assert stats.minimum_detectable_effect(1.0, 10) < stats.minimum_detectable_effect(1.0, 5)
+    assert math.isnan(stats.minimum_detectable_effect(1.0, 1))
+
+
 # --------------------------------------------------------------------------- storage
 
 FAKE_RESULT = {"status": "ok", "metrics": {"test_acc": 0.5, "train_seconds": 1.0,
@@ -211,6 +316,99 @@ def test_claim_scores_diverged_runs_at_chance():
     assert result.diverged == 2 and result.verdict == "inconclusive"
 
 
+def _claim_study(claims, seeds_data):
+    """A two-variant question and its runs: seeds_data = [(acc_a, status_a, acc_b,
+    status_b)] per seed."""
+    q = questions.Question(1, "x", "x", variants=(questions.Variant("a", "a", "a"),
+                                                  questions.Variant("b", "b", "b")),
+                           claims=claims, n_train=1, epochs=1)
+    runs, entries = {}, []
+    for seed, (acc_a, status_a, acc_b, status_b) in enumerate(seeds_data):
+        for variant, acc, status in ((q.variants[0], acc_a, status_a),
+                                     (q.variants[1], acc_b, status_b)):
+            key = f"{variant.name}{seed}"
+            runs[key] = {"status": status, "metrics": {"test_acc": acc, "chance": 0.1}}
+            entries.append((q, variant, seed, key))
+    return results.claim_results(q, entries, runs)
+
+
+def test_divergence_claim_uses_exact_mcnemar():
+    claim = questions.Claim("fewer of a diverge", ("a",), ("b",), divergence=True)
+    seeds = [(0.8, "ok", 0.1, "diverged")] * 2 + [(0.8, "ok", 0.8, "ok")] * 3
+    (result,) = _claim_study((claim,), seeds)
+    assert result.test == "exact McNemar"
+    assert (result.plus_diverged, result.minus_diverged) == (0, 2)
+    assert (result.only_plus_diverged, result.only_minus_diverged) == (0, 2)
+    assert result.p == pytest.approx(0.5) and result.verdict == "inconclusive"
+    # Six of six seeds diverge only without BN: p = 2/64, supported.
+    (result,) = _claim_study((claim,), [(0.8, "ok", 0.1, "diverged")] * 6)
+    assert result.p == pytest.approx(2 / 64) and result.verdict == "supported"
+
+
+def test_adjusted_verdicts_and_equivalence():
+    strong = questions.Claim("a beats b", ("a",), ("b",))
+    equal = questions.Claim("a beats b by a lot", ("a",), ("b",), equivalence=0.01,
+                            equivalence_advice="a or b makes no difference")
+    seeds_strong = [(0.80 + d, "ok", 0.70, "ok") for d in (0.001, 0.003, -0.002, 0.0, 0.002)]
+    seeds_equal = [(0.80 + d, "ok", 0.80, "ok") for d in (0.001, 0.003, -0.002, 0.0, 0.002)]
+    claims = _claim_study((strong,), seeds_strong) + _claim_study((equal,), seeds_equal)
+    results.adjust_claims(claims)
+    first, second = claims
+    assert first.verdict == first.raw_verdict == "supported"
+    p_values = [first.p, second.p, second.tost_p]          # one family of three tests
+    assert first.p_holm == pytest.approx(stats.holm_adjust(p_values)[0])
+    assert first.p_bh == pytest.approx(stats.bh_adjust(p_values)[0])
+    assert second.tost_p_holm == pytest.approx(stats.holm_adjust(p_values)[2])
+    assert second.verdict == "inconclusive" and second.equivalence_verdict() == "equivalent"
+    assert first.equivalence_verdict() == ""
+    # The Holm-level interval is wider than the 95% one and still excludes zero.
+    assert first.adjusted_low < first.low and first.adjusted_high > first.high
+    assert first.adjusted_low > 0
+    assert "Holm" in first.sentence() and "equivalent" in second.sentence()
+
+
+def test_adjustment_can_turn_a_raw_verdict_inconclusive():
+    claim = questions.Claim("a beats b", ("a",), ("b",))
+    noisy = [(0.80 + d, "ok", 0.80, "ok") for d in (0.01, 0.02, 0.005, 0.015, 0.003)]
+    many = [r for _ in range(30) for r in _claim_study((claim,), noisy)]
+    assert all(r.raw_verdict == "supported" for r in many)
+    results.adjust_claims(many)
+    assert all(r.verdict == "inconclusive" for r in many)   # p ~0.02 x 30 > 0.05
+    assert all(r.adjusted_low < 0 for r in many)
+
+
+def test_study_marks_equivalence_and_divergence_claims():
+    settings = questions.settings_for("fashion-mnist", "fashion-mnist", False, 60000)
+    claims = {c.statement: c for q in questions.build_questions(settings) for c in q.claims}
+    assert len(claims) == 31
+    marked = {s for s, c in claims.items() if c.equivalence is not None}
+    assert "Adding dropout to a BN network still helps" in marked
+    assert "Dropout after BN beats dropout before BN" in marked
+    assert all(claims[s].equivalence == questions.EQUIVALENCE_MARGIN
+               and claims[s].equivalence_advice for s in marked)
+    assert [s for s, c in claims.items() if c.divergence] == [
+        "With BN fewer runs diverge at a 30x learning rate"]
+
+
+def test_summary_table_first_in_the_report():
+    doc = report._Document()
+    claim = questions.Claim("a beats b (with a long aside)", ("a",), ("b",),
+                            equivalence=0.01, equivalence_advice="no difference")
+    (result,) = _claim_study((claim,), [(0.8 + d, "ok", 0.8, "ok")
+                                        for d in (0.001, 0.003, -0.002, 0.0, 0.002)])
+    results.adjust_claims([result])
+    q = questions.Question(1, "x", "x", variants=(), claims=(claim,), n_train=1, epochs=1)
+    settings = questions.settings_for("fashion-mnist", "fashion-mnist", True, 60000)
+    report._summary(doc, [q], {1: [result]}, settings)
+    (table,) = [block for block in doc.blocks if block[0] == "table"]
+    assert table[1] == ["advice", "verdict (Holm)", "effect", "Holm-level CI", "p",
+                        "p Holm", "p BH"]
+    rows = table[2]
+    assert rows[0][0] == "[Q1](#q1) a beats b"              # the aside is left out
+    assert rows[0][1] == "inconclusive" and rows[1][0] == "≈ no difference"
+    assert rows[1][1] == "equivalent"
+
+
 def _study(out, **kwargs):
     arguments = {"questions": [1, 3], "dataset": "digits", "quick": True, "seeds": 2,
                  "epochs": 2, "out": out, "progress": False, "n_jobs": 1}
@@ -229,6 +427,11 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
                                                       "inconclusive"}
     text = (tmp_path / "report.md").read_text()
     assert "What this means for your network" in text and "## Q3." in text
+    summary = text.index("| advice | verdict (Holm) | effect | Holm-level CI | p | p Holm "
+                         "| p BH |")
+    assert summary < text.index("## Q1.")
+    assert "| ≈ BN before or after the activation makes no difference |" in text
+    assert "Smallest effect this design detects" in text and "Holm's step-down" in text
     assert "BN before the activation beats BN after it" in text and "## Method" in text
     assert len(re.findall(r"Run time: [0-9.]+ min summed over its \d+ stored runs", text)) == 2
     html = (tmp_path / "report.html").read_text()

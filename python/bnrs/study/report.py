@@ -38,10 +38,13 @@ from .plots import (
 )
 from .questions import STUCK_FRACTION, Question
 from .results import (
+    ALPHA,
     VariantSummary,
+    adjust_claims,
     claim_results,
     diagnosed_variants,
     mean_layers,
+    minimum_detectable_effects,
     runs_by_variant,
     seed_values,
     stopping_depths,
@@ -169,8 +172,6 @@ def _inline(text: str) -> str:
 
 # --------------------------------------------------------------------------- writing
 
-_ADVICE_MARK = {"supported": "agree", "contradicted": "disagree",
-                "inconclusive": "cannot tell"}
 
 
 def _run_seconds(run: dict) -> float:
@@ -212,6 +213,10 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
     if plt is not None:
         plot_dir.mkdir(exist_ok=True)
     results_by_question = {q.number: claim_results(q, entries, runs) for q in questions}
+    every_result = [r for q in questions for r in results_by_question[q.number]]
+    adjust_claims(every_result)
+    n_tests = sum(math.isfinite(r.p) for r in every_result) + sum(
+        math.isfinite(r.tost_p) for r in every_result)
     doc = _Document()
     doc.heading(1, "bnrs study: batch norm and dropout, with evidence")
     distinct = {key for *_, key in entries}
@@ -230,38 +235,16 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
                       "command to finish it.")
 
     doc.heading(2, "What this means for your network")
-    doc.paragraph("Each line is a piece of common advice, the study's verdict on this "
-                  "data, and the effect (expected variant minus the other; accuracy in "
-                  "points). *Supported*: the 95% interval of the paired difference is on "
-                  "the side the advice expects; *contradicted*: on the other side; "
-                  "*inconclusive*: it includes zero (the effect, if any, is smaller than "
-                  "the seed-to-seed noise at this budget).")
-    items = []
-    for q in questions:
-        for result in results_by_question[q.number]:
-            if result.n_seeds == 0:
-                outcome = "not run yet"
-            else:
-                outcome = (f"**{result.verdict}**, the data {_ADVICE_MARK[result.verdict]}"
-                           f" ({result.effect_text()})")
-            items.append(f"[Q{q.number}](#q{q.number}) {result.statement}: {outcome}."
-                         + (f" Advice: {result.source}." if result.source else ""))
-    counts = {v: sum(r.verdict == v and r.n_seeds > 0 for rs in results_by_question.values()
-                     for r in rs) for v in ("supported", "contradicted", "inconclusive")}
-    doc.paragraph(f"{counts['supported']} claims supported, {counts['contradicted']} "
-                  f"contradicted, {counts['inconclusive']} inconclusive on this data. The "
-                  "verdicts hold for this setting (a small CNN, "
-                  f"{settings.n_train} training images, {settings.epochs} epochs, Adam; "
-                  "see [Method](#method)); a longer training, a larger network or other "
-                  "data can change them, dropout's in particular (a regulariser pays off "
-                  "once the network without it overfits; compare the train−test gaps).")
-    doc.bullets(items)
+    _summary(doc, questions, results_by_question, settings)
 
     for q in questions:
         summaries = variant_summaries(q, entries, runs, settings.seeds)
         doc.heading(2, f"Q{q.number}. {q.title}", anchor=f"q{q.number}")
         for result in results_by_question[q.number]:
             doc.paragraph(result.sentence())
+        mde = _mde_text(results_by_question[q.number], n_tests)
+        if mde:
+            doc.paragraph(mde)
         budget = f"Budget: {q.n_train} training images, {q.epochs} epochs" + (
             f". {q.note}" if q.note else ".")
         doc.paragraph(f"{budget} {_question_time(q, entries, runs)}")
@@ -308,9 +291,106 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
         for q in questions:
             for result in results_by_question[q.number]:
                 print(f"  Q{q.number}: {result.verdict:<12} {result.statement} "
-                      f"({result.effect_text()})", file=sys.stderr)
+                      f"({result.effect_text()}, Holm p {_p_cell(result.p_holm)})",
+                      file=sys.stderr)
     return {"markdown": out / "report.md", "html": out / "report.html",
             "csv": out / "results.csv"}
+
+
+# --------------------------------------------------------------------------- summary
+
+_VERDICT_CELL = {"supported": "**supported**", "contradicted": "**contradicted**",
+                 "inconclusive": "inconclusive"}
+
+
+def _p_cell(p: float) -> str:
+    if not math.isfinite(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _summary(doc: _Document, questions, results_by_question, settings) -> None:
+    """The table a practitioner reads first: one row per piece of advice."""
+    results = [r for q in questions for r in results_by_question[q.number]]
+    run = [r for r in results if r.n_seeds > 0]
+    n_tests = sum(math.isfinite(r.p) for r in run) + sum(math.isfinite(r.tost_p)
+                                                         for r in run)
+    counts = {v: sum(r.verdict == v for r in run)
+              for v in ("supported", "contradicted", "inconclusive")}
+    raw = {v: sum(r.raw_verdict == v for r in run)
+           for v in ("supported", "contradicted", "inconclusive")}
+    with_margin = [r for r in run if r.margin is not None and math.isfinite(r.tost_p)]
+    equivalent = sum(r.equivalence_verdict() == "equivalent" for r in with_margin)
+    equivalent_raw = sum(r.equivalence_verdict(False) == "equivalent" for r in with_margin)
+    doc.paragraph(
+        "One row per piece of common advice: the study's verdict on this data, the "
+        "effect (expected variant minus the other, accuracy in points; for the "
+        "divergence claim the diverged runs), its interval at the claim's Holm level and "
+        f"its p-value raw, Holm-adjusted and Benjamini-Hochberg-adjusted (BH). Verdicts "
+        f"are Holm-adjusted over all {n_tests} tests of the study (family-wise error "
+        f"{ALPHA:g}): *supported* / *contradicted*: Holm p < {ALPHA:g} with the effect "
+        "on the side the advice expects / the other side; *inconclusive*: not shown "
+        "either way at this budget (see each question's smallest detectable effect). "
+        "Rows marked *≈* also test the competing advice that the factor makes no "
+        "difference (equivalence within ±1 point, TOST, Holm-adjusted).")
+    doc.paragraph(
+        f"**{counts['supported']} claims supported, {counts['contradicted']} "
+        f"contradicted, {counts['inconclusive']} inconclusive** after Holm's adjustment "
+        f"({raw['supported']}, {raw['contradicted']} and {raw['inconclusive']} "
+        f"unadjusted); of the {len(with_margin)} \"makes no difference\" counterparts, "
+        f"{equivalent} shown equivalent ({equivalent_raw} unadjusted). The verdicts hold "
+        f"for this setting (a small CNN, {settings.n_train} training images, "
+        f"{settings.epochs} epochs, Adam; see [Method](#method)); a longer training, a "
+        "larger network or other data can change them, dropout's in particular (a "
+        "regulariser pays off once the network without it overfits; compare the "
+        "train−test gaps).")
+    rows = []
+    for q in questions:
+        for r in results_by_question[q.number]:
+            # The table stays narrow: a statement's parenthesis (its numbers from the
+            # literature) is in the question's section.
+            advice = f"[Q{q.number}](#q{q.number}) {r.statement.split(' (')[0]}"
+            if r.n_seeds == 0:
+                rows.append([advice, "not run yet", "–", "–", "–", "–", "–"])
+                continue
+            if r.test == "exact McNemar":
+                effect = f"{r.plus_diverged}/{r.n_seeds} vs {r.minus_diverged}/{r.n_seeds} diverged"
+                interval = "exact McNemar"
+            else:
+                effect = r.effect_text(interval=False)
+                interval = r.adjusted_interval_text()
+            verdict = _VERDICT_CELL[r.verdict]
+            if r.raw_verdict != r.verdict:
+                verdict += f" (raw: {r.raw_verdict})"
+            rows.append([advice, verdict, effect, interval, _p_cell(r.p),
+                         _p_cell(r.p_holm), _p_cell(r.p_bh)])
+            if r.margin is not None and math.isfinite(r.tost_p):
+                scale, unit = (100, " point") if r.metric.endswith("acc") else (1, "")
+                eq = r.equivalence_verdict()
+                if r.equivalence_verdict(False) != eq:
+                    eq += f" (raw: {r.equivalence_verdict(False)})"
+                rows.append([f"≈ {r.equivalence_advice}", eq,
+                             f"margin ±{scale * r.margin:g}{unit}",
+                             f"90%: {r._range(r.tost_low, r.tost_high)}",
+                             _p_cell(r.tost_p), _p_cell(r.tost_p_holm), "–"])
+    doc.table(["advice", "verdict (Holm)", "effect", "Holm-level CI", "p", "p Holm",
+               "p BH"], rows)
+
+
+def _mde_text(results, n_tests: int) -> str:
+    """The question's smallest detectable accuracy effect at 80% power."""
+    # A divergence claim is decided on counts; its accuracy differences (a diverged run
+    # at chance) would swamp the SD that the t-tests of the other claims face.
+    accuracy = [r for r in results if r.metric.endswith("acc") and r.test == "paired t"]
+    raw, strict = minimum_detectable_effects(accuracy, n_tests)
+    if not math.isfinite(raw):
+        return ""
+    n = min(r.n_seeds for r in accuracy if r.n_seeds >= 2)
+    return (f"Smallest effect this design detects (80% power, paired t over {n} seeds, "
+            f"pooled SD of this question's accuracy differences): {100 * raw:.2f} points "
+            f"at p < {ALPHA:g} unadjusted, {100 * strict:.2f} points at the strictest "
+            f"Holm level ({ALPHA:g}/{n_tests}). Smaller true effects are likely to come "
+            "out *inconclusive*.")
 
 
 # --------------------------------------------------------------------------- question 10 and diagnostics
@@ -433,12 +513,36 @@ def _method(doc: _Document, settings, data, plots: bool) -> None:
          "validation accuracy stayed within 5 points of chance. Tables average only the "
          "runs that did not diverge and count the others; in the paired verdicts a "
          "diverged run scores chance accuracy (a failed training is the outcome)."),
-        ("Verdict: per seed, the difference of the claim's contrast; its mean and 95% "
-         "Student-t interval over seeds. Supported if the interval is above zero, "
-         "contradicted if below, inconclusive otherwise. Effect sizes: the mean "
-         "difference and Cohen's d_z (mean / sd of the differences). No correction for "
-         "the number of claims: at 95%, about one claim in twenty with no true effect "
-         "would still get a verdict."),
+        ("Effect: per seed, the difference of the claim's contrast; its mean, 95% "
+         "Student-t interval over seeds and two-sided paired t-test p-value. Effect "
+         "sizes: the mean difference and Cohen's d_z (mean / sd of the differences)."),
+        ("Multiple comparisons: the study tests every claim and every equivalence "
+         "counterpart (one family, the whole study). The verdicts are taken from "
+         f"Holm's step-down adjusted p-values (family-wise error {ALPHA:g}): supported "
+         "or contradicted when the Holm-adjusted p is below it, by the sign of the "
+         "effect; inconclusive otherwise. The Benjamini-Hochberg (false discovery rate) "
+         "adjusted p-value is shown beside it, and the raw verdict wherever it differs. "
+         "The Holm-level interval is the t-interval at level 1 − "
+         f"{ALPHA:g}/(m − k + 1), Holm's level at step k: the claim's own rank by raw "
+         "p-value among the m tests if Holm rejects it, else the step where Holm "
+         "stopped; it excludes zero exactly when the verdict is supported or "
+         "contradicted."),
+        ("Equivalence: claims whose competing advice says the factor makes no "
+         "difference or can be removed (marked ≈) also get two one-sided t-tests "
+         "(TOST) with a margin of ±1 accuracy point, stated per claim in questions.py "
+         "(single runs differ by 0.5-1.4 points between seeds, so a smaller difference "
+         "is invisible in practice; the margin was added after the runs, from that "
+         "noise level, not tuned to their results): *equivalent* if the Holm-adjusted TOST "
+         "p is below the level (the 90% interval lies inside ±1 point before "
+         "adjustment), otherwise *not shown equivalent* (not the same as different)."),
+        ("Divergence: whether runs diverge is a count, so the divergence claim is "
+         "decided by the exact McNemar test (the two-sided binomial test of the seeds "
+         "where exactly one of the two paired variants diverged); with "
+         f"{settings.seeds} seeds its smallest possible p-value is "
+         f"{min(1.0, 2 * 0.5 ** settings.seeds):.3g}."),
+        ("Smallest detectable effect per question: (t(1 − α/2, n−1) + t(0.8, n−1)) · "
+         "sd / √n for n seeds and the pooled SD of the question's paired accuracy "
+         "differences (the normal-shift approximation to the noncentral t)."),
         "Plots: " + ("see each question." if plots else
                      "**not drawn: matplotlib is not installed** (pip install "
                      "'bnrs[plot]')."),
