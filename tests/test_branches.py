@@ -315,3 +315,11 @@ def test_branching_networks_learn_digits(digits, architecture):
                         random_state=0).fit(X[:1000], y[:1000])
     accuracy = clf.score(X[1000:1400], y[1000:1400])
     assert accuracy > 0.6, accuracy   # chance is 0.1
+
+
+@pytest.mark.parametrize("architecture", ["c4-mp2-mp2-mp2-res4", "c4-mp2-mp2-mp2-inc1_1_1_1_1_1"])
+def test_batch_norm_inside_a_block_on_1x1_maps_needs_two_samples(architecture):
+    X = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="at least 2 samples per mini-batch"):
+        CNNClassifier(architecture, max_epochs=1, batch_size=1).fit(X, [0, 1, 0])
+    CNNClassifier(architecture, max_epochs=1, batch_size=2).fit(X, [0, 1, 0])
