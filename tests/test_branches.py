@@ -323,3 +323,21 @@ def test_batch_norm_inside_a_block_on_1x1_maps_needs_two_samples(architecture):
     with pytest.raises(ValueError, match="at least 2 samples per mini-batch"):
         CNNClassifier(architecture, max_epochs=1, batch_size=1).fit(X, [0, 1, 0])
     CNNClassifier(architecture, max_epochs=1, batch_size=2).fit(X, [0, 1, 0])
+
+
+def test_study_scales_the_initial_weights_inside_blocks():
+    from bnrs.study import train
+
+    def build(scale):
+        config = train.RunConfig("digits", "", 100, 50, "c4-res4-inc1_1_1_1_1_1-gap",
+                                 init_scale=scale)
+        return train.build_network(config, (1, 8, 8), 10, seed=3)
+
+    plain, scaled = build(1.0), build(10.0)
+    convs = [(name, p) for name, p in plain.named_parameters() if p.data.ndim == 4]
+    assert any(".body." in name for name, _ in convs)
+    assert any(".branches." in name for name, _ in convs)
+    scaled_params = dict(scaled.named_parameters())
+    for name, param in convs:
+        np.testing.assert_allclose(scaled_params[name].data, 10 * param.data, rtol=1e-6,
+                                   err_msg=name)
