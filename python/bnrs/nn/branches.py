@@ -159,7 +159,7 @@ class Concat(Module):
         outputs = [branch(x) for branch in self.branches]
         try:
             output = np.concatenate(outputs, axis=1)
-        except (ValueError, np.exceptions.AxisError):
+        except ValueError:
             shapes = ", ".join(str(np.shape(o)) for o in outputs)
             raise ValueError(f"Concat: the branches' outputs differ in an axis other "
                              f"than 1: {shapes}") from None
