@@ -620,3 +620,55 @@ def numerical_gradients(loss, *arrays, step=1e-6):
 def weighted_sum(y, gy):
     """The scalar Σ y·gy whose gradient with respect to y is gy (the fixtures' convention)."""
     return float(np.sum(_f64(y) * _f64(gy)))
+
+
+def adaptive_avg_pool2d(x):
+    """Global average pooling, (N, C, H, W) to (N, C, 1, 1)."""
+    return _f64(x).mean(axis=(2, 3), keepdims=True)
+
+
+def adaptive_avg_pool2d_backward(gy, input_shape):
+    """Each output gradient spread evenly over its H×W plane."""
+    return np.broadcast_to(_f64(gy) / (input_shape[2] * input_shape[3]), input_shape).copy()
+
+
+def network_forward(module, x, params, prefix=""):
+    """float64 forward of a bnrs module tree, with the parameters taken from ``params``
+    (a dict keyed by state-dict names) and batch norm on batch statistics (training mode).
+
+    Only the structure (layer kinds and their geometry) is read from ``module``; the
+    computation is this file's. Branches: ``Concat`` concatenates its branches' outputs
+    along axis 1, ``Residual`` is ``activation(body(x) + shortcut(x))``.
+    """
+    kind = type(module).__name__
+    if kind == "Sequential":
+        for name, child in module.named_children():
+            x = network_forward(child, x, params, f"{prefix}{name}.")
+        return x
+    if kind == "Concat":
+        return np.concatenate(
+            [network_forward(branch, x, params, f"{prefix}branches.{i}.")
+             for i, branch in enumerate(module.branches)], axis=1)
+    if kind == "Residual":
+        y = network_forward(module.body, x, params, f"{prefix}body.")
+        y = y + (x if module.shortcut is None else
+                 network_forward(module.shortcut, x, params, f"{prefix}shortcut."))
+        return y if module.activation is None else network_forward(
+            module.activation, y, params, f"{prefix}activation.")
+    if kind == "Conv2d":
+        return conv2d(x, params[prefix + "weight"], params.get(prefix + "bias"),
+                      module.stride, module.padding, module.dilation)
+    if kind == "BatchNorm2d":
+        return batch_norm(x, params[prefix + "weight"], params[prefix + "bias"],
+                          training=True, eps=module.eps)[0]
+    if kind == "ReLU":
+        return relu(x)
+    if kind == "MaxPool2d":
+        return max_pool2d(x, module.kernel_size, module.stride, module.padding)[0]
+    if kind == "AdaptiveAvgPool2d":
+        return adaptive_avg_pool2d(x)
+    if kind == "Flatten":
+        return _f64(x).reshape(x.shape[0], -1)
+    if kind == "Linear":
+        return linear(x, params[prefix + "weight"], params.get(prefix + "bias"))
+    raise NotImplementedError(f"network_forward: no reference for {kind}")

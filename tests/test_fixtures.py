@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import reference as ref
 from bnrs import functional as F
+from bnrs import nn
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "torch_fixtures.npz"
 
@@ -40,6 +41,7 @@ AVG_POOL_CASES = _cases(lambda key: key.startswith("pool.avg."), 3)
 GROUP_NORM_CASES = _cases(lambda key: key.startswith("group_norm."), 2)
 LAYER_NORM_CASES = _cases(lambda key: key.startswith("layer_norm."), 2)
 INSTANCE_NORM_CASES = _cases(lambda key: key.startswith("instance_norm."), 2)
+BLOCK_CASES = _cases(lambda key: key.startswith("block."), 2)
 SINGLE_CASES = ["linear", "cross_entropy", "dropout", "adam", "meta"]
 # Tested in test_lr_scheduler.py.
 LR_SCHEDULER_CASES = _cases(lambda key: key.startswith("lr_scheduler."), 2)
@@ -65,13 +67,14 @@ def implementation(request, assert_close):
 def test_every_fixture_key_belongs_to_a_tested_case():
     tested = (CONV_CASES + BN_TRAIN_CASES + BN_EVAL_CASES + MAX_POOL_CASES + AVG_POOL_CASES
               + GROUP_NORM_CASES + LAYER_NORM_CASES + INSTANCE_NORM_CASES + SINGLE_CASES
-              + LR_SCHEDULER_CASES)
+              + LR_SCHEDULER_CASES + BLOCK_CASES)
     untested = [key for key in DATA if not any(key.startswith(case + ".") for case in tested)]
     assert not untested
     assert len(CONV_CASES) == 9 and len(BN_TRAIN_CASES) == len(BN_EVAL_CASES) == 4
     assert len(MAX_POOL_CASES) == 4 and len(AVG_POOL_CASES) == 5
     assert len(GROUP_NORM_CASES) == 6 and len(LAYER_NORM_CASES) == 4
     assert len(INSTANCE_NORM_CASES) == 3 and len(LR_SCHEDULER_CASES) == 14
+    assert len(BLOCK_CASES) == 3
     assert str(DATA["meta.dtype"]) == "float64"
 
 
@@ -321,3 +324,41 @@ def test_adam(implementation):
             param, exp_avg, exp_avg_sq = ref.adam_step(param, grad, exp_avg, exp_avg_sq, step,
                                                        **hyper)
         close(param, get("params")[step - 1], name=f"params after step {step}")
+
+
+def _state(case, which):
+    """The state dict stored under ``<case>.<which>.`` (``state0``, ``state1``, ``grad``)."""
+    prefix = f"{case}.{which}."
+    return {key[len(prefix):]: value for key, value in DATA.items() if key.startswith(prefix)}
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_block(implementation, case):
+    """An Inception or residual block from the grammar, loaded with PyTorch's state dict
+    (the keys of the mirror modules in bnrs.nn.branches), in training mode."""
+    kind, close = implementation
+    get = _get(case)
+    x, gy = get("x"), get("gy")
+    block = nn.from_spec(str(get("token")), x.shape[1:], 1, random_state=0)[0]
+    block.load_state_dict(_state(case, "state0"))
+    fan_in = max(p.data[0].size for p in block.parameters())
+    if kind == "reference":
+        params = {key: value for key, value in _state(case, "state0").items()
+                  if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+        close(ref.network_forward(block, x, params), get("y"), terms=fan_in, name="y")
+        return
+    y = block(x)
+    close(y, get("y"), terms=fan_in, name="y")
+    grad_input = block.backward(gy)
+    terms = gy[0].size
+    close(grad_input, get("gx"), terms=terms, name="gx")
+    grads = _state(case, "grad")
+    assert set(grads) == {name for name, _ in block.named_parameters()}
+    for name, param in block.named_parameters():
+        close(param.grad, grads[name], terms=terms, name=f"grad {name}")
+    after = _state(case, "state1")
+    for key, value in block.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert int(value) == int(after[key]), key
+        else:
+            close(value, after[key], terms=terms, name=f"state1 {key}")

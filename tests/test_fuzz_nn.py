@@ -304,6 +304,32 @@ SPECS["AvgPool2d"] = Spec(call=_call, draw=_draw_pool("avg"), check=_check_pool(
                           layouts=("input", "grad_output"), mutations=POOL_MUTATIONS)
 
 
+def _draw_global_pool(draw):
+    shape = tuple(draw(st.integers(1, 5), label="size") for _ in range(4))
+    return {"make": lambda a: nn.AdaptiveAvgPool2d(a["output_size"]), "output_size": 1,
+            "input": floats(draw, shape), "grad_output": floats(draw, shape[:2] + (1, 1)),
+            "input_grad": draw(st.booleans(), label="input_grad")}
+
+
+def _check_global_pool(result, before):
+    x, gy = as_seen(before["input"]), as_seen(before["grad_output"])
+    assert_matches(result["output"], ref.adaptive_avg_pool2d(x), name="output",
+                   terms=x.shape[2] * x.shape[3], scale=magnitude(x))
+    if before["input_grad"]:
+        assert_matches(result["grad_input"], ref.adaptive_avg_pool2d_backward(gy, x.shape),
+                       name="grad_input", scale=magnitude(gy))
+    else:
+        assert result["grad_input"] is None
+    assert result["sample_shape"] == result["output"].shape[1:]
+
+
+SPECS["AdaptiveAvgPool2d"] = Spec(
+    call=_call, draw=_draw_global_pool, check=_check_global_pool,
+    layouts=("input", "grad_output"),
+    mutations=(value("output_size", [2, (2, 2), (1, 2), 0, None], ValueError),
+               *_common_forward_mutations("input")))
+
+
 # --------------------------------------------------------------------------- batch norm
 
 
@@ -808,7 +834,10 @@ SPECS["CrossEntropyLoss"] = Spec(
 # --------------------------------------------------------------------------- from_spec
 
 TOKENS_4D = ["c{c}", "c{c}k{k}", "c{c}k{k}s2", "c{c}k1p0", "bn", "relu", "lrelu", "tanh",
-             "sigmoid", "mp2", "ap2", "mp3s1", "sd0.2", "d0.3", "gn1", "ln", "in"]
+             "sigmoid", "mp2", "ap2", "mp3s1", "sd0.2", "d0.3", "gn1", "ln", "in", "gap",
+             "inc{c}_1_{c}_1_{c}_1", "inc1_{c}_1_{c}_1_{c}_nobn", "res{c}", "res{c}s2_postbn"]
+#: Tokens after which the tensor is flat.
+FLATTENING = ("fc", "gap")
 TOKENS_2D = ["fc{c}", "bn", "relu", "d0.5", "tanh", "gn1", "ln"]
 
 
@@ -816,7 +845,8 @@ def _draw_network(draw):
     image = draw(st.booleans(), label="image")
     tokens = []
     for _ in range(draw(st.integers(0, 6), label="tokens")):
-        pool = TOKENS_4D if image and not any(t.startswith("fc") for t in tokens) else TOKENS_2D
+        flat = any(t.startswith(FLATTENING) for t in tokens)
+        pool = TOKENS_4D if image and not flat else TOKENS_2D
         token = draw(st.sampled_from(pool + TOKENS_2D[:1]), label="token")
         tokens.append(token.format(c=draw(st.integers(1, 6), label="units"),
                                    k=draw(st.sampled_from([1, 3, 5]), label="k")))
@@ -896,6 +926,17 @@ def _reference_layer(layer, h):
         return expected, layer.kernel_size[0] * layer.kernel_size[1], size
     if isinstance(layer, nn.Flatten):
         return h.reshape(len(h), -1), 1, size  # from_spec's Flatten keeps axis 0 only
+    if isinstance(layer, nn.AdaptiveAvgPool2d):
+        return ref.adaptive_avg_pool2d(h), h[0, 0].size, size
+    if isinstance(layer, nn.Concat):
+        outputs = [_run_layer_by_layer(branch, h, "branch") for branch in layer.branches]
+        return np.concatenate(outputs, axis=1), 1, magnitude(*outputs)
+    if isinstance(layer, nn.Residual):
+        body = _run_layer_by_layer(layer.body, h, "body")
+        skip = h if layer.shortcut is None else _run_layer_by_layer(layer.shortcut, h,
+                                                                       "shortcut")
+        total = body.astype(np.float64) + skip
+        return ref.relu(total), 2, magnitude(body, skip)
     if isinstance(layer, (nn.Dropout, nn.Dropout2d)):
         return h, 1, size  # the identity in evaluation
     if isinstance(layer, nn.LeakyReLU):
@@ -904,15 +945,23 @@ def _reference_layer(layer, h):
     return elementwise[type(layer)](h), 1, size
 
 
-def _assert_matches_layer_by_layer(model, x, output, what):
-    """Evaluation of ``model`` on ``x`` agrees, layer by layer, with the references fed
-    the previous layer's float32 output, and chains to ``output`` bit for bit."""
+def _run_layer_by_layer(model, x, what):
+    """The float32 output of the layers of ``model`` run one by one on ``x``, each checked
+    against the references fed the previous layer's float32 output (into the branches of
+    a block too)."""
     h = np.asarray(x, dtype=np.float32)
     for index, layer in enumerate(model):
         expected, terms, scale = _reference_layer(layer, as_seen(h))
         h = layer(h)
         assert_matches(h, expected, name=f"{what}: layer {index} ({type(layer).__name__})",
                        terms=terms, scale=scale)
+    return h
+
+
+def _assert_matches_layer_by_layer(model, x, output, what):
+    """Evaluation of ``model`` on ``x`` agrees, layer by layer, with the references fed
+    the previous layer's float32 output, and chains to ``output`` bit for bit."""
+    h = _run_layer_by_layer(model, x, what)
     assert identical(h, output), f"{what}: the layers chained differ from the model's output"
 
 

@@ -101,10 +101,19 @@ _batch_bounds = batch_bounds
 
 
 def _needs_two_samples(model: nn.Sequential, input_shape: tuple[int, ...]) -> bool:
-    """Whether some batch-norm layer would see a single value per channel for one sample."""
+    """Whether some batch-norm layer (inside the blocks too) would see a single value per
+    channel for one sample."""
     shape = tuple(input_shape)
     for layer in model:
         if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) and math.prod(shape[1:]) == 1:
+            return True
+        if isinstance(layer, nn.Concat):
+            paths = list(layer.branches)
+        elif isinstance(layer, nn.Residual):
+            paths = [path for path in (layer.body, layer.shortcut) if path is not None]
+        else:
+            paths = []
+        if any(_needs_two_samples(path, shape) for path in paths):
             return True
         shape = layer.output_shape(shape)
     return False

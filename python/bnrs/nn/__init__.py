@@ -21,6 +21,7 @@ Examples
 
 from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .batchnorm import BatchNorm1d, BatchNorm2d
+from .branches import AdaptiveAvgPool2d, Concat, ModuleList, Residual
 from .dropout import Dropout, Dropout2d, enable_dropout
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d
 from .loss import CrossEntropyLoss, HuberLoss, MSELoss
@@ -32,11 +33,13 @@ from .summary import LayerSummary, ModelSummary, summary
 
 __all__ = [
     "DEFAULT_ARCHITECTURE",
+    "AdaptiveAvgPool2d",
     "AvgPool2d",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchRenorm1d",
     "BatchRenorm2d",
+    "Concat",
     "Conv2d",
     "CrossEntropyLoss",
     "Dropout",
@@ -54,8 +57,10 @@ __all__ = [
     "MaxPool2d",
     "ModelSummary",
     "Module",
+    "ModuleList",
     "Parameter",
     "ReLU",
+    "Residual",
     "Sequential",
     "Sigmoid",
     "SpecError",

@@ -20,7 +20,26 @@ Tokens are joined by ``-``:
 ``ap<k>[s<s>]``               AvgPool2d(k, s); the stride defaults to k
 ``relu`` ``lrelu``            ReLU, LeakyReLU(0.01)
 ``sigmoid`` ``tanh``          Sigmoid, Tanh
+``gap``                       global average pooling, AdaptiveAvgPool2d(1), then Flatten
+``inc<b1>_<b3r>_<b3>_<b5r>_<b5>_<bp>[_<norm>]``  Inception block: four parallel
+                              branches concatenated along the channels (see below)
+``res<c>[s<s>][_<norm>]``     residual block, torchvision's BasicBlock (see below)
 ============================  =====================================================
+
+The blocks. ``inc<b1>_<b3r>_<b3>_<b5r>_<b5>_<bp>`` is a :class:`~bnrs.nn.Concat` of the
+branches conv1x1(b1); conv1x1(b3r) then conv3x3(b3); conv1x1(b5r) then conv5x5(b5);
+MaxPool2d(3, 1, padding 1) then conv1x1(bp) (GoogLeNet's), each count at least 1, the
+size kept, b1 + b3 + b5 + bp channels out. ``res<c>[s<s>]`` is a
+:class:`~bnrs.nn.Residual`: body conv3x3(c, stride s)-conv3x3(c), shortcut the identity,
+or conv1x1(c, stride s) when the channels or the stride change, ReLU after the addition.
+Each conv is followed by the block's norm and a ReLU (except the last conv of a residual
+body and the projection, which have the norm only: the ReLU comes after the addition).
+The optional ``_<norm>`` suffix says where the batch norm goes: none for conv-BN-ReLU
+(the default), ``_nobn`` for no batch norm, ``_postbn`` for BN after the ReLU
+(conv-ReLU-BN; a conv without its own ReLU keeps its BN). A conv directly followed by a BN
+has no bias (torchvision's choice); the others have one. The PyTorch mirror of the
+containers and their state-dict keys (``3.branches.0.0.weight``, ``2.body.0.weight``,
+``2.shortcut.0.weight``) are in :mod:`bnrs.nn.branches`.
 
 The options of ``bn`` and ``brn`` come in the order shown, each at most once, and take a
 decimal number with an optional negative exponent: ``bnm0.01``, ``bne1e-3``,
@@ -55,6 +74,7 @@ from typing import NamedTuple
 from .._validation import Interval
 from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .batchnorm import BatchNorm1d, BatchNorm2d
+from .branches import AdaptiveAvgPool2d, Concat, Residual
 from .dropout import Dropout, Dropout2d
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d, positive_int
 from .module import Module, Sequential, as_generator
@@ -111,16 +131,23 @@ _FORMS: dict[str, tuple[str, str]] = {
     "lrelu": ("lrelu", "lrelu"),
     "sigmoid": ("sigmoid", "sigmoid"),
     "tanh": ("tanh", "tanh"),
+    "gap": ("gap", "gap"),
+    "inception": ("inc" + "_".join([_NUMBER] * 6) + r"(?:_(nobn|postbn))?",
+                  "inc<b1>_<b3r>_<b3>_<b5r>_<b5>_<bp>[_nobn|_postbn]"),
+    "residual": (rf"res{_NUMBER}(?:s{_NUMBER})?(?:_(nobn|postbn))?",
+                 "res<c>[s<stride>][_nobn|_postbn]"),
 }
 _PATTERNS = {kind: re.compile(pattern, re.ASCII) for kind, (pattern, _) in _FORMS.items()}
 #: A token that starts like this is meant as that kind (for a precise error message).
-_PREFIXES = (("fc", "fc"), ("sd", "spatial_dropout"), ("mp", "maxpool"), ("gn", "gn"),
+_PREFIXES = (("inc", "inception"), ("res", "residual"), ("fc", "fc"), ("sd", "spatial_dropout"), ("mp", "maxpool"), ("gn", "gn"),
              ("ap", "avgpool"), ("brn", "brn"), ("bn", "bn"), ("c", "conv"),
              ("d", "dropout"))
 _EXAMPLES = {"conv": "c32, c32k5, c64k3s2p1", "dropout": "d0.5",
              "spatial_dropout": "sd0.1", "maxpool": "mp2, mp3s2", "avgpool": "ap2, ap3s1",
              "fc": "fc128", "gn": "gn8, gn1", "bn": "bn, bnm0.01, bne1e-3, bnm0.01e1e-3",
-             "brn": "brn, brnr2d1, brnm0.05e1e-4r3d5"}
+             "brn": "brn, brnr2d1, brnm0.05e1e-4r3d5",
+             "inception": "inc16_8_16_4_8_8, inc8_4_8_2_4_4_nobn",
+             "residual": "res16, res32s2, res32s2_postbn"}
 _ALL_FORMS = ", ".join(form for _, form in _FORMS.values())
 
 
@@ -132,7 +159,7 @@ class Token(NamedTuple):
     kind : str
         One of ``conv``, ``fc``, ``bn``, ``brn``, ``gn``, ``ln``, ``in``, ``dropout``,
         ``spatial_dropout``, ``maxpool``, ``avgpool``, ``relu``, ``lrelu``, ``sigmoid``,
-        ``tanh``.
+        ``tanh``, ``gap``, ``inception``, ``residual``.
     text : str
         The token as written.
     index : int
@@ -144,6 +171,8 @@ class Token(NamedTuple):
         padding``; fc ``units``; gn ``num_groups``; dropout and spatial_dropout ``p``; maxpool and avgpool
         ``kernel_size, stride``; bn and brn the options written (``momentum``, ``eps``,
         and for brn ``r_max``, ``d_max``), the layer's defaults standing for the others;
+        inception ``branches`` (b1, b3r, b3, b5r, b5, bp) and ``norm``; residual
+        ``out_channels``, ``stride`` and ``norm`` (``"bn"``, ``"nobn"`` or ``"postbn"``);
         nothing for the others.
     """
 
@@ -218,7 +247,53 @@ def _token_args(kind: str, groups: Sequence[str | None]) -> tuple[dict, str | No
         args = {"kernel_size": size, "stride": size if groups[1] is None else int(groups[1])}
         return args, (None if min(args.values()) >= 1
                       else "the pooling size and stride must be at least 1")
+    if kind == "inception":
+        args = {"branches": tuple(int(g) for g in groups[:6]), "norm": groups[6] or "bn"}
+        return args, (None if min(args["branches"]) >= 1
+                      else "every branch's channel count must be at least 1")
+    if kind == "residual":
+        args = {"out_channels": int(groups[0]),
+                "stride": 1 if groups[1] is None else int(groups[1]), "norm": groups[2] or "bn"}
+        return args, (None if min(args["out_channels"], args["stride"]) >= 1
+                      else "the channel count and stride must be at least 1")
     return {}, None
+
+
+def _conv_unit(in_channels: int, out_channels: int, kernel_size: int, stride: int,
+               norm: str, generator, activation: bool = True) -> list[Module]:
+    """A conv with the block's norm and (if ``activation``) a ReLU, in the norm's order."""
+    rng = {"random_state": generator}
+    bn_next = norm == "bn" or (norm == "postbn" and not activation)
+    conv = Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
+                  bias=not bn_next, **rng)
+    relu = [ReLU()] if activation else []
+    batch_norm = [] if norm == "nobn" else [BatchNorm2d(out_channels, **rng)]
+    return [conv] + (relu + batch_norm if norm == "postbn" and activation
+                     else batch_norm + relu)
+
+
+def _inception(channels: int, args: dict, generator) -> Concat:
+    b1, b3r, b3, b5r, b5, bp = args["branches"]
+    norm = args["norm"]
+
+    def unit(c_in, c_out, k):
+        return _conv_unit(c_in, c_out, k, 1, norm, generator)
+
+    return Concat(Sequential(*unit(channels, b1, 1)),
+                  Sequential(*unit(channels, b3r, 1), *unit(b3r, b3, 3)),
+                  Sequential(*unit(channels, b5r, 1), *unit(b5r, b5, 5)),
+                  Sequential(MaxPool2d(3, 1, 1), *unit(channels, bp, 1)))
+
+
+def _residual(channels: int, args: dict, generator) -> Residual:
+    out, stride, norm = args["out_channels"], args["stride"], args["norm"]
+    body = Sequential(*_conv_unit(channels, out, 3, stride, norm, generator),
+                      *_conv_unit(out, out, 3, 1, norm, generator, activation=False))
+    shortcut = None
+    if stride != 1 or out != channels:
+        shortcut = Sequential(*_conv_unit(channels, out, 1, stride, norm, generator,
+                                          activation=False))
+    return Residual(body, shortcut, ReLU())
 
 
 def parse(spec: str) -> list[Token]:
@@ -275,7 +350,8 @@ def _build_layer(token: Token, shape: tuple[int, ...], generator) -> list[Module
     """The layers for one token given the current sample shape (Flatten where needed)."""
     args, rng = token.args, {"random_state": generator}
     spatial = len(shape) == 3
-    if token.kind in ("conv", "spatial_dropout", "maxpool", "avgpool", "in") and not spatial:
+    if token.kind in ("conv", "spatial_dropout", "maxpool", "avgpool", "in", "gap",
+                      "inception", "residual") and not spatial:
         raise ValueError(f"needs a (C, H, W) feature map, but the tensor is already "
                          f"flat here, shape {shape}")
     if token.kind == "conv":
@@ -295,6 +371,12 @@ def _build_layer(token: Token, shape: tuple[int, ...], generator) -> list[Module
         return [GroupNorm(1, shape[0], **rng) if spatial else LayerNorm(shape[0], **rng)]
     if token.kind == "in":
         return [InstanceNorm2d(shape[0], **rng)]
+    if token.kind == "gap":
+        return [AdaptiveAvgPool2d(1), Flatten()]
+    if token.kind == "inception":
+        return [_inception(shape[0], args, generator)]
+    if token.kind == "residual":
+        return [_residual(shape[0], args, generator)]
     if token.kind == "dropout":
         return [Dropout(args["p"], **rng)]
     if token.kind == "spatial_dropout":

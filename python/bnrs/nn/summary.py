@@ -17,6 +17,9 @@ GroupNorm, LayerNorm, InstanceNorm2d   2 per element: the sum of squares of the
                                        per-sample statistics, then the scale and shift
 pooling, activations, dropout,         0: comparisons, additions, element-wise
 Flatten                                functions or nothing
+Concat, Residual                       one row each: the sums over the layers of their
+                                       branches (the concatenation and the residual
+                                       addition count 0)
 =====================================  ==============================================
 """
 
@@ -26,6 +29,7 @@ import math
 from typing import NamedTuple
 
 from .batchnorm import _BatchNorm
+from .branches import Concat, Residual
 from .layers import Conv2d, Linear
 from .module import Module, Sequential
 from .normalization import GroupNorm, InstanceNorm2d, LayerNorm
@@ -94,6 +98,8 @@ def layers_in_order(module: Module, prefix: str = "") -> list[tuple[str, Module]
 
     Raises TypeError for any other container: the order of its data flow is unknown.
     """
+    if isinstance(module, (Concat, Residual)):
+        return [(prefix or type(module).__name__, module)]
     if isinstance(module, Sequential):
         layers = []
         for name, child in module.named_children():
@@ -101,13 +107,19 @@ def layers_in_order(module: Module, prefix: str = "") -> list[tuple[str, Module]
         return layers
     if next(module.children(), None) is not None:
         raise TypeError(f"cannot follow the data through a {type(module).__name__} with "
-                        "child modules; only Sequential containers are supported")
+                        "child modules; only Sequential, Concat and Residual containers "
+                        "are supported")
     return [(prefix or type(module).__name__, module)]
 
 
 def _mult_adds(layer: Module, input_shape: tuple[int, ...],
                output_shape: tuple[int, ...]) -> int:
     """Multiply-adds of ``layer``'s evaluation-mode forward on one sample."""
+    if isinstance(layer, Concat):
+        return sum(_path_mult_adds(branch, input_shape) for branch in layer.branches)
+    if isinstance(layer, Residual):
+        paths = [layer.body] + ([] if layer.shortcut is None else [layer.shortcut])
+        return sum(_path_mult_adds(path, input_shape) for path in paths)
     if isinstance(layer, Conv2d):
         fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
         return math.prod(output_shape) * fan_in
@@ -118,6 +130,16 @@ def _mult_adds(layer: Module, input_shape: tuple[int, ...],
     if isinstance(layer, (GroupNorm, LayerNorm, InstanceNorm2d)):
         return 2 * math.prod(output_shape)
     return 0
+
+
+def _path_mult_adds(path: Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-adds of a branch (a Sequential or a layer) on one sample."""
+    total, shape = 0, input_shape
+    for _, layer in layers_in_order(path):
+        output_shape = tuple(layer.output_shape(shape))
+        total += _mult_adds(layer, shape, output_shape)
+        shape = output_shape
+    return total
 
 
 def _group(number: int) -> str:
@@ -134,7 +156,8 @@ def summary(model: Module, input_shape) -> ModelSummary:
     Parameters
     ----------
     model : Module
-        A :class:`Sequential` (nested ones are followed) or a single layer.
+        A :class:`Sequential` (nested ones are followed; a Concat or Residual block is
+        one row) or a single layer.
     input_shape : tuple of int
         One sample's shape, without the batch axis: (C, H, W) or (n_features,).
 
@@ -148,7 +171,7 @@ def summary(model: Module, input_shape) -> ModelSummary:
     ValueError
         If a layer does not accept the shape it gets (the layer's own message).
     TypeError
-        For a module with children that is not a Sequential.
+        For a module with children that is not a Sequential, Concat or Residual.
 
     Examples
     --------

@@ -107,7 +107,9 @@ def load_split(dataset: str, n_val: int, n_train: int):
 
 
 def _parametric_layers(model: nn.Sequential) -> list:
-    return [m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    # modules(), not the top level: the convs inside residual and Inception blocks too
+    # (for a plain chain the two lists are the same).
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 def build_network(config: RunConfig, input_shape, n_classes: int, seed: int) -> nn.Sequential:
