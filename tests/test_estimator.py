@@ -206,8 +206,13 @@ def test_explicit_data_format_and_input_shape_decide(digits):
     last = np.ascontiguousarray(_colour(X).transpose(0, 2, 3, 1))   # (n, 8, 8, 3)
     clf = _fit(last, y, architecture=arch, data_format="channels_first")
     assert clf.data_format_ == "channels_first" and clf.input_shape_ == (8, 8, 3)
-    # Other channel counts stay channels first, as before data_format existed.
-    assert _fit(rng.random((len(X), 2, 6, 6)), y, architecture=arch).input_shape_ == (2, 6, 6)
+    # Other channel counts are never guessed: (n, 2, 6, 6) may be 6-channel 2x6 images.
+    with pytest.raises(ValueError, match=r"^data_format='auto' cannot tell .*\(300, 2, 6, 6\)"):
+        _fit(rng.random((300, 2, 6, 6)), y[:300], architecture=arch)
+    assert _fit(rng.random((len(X), 2, 6, 6)), y, architecture=arch,
+                data_format="channels_first").input_shape_ == (2, 6, 6)
+    clf = _fit(rng.random((len(X), 2, 6, 6)), y, architecture=arch, input_shape=(2, 6, 6))
+    assert clf.data_format_ == "channels_first"
     assert _fit(rng.random((len(X), 6, 6, 2)), y, architecture=arch,
                 data_format="channels_last").input_shape_ == (2, 6, 6)
     # Rows of (H, W, C) values with input_shape=(C, H, W) and channels_last.

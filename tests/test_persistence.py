@@ -169,7 +169,8 @@ ESTIMATOR_WRITER = """
     X = rng.standard_normal((30, 2, 6, 6)).astype(np.float32)
     y = np.array(["a", "b", "c"])[np.arange(30) % 3]
     clf = bnrs.CNNClassifier("c4-bn-relu-mp2-d0.3-fc8-bn-relu-d0.2", max_epochs=2,
-                             batch_size=16, random_state=0).fit(X, y)
+                             batch_size=16, data_format="channels_first",
+                             random_state=0).fit(X, y)
     with open("{folder}/clf.pkl", "wb") as f:
         pickle.dump(clf, f)
     np.save("{folder}/X.npy", X)

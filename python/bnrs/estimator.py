@@ -137,10 +137,8 @@ def _x_layout(x_shape: tuple[int, ...], data_format: str, input_shape) -> str:
         return "channels_last"
     if first_is_channels and not last_is_channels:
         return "channels_first"
-    if not (first_is_channels or last_is_channels):
-        # Feature maps of other channel counts (e.g. (n, 16, 8, 8)): channels first, as
-        # before data_format existed.
-        return "channels_first"
+    # Both ends, or neither, look like image channels (e.g. (n, 3, 8, 3), or feature maps
+    # such as (n, 16, 8, 8) that may as well be 8-channel 16x8 images): never guess.
     raise ValueError(
         f"data_format='auto' cannot tell the layout of X of shape {tuple(x_shape)}: it "
         f"may be {sample[0]}-channel {sample[1]}x{sample[2]} images (channels first) or "
@@ -1226,10 +1224,9 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
     -----
     **The data-format rule.** With ``data_format="auto"``, 4-D X ``(n, a, b, c)`` is
     channels last when ``c`` is 1, 3 or 4 (grey, RGB, RGBA) and ``a`` is not, channels
-    first when ``a`` is 1, 3 or 4 and ``c`` is not, and channels first (as before this
-    parameter existed) when neither is (feature maps such as ``(n, 16, 8, 8)``; pass
-    ``data_format="channels_last"`` for channels-last X with other channel counts). When
-    both are, as in ``(n, 3, 8, 3)``, a ValueError asks for ``data_format``. An
+    first when ``a`` is 1, 3 or 4 and ``c`` is not. When both are, as in ``(n, 3, 8,
+    3)``, or neither is, as in ``(n, 16, 8, 8)`` (16-channel 8x8 maps, or 8-channel 16x8
+    images?), a ValueError asks for ``data_format``: the layout is never guessed. An
     ``input_shape=(C, H, W)`` given decides instead when X's samples are ``(C, H, W)`` or
     ``(H, W, C)`` (and the two differ). 2-D X is read as rows of (C, H, W) values (of
     (H, W, C) values with ``data_format="channels_last"``), 3-D X as one channel.
