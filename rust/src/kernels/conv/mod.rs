@@ -20,6 +20,7 @@ mod unfold;
 
 use rayon::prelude::*;
 
+use super::activation::{self, Activation};
 use super::gemm::{sgemm, MatRef};
 use crate::error::Result;
 use crate::parallel::stop_requested;
@@ -44,6 +45,21 @@ fn unfolded<'a>(
     }
 }
 
+/// What is applied to each output tile once its sums are complete (bias included), while
+/// the tile is still in cache: the activation of a fused conv→activation block.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Epilogue {
+    pub activation: Option<Activation>,
+}
+
+impl Epilogue {
+    fn apply(&self, tile: &mut [f32]) {
+        if let Some(act) = self.activation {
+            activation::apply_in_place(act, tile);
+        }
+    }
+}
+
 /// `output = conv2d(input, weight) + bias`, by the algorithm [`Plan::new`] chooses.
 pub fn forward(
     p: &Conv2dParams,
@@ -52,20 +68,49 @@ pub fn forward(
     bias: Option<&[f32]>,
     output: &mut [f32],
 ) -> Result<()> {
+    forward_fused(p, input, weight, bias, Epilogue::default(), output)
+}
+
+/// [`forward`] with `epilogue` applied to each output tile inside the kernel: the same
+/// bits as the activation applied afterwards, without a second pass over the output.
+pub fn forward_fused(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    output: &mut [f32],
+) -> Result<()> {
     p.check_lengths(input.len(), weight.len(), output.len())?;
     if let Some(b) = bias {
         crate::error::check_len("bias", b.len(), p.out_channels)?;
     }
     let plan = Plan::new(p);
     match plan.forward {
-        Forward::SmallK => forward_small_k(p, input, weight, bias, output, plan.unfolding),
-        Forward::SharedGemm { images } => {
-            forward_shared(p, input, weight, bias, output, images, plan.unfolding)
+        Forward::SmallK => {
+            forward_small_k(p, input, weight, bias, output, plan.unfolding, epilogue)
         }
-        Forward::Pointwise => forward_pointwise(p, input, weight, bias, output),
-        Forward::TiledIm2col { rows } => {
-            forward_tiled(p, input, weight, bias, output, rows, plan.unfolding)
-        }
+        Forward::SharedGemm { images } => forward_shared(
+            p,
+            input,
+            weight,
+            bias,
+            output,
+            images,
+            plan.unfolding,
+            epilogue,
+        ),
+        Forward::Pointwise => forward_pointwise(p, input, weight, bias, output, epilogue),
+        Forward::TiledIm2col { rows } => forward_tiled(
+            p,
+            input,
+            weight,
+            bias,
+            output,
+            rows,
+            plan.unfolding,
+            epilogue,
+        ),
     }
     Ok(())
 }
@@ -78,6 +123,7 @@ fn forward_small_k(
     bias: Option<&[f32]>,
     output: &mut [f32],
     unfolding: Unfolding,
+    epilogue: Epilogue,
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
     output
@@ -91,6 +137,7 @@ fn forward_small_k(
                 }
                 let unfolded_image = unfolded(p, image, col, unfolder);
                 small_k_product(weight, unfolded_image, k, pixels, bias, out_image);
+                epilogue.apply(out_image);
             },
         );
 }
@@ -111,6 +158,7 @@ fn forward_pointwise(
     weight: &[f32],
     bias: Option<&[f32]>,
     output: &mut [f32],
+    epilogue: Epilogue,
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
     output
@@ -131,10 +179,12 @@ fn forward_pointwise(
                 MatRef::rows(weight, k),
                 MatRef::rows(image, pixels),
             );
+            epilogue.apply(out_image);
         });
 }
 
 /// [`Forward::TiledIm2col`]: `rows_per_tile` output rows unfolded at a time.
+#[allow(clippy::too_many_arguments)]
 fn forward_tiled(
     p: &Conv2dParams,
     input: &[f32],
@@ -143,6 +193,7 @@ fn forward_tiled(
     output: &mut [f32],
     rows_per_tile: usize,
     unfolding: Unfolding,
+    epilogue: Epilogue,
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
     output
@@ -171,6 +222,10 @@ fn forward_tiled(
                         MatRef::rows(weight, k),
                         MatRef::rows(col, width),
                     );
+                    let tile_start = rows.start * p.out_w;
+                    for plane in out_image.chunks_exact_mut(pixels) {
+                        epilogue.apply(&mut plane[tile_start..tile_start + width]);
+                    }
                 }
             },
         );
@@ -178,6 +233,7 @@ fn forward_tiled(
 
 /// [`Forward::SharedGemm`]: `group` images unfolded side by side, one GEMM for them into
 /// `product` (C_out × group·P), then copied to NCHW with the bias added.
+#[allow(clippy::too_many_arguments)]
 fn forward_shared(
     p: &Conv2dParams,
     input: &[f32],
@@ -186,6 +242,7 @@ fn forward_shared(
     output: &mut [f32],
     group: usize,
     unfolding: Unfolding,
+    epilogue: Epilogue,
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let out_image = p.out_channels * pixels;
@@ -221,6 +278,7 @@ fn forward_shared(
                         for (d, &v) in dst.iter_mut().zip(src) {
                             *d = v + b;
                         }
+                        epilogue.apply(dst);
                     }
                 }
             },
@@ -462,6 +520,47 @@ pub(super) mod tests {
             forward(&p, &x, &w, None, &mut y).unwrap();
             for (a, b) in y.iter().zip(naive(&p, &x, &w)) {
                 assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_activation_gives_the_bits_of_the_separate_pass() {
+        for (shape, wshape, s, pd, expected) in [
+            ([3, 1, 9, 7], [4, 1, 3, 3], (1, 1), (1, 1), "small"),
+            ([16, 16, 7, 7], [8, 16, 3, 3], (1, 1), (1, 1), "shared"),
+            ([2, 40, 6, 5], [3, 40, 1, 1], (1, 1), (0, 0), "pointwise"),
+            ([2, 64, 20, 30], [3, 64, 3, 3], (2, 1), (1, 1), "tiled"),
+        ] {
+            let p = Conv2dParams::new(&shape, &wshape, s, pd, (1, 1)).unwrap();
+            let path = match Plan::new(&p).forward {
+                Forward::SmallK => "small",
+                Forward::SharedGemm { .. } => "shared",
+                Forward::Pointwise => "pointwise",
+                Forward::TiledIm2col { rows } if rows < p.out_h => "tiled",
+                Forward::TiledIm2col { .. } => "one tile",
+            };
+            assert_eq!(path, expected);
+            let x = values(shape.iter().product(), 3);
+            let w = values(wshape.iter().product(), 4);
+            let b = values(wshape[0], 5);
+            let mut plain = vec![0.0; p.output_shape().iter().product()];
+            forward(&p, &x, &w, Some(&b), &mut plain).unwrap();
+            for act in [
+                Activation::Relu,
+                Activation::LeakyRelu(0.1),
+                Activation::Sigmoid,
+                Activation::Tanh,
+            ] {
+                let mut separate = vec![0.0; plain.len()];
+                activation::forward(act, &plain, &mut separate).unwrap();
+                let mut fused = vec![0.0; plain.len()];
+                let epilogue = Epilogue {
+                    activation: Some(act),
+                };
+                forward_fused(&p, &x, &w, Some(&b), epilogue, &mut fused).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fused), bits(&separate), "{path} {act:?}");
             }
         }
     }
