@@ -357,3 +357,17 @@ def test_predict_proba_fused_matches_unfused_on_digits(monkeypatch):
     assert not np.array_equal(fused, unfused)   # the fused path did run
     np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(fused.argmax(axis=1), unfused.argmax(axis=1))
+
+
+def test_backward_ignores_an_older_fused_forward(rng):
+    """After a fused evaluation forward, a training forward through the children (as
+    bnrs.diagnostics runs them) is what the backward differentiates."""
+    model = _lenet(rng)
+    model(rng.random((3, 1, 28, 28), dtype=np.float32))
+    model.train()
+    x = rng.random((5, 1, 28, 28), dtype=np.float32)
+    output = x
+    for child in model:
+        output = child(output)
+    grad = model.backward(np.ones_like(output))
+    assert grad.shape == x.shape

@@ -66,8 +66,10 @@ class FusedBlock:
     def __init__(self, layer, norm: _BatchNorm | None, activation: tuple[str, float] | None,
                  modules: list):
         self.layer, self.norm, self.activation, self.modules = layer, norm, activation, modules
-        self._sources: tuple | None = None
-        self._folded: tuple[np.ndarray, np.ndarray | None] | None = None
+        # (copies of the source values, folded weight and bias), replaced as one object so
+        # that threads evaluating the model at once never pair one's sources with
+        # another's weights.
+        self._cache: tuple | None = None
 
     def _current_sources(self) -> tuple:
         layer, norm = self.layer, self.norm
@@ -84,12 +86,15 @@ class FusedBlock:
         current = self._current_sources()
         if self.norm is None:
             return current[0], current[1]
-        if self._sources is None or not all(
-                _same(a, b) for a, b in zip(current, self._sources)):
-            self._folded = self._fold(current)
-            self._sources = tuple(None if a is None else np.array(a, copy=True)
-                                  for a in current)
-        return self._folded
+        cache = self._cache
+        if cache is not None and all(_same(a, b) for a, b in zip(current, cache[0])):
+            return cache[1]
+        # The copies are taken before folding: a value changed meanwhile by another
+        # thread then fails the next comparison instead of hiding behind it.
+        sources = tuple(None if a is None else np.array(a, copy=True) for a in current)
+        folded = self._fold(sources)
+        self._cache = (sources, folded)
+        return folded
 
     def _fold(self, sources) -> tuple[np.ndarray, np.ndarray | None]:
         weight, bias = sources[0], sources[1]

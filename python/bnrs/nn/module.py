@@ -486,14 +486,16 @@ class Sequential(Module):
         if not hasattr(self, "_fusion_blocks"):
             self._fusion_blocks = {}
         steps = fusion.fusion_plan(modules, self._fusion_blocks)
-        output = input
+        output, fused_modules = input, []
         for step in steps:
             if isinstance(step, fusion.FusedBlock):
                 output = fusion.run_block(step, output)
-                # A backward re-runs the modules unfused on this input (see backward).
-                self._fused_input = input
+                fused_modules += step.modules
             else:
                 output = step(output)
+        if fused_modules:
+            # A backward re-runs the modules unfused on this input (see backward).
+            self._fused_input = (input, fused_modules)
         return output
 
     def _forward_unfused(self, input):
@@ -526,10 +528,13 @@ class Sequential(Module):
         the forward is first re-run unfused on the same input, so the gradient is that of
         the unfused network, as without fusion.
         """
-        fused_input = getattr(self, "_fused_input", None)
-        if fused_input is not None:
-            self._fused_input = None
-            self._forward_unfused(fused_input)
+        fused = getattr(self, "_fused_input", None)
+        self._fused_input = None
+        # Only if that fused forward is still the last one: no module of its blocks ran
+        # since (a caller may call the children itself), and still in evaluation.
+        if (fused is not None and not self.training
+                and all(module._ctx is None for module in fused[1])):
+            self._forward_unfused(fused[0])
         modules = list(self._modules.values())
         stop = 0
         if not input_grad:
