@@ -876,9 +876,16 @@ def _call_network(args):
                         random_state=args["seed"])
     model.eval()
     twin.eval()
-    return {"model": model, "twin": twin, "output": output, "grad_input": grad,
-            "eval": model(args["input"]), "twin_eval": twin(args["input"]),
-            "eval_again": model(args["input"])}
+    result = {"model": model, "twin": twin, "output": output, "grad_input": grad,
+              "eval": model(args["input"]), "twin_eval": twin(args["input"]),
+              "eval_again": model(args["input"])}
+    # The layers one by one are the unfused network (fused blocks fold the batch norm
+    # into the weights: the same within float32 rounding, tests/test_fusion.py).
+    model.fuse = twin.fuse = False
+    result["eval_unfused"] = model(args["input"])
+    result["twin_eval_unfused"] = twin(args["input"])
+    model.fuse = twin.fuse = True
+    return result
 
 
 def _reference_layer(layer, h):
@@ -984,8 +991,13 @@ def _check_network(result, before):
     for (name, param), (twin_name, twin_param) in zip(params, twin_params):
         assert name == twin_name and identical(param.data, twin_param.data), name
     x = as_seen(before["input"])
-    _assert_matches_layer_by_layer(model, x, result["eval"], "eval")
-    _assert_matches_layer_by_layer(twin, x, result["twin_eval"], "twin_eval")
+    _assert_matches_layer_by_layer(model, x, result["eval_unfused"], "eval")
+    _assert_matches_layer_by_layer(twin, x, result["twin_eval_unfused"], "twin_eval")
+    for key in ("eval", "twin_eval"):
+        unfused = result[key + "_unfused"]
+        np.testing.assert_allclose(result[key], unfused, rtol=1e-4,
+                                   atol=1e-5 * max(1.0, float(np.abs(unfused).max())),
+                                   err_msg=f"{key}: fused against unfused")
 
 
 def _bad_spec(draw, args):

@@ -60,7 +60,14 @@ __all__ = [
 ]
 
 def conv2d_forward(
-    input: _F32, weight: _F32, bias: Optional[_F32], stride: _Pair, padding: _Pair, dilation: _Pair
+    input: _F32,
+    weight: _F32,
+    bias: Optional[_F32],
+    stride: _Pair,
+    padding: _Pair,
+    dilation: _Pair,
+    activation: Optional[str] = None,
+    negative_slope: float = 0.0,
 ) -> _F32: ...
 def conv2d_backward(
     grad_output: _F32,
@@ -120,7 +127,13 @@ def group_norm_backward(
 ) -> Tuple[_F32, Optional[_F32], Optional[_F32]]: ...
 def dropout_forward(input: _F32, p: float, seed: int, unit: int) -> _F32: ...
 def dropout_mask(n: int, p: float, seed: int) -> npt.NDArray[np.uint8]: ...
-def linear_forward(input: _F32, weight: _F32, bias: Optional[_F32]) -> _F32: ...
+def linear_forward(
+    input: _F32,
+    weight: _F32,
+    bias: Optional[_F32],
+    activation: Optional[str] = None,
+    negative_slope: float = 0.0,
+) -> _F32: ...
 def linear_backward(
     grad_output: _F32, input: _F32, weight: _F32, bias: bool, input_grad: bool
 ) -> Tuple[Optional[_F32], _F32, Optional[_F32]]: ...

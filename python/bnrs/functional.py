@@ -227,6 +227,18 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: IntPair = 0,
         _pair(padding, "padding"), _pair(dilation, "dilation"))
 
 
+def _conv2d_fused(input, weight, bias, stride, padding, dilation, activation=None,
+                  negative_slope: float = 0.0) -> np.ndarray:
+    """:func:`conv2d` with ``activation`` (None or a name: relu, leaky_relu, sigmoid, tanh)
+    applied to each output tile inside the kernel: the bits of the activation applied
+    afterwards, without a second pass over the output. For the evaluation-mode fusion."""
+    return _core.conv2d_forward(
+        as_float32(input, "input"), as_float32(weight, "weight"),
+        _optional_float32(bias, "bias"), _pair(stride, "stride"),
+        _pair(padding, "padding"), _pair(dilation, "dilation"), activation,
+        _real(negative_slope, "negative_slope"))
+
+
 def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: IntPair = 0,
                     dilation: IntPair = 1, bias: bool = True, input_grad: bool = True):
     """Gradients of :func:`conv2d`.
@@ -467,6 +479,15 @@ def linear(input, weight, bias=None) -> np.ndarray:
     """``input @ weight.T + bias`` for a 2-D input (N, in_features)."""
     return _core.linear_forward(as_float32(input, "input"), as_float32(weight, "weight"),
                                 _optional_float32(bias, "bias"))
+
+
+def _linear_fused(input, weight, bias, activation=None,
+                  negative_slope: float = 0.0) -> np.ndarray:
+    """:func:`linear` with ``activation`` applied to each block of rows inside the kernel
+    (see :func:`_conv2d_fused`)."""
+    return _core.linear_forward(as_float32(input, "input"), as_float32(weight, "weight"),
+                                _optional_float32(bias, "bias"), activation,
+                                _real(negative_slope, "negative_slope"))
 
 
 def linear_backward(grad_output, input, weight, bias: bool = True, input_grad: bool = True):

@@ -387,6 +387,9 @@ class Module:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_ctx"] = None
+        if "_fusion_blocks" in state:   # Sequential: rebuilt on the next fused forward
+            state["_fusion_blocks"] = {}
+            state["_fused_input"] = None
         return state
 
     def extra_repr(self) -> str:
@@ -415,6 +418,13 @@ class Sequential(Module):
     ----------
     *modules : Module
         The layers, or a single ``OrderedDict`` of name to module as in PyTorch.
+    fuse : bool, default True
+        In evaluation mode, run each Conv2d → BatchNorm2d → activation (and Linear →
+        BatchNorm1d → activation) as one fused block: the batch norm folded into the
+        weights, the activation applied inside the kernel (see :mod:`bnrs.nn.fusion`).
+        The result differs from the unfused one by float32 rounding only. False, or the
+        environment variable ``BNRS_FUSE=0``, runs every module as itself. Training is
+        never fused.
 
     Examples
     --------
@@ -425,8 +435,11 @@ class Sequential(Module):
     ['0.weight', '0.bias', '2.weight', '2.bias']
     """
 
-    def __init__(self, *modules):
+    def __init__(self, *modules, fuse: bool = True):
         super().__init__()
+        self.fuse = bool(fuse)
+        self._fusion_blocks: dict = {}
+        self._fused_input = None
         if len(modules) == 1 and isinstance(modules[0], OrderedDict):
             for name, module in modules[0].items():
                 self.add_module(str(name), module)
@@ -448,7 +461,8 @@ class Sequential(Module):
     def __getitem__(self, index):
         """The module at ``index``, or a Sequential of a slice (keeping the names)."""
         if isinstance(index, slice):
-            return Sequential(OrderedDict(list(self._modules.items())[index]))
+            return Sequential(OrderedDict(list(self._modules.items())[index]),
+                              fuse=self._fuses())
         return list(self._modules.values())[index]
 
     def output_shape(self, input_shape) -> tuple[int, ...]:
@@ -458,8 +472,33 @@ class Sequential(Module):
             shape = module.output_shape(shape)
         return shape
 
+    def _fuses(self) -> bool:
+        return getattr(self, "fuse", True)   # pickles from before fusion lack the attribute
+
     def forward(self, input):
-        """Apply every module in order."""
+        """Apply every module in order (fused blocks in evaluation, see ``fuse``)."""
+        from . import fusion   # fusion.py imports the layers, which import this module
+
+        self._fused_input = None
+        modules = list(self._modules.values())
+        if self.training or not fusion.fusion_enabled(self._fuses()):
+            return self._forward_unfused(input)
+        if not hasattr(self, "_fusion_blocks"):
+            self._fusion_blocks = {}
+        steps = fusion.fusion_plan(modules, self._fusion_blocks)
+        output, fused_modules = input, []
+        for step in steps:
+            if isinstance(step, fusion.FusedBlock):
+                output = fusion.run_block(step, output)
+                fused_modules += step.modules
+            else:
+                output = step(output)
+        if fused_modules:
+            # A backward re-runs the modules unfused on this input (see backward).
+            self._fused_input = (input, fused_modules)
+        return output
+
+    def _forward_unfused(self, input):
         output = input
         for module in self._modules.values():
             output = module(output)
@@ -482,7 +521,20 @@ class Sequential(Module):
         -------
         ndarray or None
             The input gradient, or None when ``input_grad`` is False.
+
+        Notes
+        -----
+        After a fused forward (evaluation mode) the modules did not keep their state:
+        the forward is first re-run unfused on the same input, so the gradient is that of
+        the unfused network, as without fusion.
         """
+        fused = getattr(self, "_fused_input", None)
+        self._fused_input = None
+        # Only if that fused forward is still the last one: no module of its blocks ran
+        # since (a caller may call the children itself), and still in evaluation.
+        if (fused is not None and not self.training
+                and all(module._ctx is None for module in fused[1])):
+            self._forward_unfused(fused[0])
         modules = list(self._modules.values())
         stop = 0
         if not input_grad:

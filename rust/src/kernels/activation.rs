@@ -41,10 +41,41 @@ impl Activation {
     }
 }
 
+// One definition per function, shared by the out-of-place pass and the in-place epilogue
+// of the convolution and linear kernels, so that a fused activation gives the same bits.
+#[inline(always)]
+fn relu(v: f32) -> f32 {
+    if v > 0.0 || v.is_nan() {
+        v
+    } else {
+        0.0
+    }
+}
+
+#[inline(always)]
+fn leaky_relu(v: f32, slope: f32) -> f32 {
+    if v > 0.0 {
+        v
+    } else {
+        v * slope
+    }
+}
+
+/// Stable on both tails: exp of a non-positive number only.
+#[inline(always)]
+fn sigmoid(v: f32) -> f32 {
+    if v >= 0.0 {
+        1.0 / (1.0 + (-v).exp())
+    } else {
+        let e = v.exp();
+        e / (1.0 + e)
+    }
+}
+
 simd_dispatch! {
     fn relu_chunk(x: &[f32], y: &mut [f32]) {
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = if v > 0.0 || v.is_nan() { v } else { 0.0 };
+            *o = relu(v);
         }
     }
 }
@@ -52,7 +83,23 @@ simd_dispatch! {
 simd_dispatch! {
     fn leaky_chunk(x: &[f32], y: &mut [f32], slope: f32) {
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = if v > 0.0 { v } else { v * slope };
+            *o = leaky_relu(v, slope);
+        }
+    }
+}
+
+simd_dispatch! {
+    fn relu_in_place(values: &mut [f32]) {
+        for v in values {
+            *v = relu(*v);
+        }
+    }
+}
+
+simd_dispatch! {
+    fn leaky_in_place(values: &mut [f32], slope: f32) {
+        for v in values {
+            *v = leaky_relu(*v, slope);
         }
     }
 }
@@ -83,19 +130,25 @@ simd_dispatch! {
 
 fn sigmoid_chunk(x: &[f32], y: &mut [f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
-        // Stable on both tails: exp of a non-positive number only.
-        *o = if v >= 0.0 {
-            1.0 / (1.0 + (-v).exp())
-        } else {
-            let e = v.exp();
-            e / (1.0 + e)
-        };
+        *o = sigmoid(v);
     }
 }
 
 fn tanh_chunk(x: &[f32], y: &mut [f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o = v.tanh();
+    }
+}
+
+/// values = f(values), serially: the epilogue of a kernel's output tile, applied while the
+/// tile is in cache (the caller already runs tiles in parallel). Bit-identical to
+/// [`forward`].
+pub fn apply_in_place(act: Activation, values: &mut [f32]) {
+    match act {
+        Activation::Relu => relu_in_place(values),
+        Activation::LeakyRelu(s) => leaky_in_place(values, s),
+        Activation::Sigmoid => values.iter_mut().for_each(|v| *v = sigmoid(*v)),
+        Activation::Tanh => values.iter_mut().for_each(|v| *v = v.tanh()),
     }
 }
 

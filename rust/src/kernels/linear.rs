@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::activation::{self, Activation};
 use super::gemm::{sgemm, MatRef};
 use crate::error::{check_len, checked_size, Error, Result};
 use crate::parallel::chunk_len;
@@ -75,6 +76,19 @@ pub fn forward(
     bias: Option<&[f32]>,
     output: &mut [f32],
 ) -> Result<()> {
+    forward_fused(p, input, weight, bias, None, output)
+}
+
+/// [`forward`] with `activation` applied to each block of rows as soon as its GEMM ends,
+/// while the block is in cache: the same bits as the activation applied afterwards.
+pub fn forward_fused(
+    p: &LinearParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    activation: Option<Activation>,
+    output: &mut [f32],
+) -> Result<()> {
     p.check(input.len(), weight.len(), output.len())?;
     if let Some(b) = bias {
         check_len("bias", b.len(), p.out_features)?;
@@ -105,6 +119,9 @@ pub fn forward(
                 MatRef::transposed(weight, p.in_features),
                 &stop,
             );
+            if let Some(act) = activation {
+                activation::apply_in_place(act, out);
+            }
         });
     Ok(())
 }

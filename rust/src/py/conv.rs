@@ -4,13 +4,17 @@ use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use super::{check_shape, run_kernel, slice, GradArrays, LayerGrads, Output};
-use crate::kernels::conv::{self, Conv2dParams};
+use crate::kernels::activation::Activation;
+use crate::kernels::conv::{self, Conv2dParams, Epilogue};
 
 type Pair = (i64, i64);
 
-/// conv2d forward: (N, C_in, H, W) * (C_out, C_in, kH, kW) -> (N, C_out, H_out, W_out).
+/// conv2d forward: (N, C_in, H, W) * (C_out, C_in, kH, kW) -> (N, C_out, H_out, W_out),
+/// with an optional activation (a name as `activation_forward` takes) applied per output
+/// tile inside the kernel.
 #[pyfunction]
-#[pyo3(signature = (input, weight, bias, stride, padding, dilation))]
+#[pyo3(signature = (input, weight, bias, stride, padding, dilation, activation=None, negative_slope=0.0))]
+#[allow(clippy::too_many_arguments)]
 fn conv2d_forward<'py>(
     py: Python<'py>,
     input: PyReadonlyArrayDyn<'py, f32>,
@@ -19,8 +23,15 @@ fn conv2d_forward<'py>(
     stride: Pair,
     padding: Pair,
     dilation: Pair,
+    activation: Option<&str>,
+    negative_slope: f32,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let p = Conv2dParams::new(input.shape(), weight.shape(), stride, padding, dilation)?;
+    let epilogue = Epilogue {
+        activation: activation
+            .map(|name| Activation::from_name(name, negative_slope))
+            .transpose()?,
+    };
     if let Some(b) = &bias {
         check_shape(b, "bias", &[p.out_channels])?;
     }
@@ -30,7 +41,7 @@ fn conv2d_forward<'py>(
     let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
     run_kernel(py, p.multiply_adds(), || {
-        conv::forward(&p, x, w, b, out_data)
+        conv::forward_fused(&p, x, w, b, epilogue, out_data)
     })?;
     Ok(out.into_array())
 }

@@ -4,20 +4,27 @@ use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use super::{check_shape, run_kernel, slice, LayerGrads, Output};
+use crate::kernels::activation::Activation;
 use crate::kernels::linear::{self, LinearParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 
-/// y = x·Wᵀ + b.
+/// y = f(x·Wᵀ + b), f an optional activation (a name as `activation_forward` takes)
+/// applied per block of rows inside the kernel.
 #[pyfunction]
-#[pyo3(signature = (input, weight, bias))]
+#[pyo3(signature = (input, weight, bias, activation=None, negative_slope=0.0))]
 fn linear_forward<'py>(
     py: Python<'py>,
     input: PyReadonlyArrayDyn<'py, f32>,
     weight: PyReadonlyArrayDyn<'py, f32>,
     bias: Option<PyReadonlyArrayDyn<'py, f32>>,
+    activation: Option<&str>,
+    negative_slope: f32,
 ) -> PyResult<Array<'py>> {
     let p = LinearParams::new(input.shape(), weight.shape())?;
+    let act = activation
+        .map(|name| Activation::from_name(name, negative_slope))
+        .transpose()?;
     if let Some(b) = &bias {
         check_shape(b, "bias", &[p.out_features])?;
     }
@@ -29,7 +36,9 @@ fn linear_forward<'py>(
         .batch
         .saturating_mul(p.in_features)
         .saturating_mul(p.out_features);
-    run_kernel(py, work, || linear::forward(&p, x, w, b, out_data))?;
+    run_kernel(py, work, || {
+        linear::forward_fused(&p, x, w, b, act, out_data)
+    })?;
     Ok(out.into_array())
 }
 

@@ -22,6 +22,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::activation::{self, Activation};
 use super::gemm::{sgemm, MatRef};
 use crate::error::Result;
 use crate::memory::resize_scratch;
@@ -59,6 +60,21 @@ fn tiles(out_h: usize, rows_per_tile: usize) -> impl Iterator<Item = Range<usize
         .map(move |first| first..(first + rows_per_tile).min(out_h))
 }
 
+/// What is applied to each output tile once its sums are complete (bias included), while
+/// the tile is still in cache: the activation of a fused conv→activation block.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Epilogue {
+    pub activation: Option<Activation>,
+}
+
+impl Epilogue {
+    fn apply(&self, tile: &mut [f32]) {
+        if let Some(act) = self.activation {
+            activation::apply_in_place(act, tile);
+        }
+    }
+}
+
 /// `output = conv2d(input, weight) + bias`, by the algorithm [`Plan::new`] chooses.
 pub fn forward(
     p: &Conv2dParams,
@@ -67,29 +83,64 @@ pub fn forward(
     bias: Option<&[f32]>,
     output: &mut [f32],
 ) -> Result<()> {
+    forward_fused(p, input, weight, bias, Epilogue::default(), output)
+}
+
+/// [`forward`] with `epilogue` applied to each output tile inside the kernel: the same
+/// bits as the activation applied afterwards, without a second pass over the output.
+pub fn forward_fused(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    output: &mut [f32],
+) -> Result<()> {
     p.check_lengths(input.len(), weight.len(), output.len())?;
     if let Some(b) = bias {
         crate::error::check_len("bias", b.len(), p.out_channels)?;
     }
     let plan = Plan::new(p);
     match plan.forward {
-        Forward::SmallK { rows } => {
-            forward_small_k(p, input, weight, bias, output, rows, plan.unfolding)
-        }
-        Forward::SharedGemm { images } => {
-            forward_shared(p, input, weight, bias, output, images, plan.unfolding)
-        }
+        Forward::SmallK { rows } => forward_small_k(
+            p,
+            input,
+            weight,
+            bias,
+            output,
+            rows,
+            plan.unfolding,
+            epilogue,
+        ),
+        Forward::SharedGemm { images } => forward_shared(
+            p,
+            input,
+            weight,
+            bias,
+            output,
+            images,
+            plan.unfolding,
+            epilogue,
+        ),
         Forward::Pointwise => {
-            forward_pointwise(p, input, weight, bias, output);
+            forward_pointwise(p, input, weight, bias, output, epilogue);
             Ok(())
         }
-        Forward::TiledIm2col { rows } => {
-            forward_tiled(p, input, weight, bias, output, rows, plan.unfolding)
-        }
+        Forward::TiledIm2col { rows } => forward_tiled(
+            p,
+            input,
+            weight,
+            bias,
+            output,
+            rows,
+            plan.unfolding,
+            epilogue,
+        ),
     }
 }
 
 /// [`Forward::SmallK`]: `rows_per_tile` output rows unfolded at a time.
+#[allow(clippy::too_many_arguments)]
 fn forward_small_k(
     p: &Conv2dParams,
     input: &[f32],
@@ -98,6 +149,7 @@ fn forward_small_k(
     output: &mut [f32],
     rows_per_tile: usize,
     unfolding: Unfolding,
+    epilogue: Epilogue,
 ) -> Result<()> {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let stop = stop_token();
@@ -110,6 +162,7 @@ fn forward_small_k(
                 if p.is_pointwise() {
                     if !stop.is_set() {
                         small_k_product(weight, image, k, pixels, bias, out_image, pixels);
+                        epilogue.apply(out_image);
                     }
                     return Ok(());
                 }
@@ -121,8 +174,12 @@ fn forward_small_k(
                     let width = rows.len() * p.out_w;
                     resize_scratch(col, k * width, UNFOLDED_INPUT)?;
                     unfold(p, src, rows.clone(), col, width);
-                    let out_tile = &mut out_image[rows.start * p.out_w..];
+                    let tile_start = rows.start * p.out_w;
+                    let out_tile = &mut out_image[tile_start..];
                     small_k_product(weight, col, k, width, bias, out_tile, pixels);
+                    for plane in out_image.chunks_exact_mut(pixels) {
+                        epilogue.apply(&mut plane[tile_start..tile_start + width]);
+                    }
                 }
                 Ok(())
             },
@@ -145,6 +202,7 @@ fn forward_pointwise(
     weight: &[f32],
     bias: Option<&[f32]>,
     output: &mut [f32],
+    epilogue: Epilogue,
 ) {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let stop = stop_token();
@@ -167,11 +225,13 @@ fn forward_pointwise(
                 MatRef::rows(image, pixels),
                 &stop,
             );
+            epilogue.apply(out_image);
         });
 }
 
 /// [`Forward::TiledIm2col`]: `rows_per_tile` output rows unfolded at a time, a stop
 /// check per tile (a 1×128×1024×1024 image took 4-5 s to stop between images).
+#[allow(clippy::too_many_arguments)]
 fn forward_tiled(
     p: &Conv2dParams,
     input: &[f32],
@@ -180,6 +240,7 @@ fn forward_tiled(
     output: &mut [f32],
     rows_per_tile: usize,
     unfolding: Unfolding,
+    epilogue: Epilogue,
 ) -> Result<()> {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let stop = stop_token();
@@ -212,6 +273,10 @@ fn forward_tiled(
                         MatRef::rows(col, width),
                         &stop,
                     );
+                    let tile_start = rows.start * p.out_w;
+                    for plane in out_image.chunks_exact_mut(pixels) {
+                        epilogue.apply(&mut plane[tile_start..tile_start + width]);
+                    }
                 }
                 Ok(())
             },
@@ -220,6 +285,7 @@ fn forward_tiled(
 
 /// [`Forward::SharedGemm`]: `group` images unfolded side by side, one GEMM for them into
 /// `product` (C_out × group·P), then copied to NCHW with the bias added.
+#[allow(clippy::too_many_arguments)]
 fn forward_shared(
     p: &Conv2dParams,
     input: &[f32],
@@ -228,6 +294,7 @@ fn forward_shared(
     output: &mut [f32],
     group: usize,
     unfolding: Unfolding,
+    epilogue: Epilogue,
 ) -> Result<()> {
     let (pixels, k) = (p.pixels(), p.col_rows());
     let out_image = p.out_channels * pixels;
@@ -265,6 +332,7 @@ fn forward_shared(
                         for (d, &v) in dst.iter_mut().zip(src) {
                             *d = v + b;
                         }
+                        epilogue.apply(dst);
                     }
                 }
                 Ok(())
@@ -614,6 +682,47 @@ pub(super) mod tests {
             forward(&p, &x, &w, None, &mut y).unwrap();
             for (a, b) in y.iter().zip(naive(&p, &x, &w)) {
                 assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_activation_gives_the_bits_of_the_separate_pass() {
+        for (shape, wshape, s, pd, expected) in [
+            ([3, 1, 9, 7], [4, 1, 3, 3], (1, 1), (1, 1), "small"),
+            ([16, 16, 7, 7], [8, 16, 3, 3], (1, 1), (1, 1), "shared"),
+            ([2, 40, 6, 5], [3, 40, 1, 1], (1, 1), (0, 0), "pointwise"),
+            ([2, 64, 20, 30], [3, 64, 3, 3], (2, 1), (1, 1), "tiled"),
+        ] {
+            let p = Conv2dParams::new(&shape, &wshape, s, pd, (1, 1)).unwrap();
+            let path = match Plan::new(&p).forward {
+                Forward::SmallK { .. } => "small",
+                Forward::SharedGemm { .. } => "shared",
+                Forward::Pointwise => "pointwise",
+                Forward::TiledIm2col { rows } if rows < p.out_h => "tiled",
+                Forward::TiledIm2col { .. } => "one tile",
+            };
+            assert_eq!(path, expected);
+            let x = values(shape.iter().product(), 3);
+            let w = values(wshape.iter().product(), 4);
+            let b = values(wshape[0], 5);
+            let mut plain = vec![0.0; p.output_shape().iter().product()];
+            forward(&p, &x, &w, Some(&b), &mut plain).unwrap();
+            for act in [
+                Activation::Relu,
+                Activation::LeakyRelu(0.1),
+                Activation::Sigmoid,
+                Activation::Tanh,
+            ] {
+                let mut separate = vec![0.0; plain.len()];
+                activation::forward(act, &plain, &mut separate).unwrap();
+                let mut fused = vec![0.0; plain.len()];
+                let epilogue = Epilogue {
+                    activation: Some(act),
+                };
+                forward_fused(&p, &x, &w, Some(&b), epilogue, &mut fused).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fused), bits(&separate), "{path} {act:?}");
             }
         }
     }
