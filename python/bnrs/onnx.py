@@ -290,6 +290,19 @@ def _converter(layer, name: str):
     raise NotImplementedError(f"{name}: {type(layer).__name__} has no ONNX export")
 
 
+def _emit(graph: _Graph, module, x: str, input_shape: tuple[int, ...],
+          prefix: str = "") -> tuple[str, tuple[int, ...]]:
+    """Add the nodes of ``module`` (a layer or a Sequential, nested ones followed) reading
+    the tensor ``x`` of sample shape ``input_shape``; returns its output's name and sample
+    shape."""
+    shape = tuple(input_shape)
+    for name, layer in layers_in_order(module, prefix):
+        output_shape = tuple(layer.output_shape(shape))
+        x = _converter(layer, name)(graph, layer, name, x, shape, output_shape)
+        shape = output_shape
+    return x, shape
+
+
 def _sample_shape(input_shape) -> tuple[int, ...]:
     try:
         shape = tuple(input_shape)
@@ -375,11 +388,7 @@ def export(model_or_estimator, path: str | os.PathLike | None,
     output_names = {"network": ["output"], "classifier": ["logits", "probabilities"],
                     "regressor": ["predictions"]}[kind]
     graph = _Graph(onnx, int(opset), reserved_names=["input", *output_names])
-    x, shape = "input", sample_shape
-    for name, layer in layers_in_order(model):
-        output_shape = tuple(layer.output_shape(shape))
-        x = _converter(layer, name)(graph, layer, name, x, shape, output_shape)
-        shape = output_shape
+    x, shape = _emit(graph, model, "input", sample_shape)
 
     def value_info(value_name: str, dims: tuple[int, ...]):
         return onnx.helper.make_tensor_value_info(value_name, onnx.TensorProto.FLOAT,
