@@ -225,3 +225,99 @@ def test_without_onnx_the_error_says_what_to_install(monkeypatch):
     model = nn.Sequential(nn.ReLU())
     with pytest.raises(ImportError, match=r'pip install "bnrs\[onnx\]"'):
         bnrs_onnx.export(model, None, input_shape=(4,))
+
+
+#: Inception and residual blocks, with BN before the ReLU, none, or after it.
+BRANCHING_SPECS = [f"c8-bn-relu-inc4_4_8_2_4_4{norm}-mp2-gap" for norm in
+                   ("", "_nobn", "_postbn")] + [f"c8-bn-relu-res8{norm}-res16s2{norm}-gap"
+                                                for norm in ("", "_nobn", "_postbn")]
+BRANCHING_INPUT_SHAPE = (3, 9, 9)
+
+
+@pytest.mark.parametrize("opset", range(bnrs_onnx.DEFAULT_OPSET, 22))
+@pytest.mark.parametrize("spec", BRANCHING_SPECS)
+def test_branching_networks_match_in_onnx_runtime(ort, spec, opset):
+    model = trained(nn.from_spec(spec, BRANCHING_INPUT_SHAPE, 5, random_state=0),
+                    BRANCHING_INPUT_SHAPE)
+    proto = bnrs_onnx.export(model, None, input_shape=BRANCHING_INPUT_SHAPE, opset=opset)
+    ops = [node.op_type for node in proto.graph.node]
+    assert "GlobalAveragePool" in ops
+    assert ("Concat" in ops) == ("inc" in spec) and ("Add" in ops) == ("res" in spec)
+    for batch in (1, 7):
+        x = np.random.default_rng(batch).standard_normal(
+            (batch, *BRANCHING_INPUT_SHAPE)).astype(np.float32)
+        (output,) = run(ort, proto, x)
+        assert output.shape == (batch, 5)
+        # The model's own evaluation output, fused or not: what its user gets.
+        assert_float32_close(output, model(x))
+
+
+def test_branch_graph_structure(ort):
+    """Each Concat branch and both Residual paths read the block's input tensor; the
+    identity shortcut adds that tensor itself; the activation follows the Add."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, random_state=0),
+        nn.Concat(nn.Sequential(nn.Conv2d(4, 3, 1, random_state=1), nn.ReLU()),
+                  nn.MaxPool2d(3, 1, 1),
+                  nn.Sequential(nn.Sequential(nn.Conv2d(4, 2, 3, padding=1,
+                                                        random_state=2)))),
+        nn.Residual(nn.Sequential(nn.Conv2d(9, 9, 3, padding=1, random_state=3),
+                                  nn.BatchNorm2d(9)), activation=nn.ReLU()),
+        nn.Residual(nn.Conv2d(9, 6, 1, stride=2, random_state=4),
+                    nn.Conv2d(9, 6, 1, stride=2, random_state=5)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    model = trained(model, (2, 6, 6))
+    proto = bnrs_onnx.export(model, None, input_shape=(2, 6, 6))
+    nodes = list(proto.graph.node)
+    assert [n.op_type for n in nodes] == [
+        "Conv", "Conv", "Relu", "MaxPool", "Conv", "Concat",
+        "Conv", "BatchNormalization", "Add", "Relu",
+        "Conv", "Conv", "Add", "GlobalAveragePool", "Flatten", "Identity"]
+    conv_out = nodes[0].output[0]
+    assert [nodes[i].input[0] for i in (1, 3, 4)] == [conv_out] * 3
+    assert list(nodes[5].input) == [nodes[2].output[0], nodes[3].output[0],
+                                    nodes[4].output[0]]
+    assert nodes[6].input[0] == nodes[5].output[0]
+    assert list(nodes[8].input) == [nodes[7].output[0], nodes[5].output[0]]
+    assert nodes[9].input[0] == nodes[8].output[0]
+    assert nodes[10].input[0] == nodes[11].input[0] == nodes[9].output[0]
+    assert list(nodes[12].input) == [nodes[10].output[0], nodes[11].output[0]]
+    assert nodes[0].name != nodes[1].name
+    x = np.random.default_rng(6).standard_normal((3, 2, 6, 6)).astype(np.float32)
+    (output,) = run(ort, proto, x)
+    assert output.shape == (3, 6)
+    assert_float32_close(output, model(x))
+
+
+def test_estimators_with_branching_architectures(ort):
+    from bnrs import CNNClassifier, CNNRegressor
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 8, 8, 1)).astype(np.float32)   # channels last
+    y = np.arange(40) % 3
+    clf = CNNClassifier("c4-bn-relu-inc2_2_4_2_2_2-res8s2_postbn-gap", max_epochs=2,
+                        random_state=0).fit(X, y)
+    proto = bnrs_onnx.export(clf, None)
+    logits, probabilities = run(ort, proto, X[:7].transpose(0, 3, 1, 2).copy())
+    np.testing.assert_allclose(probabilities, clf.predict_proba(X[:7]), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(clf.classes_[logits.argmax(axis=1)], clf.predict(X[:7]))
+    reg = CNNRegressor("c4-relu-res4_nobn-inc2_2_2_2_2_2_nobn-gap", max_epochs=2,
+                       random_state=0).fit(X, y.astype(np.float32))
+    (predictions,) = run(ort, bnrs_onnx.export(reg, None), X[:7].transpose(0, 3, 1, 2).copy())
+    np.testing.assert_allclose(predictions.ravel(), reg.predict(X[:7]), rtol=0, atol=1e-5)
+
+
+def test_unsupported_layer_in_a_branch_is_named_by_its_path(ort):
+    class Square(nn.Module):
+        def output_shape(self, input_shape):
+            return tuple(input_shape)
+
+    model = nn.Sequential(nn.ReLU(), nn.Residual(nn.Sequential(nn.ReLU(), Square())))
+    with pytest.raises(NotImplementedError, match=r"1\.body\.1: Square has no ONNX export"):
+        bnrs_onnx.export(model, None, input_shape=(4,))
+    model = nn.Sequential(nn.Concat(nn.ReLU(), nn.Sequential(Square())))
+    with pytest.raises(NotImplementedError,
+                       match=r"0\.branches\.1\.0: Square has no ONNX export"):
+        bnrs_onnx.export(model, None, input_shape=(4,))

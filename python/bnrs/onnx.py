@@ -45,7 +45,19 @@ ReLU, LeakyReLU, Sigmoid, Tanh          Relu, LeakyRelu, Sigmoid, Tanh
 Flatten                                 Flatten (Reshape unless it flattens all but
                                         the batch axis)
 Dropout, Dropout2d                      nothing: the identity in evaluation mode
+AdaptiveAvgPool2d (output size 1)       GlobalAveragePool
+Concat                                  each branch's nodes, all reading the block's
+                                        input, then Concat (axis 1)
+Residual                                the body's nodes and the shortcut's (none for
+                                        the identity), both reading the block's input,
+                                        Add, then the activation's nodes
 ======================================  ==============================================
+
+Containers are followed recursively: a nested Sequential, a branch or a residual path is
+emitted as any network is, so the branching tokens of the architecture grammar (``gap``,
+``inc...``, ``res...``, with ``_nobn``/``_postbn``) export through :func:`bnrs.nn.from_spec`
+models and fitted estimators alike. Node and initializer names are the layers' state-dict
+prefixes (``1.branches.2.0.weight``, ``2.body.0``).
 
 GroupNormalization with the layer's per-channel scale and bias is opset 21's (opset 18's
 has them per group, which cannot express the layer). ONNX Runtime 1.32's GroupNormalization
@@ -262,6 +274,27 @@ def _identity(graph: _Graph, layer, name, x, input_shape, output_shape) -> str:
     return x
 
 
+def _global_avg_pool(graph: _Graph, layer, name, x, input_shape, output_shape) -> str:
+    return graph.node("GlobalAveragePool", [x], name)
+
+
+def _concat(graph: _Graph, layer, name, x, input_shape, output_shape) -> str:
+    # Every branch reads the same tensor, as the layer gives each branch the same array.
+    outputs = [_emit(graph, branch, x, input_shape, f"{name}.branches.{index}")[0]
+               for index, branch in enumerate(layer.branches)]
+    return graph.node("Concat", outputs, name, axis=1)
+
+
+def _residual(graph: _Graph, layer, name, x, input_shape, output_shape) -> str:
+    body, shape = _emit(graph, layer.body, x, input_shape, f"{name}.body")
+    skip = x if layer.shortcut is None else _emit(graph, layer.shortcut, x, input_shape,
+                                                  f"{name}.shortcut")[0]
+    if layer.activation is None:
+        return graph.node("Add", [body, skip], name)
+    total = graph.node("Add", [body, skip], f"{name}.add")
+    return _emit(graph, layer.activation, total, shape, f"{name}.activation")[0]
+
+
 #: Layer class -> converter; the first class the layer is an instance of is used.
 _CONVERTERS = (
     (nn.Conv2d, _conv),
@@ -280,6 +313,9 @@ _CONVERTERS = (
     (nn.Tanh, _element_wise("Tanh")),
     (nn.Dropout, _identity),
     (nn.Dropout2d, _identity),
+    (nn.AdaptiveAvgPool2d, _global_avg_pool),
+    (nn.Concat, _concat),
+    (nn.Residual, _residual),
 )
 
 
@@ -288,6 +324,19 @@ def _converter(layer, name: str):
         if isinstance(layer, layer_class):
             return convert
     raise NotImplementedError(f"{name}: {type(layer).__name__} has no ONNX export")
+
+
+def _emit(graph: _Graph, module, x: str, input_shape: tuple[int, ...],
+          prefix: str = "") -> tuple[str, tuple[int, ...]]:
+    """Add the nodes of ``module`` (a layer or a Sequential, nested ones followed) reading
+    the tensor ``x`` of sample shape ``input_shape``; returns its output's name and sample
+    shape. Concat and Residual come back here for their branches."""
+    shape = tuple(input_shape)
+    for name, layer in layers_in_order(module, prefix):
+        output_shape = tuple(layer.output_shape(shape))
+        x = _converter(layer, name)(graph, layer, name, x, shape, output_shape)
+        shape = output_shape
+    return x, shape
 
 
 def _sample_shape(input_shape) -> tuple[int, ...]:
@@ -375,11 +424,7 @@ def export(model_or_estimator, path: str | os.PathLike | None,
     output_names = {"network": ["output"], "classifier": ["logits", "probabilities"],
                     "regressor": ["predictions"]}[kind]
     graph = _Graph(onnx, int(opset), reserved_names=["input", *output_names])
-    x, shape = "input", sample_shape
-    for name, layer in layers_in_order(model):
-        output_shape = tuple(layer.output_shape(shape))
-        x = _converter(layer, name)(graph, layer, name, x, shape, output_shape)
-        shape = output_shape
+    x, shape = _emit(graph, model, "input", sample_shape)
 
     def value_info(value_name: str, dims: tuple[int, ...]):
         return onnx.helper.make_tensor_value_info(value_name, onnx.TensorProto.FLOAT,
