@@ -26,12 +26,15 @@ NETWORKS = [
     (("c8k5s2p2-bnm0.05e1e-3-lrelu-ap3s1-gn4-sd0.1-c8-in-mp2-brnr2d1-fc32-ln-tanh-d0.3"
       "-fc16-bne1e-4-sigmoid-gn4-relu"), (3, 16, 16), 7),
     ("fc32-bn-relu-fc16-brnm0.1-tanh-ln-d0.2", (20,), 3),
+    ("c8-bn-relu-inc4_4_8_2_4_4-res16s2-res16_postbn-inc2_2_4_2_2_2_nobn-mp2-gap",
+     (3, 12, 12), 5),
 ]
 #: Training-mode checks: no dropout (each library draws its own masks) and no batch
 #: renorm (PyTorch has none).
 TRAIN_NETWORKS = [
     ("c8-bnm0.2-relu-mp2-c8k3s2-bne1e-3-relu-fc16-bn-relu", (2, 12, 12), 4),
     ("fc24-bn-tanh-fc12-bnm0.01-relu", (10,), 3),
+    ("c8-bn-relu-inc4_4_8_2_4_4-res16s2-gap", (2, 10, 10), 4),
 ]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bnrs import bench
+from bnrs import bench, nn
 
 THREADS = (1, 2)
 
@@ -170,6 +170,157 @@ def test_torch_network_matches_bnrs():
     with torch.no_grad():
         expected = network(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(model(images), expected, rtol=1e-4, atol=1e-4)
+
+
+#: Every bnrs layer kind the grammar builds except batch renorm, which the bench refuses.
+EVERY_LAYER = ("c8k5s2p2-bnm0.05e1e-3-lrelu-ap3s1-gn4-sd0.1-c8-in-mp2-inc4_4_8_2_4_4"
+               "-res16s2_postbn-res16_nobn-gap-fc32-ln-tanh-d0.3-fc16-bne1e-4-sigmoid")
+
+
+@pytest.mark.parametrize("name", sorted(bench.NETWORKS))
+def test_torch_mirror_matches_bnrs_on_named_networks(name):
+    _assert_torch_matches(bench.NETWORKS[name])
+
+
+def test_torch_mirror_matches_bnrs_on_every_layer_kind():
+    _assert_torch_matches(bench.Network("custom", "custom_", EVERY_LAYER, (3, 20, 20), 7))
+
+
+def _assert_torch_matches(network):
+    """The same weights give the same outputs in bnrs and in the bench's PyTorch mirror:
+    in evaluation mode, and in training mode with dropout off (each framework draws its
+    own masks), where batch norm uses the batch statistics."""
+    torch = pytest.importorskip("torch")
+    model = network.build(seed=3)
+    mirror = bench.build_torch_network(model, torch)
+    assert list(mirror.state_dict()) == list(model.state_dict())
+    images, _ = network.make_data(8, seed=1)
+    model.eval()
+    mirror.eval()
+    with torch.no_grad():
+        expected = mirror(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(model(images), expected, rtol=1e-4, atol=1e-4)
+    model.train()
+    nn.enable_dropout(model, False)
+    mirror.train()
+    for module in mirror.modules():
+        if isinstance(module, (torch.nn.Dropout, torch.nn.Dropout2d)):
+            module.eval()
+    actual = model(images)
+    with torch.no_grad():
+        expected = mirror(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_mirror_refuses_batch_renorm():
+    torch = pytest.importorskip("torch")
+    model = nn.from_spec("c4-brn-relu", (1, 6, 6), 3, random_state=0)
+    with pytest.raises(ValueError, match="PyTorch has no batch renormalisation"):
+        bench.build_torch_network(model, torch)
+    # The interop doc's use keeps it: BatchNorm in its place, exact in evaluation mode.
+    assert isinstance(bench.torch_mirror(model, torch)[1], torch.nn.BatchNorm2d)
+    with pytest.raises(SystemExit) as error:
+        bench.main(["--smoke", "--threads", "1", "--architecture", "c4-brn-relu",
+                    "--input-shape", "1", "6", "6"])
+    assert error.value.code == 2
+
+
+def test_network_options_parse():
+    args = bench.runner.parse_bench_args([
+        "--architecture", "c32-bn-relu-mp2-c64-bn-relu-mp2-fc256-bn-relu-d0.5",
+        "--input-shape", "3", "32", "32", "--n-classes", "10", "--batch-size", "128"])
+    (network,) = args.networks
+    assert network.architecture == "c32-bn-relu-mp2-c64-bn-relu-mp2-fc256-bn-relu-d0.5"
+    assert network.input_shape == (3, 32, 32) and network.n_classes == 10
+    assert network.min_ratio is None
+    assert bench.run_mode(args).batch_size == 128
+    assert bench.run_mode(bench.runner.parse_bench_args([])).batch_size == 64
+    # LeNetBN stays the default network; --quick and full runs add the other two.
+    assert bench.runner.parse_bench_args(["--smoke"]).networks == [bench.LENET]
+    names = [n.name for n in bench.runner.parse_bench_args(["--quick"]).networks]
+    assert names == ["LeNetBN", "Inception", "ResNet"]
+    args = bench.runner.parse_bench_args(["--network", "resnet", "lenet", "resnet"])
+    assert [n.name for n in args.networks] == ["ResNet", "LeNetBN"]
+    # Another input shape: the same architectures, without LeNetBN's speed targets.
+    args = bench.runner.parse_bench_args(["--network", "lenet", "--input-shape", "3", "32",
+                                          "32", "--n-classes", "4"])
+    assert args.networks[0].input_shape == (3, 32, 32) and args.networks[0].n_classes == 4
+    assert args.networks[0].min_ratio is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--architecture", "c32-bn-relu-qq"],
+     ("--architecture: bad token 'qq' (token 4, character 13) in architecture "
+      "'c32-bn-relu-qq': unknown token")),
+    (["--architecture", "c8-relu", "--input-shape", "20"],
+     ("--architecture: bad token 'c8' (token 1, character 1) in architecture 'c8-relu': "
+      "needs a (C, H, W) feature map")),
+    (["--input-shape", "0", "28", "28"],
+     "--input-shape: expected C H W (images) or F (features), each at least 1, got 0 28 28"),
+    (["--input-shape", "28", "28"],
+     "--input-shape: expected C H W (images) or F (features), each at least 1, got 28 28"),
+    (["--input-shape", "1", "2", "2", "--network", "lenet"],
+     "--input-shape: bad token 'mp2' (token 8, character 29)"),
+    (["--input-shape", "1", "x"], "argument --input-shape: invalid int value: 'x'"),
+    (["--batch-size", "0"], "--batch-size: expected at least 1, got 0"),
+    (["--n-classes", "0"], "--n-classes: expected at least 1, got 0"),
+    (["--network", "vgg"], "argument --network: invalid choice: 'vgg'"),
+    (["--network", "lenet", "--architecture", "c8"],
+     "argument --architecture: not allowed with argument --network"),
+])
+def test_bad_network_options_exit_2_with_one_line(argv, message):
+    result = subprocess.run([sys.executable, "-m", "bnrs.bench", "--smoke", *argv],
+                            check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"bnrs bench: error: {message}")
+
+
+def test_custom_architecture_smoke_run(tmp_path):
+    """The user's network, end to end without PyTorch: its rows, samples/s, its peak memory
+    (in fresh processes, which rebuild it from the options) and its profile."""
+    path = tmp_path / "bench.json"
+    spec = "c8-bn-relu-mp2-inc4_4_8_2_4_4-res16s2-gap-fc16-bn-relu-d0.5"
+    result = subprocess.run(
+        [sys.executable, "-m", "bnrs.bench", "--smoke", "--no-torch", "--threads", "1",
+         "--architecture", spec, "--input-shape", "3", "16", "16", "--n-classes", "5",
+         "--batch-size", "16", "--profile", "--json", str(path)],
+        check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    output, data = result.stdout, json.loads(path.read_text())
+    assert f"network custom network: {spec} on 3x16x16, 5 classes, batch 16" in output
+    assert "custom network train epoch, 64 x 3x16x16, batch 16, Adam: bnrs" in output
+    assert "peak RSS of custom network training (4 steps) above the baseline: bnrs" in output
+    assert "-- profile: bnrs training step of custom network" in output
+    assert data["architecture"] == spec
+    assert data["networks"] == [{"name": "custom network", "key": "custom_",
+                                 "architecture": spec, "input_shape": [3, 16, 16],
+                                 "n_classes": 5, "min_ratio": None}]
+    (section,) = data["sections"]
+    rows = {row["key"]: row for row in section["rows"]}
+    assert rows["custom_train_epoch"]["samples"] == 64
+    assert rows["custom_inference"]["samples"] == 32
+    assert rows["custom_train_epoch"]["targets"] == []
+    assert section["memory"]["network"] == "custom network"
+    assert section["memory"]["bnrs"]["steps"] == 4
+    model = nn.from_spec(spec, (3, 16, 16), 5)
+    assert len(section["profile"]["bnrs"]["layers"]) == len(model)
+
+
+def test_network_flops_counts_every_branch():
+    # A residual block on a 4x6x6 input: two 3x3 convs 4 -> 4, then the output layer.
+    model = nn.from_spec("res4_nobn-gap", (4, 6, 6), 3)
+    conv, fc = 2 * 4 * 6 * 6 * 4 * 9, 2 * 4 * 3
+    # The block's first conv sees the input: no input gradient in training.
+    assert bench.network_flops(model, (4, 6, 6)) == (2 * conv + fc,
+                                                      2 * conv + fc + conv + 2 * (conv + fc))
+    # An Inception block: every branch counts.
+    model = nn.from_spec("inc1_1_1_1_1_1_nobn", (2, 5, 5), 2)
+    branches = 2 * 25 * (2 * 1 + 2 * 1 + 1 * 1 * 9 + 2 * 1 + 1 * 1 * 25 + 2 * 1)
+    fc = 2 * (4 * 25) * 2
+    forward = branches + fc
+    assert bench.network_flops(model, (2, 5, 5))[0] == forward
 
 
 def test_bnrs_bench_command_reaches_the_bench(capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import signal
@@ -180,6 +181,25 @@ def bench_parser() -> argparse.ArgumentParser:
                         "top ops")
     parser.add_argument("--no-torch", action="store_true",
                         help="run bnrs alone even if PyTorch is importable")
+    network = parser.add_argument_group(
+        "the network", "Which network the training and inference rows time (the peak memory "
+        "and --profile are of the first).")
+    which = network.add_mutually_exclusive_group()
+    which.add_argument("--network", nargs="+", choices=("lenet", "inception", "resnet"),
+                       metavar="NAME",
+                       help="named networks: lenet (LeNetBN), inception, resnet (default: "
+                       "all three; lenet alone with --smoke)")
+    which.add_argument("--architecture", metavar="SPEC",
+                       help="your own network as an architecture string, e.g. "
+                       "c32-bn-relu-mp2-c64-bn-relu-mp2-fc256-bn-relu-d0.5 (see the README's "
+                       "\"Architecture strings\"); the output layer is added")
+    network.add_argument("--input-shape", type=int, nargs="+", metavar="D",
+                         help="one sample's shape: C H W for images, F for features "
+                         "(default 1 28 28)")
+    network.add_argument("--n-classes", type=int, metavar="K",
+                         help="classes, the width of the output layer (default 10)")
+    network.add_argument("--batch-size", type=int, metavar="B",
+                         help="training batch size (default 64)")
     parser.add_argument("--rss-child", choices=("bnrs", "torch"), help=argparse.SUPPRESS)
     return parser
 
@@ -193,6 +213,7 @@ def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--threads: expected counts >= 1, got {args.threads}")
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats: expected at least 1, got {args.repeats}")
+    args.networks = _bench_networks(parser, args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -206,6 +227,43 @@ def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if problem:
             parser.error(f"{option}: cannot write {path!r}: {problem}")
     return args
+
+
+def _bench_networks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:
+    """The :class:`bnrs.bench.network.Network` list the arguments ask for, each checked by
+    building it; an error exits with one line, as argparse does."""
+    from .bench.network import INPUT_SHAPE, N_CLASSES, NETWORKS, Network
+    from .nn import from_spec
+
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size: expected at least 1, got {args.batch_size}")
+    if args.n_classes is not None and args.n_classes < 1:
+        parser.error(f"--n-classes: expected at least 1, got {args.n_classes}")
+    shape = INPUT_SHAPE if args.input_shape is None else tuple(args.input_shape)
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        parser.error(f"--input-shape: expected C H W (images) or F (features), each at "
+                     f"least 1, got {' '.join(map(str, shape))}")
+    n_classes = N_CLASSES if args.n_classes is None else args.n_classes
+    if args.architecture is not None:
+        networks = [Network("custom network", "custom_", args.architecture, shape,
+                            n_classes)]
+    else:
+        names = args.network or (["lenet"] if args.smoke else list(NETWORKS))
+        networks = [NETWORKS[name] for name in dict.fromkeys(names)]
+        if (shape, n_classes) != (INPUT_SHAPE, N_CLASSES):
+            # The speed targets are for the named networks on their own inputs.
+            networks = [dataclasses.replace(network, input_shape=shape, n_classes=n_classes,
+                                            min_ratio=None) for network in networks]
+    for network in networks:
+        try:
+            from_spec(network.architecture, network.input_shape, network.n_classes,
+                      random_state=0)
+        except ValueError as error:
+            option = "--architecture" if args.architecture is not None else "--input-shape"
+            # A SpecError's message goes on with the string and a caret under the token.
+            parser.error(f"{option}: {str(error).splitlines()[0]} (input shape "
+                         f"{' '.join(map(str, shape))})")
+    return networks
 
 
 def _cannot_write(path: str) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import nn, optim
 from ..training import batch_bounds, num_threads, train_epoch
-from .network import build_bnrs_network, make_data
+from .network import LENET, Network
 from .timing import check_target
 from .torch_mirror import build_torch_network, import_torch, torch_train_epoch
 from .workloads import Mode
@@ -44,11 +44,11 @@ def _peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def rss_child(framework: str, mode: Mode, threads: int) -> dict:
-    """Peak RSS of one training epoch in this (fresh) process, above the baseline after the
-    imports and the data; printed as JSON by ``--rss-child``."""
+def rss_child(framework: str, mode: Mode, threads: int, network: Network = LENET) -> dict:
+    """Peak RSS of one training epoch of ``network`` in this (fresh) process, above the
+    baseline after the imports and the data; printed as JSON by ``--rss-child``."""
     with num_threads(threads):
-        images, labels = make_data(mode.train_samples)
+        images, labels = network.make_data(mode.train_samples)
         torch, torch_missing = import_torch(disabled=framework != "torch")
         if framework == "torch":
             if torch is None:
@@ -59,7 +59,7 @@ def rss_child(framework: str, mode: Mode, threads: int) -> dict:
         reset = _reset_peak_rss()
         baseline_kib = _peak_rss_kib()
         bounds = batch_bounds(len(images), mode.batch_size, last="keep")[:mode.memory_batches]
-        model = build_bnrs_network()
+        model = network.build()
         if torch is None:
             optimizer = optim.Adam(model.parameters(), lr=1e-3)
             train_epoch(model, nn.CrossEntropyLoss(), optimizer, images, labels, bounds)
@@ -76,12 +76,16 @@ def rss_child(framework: str, mode: Mode, threads: int) -> dict:
             "baseline_is_current_rss": reset}
 
 
-def measure_memory(frameworks: Sequence[str], mode: Mode, threads: int) -> dict:
+def measure_memory(frameworks: Sequence[str], mode: Mode, threads: int,
+                   network: Network = LENET) -> dict:
     """Run :func:`rss_child` for each framework in a fresh interpreter."""
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"network": network.name}
     for framework in frameworks:
         command = [sys.executable, "-m", "bnrs.bench", "--rss-child", framework,
-                   "--threads", str(threads)] + ([] if mode.name == "full" else [f"--{mode.name}"])
+                   "--threads", str(threads), "--architecture", network.architecture,
+                   "--input-shape", *map(str, network.input_shape),
+                   "--n-classes", str(network.n_classes), "--batch-size", str(mode.batch_size)]
+        command += [] if mode.name == "full" else [f"--{mode.name}"]
         done = subprocess.run(command, check=False, capture_output=True, text=True,
                               timeout=1800)
         lines = done.stdout.strip().splitlines()

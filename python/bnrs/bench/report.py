@@ -78,7 +78,9 @@ def format_memory(memory: dict | None) -> list[str]:
         else:
             parts.append(f"{framework} {entry['epoch_kib'] / 1024:.1f} MiB "
                          f"(process peak {entry['peak_kib'] / 1024:.0f} MiB)")
-    text = (f"peak RSS of training ({steps} steps) above the baseline: " + ", ".join(parts))
+    network = f"{memory['network']} " if "network" in memory else ""
+    text = (f"peak RSS of {network}training ({steps} steps) above the baseline: "
+            + ", ".join(parts))
     if memory["ratio"] is not None:
         target = memory["targets"][0]
         text += (f"; torch/bnrs {memory['ratio']:.2f}x, target bnrs <= torch: "
@@ -90,7 +92,8 @@ def format_profile(profile: dict | None) -> list[str]:
     if profile is None:
         return []
     bnrs_profile = profile["bnrs"]
-    title = ("-- profile: bnrs training step, ms per batch (mean of "
+    network = f" of {profile['network']}" if "network" in profile else ""
+    title = (f"-- profile: bnrs training step{network}, ms per batch (mean of "
              f"{bnrs_profile['batches']} batches)")
     lines = [title,
              f"   {'layer (input shape)':<40} {'forward':>8} {'backward':>9} {'total':>8}"]
@@ -109,7 +112,7 @@ def format_profile(profile: dict | None) -> list[str]:
                  "the Python around them")
     torch_profile = profile.get("torch")
     if torch_profile is not None:
-        lines.append(f"-- profile: PyTorch training step, top ops by self CPU time, ms per "
+        lines.append(f"-- profile: PyTorch training step{network}, top ops by self CPU time, ms per "
                      f"batch (of {torch_profile['self_ms_total']:.3f} ms under the profiler, "
                      f"{torch_profile['batches']} batches)")
         for op in torch_profile["ops"]:

@@ -19,12 +19,12 @@ import bnrs
 
 from ..cli import parse_bench_args
 from .memory import measure_memory, rss_child
-from .network import ARCHITECTURE, Trainer
+from .network import Trainer
 from .peaks import Peaks, measure_peaks
 from .profile import profile_bnrs, profile_torch
 from .report import all_targets, format_scaling, format_section, format_summary, plot_results
 from .timing import measure_row, measure_scaling
-from .torch_mirror import import_torch
+from .torch_mirror import NO_RENORM_MESSAGE, has_batch_renorm, import_torch
 from .workloads import MODES, Mode, Work, kernel_works
 
 
@@ -60,7 +60,8 @@ def _progress(text: str) -> None:
 
 def measure_section(threads: int, works: Sequence[Work], trainer: Trainer, mode: Mode,
                     peaks: Peaks, args: argparse.Namespace) -> dict:
-    """Every row at ``threads`` (already set), the peak memory and the profile."""
+    """Every row at ``threads`` (already set), the peak memory and the profile (of
+    ``trainer``'s network)."""
     rows = []
     gc.collect()
     for work in works:
@@ -70,27 +71,45 @@ def measure_section(threads: int, works: Sequence[Work], trainer: Trainer, mode:
     if mode.memory_all_threads or threads == args.threads[-1]:
         _progress(f"  {threads}t: peak memory of a training epoch (fresh processes)")
         frameworks = ["bnrs"] + ([] if trainer.torch is None else ["torch"])
-        section["memory"] = measure_memory(frameworks, mode, threads)
+        section["memory"] = measure_memory(frameworks, mode, threads, trainer.network)
     if args.profile:
         _progress(f"  {threads}t: profiling the training step")
         section["profile"] = {
+            "network": trainer.network.name,
             "bnrs": profile_bnrs(trainer),
             "torch": None if trainer.torch is None else profile_torch(trainer)}
     return section
 
 
+def run_mode(args: argparse.Namespace) -> Mode:
+    """The sizes of the run (``--smoke``, ``--quick`` or full) with ``--batch-size``."""
+    mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.batch_size is not None:
+        mode = dataclasses.replace(mode, batch_size=args.batch_size)
+    return mode
+
+
 def run_benchmarks(args: argparse.Namespace) -> dict:
     """Measure everything the arguments ask for, printing each table as it is done."""
-    mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    mode = run_mode(args)
     if args.repeats is not None:
         mode = dataclasses.replace(mode, kernel_repeats=args.repeats)
     torch, torch_missing = import_torch(args.no_torch)
+    if torch is not None and any(has_batch_renorm(network.build())
+                                 for network in args.networks):
+        # Found before anything is measured, in one line, as the parser's errors.
+        print(f"bnrs bench: error: --architecture: {NO_RENORM_MESSAGE}", file=sys.stderr)
+        raise SystemExit(2)
     info = machine_info(torch)
     print(f"bnrs bench ({mode.name}): bnrs {info['bnrs']} ({info['simd_backend']}), "
           f"PyTorch {info['torch'] or '-'}, NumPy {info['numpy']}, Python {info['python']}")
     print(f"machine: {info['cpu_model']}, {info['usable_cpus']} usable of "
           f"{info['logical_cpus']} logical CPUs, load average {info['load_average_start']}, "
           f"{info['date']}")
+    for network in args.networks:
+        print(f"network {network.name}: {network.architecture} on "
+              f"{'x'.join(map(str, network.input_shape))}, {network.n_classes} classes, "
+              f"batch {mode.batch_size}")
     if torch_missing:
         print(torch_missing)
     busy = info["load_average_start"] is not None and info["load_average_start"] >= 1
@@ -104,8 +123,9 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
     _progress("measuring the machine's peaks...")
     peaks = measure_peaks(args.threads, mode)
     works = kernel_works(mode, torch)
-    trainer = Trainer(mode, torch)
-    works += trainer.works()
+    trainers = [Trainer(mode, torch, network) for network in args.networks]
+    for trainer in trainers:
+        works += trainer.works()
     sections = []
     previous_threads = bnrs.get_num_threads()
     previous_torch_threads = None if torch is None else torch.get_num_threads()
@@ -114,7 +134,7 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
             bnrs.set_num_threads(threads)
             if torch is not None:
                 torch.set_num_threads(threads)
-            section = measure_section(threads, works, trainer, mode, peaks, args)
+            section = measure_section(threads, works, trainers[0], mode, peaks, args)
             sections.append(section)
             print()
             print("\n".join(format_section(section, peaks)), flush=True)
@@ -134,7 +154,9 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
     lines = format_scaling(scaling)
     print(("\n" + "\n".join(lines)) if lines else "")
     print("\n" + "\n".join(format_summary(targets)), flush=True)
-    return {"schema": 1, "mode": dataclasses.asdict(mode), "architecture": ARCHITECTURE,
+    return {"schema": 1, "mode": dataclasses.asdict(mode),
+            "architecture": args.networks[0].architecture,
+            "networks": [dataclasses.asdict(network) for network in args.networks],
             "machine": info, "torch_available": torch is not None,
             "torch_missing": torch_missing,
             "peaks": {"fma_gflops_1t": peaks.fma_gflops_1t,
@@ -147,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bnrs bench`` (and ``python -m bnrs.bench``); returns the exit code."""
     args = parse_bench_args(argv)
     if args.rss_child:
-        mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
-        print(json.dumps(rss_child(args.rss_child, mode, args.threads[0])))
+        print(json.dumps(rss_child(args.rss_child, run_mode(args), args.threads[0],
+                                   args.networks[0])))
         return 0
     result = run_benchmarks(args)
     if args.json:
