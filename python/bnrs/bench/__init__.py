@@ -22,8 +22,9 @@ The package, one module per job: :mod:`.workloads` (the kernel rows and the run 
 :mod:`.network` (the LeNetBN training and inference rows), :mod:`.torch_mirror` (PyTorch's
 import and the mirrored network), :mod:`.timing` (interleaved repeats, targets),
 :mod:`.peaks` (the machine's peaks), :mod:`.memory` (peak RSS in a fresh process),
-:mod:`.profile` (``--profile``), :mod:`.report` (tables, plot) and :mod:`.runner` (a run
-and the entry point); the arguments are parsed in :mod:`bnrs.cli`.
+:mod:`.profile` (``--profile``), :mod:`.peer` (Keras and ONNX Runtime, each in a child
+process of its own: ``--peers``, ``--peer-python``), :mod:`.report` (tables, plot) and
+:mod:`.runner` (a run and the entry point); the arguments are parsed in :mod:`bnrs.cli`.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from .memory import measure_memory, rss_child
 from .network import (ARCHITECTURE, INPUT_SHAPE, N_CLASSES, Trainer, build_bnrs_network,
                       make_data, network_flops)
 from .peaks import Peaks, copy_bandwidth_gbps, measure_peaks
+from .peer import check_peer, run_peer
 from .profile import LayerTimer, profile_bnrs, profile_torch
-from .report import (all_targets, format_memory, format_profile, format_scaling,
-                     format_section, format_summary, plot_results)
-from .runner import machine_info, main, measure_section, run_benchmarks
+from .report import (all_targets, format_memory, format_peers, format_profile,
+                     format_scaling, format_section, format_summary, plot_results)
+from .runner import machine_info, main, measure_peers, measure_section, run_benchmarks
 from .timing import Timings, measure, measure_row, measure_scaling, spread
 from .torch_mirror import (NO_TORCH_MESSAGE, TORCH_DISABLED_MESSAGE, build_torch_network,
                            import_torch, torch_train_epoch, torch_train_step)
@@ -44,9 +46,10 @@ from .workloads import GBPS, GFLOPS, MIB, MODES, Mode, Work, kernel_works
 __all__ = ["ARCHITECTURE", "GBPS", "GFLOPS", "INPUT_SHAPE", "MIB", "MODES",
            "NO_TORCH_MESSAGE", "N_CLASSES", "TORCH_DISABLED_MESSAGE", "LayerTimer", "Mode",
            "Peaks", "Timings", "Trainer", "Work", "all_targets", "build_bnrs_network",
-           "build_torch_network", "copy_bandwidth_gbps", "format_memory", "format_profile",
-           "format_scaling", "format_section", "format_summary", "import_torch",
-           "kernel_works", "machine_info", "main", "make_data", "measure", "measure_memory",
-           "measure_peaks", "measure_row", "measure_scaling", "measure_section",
-           "network_flops", "plot_results", "profile_bnrs", "profile_torch", "rss_child",
-           "run_benchmarks", "spread", "torch_train_epoch", "torch_train_step"]
+           "build_torch_network", "check_peer", "copy_bandwidth_gbps", "format_memory",
+           "format_peers", "format_profile", "format_scaling", "format_section",
+           "format_summary", "import_torch", "kernel_works", "machine_info", "main",
+           "make_data", "measure", "measure_memory", "measure_peaks", "measure_peers",
+           "measure_row", "measure_scaling", "measure_section", "network_flops",
+           "plot_results", "profile_bnrs", "profile_torch", "rss_child", "run_benchmarks",
+           "run_peer", "spread", "torch_train_epoch", "torch_train_step"]
