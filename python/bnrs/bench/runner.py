@@ -143,14 +143,14 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
         bnrs.set_num_threads(previous_threads)
         if torch is not None:
             torch.set_num_threads(previous_torch_threads)
+    lines = format_scaling(scaling)
+    print(("\n" + "\n".join(lines)) if lines else "", flush=True)
     peers = measure_peers(getattr(args, "peer_pythons", {}), args.threads, mode)
     lines = format_peers(peers)
     print(("\n" + "\n".join(lines)) if lines else "", flush=True)
     info["load_average_end"] = _load_average()
     print(f"\nload average at the end: {info['load_average_end']}")
     targets = all_targets(sections, scaling)
-    lines = format_scaling(scaling)
-    print(("\n" + "\n".join(lines)) if lines else "")
     print("\n" + "\n".join(format_summary(targets)), flush=True)
     return {"schema": 1, "mode": dataclasses.asdict(mode), "architecture": ARCHITECTURE,
             "machine": info, "torch_available": torch is not None,
