@@ -129,9 +129,9 @@ def run_peer(framework: str, python: str, threads: int, mode_name: str) -> dict:
     except ValueError:
         result = None
     if done.returncode != 0 or not isinstance(result, dict):
-        error = (result or {}).get("error") if isinstance(result, dict) else None
+        message = result.get("error") if isinstance(result, dict) else None
         return {"framework": framework, "threads": threads,
-                "error": error or f"exit code {done.returncode}: {_last_line(done.stderr)}"}
+                "error": message or f"exit code {done.returncode}: {_last_line(done.stderr)}"}
     return result
 
 
@@ -190,7 +190,11 @@ def build_keras_network(model: nn.Sequential, keras, input_shape=INPUT_SHAPE):
                                         use_bias=layer.bias is not None)
             # (out, in, kh, kw) -> (kh, kw, in, out)
             values = [layer.weight.data.transpose(2, 3, 1, 0)]
+            if layer.bias is not None:
+                values.append(layer.bias.data)
         elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if layer.momentum is None or layer.weight is None or layer.bias is None:
+                raise TypeError(f"no Keras counterpart for {layer!r} in the bench")
             # Keras's momentum weighs the old running value: PyTorch's (and bnrs's) 0.1 is 0.9.
             keras_layer = layers.BatchNormalization(momentum=1 - layer.momentum,
                                                     epsilon=layer.eps)
@@ -206,6 +210,8 @@ def build_keras_network(model: nn.Sequential, keras, input_shape=INPUT_SHAPE):
                 matrix = matrix.reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(
                     matrix.shape[0], -1)
             values = [matrix.T]
+            if layer.bias is not None:
+                values.append(layer.bias.data)
         elif isinstance(layer, nn.MaxPool2d):
             if layer.padding not in (0, (0, 0)):
                 raise TypeError(f"no Keras counterpart for {layer!r} in the bench")
@@ -220,9 +226,6 @@ def build_keras_network(model: nn.Sequential, keras, input_shape=INPUT_SHAPE):
             keras_layer, values = layers.ReLU(), []
         else:
             raise TypeError(f"no Keras counterpart for {layer!r} in the bench")
-        if values and getattr(layer, "bias", None) is not None and not isinstance(
-                layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            values.append(layer.bias.data)
         built.append(keras_layer)
         weights.append((keras_layer, values))
         shape = layer.output_shape(shape)
