@@ -200,8 +200,20 @@ def bench_parser() -> argparse.ArgumentParser:
                          help="classes, the width of the output layer (default 10)")
     network.add_argument("--batch-size", type=int, metavar="B",
                          help="training batch size (default 64)")
+    parser.add_argument("--peers", nargs="+", choices=PEER_NAMES, metavar="NAME",
+                        help="compare with these peers too, each in a process of its own: "
+                        f"{', '.join(PEER_NAMES)} (default: those importable here)")
+    parser.add_argument("--peer-python", action="append", default=[], metavar="NAME=PYTHON",
+                        help="run peer NAME with this interpreter (a virtual environment "
+                        "with the peer and bnrs); implies --peers NAME")
+    parser.add_argument("--no-peers", action="store_true", help="compare with no peer")
     parser.add_argument("--rss-child", choices=("bnrs", "torch"), help=argparse.SUPPRESS)
     return parser
+
+
+#: The peers of ``bnrs bench`` (bnrs.bench.peer.PEERS, named here to keep the parser's import
+#: light).
+PEER_NAMES = ("keras", "onnxruntime")
 
 
 def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -220,6 +232,7 @@ def parse_bench_args(argv: Sequence[str] | None) -> argparse.Namespace:
         except ImportError:
             parser.error("--plot needs matplotlib, which is not installed "
                          "(pip install matplotlib), or leave out --plot")
+    args.peer_pythons = _peer_pythons(parser, args)
     # Both are written after the whole run: a path that cannot be written must stop it
     # before anything is measured, not after.
     for option, path in (("--json", args.json), ("--plot", args.plot)):
@@ -264,6 +277,31 @@ def _bench_networks(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"{option}: {str(error).splitlines()[0]} (input shape "
                          f"{' '.join(map(str, shape))})")
     return networks
+
+
+def _peer_pythons(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """{peer: interpreter} to run; exits with one line for a peer its interpreter lacks."""
+    from .bench.peer import check_peer, missing_modules
+
+    pythons = {}
+    for item in args.peer_python:
+        name, equals, python = item.partition("=")
+        if name not in PEER_NAMES or not equals or not python:
+            parser.error(f"--peer-python: expected NAME=PYTHON with NAME one of "
+                         f"{', '.join(PEER_NAMES)}, got {item!r}")
+        pythons[name] = python
+    if args.no_peers:
+        return {}
+    requested = list(dict.fromkeys([*(args.peers or []), *pythons]))
+    if not requested:
+        # Not asked for: those this interpreter has, as PyTorch when importable.
+        return {name: sys.executable for name in PEER_NAMES if not missing_modules(name)}
+    for name in requested:
+        pythons.setdefault(name, sys.executable)
+        problem = check_peer(name, pythons[name])
+        if problem:
+            parser.error(problem)
+    return {name: pythons[name] for name in requested}
 
 
 def _cannot_write(path: str) -> str | None:

@@ -141,6 +141,37 @@ def format_scaling(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def format_peers(peers: dict) -> list[str]:
+    """One table of the peers: each ratio from the process that ran that peer."""
+    if not peers:
+        return []
+    row_format = "{:<12} {:>7} {:<46} {:>8} {:<15} {:>8} {:<15} {:>9} {}"
+    title = ("== peers: bnrs and each peer interleaved in a process of their own (one per "
+             "peer and thread count); ratio = peer time / bnrs time (above 1: bnrs is "
+             "faster) ==")
+    lines = [title,
+             row_format.format("peer", "threads", "work", "bnrs ms", "(IQR)", "peer ms",
+                               "(IQR)", "peer/bnrs", "cores bnrs, peer")]
+    notes = []
+    for framework, peer in peers.items():
+        for run in peer["runs"]:
+            if "error" in run:
+                lines.append(f"{framework:<12} {run['threads']:>7} failed: {run['error']}")
+                continue
+            for row in run["rows"]:
+                bnrs_median, bnrs_iqr = _timing(row["bnrs_s"])
+                peer_median, peer_iqr = _timing(row["peer_s"])
+                lines.append(row_format.format(
+                    framework, run["threads"], row["name"], bnrs_median, f"({bnrs_iqr})",
+                    peer_median, f"({peer_iqr})", f"{row['ratio']:.2f}x",
+                    ", ".join(f"{c:.2f}" for c in row["cores"])).rstrip())
+            versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
+            note = f"  {framework} ({versions}; {peer['python']}): {run['thread_settings']}"
+            if note not in notes:
+                notes.append(note)
+    return lines + notes
+
+
 def all_targets(sections: Sequence[dict], scaling: Sequence[dict]) -> list[dict]:
     """Every target with the work and thread count it belongs to."""
     targets = []

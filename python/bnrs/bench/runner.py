@@ -22,7 +22,9 @@ from .memory import measure_memory, rss_child
 from .network import Trainer
 from .peaks import Peaks, measure_peaks
 from .profile import profile_bnrs, profile_torch
-from .report import all_targets, format_scaling, format_section, format_summary, plot_results
+from .peer import run_peer
+from .report import (all_targets, format_peers, format_scaling, format_section,
+                     format_summary, plot_results)
 from .timing import measure_row, measure_scaling
 from .torch_mirror import NO_RENORM_MESSAGE, has_batch_renorm, import_torch
 from .workloads import MODES, Mode, Work, kernel_works
@@ -89,6 +91,19 @@ def run_mode(args: argparse.Namespace) -> Mode:
     return mode
 
 
+def measure_peers(pythons: dict, threads: Sequence[int], mode: Mode) -> dict:
+    """Each peer at each thread count, in a child process of its own (after the rest of
+    the bench, so that nothing else of it runs meanwhile)."""
+    peers = {}
+    for framework, python in pythons.items():
+        runs = []
+        for n in threads:
+            _progress(f"  {n}t: {framework} against bnrs (python -m bnrs.bench.peer, {python})")
+            runs.append(run_peer(framework, python, n, mode.name))
+        peers[framework] = {"python": python, "runs": runs}
+    return peers
+
+
 def run_benchmarks(args: argparse.Namespace) -> dict:
     """Measure everything the arguments ask for, printing each table as it is done."""
     mode = run_mode(args)
@@ -148,11 +163,14 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
         bnrs.set_num_threads(previous_threads)
         if torch is not None:
             torch.set_num_threads(previous_torch_threads)
+    lines = format_scaling(scaling)
+    print(("\n" + "\n".join(lines)) if lines else "", flush=True)
+    peers = measure_peers(getattr(args, "peer_pythons", {}), args.threads, mode)
+    lines = format_peers(peers)
+    print(("\n" + "\n".join(lines)) if lines else "", flush=True)
     info["load_average_end"] = _load_average()
     print(f"\nload average at the end: {info['load_average_end']}")
     targets = all_targets(sections, scaling)
-    lines = format_scaling(scaling)
-    print(("\n" + "\n".join(lines)) if lines else "")
     print("\n" + "\n".join(format_summary(targets)), flush=True)
     return {"schema": 1, "mode": dataclasses.asdict(mode),
             "architecture": args.networks[0].architecture,
@@ -162,7 +180,7 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
             "peaks": {"fma_gflops_1t": peaks.fma_gflops_1t,
                       "fma_gflops_concurrent": peaks.fma_gflops_concurrent,
                       "copy_gbps": peaks.copy_gbps},
-            "sections": sections, "scaling": scaling, "targets": targets}
+            "sections": sections, "scaling": scaling, "peers": peers, "targets": targets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
