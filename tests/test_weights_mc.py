@@ -403,3 +403,20 @@ def test_augmentation_refuses_vectors_and_large_shifts(digits):
         CNNClassifier(SMALL_CNN, max_epochs=1, augment_shift=8).fit(X, y)
     # 2-D X of image rows is fine when the architecture makes images of it (digits' 64)
     CNNClassifier(SMALL_CNN, max_epochs=1, augment_shift=1).fit(X.reshape(len(X), -1), y)
+
+
+@pytest.mark.parametrize("monitor", ["valid_score", "valid_loss"])
+def test_held_out_samples_all_of_weight_zero_validate_unweighted(monitor):
+    # 40 samples, weights on 10: these seeds' splits hold out only weight-0 samples, whose
+    # weighted validation loss had nothing to average by (a ValueError after an epoch).
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 1, 6, 6)).astype(np.float32)
+    y = np.arange(40) % 2
+    weight = np.zeros(40)
+    weight[::4] = 1.0
+    for seed in (5, 14, 16):
+        clf = CNNClassifier("c4-relu-fc8", max_epochs=2, early_stopping=True,
+                            validation_fraction=0.1, early_stopping_monitor=monitor,
+                            random_state=seed)
+        clf.fit(X, y, sample_weight=weight)
+        assert clf.n_iter_ == 2 and np.isfinite(clf.best_validation_loss_)

@@ -201,7 +201,8 @@ def bench_parser() -> argparse.ArgumentParser:
     network.add_argument("--batch-size", type=int, metavar="B",
                          help="training batch size (default 64)")
     parser.add_argument("--peers", nargs="+", choices=PEER_NAMES, metavar="NAME",
-                        help="compare with these peers too, each in a process of its own: "
+                        help="compare with these peers too, each in a process of its own, "
+                        "on LeNetBN whatever --network or --architecture says: "
                         f"{', '.join(PEER_NAMES)} (default: those importable here)")
     parser.add_argument("--peer-python", action="append", default=[], metavar="NAME=PYTHON",
                         help="run peer NAME with this interpreter (a virtual environment "

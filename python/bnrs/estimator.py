@@ -379,7 +379,12 @@ class _BaseCNN(BaseEstimator):
                     test_size=self.validation_fraction,
                     stratify=self._stratify(targets), random_state=seed)
                 X, X_valid, targets, y_valid = parts[:4]
-                valid = (X_valid, y_valid, None if sample_weight is None else parts[5])
+                weight_valid = None if sample_weight is None else parts[5]
+                if weight_valid is not None and not weight_valid.sum() > 0:
+                    # Held-out samples all of weight 0 have nothing to average by: the
+                    # validation score and loss are then unweighted.
+                    weight_valid = None
+                valid = (X_valid, y_valid, weight_valid)
                 sample_weight = None if sample_weight is None else parts[4]
                 if sample_weight is not None and not sample_weight.sum() > 0:
                     raise ValueError("sample_weight: every sample left for training after "
@@ -1014,8 +1019,10 @@ class _BaseCNN(BaseEstimator):
         """The training loss (a :mod:`bnrs.nn` loss module)."""
         raise NotImplementedError
 
-    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
-        """The early-stopping score (higher is better) of network outputs."""
+    def _validation_score(self, outputs: np.ndarray, targets: np.ndarray,
+                          sample_weight: np.ndarray | None = None) -> float:
+        """The early-stopping score (higher is better) of network outputs, weighted by
+        ``sample_weight`` if given."""
         raise NotImplementedError
 
     def _stratify(self, targets: np.ndarray) -> np.ndarray | None:
