@@ -61,6 +61,11 @@ def test_peer_python_needs_name_and_path(capsys):
     assert "expected NAME=PYTHON" in _parse_error(capsys, ["--peer-python", "keras"])
 
 
+def test_peers_and_no_peers_exclude_each_other(capsys):
+    line = _parse_error(capsys, ["--smoke", "--peers", "keras", "--no-peers"])
+    assert line == "bnrs bench: error: argument --no-peers: not allowed with argument --peers"
+
+
 def test_peer_python_that_does_not_exist(capsys, tmp_path):
     missing = tmp_path / "no-python"
     line = _parse_error(capsys, ["--peer-python", f"onnxruntime={missing}"])

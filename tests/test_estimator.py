@@ -6,6 +6,7 @@ Everything trains on a few hundred of scikit-learn's 8x8 digits for a few epochs
 whole file runs in seconds.
 """
 
+import math
 import pickle
 import warnings
 
@@ -966,3 +967,26 @@ def test_regressor_takes_the_same_schedule_and_callback_parameters(digits):
     assert reg.best_validation_loss_ == min(entry["valid_loss"] for entry in reg.history_)
     assert reg.history_[0]["lr"] == reg.learning_rate > reg.history_[2]["lr"]
     assert clone(reg).get_params() == reg.get_params()
+
+
+def test_divergence_with_early_stopping_names_the_best_epoch_it_restores(digits, monkeypatch):
+    X, y = digits
+    n_train = len(X) - math.ceil(0.1 * len(X))   # train_test_split's training part
+    batches_per_epoch = sum(stop - start == 64 for start, stop in _batch_bounds(n_train, 64))
+    original, calls = nn.CrossEntropyLoss.forward, []
+
+    def forward(self, input, *args, **kwargs):
+        loss = original(self, input, *args, **kwargs)
+        if len(input) != 64:          # the validation loss, or a last short batch
+            return loss
+        calls.append(1)               # the training batches: NaN in epoch 3's second
+        return float("nan") if len(calls) == 2 * batches_per_epoch + 2 else loss
+
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", forward)
+    clf = CNNClassifier(SMALL_CNN, max_epochs=5, early_stopping=True, n_iter_no_change=5,
+                        random_state=0)
+    with pytest.raises(DivergenceError, match=r"diverged in epoch 3 .*restored to its best "
+                                              r"epoch so far, epoch (\d)") as caught:
+        clf.fit(X, y)
+    best = int(caught.value.args[0].split("epoch so far, epoch ")[1][0])
+    assert clf.validation_scores_[best - 1] == max(clf.validation_scores_)

@@ -200,14 +200,15 @@ def bench_parser() -> argparse.ArgumentParser:
                          help="classes, the width of the output layer (default 10)")
     network.add_argument("--batch-size", type=int, metavar="B",
                          help="training batch size (default 64)")
-    parser.add_argument("--peers", nargs="+", choices=PEER_NAMES, metavar="NAME",
+    peers = parser.add_mutually_exclusive_group()
+    peers.add_argument("--peers", nargs="+", choices=PEER_NAMES, metavar="NAME",
                         help="compare with these peers too, each in a process of its own, "
                         "on LeNetBN whatever --network or --architecture says: "
                         f"{', '.join(PEER_NAMES)} (default: those importable here)")
     parser.add_argument("--peer-python", action="append", default=[], metavar="NAME=PYTHON",
                         help="run peer NAME with this interpreter (a virtual environment "
                         "with the peer and bnrs); implies --peers NAME")
-    parser.add_argument("--no-peers", action="store_true", help="compare with no peer")
+    peers.add_argument("--no-peers", action="store_true", help="compare with no peer")
     parser.add_argument("--rss-child", choices=("bnrs", "torch"), help=argparse.SUPPRESS)
     return parser
 

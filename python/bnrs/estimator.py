@@ -763,7 +763,7 @@ class _BaseCNN(BaseEstimator):
                 self.layer_stats_init_ = layer_statistics(self.model_, *probe,
                                                           criterion=self._criterion())
         self.best_loss_ = self.best_validation_score_ = self.best_validation_loss_ = None
-        best_state, epochs_without_improvement = None, 0
+        best_state, best_epoch, epochs_without_improvement = None, None, 0
         completed = self._snapshot()
         try:
             for _ in range(n_epochs):
@@ -786,17 +786,21 @@ class _BaseCNN(BaseEstimator):
                     what = ("a parameter or batch-norm statistic became NaN or infinite"
                             if math.isfinite(diverged.loss)
                             else f"the training loss became {diverged.loss}")
+                    # With early stopping the network ends as the best epoch's (the
+                    # `finally` below), as after Ctrl-C: the message names that epoch.
+                    kept = (f"its best epoch so far, epoch {best_epoch}"
+                            if best_state is not None else f"its state after epoch "
+                            f"{self.n_iter_}")
                     raise DivergenceError(
                         f"training diverged in epoch {epoch} (batch {diverged.batch} of "
-                        f"{diverged.n_batches}): {what}; the network was restored to its "
-                        f"state after epoch {self.n_iter_}. Lower learning_rate (now "
-                        f"{self.learning_rate})") from None
+                        f"{diverged.n_batches}): {what}; the network was restored to "
+                        f"{kept}. Lower learning_rate (now {self.learning_rate})") from None
                 self._step_lr_scheduler(loss, score, valid_loss)
                 completed = self._snapshot(state)
                 self._record(epoch, loss, score, seconds, layers, valid_loss=valid_loss, lr=lr)
                 improved, is_best = self._track_best(loss, score, valid_loss)
                 if is_best and validate:
-                    best_state = state
+                    best_state, best_epoch = state, epoch
                 epochs_without_improvement = 0 if improved else epochs_without_improvement + 1
                 stop = self._run_callbacks()
                 if epochs_without_improvement >= self.n_iter_no_change:
@@ -1280,8 +1284,9 @@ class CNNClassifier(ClassifierMixin, _BaseCNN):
 
     **Divergence.** When the training loss of a batch, or a parameter or batch-norm
     statistic after an epoch, is NaN or infinite, training stops, the state of the end
-    of the last finite epoch is restored (as for Ctrl-C) and :class:`DivergenceError`
-    (a RuntimeError) is raised, naming the epoch and batch; lower ``learning_rate``.
+    of the last finite epoch is restored (with ``early_stopping``, that of the best epoch
+    so far, as for Ctrl-C) and :class:`DivergenceError` (a RuntimeError) is raised,
+    naming the epoch and batch and the epoch restored; lower ``learning_rate``.
     In a grid search, ``error_score`` then applies to that candidate.
 
     **Layer statistics.** With ``record_layer_stats=True``, before the first epoch and
