@@ -359,7 +359,7 @@ FORK_RACE_CHILD = """
         while not stop:
             F.relu(x)
     threading.Thread(target=hammer, daemon=True).start()
-    hung = 0
+    signals = []                                 # of the children killed by one
     for _ in range({forks}):
         pid = os.fork()
         if pid == 0:
@@ -367,22 +367,31 @@ FORK_RACE_CHILD = """
             F.relu(x)
             os._exit(0)
         _, status = os.waitpid(pid, 0)
-        hung += os.WIFSIGNALED(status)
+        if os.WIFSIGNALED(status):
+            signals.append(signal.Signals(os.WTERMSIG(status)).name)
     stop = True
-    print("HUNG", hung)
+    print("SIGNALS", ",".join(signals) or "-")
+    print("HUNG", len(signals))
 """
 
 
 def _forks_that_hang(forks: int, processes: int) -> int:
+    """Forked children killed by a signal (SIGALRM: hung; any other: crashed), printed
+    with their signals so that a failure says which."""
     started = [child.start(FORK_RACE_CHILD.format(forks=forks)) for _ in range(processes)]
     outputs = [child.finish(process, timeout=60 + 4 * forks)[0] for process in started]
+    signals = [line for out in outputs for line in out.splitlines()
+               if line.startswith("SIGNALS") and line != "SIGNALS -"]
+    if signals:
+        print("forked children killed by:", "; ".join(signals))
     return sum(int(out.split()[-1]) for out in outputs)
 
 
 
 
-def test_fork_while_another_thread_calls_bnrs_does_not_hang():
-    assert _forks_that_hang(forks=1, processes=4) == 0
+def test_fork_while_another_thread_calls_bnrs_does_not_hang(capsys):
+    hung = _forks_that_hang(forks=1, processes=4)
+    assert hung == 0, capsys.readouterr().out
 
 
 @pytest.mark.long
