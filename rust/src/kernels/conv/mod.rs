@@ -167,23 +167,54 @@ fn forward_small_k(
                     return Ok(());
                 }
                 let src = unfolder.source(p, image)?;
-                for rows in tiles(p.out_h, rows_per_tile) {
-                    if stop.is_set() {
-                        break;
-                    }
-                    let width = rows.len() * p.out_w;
-                    resize_scratch(col, k * width, UNFOLDED_INPUT)?;
-                    unfold(p, src, rows.clone(), col, width);
-                    let tile_start = rows.start * p.out_w;
-                    let out_tile = &mut out_image[tile_start..];
-                    small_k_product(weight, col, k, width, bias, out_tile, pixels);
-                    for plane in out_image.chunks_exact_mut(pixels) {
-                        epilogue.apply(&mut plane[tile_start..tile_start + width]);
-                    }
-                }
-                Ok(())
+                image_tiles(
+                    p,
+                    src,
+                    out_image,
+                    rows_per_tile,
+                    col,
+                    &stop,
+                    epilogue,
+                    |col, width, out_tile| {
+                        small_k_product(weight, col, k, width, bias, out_tile, pixels)
+                    },
+                )
             },
         )
+}
+
+/// One image's forward, `rows_per_tile` output rows at a time (a stop check per tile):
+/// unfold the tile's input into `col`, let `product(col, width, out_tile)` write the
+/// tile's sums into `out_tile` (the output from the tile's first pixel on, each channel's
+/// plane `pixels` apart), then apply the epilogue to the tile in every plane while it is
+/// still in cache. Shared by [`Forward::SmallK`] and [`Forward::TiledIm2col`], which
+/// differ only in the product.
+#[allow(clippy::too_many_arguments)]
+fn image_tiles(
+    p: &Conv2dParams,
+    src: unfold::Source<'_>,
+    out_image: &mut [f32],
+    rows_per_tile: usize,
+    col: &mut Vec<f32>,
+    stop: &StopToken,
+    epilogue: Epilogue,
+    mut product: impl FnMut(&[f32], usize, &mut [f32]),
+) -> Result<()> {
+    let pixels = p.pixels();
+    for rows in tiles(p.out_h, rows_per_tile) {
+        if stop.is_set() {
+            break;
+        }
+        let width = rows.len() * p.out_w;
+        resize_scratch(col, p.col_rows() * width, UNFOLDED_INPUT)?;
+        unfold(p, src, rows.clone(), col, width);
+        let tile_start = rows.start * p.out_w;
+        product(col, width, &mut out_image[tile_start..]);
+        for plane in out_image.chunks_exact_mut(pixels) {
+            epilogue.apply(&mut plane[tile_start..tile_start + width]);
+        }
+    }
+    Ok(())
 }
 
 /// Fill each output channel's plane with its bias, for a GEMM to accumulate onto.
@@ -255,30 +286,28 @@ fn forward_tiled(
                 }
                 fill_bias(out_image, bias, pixels);
                 let src = unfolder.source(p, image)?;
-                for rows in tiles(p.out_h, rows_per_tile) {
-                    if stop.is_set() {
-                        break;
-                    }
-                    let width = rows.len() * p.out_w;
-                    resize_scratch(col, k * width, UNFOLDED_INPUT)?;
-                    unfold(p, src, rows.clone(), col, width);
-                    sgemm(
-                        p.out_channels,
-                        width,
-                        k,
-                        &mut out_image[rows.start * p.out_w..],
-                        pixels,
-                        bias.is_some(),
-                        MatRef::rows(weight, k),
-                        MatRef::rows(col, width),
-                        &stop,
-                    );
-                    let tile_start = rows.start * p.out_w;
-                    for plane in out_image.chunks_exact_mut(pixels) {
-                        epilogue.apply(&mut plane[tile_start..tile_start + width]);
-                    }
-                }
-                Ok(())
+                image_tiles(
+                    p,
+                    src,
+                    out_image,
+                    rows_per_tile,
+                    col,
+                    &stop,
+                    epilogue,
+                    |col, width, out_tile| {
+                        sgemm(
+                            p.out_channels,
+                            width,
+                            k,
+                            out_tile,
+                            pixels,
+                            bias.is_some(),
+                            MatRef::rows(weight, k),
+                            MatRef::rows(col, width),
+                            &stop,
+                        )
+                    },
+                )
             },
         )
 }
