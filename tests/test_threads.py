@@ -350,7 +350,7 @@ def test_multiprocessing_fork_pool_computes_like_the_parent():
 
 
 FORK_RACE_CHILD = """
-    import os, signal, threading, time
+    import faulthandler, os, signal, sys, threading, time
     import numpy as np
     from bnrs import functional as F
     x = np.ones(64, np.float32)
@@ -358,35 +358,53 @@ FORK_RACE_CHILD = """
     def hammer():
         while not stop:
             F.relu(x)
+    def report_hang():
+        # What each thread of a hung child waits in (its system call and kernel wait
+        # channel), then its Python stacks: enough to tell a lock from a slow machine.
+        for task in sorted(os.listdir("/proc/self/task")):
+            def read(name):
+                with open(f"/proc/self/task/{{task}}/{{name}}") as f:
+                    return f.read().strip()
+            print("thread", task, read("comm"), "wchan", read("wchan"),
+                  "syscall", read("syscall").split()[0], file=sys.stderr)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(3)
     threading.Thread(target=hammer, daemon=True).start()
-    signals = []                                 # of the children killed by one
+    failures = []                                # how each failed child ended
     for _ in range({forks}):
         pid = os.fork()
         if pid == 0:
-            signal.alarm(3)                      # a deadlocked child dies with SIGALRM
+            # A deadlock never ends, so the limits can be generous: a child that merely
+            # runs slowly on a loaded machine must not count as hung.
+            threading.Timer(10, report_hang).start()  # needs the GIL to be free
+            faulthandler.dump_traceback_later(12, exit=True)  # even if it is not
+            signal.alarm(15)
             F.relu(x)
             os._exit(0)
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
-            signals.append(signal.Signals(os.WTERMSIG(status)).name)
+            failures.append(signal.Signals(os.WTERMSIG(status)).name)
+        elif os.waitstatus_to_exitcode(status) != 0:
+            failures.append(f"exit status {{os.waitstatus_to_exitcode(status)}} (hung)")
     stop = True
-    print("SIGNALS", ",".join(signals) or "-")
-    print("HUNG", len(signals))
+    print("FAILURES", ",".join(failures) or "-")
+    print("HUNG", len(failures))
 """
 
 
 def _forks_that_hang(forks: int, processes: int) -> int:
-    """Forked children killed by a signal (SIGALRM: hung; any other: crashed), printed
-    with their signals so that a failure says which."""
+    """Forked children that did not exit cleanly (killed by a signal, or stopped by the
+    hang report after 10 s), printed with how they ended and with what the hung ones
+    were waiting in, so that a failure says why."""
     started = [child.start(FORK_RACE_CHILD.format(forks=forks)) for _ in range(processes)]
-    outputs = [child.finish(process, timeout=60 + 4 * forks)[0] for process in started]
-    signals = [line for out in outputs for line in out.splitlines()
-               if line.startswith("SIGNALS") and line != "SIGNALS -"]
-    if signals:
-        print("forked children killed by:", "; ".join(signals))
-    return sum(int(out.split()[-1]) for out in outputs)
-
-
+    outputs = [child.finish(process, timeout=60 + 16 * forks) for process in started]
+    failures = [line for out, _ in outputs for line in out.splitlines()
+                if line.startswith("FAILURES") and line != "FAILURES -"]
+    if failures:
+        print("forked children that failed:", "; ".join(failures))
+        for _, err in outputs:
+            print(err)
+    return sum(int(out.split()[-1]) for out, _ in outputs)
 
 
 def test_fork_while_another_thread_calls_bnrs_does_not_hang(capsys):
