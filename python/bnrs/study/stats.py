@@ -394,7 +394,7 @@ def kaplan_meier(times: Sequence[float], reached: Sequence[bool]) -> list[tuple[
                          f"and {len(reached)}")
     survival, steps = 1.0, []
     at_risk = len(times)
-    for t in sorted(set(float(t) for t in times)):
+    for t in sorted({float(t) for t in times}):
         events = sum(1 for u, r in zip(times, reached) if r and float(u) == t)
         censored = sum(1 for u, r in zip(times, reached) if not r and float(u) == t)
         if events:
