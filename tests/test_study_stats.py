@@ -143,6 +143,10 @@ def test_time_to_target_censors_at_the_budget():
     stored = _run(2)
     stored["metrics"]["steps_per_epoch"] = 7
     assert results.time_to_target(stored, "steps") == (14.0, True)
+    # Protocol 2 stores the steps after each epoch: they count where stored.
+    stored["curves"]["steps"] = [5, 11, 17]
+    assert results.time_to_target(stored, "steps") == (11.0, True)
+    assert results.time_to_target(stored, "epochs") == (2.0, True)
     no_target = _run(2)
     no_target["config"]["target_accuracy"] = None
     assert results.time_to_target(no_target) == (10.0, False)
@@ -237,18 +241,21 @@ def test_summary_has_one_row_per_advice_and_a_column_per_regime():
     by_question = {
         4: [_claim_result("Dropout helps (Srivastava 2014)", "short", "contradicted",
                           -0.02), _claim_result("Other advice", "short")],
-        11: [_claim_result("Dropout helps (Srivastava 2014)", "overfitting",
+        11: [_claim_result("Dropout helps (Srivastava 2014)", "overfit",
                            rising=["no dropout"])]}
     regimes, rows = report._summary_rows([q1, q2], by_question)
-    assert regimes == ["short", "overfitting"]
+    assert regimes == ["short", "overfit"]
     assert rows[0][0] == "[Q4](#q4), [Q11](#q11) Dropout helps"
     assert rows[0][1] == "**contradicted**: -2.00 points (+0.50 to +3.50)"
     assert rows[0][2] == "**supported**: +2.00 points (+0.50 to +3.50) ↗"
     assert rows[1] == ["[Q4](#q4) Other advice",
                        "**supported**: +2.00 points (+0.50 to +3.50)", "–"]
-    # Regimes sort the default first, overfitting next, others as they come.
-    assert report._regime_order(["long", "overfitting", "short"]) == [
-        "short", "overfitting", "long"]
+    # The default regime first, the others as they come.
+    assert report._regime_order(["long", "overfit", "short"]) == ["short", "long", "overfit"]
+    doc = report._Document()
+    report._summary(doc, [q1, q2], by_question, None)
+    (table,) = [block for block in doc.blocks if block[0] == "table"]
+    assert table[1] == ["advice", "short training", "overfitting regime"]
 
 
 def test_bn_cost_pairs_and_intervals():
@@ -256,6 +263,10 @@ def test_bn_cost_pairs_and_intervals():
                              "sigmoid-plain", "brn-b2"))
     assert [(a.name, b.name) for a, b in results.bn_pairs(q)] == [
         ("bn", "plain"), ("bn-lr10", "plain-lr10"), ("sigmoid-bn", "sigmoid-plain")]
+    # A regime's copies pair within the regime.
+    q = _question((), names=("bn@overfit", "plain@overfit", "plain"))
+    assert [(a.name, b.name) for a, b in results.bn_pairs(q)] == [
+        ("bn@overfit", "plain@overfit")]
     q = _question(())
     bn = [_run(2, train_seconds=t, gap=g) for t, g in ((20, 0.10), (40, 0.12), (80, 0.14))]
     plain = [_run(2, train_seconds=t, gap=g) for t, g in ((10, 0.04), (20, 0.05),
@@ -298,3 +309,22 @@ def test_variant_summary_medians_count_every_run(tmp_path):
     assert (values["test"], values["plus_faster"], values["minus_faster"]) == (
         "exact sign", "0", "5")
     assert values["plus_median"] == "inf" and values["regime"] == "short"
+
+
+def test_a_gain_claim_without_a_minus_side_is_in_points():
+    # MC dropout: the claim is on a run's own difference (mc_gain = MC-dropout minus
+    # deterministic test accuracy), no second variant; margin +-1 point.
+    claim = questions.Claim("MC dropout beats the deterministic pass", ("drop",), (),
+                            metric="mc_gain", equivalence=0.01,
+                            equivalence_advice="the deterministic pass is as good")
+    q = _question((claim,), names=("drop",))
+    runs = [_run(2) for _ in range(5)]
+    for run, gain in zip(runs, (0.001, 0.002, -0.001, 0.0, 0.003)):
+        run["metrics"]["mc_gain"] = gain
+    entries, stored = _entries(q, {"drop": runs})
+    (result,) = results.adjust_claims(results.claim_results(q, entries, stored))
+    assert result.differences == pytest.approx([0.001, 0.002, -0.001, 0.0, 0.003])
+    assert result.unit == "points" and result.effect_text(interval=False) == "+0.10 points"
+    assert result.overall_verdict == "equivalent"
+    assert report._verdict_cell(result).startswith("**equivalent** within ±1 point")
+    assert not results.is_accuracy("final_train_loss") and results.is_accuracy("gap")

@@ -263,8 +263,11 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
                              for q in questions}
     doc.heading(2, "What this means for your network")
     _summary(doc, questions, results_by_question, settings)
+    # Protocol 2 draws each seed's own training subset; protocol 1 one fixed subset.
+    per_seed_subset = bool(stored) and all(run["config"].get("protocol", 1) >= 2
+                                           for run in stored)
     _threats(doc, questions, results_by_question, summaries_by_question, settings, data,
-             n_tests)
+             n_tests, per_seed_subset)
 
     for q in questions:
         summaries = summaries_by_question[q.number]
@@ -345,14 +348,14 @@ def _p_cell(p: float) -> str:
 
 
 #: Column titles of the regimes (others are shown by name).
-REGIME_TITLES = {"short": "short training", "overfitting": "overfitting regime"}
+REGIME_TITLES = {"short": "short training", "overfit": "overfitting regime",
+                 "overfitting": "overfitting regime"}
 
 
 def _regime_order(regimes) -> list[str]:
-    """The regimes present, the default first and "overfitting" second."""
+    """The regimes present, the default first, the others as they first come."""
     present = list(dict.fromkeys(regimes))
-    return sorted(present, key=lambda g: (g != DEFAULT_REGIME, g != "overfitting",
-                                          present.index(g)))
+    return sorted(present, key=lambda g: (g != DEFAULT_REGIME, present.index(g)))
 
 
 def _advice_text(result: ClaimResult) -> str:
@@ -453,7 +456,7 @@ def _summary(doc: _Document, questions, results_by_question, settings) -> None:
 
 
 def _threats(doc: _Document, questions, results_by_question, summaries_by_question,
-             settings, data, n_tests: int) -> None:
+             settings, data, n_tests: int, per_seed_subset: bool) -> None:
     """What limits the verdicts, with the numbers of this study where it has them."""
     results = [r for q in questions for r in results_by_question[q.number]]
     summaries = [s for q in questions for s in summaries_by_question[q.number]]
@@ -498,10 +501,10 @@ def _threats(doc: _Document, questions, results_by_question, summaries_by_questi
             "*inconclusive* below that is no evidence of no effect (only "
             "*equivalent* is)." if mdes else "Too few seeds for a power estimate.")),
         ("**What varies between seeds.** Initial weights, the order of mini-batches and "
-         "dropout masks" + (", and each seed's own training subset" if getattr(
-             settings, "subset_per_seed", False) else "; the training subset is one "
-             "fixed draw for all seeds, so the intervals leave out which images were "
-             "drawn") + "."),
+         "dropout masks" + (", and each seed's own training subset" if per_seed_subset
+                            else "; the training subset is one fixed draw for all seeds "
+                            "(protocol 1), so the intervals leave out which images were "
+                            "drawn") + "."),
         ("**Timing.** Seconds per epoch are measured while other runs shared the "
          "machine's cores, so BN's time cost is noisy; the paired ratio (same seed, "
          "with and without BN) removes part of that noise, not all."),

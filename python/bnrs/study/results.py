@@ -35,7 +35,7 @@ from .stats import (
 __all__ = ["ALPHA", "CLAIM_COLUMNS", "DEFAULT_REGIME", "RISING_FRACTION",
            "TIME_METRICS", "BnCost", "ClaimResult", "ResultTable", "VariantSummary",
            "adjust_claims", "bn_costs", "bn_pairs", "build_table", "claim_results",
-           "diagnosed_variants", "final_training_loss", "mean_layers",
+           "diagnosed_variants", "final_training_loss", "is_accuracy", "mean_layers",
            "minimum_detectable_effects", "regime_of", "runs_by_variant",
            "seconds_per_epoch", "seed_values", "still_rising", "stopping_depths",
            "time_to_target", "variant_summaries", "write_claims_csv", "write_csv"]
@@ -125,6 +125,13 @@ def build_table(entries, runs: dict, questions, out) -> ResultTable:
     return ResultTable(rows, [result.as_dict() for result in results], out)
 
 
+def is_accuracy(metric: str) -> bool:
+    """Whether ``metric`` is an accuracy or a difference of accuracies (a fraction,
+    shown in points): ``*acc``, ``gap`` (train minus test accuracy) and ``*_gain``
+    (e.g. ``mc_gain``, MC-dropout minus deterministic test accuracy)."""
+    return metric.endswith(("acc", "_gain")) or metric == "gap"
+
+
 def _variant_regime(q, variant) -> str:
     return (getattr(variant, "regime", None) or getattr(q, "regime", None)
             or DEFAULT_REGIME)
@@ -151,8 +158,9 @@ def time_to_target(run: dict, unit: str = "epochs") -> tuple[float, bool]:
 
     A run that never reached it (also one that diverged, or had no target) is censored
     at its budget: ``(config epochs, False)`` in epochs, times the steps per epoch in
-    steps. Steps per epoch: ``metrics["steps_per_epoch"]`` if stored, else ``n_train //
-    batch_size`` (the study drops an incomplete last batch).
+    steps. Steps: the run's ``curves["steps"]`` (optimizer steps after each epoch) where
+    stored, else epochs x ``metrics["steps_per_epoch"]`` if stored, else epochs x
+    ``n_train // batch_size`` (the study drops an incomplete last batch).
     """
     if unit not in ("epochs", "steps"):
         raise ValueError(f"unit: expected 'epochs' or 'steps', got {unit!r}")
@@ -166,8 +174,12 @@ def time_to_target(run: dict, unit: str = "epochs") -> tuple[float, bool]:
     epochs = float(epoch if reached else config["epochs"])
     if unit == "epochs":
         return epochs, reached
-    steps = run["metrics"].get("steps_per_epoch") or config["n_train"] // config["batch_size"]
-    return epochs * steps, reached
+    steps = run["curves"].get("steps") or []
+    if reached and len(steps) >= epoch:
+        return float(steps[epoch - 1]), reached
+    per_epoch = (run["metrics"].get("steps_per_epoch")
+                 or config["n_train"] // config["batch_size"])
+    return epochs * per_epoch, reached
 
 
 def seconds_per_epoch(run: dict) -> float:
@@ -317,7 +329,7 @@ class ClaimResult:
         """The unit of the effect as written: points, epochs, steps or ''."""
         if self.metric in TIME_METRICS:
             return self.metric.split("_")[0]
-        return "points" if self.metric.endswith("acc") or self.metric == "gap" else ""
+        return "points" if is_accuracy(self.metric) else ""
 
     @property
     def _scale(self) -> tuple[float, str]:
@@ -729,11 +741,13 @@ def bn_pairs(q) -> list[tuple[Variant, Variant]]:
     by_name = {variant.name: variant for variant in q.variants}
     pairs = []
     for variant in q.variants:
-        parts = variant.name.split("-")
+        # A regime's copy of a variant is named "<name>@<regime>".
+        name, at, regime = variant.name.partition("@")
+        parts = name.split("-")
         if "bn" in parts:
             other = "-".join("plain" if part == "bn" else part for part in parts)
-            if other in by_name:
-                pairs.append((variant, by_name[other]))
+            if other + at + regime in by_name:
+                pairs.append((variant, by_name[other + at + regime]))
     return pairs
 
 
