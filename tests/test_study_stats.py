@@ -328,3 +328,20 @@ def test_a_gain_claim_without_a_minus_side_is_in_points():
     assert result.overall_verdict == "equivalent"
     assert report._verdict_cell(result).startswith("**equivalent** within ±1 point")
     assert not results.is_accuracy("final_train_loss") and results.is_accuracy("gap")
+
+
+def test_time_to_target_plot(tmp_path):
+    from bnrs.study import plots
+
+    plt = plots.load_pyplot()
+    if plt is None:
+        pytest.skip("matplotlib is not installed")
+    claim = questions.Claim("bn first", ("bn",), ("plain",), metric="steps_to_target",
+                            lower_is_better=True)
+    q = _question((claim,))
+    entries, runs = _entries(q, {"bn": [_run(e) for e in (2, 3, None)],
+                                 "plain": [_run(e) for e in (4, None, None)]})
+    assert plots.plot_time_to_target(plt, q, entries, runs, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0
+    no_time = _question((questions.Claim("a", ("bn",), ("plain",)),))
+    assert not plots.plot_time_to_target(plt, no_time, entries, runs, tmp_path / "u.png")

@@ -43,6 +43,7 @@ from .plots import (
     plot_diagnostics,
     plot_final,
     plot_sweep,
+    plot_time_to_target,
 )
 from .questions import STUCK_FRACTION, Question
 from .results import (
@@ -316,6 +317,9 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
                 plot_sweep(plt, q, summaries, plot_dir / names[2])
             for name in names[::-1] if q.sweep else names:
                 doc.image(f"plots/{name}", f"Q{q.number} {name.split('-', 1)[1][:-4]}")
+            name = f"q{q.number}-time-to-target.png"
+            if plot_time_to_target(plt, q, entries, runs, plot_dir / name):
+                doc.image(f"plots/{name}", f"Q{q.number} time to target")
         _depth_and_diagnostics(doc, q, entries, runs, plt, plot_dir)
 
     _bn_cost(doc, questions, entries, runs, out)
@@ -701,6 +705,9 @@ def _method(doc: _Document, settings, data, plots: bool) -> None:
     doc.heading(2, "Method", anchor="method")
     target = ("none" if settings.target_accuracy is None
               else f"{100 * settings.target_accuracy:g}% validation accuracy")
+    overfit = getattr(settings, "overfit_target_accuracy", None)
+    overfit_target = ("" if overfit is None else
+                      f" ({100 * overfit:g}% in the overfitting regime)")
     profile = settings.profile
     doc.bullets([
         (f"Data: {data.description}. The training set is split once (seed 0) into a "
@@ -731,9 +738,27 @@ def _method(doc: _Document, settings, data, plots: bool) -> None:
          "with the best validation accuracy is evaluated on the full test set (test "
          "accuracy); the train-test gap is that epoch's training-sample accuracy minus "
          "its test accuracy; final training loss is the last epoch's mean mini-batch "
-         f"loss; epochs and seconds to target: the first epoch reaching {target}, and "
-         "the training seconds until then (evaluation excluded; the machine may be "
-         "shared, so seconds are noisy)."),
+         f"loss; time to target: the first epoch reaching {target}{overfit_target} "
+         "(and the optimizer steps until then); seconds per epoch: the training seconds "
+         "(evaluation excluded) over the epochs (the machine may be shared, so seconds "
+         "are noisy)."),
+        ("Time to the target accuracy counts every run: one that never reaches the "
+         "target within its budget (or diverged) is censored at the budget, not left "
+         "out. Per variant the table gives the Kaplan-Meier median (\"not by the end\" "
+         "when fewer than half the runs are known to get there); a claim that one "
+         "variant gets there sooner is decided by the exact sign test over the paired "
+         "seeds (a run that never gets there is slower than any that does; two that "
+         "never do tie), its effect is the median paired difference with the "
+         "distribution-free (order-statistic) interval, infinite where too many runs "
+         "never got there. No average is taken over only the runs that got there."),
+        ("Still rising (↗): a run whose best validation epoch lies in the last "
+         f"{100 * RISING_FRACTION:g}% of its epochs (at least the last one); a variant "
+         "when most of its runs do. The flag is shown next to every verdict whose "
+         "variants it concerns."),
+        ("BN's cost: for variants that differ only in BN, the per-seed ratio of training "
+         "seconds per epoch (with / without BN), averaged on the log scale (geometric "
+         "mean, 95% t-interval), and the paired difference of train−test gaps (95% "
+         "t-interval), over the seeds where both runs trained."),
         ("A run diverged if its training loss became NaN or infinite, or if its best "
          "validation accuracy stayed within 5 points of chance. Tables average only the "
          "runs that did not diverge and count the others; in the paired verdicts a "
@@ -753,21 +778,24 @@ def _method(doc: _Document, settings, data, plots: bool) -> None:
          "stopped; it excludes zero exactly when the verdict is supported or "
          "contradicted."),
         ("Equivalence: claims whose competing advice says the factor makes no "
-         "difference or can be removed (marked ≈) also get two one-sided t-tests "
-         "(TOST) with a margin of ±1 accuracy point, stated per claim in questions.py "
-         "(single runs differ by 0.5-1.4 points between seeds, so a smaller difference "
-         "is invisible in practice; the margin was added after the runs, from that "
-         "noise level, not tuned to their results): *equivalent* if the Holm-adjusted TOST "
-         "p is below the level (the 90% interval lies inside ±1 point before "
-         "adjustment), otherwise *not shown equivalent* (not the same as different)."),
+         "difference or can be removed also get two one-sided t-tests (TOST) with a "
+         "margin of ±1 accuracy point (EQUIVALENCE_MARGIN in questions.py, stated per "
+         "claim; single runs differ by 0.5-1.4 points between seeds, so a smaller "
+         "difference is invisible in practice; the margin comes from that noise level, "
+         "not from the study's effects). The TOST p-values join the Holm family; a claim "
+         "not supported or contradicted is *equivalent* if its Holm-adjusted TOST p is "
+         "below the level (the 90% interval lies inside ±1 point before adjustment); "
+         "otherwise its equivalence is *not shown* (not the same as different)."),
         ("Divergence: whether runs diverge is a count, so the divergence claim is "
          "decided by the exact McNemar test (the two-sided binomial test of the seeds "
          "where exactly one of the two paired variants diverged); with "
          f"{settings.seeds} seeds its smallest possible p-value is "
          f"{min(1.0, 2 * 0.5 ** settings.seeds):.3g}."),
-        ("Smallest detectable effect per question: (t(1 − α/2, n−1) + t(0.8, n−1)) · "
-         "sd / √n for n seeds and the pooled SD of the question's paired accuracy "
-         "differences (the normal-shift approximation to the noncentral t)."),
+        ("Smallest detectable effect: (t(1 − α/2, n−1) + t(0.8, n−1)) · sd / √n for n "
+         "seeds (the normal-shift approximation to the noncentral t); per question with "
+         "the pooled SD of its paired accuracy differences, per claim (threats to "
+         "validity, `claims.csv`) with the SD of its own, at α and at Holm's strictest "
+         "level α/m."),
         "Plots: " + ("see each question." if plots else
                      "**not drawn: matplotlib is not installed** (pip install "
                      "'bnrs[plot]')."),
