@@ -392,7 +392,7 @@ def test_study_marks_equivalence_and_divergence_claims():
 
 def test_summary_table_first_in_the_report():
     doc = report._Document()
-    claim = questions.Claim("a beats b (with a long aside)", ("a",), ("b",),
+    claim = questions.Claim("a beats b (Someone 2015: a long aside)", ("a",), ("b",),
                             equivalence=0.01, equivalence_advice="no difference")
     (result,) = _claim_study((claim,), [(0.8 + d, "ok", 0.8, "ok")
                                         for d in (0.001, 0.003, -0.002, 0.0, 0.002)])
@@ -404,7 +404,7 @@ def test_summary_table_first_in_the_report():
     # One column per regime; runs without one are the short regime.
     assert table[1] == ["advice", "short training"]
     (row,) = table[2]
-    assert row[0] == "[Q1](#q1) a beats b"                  # the aside is left out
+    assert row[0] == "[Q1](#q1) a beats b"         # the literature's aside is left out
     # Not supported (p 0.5), but the TOST shows it within +-1 point: "equivalent", with
     # its 90% interval, in the claim's own row.
     assert result.verdict == "inconclusive" and result.overall_verdict == "equivalent"

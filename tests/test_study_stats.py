@@ -177,7 +177,11 @@ def test_time_claim_counts_runs_that_never_reach_the_target():
     assert result.verdict == result.raw_verdict == "supported"
     assert result.overall_verdict == "supported"
     text = result.sentence()
-    assert "exact sign test p 0.031" in text and "Kaplan-Meier median 40 vs 100 steps" in text
+    assert "exact sign test p 0.031" in text
+    assert "Kaplan-Meier median 40 steps vs 100 steps (reached by 7/8 vs 5/8)" in text
+    assert "Holm-level interval −∞ to 0" in text
+    assert report._verdict_cell(result) == (
+        "**supported**: median -50 steps (−∞ to 0); reached 7/8 vs 5/8")
     # Averaging only the runs that got there is not what decides it: a claim on several
     # variants (censored times do not add up) is refused.
     bad = questions.Claim("x", ("bn", "plain"), ("plain",), metric="epochs_to_target")
@@ -248,6 +252,9 @@ def test_summary_has_one_row_per_advice_and_a_column_per_regime():
     assert rows[0][0] == "[Q4](#q4), [Q11](#q11) Dropout helps"
     assert rows[0][1] == "**contradicted**: -2.00 points (+0.50 to +3.50)"
     assert rows[0][2] == "**supported**: +2.00 points (+0.50 to +3.50) ↗"
+    # A parenthesis without a year (a variant's name) is part of the advice.
+    assert report._advice_text(_claim_result("MC dropout wins (dense d0.5)", "x")) == (
+        "MC dropout wins (dense d0.5)")
     assert rows[1] == ["[Q4](#q4) Other advice",
                        "**supported**: +2.00 points (+0.50 to +3.50)", "–"]
     # The default regime first, the others as they come.
@@ -345,3 +352,13 @@ def test_time_to_target_plot(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 0
     no_time = _question((questions.Claim("a", ("bn",), ("plain",)),))
     assert not plots.plot_time_to_target(plt, no_time, entries, runs, tmp_path / "u.png")
+
+
+def test_lower_is_better_effects_say_lower_or_higher():
+    # BN's gap 2 points larger than without: "BN reduces overfitting" is 2 points higher.
+    larger = results.ClaimResult(1, "BN reduces overfitting", "", "gap", "contradicted",
+                                 0.02, 0.01, 0.03, 2.0, 10, 0, lower_is_better=True)
+    assert larger.effect_text(interval=False) == "2 points higher"
+    smaller = results.ClaimResult(1, "x", "", "final_train_loss", "supported", -0.276,
+                                  -0.3, -0.25, 2.0, 10, 0, lower_is_better=True)
+    assert smaller.effect_text(interval=False) == "0.276 lower"

@@ -49,6 +49,7 @@ from .questions import STUCK_FRACTION, Question
 from .results import (
     ALPHA,
     DEFAULT_REGIME,
+    REGIME_TITLES,
     RISING_FRACTION,
     BnCost,
     ClaimResult,
@@ -59,10 +60,10 @@ from .results import (
     diagnosed_variants,
     mean_layers,
     minimum_detectable_effects,
-    regime_of,
     runs_by_variant,
     seed_values,
     stopping_depths,
+    variant_regime,
     variant_summaries,
     write_claims_csv,
     write_csv,
@@ -264,11 +265,8 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
                              for q in questions}
     doc.heading(2, "What this means for your network")
     _summary(doc, questions, results_by_question, settings)
-    # Protocol 2 draws each seed's own training subset; protocol 1 one fixed subset.
-    per_seed_subset = bool(stored) and all(run["config"].get("protocol", 1) >= 2
-                                           for run in stored)
     _threats(doc, questions, results_by_question, summaries_by_question, settings, data,
-             n_tests, per_seed_subset)
+             n_tests, entries, runs)
 
     for q in questions:
         summaries = summaries_by_question[q.number]
@@ -351,11 +349,6 @@ def _p_cell(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-#: Column titles of the regimes (others are shown by name).
-REGIME_TITLES = {"short": "short training", "overfit": "overfitting regime",
-                 "overfitting": "overfitting regime"}
-
-
 def _regime_order(regimes) -> list[str]:
     """The regimes present, the default first, the others as they first come."""
     present = list(dict.fromkeys(regimes))
@@ -363,9 +356,9 @@ def _regime_order(regimes) -> list[str]:
 
 
 def _advice_text(result: ClaimResult) -> str:
-    """The advice in plain words: a trailing parenthesis (numbers from the literature)
-    is left for the question's section."""
-    return re.sub(r"\s*\([^()]*\)$", "", result.advice or result.statement)
+    """The advice in plain words: a trailing parenthesis that cites the literature (it
+    has a year) is left for the question's section; others (a variant's name) stay."""
+    return re.sub(r"\s*\([^()]*(19|20)\d\d[^()]*\)$", "", result.advice or result.statement)
 
 
 def _verdict_cell(result: ClaimResult) -> str:
@@ -381,11 +374,21 @@ def _verdict_cell(result: ClaimResult) -> str:
     else:
         text = _VERDICT_CELL[r.verdict]
         if r.test == "exact McNemar":
-            text += f": diverged {r.plus_diverged}/{r.n_seeds} vs {r.minus_diverged}/{r.n_seeds}"
+            text += (f": diverged {r.plus_diverged}/{r.n_seeds} vs "
+                     f"{r.minus_diverged}/{r.n_seeds}")
+        elif r.test == "exact sign":
+            text += (f": {r.effect_text(interval=False)}"
+                     + (f" ({r.adjusted_interval_text()})"
+                        if r.adjusted_interval_text() != "–" else "")
+                     + f"; reached {r.plus_reached}/{r.n_seeds} vs "
+                     f"{r.minus_reached}/{r.n_seeds}")
         else:
             text += f": {r.effect_text(interval=False)}"
             if r.adjusted_interval_text() != "–":
-                text += f" ({r.adjusted_interval_text()})"
+                # A lower-is-better interval is of how much lower (the effect may say
+                # "higher").
+                lower = " lower" if r.lower_is_better else ""
+                text += f" ({r.adjusted_interval_text()}{lower})"
         if r.equivalence_verdict(False) == "equivalent":
             notes.append("within the margin before adjustment")
     if r.raw_verdict != r.verdict:
@@ -460,16 +463,25 @@ def _summary(doc: _Document, questions, results_by_question, settings) -> None:
 
 
 def _threats(doc: _Document, questions, results_by_question, summaries_by_question,
-             settings, data, n_tests: int, per_seed_subset: bool) -> None:
+             settings, data, n_tests: int, entries, runs) -> None:
     """What limits the verdicts, with the numbers of this study where it has them."""
     results = [r for q in questions for r in results_by_question[q.number]]
     summaries = [s for q in questions for s in summaries_by_question[q.number]]
     rising = [s for s in summaries if s.still_rising]
     timed = [s for s in summaries if s.n_ok + s.n_diverged]
     budgets: dict[tuple, list[int]] = {}
-    for q in questions:
-        budgets.setdefault((regime_of(q), q.n_train, q.epochs), []).append(q.number)
+    for q, variant, _, key in entries:
+        run = runs.get(key)
+        if run is not None:
+            budget = (variant_regime(q, variant), run["config"]["n_train"],
+                      run["config"]["epochs"])
+            numbers = budgets.setdefault(budget, [])
+            if q.number not in numbers:
+                numbers.append(q.number)
     several_regimes = len({regime for regime, _, _ in budgets}) > 1
+    # Protocol 2 draws each seed's own training subset; protocol 1 one fixed subset.
+    per_seed_subset = bool(runs) and all(run["config"].get("protocol", 1) >= 2
+                                         for run in runs.values())
     mdes = [100 * r.mde_holm for r in results
             if r.test == "paired t" and r.unit == "points" and math.isfinite(r.mde_holm)]
     optimizer = {"adam": "Adam", "sgd": "SGD with momentum 0.9"}.get(settings.optimizer,
@@ -485,7 +497,7 @@ def _threats(doc: _Document, questions, results_by_question, summaries_by_questi
          "are tested only at these sizes."),
         ("**Budget.** " + "; ".join(
             f"{n} training images, {e} epochs"
-            + (f", {regime} regime" if several_regimes else "")
+            + (f", {REGIME_TITLES.get(regime, regime)}" if several_regimes else "")
             + f" ({', '.join(f'Q{number}' for number in numbers)})"
             for (regime, n, e), numbers in budgets.items())
          + f". {len(rising)} of {len(timed)} variants were still improving when "

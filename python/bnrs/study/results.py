@@ -32,13 +32,14 @@ from .stats import (
     tost,
 )
 
-__all__ = ["ALPHA", "CLAIM_COLUMNS", "DEFAULT_REGIME", "RISING_FRACTION",
-           "TIME_METRICS", "BnCost", "ClaimResult", "ResultTable", "VariantSummary",
-           "adjust_claims", "bn_costs", "bn_pairs", "build_table", "claim_results",
-           "diagnosed_variants", "final_training_loss", "is_accuracy", "mean_layers",
-           "minimum_detectable_effects", "regime_of", "runs_by_variant",
+__all__ = ["ALPHA", "CLAIM_COLUMNS", "DEFAULT_REGIME", "REGIME_TITLES",
+           "RISING_FRACTION", "TIME_METRICS", "BnCost", "ClaimResult", "ResultTable",
+           "VariantSummary", "adjust_claims", "bn_costs", "bn_pairs", "build_table",
+           "claim_results", "diagnosed_variants", "final_training_loss", "is_accuracy",
+           "mean_layers", "minimum_detectable_effects", "regime_of", "runs_by_variant",
            "seconds_per_epoch", "seed_values", "still_rising", "stopping_depths",
-           "time_to_target", "variant_summaries", "write_claims_csv", "write_csv"]
+           "time_to_target", "variant_regime", "variant_summaries", "write_claims_csv",
+           "write_csv"]
 
 #: The study's error rate: Holm's family-wise level and the tests' level.
 ALPHA = 0.05
@@ -54,7 +55,14 @@ TIME_METRICS = ("epochs_to_target", "steps_to_target")
 #: runs are. Its verdicts may change with a longer budget.
 RISING_FRACTION = 0.1
 
-_METRIC_NAMES = {"test_acc": "test accuracy", "final_train_loss": "final training loss"}
+_METRIC_NAMES = {"test_acc": "test accuracy", "final_train_loss": "final training loss",
+                 "gap": "train−test gap",
+                 "mc_gain": "MC-dropout minus deterministic test accuracy",
+                 "steps_to_target": "steps to the target accuracy",
+                 "epochs_to_target": "epochs to the target accuracy"}
+#: How the report names the regimes (others by their own name).
+REGIME_TITLES = {"short": "short training", "overfit": "overfitting regime",
+                 "overfitting": "overfitting regime"}
 
 
 class ResultTable(list):
@@ -104,7 +112,7 @@ def build_table(entries, runs: dict, questions, out) -> ResultTable:
     rows = []
     for q, variant, seed, key in entries:
         run = runs.get(key)
-        row = {"question": q.number, "regime": _variant_regime(q, variant),
+        row = {"question": q.number, "regime": variant_regime(q, variant),
                "variant": variant.name, "label": variant.label, "seed": seed,
                "status": "missing" if run is None else run["status"], "run_key": key}
         if run is not None:
@@ -132,7 +140,8 @@ def is_accuracy(metric: str) -> bool:
     return metric.endswith(("acc", "_gain")) or metric == "gap"
 
 
-def _variant_regime(q, variant) -> str:
+def variant_regime(q, variant) -> str:
+    """A variant's regime: its own, else its question's, else :data:`DEFAULT_REGIME`."""
     return (getattr(variant, "regime", None) or getattr(q, "regime", None)
             or DEFAULT_REGIME)
 
@@ -146,7 +155,7 @@ def regime_of(q, claim=None) -> str:
         if getattr(claim, "regime", None):
             return claim.regime
         names = set(claim.plus + claim.minus)
-        regimes = {_variant_regime(q, v) for v in q.variants if v.name in names}
+        regimes = {variant_regime(q, v) for v in q.variants if v.name in names}
         if regimes:
             return "/".join(sorted(regimes))
     return getattr(q, "regime", None) or DEFAULT_REGIME
@@ -351,7 +360,9 @@ class ClaimResult:
             return "no paired seeds yet"
         text = f"{sign * scale * self.mean:+.2f}{unit}"
         if self.lower_is_better:
-            text = f"{sign * scale * self.mean:.3g} lower"
+            # How much lower the expected variant's is; negative: higher.
+            lower = sign * scale * self.mean
+            text = f"{abs(lower):.3g}{unit} {'lower' if lower >= 0 else 'higher'}"
         if not interval:
             return text
         if math.isfinite(self.low):
@@ -374,15 +385,21 @@ class ClaimResult:
         n = self.n_seeds
         return (text + f"; first there on {self.plus_faster} of {n} seeds, last on "
                 f"{self.minus_faster}, {self.ties} tied; Kaplan-Meier median "
-                f"{_time(self.plus_median)} vs {_time(self.minus_median)} {self.unit} "
-                f"(reached by {self.plus_reached}/{n} vs {self.minus_reached}/{n})")
+                f"{self.medians_text()} (reached by {self.plus_reached}/{n} vs "
+                f"{self.minus_reached}/{n})")
+
+    def medians_text(self) -> str:
+        """The two Kaplan-Meier medians of a time claim, e.g. "72 steps vs never"."""
+        return " vs ".join("never" if math.isinf(m) else f"{_time(m)} {self.unit}"
+                           for m in (self.plus_median, self.minus_median))
 
     def adjusted_interval_text(self) -> str:
         """The interval at Holm's level for this claim, e.g. "+0.12 to +1.84"."""
         if math.isnan(self.adjusted_low):
             return "–"
         if self.test == "exact sign":
-            return f"{_signed_time(self.adjusted_low)} to {_signed_time(self.adjusted_high)}"
+            return (f"{_signed_time(self.adjusted_low)} to "
+                    f"{_signed_time(self.adjusted_high)}")
         return self._range(self.adjusted_low, self.adjusted_high)
 
     def counts_text(self) -> str:
@@ -423,7 +440,7 @@ class ClaimResult:
                         f"{_p(self.p_holm)}, BH {_p(self.p_bh)}; {metric}: "
                         f"{self.effect_text()}{extra}")
         elif self.test == "exact sign":
-            evidence = (f"{metric.replace('_', ' ')}, expected variant minus the other: "
+            evidence = (f"{metric}, expected variant minus the other: "
                         f"{self.effect_text()}; exact sign test p {_p(self.p)}, Holm "
                         f"{_p(self.p_holm)}, BH {_p(self.p_bh)}; Holm-level interval "
                         f"{self.adjusted_interval_text()}")
@@ -433,7 +450,8 @@ class ClaimResult:
                         f"Holm-level interval {self.adjusted_interval_text()}")
         raw = ("" if self.raw_verdict == self.verdict
                else f" {self.raw_verdict.capitalize()} before adjustment.")
-        regime = (f" ({self.regime} regime)" if self.regime != DEFAULT_REGIME else "")
+        regime = (f" ({REGIME_TITLES.get(self.regime, self.regime)})"
+                  if self.regime != DEFAULT_REGIME else "")
         text = f"{what} on this data{regime}: \"{self.statement}\" ({evidence}).{raw}"
         if self.rising:
             text += (" Still improving at the end of training: "
@@ -462,7 +480,7 @@ def _signed_time(value: float) -> str:
         return "–"
     if math.isinf(value):
         return "+∞" if value > 0 else "−∞"
-    return f"{value:+g}"
+    return f"{value:+g}" if value else "0"
 
 
 def _verdict_from(p: float, direction: float) -> str:
@@ -766,7 +784,7 @@ def bn_costs(q, entries, runs) -> list[BnCost]:
                  minus[s]["metrics"].get("gap", math.nan)) for s in seeds]
         gaps = [(a, b) for a, b in gaps if math.isfinite(a) and math.isfinite(b)]
         costs.append(BnCost(
-            q.number, _variant_regime(q, with_bn), with_bn.label, without_bn.label,
+            q.number, variant_regime(q, with_bn), with_bn.label, without_bn.label,
             ratio_interval([a for a, _ in seconds], [b for _, b in seconds]),
             mean_interval([a for a, _ in seconds if math.isfinite(a)]),
             mean_interval([b for _, b in seconds if math.isfinite(b)]),

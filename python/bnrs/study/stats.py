@@ -380,7 +380,8 @@ def paired_verdict(differences: Sequence[float], level: float = 0.95) -> PairedR
 # --------------------------------------------------------------------------- censored times
 
 
-def kaplan_meier(times: Sequence[float], reached: Sequence[bool]) -> list[tuple[float, float]]:
+def kaplan_meier(times: Sequence[float],
+                 reached: Sequence[bool]) -> list[tuple[float, float]]:
     """The Kaplan-Meier estimate of P(not yet at the target after time t).
 
     ``times[i]`` is when run ``i`` reached the target if ``reached[i]``, else when it was
