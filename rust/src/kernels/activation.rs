@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, Error, Result};
-use crate::parallel::ELEMENTWISE_CHUNK;
+use crate::parallel::elementwise_chunk;
 use crate::simd_dispatch;
 
 /// An activation function.
@@ -155,8 +155,9 @@ pub fn apply_in_place(act: Activation, values: &mut [f32]) {
 /// y = f(x).
 pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) -> Result<()> {
     check_len("output", y.len(), x.len())?;
-    y.par_chunks_mut(ELEMENTWISE_CHUNK)
-        .zip(x.par_chunks(ELEMENTWISE_CHUNK))
+    let chunk = elementwise_chunk(x.len());
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
         .for_each(|(y, x)| match act {
             Activation::Relu => relu_chunk(x, y),
             Activation::LeakyRelu(s) => leaky_chunk(x, y, s),
@@ -176,13 +177,10 @@ pub fn backward(
 ) -> Result<()> {
     check_len("input", saved.len(), grad_output.len())?;
     check_len("grad_input", grad_input.len(), grad_output.len())?;
+    let chunk = elementwise_chunk(grad_output.len());
     grad_input
-        .par_chunks_mut(ELEMENTWISE_CHUNK)
-        .zip(
-            grad_output
-                .par_chunks(ELEMENTWISE_CHUNK)
-                .zip(saved.par_chunks(ELEMENTWISE_CHUNK)),
-        )
+        .par_chunks_mut(chunk)
+        .zip(grad_output.par_chunks(chunk).zip(saved.par_chunks(chunk)))
         .for_each(|(out, (g, s))| match act {
             Activation::Relu => relu_grad_chunk(g, s, out, 0.0),
             Activation::LeakyRelu(slope) => relu_grad_chunk(g, s, out, slope),

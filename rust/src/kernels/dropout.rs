@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, Error, Result};
-use crate::parallel::ELEMENTWISE_CHUNK;
+use crate::parallel::{elementwise_chunk, ELEMENTWISE_CHUNK};
 use crate::simd_dispatch;
 
 const PHILOX_M0: u32 = 0xD251_1F53;
@@ -282,24 +282,27 @@ pub fn forward(input: &[f32], p: f32, seed: u64, unit: usize, output: &mut [f32]
     }
     let threshold = keep_threshold(p);
     let scale = (1.0 / (1.0 - f64::from(p))) as f32;
-    // Chunks hold a whole number of groups of units.
-    let units_per_chunk = (ELEMENTWISE_CHUNK / unit).max(1).next_multiple_of(GROUP);
+    // Chunks hold a whole number of groups of units; a unit's decision depends on its
+    // index alone, so the chunk size changes no value.
+    let units_per_chunk = (elementwise_chunk(input.len()) / unit)
+        .max(1)
+        .next_multiple_of(GROUP);
     let stop = crate::parallel::stop_token();
     output
         .par_chunks_mut(units_per_chunk * unit)
         .zip(input.par_chunks(units_per_chunk * unit))
         .enumerate()
-        .for_each(|(i, (out, x))| {
+        .for_each_init(Vec::new, |factor, (i, (out, x))| {
             if stop.is_set() {
                 return;
             }
-            let mut factor = vec![0.0f32; x.len() / unit];
+            factor.resize(x.len() / unit, 0.0);
             let first_group = (i * units_per_chunk / GROUP) as u64;
-            fill_factors(&mut factor, first_group, seed, threshold, scale);
+            fill_factors(factor, first_group, seed, threshold, scale);
             if unit == 1 {
-                multiply(x, &factor, out);
+                multiply(x, factor, out);
             } else {
-                multiply_units(x, &factor, unit, out);
+                multiply_units(x, factor, unit, out);
             }
         });
     Ok(())

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, Error, Result};
-use crate::parallel::ELEMENTWISE_CHUNK;
+use crate::parallel::elementwise_chunk;
 use crate::simd_dispatch;
 
 /// SGD hyper-parameters.
@@ -135,15 +135,16 @@ pub fn sgd_step(
     } else {
         None
     };
+    let chunk = elementwise_chunk(param.len());
     match buf {
         Some(buf) => param
-            .par_chunks_mut(ELEMENTWISE_CHUNK)
-            .zip(grad.par_chunks(ELEMENTWISE_CHUNK))
-            .zip(buf.par_chunks_mut(ELEMENTWISE_CHUNK))
+            .par_chunks_mut(chunk)
+            .zip(grad.par_chunks(chunk))
+            .zip(buf.par_chunks_mut(chunk))
             .for_each(|((w, g), b)| sgd_chunk(w, g, Some(b), cfg, first_step)),
         None => param
-            .par_chunks_mut(ELEMENTWISE_CHUNK)
-            .zip(grad.par_chunks(ELEMENTWISE_CHUNK))
+            .par_chunks_mut(chunk)
+            .zip(grad.par_chunks(chunk))
             .for_each(|(w, g)| sgd_chunk(w, g, None, cfg, first_step)),
     }
     Ok(())
@@ -174,13 +175,14 @@ pub fn adam_step(
     let bias2 = 1.0 - f64::from(cfg.beta2).powi(t);
     let step_size = (f64::from(cfg.lr) / bias1) as f32;
     let bias2_sqrt = bias2.sqrt() as f32;
+    let chunk = elementwise_chunk(param.len());
     param
-        .par_chunks_mut(ELEMENTWISE_CHUNK)
-        .zip(grad.par_chunks(ELEMENTWISE_CHUNK))
+        .par_chunks_mut(chunk)
+        .zip(grad.par_chunks(chunk))
         .zip(
             exp_avg
-                .par_chunks_mut(ELEMENTWISE_CHUNK)
-                .zip(exp_avg_sq.par_chunks_mut(ELEMENTWISE_CHUNK)),
+                .par_chunks_mut(chunk)
+                .zip(exp_avg_sq.par_chunks_mut(chunk)),
         )
         .for_each(|((w, g), (m, v))| adam_chunk(w, g, m, v, cfg, step_size, bias2_sqrt));
     Ok(())
