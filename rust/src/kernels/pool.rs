@@ -481,6 +481,30 @@ mod tests {
     }
 
     #[test]
+    fn the_first_bad_index_in_flat_order_is_reported_at_any_thread_count() {
+        // 512 planes, so that the scatter runs in several tasks; a bad index late in the
+        // last plane and another in an early one: the early one is named.
+        let (shape, out_shape) = ([64, 8, 2, 2], [64, 8, 1, 1]);
+        let mut indices = vec![0i64; 512];
+        indices[511] = -1;
+        indices[37] = 4;
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut gx = vec![0.0; 2048];
+            let err = pool
+                .install(|| max_backward(&shape, &out_shape, &[1.0; 512], &indices, &mut gx))
+                .unwrap_err();
+            assert!(
+                err.to_string().ends_with("got index 4"),
+                "{threads} threads: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn padding_above_half_the_kernel_is_rejected() {
         let err = Pool2dParams::new(&[1, 1, 4, 4], (2, 2), (2, 2), (2, 2));
         assert!(matches!(err, Err(Error::Invalid { arg: "padding", .. })));
