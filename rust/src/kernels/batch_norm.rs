@@ -167,6 +167,26 @@ fn rows_per_chunk(p: &BatchNormParams) -> usize {
     (crate::parallel::ELEMENTWISE_CHUNK / p.channels).max(1)
 }
 
+/// Two sums per channel of a one-value-per-channel input, `add_rows(columns, s1, s2)`
+/// adding every row's `columns` in row order, blocks of columns in parallel. Each channel
+/// sums its rows in the same order whatever the blocks, so the bits do not depend on
+/// them; a block covers at least [`crate::parallel::ELEMENTWISE_CHUNK`] values (whole
+/// SIMD registers of channels), so that a small layer stays one task.
+fn column_sums(
+    p: &BatchNormParams,
+    add_rows: impl Fn(std::ops::Range<usize>, &mut [f64], &mut [f64]) + Sync,
+) -> (Vec<f64>, Vec<f64>) {
+    let block = (crate::parallel::ELEMENTWISE_CHUNK / p.batch)
+        .max(1)
+        .next_multiple_of(16);
+    let (mut s1, mut s2) = (vec![0.0f64; p.channels], vec![0.0f64; p.channels]);
+    s1.par_chunks_mut(block)
+        .zip(s2.par_chunks_mut(block))
+        .enumerate()
+        .for_each(|(i, (s1, s2))| add_rows(i * block..i * block + s1.len(), s1, s2));
+    (s1, s2)
+}
+
 /// Per channel: y = (x - mean[c])·scale[c] + shift[c], over planes in parallel.
 ///
 /// Subtracting the mean first (rather than folding it into the shift, x·scale +
@@ -206,10 +226,11 @@ fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
     let count = p.count() as f64;
     if p.spatial == 1 {
         let shift = &x[..p.channels];
-        let (mut s1, mut s2) = (vec![0.0f64; p.channels], vec![0.0f64; p.channels]);
-        for row in x.chunks_exact(p.channels) {
-            row_shifted_sums(row, shift, &mut s1, &mut s2);
-        }
+        let (s1, s2) = column_sums(p, |columns, s1, s2| {
+            for row in x.chunks_exact(p.channels) {
+                row_shifted_sums(&row[columns.clone()], &shift[columns.clone()], s1, s2);
+            }
+        });
         return (0..p.channels)
             .map(|c| {
                 let mean_shifted = s1[c] / count;
@@ -358,13 +379,15 @@ pub fn backward(
     check_len("save_mean", save_mean.len(), p.channels)?;
     check_len("save_invstd", save_invstd.len(), p.channels)?;
     let sums: Vec<(f64, f64)> = if p.spatial == 1 {
-        let (mut sg, mut sgx) = (vec![0.0f64; p.channels], vec![0.0f64; p.channels]);
-        for (g, xr) in grad_output
-            .chunks_exact(p.channels)
-            .zip(x.chunks_exact(p.channels))
-        {
-            row_grad_sums(g, xr, save_mean, &mut sg, &mut sgx);
-        }
+        let (sg, sgx) = column_sums(p, |columns, sg, sgx| {
+            for (g, xr) in grad_output
+                .chunks_exact(p.channels)
+                .zip(x.chunks_exact(p.channels))
+            {
+                let (g, xr) = (&g[columns.clone()], &xr[columns.clone()]);
+                row_grad_sums(g, xr, &save_mean[columns.clone()], sg, sgx);
+            }
+        });
         sg.into_iter().zip(sgx).collect()
     } else {
         (0..p.channels)
