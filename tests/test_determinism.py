@@ -166,6 +166,9 @@ KERNELS = {
                            {"output", "grad_input", "grad_weight", "grad_bias"}, 16 * 14 * 14),
     "batch_norm_1d_train": (_batch_norm((64, 100), True),
                             {"output", "grad_input", "grad_weight", "grad_bias"}, 64),
+    # 256 samples: the sums run over 3 blocks of channels in parallel.
+    "batch_norm_1d_channel_blocks": (_batch_norm((256, 300), True),
+                                     {"output", "grad_input", "grad_weight", "grad_bias"}, 256),
     "group_norm_2d": (_group_norm((16, 32, 14, 14), 8), set(), 1),
     "layer_norm_features": (_group_norm((64, 300), 1), set(), 1),
     "pooling": (_pools, set(), 1),
