@@ -287,6 +287,77 @@ def test_same_seed_same_initial_weights_and_order():
                           train._order_stream(3).permutation(10))
 
 
+def test_each_seed_draws_its_own_training_subset():
+    from bnrs import datasets
+
+    data = datasets.load_digits()
+    train.load_split.cache_clear()
+    subsets = {}
+    for seed in (0, 1):
+        again = train.load_split.__wrapped__("digits", 200, 500, seed)
+        first = train.load_split("digits", 200, 500, seed)
+        assert np.array_equal(first[1], again[1]) and np.array_equal(first[2], again[2])
+        subsets[seed] = first
+    (_, train0, val0), (_, train1, val1) = subsets[0], subsets[1]
+    assert np.array_equal(val0, val1)                        # the validation set is fixed
+    assert len(train0) == len(train1) == 500
+    assert not np.isin(train0, val0).any() and not np.isin(train1, val1).any()
+    assert set(train0) != set(train1)                        # each seed its own images
+    counts = [np.bincount(data.y_train[t], minlength=10) for t in (train0, train1)]
+    assert np.abs(counts[0] - counts[1]).max() <= 1          # both stratified
+    # The same seed's subset, whatever else is in the cache: bit for bit.
+    train.load_split.cache_clear()
+    assert np.array_equal(train.load_split("digits", 200, 500, 0)[1], train0)
+
+
+def test_he_initialisation_keeps_the_pairing():
+    he = train.build_network(train.RunConfig("digits", "", 100, 50, "c4-relu-mp2-fc8-relu",
+                                             init="he"), (1, 8, 8), 10, seed=3)
+    with_dropout = train.build_network(
+        train.RunConfig("digits", "", 100, 50, "c4-relu-mp2-d0.2-fc8-relu-d0.5", init="he"),
+        (1, 8, 8), 10, seed=3)
+    default = train.build_network(
+        train.RunConfig("digits", "", 100, 50, "c4-relu-mp2-fc8-relu"), (1, 8, 8), 10, seed=3)
+    for layer, twin, other in zip(train._parametric_layers(he),
+                                  train._parametric_layers(with_dropout),
+                                  train._parametric_layers(default)):
+        assert np.array_equal(layer.weight.data, twin.weight.data)
+        assert not np.any(layer.bias.data) and not np.array_equal(layer.weight.data,
+                                                                  other.weight.data)
+    # fc8 after 4 x 4 x 4 inputs: N(0, 2 / 64), std 0.177 (512 weights: within 20%).
+    assert np.std(he[4].weight.data) == pytest.approx(math.sqrt(2 / 64), rel=0.2)
+    with pytest.raises(ValueError, match="init"):
+        train.build_network(train.RunConfig("digits", "", 100, 50, "c4", init="xavier"),
+                            (1, 8, 8), 10, seed=3)
+
+
+def test_run_metrics_for_the_statistics():
+    from bnrs import datasets
+
+    data = datasets.load_digits()
+    config = train.RunConfig("digits", data.fingerprint, 300, 100,
+                             "c4-relu-mp2-fc16-relu-d0.5", epochs=3, batch_size=32, lr=0.01,
+                             n_train_eval=100, n_test_curve=100, target_accuracy=0.5,
+                             mc_samples=3)
+    result = train.train_run(config, 0)
+    metrics, curves = result["metrics"], result["curves"]
+    assert metrics["steps_per_epoch"] == 300 // 32 and metrics["steps_run"] == 3 * 9
+    assert curves["steps"] == [9, 18, 27] and len(curves["epoch_seconds"]) == 3
+    assert len(curves["val_loss"]) == len(curves["test_loss"]) == 3
+    assert metrics["target_reached"] and metrics["steps_to_target"] in curves["steps"]
+    assert metrics["diverged"] is False
+    assert metrics["seconds_per_epoch"] == pytest.approx(sum(curves["epoch_seconds"]) / 3)
+    assert 1 <= metrics["val_loss_min_epoch"] <= 3 and metrics["val_loss_rise"] >= 0
+    assert metrics["mc_gain"] == pytest.approx(metrics["mc_test_acc"] - metrics["test_acc"])
+    # The same seed: the same MC passes, bit for bit.
+    assert train.train_run(config, 0)["metrics"]["mc_test_acc"] == metrics["mc_test_acc"]
+    unreachable = train.train_run(train.RunConfig(
+        "digits", data.fingerprint, 300, 100, "c4-relu-mp2-fc16-relu", epochs=1,
+        n_train_eval=100, n_test_curve=100, target_accuracy=1.01), 0)["metrics"]
+    assert unreachable["steps_to_target"] is None and not unreachable["target_reached"]
+    assert "mc_test_acc" not in unreachable
+
+
 def test_a_diverging_run_is_recorded_not_raised():
     from bnrs import datasets
 
@@ -294,7 +365,7 @@ def test_a_diverging_run_is_recorded_not_raised():
     config = train.RunConfig("digits", data.fingerprint, 200, 100, "c4-relu-mp2-fc8-relu",
                              lr=1e6, epochs=2, n_train_eval=100, n_test_curve=100)
     result = train.train_run(config, 0)
-    assert result["status"] == "diverged"
+    assert result["status"] == "diverged" and result["metrics"]["diverged"] is True
     assert result["metrics"]["diverged_reason"]
 
 
