@@ -236,17 +236,21 @@ def test_identical_configurations_are_shared():
     settings = _small_settings()
     question_list = questions.build_questions(settings, [1, 2, 3])
     entries, jobs = runner.plan(question_list, settings, data, "digits")
-    # Q1 has plain and bn, Q2 repeats both, Q3 repeats bn: 2 + 3 + 1 distinct variants.
-    assert len(entries) == (2 + 5 + 2) * 2
-    assert len(jobs) == (2 + 3 + 1) * 2
+    # Q1 has plain and bn in both regimes, Q2 repeats the short ones, Q3 repeats bn:
+    # 4 + 3 + 1 distinct variants.
+    assert len(entries) == (4 + 5 + 2) * 2
+    assert len(jobs) == (4 + 3 + 1) * 2
+    overfit = {jobs[key].config.n_train for q, v, seed, key in entries
+               if v.regime == "overfit"}
+    assert overfit == {settings.overfit_n_train} and settings.overfit_n_train < settings.n_train
 
 
 def test_report_only_changes_nothing_stored(tmp_path, monkeypatch):
-    _study(tmp_path, questions=[1], seeds=2, epochs=1)
+    _study(tmp_path, questions=[3], seeds=2, epochs=1)
     saved = (tmp_path / runner.STUDY_FILE).read_bytes()
     monkeypatch.setattr(runner, "train_run", _must_not_train)
     # Other arguments only select which stored runs to report (here: none of them).
-    table = _study(tmp_path, questions=[1], seeds=3, epochs=1, report_only=True)
+    table = _study(tmp_path, questions=[3], seeds=3, epochs=1, report_only=True)
     assert len(table) == 6 and (tmp_path / runner.STUDY_FILE).read_bytes() == saved
     assert len(storage.ResultStore(tmp_path)) == 4
     assert runner.stored_arguments(tmp_path)["seeds"] == 2
@@ -450,15 +454,23 @@ def test_adjustment_can_turn_a_raw_verdict_inconclusive():
 
 def test_study_marks_equivalence_and_divergence_claims():
     settings = questions.settings_for("fashion-mnist", "fashion-mnist", False, 60000)
-    claims = {c.statement: c for q in questions.build_questions(settings) for c in q.claims}
-    assert len(claims) == 31
+    claims = {(c.statement, c.regime): c for q in questions.build_questions(settings)
+              for c in q.claims}
+    assert len(claims) == 74   # each (advice, regime) once
+    assert {regime for _, regime in claims} == {"short", "overfit"}
     marked = {s for s, c in claims.items() if c.equivalence is not None}
-    assert "Adding dropout to a BN network still helps" in marked
-    assert "Dropout after BN beats dropout before BN" in marked
+    for regime in ("short", "overfit"):
+        assert ("Adding dropout to a BN network still helps", regime) in marked
+        assert ("Dropout after BN beats dropout before BN", regime) in marked
+        assert ("BN without dropout generalises at least as well as dropout without BN "
+                "(inception)", regime) in marked
+    assert ("MC dropout (20 passes) beats the deterministic pass (dense d0.5)",
+            "overfit") in marked
     assert all(claims[s].equivalence == questions.EQUIVALENCE_MARGIN
                and claims[s].equivalence_advice for s in marked)
     assert [s for s, c in claims.items() if c.divergence] == [
-        "With BN fewer runs diverge at a 30x learning rate"]
+        ("With BN fewer runs diverge at a 30x learning rate (Adam)", "short"),
+        ("With BN fewer runs diverge at a 30x learning rate (SGD + momentum 0.9)", "short")]
 
 
 def test_summary_table_first_in_the_report():
@@ -491,9 +503,9 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     table = _study(tmp_path)
     for name in ("report.md", "report.html", "results.csv", "results.sqlite", "study.json"):
         assert (tmp_path / name).is_file(), name
-    assert len(table) == (2 + 2) * 2 and len(table.where(question=3)) == 4
+    assert len(table) == (4 + 2) * 2 and len(table.where(question=3)) == 4
     assert {row["status"] for row in table} <= {"ok", "diverged"}
-    assert len(table.verdicts) == 3
+    assert len(table.verdicts) == 8 + 1
     assert {v["verdict"] for v in table.verdicts} <= {"supported", "contradicted",
                                                       "inconclusive"}
     text = (tmp_path / "report.md").read_text()
@@ -539,7 +551,7 @@ def _must_not_train(*args, **kwargs):
 
 def test_report_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "load_pyplot", lambda: None)
-    _study(tmp_path, questions=[1], seeds=1, epochs=1)
+    _study(tmp_path, questions=[3], seeds=1, epochs=1)
     text = (tmp_path / "report.md").read_text()
     assert "not drawn: matplotlib is not installed" in text and "![" not in text
 
@@ -550,7 +562,7 @@ def test_quick_plan_covers_every_question():
     data = datasets.load_digits()
     settings = questions.settings_for("digits", "small", True, len(data.y_train))
     question_list = questions.build_questions(settings)
-    assert [q.number for q in question_list] == list(range(1, 11))
+    assert [q.number for q in question_list] == list(range(1, 14))
     assert all(q.claims for q in question_list)
     for q in question_list:
         names = {v.name for v in q.variants}
@@ -558,6 +570,50 @@ def test_quick_plan_covers_every_question():
             assert set(claim.plus + claim.minus) <= names, (q.number, claim.statement)
     with pytest.raises(ValueError, match="unknown"):
         questions.build_questions(settings, [42])
+
+
+def test_regimes_budgets_and_the_new_variants():
+    from bnrs import datasets
+
+    data = datasets.load_digits()
+    settings = questions.settings_for("digits", "small", True, len(data.y_train))
+    by_number = {q.number: q for q in questions.build_questions(settings)}
+    for number in (4, 5, 13):   # the dropout questions run in both regimes
+        q = by_number[number]
+        assert q.regimes == ("short", "overfit")
+        assert {c.regime for c in q.claims} == {"short", "overfit"}
+    for q in by_number.values():
+        regimes = {v.name: v.regime for v in q.variants}
+        assert {v.regime for v in q.variants} == set(q.regimes)
+        for claim in q.claims:   # a claim compares variants of its own regime
+            assert {regimes[n] for n in claim.plus + claim.minus} == {claim.regime}
+    entries, jobs = runner.plan(list(by_number.values()), settings, data, "digits")
+    for q, variant, seed, key in entries:
+        config = jobs[key].config
+        if variant.regime == "overfit":
+            assert (config.n_train, config.epochs) == settings.budget("overfit")
+            assert config.target_accuracy == settings.overfit_target_accuracy
+            assert config.mc_samples == (settings.mc_samples if "-d" in config.architecture
+                                         or "-sd" in config.architecture else 0)
+        else:
+            assert (config.n_train, config.epochs) == (q.n_train, q.epochs)
+            assert config.mc_samples == 0
+    q6 = by_number[6]
+    assert {v.name.split("-b")[0] for v in q6.variants} == {"plain", "bn", "brn", "gn", "ln",
+                                                           "bn-conv"}
+    assert "gn4" in q6.variant("gn-b2").architecture
+    assert q6.variant("bn-conv-b2").architecture.count("-bn-") == 2
+    q7 = by_number[7]
+    assert q7.variant("plain-sgd-lr30").optimizer == "sgd"
+    assert q7.variant("plain-sgd-lr30").lr == pytest.approx(30 * settings.sgd_lr)
+    assert {jobs[k].config.optimizer for _, v, _, k in entries if v.name == "bn-lr10"} == {
+        "adam"}
+    q10 = by_number[10]
+    assert q10.variant("plain-he-depth12").init == "he"
+    assert not any("helps more" in c.statement for c in q10.claims)
+    q13 = by_number[13]
+    assert "_nobn" in q13.variant("inc-drop").architecture
+    assert q13.variant("res-bn-drop@overfit").architecture.endswith("-gap-d0.4")
 
 
 _KILLED_STUDY = textwrap.dedent("""
@@ -571,7 +627,7 @@ _KILLED_STUDY = textwrap.dedent("""
             time.sleep(600)
         return real(config, seed, n_threads)
     runner.train_run = slow_third
-    runner.run(questions=[1], dataset="digits", quick=True, seeds=2, epochs=1,
+    runner.run(questions=[3], dataset="digits", quick=True, seeds=2, epochs=1,
                out=sys.argv[1], progress=False, n_jobs=1)
 """)
 
@@ -596,7 +652,7 @@ def test_killed_study_keeps_whole_rows_and_resumes(tmp_path):
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     for run in store.get().values():   # whole rows: every field parses
         assert run["curves"]["epoch"] == [1] and math.isfinite(run["metrics"]["test_acc"])
-    table = _study(tmp_path, questions=[1], seeds=2, epochs=1)
+    table = _study(tmp_path, questions=[3], seeds=2, epochs=1)
     assert len(storage.ResultStore(tmp_path)) == 4 and len(table) == 4
 
 
@@ -621,7 +677,7 @@ def test_dask_backend_on_a_local_cluster(tmp_path):
     distributed = pytest.importorskip("dask.distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:
-        table = _study(tmp_path, questions=[1], seeds=2, epochs=1, backend="dask",
+        table = _study(tmp_path, questions=[3], seeds=2, epochs=1, backend="dask",
                        scheduler=cluster.scheduler_address, n_jobs=-1)
     assert len(table) == 4 and all(row["status"] in ("ok", "diverged") for row in table)
     assert len(storage.ResultStore(tmp_path)) == 4
@@ -649,7 +705,7 @@ def test_dask_runs_every_job_on_a_single_one_thread_worker(tmp_path, monkeypatch
             distributed.Client(cluster) as client:
         (worker,) = client.scheduler_info()["workers"]
         before = client.run(lambda dask_worker: dask_worker.state.transition_counter)[worker]
-        table = _study(tmp_path, questions=[1], seeds=2, epochs=1, backend="dask",
+        table = _study(tmp_path, questions=[3], seeds=2, epochs=1, backend="dask",
                        scheduler=cluster.scheduler_address, n_jobs=-1)
         after = client.run(lambda dask_worker: dask_worker.state.transition_counter)[worker]
     assert len(table) == 4 and len(storage.ResultStore(tmp_path)) == 4

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 __all__ = ["bench_parser", "main", "parse_bench_args", "study_parser"]
 
 
-N_QUESTIONS = 10   # bnrs.study.questions.QUESTIONS (not imported here: --help stays fast)
+N_QUESTIONS = 13   # bnrs.study.questions.QUESTIONS (not imported here: --help stays fast)
 
 
 def study_parser() -> argparse.ArgumentParser:
