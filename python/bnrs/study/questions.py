@@ -601,7 +601,8 @@ def _batch_size(s: Settings) -> Question:
     # the conv layers' BN has 2 x H x W values per channel.
     variants += (Variant(f"bn-conv-b{small}", f"BN on the conv layers only, batch {small}",
                          network(p, bn=("conv1", "conv2")), batch_size=small,
-                         lr=_lr_for_batch(s, small)),)
+                         lr=_lr_for_batch(s, small), group="BN on the conv layers only",
+                         x=small),)
     claims = [Claim(f"BN at batch {normal} beats BN at batch {small} (Wu & He 2018: "
                     "ImageNet error 23.6% at 32 vs 34.7% at 2)", (f"bn-b{normal}",),
                     (f"bn-b{small}",), "Wu & He 2018"),
