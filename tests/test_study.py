@@ -456,7 +456,7 @@ def test_study_marks_equivalence_and_divergence_claims():
     settings = questions.settings_for("fashion-mnist", "fashion-mnist", False, 60000)
     claims = {(c.statement, c.regime): c for q in questions.build_questions(settings)
               for c in q.claims}
-    assert len(claims) == 74   # each (advice, regime) once
+    assert len(claims) == 77   # each (advice, regime) once
     assert {regime for _, regime in claims} == {"short", "overfit"}
     marked = {s for s, c in claims.items() if c.equivalence is not None}
     for regime in ("short", "overfit"):
