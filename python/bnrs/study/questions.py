@@ -17,7 +17,16 @@ with three BN *sites*: ``conv1`` (between the two convolutions: conv→conv), ``
 (at the conv→dense transition) and ``fc`` (between the dense layers: dense→dense).
 
 Question 10 (depth) uses plain conv stacks of several depths instead of the template
-(:func:`depth_network`).
+(:func:`depth_network`), question 13 small Inception-style and residual networks
+(:func:`branching_network`).
+
+Regimes (:data:`REGIMES`): each question declares the training regimes it runs in, the
+short budget and/or the overfitting one (a small subset, many epochs); the dropout
+questions 4, 5 and 13, question 10's dropout claims, and question 1 (BN's train-test gap
+and speed) run in both, questions 11 (dropout rate) and 12 (MC dropout) in the
+overfitting regime only. A variant in the overfitting regime is
+named ``<name>@overfit`` and each claim carries its regime (:func:`in_regimes`), so the
+same advice gets one verdict per regime.
 
 Adding a question: write a function ``(settings) -> Question`` and decorate it with
 ``@question(number, key)``; it then runs with ``--questions <number>`` and appears in
@@ -148,8 +157,14 @@ REGIME_LABELS = {"short": "short training", "overfit": "overfitting regime"}
 
 #: (dataset kind, quick) -> Settings without the dataset name. See the README/report.
 PRESETS: dict[tuple[str, bool], dict] = {
-    # Measured: the whole default study (questions 1-10, 375 runs) takes 104.5 min of
-    # summed run time, 53 min on 2 idle cores with 2 jobs (docs/study).
+    # Estimated for protocol 2 (questions 1-13, 10 seeds, both regimes): 1,710 entries,
+    # 1,510 distinct runs, about 4.1 h of summed run time, so about 2.0 h with 2 jobs on
+    # 2 idle cores. Measured as CPU time (one kernel thread per run, on a shared 2-core
+    # AMD EPYC with AVX-512) of 3-4 runs of each question, scaled by the cost model
+    # within the question: Q13 (Inception, ResNet) ~72 min, Q10 ~107 min (its 12-layer
+    # overfitting runs ~45 s each), Q6 ~17 min, Q4 ~14 min, the rest under 10 min each.
+    # A loaded machine can take 2-3x the wall time: still within a working day. (Protocol
+    # 1's study, 375 runs, took 104.5 min summed, 53 min on 2 idle cores.)
     ("fashion-mnist", False): {
         "profile": MEDIUM, "seeds": 10, "n_train": 4000, "n_val": 2000, "epochs": 10,
         "small_batch_n_train": 4000, "small_batch_epochs": 4, "target_accuracy": 0.85,

@@ -27,7 +27,7 @@ Protocol of a run (``PROTOCOL`` is part of every run's key, so changing it re-ru
    the seed's initialisation stream (``init="default"``: PyTorch's default uniform
    initialisation, U(±1/sqrt(fan_in)), which bnrs layers use; ``init="he"``: He's
    normal initialisation for ReLU, N(0, 2/fan_in) weights and zero biases, drawn in
-   layer order from the same stream), and the weights (not the biases) multiplied by
+   layer order from a child of the same stream), and the weights (not the biases) multiplied by
    ``init_scale``.
 3. Training: ``epochs`` passes; every epoch a permutation from the seed's data-order
    stream, cut into batches of ``batch_size`` (an incomplete last batch is dropped, as
@@ -54,15 +54,15 @@ Protocol of a run (``PROTOCOL`` is part of every run's key, so changing it re-ru
    of an epoch. ``val_loss_min_epoch`` is the epoch of the lowest validation loss, and
    ``val_loss_rise`` the last epoch's validation loss minus that lowest one (> 0: the
    validation loss rose again, the mark of overfitting).
+6. Divergence: a non-finite training loss stops the run; a run whose best validation
+   accuracy is within 5 points of chance also counts as diverged (it did not train).
+   ``diverged`` (bool) and ``diverged_reason`` say so in the metrics.
 7. MC dropout (``mc_samples`` > 0, a network with dropout): on the network of the best
    validation epoch, the full test set's accuracy of the mean softmax of
    ``mc_samples`` stochastic passes, dropout in training mode (masks from the seed's
    MC stream, so the same seed gives the same passes) and batch norm and everything
    else in evaluation mode: ``mc_test_acc``, and ``mc_gain`` = ``mc_test_acc`` minus
    ``test_acc`` (the deterministic pass on the same weights).
-6. Divergence: a non-finite training loss stops the run; a run whose best validation
-   accuracy is within 5 points of chance also counts as diverged (it did not train).
-   ``diverged`` (bool) and ``diverged_reason`` say so in the metrics.
 """
 
 from __future__ import annotations
