@@ -178,12 +178,15 @@ PRESETS: dict[tuple[str, bool], dict] = {
         "profile": SMALL, "seeds": 10, "n_train": 1000, "n_val": 258, "epochs": 20,
         "small_batch_n_train": 1000, "small_batch_epochs": 10, "batch_size": 32,
         "target_accuracy": 0.95, "n_train_eval": 1000, "n_test_curve": 1000,
-        "overfit_n_train": 300, "overfit_epochs": 60, "overfit_target_accuracy": 0.90},
+        # Measured on digits without dropout or BN (seeds 0, 1): training accuracy 100%,
+        # gap 8.7 / 8.0 points (short regime: 2.8 / 3.9); the validation loss only
+        # flattens (lowest at epoch 92 / 98) rather than rising, unlike Fashion-MNIST's.
+        "overfit_n_train": 200, "overfit_epochs": 100, "overfit_target_accuracy": 0.90},
     ("small", True): {
         "profile": SMALL, "seeds": 3, "n_train": 1000, "n_val": 258, "epochs": 8,
         "small_batch_n_train": 500, "small_batch_epochs": 4, "batch_size": 32,
         "target_accuracy": 0.90, "n_train_eval": 1000, "n_test_curve": 1000,
-        "overfit_n_train": 300, "overfit_epochs": 15, "overfit_target_accuracy": 0.85,
+        "overfit_n_train": 200, "overfit_epochs": 20, "overfit_target_accuracy": 0.85,
         "mc_samples": 5},
 }
 
