@@ -614,7 +614,7 @@ def test_regimes_budgets_and_the_new_variants():
     assert not any("helps more" in c.statement for c in q10.claims)
     q13 = by_number[13]
     assert "_nobn" in q13.variant("inc-drop").architecture
-    assert q13.variant("res-bn-drop@overfit").architecture.endswith("-gap-d0.4")
+    assert q13.variant("res-bn-drop@overfit").architecture.endswith("-fc32-bn-relu-d0.5")
 
 
 _KILLED_STUDY = textwrap.dedent("""
