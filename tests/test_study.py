@@ -476,7 +476,7 @@ def test_study_marks_equivalence_and_divergence_claims():
 
 def test_summary_table_first_in_the_report():
     doc = report._Document()
-    claim = questions.Claim("a beats b (with a long aside)", ("a",), ("b",),
+    claim = questions.Claim("a beats b (Someone 2015: a long aside)", ("a",), ("b",),
                             equivalence=0.01, equivalence_advice="no difference")
     (result,) = _claim_study((claim,), [(0.8 + d, "ok", 0.8, "ok")
                                         for d in (0.001, 0.003, -0.002, 0.0, 0.002)])
@@ -485,12 +485,14 @@ def test_summary_table_first_in_the_report():
     settings = questions.settings_for("fashion-mnist", "fashion-mnist", True, 60000)
     report._summary(doc, [q], {1: [result]}, settings)
     (table,) = [block for block in doc.blocks if block[0] == "table"]
-    assert table[1] == ["advice", "verdict (Holm)", "effect", "Holm-level CI", "p",
-                        "p Holm", "p BH"]
-    rows = table[2]
-    assert rows[0][0] == "[Q1](#q1) a beats b"              # the aside is left out
-    assert rows[0][1] == "inconclusive" and rows[1][0] == "≈ no difference"
-    assert rows[1][1] == "equivalent"
+    # One column per regime; runs without one are the short regime.
+    assert table[1] == ["advice", "short training"]
+    (row,) = table[2]
+    assert row[0] == "[Q1](#q1) a beats b"         # the literature's aside is left out
+    # Not supported (p 0.5), but the TOST shows it within +-1 point: "equivalent", with
+    # its 90% interval, in the claim's own row.
+    assert result.verdict == "inconclusive" and result.overall_verdict == "equivalent"
+    assert row[1].startswith("**equivalent** within ±1 point (90% CI ")
 
 
 def _study(out, **kwargs):
@@ -511,17 +513,20 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
                                                       "inconclusive"}
     text = (tmp_path / "report.md").read_text()
     assert "What this means for your network" in text and "## Q3." in text
-    summary = text.index("| advice | verdict (Holm) | effect | Holm-level CI | p | p Holm "
-                         "| p BH |")
-    assert summary < text.index("## Q1.")
-    assert "| ≈ BN before or after the activation makes no difference |" in text
+    summary = text.index("| advice | short training |")
+    assert summary < text.index("## Threats to validity") < text.index("## Q1.")
+    assert re.search(r"\| \[Q3\]\(#q3\) BN before the activation beats BN after it \| "
+                     r"(\*\*)?(supported|contradicted|equivalent|inconclusive)", text)
+    claims_csv = (tmp_path / "claims.csv").read_text().splitlines()
+    assert len(claims_csv) == 1 + 3 and claims_csv[0].startswith("question,regime,")
+    assert "What BN costs" in text and (tmp_path / "bn-cost.csv").is_file()
     assert "Smallest effect this design detects" in text and "Holm's step-down" in text
     assert "BN before the activation beats BN after it" in text and "## Method" in text
     assert len(re.findall(r"Run time: [0-9.]+ min summed over its \d+ stored runs", text)) == 2
     html = (tmp_path / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "<table>" in html
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + len(table) and csv_lines[0].startswith("question,variant")
+    assert len(csv_lines) == 1 + len(table) and csv_lines[0].startswith("question,regime,variant")
     if plots.load_pyplot() is not None:
         assert (tmp_path / "plots" / "q1-curves.png").is_file()
         assert "plots/q1-accuracy.png" in text

@@ -14,15 +14,17 @@ from .. import diagnostics
 from ..nn import parse
 from .questions import STUCK_FRACTION, Question, Variant
 from .results import (
+    TIME_METRICS,
     diagnosed_variants,
     final_training_loss,
     mean_layers,
     runs_by_variant,
+    time_to_target,
 )
-from .stats import mean_interval
+from .stats import kaplan_meier, mean_interval
 
 __all__ = ["load_pyplot", "plot_curves", "plot_depth", "plot_diagnostics", "plot_final",
-           "plot_sweep"]
+           "plot_sweep", "plot_time_to_target"]
 
 
 def load_pyplot():
@@ -185,6 +187,41 @@ def plot_sweep(plt, q, summaries, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_time_to_target(plt, q: Question, entries, runs, path: Path) -> bool:
+    """The Kaplan-Meier fraction of runs at the target accuracy against optimizer steps,
+    for the variants of ``q``'s time-to-target claims (a run that never gets there keeps
+    the curve below 1: it is counted, not left out). False if there is nothing to
+    draw."""
+    names = list(dict.fromkeys(name for claim in q.claims if claim.metric in TIME_METRICS
+                               for name in claim.plus + claim.minus))
+    by_variant = runs_by_variant(q, entries, runs)
+    shown = [(name, [time_to_target(run, "steps") for run in by_variant[name]])
+             for name in names if by_variant.get(name)]
+    if not shown:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    budget = max(t for _, times in shown for t, _ in times)
+    for name, times in shown:
+        steps = kaplan_meier([t for t, _ in times], [reached for _, reached in times])
+        xs, ys = [0.0], [0.0]
+        for t, survival in steps:
+            xs += [t, t]
+            ys += [ys[-1], 100 * (1 - survival)]
+        xs.append(budget)
+        ys.append(ys[-1])
+        reached = sum(r for _, r in times)
+        ax.plot(xs, ys, label=f"{q.variant(name).label} ({reached}/{len(times)} reached)")
+    ax.set(xlabel="optimizer steps", ylabel="runs at the target accuracy (%)",
+           ylim=(-2, 102), title=f"Q{q.number}: time to the target validation accuracy "
+                                 "(Kaplan-Meier)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 # --------------------------------------------------------------------------- question 10 and diagnostics

@@ -3,8 +3,13 @@
 The report is built only from the database and the plan, so ``bnrs study --report-only``
 rebuilds it at any time (also while a study is still running: missing runs are counted).
 
-Per question: a table of every variant (mean and 95% interval over the seeds that did not
-diverge, and how many diverged), the verdict on each claim in one sentence, and plots:
+First the table a practitioner reads: one row per piece of advice, its verdict per
+training regime with the effect and its Holm-level interval (the p-values, raw and
+adjusted, are in each question's sentences and in ``claims.csv``), then the threats to
+validity. Per question: a table of every variant (mean and 95% interval over the seeds
+that did not diverge, the Kaplan-Meier median time to the target accuracy, seconds per
+epoch, runs still improving at the end, and how many diverged), the verdict on each
+claim in one sentence, and plots:
 learning curves (train and test accuracy and training loss per epoch), the test accuracy
 of every variant with its interval, and for sweeps (batch size, learning rate, initial
 scale) the accuracy against the factor with and without BN. Question 10 also gets where
@@ -13,6 +18,9 @@ the per-layer gradient diagnostics (each run's ``curves["layers"]``, recorded by
 :func:`bnrs.diagnostics.run_recorder`). Plots need matplotlib (the ``plot`` extra; they
 are drawn by :mod:`bnrs.study.plots`); without it the report says so and has everything
 else.
+
+Near the end, what BN costs per epoch and what it does to the train-test gap
+(:func:`bnrs.study.results.bn_costs`; every BN pair in ``bn-cost.csv``).
 
 The numbers come from :mod:`bnrs.study.results`; this module formats them.
 """
@@ -35,12 +43,19 @@ from .plots import (
     plot_diagnostics,
     plot_final,
     plot_sweep,
+    plot_time_to_target,
 )
 from .questions import STUCK_FRACTION, Question
 from .results import (
     ALPHA,
+    DEFAULT_REGIME,
+    REGIME_TITLES,
+    RISING_FRACTION,
+    BnCost,
+    ClaimResult,
     VariantSummary,
     adjust_claims,
+    bn_costs,
     claim_results,
     diagnosed_variants,
     mean_layers,
@@ -48,7 +63,9 @@ from .results import (
     runs_by_variant,
     seed_values,
     stopping_depths,
+    variant_regime,
     variant_summaries,
+    write_claims_csv,
     write_csv,
 )
 from .stats import Interval
@@ -78,13 +95,22 @@ def _num(interval: Interval, digits: int = 3) -> str:
     return f"{interval.mean:.{digits}f} ± {interval.half_width:.{digits}f}"
 
 
-def _target_cell(summary: VariantSummary, seconds: bool) -> str:
-    interval = summary.seconds_to_target if seconds else summary.epochs_to_target
-    n = summary.n_ok
-    if summary.reached == 0:
-        return f"not reached (0/{n})" if n else "–"
-    text = _num(interval, 1)
-    return text if summary.reached == n else f"{text} ({summary.reached}/{n})"
+def _target_cell(summary: VariantSummary) -> str:
+    """The Kaplan-Meier median epochs to the target over every stored run (a run that
+    never got there, or diverged, counts as not yet there at the end of its budget)."""
+    n = summary.n_ok + summary.n_diverged
+    median = summary.median_epochs_to_target
+    if n == 0 or math.isnan(median):
+        return "–"
+    text = "not by the end" if math.isinf(median) else f"{median:g}"
+    return f"{text} ({summary.n_timed}/{n} reached)"
+
+
+def _rising_cell(summary: VariantSummary) -> str:
+    if summary.n_ok == 0:
+        return "–"
+    flag = " ↗" if summary.still_rising else ""
+    return f"{summary.rising}/{summary.n_ok}{flag}"
 
 
 class _Document:
@@ -215,6 +241,7 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
     results_by_question = {q.number: claim_results(q, entries, runs) for q in questions}
     every_result = [r for q in questions for r in results_by_question[q.number]]
     adjust_claims(every_result)
+    write_claims_csv(every_result, out / "claims.csv")
     n_tests = sum(math.isfinite(r.p) for r in every_result) + sum(
         math.isfinite(r.tost_p) for r in every_result)
     doc = _Document()
@@ -234,11 +261,15 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
                       "(the study is still running or was interrupted); rerun the same "
                       "command to finish it.")
 
+    summaries_by_question = {q.number: variant_summaries(q, entries, runs, settings.seeds)
+                             for q in questions}
     doc.heading(2, "What this means for your network")
     _summary(doc, questions, results_by_question, settings)
+    _threats(doc, questions, results_by_question, summaries_by_question, settings, data,
+             n_tests, entries, runs)
 
     for q in questions:
-        summaries = variant_summaries(q, entries, runs, settings.seeds)
+        summaries = summaries_by_question[q.number]
         doc.heading(2, f"Q{q.number}. {q.title}", anchor=f"q{q.number}")
         for result in results_by_question[q.number]:
             doc.paragraph(result.sentence())
@@ -248,10 +279,10 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
         budget = f"Budget: {q.n_train} training images, {q.epochs} epochs" + (
             f". {q.note}" if q.note else ".")
         doc.paragraph(f"{budget} {_question_time(q, entries, runs)}")
-        header = ["variant", "architecture", "test acc. (%)", "final train loss",
-                  "train−test gap (points)", "epochs to target", "seconds to target",
-                  "diverged"]
-        rows = []
+        header = ["variant", "test acc. (%)", "final train loss",
+                  "train−test gap (points)", "median epochs to target", "s / epoch",
+                  "still rising", "diverged"]
+        rows, architectures = [], []
         for variant, summary in zip(q.variants, summaries):
             extra = []
             if variant.batch_size:
@@ -260,16 +291,20 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
                 extra.append(f"lr {variant.lr:.3g}")
             if variant.init_scale != 1.0:
                 extra.append(f"init x{variant.init_scale:g}")
-            arch = f"`{variant.architecture}`" + (f" ({', '.join(extra)})" if extra else "")
+            architectures.append(f"{summary.label}: `{variant.architecture}`"
+                                 + (f" ({', '.join(extra)})" if extra else ""))
             gap = summary.gap
             gap_points = Interval(100 * gap.mean, 100 * gap.low, 100 * gap.high, gap.n)
             missing = f", {summary.n_missing} missing" if summary.n_missing else ""
-            rows.append([summary.label, arch, _pct(summary.test_acc),
+            rows.append([summary.label, _pct(summary.test_acc),
                          _num(summary.final_train_loss), _num(gap_points, 2),
-                         _target_cell(summary, False), _target_cell(summary, True),
+                         _target_cell(summary), _num(summary.seconds_per_epoch, 2),
+                         _rising_cell(summary),
                          f"{summary.n_diverged}/{summary.n_ok + summary.n_diverged}"
                          + missing])
         doc.table(header, rows)
+        doc.paragraph("Architectures (bnrs's grammar):")
+        doc.bullets(architectures)
         if plt is not None and any(s.curves for s in summaries):
             names = [f"q{q.number}-curves.png", f"q{q.number}-accuracy.png"]
             plot_curves(plt, q, summaries, plot_dir / names[0])
@@ -280,8 +315,12 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
                 plot_sweep(plt, q, summaries, plot_dir / names[2])
             for name in names[::-1] if q.sweep else names:
                 doc.image(f"plots/{name}", f"Q{q.number} {name.split('-', 1)[1][:-4]}")
+            name = f"q{q.number}-time-to-target.png"
+            if plot_time_to_target(plt, q, entries, runs, plot_dir / name):
+                doc.image(f"plots/{name}", f"Q{q.number} time to target")
         _depth_and_diagnostics(doc, q, entries, runs, plt, plot_dir)
 
+    _bn_cost(doc, questions, entries, runs, out)
     _method(doc, settings, data, plt is not None)
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html("bnrs study report"))
@@ -294,7 +333,8 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
                       f"({result.effect_text()}, Holm p {_p_cell(result.p_holm)})",
                       file=sys.stderr)
     return {"markdown": out / "report.md", "html": out / "report.html",
-            "csv": out / "results.csv"}
+            "csv": out / "results.csv", "claims": out / "claims.csv",
+            "bn_cost": out / "bn-cost.csv"}
 
 
 # --------------------------------------------------------------------------- summary
@@ -309,72 +349,187 @@ def _p_cell(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _regime_order(regimes) -> list[str]:
+    """The regimes present, the default first, the others as they first come."""
+    present = list(dict.fromkeys(regimes))
+    return sorted(present, key=lambda g: (g != DEFAULT_REGIME, present.index(g)))
+
+
+def _advice_text(result: ClaimResult) -> str:
+    """The advice in plain words: a trailing parenthesis that cites the literature (it
+    has a year) is left for the question's section; others (a variant's name) stay."""
+    return re.sub(r"\s*\([^()]*(19|20)\d\d[^()]*\)$", "", result.advice or result.statement)
+
+
+def _verdict_cell(result: ClaimResult) -> str:
+    """verdict: effect (Holm-level interval), plus the notes a reader needs."""
+    r = result
+    if r.n_seeds == 0:
+        return "not run yet"
+    notes = []
+    if r.overall_verdict == "equivalent":
+        scale, unit = r._scale
+        text = (f"**equivalent** within ±{scale * r.margin:g}{unit.rstrip('s')} "
+                f"(90% CI {r._range(r.tost_low, r.tost_high)})")
+    else:
+        text = _VERDICT_CELL[r.verdict]
+        if r.test == "exact McNemar":
+            text += (f": diverged {r.plus_diverged}/{r.n_seeds} vs "
+                     f"{r.minus_diverged}/{r.n_seeds}")
+        elif r.test == "exact sign":
+            text += (f": {r.effect_text(interval=False)}"
+                     + (f" ({r.adjusted_interval_text()})"
+                        if r.adjusted_interval_text() != "–" else "")
+                     + f"; reached {r.plus_reached}/{r.n_seeds} vs "
+                     f"{r.minus_reached}/{r.n_seeds}")
+        else:
+            text += f": {r.effect_text(interval=False)}"
+            if r.adjusted_interval_text() != "–":
+                # A lower-is-better interval is of how much lower (the effect may say
+                # "higher").
+                lower = " lower" if r.lower_is_better else ""
+                text += f" ({r.adjusted_interval_text()}{lower})"
+        if r.equivalence_verdict(False) == "equivalent":
+            notes.append("within the margin before adjustment")
+    if r.raw_verdict != r.verdict:
+        notes.append(f"{r.raw_verdict} before adjustment")
+    if notes:
+        text += "; " + ", ".join(notes)
+    return text + (" ↗" if r.rising else "")
+
+
+def _summary_rows(questions, results_by_question) -> tuple[list[str], list[list[str]]]:
+    """The regimes (columns) and one row per piece of advice: the same advice in
+    several regimes shares a row."""
+    results = [(q, r) for q in questions for r in results_by_question[q.number]]
+    regimes = _regime_order(r.regime for _, r in results)
+    rows: list[dict] = []
+    for q, r in results:
+        advice = _advice_text(r)
+        row = next((row for row in rows if row["advice"] == advice
+                    and r.regime not in row["cells"]), None)
+        if row is None:
+            row = {"advice": advice, "questions": [], "cells": {}}
+            rows.append(row)
+        if q.number not in row["questions"]:
+            row["questions"].append(q.number)
+        row["cells"][r.regime] = _verdict_cell(r)
+    table = []
+    for row in rows:
+        links = ", ".join(f"[Q{n}](#q{n})" for n in row["questions"])
+        table.append([f"{links} {row['advice']}"]
+                     + [row["cells"].get(g, "–") for g in regimes])
+    return regimes, table
+
+
 def _summary(doc: _Document, questions, results_by_question, settings) -> None:
     """The table a practitioner reads first: one row per piece of advice."""
     results = [r for q in questions for r in results_by_question[q.number]]
     run = [r for r in results if r.n_seeds > 0]
     n_tests = sum(math.isfinite(r.p) for r in run) + sum(math.isfinite(r.tost_p)
                                                          for r in run)
-    counts = {v: sum(r.verdict == v for r in run)
-              for v in ("supported", "contradicted", "inconclusive")}
+    counts = {v: sum(r.overall_verdict == v for r in run)
+              for v in ("supported", "contradicted", "equivalent", "inconclusive")}
     raw = {v: sum(r.raw_verdict == v for r in run)
            for v in ("supported", "contradicted", "inconclusive")}
     with_margin = [r for r in run if r.margin is not None and math.isfinite(r.tost_p)]
-    equivalent = sum(r.equivalence_verdict() == "equivalent" for r in with_margin)
     equivalent_raw = sum(r.equivalence_verdict(False) == "equivalent" for r in with_margin)
     doc.paragraph(
-        "One row per piece of common advice: the study's verdict on this data, the "
-        "effect (expected variant minus the other, accuracy in points; for the "
-        "divergence claim the diverged runs), its interval at the claim's Holm level and "
-        f"its p-value raw, Holm-adjusted and Benjamini-Hochberg-adjusted (BH). Verdicts "
-        f"are Holm-adjusted over all {n_tests} tests of the study (family-wise error "
-        f"{ALPHA:g}): *supported* / *contradicted*: Holm p < {ALPHA:g} with the effect "
-        "on the side the advice expects / the other side; *inconclusive*: not shown "
-        "either way at this budget (see each question's smallest detectable effect). "
-        "Rows marked *≈* also test the competing advice that the factor makes no "
-        "difference (equivalence within ±1 point, TOST, Holm-adjusted).")
+        "One row per piece of common advice, with the study's verdict on this data in "
+        "each training regime, the effect (expected variant minus the other: accuracy "
+        "in points; loss as how much lower; time to the target accuracy as the median "
+        "paired difference; for divergence the diverged runs) and, in parentheses, its "
+        "interval at the claim's Holm level. Verdicts are Holm-adjusted over all "
+        f"{n_tests} tests of the study (family-wise error {ALPHA:g}): *supported* / "
+        f"*contradicted*: Holm p < {ALPHA:g} with the effect on the side the advice "
+        "expects / the other side; *equivalent*: the advice's \"makes no difference\" "
+        "counterpart is shown by two one-sided tests within the margin stated up front "
+        "(Holm-adjusted too); *inconclusive*: not shown either way at this budget (see "
+        "each question's smallest detectable effect). ↗: a variant of the claim was "
+        "still improving when training stopped (its best validation epoch in the last "
+        f"{100 * RISING_FRACTION:g}% of the epochs for most seeds): a longer budget may "
+        "change the verdict. The p-values (raw, Holm, Benjamini-Hochberg) are in each "
+        "question's section and, with every other statistic, in `claims.csv`.")
     doc.paragraph(
         f"**{counts['supported']} claims supported, {counts['contradicted']} "
-        f"contradicted, {counts['inconclusive']} inconclusive** after Holm's adjustment "
-        f"({raw['supported']}, {raw['contradicted']} and {raw['inconclusive']} "
-        f"unadjusted); of the {len(with_margin)} \"makes no difference\" counterparts, "
-        f"{equivalent} shown equivalent ({equivalent_raw} unadjusted). The verdicts hold "
-        f"for this setting (a small CNN, {settings.n_train} training images, "
-        f"{settings.epochs} epochs, Adam; see [Method](#method)); a longer training, a "
-        "larger network or other data can change them, dropout's in particular (a "
-        "regulariser pays off once the network without it overfits; compare the "
-        "train−test gaps).")
-    rows = []
-    for q in questions:
-        for r in results_by_question[q.number]:
-            # The table stays narrow: a statement's parenthesis (its numbers from the
-            # literature) is in the question's section.
-            advice = f"[Q{q.number}](#q{q.number}) {r.statement.split(' (')[0]}"
-            if r.n_seeds == 0:
-                rows.append([advice, "not run yet", "–", "–", "–", "–", "–"])
-                continue
-            if r.test == "exact McNemar":
-                effect = f"{r.plus_diverged}/{r.n_seeds} vs {r.minus_diverged}/{r.n_seeds} diverged"
-                interval = "exact McNemar"
-            else:
-                effect = r.effect_text(interval=False)
-                interval = r.adjusted_interval_text()
-            verdict = _VERDICT_CELL[r.verdict]
-            if r.raw_verdict != r.verdict:
-                verdict += f" (raw: {r.raw_verdict})"
-            rows.append([advice, verdict, effect, interval, _p_cell(r.p),
-                         _p_cell(r.p_holm), _p_cell(r.p_bh)])
-            if r.margin is not None and math.isfinite(r.tost_p):
-                scale, unit = (100, " point") if r.metric.endswith("acc") else (1, "")
-                eq = r.equivalence_verdict()
-                if r.equivalence_verdict(False) != eq:
-                    eq += f" (raw: {r.equivalence_verdict(False)})"
-                rows.append([f"≈ {r.equivalence_advice}", eq,
-                             f"margin ±{scale * r.margin:g}{unit}",
-                             f"90%: {r._range(r.tost_low, r.tost_high)}",
-                             _p_cell(r.tost_p), _p_cell(r.tost_p_holm), "–"])
-    doc.table(["advice", "verdict (Holm)", "effect", "Holm-level CI", "p", "p Holm",
-               "p BH"], rows)
+        f"contradicted, {counts['equivalent']} equivalent, {counts['inconclusive']} "
+        f"inconclusive** after Holm's adjustment ({raw['supported']}, "
+        f"{raw['contradicted']} and {raw['inconclusive']} supported, contradicted and "
+        f"inconclusive unadjusted; {equivalent_raw} of {len(with_margin)} \"makes no "
+        "difference\" counterparts within the margin unadjusted). The verdicts hold for "
+        f"this setting only (see [Threats to validity](#threats)).")
+    regimes, rows = _summary_rows(questions, results_by_question)
+    doc.table(["advice"] + [REGIME_TITLES.get(g, g) for g in regimes], rows)
+
+
+def _threats(doc: _Document, questions, results_by_question, summaries_by_question,
+             settings, data, n_tests: int, entries, runs) -> None:
+    """What limits the verdicts, with the numbers of this study where it has them."""
+    results = [r for q in questions for r in results_by_question[q.number]]
+    summaries = [s for q in questions for s in summaries_by_question[q.number]]
+    rising = [s for s in summaries if s.still_rising]
+    timed = [s for s in summaries if s.n_ok + s.n_diverged]
+    budgets: dict[tuple, list[int]] = {}
+    for q, variant, _, key in entries:
+        run = runs.get(key)
+        if run is not None:
+            budget = (variant_regime(q, variant), run["config"]["n_train"],
+                      run["config"]["epochs"])
+            numbers = budgets.setdefault(budget, [])
+            if q.number not in numbers:
+                numbers.append(q.number)
+    several_regimes = len({regime for regime, _, _ in budgets}) > 1
+    # Protocol 2 draws each seed's own training subset; protocol 1 one fixed subset.
+    per_seed_subset = bool(runs) and all(run["config"].get("protocol", 1) >= 2
+                                         for run in runs.values())
+    mdes = [100 * r.mde_holm for r in results
+            if r.test == "paired t" and r.unit == "points" and math.isfinite(r.mde_holm)]
+    optimizer = {"adam": "Adam", "sgd": "SGD with momentum 0.9"}.get(settings.optimizer,
+                                                                    settings.optimizer)
+    doc.heading(2, "Threats to validity", anchor="threats")
+    items = [
+        (f"**Dataset.** One dataset, {data.name} ({data.description}). BN's and "
+         "dropout's published effects come mostly from larger natural-image datasets; "
+         "on other data the sizes, and some signs, of the effects can differ."),
+        (f"**Network size.** Small CNNs (the template conv{settings.profile.conv1}-"
+         f"conv{settings.profile.conv2}-fc{settings.profile.hidden}; question 10's "
+         "plain stacks of 16-channel convolutions). Claims about deep or wide networks "
+         "are tested only at these sizes."),
+        ("**Budget.** " + "; ".join(
+            f"{n} training images, {e} epochs"
+            + (f", {REGIME_TITLES.get(regime, regime)}" if several_regimes else "")
+            + f" ({', '.join(f'Q{number}' for number in numbers)})"
+            for (regime, n, e), numbers in budgets.items())
+         + f". {len(rising)} of {len(timed)} variants were still improving when "
+         "training stopped (marked ↗ next to the verdicts they enter): a longer budget "
+         "can change those verdicts, a regulariser's (dropout's) above all, which pays "
+         "off only once the network without it overfits (compare the train−test "
+         "gaps)."),
+        (f"**Optimizer.** {optimizer}, learning rate {settings.lr:g}, batch "
+         f"{settings.batch_size}, unless a question varies them. Claims about learning "
+         "rates and initialisation are claims about this optimizer; with another one "
+         "(plain SGD, where BN's higher-learning-rate advice comes from) the answer "
+         "can change."),
+        ("**Statistical power.** " + (
+            f"At the strictest Holm level over {n_tests} tests the design detects, "
+            f"with 80% power, accuracy effects of {min(mdes):.2f} to {max(mdes):.2f} "
+            "points (per claim, from its seeds and the SD of its paired differences): "
+            "*inconclusive* below that is no evidence of no effect (only "
+            "*equivalent* is)." if mdes else "Too few seeds for a power estimate.")),
+        ("**What varies between seeds.** Initial weights, the order of mini-batches and "
+         "dropout masks" + (", and each seed's own training subset" if per_seed_subset
+                            else "; the training subset is one fixed draw for all seeds "
+                            "(protocol 1), so the intervals leave out which images were "
+                            "drawn") + "."),
+        ("**Timing.** Seconds per epoch are measured while other runs shared the "
+         "machine's cores, so BN's time cost is noisy; the paired ratio (same seed, "
+         "with and without BN) removes part of that noise, not all."),
+        ("**What would change the answer.** Other data (natural images, more classes), "
+         "larger or deeper networks, a training budget long enough for every variant "
+         "to converge, another optimizer or learning-rate schedule, and, for small "
+         "batches, normalisations that do not depend on the batch."),
+    ]
+    doc.bullets(items)
 
 
 def _mde_text(results, n_tests: int) -> str:
@@ -472,10 +627,99 @@ def _depth_and_diagnostics(doc, q: Question, entries, runs, plt, plot_dir) -> No
         doc.image(f"plots/{name}", f"Q{q.number} per-layer gradients and activations")
 
 
+def _ratio_text(interval: Interval) -> str:
+    if interval.n == 0:
+        return "–"
+    if math.isnan(interval.low):
+        return f"{interval.mean:.2f}x"
+    return f"{interval.mean:.2f}x ({interval.low:.2f} to {interval.high:.2f})"
+
+
+def _difference_text(interval: Interval) -> str:
+    """A difference of accuracies (fractions) in points, with its 95% interval."""
+    if interval.n == 0:
+        return "–"
+    if math.isnan(interval.low):
+        return f"{100 * interval.mean:+.2f}"
+    return (f"{100 * interval.mean:+.2f} ({100 * interval.low:+.2f} to "
+            f"{100 * interval.high:+.2f})")
+
+
+BN_COST_COLUMNS = ("question", "regime", "with_bn", "without_bn", "n_seeds",
+                   "seconds_per_epoch_with", "seconds_per_epoch_without",
+                   "seconds_ratio", "seconds_ratio_low", "seconds_ratio_high",
+                   "gap_with", "gap_without", "gap_difference", "gap_difference_low",
+                   "gap_difference_high")
+
+
+def _write_bn_costs(costs: list[BnCost], path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(BN_COST_COLUMNS)
+        for c in costs:
+            values = [c.question, c.regime, c.with_bn, c.without_bn, c.seconds_ratio.n,
+                      c.seconds_with.mean, c.seconds_without.mean, c.seconds_ratio.mean,
+                      c.seconds_ratio.low, c.seconds_ratio.high, c.gap_with.mean,
+                      c.gap_without.mean, c.gap_difference.mean, c.gap_difference.low,
+                      c.gap_difference.high]
+            writer.writerow(["" if isinstance(v, float) and math.isnan(v) else v
+                             for v in values])
+
+
+def _bn_cost(doc: _Document, questions, entries, runs, out: Path) -> None:
+    """BN's time per epoch and its effect on the train-test gap: per question the BN
+    pair at its baseline setting (a pair two questions share is shown once), every pair
+    in bn-cost.csv."""
+    every, shown, seen = [], [], set()
+    for q in questions:
+        costs = bn_costs(q, entries, runs)
+        every += costs
+        baseline = q.variant(q.baseline).label if q.baseline else None
+        chosen = next((c for c in costs if baseline in (c.with_bn, c.without_bn)),
+                      costs[0] if costs else None)
+        if chosen is None:
+            continue
+        # Questions that share their baseline runs (Q1's pair is Q7's x1 and Q8's x1)
+        # give identical numbers under other labels.
+        key = (chosen.regime, chosen.seconds_ratio, chosen.gap_difference)
+        if key not in seen:
+            seen.add(key)
+            shown.append(chosen)
+    _write_bn_costs(every, out / "bn-cost.csv")
+    if not shown:
+        return
+    doc.heading(2, "What BN costs, and what it does to overfitting", anchor="bn-cost")
+    doc.paragraph(
+        "Per question, its variants with and without BN at the question's baseline "
+        "setting, paired by seed over the seeds where both trained: training seconds "
+        "per epoch (evaluation excluded) and their ratio with BN over without (the "
+        "geometric mean of the per-seed ratios, 95% interval); the train−test gap "
+        "(training-sample minus test accuracy at the best validation epoch) and its "
+        "difference with BN minus without (points, 95% interval; positive: BN "
+        "overfits more). Every BN pair of the study is in `bn-cost.csv`. The runs "
+        "shared the machine with other runs, so the times are noisy.")
+    rows = []
+    for c in shown:
+        regime = f" ({c.regime})" if c.regime != DEFAULT_REGIME else ""
+        rows.append([(f"[Q{c.question}](#q{c.question}){regime} {c.with_bn} vs "
+                      f"{c.without_bn}"),
+                     f"{c.seconds_with.mean:.2f} vs {c.seconds_without.mean:.2f}",
+                     _ratio_text(c.seconds_ratio),
+                     f"{100 * c.gap_with.mean:.2f} vs {100 * c.gap_without.mean:.2f}",
+                     _difference_text(c.gap_difference), str(c.seconds_ratio.n)])
+    doc.table(["variants (with vs without BN)", "s / epoch", "time ratio",
+               "gap (points)", "gap difference", "seeds"], rows)
+
+
 def _method(doc: _Document, settings, data, plots: bool) -> None:
     doc.heading(2, "Method", anchor="method")
     target = ("none" if settings.target_accuracy is None
               else f"{100 * settings.target_accuracy:g}% validation accuracy")
+    overfit = getattr(settings, "overfit_target_accuracy", None)
+    overfit_target = ("" if overfit is None else
+                      f" ({100 * overfit:g}% in the overfitting regime)")
     profile = settings.profile
     doc.bullets([
         (f"Data: {data.description}. The training set is split once (seed 0) into a "
@@ -506,9 +750,27 @@ def _method(doc: _Document, settings, data, plots: bool) -> None:
          "with the best validation accuracy is evaluated on the full test set (test "
          "accuracy); the train-test gap is that epoch's training-sample accuracy minus "
          "its test accuracy; final training loss is the last epoch's mean mini-batch "
-         f"loss; epochs and seconds to target: the first epoch reaching {target}, and "
-         "the training seconds until then (evaluation excluded; the machine may be "
-         "shared, so seconds are noisy)."),
+         f"loss; time to target: the first epoch reaching {target}{overfit_target} "
+         "(and the optimizer steps until then); seconds per epoch: the training seconds "
+         "(evaluation excluded) over the epochs (the machine may be shared, so seconds "
+         "are noisy)."),
+        ("Time to the target accuracy counts every run: one that never reaches the "
+         "target within its budget (or diverged) is censored at the budget, not left "
+         "out. Per variant the table gives the Kaplan-Meier median (\"not by the end\" "
+         "when fewer than half the runs are known to get there); a claim that one "
+         "variant gets there sooner is decided by the exact sign test over the paired "
+         "seeds (a run that never gets there is slower than any that does; two that "
+         "never do tie), its effect is the median paired difference with the "
+         "distribution-free (order-statistic) interval, infinite where too many runs "
+         "never got there. No average is taken over only the runs that got there."),
+        ("Still rising (↗): a run whose best validation epoch lies in the last "
+         f"{100 * RISING_FRACTION:g}% of its epochs (at least the last one); a variant "
+         "when most of its runs do. The flag is shown next to every verdict whose "
+         "variants it concerns."),
+        ("BN's cost: for variants that differ only in BN, the per-seed ratio of training "
+         "seconds per epoch (with / without BN), averaged on the log scale (geometric "
+         "mean, 95% t-interval), and the paired difference of train−test gaps (95% "
+         "t-interval), over the seeds where both runs trained."),
         ("A run diverged if its training loss became NaN or infinite, or if its best "
          "validation accuracy stayed within 5 points of chance. Tables average only the "
          "runs that did not diverge and count the others; in the paired verdicts a "
@@ -528,21 +790,24 @@ def _method(doc: _Document, settings, data, plots: bool) -> None:
          "stopped; it excludes zero exactly when the verdict is supported or "
          "contradicted."),
         ("Equivalence: claims whose competing advice says the factor makes no "
-         "difference or can be removed (marked ≈) also get two one-sided t-tests "
-         "(TOST) with a margin of ±1 accuracy point, stated per claim in questions.py "
-         "(single runs differ by 0.5-1.4 points between seeds, so a smaller difference "
-         "is invisible in practice; the margin was added after the runs, from that "
-         "noise level, not tuned to their results): *equivalent* if the Holm-adjusted TOST "
-         "p is below the level (the 90% interval lies inside ±1 point before "
-         "adjustment), otherwise *not shown equivalent* (not the same as different)."),
+         "difference or can be removed also get two one-sided t-tests (TOST) with a "
+         "margin of ±1 accuracy point (EQUIVALENCE_MARGIN in questions.py, stated per "
+         "claim; single runs differ by 0.5-1.4 points between seeds, so a smaller "
+         "difference is invisible in practice; the margin comes from that noise level, "
+         "not from the study's effects). The TOST p-values join the Holm family; a claim "
+         "not supported or contradicted is *equivalent* if its Holm-adjusted TOST p is "
+         "below the level (the 90% interval lies inside ±1 point before adjustment); "
+         "otherwise its equivalence is *not shown* (not the same as different)."),
         ("Divergence: whether runs diverge is a count, so the divergence claim is "
          "decided by the exact McNemar test (the two-sided binomial test of the seeds "
          "where exactly one of the two paired variants diverged); with "
          f"{settings.seeds} seeds its smallest possible p-value is "
          f"{min(1.0, 2 * 0.5 ** settings.seeds):.3g}."),
-        ("Smallest detectable effect per question: (t(1 − α/2, n−1) + t(0.8, n−1)) · "
-         "sd / √n for n seeds and the pooled SD of the question's paired accuracy "
-         "differences (the normal-shift approximation to the noncentral t)."),
+        ("Smallest detectable effect: (t(1 − α/2, n−1) + t(0.8, n−1)) · sd / √n for n "
+         "seeds (the normal-shift approximation to the noncentral t); per question with "
+         "the pooled SD of its paired accuracy differences, per claim (threats to "
+         "validity, `claims.csv`) with the SD of its own, at α and at Holm's strictest "
+         "level α/m."),
         "Plots: " + ("see each question." if plots else
                      "**not drawn: matplotlib is not installed** (pip install "
                      "'bnrs[plot]')."),

@@ -17,25 +17,52 @@ from .questions import STUCK_FRACTION, Question, Variant
 from .stats import (
     Interval,
     bh_adjust,
+    censored_difference,
     exact_mcnemar,
     holm_adjust,
+    km_median,
     mean_interval,
+    median_interval,
     minimum_detectable_effect,
+    paired_sign_test,
     paired_verdict,
+    ratio_interval,
     t_p_value,
     t_quantile,
     tost,
 )
 
-__all__ = ["ALPHA", "ClaimResult", "ResultTable", "VariantSummary", "adjust_claims",
-           "build_table", "claim_results", "diagnosed_variants", "final_training_loss",
-           "mean_layers", "minimum_detectable_effects", "runs_by_variant", "seed_values",
-           "stopping_depths", "variant_summaries", "write_csv"]
+__all__ = ["ALPHA", "CLAIM_COLUMNS", "DEFAULT_REGIME", "REGIME_TITLES",
+           "RISING_FRACTION", "TIME_METRICS", "BnCost", "ClaimResult", "ResultTable",
+           "VariantSummary", "adjust_claims", "bn_costs", "bn_pairs", "build_table",
+           "claim_results", "diagnosed_variants", "final_training_loss", "is_accuracy",
+           "mean_layers", "minimum_detectable_effects", "regime_of", "runs_by_variant",
+           "seconds_per_epoch", "seed_values", "still_rising", "stopping_depths",
+           "time_to_target", "variant_regime", "variant_summaries", "write_claims_csv",
+           "write_csv"]
 
 #: The study's error rate: Holm's family-wise level and the tests' level.
 ALPHA = 0.05
+#: The regime of a question, variant or claim that names none: the study's original
+#: budget (short training, before the network without regularisation overfits).
+DEFAULT_REGIME = "short"
+#: Claim metrics that are a time to the target accuracy. They are decided on censored
+#: times: a run that never reaches the target within its budget counts (as slower than
+#: any run that does), instead of being left out of an average of the runs that did.
+TIME_METRICS = ("epochs_to_target", "steps_to_target")
+#: A run is still improving at the end when its best validation epoch lies in the last
+#: RISING_FRACTION of its epochs (at least the last epoch); a variant when most of its
+#: runs are. Its verdicts may change with a longer budget.
+RISING_FRACTION = 0.1
 
-_METRIC_NAMES = {"test_acc": "test accuracy", "final_train_loss": "final training loss"}
+_METRIC_NAMES = {"test_acc": "test accuracy", "final_train_loss": "final training loss",
+                 "gap": "train−test gap",
+                 "mc_gain": "MC-dropout minus deterministic test accuracy",
+                 "steps_to_target": "steps to the target accuracy",
+                 "epochs_to_target": "epochs to the target accuracy"}
+#: How the report names the regimes (others by their own name).
+REGIME_TITLES = {"short": "short training", "overfit": "overfitting regime",
+                 "overfitting": "overfitting regime"}
 
 
 class ResultTable(list):
@@ -53,9 +80,10 @@ class ResultTable(list):
         The output directory (report.md, report.html, results.csv, results.sqlite).
     """
 
-    columns = ("question", "variant", "label", "seed", "status", "test_acc",
+    columns = ("question", "regime", "variant", "label", "seed", "status", "test_acc",
                "best_epoch", "best_val_acc", "train_acc", "gap", "final_train_loss",
-               "epochs_to_target", "seconds_to_target", "train_seconds", "architecture",
+               "epochs_to_target", "steps_to_target", "seconds_to_target",
+               "train_seconds", "seconds_per_epoch", "still_rising", "architecture",
                "batch_size", "lr", "init_scale", "epochs", "n_train", "run_key")
 
     def __init__(self, rows=(), verdicts=(), out=None):
@@ -84,9 +112,9 @@ def build_table(entries, runs: dict, questions, out) -> ResultTable:
     rows = []
     for q, variant, seed, key in entries:
         run = runs.get(key)
-        row = {"question": q.number, "variant": variant.name, "label": variant.label,
-               "seed": seed, "status": "missing" if run is None else run["status"],
-               "run_key": key}
+        row = {"question": q.number, "regime": variant_regime(q, variant),
+               "variant": variant.name, "label": variant.label, "seed": seed,
+               "status": "missing" if run is None else run["status"], "run_key": key}
         if run is not None:
             metrics = run["metrics"]
             for name in ResultTable.columns:
@@ -95,10 +123,112 @@ def build_table(entries, runs: dict, questions, out) -> ResultTable:
             for name in ("architecture", "batch_size", "lr", "init_scale", "epochs",
                          "n_train"):
                 row[name] = run["config"][name]
+            steps, reached = time_to_target(run, "steps")
+            row["steps_to_target"] = int(steps) if reached else None
+            row["seconds_per_epoch"] = seconds_per_epoch(run)
+            row["still_rising"] = still_rising(run)
         rows.append(row)
     results = adjust_claims([result for q in questions
                              for result in claim_results(q, entries, runs)])
     return ResultTable(rows, [result.as_dict() for result in results], out)
+
+
+def is_accuracy(metric: str) -> bool:
+    """Whether ``metric`` is an accuracy or a difference of accuracies (a fraction,
+    shown in points): ``*acc``, ``gap`` (train minus test accuracy) and ``*_gain``
+    (e.g. ``mc_gain``, MC-dropout minus deterministic test accuracy)."""
+    return metric.endswith(("acc", "_gain")) or metric == "gap"
+
+
+def variant_regime(q, variant) -> str:
+    """A variant's regime: its own, else its question's, else :data:`DEFAULT_REGIME`."""
+    return (getattr(variant, "regime", None) or getattr(q, "regime", None)
+            or DEFAULT_REGIME)
+
+
+def regime_of(q, claim=None) -> str:
+    """The training regime of question ``q`` or of one of its claims: the claim's own
+    ``regime`` if it has one, else that of its variants (joined by "/" if they differ),
+    else the question's, else :data:`DEFAULT_REGIME` (runs and questions from before
+    regimes existed)."""
+    if claim is not None:
+        if getattr(claim, "regime", None):
+            return claim.regime
+        names = set(claim.plus + claim.minus)
+        regimes = {variant_regime(q, v) for v in q.variants if v.name in names}
+        if regimes:
+            return "/".join(sorted(regimes))
+    return getattr(q, "regime", None) or DEFAULT_REGIME
+
+
+def time_to_target(run: dict, unit: str = "epochs") -> tuple[float, bool]:
+    """When ``run`` first reached its target validation accuracy (``config
+    ["target_accuracy"]``), in epochs or optimizer steps, and whether it did.
+
+    A run that never reached it (also one that diverged, or had no target) is censored
+    at its budget: ``(config epochs, False)`` in epochs, times the steps per epoch in
+    steps. Steps: the run's ``curves["steps"]`` (optimizer steps after each epoch) where
+    stored, else epochs x ``metrics["steps_per_epoch"]`` if stored, else epochs x
+    ``n_train // batch_size`` (the study drops an incomplete last batch).
+    """
+    if unit not in ("epochs", "steps"):
+        raise ValueError(f"unit: expected 'epochs' or 'steps', got {unit!r}")
+    config = run["config"]
+    target = config.get("target_accuracy")
+    epoch = None
+    if target is not None:
+        epoch = next((i + 1 for i, accuracy in enumerate(run["curves"].get("val_acc") or [])
+                      if accuracy is not None and accuracy >= target), None)
+    reached = epoch is not None
+    epochs = float(epoch if reached else config["epochs"])
+    if unit == "epochs":
+        return epochs, reached
+    steps = run["curves"].get("steps") or []
+    if reached and len(steps) >= epoch:
+        return float(steps[epoch - 1]), reached
+    per_epoch = (run["metrics"].get("steps_per_epoch")
+                 or config["n_train"] // config["batch_size"])
+    return epochs * per_epoch, reached
+
+
+def seconds_per_epoch(run: dict) -> float:
+    """Training seconds per epoch (evaluation excluded): the stored
+    ``metrics["seconds_per_epoch"]``, else ``train_seconds`` over the epochs run; NaN
+    for a run that diverged (its last epoch stopped part-way)."""
+    metrics = run["metrics"]
+    if run["status"] != "ok":
+        return math.nan
+    if metrics.get("seconds_per_epoch") is not None:
+        return float(metrics["seconds_per_epoch"])
+    epochs = metrics.get("epochs_run") or len(run["curves"].get("epoch") or [])
+    seconds = metrics.get("train_seconds")
+    if not epochs or seconds is None or not math.isfinite(seconds):
+        return math.nan
+    return float(seconds) / epochs
+
+
+def still_rising(run: dict) -> bool | None:
+    """Whether the run's validation accuracy was still improving at the end: its best
+    epoch (the earliest on ties) lies in the last :data:`RISING_FRACTION` of its epochs,
+    at least the last one. None for a diverged run or one of fewer than 2 epochs."""
+    curve = run.get("curves", {}).get("val_acc") or []
+    if run["status"] != "ok" or len(curve) < 2:
+        return None
+    values = [v if v is not None and math.isfinite(v) else -math.inf for v in curve]
+    best = values.index(max(values))
+    window = max(1, math.ceil(RISING_FRACTION * len(values)))
+    return best >= len(values) - window
+
+
+def _rising_labels(q, names, by_variant) -> list[str]:
+    """The labels of the variants ``names`` most of whose runs were still rising."""
+    labels = []
+    for name in names:
+        flags = [still_rising(run) for run in by_variant[name].values()]
+        flags = [f for f in flags if f is not None]
+        if flags and 2 * sum(flags) > len(flags):
+            labels.append(q.variant(name).label)
+    return labels
 
 
 def _runs_of(q, entries, runs) -> dict[str, dict[int, dict]]:
@@ -126,11 +256,23 @@ class ClaimResult:
     adjusted for the whole study's claims (:func:`adjust_claims`), and for equivalence
     and divergence claims their own tests.
 
-    ``verdict`` is the adjusted verdict (Holm); ``raw_verdict`` the unadjusted one.
-    ``test`` is ``"paired t"`` or ``"exact McNemar"`` (divergence claims, on the counts
-    ``only_plus_diverged`` / ``only_minus_diverged`` of seeds where only one side
-    diverged). Equivalence claims: ``margin``, the TOST p-value ``tost_p`` (raw and
-    ``tost_p_holm``) and its 90% interval ``tost_low``/``tost_high``.
+    ``verdict`` is the adjusted verdict (Holm); ``raw_verdict`` the unadjusted one;
+    :attr:`overall_verdict` adds "equivalent". ``test`` is ``"paired t"``, ``"exact
+    McNemar"`` (divergence claims, on the counts ``only_plus_diverged`` /
+    ``only_minus_diverged`` of seeds where only one side diverged) or ``"exact sign"``
+    (times to the target, :data:`TIME_METRICS`: ``plus_faster`` / ``minus_faster`` /
+    ``ties`` seeds, a run that never got there being the slower; ``mean``, ``low`` and
+    ``high`` are then the median paired difference and its distribution-free interval,
+    possibly infinite, and ``plus_median`` / ``minus_median`` the Kaplan-Meier medians,
+    ``inf`` when fewer than half the runs got there). Equivalence claims: ``margin``,
+    the TOST p-value ``tost_p`` (raw and ``tost_p_holm``) and its 90% interval
+    ``tost_low``/``tost_high``.
+
+    ``regime`` is the training regime (:func:`regime_of`); ``advice`` the advice in
+    plain words (the claim's ``advice`` if it has one, else its statement);
+    ``rising`` the labels of its variants whose curves were still rising at the end;
+    ``mde`` / ``mde_holm`` the smallest mean difference its paired t-test detects with
+    80% power at ALPHA and at the strictest Holm level (paired t claims only).
     """
 
     question: int
@@ -165,13 +307,42 @@ class ClaimResult:
     tost_p_holm: float = math.nan
     tost_low: float = math.nan
     tost_high: float = math.nan
+    regime: str = DEFAULT_REGIME
+    advice: str = ""
+    rising: list = field(default_factory=list)
+    mde: float = math.nan
+    mde_holm: float = math.nan
+    plus_faster: int = 0
+    minus_faster: int = 0
+    ties: int = 0
+    plus_median: float = math.nan
+    minus_median: float = math.nan
+    plus_reached: int = 0
+    minus_reached: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
     @property
+    def overall_verdict(self) -> str:
+        """supported / contradicted (Holm), else "equivalent" when the claim's TOST
+        shows equivalence after Holm, else inconclusive."""
+        if self.verdict in ("supported", "contradicted"):
+            return self.verdict
+        if self.equivalence_verdict() == "equivalent":
+            return "equivalent"
+        return "inconclusive"
+
+    @property
+    def unit(self) -> str:
+        """The unit of the effect as written: points, epochs, steps or ''."""
+        if self.metric in TIME_METRICS:
+            return self.metric.split("_")[0]
+        return "points" if is_accuracy(self.metric) else ""
+
+    @property
     def _scale(self) -> tuple[float, str]:
-        return (100, " points") if self.metric.endswith("acc") else (1, "")
+        return (100, " points") if self.unit == "points" else (1, "")
 
     def _range(self, low: float, high: float) -> str:
         scale, _ = self._scale
@@ -183,11 +354,15 @@ class ClaimResult:
     def effect_text(self, interval: bool = True) -> str:
         scale, unit = self._scale
         sign = -1 if self.lower_is_better else 1
+        if self.test == "exact sign":
+            return self._time_text(interval)
         if not math.isfinite(self.mean):
             return "no paired seeds yet"
         text = f"{sign * scale * self.mean:+.2f}{unit}"
         if self.lower_is_better:
-            text = f"{sign * scale * self.mean:.3g} lower"
+            # How much lower the expected variant's is; negative: higher.
+            lower = sign * scale * self.mean
+            text = f"{abs(lower):.3g}{unit} {'lower' if lower >= 0 else 'higher'}"
         if not interval:
             return text
         if math.isfinite(self.low):
@@ -196,10 +371,35 @@ class ClaimResult:
             text += f", d_z {self.d_z:.2f}"
         return text + f", {self.n_seeds} seeds"
 
+    def _time_text(self, interval: bool) -> str:
+        """A time claim's effect: the median of (plus - minus) per seed, e.g. "-2
+        epochs"; with ``interval``, its 95% interval, the sign counts and the KM
+        medians."""
+        if self.n_seeds == 0:
+            return "no paired seeds yet"
+        text = f"median {_signed_time(self.mean)} {self.unit}"
+        if not interval:
+            return text
+        if not math.isnan(self.low):
+            text += f", 95% CI {_signed_time(self.low)} to {_signed_time(self.high)}"
+        n = self.n_seeds
+        return (text + f"; first there on {self.plus_faster} of {n} seeds, last on "
+                f"{self.minus_faster}, {self.ties} tied; Kaplan-Meier median "
+                f"{self.medians_text()} (reached by {self.plus_reached}/{n} vs "
+                f"{self.minus_reached}/{n})")
+
+    def medians_text(self) -> str:
+        """The two Kaplan-Meier medians of a time claim, e.g. "72 steps vs never"."""
+        return " vs ".join("never" if math.isinf(m) else f"{_time(m)} {self.unit}"
+                           for m in (self.plus_median, self.minus_median))
+
     def adjusted_interval_text(self) -> str:
         """The interval at Holm's level for this claim, e.g. "+0.12 to +1.84"."""
-        if not math.isfinite(self.adjusted_low):
+        if math.isnan(self.adjusted_low):
             return "–"
+        if self.test == "exact sign":
+            return (f"{_signed_time(self.adjusted_low)} to "
+                    f"{_signed_time(self.adjusted_high)}")
         return self._range(self.adjusted_low, self.adjusted_high)
 
     def counts_text(self) -> str:
@@ -239,13 +439,23 @@ class ClaimResult:
             evidence = (f"{self.counts_text()}, exact McNemar p {_p(self.p)}, Holm "
                         f"{_p(self.p_holm)}, BH {_p(self.p_bh)}; {metric}: "
                         f"{self.effect_text()}{extra}")
+        elif self.test == "exact sign":
+            evidence = (f"{metric}, expected variant minus the other: "
+                        f"{self.effect_text()}; exact sign test p {_p(self.p)}, Holm "
+                        f"{_p(self.p_holm)}, BH {_p(self.p_bh)}; Holm-level interval "
+                        f"{self.adjusted_interval_text()}")
         else:
             evidence = (f"{metric}, {direction}: {self.effect_text()}{extra}; p "
                         f"{_p(self.p)}, Holm {_p(self.p_holm)}, BH {_p(self.p_bh)}; "
                         f"Holm-level interval {self.adjusted_interval_text()}")
         raw = ("" if self.raw_verdict == self.verdict
                else f" {self.raw_verdict.capitalize()} before adjustment.")
-        text = f"{what} on this data: \"{self.statement}\" ({evidence}).{raw}"
+        regime = (f" ({REGIME_TITLES.get(self.regime, self.regime)})"
+                  if self.regime != DEFAULT_REGIME else "")
+        text = f"{what} on this data{regime}: \"{self.statement}\" ({evidence}).{raw}"
+        if self.rising:
+            text += (" Still improving at the end of training: "
+                     f"{', '.join(self.rising)} (a longer budget may change this).")
         if self.margin is not None and math.isfinite(self.tost_p):
             text += (f" The competing advice \"{self.equivalence_advice}\": "
                      f"{self.equivalence_text()}.")
@@ -256,6 +466,21 @@ def _p(p: float) -> str:
     if not math.isfinite(p):
         return "–"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _time(value: float) -> str:
+    """A time in epochs or steps; ``inf``: never within the budget."""
+    if math.isnan(value):
+        return "–"
+    return "never" if math.isinf(value) else f"{value:g}"
+
+
+def _signed_time(value: float) -> str:
+    if math.isnan(value):
+        return "–"
+    if math.isinf(value):
+        return "+∞" if value > 0 else "−∞"
+    return f"{value:+g}" if value else "0"
 
 
 def _verdict_from(p: float, direction: float) -> str:
@@ -295,12 +520,24 @@ def adjust_claims(results: list[ClaimResult], alpha: float = ALPHA) -> list[Clai
             result.tost_p_holm = holm[i]
             continue
         result.p_holm, result.p_bh = holm[i], bh[i]
-        direction = ((result.only_minus_diverged - result.only_plus_diverged)
-                     if result.test == "exact McNemar"
-                     else (-1 if result.lower_is_better else 1) * result.mean)
+        if result.test == "exact McNemar":
+            direction = result.only_minus_diverged - result.only_plus_diverged
+        elif result.test == "exact sign":
+            direction = result.plus_faster - result.minus_faster
+        else:
+            direction = (-1 if result.lower_is_better else 1) * result.mean
         result.raw_verdict = _verdict_from(result.p, direction)
         result.verdict = _verdict_from(result.p_holm, direction)
-        if i in rank_of and result.n_seeds >= 2 and math.isfinite(result.sd):
+        if result.test == "paired t" and math.isfinite(result.sd) and result.n_seeds >= 2:
+            result.mde = minimum_detectable_effect(result.sd, result.n_seeds, alpha)
+            result.mde_holm = minimum_detectable_effect(result.sd, result.n_seeds,
+                                                        alpha / max(1, m))
+        if i in rank_of and result.test == "exact sign":
+            level = 1.0 - alpha / (m - rank_of[i])
+            median = median_interval(result.differences, level)
+            result.adjusted_level = level
+            result.adjusted_low, result.adjusted_high = median.low, median.high
+        elif i in rank_of and result.n_seeds >= 2 and math.isfinite(result.sd):
             level = 1.0 - alpha / (m - rank_of[i])
             half = t_quantile(result.n_seeds - 1, level) * result.sd / math.sqrt(
                 result.n_seeds)
@@ -330,6 +567,9 @@ def claim_results(q, entries, runs) -> list[ClaimResult]:
     by_variant = _runs_of(q, entries, runs)
     results = []
     for claim in q.claims:
+        if claim.metric in TIME_METRICS:
+            results.append(_time_claim(q, claim, by_variant))
+            continue
         names = claim.plus + claim.minus
         seeds = set.intersection(*(set(by_variant[n]) for n in names)) if names else set()
         differences, diverged = [], 0
@@ -352,15 +592,19 @@ def claim_results(q, entries, runs) -> list[ClaimResult]:
         paired = paired_verdict(differences)
         # Store the difference in the metric's own direction (plus - minus).
         sign = -1 if claim.lower_is_better else 1
+        low, high = sorted((sign * paired.difference.low, sign * paired.difference.high))
         result = ClaimResult(
             q.number, claim.statement, claim.source, claim.metric, paired.verdict,
-            sign * paired.difference.mean, sign * paired.difference.low,
-            sign * paired.difference.high, paired.d_z, paired.difference.n, diverged,
+            sign * paired.difference.mean, low, high, paired.d_z, paired.difference.n,
+            diverged,
             claim.lower_is_better, [sign * d for d in differences],
             p=t_p_value(differences), raw_verdict=paired.verdict,
             plus_diverged=plus_diverged, minus_diverged=minus_diverged,
             only_plus_diverged=only_plus, only_minus_diverged=only_minus,
-            margin=claim.equivalence, equivalence_advice=claim.equivalence_advice)
+            margin=claim.equivalence, equivalence_advice=claim.equivalence_advice,
+            regime=regime_of(q, claim),
+            advice=getattr(claim, "advice", "") or claim.statement,
+            rising=_rising_labels(q, names, by_variant))
         if len(differences) >= 2:
             mean = sum(differences) / len(differences)
             result.sd = math.sqrt(sum((d - mean) ** 2 for d in differences)
@@ -380,10 +624,52 @@ def claim_results(q, entries, runs) -> list[ClaimResult]:
     return results
 
 
+def _time_claim(q, claim, by_variant) -> ClaimResult:
+    """A claim that the ``plus`` variant reaches the target accuracy sooner: the exact
+    sign test over the paired seeds, with runs that never get there counted."""
+    if len(claim.plus) != 1 or len(claim.minus) != 1:
+        raise ValueError(f"Q{q.number} {claim.statement!r}: a claim on {claim.metric} "
+                         "compares one variant with one other (censored times do not "
+                         f"add up); got {claim.plus} against {claim.minus}")
+    unit = claim.metric.split("_")[0]
+    plus_runs, minus_runs = by_variant[claim.plus[0]], by_variant[claim.minus[0]]
+    seeds = sorted(set(plus_runs) & set(minus_runs))
+    plus = [time_to_target(plus_runs[s], unit) for s in seeds]
+    minus = [time_to_target(minus_runs[s], unit) for s in seeds]
+    plus_times = [t if reached else math.inf for t, reached in plus]
+    minus_times = [t if reached else math.inf for t, reached in minus]
+    sign = paired_sign_test(plus_times, minus_times)
+    differences = [censored_difference(a, b) for a, b in zip(plus_times, minus_times)]
+    median = median_interval(differences)
+    direction = sign.first_faster - sign.second_faster
+    verdict = _verdict_from(sign.p, direction) if seeds else "inconclusive"
+    diverged = sum(runs[s]["status"] == "diverged" for runs in (plus_runs, minus_runs)
+                   for s in seeds)
+    return ClaimResult(
+        q.number, claim.statement, claim.source, claim.metric, verdict, median.mean,
+        median.low, median.high, math.nan, len(seeds), diverged, True, differences,
+        test="exact sign", p=sign.p if seeds else math.nan, raw_verdict=verdict,
+        margin=None, regime=regime_of(q, claim),
+        advice=getattr(claim, "advice", "") or claim.statement,
+        rising=_rising_labels(q, claim.plus + claim.minus, by_variant),
+        plus_faster=sign.first_faster, minus_faster=sign.second_faster, ties=sign.ties,
+        plus_median=km_median(*zip(*plus)) if plus else math.nan,
+        minus_median=km_median(*zip(*minus)) if minus else math.nan,
+        plus_reached=sum(reached for _, reached in plus),
+        minus_reached=sum(reached for _, reached in minus))
+
+
 @dataclass
 class VariantSummary:
     """One variant over its seeds: counts, intervals of its metrics (over the seeds
-    that did not diverge) and its mean learning curves."""
+    that did not diverge) and its mean learning curves.
+
+    ``epochs_to_target`` / ``seconds_to_target`` average only the runs that reached the
+    target (kept for old callers; the report uses the Kaplan-Meier medians
+    ``median_epochs_to_target`` / ``median_steps_to_target`` over every stored run,
+    ``inf`` when fewer than half of them reached it). ``rising``: runs still improving
+    at the end (:func:`still_rising`) out of ``n_ok``.
+    """
 
     name: str
     label: str
@@ -399,6 +685,16 @@ class VariantSummary:
     reached: int
     curves: dict
     chance: float = math.nan
+    median_epochs_to_target: float = math.nan
+    median_steps_to_target: float = math.nan
+    n_timed: int = 0
+    seconds_per_epoch: Interval = field(default_factory=lambda: mean_interval([]))
+    rising: int = 0
+
+    @property
+    def still_rising(self) -> bool:
+        """Most of its runs were still improving at the end of training."""
+        return self.n_ok > 0 and 2 * self.rising > self.n_ok
 
 
 def variant_summaries(q, entries, runs, n_seeds: int) -> list[VariantSummary]:
@@ -416,13 +712,85 @@ def variant_summaries(q, entries, runs, n_seeds: int) -> list[VariantSummary]:
             return mean_interval(values)
 
         reached = [run for run in ok if run["metrics"].get("epochs_to_target") is not None]
+        timed = {unit: [time_to_target(run, unit) for run in seed_runs.values()]
+                 for unit in ("epochs", "steps")}
+        medians = {unit: km_median(*zip(*times)) if times else math.nan
+                   for unit, times in timed.items()}
         summaries.append(VariantSummary(
             variant.name, variant.label, len(ok), len(seed_runs) - len(ok),
             n_seeds - len(seed_runs), interval("test_acc"), interval("final_train_loss"),
             interval("gap"), interval("train_acc"), interval("epochs_to_target", reached),
             interval("seconds_to_target", reached), len(reached), _mean_curves(ok),
-            next((run["metrics"]["chance"] for run in seed_runs.values()), math.nan)))
+            next((run["metrics"]["chance"] for run in seed_runs.values()), math.nan),
+            medians["epochs"], medians["steps"],
+            sum(reached for _, reached in timed["epochs"]),
+            mean_interval([t for t in map(seconds_per_epoch, ok) if math.isfinite(t)]),
+            sum(bool(still_rising(run)) for run in ok)))
     return summaries
+
+
+@dataclass
+class BnCost:
+    """What BN costs and does to overfitting, for one pair of variants that differ only
+    in BN (paired by seed, over the seeds where both runs trained).
+
+    ``seconds_ratio``: training seconds per epoch with BN over without, the geometric
+    mean of the per-seed ratios with its 95% interval; ``seconds_with`` /
+    ``seconds_without`` the means. ``gap_difference``: the train-test gap with BN minus
+    without (accuracy as a fraction; positive: BN overfits more), 95% t-interval.
+    """
+
+    question: int
+    regime: str
+    with_bn: str
+    without_bn: str
+    seconds_ratio: Interval
+    seconds_with: Interval
+    seconds_without: Interval
+    gap_difference: Interval
+    gap_with: Interval
+    gap_without: Interval
+
+
+def bn_pairs(q) -> list[tuple[Variant, Variant]]:
+    """The pairs (with BN, without BN) of ``q``'s variants whose names differ only in a
+    ``bn`` part against a ``plain`` one (``bn`` / ``plain``, ``bn-lr10`` /
+    ``plain-lr10``, ``sigmoid-bn`` / ``sigmoid-plain``)."""
+    by_name = {variant.name: variant for variant in q.variants}
+    pairs = []
+    for variant in q.variants:
+        # A regime's copy of a variant is named "<name>@<regime>".
+        name, at, regime = variant.name.partition("@")
+        parts = name.split("-")
+        if "bn" in parts:
+            other = "-".join("plain" if part == "bn" else part for part in parts)
+            if other + at + regime in by_name:
+                pairs.append((variant, by_name[other + at + regime]))
+    return pairs
+
+
+def bn_costs(q, entries, runs) -> list[BnCost]:
+    """:class:`BnCost` of each of ``q``'s BN pairs (:func:`bn_pairs`) with stored runs."""
+    by_variant = _runs_of(q, entries, runs)
+    costs = []
+    for with_bn, without_bn in bn_pairs(q):
+        plus, minus = by_variant[with_bn.name], by_variant[without_bn.name]
+        seeds = sorted(s for s in set(plus) & set(minus)
+                       if plus[s]["status"] == "ok" and minus[s]["status"] == "ok")
+        if not seeds:
+            continue
+        seconds = [(seconds_per_epoch(plus[s]), seconds_per_epoch(minus[s])) for s in seeds]
+        gaps = [(plus[s]["metrics"].get("gap", math.nan),
+                 minus[s]["metrics"].get("gap", math.nan)) for s in seeds]
+        gaps = [(a, b) for a, b in gaps if math.isfinite(a) and math.isfinite(b)]
+        costs.append(BnCost(
+            q.number, variant_regime(q, with_bn), with_bn.label, without_bn.label,
+            ratio_interval([a for a, _ in seconds], [b for _, b in seconds]),
+            mean_interval([a for a, _ in seconds if math.isfinite(a)]),
+            mean_interval([b for _, b in seconds if math.isfinite(b)]),
+            mean_interval([a - b for a, b in gaps]),
+            mean_interval([a for a, _ in gaps]), mean_interval([b for _, b in gaps])))
+    return costs
 
 
 def seed_values(q, entries, runs) -> dict[str, list[tuple[float, str]]]:
@@ -447,6 +815,35 @@ def _mean_curves(runs: list[dict]) -> dict:
         curves[key] = means
     curves["epoch"] = list(range(1, length + 1))
     return curves
+
+
+#: The columns of claims.csv, one row per claim (the report's tables show a part).
+CLAIM_COLUMNS = ("question", "regime", "statement", "advice", "metric", "test",
+                 "overall_verdict", "verdict", "raw_verdict", "mean", "low", "high",
+                 "adjusted_level", "adjusted_low", "adjusted_high", "d_z", "sd",
+                 "n_seeds", "p", "p_holm", "p_bh", "mde", "mde_holm", "margin", "tost_p",
+                 "tost_p_holm", "tost_low", "tost_high", "diverged", "plus_diverged",
+                 "minus_diverged", "only_plus_diverged", "only_minus_diverged",
+                 "plus_faster", "minus_faster", "ties", "plus_median", "minus_median",
+                 "plus_reached", "minus_reached", "rising", "source")
+
+
+def write_claims_csv(claims: list[ClaimResult], path: Path) -> None:
+    """One row per claim with every statistic (:data:`CLAIM_COLUMNS`; the metric's own
+    units, accuracies as fractions; empty where not applicable)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CLAIM_COLUMNS)
+        for claim in claims:
+            row = []
+            for name in CLAIM_COLUMNS:
+                value = getattr(claim, name)
+                if isinstance(value, list):
+                    value = "; ".join(map(str, value))
+                elif value is None or (isinstance(value, float) and math.isnan(value)):
+                    value = ""
+                row.append(value)
+            writer.writerow(row)
 
 
 def write_csv(table, path: Path) -> None:

@@ -28,6 +28,15 @@
   for two independent groups.
 * :func:`minimum_detectable_effect`: the smallest mean difference the paired design
   detects with 80% power.
+* Times to a target with runs that never reach it (right-censored at the budget):
+  :func:`kaplan_meier` and :func:`km_median` per variant; between two variants paired
+  by seed, :func:`paired_sign_test` (a run that never reaches the target is slower than
+  any that does, two that never reach it tie) and :func:`median_interval`, the
+  distribution-free interval of the median paired difference (order statistics,
+  infinite where too many runs never reach it). Nothing averages only the runs that
+  reached the target.
+* Ratios (BN's time per epoch): :func:`ratio_interval`, the geometric mean of paired
+  ratios with its t-interval on the log scale.
 
 The t distribution is computed here (regularised incomplete beta function by its
 continued fraction), so that scipy is not needed.
@@ -39,10 +48,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Interval", "PairedResult", "TostResult", "bh_adjust", "binomial_test",
-           "exact_mcnemar", "fisher_exact", "holm_adjust", "mean_interval",
-           "minimum_detectable_effect", "paired_verdict", "t_cdf", "t_p_value",
-           "t_quantile", "tost"]
+__all__ = ["Interval", "PairedResult", "SignTest", "TostResult", "bh_adjust",
+           "binomial_test", "censored_difference", "exact_mcnemar", "fisher_exact",
+           "holm_adjust", "kaplan_meier", "km_median", "mean_interval",
+           "median_interval", "minimum_detectable_effect", "paired_sign_test",
+           "paired_verdict", "ratio_interval", "t_cdf", "t_p_value", "t_quantile",
+           "tost"]
 
 # t(0.975, df) for df = 1..30; beyond, the normal approximation with a 1/df correction.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
@@ -364,3 +375,123 @@ def paired_verdict(differences: Sequence[float], level: float = 0.95) -> PairedR
     else:
         verdict = "inconclusive"
     return PairedResult(verdict, interval, d_z, differences)
+
+
+# --------------------------------------------------------------------------- censored times
+
+
+def kaplan_meier(times: Sequence[float],
+                 reached: Sequence[bool]) -> list[tuple[float, float]]:
+    """The Kaplan-Meier estimate of P(not yet at the target after time t).
+
+    ``times[i]`` is when run ``i`` reached the target if ``reached[i]``, else when it was
+    last seen without reaching it (censored: the end of its budget). Returns the steps
+    ``[(t, S(t))]`` at each time where a run reached the target, in increasing t (S
+    starts at 1 before the first). At a tie, the runs reaching the target count before
+    those censored at the same time (the usual convention).
+    """
+    if len(times) != len(reached):
+        raise ValueError(f"times and reached: expected equal lengths, got {len(times)} "
+                         f"and {len(reached)}")
+    survival, steps = 1.0, []
+    at_risk = len(times)
+    for t in sorted({float(t) for t in times}):
+        events = sum(1 for u, r in zip(times, reached) if r and float(u) == t)
+        censored = sum(1 for u, r in zip(times, reached) if not r and float(u) == t)
+        if events:
+            survival *= 1.0 - events / at_risk
+            steps.append((t, survival))
+        at_risk -= events + censored
+    return steps
+
+
+def km_median(times: Sequence[float], reached: Sequence[bool]) -> float:
+    """The Kaplan-Meier median time to the target: the first time where the estimated
+    fraction not yet there falls to 1/2 or below; ``inf`` if it never does (fewer than
+    half the runs are known to reach it within the budget); NaN without runs."""
+    if not times:
+        return math.nan
+    for t, survival in kaplan_meier(times, reached):
+        if survival <= 0.5 + 1e-12:
+            return t
+    return math.inf
+
+
+@dataclass(frozen=True)
+class SignTest:
+    """The exact sign test of paired times (lower is faster).
+
+    ``first_faster``/``second_faster``: seeds where the first/second variant got there
+    first (a run that never got there is slower than one that did); ``ties`` the others
+    (equal times, or neither got there). ``p``: the two-sided exact binomial p-value of
+    the untied seeds against 1/2 (1 when all tie).
+    """
+
+    first_faster: int
+    second_faster: int
+    ties: int
+    p: float
+
+
+def paired_sign_test(first: Sequence[float], second: Sequence[float]) -> SignTest:
+    """Exact sign test of times paired by seed; ``math.inf`` marks a run that never
+    reached the target (censored at the budget, which both variants share)."""
+    if len(first) != len(second):
+        raise ValueError(f"first and second: expected equal lengths, got {len(first)} "
+                         f"and {len(second)}")
+    first_faster = sum(1 for a, b in zip(first, second) if a < b)
+    second_faster = sum(1 for a, b in zip(first, second) if b < a)
+    ties = len(first) - first_faster - second_faster
+    return SignTest(first_faster, second_faster, ties,
+                    binomial_test(first_faster, first_faster + second_faster))
+
+
+def censored_difference(first: float, second: float) -> float:
+    """``first - second`` for times where ``inf`` means never: 0 if neither got there,
+    +-inf if only one did."""
+    if math.isinf(first) and math.isinf(second):
+        return 0.0
+    return first - second
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> Interval:
+    """The median of ``values`` and its distribution-free interval ``[x_(k), x_(n+1-k)]``
+    (order statistics, inverting the sign test: the largest k with
+    ``2 P(Bin(n, 1/2) <= k - 1) <= 1 - level``).
+
+    Values may be infinite (a paired time difference where one run never reached the
+    target); so may the median and the bounds. NaN interval when n is too small for
+    ``level`` (n = 5 gives at most 93.75%).
+    """
+    ordered = sorted(float(v) for v in values)
+    n = len(ordered)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    middle = n // 2
+    median = (ordered[middle] if n % 2 else
+              ordered[middle] if ordered[middle - 1] == ordered[middle] else
+              0.5 * (ordered[middle - 1] + ordered[middle]))
+    tail, k = 0.0, 0
+    # Grow k while the two tails below x_(k) and above x_(n+1-k) stay within 1 - level.
+    while k < middle:
+        tail += math.comb(n, k) * 0.5 ** n
+        if 2.0 * tail > 1.0 - level + 1e-12:
+            break
+        k += 1
+    if k == 0:
+        return Interval(median, math.nan, math.nan, n)
+    return Interval(median, ordered[k - 1], ordered[n - k], n)
+
+
+def ratio_interval(numerators: Sequence[float], denominators: Sequence[float],
+                   level: float = 0.95) -> Interval:
+    """The geometric mean of the paired ratios ``numerators[i] / denominators[i]`` and
+    its t-interval, computed on the log scale and exponentiated (pairs with a
+    non-positive or non-finite value are left out)."""
+    logs = [math.log(a / b) for a, b in zip(numerators, denominators)
+            if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0]
+    interval = mean_interval(logs, level)
+    if interval.n == 0:
+        return interval
+    return Interval(math.exp(interval.mean), math.exp(interval.low),
+                    math.exp(interval.high), interval.n)

@@ -115,9 +115,17 @@ pub fn valid_range(offset: isize, stride: usize, len: usize, n_out: usize) -> (u
 }
 
 /// Set every lazily initialised global the kernels use (CPU feature and cache detection
-/// in the SIMD dispatch and the GEMM crate, the default thread count) with one tiny call
-/// each, so that later calls only read them.
+/// in the SIMD dispatch and the GEMM crate, the default thread count, the epoch collector
+/// of rayon's deques) with one tiny call each, so that later calls only read them.
+///
+/// Fork safety needs this, not only speed: a global initialised behind a `Once` by a pool
+/// thread at the moment another thread forks stays "being initialised" forever in the
+/// child, where that thread does not exist, and the child's first thread to need it waits
+/// forever. The epoch collector is such a global: the first pool thread that steals work
+/// initialises it, which may be exactly when the calling program forks (the first kernel
+/// call from one thread while another forks).
 pub fn warm_up() {
+    drop(crossbeam_epoch::pin());
     let _ = crate::simd::backend();
     let _ = crate::parallel::num_threads();
     let _ = crate::memory::physical_bytes();
