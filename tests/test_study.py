@@ -454,8 +454,8 @@ def test_adjustment_can_turn_a_raw_verdict_inconclusive():
 
 def test_study_marks_equivalence_and_divergence_claims():
     settings = questions.settings_for("fashion-mnist", "fashion-mnist", False, 60000)
-    claims = {(c.statement, c.regime): c for q in questions.build_questions(settings)
-              for c in q.claims}
+    claims = {(c.statement, results.regime_of(q, c)): c
+              for q in questions.build_questions(settings) for c in q.claims}
     assert len(claims) == 77   # each (advice, regime) once
     assert {regime for _, regime in claims} == {"short", "overfit"}
     marked = {s for s, c in claims.items() if c.equivalence is not None}
@@ -518,7 +518,7 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     assert re.search(r"\| \[Q3\]\(#q3\) BN before the activation beats BN after it \| "
                      r"(\*\*)?(supported|contradicted|equivalent|inconclusive)", text)
     claims_csv = (tmp_path / "claims.csv").read_text().splitlines()
-    assert len(claims_csv) == 1 + 3 and claims_csv[0].startswith("question,regime,")
+    assert len(claims_csv) == 1 + 8 + 1 and claims_csv[0].startswith("question,regime,")
     assert "What BN costs" in text and (tmp_path / "bn-cost.csv").is_file()
     assert "Smallest effect this design detects" in text and "Holm's step-down" in text
     assert "BN before the activation beats BN after it" in text and "## Method" in text
@@ -589,10 +589,12 @@ def test_regimes_budgets_and_the_new_variants():
         assert q.regimes == ("short", "overfit")
         assert {c.regime for c in q.claims} == {"short", "overfit"}
     for q in by_number.values():
-        regimes = {v.name: v.regime for v in q.variants}
-        assert {v.regime for v in q.variants} == set(q.regimes)
+        regimes = {v.name: results.variant_regime(q, v) for v in q.variants}
+        assert set(regimes.values()) == set(q.regimes)
         for claim in q.claims:   # a claim compares variants of its own regime
-            assert {regimes[n] for n in claim.plus + claim.minus} == {claim.regime}
+            regime = results.regime_of(q, claim)
+            assert {regimes[n] for n in claim.plus + claim.minus} == {regime}
+            assert claim.regime in (None, regime)
     entries, jobs = runner.plan(list(by_number.values()), settings, data, "digits")
     for q, variant, seed, key in entries:
         config = jobs[key].config

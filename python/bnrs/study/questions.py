@@ -221,8 +221,9 @@ class Variant:
     """One network and its training overrides within a question.
 
     ``group`` and ``x`` place it on a sweep plot (e.g. group "BN", x = batch size).
-    ``regime`` (one of :data:`REGIMES`) sets its training images and epochs (the
-    question's own budget for "short"); ``optimizer`` overrides the study's, ``init``
+    ``regime`` (one of :data:`REGIMES`; None: "short", as
+    :func:`bnrs.study.results.variant_regime` reads it) sets its training images and
+    epochs (the question's own budget for "short"); ``optimizer`` overrides the study's, ``init``
     is ``"default"`` (PyTorch's) or ``"he"`` (see :class:`bnrs.study.train.RunConfig`).
     """
 
@@ -234,7 +235,7 @@ class Variant:
     init_scale: float = 1.0
     group: str | None = None
     x: float | None = None
-    regime: str = "short"
+    regime: str | None = None
     optimizer: str | None = None
     init: str = "default"
 
@@ -257,9 +258,10 @@ class Claim:
     from a t-test on accuracies (a diverged run is a count, and one at chance among
     trained runs makes the accuracy t-interval meaningless).
 
-    ``regime`` is the training regime (:data:`REGIMES`) its variants were trained in:
-    the same advice tested in two regimes is two claims with the same ``statement``,
-    one verdict per regime.
+    ``regime`` is the training regime (:data:`REGIMES`) its variants were trained in
+    (None: theirs, which :func:`bnrs.study.results.regime_of` reads; :func:`in_regimes`
+    always sets it): the same advice tested in two regimes is two claims with the same
+    ``statement``, one verdict per regime.
 
     ``metric`` is any per-run metric of :func:`bnrs.study.train.train_run`; besides
     ``test_acc`` and ``final_train_loss``: ``gap`` (train minus test accuracy),
@@ -277,7 +279,7 @@ class Claim:
     equivalence: float | None = None
     equivalence_advice: str = ""
     divergence: bool = False
-    regime: str = "short"
+    regime: str | None = None
 
 
 #: The equivalence margin of accuracy claims: ±1 point. Why 1 point: seed-to-seed noise

@@ -118,10 +118,11 @@ def plan(questions: Sequence[Question], settings: Settings, data: bnrs_datasets.
     entries, jobs = [], {}
     for q in questions:
         for variant in q.variants:
-            n_train, epochs = ((q.n_train, q.epochs) if variant.regime == "short"
-                               else settings.budget(variant.regime))
+            regime = variant.regime or "short"
+            n_train, epochs = ((q.n_train, q.epochs) if regime == "short"
+                               else settings.budget(regime))
             # MC dropout is measured where dropout can pay: the overfitting regime.
-            mc_samples = (settings.mc_samples if variant.regime == "overfit"
+            mc_samples = (settings.mc_samples if regime == "overfit"
                           and _has_dropout(variant.architecture) else 0)
             config = RunConfig(
                 dataset=dataset, data_fingerprint=data.fingerprint, n_train=n_train,
@@ -132,7 +133,7 @@ def plan(questions: Sequence[Question], settings: Settings, data: bnrs_datasets.
                 init_scale=variant.init_scale, init=variant.init,
                 n_train_eval=min(settings.n_train_eval, n_train),
                 n_test_curve=min(settings.n_test_curve, len(data.y_test)),
-                target_accuracy=settings.target(variant.regime), mc_samples=mc_samples)
+                target_accuracy=settings.target(regime), mc_samples=mc_samples)
             for seed in range(settings.seeds):
                 key = run_key(config.to_dict(), seed)
                 entries.append((q, variant, seed, key))
