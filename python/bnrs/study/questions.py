@@ -161,7 +161,7 @@ PRESETS: dict[tuple[str, bool], dict] = {
     # 1,510 distinct runs, about 4.1 h of summed run time, so about 2.0 h with 2 jobs on
     # 2 idle cores. Measured as CPU time (one kernel thread per run, on a shared 2-core
     # AMD EPYC with AVX-512) of 3-4 runs of each question, scaled by the cost model
-    # within the question: Q13 (Inception, ResNet) ~72 min, Q10 ~107 min (its 12-layer
+    # within the question: Q13 (Inception, ResNet) ~75 min, Q10 ~107 min (its 12-layer
     # overfitting runs ~45 s each), Q6 ~17 min, Q4 ~14 min, the rest under 10 min each.
     # A loaded machine can take 2-3x the wall time: still within a working day. (Protocol
     # 1's study, 375 runs, took 104.5 min summed, 53 min on 2 idle cores.)
