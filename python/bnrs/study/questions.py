@@ -539,9 +539,10 @@ def _dropout_placement(s: Settings) -> Question:
     Before vs after pooling at matched strength: the same rate before a 2x2 max-pooling
     is a weaker regulariser than after it (the pooling keeps the largest of four
     values, and a dropped one is usually not the largest), so the claim compares conv
-    dropout d{p} after pooling with :data:`BEFORE_POOL_DROPOUT` before it, the rate
-    whose final training loss matched in a calibration on Fashion-MNIST (see the
-    question's note); the same-rate pair is kept as a variant for reference.
+    dropout at the study's conv rate (d0.2) after pooling with
+    :data:`BEFORE_POOL_DROPOUT` before it, the rate whose final training loss matched in
+    a calibration on Fashion-MNIST (see the question's note); the same-rate pair is kept
+    as a variant for reference.
     """
     p, conv_p, dense_p = s.profile, s.conv_dropout, s.dense_dropout
     regimes = ("short", "overfit")
