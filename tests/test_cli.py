@@ -84,7 +84,7 @@ def test_report_only_reuses_the_stored_arguments_and_refuses_others(monkeypatch,
 
 
 def test_report_only_after_a_study_reports_it_unchanged(tmp_path, capsys):
-    study = ["study", "--questions", "1", "--quick", "--seeds", "2", "--epochs", "1",
+    study = ["study", "--questions", "3", "--quick", "--seeds", "2", "--epochs", "1",
              "--n-jobs", "1", "--no-progress", "--out", str(tmp_path)]
     assert cli.main(study) == 0
     saved = (tmp_path / runner.STUDY_FILE).read_bytes()
@@ -129,7 +129,7 @@ def test_usage_and_unknown_commands(capsys):
 
 # --------------------------------------------------------------------------- failures
 
-QUICK = ["study", "--questions", "1", "--quick", "--seeds", "1", "--epochs", "1",
+QUICK = ["study", "--questions", "3", "--quick", "--seeds", "1", "--epochs", "1",
          "--n-jobs", "1", "--no-progress"]
 
 
@@ -227,11 +227,11 @@ def test_unreachable_dask_scheduler(tmp_path, monkeypatch, capsys):
 def test_help_counts_every_question(capsys):
     from bnrs.study.questions import QUESTIONS
 
-    assert cli.N_QUESTIONS == len(QUESTIONS) == 10
+    assert cli.N_QUESTIONS == len(QUESTIONS) == 13
     with pytest.raises(SystemExit):
         cli.main(["study", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "1-9" not in text and "all 10 questions" in text and "1-10" in text
+    assert "1-10" not in text and "all 13 questions" in text and "1-13" in text
 
 
 def test_report_only_on_a_broken_study_file_or_without_runs(tmp_path, capsys):

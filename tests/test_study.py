@@ -236,17 +236,21 @@ def test_identical_configurations_are_shared():
     settings = _small_settings()
     question_list = questions.build_questions(settings, [1, 2, 3])
     entries, jobs = runner.plan(question_list, settings, data, "digits")
-    # Q1 has plain and bn, Q2 repeats both, Q3 repeats bn: 2 + 3 + 1 distinct variants.
-    assert len(entries) == (2 + 5 + 2) * 2
-    assert len(jobs) == (2 + 3 + 1) * 2
+    # Q1 has plain and bn in both regimes, Q2 repeats the short ones, Q3 repeats bn:
+    # 4 + 3 + 1 distinct variants.
+    assert len(entries) == (4 + 5 + 2) * 2
+    assert len(jobs) == (4 + 3 + 1) * 2
+    overfit = {jobs[key].config.n_train for q, v, seed, key in entries
+               if v.regime == "overfit"}
+    assert overfit == {settings.overfit_n_train} and settings.overfit_n_train < settings.n_train
 
 
 def test_report_only_changes_nothing_stored(tmp_path, monkeypatch):
-    _study(tmp_path, questions=[1], seeds=2, epochs=1)
+    _study(tmp_path, questions=[3], seeds=2, epochs=1)
     saved = (tmp_path / runner.STUDY_FILE).read_bytes()
     monkeypatch.setattr(runner, "train_run", _must_not_train)
     # Other arguments only select which stored runs to report (here: none of them).
-    table = _study(tmp_path, questions=[1], seeds=3, epochs=1, report_only=True)
+    table = _study(tmp_path, questions=[3], seeds=3, epochs=1, report_only=True)
     assert len(table) == 6 and (tmp_path / runner.STUDY_FILE).read_bytes() == saved
     assert len(storage.ResultStore(tmp_path)) == 4
     assert runner.stored_arguments(tmp_path)["seeds"] == 2
@@ -287,6 +291,77 @@ def test_same_seed_same_initial_weights_and_order():
                           train._order_stream(3).permutation(10))
 
 
+def test_each_seed_draws_its_own_training_subset():
+    from bnrs import datasets
+
+    data = datasets.load_digits()
+    train.load_split.cache_clear()
+    subsets = {}
+    for seed in (0, 1):
+        again = train.load_split.__wrapped__("digits", 200, 500, seed)
+        first = train.load_split("digits", 200, 500, seed)
+        assert np.array_equal(first[1], again[1]) and np.array_equal(first[2], again[2])
+        subsets[seed] = first
+    (_, train0, val0), (_, train1, val1) = subsets[0], subsets[1]
+    assert np.array_equal(val0, val1)                        # the validation set is fixed
+    assert len(train0) == len(train1) == 500
+    assert not np.isin(train0, val0).any() and not np.isin(train1, val1).any()
+    assert set(train0) != set(train1)                        # each seed its own images
+    counts = [np.bincount(data.y_train[t], minlength=10) for t in (train0, train1)]
+    assert np.abs(counts[0] - counts[1]).max() <= 1          # both stratified
+    # The same seed's subset, whatever else is in the cache: bit for bit.
+    train.load_split.cache_clear()
+    assert np.array_equal(train.load_split("digits", 200, 500, 0)[1], train0)
+
+
+def test_he_initialisation_keeps_the_pairing():
+    he = train.build_network(train.RunConfig("digits", "", 100, 50, "c4-relu-mp2-fc8-relu",
+                                             init="he"), (1, 8, 8), 10, seed=3)
+    with_dropout = train.build_network(
+        train.RunConfig("digits", "", 100, 50, "c4-relu-mp2-d0.2-fc8-relu-d0.5", init="he"),
+        (1, 8, 8), 10, seed=3)
+    default = train.build_network(
+        train.RunConfig("digits", "", 100, 50, "c4-relu-mp2-fc8-relu"), (1, 8, 8), 10, seed=3)
+    for layer, twin, other in zip(train._parametric_layers(he),
+                                  train._parametric_layers(with_dropout),
+                                  train._parametric_layers(default)):
+        assert np.array_equal(layer.weight.data, twin.weight.data)
+        assert not np.any(layer.bias.data) and not np.array_equal(layer.weight.data,
+                                                                  other.weight.data)
+    # fc8 after 4 x 4 x 4 inputs: N(0, 2 / 64), std 0.177 (512 weights: within 20%).
+    assert np.std(he[4].weight.data) == pytest.approx(math.sqrt(2 / 64), rel=0.2)
+    with pytest.raises(ValueError, match="init"):
+        train.build_network(train.RunConfig("digits", "", 100, 50, "c4", init="xavier"),
+                            (1, 8, 8), 10, seed=3)
+
+
+def test_run_metrics_for_the_statistics():
+    from bnrs import datasets
+
+    data = datasets.load_digits()
+    config = train.RunConfig("digits", data.fingerprint, 300, 100,
+                             "c4-relu-mp2-fc16-relu-d0.5", epochs=3, batch_size=32, lr=0.01,
+                             n_train_eval=100, n_test_curve=100, target_accuracy=0.5,
+                             mc_samples=3)
+    result = train.train_run(config, 0)
+    metrics, curves = result["metrics"], result["curves"]
+    assert metrics["steps_per_epoch"] == 300 // 32 and metrics["steps_run"] == 3 * 9
+    assert curves["steps"] == [9, 18, 27] and len(curves["epoch_seconds"]) == 3
+    assert len(curves["val_loss"]) == len(curves["test_loss"]) == 3
+    assert metrics["target_reached"] and metrics["steps_to_target"] in curves["steps"]
+    assert metrics["diverged"] is False
+    assert metrics["seconds_per_epoch"] == pytest.approx(sum(curves["epoch_seconds"]) / 3)
+    assert 1 <= metrics["val_loss_min_epoch"] <= 3 and metrics["val_loss_rise"] >= 0
+    assert metrics["mc_gain"] == pytest.approx(metrics["mc_test_acc"] - metrics["test_acc"])
+    # The same seed: the same MC passes, bit for bit.
+    assert train.train_run(config, 0)["metrics"]["mc_test_acc"] == metrics["mc_test_acc"]
+    unreachable = train.train_run(train.RunConfig(
+        "digits", data.fingerprint, 300, 100, "c4-relu-mp2-fc16-relu", epochs=1,
+        n_train_eval=100, n_test_curve=100, target_accuracy=1.01), 0)["metrics"]
+    assert unreachable["steps_to_target"] is None and not unreachable["target_reached"]
+    assert "mc_test_acc" not in unreachable
+
+
 def test_a_diverging_run_is_recorded_not_raised():
     from bnrs import datasets
 
@@ -294,7 +369,7 @@ def test_a_diverging_run_is_recorded_not_raised():
     config = train.RunConfig("digits", data.fingerprint, 200, 100, "c4-relu-mp2-fc8-relu",
                              lr=1e6, epochs=2, n_train_eval=100, n_test_curve=100)
     result = train.train_run(config, 0)
-    assert result["status"] == "diverged"
+    assert result["status"] == "diverged" and result["metrics"]["diverged"] is True
     assert result["metrics"]["diverged_reason"]
 
 
@@ -379,15 +454,24 @@ def test_adjustment_can_turn_a_raw_verdict_inconclusive():
 
 def test_study_marks_equivalence_and_divergence_claims():
     settings = questions.settings_for("fashion-mnist", "fashion-mnist", False, 60000)
-    claims = {c.statement: c for q in questions.build_questions(settings) for c in q.claims}
-    assert len(claims) == 31
+    claims = {(c.statement, results.regime_of(q, c)): c
+              for q in questions.build_questions(settings) for c in q.claims}
+    assert len(claims) == 77   # each (advice, regime) once
+    assert {regime for _, regime in claims} == {"short", "overfit"}
     marked = {s for s, c in claims.items() if c.equivalence is not None}
-    assert "Adding dropout to a BN network still helps" in marked
-    assert "Dropout after BN beats dropout before BN" in marked
+    for regime in ("short", "overfit"):
+        assert ("Adding dropout to a BN network still helps", regime) in marked
+        assert ("Dropout after BN beats dropout before BN", regime) in marked
+        inception = ("BN without dropout generalises at least as well as dropout without "
+                     "BN (inception)")
+        assert (inception, regime) in marked
+    assert ("MC dropout (20 passes) beats the deterministic pass (dense d0.5)",
+            "overfit") in marked
     assert all(claims[s].equivalence == questions.EQUIVALENCE_MARGIN
                and claims[s].equivalence_advice for s in marked)
     assert [s for s, c in claims.items() if c.divergence] == [
-        "With BN fewer runs diverge at a 30x learning rate"]
+        ("With BN fewer runs diverge at a 30x learning rate (Adam)", "short"),
+        ("With BN fewer runs diverge at a 30x learning rate (SGD + momentum 0.9)", "short")]
 
 
 def test_summary_table_first_in_the_report():
@@ -422,9 +506,9 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     table = _study(tmp_path)
     for name in ("report.md", "report.html", "results.csv", "results.sqlite", "study.json"):
         assert (tmp_path / name).is_file(), name
-    assert len(table) == (2 + 2) * 2 and len(table.where(question=3)) == 4
+    assert len(table) == (4 + 2) * 2 and len(table.where(question=3)) == 4
     assert {row["status"] for row in table} <= {"ok", "diverged"}
-    assert len(table.verdicts) == 3
+    assert len(table.verdicts) == 8 + 1
     assert {v["verdict"] for v in table.verdicts} <= {"supported", "contradicted",
                                                       "inconclusive"}
     text = (tmp_path / "report.md").read_text()
@@ -434,7 +518,7 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     assert re.search(r"\| \[Q3\]\(#q3\) BN before the activation beats BN after it \| "
                      r"(\*\*)?(supported|contradicted|equivalent|inconclusive)", text)
     claims_csv = (tmp_path / "claims.csv").read_text().splitlines()
-    assert len(claims_csv) == 1 + 3 and claims_csv[0].startswith("question,regime,")
+    assert len(claims_csv) == 1 + 8 + 1 and claims_csv[0].startswith("question,regime,")
     assert "What BN costs" in text and (tmp_path / "bn-cost.csv").is_file()
     assert "Smallest effect this design detects" in text and "Holm's step-down" in text
     assert "BN before the activation beats BN after it" in text and "## Method" in text
@@ -473,7 +557,7 @@ def _must_not_train(*args, **kwargs):
 
 def test_report_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "load_pyplot", lambda: None)
-    _study(tmp_path, questions=[1], seeds=1, epochs=1)
+    _study(tmp_path, questions=[3], seeds=1, epochs=1)
     text = (tmp_path / "report.md").read_text()
     assert "not drawn: matplotlib is not installed" in text and "![" not in text
 
@@ -484,7 +568,7 @@ def test_quick_plan_covers_every_question():
     data = datasets.load_digits()
     settings = questions.settings_for("digits", "small", True, len(data.y_train))
     question_list = questions.build_questions(settings)
-    assert [q.number for q in question_list] == list(range(1, 11))
+    assert [q.number for q in question_list] == list(range(1, 14))
     assert all(q.claims for q in question_list)
     for q in question_list:
         names = {v.name for v in q.variants}
@@ -492,6 +576,52 @@ def test_quick_plan_covers_every_question():
             assert set(claim.plus + claim.minus) <= names, (q.number, claim.statement)
     with pytest.raises(ValueError, match="unknown"):
         questions.build_questions(settings, [42])
+
+
+def test_regimes_budgets_and_the_new_variants():
+    from bnrs import datasets
+
+    data = datasets.load_digits()
+    settings = questions.settings_for("digits", "small", True, len(data.y_train))
+    by_number = {q.number: q for q in questions.build_questions(settings)}
+    for number in (4, 5, 13):   # the dropout questions run in both regimes
+        q = by_number[number]
+        assert q.regimes == ("short", "overfit")
+        assert {c.regime for c in q.claims} == {"short", "overfit"}
+    for q in by_number.values():
+        regimes = {v.name: results.variant_regime(q, v) for v in q.variants}
+        assert set(regimes.values()) == set(q.regimes)
+        for claim in q.claims:   # a claim compares variants of its own regime
+            regime = results.regime_of(q, claim)
+            assert {regimes[n] for n in claim.plus + claim.minus} == {regime}
+            assert claim.regime in (None, regime)
+    entries, jobs = runner.plan(list(by_number.values()), settings, data, "digits")
+    for q, variant, seed, key in entries:
+        config = jobs[key].config
+        if variant.regime == "overfit":
+            assert (config.n_train, config.epochs) == settings.budget("overfit")
+            assert config.target_accuracy == settings.overfit_target_accuracy
+            assert config.mc_samples == (settings.mc_samples if "-d" in config.architecture
+                                         or "-sd" in config.architecture else 0)
+        else:
+            assert (config.n_train, config.epochs) == (q.n_train, q.epochs)
+            assert config.mc_samples == 0
+    q6 = by_number[6]
+    assert {v.name.split("-b")[0] for v in q6.variants} == {"plain", "bn", "brn", "gn", "ln",
+                                                           "bn-conv"}
+    assert "gn4" in q6.variant("gn-b2").architecture
+    assert q6.variant("bn-conv-b2").architecture.count("-bn-") == 2
+    q7 = by_number[7]
+    assert q7.variant("plain-sgd-lr30").optimizer == "sgd"
+    assert q7.variant("plain-sgd-lr30").lr == pytest.approx(30 * settings.sgd_lr)
+    assert {jobs[k].config.optimizer for _, v, _, k in entries if v.name == "bn-lr10"} == {
+        "adam"}
+    q10 = by_number[10]
+    assert q10.variant("plain-he-depth12").init == "he"
+    assert not any("helps more" in c.statement for c in q10.claims)
+    q13 = by_number[13]
+    assert "_nobn" in q13.variant("inc-drop").architecture
+    assert q13.variant("res-bn-drop@overfit").architecture.endswith("-fc32-bn-relu-d0.5")
 
 
 _KILLED_STUDY = textwrap.dedent("""
@@ -505,7 +635,7 @@ _KILLED_STUDY = textwrap.dedent("""
             time.sleep(600)
         return real(config, seed, n_threads)
     runner.train_run = slow_third
-    runner.run(questions=[1], dataset="digits", quick=True, seeds=2, epochs=1,
+    runner.run(questions=[3], dataset="digits", quick=True, seeds=2, epochs=1,
                out=sys.argv[1], progress=False, n_jobs=1)
 """)
 
@@ -530,7 +660,7 @@ def test_killed_study_keeps_whole_rows_and_resumes(tmp_path):
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     for run in store.get().values():   # whole rows: every field parses
         assert run["curves"]["epoch"] == [1] and math.isfinite(run["metrics"]["test_acc"])
-    table = _study(tmp_path, questions=[1], seeds=2, epochs=1)
+    table = _study(tmp_path, questions=[3], seeds=2, epochs=1)
     assert len(storage.ResultStore(tmp_path)) == 4 and len(table) == 4
 
 
@@ -555,7 +685,7 @@ def test_dask_backend_on_a_local_cluster(tmp_path):
     distributed = pytest.importorskip("dask.distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:
-        table = _study(tmp_path, questions=[1], seeds=2, epochs=1, backend="dask",
+        table = _study(tmp_path, questions=[3], seeds=2, epochs=1, backend="dask",
                        scheduler=cluster.scheduler_address, n_jobs=-1)
     assert len(table) == 4 and all(row["status"] in ("ok", "diverged") for row in table)
     assert len(storage.ResultStore(tmp_path)) == 4
@@ -583,7 +713,7 @@ def test_dask_runs_every_job_on_a_single_one_thread_worker(tmp_path, monkeypatch
             distributed.Client(cluster) as client:
         (worker,) = client.scheduler_info()["workers"]
         before = client.run(lambda dask_worker: dask_worker.state.transition_counter)[worker]
-        table = _study(tmp_path, questions=[1], seeds=2, epochs=1, backend="dask",
+        table = _study(tmp_path, questions=[3], seeds=2, epochs=1, backend="dask",
                        scheduler=cluster.scheduler_address, n_jobs=-1)
         after = client.run(lambda dask_worker: dask_worker.state.transition_counter)[worker]
     assert len(table) == 4 and len(storage.ResultStore(tmp_path)) == 4

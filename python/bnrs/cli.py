@@ -18,7 +18,7 @@ from collections.abc import Sequence
 __all__ = ["bench_parser", "main", "parse_bench_args", "study_parser"]
 
 
-N_QUESTIONS = 10   # bnrs.study.questions.QUESTIONS (not imported here: --help stays fast)
+N_QUESTIONS = 13   # bnrs.study.questions.QUESTIONS (not imported here: --help stays fast)
 
 
 def study_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def study_parser() -> argparse.ArgumentParser:
                              "questions, each against the first, e.g. "
                              "c16-relu-mp2-fc64 c16-bn-relu-mp2-fc64")
     parser.add_argument("--seeds", type=_positive_int, metavar="N",
-                        help="seeds per variant (default 5; --quick: 3 on digits, 2 on "
+                        help="seeds per variant (default 10; --quick: 3 on digits, 2 on "
                              "Fashion-MNIST)")
     parser.add_argument("--epochs", type=_positive_int, metavar="N",
                         help="epochs per run (default: the dataset's budget)")

@@ -163,12 +163,16 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int):
     return train, test
 
 
-def split_indices(y: np.ndarray, n_val: int, n_train: int | None, seed: int = 0):
-    """The study's fixed split of a training set: validation indices, training subset.
+def split_indices(y: np.ndarray, n_val: int, n_train: int | None, seed: int = 0,
+                  subset_seed=None):
+    """The study's split of a training set: validation indices, training subset.
 
     ``n_val`` images are held out for validation, stratified by class; from the rest a
     stratified subset of ``n_train`` images (all when None or larger) is the training
     subset. The same seed gives the same split, whatever the network or its seed.
+    ``subset_seed`` (anything :func:`numpy.random.default_rng` takes), if given, draws
+    the training subset and its order instead, so that the validation set stays the
+    one of ``seed`` while each run's seed draws its own subset.
 
     Returns
     -------
@@ -181,6 +185,8 @@ def split_indices(y: np.ndarray, n_val: int, n_train: int | None, seed: int = 0)
         raise ValueError(f"n_val: expected 1 .. {len(y) - 1}, got {n_val}")
     rng = np.random.default_rng(seed)
     val, rest = _stratified_subset(y, np.arange(len(y)), n_val, rng)
+    if subset_seed is not None:
+        rng = np.random.default_rng(subset_seed)
     if n_train is not None and n_train < len(rest):
         rest, _ = _stratified_subset(y, rest, n_train, rng)
     return rng.permutation(rest), val

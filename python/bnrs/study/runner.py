@@ -105,7 +105,7 @@ def _cost(config: RunConfig) -> float:
     """Relative cost of a run: per-step overhead makes small batches dear (measured)."""
     per_epoch = (config.n_train * (1.0 + 10.8 / config.batch_size)
                  + 0.45 * (config.n_val + config.n_train_eval + config.n_test_curve))
-    return config.epochs * per_epoch + 0.45 * 10_000
+    return config.epochs * per_epoch + 0.45 * 10_000 * (1 + config.mc_samples)
 
 
 def _dataset_kind(data: bnrs_datasets.Dataset) -> str:
@@ -118,21 +118,32 @@ def plan(questions: Sequence[Question], settings: Settings, data: bnrs_datasets.
     entries, jobs = [], {}
     for q in questions:
         for variant in q.variants:
+            regime = variant.regime or "short"
+            n_train, epochs = ((q.n_train, q.epochs) if regime == "short"
+                               else settings.budget(regime))
+            # MC dropout is measured where dropout can pay: the overfitting regime.
+            mc_samples = (settings.mc_samples if regime == "overfit"
+                          and _has_dropout(variant.architecture) else 0)
             config = RunConfig(
-                dataset=dataset, data_fingerprint=data.fingerprint, n_train=q.n_train,
+                dataset=dataset, data_fingerprint=data.fingerprint, n_train=n_train,
                 n_val=settings.n_val, architecture=variant.architecture,
-                optimizer=settings.optimizer,
+                optimizer=variant.optimizer or settings.optimizer,
                 lr=variant.lr if variant.lr is not None else settings.lr,
-                batch_size=variant.batch_size or settings.batch_size, epochs=q.epochs,
-                init_scale=variant.init_scale, n_train_eval=min(settings.n_train_eval,
-                                                                q.n_train),
+                batch_size=variant.batch_size or settings.batch_size, epochs=epochs,
+                init_scale=variant.init_scale, init=variant.init,
+                n_train_eval=min(settings.n_train_eval, n_train),
                 n_test_curve=min(settings.n_test_curve, len(data.y_test)),
-                target_accuracy=settings.target_accuracy)
+                target_accuracy=settings.target(regime), mc_samples=mc_samples)
             for seed in range(settings.seeds):
                 key = run_key(config.to_dict(), seed)
                 entries.append((q, variant, seed, key))
                 jobs.setdefault(key, Job(key, config, seed, _cost(config)))
     return entries, jobs
+
+
+def _has_dropout(architecture: str) -> bool:
+    return any(token.kind in ("dropout", "spatial_dropout")
+               for token in nn.parse(architecture))
 
 
 _PARENT_POLL_SECONDS = 0.5

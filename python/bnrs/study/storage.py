@@ -216,7 +216,8 @@ class ResultStore:
             return connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
 
 
-_KEEP_NONE = {"epochs_to_target", "seconds_to_target", "diverged_reason"}
+_KEEP_NONE = {"epochs_to_target", "steps_to_target", "seconds_to_target",
+              "val_loss_min_epoch", "diverged_reason"}
 
 
 def _nan_for_none(value):
