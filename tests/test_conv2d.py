@@ -43,7 +43,7 @@ CASES = {
     # The padded image is larger than its unfolded matrix: rows test their bounds.
     "large_padding_strided_bounds_path": ((2, 8, 9, 9), (3, 8, 3, 3), 4, 3, 1, True),
     # Stride 1 with more than 32 unfolded rows: the direct kernels on the zero-padded frame
-    # with AVX-512; from 28x28 outputs the weight gradient too. Odd sizes, channels that
+    # with AVX-512; from 14x14 outputs the weight gradient too. Odd sizes, channels that
     # leave partial register tiles, rectangular dilated kernels.
     "direct_frame_odd_sizes": ((3, 5, 29, 31), (7, 5, 3, 3), 1, 1, 1, True),
     "direct_frame_rect_dilated": ((2, 6, 30, 28), (9, 6, 3, 2), 1, (2, 1), (2, 1), False),

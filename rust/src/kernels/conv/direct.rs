@@ -536,24 +536,30 @@ fn weight_grad_tiles<const R: usize, const S: usize, const FUSED: bool>(
             for i in 0..images.count {
                 let frame = &images.frames[i * images.frame_len..][..images.frame_len];
                 let grads = &images.grads[i * images.grad_len + co * computed..][..R * computed];
-                let mut j = 0;
-                while j < computed {
-                    // An opaque position keeps the vectoriser off this loop (see unroll!).
-                    let at = std::hint::black_box(j);
+                let mut g_rows: [&[f32]; R] = [&[]; R];
+                unroll!(r < R => {
+                    g_rows[r] = &grads[r * computed..][..computed];
+                });
+                let mut x_rows: [&[f32]; S] = [&[]; S];
+                unroll!(s < S => {
+                    x_rows[s] = &frame[offsets[s]..][..computed];
+                });
+                for j in (0..computed).step_by(LANES) {
+                    // An opaque barrier keeps the vectoriser off this loop (see unroll!);
+                    // rows sliced to `computed` above leave one bounds check per step.
+                    std::hint::black_box(());
                     let mut g = [[0.0f32; LANES]; R];
                     unroll!(r < R => {
-                        g[r] = grads[r * computed + at..][..LANES].try_into().expect("a vector");
+                        g[r] = g_rows[r][j..j + LANES].try_into().expect("a vector");
                     });
                     unroll!(s < S => {
-                        let x: [f32; LANES] =
-                            frame[offsets[s] + at..][..LANES].try_into().expect("a vector");
+                        let x: [f32; LANES] = x_rows[s][j..j + LANES].try_into().expect("a vector");
                         unroll!(r < R => {
                             for (a, (&gl, &xl)) in acc[r][s].iter_mut().zip(g[r].iter().zip(&x)) {
                                 *a = multiply_add::<FUSED>(gl, xl, *a);
                             }
                         });
                     });
-                    j += LANES;
                 }
             }
             unroll!(r < R => {
