@@ -84,11 +84,12 @@ impl Plan {
             && !p.is_pointwise();
         let forward = if direct {
             // Stride 1 with AVX-512, where the GEMM's packing and the unfolding cost more
-            // than the 2/(W+2) dropped columns of the flat frame: forward 1.14-1.95x
-            // faster on 64x{16,32}x14x14->{32,16}, 64x{32,64}x7x7->{64,32},
-            // 64x{16,32}x28x28->{32,16}, 32x64x32x32->64 (so the input gradient, this
-            // forward of the transposed convolution, too). With AVX2 it measured 0.96-1.14x
-            // of the GEMM: kept there. (AMD EPYC Zen 5, 1 thread, CPU time.)
+            // than the 2/(W+2) dropped columns of the flat frame. Forward against the GEMM,
+            // builds alternating, 4 rounds: 64x16x14x14->32 1.37x, 64x32x7x7->64 1.18x,
+            // 64x16x28x28->32 1.17x, 32x64x32x32->64 1.29x; 64x32x14x14->16 (the input
+            // gradient of the first, a forward of the transposed convolution) 1.95x. With
+            // AVX2 0.96-1.14x: kept on the GEMM there. (AMD EPYC Zen 5, 1 thread, CPU time,
+            // the machine loaded by other jobs.)
             Forward::Direct(Kernel::forward(level))
         } else if p.col_rows() <= SMALL_K {
             // Few unfolded rows (a first layer on one or three channels, 3×3): a GEMM with
@@ -132,10 +133,10 @@ impl Plan {
             weight_grad_group,
             weight_grad_images: images.min(weight_grad_group),
             backward_rows: backward_rows(p),
-            // Beside the forward's, from 14×14 outputs: weight gradient 1.36x faster on
-            // 64x16x14x14->32, 1.52x on 64x16x28x28->32, 2.75x on 32x64x32x32->64, but
-            // 0.69x on 64x32x7x7->64 (7 of 9 flat columns kept, and per image only four
-            // steps of 16 pixels to spread its set-up over).
+            // Beside the forward's, from 14×14 outputs: weight gradient 1.31x faster on
+            // 64x16x14x14->32, 1.37x on 64x16x28x28->32, 2.72x on 32x64x32x32->64 (as
+            // above), but 0.69x on 64x32x7x7->64 (7 of 9 flat columns kept, and per image
+            // only four steps of 16 pixels to spread its set-up over).
             weight_grad_direct: (direct && p.pixels() >= 14 * 14)
                 .then(|| Kernel::weight_grad(level)),
         }
