@@ -42,6 +42,12 @@ CASES = {
     "k3_stride1_padding3_rect_dilated": ((2, 3, 6, 7), (2, 3, 3, 2), 1, (3, 1), (1, 2), True),
     # The padded image is larger than its unfolded matrix: rows test their bounds.
     "large_padding_strided_bounds_path": ((2, 8, 9, 9), (3, 8, 3, 3), 4, 3, 1, True),
+    # Stride 1 with more than 32 unfolded rows: the direct kernels on the zero-padded frame
+    # with AVX-512; from 14x14 outputs the weight gradient too. Odd sizes, channels that
+    # leave partial register tiles, rectangular dilated kernels.
+    "direct_frame_odd_sizes": ((3, 5, 29, 31), (7, 5, 3, 3), 1, 1, 1, True),
+    "direct_frame_rect_dilated": ((2, 6, 30, 28), (9, 6, 3, 2), 1, (2, 1), (2, 1), False),
+    "direct_frame_k5_small_image": ((4, 3, 5, 6), (19, 3, 5, 5), 1, 2, 1, True),
     # Few unfolded rows: the direct (no GEMM) path, with dilation and vertical stride.
     "direct_path_cin3_dilated": ((2, 3, 9, 8), (4, 3, 3, 3), (2, 1), 2, 2, True),
 }

@@ -56,6 +56,17 @@ def _conv_first_layer():
             "grad_bias": grads[2]}
 
 
+def _conv_direct():
+    """Stride 1 on 28x28: with AVX-512, the direct kernels (forward, input and weight
+    gradients)."""
+    _, normal = _data(4)
+    x, w, b = normal(9, 16, 28, 28), normal(16, 16, 3, 3), normal(16)
+    gy = normal(9, 16, 28, 28)
+    grads = F.conv2d_backward(gy, x, w, padding=1)
+    return {"output": F.conv2d(x, w, b, padding=1), "grad_input": grads[0],
+            "grad_weight": grads[1], "grad_bias": grads[2]}
+
+
 def _linear():
     _, normal = _data(2)
     x, w, b, gy = normal(64, 300), normal(100, 300), normal(100), normal(64, 100)
@@ -159,6 +170,8 @@ KERNELS = {
                             {"output", "grad_input", "grad_weight", "grad_bias"}, 19 * 144),
     "conv2d_first_layer": (_conv_first_layer, {"output", "grad_weight", "grad_bias"},
                            8 * 28 * 28),
+    "conv2d_direct": (_conv_direct, {"output", "grad_input", "grad_weight", "grad_bias"},
+                      9 * 28 * 28),
     "linear": (_linear, {"output", "grad_input", "grad_weight", "grad_bias"}, 300),
     "batch_norm_2d_train": (_batch_norm((16, 8, 14, 14), True),
                             {"output", "grad_input", "grad_weight", "grad_bias"}, 16 * 14 * 14),
@@ -289,6 +302,8 @@ GEMM_OUTPUTS = {
     "conv2d": {"output", "grad_input", "grad_weight"},
     "conv2d_image_blocks": {"output", "grad_input", "grad_weight"},
     "conv2d_first_layer": {"grad_weight"},
+    # The GEMM with AVX2, the direct kernels with AVX-512.
+    "conv2d_direct": {"output", "grad_input", "grad_weight"},
     "linear": {"output", "grad_input", "grad_weight"},
 }
 

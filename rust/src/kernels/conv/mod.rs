@@ -10,9 +10,15 @@
 //! itself a convolution (of the output gradient with the flipped, transposed weights);
 //! other strides fold the GEMM's K×P gradient back (col2im).
 //!
+//! With AVX-512, stride-1 convolutions skip the unfolding: a direct kernel reads the
+//! zero-padded image (forward, and so the input gradient; the weight gradient of larger
+//! images).
+//!
 //! Files: `params` (validation, output shape), `plan` (the choice of algorithm),
-//! `unfold` (im2col and col2im, one loop), `microkernel` (the small-K product).
+//! `unfold` (im2col and col2im, one loop), `microkernel` (the small-K product),
+//! `direct` (the direct kernels).
 
+mod direct;
 mod microkernel;
 mod params;
 mod plan;
@@ -96,11 +102,23 @@ pub fn forward_fused(
     epilogue: Epilogue,
     output: &mut [f32],
 ) -> Result<()> {
+    forward_planned(p, &Plan::new(p), input, weight, bias, epilogue, output)
+}
+
+/// [`forward_fused`] by the algorithms of `plan`.
+fn forward_planned(
+    p: &Conv2dParams,
+    plan: &Plan,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    output: &mut [f32],
+) -> Result<()> {
     p.check_lengths(input.len(), weight.len(), output.len())?;
     if let Some(b) = bias {
         crate::error::check_len("bias", b.len(), p.out_channels)?;
     }
-    let plan = Plan::new(p);
     match plan.forward {
         Forward::SmallK { rows } => forward_small_k(
             p,
@@ -136,7 +154,45 @@ pub fn forward_fused(
             plan.unfolding,
             epilogue,
         ),
+        Forward::Direct(kernel) => forward_direct(p, input, weight, bias, output, kernel, epilogue),
     }
+}
+
+/// [`Forward::Direct`].
+fn forward_direct(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    kernel: direct::Kernel,
+    epilogue: Epilogue,
+) -> Result<()> {
+    let pixels = p.pixels();
+    let direct = direct::ForwardPlan::new(p, weight, kernel);
+    let stop = stop_token();
+    output
+        .par_chunks_mut(p.out_channels * pixels)
+        .zip(input.par_chunks(p.image_len()))
+        .try_for_each_init(
+            direct::ForwardScratch::default,
+            |scratch, (out_image, image)| {
+                if stop.is_set() {
+                    return Ok(());
+                }
+                direct.image(p, image, scratch, |co, oh, values| {
+                    let b = bias.map_or(0.0, |b| b[co]);
+                    let at = co * pixels + oh * p.out_w;
+                    for (d, &v) in out_image[at..at + p.out_w].iter_mut().zip(values) {
+                        *d = v + b;
+                    }
+                })?;
+                for plane in out_image.chunks_exact_mut(pixels) {
+                    epilogue.apply(plane);
+                }
+                Ok(())
+            },
+        )
 }
 
 /// [`Forward::SmallK`]: `rows_per_tile` output rows unfolded at a time.
@@ -438,6 +494,25 @@ pub fn backward(
         )?;
         grad_input = None; // done: the loop below computes the weight gradient only
     }
+    if let (Some(kernel), None) = (plan.weight_grad_direct, grad_input.as_ref()) {
+        let direct = direct::WeightGradPlan::new(p, kernel);
+        let stop = stop_token();
+        partials
+            .par_chunks_mut(weight.len())
+            .zip(input.par_chunks(group * p.image_len()))
+            .zip(grad_output.par_chunks(group * out_image))
+            .try_for_each_init(
+                direct::WeightGradScratch::default,
+                |scratch, ((partial, images), grads)| {
+                    if stop.is_set() {
+                        return Ok(());
+                    }
+                    direct.images(p, images, grads, partial, scratch)
+                },
+            )?;
+        sum_partials(&partials, grad_weight);
+        return Ok(());
+    }
     let grad_input_groups: Vec<Option<&mut [f32]>> = match grad_input {
         Some(gx) => {
             crate::error::check_len("grad_input", gx.len(), input.len())?;
@@ -550,14 +625,20 @@ pub fn backward(
             }
             Ok(())
         })?;
+    sum_partials(&partials, grad_weight);
+    Ok(())
+}
+
+/// `grad_weight` = the groups' partial gradients added in order.
+fn sum_partials(partials: &[f32], grad_weight: &mut [f32]) {
+    let len = grad_weight.len();
     grad_weight.par_iter_mut().enumerate().for_each(|(i, g)| {
         let mut total = 0.0f32;
-        for part in partials.chunks_exact(weight.len()) {
+        for part in partials.chunks_exact(len) {
             total += part[i];
         }
         *g = total;
     });
-    Ok(())
 }
 
 /// The scratch of [`backward_image_tiled`], reused from tile to tile and image to image.
@@ -636,9 +717,10 @@ fn backward_image_tiled(
 pub(super) mod tests {
     use super::*;
     use crate::error::Error;
+    use crate::simd::Level;
 
     /// Direct definition of the convolution, for comparison.
-    fn naive(p: &Conv2dParams, x: &[f32], w: &[f32]) -> Vec<f32> {
+    pub(super) fn naive(p: &Conv2dParams, x: &[f32], w: &[f32]) -> Vec<f32> {
         let mut y = vec![0.0f32; p.output_shape().iter().product()];
         for n in 0..p.batch {
             for co in 0..p.out_channels {
@@ -699,44 +781,86 @@ pub(super) mod tests {
             ([1, 64, 21, 30], [2, 64, 3, 3], (2, 1), (0, 1), (1, 1)),
         ] {
             let p = Conv2dParams::new(&shape, &wshape, s, pd, d).unwrap();
+            // The GEMM paths (the plan with AVX2), and the direct one where AVX-512 has it.
+            let gemm = Plan::for_level(&p, Level::Avx2);
             if shape[1] == 64 {
                 assert!(
-                    matches!(Plan::new(&p).forward, Forward::TiledIm2col { rows } if rows < p.out_h),
+                    matches!(gemm.forward, Forward::TiledIm2col { rows } if rows < p.out_h),
                     "the case should span several tiles"
                 );
             }
             let x = values(shape.iter().product(), 1);
             let w = values(wshape.iter().product(), 2);
-            let mut y = vec![0.0; p.output_shape().iter().product()];
-            forward(&p, &x, &w, None, &mut y).unwrap();
-            for (a, b) in y.iter().zip(naive(&p, &x, &w)) {
-                assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
+            for plan in [gemm, Plan::for_level(&p, Level::Avx512)] {
+                let mut y = vec![0.0; p.output_shape().iter().product()];
+                forward_planned(&p, &plan, &x, &w, None, Epilogue::default(), &mut y).unwrap();
+                for (a, b) in y.iter().zip(naive(&p, &x, &w)) {
+                    assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{a} vs {b}");
+                }
             }
         }
     }
 
     #[test]
     fn fused_activation_gives_the_bits_of_the_separate_pass() {
-        for (shape, wshape, s, pd, expected) in [
-            ([3, 1, 9, 7], [4, 1, 3, 3], (1, 1), (1, 1), "small"),
-            ([16, 16, 7, 7], [8, 16, 3, 3], (1, 1), (1, 1), "shared"),
-            ([2, 40, 6, 5], [3, 40, 1, 1], (1, 1), (0, 0), "pointwise"),
-            ([2, 64, 20, 30], [3, 64, 3, 3], (2, 1), (1, 1), "tiled"),
+        for (shape, wshape, s, pd, level, expected) in [
+            (
+                [3, 1, 9, 7],
+                [4, 1, 3, 3],
+                (1, 1),
+                (1, 1),
+                Level::Avx2,
+                "small",
+            ),
+            (
+                [16, 16, 7, 7],
+                [8, 16, 3, 3],
+                (1, 1),
+                (1, 1),
+                Level::Avx2,
+                "shared",
+            ),
+            (
+                [2, 40, 6, 5],
+                [3, 40, 1, 1],
+                (1, 1),
+                (0, 0),
+                Level::Avx2,
+                "pointwise",
+            ),
+            (
+                [2, 64, 20, 30],
+                [3, 64, 3, 3],
+                (2, 1),
+                (1, 1),
+                Level::Avx2,
+                "tiled",
+            ),
+            (
+                [16, 16, 7, 7],
+                [8, 16, 3, 3],
+                (1, 1),
+                (1, 1),
+                Level::Avx512,
+                "direct",
+            ),
         ] {
             let p = Conv2dParams::new(&shape, &wshape, s, pd, (1, 1)).unwrap();
-            let path = match Plan::new(&p).forward {
+            let plan = Plan::for_level(&p, level);
+            let path = match plan.forward {
                 Forward::SmallK { .. } => "small",
                 Forward::SharedGemm { .. } => "shared",
                 Forward::Pointwise => "pointwise",
                 Forward::TiledIm2col { rows } if rows < p.out_h => "tiled",
                 Forward::TiledIm2col { .. } => "one tile",
+                Forward::Direct(_) => "direct",
             };
             assert_eq!(path, expected);
             let x = values(shape.iter().product(), 3);
             let w = values(wshape.iter().product(), 4);
             let b = values(wshape[0], 5);
             let mut plain = vec![0.0; p.output_shape().iter().product()];
-            forward(&p, &x, &w, Some(&b), &mut plain).unwrap();
+            forward_planned(&p, &plan, &x, &w, Some(&b), Epilogue::default(), &mut plain).unwrap();
             for act in [
                 Activation::Relu,
                 Activation::LeakyRelu(0.1),
@@ -749,7 +873,7 @@ pub(super) mod tests {
                 let epilogue = Epilogue {
                     activation: Some(act),
                 };
-                forward_fused(&p, &x, &w, Some(&b), epilogue, &mut fused).unwrap();
+                forward_planned(&p, &plan, &x, &w, Some(&b), epilogue, &mut fused).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&fused), bits(&separate), "{path} {act:?}");
             }

@@ -4,8 +4,10 @@
 //! are bit-identical at any number of threads. Measurements are CPU time, 1 thread, from
 //! the commits that introduced each path (git log -- rust/src/kernels/conv*).
 
+use super::direct::{self, Kernel};
 use super::microkernel::SMALL_K;
 use super::Conv2dParams;
+use crate::simd::Level;
 
 /// How the forward runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,6 +22,9 @@ pub(super) enum Forward {
     Pointwise,
     /// Per image, `rows` output rows unfolded at a time, one GEMM per tile.
     TiledIm2col { rows: usize },
+    /// Per image, the direct kernel on the zero-padded frame ([`super::direct`]), with
+    /// the tile of the level.
+    Direct(Kernel),
 }
 
 /// How images are unfolded, and gradients folded back.
@@ -60,12 +65,33 @@ pub(super) struct Plan {
     /// Output rows per unfolded tile of one image in the weight gradient (and the input
     /// gradient by [`InputGrad::GemmFold`]): all of them unless the image is large.
     pub backward_rows: usize,
+    /// The weight gradient by [`super::direct`] with this kernel (per group of images,
+    /// as the GEMM's), or `None` for the GEMM.
+    pub weight_grad_direct: Option<Kernel>,
 }
 
 impl Plan {
+    /// The plan at the SIMD level in use.
     pub(super) fn new(p: &Conv2dParams) -> Self {
+        Plan::for_level(p, crate::simd::level())
+    }
+
+    pub(super) fn for_level(p: &Conv2dParams, level: Level) -> Self {
         let images = images_per_gemm(p);
-        let forward = if p.col_rows() <= SMALL_K {
+        let direct = level == Level::Avx512
+            && direct::handles(p)
+            && p.col_rows() > SMALL_K
+            && !p.is_pointwise();
+        let forward = if direct {
+            // Stride 1 with AVX-512, where the GEMM's packing and the unfolding cost more
+            // than the 2/(W+2) dropped columns of the flat frame. Forward against the GEMM,
+            // builds alternating, 4 rounds: 64x16x14x14->32 1.37x, 64x32x7x7->64 1.18x,
+            // 64x16x28x28->32 1.17x, 32x64x32x32->64 1.29x; 64x32x14x14->16 (the input
+            // gradient of the first, a forward of the transposed convolution) 1.95x. With
+            // AVX2 0.96-1.14x: kept on the GEMM there. (AMD EPYC Zen 5, 1 thread, CPU time,
+            // the machine loaded by other jobs.)
+            Forward::Direct(Kernel::forward(level))
+        } else if p.col_rows() <= SMALL_K {
             // Few unfolded rows (a first layer on one or three channels, 3×3): a GEMM with
             // a tiny inner dimension spends its time packing. 64x1x28x28->16 k3p1
             // forward: 2.5 -> 1.7 ms over the former row-wise direct kernel, and with
@@ -107,6 +133,12 @@ impl Plan {
             weight_grad_group,
             weight_grad_images: images.min(weight_grad_group),
             backward_rows: backward_rows(p),
+            // Beside the forward's, from 14×14 outputs: weight gradient 1.31x faster on
+            // 64x16x14x14->32, 1.37x on 64x16x28x28->32, 2.72x on 32x64x32x32->64 (as
+            // above), but 0.69x on 64x32x7x7->64 (7 of 9 flat columns kept, and per image
+            // only four steps of 16 pixels to spread its set-up over).
+            weight_grad_direct: (direct && p.pixels() >= 14 * 14)
+                .then(|| Kernel::weight_grad(level)),
         }
     }
 }
@@ -214,7 +246,18 @@ fn transposed_params(p: &Conv2dParams) -> Option<Conv2dParams> {
 mod tests {
     use super::*;
 
+    /// The plan with AVX2: the GEMM paths.
     fn plan(input: [usize; 4], weight: [usize; 4], stride: i64, padding: i64) -> Plan {
+        plan_at(input, weight, stride, padding, Level::Avx2)
+    }
+
+    fn plan_at(
+        input: [usize; 4],
+        weight: [usize; 4],
+        stride: i64,
+        padding: i64,
+        level: Level,
+    ) -> Plan {
         let p = Conv2dParams::new(
             &input,
             &weight,
@@ -223,7 +266,7 @@ mod tests {
             (1, 1),
         )
         .unwrap();
-        Plan::new(&p)
+        Plan::for_level(&p, level)
     }
 
     #[test]
@@ -248,6 +291,44 @@ mod tests {
         assert!(matches!(large.forward, Forward::TiledIm2col { rows } if rows < 40));
         let huge_padding = plan([1, 3, 6, 6], [4, 3, 1, 1], 2, 3);
         assert_eq!(huge_padding.unfolding, Unfolding::BoundsTested);
+    }
+
+    #[test]
+    fn direct_kernels_where_avx512_measured_them_faster() {
+        let direct = Kernel::forward(Level::Avx512);
+        let middle = plan_at([64, 16, 14, 14], [32, 16, 3, 3], 1, 1, Level::Avx512);
+        assert_eq!(middle.forward, Forward::Direct(direct));
+        assert_eq!(
+            middle.weight_grad_direct,
+            Some(Kernel::weight_grad(Level::Avx512))
+        );
+        let small = plan_at([64, 32, 7, 7], [64, 32, 3, 3], 1, 1, Level::Avx512);
+        assert_eq!(small.forward, Forward::Direct(direct));
+        assert_eq!(small.weight_grad_direct, None);
+        let InputGrad::Transposed(transposed) = middle.input_grad else {
+            panic!("{:?}", middle.input_grad)
+        };
+        assert_eq!(
+            Plan::for_level(&transposed, Level::Avx512).forward,
+            Forward::Direct(direct)
+        );
+        let larger = plan_at([64, 16, 28, 28], [32, 16, 3, 3], 1, 1, Level::Avx512);
+        assert_eq!(
+            larger.weight_grad_direct,
+            Some(Kernel::weight_grad(Level::Avx512))
+        );
+        // Not: the first layer (small K), strides, pointwise, and any shape with AVX2.
+        for (input, weight, stride, padding) in [
+            ([64, 1, 28, 28], [16, 1, 3, 3], 1, 1),
+            ([64, 16, 28, 28], [32, 16, 3, 3], 2, 1),
+            ([2, 64, 32, 32], [32, 64, 1, 1], 1, 0),
+        ] {
+            let p = plan_at(input, weight, stride, padding, Level::Avx512);
+            assert!(!matches!(p.forward, Forward::Direct(_)) && p.weight_grad_direct.is_none());
+        }
+        assert!(plan([64, 16, 28, 28], [32, 16, 3, 3], 1, 1)
+            .weight_grad_direct
+            .is_none());
     }
 
     #[test]

@@ -15,7 +15,7 @@ const PADDED_GRAD: &str = "conv2d backward: the zero-padded input gradient of an
 /// Copy `src` to `dst` (same length): eight lanes at a time and an overlapping last eight,
 /// so that the short rows of small images do not pay for a call to memcpy.
 #[inline(always)]
-fn copy_row(dst: &mut [f32], src: &[f32]) {
+pub(super) fn copy_row(dst: &mut [f32], src: &[f32]) {
     let n = dst.len();
     debug_assert_eq!(n, src.len());
     if n < 8 {
@@ -36,7 +36,7 @@ fn copy_row(dst: &mut [f32], src: &[f32]) {
 
 /// For each image row (channel c, row h): where it starts in the image and in the
 /// zero-padded image.
-fn interior_rows(p: &Conv2dParams) -> impl Iterator<Item = (usize, usize)> + '_ {
+pub(super) fn interior_rows(p: &Conv2dParams) -> impl Iterator<Item = (usize, usize)> + '_ {
     let (hp, wp) = p.padded_size();
     (0..p.in_channels).flat_map(move |c| {
         (0..p.in_h).map(move |h| {

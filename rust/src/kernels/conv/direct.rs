@@ -1,0 +1,743 @@
+//! Direct convolution of stride 1 on the zero-padded image, without unfolding: forward
+//! and weight gradient.
+//!
+//! An image's channels are copied into a *frame*: each plane zero-padded to Hp×Wp and
+//! read as one flat row. Output pixel (oh, ow) sits at q = oh·Wp + ow of a flat output
+//! of the same width, and input tap (ki, kj) of every pixel at q + ki·dh·Wp + kj·dw: one
+//! offset per tap for all pixels, so sixteen consecutive outputs read sixteen consecutive
+//! inputs (a vector load), for any kernel size, padding and dilation. The columns
+//! ow ≥ W_out of the flat output are computed and dropped (2/16 of a 14×14 image under
+//! 3×3, padding 1). A register tile holds R output channels × V vectors of 16 pixels:
+//! per tap, V loads of the input and R broadcast weights feed R·V multiply-adds.
+//!
+//! The weight gradient is the same product read the other way: per (output channel,
+//! tap) a dot product of the output gradient (laid into the flat output's frame, zero in
+//! the dropped columns) with the shifted input frame, sixteen lanes at a time, summed
+//! over a group of images before the lanes are added in a fixed tree.
+//!
+//! Every sum runs in the order (input channel, tap) per pixel, and (image, pixel) per
+//! lane: fixed by the shape, whatever the tile, level or thread count. With FMA (the
+//! AVX2 and AVX-512 levels) both levels give the same bits; the portable level multiplies
+//! and adds separately, within float32 rounding of them.
+
+use super::unfold::{copy_row, interior_rows};
+use super::Conv2dParams;
+use crate::error::Result;
+use crate::memory::resize_scratch;
+use crate::simd::Level;
+use crate::simd_dispatch;
+
+/// Lanes of one vector: the pixels a load reads, whatever the level (two registers with
+/// AVX2), so that the lanes' sums, and so the bits, do not depend on the level.
+const LANES: usize = 16;
+
+/// Runs `$body` with `$i` = 0, 1, ... up to (not including) the constant `$n` (at most
+/// 16) as straight-line code. The register tile's loops must be unrolled before LLVM's
+/// loop vectoriser runs: left as loops, it vectorises across the tile's channels with
+/// gathers and scatters of the accumulators (30x slower) instead of the 16 lanes.
+macro_rules! unroll {
+    ($i:ident < $n:expr => $body:block) => {
+        unroll!(@ $i, $n, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+    };
+    (@ $i:ident, $n:expr, $body:block, $($k:literal)*) => {
+        $( if $k < $n { let $i: usize = $k; $body } )*
+    };
+}
+
+const FRAME: &str = "conv2d (direct): the zero-padded frame of an image";
+const FLAT_OUTPUT: &str = "conv2d (direct): the flat output of an image";
+
+/// Per-image scratch (frame and flat output) up to which the direct kernels run: a
+/// larger image goes to the tiled GEMM, whose scratch is bounded and which checks for
+/// Ctrl-C within an image.
+const IMAGE_SCRATCH_BYTES: usize = 16 << 20;
+
+/// Whether the direct kernels handle `p`: stride 1 (the flat frame needs one offset per
+/// tap for every pixel), and an image's scratch within [`IMAGE_SCRATCH_BYTES`].
+pub(super) fn handles(p: &Conv2dParams) -> bool {
+    if p.stride != (1, 1) {
+        return false;
+    }
+    let g = Geometry::new(p);
+    let computed = g.computed(MAX_VECTORS);
+    let floats = g.frame_len(p, computed).saturating_add(
+        p.out_channels
+            .next_multiple_of(MAX_CHANNELS)
+            .saturating_mul(computed),
+    );
+    floats.saturating_mul(std::mem::size_of::<f32>()) <= IMAGE_SCRATCH_BYTES
+}
+
+/// The largest tile dimensions of [`Kernel`], for [`handles`]'s bound.
+const MAX_VECTORS: usize = 2;
+const MAX_CHANNELS: usize = 8;
+
+/// The frame geometry of a convolution [`handles`] accepts.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Geometry {
+    /// Padded width: the stride of the flat rows.
+    wp: usize,
+    /// One padded plane, Hp·Wp.
+    plane: usize,
+    /// Flat positions up to the last output pixel, (H_out - 1)·Wp + W_out.
+    span: usize,
+    /// The largest tap offset, (kH - 1)·dh·Wp + (kW - 1)·dw.
+    reach: usize,
+}
+
+impl Geometry {
+    pub(super) fn new(p: &Conv2dParams) -> Self {
+        let (hp, wp) = p.padded_size();
+        Geometry {
+            wp,
+            plane: hp * wp,
+            span: (p.out_h - 1) * wp + p.out_w,
+            reach: (p.kernel_h - 1) * p.dilation.0 * wp + (p.kernel_w - 1) * p.dilation.1,
+        }
+    }
+
+    /// Flat positions computed: `span` rounded up to whole tiles of `vectors` vectors.
+    fn computed(&self, vectors: usize) -> usize {
+        self.span.div_ceil(vectors * LANES) * vectors * LANES
+    }
+
+    /// The frame's length: the planes and, after the last, what the last tile's taps
+    /// reach (zeros).
+    fn frame_len(&self, p: &Conv2dParams, computed: usize) -> usize {
+        (p.in_channels - 1) * self.plane + self.plane.max(computed + self.reach)
+    }
+
+    /// The tap offsets within a plane, in (ki, kj) order.
+    fn taps(&self, p: &Conv2dParams) -> Vec<usize> {
+        (0..p.kernel_h)
+            .flat_map(|ki| {
+                (0..p.kernel_w).map(move |kj| ki * p.dilation.0 * self.wp + kj * p.dilation.1)
+            })
+            .collect()
+    }
+}
+
+/// Copy `image`'s interior into `frame` (resized to `len`; borders zero). The borders are
+/// never written, so a frame reused for the next image of the same shape keeps them.
+fn fill_frame(p: &Conv2dParams, image: &[f32], frame: &mut Vec<f32>, len: usize) -> Result<()> {
+    if frame.len() != len {
+        frame.clear();
+        resize_scratch(frame, len, FRAME)?;
+    }
+    for (row, padded_row) in interior_rows(p) {
+        copy_row(
+            &mut frame[padded_row..padded_row + p.in_w],
+            &image[row..row + p.in_w],
+        );
+    }
+    Ok(())
+}
+
+/// How the kernels run: the register tile (forward: output channels × vectors of 16
+/// pixels; weight gradient: output channels × (input channel, tap) entries) and whether
+/// multiply-adds are fused. Any tile gives the same bits; only `fused` changes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Kernel {
+    pub tile: (usize, usize),
+    pub fused: bool,
+}
+
+impl Kernel {
+    /// The forward's tile of a level: AVX-512 has 32 vector registers (8×2 accumulators,
+    /// 1.0-1.15x faster than 8×3, 12×2, 6×4, 4×4, 16×1 or 4×2 on the LeNet shapes); AVX2
+    /// has 16, each holding half a vector of 16 (6×1: 1.5-2x faster than 3×2, 2×3, 4×2).
+    /// The portable level cannot fuse (no FMA instruction: a libm call).
+    pub(super) fn forward(level: Level) -> Self {
+        Kernel {
+            tile: if level == Level::Avx512 {
+                (8, 2)
+            } else {
+                (6, 1)
+            },
+            fused: level != Level::Scalar,
+        }
+    }
+
+    /// The weight gradient's tile of a level, as [`Kernel::forward`] (4×6: 1.05-1.15x
+    /// faster than 3×6, 4×5, 2×8, 4×4; AVX2 2×3: 1.2-1.35x faster than 2×2 or 1×5).
+    pub(super) fn weight_grad(level: Level) -> Self {
+        Kernel {
+            tile: if level == Level::Avx512 {
+                (4, 6)
+            } else {
+                (2, 3)
+            },
+            fused: level != Level::Scalar,
+        }
+    }
+}
+
+/// The weights of the forward, in tiles of `channels` output channels:
+/// `[tile][c_in][tap][channel]`, zero beyond C_out.
+fn pack_forward_weights(p: &Conv2dParams, weight: &[f32], channels: usize) -> Vec<f32> {
+    let taps = p.kernel_h * p.kernel_w;
+    let tiles = p.out_channels.div_ceil(channels);
+    let mut packed = vec![0.0f32; tiles * p.in_channels * taps * channels];
+    for co in 0..p.out_channels {
+        let (tile, r) = (co / channels, co % channels);
+        for c in 0..p.in_channels {
+            for t in 0..taps {
+                packed[((tile * p.in_channels + c) * taps + t) * channels + r] =
+                    weight[(co * p.in_channels + c) * taps + t];
+            }
+        }
+    }
+    packed
+}
+
+/// Per-image state of the forward: the frame and the flat output.
+#[derive(Default)]
+pub(super) struct ForwardScratch {
+    frame: Vec<f32>,
+    flat: Vec<f32>,
+}
+
+/// The packed weights and geometry of one forward call.
+pub(super) struct ForwardPlan {
+    geometry: Geometry,
+    taps: Vec<usize>,
+    weights: Vec<f32>,
+    channels: usize,
+    vectors: usize,
+    fused: bool,
+}
+
+impl ForwardPlan {
+    pub(super) fn new(p: &Conv2dParams, weight: &[f32], kernel: Kernel) -> Self {
+        let (channels, vectors) = kernel.tile;
+        let geometry = Geometry::new(p);
+        ForwardPlan {
+            geometry,
+            taps: geometry.taps(p),
+            weights: pack_forward_weights(p, weight, channels),
+            channels,
+            vectors,
+            fused: kernel.fused,
+        }
+    }
+
+    /// One image's output (C_out planes, NCHW) without bias: `write(channel, row, values)`
+    /// receives each output row.
+    pub(super) fn image(
+        &self,
+        p: &Conv2dParams,
+        image: &[f32],
+        scratch: &mut ForwardScratch,
+        mut write: impl FnMut(usize, usize, &[f32]),
+    ) -> Result<()> {
+        let g = &self.geometry;
+        let computed = g.computed(self.vectors);
+        fill_frame(p, image, &mut scratch.frame, g.frame_len(p, computed))?;
+        let tiles = p.out_channels.div_ceil(self.channels);
+        resize_scratch(
+            &mut scratch.flat,
+            tiles * self.channels * computed,
+            FLAT_OUTPUT,
+        )?;
+        direct_forward(
+            self,
+            p.in_channels,
+            computed,
+            &scratch.frame,
+            &mut scratch.flat,
+        );
+        for co in 0..p.out_channels {
+            let plane = &scratch.flat[co * computed..];
+            for oh in 0..p.out_h {
+                write(co, oh, &plane[oh * g.wp..oh * g.wp + p.out_w]);
+            }
+        }
+        Ok(())
+    }
+}
+
+simd_dispatch! {
+    /// The flat output (`[channel][computed]`, channels rounded up to tiles) of one frame.
+    fn direct_forward(plan: &ForwardPlan, in_channels: usize, computed: usize, frame: &[f32],
+                      flat: &mut [f32]) {
+        let (weights, taps, plane) = (&plan.weights, &plan.taps, plan.geometry.plane);
+        macro_rules! run {
+            ($r:literal, $v:literal) => {
+                if plan.fused {
+                    forward_tiles::<$r, $v, true>(frame, weights, taps, in_channels, plane,
+                                                  computed, flat)
+                } else {
+                    forward_tiles::<$r, $v, false>(frame, weights, taps, in_channels, plane,
+                                                   computed, flat)
+                }
+            };
+        }
+        match (plan.channels, plan.vectors) {
+            (8, 2) => run!(8, 2),
+            (6, 1) => run!(6, 1),
+            _ => unreachable!("direct_forward: no tile of {}×{}", plan.channels, plan.vectors),
+        }
+    }
+}
+
+/// `acc + a·b`, fused (one rounding) or not.
+#[inline(always)]
+fn multiply_add<const FUSED: bool>(a: f32, b: f32, acc: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, acc)
+    } else {
+        acc + a * b
+    }
+}
+
+#[inline(always)]
+fn forward_tiles<const R: usize, const V: usize, const FUSED: bool>(
+    frame: &[f32],
+    weights: &[f32],
+    taps: &[usize],
+    in_channels: usize,
+    plane: usize,
+    computed: usize,
+    flat: &mut [f32],
+) {
+    let per_tile = in_channels * taps.len() * R;
+    let reach = taps.last().copied().unwrap_or(0);
+    for (tile_weights, out) in weights
+        .chunks_exact(per_tile)
+        .zip(flat.chunks_exact_mut(R * computed))
+    {
+        let mut q = 0;
+        while q < computed {
+            let mut acc = [[[0.0f32; LANES]; V]; R];
+            for c in 0..in_channels {
+                let window = &frame[c * plane + q..c * plane + q + reach + V * LANES];
+                let w = &tile_weights[c * taps.len() * R..(c + 1) * taps.len() * R];
+                for (&tap, wt) in taps.iter().zip(w.chunks_exact(R)) {
+                    // An opaque tap keeps the vectoriser off this loop (see unroll!).
+                    let window = &window[std::hint::black_box(tap)..][..V * LANES];
+                    let wt: &[f32; R] = wt.try_into().expect("a tile of weights");
+                    let mut x = [[0.0f32; LANES]; V];
+                    unroll!(v < V => {
+                        x[v] = window[v * LANES..(v + 1) * LANES].try_into().expect("a vector");
+                    });
+                    unroll!(r < R => {
+                        unroll!(v < V => {
+                            for (a, &xl) in acc[r][v].iter_mut().zip(&x[v]) {
+                                *a = multiply_add::<FUSED>(wt[r], xl, *a);
+                            }
+                        });
+                    });
+                }
+            }
+            for (r, acc_r) in acc.iter().enumerate() {
+                for (v, acc_v) in acc_r.iter().enumerate() {
+                    let at = r * computed + q + v * LANES;
+                    let dst: &mut [f32; LANES] =
+                        (&mut out[at..at + LANES]).try_into().expect("a vector");
+                    *dst = *acc_v;
+                }
+            }
+            q += V * LANES;
+        }
+    }
+}
+
+/// Images whose frames a weight-gradient pass holds at once: about 512 KiB (L2-sized).
+const PASS_BYTES: usize = 512 * 1024;
+
+const GRAD_FRAMES: &str = "conv2d backward (direct): the frames of a group of images";
+
+/// The geometry and tiles of one weight-gradient call.
+pub(super) struct WeightGradPlan {
+    geometry: Geometry,
+    /// Per (input channel, tap) entry, padded to whole tiles: its offset in a frame.
+    entries: Vec<usize>,
+    channels: usize,
+    entries_per_tile: usize,
+    /// Flat positions per output-gradient row: the span rounded up to a vector.
+    computed: usize,
+    frame_len: usize,
+    images_per_pass: usize,
+    fused: bool,
+}
+
+/// The frames of one pass, reused from pass to pass.
+#[derive(Default)]
+pub(super) struct WeightGradScratch {
+    frames: Vec<f32>,
+    grads: Vec<f32>,
+    /// The lanes of one tile row of sums, before they are added.
+    lanes: Vec<f32>,
+}
+
+impl WeightGradPlan {
+    pub(super) fn new(p: &Conv2dParams, kernel: Kernel) -> Self {
+        let (channels, entries_per_tile) = kernel.tile;
+        let geometry = Geometry::new(p);
+        let computed = geometry.computed(1);
+        let taps = geometry.taps(p);
+        let mut entries: Vec<usize> = (0..p.in_channels)
+            .flat_map(|c| taps.iter().map(move |&t| c * geometry.plane + t))
+            .collect();
+        entries.resize(entries.len().next_multiple_of(entries_per_tile), 0);
+        let frame_len = geometry.frame_len(p, computed);
+        let grad_len = p.out_channels.next_multiple_of(channels) * computed;
+        let image_bytes = (frame_len + grad_len) * std::mem::size_of::<f32>();
+        WeightGradPlan {
+            geometry,
+            entries,
+            channels,
+            entries_per_tile,
+            computed,
+            frame_len,
+            images_per_pass: (PASS_BYTES / image_bytes).max(1),
+            fused: kernel.fused,
+        }
+    }
+
+    /// The weight gradient of `images` (consecutive, with their output gradients) into
+    /// `partial` (C_out × C_in·kH·kW), overwritten.
+    pub(super) fn images(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        grad_output: &[f32],
+        partial: &mut [f32],
+        scratch: &mut WeightGradScratch,
+    ) -> Result<()> {
+        let (image_len, out_image) = (p.image_len(), p.out_channels * p.pixels());
+        let n_images = input.len() / image_len;
+        let grad_rows = p.out_channels.next_multiple_of(self.channels);
+        let grad_len = grad_rows * self.computed;
+        let k = p.col_rows();
+        for (pass, first) in (0..n_images).step_by(self.images_per_pass).enumerate() {
+            let count = self.images_per_pass.min(n_images - first);
+            if scratch.frames.len() != count * self.frame_len {
+                scratch.frames.clear();
+                resize_scratch(&mut scratch.frames, count * self.frame_len, GRAD_FRAMES)?;
+                scratch.grads.clear();
+                resize_scratch(&mut scratch.grads, count * grad_len, GRAD_FRAMES)?;
+            }
+            for i in 0..count {
+                let image = &input[(first + i) * image_len..][..image_len];
+                let frame = &mut scratch.frames[i * self.frame_len..][..self.frame_len];
+                for (row, padded_row) in interior_rows(p) {
+                    copy_row(
+                        &mut frame[padded_row..padded_row + p.in_w],
+                        &image[row..row + p.in_w],
+                    );
+                }
+                let gy = &grad_output[(first + i) * out_image..][..out_image];
+                let grads = &mut scratch.grads[i * grad_len..][..grad_len];
+                for co in 0..p.out_channels {
+                    for oh in 0..p.out_h {
+                        let at = co * self.computed + oh * self.geometry.wp;
+                        copy_row(
+                            &mut grads[at..at + p.out_w],
+                            &gy[(co * p.out_h + oh) * p.out_w..][..p.out_w],
+                        );
+                    }
+                }
+            }
+            resize_scratch(
+                &mut scratch.lanes,
+                self.channels * self.entries.len() * LANES,
+                GRAD_FRAMES,
+            )?;
+            let images = Images {
+                frames: &scratch.frames,
+                frame_len: self.frame_len,
+                grads: &scratch.grads,
+                grad_len,
+                computed: self.computed,
+                count,
+            };
+            direct_weight_grad(
+                self,
+                &images,
+                (p.out_channels, k),
+                pass > 0,
+                partial,
+                &mut scratch.lanes,
+            );
+        }
+        Ok(())
+    }
+}
+
+simd_dispatch! {
+    /// `partial[co][e]` (+)= Σ over `count` images and flat positions of the output
+    /// gradient times the frame shifted by entry `e`'s offset.
+    fn direct_weight_grad(plan: &WeightGradPlan, images: &Images, shape: (usize, usize),
+                          accumulate: bool, partial: &mut [f32], lanes: &mut [f32]) {
+        let (entries, (out_channels, k)) = (&plan.entries, shape);
+        macro_rules! run {
+            ($r:literal, $s:literal) => {
+                if plan.fused {
+                    weight_grad_tiles::<$r, $s, true>(images, entries, out_channels, k,
+                                                      accumulate, partial, lanes)
+                } else {
+                    weight_grad_tiles::<$r, $s, false>(images, entries, out_channels, k,
+                                                       accumulate, partial, lanes)
+                }
+            };
+        }
+        match (plan.channels, plan.entries_per_tile) {
+            (4, 6) => run!(4, 6),
+            (2, 3) => run!(2, 3),
+            _ => unreachable!(
+                "direct_weight_grad: no tile of {}×{}",
+                plan.channels,
+                plan.entries_per_tile
+            ),
+        }
+    }
+}
+
+/// The frames and flat output gradients of the images of one pass.
+struct Images<'a> {
+    frames: &'a [f32],
+    frame_len: usize,
+    grads: &'a [f32],
+    grad_len: usize,
+    computed: usize,
+    count: usize,
+}
+
+/// The sum of a vector's lanes, in a fixed tree (halves added, then quarters, ...).
+#[inline(always)]
+fn lane_sum(v: [f32; LANES]) -> f32 {
+    let mut v = v;
+    let mut half = LANES / 2;
+    while half > 0 {
+        for l in 0..half {
+            v[l] += v[l + half];
+        }
+        half /= 2;
+    }
+    v[0]
+}
+
+#[inline(always)]
+fn weight_grad_tiles<const R: usize, const S: usize, const FUSED: bool>(
+    images: &Images,
+    entries: &[usize],
+    out_channels: usize,
+    k: usize,
+    accumulate: bool,
+    partial: &mut [f32],
+    lanes: &mut [f32],
+) {
+    let computed = images.computed;
+    for co in (0..out_channels).step_by(R) {
+        for (tile, offsets) in entries.chunks_exact(S).enumerate() {
+            let offsets: &[usize; S] = offsets.try_into().expect("a tile of entries");
+            let mut acc = [[[0.0f32; LANES]; S]; R];
+            for i in 0..images.count {
+                let frame = &images.frames[i * images.frame_len..][..images.frame_len];
+                let grads = &images.grads[i * images.grad_len + co * computed..][..R * computed];
+                let mut g_rows: [&[f32]; R] = [&[]; R];
+                unroll!(r < R => {
+                    g_rows[r] = &grads[r * computed..][..computed];
+                });
+                let mut x_rows: [&[f32]; S] = [&[]; S];
+                unroll!(s < S => {
+                    x_rows[s] = &frame[offsets[s]..][..computed];
+                });
+                for j in (0..computed).step_by(LANES) {
+                    // An opaque barrier keeps the vectoriser off this loop (see unroll!);
+                    // rows sliced to `computed` above leave one bounds check per step.
+                    std::hint::black_box(());
+                    let mut g = [[0.0f32; LANES]; R];
+                    unroll!(r < R => {
+                        g[r] = g_rows[r][j..j + LANES].try_into().expect("a vector");
+                    });
+                    unroll!(s < S => {
+                        let x: [f32; LANES] = x_rows[s][j..j + LANES].try_into().expect("a vector");
+                        unroll!(r < R => {
+                            for (a, (&gl, &xl)) in acc[r][s].iter_mut().zip(g[r].iter().zip(&x)) {
+                                *a = multiply_add::<FUSED>(gl, xl, *a);
+                            }
+                        });
+                    });
+                }
+            }
+            unroll!(r < R => {
+                unroll!(s < S => {
+                    let at = ((r * entries.len()) + tile * S + s) * LANES;
+                    let dst: &mut [f32; LANES] =
+                        (&mut lanes[at..at + LANES]).try_into().expect("a vector");
+                    *dst = acc[r][s];
+                });
+            });
+        }
+        // Lane sums apart from the loop above: next to it, LLVM's SLP vectoriser pairs
+        // lanes (2-wide vectors) instead of using 16.
+        for r in 0..R.min(out_channels - co) {
+            let row = &lanes[r * entries.len() * LANES..][..k * LANES];
+            for (e, v) in row.chunks_exact(LANES).enumerate() {
+                let sum = lane_sum(v.try_into().expect("a vector"));
+                let dst = &mut partial[(co + r) * k + e];
+                *dst = if accumulate { *dst + sum } else { sum };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::conv::tests::{naive, values};
+
+    /// Every tile, fused and not (the tiles of the levels this CPU lacks run too: the
+    /// tile, not the level, decides the loop's shape).
+    fn kernels(of: fn(Level) -> Kernel) -> Vec<Kernel> {
+        let tiles = [of(Level::Avx512).tile, of(Level::Avx2).tile];
+        tiles
+            .into_iter()
+            .flat_map(|tile| [true, false].map(|fused| Kernel { tile, fused }))
+            .collect()
+    }
+
+    type Shape = ([usize; 4], [usize; 4], (i64, i64), (i64, i64));
+
+    /// (input, weight, padding, dilation): odd sizes, rectangular and dilated kernels,
+    /// channel counts that leave partial tiles, a kernel that fills the padded input.
+    const SHAPES: [Shape; 6] = [
+        ([2, 3, 7, 9], [5, 3, 3, 3], (1, 1), (1, 1)),
+        ([1, 4, 6, 11], [9, 4, 3, 2], (0, 1), (1, 2)),
+        ([3, 2, 5, 5], [17, 2, 5, 5], (2, 2), (1, 1)),
+        ([1, 5, 9, 4], [3, 5, 1, 3], (0, 2), (2, 1)),
+        ([2, 16, 7, 7], [32, 16, 3, 3], (1, 1), (1, 1)),
+        ([1, 2, 3, 4], [2, 2, 5, 6], (1, 1), (1, 1)),
+    ];
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    fn assert_close(actual: &[f32], expected: &[f32], terms: usize, what: &str) {
+        let tolerance = 4.0 * f32::EPSILON * terms as f32;
+        for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+            assert!(
+                (a - e).abs() <= tolerance * (1.0 + e.abs()),
+                "{what} element {i}: {a} vs {e}"
+            );
+        }
+    }
+
+    fn forward_with(p: &Conv2dParams, x: &[f32], w: &[f32], kernel: Kernel) -> Vec<f32> {
+        let plan = ForwardPlan::new(p, w, kernel);
+        let mut scratch = ForwardScratch::default();
+        let out_image = p.out_channels * p.pixels();
+        let mut y = vec![f32::NAN; p.batch * out_image];
+        for (image, out) in x.chunks(p.image_len()).zip(y.chunks_mut(out_image)) {
+            plan.image(p, image, &mut scratch, |co, oh, row| {
+                let at = (co * p.out_h + oh) * p.out_w;
+                out[at..at + p.out_w].copy_from_slice(row);
+            })
+            .unwrap();
+        }
+        y
+    }
+
+    #[test]
+    fn forward_matches_the_definition_with_every_tile() {
+        for (input, weight, padding, dilation) in SHAPES {
+            let p = Conv2dParams::new(&input, &weight, (1, 1), padding, dilation).unwrap();
+            assert!(handles(&p));
+            let x = values(input.iter().product(), 1);
+            let w = values(weight.iter().product(), 2);
+            let expected = naive(&p, &x, &w);
+            let mut fused_bits = None;
+            for kernel in kernels(Kernel::forward) {
+                let y = forward_with(&p, &x, &w, kernel);
+                assert_close(
+                    &y,
+                    &expected,
+                    p.col_rows(),
+                    &format!("{input:?} {kernel:?}"),
+                );
+                if kernel.fused {
+                    // Every pixel sums (channel, tap) in order, whatever the tile.
+                    let fused = fused_bits.get_or_insert_with(|| bits(&y));
+                    assert_eq!(*fused, bits(&y), "{input:?} {kernel:?}");
+                }
+            }
+        }
+    }
+
+    /// The weight gradient by definition, in f64.
+    fn naive_weight_grad(p: &Conv2dParams, x: &[f32], gy: &[f32]) -> Vec<f32> {
+        let mut gw = vec![0.0f64; p.out_channels * p.col_rows()];
+        for n in 0..p.batch {
+            for co in 0..p.out_channels {
+                for oh in 0..p.out_h {
+                    for ow in 0..p.out_w {
+                        let g = gy[((n * p.out_channels + co) * p.out_h + oh) * p.out_w + ow];
+                        for c in 0..p.in_channels {
+                            for ki in 0..p.kernel_h {
+                                for kj in 0..p.kernel_w {
+                                    let ih =
+                                        (oh + ki * p.dilation.0) as isize - p.padding.0 as isize;
+                                    let iw =
+                                        (ow + kj * p.dilation.1) as isize - p.padding.1 as isize;
+                                    if ih < 0
+                                        || iw < 0
+                                        || ih >= p.in_h as isize
+                                        || iw >= p.in_w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv = x[((n * p.in_channels + c) * p.in_h + ih as usize)
+                                        * p.in_w
+                                        + iw as usize];
+                                    gw[((co * p.in_channels + c) * p.kernel_h + ki)
+                                        * p.kernel_w
+                                        + kj] += f64::from(g) * f64::from(xv);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        gw.into_iter().map(|v| v as f32).collect()
+    }
+
+    #[test]
+    fn weight_grad_matches_the_definition_with_every_tile_and_pass() {
+        for (input, weight, padding, dilation) in SHAPES {
+            let p = Conv2dParams::new(&input, &weight, (1, 1), padding, dilation).unwrap();
+            let x = values(input.iter().product(), 3);
+            let gy = values(p.output_shape().iter().product(), 4);
+            let expected = naive_weight_grad(&p, &x, &gy);
+            let mut fused_bits = None;
+            for kernel in kernels(Kernel::weight_grad) {
+                // All images in one pass, and one image per pass (the passes' sums added
+                // in order): within rounding of each other.
+                for images_per_pass in [usize::MAX, 1] {
+                    let mut plan = WeightGradPlan::new(&p, kernel);
+                    plan.images_per_pass = images_per_pass.min(plan.images_per_pass.max(p.batch));
+                    let mut gw = vec![f32::NAN; expected.len()];
+                    plan.images(&p, &x, &gy, &mut gw, &mut WeightGradScratch::default())
+                        .unwrap();
+                    let what = format!("{input:?} {kernel:?} {images_per_pass}");
+                    assert_close(&gw, &expected, p.batch * p.pixels(), &what);
+                    if kernel.fused && images_per_pass == usize::MAX {
+                        let fused = fused_bits.get_or_insert_with(|| bits(&gw));
+                        assert_eq!(*fused, bits(&gw), "{what}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_strides_and_images_too_large() {
+        let strided = Conv2dParams::new(&[1, 2, 9, 9], &[3, 2, 3, 3], (2, 1), (1, 1), (1, 1));
+        assert!(!handles(&strided.unwrap()));
+        let huge = Conv2dParams::new(&[1, 64, 512, 512], &[8, 64, 3, 3], (1, 1), (1, 1), (1, 1));
+        assert!(!handles(&huge.unwrap()));
+    }
+}
