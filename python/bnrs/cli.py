@@ -27,7 +27,8 @@ def study_parser() -> argparse.ArgumentParser:
         prog="bnrs study",
         description="Answer the batch-norm and dropout questions with evidence: train "
                     "every variant with several seeds, compare them paired by seed, and "
-                    "write report.md, report.html and results.csv. Finished runs are "
+                    "write report.md, report.html, results.csv, claims.csv and "
+                    "bn-cost.csv. Finished runs are "
                     "stored in OUT/results.sqlite at once: rerunning the same command "
                     "resumes an interrupted study.")
     parser.add_argument("--quick", action="store_true",
