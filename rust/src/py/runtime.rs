@@ -159,6 +159,19 @@ fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
     py.detach(|| Ok(crate::kernels::peak::fma_gflops(seconds)))
 }
 
+/// Kernel CPU seconds counted while the kernel clock was on, every thread's calls added
+/// up (a training step's CPU time less this is its overhead outside the kernels).
+#[pyfunction]
+fn _kernel_seconds() -> f64 {
+    crate::clock::kernel_seconds()
+}
+
+/// Switch the kernel clock on or off (off at import: it costs two clock reads per call).
+#[pyfunction]
+fn _kernel_clock(enabled: bool) {
+    crate::clock::set_enabled(enabled);
+}
+
 /// Raise the error a kernel panic becomes (tests the panic-to-exception path).
 #[pyfunction]
 fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
@@ -188,6 +201,8 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    m.add_function(wrap_pyfunction!(_kernel_seconds, m)?)?;
+    m.add_function(wrap_pyfunction!(_kernel_clock, m)?)?;
     m.add_function(wrap_pyfunction!(_environment_warnings, m)?)?;
     m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
     Ok(())

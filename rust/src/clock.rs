@@ -1,0 +1,79 @@
+//! The time spent inside kernels, for measuring what a training step spends outside them
+//! (Python, bindings, output allocation). Off unless switched on (`bnrs._core.
+//! _kernel_clock(True)`): then every kernel call adds the CPU time of the thread that
+//! runs it, which at one kernel thread is all of the call's work, and is not inflated
+//! by a machine shared with other work as wall time would be.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static KERNEL_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Count kernel time from now on (`true`) or stop counting.
+pub fn set_enabled(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
+
+/// The calling thread's CPU time in nanoseconds.
+#[cfg(unix)]
+fn thread_cpu_nanos() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given, nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+}
+
+/// Wall time where there is no thread CPU clock.
+#[cfg(not(unix))]
+fn thread_cpu_nanos() -> u64 {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Run `kernel`; while the clock is on, add its CPU time to the kernel time.
+#[inline]
+pub fn timed<T>(kernel: impl FnOnce() -> T) -> T {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return kernel();
+    }
+    let start = thread_cpu_nanos();
+    let result = kernel();
+    let spent = thread_cpu_nanos().saturating_sub(start);
+    KERNEL_NANOS.fetch_add(spent, Ordering::Relaxed);
+    result
+}
+
+/// Kernel seconds counted so far (every thread's calls added up).
+pub fn kernel_seconds() -> f64 {
+    KERNEL_NANOS.load(Ordering::Relaxed) as f64 * 1e-9
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timed_calls_add_up_while_the_clock_is_on() {
+        let spin = || {
+            let start = std::time::Instant::now();
+            let mut x = 0u64;
+            while start.elapsed() < std::time::Duration::from_millis(3) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            x
+        };
+        super::set_enabled(true);
+        let before = super::kernel_seconds();
+        super::timed(spin);
+        super::set_enabled(false);
+        let counted = super::kernel_seconds() - before;
+        assert!(counted >= 0.001, "{counted}");
+        super::timed(spin);
+        assert_eq!(super::kernel_seconds() - before, counted);
+    }
+}

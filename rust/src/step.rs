@@ -1,0 +1,742 @@
+//! A whole training step of a plain chain of layers in one call: zero the gradients,
+//! forward, cross-entropy loss, backward, optimizer update, with the activations and
+//! saved state in buffers kept between steps.
+//!
+//! It calls the same kernels as the per-layer bindings, in the order `bnrs.training.
+//! train_step` calls them through Python, with the same arguments, so its results are
+//! the same bits; only the per-layer Python and binding work (and the allocation of every
+//! output) is gone. The plan is a list of [`Stage`]s, each the forward and backward of
+//! one layer today; a fused block (conv→BN→activation→pool, say) would be one more
+//! `Stage` variant standing for a run of layers.
+
+use crate::clock::timed;
+use crate::error::{Error, Result};
+use crate::kernels::activation::{self, Activation};
+use crate::kernels::batch_norm::{self, BatchNormParams, RunningStats};
+use crate::kernels::conv::{self, Conv2dParams, Epilogue};
+use crate::kernels::linear::{self, LinearParams};
+use crate::kernels::loss::{self, ClassesParams};
+use crate::kernels::optim::{self, AdamConfig, SgdConfig};
+use crate::kernels::pool::{self, Pool2dParams};
+use crate::kernels::{dropout, nonzero};
+use crate::memory::resize_scratch;
+use crate::parallel::stop_token;
+
+type Pair = (i64, i64);
+
+/// What a layer does in the step, with the indices of the arrays it uses: parameters by
+/// their slot in [`StepArrays::data`], running statistics by their index in
+/// [`StepArrays::running`], dropout seeds by theirs in [`StepArrays::seeds`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerKind {
+    Conv2d {
+        weight: usize,
+        bias: Option<usize>,
+        weight_shape: [usize; 4],
+        stride: Pair,
+        padding: Pair,
+        dilation: Pair,
+    },
+    Linear {
+        weight: usize,
+        bias: Option<usize>,
+        weight_shape: [usize; 2],
+    },
+    /// Training-mode batch norm (batch statistics); `running` when it tracks them.
+    BatchNorm {
+        weight: Option<usize>,
+        bias: Option<usize>,
+        running: Option<usize>,
+        eps: f32,
+        /// None: the cumulative average, 1 / num_batches_tracked.
+        momentum: Option<f32>,
+    },
+    Activation(Activation),
+    MaxPool {
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+    },
+    AvgPool {
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        count_include_pad: bool,
+    },
+    /// Inverted dropout over units of `unit` elements (1, or H·W for Dropout2d) with the
+    /// step's seed number `seed`.
+    Dropout {
+        p: f32,
+        unit: usize,
+        seed: usize,
+    },
+    /// Zeros out, zeros back: dropout with p = 1.
+    Zeros,
+    /// The output is the input itself, reshaped (Flatten; dropout with p = 0).
+    View,
+}
+
+impl LayerKind {
+    fn has_parameters(&self) -> bool {
+        match self {
+            LayerKind::Conv2d { .. } | LayerKind::Linear { .. } => true,
+            LayerKind::BatchNorm { weight, .. } => weight.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Whether the output is the input itself (no kernel, no buffer of its own).
+    fn is_view(&self) -> bool {
+        matches!(self, LayerKind::View)
+    }
+}
+
+/// A layer of the plan with the sample shapes around it (no batch axis) and the state
+/// its forward keeps for its backward.
+struct Stage {
+    kind: LayerKind,
+    input_shape: Vec<usize>,
+    output_shape: Vec<usize>,
+    /// Where the input and output live: `None` is the network's input.
+    input: Option<usize>,
+    output: Option<usize>,
+    save_mean: Vec<f32>,
+    save_invstd: Vec<f32>,
+    indices: Vec<i64>,
+}
+
+/// The running statistics of one batch norm, updated in place.
+pub struct RunningArrays<'a> {
+    pub mean: &'a mut [f32],
+    pub var: &'a mut [f32],
+    pub num_batches_tracked: &'a mut i64,
+}
+
+/// One parameter's Adam (or AdamW) update: its slot, state and hyper-parameters.
+pub struct AdamUpdate<'a> {
+    pub slot: usize,
+    pub exp_avg: &'a mut [f32],
+    pub exp_avg_sq: &'a mut [f32],
+    /// The 1-based index of this step for the parameter.
+    pub step: u64,
+    pub config: AdamConfig,
+}
+
+/// One parameter's SGD update.
+pub struct SgdUpdate<'a> {
+    pub slot: usize,
+    pub momentum_buffer: Option<&'a mut [f32]>,
+    pub first_step: bool,
+    pub config: SgdConfig,
+}
+
+/// The optimizer's updates, in the optimizer's order of groups and parameters.
+pub enum Updates<'a> {
+    Adam(Vec<AdamUpdate<'a>>),
+    Sgd(Vec<SgdUpdate<'a>>),
+}
+
+/// The arrays of one step: the batch, the parameters, their gradients, the running
+/// statistics, the dropout seeds and the optimizer's state.
+pub struct StepArrays<'a> {
+    pub input: &'a [f32],
+    pub target: &'a [i64],
+    pub sample_weight: Option<&'a [f64]>,
+    /// The values of every parameter slot (the model's and the optimizer's).
+    pub data: Vec<&'a mut [f32]>,
+    /// Their gradients, added to by the backward (as `param.grad += ...`).
+    pub grads: Vec<&'a mut [f32]>,
+    /// The slots whose gradients are set to zero first (the optimizer's `zero_grad`).
+    pub zero: &'a [usize],
+    pub running: Vec<RunningArrays<'a>>,
+    pub seeds: &'a [u64],
+    pub updates: Updates<'a>,
+}
+
+/// A chain of layers and the buffers of its steps, kept from one step to the next.
+pub struct StepPlan {
+    stages: Vec<Stage>,
+    /// The activations, one per stage that writes one.
+    activations: Vec<Vec<f32>>,
+    /// The output gradient of the stage running backward, and its input gradient.
+    grad_output: Vec<f32>,
+    grad_input: Vec<f32>,
+    /// The kernels' parameter gradients, per slot, before they are added to `grads`.
+    param_grads: Vec<Vec<f32>>,
+    /// The first stage with parameters: the backward stops there, without its input
+    /// gradient (as `Sequential.backward(..., input_grad=False)`).
+    first_trained: usize,
+}
+
+const ACTIVATION: &str = "training step: a layer's output";
+const GRADIENT: &str = "training step: a layer's input gradient";
+const SAVED: &str = "training step: a layer's saved state";
+
+fn len_of(batch: usize, sample: &[usize]) -> usize {
+    batch * sample.iter().product::<usize>()
+}
+
+fn batched(batch: usize, sample: &[usize]) -> Vec<usize> {
+    std::iter::once(batch)
+        .chain(sample.iter().copied())
+        .collect()
+}
+
+/// `total += part`, element by element: what `param.grad += grad` does in NumPy.
+fn accumulate(total: &mut [f32], part: &[f32]) {
+    for (t, &p) in total.iter_mut().zip(part) {
+        *t += p;
+    }
+}
+
+/// The error of an interrupted step: never seen by the caller, whose guard reports the
+/// interrupt instead.
+fn interrupted() -> Error {
+    Error::invalid("training step", "an interrupt", "no interrupt")
+}
+
+impl StepPlan {
+    /// A plan of `layers`, each with its sample input and output shapes (no batch axis),
+    /// over `n_slots` parameter slots. The layers must chain: each input shape the
+    /// output shape before it, the last a (classes,) vector of logits.
+    pub fn new(layers: Vec<(LayerKind, Vec<usize>, Vec<usize>)>, n_slots: usize) -> Result<Self> {
+        if layers.is_empty() {
+            return Err(Error::invalid("layers", "none", "at least one layer"));
+        }
+        let mut stages = Vec::with_capacity(layers.len());
+        let mut current: Option<usize> = None;
+        let mut n_buffers = 0;
+        for (index, (kind, input_shape, output_shape)) in layers.into_iter().enumerate() {
+            if let Some(previous) = stages.last().map(|s: &Stage| &s.output_shape) {
+                if *previous != input_shape {
+                    return Err(Error::invalid(
+                        "layers",
+                        format!("layer {index} taking {input_shape:?} after {previous:?}"),
+                        "each layer's input shape the output shape of the one before",
+                    ));
+                }
+            }
+            nonzero("layers", &input_shape)?;
+            let input = current;
+            if !kind.is_view() {
+                current = Some(n_buffers);
+                n_buffers += 1;
+            }
+            stages.push(Stage {
+                kind,
+                input_shape,
+                output_shape,
+                input,
+                output: current,
+                save_mean: Vec::new(),
+                save_invstd: Vec::new(),
+                indices: Vec::new(),
+            });
+        }
+        let last = stages.last().expect("at least one layer");
+        if last.output_shape.len() != 1 {
+            return Err(Error::invalid(
+                "layers",
+                format!("a last output of shape {:?}", last.output_shape),
+                "(classes,) logits",
+            ));
+        }
+        let first_trained = stages
+            .iter()
+            .position(|s| s.kind.has_parameters())
+            .unwrap_or(stages.len());
+        Ok(StepPlan {
+            stages,
+            activations: vec![Vec::new(); n_buffers],
+            grad_output: Vec::new(),
+            grad_input: Vec::new(),
+            param_grads: vec![Vec::new(); n_slots],
+            first_trained,
+        })
+    }
+
+    /// The number of samples per step the arrays' input holds.
+    pub fn sample_len(&self) -> usize {
+        self.stages[0].input_shape.iter().product()
+    }
+
+    /// Multiply-adds of a step of `batch` samples (roughly: the forward's three times),
+    /// for the guard's choice of watching a call for Ctrl-C while it runs.
+    pub fn work(&self, batch: usize) -> usize {
+        self.stages
+            .iter()
+            .map(|s| {
+                let out = len_of(batch, &s.output_shape);
+                match &s.kind {
+                    LayerKind::Conv2d { weight_shape, .. } => {
+                        out.saturating_mul(weight_shape[1] * weight_shape[2] * weight_shape[3])
+                    }
+                    LayerKind::Linear { weight_shape, .. } => out.saturating_mul(weight_shape[1]),
+                    _ => out,
+                }
+            })
+            .fold(0usize, usize::saturating_add)
+            .saturating_mul(3)
+    }
+
+    /// One step: zero the gradients of `arrays.zero`, forward, loss; if the loss is
+    /// finite, the backward (adding to the gradients) and the optimizer's updates.
+    /// Returns the loss (a non-finite one before any backward, as `train_step`).
+    pub fn run(&mut self, arrays: &mut StepArrays<'_>) -> Result<f64> {
+        let sample_len = self.sample_len();
+        if sample_len == 0 || !arrays.input.len().is_multiple_of(sample_len) {
+            return Err(Error::invalid(
+                "input",
+                format!("{} values", arrays.input.len()),
+                format!("a whole number of samples of {sample_len} values"),
+            ));
+        }
+        let batch = arrays.input.len() / sample_len;
+        let stop = stop_token();
+        for &slot in arrays.zero {
+            arrays.grads[slot].fill(0.0);
+        }
+        self.forward(batch, arrays)?;
+        if stop.is_set() {
+            return Err(interrupted());
+        }
+        let last = self.stages.last().expect("a plan has layers");
+        let classes = ClassesParams::new(&batched(batch, &last.output_shape))?;
+        let logits = match last.output {
+            None => arrays.input,
+            Some(k) => &self.activations[k][..],
+        };
+        let loss =
+            timed(|| loss::cross_entropy(&classes, logits, arrays.target, arrays.sample_weight))?;
+        if !loss.is_finite() {
+            return Ok(loss);
+        }
+        resize_scratch(&mut self.grad_output, logits.len(), GRADIENT)?;
+        timed(|| {
+            loss::cross_entropy_backward(
+                &classes,
+                logits,
+                arrays.target,
+                arrays.sample_weight,
+                &mut self.grad_output,
+            )
+        })?;
+        self.backward(batch, arrays)?;
+        if stop.is_set() {
+            return Err(interrupted());
+        }
+        update(arrays)?;
+        Ok(loss)
+    }
+
+    fn forward(&mut self, batch: usize, arrays: &mut StepArrays<'_>) -> Result<()> {
+        let stop = stop_token();
+        for index in 0..self.stages.len() {
+            if stop.is_set() {
+                return Err(interrupted());
+            }
+            let Some(out_slot) = self.stages[index]
+                .output
+                .filter(|_| !self.stages[index].kind.is_view())
+            else {
+                continue;
+            };
+            let mut output = std::mem::take(&mut self.activations[out_slot]);
+            let stage = &mut self.stages[index];
+            resize_scratch(&mut output, len_of(batch, &stage.output_shape), ACTIVATION)?;
+            let x = match stage.input {
+                None => arrays.input,
+                Some(k) => &self.activations[k],
+            };
+            let result = stage_forward(stage, batch, x, &mut output, arrays);
+            self.activations[out_slot] = output;
+            result?;
+        }
+        Ok(())
+    }
+
+    fn backward(&mut self, batch: usize, arrays: &mut StepArrays<'_>) -> Result<()> {
+        let stop = stop_token();
+        for index in (self.first_trained..self.stages.len()).rev() {
+            if stop.is_set() {
+                return Err(interrupted());
+            }
+            let stage = &self.stages[index];
+            if stage.kind.is_view() {
+                continue; // the gradient passes unchanged (reshaped)
+            }
+            let input_grad = index > self.first_trained;
+            if input_grad {
+                resize_scratch(
+                    &mut self.grad_input,
+                    len_of(batch, &stage.input_shape),
+                    GRADIENT,
+                )?;
+            }
+            let x = match stage.input {
+                None => arrays.input,
+                Some(k) => &self.activations[k],
+            };
+            let y = &self.activations[stage.output.expect("a stage that is no view writes")];
+            let gx = input_grad.then_some(&mut self.grad_input[..]);
+            stage_backward(
+                stage,
+                batch,
+                x,
+                y,
+                &self.grad_output,
+                gx,
+                &mut self.param_grads,
+                arrays,
+            )?;
+            if input_grad {
+                std::mem::swap(&mut self.grad_output, &mut self.grad_input);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn param<'a>(arrays: &'a StepArrays<'_>, slot: usize) -> &'a [f32] {
+    &*arrays.data[slot]
+}
+
+fn stage_forward(
+    stage: &mut Stage,
+    batch: usize,
+    x: &[f32],
+    out: &mut [f32],
+    arrays: &mut StepArrays<'_>,
+) -> Result<()> {
+    let in_shape = batched(batch, &stage.input_shape);
+    match &stage.kind {
+        LayerKind::Conv2d {
+            weight,
+            bias,
+            weight_shape,
+            stride,
+            padding,
+            dilation,
+        } => {
+            let p = Conv2dParams::new(&in_shape, weight_shape, *stride, *padding, *dilation)?;
+            let (w, b) = (param(arrays, *weight), bias.map(|b| param(arrays, b)));
+            timed(|| conv::forward_fused(&p, x, w, b, Epilogue::default(), out))
+        }
+        LayerKind::Linear {
+            weight,
+            bias,
+            weight_shape,
+        } => {
+            let p = LinearParams::new(&in_shape, weight_shape)?;
+            let (w, b) = (param(arrays, *weight), bias.map(|b| param(arrays, b)));
+            timed(|| linear::forward_fused(&p, x, w, b, None, out))
+        }
+        LayerKind::BatchNorm {
+            weight,
+            bias,
+            running,
+            eps,
+            momentum,
+        } => {
+            let p = BatchNormParams::new(&in_shape, *eps)?;
+            resize_scratch(&mut stage.save_mean, p.channels, SAVED)?;
+            resize_scratch(&mut stage.save_invstd, p.channels, SAVED)?;
+            let gamma = weight.map(|w| &*arrays.data[w]);
+            let beta = bias.map(|b| &*arrays.data[b]);
+            let stats = running.map(|r| &mut arrays.running[r]);
+            let (result, counted) = match stats {
+                Some(stats) => {
+                    let tracked = *stats.num_batches_tracked + 1;
+                    // Python's float 1 / tracked, then the binding's f32.
+                    let momentum = momentum.unwrap_or((1.0 / tracked as f64) as f32);
+                    let running = Some(RunningStats {
+                        mean: &mut *stats.mean,
+                        var: &mut *stats.var,
+                        momentum,
+                    });
+                    let result = timed(|| {
+                        batch_norm::forward_train(
+                            &p,
+                            x,
+                            gamma,
+                            beta,
+                            running,
+                            out,
+                            &mut stage.save_mean,
+                            &mut stage.save_invstd,
+                        )
+                    });
+                    (result, Some(&mut *stats.num_batches_tracked))
+                }
+                None => {
+                    let result = timed(|| {
+                        batch_norm::forward_train(
+                            &p,
+                            x,
+                            gamma,
+                            beta,
+                            None,
+                            out,
+                            &mut stage.save_mean,
+                            &mut stage.save_invstd,
+                        )
+                    });
+                    (result, None)
+                }
+            };
+            result?;
+            // After the kernel, so that a rejected batch leaves the count unchanged.
+            if let Some(count) = counted {
+                *count += 1;
+            }
+            Ok(())
+        }
+        LayerKind::Activation(act) => timed(|| activation::forward(*act, x, out)),
+        LayerKind::MaxPool {
+            kernel,
+            stride,
+            padding,
+        } => {
+            let p = Pool2dParams::new(&in_shape, *kernel, *stride, *padding)?;
+            resize_scratch(&mut stage.indices, out.len(), SAVED)?;
+            timed(|| pool::max_forward(&p, x, out, Some(&mut stage.indices)))
+        }
+        LayerKind::AvgPool {
+            kernel,
+            stride,
+            padding,
+            count_include_pad,
+        } => {
+            let p = Pool2dParams::new(&in_shape, *kernel, *stride, *padding)?;
+            timed(|| pool::avg_forward(&p, x, *count_include_pad, out))
+        }
+        LayerKind::Dropout { p, unit, seed } => {
+            nonzero("input", &in_shape)?;
+            let seed = arrays.seeds[*seed];
+            timed(|| dropout::forward(x, *p, seed, *unit, out))
+        }
+        LayerKind::Zeros => {
+            out.fill(0.0);
+            Ok(())
+        }
+        LayerKind::View => unreachable!("a view runs no forward"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stage_backward(
+    stage: &Stage,
+    batch: usize,
+    x: &[f32],
+    y: &[f32],
+    grad_output: &[f32],
+    grad_input: Option<&mut [f32]>,
+    param_grads: &mut [Vec<f32>],
+    arrays: &mut StepArrays<'_>,
+) -> Result<()> {
+    let in_shape = batched(batch, &stage.input_shape);
+    let out_shape = batched(batch, &stage.output_shape);
+    match &stage.kind {
+        LayerKind::Conv2d {
+            weight,
+            bias,
+            weight_shape,
+            stride,
+            padding,
+            dilation,
+        } => {
+            let p = Conv2dParams::new(&in_shape, weight_shape, *stride, *padding, *dilation)?;
+            let (mut gw, mut gb) = take_param_grads(param_grads, *weight, *bias, arrays)?;
+            let result = timed(|| {
+                conv::backward(
+                    &p,
+                    grad_output,
+                    x,
+                    &*arrays.data[*weight],
+                    grad_input,
+                    &mut gw,
+                    gb.as_deref_mut(),
+                )
+            });
+            give_param_grads(param_grads, *weight, *bias, gw, gb, arrays, result)
+        }
+        LayerKind::Linear {
+            weight,
+            bias,
+            weight_shape,
+        } => {
+            let p = LinearParams::new(&in_shape, weight_shape)?;
+            let (mut gw, mut gb) = take_param_grads(param_grads, *weight, *bias, arrays)?;
+            let result = timed(|| {
+                linear::backward(
+                    &p,
+                    grad_output,
+                    x,
+                    &*arrays.data[*weight],
+                    grad_input,
+                    &mut gw,
+                    gb.as_deref_mut(),
+                )
+            });
+            give_param_grads(param_grads, *weight, *bias, gw, gb, arrays, result)
+        }
+        LayerKind::BatchNorm { weight, bias, .. } => {
+            // The backward's parameters carry no eps (the binding's are made with 0).
+            let p = BatchNormParams::new(&in_shape, 0.0)?;
+            // The layer's backward computes the input gradient even when it is not
+            // wanted (then dropped): the step computes it into the spare buffer.
+            let mut spare = Vec::new();
+            let gx: &mut [f32] = match grad_input {
+                Some(gx) => gx,
+                None => {
+                    resize_scratch(&mut spare, x.len(), GRADIENT)?;
+                    &mut spare
+                }
+            };
+            match (weight, bias) {
+                (Some(w), Some(b)) => {
+                    let (mut gg, mut gb) = take_param_grads(param_grads, *w, Some(*b), arrays)?;
+                    let result = timed(|| {
+                        batch_norm::backward(
+                            &p,
+                            grad_output,
+                            x,
+                            Some(&*arrays.data[*w]),
+                            &stage.save_mean,
+                            &stage.save_invstd,
+                            true,
+                            gx,
+                            Some(&mut gg),
+                            gb.as_deref_mut(),
+                        )
+                    });
+                    give_param_grads(param_grads, *w, Some(*b), gg, gb, arrays, result)
+                }
+                _ => timed(|| {
+                    batch_norm::backward(
+                        &p,
+                        grad_output,
+                        x,
+                        None,
+                        &stage.save_mean,
+                        &stage.save_invstd,
+                        true,
+                        gx,
+                        None,
+                        None,
+                    )
+                }),
+            }
+        }
+        LayerKind::Activation(act) => {
+            let gx = grad_input.expect("only a layer with parameters stops the backward");
+            let saved = match act {
+                Activation::Sigmoid | Activation::Tanh => y,
+                _ => x,
+            };
+            timed(|| activation::backward(*act, grad_output, saved, gx))
+        }
+        LayerKind::MaxPool { .. } => {
+            let gx = grad_input.expect("only a layer with parameters stops the backward");
+            timed(|| pool::max_backward(&in_shape, &out_shape, grad_output, &stage.indices, gx))
+        }
+        LayerKind::AvgPool {
+            kernel,
+            stride,
+            padding,
+            count_include_pad,
+        } => {
+            let gx = grad_input.expect("only a layer with parameters stops the backward");
+            let p = Pool2dParams::new(&in_shape, *kernel, *stride, *padding)?;
+            timed(|| pool::avg_backward(&p, grad_output, *count_include_pad, gx))
+        }
+        LayerKind::Dropout { p, unit, seed } => {
+            let gx = grad_input.expect("only a layer with parameters stops the backward");
+            let seed = arrays.seeds[*seed];
+            timed(|| dropout::forward(grad_output, *p, seed, *unit, gx))
+        }
+        LayerKind::Zeros => {
+            grad_input
+                .expect("only a layer with parameters stops the backward")
+                .fill(0.0);
+            Ok(())
+        }
+        LayerKind::View => unreachable!("a view runs no backward"),
+    }
+}
+
+type ParamGrads = (Vec<f32>, Option<Vec<f32>>);
+
+/// The scratch gradients of a layer's weight and bias, sized as the parameters.
+fn take_param_grads(
+    param_grads: &mut [Vec<f32>],
+    weight: usize,
+    bias: Option<usize>,
+    arrays: &StepArrays<'_>,
+) -> Result<ParamGrads> {
+    let mut take = |slot: usize| -> Result<Vec<f32>> {
+        let mut grad = std::mem::take(&mut param_grads[slot]);
+        resize_scratch(&mut grad, arrays.data[slot].len(), GRADIENT)?;
+        Ok(grad)
+    };
+    Ok((take(weight)?, bias.map(&mut take).transpose()?))
+}
+
+/// Add a layer's parameter gradients to the parameters' `grad` (weight, then bias) once
+/// its kernel succeeded, and keep the scratch for the next step.
+fn give_param_grads(
+    param_grads: &mut [Vec<f32>],
+    weight: usize,
+    bias: Option<usize>,
+    grad_weight: Vec<f32>,
+    grad_bias: Option<Vec<f32>>,
+    arrays: &mut StepArrays<'_>,
+    result: Result<()>,
+) -> Result<()> {
+    if result.is_ok() {
+        accumulate(arrays.grads[weight], &grad_weight);
+        if let (Some(b), Some(gb)) = (bias, &grad_bias) {
+            accumulate(arrays.grads[b], gb);
+        }
+    }
+    param_grads[weight] = grad_weight;
+    if let (Some(b), Some(gb)) = (bias, grad_bias) {
+        param_grads[b] = gb;
+    }
+    result
+}
+
+/// The optimizer's updates, parameter by parameter in its order.
+fn update(arrays: &mut StepArrays<'_>) -> Result<()> {
+    let stop = stop_token();
+    let StepArrays {
+        data,
+        grads,
+        updates,
+        ..
+    } = arrays;
+    match updates {
+        Updates::Adam(params) => {
+            for u in params.iter_mut() {
+                if stop.is_set() {
+                    return Err(interrupted());
+                }
+                let (w, g) = (&mut *data[u.slot], &*grads[u.slot]);
+                timed(|| {
+                    optim::adam_step(w, g, &mut *u.exp_avg, &mut *u.exp_avg_sq, u.step, u.config)
+                })?;
+            }
+        }
+        Updates::Sgd(params) => {
+            for u in params.iter_mut() {
+                if stop.is_set() {
+                    return Err(interrupted());
+                }
+                let (w, g) = (&mut *data[u.slot], &*grads[u.slot]);
+                let buffer = u.momentum_buffer.as_deref_mut();
+                timed(|| optim::sgd_step(w, g, buffer, u.config, u.first_step))?;
+            }
+        }
+    }
+    Ok(())
+}
