@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import _core, nn, optim
+from . import _core, executor, nn, optim
 
 __all__ = ["STAGES", "batch_bounds", "eval_logits", "num_threads", "train_epoch",
            "train_step"]
@@ -138,6 +138,10 @@ def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: opti
         and the optimizer step: the parameters stay as they were (batch norm's running
         statistics have taken the forward in).
     """
+    if mark is None:
+        loss = executor.run_step(model, criterion, optimizer, inputs, targets, sample_weight)
+        if loss is not None:
+            return loss
     mark = mark or _no_mark
     optimizer.zero_grad()
     mark("zero_grad")
