@@ -259,21 +259,27 @@ def test_a_bad_target_raises_as_the_python_path(monkeypatch):
     assert messages[0] == messages[1] and "target" in messages[0]
 
 
-def test_the_kernel_clock_counts_the_steps_kernels(monkeypatch):
-    model = nn.from_spec("c4-bn-relu-mp2-fc8-relu", (1, 8, 8), 3, random_state=0)
+def test_the_step_makes_the_kernel_calls_of_the_python_path(monkeypatch):
+    model = nn.from_spec("c4-bn-relu-mp2-fc8-relu-d0.5", (1, 8, 8), 3, random_state=0)
     opt = _optimizer("adam", model)
     inputs, targets = _batches((1, 8, 8), 3, 16, 1)[0]
-    monkeypatch.setenv(executor.STEP_ENV, "1")
+    calls = {}
     _core._kernel_clock(True)
     try:
-        before = _core._kernel_seconds()
-        train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
-        assert _core._kernel_seconds() > before
+        for fused in (True, False):
+            monkeypatch.setenv(executor.STEP_ENV, "1" if fused else "0")
+            trained, trained_opt = copy.deepcopy((model, opt))
+            seconds, before = _core._kernel_time()
+            train_step(trained, nn.CrossEntropyLoss(), trained_opt, inputs, targets)
+            after = _core._kernel_time()
+            assert after[0] > seconds
+            calls[fused] = after[1] - before
     finally:
         _core._kernel_clock(False)
-    stopped = _core._kernel_seconds()
+    assert calls[True] == calls[False] > 8
+    stopped = _core._kernel_time()
     train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
-    assert _core._kernel_seconds() == stopped
+    assert _core._kernel_time() == stopped
 
 
 #: Training steps calibrated in the child to last about 1.5 seconds each.

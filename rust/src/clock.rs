@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static KERNEL_NANOS: AtomicU64 = AtomicU64::new(0);
+static KERNEL_CALLS: AtomicU64 = AtomicU64::new(0);
 
 /// Count kernel time from now on (`true`) or stop counting.
 pub fn set_enabled(enabled: bool) {
@@ -47,12 +48,18 @@ pub fn timed<T>(kernel: impl FnOnce() -> T) -> T {
     let result = kernel();
     let spent = thread_cpu_nanos().saturating_sub(start);
     KERNEL_NANOS.fetch_add(spent, Ordering::Relaxed);
+    KERNEL_CALLS.fetch_add(1, Ordering::Relaxed);
     result
 }
 
-/// Kernel seconds counted so far (every thread's calls added up).
-pub fn kernel_seconds() -> f64 {
-    KERNEL_NANOS.load(Ordering::Relaxed) as f64 * 1e-9
+/// Kernel seconds counted so far (every thread's calls added up), and the number of
+/// calls counted: each holds about one reading of the clock (a system call of about a
+/// microsecond), which a measurement may subtract.
+pub fn kernel_time() -> (f64, u64) {
+    (
+        KERNEL_NANOS.load(Ordering::Relaxed) as f64 * 1e-9,
+        KERNEL_CALLS.load(Ordering::Relaxed),
+    )
 }
 
 #[cfg(test)]
@@ -68,12 +75,13 @@ mod tests {
             x
         };
         super::set_enabled(true);
-        let before = super::kernel_seconds();
+        let before = super::kernel_time();
         super::timed(spin);
         super::set_enabled(false);
-        let counted = super::kernel_seconds() - before;
-        assert!(counted >= 0.001, "{counted}");
+        let after = super::kernel_time();
+        assert!(after.0 - before.0 >= 0.001, "{after:?}");
+        assert!(after.1 > before.1);
         super::timed(spin);
-        assert_eq!(super::kernel_seconds() - before, counted);
+        assert_eq!(super::kernel_time(), after);
     }
 }

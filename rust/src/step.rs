@@ -161,8 +161,13 @@ pub struct StepPlan {
     /// The output gradient of the stage running backward, and its input gradient.
     grad_output: Vec<f32>,
     grad_input: Vec<f32>,
-    /// The kernels' parameter gradients, per slot, before they are added to `grads`.
+    /// The kernels' parameter gradients, per slot, before they are added to `grads`
+    /// (for the slots not written directly, see [`GradSinks`]).
     param_grads: Vec<Vec<f32>>,
+    /// Per slot: whether a layer uses it, and whether this step is still to write its
+    /// gradient directly (a layer's, zeroed by the step).
+    used: Vec<bool>,
+    direct: Vec<bool>,
     /// The first stage with parameters: the backward stops there, without its input
     /// gradient (as `Sequential.backward(..., input_grad=False)`).
     first_trained: usize,
@@ -241,6 +246,26 @@ impl StepPlan {
                 "(classes,) logits",
             ));
         }
+        let mut used = vec![false; n_slots];
+        for stage in &stages {
+            let (weight, bias) = match &stage.kind {
+                LayerKind::Conv2d { weight, bias, .. } | LayerKind::Linear { weight, bias, .. } => {
+                    (Some(*weight), *bias)
+                }
+                LayerKind::BatchNorm { weight, bias, .. } => (*weight, *bias),
+                _ => (None, None),
+            };
+            for slot in weight.into_iter().chain(bias) {
+                if slot >= n_slots || used[slot] {
+                    return Err(Error::invalid(
+                        "layers",
+                        format!("parameter slot {slot} used twice or out of {n_slots}"),
+                        "each layer's parameters in slots of their own",
+                    ));
+                }
+                used[slot] = true;
+            }
+        }
         let first_trained = stages
             .iter()
             .position(|s| s.kind.has_parameters())
@@ -251,6 +276,8 @@ impl StepPlan {
             grad_output: Vec::new(),
             grad_input: Vec::new(),
             param_grads: vec![Vec::new(); n_slots],
+            used,
+            direct: vec![false; n_slots],
             first_trained,
         })
     }
@@ -292,10 +319,44 @@ impl StepPlan {
             ));
         }
         let batch = arrays.input.len() / sample_len;
-        let stop = stop_token();
+        if arrays.data.len() != self.used.len() || arrays.grads.len() != self.used.len() {
+            return Err(Error::invalid(
+                "data, grads",
+                format!("{} and {} arrays", arrays.data.len(), arrays.grads.len()),
+                format!("one per parameter slot, {}", self.used.len()),
+            ));
+        }
+        // zero_grad: the gradients the backward writes are zeroed by writing them; those
+        // it did not write when the step ends early are zeroed then.
+        self.direct.fill(false);
         for &slot in arrays.zero {
+            self.direct[slot] = self.used[slot];
+            if !self.used[slot] {
+                arrays.grads[slot].fill(0.0);
+            }
+        }
+        let outcome = self.forward_backward(batch, arrays);
+        for (slot, _) in self
+            .direct
+            .iter()
+            .enumerate()
+            .filter(|(_, &pending)| pending)
+        {
             arrays.grads[slot].fill(0.0);
         }
+        let loss = outcome?;
+        if loss.is_finite() {
+            if stop_token().is_set() {
+                return Err(interrupted());
+            }
+            update(arrays)?;
+        }
+        Ok(loss)
+    }
+
+    /// Forward, loss and (if the loss is finite) backward; returns the loss.
+    fn forward_backward(&mut self, batch: usize, arrays: &mut StepArrays<'_>) -> Result<f64> {
+        let stop = stop_token();
         self.forward(batch, arrays)?;
         if stop.is_set() {
             return Err(interrupted());
@@ -322,10 +383,6 @@ impl StepPlan {
             )
         })?;
         self.backward(batch, arrays)?;
-        if stop.is_set() {
-            return Err(interrupted());
-        }
-        update(arrays)?;
         Ok(loss)
     }
 
@@ -357,6 +414,18 @@ impl StepPlan {
 
     fn backward(&mut self, batch: usize, arrays: &mut StepArrays<'_>) -> Result<()> {
         let stop = stop_token();
+        let StepArrays {
+            input,
+            data,
+            grads,
+            seeds,
+            ..
+        } = arrays;
+        let mut sinks = GradSinks {
+            grads,
+            scratch: &mut self.param_grads,
+            direct: &mut self.direct,
+        };
         for index in (self.first_trained..self.stages.len()).rev() {
             if stop.is_set() {
                 return Err(interrupted());
@@ -374,7 +443,7 @@ impl StepPlan {
                 )?;
             }
             let x = match stage.input {
-                None => arrays.input,
+                None => *input,
                 Some(k) => &self.activations[k],
             };
             let y = &self.activations[stage.output.expect("a stage that is no view writes")];
@@ -386,8 +455,9 @@ impl StepPlan {
                 y,
                 &self.grad_output,
                 gx,
-                &mut self.param_grads,
-                arrays,
+                data,
+                &mut sinks,
+                seeds,
             )?;
             if input_grad {
                 std::mem::swap(&mut self.grad_output, &mut self.grad_input);
@@ -523,6 +593,76 @@ fn stage_forward(
     }
 }
 
+/// Where the backward writes parameter gradients: per slot, `direct` when the step zeroed
+/// the slot's `grad` (the kernel writes it, then `+ 0.0`: the bits of `0 + g`, which is g
+/// but for the sign of a zero), else into `scratch` added to `grad` afterwards.
+struct GradSinks<'s, 'a> {
+    grads: &'s mut [&'a mut [f32]],
+    scratch: &'s mut [Vec<f32>],
+    /// Cleared once the slot's gradient is written.
+    direct: &'s mut [bool],
+}
+
+impl GradSinks<'_, '_> {
+    /// Run `kernel` with the gradients of `weight` and `bias` to write, then add them to
+    /// `grad` (weight, then bias, as the layers do) if it succeeded.
+    fn write(
+        &mut self,
+        weight: usize,
+        bias: Option<usize>,
+        kernel: impl FnOnce(&mut [f32], Option<&mut [f32]>) -> Result<()>,
+    ) -> Result<()> {
+        let mut staged = |slot: usize| -> Result<Option<Vec<f32>>> {
+            if self.direct[slot] {
+                return Ok(None);
+            }
+            let mut grad = std::mem::take(&mut self.scratch[slot]);
+            resize_scratch(&mut grad, self.grads[slot].len(), GRADIENT)?;
+            Ok(Some(grad))
+        };
+        let mut weight_scratch = staged(weight)?;
+        let mut bias_scratch = bias.map(&mut staged).transpose()?.flatten();
+        let result = {
+            let (weight_grad, bias_grad) = match bias {
+                Some(b) => {
+                    let [w, b] = self
+                        .grads
+                        .get_disjoint_mut([weight, b])
+                        .expect("a layer's weight and bias are distinct slots");
+                    (&mut **w, Some(&mut **b))
+                }
+                None => (&mut *self.grads[weight], None),
+            };
+            let gw = match weight_scratch.as_mut() {
+                Some(scratch) => &mut scratch[..],
+                None => weight_grad,
+            };
+            let gb = match (bias_scratch.as_mut(), bias_grad) {
+                (Some(scratch), _) => Some(&mut scratch[..]),
+                (None, direct) => direct,
+            };
+            kernel(gw, gb)
+        };
+        for (slot, scratch) in [(Some(weight), weight_scratch), (bias, bias_scratch)] {
+            let Some(slot) = slot else { continue };
+            match scratch {
+                Some(scratch) => {
+                    if result.is_ok() {
+                        accumulate(self.grads[slot], &scratch);
+                    }
+                    self.scratch[slot] = scratch;
+                }
+                None if result.is_ok() => {
+                    self.grads[slot].iter_mut().for_each(|g| *g += 0.0);
+                    self.direct[slot] = false;
+                }
+                None => {}
+            }
+        }
+        result
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn stage_backward(
     stage: &Stage,
@@ -531,11 +671,13 @@ fn stage_backward(
     y: &[f32],
     grad_output: &[f32],
     grad_input: Option<&mut [f32]>,
-    param_grads: &mut [Vec<f32>],
-    arrays: &mut StepArrays<'_>,
+    data: &[&mut [f32]],
+    sinks: &mut GradSinks<'_, '_>,
+    seeds: &[u64],
 ) -> Result<()> {
     let in_shape = batched(batch, &stage.input_shape);
     let out_shape = batched(batch, &stage.output_shape);
+    let expect_grad = "only a layer with parameters stops the backward";
     match &stage.kind {
         LayerKind::Conv2d {
             weight,
@@ -546,19 +688,10 @@ fn stage_backward(
             dilation,
         } => {
             let p = Conv2dParams::new(&in_shape, weight_shape, *stride, *padding, *dilation)?;
-            let (mut gw, mut gb) = take_param_grads(param_grads, *weight, *bias, arrays)?;
-            let result = timed(|| {
-                conv::backward(
-                    &p,
-                    grad_output,
-                    x,
-                    &*arrays.data[*weight],
-                    grad_input,
-                    &mut gw,
-                    gb.as_deref_mut(),
-                )
-            });
-            give_param_grads(param_grads, *weight, *bias, gw, gb, arrays, result)
+            let w = &*data[*weight];
+            sinks.write(*weight, *bias, |gw, gb| {
+                timed(|| conv::backward(&p, grad_output, x, w, grad_input, gw, gb))
+            })
         }
         LayerKind::Linear {
             weight,
@@ -566,25 +699,16 @@ fn stage_backward(
             weight_shape,
         } => {
             let p = LinearParams::new(&in_shape, weight_shape)?;
-            let (mut gw, mut gb) = take_param_grads(param_grads, *weight, *bias, arrays)?;
-            let result = timed(|| {
-                linear::backward(
-                    &p,
-                    grad_output,
-                    x,
-                    &*arrays.data[*weight],
-                    grad_input,
-                    &mut gw,
-                    gb.as_deref_mut(),
-                )
-            });
-            give_param_grads(param_grads, *weight, *bias, gw, gb, arrays, result)
+            let w = &*data[*weight];
+            sinks.write(*weight, *bias, |gw, gb| {
+                timed(|| linear::backward(&p, grad_output, x, w, grad_input, gw, gb))
+            })
         }
         LayerKind::BatchNorm { weight, bias, .. } => {
             // The backward's parameters carry no eps (the binding's are made with 0).
             let p = BatchNormParams::new(&in_shape, 0.0)?;
             // The layer's backward computes the input gradient even when it is not
-            // wanted (then dropped): the step computes it into the spare buffer.
+            // wanted (then dropped): the step computes it into a spare buffer.
             let mut spare = Vec::new();
             let gx: &mut [f32] = match grad_input {
                 Some(gx) => gx,
@@ -593,24 +717,26 @@ fn stage_backward(
                     &mut spare
                 }
             };
+            let (mean, invstd) = (&stage.save_mean[..], &stage.save_invstd[..]);
             match (weight, bias) {
                 (Some(w), Some(b)) => {
-                    let (mut gg, mut gb) = take_param_grads(param_grads, *w, Some(*b), arrays)?;
-                    let result = timed(|| {
-                        batch_norm::backward(
-                            &p,
-                            grad_output,
-                            x,
-                            Some(&*arrays.data[*w]),
-                            &stage.save_mean,
-                            &stage.save_invstd,
-                            true,
-                            gx,
-                            Some(&mut gg),
-                            gb.as_deref_mut(),
-                        )
-                    });
-                    give_param_grads(param_grads, *w, Some(*b), gg, gb, arrays, result)
+                    let gamma = &*data[*w];
+                    sinks.write(*w, Some(*b), |gg, gb| {
+                        timed(|| {
+                            batch_norm::backward(
+                                &p,
+                                grad_output,
+                                x,
+                                Some(gamma),
+                                mean,
+                                invstd,
+                                true,
+                                gx,
+                                Some(gg),
+                                gb,
+                            )
+                        })
+                    })
                 }
                 _ => timed(|| {
                     batch_norm::backward(
@@ -618,8 +744,8 @@ fn stage_backward(
                         grad_output,
                         x,
                         None,
-                        &stage.save_mean,
-                        &stage.save_invstd,
+                        mean,
+                        invstd,
                         true,
                         gx,
                         None,
@@ -629,7 +755,7 @@ fn stage_backward(
             }
         }
         LayerKind::Activation(act) => {
-            let gx = grad_input.expect("only a layer with parameters stops the backward");
+            let gx = grad_input.expect(expect_grad);
             let saved = match act {
                 Activation::Sigmoid | Activation::Tanh => y,
                 _ => x,
@@ -637,7 +763,7 @@ fn stage_backward(
             timed(|| activation::backward(*act, grad_output, saved, gx))
         }
         LayerKind::MaxPool { .. } => {
-            let gx = grad_input.expect("only a layer with parameters stops the backward");
+            let gx = grad_input.expect(expect_grad);
             timed(|| pool::max_backward(&in_shape, &out_shape, grad_output, &stage.indices, gx))
         }
         LayerKind::AvgPool {
@@ -646,64 +772,21 @@ fn stage_backward(
             padding,
             count_include_pad,
         } => {
-            let gx = grad_input.expect("only a layer with parameters stops the backward");
+            let gx = grad_input.expect(expect_grad);
             let p = Pool2dParams::new(&in_shape, *kernel, *stride, *padding)?;
             timed(|| pool::avg_backward(&p, grad_output, *count_include_pad, gx))
         }
         LayerKind::Dropout { p, unit, seed } => {
-            let gx = grad_input.expect("only a layer with parameters stops the backward");
-            let seed = arrays.seeds[*seed];
+            let gx = grad_input.expect(expect_grad);
+            let seed = seeds[*seed];
             timed(|| dropout::forward(grad_output, *p, seed, *unit, gx))
         }
         LayerKind::Zeros => {
-            grad_input
-                .expect("only a layer with parameters stops the backward")
-                .fill(0.0);
+            grad_input.expect(expect_grad).fill(0.0);
             Ok(())
         }
         LayerKind::View => unreachable!("a view runs no backward"),
     }
-}
-
-type ParamGrads = (Vec<f32>, Option<Vec<f32>>);
-
-/// The scratch gradients of a layer's weight and bias, sized as the parameters.
-fn take_param_grads(
-    param_grads: &mut [Vec<f32>],
-    weight: usize,
-    bias: Option<usize>,
-    arrays: &StepArrays<'_>,
-) -> Result<ParamGrads> {
-    let mut take = |slot: usize| -> Result<Vec<f32>> {
-        let mut grad = std::mem::take(&mut param_grads[slot]);
-        resize_scratch(&mut grad, arrays.data[slot].len(), GRADIENT)?;
-        Ok(grad)
-    };
-    Ok((take(weight)?, bias.map(&mut take).transpose()?))
-}
-
-/// Add a layer's parameter gradients to the parameters' `grad` (weight, then bias) once
-/// its kernel succeeded, and keep the scratch for the next step.
-fn give_param_grads(
-    param_grads: &mut [Vec<f32>],
-    weight: usize,
-    bias: Option<usize>,
-    grad_weight: Vec<f32>,
-    grad_bias: Option<Vec<f32>>,
-    arrays: &mut StepArrays<'_>,
-    result: Result<()>,
-) -> Result<()> {
-    if result.is_ok() {
-        accumulate(arrays.grads[weight], &grad_weight);
-        if let (Some(b), Some(gb)) = (bias, &grad_bias) {
-            accumulate(arrays.grads[b], gb);
-        }
-    }
-    param_grads[weight] = grad_weight;
-    if let (Some(b), Some(gb)) = (bias, grad_bias) {
-        param_grads[b] = gb;
-    }
-    result
 }
 
 /// The optimizer's updates, parameter by parameter in its order.

@@ -159,11 +159,12 @@ fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
     py.detach(|| Ok(crate::kernels::peak::fma_gflops(seconds)))
 }
 
-/// Kernel CPU seconds counted while the kernel clock was on, every thread's calls added
-/// up (a training step's CPU time less this is its overhead outside the kernels).
+/// (kernel CPU seconds, kernel calls) counted while the kernel clock was on, every
+/// thread's calls added up (a training step's CPU time less the first is its overhead
+/// outside the kernels; each call counted holds about one reading of the clock).
 #[pyfunction]
-fn _kernel_seconds() -> f64 {
-    crate::clock::kernel_seconds()
+fn _kernel_time() -> (f64, u64) {
+    crate::clock::kernel_time()
 }
 
 /// Switch the kernel clock on or off (off at import: it costs two clock reads per call).
@@ -201,7 +202,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
-    m.add_function(wrap_pyfunction!(_kernel_seconds, m)?)?;
+    m.add_function(wrap_pyfunction!(_kernel_time, m)?)?;
     m.add_function(wrap_pyfunction!(_kernel_clock, m)?)?;
     m.add_function(wrap_pyfunction!(_environment_warnings, m)?)?;
     m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
