@@ -259,6 +259,29 @@ def test_a_bad_target_raises_as_the_python_path(monkeypatch):
     assert messages[0] == messages[1] and "target" in messages[0]
 
 
+def test_a_hyper_parameter_changed_between_steps_is_used_or_refused(monkeypatch):
+    # A scheduler's new learning rate is used at the next step; an invalid one raises
+    # PyTorch's message, as optimizer.step does (the executor validates changed groups).
+    model = nn.from_spec("fc6-relu", (4,), 3, random_state=0)
+    batches = _batches((4,), 3, 4, 2)
+
+    def train(fused):
+        monkeypatch.setenv(executor.STEP_ENV, "1" if fused else "0")
+        trained = copy.deepcopy(model)
+        opt = _optimizer("adam", trained)
+        losses = [train_step(trained, nn.CrossEntropyLoss(), opt, *batches[0])]
+        opt.param_groups[0]["lr"] = 0.5
+        losses.append(train_step(trained, nn.CrossEntropyLoss(), opt, *batches[1]))
+        opt.param_groups[0]["lr"] = float("nan")
+        with pytest.raises(ValueError, match="Invalid learning rate"):
+            train_step(trained, nn.CrossEntropyLoss(), opt, *batches[1])
+        opt.param_groups[0]["lr"] = 0.5   # NaN equals nothing, in the comparison too
+        trained.clear_saved()
+        return trained, opt, losses
+
+    assert_same_state(train(True), train(False))
+
+
 def test_the_step_makes_the_kernel_calls_of_the_python_path(monkeypatch):
     model = nn.from_spec("c4-bn-relu-mp2-fc8-relu-d0.5", (1, 8, 8), 3, random_state=0)
     opt = _optimizer("adam", model)

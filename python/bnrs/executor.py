@@ -209,6 +209,8 @@ class _Executor:
     def __init__(self, signature, kind, sample_shape, plan: _Plan | None, train_step=None):
         self.signature, self.kind, self.sample_shape = signature, kind, sample_shape
         self.plan, self.train_step = plan, train_step
+        # id(param group) -> its hyper-parameters when they last passed validation
+        self.validated: dict[int, tuple] = {}
 
 
 # Keyed by model, so that a plan (and its buffers) goes with its model.
@@ -243,10 +245,20 @@ def _labels(targets, batch: int) -> np.ndarray | None:
     return np.require(labels, np.int64, ["C_CONTIGUOUS", "ALIGNED"])
 
 
-def _adam_updates(optimizer, slot_of, created):
+def _validate(optimizer, group, validated: dict) -> None:
+    """``optimizer._validate(group)`` (which raises for a bad value, as ``step`` does), but
+    only when the group's hyper-parameters differ from those it last passed with."""
+    values = tuple(value for key, value in group.items() if key != "params")
+    if validated.get(id(group)) == values:
+        return
+    optimizer._validate(group)
+    validated[id(group)] = tuple(value for key, value in group.items() if key != "params")
+
+
+def _adam_updates(optimizer, slot_of, created, validated):
     updates = []
     for group in optimizer.param_groups:
-        optimizer._validate(group)
+        _validate(optimizer, group, validated)
         beta1, beta2 = group["betas"]
         hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                  float(group["weight_decay"]))
@@ -263,10 +275,10 @@ def _adam_updates(optimizer, slot_of, created):
     return updates
 
 
-def _sgd_updates(optimizer, slot_of, created):
+def _sgd_updates(optimizer, slot_of, created, validated):
     updates = []
     for group in optimizer.param_groups:
-        optimizer._validate(group)
+        _validate(optimizer, group, validated)
         momentum = group["momentum"]
         hyper = (float(group["lr"]), float(momentum), float(group["dampening"]),
                  bool(group["nesterov"]), float(group["weight_decay"]))
@@ -343,8 +355,8 @@ def run_step(model, criterion, optimizer, inputs, targets,
         return run_step(model, criterion, optimizer, inputs, targets, sample_weight)
     created: list = []
     try:
-        updates = (_sgd_updates if kind == "sgd" else _adam_updates)(optimizer, slot_of,
-                                                                     created)
+        updates = (_sgd_updates if kind == "sgd" else _adam_updates)(
+            optimizer, slot_of, created, executor.validated)
     except (TypeError, ValueError):
         _undo_created(optimizer, created)
         return None
