@@ -282,6 +282,24 @@ def test_a_hyper_parameter_changed_between_steps_is_used_or_refused(monkeypatch)
     assert_same_state(train(True), train(False))
 
 
+def test_the_binding_names_the_array_at_fault(monkeypatch):
+    model = nn.from_spec("fc6-relu", (4,), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    inputs, targets = _batches((4,), 3, 4, 1)[0]
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
+    plan = executor._EXECUTORS[model]
+    slots = plan.plan.slots
+    grads = [p.grad for p in slots]
+    grads[2] = np.zeros((3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"2\.weight\.grad: expected shape \[3, 6\]"):
+        plan.train_step.run(inputs, targets, None, [p.data for p in slots], grads, [], [], [],
+                            [])
+    with pytest.raises(ValueError, match="input: expected shape"):
+        plan.train_step.run(inputs[:, :2], targets, None, [p.data for p in slots],
+                            [p.grad for p in slots], [], [], [], [])
+
+
 def test_the_step_makes_the_kernel_calls_of_the_python_path(monkeypatch):
     model = nn.from_spec("c4-bn-relu-mp2-fc8-relu-d0.5", (1, 8, 8), 3, random_state=0)
     opt = _optimizer("adam", model)

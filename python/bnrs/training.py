@@ -114,7 +114,10 @@ def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: opti
                sample_weight: np.ndarray | None = None) -> float:
     """One training step: zero the gradients, forward, loss, backward, optimizer step.
 
-    The model is left in the mode it is in (:func:`train_epoch` sets training mode).
+    The model is left in the mode it is in (:func:`train_epoch` sets training mode). A
+    network the step executor runs (:mod:`bnrs.executor`: plain layers, cross-entropy,
+    Adam/AdamW/SGD) takes the whole step in one call into Rust, with the bits of the
+    layer-by-layer path below; ``mark``, or ``BNRS_FUSED_STEP=0``, keeps the latter.
 
     Parameters
     ----------

@@ -823,3 +823,156 @@ fn update(arrays: &mut StepArrays<'_>) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn linear(weight: usize, bias: usize, in_features: usize, out_features: usize) -> LayerKind {
+        LayerKind::Linear {
+            weight,
+            bias: Some(bias),
+            weight_shape: [out_features, in_features],
+        }
+    }
+
+    #[test]
+    fn a_plan_refuses_layers_that_do_not_chain_or_share_a_slot() {
+        let unchained = vec![
+            (linear(0, 1, 4, 3), vec![4], vec![3]),
+            (LayerKind::Activation(Activation::Relu), vec![5], vec![5]),
+        ];
+        assert!(StepPlan::new(unchained, 2).is_err());
+        let shared = vec![
+            (linear(0, 1, 4, 4), vec![4], vec![4]),
+            (linear(0, 2, 4, 3), vec![4], vec![3]),
+        ];
+        assert!(StepPlan::new(shared, 3).is_err());
+        let not_logits = vec![(LayerKind::View, vec![2, 2], vec![2, 2])];
+        assert!(StepPlan::new(not_logits, 0).is_err());
+    }
+
+    #[test]
+    fn a_step_is_the_kernels_called_in_turn() {
+        // linear -> relu -> linear, cross-entropy, plain SGD, against the kernels called
+        // one by one as the layers call them.
+        let (n, i, h, o) = (5, 4, 6, 3);
+        let values = |len: usize, seed: f32| -> Vec<f32> {
+            (0..len).map(|k| (k as f32 * 0.37 + seed).sin()).collect()
+        };
+        let x = values(n * i, 0.1);
+        let target: Vec<i64> = (0..n as i64).map(|k| k % o as i64).collect();
+        let mut params = [
+            values(h * i, 0.2),
+            values(h, 0.3),
+            values(o * h, 0.4),
+            values(o, 0.5),
+        ];
+        let config = SgdConfig {
+            lr: 0.1,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        };
+        // By hand.
+        let (p1, p2) = (
+            LinearParams::new(&[n, i], &[h, i]).unwrap(),
+            LinearParams::new(&[n, h], &[o, h]).unwrap(),
+        );
+        let mut hidden = vec![0.0; n * h];
+        linear::forward_fused(&p1, &x, &params[0], Some(&params[1]), None, &mut hidden).unwrap();
+        let mut act = vec![0.0; n * h];
+        activation::forward(Activation::Relu, &hidden, &mut act).unwrap();
+        let mut logits = vec![0.0; n * o];
+        linear::forward_fused(&p2, &act, &params[2], Some(&params[3]), None, &mut logits).unwrap();
+        let classes = ClassesParams::new(&[n, o]).unwrap();
+        let loss = loss::cross_entropy(&classes, &logits, &target, None).unwrap();
+        let mut g_logits = vec![0.0; n * o];
+        loss::cross_entropy_backward(&classes, &logits, &target, None, &mut g_logits).unwrap();
+        let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+        let mut g_act = vec![0.0; n * h];
+        {
+            let (g01, g23) = grads.split_at_mut(2);
+            let (gw2, gb2) = g23.split_at_mut(1);
+            linear::backward(
+                &p2,
+                &g_logits,
+                &act,
+                &params[2],
+                Some(&mut g_act),
+                &mut gw2[0],
+                Some(&mut gb2[0]),
+            )
+            .unwrap();
+            let mut g_hidden = vec![0.0; n * h];
+            activation::backward(Activation::Relu, &g_act, &hidden, &mut g_hidden).unwrap();
+            let (gw1, gb1) = g01.split_at_mut(1);
+            linear::backward(
+                &p1,
+                &g_hidden,
+                &x,
+                &params[0],
+                None,
+                &mut gw1[0],
+                Some(&mut gb1[0]),
+            )
+            .unwrap();
+        }
+        let mut expected = params.clone();
+        for (p, g) in expected.iter_mut().zip(&grads) {
+            optim::sgd_step(p, g, None, config, false).unwrap();
+        }
+        // By the plan.
+        let mut plan = StepPlan::new(
+            vec![
+                (linear(0, 1, i, h), vec![i], vec![h]),
+                (LayerKind::Activation(Activation::Relu), vec![h], vec![h]),
+                (linear(2, 3, h, o), vec![h], vec![o]),
+            ],
+            4,
+        )
+        .unwrap();
+        let mut step_grads: Vec<Vec<f32>> = params.iter().map(|p| vec![7.0; p.len()]).collect();
+        let zero = [0, 1, 2, 3];
+        let updates = Updates::Sgd(
+            (0..4)
+                .map(|slot| SgdUpdate {
+                    slot,
+                    momentum_buffer: None,
+                    first_step: false,
+                    config,
+                })
+                .collect(),
+        );
+        let mut arrays = StepArrays {
+            input: &x,
+            target: &target,
+            sample_weight: None,
+            data: params.iter_mut().map(|p| &mut p[..]).collect(),
+            grads: step_grads.iter_mut().map(|g| &mut g[..]).collect(),
+            zero: &zero,
+            running: Vec::new(),
+            seeds: &[],
+            updates,
+        };
+        assert_eq!(plan.run(&mut arrays).unwrap().to_bits(), loss.to_bits());
+        drop(arrays);
+        for (k, (got, want)) in params.iter().zip(&expected).enumerate() {
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "param {k}"
+            );
+        }
+        for (k, (got, want)) in step_grads.iter().zip(&grads).enumerate() {
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == (b + 0.0).to_bits()),
+                "grad {k}"
+            );
+        }
+    }
+}
