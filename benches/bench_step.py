@@ -4,11 +4,15 @@ executor (one call into Rust), and the share of each step spent outside the kern
 LeNetBN (``c16-bn-relu-mp2-c32-bn-relu-mp2-d0.25-fc128-bn-relu-d0.5``, 1x28x28, 10
 classes, Adam), one model per path, trained on the same random batches. The two paths
 alternate round by round (``BNRS_FUSED_STEP=1`` / ``0``); each round times ``--steps``
-steps twice: with the kernel clock off (the step's CPU time, ``time.process_time``) and
-on (the kernels' CPU time, ``bnrs._core._kernel_time``). Each kernel call holds about one
-reading of the thread CPU clock (a system call, calibrated here) in its interval, which
-is subtracted. The ratio is of CPU times per round, median over the rounds: a shared
-machine moves absolute times far more than the ratio.
+steps twice: with the kernel clock off (the step's CPU time, ``time.process_time``: the
+ratio of the paths) and on (``bnrs._core._kernel_time``: the kernels' CPU time and
+calls, for the share outside the kernels). With the clock on, each kernel call costs two
+readings of the thread CPU clock (system calls of R seconds, calibrated here), one inside
+its interval: of the step's CPU time S, the kernels' K and C calls, the step without the
+clock is S - 2RC, the kernels K - RC and the rest S - K - RC, all from the same steps (a
+shared machine moves CPU times from one run to the next by more than that rest). Ratios
+are per round, medians over the rounds. At more than one thread the kernel clock counts
+only the thread that runs each call, not its helpers: the share outside is then overstated.
 
     python benches/bench_step.py [--batch-size 8] [--rounds 5] [--steps 150] [--threads 1]
 """
@@ -28,16 +32,19 @@ from bnrs.training import num_threads, train_step
 LENET = "c16-bn-relu-mp2-c32-bn-relu-mp2-d0.25-fc128-bn-relu-d0.5"
 
 
-def clock_read_seconds(n: int = 200_000) -> float:
-    """One reading of the thread CPU clock, less a Python call's own cost."""
-    start = time.perf_counter()
-    for _ in range(n):
-        time.thread_time()
-    with_clock = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(n):
-        time.perf_counter()
-    return max(0.0, (with_clock - (time.perf_counter() - start)) / n)
+def clock_read_seconds(n: int = 50_000, repeats: int = 7) -> float:
+    """One reading of the thread CPU clock, less a Python call's own cost (a reading of
+    the monotonic clock, which needs no system call); the fastest of ``repeats`` loops
+    of each, as other work on the machine only ever adds time."""
+    def per_call(clock) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            clock()
+        return (time.perf_counter() - start) / n
+
+    thread_clock = min(per_call(time.thread_time) for _ in range(repeats))
+    monotonic = min(per_call(time.perf_counter) for _ in range(repeats))
+    return max(0.0, thread_clock - monotonic)
 
 
 class Path:
@@ -88,10 +95,10 @@ def main() -> None:
     with num_threads(args.threads):
         for round_ in range(args.rounds):
             for fused in (False, True) if round_ % 2 == 0 else (True, False):
-                step_cpu = paths[fused].measure(clock=False)[0]
-                _, kernel, calls = paths[fused].measure(clock=True)
-                cpu[fused].append(step_cpu)
-                outside[fused].append(1 - (kernel - calls * read) / step_cpu)
+                cpu[fused].append(paths[fused].measure(clock=False)[0])
+                step, kernel, calls = paths[fused].measure(clock=True)
+                outside[fused].append((step - kernel - read * calls)
+                                      / (step - 2 * read * calls))
     print(f"LeNetBN step, batch {args.batch_size}, {args.threads} thread(s), "
           f"{_core.simd_backend()}, {args.rounds} rounds x {args.steps} steps "
           f"(clock read {read * 1e6:.2f} us)")

@@ -162,6 +162,29 @@ def test_frozen_and_foreign_parameters_as_the_python_path(monkeypatch):
                python[1].param_groups[1]["params"][0].data, "foreign parameter")
 
 
+def test_a_parameter_group_added_between_steps_is_planned_again(monkeypatch):
+    model = nn.from_spec("c3-relu-mp2-fc6-relu", (1, 6, 6), 3, random_state=0)
+    params = list(model.parameters())
+    batches = _batches((1, 6, 6), 3, 4, 4)
+
+    def train(fused):
+        monkeypatch.setenv(executor.STEP_ENV, "1" if fused else "0")
+        trained = copy.deepcopy(model)
+        trained_params = list(trained.parameters())
+        opt = optim.Adam(trained_params[2:], lr=1e-2)
+        losses = [train_step(trained, nn.CrossEntropyLoss(), opt, *batch)
+                  for batch in batches[:2]]
+        # The first layer's parameters, and one in no layer (unknown to the plan).
+        opt.add_param_group({"params": trained_params[:2] + [nn.Parameter(np.ones(3))],
+                             "lr": 1e-3})
+        losses += [train_step(trained, nn.CrossEntropyLoss(), opt, *batch)
+                   for batch in batches[2:]]
+        return trained, opt, losses
+
+    assert len(params) == 6
+    assert_same_state(train(True), train(False))
+
+
 @pytest.mark.parametrize("model", [
     nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.ReLU(), nn.Flatten(),
                   nn.Linear(2 * 4 * 4, 3)),

@@ -255,7 +255,10 @@ def _validate(optimizer, group, validated: dict) -> None:
     validated[id(group)] = tuple(value for key, value in group.items() if key != "params")
 
 
-def _adam_updates(optimizer, slot_of, created, validated):
+def _adam_updates(optimizer, slot_of, created, validated, states):
+    """Adam's update tuples for :meth:`bnrs._core.TrainStep.run`, in the optimizer's
+    order, its state made where missing (noted in ``created``) and listed in ``states``
+    (KeyError for a parameter the plan has no slot for)."""
     updates = []
     for group in optimizer.param_groups:
         _validate(optimizer, group, validated)
@@ -272,10 +275,13 @@ def _adam_updates(optimizer, slot_of, created, validated):
                 state["exp_avg_sq"] = np.zeros_like(param.data)
             updates.append((slot_of[id(param)], state["exp_avg"], state["exp_avg_sq"],
                             state["step"] + 1) + hyper)
+            states.append(state)
     return updates
 
 
-def _sgd_updates(optimizer, slot_of, created, validated):
+def _sgd_updates(optimizer, slot_of, created, validated, states):
+    """SGD's update tuples (see :func:`_adam_updates`; ``states`` stays empty: SGD
+    counts no steps)."""
     updates = []
     for group in optimizer.param_groups:
         _validate(optimizer, group, validated)
@@ -349,21 +355,19 @@ def run_step(model, criterion, optimizer, inputs, targets,
             weight = F._sample_weight(sample_weight, len(labels), "sample_weight")
         except (TypeError, ValueError):
             return None
-    slot_of = plan.slot_of
-    if any(id(p) not in slot_of for group in optimizer.param_groups for p in group["params"]):
-        _EXECUTORS.pop(model, None)   # a parameter added since: plan again
-        return run_step(model, criterion, optimizer, inputs, targets, sample_weight)
     created: list = []
+    states: list = []
     try:
         updates = (_sgd_updates if kind == "sgd" else _adam_updates)(
-            optimizer, slot_of, created, executor.validated)
+            optimizer, plan.slot_of, created, executor.validated, states)
+    except KeyError:   # a parameter added to the optimizer since: plan again
+        _undo_created(optimizer, created)
+        _EXECUTORS.pop(model, None)
+        return run_step(model, criterion, optimizer, inputs, targets, sample_weight)
     except (TypeError, ValueError):
         _undo_created(optimizer, created)
         return None
-    zero = [slot_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    if any(p.grad.shape != p.data.shape for p in plan.slots):
-        _undo_created(optimizer, created)
-        return None
+    zero = [update[0] for update in updates]   # the optimizer's zero_grad
     slots = plan.slots
     running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
     seeds = [int(m._rng.integers(0, 2**64, dtype=np.uint64)) for m in plan.dropouts]
@@ -381,8 +385,6 @@ def run_step(model, criterion, optimizer, inputs, targets,
     if not math.isfinite(loss):
         _undo_created(optimizer, created)
         return loss
-    if kind != "sgd":
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                optimizer.state[param]["step"] += 1
+    for state in states:
+        state["step"] += 1
     return loss
