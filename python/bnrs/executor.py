@@ -124,7 +124,6 @@ class _Plan:
             self.slot_of[id(param)] = len(self.slots)
             self.slots.append(param)
             names.append(name)
-        self.n_model_slots = len(self.slots)
         self.norms: list[nn.Module] = []
         self.dropouts: list[nn.Module] = []
         layers = []
