@@ -7,7 +7,8 @@ alternate round by round (``BNRS_FUSED_STEP=1`` / ``0``); each round times ``--s
 steps twice: with the kernel clock off (the step's CPU time, ``time.process_time``: the
 ratio of the paths) and on (``bnrs._core._kernel_time``: the kernels' CPU time and
 calls, for the share outside the kernels). With the clock on, each kernel call costs two
-readings of the thread CPU clock (system calls of R seconds, calibrated here), one inside
+readings of the thread CPU clock (system calls of R seconds, ``_core.
+_kernel_clock_read_seconds``), one inside
 its interval: of the step's CPU time S, the kernels' K and C calls, the step without the
 clock is S - 2RC, the kernels K - RC and the rest S - K - RC, all from the same steps (a
 shared machine moves CPU times from one run to the next by more than that rest). Ratios
@@ -30,21 +31,6 @@ from bnrs import _core, executor, nn, optim
 from bnrs.training import num_threads, train_step
 
 LENET = "c16-bn-relu-mp2-c32-bn-relu-mp2-d0.25-fc128-bn-relu-d0.5"
-
-
-def clock_read_seconds(n: int = 50_000, repeats: int = 7) -> float:
-    """One reading of the thread CPU clock, less a Python call's own cost (a reading of
-    the monotonic clock, which needs no system call); the fastest of ``repeats`` loops
-    of each, as other work on the machine only ever adds time."""
-    def per_call(clock) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            clock()
-        return (time.perf_counter() - start) / n
-
-    thread_clock = min(per_call(time.thread_time) for _ in range(repeats))
-    monotonic = min(per_call(time.perf_counter) for _ in range(repeats))
-    return max(0.0, thread_clock - monotonic)
 
 
 class Path:
@@ -88,7 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    read = clock_read_seconds()
+    read = _core._kernel_clock_read_seconds()
     paths = {fused: Path(fused, args.batch_size, args.steps) for fused in (False, True)}
     cpu = {False: [], True: []}
     outside = {False: [], True: []}

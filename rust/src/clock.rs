@@ -52,6 +52,21 @@ pub fn timed<T>(kernel: impl FnOnce() -> T) -> T {
     result
 }
 
+/// The cost of one reading of the clock, in seconds: the fastest of a few loops of
+/// readings (other work on the machine only ever adds time).
+pub fn read_seconds() -> f64 {
+    const READS: u32 = 2000;
+    (0..7)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            for _ in 0..READS {
+                std::hint::black_box(thread_cpu_nanos());
+            }
+            start.elapsed().as_secs_f64() / f64::from(READS)
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Kernel seconds counted so far (every thread's calls added up), and the number of
 /// calls counted: each holds about one reading of the clock (a system call of about a
 /// microsecond), which a measurement may subtract.
@@ -83,5 +98,7 @@ mod tests {
         assert!(after.1 > before.1);
         super::timed(spin);
         assert_eq!(super::kernel_time(), after);
+        let read = super::read_seconds();
+        assert!(read > 0.0 && read < 1e-3, "{read}");
     }
 }

@@ -167,6 +167,12 @@ fn _kernel_time() -> (f64, u64) {
     crate::clock::kernel_time()
 }
 
+/// Seconds one reading of the kernel clock costs (each call it counts holds about one).
+#[pyfunction]
+fn _kernel_clock_read_seconds(py: Python<'_>) -> f64 {
+    py.detach(crate::clock::read_seconds)
+}
+
 /// Switch the kernel clock on or off (off at import: it costs two clock reads per call).
 #[pyfunction]
 fn _kernel_clock(enabled: bool) {
@@ -204,6 +210,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     m.add_function(wrap_pyfunction!(_kernel_time, m)?)?;
     m.add_function(wrap_pyfunction!(_kernel_clock, m)?)?;
+    m.add_function(wrap_pyfunction!(_kernel_clock_read_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(_environment_warnings, m)?)?;
     m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
     Ok(())
