@@ -6,7 +6,7 @@ naming the argument), ``MemoryError`` (an output too large to allocate) or
 ``RuntimeError`` (an internal error, reported instead of aborting).
 """
 
-from typing import Literal, Optional, Tuple, final
+from typing import Any, Literal, Optional, Tuple, final
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,10 @@ __all__ = [
     "activation_forward",
     "adam_step",
     "CachedBuffer",
+    "TrainStep",
+    "_kernel_clock",
+    "_kernel_clock_read_seconds",
+    "_kernel_time",
     "avg_pool2d_backward",
     "avg_pool2d_forward",
     "batch_norm_backward",
@@ -177,6 +181,38 @@ def adam_step(
 class CachedBuffer:
     """The memory of a large output array (its ``base``), reused once the array is freed."""
 
+@final
+class TrainStep:
+    """A training step of a chain of layers in one call (built by :mod:`bnrs.executor`).
+
+    ``layers``: one ``(kind, sample input shape, sample output shape, args)`` per layer,
+    kind one of "conv2d", "linear", "batch_norm", "activation", "max_pool2d",
+    "avg_pool2d", "dropout", "zeros", "view"; the parameters are numbered by slot
+    (``slot_names``, ``slot_shapes``); ``optimizer`` is "adam", "adamw" or "sgd".
+    """
+
+    def __new__(
+        cls,
+        layers: list[tuple[str, list[int], list[int], tuple[Any, ...]]],
+        slot_names: list[str],
+        slot_shapes: list[list[int]],
+        optimizer: str,
+    ) -> TrainStep: ...
+    def run(
+        self,
+        input: _F32,
+        target: _I64,
+        sample_weight: Optional[_F64],
+        data: list[_F32],
+        grads: list[_F32],
+        zero: list[int],
+        running: list[tuple[_F32, _F32, _I64]],
+        seeds: list[int],
+        updates: list[tuple[Any, ...]],
+    ) -> float:
+        """Zero the gradients of ``zero``, forward, loss, backward, optimizer update;
+        the loss (a non-finite one before the backward)."""
+
 def conv2d_output_shape(
     input_hw: _Pair, kernel_size: _Pair, stride: _Pair, padding: _Pair, dilation: _Pair
 ) -> _Pair: ...
@@ -194,5 +230,8 @@ def set_simd(level: str) -> Literal["avx512", "avx2", "scalar"]: ...
 def _set_local_num_threads(n: Optional[int]) -> Optional[int]: ...
 def set_simd_enabled(enabled: bool) -> None: ...
 def _panic_for_test() -> None: ...
+def _kernel_clock(enabled: bool) -> None: ...
+def _kernel_clock_read_seconds() -> float: ...
+def _kernel_time() -> tuple[float, int]: ...
 def _environment_warnings() -> list[str]: ...
 def fma_peak_gflops(seconds: float) -> float: ...

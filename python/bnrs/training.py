@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from . import _core, nn, optim
+from . import _core, executor, nn, optim
 
 __all__ = ["STAGES", "batch_bounds", "eval_logits", "num_threads", "train_epoch",
            "train_step"]
@@ -114,7 +114,10 @@ def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: opti
                sample_weight: np.ndarray | None = None) -> float:
     """One training step: zero the gradients, forward, loss, backward, optimizer step.
 
-    The model is left in the mode it is in (:func:`train_epoch` sets training mode).
+    The model is left in the mode it is in (:func:`train_epoch` sets training mode). A
+    network the step executor runs (:mod:`bnrs.executor`: plain layers, cross-entropy,
+    Adam/AdamW/SGD) takes the whole step in one call into Rust, with the bits of the
+    layer-by-layer path below; ``mark``, or ``BNRS_FUSED_STEP=0``, keeps the latter.
 
     Parameters
     ----------
@@ -138,6 +141,10 @@ def train_step(model: nn.Module, criterion: nn.CrossEntropyLoss, optimizer: opti
         and the optimizer step: the parameters stay as they were (batch norm's running
         statistics have taken the forward in).
     """
+    if mark is None:
+        loss = executor.run_step(model, criterion, optimizer, inputs, targets, sample_weight)
+        if loss is not None:
+            return loss
     mark = mark or _no_mark
     optimizer.zero_grad()
     mark("zero_grad")

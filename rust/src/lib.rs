@@ -4,11 +4,13 @@
 //! the Python extension `bnrs._core` (feature `python`) is a thin layer over them.
 
 pub mod buffers;
+pub mod clock;
 pub mod error;
 pub mod kernels;
 pub mod memory;
 pub mod parallel;
 pub mod simd;
+pub mod step;
 
 #[cfg(feature = "python")]
 mod py;

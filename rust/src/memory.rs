@@ -25,13 +25,17 @@ pub fn exceeds_physical(bytes: u128) -> Option<String> {
     })
 }
 
-/// Resize `buffer` to `len` zeroed floats, a kernel's scratch for `what`: a size beyond
+/// Resize `buffer` to `len` zeroed values, a kernel's scratch for `what`: a size beyond
 /// this machine's memory, or one the allocator refuses (an address-space limit), is an
 /// [`Error::ScratchTooLarge`] (Python `MemoryError`) before anything is allocated, where
 /// `Vec::resize` would abort the process.
-pub fn resize_scratch(buffer: &mut Vec<f32>, len: usize, what: &'static str) -> Result<()> {
+pub fn resize_scratch<T: Copy + Default>(
+    buffer: &mut Vec<T>,
+    len: usize,
+    what: &'static str,
+) -> Result<()> {
     if len > buffer.capacity() {
-        let bytes = len as u128 * std::mem::size_of::<f32>() as u128;
+        let bytes = len as u128 * std::mem::size_of::<T>() as u128;
         let refused = |detail: String| Error::ScratchTooLarge { what, detail };
         if let Some(excess) = exceeds_physical(bytes) {
             return Err(refused(excess));
@@ -40,7 +44,7 @@ pub fn resize_scratch(buffer: &mut Vec<f32>, len: usize, what: &'static str) -> 
             .try_reserve_exact(len - buffer.len())
             .map_err(|e| refused(format!("of {bytes} bytes refused by the system ({e})")))?;
     }
-    buffer.resize(len, 0.0);
+    buffer.resize(len, T::default());
     Ok(())
 }
 

@@ -20,8 +20,19 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 /// at its next chunk and `KeyboardInterrupt` is raised; shorter calls check it when they
 /// return. Only the main thread sees Ctrl-C (Python runs signal handlers there), and the
 /// stop reaches only this call's kernel: calls from other threads run to their end. A
-/// panic becomes a `RuntimeError` instead of aborting.
+/// panic becomes a `RuntimeError` instead of aborting. Its time counts as kernel time
+/// ([`crate::clock`]).
 pub(crate) fn run_kernel<T: Send>(
+    py: Python<'_>,
+    work: usize,
+    kernel: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    run_guarded(py, work, || crate::clock::timed(kernel))
+}
+
+/// [`run_kernel`] for a job that times its own kernels (the training step: what it does
+/// between them is overhead, not kernel time).
+pub(crate) fn run_guarded<T: Send>(
     py: Python<'_>,
     work: usize,
     kernel: impl FnOnce() -> crate::Result<T> + Send,

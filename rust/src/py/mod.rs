@@ -19,12 +19,13 @@ mod optim;
 mod pool;
 mod runtime;
 mod shapes;
+mod step;
 
 pub(crate) use arrays::{
     check_allocatable, check_shape, readable, slice, slice_mut, writeable, GradArrays, LayerGrads,
     NormGradArrays, NormGrads, Output,
 };
-pub(crate) use guard::run_kernel;
+pub(crate) use guard::{run_guarded, run_kernel};
 
 #[pymodule]
 #[pyo3(name = "_core")]
@@ -53,6 +54,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pool::register(m)?;
     runtime::register(m)?;
     shapes::register(m)?;
+    step::register(m)?;
     m.add_class::<arrays::CachedBuffer>()?;
     Ok(())
 }

@@ -159,6 +159,26 @@ fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
     py.detach(|| Ok(crate::kernels::peak::fma_gflops(seconds)))
 }
 
+/// (kernel CPU seconds, kernel calls) counted while the kernel clock was on, every
+/// thread's calls added up (a training step's CPU time less the first is its overhead
+/// outside the kernels; each call counted holds about one reading of the clock).
+#[pyfunction]
+fn _kernel_time() -> (f64, u64) {
+    crate::clock::kernel_time()
+}
+
+/// Seconds one reading of the kernel clock costs (each call it counts holds about one).
+#[pyfunction]
+fn _kernel_clock_read_seconds(py: Python<'_>) -> f64 {
+    py.detach(crate::clock::read_seconds)
+}
+
+/// Switch the kernel clock on or off (off at import: it costs two clock reads per call).
+#[pyfunction]
+fn _kernel_clock(enabled: bool) {
+    crate::clock::set_enabled(enabled);
+}
+
 /// Raise the error a kernel panic becomes (tests the panic-to-exception path).
 #[pyfunction]
 fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
@@ -188,6 +208,9 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_simd, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    m.add_function(wrap_pyfunction!(_kernel_time, m)?)?;
+    m.add_function(wrap_pyfunction!(_kernel_clock, m)?)?;
+    m.add_function(wrap_pyfunction!(_kernel_clock_read_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(_environment_warnings, m)?)?;
     m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
     Ok(())

@@ -1,0 +1,389 @@
+"""The training step as one call into Rust: :func:`run_step`.
+
+A :class:`~bnrs.nn.Sequential` of plain layers (Conv2d, Linear, BatchNorm1d/2d, ReLU,
+LeakyReLU, Sigmoid, Tanh, MaxPool2d, AvgPool2d, Dropout, Dropout2d, Flatten), all in
+training mode, trained with :class:`~bnrs.nn.CrossEntropyLoss` and :class:`~bnrs.optim.Adam`,
+:class:`~bnrs.optim.AdamW` or :class:`~bnrs.optim.SGD`, is described once to a
+:class:`bnrs._core.TrainStep` (the plan: its layers, their shapes, the parameter slots),
+which keeps the activations, gradients and saved state in buffers from one step to the
+next. Each step is then one call with the GIL released: zero the gradients, forward,
+loss, backward, optimizer update, calling the kernels the layers call, in the same order
+with the same arguments. Parameters, gradients, running statistics and optimizer state
+stay the modules' and the optimizer's own NumPy arrays, updated in place, and the dropout
+layers draw their seeds from their own generators as their forward does: the step leaves
+the bits :func:`bnrs.training.train_step`'s Python path leaves.
+
+Anything else (another layer or loss, a layer in evaluation mode, nested or branching
+modules, a method of a layer, the loss or the optimizer replaced since import, an input
+or target the layers would reject) returns None, and the caller runs the Python path. ``BNRS_FUSED_STEP=0`` turns the
+executor off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from operator import attrgetter
+
+import numpy as np
+
+from . import _core, nn, optim
+from . import functional as F
+
+__all__ = ["STEP_ENV", "executor_enabled", "run_step"]
+
+STEP_ENV = "BNRS_FUSED_STEP"
+
+_OPTIMIZERS = {optim.Adam: "adam", optim.AdamW: "adamw", optim.SGD: "sgd"}
+
+# What a plan depends on, per layer type: read at every step, and the plan rebuilt when
+# any of it changed (a forward or backward replaced on the instance counts: a bound
+# method equals the method of the same object only).
+_COMMON = ("training", "forward", "backward")
+_WATCHED = {
+    nn.Conv2d: attrgetter(*_COMMON, "weight", "bias", "stride", "padding", "dilation"),
+    nn.Linear: attrgetter(*_COMMON, "weight", "bias"),
+    nn.BatchNorm1d: attrgetter(*_COMMON, "weight", "bias", "eps", "momentum",
+                               "track_running_stats", "num_features"),
+    nn.BatchNorm2d: attrgetter(*_COMMON, "weight", "bias", "eps", "momentum",
+                               "track_running_stats", "num_features"),
+    nn.ReLU: attrgetter(*_COMMON),
+    nn.LeakyReLU: attrgetter(*_COMMON, "negative_slope"),
+    nn.Sigmoid: attrgetter(*_COMMON),
+    nn.Tanh: attrgetter(*_COMMON),
+    nn.MaxPool2d: attrgetter(*_COMMON, "kernel_size", "stride", "padding"),
+    nn.AvgPool2d: attrgetter(*_COMMON, "kernel_size", "stride", "padding",
+                             "count_include_pad"),
+    nn.Dropout: attrgetter(*_COMMON, "p", "_rng"),
+    nn.Dropout2d: attrgetter(*_COMMON, "p", "_rng"),
+    nn.Flatten: attrgetter(*_COMMON, "start_dim", "end_dim"),
+}
+# The methods whose arithmetic the executor reproduces, as they were at import: a layer,
+# loss or optimizer whose method was replaced since (on the class, as a test or a
+# profiler may do, or on the instance) runs the Python path, which calls the replacement.
+_ORIGINAL_METHODS = {cls: (cls.forward, cls.backward) for cls in _WATCHED}
+_ORIGINAL_METHODS[nn.CrossEntropyLoss] = (nn.CrossEntropyLoss.forward,
+                                          nn.CrossEntropyLoss.backward)
+_OPTIMIZER_METHODS = ("step", "zero_grad", "_update", "_validate")
+_ORIGINAL_OPTIMIZER_METHODS = {cls: tuple(getattr(cls, name) for name in _OPTIMIZER_METHODS)
+                               for cls in _OPTIMIZERS}
+_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid",
+                nn.Tanh: "tanh"}
+
+
+def _original_methods(obj) -> bool:
+    """Whether ``obj``'s forward and backward are those of its class at import."""
+    return ((type(obj).forward, type(obj).backward) == _ORIGINAL_METHODS[type(obj)]
+            and "forward" not in vars(obj) and "backward" not in vars(obj))
+
+
+def _original_optimizer(optimizer) -> bool:
+    """Whether ``optimizer``'s methods are those of its class at import."""
+    kind = type(optimizer)
+    return (tuple(getattr(kind, name) for name in _OPTIMIZER_METHODS)
+            == _ORIGINAL_OPTIMIZER_METHODS[kind]
+            and not any(name in vars(optimizer) for name in _OPTIMIZER_METHODS))
+
+
+def executor_enabled() -> bool:
+    """Whether :func:`run_step` runs steps: ``BNRS_FUSED_STEP=0`` turns it off."""
+    return os.environ.get(STEP_ENV, "1").strip() != "0"
+
+
+class _Unsupported(Exception):
+    """The network (or this step's batch) is not one the executor runs."""
+
+
+def _signature(model: nn.Sequential):
+    """What the plan of ``model`` depends on, or None for a layer type it does not run."""
+    modules = tuple(model._modules.values())
+    watched = []
+    for module in modules:
+        getter = _WATCHED.get(type(module))
+        if getter is None:
+            return None
+        watched.append(getter(module))
+    return modules, watched
+
+
+class _Plan:
+    """A :class:`bnrs._core.TrainStep` for one model, optimizer type and sample shape,
+    and the Python objects whose arrays each step passes."""
+
+    def __init__(self, model: nn.Sequential, modules, kind: str, sample_shape):
+        self.kind = kind
+        self.sample_shape = sample_shape
+        self.modules = modules
+        self.slots: list[nn.Parameter] = []
+        self.slot_of: dict[int, int] = {}
+        names: list[str] = []
+        for name, param in model.named_parameters():
+            if id(param) in self.slot_of:
+                raise _Unsupported("a parameter shared by two layers")
+            self.slot_of[id(param)] = len(self.slots)
+            self.slots.append(param)
+            names.append(name)
+        self.norms: list[nn.Module] = []
+        self.dropouts: list[nn.Module] = []
+        layers = []
+        shape = tuple(sample_shape)
+        for module in modules:
+            if not module.training:
+                raise _Unsupported("a layer in evaluation mode")
+            if not _original_methods(module):
+                raise _Unsupported("a layer whose forward or backward was replaced")
+            try:
+                output = tuple(module.output_shape(shape))
+            except ValueError:
+                raise _Unsupported("a layer that does not take its input") from None
+            kind_args = self._describe(module, shape, output)
+            layers.append((kind_args[0], list(shape), list(output), kind_args[1]))
+            shape = output
+        if len(shape) != 1:
+            raise _Unsupported("logits that are not (N, classes)")
+        self.names = names
+        self.layers = layers
+
+    def _slot(self, param) -> int | None:
+        return None if param is None else self.slot_of[id(param)]
+
+    def _describe(self, module, shape, output) -> tuple[str, tuple]:
+        kind = type(module)
+        if kind is nn.Conv2d:
+            return "conv2d", (self._slot(module.weight), self._slot(module.bias),
+                              module.stride, module.padding, module.dilation)
+        if kind is nn.Linear:
+            if len(shape) != 1:
+                raise _Unsupported("a linear layer on more than one axis")
+            return "linear", (self._slot(module.weight), self._slot(module.bias))
+        if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+            running = None
+            if module.track_running_stats:
+                running = len(self.norms)
+                self.norms.append(module)
+            momentum = None if module.momentum is None else float(module.momentum)
+            return "batch_norm", (self._slot(module.weight), self._slot(module.bias),
+                                  running, float(module.eps), momentum)
+        if kind in _ACTIVATIONS:
+            return "activation", (_ACTIVATIONS[kind],
+                                  float(getattr(module, "negative_slope", 0.0)))
+        if kind is nn.MaxPool2d:
+            return "max_pool2d", (module.kernel_size, module.stride, module.padding)
+        if kind is nn.AvgPool2d:
+            return "avg_pool2d", (module.kernel_size, module.stride, module.padding,
+                                  module.count_include_pad)
+        if kind in (nn.Dropout, nn.Dropout2d):
+            if kind is nn.Dropout2d and len(shape) != 3:
+                raise _Unsupported("Dropout2d on a sample that is not (C, H, W)")
+            if module.p == 0.0:
+                return "view", ()
+            if module.p == 1.0:
+                return "zeros", ()
+            unit = shape[1] * shape[2] if kind is nn.Dropout2d else 1
+            self.dropouts.append(module)
+            return "dropout", (float(module.p), unit, len(self.dropouts) - 1)
+        if kind is nn.Flatten:
+            start = module.start_dim + len(shape) + 1 if module.start_dim < 0 else module.start_dim
+            if start < 1:
+                raise _Unsupported("a Flatten that merges the batch axis")
+            return "view", ()
+        raise _Unsupported(f"a {kind.__name__}")
+
+    def core(self, optimizer) -> _core.TrainStep:
+        """The Rust plan, over the model's parameters and then the optimizer's others."""
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) not in self.slot_of:
+                    self.slot_of[id(param)] = len(self.slots)
+                    self.slots.append(param)
+                    self.names.append(f"optimizer parameter {len(self.slots) - 1}")
+        return _core.TrainStep(self.layers, self.names, [list(p.shape) for p in self.slots],
+                               self.kind)
+
+
+class _Executor:
+    """A model's plan and the key it was built for."""
+
+    def __init__(self, signature, kind, sample_shape, plan: _Plan | None, train_step=None):
+        self.signature, self.kind, self.sample_shape = signature, kind, sample_shape
+        self.plan, self.train_step = plan, train_step
+        # id(param group) -> its hyper-parameters when they last passed validation
+        self.validated: dict[int, tuple] = {}
+
+
+# Keyed by model, so that a plan (and its buffers) goes with its model.
+_EXECUTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _executor(model, optimizer, kind: str, sample_shape) -> _Executor | None:
+    signature = _signature(model)
+    if signature is None:
+        return None
+    executor = _EXECUTORS.get(model)
+    if (executor is not None and executor.kind == kind
+            and executor.sample_shape == sample_shape and executor.signature == signature):
+        return executor
+    try:
+        plan = _Plan(model, signature[0], kind, sample_shape)
+        executor = _Executor(signature, kind, sample_shape, plan, plan.core(optimizer))
+    except _Unsupported:
+        executor = _Executor(signature, kind, sample_shape, None)
+    _EXECUTORS[model] = executor
+    return executor
+
+
+def _labels(targets, batch: int) -> np.ndarray | None:
+    """The targets as the loss kernel takes them, or None for what the Python path must
+    see (and reject in its own words)."""
+    labels = np.asarray(targets)
+    if labels.dtype.kind not in "iu" or labels.shape != (batch,):
+        return None
+    if labels.dtype.kind == "u" and labels.size and (labels > np.iinfo(np.int64).max).any():
+        return None
+    return np.require(labels, np.int64, ["C_CONTIGUOUS", "ALIGNED"])
+
+
+def _validate(optimizer, group, validated: dict) -> None:
+    """``optimizer._validate(group)`` (which raises for a bad value, as ``step`` does), but
+    only when the group's hyper-parameters differ from those it last passed with."""
+    values = tuple(value for key, value in group.items() if key != "params")
+    if validated.get(id(group)) == values:
+        return
+    optimizer._validate(group)
+    validated[id(group)] = tuple(value for key, value in group.items() if key != "params")
+
+
+def _adam_updates(optimizer, slot_of, created, validated, states):
+    """Adam's update tuples for :meth:`bnrs._core.TrainStep.run`, in the optimizer's
+    order, its state made where missing (noted in ``created``) and listed in ``states``
+    (KeyError for a parameter the plan has no slot for)."""
+    updates = []
+    for group in optimizer.param_groups:
+        _validate(optimizer, group, validated)
+        beta1, beta2 = group["betas"]
+        hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                 float(group["weight_decay"]))
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state is None or "step" not in state:
+                created.append((param, state is None))
+                state = optimizer.state.setdefault(param, {})
+                state["step"] = 0
+                state["exp_avg"] = np.zeros_like(param.data)
+                state["exp_avg_sq"] = np.zeros_like(param.data)
+            updates.append((slot_of[id(param)], state["exp_avg"], state["exp_avg_sq"],
+                            state["step"] + 1) + hyper)
+            states.append(state)
+    return updates
+
+
+def _sgd_updates(optimizer, slot_of, created, validated, states):
+    """SGD's update tuples (see :func:`_adam_updates`; ``states`` stays empty: SGD
+    counts no steps)."""
+    updates = []
+    for group in optimizer.param_groups:
+        _validate(optimizer, group, validated)
+        momentum = group["momentum"]
+        hyper = (float(group["lr"]), float(momentum), float(group["dampening"]),
+                 bool(group["nesterov"]), float(group["weight_decay"]))
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state is None:
+                created.append((param, True))
+                state = optimizer.state.setdefault(param, {})
+            buffer, first_step = None, False
+            if momentum != 0:
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    if not created or created[-1][0] is not param:
+                        created.append((param, False))
+                    buffer = state["momentum_buffer"] = np.zeros_like(param.data)
+                    first_step = True
+            updates.append((slot_of[id(param)], buffer, first_step) + hyper)
+    return updates
+
+
+def _undo_created(optimizer, created) -> None:
+    """Remove the optimizer state made for a step that did not happen."""
+    for param, new_entry in created:
+        if new_entry:
+            optimizer.state.pop(param, None)
+        else:
+            for key in ("step", "exp_avg", "exp_avg_sq", "momentum_buffer"):
+                optimizer.state[param].pop(key, None)
+
+
+def run_step(model, criterion, optimizer, inputs, targets,
+             sample_weight=None) -> float | None:
+    """One training step by the executor, or None when the Python path must take it.
+
+    Parameters
+    ----------
+    model, criterion, optimizer, inputs, targets, sample_weight
+        As :func:`bnrs.training.train_step`.
+
+    Returns
+    -------
+    float or None
+        The loss (non-finite: returned before the backward, as the Python path does),
+        or None if the executor does not run this network or batch.
+    """
+    if not executor_enabled() or type(criterion) is not nn.CrossEntropyLoss:
+        return None
+    kind = _OPTIMIZERS.get(type(optimizer))
+    if (kind is None or type(model) is not nn.Sequential or not _original_methods(criterion)
+            or not _original_optimizer(optimizer)):
+        return None
+    try:
+        x = F.as_float32(inputs, "input")
+    except (TypeError, ValueError, MemoryError):
+        return None
+    if x.ndim < 2:
+        return None
+    executor = _executor(model, optimizer, kind, x.shape[1:])
+    if executor is None or executor.plan is None:
+        return None
+    plan = executor.plan
+    labels = _labels(targets, len(x))
+    if labels is None:
+        return None
+    weight = None
+    if sample_weight is not None:
+        try:
+            weight = F._sample_weight(sample_weight, len(labels), "sample_weight")
+        except (TypeError, ValueError):
+            return None
+    created: list = []
+    states: list = []
+    try:
+        updates = (_sgd_updates if kind == "sgd" else _adam_updates)(
+            optimizer, plan.slot_of, created, executor.validated, states)
+    except KeyError:   # a parameter added to the optimizer since: plan again
+        _undo_created(optimizer, created)
+        _EXECUTORS.pop(model, None)
+        return run_step(model, criterion, optimizer, inputs, targets, sample_weight)
+    except (TypeError, ValueError):
+        _undo_created(optimizer, created)
+        return None
+    zero = [update[0] for update in updates]   # the optimizer's zero_grad
+    slots = plan.slots
+    running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
+    seeds = [int(m._rng.integers(0, 2**64, dtype=np.uint64)) for m in plan.dropouts]
+    model._fused_input = None
+    try:
+        loss = executor.train_step.run(x, labels, weight, [p.data for p in slots],
+                                       [p.grad for p in slots], zero, running, seeds,
+                                       updates)
+    except BaseException:
+        _undo_created(optimizer, created)
+        raise
+    for module in plan.modules:
+        module._ctx = None
+    criterion._ctx = None
+    if not math.isfinite(loss):
+        _undo_created(optimizer, created)
+        return loss
+    for state in states:
+        state["step"] += 1
+    return loss

@@ -1,0 +1,496 @@
+//! The training-step executor's binding: a plan built once from the layers' description,
+//! then one call per step with the step's arrays.
+
+use numpy::{
+    PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use super::{run_guarded, slice, writeable};
+use crate::kernels::activation::Activation;
+use crate::kernels::optim::{AdamConfig, SgdConfig};
+use crate::step::{AdamUpdate, LayerKind, RunningArrays, SgdUpdate, StepArrays, StepPlan, Updates};
+
+type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
+type Pair = (i64, i64);
+type Running<'py> = (Array<'py>, Array<'py>, Bound<'py, PyArrayDyn<i64>>);
+/// A layer as Python describes it: (kind, sample input shape, sample output shape, args).
+type LayerDescription<'py> = (String, Vec<usize>, Vec<usize>, Bound<'py, PyTuple>);
+
+/// The optimizer a plan updates with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Optimizer {
+    Adam { decoupled: bool },
+    Sgd,
+}
+
+/// A training step of a chain of layers, run in one call with the GIL released; built by
+/// `bnrs.executor` from a Sequential (see there for the layer descriptions).
+#[pyclass(module = "bnrs._core")]
+pub(super) struct TrainStep {
+    plan: StepPlan,
+    optimizer: Optimizer,
+    /// The parameters' names (for errors) and shapes, by slot.
+    slot_names: Vec<String>,
+    slot_shapes: Vec<Vec<usize>>,
+    input_shape: Vec<usize>,
+}
+
+fn layer_kind(
+    kind: &str,
+    args: &Bound<'_, PyTuple>,
+    slot_shapes: &[Vec<usize>],
+) -> PyResult<LayerKind> {
+    let weight_shape = |slot: usize| -> PyResult<&[usize]> {
+        slot_shapes
+            .get(slot)
+            .map(Vec::as_slice)
+            .ok_or_else(|| PyValueError::new_err(format!("layers: no parameter slot {slot}")))
+    };
+    Ok(match kind {
+        "conv2d" => {
+            let (weight, bias, stride, padding, dilation): (
+                usize,
+                Option<usize>,
+                Pair,
+                Pair,
+                Pair,
+            ) = args.extract()?;
+            let shape: [usize; 4] = weight_shape(weight)?
+                .try_into()
+                .map_err(|_| PyValueError::new_err("layers: a conv2d weight is expected 4-D"))?;
+            LayerKind::Conv2d {
+                weight,
+                bias,
+                weight_shape: shape,
+                stride,
+                padding,
+                dilation,
+            }
+        }
+        "linear" => {
+            let (weight, bias): (usize, Option<usize>) = args.extract()?;
+            let shape: [usize; 2] = weight_shape(weight)?
+                .try_into()
+                .map_err(|_| PyValueError::new_err("layers: a linear weight is expected 2-D"))?;
+            LayerKind::Linear {
+                weight,
+                bias,
+                weight_shape: shape,
+            }
+        }
+        "batch_norm" => {
+            let (weight, bias, running, eps, momentum) = args.extract()?;
+            LayerKind::BatchNorm {
+                weight,
+                bias,
+                running,
+                eps,
+                momentum,
+            }
+        }
+        "activation" => {
+            let (name, negative_slope): (String, f32) = args.extract()?;
+            LayerKind::Activation(Activation::from_name(&name, negative_slope)?)
+        }
+        "max_pool2d" => {
+            let (kernel, stride, padding) = args.extract()?;
+            LayerKind::MaxPool {
+                kernel,
+                stride,
+                padding,
+            }
+        }
+        "avg_pool2d" => {
+            let (kernel, stride, padding, count_include_pad) = args.extract()?;
+            LayerKind::AvgPool {
+                kernel,
+                stride,
+                padding,
+                count_include_pad,
+            }
+        }
+        "dropout" => {
+            let (p, unit, seed) = args.extract()?;
+            LayerKind::Dropout { p, unit, seed }
+        }
+        "zeros" => LayerKind::Zeros,
+        "view" => LayerKind::View,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "layers: unknown layer kind {other:?}"
+            )))
+        }
+    })
+}
+
+/// Borrow every array for update in place, each named after its parameter.
+fn borrow_all<'py>(
+    arrays: &[Array<'py>],
+    names: &[String],
+    shapes: &[Vec<usize>],
+    what: &str,
+) -> PyResult<Vec<PyReadwriteArrayDyn<'py, f32>>> {
+    if arrays.len() != names.len() {
+        return Err(PyValueError::new_err(format!(
+            "{what}: expected {} arrays, one per parameter, got {}",
+            names.len(),
+            arrays.len()
+        )));
+    }
+    arrays
+        .iter()
+        .zip(names.iter().zip(shapes))
+        .map(|(array, (name, shape))| {
+            let label = format!("{name}{what}");
+            if array.shape() != shape.as_slice() {
+                return Err(PyValueError::new_err(format!(
+                    "{label}: expected shape {shape:?}, got {:?}",
+                    array.shape()
+                )));
+            }
+            if !array.is_c_contiguous() {
+                return Err(not_contiguous(&label));
+            }
+            writeable(array, &label)
+        })
+        .collect()
+}
+
+fn slices<'a>(views: &'a mut [PyReadwriteArrayDyn<'_, f32>]) -> Vec<&'a mut [f32]> {
+    views
+        .iter_mut()
+        .map(|v| {
+            v.as_slice_mut()
+                .expect("a writeable float32 array checked contiguous")
+        })
+        .collect()
+}
+
+#[pymethods]
+impl TrainStep {
+    /// A plan of `layers`, each `(kind, sample input shape, sample output shape, args)`,
+    /// over parameter slots named `slot_names` of `slot_shapes`; `optimizer` is "adam",
+    /// "adamw" or "sgd".
+    #[new]
+    fn new(
+        layers: Vec<LayerDescription<'_>>,
+        slot_names: Vec<String>,
+        slot_shapes: Vec<Vec<usize>>,
+        optimizer: &str,
+    ) -> PyResult<Self> {
+        let optimizer = match optimizer {
+            "adam" => Optimizer::Adam { decoupled: false },
+            "adamw" => Optimizer::Adam { decoupled: true },
+            "sgd" => Optimizer::Sgd,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "optimizer: expected 'adam', 'adamw' or 'sgd', got {other:?}"
+                )))
+            }
+        };
+        if slot_names.len() != slot_shapes.len() {
+            return Err(PyValueError::new_err(
+                "slot_names, slot_shapes: expected one name per shape",
+            ));
+        }
+        let input_shape = layers
+            .first()
+            .map(|layer| layer.1.clone())
+            .unwrap_or_default();
+        let kinds = layers
+            .into_iter()
+            .map(|(kind, input, output, args)| {
+                Ok((layer_kind(&kind, &args, &slot_shapes)?, input, output))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let n_slots = slot_names.len();
+        Ok(TrainStep {
+            plan: StepPlan::new(kinds, n_slots)?,
+            optimizer,
+            slot_names,
+            slot_shapes,
+            input_shape,
+        })
+    }
+
+    /// One training step; returns the loss (a non-finite loss before the backward, with
+    /// nothing updated but the running statistics). `running` holds (running_mean,
+    /// running_var, num_batches_tracked) per batch norm that tracks them, `seeds` one
+    /// seed per dropout layer drawing a mask, `zero` the slots whose gradients are zeroed
+    /// first, and `updates` one tuple per parameter the optimizer updates, in its order:
+    /// (slot, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay) for Adam,
+    /// (slot, momentum_buffer, first_step, lr, momentum, dampening, nesterov,
+    /// weight_decay) for SGD.
+    #[pyo3(signature = (input, target, sample_weight, data, grads, zero, running, seeds, updates))]
+    #[allow(clippy::too_many_arguments)]
+    fn run<'py>(
+        mut slf: PyRefMut<'py, Self>,
+        py: Python<'py>,
+        input: PyReadonlyArrayDyn<'py, f32>,
+        target: PyReadonlyArrayDyn<'py, i64>,
+        sample_weight: Option<PyReadonlyArrayDyn<'py, f64>>,
+        data: Vec<Array<'py>>,
+        grads: Vec<Array<'py>>,
+        zero: Vec<usize>,
+        running: Vec<Running<'py>>,
+        seeds: Vec<u64>,
+        updates: Vec<Bound<'py, PyTuple>>,
+    ) -> PyResult<f64> {
+        let this = &mut *slf;
+        let shape = input.shape();
+        if shape.len() != this.input_shape.len() + 1 || shape[1..] != this.input_shape[..] {
+            return Err(PyValueError::new_err(format!(
+                "input: expected shape (N, {}), the plan's samples, got {shape:?}",
+                crate::error::join_dims(&this.input_shape)
+            )));
+        }
+        let batch = shape[0];
+        if target.shape() != [batch] {
+            return Err(PyValueError::new_err(format!(
+                "target: expected {batch} class indices, got shape {:?}",
+                target.shape()
+            )));
+        }
+        if let Some(w) = &sample_weight {
+            if w.shape() != [batch] {
+                return Err(PyValueError::new_err(format!(
+                    "sample_weight: expected shape ({batch},), got {:?}",
+                    w.shape()
+                )));
+            }
+        }
+        if let Some(&slot) = zero.iter().find(|&&s| s >= this.slot_names.len()) {
+            return Err(PyValueError::new_err(format!(
+                "zero: no parameter slot {slot}"
+            )));
+        }
+        let mut data_views = borrow_all(&data, &this.slot_names, &this.slot_shapes, "")?;
+        let mut grad_views = borrow_all(&grads, &this.slot_names, &this.slot_shapes, ".grad")?;
+        let mut running_views = running
+            .iter()
+            .enumerate()
+            .map(|(index, (mean, var, count))| {
+                let label = |what: &str| format!("running[{index}].{what}");
+                let count = count.try_readwrite().map_err(|e| {
+                    PyValueError::new_err(format!("{}: {e}", label("num_batches_tracked")))
+                })?;
+                Ok((
+                    writeable(mean, &label("running_mean"))?,
+                    writeable(var, &label("running_var"))?,
+                    count,
+                ))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let (mut states, configs) = this.updates(&updates)?;
+        let x = slice(&input, "input")?;
+        let t = slice(&target, "target")?;
+        let w = sample_weight
+            .as_ref()
+            .map(|w| slice(w, "sample_weight"))
+            .transpose()?;
+        let mut running_arrays = Vec::with_capacity(running_views.len());
+        for (index, (mean, var, count)) in running_views.iter_mut().enumerate() {
+            let count = count
+                .as_slice_mut()
+                .ok()
+                .filter(|c| c.len() == 1)
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!(
+                        "running[{index}].num_batches_tracked: expected a 0-d int64 array"
+                    ))
+                })?;
+            running_arrays.push(RunningArrays {
+                mean: mean
+                    .as_slice_mut()
+                    .map_err(|_| not_contiguous("running_mean"))?,
+                var: var
+                    .as_slice_mut()
+                    .map_err(|_| not_contiguous("running_var"))?,
+                num_batches_tracked: &mut count[0],
+            });
+        }
+        let updates = this.bind_updates(&mut states, configs);
+        let mut arrays = StepArrays {
+            input: x,
+            target: t,
+            sample_weight: w,
+            data: slices(&mut data_views),
+            grads: slices(&mut grad_views),
+            zero: &zero,
+            running: running_arrays,
+            seeds: &seeds,
+            updates,
+        };
+        let work = this.plan.work(batch);
+        let plan = &mut this.plan;
+        run_guarded(py, work, || plan.run(&mut arrays))
+    }
+}
+
+fn not_contiguous(name: &str) -> PyErr {
+    PyValueError::new_err(format!("{name}: expected a C-contiguous array"))
+}
+
+/// An update's state arrays, borrowed: (slot, first, second) — Adam's exp_avg and
+/// exp_avg_sq, or SGD's momentum buffer (and no second).
+type StateViews<'py> = (
+    usize,
+    Option<PyReadwriteArrayDyn<'py, f32>>,
+    Option<PyReadwriteArrayDyn<'py, f32>>,
+);
+
+/// An update's scalars: the step (Adam) or first_step (SGD), and the hyper-parameters.
+enum UpdateConfig {
+    Adam(u64, AdamConfig),
+    Sgd(bool, SgdConfig),
+}
+
+impl TrainStep {
+    fn state<'py>(
+        &self,
+        slot: usize,
+        array: &Array<'py>,
+        what: &str,
+    ) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+        let name = &self.slot_names[slot];
+        let label = format!("{name} {what}");
+        if array.shape() != self.slot_shapes[slot].as_slice() {
+            return Err(PyValueError::new_err(format!(
+                "{label}: expected the parameter's shape {:?}, got {:?}",
+                self.slot_shapes[slot],
+                array.shape()
+            )));
+        }
+        if !array.is_c_contiguous() {
+            return Err(not_contiguous(&label));
+        }
+        writeable(array, &label)
+    }
+
+    fn checked_slot(&self, slot: usize) -> PyResult<usize> {
+        if slot >= self.slot_names.len() {
+            return Err(PyValueError::new_err(format!(
+                "updates: no parameter slot {slot}"
+            )));
+        }
+        Ok(slot)
+    }
+
+    /// The optimizer's state arrays, borrowed, and its hyper-parameters, per update.
+    #[allow(clippy::type_complexity)]
+    fn updates<'py>(
+        &self,
+        updates: &[Bound<'py, PyTuple>],
+    ) -> PyResult<(Vec<StateViews<'py>>, Vec<UpdateConfig>)> {
+        let mut states = Vec::with_capacity(updates.len());
+        let mut configs = Vec::with_capacity(updates.len());
+        for update in updates {
+            match self.optimizer {
+                Optimizer::Adam { decoupled } => {
+                    let (slot, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay): (
+                        usize,
+                        Array<'py>,
+                        Array<'py>,
+                        u64,
+                        f32,
+                        f32,
+                        f32,
+                        f32,
+                        f32,
+                    ) = update.extract()?;
+                    let slot = self.checked_slot(slot)?;
+                    states.push((
+                        slot,
+                        Some(self.state(slot, &exp_avg, "exp_avg")?),
+                        Some(self.state(slot, &exp_avg_sq, "exp_avg_sq")?),
+                    ));
+                    configs.push(UpdateConfig::Adam(
+                        step,
+                        AdamConfig {
+                            lr,
+                            beta1,
+                            beta2,
+                            eps,
+                            weight_decay,
+                            decoupled,
+                        },
+                    ));
+                }
+                Optimizer::Sgd => {
+                    let (slot, buffer, first_step, lr, momentum, dampening, nesterov, weight_decay): (
+                        usize,
+                        Option<Array<'py>>,
+                        bool,
+                        f32,
+                        f32,
+                        f32,
+                        bool,
+                        f32,
+                    ) = update.extract()?;
+                    let slot = self.checked_slot(slot)?;
+                    let buffer = buffer
+                        .map(|b| self.state(slot, &b, "momentum_buffer"))
+                        .transpose()?;
+                    states.push((slot, buffer, None));
+                    configs.push(UpdateConfig::Sgd(
+                        first_step,
+                        SgdConfig {
+                            lr,
+                            momentum,
+                            dampening,
+                            nesterov,
+                            weight_decay,
+                        },
+                    ));
+                }
+            }
+        }
+        Ok((states, configs))
+    }
+
+    fn bind_updates<'a>(
+        &self,
+        states: &'a mut [StateViews<'_>],
+        configs: Vec<UpdateConfig>,
+    ) -> Updates<'a> {
+        let mut adam = Vec::new();
+        let mut sgd = Vec::new();
+        for ((slot, first, second), config) in states.iter_mut().zip(configs) {
+            let first = first.as_mut().map(|a| {
+                a.as_slice_mut()
+                    .expect("a writeable float32 array checked contiguous")
+            });
+            match config {
+                UpdateConfig::Adam(step, config) => adam.push(AdamUpdate {
+                    slot: *slot,
+                    exp_avg: first.expect("Adam has exp_avg"),
+                    exp_avg_sq: second
+                        .as_mut()
+                        .expect("Adam has exp_avg_sq")
+                        .as_slice_mut()
+                        .expect("a writeable float32 array checked contiguous"),
+                    step,
+                    config,
+                }),
+                UpdateConfig::Sgd(first_step, config) => sgd.push(SgdUpdate {
+                    slot: *slot,
+                    momentum_buffer: first,
+                    first_step,
+                    config,
+                }),
+            }
+        }
+        match self.optimizer {
+            Optimizer::Adam { .. } => Updates::Adam(adam),
+            Optimizer::Sgd => Updates::Sgd(sgd),
+        }
+    }
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<TrainStep>()?;
+    Ok(())
+}

@@ -1,0 +1,978 @@
+//! A whole training step of a plain chain of layers in one call: zero the gradients,
+//! forward, cross-entropy loss, backward, optimizer update, with the activations and
+//! saved state in buffers kept between steps.
+//!
+//! It calls the same kernels as the per-layer bindings, in the order `bnrs.training.
+//! train_step` calls them through Python, with the same arguments, so its results are
+//! the same bits; only the per-layer Python and binding work (and the allocation of every
+//! output) is gone. The plan is a list of [`Stage`]s, each the forward and backward of
+//! one layer today; a fused block (conv→BN→activation→pool, say) would be one more
+//! `Stage` variant standing for a run of layers.
+
+use crate::clock::timed;
+use crate::error::{Error, Result};
+use crate::kernels::activation::{self, Activation};
+use crate::kernels::batch_norm::{self, BatchNormParams, RunningStats};
+use crate::kernels::conv::{self, Conv2dParams, Epilogue};
+use crate::kernels::linear::{self, LinearParams};
+use crate::kernels::loss::{self, ClassesParams};
+use crate::kernels::optim::{self, AdamConfig, SgdConfig};
+use crate::kernels::pool::{self, Pool2dParams};
+use crate::kernels::{dropout, nonzero};
+use crate::memory::resize_scratch;
+use crate::parallel::stop_token;
+
+type Pair = (i64, i64);
+
+/// What a layer does in the step, with the indices of the arrays it uses: parameters by
+/// their slot in [`StepArrays::data`], running statistics by their index in
+/// [`StepArrays::running`], dropout seeds by theirs in [`StepArrays::seeds`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerKind {
+    Conv2d {
+        weight: usize,
+        bias: Option<usize>,
+        weight_shape: [usize; 4],
+        stride: Pair,
+        padding: Pair,
+        dilation: Pair,
+    },
+    Linear {
+        weight: usize,
+        bias: Option<usize>,
+        weight_shape: [usize; 2],
+    },
+    /// Training-mode batch norm (batch statistics); `running` when it tracks them.
+    BatchNorm {
+        weight: Option<usize>,
+        bias: Option<usize>,
+        running: Option<usize>,
+        eps: f32,
+        /// None: the cumulative average, 1 / num_batches_tracked.
+        momentum: Option<f32>,
+    },
+    Activation(Activation),
+    MaxPool {
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+    },
+    AvgPool {
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        count_include_pad: bool,
+    },
+    /// Inverted dropout over units of `unit` elements (1, or H·W for Dropout2d) with the
+    /// step's seed number `seed`.
+    Dropout {
+        p: f32,
+        unit: usize,
+        seed: usize,
+    },
+    /// Zeros out, zeros back: dropout with p = 1.
+    Zeros,
+    /// The output is the input itself, reshaped (Flatten; dropout with p = 0).
+    View,
+}
+
+impl LayerKind {
+    fn has_parameters(&self) -> bool {
+        match self {
+            LayerKind::Conv2d { .. } | LayerKind::Linear { .. } => true,
+            LayerKind::BatchNorm { weight, .. } => weight.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Whether the output is the input itself (no kernel, no buffer of its own).
+    fn is_view(&self) -> bool {
+        matches!(self, LayerKind::View)
+    }
+}
+
+/// A layer of the plan with the sample shapes around it (no batch axis) and the state
+/// its forward keeps for its backward.
+struct Stage {
+    kind: LayerKind,
+    input_shape: Vec<usize>,
+    output_shape: Vec<usize>,
+    /// Where the input and output live: `None` is the network's input.
+    input: Option<usize>,
+    output: Option<usize>,
+    save_mean: Vec<f32>,
+    save_invstd: Vec<f32>,
+    indices: Vec<i64>,
+}
+
+/// The running statistics of one batch norm, updated in place.
+pub struct RunningArrays<'a> {
+    pub mean: &'a mut [f32],
+    pub var: &'a mut [f32],
+    pub num_batches_tracked: &'a mut i64,
+}
+
+/// One parameter's Adam (or AdamW) update: its slot, state and hyper-parameters.
+pub struct AdamUpdate<'a> {
+    pub slot: usize,
+    pub exp_avg: &'a mut [f32],
+    pub exp_avg_sq: &'a mut [f32],
+    /// The 1-based index of this step for the parameter.
+    pub step: u64,
+    pub config: AdamConfig,
+}
+
+/// One parameter's SGD update.
+pub struct SgdUpdate<'a> {
+    pub slot: usize,
+    pub momentum_buffer: Option<&'a mut [f32]>,
+    pub first_step: bool,
+    pub config: SgdConfig,
+}
+
+/// The optimizer's updates, in the optimizer's order of groups and parameters.
+pub enum Updates<'a> {
+    Adam(Vec<AdamUpdate<'a>>),
+    Sgd(Vec<SgdUpdate<'a>>),
+}
+
+/// The arrays of one step: the batch, the parameters, their gradients, the running
+/// statistics, the dropout seeds and the optimizer's state.
+pub struct StepArrays<'a> {
+    pub input: &'a [f32],
+    pub target: &'a [i64],
+    pub sample_weight: Option<&'a [f64]>,
+    /// The values of every parameter slot (the model's and the optimizer's).
+    pub data: Vec<&'a mut [f32]>,
+    /// Their gradients, added to by the backward (as `param.grad += ...`).
+    pub grads: Vec<&'a mut [f32]>,
+    /// The slots whose gradients are set to zero first (the optimizer's `zero_grad`).
+    pub zero: &'a [usize],
+    pub running: Vec<RunningArrays<'a>>,
+    pub seeds: &'a [u64],
+    pub updates: Updates<'a>,
+}
+
+/// A chain of layers and the buffers of its steps, kept from one step to the next.
+pub struct StepPlan {
+    stages: Vec<Stage>,
+    /// The activations, one per stage that writes one.
+    activations: Vec<Vec<f32>>,
+    /// The output gradient of the stage running backward, and its input gradient.
+    grad_output: Vec<f32>,
+    grad_input: Vec<f32>,
+    /// The kernels' parameter gradients, per slot, before they are added to `grads`
+    /// (for the slots not written directly, see [`GradSinks`]).
+    param_grads: Vec<Vec<f32>>,
+    /// Per slot: whether a layer uses it, and whether this step is still to write its
+    /// gradient directly (a layer's, zeroed by the step).
+    used: Vec<bool>,
+    direct: Vec<bool>,
+    /// The first stage with parameters: the backward stops there, without its input
+    /// gradient (as `Sequential.backward(..., input_grad=False)`).
+    first_trained: usize,
+}
+
+const ACTIVATION: &str = "training step: a layer's output";
+const GRADIENT: &str = "training step: a layer's input gradient";
+const SAVED: &str = "training step: a layer's saved state";
+
+fn len_of(batch: usize, sample: &[usize]) -> usize {
+    batch * sample.iter().product::<usize>()
+}
+
+fn batched(batch: usize, sample: &[usize]) -> Vec<usize> {
+    std::iter::once(batch)
+        .chain(sample.iter().copied())
+        .collect()
+}
+
+/// `total += part`, element by element: what `param.grad += grad` does in NumPy.
+fn accumulate(total: &mut [f32], part: &[f32]) {
+    for (t, &p) in total.iter_mut().zip(part) {
+        *t += p;
+    }
+}
+
+/// The error of an interrupted step: never seen by the caller, whose guard reports the
+/// interrupt instead.
+fn interrupted() -> Error {
+    Error::invalid("training step", "an interrupt", "no interrupt")
+}
+
+impl StepPlan {
+    /// A plan of `layers`, each with its sample input and output shapes (no batch axis),
+    /// over `n_slots` parameter slots. The layers must chain: each input shape the
+    /// output shape before it, the last a (classes,) vector of logits.
+    pub fn new(layers: Vec<(LayerKind, Vec<usize>, Vec<usize>)>, n_slots: usize) -> Result<Self> {
+        if layers.is_empty() {
+            return Err(Error::invalid("layers", "none", "at least one layer"));
+        }
+        let mut stages = Vec::with_capacity(layers.len());
+        let mut current: Option<usize> = None;
+        let mut n_buffers = 0;
+        for (index, (kind, input_shape, output_shape)) in layers.into_iter().enumerate() {
+            if let Some(previous) = stages.last().map(|s: &Stage| &s.output_shape) {
+                if *previous != input_shape {
+                    return Err(Error::invalid(
+                        "layers",
+                        format!("layer {index} taking {input_shape:?} after {previous:?}"),
+                        "each layer's input shape the output shape of the one before",
+                    ));
+                }
+            }
+            nonzero("layers", &input_shape)?;
+            let input = current;
+            if !kind.is_view() {
+                current = Some(n_buffers);
+                n_buffers += 1;
+            }
+            stages.push(Stage {
+                kind,
+                input_shape,
+                output_shape,
+                input,
+                output: current,
+                save_mean: Vec::new(),
+                save_invstd: Vec::new(),
+                indices: Vec::new(),
+            });
+        }
+        let last = stages.last().expect("at least one layer");
+        if last.output_shape.len() != 1 {
+            return Err(Error::invalid(
+                "layers",
+                format!("a last output of shape {:?}", last.output_shape),
+                "(classes,) logits",
+            ));
+        }
+        let mut used = vec![false; n_slots];
+        for stage in &stages {
+            let (weight, bias) = match &stage.kind {
+                LayerKind::Conv2d { weight, bias, .. } | LayerKind::Linear { weight, bias, .. } => {
+                    (Some(*weight), *bias)
+                }
+                LayerKind::BatchNorm { weight, bias, .. } => (*weight, *bias),
+                _ => (None, None),
+            };
+            for slot in weight.into_iter().chain(bias) {
+                if slot >= n_slots || used[slot] {
+                    return Err(Error::invalid(
+                        "layers",
+                        format!("parameter slot {slot} used twice or out of {n_slots}"),
+                        "each layer's parameters in slots of their own",
+                    ));
+                }
+                used[slot] = true;
+            }
+        }
+        let first_trained = stages
+            .iter()
+            .position(|s| s.kind.has_parameters())
+            .unwrap_or(stages.len());
+        Ok(StepPlan {
+            stages,
+            activations: vec![Vec::new(); n_buffers],
+            grad_output: Vec::new(),
+            grad_input: Vec::new(),
+            param_grads: vec![Vec::new(); n_slots],
+            used,
+            direct: vec![false; n_slots],
+            first_trained,
+        })
+    }
+
+    /// The number of samples per step the arrays' input holds.
+    pub fn sample_len(&self) -> usize {
+        self.stages[0].input_shape.iter().product()
+    }
+
+    /// Multiply-adds of a step of `batch` samples (roughly: the forward's three times),
+    /// for the guard's choice of watching a call for Ctrl-C while it runs.
+    pub fn work(&self, batch: usize) -> usize {
+        self.stages
+            .iter()
+            .map(|s| {
+                let out = len_of(batch, &s.output_shape);
+                match &s.kind {
+                    LayerKind::Conv2d { weight_shape, .. } => {
+                        out.saturating_mul(weight_shape[1] * weight_shape[2] * weight_shape[3])
+                    }
+                    LayerKind::Linear { weight_shape, .. } => out.saturating_mul(weight_shape[1]),
+                    _ => out,
+                }
+            })
+            .fold(0usize, usize::saturating_add)
+            .saturating_mul(3)
+    }
+
+    /// One step: zero the gradients of `arrays.zero`, forward, loss; if the loss is
+    /// finite, the backward (adding to the gradients) and the optimizer's updates.
+    /// Returns the loss (a non-finite one before any backward, as `train_step`).
+    pub fn run(&mut self, arrays: &mut StepArrays<'_>) -> Result<f64> {
+        let sample_len = self.sample_len();
+        if sample_len == 0 || !arrays.input.len().is_multiple_of(sample_len) {
+            return Err(Error::invalid(
+                "input",
+                format!("{} values", arrays.input.len()),
+                format!("a whole number of samples of {sample_len} values"),
+            ));
+        }
+        let batch = arrays.input.len() / sample_len;
+        if arrays.data.len() != self.used.len() || arrays.grads.len() != self.used.len() {
+            return Err(Error::invalid(
+                "data, grads",
+                format!("{} and {} arrays", arrays.data.len(), arrays.grads.len()),
+                format!("one per parameter slot, {}", self.used.len()),
+            ));
+        }
+        // zero_grad: the gradients the backward writes are zeroed by writing them; those
+        // it did not write when the step ends early are zeroed then.
+        self.direct.fill(false);
+        for &slot in arrays.zero {
+            self.direct[slot] = self.used[slot];
+            if !self.used[slot] {
+                arrays.grads[slot].fill(0.0);
+            }
+        }
+        let outcome = self.forward_backward(batch, arrays);
+        for (slot, _) in self
+            .direct
+            .iter()
+            .enumerate()
+            .filter(|(_, &pending)| pending)
+        {
+            arrays.grads[slot].fill(0.0);
+        }
+        let loss = outcome?;
+        if loss.is_finite() {
+            if stop_token().is_set() {
+                return Err(interrupted());
+            }
+            update(arrays)?;
+        }
+        Ok(loss)
+    }
+
+    /// Forward, loss and (if the loss is finite) backward; returns the loss.
+    fn forward_backward(&mut self, batch: usize, arrays: &mut StepArrays<'_>) -> Result<f64> {
+        let stop = stop_token();
+        self.forward(batch, arrays)?;
+        if stop.is_set() {
+            return Err(interrupted());
+        }
+        let last = self.stages.last().expect("a plan has layers");
+        let classes = ClassesParams::new(&batched(batch, &last.output_shape))?;
+        let logits = match last.output {
+            None => arrays.input,
+            Some(k) => &self.activations[k][..],
+        };
+        let loss =
+            timed(|| loss::cross_entropy(&classes, logits, arrays.target, arrays.sample_weight))?;
+        if !loss.is_finite() {
+            return Ok(loss);
+        }
+        resize_scratch(&mut self.grad_output, logits.len(), GRADIENT)?;
+        timed(|| {
+            loss::cross_entropy_backward(
+                &classes,
+                logits,
+                arrays.target,
+                arrays.sample_weight,
+                &mut self.grad_output,
+            )
+        })?;
+        self.backward(batch, arrays)?;
+        Ok(loss)
+    }
+
+    fn forward(&mut self, batch: usize, arrays: &mut StepArrays<'_>) -> Result<()> {
+        let stop = stop_token();
+        for index in 0..self.stages.len() {
+            if stop.is_set() {
+                return Err(interrupted());
+            }
+            let Some(out_slot) = self.stages[index]
+                .output
+                .filter(|_| !self.stages[index].kind.is_view())
+            else {
+                continue;
+            };
+            let mut output = std::mem::take(&mut self.activations[out_slot]);
+            let stage = &mut self.stages[index];
+            resize_scratch(&mut output, len_of(batch, &stage.output_shape), ACTIVATION)?;
+            let x = match stage.input {
+                None => arrays.input,
+                Some(k) => &self.activations[k],
+            };
+            let result = stage_forward(stage, batch, x, &mut output, arrays);
+            self.activations[out_slot] = output;
+            result?;
+        }
+        Ok(())
+    }
+
+    fn backward(&mut self, batch: usize, arrays: &mut StepArrays<'_>) -> Result<()> {
+        let stop = stop_token();
+        let StepArrays {
+            input,
+            data,
+            grads,
+            seeds,
+            ..
+        } = arrays;
+        let mut sinks = GradSinks {
+            grads,
+            scratch: &mut self.param_grads,
+            direct: &mut self.direct,
+        };
+        for index in (self.first_trained..self.stages.len()).rev() {
+            if stop.is_set() {
+                return Err(interrupted());
+            }
+            let stage = &self.stages[index];
+            if stage.kind.is_view() {
+                continue; // the gradient passes unchanged (reshaped)
+            }
+            let input_grad = index > self.first_trained;
+            if input_grad {
+                resize_scratch(
+                    &mut self.grad_input,
+                    len_of(batch, &stage.input_shape),
+                    GRADIENT,
+                )?;
+            }
+            let x = match stage.input {
+                None => *input,
+                Some(k) => &self.activations[k],
+            };
+            let y = &self.activations[stage.output.expect("a stage that is no view writes")];
+            let gx = input_grad.then_some(&mut self.grad_input[..]);
+            stage_backward(
+                stage,
+                batch,
+                x,
+                y,
+                &self.grad_output,
+                gx,
+                data,
+                &mut sinks,
+                seeds,
+            )?;
+            if input_grad {
+                std::mem::swap(&mut self.grad_output, &mut self.grad_input);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn param<'a>(arrays: &'a StepArrays<'_>, slot: usize) -> &'a [f32] {
+    &*arrays.data[slot]
+}
+
+fn stage_forward(
+    stage: &mut Stage,
+    batch: usize,
+    x: &[f32],
+    out: &mut [f32],
+    arrays: &mut StepArrays<'_>,
+) -> Result<()> {
+    let in_shape = batched(batch, &stage.input_shape);
+    match &stage.kind {
+        LayerKind::Conv2d {
+            weight,
+            bias,
+            weight_shape,
+            stride,
+            padding,
+            dilation,
+        } => {
+            let p = Conv2dParams::new(&in_shape, weight_shape, *stride, *padding, *dilation)?;
+            let (w, b) = (param(arrays, *weight), bias.map(|b| param(arrays, b)));
+            timed(|| conv::forward_fused(&p, x, w, b, Epilogue::default(), out))
+        }
+        LayerKind::Linear {
+            weight,
+            bias,
+            weight_shape,
+        } => {
+            let p = LinearParams::new(&in_shape, weight_shape)?;
+            let (w, b) = (param(arrays, *weight), bias.map(|b| param(arrays, b)));
+            timed(|| linear::forward_fused(&p, x, w, b, None, out))
+        }
+        LayerKind::BatchNorm {
+            weight,
+            bias,
+            running,
+            eps,
+            momentum,
+        } => {
+            let p = BatchNormParams::new(&in_shape, *eps)?;
+            resize_scratch(&mut stage.save_mean, p.channels, SAVED)?;
+            resize_scratch(&mut stage.save_invstd, p.channels, SAVED)?;
+            let gamma = weight.map(|w| &*arrays.data[w]);
+            let beta = bias.map(|b| &*arrays.data[b]);
+            let stats = running.map(|r| &mut arrays.running[r]);
+            let (result, counted) = match stats {
+                Some(stats) => {
+                    let tracked = *stats.num_batches_tracked + 1;
+                    // Python's float 1 / tracked, then the binding's f32.
+                    let momentum = momentum.unwrap_or((1.0 / tracked as f64) as f32);
+                    let running = Some(RunningStats {
+                        mean: &mut *stats.mean,
+                        var: &mut *stats.var,
+                        momentum,
+                    });
+                    let result = timed(|| {
+                        batch_norm::forward_train(
+                            &p,
+                            x,
+                            gamma,
+                            beta,
+                            running,
+                            out,
+                            &mut stage.save_mean,
+                            &mut stage.save_invstd,
+                        )
+                    });
+                    (result, Some(&mut *stats.num_batches_tracked))
+                }
+                None => {
+                    let result = timed(|| {
+                        batch_norm::forward_train(
+                            &p,
+                            x,
+                            gamma,
+                            beta,
+                            None,
+                            out,
+                            &mut stage.save_mean,
+                            &mut stage.save_invstd,
+                        )
+                    });
+                    (result, None)
+                }
+            };
+            result?;
+            // After the kernel, so that a rejected batch leaves the count unchanged.
+            if let Some(count) = counted {
+                *count += 1;
+            }
+            Ok(())
+        }
+        LayerKind::Activation(act) => timed(|| activation::forward(*act, x, out)),
+        LayerKind::MaxPool {
+            kernel,
+            stride,
+            padding,
+        } => {
+            let p = Pool2dParams::new(&in_shape, *kernel, *stride, *padding)?;
+            resize_scratch(&mut stage.indices, out.len(), SAVED)?;
+            timed(|| pool::max_forward(&p, x, out, Some(&mut stage.indices)))
+        }
+        LayerKind::AvgPool {
+            kernel,
+            stride,
+            padding,
+            count_include_pad,
+        } => {
+            let p = Pool2dParams::new(&in_shape, *kernel, *stride, *padding)?;
+            timed(|| pool::avg_forward(&p, x, *count_include_pad, out))
+        }
+        LayerKind::Dropout { p, unit, seed } => {
+            nonzero("input", &in_shape)?;
+            let seed = arrays.seeds[*seed];
+            timed(|| dropout::forward(x, *p, seed, *unit, out))
+        }
+        LayerKind::Zeros => {
+            out.fill(0.0);
+            Ok(())
+        }
+        LayerKind::View => unreachable!("a view runs no forward"),
+    }
+}
+
+/// Where the backward writes parameter gradients: per slot, `direct` when the step zeroed
+/// the slot's `grad` (the kernel writes it, then `+ 0.0`: the bits of `0 + g`, which is g
+/// but for the sign of a zero), else into `scratch` added to `grad` afterwards.
+struct GradSinks<'s, 'a> {
+    grads: &'s mut [&'a mut [f32]],
+    scratch: &'s mut [Vec<f32>],
+    /// Cleared once the slot's gradient is written.
+    direct: &'s mut [bool],
+}
+
+impl GradSinks<'_, '_> {
+    /// Run `kernel` with the gradients of `weight` and `bias` to write, then add them to
+    /// `grad` (weight, then bias, as the layers do) if it succeeded.
+    fn write(
+        &mut self,
+        weight: usize,
+        bias: Option<usize>,
+        kernel: impl FnOnce(&mut [f32], Option<&mut [f32]>) -> Result<()>,
+    ) -> Result<()> {
+        let mut staged = |slot: usize| -> Result<Option<Vec<f32>>> {
+            if self.direct[slot] {
+                return Ok(None);
+            }
+            let mut grad = std::mem::take(&mut self.scratch[slot]);
+            resize_scratch(&mut grad, self.grads[slot].len(), GRADIENT)?;
+            Ok(Some(grad))
+        };
+        let mut weight_scratch = staged(weight)?;
+        let mut bias_scratch = bias.map(&mut staged).transpose()?.flatten();
+        let result = {
+            let (weight_grad, bias_grad) = match bias {
+                Some(b) => {
+                    let [w, b] = self
+                        .grads
+                        .get_disjoint_mut([weight, b])
+                        .expect("a layer's weight and bias are distinct slots");
+                    (&mut **w, Some(&mut **b))
+                }
+                None => (&mut *self.grads[weight], None),
+            };
+            let gw = match weight_scratch.as_mut() {
+                Some(scratch) => &mut scratch[..],
+                None => weight_grad,
+            };
+            let gb = match (bias_scratch.as_mut(), bias_grad) {
+                (Some(scratch), _) => Some(&mut scratch[..]),
+                (None, direct) => direct,
+            };
+            kernel(gw, gb)
+        };
+        for (slot, scratch) in [(Some(weight), weight_scratch), (bias, bias_scratch)] {
+            let Some(slot) = slot else { continue };
+            match scratch {
+                Some(scratch) => {
+                    if result.is_ok() {
+                        accumulate(self.grads[slot], &scratch);
+                    }
+                    self.scratch[slot] = scratch;
+                }
+                None if result.is_ok() => {
+                    self.grads[slot].iter_mut().for_each(|g| *g += 0.0);
+                    self.direct[slot] = false;
+                }
+                None => {}
+            }
+        }
+        result
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stage_backward(
+    stage: &Stage,
+    batch: usize,
+    x: &[f32],
+    y: &[f32],
+    grad_output: &[f32],
+    grad_input: Option<&mut [f32]>,
+    data: &[&mut [f32]],
+    sinks: &mut GradSinks<'_, '_>,
+    seeds: &[u64],
+) -> Result<()> {
+    let in_shape = batched(batch, &stage.input_shape);
+    let out_shape = batched(batch, &stage.output_shape);
+    let expect_grad = "only a layer with parameters stops the backward";
+    match &stage.kind {
+        LayerKind::Conv2d {
+            weight,
+            bias,
+            weight_shape,
+            stride,
+            padding,
+            dilation,
+        } => {
+            let p = Conv2dParams::new(&in_shape, weight_shape, *stride, *padding, *dilation)?;
+            let w = &*data[*weight];
+            sinks.write(*weight, *bias, |gw, gb| {
+                timed(|| conv::backward(&p, grad_output, x, w, grad_input, gw, gb))
+            })
+        }
+        LayerKind::Linear {
+            weight,
+            bias,
+            weight_shape,
+        } => {
+            let p = LinearParams::new(&in_shape, weight_shape)?;
+            let w = &*data[*weight];
+            sinks.write(*weight, *bias, |gw, gb| {
+                timed(|| linear::backward(&p, grad_output, x, w, grad_input, gw, gb))
+            })
+        }
+        LayerKind::BatchNorm { weight, bias, .. } => {
+            // The backward's parameters carry no eps (the binding's are made with 0).
+            let p = BatchNormParams::new(&in_shape, 0.0)?;
+            // The layer's backward computes the input gradient even when it is not
+            // wanted (then dropped): the step computes it into a spare buffer.
+            let mut spare = Vec::new();
+            let gx: &mut [f32] = match grad_input {
+                Some(gx) => gx,
+                None => {
+                    resize_scratch(&mut spare, x.len(), GRADIENT)?;
+                    &mut spare
+                }
+            };
+            let (mean, invstd) = (&stage.save_mean[..], &stage.save_invstd[..]);
+            match (weight, bias) {
+                (Some(w), Some(b)) => {
+                    let gamma = &*data[*w];
+                    sinks.write(*w, Some(*b), |gg, gb| {
+                        timed(|| {
+                            batch_norm::backward(
+                                &p,
+                                grad_output,
+                                x,
+                                Some(gamma),
+                                mean,
+                                invstd,
+                                true,
+                                gx,
+                                Some(gg),
+                                gb,
+                            )
+                        })
+                    })
+                }
+                _ => timed(|| {
+                    batch_norm::backward(
+                        &p,
+                        grad_output,
+                        x,
+                        None,
+                        mean,
+                        invstd,
+                        true,
+                        gx,
+                        None,
+                        None,
+                    )
+                }),
+            }
+        }
+        LayerKind::Activation(act) => {
+            let gx = grad_input.expect(expect_grad);
+            let saved = match act {
+                Activation::Sigmoid | Activation::Tanh => y,
+                _ => x,
+            };
+            timed(|| activation::backward(*act, grad_output, saved, gx))
+        }
+        LayerKind::MaxPool { .. } => {
+            let gx = grad_input.expect(expect_grad);
+            timed(|| pool::max_backward(&in_shape, &out_shape, grad_output, &stage.indices, gx))
+        }
+        LayerKind::AvgPool {
+            kernel,
+            stride,
+            padding,
+            count_include_pad,
+        } => {
+            let gx = grad_input.expect(expect_grad);
+            let p = Pool2dParams::new(&in_shape, *kernel, *stride, *padding)?;
+            timed(|| pool::avg_backward(&p, grad_output, *count_include_pad, gx))
+        }
+        LayerKind::Dropout { p, unit, seed } => {
+            let gx = grad_input.expect(expect_grad);
+            let seed = seeds[*seed];
+            timed(|| dropout::forward(grad_output, *p, seed, *unit, gx))
+        }
+        LayerKind::Zeros => {
+            grad_input.expect(expect_grad).fill(0.0);
+            Ok(())
+        }
+        LayerKind::View => unreachable!("a view runs no backward"),
+    }
+}
+
+/// The optimizer's updates, parameter by parameter in its order.
+fn update(arrays: &mut StepArrays<'_>) -> Result<()> {
+    let stop = stop_token();
+    let StepArrays {
+        data,
+        grads,
+        updates,
+        ..
+    } = arrays;
+    match updates {
+        Updates::Adam(params) => {
+            for u in params.iter_mut() {
+                if stop.is_set() {
+                    return Err(interrupted());
+                }
+                let (w, g) = (&mut *data[u.slot], &*grads[u.slot]);
+                timed(|| {
+                    optim::adam_step(w, g, &mut *u.exp_avg, &mut *u.exp_avg_sq, u.step, u.config)
+                })?;
+            }
+        }
+        Updates::Sgd(params) => {
+            for u in params.iter_mut() {
+                if stop.is_set() {
+                    return Err(interrupted());
+                }
+                let (w, g) = (&mut *data[u.slot], &*grads[u.slot]);
+                let buffer = u.momentum_buffer.as_deref_mut();
+                timed(|| optim::sgd_step(w, g, buffer, u.config, u.first_step))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn linear(weight: usize, bias: usize, in_features: usize, out_features: usize) -> LayerKind {
+        LayerKind::Linear {
+            weight,
+            bias: Some(bias),
+            weight_shape: [out_features, in_features],
+        }
+    }
+
+    #[test]
+    fn a_plan_refuses_layers_that_do_not_chain_or_share_a_slot() {
+        let unchained = vec![
+            (linear(0, 1, 4, 3), vec![4], vec![3]),
+            (LayerKind::Activation(Activation::Relu), vec![5], vec![5]),
+        ];
+        assert!(StepPlan::new(unchained, 2).is_err());
+        let shared = vec![
+            (linear(0, 1, 4, 4), vec![4], vec![4]),
+            (linear(0, 2, 4, 3), vec![4], vec![3]),
+        ];
+        assert!(StepPlan::new(shared, 3).is_err());
+        let not_logits = vec![(LayerKind::View, vec![2, 2], vec![2, 2])];
+        assert!(StepPlan::new(not_logits, 0).is_err());
+    }
+
+    #[test]
+    fn a_step_is_the_kernels_called_in_turn() {
+        // linear -> relu -> linear, cross-entropy, plain SGD, against the kernels called
+        // one by one as the layers call them.
+        let (n, i, h, o) = (5, 4, 6, 3);
+        let values = |len: usize, seed: f32| -> Vec<f32> {
+            (0..len).map(|k| (k as f32 * 0.37 + seed).sin()).collect()
+        };
+        let x = values(n * i, 0.1);
+        let target: Vec<i64> = (0..n as i64).map(|k| k % o as i64).collect();
+        let mut params = [
+            values(h * i, 0.2),
+            values(h, 0.3),
+            values(o * h, 0.4),
+            values(o, 0.5),
+        ];
+        let config = SgdConfig {
+            lr: 0.1,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        };
+        // By hand.
+        let (p1, p2) = (
+            LinearParams::new(&[n, i], &[h, i]).unwrap(),
+            LinearParams::new(&[n, h], &[o, h]).unwrap(),
+        );
+        let mut hidden = vec![0.0; n * h];
+        linear::forward_fused(&p1, &x, &params[0], Some(&params[1]), None, &mut hidden).unwrap();
+        let mut act = vec![0.0; n * h];
+        activation::forward(Activation::Relu, &hidden, &mut act).unwrap();
+        let mut logits = vec![0.0; n * o];
+        linear::forward_fused(&p2, &act, &params[2], Some(&params[3]), None, &mut logits).unwrap();
+        let classes = ClassesParams::new(&[n, o]).unwrap();
+        let loss = loss::cross_entropy(&classes, &logits, &target, None).unwrap();
+        let mut g_logits = vec![0.0; n * o];
+        loss::cross_entropy_backward(&classes, &logits, &target, None, &mut g_logits).unwrap();
+        let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+        let mut g_act = vec![0.0; n * h];
+        {
+            let (g01, g23) = grads.split_at_mut(2);
+            let (gw2, gb2) = g23.split_at_mut(1);
+            linear::backward(
+                &p2,
+                &g_logits,
+                &act,
+                &params[2],
+                Some(&mut g_act),
+                &mut gw2[0],
+                Some(&mut gb2[0]),
+            )
+            .unwrap();
+            let mut g_hidden = vec![0.0; n * h];
+            activation::backward(Activation::Relu, &g_act, &hidden, &mut g_hidden).unwrap();
+            let (gw1, gb1) = g01.split_at_mut(1);
+            linear::backward(
+                &p1,
+                &g_hidden,
+                &x,
+                &params[0],
+                None,
+                &mut gw1[0],
+                Some(&mut gb1[0]),
+            )
+            .unwrap();
+        }
+        let mut expected = params.clone();
+        for (p, g) in expected.iter_mut().zip(&grads) {
+            optim::sgd_step(p, g, None, config, false).unwrap();
+        }
+        // By the plan.
+        let mut plan = StepPlan::new(
+            vec![
+                (linear(0, 1, i, h), vec![i], vec![h]),
+                (LayerKind::Activation(Activation::Relu), vec![h], vec![h]),
+                (linear(2, 3, h, o), vec![h], vec![o]),
+            ],
+            4,
+        )
+        .unwrap();
+        let mut step_grads: Vec<Vec<f32>> = params.iter().map(|p| vec![7.0; p.len()]).collect();
+        let zero = [0, 1, 2, 3];
+        let updates = Updates::Sgd(
+            (0..4)
+                .map(|slot| SgdUpdate {
+                    slot,
+                    momentum_buffer: None,
+                    first_step: false,
+                    config,
+                })
+                .collect(),
+        );
+        let mut arrays = StepArrays {
+            input: &x,
+            target: &target,
+            sample_weight: None,
+            data: params.iter_mut().map(|p| &mut p[..]).collect(),
+            grads: step_grads.iter_mut().map(|g| &mut g[..]).collect(),
+            zero: &zero,
+            running: Vec::new(),
+            seeds: &[],
+            updates,
+        };
+        assert_eq!(plan.run(&mut arrays).unwrap().to_bits(), loss.to_bits());
+        drop(arrays);
+        for (k, (got, want)) in params.iter().zip(&expected).enumerate() {
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "param {k}"
+            );
+        }
+        for (k, (got, want)) in step_grads.iter().zip(&grads).enumerate() {
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == (b + 0.0).to_bits()),
+                "grad {k}"
+            );
+        }
+    }
+}

@@ -1,0 +1,376 @@
+"""The training-step executor (bnrs.executor, bnrs._core.TrainStep) against the Python path.
+
+- Every layer type it runs, with Adam, AdamW and SGD (momentum, Nesterov, weight decay,
+  parameter groups), at 1 and 2 threads: after several steps the loss, parameters,
+  gradients, running statistics, num_batches_tracked, optimizer state and the dropout
+  layers' generators are the bits of the Python path (BNRS_FUSED_STEP=0).
+- Networks or batches it does not run fall back to the Python path, with its results.
+- A non-finite loss, a bad target, a changed layer: the state the Python path leaves.
+- Ctrl-C during one long step raises KeyboardInterrupt within a second.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from bnrs import _core, executor, nn, optim
+from bnrs.training import num_threads, train_step
+
+LENET = "c4-bn-relu-mp2-c8-bn-relu-mp2-d0.25-fc16-bn-relu-d0.5"
+
+
+def _optimizer(name: str, model: nn.Module):
+    params = list(model.parameters())
+    if name == "adam":
+        return optim.Adam(params, lr=1e-2)
+    if name == "adamw":
+        return optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    if name == "sgd":
+        return optim.SGD(params, lr=0.1, momentum=0.9)
+    if name == "nesterov":
+        return optim.SGD(params, lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-3)
+    if name == "plain_sgd":
+        return optim.SGD(params, lr=0.1)
+    if name == "groups":   # two groups with their own learning rates
+        return optim.Adam([{"params": params[:2], "lr": 1e-3}, {"params": params[2:]}],
+                          lr=1e-2)
+    raise AssertionError(name)
+
+
+def _batches(shape, n_classes, batch, steps, seed=1):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((batch,) + shape).astype(np.float32),
+             rng.integers(0, n_classes, batch)) for _ in range(steps)]
+
+
+def _train(monkeypatch, fused: bool, model, opt, batches, threads=1, sample_weight=None):
+    """Train a copy of ``model`` and ``opt`` on ``batches``; return them and the losses."""
+    model, opt = copy.deepcopy((model, opt))
+    monkeypatch.setenv(executor.STEP_ENV, "1" if fused else "0")
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    losses = []
+    with num_threads(threads):
+        for inputs, targets in batches:
+            weight = None if sample_weight is None else sample_weight[:len(targets)]
+            losses.append(train_step(model, criterion, opt, inputs, targets,
+                                     sample_weight=weight))
+    return model, opt, losses
+
+
+def _same_bits(a, b, what):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert a.tobytes() == b.tobytes(), what
+
+
+def assert_same_state(fused, python):
+    """Model, gradients, optimizer and dropout generators bit for bit; same losses."""
+    (model_a, opt_a, losses_a), (model_b, opt_b, losses_b) = fused, python
+    _same_bits(losses_a, losses_b, "losses")   # NaN included
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert list(state_a) == list(state_b)
+    for key in state_a:
+        _same_bits(state_a[key], state_b[key], key)
+    for (name, pa), (_, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        _same_bits(pa.grad, pb.grad, f"{name}.grad")
+    saved_a, saved_b = opt_a.state_dict(), opt_b.state_dict()
+    assert saved_a["param_groups"] == saved_b["param_groups"]
+    assert sorted(saved_a["state"]) == sorted(saved_b["state"])
+    for index, values in saved_a["state"].items():
+        assert sorted(values) == sorted(saved_b["state"][index])
+        for key, value in values.items():
+            if isinstance(value, np.ndarray):
+                _same_bits(value, saved_b["state"][index][key], f"state {index} {key}")
+            else:
+                assert value == saved_b["state"][index][key], (index, key)
+    for ma, mb in zip(model_a.modules(), model_b.modules()):
+        if hasattr(ma, "_rng"):
+            assert ma._rng.bit_generator.state == mb._rng.bit_generator.state
+        assert ma._ctx is None and mb._ctx is None
+
+
+def _runs_fused(model, opt, inputs, targets, monkeypatch) -> bool:
+    """Whether the executor takes a step of this network (on copies)."""
+    model, opt = copy.deepcopy((model, opt))
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    model.train()
+    return executor.run_step(model, nn.CrossEntropyLoss(), opt, inputs, targets) is not None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd", "nesterov", "groups"])
+def test_lenet_steps_are_the_bits_of_the_python_path(monkeypatch, opt_name, threads):
+    model = nn.from_spec(LENET, (1, 12, 12), 5, random_state=0)
+    opt = _optimizer(opt_name, model)
+    batches = _batches((1, 12, 12), 5, 8, 4)
+    assert _runs_fused(model, opt, *batches[0], monkeypatch)
+    assert_same_state(_train(monkeypatch, True, model, opt, batches, threads),
+                      _train(monkeypatch, False, model, opt, batches, threads))
+
+
+def _layers_network():
+    """Every layer type the executor runs, with the options that change its arithmetic."""
+    rng = np.random.default_rng(3)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, rng=rng), nn.BatchNorm2d(4, momentum=None),
+        nn.LeakyReLU(0.2), nn.Dropout2d(0.3, rng=rng), nn.AvgPool2d(2),
+        nn.Conv2d(4, 6, 3, stride=2, bias=False, rng=rng),
+        nn.BatchNorm2d(6, affine=False), nn.Tanh(),
+        nn.MaxPool2d(3, stride=1, padding=1), nn.Dropout(0.0), nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 12, rng=rng), nn.BatchNorm1d(12, track_running_stats=False),
+        nn.Sigmoid(), nn.Dropout(0.4, rng=rng), nn.Linear(12, 8, rng=rng), nn.ReLU(),
+        nn.Dropout(1.0), nn.Linear(8, 3, bias=False, rng=rng))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("opt_name", ["adam", "plain_sgd"])
+def test_every_layer_type_gives_the_bits_of_the_python_path(monkeypatch, opt_name, threads):
+    model = _layers_network()
+    opt = _optimizer(opt_name, model)
+    batches = _batches((2, 10, 10), 3, 6, 3) + _batches((2, 10, 10), 3, 5, 1, seed=2)
+    assert _runs_fused(model, opt, *batches[0], monkeypatch)
+    assert_same_state(_train(monkeypatch, True, model, opt, batches, threads),
+                      _train(monkeypatch, False, model, opt, batches, threads))
+
+
+def test_sample_weights_give_the_bits_of_the_python_path(monkeypatch):
+    model = nn.from_spec("fc16-bn-relu-d0.5", (10,), 4, random_state=0)
+    opt = _optimizer("adam", model)
+    batches = _batches((10,), 4, 7, 3)
+    weight = np.random.default_rng(5).uniform(0, 2, 7)
+    assert_same_state(_train(monkeypatch, True, model, opt, batches, sample_weight=weight),
+                      _train(monkeypatch, False, model, opt, batches, sample_weight=weight))
+
+
+def test_frozen_and_foreign_parameters_as_the_python_path(monkeypatch):
+    # The first layer's parameters out of the optimizer (their gradients accumulate over
+    # the steps), and a parameter the optimizer updates that is in no layer.
+    model = nn.from_spec("c3-relu-mp2-fc6-relu", (1, 6, 6), 3, random_state=0)
+    params = list(model.parameters())
+    foreign = nn.Parameter(np.ones((2, 2)))
+    opt = optim.SGD([{"params": params[2:]}, {"params": [foreign], "lr": 0.5}], lr=0.1,
+                    momentum=0.5)
+    batches = _batches((1, 6, 6), 3, 4, 3)
+    assert _runs_fused(model, opt, *batches[0], monkeypatch)
+    fused = _train(monkeypatch, True, model, opt, batches)
+    python = _train(monkeypatch, False, model, opt, batches)
+    assert_same_state(fused, python)
+    _same_bits(fused[1].param_groups[1]["params"][0].data,
+               python[1].param_groups[1]["params"][0].data, "foreign parameter")
+
+
+def test_a_parameter_group_added_between_steps_is_planned_again(monkeypatch):
+    model = nn.from_spec("c3-relu-mp2-fc6-relu", (1, 6, 6), 3, random_state=0)
+    params = list(model.parameters())
+    batches = _batches((1, 6, 6), 3, 4, 4)
+
+    def train(fused):
+        monkeypatch.setenv(executor.STEP_ENV, "1" if fused else "0")
+        trained = copy.deepcopy(model)
+        trained_params = list(trained.parameters())
+        opt = optim.Adam(trained_params[2:], lr=1e-2)
+        losses = [train_step(trained, nn.CrossEntropyLoss(), opt, *batch)
+                  for batch in batches[:2]]
+        # The first layer's parameters, and one in no layer (unknown to the plan).
+        opt.add_param_group({"params": trained_params[:2] + [nn.Parameter(np.ones(3))],
+                             "lr": 1e-3})
+        losses += [train_step(trained, nn.CrossEntropyLoss(), opt, *batch)
+                   for batch in batches[2:]]
+        return trained, opt, losses
+
+    assert len(params) == 6
+    assert_same_state(train(True), train(False))
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.ReLU(), nn.Flatten(),
+                  nn.Linear(2 * 4 * 4, 3)),
+    nn.from_spec("c2-res2-gap-fc3", (1, 6, 6), 3, random_state=0),
+    nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(0), nn.Linear(2 * 4 * 4 * 4, 3)),
+], ids=["groupnorm", "residual", "flatten-batch"])
+def test_other_networks_fall_back_to_the_python_path(monkeypatch, model):
+    opt = _optimizer("adam", model)
+    inputs, targets = _batches((1, 6, 6), 3, 4, 1)[0]
+    assert not _runs_fused(model, opt, inputs, targets, monkeypatch)
+
+
+def test_a_layer_in_evaluation_mode_or_a_replaced_forward_falls_back(monkeypatch):
+    model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    inputs, targets = _batches((4,), 3, 4, 1)[0]
+    assert _runs_fused(model, opt, inputs, targets, monkeypatch)
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    model.train()
+    assert executor.run_step(model, nn.CrossEntropyLoss(), opt, inputs, targets) is not None
+    model[1].eval()
+    assert executor.run_step(model, nn.CrossEntropyLoss(), opt, inputs, targets) is None
+    model.train()
+    model[2].forward = lambda x: x   # as bench's per-layer profiler wraps a layer
+    assert executor.run_step(model, nn.CrossEntropyLoss(), opt, inputs, targets) is None
+    del model[2].forward
+    assert executor.run_step(model, nn.CrossEntropyLoss(), opt, inputs, targets) is not None
+    monkeypatch.setenv(executor.STEP_ENV, "0")
+    assert executor.run_step(model, nn.CrossEntropyLoss(), opt, inputs, targets) is None
+
+
+@pytest.mark.parametrize("cls, method", [(nn.ReLU, "forward"), (nn.BatchNorm1d, "backward"),
+                                         (nn.CrossEntropyLoss, "forward"),
+                                         (optim.Adam, "step")])
+def test_a_method_replaced_on_the_class_falls_back(monkeypatch, cls, method):
+    # A test or a profiler wrapping a class's method sees its wrapper called.
+    model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    inputs, targets = _batches((4,), 3, 4, 1)[0]
+    assert _runs_fused(model, opt, inputs, targets, monkeypatch)
+    original = getattr(cls, method)
+    monkeypatch.setattr(cls, method, lambda self, *args, **kwargs: original(self, *args,
+                                                                            **kwargs))
+    assert not _runs_fused(model, opt, inputs, targets, monkeypatch)
+
+
+def test_a_changed_layer_is_planned_again(monkeypatch):
+    model = nn.from_spec("fc6-relu-d0.5", (4,), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    batches = _batches((4,), 3, 5, 2)
+
+    def train_then_change(fused):
+        trained, trained_opt, losses = _train(monkeypatch, fused, model, opt, batches)
+        trained[2].p = 0.25
+        trained[0].weight = nn.Parameter(trained[0].weight.data * 2)
+        trained_opt.param_groups[0]["params"][0] = trained[0].weight
+        for inputs, targets in batches:
+            losses.append(train_step(trained, nn.CrossEntropyLoss(), trained_opt, inputs,
+                                     targets))
+        return trained, trained_opt, losses
+
+    assert_same_state(train_then_change(True), train_then_change(False))
+
+
+def test_a_non_finite_loss_leaves_the_state_of_the_python_path(monkeypatch):
+    model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    batches = _batches((4,), 3, 4, 2)
+    batches[1][0][0, 0] = np.inf
+    fused, python = (_train(monkeypatch, f, model, opt, batches) for f in (True, False))
+    assert not np.isfinite(fused[2][1])
+    for result in (fused, python):   # the Python path keeps its forward's state
+        result[0].clear_saved()
+    assert_same_state(fused, python)
+    # A first step that diverges creates no optimizer state.
+    fresh = _optimizer("adam", model)
+    fused, python = (_train(monkeypatch, f, model, fresh, batches[1:]) for f in (True, False))
+    for result in (fused, python):
+        result[0].clear_saved()
+        assert result[1].state == {}
+    assert_same_state(fused, python)
+
+
+def test_a_bad_target_raises_as_the_python_path(monkeypatch):
+    model = nn.from_spec("fc6-relu", (4,), 3, random_state=0)
+    opt = _optimizer("sgd", model)
+    inputs, targets = _batches((4,), 3, 4, 1)[0]
+    targets[1] = 7
+    messages = []
+    for fused in (True, False):
+        monkeypatch.setenv(executor.STEP_ENV, "1" if fused else "0")
+        with pytest.raises(ValueError) as error:
+            train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and "target" in messages[0]
+
+
+def test_a_hyper_parameter_changed_between_steps_is_used_or_refused(monkeypatch):
+    # A scheduler's new learning rate is used at the next step; an invalid one raises
+    # PyTorch's message, as optimizer.step does (the executor validates changed groups).
+    model = nn.from_spec("fc6-relu", (4,), 3, random_state=0)
+    batches = _batches((4,), 3, 4, 2)
+
+    def train(fused):
+        monkeypatch.setenv(executor.STEP_ENV, "1" if fused else "0")
+        trained = copy.deepcopy(model)
+        opt = _optimizer("adam", trained)
+        losses = [train_step(trained, nn.CrossEntropyLoss(), opt, *batches[0])]
+        opt.param_groups[0]["lr"] = 0.5
+        losses.append(train_step(trained, nn.CrossEntropyLoss(), opt, *batches[1]))
+        opt.param_groups[0]["lr"] = float("nan")
+        with pytest.raises(ValueError, match="Invalid learning rate"):
+            train_step(trained, nn.CrossEntropyLoss(), opt, *batches[1])
+        opt.param_groups[0]["lr"] = 0.5   # NaN equals nothing, in the comparison too
+        trained.clear_saved()
+        return trained, opt, losses
+
+    assert_same_state(train(True), train(False))
+
+
+def test_the_binding_names_the_array_at_fault(monkeypatch):
+    model = nn.from_spec("fc6-relu", (4,), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    inputs, targets = _batches((4,), 3, 4, 1)[0]
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
+    plan = executor._EXECUTORS[model]
+    slots = plan.plan.slots
+    grads = [p.grad for p in slots]
+    grads[2] = np.zeros((3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"2\.weight\.grad: expected shape \[3, 6\]"):
+        plan.train_step.run(inputs, targets, None, [p.data for p in slots], grads, [], [], [],
+                            [])
+    with pytest.raises(ValueError, match="input: expected shape"):
+        plan.train_step.run(inputs[:, :2], targets, None, [p.data for p in slots],
+                            [p.grad for p in slots], [], [], [], [])
+
+
+def test_the_step_makes_the_kernel_calls_of_the_python_path(monkeypatch):
+    model = nn.from_spec("c4-bn-relu-mp2-fc8-relu-d0.5", (1, 8, 8), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    inputs, targets = _batches((1, 8, 8), 3, 16, 1)[0]
+    calls = {}
+    _core._kernel_clock(True)
+    try:
+        for fused in (True, False):
+            monkeypatch.setenv(executor.STEP_ENV, "1" if fused else "0")
+            trained, trained_opt = copy.deepcopy((model, opt))
+            seconds, before = _core._kernel_time()
+            train_step(trained, nn.CrossEntropyLoss(), trained_opt, inputs, targets)
+            after = _core._kernel_time()
+            assert after[0] > seconds
+            calls[fused] = after[1] - before
+    finally:
+        _core._kernel_clock(False)
+    assert calls[True] == calls[False] > 8
+    stopped = _core._kernel_time()
+    train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
+    assert _core._kernel_time() == stopped
+
+
+#: Training steps calibrated in the child to last about 1.5 seconds each.
+LONG_STEP_SETUP = """
+    from bnrs.training import train_step
+    model = nn.from_spec("c64-bn-relu-c64-bn-relu-mp2-fc10", (8, 32, 32), 10,
+                         random_state=0)
+    opt = optim.Adam(model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    probe = rng.standard_normal((2, 8, 32, 32), dtype=np.float32)
+    train_step(model, loss_fn, opt, probe, np.arange(2))
+    start = time.monotonic()
+    train_step(model, loss_fn, opt, probe, np.arange(2))
+    per_sample = (time.monotonic() - start) / 2
+    n = max(4, int(1.5 / per_sample))
+    x = rng.standard_normal((n, 8, 32, 32), dtype=np.float32)
+    target = rng.integers(0, 10, n)
+"""
+# Steps in a loop, so that the signal lands in one however the calibration came out.
+LONG_STEP_BODY = """
+        while True:
+            train_step(model, loss_fn, opt, x, target)
+"""
+
+
+def test_sigint_during_one_long_step_is_honoured_within_a_second():
+    from test_interrupts import sigint_latency
+
+    latency = sigint_latency(LONG_STEP_SETUP, LONG_STEP_BODY, delay=0.3)
+    assert latency < 1.0, f"SIGINT took {latency:.3f} s to be honoured"
