@@ -140,7 +140,7 @@ simd_dispatch! {
     /// Max pooling of one plane with 2×2 windows, stride 2, no padding (the common case),
     /// with the same tie and NaN rules as the general loop. Selects instead of branches
     /// (the comparisons are unpredictable on real data), so the loop over a row vectorises.
-    fn max_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], idx: &mut [i64],
+    pub(crate) fn max_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], idx: &mut [i64],
                           out_w: usize) {
         let w = in_w as i64;
         for (oh, (out_row, idx_row)) in out.chunks_exact_mut(out_w)
@@ -169,7 +169,7 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// [`max_pool_2x2_plane`] without the indices (inference), the same values.
-    fn max_pool_2x2_plane_values(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
+    pub(crate) fn max_pool_2x2_plane_values(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
         for (oh, out_row) in out.chunks_exact_mut(out_w).enumerate() {
             let top = &plane[2 * oh * in_w..2 * oh * in_w + 2 * out_w];
             let bottom = &plane[(2 * oh + 1) * in_w..(2 * oh + 1) * in_w + 2 * out_w];
@@ -345,7 +345,7 @@ pub fn max_backward(
 simd_dispatch! {
     /// Average pooling of one plane with 2×2 windows, stride 2, no padding: the general
     /// loop's sum order (from 0.0, row-major) and divisor, so the same values.
-    fn avg_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
+    pub(crate) fn avg_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
         for (oh, out_row) in out.chunks_exact_mut(out_w).enumerate() {
             let top = &plane[2 * oh * in_w..2 * oh * in_w + 2 * out_w];
             let bottom = &plane[(2 * oh + 1) * in_w..(2 * oh + 1) * in_w + 2 * out_w];
@@ -360,7 +360,7 @@ simd_dispatch! {
 simd_dispatch! {
     /// Input gradient of [`avg_pool_2x2_plane`]: each window gets 0.0 + g/4, as the
     /// general loop adds it to a zeroed gradient; rows and columns no window covers are 0.
-    fn avg_pool_2x2_plane_backward(gy: &[f32], out_w: usize, gx: &mut [f32], in_w: usize) {
+    pub(crate) fn avg_pool_2x2_plane_backward(gy: &[f32], out_w: usize, gx: &mut [f32], in_w: usize) {
         gx.fill(0.0);
         for (oh, gy_row) in gy.chunks_exact(out_w).enumerate() {
             let (top, rest) = gx[2 * oh * in_w..].split_at_mut(in_w);
