@@ -30,6 +30,8 @@ __all__ = [
     "avg_pool2d_forward",
     "batch_norm_backward",
     "batch_norm_forward",
+    "bn_block_backward",
+    "bn_block_forward",
     "conv2d_backward",
     "conv2d_forward",
     "cached_memory",
