@@ -611,7 +611,7 @@ def test_training_block_argument_errors_name_the_argument(rng):
         F._bn_block_forward(x, np.ones(4, np.float32), None, None, None, 0.1, 1e-5)
     with pytest.raises(ValueError, match="input"):
         F._bn_block_forward(x[:, :, :1], None, None, None, None, 0.1, 1e-5, pool="max")
-    out, mean, invstd = F._bn_block_forward(x, None, None, None, None, 0.1, 1e-5, pool="max")
+    _output, mean, invstd = F._bn_block_forward(x, None, None, None, None, 0.1, 1e-5, pool="max")
     with pytest.raises(ValueError, match="grad_output"):
         F._bn_block_backward(x, x, None, None, mean, invstd, pool="max")
 
