@@ -29,7 +29,8 @@ use super::batch_norm::{
 };
 use super::dropout;
 use super::pool::{
-    avg_pool_2x2_plane, avg_pool_2x2_plane_backward, max_pool_2x2_plane, max_pool_2x2_plane_values,
+    avg_pool_2x2_plane, avg_pool_2x2_plane_backward, max_pool_2x2_plane_backward,
+    max_pool_2x2_plane_values,
 };
 use crate::error::{check_len, Error, Result};
 use crate::simd_dispatch;
@@ -167,22 +168,23 @@ struct Scratch {
     normalised: Vec<f32>,
     activated: Vec<f32>,
     pooled: Vec<f32>,
-    argmax: Vec<i64>,
     factors: Vec<f32>,
     grad: Vec<f32>,
     grad_unpooled: Vec<f32>,
+    /// Eight rows of a plane's output width, for the max pool's backward.
+    rows: Vec<f32>,
 }
 
 impl Scratch {
-    fn new(tile_in: usize, tile_out: usize) -> Self {
+    fn new(tile_in: usize, tile_out: usize, out_w: usize) -> Self {
         Scratch {
             normalised: vec![0.0; tile_in],
             activated: vec![0.0; tile_in],
             pooled: vec![0.0; tile_out],
-            argmax: vec![0; tile_out],
             factors: vec![0.0; tile_out],
             grad: vec![0.0; tile_out],
             grad_unpooled: vec![0.0; tile_in],
+            rows: vec![0.0; 8 * out_w],
         }
     }
 }
@@ -348,7 +350,7 @@ pub fn forward_train(
         .with_min_len((4096 / tile_in).max(1))
         .enumerate()
         .for_each_init(
-            || Scratch::new(tile_in, tile_out),
+            || Scratch::new(tile_in, tile_out, p.out_hw().map_or(0, |(_, w)| w)),
             |scratch, (tile, (out, xt))| {
                 if !stop.is_set() {
                     forward_tile(p, &affine, tile, xt, out, scratch);
@@ -359,9 +361,8 @@ pub fn forward_train(
 }
 
 /// The pool's input gradient `target` from its output gradient `grad`: max pooling routes
-/// each value to the forward's argmax (the same function on the same values), zeroing
-/// first and adding, as [`super::pool::max_backward`] does; average pooling spreads it.
-#[allow(clippy::too_many_arguments)]
+/// each value to the forward's argmax (the same selects on the same values), average
+/// pooling spreads it, both as the unfused backward writes it.
 fn unpool_plane(
     pool: Pool2x2,
     activated: &[f32],
@@ -369,17 +370,11 @@ fn unpool_plane(
     plane_w: usize,
     out_w: usize,
     target: &mut [f32],
-    pooled: &mut [f32],
-    argmax: &mut [i64],
+    scratch: &mut [f32],
 ) {
     match pool {
         Pool2x2::Max => {
-            let (pooled, argmax) = (&mut pooled[..grad.len()], &mut argmax[..grad.len()]);
-            max_pool_2x2_plane(activated, plane_w, pooled, argmax, out_w);
-            target.fill(0.0);
-            for (&g, &i) in grad.iter().zip(argmax.iter()) {
-                target[i as usize] += g;
-            }
+            max_pool_2x2_plane_backward(activated, plane_w, grad, out_w, target, scratch)
         }
         Pool2x2::Avg => avg_pool_2x2_plane_backward(grad, out_w, target, plane_w),
     }
@@ -436,8 +431,7 @@ fn grad_before_activation(
             plane_w,
             out_w,
             grad_input,
-            &mut s.pooled,
-            &mut s.argmax,
+            &mut s.rows,
         ),
         (Some(pool), Some(act)) => {
             let unpooled = &mut s.grad_unpooled[..n];
@@ -448,8 +442,7 @@ fn grad_before_activation(
                 plane_w,
                 out_w,
                 unpooled,
-                &mut s.pooled,
-                &mut s.argmax,
+                &mut s.rows,
             );
             activation::backward_in_tile(act, unpooled, saved(act), grad_input);
         }
@@ -498,7 +491,7 @@ pub fn backward(
         .with_min_len((4096 / tile_in).max(1))
         .enumerate()
         .map_init(
-            || Scratch::new(tile_in, tile_out),
+            || Scratch::new(tile_in, tile_out, p.out_hw().map_or(0, |(_, w)| w)),
             |scratch, (tile, (gi, (xt, go)))| {
                 if stop.is_set() {
                     return (0.0, 0.0);

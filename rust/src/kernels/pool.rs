@@ -168,6 +168,43 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
+    /// The input gradient of [`max_pool_2x2_plane`] from its output gradient `gy` and its
+    /// input `plane`, without indices: each window's argmax (the same selects) gets
+    /// 0.0 + g and the rest 0.0, as [`max_backward`] writes it; rows and columns no window
+    /// covers are 0. For a fused backward that keeps no indices. A row's argmax positions
+    /// are found first, as f32 codes in `scratch` (at least out_w values), then the
+    /// gradients are written: in one loop, or with an integer position, the selects
+    /// compiled to scalar code, 7x slower than [`max_pool_2x2_plane_values`].
+    pub(crate) fn max_pool_2x2_plane_backward(plane: &[f32], in_w: usize, gy: &[f32],
+                                              out_w: usize, gx: &mut [f32],
+                                              scratch: &mut [f32]) {
+        gx.fill(0.0);
+        let positions = &mut scratch[..out_w];
+        // Offsets of the window positions 0, 1, 2, 3 from its top-left value.
+        let offsets = [0, 1, in_w, in_w + 1];
+        for (oh, gy_row) in gy.chunks_exact(out_w).enumerate() {
+            let (top_start, bottom_start) = (2 * oh * in_w, (2 * oh + 1) * in_w);
+            let top = &plane[top_start..top_start + 2 * out_w];
+            let bottom = &plane[bottom_start..bottom_start + 2 * out_w];
+            for (at, (t, b)) in positions.iter_mut()
+                .zip(top.chunks_exact(2).zip(bottom.chunks_exact(2))) {
+                let (mut best, mut position) = (t[0], 0.0f32);
+                let take = replaces(t[1], best);
+                best = if take { t[1] } else { best };
+                position = if take { 1.0 } else { position };
+                let take = replaces(b[0], best);
+                best = if take { b[0] } else { best };
+                position = if take { 2.0 } else { position };
+                *at = if replaces(b[1], best) { 3.0 } else { position };
+            }
+            for (ow, (&g, &at)) in gy_row.iter().zip(positions.iter()).enumerate() {
+                gx[top_start + 2 * ow + offsets[at as usize & 3]] = 0.0 + g;
+            }
+        }
+    }
+}
+
+simd_dispatch! {
     /// [`max_pool_2x2_plane`] without the indices (inference), the same values.
     pub(crate) fn max_pool_2x2_plane_values(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
         for (oh, out_row) in out.chunks_exact_mut(out_w).enumerate() {
@@ -469,6 +506,29 @@ mod tests {
         let mut gx = [9.0; 8];
         max_backward(&[1, 1, 2, 4], &p.output_shape(), &[1.0, 2.0], &idx, &mut gx).unwrap();
         assert_eq!(gx, [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0]);
+    }
+
+    #[test]
+    fn index_free_2x2_backward_routes_as_the_indices_do() {
+        // Ties, signed zeros and NaNs in every window position; odd H and W.
+        let (in_h, in_w) = (5, 7);
+        let pick = [0.0f32, -0.0, 1.0, 1.0, f32::NAN, -2.0, 3.0];
+        let plane: Vec<f32> = (0..in_h * in_w)
+            .map(|i| pick[(i * 5 + i / 3) % 7])
+            .collect();
+        let (out_h, out_w) = (in_h / 2, in_w / 2);
+        let gy: Vec<f32> = (0..out_h * out_w).map(|i| i as f32 - 2.5).collect();
+        let (mut y, mut idx) = (vec![0.0; gy.len()], vec![0i64; gy.len()]);
+        max_pool_2x2_plane(&plane, in_w, &mut y, &mut idx, out_w);
+        let mut expected = vec![0.0f32; plane.len()];
+        for (&g, &i) in gy.iter().zip(&idx) {
+            expected[i as usize] += g;
+        }
+        let mut routed = vec![9.0f32; plane.len()];
+        let mut scratch = vec![0.0f32; 8 * out_w];
+        max_pool_2x2_plane_backward(&plane, in_w, &gy, out_w, &mut routed, &mut scratch);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&routed), bits(&expected));
     }
 
     #[test]
