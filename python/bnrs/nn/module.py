@@ -424,8 +424,8 @@ class Sequential(Module):
         BatchNorm1d → activation) as one fused block: the batch norm folded into the
         weights, the activation applied inside the kernel (see :mod:`bnrs.nn.fusion`).
         The result differs from the unfused one by float32 rounding only. In training
-        mode, run each batch norm → activation → 2×2 pool → dropout run as one fused
-        block, with the unfused bits (outputs, gradients, running statistics). False, or
+        mode, each batch norm followed by an activation, 2×2 pool and/or dropout runs as
+        one fused block, with the unfused bits (outputs, gradients, running statistics). False, or
         the environment variable ``BNRS_FUSE=0``, runs every module as itself.
 
     Examples

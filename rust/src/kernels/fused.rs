@@ -15,9 +15,10 @@
 //! planes (or fixed chunks of rows) are the parallel split, so the result is the same at
 //! any thread count.
 //!
-//! The statistics are not accumulated in the convolution's epilogue: the block runs after
-//! any layer, and the statistics pass reads the input once (measured in
-//! benches/bench_fusion.py).
+//! The statistics are not accumulated in the convolution's epilogue: that needs the
+//! convolution kernels to return per-plane partial sums shifted by the batch norm's shift
+//! (the first value of each channel), in the batch norm's order, to keep its bits; here
+//! the block runs after any layer and reads its input once more for the statistics.
 
 use rayon::prelude::*;
 
