@@ -533,19 +533,26 @@ def test_training_blocks_same_bits_at_any_thread_count_and_simd_level(
     assert len(results) == 2 * len(levels)
 
 
-def test_training_block_kernel_same_bits_at_each_simd_level(rng, restore_threads_and_simd):
-    x = rng.standard_normal((3, 17, 9, 7)).astype(np.float32)
-    weight, bias = rng.standard_normal(17).astype(np.float32), rng.random(17, np.float32)
-    grad = rng.standard_normal((3, 17, 4, 3)).astype(np.float32)
+@pytest.mark.parametrize("shape, pool", [((8, 17, 33, 31), "max"), ((5, 3, 9, 7), "avg"),
+                                         ((4001, 10), None)])
+def test_training_block_kernel_same_bits_at_each_simd_level(shape, pool, rng,
+                                                            restore_threads_and_simd):
+    # Many planes (split between threads), and (N, C) of several row chunks.
+    x = rng.standard_normal(shape).astype(np.float32)
+    channels = shape[1]
+    weight = rng.standard_normal(channels).astype(np.float32)
+    bias = rng.random(channels, np.float32)
+    grad_shape = shape if pool is None else shape[:2] + (shape[2] // 2, shape[3] // 2)
+    grad = rng.standard_normal(grad_shape).astype(np.float32)
     results = []
     for level in _core.simd_levels():
         _core.set_simd(level)
         for threads in (1, 2):
             _core.set_num_threads(threads)
             out, mean, invstd = F._bn_block_forward(x, weight, bias, None, None, 0.1, 1e-5,
-                                                    "relu", 0.0, "max", 0.3, 99, False)
+                                                    "relu", 0.0, pool, 0.3, 99, False)
             grads = F._bn_block_backward(grad, x, weight, bias, mean, invstd, "relu", 0.0,
-                                         "max", 0.3, 99, False)
+                                         pool, 0.3, 99, False)
             results.append([out, mean, invstd, *grads])
     for result in results[1:]:
         for a, e in zip(result, results[0]):

@@ -666,7 +666,14 @@ mod tests {
             Some(Activation::Sigmoid),
             Some(Activation::Tanh),
         ];
-        let shapes: [&[usize]; 4] = [&[3, 5, 7, 9], &[1, 3, 5, 5], &[4, 17, 1], &[6, 10]];
+        // (N, C) of 4001 rows: several row chunks, the last one partial.
+        let shapes: [&[usize]; 5] = [
+            &[3, 5, 7, 9],
+            &[1, 3, 5, 5],
+            &[4, 17, 1],
+            &[6, 10],
+            &[4001, 10],
+        ];
         for shape in shapes {
             for act in activations {
                 for pool in [None, Some(Pool2x2::Max), Some(Pool2x2::Avg)] {
