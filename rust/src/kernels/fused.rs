@@ -15,10 +15,11 @@
 //! planes (or fixed chunks of rows) are the parallel split, so the result is the same at
 //! any thread count.
 //!
-//! The statistics are not accumulated in the convolution's epilogue: that needs the
-//! convolution kernels to return per-plane partial sums shifted by the batch norm's shift
-//! (the first value of each channel), in the batch norm's order, to keep its bits; here
-//! the block runs after any layer and reads its input once more for the statistics.
+//! The statistics are not accumulated in the convolution's epilogue. The batch norm sums
+//! values shifted by the first value of each channel (image 0's), which the tiles of the
+//! other images, written in parallel, do not have yet; sums merged another way (Chan's
+//! formula over per-tile means) would change the statistics' bits and so every result of
+//! a training run. The block therefore reads its input once more for the statistics.
 
 use rayon::prelude::*;
 
