@@ -173,12 +173,12 @@ struct Scratch {
     factors: Vec<f32>,
     grad: Vec<f32>,
     grad_unpooled: Vec<f32>,
-    /// Eight rows of a plane's output width, for the max pool's backward.
-    rows: Vec<f32>,
+    /// Five values per pooling window, for the max pool's backward.
+    windows: Vec<f32>,
 }
 
 impl Scratch {
-    fn new(tile_in: usize, tile_out: usize, out_w: usize) -> Self {
+    fn new(tile_in: usize, tile_out: usize) -> Self {
         Scratch {
             normalised: vec![0.0; tile_in],
             activated: vec![0.0; tile_in],
@@ -186,7 +186,7 @@ impl Scratch {
             factors: vec![0.0; tile_out],
             grad: vec![0.0; tile_out],
             grad_unpooled: vec![0.0; tile_in],
-            rows: vec![0.0; 8 * out_w],
+            windows: vec![0.0; 5 * tile_out],
         }
     }
 }
@@ -352,7 +352,7 @@ pub fn forward_train(
         .with_min_len((4096 / tile_in).max(1))
         .enumerate()
         .for_each_init(
-            || Scratch::new(tile_in, tile_out, p.out_hw().map_or(0, |(_, w)| w)),
+            || Scratch::new(tile_in, tile_out),
             |scratch, (tile, (out, xt))| {
                 if !stop.is_set() {
                     forward_tile(p, &affine, tile, xt, out, scratch);
@@ -433,7 +433,7 @@ fn grad_before_activation(
             plane_w,
             out_w,
             grad_input,
-            &mut s.rows,
+            &mut s.windows,
         ),
         (Some(pool), Some(act)) => {
             let unpooled = &mut s.grad_unpooled[..n];
@@ -444,7 +444,7 @@ fn grad_before_activation(
                 plane_w,
                 out_w,
                 unpooled,
-                &mut s.rows,
+                &mut s.windows,
             );
             activation::backward_in_tile(act, unpooled, saved(act), grad_input);
         }
@@ -493,7 +493,7 @@ pub fn backward(
         .with_min_len((4096 / tile_in).max(1))
         .enumerate()
         .map_init(
-            || Scratch::new(tile_in, tile_out, p.out_hw().map_or(0, |(_, w)| w)),
+            || Scratch::new(tile_in, tile_out),
             |scratch, (tile, (gi, (xt, go)))| {
                 if stop.is_set() {
                     return (0.0, 0.0);
