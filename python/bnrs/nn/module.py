@@ -425,8 +425,8 @@ class Sequential(Module):
         weights, the activation applied inside the kernel (see :mod:`bnrs.nn.fusion`).
         The result differs from the unfused one by float32 rounding only. In training
         mode, each batch norm followed by an activation, 2×2 pool and/or dropout runs as
-        one fused block, with the unfused bits (outputs, gradients, running statistics). False, or
-        the environment variable ``BNRS_FUSE=0``, runs every module as itself.
+        one fused block, with the unfused bits (outputs, gradients, running statistics).
+        False, or the environment variable ``BNRS_FUSE=0``, runs every module as itself.
 
     Examples
     --------
