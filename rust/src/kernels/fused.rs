@@ -178,15 +178,25 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(tile_in: usize, tile_out: usize) -> Self {
+    /// Only what the block's stages use: a row tile is nominally ~32K values, so a small
+    /// (N, C) batch gets no more than its size.
+    fn new(p: &BnBlockParams) -> Self {
+        let (tile_in, tile_out) = tile_lens(p);
+        let (tile_in, tile_out) = (tile_in.min(p.bn.len()), tile_out.min(p.out_len()));
+        let sized = |used: bool, len: usize| vec![0.0; if used { len } else { 0 }];
+        let (pool, act, dropout) = (
+            p.pool.is_some(),
+            p.activation.is_some(),
+            p.dropout.is_some(),
+        );
         Scratch {
             normalised: vec![0.0; tile_in],
-            activated: vec![0.0; tile_in],
-            pooled: vec![0.0; tile_out],
-            factors: vec![0.0; tile_out],
-            grad: vec![0.0; tile_out],
-            grad_unpooled: vec![0.0; tile_in],
-            windows: vec![0.0; 5 * tile_out],
+            activated: sized(p.needs_activation_output(), tile_in),
+            pooled: sized(pool && dropout, tile_out),
+            factors: sized(dropout, tile_out),
+            grad: sized(dropout, tile_out),
+            grad_unpooled: sized(pool && act, tile_in),
+            windows: sized(p.pool == Some(Pool2x2::Max), 5 * tile_out),
         }
     }
 }
@@ -352,7 +362,7 @@ pub fn forward_train(
         .with_min_len((4096 / tile_in).max(1))
         .enumerate()
         .for_each_init(
-            || Scratch::new(tile_in, tile_out),
+            || Scratch::new(p),
             |scratch, (tile, (out, xt))| {
                 if !stop.is_set() {
                     forward_tile(p, &affine, tile, xt, out, scratch);
@@ -493,7 +503,7 @@ pub fn backward(
         .with_min_len((4096 / tile_in).max(1))
         .enumerate()
         .map_init(
-            || Scratch::new(tile_in, tile_out),
+            || Scratch::new(p),
             |scratch, (tile, (gi, (xt, go)))| {
                 if stop.is_set() {
                     return (0.0, 0.0);
