@@ -1,10 +1,16 @@
-"""Evaluation-mode fusion in Sequential: conv/linear → batch norm → activation blocks.
+"""Fusion in Sequential: conv/linear → batch norm → activation blocks in evaluation, batch
+norm → activation → pool → dropout blocks in training.
 
 Fused and unfused outputs differ by float32 rounding only: folding the batch norm into
 the weights rounds ``w·γ/√(σ²+ε)`` to float32 before the GEMM, whose sums then round
 differently from the unfused GEMM's followed by the normalisation. The tolerance below is
 that rounding bounded term by term, not a loosened comparison. An activation without a
 batch norm changes nothing in the arithmetic, so it must give the unfused bits.
+
+Training blocks do each unfused kernel's arithmetic in the unfused order (statistics,
+normalisation, activation, pool, dropout mask; backward likewise), so outputs, gradients
+and running statistics must be the unfused bits; against the float64 NumPy reference they
+agree within float32 rounding.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import pickle
 import bnrs
 import numpy as np
 import pytest
-from bnrs import CNNClassifier, nn, optim
+import reference as ref
+from bnrs import CNNClassifier, _core, nn, optim
 from bnrs import functional as F
+from bnrs.nn.fusion import TrainBlock
 from bnrs.nn.spec import DEFAULT_ARCHITECTURE, from_spec
 
 UNIT_ROUNDOFF = 2.0 ** -24
@@ -218,7 +226,7 @@ def test_environment_variable_turns_fusion_off(rng, monkeypatch):
     np.testing.assert_array_equal(model(x), unfused)
 
 
-def test_training_mode_is_never_fused(rng):
+def test_training_step_fused_gives_the_unfused_bits(rng):
     def train_step(fuse):
         model = from_spec(DEFAULT_ARCHITECTURE, (1, 28, 28), 10, random_state=0)
         model.fuse = fuse
@@ -371,3 +379,279 @@ def test_backward_ignores_an_older_fused_forward(rng):
         output = child(output)
     grad = model.backward(np.ones_like(output))
     assert grad.shape == x.shape
+
+
+# --------------------------------------------------------------------------- training
+
+#: (input shape, out channels): odd H and W (a pool remainder), batch 1 and 3, channel
+#: counts that are not multiples of 8 or 16, and (N, C) / (N, C, L) for BatchNorm1d.
+TRAIN_SHAPES = [
+    ((3, 2, 7, 9), 5),
+    ((1, 3, 5, 6), 17),
+    ((3, 1, 6, 5), 3),
+    ((3, 7), 9),
+    ((1, 4, 7), 3),
+]
+TRAIN_STAGES = [
+    ("relu", "max", "dropout"),
+    ("leaky_relu", "avg", "dropout2d"),
+    ("sigmoid", "max", None),
+    ("tanh", None, "dropout"),
+    (None, "avg", None),
+    ("relu", None, None),
+]
+_POOL_LAYERS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+_DROPOUT_LAYERS = {"dropout": nn.Dropout, "dropout2d": nn.Dropout2d}
+
+
+def _train_model(shape, width, stages, seed=3, **norm_args):
+    """A training-mode Sequential: a conv (4-D) or linear layer, then batch norm and the
+    stages that apply to the shape."""
+    activation, pool, dropout = stages
+    if len(shape) == 4:
+        modules = [nn.Conv2d(shape[1], width, 3, padding=1, random_state=seed),
+                   nn.BatchNorm2d(width, **norm_args)]
+    else:
+        modules = [nn.Linear(shape[-1], width, random_state=seed),
+                   nn.BatchNorm1d(width if len(shape) == 2 else shape[1], **norm_args)]
+        if len(shape) == 3:   # a linear layer on (N, C, L) maps L; the norm sees C
+            modules[1] = nn.BatchNorm1d(shape[1], **norm_args)
+    if activation is not None:
+        modules.append(ACTIVATIONS[activation]())
+    if pool is not None and len(shape) == 4:
+        modules.append(_POOL_LAYERS[pool](2))
+    if dropout is not None and (dropout == "dropout" or len(shape) == 4):
+        modules.append(_DROPOUT_LAYERS[dropout](0.3, random_state=seed + 1))
+    model = nn.Sequential(*modules).train()
+    norm = model[1]
+    if norm.affine:   # γ of both signs, β not zero
+        norm.weight.data[:] = np.linspace(-1.5, 2.0, norm.num_features)
+        norm.bias.data[:] = np.linspace(0.5, -0.5, norm.num_features)
+    return model
+
+
+def _train_steps(model, x, grads, fuse):
+    """Forward and backward of each gradient in ``grads``: per step the output, input
+    gradient, parameter gradients and buffers."""
+    model.fuse = fuse
+    results = []
+    for grad in grads:
+        model.zero_grad()
+        output = model(x)
+        grad_input = model.backward(grad.reshape(output.shape))
+        results.append([output, grad_input] + [p.grad.copy() for p in model.parameters()]
+                       + [np.array(b, copy=True) for b in model.buffers()])
+    return results
+
+
+def _assert_same_bits(actual, expected, what):
+    assert len(actual) == len(expected)
+    for step, (a_step, e_step) in enumerate(zip(actual, expected)):
+        for index, (a, e) in enumerate(zip(a_step, e_step)):
+            assert a.shape == e.shape and a.dtype == e.dtype, f"{what}: step {step} item {index}"
+            np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8),
+                                          np.atleast_1d(e).view(np.uint8),
+                                          err_msg=f"{what}: step {step} item {index}")
+
+
+def _inputs(model, shape, rng, steps=2):
+    x = rng.standard_normal(shape).astype(np.float32)
+    out_size = model(x).size
+    model.clear_saved()
+    grads = [rng.standard_normal(out_size).astype(np.float32) for _ in range(steps)]
+    return x, grads
+
+
+@pytest.mark.parametrize("stages", TRAIN_STAGES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("shape, width", TRAIN_SHAPES, ids=lambda v: str(v))
+def test_training_blocks_give_the_unfused_bits(shape, width, stages, rng):
+    x, grads = _inputs(_train_model(shape, width, stages), shape, rng)
+    fused_model = _train_model(shape, width, stages)
+    fused = _train_steps(fused_model, x, grads, True)
+    has_stages = len(fused_model) > 2   # not (N, C) with only a pool asked for
+    assert has_stages == any(isinstance(step, TrainBlock) for step in
+                             nn.fusion.fusion_plan(list(fused_model), {}, training=True))
+    unfused = _train_steps(_train_model(shape, width, stages), x, grads, False)
+    _assert_same_bits(fused, unfused, f"{shape} {stages}")
+
+
+@pytest.mark.parametrize("norm_args", [{"momentum": None}, {"track_running_stats": False},
+                                       {"affine": False}])
+def test_training_blocks_keep_the_batch_norm_options(norm_args, rng):
+    shape, width, stages = (3, 2, 7, 9), 5, ("relu", "max", "dropout")
+    x, grads = _inputs(_train_model(shape, width, stages, **norm_args), shape, rng, steps=3)
+    fused = _train_steps(_train_model(shape, width, stages, **norm_args), x, grads, True)
+    unfused = _train_steps(_train_model(shape, width, stages, **norm_args), x, grads, False)
+    _assert_same_bits(fused, unfused, str(norm_args))
+
+
+def test_lenet_training_epoch_fused_gives_the_unfused_bits():
+    def train(fuse):
+        model = from_spec(DEFAULT_ARCHITECTURE, (1, 28, 28), 10, random_state=0)
+        model.fuse = fuse
+        optimizer = optim.Adam(model.parameters(), lr=1e-3)
+        data = np.random.default_rng(1)
+        for _ in range(3):
+            x = data.random((7, 1, 28, 28), dtype=np.float32)
+            target = data.integers(0, 10, 7)
+            optimizer.zero_grad()
+            logits = model(x)
+            model.backward(F.cross_entropy_backward(logits, target), input_grad=False)
+            optimizer.step()
+        return [np.array(v, copy=True) for v in model.state_dict().values()]
+    for fused, unfused in zip(train(True), train(False)):
+        np.testing.assert_array_equal(fused, unfused)
+
+
+@pytest.fixture
+def restore_threads_and_simd():
+    threads, level = _core.get_num_threads(), _core.simd_backend()
+    yield
+    _core.set_num_threads(threads)
+    _core.set_simd(level)
+
+
+def test_training_blocks_same_bits_at_any_thread_count_and_simd_level(
+        rng, restore_threads_and_simd):
+    shape, width, stages = (3, 5, 13, 11), 17, ("relu", "max", "dropout")
+    x, grads = _inputs(_train_model(shape, width, stages), shape, rng)
+    results = {}
+    for level in _core.simd_levels():
+        _core.set_simd(level)
+        for threads in (1, 2):
+            _core.set_num_threads(threads)
+            results[level, threads] = _train_steps(_train_model(shape, width, stages), x,
+                                                   grads, True)
+    (first_key, first), *rest = results.items()
+    for key, result in rest:
+        # Only the convolution's GEMM may round differently between levels (its blocking
+        # follows the register width); the block's bits follow from its input.
+        if key[0] != first_key[0]:
+            continue
+        _assert_same_bits(result, first, f"{key} against {first_key}")
+    levels = sorted({key[0] for key in results})
+    assert len(results) == 2 * len(levels)
+
+
+@pytest.mark.parametrize("shape, pool", [((8, 17, 33, 31), "max"), ((5, 3, 9, 7), "avg"),
+                                         ((4001, 10), None)])
+def test_training_block_kernel_same_bits_at_each_simd_level(shape, pool, rng,
+                                                            restore_threads_and_simd):
+    # Many planes (split between threads), and (N, C) of several row chunks.
+    x = rng.standard_normal(shape).astype(np.float32)
+    channels = shape[1]
+    weight = rng.standard_normal(channels).astype(np.float32)
+    bias = rng.random(channels, np.float32)
+    grad_shape = shape if pool is None else shape[:2] + (shape[2] // 2, shape[3] // 2)
+    grad = rng.standard_normal(grad_shape).astype(np.float32)
+    results = []
+    for level in _core.simd_levels():
+        _core.set_simd(level)
+        for threads in (1, 2):
+            _core.set_num_threads(threads)
+            out, mean, invstd = F._bn_block_forward(x, weight, bias, None, None, 0.1, 1e-5,
+                                                    "relu", 0.0, pool, 0.3, 99, False)
+            grads = F._bn_block_backward(grad, x, weight, bias, mean, invstd, "relu", 0.0,
+                                         pool, 0.3, 99, False)
+            results.append([out, mean, invstd, *grads])
+    for result in results[1:]:
+        for a, e in zip(result, results[0]):
+            np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.parametrize("pool, channel_wise", [("max", False), ("avg", True),
+                                                (None, False)])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (1, 3, 5, 4)])
+def test_training_block_matches_the_numpy_reference(shape, pool, channel_wise, rng,
+                                                    assert_close):
+    x = rng.standard_normal(shape).astype(np.float32)
+    channels = shape[1]
+    weight = rng.normal(0.0, 1.5, channels).astype(np.float32)
+    bias = rng.normal(0.0, 0.5, channels).astype(np.float32)
+    running_mean, running_var = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    p, seed = 0.3, 12345
+    output, mean, invstd = F._bn_block_forward(
+        x, weight, bias, running_mean, running_var, 0.1, 1e-5, "relu", 0.0, pool, p, seed,
+        channel_wise)
+    z, ref_mean, ref_invstd, ref_rm, ref_rv = ref.batch_norm(
+        x, weight, bias, np.zeros(channels), np.ones(channels), training=True)
+    a = ref.relu(z)
+    if pool == "max":
+        pooled, indices = ref.max_pool2d(a, 2)
+    elif pool == "avg":
+        pooled = ref.avg_pool2d(a, 2)
+    else:
+        pooled = a
+    if channel_wise:
+        keep = ref.dropout2d_keep(ref.dropout_mask(shape[0] * channels, p, seed), pooled.shape)
+    else:
+        keep = ref.dropout_mask(pooled.size, p, seed).reshape(pooled.shape)
+    count = x.size // channels
+    assert_close(output, ref.dropout(pooled, keep, p), terms=count, name="output")
+    assert_close(mean, ref_mean, terms=count, dtype=None, name="mean")
+    assert_close(invstd, ref_invstd, terms=count, dtype=None, name="invstd")
+    assert_close(running_mean, ref_rm, terms=count, dtype=None, name="running_mean")
+    assert_close(running_var, ref_rv, terms=count, dtype=None, name="running_var")
+
+    grad = rng.standard_normal(output.shape).astype(np.float32)
+    grad_input, grad_weight, grad_bias = F._bn_block_backward(
+        grad, x, weight, bias, mean, invstd, "relu", 0.0, pool, p, seed, channel_wise)
+    g = ref.dropout(grad, keep, p)
+    if pool == "max":
+        g = ref.max_pool2d_backward(g, indices, shape)
+    elif pool == "avg":
+        g = ref.avg_pool2d_backward(g, shape, 2)
+    g = ref.relu_backward(g, z)
+    ref_gx, ref_gw, ref_gb = ref.batch_norm_backward(g, x, weight, ref_mean, ref_invstd)
+    assert_close(grad_input, ref_gx, terms=count, name="grad_input")
+    assert_close(grad_weight, ref_gw, terms=count, name="grad_weight")
+    assert_close(grad_bias, ref_gb, terms=count, name="grad_bias")
+
+
+def test_training_block_argument_errors_name_the_argument(rng):
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="pool"):
+        F._bn_block_forward(x, None, None, None, None, 0.1, 1e-5, pool="min")
+    with pytest.raises(ValueError, match="dropout_p"):
+        F._bn_block_forward(x, None, None, None, None, 0.1, 1e-5, dropout_p=1.0)
+    with pytest.raises(ValueError, match="weight"):
+        F._bn_block_forward(x, np.ones(4, np.float32), None, None, None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="input"):
+        F._bn_block_forward(x[:, :, :1], None, None, None, None, 0.1, 1e-5, pool="max")
+    _output, mean, invstd = F._bn_block_forward(x, None, None, None, None, 0.1, 1e-5, pool="max")
+    with pytest.raises(ValueError, match="grad_output"):
+        F._bn_block_backward(x, x, None, None, mean, invstd, pool="max")
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_training_block_falls_back_for_inputs_it_does_not_take(fuse, rng):
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), fuse=fuse).train()
+    with pytest.raises(ValueError, match="kernel_size"):   # the pool's own error
+        model(rng.standard_normal((2, 3, 1, 5)).astype(np.float32))
+    assert int(model[0].num_batches_tracked) == 1   # the norm ran, as unfused
+    with pytest.raises(ValueError, match="BatchNorm2d"):   # the norm's own error
+        model(rng.standard_normal((2, 4, 6, 6)).astype(np.float32))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(rng.standard_normal((1, 3, 1, 1)).astype(np.float32))
+    assert int(model[0].num_batches_tracked) == 1
+
+
+def test_environment_variable_turns_training_fusion_off(rng, monkeypatch):
+    model = _train_model((3, 2, 7, 9), 5, ("relu", "max", "dropout"))
+    x = rng.standard_normal((3, 2, 7, 9)).astype(np.float32)
+    model(x)
+    assert len(model._train_blocks) == 1
+    monkeypatch.setenv("BNRS_FUSE", "0")
+    model(x)
+    assert model._train_blocks == {}
+
+
+def test_children_called_alone_after_a_fused_training_forward(rng):
+    model = _train_model((3, 2, 7, 9), 5, ("relu", "max", None))
+    x = rng.standard_normal((3, 2, 7, 9)).astype(np.float32)
+    output = model(x)
+    with pytest.raises(RuntimeError, match="no saved forward state"):
+        model[1].backward(np.ones((3, 5, 7, 9), np.float32))
+    model[1](model[0](x))   # a child ran since: the block's state is not used
+    with pytest.raises(RuntimeError, match="no saved forward state"):
+        model.backward(np.ones_like(output))

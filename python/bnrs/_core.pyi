@@ -34,6 +34,8 @@ __all__ = [
     "avg_pool2d_forward",
     "batch_norm_backward",
     "batch_norm_forward",
+    "bn_block_backward",
+    "bn_block_forward",
     "conv2d_backward",
     "conv2d_forward",
     "cached_memory",
@@ -117,6 +119,35 @@ def batch_norm_backward(
     save_mean: _F32,
     save_invstd: _F32,
     training: bool,
+) -> Tuple[_F32, Optional[_F32], Optional[_F32]]: ...
+def bn_block_forward(
+    input: _F32,
+    weight: Optional[_F32],
+    bias: Optional[_F32],
+    running_mean: Optional[_F32],
+    running_var: Optional[_F32],
+    momentum: float,
+    eps: float,
+    activation: Optional[str] = None,
+    negative_slope: float = 0.0,
+    pool: Optional[str] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_channel_wise: bool = False,
+) -> Tuple[_F32, _F32, _F32]: ...
+def bn_block_backward(
+    grad_output: _F32,
+    input: _F32,
+    weight: Optional[_F32],
+    bias: Optional[_F32],
+    save_mean: _F32,
+    save_invstd: _F32,
+    activation: Optional[str] = None,
+    negative_slope: float = 0.0,
+    pool: Optional[str] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    dropout_channel_wise: bool = False,
 ) -> Tuple[_F32, Optional[_F32], Optional[_F32]]: ...
 def group_norm_forward(
     input: _F32, num_groups: int, weight: Optional[_F32], bias: Optional[_F32], eps: float

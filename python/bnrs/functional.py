@@ -376,6 +376,40 @@ def native_batch_norm(input, weight=None, bias=None, running_mean=None, running_
         use_batch_stats, _real(momentum, "momentum"), _real(eps, "eps"))
 
 
+def _bn_block_forward(input, weight, bias, running_mean, running_var, momentum: float,
+                      eps: float, activation=None, negative_slope: float = 0.0, pool=None,
+                      dropout_p: float = 0.0, dropout_seed: int = 0,
+                      dropout_channel_wise: bool = False):
+    """Training-mode batch norm → activation (None or a name) → 2×2 pool (None, "max",
+    "avg") → dropout (``dropout_p`` 0: none) in one kernel, for the training fusion: the
+    bits of :func:`native_batch_norm` (``training=True``), the activation, the pool and
+    :func:`dropout`/:func:`dropout2d` with ``dropout_seed`` applied one after the other.
+    Returns ``(output, save_mean, save_invstd)``; running buffers move as in training."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean, running_var: give both or neither")
+    rm = None if running_mean is None else _inplace_float32(running_mean, "running_mean")
+    rv = None if running_var is None else _inplace_float32(running_var, "running_var")
+    return _core.bn_block_forward(
+        as_float32(input, "input"), _optional_float32(weight, "weight"),
+        _optional_float32(bias, "bias"), rm, rv, _real(momentum, "momentum"), _real(eps, "eps"),
+        activation, _real(negative_slope, "negative_slope"), pool,
+        _real(dropout_p, "dropout_p"), _seed(dropout_seed), bool(dropout_channel_wise))
+
+
+def _bn_block_backward(grad_output, input, weight, bias, save_mean, save_invstd,
+                       activation=None, negative_slope: float = 0.0, pool=None,
+                       dropout_p: float = 0.0, dropout_seed: int = 0,
+                       dropout_channel_wise: bool = False):
+    """Gradients of :func:`_bn_block_forward` from its arguments and saved statistics:
+    ``(grad_input, grad_weight or None, grad_bias or None)``, the unfused chain's bits."""
+    return _core.bn_block_backward(
+        as_float32(grad_output, "grad_output"), as_float32(input, "input"),
+        _optional_float32(weight, "weight"), _optional_float32(bias, "bias"),
+        as_float32(save_mean, "save_mean"), as_float32(save_invstd, "save_invstd"),
+        activation, _real(negative_slope, "negative_slope"), pool,
+        _real(dropout_p, "dropout_p"), _seed(dropout_seed), bool(dropout_channel_wise))
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> np.ndarray:
     """Batch normalisation with ``torch.nn.functional.batch_norm``'s signature.

@@ -57,6 +57,10 @@ def profile_bnrs(trainer: Trainer) -> dict:
         clock[0] = now
 
     timer = LayerTimer(trainer.model)
+    # A fused block runs its layers in one kernel, so only unfused layers can be timed
+    # one by one; the profile says so.
+    fuse = trainer.model.fuse
+    trainer.model.fuse = False
     try:
         trainer.bnrs_epoch(5)  # warm-up
         timer.seconds.clear()
@@ -65,6 +69,7 @@ def profile_bnrs(trainer: Trainer) -> dict:
         trainer.bnrs_epoch(mark=mark)
     finally:
         timer.remove()
+        trainer.model.fuse = fuse
     n_batches = math.ceil(len(trainer.images) / trainer.mode.batch_size)
     per_batch = 1e3 / n_batches
     layers = [{"layer": timer.labels[index],

@@ -93,8 +93,8 @@ def format_profile(profile: dict | None) -> list[str]:
         return []
     bnrs_profile = profile["bnrs"]
     network = f" of {profile['network']}" if "network" in profile else ""
-    title = (f"-- profile: bnrs training step{network}, ms per batch (mean of "
-             f"{bnrs_profile['batches']} batches)")
+    title = (f"-- profile: bnrs training step{network} (layers unfused), ms per batch "
+             f"(mean of {bnrs_profile['batches']} batches)")
     lines = [title,
              f"   {'layer (input shape)':<40} {'forward':>8} {'backward':>9} {'total':>8}"]
     layer_total = 0.0

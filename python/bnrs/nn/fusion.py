@@ -1,4 +1,5 @@
-"""Evaluation-mode fusion of conv/linear → batch norm → activation runs in a Sequential.
+"""Fusion of layer runs in a Sequential: conv/linear → batch norm → activation in
+evaluation, batch norm → activation → pool → dropout in training.
 
 In evaluation a batch norm with running statistics is an affine map per channel, so it
 folds into the preceding convolution's (or linear layer's) weights and bias:
@@ -17,6 +18,16 @@ while all of these are equal in value, checked at every fused forward. That cost
 comparison pass over the parameters per forward and is never stale, whatever changed them:
 ``load_state_dict``, an optimizer step, an in-place edit of ``.data`` or of a running
 statistic, a new array assigned to ``.data``.
+
+Training: a BatchNorm2d (or BatchNorm1d) in training mode followed by an activation, a
+2×2 stride-2 unpadded MaxPool2d/AvgPool2d (after BatchNorm2d) and/or a Dropout/Dropout2d
+with 0 < p < 1 runs as one :class:`TrainBlock`: one statistics pass, then one pass that
+normalises, activates, pools and drops out each plane in cache; the backward regenerates
+what it needs (normalised values, argmax, dropout mask) from the block's input, the
+statistics and the seed, in two passes. The convolution or linear layer before it runs as
+itself. Every step is the unfused kernels' arithmetic, so outputs, gradients and running
+statistics are the unfused bits; each Dropout draws its seed from its own generator as it
+would unfused.
 """
 
 from __future__ import annotations
@@ -28,7 +39,8 @@ import numpy as np
 from .. import functional as F
 from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
-from .layers import Conv2d, Linear
+from .dropout import Dropout, Dropout2d
+from .layers import AvgPool2d, Conv2d, Linear, MaxPool2d
 
 FUSE_ENV = "BNRS_FUSE"
 
@@ -41,11 +53,33 @@ def fusion_enabled(fuse: bool) -> bool:
     return fuse and os.environ.get(FUSE_ENV, "1").strip() != "0"
 
 
-def _activation_of(module) -> tuple[str, float] | None:
+def _activation_of(module, training: bool = False) -> tuple[str, float] | None:
     name = _ACTIVATIONS.get(type(module))
-    if name is None or module.training:
+    if name is None or module.training != training:
         return None
     return name, float(getattr(module, "negative_slope", 0.0))
+
+
+_POOLS = {MaxPool2d: "max", AvgPool2d: "avg"}
+
+
+def _pool_of(module, norm) -> str | None:
+    """"max" or "avg" for a training-mode 2×2, stride 2, unpadded pool after a BatchNorm2d."""
+    name = _POOLS.get(type(module))
+    if (name is None or not module.training or type(norm) is not BatchNorm2d
+            or module.kernel_size != (2, 2) or module.stride != (2, 2)
+            or module.padding != (0, 0)):
+        return None
+    return name
+
+
+def _dropout_of(module, norm) -> Dropout | Dropout2d | None:
+    """A training-mode dropout that draws a mask (0 < p < 1; Dropout2d after BatchNorm2d)."""
+    if type(module) is Dropout2d and type(norm) is not BatchNorm2d:
+        return None
+    if type(module) not in (Dropout, Dropout2d) or not module.training:
+        return None
+    return module if 0.0 < module.p < 1.0 else None
 
 
 def _foldable(layer, norm) -> bool:
@@ -122,17 +156,137 @@ class FusedBlock:
         return F._linear_fused(x, weight, bias, name, slope)
 
 
+class TrainBlock:
+    """A training-mode batch norm with the activation, 2×2 pool and dropout after it, run
+    by one fused kernel forward and one backward (see the module docstring).
+
+    ``modules`` are the Sequential's children it stands for. :meth:`forward` keeps its
+    state in the block (the modules keep none), for one :meth:`backward`.
+    """
+
+    def __init__(self, norm: _BatchNorm, activation: tuple[str, float] | None,
+                 pool: str | None, dropout, modules: list):
+        self.norm, self.activation, self.pool, self.dropout = norm, activation, pool, dropout
+        self.modules = modules
+        self._ctx = None
+
+    def _fits(self, x: np.ndarray) -> bool:
+        """Whether the fused kernel takes ``x``; otherwise the unfused modules run (and
+        raise their usual errors for a wrong input)."""
+        norm = self.norm
+        if x.ndim not in norm._input_ndims or x.shape[1] != norm.num_features:
+            return False
+        if x.size // x.shape[1] < 2:   # a training batch norm refuses it
+            return False
+        return self.pool is None or (x.shape[2] >= 2 and x.shape[3] >= 2)
+
+    def forward(self, input) -> np.ndarray:
+        """The block's output in training mode, updating the batch norm's running statistics
+        and ``num_batches_tracked`` and drawing each dropout seed as the modules would."""
+        x = F.as_float32(input, "input")
+        self._ctx = None
+        for module in self.modules:
+            module._ctx = None   # a backward must not find an older forward's state
+        if not self._fits(x):
+            for module in self.modules:
+                x = module(x)
+            return x
+        norm = self.norm
+        running_mean = running_var = None
+        momentum = 0.1
+        if norm.track_running_stats:
+            running_mean, running_var = norm.running_mean, norm.running_var
+            tracked = int(norm.num_batches_tracked) + 1
+            momentum = 1.0 / tracked if norm.momentum is None else norm.momentum
+        name, slope = self.activation if self.activation is not None else (None, 0.0)
+        dropout, dropout_p, seed = self.dropout, 0.0, 0
+        if dropout is not None:
+            dropout_p = dropout.p
+            seed = int(dropout._rng.integers(0, 2**64, dtype=np.uint64))
+        channel_wise = type(dropout) is Dropout2d
+        weight = None if norm.weight is None else norm.weight.data
+        bias = None if norm.bias is None else norm.bias.data
+        output, mean, invstd = F._bn_block_forward(
+            x, weight, bias, running_mean, running_var, momentum, norm.eps, name, slope,
+            self.pool, dropout_p, seed, channel_wise)
+        if norm.track_running_stats:
+            norm.num_batches_tracked += 1
+        self._ctx = (x, mean, invstd, seed, output.shape)
+        return output
+
+    def ran_fused(self) -> bool:
+        """Whether the last forward ran fused and its state is unused: no module of the
+        block ran since (a caller may call the children itself)."""
+        return self._ctx is not None and all(m._ctx is None for m in self.modules)
+
+    def backward(self, grad_output, input_grad: bool = True) -> np.ndarray | None:
+        """Add the batch norm's gamma and beta gradients; return the block's input gradient
+        (or None)."""
+        ctx, self._ctx = self._ctx, None
+        if ctx is None:
+            raise RuntimeError("TrainBlock.backward: no saved forward state")
+        x, mean, invstd, seed, output_shape = ctx
+        grad = F.as_float32(grad_output, "grad_output")
+        if grad.shape != output_shape:
+            raise ValueError(f"{type(self.norm).__name__}.backward: grad_output: expected "
+                             f"shape {output_shape} (the last forward's output), got "
+                             f"{grad.shape}")
+        norm = self.norm
+        name, slope = self.activation if self.activation is not None else (None, 0.0)
+        dropout_p = 0.0 if self.dropout is None else self.dropout.p
+        grad_input, grad_weight, grad_bias = F._bn_block_backward(
+            grad, x, None if norm.weight is None else norm.weight.data,
+            None if norm.bias is None else norm.bias.data, mean, invstd, name, slope,
+            self.pool, dropout_p, seed, type(self.dropout) is Dropout2d)
+        if norm.weight is not None:
+            norm.weight.grad += grad_weight
+            norm.bias.grad += grad_bias
+        return grad_input if input_grad else None
+
+
+def _train_block_at(modules: list, i: int) -> TrainBlock | None:
+    """The training block that starts at ``modules[i]``, if one does."""
+    norm = modules[i]
+    if type(norm) not in (BatchNorm1d, BatchNorm2d) or not norm.training:
+        return None
+    def stage(k):
+        return modules[k] if k < len(modules) else None
+
+    end = i + 1
+    activation = _activation_of(stage(end), training=True)
+    end += activation is not None
+    pool = _pool_of(stage(end), norm)
+    end += pool is not None
+    dropout = _dropout_of(stage(end), norm)
+    end += dropout is not None
+    if end == i + 1:
+        return None
+    return TrainBlock(norm, activation, pool, dropout, modules[i:end])
+
+
 def _same(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
 
 
-def fusion_plan(modules: list, cache: dict) -> list:
-    """The Sequential's children as steps: each a :class:`FusedBlock` or a module run as
-    itself. A block is a Conv2d followed by a BatchNorm2d and/or an activation, or a Linear
-    followed by a BatchNorm1d and/or an activation, all in evaluation mode. ``cache`` maps
-    the modules of a block to the block, kept between calls with its folded weights."""
+def fusion_plan(modules: list, cache: dict, training: bool = False) -> list:
+    """The Sequential's children as steps: each a :class:`FusedBlock`, a
+    :class:`TrainBlock` or a module run as itself.
+
+    In evaluation (``training`` False, the Sequential's mode) a block is a Conv2d followed
+    by a BatchNorm2d and/or an activation, or a Linear followed by a BatchNorm1d and/or an
+    activation, all in evaluation mode. ``cache`` maps the modules of a block to the block,
+    kept between calls with its folded weights. In training a block is a batch norm in
+    training mode and what follows it (see :class:`TrainBlock`); it keeps nothing between
+    steps, so it is not cached."""
+    if training:
+        steps, i = [], 0
+        while i < len(modules):
+            block = _train_block_at(modules, i)
+            steps.append(modules[i] if block is None else block)
+            i += 1 if block is None else len(block.modules)
+        return steps
     steps, used, i = [], set(), 0
     while i < len(modules):
         layer = modules[i]

@@ -390,6 +390,7 @@ class Module:
         if "_fusion_blocks" in state:   # Sequential: rebuilt on the next fused forward
             state["_fusion_blocks"] = {}
             state["_fused_input"] = None
+            state["_train_blocks"] = {}
         return state
 
     def extra_repr(self) -> str:
@@ -422,9 +423,10 @@ class Sequential(Module):
         In evaluation mode, run each Conv2d → BatchNorm2d → activation (and Linear →
         BatchNorm1d → activation) as one fused block: the batch norm folded into the
         weights, the activation applied inside the kernel (see :mod:`bnrs.nn.fusion`).
-        The result differs from the unfused one by float32 rounding only. False, or the
-        environment variable ``BNRS_FUSE=0``, runs every module as itself. Training is
-        never fused.
+        The result differs from the unfused one by float32 rounding only. In training
+        mode, each batch norm followed by an activation, 2×2 pool and/or dropout runs as
+        one fused block, with the unfused bits (outputs, gradients, running statistics).
+        False, or the environment variable ``BNRS_FUSE=0``, runs every module as itself.
 
     Examples
     --------
@@ -440,6 +442,8 @@ class Sequential(Module):
         self.fuse = bool(fuse)
         self._fusion_blocks: dict = {}
         self._fused_input = None
+        # Training blocks of the last forward, by the index of their last module.
+        self._train_blocks: dict = {}
         if len(modules) == 1 and isinstance(modules[0], OrderedDict):
             for name, module in modules[0].items():
                 self.add_module(str(name), module)
@@ -476,23 +480,30 @@ class Sequential(Module):
         return getattr(self, "fuse", True)   # pickles from before fusion lack the attribute
 
     def forward(self, input):
-        """Apply every module in order (fused blocks in evaluation, see ``fuse``)."""
+        """Apply every module in order (fused blocks, see ``fuse``)."""
         from . import fusion   # fusion.py imports the layers, which import this module
 
         self._fused_input = None
+        self._train_blocks = {}
         modules = list(self._modules.values())
-        if self.training or not fusion.fusion_enabled(self._fuses()):
+        if not fusion.fusion_enabled(self._fuses()):
             return self._forward_unfused(input)
         if not hasattr(self, "_fusion_blocks"):
             self._fusion_blocks = {}
-        steps = fusion.fusion_plan(modules, self._fusion_blocks)
-        output, fused_modules = input, []
+        steps = fusion.fusion_plan(modules, self._fusion_blocks, training=self.training)
+        output, fused_modules, index = input, [], 0
         for step in steps:
             if isinstance(step, fusion.FusedBlock):
                 output = fusion.run_block(step, output)
                 fused_modules += step.modules
+                index += len(step.modules)
+            elif isinstance(step, fusion.TrainBlock):
+                output = step.forward(output)
+                index += len(step.modules)
+                self._train_blocks[index - 1] = (index - len(step.modules), step)
             else:
                 output = step(output)
+                index += 1
         if fused_modules:
             # A backward re-runs the modules unfused on this input (see backward).
             self._fused_input = (input, fused_modules)
@@ -524,9 +535,10 @@ class Sequential(Module):
 
         Notes
         -----
-        After a fused forward (evaluation mode) the modules did not keep their state:
+        After a fused forward in evaluation mode the modules did not keep their state:
         the forward is first re-run unfused on the same input, so the gradient is that of
-        the unfused network, as without fusion.
+        the unfused network, as without fusion. After one in training mode each fused
+        block runs its own backward, with the unfused bits.
         """
         fused = getattr(self, "_fused_input", None)
         self._fused_input = None
@@ -541,7 +553,15 @@ class Sequential(Module):
             stop = next((i for i, m in enumerate(modules) if _has_parameters(m)), len(modules))
             for module in modules[:stop]:
                 module.clear_saved()
-        grad = grad_output
-        for index in range(len(modules) - 1, stop - 1, -1):
+        train_blocks = getattr(self, "_train_blocks", {})
+        self._train_blocks = {}
+        grad, index = grad_output, len(modules) - 1
+        while index >= stop:
+            start, block = train_blocks.get(index, (None, None))
+            if block is not None and start >= stop and block.ran_fused():
+                grad = block.backward(grad, input_grad=input_grad or start > stop)
+                index = start - 1
+                continue
             grad = modules[index].backward(grad, input_grad=input_grad or index > stop)
+            index -= 1
         return grad if input_grad else None

@@ -16,6 +16,12 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// Whether the gradient is computed from the output (sigmoid, tanh) rather than from
+    /// the input (relu, leaky relu), as [`backward`]'s `saved` is.
+    pub fn grad_uses_output(self) -> bool {
+        matches!(self, Activation::Sigmoid | Activation::Tanh)
+    }
+
     /// Parse a name (`relu`, `leaky_relu`, `sigmoid`, `tanh`) and its slope.
     pub fn from_name(name: &str, negative_slope: f32) -> Result<Self> {
         match name {
@@ -181,11 +187,22 @@ pub fn backward(
     grad_input
         .par_chunks_mut(chunk)
         .zip(grad_output.par_chunks(chunk).zip(saved.par_chunks(chunk)))
-        .for_each(|(out, (g, s))| match act {
-            Activation::Relu => relu_grad_chunk(g, s, out, 0.0),
-            Activation::LeakyRelu(slope) => relu_grad_chunk(g, s, out, slope),
-            Activation::Sigmoid => sigmoid_grad_chunk(g, s, out),
-            Activation::Tanh => tanh_grad_chunk(g, s, out),
-        });
+        .for_each(|(out, (g, s))| backward_in_tile(act, g, s, out));
     Ok(())
+}
+
+/// [`backward`] serially, on a tile of a fused kernel that already runs tiles in parallel:
+/// the same bits.
+pub fn backward_in_tile(
+    act: Activation,
+    grad_output: &[f32],
+    saved: &[f32],
+    grad_input: &mut [f32],
+) {
+    match act {
+        Activation::Relu => relu_grad_chunk(grad_output, saved, grad_input, 0.0),
+        Activation::LeakyRelu(slope) => relu_grad_chunk(grad_output, saved, grad_input, slope),
+        Activation::Sigmoid => sigmoid_grad_chunk(grad_output, saved, grad_input),
+        Activation::Tanh => tanh_grad_chunk(grad_output, saved, grad_input),
+    }
 }

@@ -55,12 +55,12 @@ impl BatchNormParams {
         self.batch * self.spatial
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.batch * self.channels * self.spatial
     }
 
     /// The slices of channel `c`, one per image.
-    fn channel_planes<'a>(
+    pub(crate) fn channel_planes<'a>(
         &'a self,
         x: &'a [f32],
         c: usize,
@@ -85,14 +85,14 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    fn plane_grad_sums(g: &[f32], x: &[f32], mean: f32) -> (f32, f32) {
+    pub(crate) fn plane_grad_sums(g: &[f32], x: &[f32], mean: f32) -> (f32, f32) {
         grad_sums(g, x, mean)
     }
 }
 
 simd_dispatch! {
     /// out = (x - mean)·a + b.
-    fn plane_normalise(x: &[f32], out: &mut [f32], mean: f32, a: f32, b: f32) {
+    pub(crate) fn plane_normalise(x: &[f32], out: &mut [f32], mean: f32, a: f32, b: f32) {
         for (o, &v) in out.iter_mut().zip(x) {
             *o = (v - mean) * a + b;
         }
@@ -125,7 +125,7 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// sg[c] += g[c]; sgx[c] += g[c]·(x[c] - mean[c]), for one row.
-    fn row_grad_sums(g: &[f32], x: &[f32], mean: &[f32], sg: &mut [f64], sgx: &mut [f64]) {
+    pub(crate) fn row_grad_sums(g: &[f32], x: &[f32], mean: &[f32], sg: &mut [f64], sgx: &mut [f64]) {
         for ((((&gv, &xv), &m), a), b) in
             g.iter().zip(x).zip(mean).zip(sg.iter_mut()).zip(sgx.iter_mut())
         {
@@ -137,7 +137,7 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// out[c] = (x[c] - mean[c])·a[c] + b[c], for rows of C values.
-    fn rows_normalise(x: &[f32], out: &mut [f32], mean: &[f32], a: &[f32], b: &[f32]) {
+    pub(crate) fn rows_normalise(x: &[f32], out: &mut [f32], mean: &[f32], a: &[f32], b: &[f32]) {
         for (o_row, x_row) in out.chunks_exact_mut(a.len()).zip(x.chunks_exact(a.len())) {
             for ((((o, &v), &m), &aa), &bb) in o_row.iter_mut().zip(x_row).zip(mean).zip(a).zip(b)
             {
@@ -163,7 +163,7 @@ simd_dispatch! {
 }
 
 /// Rows per parallel chunk of the one-value-per-channel path (~32K values).
-fn rows_per_chunk(p: &BatchNormParams) -> usize {
+pub(crate) fn rows_per_chunk(p: &BatchNormParams) -> usize {
     (crate::parallel::ELEMENTWISE_CHUNK / p.channels).max(1)
 }
 
@@ -222,7 +222,7 @@ fn normalise(
 }
 
 /// Batch mean and biased variance of every channel.
-fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
+pub(crate) fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
     let count = p.count() as f64;
     if p.spatial == 1 {
         let shift = &x[..p.channels];
@@ -257,7 +257,7 @@ fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
 }
 
 /// Scale gamma·invstd and shift beta of every channel (1 and 0 when not given).
-fn affine_coefficients(
+pub(crate) fn affine_coefficients(
     p: &BatchNormParams,
     gamma: Option<&[f32]>,
     beta: Option<&[f32]>,
@@ -287,6 +287,23 @@ pub fn forward_train(
 ) -> Result<()> {
     check_len("input", x.len(), p.len())?;
     check_len("output", y.len(), p.len())?;
+    check_train_arguments(p, gamma, beta, running.as_ref(), save_mean, save_invstd)?;
+    let stats = batch_stats(p, x);
+    store_batch_stats(p, &stats, running, save_mean, save_invstd);
+    let (scale, shift) = affine_coefficients(p, gamma, beta, save_invstd);
+    normalise(p, x, y, save_mean, &scale, &shift);
+    Ok(())
+}
+
+/// The checks of a training forward other than the input and output lengths.
+pub(crate) fn check_train_arguments(
+    p: &BatchNormParams,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    running: Option<&RunningStats<'_>>,
+    save_mean: &[f32],
+    save_invstd: &[f32],
+) -> Result<()> {
     p.check_channel_vector("weight", gamma)?;
     p.check_channel_vector("bias", beta)?;
     check_len("save_mean", save_mean.len(), p.channels)?;
@@ -303,14 +320,25 @@ pub fn forward_train(
             "more than 1 value per channel when training",
         ));
     }
-    if let Some(r) = &running {
+    if let Some(r) = running {
         check_len("running_mean", r.mean.len(), p.channels)?;
         check_len("running_var", r.var.len(), p.channels)?;
         if !r.momentum.is_finite() {
             return Err(Error::invalid("momentum", r.momentum, "a finite number"));
         }
     }
-    let stats = batch_stats(p, x);
+    Ok(())
+}
+
+/// Write the batch statistics as (mean, 1/sqrt(var+eps)) to `save_mean`/`save_invstd` and
+/// move `running` towards them (unbiased variance).
+pub(crate) fn store_batch_stats(
+    p: &BatchNormParams,
+    stats: &[(f64, f64)],
+    running: Option<RunningStats<'_>>,
+    save_mean: &mut [f32],
+    save_invstd: &mut [f32],
+) {
     for (c, &(mean, var)) in stats.iter().enumerate() {
         save_mean[c] = mean as f32;
         save_invstd[c] = (1.0 / (var + f64::from(p.eps)).sqrt()) as f32;
@@ -323,9 +351,6 @@ pub fn forward_train(
             r.var[c] = ((1.0 - m) * f64::from(r.var[c]) + m * var * unbias) as f32;
         }
     }
-    let (scale, shift) = affine_coefficients(p, gamma, beta, save_invstd);
-    normalise(p, x, y, save_mean, &scale, &shift);
-    Ok(())
 }
 
 /// Evaluation forward with running statistics; also writes the mean and invstd it used.
@@ -403,22 +428,7 @@ pub fn backward(
             })
             .collect()
     };
-    let count = p.count() as f64;
-    // grad_input = a·g + b·x + c per channel.
-    let coefficients: Vec<(f32, f32, f32)> = (0..p.channels)
-        .map(|c| {
-            let invstd = f64::from(save_invstd[c]);
-            let k = f64::from(gamma.map_or(1.0, |g| g[c])) * invstd;
-            if training {
-                let (sg, sgx) = sums[c];
-                let b = -k * invstd * invstd * sgx / count;
-                let c0 = -k * sg / count - b * f64::from(save_mean[c]);
-                (k as f32, b as f32, c0 as f32)
-            } else {
-                (k as f32, 0.0, 0.0)
-            }
-        })
-        .collect();
+    let coefficients = grad_input_coefficients(p, gamma, save_mean, save_invstd, &sums, training);
     if p.spatial == 1 {
         let (a, (b, c0)): (Vec<f32>, (Vec<f32>, Vec<f32>)) =
             coefficients.iter().map(|&(a, b, c)| (a, (b, c))).unzip();
@@ -446,6 +456,44 @@ pub fn backward(
                 plane_grad_input(g, xp, out, a, b, c0);
             });
     }
+    store_param_grads(p, &sums, save_invstd, grad_gamma, grad_beta)
+}
+
+/// Per channel, (a, b, c) with grad_input = a·g + b·x + c, from the sums (Σ g,
+/// Σ g·(x - mean)) of each channel.
+pub(crate) fn grad_input_coefficients(
+    p: &BatchNormParams,
+    gamma: Option<&[f32]>,
+    save_mean: &[f32],
+    save_invstd: &[f32],
+    sums: &[(f64, f64)],
+    training: bool,
+) -> Vec<(f32, f32, f32)> {
+    let count = p.count() as f64;
+    (0..p.channels)
+        .map(|c| {
+            let invstd = f64::from(save_invstd[c]);
+            let k = f64::from(gamma.map_or(1.0, |g| g[c])) * invstd;
+            if training {
+                let (sg, sgx) = sums[c];
+                let b = -k * invstd * invstd * sgx / count;
+                let c0 = -k * sg / count - b * f64::from(save_mean[c]);
+                (k as f32, b as f32, c0 as f32)
+            } else {
+                (k as f32, 0.0, 0.0)
+            }
+        })
+        .collect()
+}
+
+/// Write grad_gamma = Σ g·(x - mean)·invstd and grad_beta = Σ g, when given.
+pub(crate) fn store_param_grads(
+    p: &BatchNormParams,
+    sums: &[(f64, f64)],
+    save_invstd: &[f32],
+    grad_gamma: Option<&mut [f32]>,
+    grad_beta: Option<&mut [f32]>,
+) -> Result<()> {
     if let Some(gg) = grad_gamma {
         check_len("grad_weight", gg.len(), p.channels)?;
         for c in 0..p.channels {

@@ -245,7 +245,7 @@ unsafe fn fill_factors_avx2(
 
 simd_dispatch! {
     /// out = x · factor, element-wise.
-    fn multiply(x: &[f32], factor: &[f32], out: &mut [f32]) {
+    pub(crate) fn multiply(x: &[f32], factor: &[f32], out: &mut [f32]) {
         for ((o, &v), &f) in out.iter_mut().zip(x).zip(factor) {
             *o = v * f;
         }
@@ -305,6 +305,32 @@ pub fn forward(input: &[f32], p: f32, seed: u64, unit: usize, output: &mut [f32]
                 multiply_units(x, factor, unit, out);
             }
         });
+    Ok(())
+}
+
+/// The multipliers [`forward`] applies to units `first_unit..first_unit + factor.len()`
+/// (1/(1-p) if kept, else 0), for a first unit anywhere (not only at a group's start): a
+/// fused kernel applies the same mask tile by tile.
+pub fn unit_factors(p: f32, seed: u64, first_unit: usize, factor: &mut [f32]) -> Result<()> {
+    check_p(p)?;
+    if p == 0.0 {
+        factor.fill(1.0);
+        return Ok(());
+    }
+    let threshold = keep_threshold(p);
+    let scale = (1.0 / (1.0 - f64::from(p))) as f32;
+    let (first_group, offset) = (first_unit / GROUP, first_unit % GROUP);
+    let mut whole_groups = factor;
+    if offset != 0 {
+        let mut group = [0.0f32; GROUP];
+        fill_factors(&mut group, first_group as u64, seed, threshold, scale);
+        let head = (GROUP - offset).min(whole_groups.len());
+        let (first, rest) = whole_groups.split_at_mut(head);
+        first.copy_from_slice(&group[offset..offset + head]);
+        whole_groups = rest;
+    }
+    let next_group = first_group + usize::from(offset != 0);
+    fill_factors(whole_groups, next_group as u64, seed, threshold, scale);
     Ok(())
 }
 
@@ -396,6 +422,18 @@ mod tests {
                 fill_factors_avx2(&mut avx2, first_group, seed, threshold, 2.0)
             };
             assert_eq!(portable, avx2, "seed {seed} group {first_group}");
+        }
+    }
+
+    #[test]
+    fn unit_factors_from_any_first_unit_match_forward() {
+        let n = 1000;
+        let mut whole = vec![0.0f32; n];
+        forward(&vec![1.0f32; n], 0.4, 9, 1, &mut whole).unwrap();
+        for (first, len) in [(0usize, 1000usize), (5, 3), (31, 2), (33, 200), (999, 1)] {
+            let mut part = vec![-1.0f32; len];
+            unit_factors(0.4, 9, first, &mut part).unwrap();
+            assert_eq!(part, whole[first..first + len], "units {first}..+{len}");
         }
     }
 

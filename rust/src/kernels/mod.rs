@@ -7,6 +7,7 @@ pub mod activation;
 pub mod batch_norm;
 pub mod conv;
 pub mod dropout;
+pub mod fused;
 pub mod gemm;
 pub mod group_norm;
 pub mod linear;

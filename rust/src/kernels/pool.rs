@@ -140,7 +140,7 @@ simd_dispatch! {
     /// Max pooling of one plane with 2×2 windows, stride 2, no padding (the common case),
     /// with the same tie and NaN rules as the general loop. Selects instead of branches
     /// (the comparisons are unpredictable on real data), so the loop over a row vectorises.
-    fn max_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], idx: &mut [i64],
+    pub(crate) fn max_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], idx: &mut [i64],
                           out_w: usize) {
         let w = in_w as i64;
         for (oh, (out_row, idx_row)) in out.chunks_exact_mut(out_w)
@@ -168,8 +168,77 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
+    /// The input gradient of [`max_pool_2x2_plane`] from its output gradient `gy` and its
+    /// input `plane`, without indices: each window's argmax (the same selects) gets
+    /// 0.0 + g and the rest 0.0, as [`max_backward`] writes it; rows and columns no window
+    /// covers are 0. For a fused backward that keeps no indices.
+    ///
+    /// The windows' four values are first gathered into four arrays over the whole plane
+    /// (`scratch`: at least 5 values per window), so that the selects run as long loops
+    /// that vectorise; row by row (7 to 14 windows in a small CNN) they compiled to scalar
+    /// code.
+    pub(crate) fn max_pool_2x2_plane_backward(plane: &[f32], in_w: usize, gy: &[f32],
+                                              out_w: usize, gx: &mut [f32],
+                                              scratch: &mut [f32]) {
+        let windows = gy.len();
+        let (corners, positions) = scratch[..5 * windows].split_at_mut(4 * windows);
+        let positions = &mut positions[..windows];
+        let (t0, rest) = corners.split_at_mut(windows);
+        let (t1, rest) = rest.split_at_mut(windows);
+        let (b0, b1) = rest.split_at_mut(windows);
+        let rows = |oh: usize| (2 * oh * in_w, (2 * oh + 1) * in_w);
+        for oh in 0..windows / out_w {
+            let (top, bottom) = rows(oh);
+            let (top, bottom) = (&plane[top..top + 2 * out_w], &plane[bottom..bottom + 2 * out_w]);
+            let row = oh * out_w..(oh + 1) * out_w;
+            for ((((t, b), v0), v1), (v2, v3)) in top.chunks_exact(2)
+                .zip(bottom.chunks_exact(2))
+                .zip(t0[row.clone()].iter_mut())
+                .zip(t1[row.clone()].iter_mut())
+                .zip(b0[row.clone()].iter_mut().zip(b1[row].iter_mut())) {
+                (*v0, *v1, *v2, *v3) = (t[0], t[1], b[0], b[1]);
+            }
+        }
+        for ((((at, &w0), &w1), &w2), &w3) in
+            positions.iter_mut().zip(t0.iter()).zip(t1.iter()).zip(b0.iter()).zip(b1.iter()) {
+            let (mut best, mut position) = (w0, 0.0f32);
+            let take = replaces(w1, best);
+            best = if take { w1 } else { best };
+            position = if take { 1.0 } else { position };
+            let take = replaces(w2, best);
+            best = if take { w2 } else { best };
+            position = if take { 2.0 } else { position };
+            *at = if replaces(w3, best) { 3.0 } else { position };
+        }
+        // The corners now receive their gradients.
+        for (((((&at, &g), g0), g1), g2), g3) in positions.iter().zip(gy)
+            .zip(t0.iter_mut()).zip(t1.iter_mut()).zip(b0.iter_mut()).zip(b1.iter_mut()) {
+            let v = 0.0 + g;
+            *g0 = if at == 0.0 { v } else { 0.0 };
+            *g1 = if at == 1.0 { v } else { 0.0 };
+            *g2 = if at == 2.0 { v } else { 0.0 };
+            *g3 = if at == 3.0 { v } else { 0.0 };
+        }
+        gx.fill(0.0);
+        for oh in 0..windows / out_w {
+            let (top, _) = rows(oh);
+            let (g_top, rest) = gx[top..].split_at_mut(in_w);
+            let (g_top, g_bottom) = (&mut g_top[..2 * out_w], &mut rest[..2 * out_w]);
+            let row = oh * out_w..(oh + 1) * out_w;
+            for ((((t, b), &v0), &v1), (&v2, &v3)) in g_top.chunks_exact_mut(2)
+                .zip(g_bottom.chunks_exact_mut(2))
+                .zip(t0[row.clone()].iter())
+                .zip(t1[row.clone()].iter())
+                .zip(b0[row.clone()].iter().zip(b1[row].iter())) {
+                (t[0], t[1], b[0], b[1]) = (v0, v1, v2, v3);
+            }
+        }
+    }
+}
+
+simd_dispatch! {
     /// [`max_pool_2x2_plane`] without the indices (inference), the same values.
-    fn max_pool_2x2_plane_values(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
+    pub(crate) fn max_pool_2x2_plane_values(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
         for (oh, out_row) in out.chunks_exact_mut(out_w).enumerate() {
             let top = &plane[2 * oh * in_w..2 * oh * in_w + 2 * out_w];
             let bottom = &plane[(2 * oh + 1) * in_w..(2 * oh + 1) * in_w + 2 * out_w];
@@ -354,7 +423,7 @@ pub fn max_backward(
 simd_dispatch! {
     /// Average pooling of one plane with 2×2 windows, stride 2, no padding: the general
     /// loop's sum order (from 0.0, row-major) and divisor, so the same values.
-    fn avg_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
+    pub(crate) fn avg_pool_2x2_plane(plane: &[f32], in_w: usize, out: &mut [f32], out_w: usize) {
         for (oh, out_row) in out.chunks_exact_mut(out_w).enumerate() {
             let top = &plane[2 * oh * in_w..2 * oh * in_w + 2 * out_w];
             let bottom = &plane[(2 * oh + 1) * in_w..(2 * oh + 1) * in_w + 2 * out_w];
@@ -369,7 +438,7 @@ simd_dispatch! {
 simd_dispatch! {
     /// Input gradient of [`avg_pool_2x2_plane`]: each window gets 0.0 + g/4, as the
     /// general loop adds it to a zeroed gradient; rows and columns no window covers are 0.
-    fn avg_pool_2x2_plane_backward(gy: &[f32], out_w: usize, gx: &mut [f32], in_w: usize) {
+    pub(crate) fn avg_pool_2x2_plane_backward(gy: &[f32], out_w: usize, gx: &mut [f32], in_w: usize) {
         gx.fill(0.0);
         for (oh, gy_row) in gy.chunks_exact(out_w).enumerate() {
             let (top, rest) = gx[2 * oh * in_w..].split_at_mut(in_w);
@@ -502,6 +571,29 @@ mod tests {
                 "{threads} threads: {err}"
             );
         }
+    }
+
+    #[test]
+    fn index_free_2x2_backward_routes_as_the_indices_do() {
+        // Ties, signed zeros and NaNs in every window position; odd H and W.
+        let (in_h, in_w) = (5, 7);
+        let pick = [0.0f32, -0.0, 1.0, 1.0, f32::NAN, -2.0, 3.0];
+        let plane: Vec<f32> = (0..in_h * in_w)
+            .map(|i| pick[(i * 5 + i / 3) % 7])
+            .collect();
+        let (out_h, out_w) = (in_h / 2, in_w / 2);
+        let gy: Vec<f32> = (0..out_h * out_w).map(|i| i as f32 - 2.5).collect();
+        let (mut y, mut idx) = (vec![0.0; gy.len()], vec![0i64; gy.len()]);
+        max_pool_2x2_plane(&plane, in_w, &mut y, &mut idx, out_w);
+        let mut expected = vec![0.0f32; plane.len()];
+        for (&g, &i) in gy.iter().zip(&idx) {
+            expected[i as usize] += g;
+        }
+        let mut routed = vec![9.0f32; plane.len()];
+        let mut scratch = vec![0.0f32; 5 * gy.len()];
+        max_pool_2x2_plane_backward(&plane, in_w, &gy, out_w, &mut routed, &mut scratch);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&routed), bits(&expected));
     }
 
     #[test]
