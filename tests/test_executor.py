@@ -16,6 +16,7 @@ import copy
 import numpy as np
 import pytest
 from bnrs import _core, executor, nn, optim
+from bnrs.nn.fusion import FUSE_ENV
 from bnrs.training import num_threads, train_step
 
 LENET = "c4-bn-relu-mp2-c8-bn-relu-mp2-d0.25-fc16-bn-relu-d0.5"
@@ -324,6 +325,9 @@ def test_the_binding_names_the_array_at_fault(monkeypatch):
 
 
 def test_the_step_makes_the_kernel_calls_of_the_python_path(monkeypatch):
+    # The executor runs each layer's kernel; the Python path would otherwise run the
+    # norm -> activation -> pool -> dropout run as one fused kernel call.
+    monkeypatch.setenv(FUSE_ENV, "0")
     model = nn.from_spec("c4-bn-relu-mp2-fc8-relu-d0.5", (1, 8, 8), 3, random_state=0)
     opt = _optimizer("adam", model)
     inputs, targets = _batches((1, 8, 8), 3, 16, 1)[0]
