@@ -4,6 +4,8 @@
   parameter groups), at 1 and 2 threads: after several steps the loss, parameters,
   gradients, running statistics, num_batches_tracked, optimizer state and the dropout
   layers' generators are the bits of the Python path (BNRS_FUSED_STEP=0).
+- The fused training blocks it plans (the runs bnrs.nn.fusion fuses), against the
+  Python path and the executor without fusion (BNRS_FUSE=0), and its kernel calls.
 - Networks or batches it does not run fall back to the Python path, with its results.
 - A non-finite loss, a bad target, a changed layer: the state the Python path leaves.
 - Ctrl-C during one long step raises KeyboardInterrupt within a second.
@@ -135,6 +137,89 @@ def test_every_layer_type_gives_the_bits_of_the_python_path(monkeypatch, opt_nam
     assert _runs_fused(model, opt, *batches[0], monkeypatch)
     assert_same_state(_train(monkeypatch, True, model, opt, batches, threads),
                       _train(monkeypatch, False, model, opt, batches, threads))
+
+
+def _blocks_network():
+    """Fused training blocks of every shape, one at the start (whose input gradient is not
+    wanted), dropouts in and out of blocks drawing from one generator, and runs the
+    fusion leaves alone."""
+    rng = np.random.default_rng(4)
+    return nn.Sequential(
+        nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2, 4, 3, padding=1, rng=rng), nn.Dropout(0.2, rng=rng),
+        nn.BatchNorm2d(4, momentum=None), nn.LeakyReLU(0.2), nn.AvgPool2d(2),
+        nn.Dropout2d(0.3, rng=rng),
+        nn.Conv2d(4, 6, 1, bias=False, rng=rng), nn.BatchNorm2d(6, affine=False),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 6, 1, rng=rng), nn.BatchNorm2d(6), nn.Tanh(),
+        nn.MaxPool2d(3, stride=1, padding=1),   # not a 2x2 pool: not in the block
+        nn.Flatten(), nn.Linear(6, 12, rng=rng),
+        nn.BatchNorm1d(12, track_running_stats=False), nn.Sigmoid(),
+        nn.Dropout(0.4, rng=rng), nn.Linear(12, 8, rng=rng), nn.BatchNorm1d(8),
+        nn.Dropout(0.5, rng=rng), nn.Linear(8, 3, rng=rng))
+
+
+def _plan_kinds(model, opt, inputs, targets, monkeypatch) -> list[str]:
+    """The kinds of the stages the executor plans for this network (on copies)."""
+    model, opt = copy.deepcopy((model, opt))
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    model.train()
+    assert executor.run_step(model, nn.CrossEntropyLoss(), opt, inputs, targets) is not None
+    return [layer[0] for layer in executor._EXECUTORS[model].plan.layers]
+
+
+def _train_with(monkeypatch, step: bool, fuse: bool, model, opt, batches, threads):
+    monkeypatch.setenv(FUSE_ENV, "1" if fuse else "0")
+    return _train(monkeypatch, step, model, opt, batches, threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+@pytest.mark.parametrize("network", ["lenet", "blocks"])
+def test_fused_blocks_give_the_bits_of_the_unfused_paths(monkeypatch, network, opt_name,
+                                                         threads):
+    # The executor with fused blocks against the Python path without fusion and the
+    # executor without fusion.
+    if network == "lenet":
+        model, shape, classes = nn.from_spec(LENET, (1, 12, 12), 5, random_state=0), \
+            (1, 12, 12), 5
+    else:
+        model, shape, classes = _blocks_network(), (2, 8, 8), 3
+    opt = _optimizer(opt_name, model)
+    batches = _batches(shape, classes, 8, 3) + _batches(shape, classes, 5, 1, seed=2)
+    monkeypatch.setenv(FUSE_ENV, "1")
+    kinds = _plan_kinds(model, opt, *batches[0], monkeypatch)
+    expected = (3 if network == "lenet" else 6)
+    assert kinds.count("bn_block") == expected
+    monkeypatch.setenv(FUSE_ENV, "0")
+    assert "bn_block" not in _plan_kinds(model, opt, *batches[0], monkeypatch)
+    fused = _train_with(monkeypatch, True, True, model, opt, batches, threads)
+    assert_same_state(fused, _train_with(monkeypatch, False, False, model, opt, batches,
+                                         threads))
+    assert_same_state(fused, _train_with(monkeypatch, True, False, model, opt, batches,
+                                         threads))
+
+
+def test_the_fuse_flag_and_switch_are_followed_between_steps(monkeypatch):
+    model = nn.from_spec(LENET, (1, 12, 12), 5, random_state=0)
+    opt = _optimizer("adam", model)
+    batches = _batches((1, 12, 12), 5, 8, 4)
+    monkeypatch.setenv(FUSE_ENV, "1")
+    unfused = copy.deepcopy(model)
+    unfused.fuse = False
+    assert "bn_block" not in _plan_kinds(unfused, opt, *batches[0], monkeypatch)
+
+    def train(step):
+        monkeypatch.setenv(executor.STEP_ENV, "1" if step else "0")
+        trained, trained_opt = copy.deepcopy((model, opt))
+        losses = []
+        for k, batch in enumerate(batches):
+            monkeypatch.setenv(FUSE_ENV, "1" if k % 2 else "0")
+            trained.fuse = k != 2
+            losses.append(train_step(trained, nn.CrossEntropyLoss(), trained_opt, *batch))
+        return trained, trained_opt, losses
+
+    assert_same_state(train(True), train(False))
 
 
 def test_sample_weights_give_the_bits_of_the_python_path(monkeypatch):
@@ -324,13 +409,15 @@ def test_the_binding_names_the_array_at_fault(monkeypatch):
                             [p.grad for p in slots], [], [], [], [])
 
 
-def test_the_step_makes_the_kernel_calls_of_the_python_path(monkeypatch):
-    # The executor runs each layer's kernel; the Python path would otherwise run the
-    # norm -> activation -> pool -> dropout run as one fused kernel call.
-    monkeypatch.setenv(FUSE_ENV, "0")
+@pytest.mark.parametrize("fuse", [False, True])
+def test_the_step_makes_the_kernel_calls_of_the_python_path(monkeypatch, fuse):
+    # With fusion, the norm -> activation -> pool run is one fused kernel call forward
+    # and one backward, in the executor as in the Python path: four calls fewer.
+    monkeypatch.setenv(FUSE_ENV, "1" if fuse else "0")
     model = nn.from_spec("c4-bn-relu-mp2-fc8-relu-d0.5", (1, 8, 8), 3, random_state=0)
     opt = _optimizer("adam", model)
     inputs, targets = _batches((1, 8, 8), 3, 16, 1)[0]
+    assert _plan_kinds(model, opt, inputs, targets, monkeypatch).count("bn_block") == fuse
     calls = {}
     _core._kernel_clock(True)
     try:
@@ -344,7 +431,10 @@ def test_the_step_makes_the_kernel_calls_of_the_python_path(monkeypatch):
             calls[fused] = after[1] - before
     finally:
         _core._kernel_clock(False)
-    assert calls[True] == calls[False] > 8
+    # conv, bn, relu, pool, linear, relu, dropout, linear forward and backward; the
+    # loss forward and backward; Adam over eight parameters.
+    unfused = 8 * 2 + 2 + 8
+    assert calls[True] == calls[False] == unfused - (4 if fuse else 0)
     stopped = _core._kernel_time()
     train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
     assert _core._kernel_time() == stopped

@@ -13,6 +13,12 @@ stay the modules' and the optimizer's own NumPy arrays, updated in place, and th
 layers draw their seeds from their own generators as their forward does: the step leaves
 the bits :func:`bnrs.training.train_step`'s Python path leaves.
 
+When the Sequential fuses (its ``fuse`` flag and ``BNRS_FUSE``, see
+:mod:`bnrs.nn.fusion`), the runs :func:`~bnrs.nn.fusion.fusion_plan` makes into training
+blocks (a batch norm with the activation, 2×2 pool and dropout after it) are one stage
+each, run by the fused kernels its :class:`~bnrs.nn.fusion.TrainBlock` calls; those give
+the unfused bits, so the step's results do not depend on the fusion.
+
 Anything else (another layer or loss, a layer in evaluation mode, nested or branching
 modules, a method of a layer, the loss or the optimizer replaced since import, an input
 or target the layers would reject) returns None, and the caller runs the Python path. ``BNRS_FUSED_STEP=0`` turns the
@@ -30,6 +36,7 @@ import numpy as np
 
 from . import _core, nn, optim
 from . import functional as F
+from .nn import fusion
 
 __all__ = ["STEP_ENV", "executor_enabled", "run_step"]
 
@@ -95,6 +102,12 @@ class _Unsupported(Exception):
     """The network (or this step's batch) is not one the executor runs."""
 
 
+def _fuses(model: nn.Sequential) -> bool:
+    """Whether ``model``'s forward would run training-mode fused blocks (its ``fuse``
+    flag, ``BNRS_FUSE`` and its mode, as :meth:`~bnrs.nn.Sequential.forward` decides)."""
+    return fusion.fusion_enabled(model._fuses()) and model.training
+
+
 def _signature(model: nn.Sequential):
     """What the plan of ``model`` depends on, or None for a layer type it does not run."""
     modules = tuple(model._modules.values())
@@ -104,7 +117,22 @@ def _signature(model: nn.Sequential):
         if getter is None:
             return None
         watched.append(getter(module))
-    return modules, watched
+    return modules, watched, _fuses(model)
+
+
+def _train_blocks(model: nn.Sequential, modules) -> dict[int, fusion.TrainBlock]:
+    """The fused training blocks the Sequential's forward would run, by the index of their
+    first module: :func:`bnrs.nn.fusion.fusion_plan`'s own choice."""
+    if not _fuses(model):
+        return {}
+    blocks, index = {}, 0
+    for step in fusion.fusion_plan(list(modules), {}, training=True):
+        if isinstance(step, fusion.TrainBlock):
+            blocks[index] = step
+            index += len(step.modules)
+        else:
+            index += 1
+    return blocks
 
 
 class _Plan:
@@ -128,18 +156,30 @@ class _Plan:
         self.dropouts: list[nn.Module] = []
         layers = []
         shape = tuple(sample_shape)
-        for module in modules:
-            if not module.training:
-                raise _Unsupported("a layer in evaluation mode")
-            if not _original_methods(module):
-                raise _Unsupported("a layer whose forward or backward was replaced")
-            try:
-                output = tuple(module.output_shape(shape))
-            except ValueError:
-                raise _Unsupported("a layer that does not take its input") from None
-            kind_args = self._describe(module, shape, output)
+        blocks = _train_blocks(model, modules)
+        index = 0
+        while index < len(modules):
+            block = blocks.get(index)
+            if block is not None and block.pool is not None and min(shape[1:3]) < 2:
+                block = None   # TrainBlock runs the modules unfused on such planes
+            run = block.modules if block is not None else [modules[index]]
+            output = shape
+            for module in run:
+                if not module.training:
+                    raise _Unsupported("a layer in evaluation mode")
+                if not _original_methods(module):
+                    raise _Unsupported("a layer whose forward or backward was replaced")
+                try:
+                    output = tuple(module.output_shape(output))
+                except ValueError:
+                    raise _Unsupported("a layer that does not take its input") from None
+            if block is not None:
+                kind_args = self._describe_block(block, shape)
+            else:
+                kind_args = self._describe(modules[index], shape, output)
             layers.append((kind_args[0], list(shape), list(output), kind_args[1]))
             shape = output
+            index += len(run)
         if len(shape) != 1:
             raise _Unsupported("logits that are not (N, classes)")
         self.names = names
@@ -147,6 +187,27 @@ class _Plan:
 
     def _slot(self, param) -> int | None:
         return None if param is None else self.slot_of[id(param)]
+
+    def _norm(self, module) -> tuple:
+        """A training batch norm's parameter slots, running statistics, eps, momentum."""
+        running = None
+        if module.track_running_stats:
+            running = len(self.norms)
+            self.norms.append(module)
+        momentum = None if module.momentum is None else float(module.momentum)
+        return (self._slot(module.weight), self._slot(module.bias), running,
+                float(module.eps), momentum)
+
+    def _describe_block(self, block: fusion.TrainBlock, shape) -> tuple[str, tuple]:
+        """A fused block's description; its batch norm, then its dropout, take their
+        running statistics and seed numbers in the layers' order."""
+        norm = self._norm(block.norm)
+        dropout = None
+        if block.dropout is not None:
+            self.dropouts.append(block.dropout)
+            dropout = (float(block.dropout.p), type(block.dropout) is nn.Dropout2d,
+                       len(self.dropouts) - 1)
+        return "bn_block", norm + (block.activation, block.pool, dropout)
 
     def _describe(self, module, shape, output) -> tuple[str, tuple]:
         kind = type(module)
@@ -158,13 +219,7 @@ class _Plan:
                 raise _Unsupported("a linear layer on more than one axis")
             return "linear", (self._slot(module.weight), self._slot(module.bias))
         if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
-            running = None
-            if module.track_running_stats:
-                running = len(self.norms)
-                self.norms.append(module)
-            momentum = None if module.momentum is None else float(module.momentum)
-            return "batch_norm", (self._slot(module.weight), self._slot(module.bias),
-                                  running, float(module.eps), momentum)
+            return "batch_norm", self._norm(module)
         if kind in _ACTIVATIONS:
             return "activation", (_ACTIVATIONS[kind],
                                   float(getattr(module, "negative_slope", 0.0)))
@@ -371,6 +426,7 @@ def run_step(model, criterion, optimizer, inputs, targets,
     running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
     seeds = [int(m._rng.integers(0, 2**64, dtype=np.uint64)) for m in plan.dropouts]
     model._fused_input = None
+    model._train_blocks = {}
     try:
         loss = executor.train_step.run(x, labels, weight, [p.data for p in slots],
                                        [p.grad for p in slots], zero, running, seeds,

@@ -6,14 +6,16 @@
 //! train_step` calls them through Python, with the same arguments, so its results are
 //! the same bits; only the per-layer Python and binding work (and the allocation of every
 //! output) is gone. The plan is a list of [`Stage`]s, each the forward and backward of
-//! one layer today; a fused block (conv→BN→activation→pool, say) would be one more
-//! `Stage` variant standing for a run of layers.
+//! one layer, or of a training-mode batch norm → activation → 2×2 pool → dropout run as
+//! one fused block ([`LayerKind::BnBlock`], the kernels of [`crate::kernels::fused`],
+//! which give the unfused bits): the runs `bnrs.nn.fusion` fuses in a Sequential.
 
 use crate::clock::timed;
 use crate::error::{Error, Result};
 use crate::kernels::activation::{self, Activation};
 use crate::kernels::batch_norm::{self, BatchNormParams, RunningStats};
 use crate::kernels::conv::{self, Conv2dParams, Epilogue};
+use crate::kernels::fused::{self, BnBlockParams, DropoutSpec, Pool2x2};
 use crate::kernels::linear::{self, LinearParams};
 use crate::kernels::loss::{self, ClassesParams};
 use crate::kernels::optim::{self, AdamConfig, SgdConfig};
@@ -70,19 +72,49 @@ pub enum LayerKind {
         unit: usize,
         seed: usize,
     },
+    /// Training-mode batch norm (as [`LayerKind::BatchNorm`]) with the activation, 2×2
+    /// pool and dropout after it, as one fused block.
+    BnBlock {
+        weight: Option<usize>,
+        bias: Option<usize>,
+        running: Option<usize>,
+        eps: f32,
+        momentum: Option<f32>,
+        activation: Option<Activation>,
+        pool: Option<Pool2x2>,
+        dropout: Option<BlockDropout>,
+    },
     /// Zeros out, zeros back: dropout with p = 1.
     Zeros,
     /// The output is the input itself, reshaped (Flatten; dropout with p = 0).
     View,
 }
 
+/// The dropout at the end of a fused block: probability in (0, 1), whole planes as units
+/// (Dropout2d) or elements, and the step's seed number.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockDropout {
+    pub p: f32,
+    pub channel_wise: bool,
+    pub seed: usize,
+}
+
 impl LayerKind {
-    fn has_parameters(&self) -> bool {
+    /// The slots of the layer's weight and bias.
+    fn parameters(&self) -> (Option<usize>, Option<usize>) {
         match self {
-            LayerKind::Conv2d { .. } | LayerKind::Linear { .. } => true,
-            LayerKind::BatchNorm { weight, .. } => weight.is_some(),
-            _ => false,
+            LayerKind::Conv2d { weight, bias, .. } | LayerKind::Linear { weight, bias, .. } => {
+                (Some(*weight), *bias)
+            }
+            LayerKind::BatchNorm { weight, bias, .. } | LayerKind::BnBlock { weight, bias, .. } => {
+                (*weight, *bias)
+            }
+            _ => (None, None),
         }
+    }
+
+    fn has_parameters(&self) -> bool {
+        self.parameters().0.is_some()
     }
 
     /// Whether the output is the input itself (no kernel, no buffer of its own).
@@ -248,13 +280,7 @@ impl StepPlan {
         }
         let mut used = vec![false; n_slots];
         for stage in &stages {
-            let (weight, bias) = match &stage.kind {
-                LayerKind::Conv2d { weight, bias, .. } | LayerKind::Linear { weight, bias, .. } => {
-                    (Some(*weight), *bias)
-                }
-                LayerKind::BatchNorm { weight, bias, .. } => (*weight, *bias),
-                _ => (None, None),
-            };
+            let (weight, bias) = stage.kind.parameters();
             for slot in weight.into_iter().chain(bias) {
                 if slot >= n_slots || used[slot] {
                     return Err(Error::invalid(
@@ -514,52 +540,29 @@ fn stage_forward(
             let gamma = weight.map(|w| &*arrays.data[w]);
             let beta = bias.map(|b| &*arrays.data[b]);
             let stats = running.map(|r| &mut arrays.running[r]);
-            let (result, counted) = match stats {
-                Some(stats) => {
-                    let tracked = *stats.num_batches_tracked + 1;
-                    // Python's float 1 / tracked, then the binding's f32.
-                    let momentum = momentum.unwrap_or((1.0 / tracked as f64) as f32);
-                    let running = Some(RunningStats {
-                        mean: &mut *stats.mean,
-                        var: &mut *stats.var,
-                        momentum,
-                    });
-                    let result = timed(|| {
-                        batch_norm::forward_train(
-                            &p,
-                            x,
-                            gamma,
-                            beta,
-                            running,
-                            out,
-                            &mut stage.save_mean,
-                            &mut stage.save_invstd,
-                        )
-                    });
-                    (result, Some(&mut *stats.num_batches_tracked))
-                }
-                None => {
-                    let result = timed(|| {
-                        batch_norm::forward_train(
-                            &p,
-                            x,
-                            gamma,
-                            beta,
-                            None,
-                            out,
-                            &mut stage.save_mean,
-                            &mut stage.save_invstd,
-                        )
-                    });
-                    (result, None)
-                }
-            };
-            result?;
-            // After the kernel, so that a rejected batch leaves the count unchanged.
-            if let Some(count) = counted {
-                *count += 1;
-            }
-            Ok(())
+            let (mean, invstd) = (&mut stage.save_mean, &mut stage.save_invstd);
+            train_norm(stats, *momentum, |running| {
+                timed(|| batch_norm::forward_train(&p, x, gamma, beta, running, out, mean, invstd))
+            })
+        }
+        LayerKind::BnBlock {
+            weight,
+            bias,
+            running,
+            eps,
+            momentum,
+            ..
+        } => {
+            let p = block_params(&stage.kind, &in_shape, *eps, arrays.seeds)?;
+            resize_scratch(&mut stage.save_mean, p.bn.channels, SAVED)?;
+            resize_scratch(&mut stage.save_invstd, p.bn.channels, SAVED)?;
+            let gamma = weight.map(|w| &*arrays.data[w]);
+            let beta = bias.map(|b| &*arrays.data[b]);
+            let stats = running.map(|r| &mut arrays.running[r]);
+            let (mean, invstd) = (&mut stage.save_mean, &mut stage.save_invstd);
+            train_norm(stats, *momentum, |running| {
+                timed(|| fused::forward_train(&p, x, gamma, beta, running, out, mean, invstd))
+            })
         }
         LayerKind::Activation(act) => timed(|| activation::forward(*act, x, out)),
         LayerKind::MaxPool {
@@ -591,6 +594,54 @@ fn stage_forward(
         }
         LayerKind::View => unreachable!("a view runs no forward"),
     }
+}
+
+/// Run a training batch norm's `kernel` with the running statistics it moves (the
+/// momentum as the layer computes it), then count the batch in `num_batches_tracked`.
+fn train_norm(
+    stats: Option<&mut RunningArrays<'_>>,
+    momentum: Option<f32>,
+    kernel: impl FnOnce(Option<RunningStats<'_>>) -> Result<()>,
+) -> Result<()> {
+    let Some(stats) = stats else {
+        return kernel(None);
+    };
+    let tracked = *stats.num_batches_tracked + 1;
+    // Python's float 1 / tracked, then the binding's f32.
+    let momentum = momentum.unwrap_or((1.0 / tracked as f64) as f32);
+    kernel(Some(RunningStats {
+        mean: &mut *stats.mean,
+        var: &mut *stats.var,
+        momentum,
+    }))?;
+    // After the kernel, so that a rejected batch leaves the count unchanged.
+    *stats.num_batches_tracked += 1;
+    Ok(())
+}
+
+/// The fused kernels' parameters of a [`LayerKind::BnBlock`] on a batch of `in_shape`
+/// (eps 0 for the backward, as the binding's), its dropout seed from `seeds`.
+fn block_params(
+    kind: &LayerKind,
+    in_shape: &[usize],
+    eps: f32,
+    seeds: &[u64],
+) -> Result<BnBlockParams> {
+    let LayerKind::BnBlock {
+        activation,
+        pool,
+        dropout,
+        ..
+    } = kind
+    else {
+        unreachable!("only a fused block has a block's parameters")
+    };
+    let dropout = dropout.map(|d| DropoutSpec {
+        p: d.p,
+        seed: seeds[d.seed],
+        channel_wise: d.channel_wise,
+    });
+    BnBlockParams::new(in_shape, eps, *activation, *pool, dropout)
 }
 
 /// Where the backward writes parameter gradients: per slot, `direct` when the step zeroed
@@ -747,6 +798,55 @@ fn stage_backward(
                         mean,
                         invstd,
                         true,
+                        gx,
+                        None,
+                        None,
+                    )
+                }),
+            }
+        }
+        LayerKind::BnBlock { weight, bias, .. } => {
+            let p = block_params(&stage.kind, &in_shape, 0.0, seeds)?;
+            // As the batch norm's: the input gradient is computed even when not wanted.
+            let mut spare = Vec::new();
+            let gx: &mut [f32] = match grad_input {
+                Some(gx) => gx,
+                None => {
+                    resize_scratch(&mut spare, x.len(), GRADIENT)?;
+                    &mut spare
+                }
+            };
+            let (mean, invstd) = (&stage.save_mean[..], &stage.save_invstd[..]);
+            let beta = bias.map(|b| &*data[b]);
+            match (weight, bias) {
+                (Some(w), Some(b)) => {
+                    let gamma = &*data[*w];
+                    sinks.write(*w, Some(*b), |gg, gb| {
+                        timed(|| {
+                            fused::backward(
+                                &p,
+                                grad_output,
+                                x,
+                                Some(gamma),
+                                beta,
+                                mean,
+                                invstd,
+                                gx,
+                                Some(gg),
+                                gb,
+                            )
+                        })
+                    })
+                }
+                _ => timed(|| {
+                    fused::backward(
+                        &p,
+                        grad_output,
+                        x,
+                        weight.map(|w| &*data[w]),
+                        beta,
+                        mean,
+                        invstd,
                         gx,
                         None,
                         None,

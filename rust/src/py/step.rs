@@ -10,8 +10,11 @@ use pyo3::types::PyTuple;
 
 use super::{run_guarded, slice, writeable};
 use crate::kernels::activation::Activation;
+use crate::kernels::fused::Pool2x2;
 use crate::kernels::optim::{AdamConfig, SgdConfig};
-use crate::step::{AdamUpdate, LayerKind, RunningArrays, SgdUpdate, StepArrays, StepPlan, Updates};
+use crate::step::{
+    AdamUpdate, BlockDropout, LayerKind, RunningArrays, SgdUpdate, StepArrays, StepPlan, Updates,
+};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 type Pair = (i64, i64);
@@ -89,6 +92,48 @@ fn layer_kind(
                 running,
                 eps,
                 momentum,
+            }
+        }
+        "bn_block" => {
+            type Args = (
+                Option<usize>,
+                Option<usize>,
+                Option<usize>,
+                f32,
+                Option<f32>,
+                Option<(String, f32)>,
+                Option<String>,
+                Option<(f32, bool, usize)>,
+            );
+            let (weight, bias, running, eps, momentum, activation, pool, dropout): Args =
+                args.extract()?;
+            let activation = activation
+                .map(|(name, slope)| Activation::from_name(&name, slope))
+                .transpose()?;
+            let pool = match pool.as_deref() {
+                None => None,
+                Some("max") => Some(Pool2x2::Max),
+                Some("avg") => Some(Pool2x2::Avg),
+                Some(other) => {
+                    return Err(PyValueError::new_err(format!(
+                        "layers: a block's pool {other:?}, expected None, 'max' or 'avg'"
+                    )))
+                }
+            };
+            let dropout = dropout.map(|(p, channel_wise, seed)| BlockDropout {
+                p,
+                channel_wise,
+                seed,
+            });
+            LayerKind::BnBlock {
+                weight,
+                bias,
+                running,
+                eps,
+                momentum,
+                activation,
+                pool,
+                dropout,
             }
         }
         "activation" => {
