@@ -8,13 +8,17 @@ evaluation mode with non-trivial running statistics, infers a fixed batch of ima
 bench`` trains) over the same number of images, on two models with the same initial
 weights, one fused, one not; both must end with the same bits.
 
+``--mode step``: the same epochs through :func:`bnrs.training.train_step`, which ``fit``
+uses: the step executor (one call into Rust per step), with its fused training blocks
+(``fuse=True``) against without (``fuse=False``).
+
 Each repetition runs ``fuse=True`` and ``fuse=False`` one after the other (alternating
 which goes first), so that a shared machine's load falls on both alike. Times are CPU
 time of this process (``time.process_time``); the ratio of the medians and the median of
 the per-repetition ratios are printed.
 
-    python benches/bench_fusion.py [--mode eval|train] [--images 4000] [--repeats 7]
-                                   [--threads 1]
+    python benches/bench_fusion.py [--mode eval|train|step] [--images 4000] [--repeats 7]
+                                   [--train-batch 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import time
 
 import bnrs
 import numpy as np
+from bnrs import executor, nn, optim
 from bnrs import functional as F
-from bnrs import nn, optim
 from bnrs.nn.spec import DEFAULT_ARCHITECTURE, from_spec
+from bnrs.training import train_step
 
 
 def infer(model, images: np.ndarray, batch: int) -> np.ndarray:
@@ -41,6 +46,12 @@ def train_epoch(model, optimizer, images, targets, batch: int) -> None:
         model.backward(F.cross_entropy_backward(logits, targets[i:i + batch]),
                        input_grad=False)
         optimizer.step()
+
+
+def step_epoch(model, optimizer, images, targets, batch: int) -> None:
+    criterion = nn.CrossEntropyLoss()
+    for i in range(0, len(images), batch):
+        train_step(model, criterion, optimizer, images[i:i + batch], targets[i:i + batch])
 
 
 def report(times: dict, label: str) -> None:
@@ -62,12 +73,18 @@ def bench_train(args) -> None:
         models[fuse] = from_spec(DEFAULT_ARCHITECTURE, (1, 28, 28), 10, random_state=0)
         models[fuse].fuse = fuse
         optimizers[fuse] = optim.Adam(models[fuse].parameters(), lr=1e-3)
+    epoch = step_epoch if args.mode == "step" else train_epoch
     times = {True: [], False: []}
     for repeat in range(args.repeats):
         for fuse in ((True, False) if repeat % 2 == 0 else (False, True)):
             start = time.process_time()
-            train_epoch(models[fuse], optimizers[fuse], images, targets, args.train_batch)
+            epoch(models[fuse], optimizers[fuse], images, targets, args.train_batch)
             times[fuse].append(time.process_time() - start)
+    if args.mode == "step":
+        stages = {fuse: [layer[0] for layer in executor._EXECUTORS[models[fuse]].plan.layers]
+                  for fuse in (True, False)}
+        print(f"step executor stages: fused {stages[True].count('bn_block')} blocks of "
+              f"{len(stages[True])} stages, unfused {len(stages[False])} stages")
     same = all(np.array_equal(a, b) for a, b in zip(models[True].state_dict().values(),
                                                     models[False].state_dict().values()))
     print(f"training epochs of {args.images} images, batches of {args.train_batch}, Adam, "
@@ -78,7 +95,7 @@ def bench_train(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("eval", "train"), default="eval")
+    parser.add_argument("--mode", choices=("eval", "train", "step"), default="eval")
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--train-batch", type=int, default=64)
@@ -86,7 +103,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     bnrs.set_num_threads(args.threads)
-    if args.mode == "train":
+    if args.mode in ("train", "step"):
         bench_train(args)
         return
     rng = np.random.default_rng(0)
