@@ -1075,4 +1075,125 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_fused_block_gives_the_bits_of_its_layers() {
+        // linear -> [batch norm -> relu -> dropout] -> linear, Adam, two steps: the block
+        // as one fused stage against its layers one by one.
+        let (n, i, h, o) = (6, 4, 5, 3);
+        let values = |len: usize, seed: f32| -> Vec<f32> {
+            (0..len).map(|k| (k as f32 * 0.61 + seed).sin()).collect()
+        };
+        let x = values(n * i, 0.1);
+        let target: Vec<i64> = (0..n as i64).map(|k| k % o as i64).collect();
+        let norm = (Some(2), Some(3), Some(0), 1e-5_f32, Some(0.1_f32));
+        let fused_layers = vec![
+            (linear(0, 1, i, h), vec![i], vec![h]),
+            (
+                LayerKind::BnBlock {
+                    weight: norm.0,
+                    bias: norm.1,
+                    running: norm.2,
+                    eps: norm.3,
+                    momentum: norm.4,
+                    activation: Some(Activation::Relu),
+                    pool: None,
+                    dropout: Some(BlockDropout {
+                        p: 0.4,
+                        channel_wise: false,
+                        seed: 0,
+                    }),
+                },
+                vec![h],
+                vec![h],
+            ),
+            (linear(4, 5, h, o), vec![h], vec![o]),
+        ];
+        let layers = vec![
+            (linear(0, 1, i, h), vec![i], vec![h]),
+            (
+                LayerKind::BatchNorm {
+                    weight: norm.0,
+                    bias: norm.1,
+                    running: norm.2,
+                    eps: norm.3,
+                    momentum: norm.4,
+                },
+                vec![h],
+                vec![h],
+            ),
+            (LayerKind::Activation(Activation::Relu), vec![h], vec![h]),
+            (
+                LayerKind::Dropout {
+                    p: 0.4,
+                    unit: 1,
+                    seed: 0,
+                },
+                vec![h],
+                vec![h],
+            ),
+            (linear(4, 5, h, o), vec![h], vec![o]),
+        ];
+        let train = |layers: Vec<(LayerKind, Vec<usize>, Vec<usize>)>| {
+            let mut plan = StepPlan::new(layers, 6).unwrap();
+            let mut params: Vec<Vec<f32>> = [h * i, h, h, h, o * h, o]
+                .iter()
+                .enumerate()
+                .map(|(k, &len)| values(len, 0.2 + k as f32))
+                .collect();
+            let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+            let mut moments: Vec<(Vec<f32>, Vec<f32>)> = params
+                .iter()
+                .map(|p| (vec![0.0; p.len()], vec![0.0; p.len()]))
+                .collect();
+            let (mut mean, mut var, mut tracked) = (vec![0.0; h], vec![1.0; h], 0_i64);
+            let mut losses = Vec::new();
+            for step in 1..=2_u64 {
+                let updates = Updates::Adam(
+                    moments
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(slot, (m, v))| AdamUpdate {
+                            slot,
+                            exp_avg: m,
+                            exp_avg_sq: v,
+                            step,
+                            config: AdamConfig {
+                                lr: 0.01,
+                                beta1: 0.9,
+                                beta2: 0.999,
+                                eps: 1e-8,
+                                weight_decay: 0.0,
+                                decoupled: false,
+                            },
+                        })
+                        .collect(),
+                );
+                let mut arrays = StepArrays {
+                    input: &x,
+                    target: &target,
+                    sample_weight: None,
+                    data: params.iter_mut().map(|p| &mut p[..]).collect(),
+                    grads: grads.iter_mut().map(|g| &mut g[..]).collect(),
+                    zero: &[0, 1, 2, 3, 4, 5],
+                    running: vec![RunningArrays {
+                        mean: &mut mean,
+                        var: &mut var,
+                        num_batches_tracked: &mut tracked,
+                    }],
+                    seeds: &[12345 + step],
+                    updates,
+                };
+                losses.push(plan.run(&mut arrays).unwrap().to_bits());
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let mut all: Vec<Vec<u32>> = params.iter().map(|p| bits(p)).collect();
+            all.extend(grads.iter().map(|g| bits(g)));
+            all.extend(moments.iter().flat_map(|(m, v)| [bits(m), bits(v)]));
+            all.push(bits(&mean));
+            all.push(bits(&var));
+            (losses, all, tracked)
+        };
+        assert_eq!(train(fused_layers), train(layers));
+    }
 }
