@@ -222,6 +222,21 @@ def test_the_fuse_flag_and_switch_are_followed_between_steps(monkeypatch):
     assert_same_state(train(True), train(False))
 
 
+def test_a_batch_a_fused_block_refuses_raises_as_the_python_path(monkeypatch):
+    # One sample of (features,): one value per channel, which a training batch norm
+    # refuses, fused or not, leaving num_batches_tracked alone.
+    model = nn.from_spec("fc16-bn-relu-d0.5", (10,), 4, random_state=0)
+    inputs, targets = _batches((10,), 4, 1, 1)[0]
+    monkeypatch.setenv(FUSE_ENV, "1")
+    for step in (True, False):
+        monkeypatch.setenv(executor.STEP_ENV, "1" if step else "0")
+        trained = copy.deepcopy(model)
+        opt = _optimizer("adam", trained)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            train_step(trained, nn.CrossEntropyLoss(), opt, inputs, targets)
+        assert trained[1].num_batches_tracked == 0
+
+
 def test_sample_weights_give_the_bits_of_the_python_path(monkeypatch):
     model = nn.from_spec("fc16-bn-relu-d0.5", (10,), 4, random_state=0)
     opt = _optimizer("adam", model)

@@ -218,7 +218,8 @@ class TrainStep:
 
     ``layers``: one ``(kind, sample input shape, sample output shape, args)`` per layer,
     kind one of "conv2d", "linear", "batch_norm", "activation", "max_pool2d",
-    "avg_pool2d", "dropout", "zeros", "view"; the parameters are numbered by slot
+    "avg_pool2d", "dropout", "zeros", "view", or "bn_block" (a fused training batch norm
+    → activation → 2x2 pool → dropout run); the parameters are numbered by slot
     (``slot_names``, ``slot_shapes``); ``optimizer`` is "adam", "adamw" or "sgd".
     """
 
