@@ -23,6 +23,7 @@ import pytest
 import reference as ref
 from bnrs import CNNClassifier, _core, nn, optim
 from bnrs import functional as F
+from bnrs.nn import fusion
 from bnrs.nn.fusion import TrainBlock
 from bnrs.nn.spec import DEFAULT_ARCHITECTURE, from_spec
 
@@ -655,3 +656,71 @@ def test_children_called_alone_after_a_fused_training_forward(rng):
     model[1](model[0](x))   # a child ran since: the block's state is not used
     with pytest.raises(RuntimeError, match="no saved forward state"):
         model.backward(np.ones_like(output))
+
+
+#: Convolutions for the fused pool: every forward path (small-K, images sharing a GEMM,
+#: pointwise, row tiles, and the direct kernel with AVX-512), odd output sizes, batch 1
+#: and 3, channels not a multiple of 16.
+POOLED_CONV_CASES = [
+    (3, 1, (11, 9), 6, 5, 1, 2, True),
+    (1, 3, (11, 10), 7, 3, 2, 0, False),
+    (3, 6, (12, 13), 17, 5, 1, 0, True),
+    (3, 16, (7, 7), 10, 3, 1, 1, True),
+    (1, 16, (6, 5), 5, 1, 1, 0, True),
+    (1, 64, (41, 39), 9, 3, 1, 1, False),
+]
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_fused_pool_gives_the_bits_of_conv_then_pool_at_each_level_and_thread_count(
+        pool, rng, restore_threads_and_simd):
+    pool_function = F.max_pool2d if pool == "max" else F.avg_pool2d
+    for case in POOLED_CONV_CASES:
+        batch, channels, size, out_channels, kernel, stride, padding, bias = case
+        x = rng.standard_normal((batch, channels) + size).astype(np.float32)
+        kernel = (kernel, kernel)
+        weight = rng.standard_normal((out_channels, channels) + kernel).astype(np.float32)
+        b = rng.standard_normal(out_channels).astype(np.float32) if bias else None
+        for level in _core.simd_levels():
+            _core.set_simd(level)
+            for threads in (1, 2):
+                _core.set_num_threads(threads)
+                for activation in (None, "relu", "tanh"):
+                    expected = pool_function(F._conv2d_fused(
+                        x, weight, b, stride, padding, 1, activation), 2)
+                    fused = F._conv2d_fused(x, weight, b, stride, padding, 1, activation,
+                                            0.0, pool)
+                    assert fused.shape == expected.shape
+                    np.testing.assert_array_equal(fused, expected,
+                                                  err_msg=f"{case} {level} {threads}")
+
+
+def _conv_bn_relu_pool(pool_class, rng, **pool_args):
+    conv = nn.Conv2d(5, 11, 3, padding=1, random_state=2)
+    norm = nn.BatchNorm2d(11)
+    _randomise_norm(norm, rng)
+    return nn.Sequential(conv, norm, nn.ReLU(), pool_class(2, **pool_args)).eval()
+
+
+@pytest.mark.parametrize("pool_class", [nn.MaxPool2d, nn.AvgPool2d])
+def test_sequential_runs_conv_bn_relu_pool_as_one_block(pool_class, rng):
+    model = _conv_bn_relu_pool(pool_class, rng)
+    steps = fusion.fusion_plan(list(model.children()), {})
+    assert len(steps) == 1 and steps[0].pool is not None
+    pool_function = F.max_pool2d if pool_class is nn.MaxPool2d else F.avg_pool2d
+    for shape in ((1, 5, 9, 7), (3, 5, 8, 11)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        weight, bias = steps[0].folded()
+        expected = pool_function(F._conv2d_fused(x, weight, bias, 1, 1, 1, "relu"), 2)
+        np.testing.assert_array_equal(model(x), expected)
+
+
+def test_pools_the_fused_kernel_does_not_take_run_as_themselves(rng):
+    for pool in (nn.MaxPool2d(2, padding=1), nn.MaxPool2d(3, 2), nn.AvgPool2d(2, 1)):
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, random_state=1), nn.ReLU(), pool).eval()
+        steps = fusion.fusion_plan(list(model.children()), {})
+        assert steps[-1] is pool
+    model = _conv_bn_relu_pool(nn.MaxPool2d, rng)
+    x = rng.standard_normal((2, 5, 1, 6)).astype(np.float32)   # a 1-row output
+    with pytest.raises(ValueError):
+        model(x)

@@ -74,6 +74,7 @@ def conv2d_forward(
     dilation: _Pair,
     activation: Optional[str] = None,
     negative_slope: float = 0.0,
+    pool: Optional[str] = None,
 ) -> _F32: ...
 def conv2d_backward(
     grad_output: _F32,

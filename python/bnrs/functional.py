@@ -228,15 +228,17 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: IntPair = 0,
 
 
 def _conv2d_fused(input, weight, bias, stride, padding, dilation, activation=None,
-                  negative_slope: float = 0.0) -> np.ndarray:
+                  negative_slope: float = 0.0, pool: Optional[str] = None) -> np.ndarray:
     """:func:`conv2d` with ``activation`` (None or a name: relu, leaky_relu, sigmoid, tanh)
     applied to each output tile inside the kernel: the bits of the activation applied
-    afterwards, without a second pass over the output. For the evaluation-mode fusion."""
+    afterwards, without a second pass over the output. ``pool`` ("max" or "avg") then
+    applies a 2×2, stride-2 unpadded pool to each image's output in cache: the bits of
+    :func:`max_pool2d` / :func:`avg_pool2d` afterwards. For the evaluation-mode fusion."""
     return _core.conv2d_forward(
         as_float32(input, "input"), as_float32(weight, "weight"),
         _optional_float32(bias, "bias"), _pair(stride, "stride"),
         _pair(padding, "padding"), _pair(dilation, "dilation"), activation,
-        _real(negative_slope, "negative_slope"))
+        _real(negative_slope, "negative_slope"), pool)
 
 
 def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: IntPair = 0,

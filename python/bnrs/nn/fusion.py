@@ -5,7 +5,9 @@ In evaluation a batch norm with running statistics is an affine map per channel,
 folds into the preceding convolution's (or linear layer's) weights and bias:
 ``w' = w·γ/√(σ²+ε)`` per output channel, ``b' = (b-μ)·γ/√(σ²+ε)+β``; the activation that
 follows runs inside the convolution or linear kernel on each output tile while it is in
-cache (the kernels' epilogue). Dropout is the identity in evaluation and runs as itself.
+cache (the kernels' epilogue). A 2×2, stride-2, unpadded MaxPool2d/AvgPool2d after that
+runs in the same kernel call, on each image's output while it is in cache (the pool's own
+plane functions, so its bits). Dropout is the identity in evaluation and runs as itself.
 
 The folded weights are exact in real numbers but not in float32: the fused output differs
 from the unfused one by rounding (one product and one sum per weight, folded before the
@@ -82,6 +84,15 @@ def _dropout_of(module, norm) -> Dropout | Dropout2d | None:
     return module if 0.0 < module.p < 1.0 else None
 
 
+def _eval_pool_of(module) -> str | None:
+    """"max" or "avg" for an evaluation-mode 2×2, stride 2, unpadded pool."""
+    name = _POOLS.get(type(module))
+    if (name is None or module.training or module.kernel_size != (2, 2)
+            or module.stride != (2, 2) or module.padding != (0, 0)):
+        return None
+    return name
+
+
 def _foldable(layer, norm) -> bool:
     """Whether ``norm`` is a batch norm in evaluation with running statistics that matches
     ``layer``'s output channels."""
@@ -92,14 +103,16 @@ def _foldable(layer, norm) -> bool:
 
 
 class FusedBlock:
-    """A conv or linear layer with an optional folded batch norm and activation.
+    """A conv or linear layer with an optional folded batch norm and activation, and (after
+    a conv) an optional 2×2 pool ("max" or "avg").
 
     ``modules`` are the Sequential's children it stands for (for re-running them unfused).
     """
 
     def __init__(self, layer, norm: _BatchNorm | None, activation: tuple[str, float] | None,
-                 modules: list):
+                 modules: list, pool: str | None = None):
         self.layer, self.norm, self.activation, self.modules = layer, norm, activation, modules
+        self.pool = pool
         # (copies of the source values, folded weight and bias), replaced as one object so
         # that threads evaluating the model at once never pair one's sources with
         # another's weights.
@@ -152,7 +165,7 @@ class FusedBlock:
         layer = self.layer
         if isinstance(layer, Conv2d):
             return F._conv2d_fused(x, weight, bias, layer.stride, layer.padding,
-                                   layer.dilation, name, slope)
+                                   layer.dilation, name, slope, self.pool)
         return F._linear_fused(x, weight, bias, name, slope)
 
 
@@ -275,7 +288,8 @@ def fusion_plan(modules: list, cache: dict, training: bool = False) -> list:
     :class:`TrainBlock` or a module run as itself.
 
     In evaluation (``training`` False, the Sequential's mode) a block is a Conv2d followed
-    by a BatchNorm2d and/or an activation, or a Linear followed by a BatchNorm1d and/or an
+    by a BatchNorm2d and/or an activation and/or a 2×2 stride-2 unpadded MaxPool2d or
+    AvgPool2d, or a Linear followed by a BatchNorm1d and/or an
     activation, all in evaluation mode. ``cache`` maps the modules of a block to the block,
     kept between calls with its folded weights. In training a block is a batch norm in
     training mode and what follows it (see :class:`TrainBlock`); it keeps nothing between
@@ -302,18 +316,28 @@ def fusion_plan(modules: list, cache: dict, training: bool = False) -> list:
         activation = _activation_of(modules[end]) if end < len(modules) else None
         if activation is not None:
             end += 1
+        pool = None
+        if type(layer) is Conv2d and end < len(modules):
+            pool = _eval_pool_of(modules[end])
+            end += pool is not None
         if end == i + 1:
             steps.append(layer)
         else:
-            key = (tuple(id(m) for m in modules[i:end]), norm is not None, activation)
+            key = (tuple(id(m) for m in modules[i:end]), norm is not None, activation, pool)
             if key not in cache:
-                cache[key] = FusedBlock(layer, norm, activation, modules[i:end])
+                cache[key] = FusedBlock(layer, norm, activation, modules[i:end], pool)
             steps.append(cache[key])
             used.add(key)
         i = end
     for key in set(cache) - used:   # blocks of modules since replaced or retrained
         del cache[key]
     return steps
+
+
+def _conv_output_size(layer: Conv2d, size) -> tuple[int, int]:
+    """The convolution's output (H, W) for an input of ``size`` (H, W), at most 0."""
+    return tuple(max((n + 2 * p - d * (k - 1) - 1) // s + 1, 0) for n, p, d, k, s in zip(
+        size, layer.padding, layer.dilation, layer.kernel_size, layer.stride))
 
 
 def run_block(block: FusedBlock, x: np.ndarray) -> np.ndarray:
@@ -325,6 +349,9 @@ def run_block(block: FusedBlock, x: np.ndarray) -> np.ndarray:
     fits = (x.ndim == 4 and x.shape[1] == layer.in_channels if isinstance(layer, Conv2d)
             else x.ndim >= 1 and x.shape[-1] == layer.in_features
             and (block.norm is None or x.ndim == 2))
+    if fits and block.pool is not None:
+        # A conv output under 2×2 leaves the pool to raise its usual error.
+        fits = min(_conv_output_size(layer, x.shape[2:])) >= 2
     if not fits:
         # The unfused modules give the usual errors for a wrong input.
         for module in block.modules:

@@ -4,16 +4,18 @@ use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use super::{check_shape, run_kernel, slice, GradArrays, LayerGrads, Output};
+use crate::error::Error;
 use crate::kernels::activation::Activation;
-use crate::kernels::conv::{self, Conv2dParams, Epilogue};
+use crate::kernels::conv::{self, Conv2dParams, Epilogue, Pool2x2};
 
 type Pair = (i64, i64);
 
 /// conv2d forward: (N, C_in, H, W) * (C_out, C_in, kH, kW) -> (N, C_out, H_out, W_out),
 /// with an optional activation (a name as `activation_forward` takes) applied per output
-/// tile inside the kernel.
+/// tile inside the kernel, and an optional 2×2, stride-2 pool ("max" or "avg") applied to
+/// each image's output while it is in cache.
 #[pyfunction]
-#[pyo3(signature = (input, weight, bias, stride, padding, dilation, activation=None, negative_slope=0.0))]
+#[pyo3(signature = (input, weight, bias, stride, padding, dilation, activation=None, negative_slope=0.0, pool=None))]
 #[allow(clippy::too_many_arguments)]
 fn conv2d_forward<'py>(
     py: Python<'py>,
@@ -25,8 +27,22 @@ fn conv2d_forward<'py>(
     dilation: Pair,
     activation: Option<&str>,
     negative_slope: f32,
+    pool: Option<&str>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
     let p = Conv2dParams::new(input.shape(), weight.shape(), stride, padding, dilation)?;
+    let pool = match pool {
+        None => None,
+        Some("max") => Some(Pool2x2::Max),
+        Some("avg") => Some(Pool2x2::Avg),
+        Some(other) => {
+            return Err(Error::Invalid {
+                arg: "pool",
+                got: format!("{other:?}"),
+                expected: "None, \"max\" or \"avg\"".into(),
+            }
+            .into())
+        }
+    };
     let epilogue = Epilogue {
         activation: activation
             .map(|name| Activation::from_name(name, negative_slope))
@@ -37,11 +53,15 @@ fn conv2d_forward<'py>(
     }
     let (x, w) = (slice(&input, "input")?, slice(&weight, "weight")?);
     let b = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
-    let shape = p.output_shape();
+    let mut shape = p.output_shape();
+    if pool.is_some() {
+        (shape[2], shape[3]) = Pool2x2::output_size(&p);
+    }
     let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
-    run_kernel(py, p.multiply_adds(), || {
-        conv::forward_fused(&p, x, w, b, epilogue, out_data)
+    run_kernel(py, p.multiply_adds(), || match pool {
+        Some(pool) => conv::forward_fused_pooled(&p, x, w, b, epilogue, pool, out_data),
+        None => conv::forward_fused(&p, x, w, b, epilogue, out_data),
     })?;
     Ok(out.into_array())
 }

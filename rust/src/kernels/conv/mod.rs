@@ -30,6 +30,7 @@ use rayon::prelude::*;
 
 use super::activation::{self, Activation};
 use super::gemm::{sgemm, MatRef};
+use super::pool;
 use crate::error::Result;
 use crate::memory::resize_scratch;
 use crate::parallel::{stop_token, StopToken};
@@ -57,6 +58,7 @@ fn unfolded<'a>(
 const UNFOLDED_INPUT: &str = "conv2d: the unfolded input (im2col)";
 const UNFOLDED_GRAD: &str = "conv2d backward: the unfolded input gradient (col2im)";
 const GEMM_PRODUCT: &str = "conv2d: the product of images sharing a GEMM";
+const POOLED_CONV_OUTPUT: &str = "conv2d with a fused pool: one image's output";
 const OUTPUT_GRAD_BLOCK: &str = "conv2d backward: the output gradients sharing a GEMM";
 
 /// The output rows of tiles of `rows_per_tile` rows.
@@ -105,6 +107,97 @@ pub fn forward_fused(
     forward_planned(p, &Plan::new(p), input, weight, bias, epilogue, output)
 }
 
+/// The 2×2, stride-2, unpadded pool of a fused conv→activation→pool block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool2x2 {
+    Max,
+    Avg,
+}
+
+impl Pool2x2 {
+    /// The pooled output's (H, W): floor halves, as `max_pool2d` / `avg_pool2d` give.
+    pub fn output_size(p: &Conv2dParams) -> (usize, usize) {
+        (p.out_h / 2, p.out_w / 2)
+    }
+
+    /// Pool each `in_w`-wide plane of `full` into the matching plane of `out`, by the
+    /// pooling kernels' own 2×2 plane functions, so the values are the unfused pool's bits.
+    fn apply(self, full: &[f32], plane: usize, in_w: usize, out: &mut [f32], out_w: usize) {
+        let out_plane = out.len() / (full.len() / plane);
+        for (src, dst) in full
+            .chunks_exact(plane)
+            .zip(out.chunks_exact_mut(out_plane))
+        {
+            match self {
+                Pool2x2::Max => pool::max_pool_2x2_plane_values(src, in_w, dst, out_w),
+                Pool2x2::Avg => pool::avg_pool_2x2_plane(src, in_w, dst, out_w),
+            }
+        }
+    }
+}
+
+/// [`forward_fused`] followed by a 2×2, stride-2 pool, in one call: each image (or each
+/// group of images the plan multiplies together) is convolved into a per-thread scratch
+/// by the plan's own path, then pooled into `output` (N, C_out, H_out/2, W_out/2) while
+/// it is in cache; the full-resolution output never exists as a whole. The chunks are
+/// the ones the plan's path uses for the whole batch, so the bits are those of
+/// [`forward_fused`] then the pool. Requires H_out, W_out ≥ 2.
+pub fn forward_fused_pooled(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    pool: Pool2x2,
+    output: &mut [f32],
+) -> Result<()> {
+    let (ph, pw) = Pool2x2::output_size(p);
+    if ph == 0 || pw == 0 {
+        return Err(crate::error::Error::Invalid {
+            arg: "input",
+            got: format!("a convolution output of {}x{}", p.out_h, p.out_w),
+            expected: "a convolution output of at least 2x2 for the fused 2x2 pool".into(),
+        });
+    }
+    crate::error::check_len("output", output.len(), p.batch * p.out_channels * ph * pw)?;
+    let full_len = p.batch * p.out_channels * p.pixels();
+    p.check_lengths(input.len(), weight.len(), full_len)?;
+    if let Some(b) = bias {
+        crate::error::check_len("bias", b.len(), p.out_channels)?;
+    }
+    let plan = Plan::new(p);
+    let images = match plan.forward {
+        Forward::SharedGemm { images } => images,
+        _ => 1,
+    };
+    let direct = match plan.forward {
+        Forward::Direct(kernel) => Some(direct::ForwardPlan::new(p, weight, kernel)),
+        _ => None,
+    };
+    let (pixels, pooled) = (p.pixels(), p.out_channels * ph * pw);
+    let stop = stop_token();
+    output
+        .par_chunks_mut(images * pooled)
+        .zip(input.par_chunks(images * p.image_len()))
+        .try_for_each_init(
+            || (Vec::new(), direct::ForwardScratch::default()),
+            |(full, scratch), (out, inp)| {
+                if stop.is_set() {
+                    return Ok(());
+                }
+                let n = inp.len() / p.image_len();
+                resize_scratch(full, n * p.out_channels * pixels, POOLED_CONV_OUTPUT)?;
+                let full = &mut full[..n * p.out_channels * pixels];
+                match &direct {
+                    Some(direct) => direct_image(p, direct, inp, bias, scratch, full, epilogue)?,
+                    None => run_forward(p, &plan, inp, weight, bias, epilogue, full)?,
+                }
+                pool.apply(full, pixels, p.out_w, out, pw);
+                Ok(())
+            },
+        )
+}
+
 /// [`forward_fused`] by the algorithms of `plan`.
 fn forward_planned(
     p: &Conv2dParams,
@@ -119,6 +212,19 @@ fn forward_planned(
     if let Some(b) = bias {
         crate::error::check_len("bias", b.len(), p.out_channels)?;
     }
+    run_forward(p, plan, input, weight, bias, epilogue, output)
+}
+
+/// The path of `plan.forward` on `input`'s images (lengths checked by the caller).
+fn run_forward(
+    p: &Conv2dParams,
+    plan: &Plan,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    output: &mut [f32],
+) -> Result<()> {
     match plan.forward {
         Forward::SmallK { rows } => forward_small_k(
             p,
@@ -168,11 +274,22 @@ fn forward_direct(
     kernel: direct::Kernel,
     epilogue: Epilogue,
 ) -> Result<()> {
-    let pixels = p.pixels();
     let direct = direct::ForwardPlan::new(p, weight, kernel);
+    direct_images(p, &direct, input, bias, output, epilogue)
+}
+
+/// [`Forward::Direct`] with the weights already packed in `direct`.
+fn direct_images(
+    p: &Conv2dParams,
+    direct: &direct::ForwardPlan,
+    input: &[f32],
+    bias: Option<&[f32]>,
+    output: &mut [f32],
+    epilogue: Epilogue,
+) -> Result<()> {
     let stop = stop_token();
     output
-        .par_chunks_mut(p.out_channels * pixels)
+        .par_chunks_mut(p.out_channels * p.pixels())
         .zip(input.par_chunks(p.image_len()))
         .try_for_each_init(
             direct::ForwardScratch::default,
@@ -180,19 +297,33 @@ fn forward_direct(
                 if stop.is_set() {
                     return Ok(());
                 }
-                direct.image(p, image, scratch, |co, oh, values| {
-                    let b = bias.map_or(0.0, |b| b[co]);
-                    let at = co * pixels + oh * p.out_w;
-                    for (d, &v) in out_image[at..at + p.out_w].iter_mut().zip(values) {
-                        *d = v + b;
-                    }
-                })?;
-                for plane in out_image.chunks_exact_mut(pixels) {
-                    epilogue.apply(plane);
-                }
-                Ok(())
+                direct_image(p, direct, image, bias, scratch, out_image, epilogue)
             },
         )
+}
+
+/// One image of [`Forward::Direct`]: its output planes, bias added, epilogue applied.
+fn direct_image(
+    p: &Conv2dParams,
+    direct: &direct::ForwardPlan,
+    image: &[f32],
+    bias: Option<&[f32]>,
+    scratch: &mut direct::ForwardScratch,
+    out_image: &mut [f32],
+    epilogue: Epilogue,
+) -> Result<()> {
+    let pixels = p.pixels();
+    direct.image(p, image, scratch, |co, oh, values| {
+        let b = bias.map_or(0.0, |b| b[co]);
+        let at = co * pixels + oh * p.out_w;
+        for (d, &v) in out_image[at..at + p.out_w].iter_mut().zip(values) {
+            *d = v + b;
+        }
+    })?;
+    for plane in out_image.chunks_exact_mut(pixels) {
+        epilogue.apply(plane);
+    }
+    Ok(())
 }
 
 /// [`Forward::SmallK`]: `rows_per_tile` output rows unfolded at a time.
