@@ -103,6 +103,19 @@ def _runs_fused(model, opt, inputs, targets, monkeypatch) -> bool:
     return executor.run_step(model, nn.CrossEntropyLoss(), opt, inputs, targets) is not None
 
 
+def test_a_step_long_enough_to_be_watched_for_ctrl_c_is_the_bits_of_the_python_path(
+        monkeypatch):
+    # LeNetBN at batch 40 (~1.5e8 of the step's work) runs on the pool while the calling
+    # thread polls for Ctrl-C, where the small networks above run on the calling thread.
+    spec = "c16-bn-relu-mp2-c32-bn-relu-mp2-d0.25-fc128-bn-relu-d0.5"
+    model = nn.from_spec(spec, (1, 28, 28), 10, random_state=0)
+    opt = _optimizer("adam", model)
+    batches = _batches((1, 28, 28), 10, 40, 2)
+    assert _runs_fused(model, opt, *batches[0], monkeypatch)
+    assert_same_state(_train(monkeypatch, True, model, opt, batches),
+                      _train(monkeypatch, False, model, opt, batches))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd", "nesterov", "groups"])
 def test_lenet_steps_are_the_bits_of_the_python_path(monkeypatch, opt_name, threads):

@@ -27,17 +27,20 @@ pub(crate) fn run_kernel<T: Send>(
     work: usize,
     kernel: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    run_guarded(py, work, || crate::clock::timed(kernel))
+    run_guarded(py, work >= INTERRUPTIBLE_WORK, || {
+        crate::clock::timed(kernel)
+    })
 }
 
 /// [`run_kernel`] for a job that times its own kernels (the training step: what it does
-/// between them is overhead, not kernel time).
+/// between them is overhead, not kernel time) and judges its own length: `interruptible`
+/// when it is long enough to be watched for Ctrl-C while it runs.
 pub(crate) fn run_guarded<T: Send>(
     py: Python<'_>,
-    work: usize,
+    interruptible: bool,
     kernel: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    if work < INTERRUPTIBLE_WORK {
+    if !interruptible {
         // Short: handing the wait to a polling thread would cost more than the kernel.
         // The outer catch_unwind covers the pool itself (a pool that cannot start).
         let outcome = py.detach(|| {
