@@ -496,3 +496,69 @@ def test_sigint_during_one_long_step_is_honoured_within_a_second():
 
     latency = sigint_latency(LONG_STEP_SETUP, LONG_STEP_BODY, delay=0.3)
     assert latency < 1.0, f"SIGINT took {latency:.3f} s to be honoured"
+
+
+# ------------------------------------------------- cases the executor leaves to Python
+
+
+def test_an_optimizer_group_the_python_path_refuses_raises_its_error(monkeypatch):
+    # A group without Adam's keys: the executor re-planned for ever (RecursionError).
+    model = nn.from_spec("c4-bn-relu-mp2-fc8-relu-d0.5", (1, 8, 8), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    opt.param_groups.append({"params": [nn.Parameter(np.zeros(3, np.float32))],
+                             "lr": 0.1})
+    inputs, targets = _batches((1, 8, 8), 3, 16, 1)[0]
+    errors = []
+    for fused in (True, False):
+        monkeypatch.setenv(executor.STEP_ENV, "1" if fused else "0")
+        trained, trained_opt = copy.deepcopy((model, opt))
+        with pytest.raises(KeyError) as caught:
+            train_step(trained, nn.CrossEntropyLoss(), trained_opt, inputs, targets)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1]
+
+
+def test_parameters_sharing_one_array_train_as_on_the_python_path(monkeypatch):
+    model = nn.from_spec("fc6-relu-fc6-relu-d0.5", (6,), 6, random_state=0)
+    model[2].weight.data = model[0].weight.data       # two layers, one weight array
+    opt = _optimizer("adam", model)
+    batches = _batches((6,), 6, 8, 3)
+    assert_same_state(_train(monkeypatch, True, model, opt, batches),
+                      _train(monkeypatch, False, model, opt, batches))
+
+
+def test_a_replaced_sequential_forward_is_called(monkeypatch):
+    model = nn.from_spec("fc6-relu", (6,), 3, random_state=0)
+    opt = _optimizer("sgd", model)
+    inputs, targets = _batches((6,), 3, 8, 1)[0]
+    calls = []
+    original = model.forward
+
+    def forward(x):
+        calls.append(len(x))
+        return original(x)
+
+    model.forward = forward
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
+    assert calls == [8]
+
+
+def test_the_binding_refuses_too_few_seeds_or_statistics(monkeypatch):
+    model = nn.from_spec("c4-bn-relu-mp2-fc8-relu-d0.5", (1, 8, 8), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    inputs, targets = _batches((1, 8, 8), 3, 16, 1)[0]
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    model.train()
+    assert executor.run_step(model, nn.CrossEntropyLoss(), opt, inputs, targets) is not None
+    plan = executor._EXECUTORS[model].plan
+    step = executor._EXECUTORS[model].train_step
+    slots = plan.slots
+    running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
+    seeds = [1 for _ in plan.dropouts]
+    args = (inputs, targets.astype(np.int64), None, [p.data for p in slots],
+            [p.grad for p in slots], [])
+    with pytest.raises(ValueError, match=r"seeds: expected \d+ dropout seeds, got 0"):
+        step.run(*args, running, [], [])
+    with pytest.raises(ValueError, match=r"running: expected \d+ batch norm statistics"):
+        step.run(*args, [], seeds, [])

@@ -72,6 +72,7 @@ _WATCHED = {
 _ORIGINAL_METHODS = {cls: (cls.forward, cls.backward) for cls in _WATCHED}
 _ORIGINAL_METHODS[nn.CrossEntropyLoss] = (nn.CrossEntropyLoss.forward,
                                           nn.CrossEntropyLoss.backward)
+_ORIGINAL_METHODS[nn.Sequential] = (nn.Sequential.forward, nn.Sequential.backward)
 _OPTIMIZER_METHODS = ("step", "zero_grad", "_update", "_validate")
 _ORIGINAL_OPTIMIZER_METHODS = {cls: tuple(getattr(cls, name) for name in _OPTIMIZER_METHODS)
                                for cls in _OPTIMIZERS}
@@ -309,10 +310,21 @@ def _validate(optimizer, group, validated: dict) -> None:
     validated[id(group)] = tuple(value for key, value in group.items() if key != "params")
 
 
+class _Replan(Exception):
+    """A parameter of the optimizer that the plan has no slot for (added since)."""
+
+
+def _slot(slot_of: dict, param) -> int:
+    try:
+        return slot_of[id(param)]
+    except KeyError:
+        raise _Replan from None
+
+
 def _adam_updates(optimizer, slot_of, created, validated, states):
     """Adam's update tuples for :meth:`bnrs._core.TrainStep.run`, in the optimizer's
     order, its state made where missing (noted in ``created``) and listed in ``states``
-    (KeyError for a parameter the plan has no slot for)."""
+    (:class:`_Replan` for a parameter the plan has no slot for)."""
     updates = []
     for group in optimizer.param_groups:
         _validate(optimizer, group, validated)
@@ -327,7 +339,7 @@ def _adam_updates(optimizer, slot_of, created, validated, states):
                 state["step"] = 0
                 state["exp_avg"] = np.zeros_like(param.data)
                 state["exp_avg_sq"] = np.zeros_like(param.data)
-            updates.append((slot_of[id(param)], state["exp_avg"], state["exp_avg_sq"],
+            updates.append((_slot(slot_of, param), state["exp_avg"], state["exp_avg_sq"],
                             state["step"] + 1) + hyper)
             states.append(state)
     return updates
@@ -355,7 +367,7 @@ def _sgd_updates(optimizer, slot_of, created, validated, states):
                         created.append((param, False))
                     buffer = state["momentum_buffer"] = np.zeros_like(param.data)
                     first_step = True
-            updates.append((slot_of[id(param)], buffer, first_step) + hyper)
+            updates.append((_slot(slot_of, param), buffer, first_step) + hyper)
     return updates
 
 
@@ -369,8 +381,14 @@ def _undo_created(optimizer, created) -> None:
                 optimizer.state[param].pop(key, None)
 
 
+#: How the binding refuses an array it cannot update in place (shared by two arguments,
+#: or borrowed elsewhere): refused before the step changes anything, so the Python path
+#: takes the step instead (parameters may share one array there).
+_SHARED_ARRAY = "cannot be updated in place"
+
+
 def run_step(model, criterion, optimizer, inputs, targets,
-             sample_weight=None) -> float | None:
+             sample_weight=None, _replanned: bool = False) -> float | None:
     """One training step by the executor, or None when the Python path must take it.
 
     Parameters
@@ -387,8 +405,8 @@ def run_step(model, criterion, optimizer, inputs, targets,
     if not executor_enabled() or type(criterion) is not nn.CrossEntropyLoss:
         return None
     kind = _OPTIMIZERS.get(type(optimizer))
-    if (kind is None or type(model) is not nn.Sequential or not _original_methods(criterion)
-            or not _original_optimizer(optimizer)):
+    if (kind is None or type(model) is not nn.Sequential or not _original_methods(model)
+            or not _original_methods(criterion) or not _original_optimizer(optimizer)):
         return None
     try:
         x = F.as_float32(inputs, "input")
@@ -414,16 +432,22 @@ def run_step(model, criterion, optimizer, inputs, targets,
     try:
         updates = (_sgd_updates if kind == "sgd" else _adam_updates)(
             optimizer, plan.slot_of, created, executor.validated, states)
-    except KeyError:   # a parameter added to the optimizer since: plan again
+    except _Replan:   # a parameter added to the optimizer since: plan again, once
         _undo_created(optimizer, created)
         _EXECUTORS.pop(model, None)
-        return run_step(model, criterion, optimizer, inputs, targets, sample_weight)
-    except (TypeError, ValueError):
+        if _replanned:
+            return None
+        return run_step(model, criterion, optimizer, inputs, targets, sample_weight,
+                        _replanned=True)
+    except (KeyError, TypeError, ValueError):
+        # A group or state the Python path would refuse: it takes the step and raises.
         _undo_created(optimizer, created)
         return None
     zero = [update[0] for update in updates]   # the optimizer's zero_grad
     slots = plan.slots
     running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
+    generators = [m._rng.bit_generator for m in plan.dropouts]
+    generator_states = [g.state for g in generators]   # for a step left to the Python path
     seeds = [int(m._rng.integers(0, 2**64, dtype=np.uint64)) for m in plan.dropouts]
     model._fused_input = None
     model._train_blocks = {}
@@ -431,6 +455,13 @@ def run_step(model, criterion, optimizer, inputs, targets,
         loss = executor.train_step.run(x, labels, weight, [p.data for p in slots],
                                        [p.grad for p in slots], zero, running, seeds,
                                        updates)
+    except ValueError as error:
+        _undo_created(optimizer, created)
+        if _SHARED_ARRAY in str(error):
+            for generator, state in zip(generators, generator_states):
+                generator.state = state
+            return None
+        raise
     except BaseException:
         _undo_created(optimizer, created)
         raise

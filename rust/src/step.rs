@@ -233,6 +233,26 @@ fn interrupted() -> Error {
 }
 
 impl StepPlan {
+    /// How many running-statistics entries and dropout seeds a step of this plan reads
+    /// (one past the largest index its layers name), for the binding to check the lists
+    /// it is given against.
+    pub fn running_and_seed_counts(&self) -> (usize, usize) {
+        let (mut running, mut seeds) = (0, 0);
+        for stage in &self.stages {
+            let (r, s) = match &stage.kind {
+                LayerKind::BatchNorm { running, .. } => (*running, None),
+                LayerKind::BnBlock {
+                    running, dropout, ..
+                } => (*running, dropout.map(|d| d.seed)),
+                LayerKind::Dropout { seed, .. } => (None, Some(*seed)),
+                _ => (None, None),
+            };
+            running = running.max(r.map_or(0, |r| r + 1));
+            seeds = seeds.max(s.map_or(0, |s| s + 1));
+        }
+        (running, seeds)
+    }
+
     /// A plan of `layers`, each with its sample input and output shapes (no batch axis),
     /// over `n_slots` parameter slots. The layers must chain: each input shape the
     /// output shape before it, the last a (classes,) vector of logits.

@@ -312,6 +312,19 @@ impl TrainStep {
                 "zero: no parameter slot {slot}"
             )));
         }
+        let (running_needed, seeds_needed) = this.plan.running_and_seed_counts();
+        if running.len() < running_needed {
+            return Err(PyValueError::new_err(format!(
+                "running: expected {running_needed} batch norm statistics, got {}",
+                running.len()
+            )));
+        }
+        if seeds.len() < seeds_needed {
+            return Err(PyValueError::new_err(format!(
+                "seeds: expected {seeds_needed} dropout seeds, got {}",
+                seeds.len()
+            )));
+        }
         let mut data_views = borrow_all(&data, &this.slot_names, &this.slot_shapes, "")?;
         let mut grad_views = borrow_all(&grads, &this.slot_names, &this.slot_shapes, ".grad")?;
         let mut running_views = running
