@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 
+import bnrs
 import numpy as np
 import pytest
 from bnrs import _core, executor, nn, optim
@@ -248,6 +249,66 @@ def test_a_batch_a_fused_block_refuses_raises_as_the_python_path(monkeypatch):
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             train_step(trained, nn.CrossEntropyLoss(), opt, inputs, targets)
         assert trained[1].num_batches_tracked == 0
+
+
+def test_a_forward_that_fails_leaves_the_later_dropouts_generators_alone(monkeypatch):
+    # The first dropout runs before the batch norm refuses the batch (one sample of
+    # (features,)); the second is never reached layer by layer, so its generator must
+    # not have moved, whichever path ran and whether the last block fuses or not.
+    model = nn.from_spec("fc12-relu-d0.5-fc16-bn-relu-d0.5", (10,), 4, random_state=0)
+    inputs, targets = _batches((10,), 4, 1, 1)[0]
+    for fuse in ("1", "0"):
+        monkeypatch.setenv(FUSE_ENV, fuse)
+        states = []
+        for step in (True, False):
+            monkeypatch.setenv(executor.STEP_ENV, "1" if step else "0")
+            trained = copy.deepcopy(model)
+            assert step is False or _runs_fused(trained, _optimizer("adam", trained),
+                                                *_batches((10,), 4, 8, 1)[0], monkeypatch)
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                train_step(trained, nn.CrossEntropyLoss(), _optimizer("adam", trained),
+                           inputs, targets)
+            states.append([m._rng.bit_generator.state for m in trained
+                           if isinstance(m, nn.Dropout)])
+        fresh = [m._rng.bit_generator.state for m in model if isinstance(m, nn.Dropout)]
+        assert states[0] == states[1]
+        assert states[0][0] != fresh[0] and states[0][1] == fresh[1]
+
+
+def test_a_learning_rate_beyond_float32_is_refused_before_any_parameter_moves(monkeypatch):
+    # 1e39 is a finite Python float but infinite in float32: the kernels refused it at the
+    # second group, after the first group's parameters had moved.
+    model = nn.from_spec("fc6-relu-fc6", (4,), 3, random_state=0)
+    inputs, targets = _batches((4,), 3, 8, 1)[0]
+    before = copy.deepcopy(model.state_dict())
+    for step in (True, False):
+        monkeypatch.setenv(executor.STEP_ENV, "1" if step else "0")
+        trained = copy.deepcopy(model)
+        params = list(trained.parameters())
+        opt = optim.Adam([{"params": params[:2]}, {"params": params[2:]}])
+        opt.param_groups[1]["lr"] = 1e39   # as a scheduler or a user may set it
+        with pytest.raises(ValueError, match=r"^Invalid learning rate: .*got 1e\+39"):
+            train_step(trained, nn.CrossEntropyLoss(), opt, inputs, targets)
+        for key, value in trained.state_dict().items():
+            _same_bits(value, before[key], key)
+        assert opt.state == {}
+
+
+def test_release_memory_frees_the_step_buffers_and_the_next_step_makes_them_again(
+        monkeypatch):
+    model = nn.from_spec(LENET, (1, 12, 12), 5, random_state=0)
+    opt = _optimizer("adam", model)
+    batches = _batches((1, 12, 12), 5, 16, 3)
+    kept = _train(monkeypatch, True, model, opt, batches)
+    model, opt = copy.deepcopy((model, opt))
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    losses = []
+    for inputs, targets in batches:
+        losses.append(train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets))
+        # At least the first convolution's output (16 x 4 x 12 x 12 float32) was kept.
+        assert bnrs.release_memory() >= 16 * 4 * 12 * 12 * 4
+        assert executor.release_buffers() == 0
+    assert_same_state((model, opt, losses), kept)
 
 
 def test_sample_weights_give_the_bits_of_the_python_path(monkeypatch):

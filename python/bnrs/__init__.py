@@ -7,8 +7,20 @@ Rust kernels (multithreaded, AVX-512 or AVX2+FMA chosen at run time) exposed to 
 import warnings as _warnings
 
 from . import _core, functional, nn, optim
-from ._core import (__version__, cached_memory, get_num_threads, release_memory,
-                    set_num_threads, set_simd, simd_backend, simd_levels)
+from ._core import (__version__, cached_memory, get_num_threads, set_num_threads, set_simd,
+                    simd_backend, simd_levels)
+
+
+def release_memory() -> int:
+    """Free the memory bnrs keeps for reuse; returns the bytes freed.
+
+    That is the memory of freed large outputs (:func:`cached_memory` says how much) and
+    the activation and gradient buffers each model's one-call training step keeps from
+    one step to the next (its next step makes them again).
+    """
+    from . import executor
+
+    return _core.release_memory() + executor.release_buffers()
 
 
 def _warn_about_environment() -> None:

@@ -245,6 +245,11 @@ class TrainStep:
     ) -> float:
         """Zero the gradients of ``zero``, forward, loss, backward, optimizer update;
         the loss (a non-finite one before the backward)."""
+    @property
+    def seeds_used(self) -> int:
+        """How many of the last step's dropout seeds its forward used."""
+    def release_buffers(self) -> int:
+        """Free the buffers kept between steps; the bytes freed."""
 
 def conv2d_output_shape(
     input_hw: _Pair, kernel_size: _Pair, stride: _Pair, padding: _Pair, dilation: _Pair

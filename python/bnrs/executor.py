@@ -272,6 +272,13 @@ class _Executor:
 _EXECUTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def release_buffers() -> int:
+    """Free the buffers every model's step keeps between steps (its next step makes
+    them again); returns the bytes freed. Part of :func:`bnrs.release_memory`."""
+    return sum(executor.train_step.release_buffers()
+               for executor in list(_EXECUTORS.values()) if executor.train_step is not None)
+
+
 def _executor(model, optimizer, kind: str, sample_shape) -> _Executor | None:
     signature = _signature(model)
     if signature is None:
@@ -455,15 +462,17 @@ def run_step(model, criterion, optimizer, inputs, targets,
         loss = executor.train_step.run(x, labels, weight, [p.data for p in slots],
                                        [p.grad for p in slots], zero, running, seeds,
                                        updates)
-    except ValueError as error:
+    except BaseException as error:
         _undo_created(optimizer, created)
-        if _SHARED_ARRAY in str(error):
-            for generator, state in zip(generators, generator_states):
-                generator.state = state
+        refused = isinstance(error, ValueError) and _SHARED_ARRAY in str(error)
+        # A refused step changed nothing (the Python path takes it). Otherwise the dropout
+        # layers the forward did not complete would not have drawn in a layer-by-layer
+        # forward either: their generators get the draw back.
+        used = 0 if refused else executor.train_step.seeds_used
+        for generator, state in zip(generators[used:], generator_states[used:]):
+            generator.state = state
+        if refused:
             return None
-        raise
-    except BaseException:
-        _undo_created(optimizer, created)
         raise
     for module in plan.modules:
         module._ctx = None

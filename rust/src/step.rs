@@ -113,6 +113,15 @@ impl LayerKind {
         }
     }
 
+    /// The number of the step's dropout seed the layer draws, if it draws one.
+    fn seed(&self) -> Option<usize> {
+        match self {
+            LayerKind::BnBlock { dropout, .. } => dropout.map(|d| d.seed),
+            LayerKind::Dropout { seed, .. } => Some(*seed),
+            _ => None,
+        }
+    }
+
     fn has_parameters(&self) -> bool {
         self.parameters().0.is_some()
     }
@@ -203,6 +212,10 @@ pub struct StepPlan {
     /// The first stage with parameters: the backward stops there, without its input
     /// gradient (as `Sequential.backward(..., input_grad=False)`).
     first_trained: usize,
+    /// How many of the step's dropout seeds the layers that ran forward have used (one
+    /// past the largest): after a failed step, the caller gives the generators of the
+    /// others their draw back, as a layer-by-layer forward would not have reached them.
+    seeds_used: usize,
 }
 
 const ACTIVATION: &str = "training step: a layer's output";
@@ -233,20 +246,44 @@ fn interrupted() -> Error {
 }
 
 impl StepPlan {
+    /// Free the buffers kept between steps (the next step makes them again); returns the
+    /// bytes freed.
+    pub fn release(&mut self) -> usize {
+        fn free<T>(buffer: &mut Vec<T>) -> usize {
+            let bytes = buffer.capacity() * std::mem::size_of::<T>();
+            *buffer = Vec::new();
+            bytes
+        }
+        let mut bytes = free(&mut self.grad_output) + free(&mut self.grad_input);
+        for buffer in self.activations.iter_mut().chain(&mut self.param_grads) {
+            bytes += free(buffer);
+        }
+        for stage in &mut self.stages {
+            bytes += free(&mut stage.save_mean) + free(&mut stage.save_invstd);
+            bytes += free(&mut stage.indices);
+        }
+        bytes
+    }
+
+    /// How many dropout seeds the last step used: those of the dropout layers its forward
+    /// completed (all of them after a step that got past the forward).
+    pub fn seeds_used(&self) -> usize {
+        self.seeds_used
+    }
+
     /// How many running-statistics entries and dropout seeds a step of this plan reads
     /// (one past the largest index its layers name), for the binding to check the lists
     /// it is given against.
     pub fn running_and_seed_counts(&self) -> (usize, usize) {
         let (mut running, mut seeds) = (0, 0);
         for stage in &self.stages {
-            let (r, s) = match &stage.kind {
-                LayerKind::BatchNorm { running, .. } => (*running, None),
-                LayerKind::BnBlock {
-                    running, dropout, ..
-                } => (*running, dropout.map(|d| d.seed)),
-                LayerKind::Dropout { seed, .. } => (None, Some(*seed)),
-                _ => (None, None),
+            let r = match &stage.kind {
+                LayerKind::BatchNorm { running, .. } | LayerKind::BnBlock { running, .. } => {
+                    *running
+                }
+                _ => None,
             };
+            let s = stage.kind.seed();
             running = running.max(r.map_or(0, |r| r + 1));
             seeds = seeds.max(s.map_or(0, |s| s + 1));
         }
@@ -325,6 +362,7 @@ impl StepPlan {
             used,
             direct: vec![false; n_slots],
             first_trained,
+            seeds_used: 0,
         })
     }
 
@@ -365,6 +403,7 @@ impl StepPlan {
             ));
         }
         let batch = arrays.input.len() / sample_len;
+        self.seeds_used = 0;
         if arrays.data.len() != self.used.len() || arrays.grads.len() != self.used.len() {
             return Err(Error::invalid(
                 "data, grads",
@@ -454,6 +493,9 @@ impl StepPlan {
             let result = stage_forward(stage, batch, x, &mut output, arrays);
             self.activations[out_slot] = output;
             result?;
+            if let Some(seed) = self.stages[index].kind.seed() {
+                self.seeds_used = self.seeds_used.max(seed + 1);
+            }
         }
         Ok(())
     }
@@ -909,9 +951,11 @@ fn stage_backward(
     }
 }
 
-/// The optimizer's updates, parameter by parameter in its order.
+/// The optimizer's updates, parameter by parameter in its order. Every update's
+/// hyper-parameters are checked before the first parameter moves, and a Ctrl-C is not
+/// taken between parameters: a step updates all of them or none (the caller counts
+/// Adam's steps only for a step that returned).
 fn update(arrays: &mut StepArrays<'_>) -> Result<()> {
-    let stop = stop_token();
     let StepArrays {
         data,
         grads,
@@ -920,10 +964,10 @@ fn update(arrays: &mut StepArrays<'_>) -> Result<()> {
     } = arrays;
     match updates {
         Updates::Adam(params) => {
+            for u in params.iter() {
+                optim::check_adam(u.step, u.config)?;
+            }
             for u in params.iter_mut() {
-                if stop.is_set() {
-                    return Err(interrupted());
-                }
                 let (w, g) = (&mut *data[u.slot], &*grads[u.slot]);
                 timed(|| {
                     optim::adam_step(w, g, &mut *u.exp_avg, &mut *u.exp_avg_sq, u.step, u.config)
@@ -931,10 +975,10 @@ fn update(arrays: &mut StepArrays<'_>) -> Result<()> {
             }
         }
         Updates::Sgd(params) => {
+            for u in params.iter() {
+                optim::check_sgd(u.momentum_buffer.is_some(), u.config)?;
+            }
             for u in params.iter_mut() {
-                if stop.is_set() {
-                    return Err(interrupted());
-                }
                 let (w, g) = (&mut *data[u.slot], &*grads[u.slot]);
                 let buffer = u.momentum_buffer.as_deref_mut();
                 timed(|| optim::sgd_step(w, g, buffer, u.config, u.first_step))?;
@@ -1094,6 +1138,53 @@ mod tests {
                 "grad {k}"
             );
         }
+    }
+
+    #[test]
+    fn an_update_refused_for_one_parameter_moves_none_and_buffers_can_be_freed() {
+        let (n, i, o) = (4, 3, 2);
+        let x: Vec<f32> = (0..n * i).map(|k| (k as f32 * 0.3).sin()).collect();
+        let target: Vec<i64> = (0..n as i64).map(|k| k % o as i64).collect();
+        let mut params = [vec![0.25_f32; o * i], vec![0.5_f32; o]];
+        let before = params.clone();
+        let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+        let mut plan = StepPlan::new(vec![(linear(0, 1, i, o), vec![i], vec![o])], 2).unwrap();
+        let config = |lr: f32| SgdConfig {
+            lr,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        };
+        // The bias's learning rate is infinite: the weight, updated first, must not move.
+        let updates = Updates::Sgd(
+            [(0, 0.1), (1, f32::INFINITY)]
+                .into_iter()
+                .map(|(slot, lr)| SgdUpdate {
+                    slot,
+                    momentum_buffer: None,
+                    first_step: false,
+                    config: config(lr),
+                })
+                .collect(),
+        );
+        let mut arrays = StepArrays {
+            input: &x,
+            target: &target,
+            sample_weight: None,
+            data: params.iter_mut().map(|p| &mut p[..]).collect(),
+            grads: grads.iter_mut().map(|g| &mut g[..]).collect(),
+            zero: &[0, 1],
+            running: Vec::new(),
+            seeds: &[],
+            updates,
+        };
+        assert!(plan.run(&mut arrays).is_err());
+        drop(arrays);
+        assert_eq!(params, before);
+        // The logits and the loss gradient were kept; freed once, then nothing is left.
+        assert!(plan.release() >= 2 * n * o * std::mem::size_of::<f32>());
+        assert_eq!(plan.release(), 0);
     }
 
     #[test]

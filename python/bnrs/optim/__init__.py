@@ -33,6 +33,10 @@ from ..nn.module import Parameter
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer", "lr_scheduler"]
 
 
+#: The largest float32: a hyper-parameter above it would be infinite in the kernels.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _non_negative(group: dict[str, Any], name: str, label: str) -> None:
     _finite(group[name], label, 0.0)
 
@@ -41,9 +45,13 @@ def _finite(value, label: str, low: float | None = None, high: float | None = No
             high_open: bool = False) -> float:
     """A hyper-parameter as a finite float (what the kernels accept), or an error.
 
+    The kernels compute in float32, so a value beyond its range (which would become
+    infinite there) is refused as well: here, before any parameter has moved.
     The messages start as PyTorch's do ("Invalid learning rate").
     """
     name = f"Invalid {label}"
+    low = -_FLOAT32_MAX if low is None else low
+    high = _FLOAT32_MAX if high is None else high
     return check_real(as_real(value, name, numbers_only=True), name, low, high,
                       high_open=high_open)
 

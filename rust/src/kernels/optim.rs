@@ -115,6 +115,34 @@ simd_dispatch! {
     }
 }
 
+/// What [`sgd_step`] checks of its scalars before it changes anything: the
+/// hyper-parameters, and a momentum buffer given when momentum is non-zero.
+pub fn check_sgd(has_momentum_buffer: bool, cfg: SgdConfig) -> Result<()> {
+    cfg.validate()?;
+    if cfg.momentum != 0.0 && !has_momentum_buffer {
+        return Err(Error::invalid(
+            "momentum_buffer",
+            "None",
+            "a buffer when momentum != 0",
+        ));
+    }
+    Ok(())
+}
+
+/// What [`adam_step`] checks of its scalars before it changes anything: the
+/// hyper-parameters and a 1-based step.
+pub fn check_adam(step: u64, cfg: AdamConfig) -> Result<()> {
+    cfg.validate()?;
+    if step == 0 {
+        return Err(Error::invalid(
+            "step",
+            0,
+            "the 1-based index of this step (>= 1)",
+        ));
+    }
+    Ok(())
+}
+
 /// One SGD step on `param`; `momentum_buffer` is required when momentum is non-zero and
 /// is (re)initialised to the gradient when `first_step`.
 pub fn sgd_step(
@@ -124,16 +152,14 @@ pub fn sgd_step(
     cfg: SgdConfig,
     first_step: bool,
 ) -> Result<()> {
-    cfg.validate()?;
+    check_sgd(momentum_buffer.is_some(), cfg)?;
     check_len("grad", grad.len(), param.len())?;
-    let buf = if cfg.momentum != 0.0 {
-        let buf = momentum_buffer.ok_or_else(|| {
-            Error::invalid("momentum_buffer", "None", "a buffer when momentum != 0")
-        })?;
-        check_len("momentum_buffer", buf.len(), param.len())?;
-        Some(buf)
-    } else {
-        None
+    let buf = match momentum_buffer {
+        Some(buf) if cfg.momentum != 0.0 => {
+            check_len("momentum_buffer", buf.len(), param.len())?;
+            Some(buf)
+        }
+        _ => None,
     };
     let chunk = elementwise_chunk(param.len());
     match buf {
@@ -159,14 +185,7 @@ pub fn adam_step(
     step: u64,
     cfg: AdamConfig,
 ) -> Result<()> {
-    cfg.validate()?;
-    if step == 0 {
-        return Err(Error::invalid(
-            "step",
-            0,
-            "the 1-based index of this step (>= 1)",
-        ));
-    }
+    check_adam(step, cfg)?;
     check_len("grad", grad.len(), param.len())?;
     check_len("exp_avg", exp_avg.len(), param.len())?;
     check_len("exp_avg_sq", exp_avg_sq.len(), param.len())?;

@@ -261,6 +261,19 @@ impl TrainStep {
         })
     }
 
+    /// How many of the last step's dropout seeds its forward used: those of the dropout
+    /// layers it completed (all after a step that got past the forward).
+    #[getter]
+    fn seeds_used(&self) -> usize {
+        self.plan.seeds_used()
+    }
+
+    /// Free the activation and gradient buffers kept between steps (the next step makes
+    /// them again); returns the bytes freed.
+    fn release_buffers(&mut self) -> usize {
+        self.plan.release()
+    }
+
     /// One training step; returns the loss (a non-finite loss before the backward, with
     /// nothing updated but the running statistics). `running` holds (running_mean,
     /// running_var, num_batches_tracked) per batch norm that tracks them, `seeds` one
