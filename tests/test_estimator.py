@@ -768,6 +768,21 @@ def test_partial_fit_goes_on_with_the_schedule_and_fit_starts_anew(digits):
     assert _fitted_state(clf) == state
 
 
+def test_onecycle_follows_the_batches_when_some_have_zero_weight(digits):
+    # A batch of zero-weight samples is skipped (no step), but the cycle is sized by the
+    # batches of an epoch: it must still end with the last batch of the last epoch.
+    X, y = digits
+    X, y = X[:256], y[:256]
+    weight = np.ones(len(X))
+    weight[:64] = 0.0   # the whole first batch
+    clf = CNNClassifier(SMALL_CNN, random_state=0, max_epochs=2, batch_size=64,
+                        shuffle=False, lr_scheduler="onecycle")
+    clf.fit(X, y, sample_weight=weight)
+    scheduler = clf.lr_scheduler_
+    assert scheduler.last_epoch == scheduler.total_steps == 2 * 4
+    assert clf.optimizer_.param_groups[0]["lr"] == scheduler.get_last_lr()[0]
+
+
 def test_keyboard_interrupt_restores_the_schedule(digits, monkeypatch):
     X, y = digits
     n_batches = len(_batch_bounds(len(X), 64))

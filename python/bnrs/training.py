@@ -195,9 +195,10 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
         Applied to each batch's inputs before its step, in batch order (e.g. the
         estimators' random augmentation); it must not change them in place.
     after_step : callable, optional
-        Called with no argument after every step that updated the parameters (a
-        per-batch learning-rate scheduler's ``step``, as PyTorch users call it after
-        ``optimizer.step()``).
+        Called with no argument after every batch's step (a per-batch learning-rate
+        scheduler's ``step``, as PyTorch users call it after ``optimizer.step()``), and
+        in place of the step of a batch skipped for its weights, so that a schedule sized
+        by the batches of an epoch (the estimators' OneCycleLR) follows them.
 
     Returns
     -------
@@ -214,6 +215,8 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
             if weight is not None and not weight.sum() > 0:
                 # Samples of weight 0 count as absent, and so does a batch of them only.
                 losses.append(0.0)
+                if after_step is not None:
+                    after_step()
                 continue
             inputs = X[index] if transform is None else transform(X[index])
             loss = train_step(model, criterion, optimizer, inputs, y[index], mark, weight)
