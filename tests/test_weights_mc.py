@@ -278,6 +278,30 @@ def test_mc_dropout_batch_norm_stays_in_evaluation(digits):
     assert not np.array_equal(first, second)   # new masks per pass
 
 
+def test_mc_dropout_block_is_reproducible_and_restores_the_model(digits):
+    X, _ = digits
+    x = X[:20, None]
+    model = nn.from_spec(SMALL_CNN, (1, 8, 8), 10, random_state=0)
+    model[1].training = False   # a mixed mode, restored as it was
+    modes = [m.training for m in model.modules()]
+    generators = [m._rng for m in model.modules() if isinstance(m, nn.Dropout)]
+    states = [g.bit_generator.state for g in generators]
+    runs = []
+    for seed in (5, np.random.SeedSequence(5), 6):
+        with nn.mc_dropout(model, seed) as inside:
+            assert inside is model
+            assert [m.training for m in model] == [isinstance(m, nn.Dropout) for m in model]
+            running = model[1].running_mean.copy()
+            runs.append(np.stack([model(x) for _ in range(3)]))
+            np.testing.assert_array_equal(model[1].running_mean, running)
+        assert [m.training for m in model.modules()] == modes
+        assert [m._rng for m in model.modules() if isinstance(m, nn.Dropout)] == generators
+        assert [g.bit_generator.state for g in generators] == states
+    assert not np.array_equal(runs[0][0], runs[0][1])       # new masks per pass
+    np.testing.assert_array_equal(runs[0], runs[1])          # an int or its SeedSequence
+    assert not np.array_equal(runs[0], runs[2])
+
+
 @pytest.fixture(scope="module")
 def mc_fitted(digits):
     X, y = digits

@@ -953,9 +953,9 @@ class _BaseCNN(BaseEstimator):
         (mc_samples, n_samples, n_outputs) of ``_mc_output`` values.
 
         The dropout layers draw their masks' seeds from streams seeded by ``_mc_seed``
-        (one per layer, in layer order; pass after pass, chunk after chunk), set aside
-        for the passes and then given back, so predictions are reproducible and
-        training's streams are untouched.
+        (:func:`bnrs.nn.mc_dropout`: one per layer, in layer order; pass after pass,
+        chunk after chunk), so predictions are reproducible and training's streams are
+        untouched.
         """
         mc_samples = check(self.mc_samples, "mc_samples",
                            *self._parameter_constraints["mc_samples"])
@@ -964,28 +964,16 @@ class _BaseCNN(BaseEstimator):
             X = self._network_input(validate_data(self, X, reset=False, allow_nd=True,
                                                   dtype=np.float32, order="C"))
             model = self.model_
-            dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
             # Estimators pickled before mc_samples existed have no seed of their own.
             seed = getattr(self, "_mc_seed", None)
             if seed is None:
                 seed = _mc_seed(copy.deepcopy(self._rng))
-            streams = np.random.SeedSequence(seed).spawn(len(dropouts))
-            training_streams = [layer._rng for layer in dropouts]
-            training = model.training
             bounds = batch_bounds(len(X), _PREDICT_CHUNK, last="keep")
-            try:
-                for layer, stream in zip(dropouts, streams):
-                    layer._rng = np.random.default_rng(stream)
-                nn.enable_dropout(model.eval())
+            with nn.mc_dropout(model, seed):
                 return np.stack([
                     self._mc_output(np.concatenate([model(X[start:stop])
                                                     for start, stop in bounds]))
                     for _ in range(mc_samples)])
-            finally:
-                for layer, stream in zip(dropouts, training_streams):
-                    layer._rng = stream
-                model.clear_saved()
-                model.train(training)
 
     def _mc_output(self, outputs: np.ndarray) -> np.ndarray:
         """What an MC-dropout pass contributes for the network's outputs (float64)."""

@@ -22,7 +22,7 @@ Examples
 from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .batchnorm import BatchNorm1d, BatchNorm2d
 from .branches import AdaptiveAvgPool2d, Concat, ModuleList, Residual
-from .dropout import Dropout, Dropout2d, enable_dropout
+from .dropout import Dropout, Dropout2d, enable_dropout, mc_dropout
 from .layers import AvgPool2d, Conv2d, Flatten, Linear, MaxPool2d
 from .loss import CrossEntropyLoss, HuberLoss, MSELoss
 from .module import IncompatibleKeys, Module, Parameter, Sequential
@@ -67,6 +67,7 @@ __all__ = [
     "Tanh",
     "Token",
     "enable_dropout",
+    "mc_dropout",
     "from_spec",
     "parse",
     "summary",

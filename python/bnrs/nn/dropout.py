@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 
 from .. import functional as F
 from .._validation import as_real, check_real
 from .module import Module, as_generator
 
-__all__ = ["Dropout", "Dropout2d", "enable_dropout"]
+__all__ = ["Dropout", "Dropout2d", "enable_dropout", "mc_dropout"]
 
 
 def _own_generator(random_state, rng) -> np.random.Generator:
@@ -153,3 +156,53 @@ def enable_dropout(model: Module, mode: bool = True) -> Module:
         if isinstance(module, _Dropout):
             module.training = bool(mode)
     return model
+
+
+@contextlib.contextmanager
+def mc_dropout(model: Module, seed: int | np.random.SeedSequence) -> Iterator[Module]:
+    """Monte Carlo dropout inside a ``with`` block, reproducibly.
+
+    Inside the block every layer but the dropout layers is in evaluation mode (batch norm
+    uses its running statistics) and each dropout layer draws its masks from its own
+    child stream of ``seed`` (``SeedSequence(seed).spawn``, one per layer in
+    ``model.modules()`` order), so the passes are the same at any thread count and for
+    the same seed. On leaving, the layers' own generators (those training draws from),
+    their modes and what the last forward kept are restored.
+
+    Parameters
+    ----------
+    model : bnrs.nn.Module
+    seed : int or numpy.random.SeedSequence
+        The root of the masks' streams (a SeedSequence spawns its next children).
+
+    Yields
+    ------
+    bnrs.nn.Module
+        ``model``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnrs import nn
+    >>> model = nn.from_spec("fc8-bn-relu-d0.5", (4,), 2, random_state=0)
+    >>> x = np.ones((3, 4), np.float32)
+    >>> with nn.mc_dropout(model, seed=1):
+    ...     passes = np.stack([model(x) for _ in range(5)])
+    >>> passes.shape, model.training
+    ((5, 3, 2), True)
+    """
+    dropouts = [m for m in model.modules() if isinstance(m, _Dropout)]
+    root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    own = [layer._rng for layer in dropouts]
+    modes = [m.training for m in model.modules()]
+    try:
+        for layer, child in zip(dropouts, root.spawn(len(dropouts))):
+            layer._rng = np.random.default_rng(child)
+        enable_dropout(model.eval())
+        yield model
+    finally:
+        for layer, generator in zip(dropouts, own):
+            layer._rng = generator
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+        model.clear_saved()

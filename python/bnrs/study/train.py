@@ -202,25 +202,18 @@ def _mc_dropout_accuracy(model: nn.Sequential, X: np.ndarray, y: np.ndarray,
                          n_passes: int, stream: np.random.SeedSequence) -> float:
     """Accuracy of the mean softmax of ``n_passes`` MC-dropout passes (step 7).
 
-    Each dropout layer draws its masks from its own child of ``stream`` (as the
-    estimators' ``mc_samples`` do), so the passes are reproducible at any thread count;
-    the layers' training streams are not restored (the run is over).
+    Each dropout layer draws its masks from its own child of ``stream``
+    (:func:`bnrs.nn.mc_dropout`, as the estimators' ``mc_samples``), so the passes are
+    reproducible at any thread count.
     """
-    dropouts = _dropout_layers(model)
-    for layer, child in zip(dropouts, stream.spawn(len(dropouts))):
-        layer._rng = np.random.default_rng(child)
-    nn.enable_dropout(model.eval())
     bounds = batch_bounds(len(X), _EVAL_BATCH, last="keep")
     probabilities = None
-    try:
+    with nn.mc_dropout(model, stream):
         for _ in range(n_passes):
             # Float64 running sum, pass after pass: the same order whatever the threads.
             softmax = np.exp(np.concatenate([F.log_softmax(model(X[start:stop]), dim=1)
                                              for start, stop in bounds]).astype(np.float64))
             probabilities = softmax if probabilities is None else probabilities + softmax
-    finally:
-        model.clear_saved()
-        model.eval()
     return float(np.mean(np.argmax(probabilities, axis=1) == y))
 
 
