@@ -10,6 +10,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyTuple;
 
+use crate::kernels::batch_norm::RunningStats;
+
 /// The contiguous data of a read-only array argument.
 pub(crate) fn slice<'a, T: numpy::Element>(
     arr: &'a PyReadonlyArrayDyn<'_, T>,
@@ -40,6 +42,46 @@ pub(crate) fn writeable<'py>(
              is not also passed as another argument"
         ))
     })
+}
+
+/// The running mean and variance a training batch norm moves, borrowed for writing for
+/// as long as this lives (both or neither given; the caller checks that).
+pub(crate) struct RunningBorrow<'py> {
+    mean: Option<PyReadwriteArrayDyn<'py, f32>>,
+    var: Option<PyReadwriteArrayDyn<'py, f32>>,
+}
+
+impl<'py> RunningBorrow<'py> {
+    pub(crate) fn new(
+        mean: Option<&Bound<'py, PyArrayDyn<f32>>>,
+        var: Option<&Bound<'py, PyArrayDyn<f32>>>,
+    ) -> PyResult<Self> {
+        Ok(RunningBorrow {
+            mean: mean.map(|a| writeable(a, "running_mean")).transpose()?,
+            var: var.map(|a| writeable(a, "running_var")).transpose()?,
+        })
+    }
+
+    /// The statistics for the kernel, moved with `momentum`; None without them.
+    pub(crate) fn stats(&mut self, momentum: f32) -> PyResult<Option<RunningStats<'_>>> {
+        let mean = self
+            .mean
+            .as_mut()
+            .map(|a| slice_mut(a, "running_mean"))
+            .transpose()?;
+        let var = self
+            .var
+            .as_mut()
+            .map(|a| slice_mut(a, "running_var"))
+            .transpose()?;
+        Ok(mean
+            .zip(var)
+            .map(|(mean, var)| crate::kernels::batch_norm::RunningStats {
+                mean,
+                var,
+                momentum,
+            }))
+    }
 }
 
 /// Borrow an array argument that is only read, with errors that name it. Unlike a

@@ -5,10 +5,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::{
-    check_shape, readable, run_kernel, slice, slice_mut, writeable, NormGradArrays, NormGrads,
-    Output,
+    check_shape, readable, run_kernel, slice, NormGradArrays, NormGrads, Output, RunningBorrow,
 };
-use crate::kernels::batch_norm::{self, BatchNormParams, RunningStats};
+use crate::kernels::batch_norm::{self, BatchNormParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 
@@ -57,27 +56,8 @@ fn batch_norm_forward<'py>(
     let (y_data, mean_data, invstd_data) = (y.data(), mean.data(), invstd.data());
     match (training, running_mean, running_var) {
         (true, running_mean, running_var) => {
-            let mut rm = running_mean
-                .as_ref()
-                .map(|a| writeable(a, "running_mean"))
-                .transpose()?;
-            let mut rv = running_var
-                .as_ref()
-                .map(|a| writeable(a, "running_var"))
-                .transpose()?;
-            let rm = rm
-                .as_mut()
-                .map(|a| slice_mut(a, "running_mean"))
-                .transpose()?;
-            let rv = rv
-                .as_mut()
-                .map(|a| slice_mut(a, "running_var"))
-                .transpose()?;
-            let running = rm.zip(rv).map(|(mean, var)| RunningStats {
-                mean,
-                var,
-                momentum,
-            });
+            let mut borrowed = RunningBorrow::new(running_mean.as_ref(), running_var.as_ref())?;
+            let running = borrowed.stats(momentum)?;
             run_kernel(py, x.len(), || {
                 batch_norm::forward_train(
                     &p,

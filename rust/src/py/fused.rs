@@ -3,11 +3,8 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{
-    check_shape, run_kernel, slice, slice_mut, writeable, NormGradArrays, NormGrads, Output,
-};
+use super::{check_shape, run_kernel, slice, NormGradArrays, NormGrads, Output, RunningBorrow};
 use crate::kernels::activation::Activation;
-use crate::kernels::batch_norm::RunningStats;
 use crate::kernels::fused::{self, BnBlockParams, DropoutSpec, Pool2x2};
 use crate::Error;
 
@@ -108,27 +105,8 @@ fn bn_block_forward<'py>(
         .into());
     }
     let x = slice(&input, "input")?;
-    let mut rm = running_mean
-        .as_ref()
-        .map(|a| writeable(a, "running_mean"))
-        .transpose()?;
-    let mut rv = running_var
-        .as_ref()
-        .map(|a| writeable(a, "running_var"))
-        .transpose()?;
-    let rm = rm
-        .as_mut()
-        .map(|a| slice_mut(a, "running_mean"))
-        .transpose()?;
-    let rv = rv
-        .as_mut()
-        .map(|a| slice_mut(a, "running_var"))
-        .transpose()?;
-    let running = rm.zip(rv).map(|(mean, var)| RunningStats {
-        mean,
-        var,
-        momentum,
-    });
+    let mut borrowed = RunningBorrow::new(running_mean.as_ref(), running_var.as_ref())?;
+    let running = borrowed.stats(momentum)?;
     let mut y = Output::new(py, "output", &p.output_shape(input.shape()))?;
     let mut mean = Output::new(py, "save_mean", &[c])?;
     let mut invstd = Output::new(py, "save_invstd", &[c])?;

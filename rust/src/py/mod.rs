@@ -24,7 +24,7 @@ mod step;
 
 pub(crate) use arrays::{
     check_allocatable, check_shape, readable, slice, slice_mut, writeable, GradArrays, LayerGrads,
-    NormGradArrays, NormGrads, Output,
+    NormGradArrays, NormGrads, Output, RunningBorrow,
 };
 pub(crate) use guard::{run_guarded, run_kernel};
 
