@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::reduce::{grad_sums, shifted_sums};
+use super::reduce::{grad_sums, grad_sums_x4, shifted_sums, shifted_sums_x4};
 use crate::error::{check_len, Error, Result};
 use crate::simd_dispatch;
 
@@ -59,8 +59,9 @@ impl BatchNormParams {
         self.batch * self.channels * self.spatial
     }
 
-    /// The slices of channel `c`, one per image.
-    pub(crate) fn channel_planes<'a>(
+    /// The slices of channel `c`, one per image (for the tests' references).
+    #[cfg(test)]
+    fn channel_planes<'a>(
         &'a self,
         x: &'a [f32],
         c: usize,
@@ -79,8 +80,55 @@ impl BatchNormParams {
 }
 
 simd_dispatch! {
-    fn plane_shifted_sums(x: &[f32], shift: f32) -> (f32, f32) {
-        shifted_sums(x, shift)
+    /// The f64 sums, in sample order, of each of `batch` planes' f32 [`shifted_sums`]; the
+    /// planes are `x[n·stride..][..len]`. Four planes at a time ([`shifted_sums_x4`]: the
+    /// bits of one at a time).
+    fn channel_shifted_sums(x: &[f32], stride: usize, len: usize, batch: usize, shift: f32) -> (f64, f64) {
+        let plane = |n: usize| &x[n * stride..n * stride + len];
+        let (mut s1, mut s2) = (0.0f64, 0.0f64);
+        let mut n = 0;
+        while n + 4 <= batch {
+            for (a, b) in shifted_sums_x4([plane(n), plane(n + 1), plane(n + 2), plane(n + 3)], shift) {
+                s1 += f64::from(a);
+                s2 += f64::from(b);
+            }
+            n += 4;
+        }
+        for n in n..batch {
+            let (a, b) = shifted_sums(plane(n), shift);
+            s1 += f64::from(a);
+            s2 += f64::from(b);
+        }
+        (s1, s2)
+    }
+}
+
+simd_dispatch! {
+    /// The f64 sums, in sample order, of each of `batch` plane pairs' f32 [`grad_sums`]
+    /// (see [`channel_shifted_sums`]).
+    fn channel_grad_sums(g: &[f32], x: &[f32], stride: usize, len: usize, batch: usize, mean: f32) -> (f64, f64) {
+        let gp = |n: usize| &g[n * stride..n * stride + len];
+        let xp = |n: usize| &x[n * stride..n * stride + len];
+        let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+        let mut n = 0;
+        while n + 4 <= batch {
+            let sums = grad_sums_x4(
+                [gp(n), gp(n + 1), gp(n + 2), gp(n + 3)],
+                [xp(n), xp(n + 1), xp(n + 2), xp(n + 3)],
+                mean,
+            );
+            for (a, b) in sums {
+                sg += f64::from(a);
+                sgx += f64::from(b);
+            }
+            n += 4;
+        }
+        for n in n..batch {
+            let (a, b) = grad_sums(gp(n), xp(n), mean);
+            sg += f64::from(a);
+            sgx += f64::from(b);
+        }
+        (sg, sgx)
     }
 }
 
@@ -243,12 +291,9 @@ pub(crate) fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
         .into_par_iter()
         .map(|c| {
             let shift = x[c * p.spatial];
-            let (mut s1, mut s2) = (0.0f64, 0.0f64);
-            for plane in p.channel_planes(x, c) {
-                let (a, b) = plane_shifted_sums(plane, shift);
-                s1 += f64::from(a);
-                s2 += f64::from(b);
-            }
+            let stride = p.channels * p.spatial;
+            let (s1, s2) =
+                channel_shifted_sums(&x[c * p.spatial..], stride, p.spatial, p.batch, shift);
             let mean_shifted = s1 / count;
             let var = (s2 / count - mean_shifted * mean_shifted).max(0.0);
             (f64::from(shift) + mean_shifted, var)
@@ -418,13 +463,15 @@ pub fn backward(
         (0..p.channels)
             .into_par_iter()
             .map(|c| {
-                let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-                for (g, xp) in p.channel_planes(grad_output, c).zip(p.channel_planes(x, c)) {
-                    let (a, b) = plane_grad_sums(g, xp, save_mean[c]);
-                    sg += f64::from(a);
-                    sgx += f64::from(b);
-                }
-                (sg, sgx)
+                let (offset, stride) = (c * p.spatial, p.channels * p.spatial);
+                channel_grad_sums(
+                    &grad_output[offset..],
+                    &x[offset..],
+                    stride,
+                    p.spatial,
+                    p.batch,
+                    save_mean[c],
+                )
             })
             .collect()
     };

@@ -69,3 +69,112 @@ pub fn grad_sums(g: &[f32], x: &[f32], mean: f32) -> (f32, f32) {
     }
     (t1, t2)
 }
+
+/// The full `LANES`-wide chunks of four slices, in step.
+#[inline(always)]
+fn chunks4(v: [&[f32]; 4], full: usize) -> impl Iterator<Item = [&[f32]; 4]> {
+    let c = |k: usize| v[k][..full].chunks_exact(LANES);
+    c(0).zip(c(1))
+        .zip(c(2).zip(c(3)))
+        .map(|((a, b), (c, d))| [a, b, c, d])
+}
+
+/// [`shifted_sums`] of four slices of one length at once: each result has the bits of
+/// `shifted_sums` on its slice (its own lanes, in the same order), but the four chains of
+/// additions overlap in the pipeline instead of each waiting on its last addition.
+#[inline(always)]
+pub fn shifted_sums_x4(xs: [&[f32]; 4], shift: f32) -> [(f32, f32); 4] {
+    #[inline(always)]
+    fn step(s1: &mut [f32; LANES], s2: &mut [f32; LANES], c: &[f32], shift: f32) {
+        for l in 0..LANES {
+            let d = c[l] - shift;
+            s1[l] += d;
+            s2[l] += d * d;
+        }
+    }
+    let n = xs[0].len();
+    assert!(xs.iter().all(|x| x.len() == n), "slices of one length");
+    let full = n - n % LANES;
+    let mut s1 = [[0.0f32; LANES]; 4];
+    let mut s2 = [[0.0f32; LANES]; 4];
+    for [c0, c1, c2, c3] in chunks4(xs, full) {
+        let [a0, a1, a2, a3] = &mut s1;
+        let [b0, b1, b2, b3] = &mut s2;
+        step(a0, b0, c0, shift);
+        step(a1, b1, c1, shift);
+        step(a2, b2, c2, shift);
+        step(a3, b3, c3, shift);
+    }
+    std::array::from_fn(|k| {
+        let (mut t1, mut t2) = (fold_lanes(s1[k]), fold_lanes(s2[k]));
+        for &v in &xs[k][full..] {
+            let d = v - shift;
+            t1 += d;
+            t2 += d * d;
+        }
+        (t1, t2)
+    })
+}
+
+/// [`grad_sums`] of four pairs of slices of one length at once (each result the bits of
+/// `grad_sums` on its pair; see [`shifted_sums_x4`]).
+#[inline(always)]
+pub fn grad_sums_x4(gs: [&[f32]; 4], xs: [&[f32]; 4], mean: f32) -> [(f32, f32); 4] {
+    #[inline(always)]
+    fn step(s1: &mut [f32; LANES], s2: &mut [f32; LANES], a: &[f32], b: &[f32], mean: f32) {
+        for l in 0..LANES {
+            s1[l] += a[l];
+            s2[l] += a[l] * (b[l] - mean);
+        }
+    }
+    let n = gs[0].len();
+    assert!(
+        gs.iter().chain(&xs).all(|v| v.len() == n),
+        "slices of one length"
+    );
+    let full = n - n % LANES;
+    let mut s1 = [[0.0f32; LANES]; 4];
+    let mut s2 = [[0.0f32; LANES]; 4];
+    for ([g0, g1, g2, g3], [x0, x1, x2, x3]) in chunks4(gs, full).zip(chunks4(xs, full)) {
+        let [a0, a1, a2, a3] = &mut s1;
+        let [b0, b1, b2, b3] = &mut s2;
+        step(a0, b0, g0, x0, mean);
+        step(a1, b1, g1, x1, mean);
+        step(a2, b2, g2, x2, mean);
+        step(a3, b3, g3, x3, mean);
+    }
+    std::array::from_fn(|k| {
+        let (mut t1, mut t2) = (fold_lanes(s1[k]), fold_lanes(s2[k]));
+        for (&a, &b) in gs[k][full..].iter().zip(&xs[k][full..]) {
+            t1 += a;
+            t2 += a * (b - mean);
+        }
+        (t1, t2)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn four_at_once_gives_the_bits_of_one_at_a_time() {
+        for n in [0, 1, 7, 8, 9, 49, 196, 785] {
+            let v = |k: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| ((i * 7 + k * 13) as f32 * 0.61).sin() * 3.0)
+                    .collect()
+            };
+            let (g, x): (Vec<_>, Vec<_>) = (0..4).map(|k| (v(k), v(k + 4))).unzip();
+            let gs = [&g[0][..], &g[1], &g[2], &g[3]];
+            let xs = [&x[0][..], &x[1], &x[2], &x[3]];
+            let bits = |(a, b): (f32, f32)| (a.to_bits(), b.to_bits());
+            let shifted = shifted_sums_x4(xs, 0.3);
+            let grads = grad_sums_x4(gs, xs, -0.2);
+            for k in 0..4 {
+                assert_eq!(bits(shifted[k]), bits(shifted_sums(xs[k], 0.3)), "n {n}");
+                assert_eq!(bits(grads[k]), bits(grad_sums(gs[k], xs[k], -0.2)), "n {n}");
+            }
+        }
+    }
+}
