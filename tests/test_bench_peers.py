@@ -9,6 +9,7 @@ only where they are installed (docs/benchmark.md, "Peers").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -164,51 +165,48 @@ def fake_interpreter(tmp_path):
 def test_bench_runs_a_peer_in_its_interpreter_and_reports_it(fake_interpreter, tmp_path):
     path = tmp_path / "bench.json"
     output = io.StringIO()
+    architecture = "c4k3s2p1-bn-relu-sd0.1-ap2-fc8"
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "torch", None)
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(io.StringIO()):
             assert bench.main(["--smoke", "--threads", "1", "2", "--json", str(path),
+                               "--architecture", architecture, "--input-shape", "2", "12",
+                               "10", "--n-classes", "3", "--batch-size", "16",
                                "--peer-python", f"onnxruntime={fake_interpreter}"]) == 0
     result = json.loads(path.read_text())
+    assert result["schema"] == 2
     runs = result["peers"]["onnxruntime"]["runs"]
     assert result["peers"]["onnxruntime"]["python"] == fake_interpreter
     assert [run["threads"] for run in runs] == [1, 2]
+    # The peer times the bench's network, not LeNetBN.
+    for run in runs:
+        assert (run["network"], run["architecture"], run["input_shape"], run["n_classes"],
+                run["batch_size"]) == ("custom network", architecture, [2, 12, 10], 3, 16)
+        assert [row["key"] for row in run["rows"]] == ["custom_inference"]
     text = output.getvalue()
     assert "== peers: bnrs and each peer interleaved" in text
     table = [line for line in text.splitlines() if line.startswith("onnxruntime ")]
-    assert len(table) == 2 and all("LeNetBN fake inference" in line for line in table)
+    assert len(table) == 2 and all("custom network fake inference" in line for line in table)
 
 
-def test_bench_runs_each_peer_on_its_network(fake_interpreter, tmp_path):
-    path = tmp_path / "bench.json"
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(io.StringIO()):
-        assert bench.main(["--smoke", "--no-torch", "--threads", "1", "--json", str(path),
-                           "--architecture", "c4k3s2p1-bn-relu-sd0.1-ap2-fc8",
-                           "--input-shape", "2", "12", "10", "--n-classes", "3",
-                           "--batch-size", "16",
-                           "--peer-python", f"onnxruntime={fake_interpreter}"]) == 0
-    result = json.loads(path.read_text())
-    assert result["schema"] == 2
-    (run,) = result["peers"]["onnxruntime"]["runs"]
-    assert (run["network"], run["architecture"], run["input_shape"], run["n_classes"],
-            run["batch_size"]) == ("custom network", "c4k3s2p1-bn-relu-sd0.1-ap2-fc8",
-                                   [2, 12, 10], 3, 16)
-    assert [row["key"] for row in run["rows"]] == ["custom_inference"]
-    table = [line for line in output.getvalue().splitlines()
-             if line.startswith("onnxruntime ")]
-    assert len(table) == 1 and "custom network fake inference" in table[0]
+def test_measure_peers_runs_one_child_per_network_and_thread_count(monkeypatch):
+    calls = []
 
+    def fake_run_peer(framework, python, threads, mode_name, network, batch_size):
+        calls.append((framework, network.name, threads, mode_name, batch_size))
+        return {"framework": framework, "threads": threads, "network": network.name}
 
-def test_measure_peers_runs_one_child_per_network_and_thread_count(fake_interpreter):
-    networks = [bench.LENET, bench.Network("Tiny", "tiny_", "c4-gap", (1, 6, 6), 2)]
+    monkeypatch.setattr(bench.runner, "run_peer", fake_run_peer)
+    networks = [bench.LENET, bench.NETWORKS["resnet"]]
+    mode = dataclasses.replace(bench.MODES["smoke"], batch_size=16)
     with contextlib.redirect_stderr(io.StringIO()):
-        peers = bench.measure_peers({"onnxruntime": fake_interpreter}, [1, 2],
-                                    bench.MODES["smoke"], networks)
-    runs = peers["onnxruntime"]["runs"]
-    assert [(run["network"], run["threads"]) for run in runs] == [
-        ("LeNetBN", 1), ("LeNetBN", 2), ("Tiny", 1), ("Tiny", 2)]
-    assert [run["rows"][0]["key"] for run in runs] == ["inference"] * 2 + ["tiny_inference"] * 2
+        peers = bench.measure_peers({"keras": "k", "onnxruntime": "o"}, [1, 2], mode,
+                                    networks)
+    assert calls == [(framework, name, threads, "smoke", 16)
+                     for framework in ("keras", "onnxruntime")
+                     for name in ("LeNetBN", "ResNet") for threads in (1, 2)]
+    assert [run["network"] for run in peers["onnxruntime"]["runs"]] == [
+        "LeNetBN", "LeNetBN", "ResNet", "ResNet"]
 
 
 def test_failed_child_is_one_line_in_the_table(tmp_path):
