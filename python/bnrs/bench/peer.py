@@ -328,9 +328,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parsed_network(args: argparse.Namespace) -> Network:
-    """The network the child's options give: LeNetBN's fields where left out."""
+    """The network the child's options give: LeNetBN's fields where left out (an
+    architecture without a name is "custom network", as in ``bnrs bench``)."""
+    custom = args.architecture is not None
     fields = {"architecture": args.architecture, "n_classes": args.n_classes,
-              "name": args.name, "key": args.key,
+              "name": args.name or ("custom network" if custom else None),
+              "key": args.key if args.key is not None else ("custom_" if custom else None),
               "input_shape": None if args.input_shape is None else tuple(args.input_shape)}
     return dataclasses.replace(LENET, min_ratio=None, **{
         field: value for field, value in fields.items() if value is not None})
