@@ -203,8 +203,8 @@ def bench_parser() -> argparse.ArgumentParser:
                          help="training batch size (default 64)")
     peers = parser.add_mutually_exclusive_group()
     peers.add_argument("--peers", nargs="+", choices=PEER_NAMES, metavar="NAME",
-                        help="compare with these peers too, each in a process of its own, "
-                        "on LeNetBN whatever --network or --architecture says: "
+                        help="compare with these peers too on each network, in a process "
+                        "of its own per peer, network and thread count: "
                         f"{', '.join(PEER_NAMES)} (default: those importable here)")
     parser.add_argument("--peer-python", action="append", default=[], metavar="NAME=PYTHON",
                         help="run peer NAME with this interpreter (a virtual environment "

@@ -25,7 +25,8 @@ The package, one module per job: :mod:`.workloads` (the kernel rows and the run 
 the user's), :mod:`.torch_mirror` (PyTorch's import and the mirror of any bnrs network), :mod:`.timing` (interleaved repeats, targets),
 :mod:`.peaks` (the machine's peaks), :mod:`.memory` (peak RSS in a fresh process),
 :mod:`.profile` (``--profile``), :mod:`.peer` (Keras and ONNX Runtime, each in a child
-process of its own: ``--peers``, ``--peer-python``), :mod:`.report` (tables, plot) and
+process of its own: ``--peers``, ``--peer-python``), :mod:`.keras_mirror` (any bnrs
+network as a channels-last Keras model), :mod:`.report` (tables, plot) and
 :mod:`.runner` (a run and the entry point); the arguments are parsed in :mod:`bnrs.cli`.
 """
 
@@ -34,6 +35,8 @@ from __future__ import annotations
 from .memory import measure_memory, rss_child
 from .network import (ARCHITECTURE, INPUT_SHAPE, LENET, N_CLASSES, NETWORKS, Network,
                       Trainer, build_bnrs_network, make_data, network_flops)
+from .keras_mirror import (NoKerasCounterpart, build_keras_network, keras_plan,
+                           keras_problem)
 from .peaks import Peaks, copy_bandwidth_gbps, measure_peaks
 from .peer import check_peer, run_peer
 from .profile import LayerTimer, profile_bnrs, profile_torch
@@ -49,13 +52,14 @@ from .workloads import GBPS, GFLOPS, MIB, MODES, Mode, Work, kernel_works
 
 __all__ = ["ARCHITECTURE", "GBPS", "GFLOPS", "INPUT_SHAPE", "LENET", "MIB", "MODES",
            "NETWORKS", "NO_RENORM_MESSAGE", "NO_TORCH_MESSAGE", "N_CLASSES",
-           "TORCH_DISABLED_MESSAGE", "LayerTimer", "Mode", "Network", "Peaks", "Timings",
-           "Trainer", "Work", "all_targets", "build_bnrs_network", "build_torch_network",
-           "check_peer", "copy_bandwidth_gbps", "format_memory", "format_peers",
-           "format_profile", "format_scaling", "format_section", "format_summary",
-           "has_batch_renorm", "import_torch", "kernel_works", "machine_info", "main",
-           "make_data", "measure", "measure_memory", "measure_peaks", "measure_peers",
-           "measure_row", "measure_scaling", "measure_section", "network_flops",
-           "plot_results", "profile_bnrs", "profile_torch", "rss_child",
+           "TORCH_DISABLED_MESSAGE", "LayerTimer", "Mode", "Network", "NoKerasCounterpart",
+           "Peaks", "Timings", "Trainer", "Work", "all_targets", "build_bnrs_network",
+           "build_keras_network", "build_torch_network", "check_peer",
+           "copy_bandwidth_gbps", "format_memory", "format_peers", "format_profile",
+           "format_scaling", "format_section", "format_summary", "has_batch_renorm",
+           "import_torch", "keras_plan", "keras_problem", "kernel_works", "machine_info",
+           "main", "make_data", "measure", "measure_memory", "measure_peaks",
+           "measure_peers", "measure_row", "measure_scaling", "measure_section",
+           "network_flops", "plot_results", "profile_bnrs", "profile_torch", "rss_child",
            "run_benchmarks", "run_mode", "run_peer", "spread", "torch_mirror",
            "torch_train_epoch", "torch_train_step"]

@@ -2,20 +2,22 @@
 
 PyTorch and TensorFlow abort when loaded into one process (both register LLVM options), so
 each peer runs in a child: ``bnrs bench`` starts ``PYTHON -m bnrs.bench.peer --framework F
---threads N`` (PYTHON from ``--peer-python F=PYTHON``, else the bench's own interpreter),
-which imports bnrs and the peer, builds LeNetBN in both with the same weights, times both
-interleaved (:func:`.timing.measure`) and prints one JSON line, the last of its standard
-output; the ratios it reports come from that one process. A child for a framework its
-interpreter cannot import prints ``{"framework": F, "error": "one line"}`` and exits with
-:data:`MISSING_EXIT_CODE`.
+--threads N --name NAME --key KEY --architecture SPEC --input-shape D... --n-classes K
+--batch-size B`` (PYTHON from ``--peer-python F=PYTHON``, else the bench's own
+interpreter), one child per peer, network and thread count. The child imports bnrs and
+the peer, builds that network in both with the same weights, times both interleaved
+(:func:`.timing.measure`) and prints one JSON line, the last of its standard output; the
+ratios it reports come from that one process. Without the network options it times
+LeNetBN. A child for a framework its interpreter cannot import prints ``{"framework": F,
+"error": "one line"}`` and exits with :data:`MISSING_EXIT_CODE`.
 
 The peers, the way a CPU user would run them:
 
 - ``keras``: Keras 3 on TensorFlow, channels last (Keras takes channels_first on the CPU,
   but transposes to NHWC and back around each pooling op, TensorFlow's CPU pooling taking
-  NHWC only); the images are transposed once, outside the timer, and the weights with them (the
-  first dense layer's rows permuted to the channels-last flatten order). Training is
-  ``model.fit`` of one epoch (batch 64, Adam with PyTorch's epsilon 1e-8, sparse
+  NHWC only), the network mirrored by :func:`.keras_mirror.build_keras_network`; the
+  images are transposed once, outside the timer, and the weights with them. Training is
+  ``model.fit`` of one epoch (the bench's batch size, Adam with PyTorch's epsilon 1e-8, sparse
   cross-entropy on logits, no shuffling; Keras's default, no XLA on a CPU-only machine),
   inference ``model.predict`` in batches of the bench's inference batch. Threads:
   ``tf.config.threading.set_intra_op_parallelism_threads(N)`` and
@@ -38,19 +40,23 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
 import bnrs
 
 from .. import nn
-from .network import INPUT_SHAPE, Trainer
+from .keras_mirror import build_keras_network
+from .network import INPUT_SHAPE, LENET, Network, Trainer
 from .timing import measure, spread
 from .workloads import MODES, Mode
 
 #: The exit code of a child whose interpreter cannot import the peer.
 MISSING_EXIT_CODE = 3
+
+#: The version of the child's JSON: 2 when each child timed the network it was given (and
+#: said which), not always LeNetBN.
+SCHEMA = 2
 
 #: Samples of the peers' training epoch and inference pass in a full run (quick and smoke
 #: runs keep their own sizes).
@@ -92,6 +98,13 @@ def _child_command(python: str, framework: str, threads: int, *options: str) -> 
             str(threads), *options]
 
 
+def network_options(network: Network, batch_size: int) -> list[str]:
+    """The child's options that give it ``network`` and the training batch size."""
+    return ["--name", network.name, "--key", network.key, "--architecture",
+            network.architecture, "--input-shape", *map(str, network.input_shape),
+            "--n-classes", str(network.n_classes), "--batch-size", str(batch_size)]
+
+
 def _last_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1] if lines else "no output"
@@ -115,22 +128,27 @@ def check_peer(framework: str, python: str) -> str | None:
                 f"there?): {_last_line(done.stderr)}")
 
 
-def run_peer(framework: str, python: str, threads: int, mode_name: str) -> dict:
-    """One child's JSON (a dict with ``error`` if it failed)."""
+def run_peer(framework: str, python: str, threads: int, mode_name: str,
+             network: Network = LENET, batch_size: int | None = None) -> dict:
+    """One child's JSON for ``network`` (a dict with ``error`` if it failed); the batch
+    size is the mode's unless given."""
     options = [] if mode_name == "full" else [f"--{mode_name}"]
-    command = _child_command(python, framework, threads, *options)
+    batch_size = MODES[mode_name].batch_size if batch_size is None else batch_size
+    command = _child_command(python, framework, threads, *options,
+                             *network_options(network, batch_size))
+    failed = {"framework": framework, "threads": threads, "network": network.name}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=3600,
                               check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
-        return {"framework": framework, "threads": threads, "error": str(error)}
+        return {**failed, "error": str(error)}
     try:
         result = json.loads(_last_line(done.stdout))
     except ValueError:
         result = None
     if done.returncode != 0 or not isinstance(result, dict):
         message = result.get("error") if isinstance(result, dict) else None
-        return {"framework": framework, "threads": threads,
+        return {**failed,
                 "error": message or f"exit code {done.returncode}: {_last_line(done.stderr)}"}
     return result
 
@@ -144,7 +162,11 @@ def peer_mode(mode: Mode) -> Mode:
 
 
 class PeerWork:
-    """One row: a bnrs run and the peer's run of the same work, each with a warm-up."""
+    """One row: a bnrs run and the peer's run of the same work, each with a warm-up.
+
+    ``key`` and ``name`` say what is timed ("inference", "train_epoch"); the row's key
+    and name put the network's before them (``resnet_inference``, "ResNet inference, ...").
+    """
 
     def __init__(self, key: str, name: str, samples: int, run_bnrs, warm_bnrs, run_peer,
                  warm_peer):
@@ -168,83 +190,16 @@ def import_keras(threads: int):
     return tf, keras
 
 
-def build_keras_network(model: nn.Sequential, keras, input_shape=INPUT_SHAPE):
-    """``model``'s layers as a channels-last ``keras.Sequential`` with the same weights
-    and running statistics (an input of shape (N, H, W, C))."""
-    layers = keras.layers
-    channels, height, width = input_shape
-    built = [layers.Input((height, width, channels))]
-    weights: list[tuple[Any, list[np.ndarray]]] = []
-    shape = tuple(input_shape)
-    flatten_from = None
-    for layer in model:
-        if isinstance(layer, nn.Conv2d):
-            kernel = layer.kernel_size
-            same = tuple(layer.padding) == tuple(k // 2 for k in kernel) and all(
-                k % 2 for k in kernel)
-            if tuple(layer.stride) != (1, 1) or tuple(layer.dilation) != (1, 1) or not (
-                    same or tuple(layer.padding) == (0, 0)):
-                raise TypeError(f"no Keras counterpart for {layer!r} in the bench")
-            keras_layer = layers.Conv2D(layer.out_channels, kernel,
-                                        padding="same" if same else "valid",
-                                        use_bias=layer.bias is not None)
-            # (out, in, kh, kw) -> (kh, kw, in, out)
-            values = [layer.weight.data.transpose(2, 3, 1, 0)]
-            if layer.bias is not None:
-                values.append(layer.bias.data)
-        elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            if layer.momentum is None or layer.weight is None or layer.bias is None:
-                raise TypeError(f"no Keras counterpart for {layer!r} in the bench")
-            # Keras's momentum weighs the old running value: PyTorch's (and bnrs's) 0.1 is 0.9.
-            keras_layer = layers.BatchNormalization(momentum=1 - layer.momentum,
-                                                    epsilon=layer.eps)
-            values = [layer.weight.data, layer.bias.data, layer.running_mean,
-                      layer.running_var]
-        elif isinstance(layer, nn.Linear):
-            keras_layer = layers.Dense(layer.out_features, use_bias=layer.bias is not None)
-            matrix = layer.weight.data  # (out, in)
-            if flatten_from is not None:
-                # The flatten before it read (C, H, W) in bnrs, (H, W, C) here.
-                c, h, w = flatten_from
-                flatten_from = None
-                matrix = matrix.reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(
-                    matrix.shape[0], -1)
-            values = [matrix.T]
-            if layer.bias is not None:
-                values.append(layer.bias.data)
-        elif isinstance(layer, nn.MaxPool2d):
-            if layer.padding not in (0, (0, 0)):
-                raise TypeError(f"no Keras counterpart for {layer!r} in the bench")
-            keras_layer = layers.MaxPooling2D(layer.kernel_size, layer.stride)
-            values = []
-        elif isinstance(layer, nn.Dropout):
-            keras_layer, values = layers.Dropout(layer.p), []
-        elif isinstance(layer, nn.Flatten):
-            keras_layer, values = layers.Flatten(), []
-            flatten_from = shape if len(shape) == 3 else None
-        elif isinstance(layer, nn.ReLU):
-            keras_layer, values = layers.ReLU(), []
-        else:
-            raise TypeError(f"no Keras counterpart for {layer!r} in the bench")
-        built.append(keras_layer)
-        weights.append((keras_layer, values))
-        shape = layer.output_shape(shape)
-    network = keras.Sequential(built)
-    for keras_layer, values in weights:
-        if values:
-            keras_layer.set_weights([np.ascontiguousarray(v, dtype=np.float32)
-                                     for v in values])
-    return network
-
-
 def keras_works(trainer: Trainer, threads: int) -> tuple[list[PeerWork], dict]:
     tf, keras = import_keras(threads)
-    network = build_keras_network(trainer.model, keras)
+    input_shape = trainer.network.input_shape
+    network = build_keras_network(trainer.model, keras, input_shape)
     network.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3, epsilon=1e-8),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     mode = trainer.mode
     # Transposed once, outside the timer.
-    images = np.ascontiguousarray(trainer.images.transpose(0, 2, 3, 1))
+    images = (np.ascontiguousarray(trainer.images.transpose(0, 2, 3, 1))
+              if trainer.images.ndim == 4 else trainer.images)
     labels = trainer.labels
     n_infer = trainer._inference_samples()
     n_train = len(images)
@@ -259,13 +214,14 @@ def keras_works(trainer: Trainer, threads: int) -> tuple[list[PeerWork], dict]:
     def predict(n: int) -> None:
         network.predict(images[:n], batch_size=mode.infer_batch_size, verbose=0)
 
+    shape = "x".join(map(str, input_shape))
     works = [
-        PeerWork("inference", f"LeNetBN inference, {n_infer} samples, batches of "
+        PeerWork("inference", f"inference, {n_infer} samples, batches of "
                  f"{mode.infer_batch_size}", n_infer, trainer.bnrs_inference,
                  lambda: trainer.bnrs_inference(1), lambda: predict(n_infer),
                  lambda: predict(min(n_infer, mode.infer_batch_size))),
-        PeerWork("train_epoch", f"LeNetBN train epoch, {n_train} x 1x28x28, batch {batch}, "
-                 "Adam", n_train, trainer.bnrs_epoch, lambda: trainer.bnrs_epoch(5),
+        PeerWork("train_epoch", f"train epoch, {n_train} x {shape}, batch {batch}, Adam",
+                 n_train, trainer.bnrs_epoch, lambda: trainer.bnrs_epoch(5),
                  lambda: fit(n_train), lambda: fit(n_warm)),
     ]
     settings = (f"tf.config.threading: intra_op_parallelism_threads={threads}, "
@@ -296,7 +252,7 @@ def onnxruntime_works(trainer: Trainer, threads: int) -> tuple[list[PeerWork], d
     import onnx
     import onnxruntime as ort
 
-    session = onnxruntime_session(trainer.model, threads)
+    session = onnxruntime_session(trainer.model, threads, trainer.network.input_shape)
     input_name = session.get_inputs()[0].name
     mode = trainer.mode
     n_infer = trainer._inference_samples()
@@ -305,7 +261,7 @@ def onnxruntime_works(trainer: Trainer, threads: int) -> tuple[list[PeerWork], d
         for start in range(0, n, mode.infer_batch_size):
             session.run(None, {input_name: trainer.images[start:start + mode.infer_batch_size]})
 
-    works = [PeerWork("inference", f"LeNetBN inference, {n_infer} samples, batches of "
+    works = [PeerWork("inference", f"inference, {n_infer} samples, batches of "
                       f"{mode.infer_batch_size}", n_infer, trainer.bnrs_inference,
                       lambda: trainer.bnrs_inference(1), lambda: infer(n_infer),
                       lambda: infer(min(n_infer, mode.infer_batch_size)))]
@@ -322,26 +278,30 @@ BUILDERS: dict[str, Callable[[Trainer, int], tuple[list[PeerWork], dict]]] = {
 }
 
 
-def measure_peer(framework: str, mode: Mode, threads: int) -> dict:
-    """Build both networks, time each row interleaved; the result the child prints."""
+def measure_peer(framework: str, mode: Mode, threads: int, network: Network = LENET) -> dict:
+    """Build ``network`` in bnrs and the peer, time each row interleaved; the result the
+    child prints."""
     bnrs.set_num_threads(threads)
-    trainer = Trainer(mode, None)
+    trainer = Trainer(mode, None, network)
     works, about = BUILDERS[framework](trainer, threads)
     rows = []
     for work in works:
-        print(f"  {framework} {threads}t: {work.name}", file=sys.stderr, flush=True)
+        name = f"{network.name} {work.name}"
+        print(f"  {framework} {threads}t: {name}", file=sys.stderr, flush=True)
         gc.collect()
         samples, cores = measure([work.run_bnrs, work.run_peer],
                                  [work.warm_bnrs, work.warm_peer], mode.epoch_repeats, 0.0,
                                  mode.settle_seconds)
         bnrs_time, peer_time = spread(samples[0]), spread(samples[1])
-        rows.append({"key": work.key, "name": work.name, "samples": work.samples,
+        rows.append({"key": network.key + work.key, "name": name, "samples": work.samples,
                      "bnrs_s": bnrs_time, "peer_s": peer_time,
                      "ratio": peer_time["median"] / bnrs_time["median"],
                      "paired_ratio": spread([p / b for b, p in zip(*samples)]),
                      "cores": cores})
-    return {"schema": 1, "framework": framework, "threads": threads, "mode": mode.name,
-            "python": sys.executable, "bnrs": bnrs.__version__,
+    return {"schema": SCHEMA, "framework": framework, "threads": threads, "mode": mode.name,
+            "network": network.name, "architecture": network.architecture,
+            "input_shape": list(network.input_shape), "n_classes": network.n_classes,
+            "batch_size": mode.batch_size, "python": sys.executable, "bnrs": bnrs.__version__,
             "simd_backend": bnrs.simd_backend(), **about, "rows": rows}
 
 
@@ -356,7 +316,27 @@ def parser() -> argparse.ArgumentParser:
     size.add_argument("--smoke", action="store_true")
     parser.add_argument("--check", action="store_true",
                         help="only say whether the peer's packages are importable")
+    network = parser.add_argument_group("the network (default: LeNetBN)")
+    network.add_argument("--architecture", metavar="SPEC")
+    network.add_argument("--input-shape", type=int, nargs="+", metavar="D")
+    network.add_argument("--n-classes", type=int, metavar="K")
+    network.add_argument("--name", help="the network's name in the rows")
+    network.add_argument("--key", help="the prefix of the rows' keys")
+    network.add_argument("--batch-size", type=int, metavar="B",
+                         help="training batch size (default: the mode's)")
     return parser
+
+
+def parsed_network(args: argparse.Namespace) -> Network:
+    """The network the child's options give: LeNetBN's fields where left out (an
+    architecture without a name is "custom network", as in ``bnrs bench``)."""
+    custom = args.architecture is not None
+    fields = {"architecture": args.architecture, "n_classes": args.n_classes,
+              "name": args.name or ("custom network" if custom else None),
+              "key": args.key if args.key is not None else ("custom_" if custom else None),
+              "input_shape": None if args.input_shape is None else tuple(args.input_shape)}
+    return dataclasses.replace(LENET, min_ratio=None, **{
+        field: value for field, value in fields.items() if value is not None})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -370,7 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"framework": args.framework, "ok": True}))
         return 0
     mode = peer_mode(MODES["smoke" if args.smoke else "quick" if args.quick else "full"])
-    print(json.dumps(measure_peer(args.framework, mode, args.threads)), flush=True)
+    if args.batch_size is not None:
+        mode = dataclasses.replace(mode, batch_size=args.batch_size)
+    result = measure_peer(args.framework, mode, args.threads, parsed_network(args))
+    print(json.dumps(result), flush=True)
     return 0
 
 

@@ -145,9 +145,9 @@ def format_peers(peers: dict) -> list[str]:
     """One table of the peers: each ratio from the process that ran that peer."""
     if not peers:
         return []
-    row_format = "{:<12} {:>7} {:<46} {:>8} {:<15} {:>8} {:<15} {:>9} {}"
+    row_format = "{:<12} {:>7} {:<56} {:>8} {:<15} {:>8} {:<15} {:>9} {}"
     title = ("== peers: bnrs and each peer interleaved in a process of their own (one per "
-             "peer and thread count); ratio = peer time / bnrs time (above 1: bnrs is "
+             "peer, network and thread count); ratio = peer time / bnrs time (above 1: bnrs is "
              "faster) ==")
     lines = [title,
              row_format.format("peer", "threads", "work", "bnrs ms", "(IQR)", "peer ms",
@@ -156,7 +156,9 @@ def format_peers(peers: dict) -> list[str]:
     for framework, peer in peers.items():
         for run in peer["runs"]:
             if "error" in run:
-                lines.append(f"{framework:<12} {run['threads']:>7} failed: {run['error']}")
+                network = f" {run['network']}" if "network" in run else ""
+                lines.append(f"{framework:<12} {run['threads']:>7}{network} failed: "
+                             f"{run['error']}")
                 continue
             for row in run["rows"]:
                 bnrs_median, bnrs_iqr = _timing(row["bnrs_s"])

@@ -18,8 +18,9 @@ import numpy as np
 import bnrs
 
 from ..cli import parse_bench_args
+from .keras_mirror import keras_problem
 from .memory import measure_memory, rss_child
-from .network import Trainer
+from .network import LENET, Network, Trainer
 from .peaks import Peaks, measure_peaks
 from .profile import profile_bnrs, profile_torch
 from .peer import run_peer
@@ -28,6 +29,10 @@ from .report import (all_targets, format_peers, format_scaling, format_section,
 from .timing import measure_row, measure_scaling
 from .torch_mirror import NO_RENORM_MESSAGE, has_batch_renorm, import_torch
 from .workloads import MODES, Mode, Work, kernel_works
+
+#: The version of the JSON a run writes: 2 when the peers' runs are one per peer, network
+#: and thread count (each naming its network), not one per peer and thread count.
+SCHEMA = 2
 
 
 def machine_info(torch) -> dict:
@@ -91,15 +96,19 @@ def run_mode(args: argparse.Namespace) -> Mode:
     return mode
 
 
-def measure_peers(pythons: dict, threads: Sequence[int], mode: Mode) -> dict:
-    """Each peer at each thread count, in a child process of its own (after the rest of
-    the bench, so that nothing else of it runs meanwhile)."""
+def measure_peers(pythons: dict, threads: Sequence[int], mode: Mode,
+                  networks: Sequence[Network] = (LENET,)) -> dict:
+    """Each peer on each network at each thread count, in a child process of its own
+    (after the rest of the bench, so that nothing else of it runs meanwhile)."""
     peers = {}
     for framework, python in pythons.items():
         runs = []
-        for n in threads:
-            _progress(f"  {n}t: {framework} against bnrs (python -m bnrs.bench.peer, {python})")
-            runs.append(run_peer(framework, python, n, mode.name))
+        for network in networks:
+            for n in threads:
+                _progress(f"  {n}t: {framework} against bnrs on {network.name} "
+                          f"(python -m bnrs.bench.peer, {python})")
+                runs.append(run_peer(framework, python, n, mode.name, network,
+                                     mode.batch_size))
         peers[framework] = {"python": python, "runs": runs}
     return peers
 
@@ -115,6 +124,15 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
         # Found before anything is measured, in one line, as the parser's errors.
         print(f"bnrs bench: error: --architecture: {NO_RENORM_MESSAGE}", file=sys.stderr)
         raise SystemExit(2)
+    if "keras" in getattr(args, "peer_pythons", {}):
+        for network in args.networks:
+            problem = keras_problem(network.build(), network.input_shape)
+            if problem:
+                # Found before anything is measured, as batch renormalisation for PyTorch.
+                print(f"bnrs bench: error: --architecture: {problem}; the keras peer cannot "
+                      f"time {network.name}: leave keras out (--peers NAME ... or --no-peers)",
+                      file=sys.stderr)
+                raise SystemExit(2)
     info = machine_info(torch)
     print(f"bnrs bench ({mode.name}): bnrs {info['bnrs']} ({info['simd_backend']}), "
           f"PyTorch {info['torch'] or '-'}, NumPy {info['numpy']}, Python {info['python']}")
@@ -165,14 +183,15 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
             torch.set_num_threads(previous_torch_threads)
     lines = format_scaling(scaling)
     print(("\n" + "\n".join(lines)) if lines else "", flush=True)
-    peers = measure_peers(getattr(args, "peer_pythons", {}), args.threads, mode)
+    peers = measure_peers(getattr(args, "peer_pythons", {}), args.threads, mode,
+                          args.networks)
     lines = format_peers(peers)
     print(("\n" + "\n".join(lines)) if lines else "", flush=True)
     info["load_average_end"] = _load_average()
     print(f"\nload average at the end: {info['load_average_end']}")
     targets = all_targets(sections, scaling)
     print("\n" + "\n".join(format_summary(targets)), flush=True)
-    return {"schema": 1, "mode": dataclasses.asdict(mode),
+    return {"schema": SCHEMA, "mode": dataclasses.asdict(mode),
             "architecture": args.networks[0].architecture,
             "networks": [dataclasses.asdict(network) for network in args.networks],
             "machine": info, "torch_available": torch is not None,
