@@ -420,7 +420,7 @@ pub fn max_backward(
     }
 }
 
-/// Output columns of one step of [`pool_2x2_mapped`].
+/// Output columns of the widest step of [`pool_2x2_mapped`].
 pub(crate) const MAPPED_STEP: usize = 16;
 
 /// 2×2, stride-2 pooling of `map(v)` for the values `v` of one plane whose rows start
@@ -429,20 +429,27 @@ pub(crate) const MAPPED_STEP: usize = 16;
 /// the same bits as `map` applied to the plane first and that function after. For a
 /// kernel's epilogue (bias and activation as `map`) on an output plane in cache.
 ///
-/// Each step reads [`MAPPED_STEP`] windows from both rows of a pair, also past a row's
-/// last window: `plane` must hold `(2·H_out - 1)·row_stride + 2·out_w` rounded up to
-/// whole steps of `2·MAPPED_STEP` values; the extra values go through `map` (their
-/// results are dropped, whatever they are).
+/// Each step reads `STEP` windows (`PAIRS` = 2·`STEP` values) from both rows of a pair,
+/// also past a row's last window: `plane` must hold `(2·out_h - 1)·row_stride + 2·out_w`
+/// rounded up to whole steps of `PAIRS` values; the extra values go through `map`
+/// (their results are dropped, whatever they are). The `out_h`·`out_w` outputs go to the
+/// start of `out`; each step stores whole, also past its row, where the next row's
+/// steps store over it, and past the last row if `out` is longer (a caller's next
+/// plane, written after this one): a short copy of a variable length would be a call
+/// to memcpy, here only where `out` ends.
 #[inline(always)]
-pub(crate) fn pool_2x2_mapped<const MAX: bool>(
+pub(crate) fn pool_2x2_mapped<const MAX: bool, const STEP: usize, const PAIRS: usize>(
     plane: &[f32],
     row_stride: usize,
     out: &mut [f32],
-    out_w: usize,
+    (out_h, out_w): (usize, usize),
     map: impl Fn(f32) -> f32,
 ) {
-    const PAIRS: usize = 2 * MAPPED_STEP;
-    let out_h = out.len() / out_w;
+    const { assert!(PAIRS == 2 * STEP && STEP <= MAPPED_STEP) };
+    assert!(
+        out.len() >= out_h * out_w,
+        "pool_2x2_mapped: output too short"
+    );
     for oh in 0..out_h {
         let top_row = 2 * oh * row_stride;
         let mut ow = 0;
@@ -453,7 +460,7 @@ pub(crate) fn pool_2x2_mapped<const MAX: bool>(
             let bottom: &[f32; PAIRS] = plane[top_row + row_stride + 2 * ow..][..PAIRS]
                 .try_into()
                 .expect("a step of the bottom row");
-            let mut pooled = [0.0f32; MAPPED_STEP];
+            let mut pooled = [0.0f32; STEP];
             for (i, o) in pooled.iter_mut().enumerate() {
                 let (t0, t1) = (map(top[2 * i]), map(top[2 * i + 1]));
                 let (b0, b1) = (map(bottom[2 * i]), map(bottom[2 * i + 1]));
@@ -472,17 +479,15 @@ pub(crate) fn pool_2x2_mapped<const MAX: bool>(
                     (0.0 + t0 + t1 + b0 + b1) / 4.0
                 };
             }
-            // A whole step is stored even past the row's end, where the next row's steps
-            // store over it: a short copy of a variable length would be a memcpy call.
             let at = oh * out_w + ow;
-            match out.get_mut(at..at + MAPPED_STEP) {
+            match out.get_mut(at..at + STEP) {
                 Some(whole) => whole.copy_from_slice(&pooled),
                 None => {
-                    let n = MAPPED_STEP.min(out_w - ow);
+                    let n = STEP.min(out_w - ow);
                     out[at..at + n].copy_from_slice(&pooled[..n]);
                 }
             }
-            ow += MAPPED_STEP;
+            ow += STEP;
         }
     }
 }
@@ -714,15 +719,23 @@ mod tests {
                 if out_len == 0 {
                     continue;
                 }
+                let shape = (out_len / out_w, out_w);
                 for (name, map) in maps {
                     let mapped: Vec<f32> = plane.iter().map(|&v| map(v)).collect();
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     let (mut expected, mut actual) = (vec![0.0; out_len], vec![9.0; out_len]);
                     max_pool_2x2_plane_values(&mapped, stride, &mut expected, out_w);
-                    pool_2x2_mapped::<true>(&plane, stride, &mut actual, out_w, map);
+                    pool_2x2_mapped::<true, 16, 32>(&plane, stride, &mut actual, shape, map);
+                    let mut narrow = vec![9.0; out_len];
+                    pool_2x2_mapped::<true, 8, 16>(&plane, stride, &mut narrow, shape, map);
+                    assert_eq!(
+                        bits(&narrow),
+                        bits(&expected),
+                        "max 8 {name} {out_w} {first}"
+                    );
                     assert_eq!(bits(&actual), bits(&expected), "max {name} {out_w} {first}");
                     avg_pool_2x2_plane(&mapped, stride, &mut expected, out_w);
-                    pool_2x2_mapped::<false>(&plane, stride, &mut actual, out_w, map);
+                    pool_2x2_mapped::<false, 16, 32>(&plane, stride, &mut actual, shape, map);
                     // A sum of two NaNs has either's payload, as the compiler orders the
                     // operands (LLVM leaves it open): NaN is compared as NaN.
                     let nan_as_one = |v: &[f32]| {

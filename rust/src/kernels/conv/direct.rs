@@ -129,13 +129,21 @@ fn fill_frame(p: &Conv2dParams, image: &[f32], frame: &mut Vec<f32>, len: usize)
         frame.clear();
         resize_scratch(frame, len, FRAME)?;
     }
-    for (row, padded_row) in interior_rows(p) {
-        copy_row(
-            &mut frame[padded_row..padded_row + p.in_w],
-            &image[row..row + p.in_w],
-        );
-    }
+    copy_interior(p, image, frame);
     Ok(())
+}
+
+simd_dispatch! {
+    /// The image's rows into the frame's interior: with the level's vector width (the
+    /// rows of small images are a few vectors each).
+    fn copy_interior(p: &Conv2dParams, image: &[f32], frame: &mut [f32]) {
+        for (row, padded_row) in interior_rows(p) {
+            copy_row(
+                &mut frame[padded_row..padded_row + p.in_w],
+                &image[row..row + p.in_w],
+            );
+        }
+    }
 }
 
 /// How the kernels run: the register tile (forward: output channels × vectors of 16

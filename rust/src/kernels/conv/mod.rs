@@ -193,9 +193,10 @@ pub fn forward_fused_pooled(
                     &mut full[..planes * pixels],
                 )?;
                 let read = (2 * ph - 1) * p.out_w + (2 * pw).next_multiple_of(slack);
-                for (plane, pooled) in out.chunks_exact_mut(ph * pw).enumerate() {
+                for plane in 0..out.len() / (ph * pw) {
                     let values = &full[plane * pixels..plane * pixels + read];
-                    finish_pooled_plane(values, p.out_w, None, None, pool, pooled, pw);
+                    let pooled = &mut out[plane * ph * pw..];
+                    finish_pooled_plane(values, p.out_w, None, None, pool, pooled, (ph, pw));
                 }
                 Ok(())
             },
@@ -223,37 +224,39 @@ fn direct_image_pooled(
     let step = 2 * pool::MAPPED_STEP;
     let read = (2 * ph - 1) * row_stride + (2 * pw).next_multiple_of(step);
     let (flat, computed) = direct.flat_image(p, image, scratch)?;
-    for (co, pooled) in out_image.chunks_exact_mut(ph * pw).enumerate() {
+    for co in 0..p.out_channels {
         let plane = &flat[co * computed..co * computed + read];
         // The unfused bias add, also of 0.0 (which turns -0 into +0).
         let add = (!direct.includes_bias()).then(|| bias.map_or(0.0, |b| b[co]));
-        finish_pooled_plane(
-            plane,
-            row_stride,
-            add,
-            epilogue.activation,
-            pool,
-            pooled,
-            pw,
-        );
+        // To the image's end: the pool may store past the plane, before the next one.
+        let pooled = &mut out_image[co * ph * pw..];
+        let activation = epilogue.activation;
+        finish_pooled_plane(plane, row_stride, add, activation, pool, pooled, (ph, pw));
     }
     Ok(())
 }
 
 simd_dispatch! {
     /// `pool` of `activation(v + add)` (or of `activation(v)`) for the values `v` of one
-    /// flat output plane, rows `row_stride` apart, into `out`: the bias add, the
-    /// epilogue and the pool of the unfused order in one pass over the plane.
+    /// flat output plane, rows `row_stride` apart, into the start of `out` (`out_hw`
+    /// pooled; what follows may be overwritten, see `pool::pool_2x2_mapped`): the bias
+    /// add, the epilogue and the pool of the unfused order in one pass over the plane.
     fn finish_pooled_plane(plane: &[f32], row_stride: usize, add: Option<f32>,
                            activation: Option<Activation>, pool: Pool2x2, out: &mut [f32],
-                           out_w: usize) {
+                           out_hw: (usize, usize)) {
+        let out_w = out_hw.1;
+        // Steps of 8 windows for rows of at most 8 (LeNet's second pool has 7), else 16.
         macro_rules! pooled {
             ($map:expr) => {
-                match pool {
-                    Pool2x2::Max => pool::pool_2x2_mapped::<true>(plane, row_stride, out, out_w,
-                                                                  $map),
-                    Pool2x2::Avg => pool::pool_2x2_mapped::<false>(plane, row_stride, out,
-                                                                   out_w, $map),
+                match (pool, out_w <= 8) {
+                    (Pool2x2::Max, true) => pool::pool_2x2_mapped::<true, 8, 16>(
+                        plane, row_stride, out, out_hw, $map),
+                    (Pool2x2::Max, false) => pool::pool_2x2_mapped::<true, 16, 32>(
+                        plane, row_stride, out, out_hw, $map),
+                    (Pool2x2::Avg, true) => pool::pool_2x2_mapped::<false, 8, 16>(
+                        plane, row_stride, out, out_hw, $map),
+                    (Pool2x2::Avg, false) => pool::pool_2x2_mapped::<false, 16, 32>(
+                        plane, row_stride, out, out_hw, $map),
                 }
             };
         }
