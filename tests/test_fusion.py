@@ -336,6 +336,21 @@ def test_folded_weights_never_go_stale(change, rng, assert_close):
     _assert_fresh(model, x, assert_close)
 
 
+def test_folded_weights_follow_the_sign_of_a_zero(rng):
+    # -0.0 == +0.0 in value, but the folded weights of that channel change sign.
+    model = _conv_bn_relu(rng)
+    x = rng.standard_normal((4, 3, 6, 6)).astype(np.float32)
+    model[1].weight.data[3] = 0.0
+    model(x)   # fills the fusion cache
+    model[1].weight.data[3] = -0.0
+    model(x)
+    block = next(iter(model._fusion_blocks.values()))
+    fresh = fusion.FusedBlock(block.layer, block.norm, block.activation, block.modules)
+    for cached, expected in zip(block.folded(), fresh.folded()):
+        np.testing.assert_array_equal(cached.view(np.uint32), expected.view(np.uint32))
+    assert np.signbit(block.folded()[0][3]).any()
+
+
 def test_pickled_fused_model_predicts_the_same_bits(rng):
     model = _lenet(rng)
     x = rng.random((4, 1, 28, 28), dtype=np.float32)
