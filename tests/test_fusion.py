@@ -748,10 +748,10 @@ def test_first_layers_same_bits_at_each_fma_level_and_thread_count(
                     assert_close(output, reference, terms=terms, name=f"{case} {level}")
                 results[level, threads] = outputs
         fma_levels = [level for level in _core.simd_levels() if level != "scalar"]
-        for level, threads in results:
+        for (level, threads), outputs in results.items():
             # The scalar level adds its products unfused (within rounding, checked above).
             first = ("scalar", 1) if level == "scalar" else (fma_levels[0], 1)
-            for got, want in zip(results[level, threads], results[first]):
+            for got, want in zip(outputs, results[first]):
                 np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
                                               err_msg=f"{case} {level} {threads}")
 
