@@ -336,6 +336,21 @@ def test_folded_weights_never_go_stale(change, rng, assert_close):
     _assert_fresh(model, x, assert_close)
 
 
+def test_folded_weights_follow_the_sign_of_a_zero(rng):
+    # -0.0 == +0.0 in value, but the folded weights of that channel change sign.
+    model = _conv_bn_relu(rng)
+    x = rng.standard_normal((4, 3, 6, 6)).astype(np.float32)
+    model[1].weight.data[3] = 0.0
+    model(x)   # fills the fusion cache
+    model[1].weight.data[3] = -0.0
+    model(x)
+    block = next(iter(model._fusion_blocks.values()))
+    fresh = fusion.FusedBlock(block.layer, block.norm, block.activation, block.modules)
+    for cached, expected in zip(block.folded(), fresh.folded()):
+        np.testing.assert_array_equal(cached.view(np.uint32), expected.view(np.uint32))
+    assert np.signbit(block.folded()[0][3]).any()
+
+
 def test_pickled_fused_model_predicts_the_same_bits(rng):
     model = _lenet(rng)
     x = rng.random((4, 1, 28, 28), dtype=np.float32)
@@ -693,6 +708,52 @@ def test_fused_pool_gives_the_bits_of_conv_then_pool_at_each_level_and_thread_co
                     assert fused.shape == expected.shape
                     np.testing.assert_array_equal(fused, expected,
                                                   err_msg=f"{case} {level} {threads}")
+
+
+#: First layers (at most 32 unfolded rows, stride 1), which AVX-512 runs by the direct
+#: kernel summing in the small-K product's order (AVX2 by that product): LeNet's first
+#: conv, batch 1, one and three channels, no padding, rectangular padding, 5x5, dilation,
+#: odd sizes, channel counts off the register tiles.
+FIRST_LAYER_CASES = [
+    ((1, 1, 28, 28), (16, 1, 3, 3), 1, 1, True),
+    ((3, 1, 9, 7), (5, 1, 3, 3), 0, 1, False),
+    ((2, 3, 11, 13), (7, 3, 3, 3), (1, 2), 1, True),
+    ((1, 1, 10, 9), (9, 1, 5, 5), 2, 1, True),
+    ((2, 2, 12, 12), (3, 2, 3, 3), (2, 1), 2, True),
+]
+
+
+def test_first_layers_same_bits_at_each_fma_level_and_thread_count(
+        rng, assert_close, restore_threads_and_simd):
+    for case in FIRST_LAYER_CASES:
+        input_shape, weight_shape, padding, dilation, has_bias = case
+        x = rng.standard_normal(input_shape).astype(np.float32)
+        weight = rng.standard_normal(weight_shape).astype(np.float32)
+        bias = rng.standard_normal(weight_shape[0]).astype(np.float32) if has_bias else None
+        expected = ref.conv2d(x, weight, bias, 1, padding, dilation)
+        expected_max, _ = ref.max_pool2d(np.maximum(expected, 0.0), 2)
+        expected_avg = ref.avg_pool2d(np.tanh(expected), 2)
+        terms = int(np.prod(weight_shape[1:]))
+        results = {}
+        for level in _core.simd_levels():
+            _core.set_simd(level)
+            for threads in (1, 2):
+                _core.set_num_threads(threads)
+                outputs = (F.conv2d(x, weight, bias, 1, padding, dilation),
+                           F._conv2d_fused(x, weight, bias, 1, padding, dilation, "relu",
+                                           0.0, "max"),
+                           F._conv2d_fused(x, weight, bias, 1, padding, dilation, "tanh",
+                                           0.0, "avg"))
+                for output, reference in zip(outputs, (expected, expected_max, expected_avg)):
+                    assert_close(output, reference, terms=terms, name=f"{case} {level}")
+                results[level, threads] = outputs
+        fma_levels = [level for level in _core.simd_levels() if level != "scalar"]
+        for (level, threads), outputs in results.items():
+            # The scalar level adds its products unfused (within rounding, checked above).
+            first = ("scalar", 1) if level == "scalar" else (fma_levels[0], 1)
+            for got, want in zip(outputs, results[first]):
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32),
+                                              err_msg=f"{case} {level} {threads}")
 
 
 def _conv_bn_relu_pool(pool_class, rng, **pool_args):

@@ -16,6 +16,18 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// f(v) for one value: the arithmetic of [`apply_in_place`], for a kernel that applies
+    /// the activation while the value is in a register (so the same bits).
+    #[inline(always)]
+    pub fn value(self, v: f32) -> f32 {
+        match self {
+            Activation::Relu => relu(v),
+            Activation::LeakyRelu(s) => leaky_relu(v, s),
+            Activation::Sigmoid => sigmoid(v),
+            Activation::Tanh => v.tanh(),
+        }
+    }
+
     /// Whether the gradient is computed from the output (sigmoid, tanh) rather than from
     /// the input (relu, leaky relu), as [`backward`]'s `saved` is.
     pub fn grad_uses_output(self) -> bool {

@@ -420,6 +420,78 @@ pub fn max_backward(
     }
 }
 
+/// Output columns of the widest step of [`pool_2x2_mapped`].
+pub(crate) const MAPPED_STEP: usize = 16;
+
+/// 2×2, stride-2 pooling of `map(v)` for the values `v` of one plane whose rows start
+/// `row_stride` apart, into `out` (rows of `out_w`): [`max_pool_2x2_plane_values`]
+/// (`MAX`) or [`avg_pool_2x2_plane`], the same selects and sums on the same values, so
+/// the same bits as `map` applied to the plane first and that function after. For a
+/// kernel's epilogue (bias and activation as `map`) on an output plane in cache.
+///
+/// Each step reads `STEP` windows (`PAIRS` = 2·`STEP` values) from both rows of a pair,
+/// also past a row's last window: `plane` must hold `(2·out_h - 1)·row_stride + 2·out_w`
+/// rounded up to whole steps of `PAIRS` values; the extra values go through `map`
+/// (their results are dropped, whatever they are). The `out_h`·`out_w` outputs go to the
+/// start of `out`; each step stores whole, also past its row, where the next row's
+/// steps store over it, and past the last row if `out` is longer (a caller's next
+/// plane, written after this one): a short copy of a variable length would be a call
+/// to memcpy, here only where `out` ends.
+#[inline(always)]
+pub(crate) fn pool_2x2_mapped<const MAX: bool, const STEP: usize, const PAIRS: usize>(
+    plane: &[f32],
+    row_stride: usize,
+    out: &mut [f32],
+    (out_h, out_w): (usize, usize),
+    map: impl Fn(f32) -> f32,
+) {
+    const { assert!(PAIRS == 2 * STEP && STEP <= MAPPED_STEP) };
+    assert!(
+        out.len() >= out_h * out_w,
+        "pool_2x2_mapped: output too short"
+    );
+    for oh in 0..out_h {
+        let top_row = 2 * oh * row_stride;
+        let mut ow = 0;
+        while ow < out_w {
+            let top: &[f32; PAIRS] = plane[top_row + 2 * ow..][..PAIRS]
+                .try_into()
+                .expect("a step of the top row");
+            let bottom: &[f32; PAIRS] = plane[top_row + row_stride + 2 * ow..][..PAIRS]
+                .try_into()
+                .expect("a step of the bottom row");
+            let mut pooled = [0.0f32; STEP];
+            for (i, o) in pooled.iter_mut().enumerate() {
+                let (t0, t1) = (map(top[2 * i]), map(top[2 * i + 1]));
+                let (b0, b1) = (map(bottom[2 * i]), map(bottom[2 * i + 1]));
+                *o = if MAX {
+                    // Each row's winner, then the winner of the two: the window-order scan's
+                    // value (the largest, the first of equal ones, the first NaN), with two
+                    // selects in a row instead of three.
+                    let top = if replaces(t1, t0) { t1 } else { t0 };
+                    let bottom = if replaces(b1, b0) { b1 } else { b0 };
+                    if replaces(bottom, top) {
+                        bottom
+                    } else {
+                        top
+                    }
+                } else {
+                    (0.0 + t0 + t1 + b0 + b1) / 4.0
+                };
+            }
+            let at = oh * out_w + ow;
+            match out.get_mut(at..at + STEP) {
+                Some(whole) => whole.copy_from_slice(&pooled),
+                None => {
+                    let n = STEP.min(out_w - ow);
+                    out[at..at + n].copy_from_slice(&pooled[..n]);
+                }
+            }
+            ow += STEP;
+        }
+    }
+}
+
 simd_dispatch! {
     /// Average pooling of one plane with 2×2 windows, stride 2, no padding: the general
     /// loop's sum order (from 0.0, row-major) and divisor, so the same values.
@@ -535,6 +607,7 @@ pub fn avg_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::activation::Activation;
 
     #[test]
     fn max_pool_2x2_picks_window_maxima_and_routes_gradients() {
@@ -594,6 +667,90 @@ mod tests {
         max_pool_2x2_plane_backward(&plane, in_w, &gy, out_w, &mut routed, &mut scratch);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&routed), bits(&expected));
+    }
+
+    #[test]
+    fn mapped_2x2_pool_gives_the_bits_of_map_then_the_plane_functions() {
+        // Every window of four drawn from these values (ties, signed zeros, two NaN
+        // payloads, infinities) over a few planes, with rows `stride` apart (columns past
+        // the windows hold other values) and a map that makes ties and zeros of its own.
+        let pick = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::NAN,
+            f32::from_bits(0x7fc0_0001),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            2.5,
+        ];
+        let windows: Vec<[f32; 4]> = (0..pick.len().pow(4))
+            .map(|i| {
+                let digit = |k: u32| pick[i / pick.len().pow(k) % pick.len()];
+                [digit(0), digit(1), digit(2), digit(3)]
+            })
+            .collect();
+        let maps: [(&str, fn(f32) -> f32); 3] = [
+            ("identity", |v| v),
+            ("relu of v - 1", |v| Activation::Relu.value(v - 1.0)),
+            ("tanh", f32::tanh),
+        ];
+        for (out_h, out_w, extra) in [
+            (1usize, 1usize, 0usize),
+            (3, 5, 1),
+            (7, 14, 2),
+            (2, 17, 3),
+            (4, 33, 0),
+        ] {
+            let stride = 2 * out_w + extra;
+            let needed = (2 * out_h - 1) * stride + (2 * out_w).next_multiple_of(32);
+            for (first, chunk) in windows.chunks(out_h * out_w).enumerate().take(40) {
+                let mut plane: Vec<f32> = (0..needed.max(2 * out_h * stride))
+                    .map(|i| pick[(i + first) % pick.len()] + 0.5)
+                    .collect();
+                for (k, window) in chunk.iter().enumerate() {
+                    let (oh, ow) = (k / out_w, k % out_w);
+                    let at = 2 * oh * stride + 2 * ow;
+                    plane[at..at + 2].copy_from_slice(&window[..2]);
+                    plane[at + stride..at + stride + 2].copy_from_slice(&window[2..]);
+                }
+                let out_len = chunk.len() / out_w * out_w;
+                if out_len == 0 {
+                    continue;
+                }
+                let shape = (out_len / out_w, out_w);
+                for (name, map) in maps {
+                    let mapped: Vec<f32> = plane.iter().map(|&v| map(v)).collect();
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    let (mut expected, mut actual) = (vec![0.0; out_len], vec![9.0; out_len]);
+                    max_pool_2x2_plane_values(&mapped, stride, &mut expected, out_w);
+                    pool_2x2_mapped::<true, 16, 32>(&plane, stride, &mut actual, shape, map);
+                    let mut narrow = vec![9.0; out_len];
+                    pool_2x2_mapped::<true, 8, 16>(&plane, stride, &mut narrow, shape, map);
+                    assert_eq!(
+                        bits(&narrow),
+                        bits(&expected),
+                        "max 8 {name} {out_w} {first}"
+                    );
+                    assert_eq!(bits(&actual), bits(&expected), "max {name} {out_w} {first}");
+                    avg_pool_2x2_plane(&mapped, stride, &mut expected, out_w);
+                    pool_2x2_mapped::<false, 16, 32>(&plane, stride, &mut actual, shape, map);
+                    // A sum of two NaNs has either's payload, as the compiler orders the
+                    // operands (LLVM leaves it open): NaN is compared as NaN.
+                    let nan_as_one = |v: &[f32]| {
+                        v.iter()
+                            .map(|f| if f.is_nan() { u32::MAX } else { f.to_bits() })
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(
+                        nan_as_one(&actual),
+                        nan_as_one(&expected),
+                        "avg {name} {out_w} {first}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -44,6 +44,11 @@ macro_rules! unroll {
     };
 }
 
+/// Values after the flat output's last plane: a fused 2×2 pool reads up to
+/// `2·out_w` rounded up to whole steps of `2·MAPPED_STEP` from a row's start, at most
+/// `2·MAPPED_STEP - 2` past the last output value (`W_out >= 2·out_w`).
+pub(super) const FLAT_SLACK: usize = 2 * crate::kernels::pool::MAPPED_STEP;
+
 const FRAME: &str = "conv2d (direct): the zero-padded frame of an image";
 const FLAT_OUTPUT: &str = "conv2d (direct): the flat output of an image";
 
@@ -124,22 +129,34 @@ fn fill_frame(p: &Conv2dParams, image: &[f32], frame: &mut Vec<f32>, len: usize)
         frame.clear();
         resize_scratch(frame, len, FRAME)?;
     }
-    for (row, padded_row) in interior_rows(p) {
-        copy_row(
-            &mut frame[padded_row..padded_row + p.in_w],
-            &image[row..row + p.in_w],
-        );
-    }
+    copy_interior(p, image, frame);
     Ok(())
 }
 
+simd_dispatch! {
+    /// The image's rows into the frame's interior: with the level's vector width (the
+    /// rows of small images are a few vectors each).
+    fn copy_interior(p: &Conv2dParams, image: &[f32], frame: &mut [f32]) {
+        for (row, padded_row) in interior_rows(p) {
+            copy_row(
+                &mut frame[padded_row..padded_row + p.in_w],
+                &image[row..row + p.in_w],
+            );
+        }
+    }
+}
+
 /// How the kernels run: the register tile (forward: output channels × vectors of 16
-/// pixels; weight gradient: output channels × (input channel, tap) entries) and whether
-/// multiply-adds are fused. Any tile gives the same bits; only `fused` changes them.
+/// pixels; weight gradient: output channels × (input channel, tap) entries), whether
+/// multiply-adds are fused, and whether the forward's sums start from the bias. Any tile
+/// gives the same bits; `fused` and `from_bias` change them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Kernel {
     pub tile: (usize, usize),
     pub fused: bool,
+    /// Each pixel's sum starts from its channel's bias (else from 0, the bias added to
+    /// the finished sum): the order of the small-K product, whose bits this gives.
+    pub from_bias: bool,
 }
 
 impl Kernel {
@@ -155,6 +172,18 @@ impl Kernel {
                 (6, 1)
             },
             fused: level != Level::Scalar,
+            from_bias: false,
+        }
+    }
+
+    /// The forward of a convolution with few unfolded rows (a first layer), in place of
+    /// the small-K product ([`super::microkernel`]): with FMA it sums each pixel in the
+    /// same order from the same start (bias, then (input channel, tap) in order, the
+    /// padding's zeros included), so it gives that product's bits.
+    pub(super) fn small_k(level: Level) -> Self {
+        Kernel {
+            from_bias: true,
+            ..Kernel::forward(level)
         }
     }
 
@@ -168,6 +197,7 @@ impl Kernel {
                 (2, 3)
             },
             fused: level != Level::Scalar,
+            from_bias: false,
         }
     }
 }
@@ -202,41 +232,69 @@ pub(super) struct ForwardPlan {
     geometry: Geometry,
     taps: Vec<usize>,
     weights: Vec<f32>,
+    /// Where each channel's sums start: its bias with [`Kernel::from_bias`], else 0;
+    /// zero beyond C_out.
+    initial: Vec<f32>,
+    from_bias: bool,
     channels: usize,
     vectors: usize,
     fused: bool,
 }
 
 impl ForwardPlan {
-    pub(super) fn new(p: &Conv2dParams, weight: &[f32], kernel: Kernel) -> Self {
+    /// The plan of `kernel`; `bias` is read only by a kernel whose sums start from it.
+    pub(super) fn new(
+        p: &Conv2dParams,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        kernel: Kernel,
+    ) -> Self {
         let (channels, vectors) = kernel.tile;
         let geometry = Geometry::new(p);
+        let mut initial = vec![0.0f32; p.out_channels.next_multiple_of(channels)];
+        if let (true, Some(b)) = (kernel.from_bias, bias) {
+            initial[..p.out_channels].copy_from_slice(&b[..p.out_channels]);
+        }
         ForwardPlan {
             geometry,
             taps: geometry.taps(p),
             weights: pack_forward_weights(p, weight, channels),
+            initial,
+            from_bias: kernel.from_bias,
             channels,
             vectors,
             fused: kernel.fused,
         }
     }
 
-    /// One image's output (C_out planes, NCHW) without bias: `write(channel, row, values)`
-    /// receives each output row.
-    pub(super) fn image(
+    /// Whether the sums already hold the bias (else the caller adds it).
+    pub(super) fn includes_bias(&self) -> bool {
+        self.from_bias
+    }
+
+    /// The row stride of [`ForwardPlan::flat_image`]'s planes (the padded width).
+    pub(super) fn row_stride(&self) -> usize {
+        self.geometry.wp
+    }
+
+    /// One image's flat output into `scratch`, returned with the distance `computed`
+    /// between planes: output channel `co`'s plane starts at `co·computed`, its output
+    /// row `oh` at `oh·row_stride` within it (the columns between rows are not outputs).
+    /// After the last plane come at least [`FLAT_SLACK`] more values (of no meaning), so
+    /// that a reader may run that far past a plane's last output row.
+    pub(super) fn flat_image<'s>(
         &self,
         p: &Conv2dParams,
         image: &[f32],
-        scratch: &mut ForwardScratch,
-        mut write: impl FnMut(usize, usize, &[f32]),
-    ) -> Result<()> {
+        scratch: &'s mut ForwardScratch,
+    ) -> Result<(&'s [f32], usize)> {
         let g = &self.geometry;
         let computed = g.computed(self.vectors);
         fill_frame(p, image, &mut scratch.frame, g.frame_len(p, computed))?;
         let tiles = p.out_channels.div_ceil(self.channels);
         resize_scratch(
             &mut scratch.flat,
-            tiles * self.channels * computed,
+            tiles * self.channels * computed + FLAT_SLACK,
             FLAT_OUTPUT,
         )?;
         direct_forward(
@@ -246,10 +304,24 @@ impl ForwardPlan {
             &scratch.frame,
             &mut scratch.flat,
         );
-        for co in 0..p.out_channels {
-            let plane = &scratch.flat[co * computed..];
+        Ok((&scratch.flat, computed))
+    }
+
+    /// One image's output (C_out planes, NCHW), with the bias only if
+    /// [`ForwardPlan::includes_bias`]: `write(channel, row, values)` receives each row.
+    pub(super) fn image(
+        &self,
+        p: &Conv2dParams,
+        image: &[f32],
+        scratch: &mut ForwardScratch,
+        mut write: impl FnMut(usize, usize, &[f32]),
+    ) -> Result<()> {
+        let wp = self.geometry.wp;
+        let (flat, computed) = self.flat_image(p, image, scratch)?;
+        let planes = &flat[..p.out_channels * computed];
+        for (co, plane) in planes.chunks_exact(computed).enumerate() {
             for oh in 0..p.out_h {
-                write(co, oh, &plane[oh * g.wp..oh * g.wp + p.out_w]);
+                write(co, oh, &plane[oh * wp..oh * wp + p.out_w]);
             }
         }
         Ok(())
@@ -261,14 +333,15 @@ simd_dispatch! {
     fn direct_forward(plan: &ForwardPlan, in_channels: usize, computed: usize, frame: &[f32],
                       flat: &mut [f32]) {
         let (weights, taps, plane) = (&plan.weights, &plan.taps, plan.geometry.plane);
+        let initial = &plan.initial;
         macro_rules! run {
             ($r:literal, $v:literal) => {
                 if plan.fused {
-                    forward_tiles::<$r, $v, true>(frame, weights, taps, in_channels, plane,
-                                                  computed, flat)
+                    forward_tiles::<$r, $v, true>(frame, weights, initial, taps, in_channels,
+                                                  plane, computed, flat)
                 } else {
-                    forward_tiles::<$r, $v, false>(frame, weights, taps, in_channels, plane,
-                                                   computed, flat)
+                    forward_tiles::<$r, $v, false>(frame, weights, initial, taps, in_channels,
+                                                   plane, computed, flat)
                 }
             };
         }
@@ -291,9 +364,11 @@ fn multiply_add<const FUSED: bool>(a: f32, b: f32, acc: f32) -> f32 {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward_tiles<const R: usize, const V: usize, const FUSED: bool>(
     frame: &[f32],
     weights: &[f32],
+    initial: &[f32],
     taps: &[usize],
     in_channels: usize,
     plane: usize,
@@ -302,13 +377,18 @@ fn forward_tiles<const R: usize, const V: usize, const FUSED: bool>(
 ) {
     let per_tile = in_channels * taps.len() * R;
     let reach = taps.last().copied().unwrap_or(0);
-    for (tile_weights, out) in weights
+    for ((tile_weights, tile_initial), out) in weights
         .chunks_exact(per_tile)
+        .zip(initial.chunks_exact(R))
         .zip(flat.chunks_exact_mut(R * computed))
     {
+        let tile_initial: &[f32; R] = tile_initial.try_into().expect("a tile of starts");
         let mut q = 0;
         while q < computed {
             let mut acc = [[[0.0f32; LANES]; V]; R];
+            unroll!(r < R => {
+                acc[r] = [[tile_initial[r]; LANES]; V];
+            });
             for c in 0..in_channels {
                 let window = &frame[c * plane + q..c * plane + q + reach + V * LANES];
                 let w = &tile_weights[c * taps.len() * R..(c + 1) * taps.len() * R];
@@ -595,7 +675,13 @@ mod tests {
         let tiles = [of(Level::Avx512).tile, of(Level::Avx2).tile];
         tiles
             .into_iter()
-            .flat_map(|tile| [true, false].map(|fused| Kernel { tile, fused }))
+            .flat_map(|tile| {
+                [true, false].map(|fused| Kernel {
+                    tile,
+                    fused,
+                    from_bias: false,
+                })
+            })
             .collect()
     }
 
@@ -627,7 +713,7 @@ mod tests {
     }
 
     fn forward_with(p: &Conv2dParams, x: &[f32], w: &[f32], kernel: Kernel) -> Vec<f32> {
-        let plan = ForwardPlan::new(p, w, kernel);
+        let plan = ForwardPlan::new(p, w, None, kernel);
         let mut scratch = ForwardScratch::default();
         let out_image = p.out_channels * p.pixels();
         let mut y = vec![f32::NAN; p.batch * out_image];
