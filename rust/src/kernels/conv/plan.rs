@@ -239,6 +239,7 @@ fn transposed_params(p: &Conv2dParams) -> Option<Conv2dParams> {
         dilation: p.dilation,
         out_h: p.in_h,
         out_w: p.in_w,
+        groups: 1,
     })
 }
 
