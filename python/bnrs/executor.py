@@ -49,7 +49,8 @@ _OPTIMIZERS = {optim.Adam: "adam", optim.AdamW: "adamw", optim.SGD: "sgd"}
 # method equals the method of the same object only).
 _COMMON = ("training", "forward", "backward")
 _WATCHED = {
-    nn.Conv2d: attrgetter(*_COMMON, "weight", "bias", "stride", "padding", "dilation"),
+    nn.Conv2d: attrgetter(*_COMMON, "weight", "bias", "stride", "padding", "dilation",
+                           "groups"),
     nn.Linear: attrgetter(*_COMMON, "weight", "bias"),
     nn.BatchNorm1d: attrgetter(*_COMMON, "weight", "bias", "eps", "momentum",
                                "track_running_stats", "num_features"),
@@ -213,6 +214,8 @@ class _Plan:
     def _describe(self, module, shape, output) -> tuple[str, tuple]:
         kind = type(module)
         if kind is nn.Conv2d:
+            if module.groups != 1:
+                raise _Unsupported("a grouped convolution")
             return "conv2d", (self._slot(module.weight), self._slot(module.bias),
                               module.stride, module.padding, module.dilation)
         if kind is nn.Linear:
