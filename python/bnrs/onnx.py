@@ -151,7 +151,7 @@ def _conv(graph: _Graph, layer, name, x, input_shape, output_shape) -> str:
         inputs.append(graph.constant(f"{name}.bias", layer.bias.data))
     return graph.node("Conv", inputs, name, kernel_shape=list(layer.kernel_size),
                       strides=list(layer.stride), pads=_pads(layer.padding),
-                      dilations=list(layer.dilation), group=1)
+                      dilations=list(layer.dilation), group=layer.groups)
 
 
 def _linear(graph: _Graph, layer, name, x, input_shape, output_shape) -> str:

@@ -183,7 +183,7 @@ def build_keras_network(model: nn.Sequential, keras, input_shape=INPUT_SHAPE):
             same = tuple(layer.padding) == tuple(k // 2 for k in kernel) and all(
                 k % 2 for k in kernel)
             if tuple(layer.stride) != (1, 1) or tuple(layer.dilation) != (1, 1) or not (
-                    same or tuple(layer.padding) == (0, 0)):
+                    same or tuple(layer.padding) == (0, 0)) or layer.groups != 1:
                 raise TypeError(f"no Keras counterpart for {layer!r} in the bench")
             keras_layer = layers.Conv2D(layer.out_channels, kernel,
                                         padding="same" if same else "valid",
