@@ -680,7 +680,7 @@ def network_forward(module, x, params, prefix=""):
             module.activation, y, params, f"{prefix}activation.")
     if kind == "Conv2d":
         return conv2d(x, params[prefix + "weight"], params.get(prefix + "bias"),
-                      module.stride, module.padding, module.dilation)
+                      module.stride, module.padding, module.dilation, module.groups)
     if kind == "BatchNorm2d":
         return batch_norm(x, params[prefix + "weight"], params[prefix + "bias"],
                           training=True, eps=module.eps)[0]
