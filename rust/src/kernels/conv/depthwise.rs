@@ -23,6 +23,12 @@ use crate::simd_dispatch;
 const PADDED_PLANE: &str = "depthwise conv2d: a zero-padded plane";
 const WEIGHT_GRAD_LANES: &str = "depthwise conv2d backward: the weight gradient's row sums";
 
+/// Output columns per step of a stencil: one AVX-512 register, two AVX2 ones. A row is
+/// run in whole steps (the padded plane is wide enough for the last step's reads, and the
+/// lanes beyond the row are dropped), so no row leaves a scalar remainder: 28-wide rows
+/// ran at half the speed, 7-wide ones at a fifth, with one.
+const LANES: usize = 16;
+
 /// The geometry of the stencil on a zero-padded plane.
 #[derive(Clone, Copy, Debug)]
 struct Stencil {
@@ -30,52 +36,138 @@ struct Stencil {
     stride: (usize, usize),
     dilation: (usize, usize),
     out_w: usize,
-    /// The padded plane's width: the distance between its rows.
+    /// The padded plane's rows: the input's and the padding.
+    padded_h: usize,
+    /// The padded plane's width (the distance between its rows): the input's and the
+    /// padding, and more zeros on the right for the reads of the last step of a row.
     padded_w: usize,
 }
 
 impl Stencil {
     fn new(p: &Conv2dParams) -> Self {
+        let (padded_h, padded_w) = p.padded_size();
+        let steps = p.out_w.div_ceil(LANES);
+        let reach = (steps * LANES - 1) * p.stride.1 + (p.kernel_w - 1) * p.dilation.1 + 1;
         Stencil {
             kernel: (p.kernel_h, p.kernel_w),
             stride: p.stride,
             dilation: p.dilation,
             out_w: p.out_w,
-            padded_w: p.padded_size().1,
+            padded_h,
+            padded_w: padded_w.max(reach),
         }
     }
 
-    /// Where tap (ki, kj) of output row `oh` starts in the padded plane.
+    /// Where tap (ki, kj) of output row `oh`, step `step` starts in the padded plane.
     #[inline(always)]
-    fn tap_start(&self, oh: usize, ki: usize, kj: usize) -> usize {
-        (oh * self.stride.0 + ki * self.dilation.0) * self.padded_w + kj * self.dilation.1
+    fn tap_start(&self, oh: usize, step: usize, ki: usize, kj: usize) -> usize {
+        (oh * self.stride.0 + ki * self.dilation.0) * self.padded_w
+            + step * LANES * self.stride.1
+            + kj * self.dilation.1
     }
 
     fn taps(&self) -> usize {
         self.kernel.0 * self.kernel.1
+    }
+
+    fn steps(&self) -> usize {
+        self.out_w.div_ceil(LANES)
+    }
+
+    fn padded_len(&self) -> usize {
+        self.padded_h * self.padded_w
+    }
+
+    /// The output row's columns in step `step`: (first, count).
+    #[inline(always)]
+    fn columns(&self, step: usize) -> (usize, usize) {
+        let first = step * LANES;
+        (first, LANES.min(self.out_w - first))
+    }
+
+    /// The step's output-gradient values, zeros in the lanes beyond the row (a fixed-size
+    /// copy for a whole step: a call to memcpy per step cost more than the step).
+    #[inline(always)]
+    fn gradient_lanes(&self, row: &[f32], step: usize) -> [f32; LANES] {
+        let (first, count) = self.columns(step);
+        let mut lanes = [0.0f32; LANES];
+        if count == LANES {
+            lanes.copy_from_slice(&row[first..first + LANES]);
+        } else {
+            for (lane, &v) in lanes.iter_mut().zip(&row[first..first + count]) {
+                *lane = v;
+            }
+        }
+        lanes
+    }
+}
+
+/// Store a step's sums in the output row's columns (as [`Stencil::gradient_lanes`]).
+#[inline(always)]
+fn store_lanes(row: &mut [f32], first: usize, count: usize, acc: &[f32; LANES]) {
+    if count == LANES {
+        row[first..first + LANES].copy_from_slice(acc);
+    } else {
+        for (d, &v) in row[first..first + count].iter_mut().zip(acc) {
+            *d = v;
+        }
+    }
+}
+
+/// `LANES` values of the padded plane from `start`, `stride` apart.
+#[inline(always)]
+fn read_lanes(padded: &[f32], start: usize, stride: usize) -> [f32; LANES] {
+    let src = &padded[start..start + (LANES - 1) * stride + 1];
+    std::array::from_fn(|l| src[l * stride])
+}
+
+/// Calls `$body::<SW>` with the column stride as a constant for the usual strides 1 and 2
+/// (contiguous or paired loads the compiler can vectorise), read at run time otherwise.
+macro_rules! by_column_stride {
+    ($body:ident($($arg:expr),*), $stride:expr) => {
+        match $stride {
+            1 => $body::<1>($($arg),*),
+            2 => $body::<2>($($arg),*),
+            _ => $body::<0>($($arg),*),
+        }
+    };
+}
+
+/// The column stride: `SW`, or the stencil's when `SW` is 0.
+#[inline(always)]
+fn column_stride<const SW: usize>(s: &Stencil) -> usize {
+    if SW == 0 {
+        s.stride.1
+    } else {
+        SW
     }
 }
 
 simd_dispatch! {
     /// `out` (H_out × W_out) = the stencil of `taps` over `padded`.
     fn stencil_forward(padded: &[f32], taps: &[f32], s: Stencil, out: &mut [f32]) {
-        for (oh, row) in out.chunks_exact_mut(s.out_w).enumerate() {
-            row.fill(0.0);
+        by_column_stride!(forward_plane(padded, taps, &s, out), s.stride.1)
+    }
+}
+
+/// [`stencil_forward`]; each step's sums stay in registers over the taps.
+#[inline(always)]
+fn forward_plane<const SW: usize>(padded: &[f32], taps: &[f32], s: &Stencil, out: &mut [f32]) {
+    let sw = column_stride::<SW>(s);
+    for (oh, row) in out.chunks_exact_mut(s.out_w).enumerate() {
+        for step in 0..s.steps() {
+            let mut acc = [0.0f32; LANES];
             for ki in 0..s.kernel.0 {
                 for kj in 0..s.kernel.1 {
                     let w = taps[ki * s.kernel.1 + kj];
-                    let src = &padded[s.tap_start(oh, ki, kj)..];
-                    if s.stride.1 == 1 {
-                        for (o, &x) in row.iter_mut().zip(src) {
-                            *o += w * x;
-                        }
-                    } else {
-                        for (o, &x) in row.iter_mut().zip(src.iter().step_by(s.stride.1)) {
-                            *o += w * x;
-                        }
+                    let x = read_lanes(padded, s.tap_start(oh, step, ki, kj), sw);
+                    for (a, &v) in acc.iter_mut().zip(&x) {
+                        *a += w * v;
                     }
                 }
             }
+            let (first, count) = s.columns(step);
+            store_lanes(row, first, count, &acc);
         }
     }
 }
@@ -84,19 +176,28 @@ simd_dispatch! {
     /// Adds to `padded_grad` the gradient of [`stencil_forward`] with respect to its
     /// padded plane, for the output gradient `grad_out` (H_out × W_out).
     fn stencil_input_grad(grad_out: &[f32], taps: &[f32], s: Stencil, padded_grad: &mut [f32]) {
-        for (oh, row) in grad_out.chunks_exact(s.out_w).enumerate() {
+        by_column_stride!(input_grad_plane(grad_out, taps, &s, padded_grad), s.stride.1)
+    }
+}
+
+#[inline(always)]
+fn input_grad_plane<const SW: usize>(
+    grad_out: &[f32],
+    taps: &[f32],
+    s: &Stencil,
+    padded_grad: &mut [f32],
+) {
+    let sw = column_stride::<SW>(s);
+    for (oh, row) in grad_out.chunks_exact(s.out_w).enumerate() {
+        for step in 0..s.steps() {
+            let g = s.gradient_lanes(row, step);
             for ki in 0..s.kernel.0 {
                 for kj in 0..s.kernel.1 {
                     let w = taps[ki * s.kernel.1 + kj];
-                    let dst = &mut padded_grad[s.tap_start(oh, ki, kj)..];
-                    if s.stride.1 == 1 {
-                        for (d, &g) in dst.iter_mut().zip(row) {
-                            *d += w * g;
-                        }
-                    } else {
-                        for (d, &g) in dst.iter_mut().step_by(s.stride.1).zip(row) {
-                            *d += w * g;
-                        }
+                    let start = s.tap_start(oh, step, ki, kj);
+                    let dst = &mut padded_grad[start..start + (LANES - 1) * sw + 1];
+                    for (l, &gv) in g.iter().enumerate() {
+                        dst[l * sw] += w * gv;
                     }
                 }
             }
@@ -105,24 +206,31 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    /// Adds to `lanes` (kH·kW rows of W_out) the products of `grad_out` with the
-    /// padded plane under each tap, column by column: the weight gradient before the sum
-    /// over the output row.
-    fn stencil_weight_grad(padded: &[f32], grad_out: &[f32], s: Stencil, lanes: &mut [f32]) {
-        for (oh, row) in grad_out.chunks_exact(s.out_w).enumerate() {
+    /// Adds to `lanes` (one row of `LANES` sums per tap) the products of `grad_out` with
+    /// the padded plane under each tap, lane by lane: the weight gradient before the sum
+    /// over the lanes.
+    fn stencil_weight_grad(padded: &[f32], grad_out: &[f32], s: Stencil, lanes: &mut [[f32; LANES]]) {
+        by_column_stride!(weight_grad_plane(padded, grad_out, &s, lanes), s.stride.1)
+    }
+}
+
+#[inline(always)]
+fn weight_grad_plane<const SW: usize>(
+    padded: &[f32],
+    grad_out: &[f32],
+    s: &Stencil,
+    lanes: &mut [[f32; LANES]],
+) {
+    let sw = column_stride::<SW>(s);
+    for (oh, row) in grad_out.chunks_exact(s.out_w).enumerate() {
+        for step in 0..s.steps() {
+            let g = s.gradient_lanes(row, step);
             for ki in 0..s.kernel.0 {
                 for kj in 0..s.kernel.1 {
-                    let tap = ki * s.kernel.1 + kj;
-                    let acc = &mut lanes[tap * s.out_w..(tap + 1) * s.out_w];
-                    let src = &padded[s.tap_start(oh, ki, kj)..];
-                    if s.stride.1 == 1 {
-                        for ((a, &g), &x) in acc.iter_mut().zip(row).zip(src) {
-                            *a += g * x;
-                        }
-                    } else {
-                        for ((a, &g), &x) in acc.iter_mut().zip(row).zip(src.iter().step_by(s.stride.1)) {
-                            *a += g * x;
-                        }
+                    let x = read_lanes(padded, s.tap_start(oh, step, ki, kj), sw);
+                    let acc = &mut lanes[ki * s.kernel.1 + kj];
+                    for ((a, &gv), &xv) in acc.iter_mut().zip(&g).zip(&x) {
+                        *a += gv * xv;
                     }
                 }
             }
@@ -130,17 +238,14 @@ simd_dispatch! {
     }
 }
 
-/// Copy `plane` (H×W) into the middle of `padded`, resized to the padded size, zeros
-/// around.
-fn pad_plane(p: &Conv2dParams, plane: &[f32], padded: &mut Vec<f32>) -> Result<()> {
-    let (hp, wp) = p.padded_size();
-    resize_scratch(padded, hp * wp, PADDED_PLANE)?;
+/// Copy `plane` (H×W) into `padded`, resized to the stencil's padded plane, at the
+/// padding's offset, zeros around.
+fn pad_plane(p: &Conv2dParams, s: &Stencil, plane: &[f32], padded: &mut Vec<f32>) -> Result<()> {
+    resize_scratch(padded, s.padded_len(), PADDED_PLANE)?;
+    padded.fill(0.0);
     let (ph, pw) = p.padding;
-    if (ph, pw) != (0, 0) {
-        padded.fill(0.0);
-    }
     for (ih, row) in plane.chunks_exact(p.in_w).enumerate() {
-        padded[(ih + ph) * wp + pw..][..p.in_w].copy_from_slice(row);
+        padded[(ih + ph) * s.padded_w + pw..][..p.in_w].copy_from_slice(row);
     }
     Ok(())
 }
@@ -171,7 +276,7 @@ pub(super) fn forward(
                 return Ok(());
             }
             let c = plane_index % p.in_channels;
-            pad_plane(p, plane, padded)?;
+            pad_plane(p, &s, plane, padded)?;
             for (j, out) in out_planes.chunks_exact_mut(pixels).enumerate() {
                 let co = c * m + j;
                 stencil_forward(padded, &weight[co * taps..(co + 1) * taps], s, out);
@@ -197,30 +302,14 @@ pub(super) fn backward(
 ) -> Result<()> {
     let (s, m, pixels) = (Stencil::new(p), multiplier(p), p.pixels());
     let (taps, plane_len) = (s.taps(), p.in_h * p.in_w);
-    let (hp, wp) = p.padded_size();
-    let (ph, pw) = p.padding;
     let stop = stop_token();
     if let Some(grad_input) = grad_input {
-        grad_input
-            .par_chunks_mut(plane_len)
-            .zip(grad_output.par_chunks(m * pixels))
-            .enumerate()
-            .try_for_each_init(Vec::new, |padded_grad, (plane_index, (gx, gy_planes))| {
-                if stop.is_set() {
-                    return Ok(());
-                }
-                let c = plane_index % p.in_channels;
-                resize_scratch(padded_grad, hp * wp, PADDED_PLANE)?;
-                padded_grad.fill(0.0);
-                for (j, gy) in gy_planes.chunks_exact(pixels).enumerate() {
-                    let co = c * m + j;
-                    stencil_input_grad(gy, &weight[co * taps..(co + 1) * taps], s, padded_grad);
-                }
-                for (ih, row) in gx.chunks_exact_mut(p.in_w).enumerate() {
-                    row.copy_from_slice(&padded_grad[(ih + ph) * wp + pw..][..p.in_w]);
-                }
-                Ok(())
-            })?;
+        match super::plan::transposed_params(p) {
+            Some(transposed) => {
+                input_grad_gathered(p, &transposed, grad_output, weight, grad_input)?
+            }
+            None => input_grad_scattered(p, &s, grad_output, weight, grad_input)?,
+        }
     }
     let out_image = p.out_channels * pixels;
     grad_weight
@@ -229,26 +318,110 @@ pub(super) fn backward(
         .try_for_each_init(
             || (Vec::new(), Vec::new()),
             |(padded, lanes), (c, gw)| {
-                resize_scratch(lanes, m * taps * s.out_w, WEIGHT_GRAD_LANES)?;
-                lanes.fill(0.0);
+                resize_scratch(lanes, m * taps, WEIGHT_GRAD_LANES)?;
+                lanes.fill([0.0; LANES]);
                 for n in 0..p.batch {
                     if stop.is_set() {
                         return Ok(());
                     }
                     let plane = &input[(n * p.in_channels + c) * plane_len..][..plane_len];
-                    pad_plane(p, plane, padded)?;
+                    pad_plane(p, &s, plane, padded)?;
                     let gy_planes = &grad_output[n * out_image + c * m * pixels..][..m * pixels];
                     for (gy, lanes_j) in gy_planes
                         .chunks_exact(pixels)
-                        .zip(lanes.chunks_exact_mut(taps * s.out_w))
+                        .zip(lanes.chunks_exact_mut(taps))
                     {
                         stencil_weight_grad(padded, gy, s, lanes_j);
                     }
                 }
-                for (g, lane) in gw.iter_mut().zip(lanes.chunks_exact(s.out_w)) {
+                for (g, lane) in gw.iter_mut().zip(lanes.iter()) {
                     *g = lane.iter().sum();
                 }
                 Ok(())
             },
         )
+}
+
+/// The input gradient of a stride-1 depthwise convolution as the forward of its
+/// transposed one (`transposed`: the output gradient padded by d·(k - 1) - p, the taps
+/// flipped), summed over the channel's `multiplier` outputs in order. Each value is
+/// gathered in registers: the scatter of [`input_grad_scattered`] stores overlapping
+/// rows tap after tap, which stalls on store forwarding (28x28 planes 2.6x slower).
+fn input_grad_gathered(
+    p: &Conv2dParams,
+    transposed: &Conv2dParams,
+    grad_output: &[f32],
+    weight: &[f32],
+    grad_input: &mut [f32],
+) -> Result<()> {
+    let (s, m, pixels) = (Stencil::new(transposed), multiplier(p), p.pixels());
+    let taps = s.taps();
+    // Each channel's taps reversed: [kh-1-i][kw-1-j].
+    let flipped: Vec<f32> = weight
+        .chunks_exact(taps)
+        .flat_map(|t| t.iter().rev().copied())
+        .collect();
+    let stop = stop_token();
+    grad_input
+        .par_chunks_mut(p.in_h * p.in_w)
+        .zip(grad_output.par_chunks(m * pixels))
+        .enumerate()
+        .try_for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(padded, term), (plane_index, (gx, gy_planes))| {
+                if stop.is_set() {
+                    return Ok(());
+                }
+                let c = plane_index % p.in_channels;
+                for (j, gy) in gy_planes.chunks_exact(pixels).enumerate() {
+                    let co = c * m + j;
+                    pad_plane(transposed, &s, gy, padded)?;
+                    let flipped = &flipped[co * taps..(co + 1) * taps];
+                    if j == 0 {
+                        stencil_forward(padded, flipped, s, gx);
+                    } else {
+                        resize_scratch(term, gx.len(), PADDED_PLANE)?;
+                        stencil_forward(padded, flipped, s, term);
+                        for (g, &t) in gx.iter_mut().zip(term.iter()) {
+                            *g += t;
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )
+}
+
+/// The input gradient of any depthwise convolution: each output gradient scattered onto
+/// a zero-padded plane through the taps, the plane's middle copied out.
+fn input_grad_scattered(
+    p: &Conv2dParams,
+    s: &Stencil,
+    grad_output: &[f32],
+    weight: &[f32],
+    grad_input: &mut [f32],
+) -> Result<()> {
+    let (m, pixels, taps) = (multiplier(p), p.pixels(), s.taps());
+    let (ph, pw) = p.padding;
+    let stop = stop_token();
+    grad_input
+        .par_chunks_mut(p.in_h * p.in_w)
+        .zip(grad_output.par_chunks(m * pixels))
+        .enumerate()
+        .try_for_each_init(Vec::new, |padded_grad, (plane_index, (gx, gy_planes))| {
+            if stop.is_set() {
+                return Ok(());
+            }
+            let c = plane_index % p.in_channels;
+            resize_scratch(padded_grad, s.padded_len(), PADDED_PLANE)?;
+            padded_grad.fill(0.0);
+            for (j, gy) in gy_planes.chunks_exact(pixels).enumerate() {
+                let co = c * m + j;
+                stencil_input_grad(gy, &weight[co * taps..(co + 1) * taps], *s, padded_grad);
+            }
+            for (ih, row) in gx.chunks_exact_mut(p.in_w).enumerate() {
+                row.copy_from_slice(&padded_grad[(ih + ph) * s.padded_w + pw..][..p.in_w]);
+            }
+            Ok(())
+        })
 }
