@@ -29,6 +29,10 @@ const WEIGHT_GRAD_LANES: &str = "depthwise conv2d backward: the weight gradient'
 /// ran at half the speed, 7-wide ones at a fifth, with one.
 const LANES: usize = 16;
 
+/// Planes per parallel job at least: a 7×7 plane is a few dozen vector operations, less
+/// than a job's set-up and a fresh scratch buffer.
+const PLANES_PER_JOB: usize = 16;
+
 /// The geometry of the stencil on a zero-padded plane.
 #[derive(Clone, Copy, Debug)]
 struct Stencil {
@@ -114,11 +118,11 @@ fn store_lanes(row: &mut [f32], first: usize, count: usize, acc: &[f32; LANES]) 
     }
 }
 
-/// `LANES` values of the padded plane from `start`, `stride` apart.
+/// The padded plane's values under a step's lanes from `start`, `stride` apart (lane l
+/// at `l * stride`): a slice of known length, so that indexing it needs no bounds test.
 #[inline(always)]
-fn read_lanes(padded: &[f32], start: usize, stride: usize) -> [f32; LANES] {
-    let src = &padded[start..start + (LANES - 1) * stride + 1];
-    std::array::from_fn(|l| src[l * stride])
+fn lane_source(padded: &[f32], start: usize, stride: usize) -> &[f32] {
+    &padded[start..start + (LANES - 1) * stride + 1]
 }
 
 /// Calls `$body::<SW>` with the column stride as a constant for the usual strides 1 and 2
@@ -160,9 +164,9 @@ fn forward_plane<const SW: usize>(padded: &[f32], taps: &[f32], s: &Stencil, out
             for ki in 0..s.kernel.0 {
                 for kj in 0..s.kernel.1 {
                     let w = taps[ki * s.kernel.1 + kj];
-                    let x = read_lanes(padded, s.tap_start(oh, step, ki, kj), sw);
-                    for (a, &v) in acc.iter_mut().zip(&x) {
-                        *a += w * v;
+                    let x = lane_source(padded, s.tap_start(oh, step, ki, kj), sw);
+                    for l in 0..LANES {
+                        acc[l] += w * x[l * sw];
                     }
                 }
             }
@@ -196,8 +200,8 @@ fn input_grad_plane<const SW: usize>(
                     let w = taps[ki * s.kernel.1 + kj];
                     let start = s.tap_start(oh, step, ki, kj);
                     let dst = &mut padded_grad[start..start + (LANES - 1) * sw + 1];
-                    for (l, &gv) in g.iter().enumerate() {
-                        dst[l * sw] += w * gv;
+                    for l in 0..LANES {
+                        dst[l * sw] += w * g[l];
                     }
                 }
             }
@@ -227,10 +231,10 @@ fn weight_grad_plane<const SW: usize>(
             let g = s.gradient_lanes(row, step);
             for ki in 0..s.kernel.0 {
                 for kj in 0..s.kernel.1 {
-                    let x = read_lanes(padded, s.tap_start(oh, step, ki, kj), sw);
+                    let x = lane_source(padded, s.tap_start(oh, step, ki, kj), sw);
                     let acc = &mut lanes[ki * s.kernel.1 + kj];
-                    for ((a, &gv), &xv) in acc.iter_mut().zip(&g).zip(&x) {
-                        *a += gv * xv;
+                    for l in 0..LANES {
+                        acc[l] += g[l] * x[l * sw];
                     }
                 }
             }
@@ -238,11 +242,14 @@ fn weight_grad_plane<const SW: usize>(
     }
 }
 
-/// Copy `plane` (H×W) into `padded`, resized to the stencil's padded plane, at the
-/// padding's offset, zeros around.
+/// Copy `plane` (H×W) into `padded`, sized to the stencil's padded plane, at the padding's
+/// offset, zeros around. The zeros are written once, when the buffer is sized: a buffer
+/// serves one convolution's planes, whose copies all cover the same middle.
 fn pad_plane(p: &Conv2dParams, s: &Stencil, plane: &[f32], padded: &mut Vec<f32>) -> Result<()> {
-    resize_scratch(padded, s.padded_len(), PADDED_PLANE)?;
-    padded.fill(0.0);
+    if padded.len() != s.padded_len() {
+        padded.clear();
+        resize_scratch(padded, s.padded_len(), PADDED_PLANE)?;
+    }
     let (ph, pw) = p.padding;
     for (ih, row) in plane.chunks_exact(p.in_w).enumerate() {
         padded[(ih + ph) * s.padded_w + pw..][..p.in_w].copy_from_slice(row);
@@ -271,6 +278,7 @@ pub(super) fn forward(
         .par_chunks_mut(m * pixels)
         .zip(input.par_chunks(p.in_h * p.in_w))
         .enumerate()
+        .with_min_len(PLANES_PER_JOB)
         .try_for_each_init(Vec::new, |padded, (plane_index, (out_planes, plane))| {
             if stop.is_set() {
                 return Ok(());
@@ -366,6 +374,7 @@ fn input_grad_gathered(
         .par_chunks_mut(p.in_h * p.in_w)
         .zip(grad_output.par_chunks(m * pixels))
         .enumerate()
+        .with_min_len(PLANES_PER_JOB)
         .try_for_each_init(
             || (Vec::new(), Vec::new()),
             |(padded, term), (plane_index, (gx, gy_planes))| {
@@ -408,6 +417,7 @@ fn input_grad_scattered(
         .par_chunks_mut(p.in_h * p.in_w)
         .zip(grad_output.par_chunks(m * pixels))
         .enumerate()
+        .with_min_len(PLANES_PER_JOB)
         .try_for_each_init(Vec::new, |padded_grad, (plane_index, (gx, gy_planes))| {
             if stop.is_set() {
                 return Ok(());
