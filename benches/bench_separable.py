@@ -11,6 +11,9 @@ against the same network with the 3x3 (and 5x5) convs of its blocks depthwise-se
 :func:`bnrs.bench.network.network_flops`), CPU time of training epochs (Adam, batches of
 64, the input gradient of the first layer skipped) and of inference (batches of 512).
 
+``--section profile``: of one training epoch of each network, the CPU time in the
+depthwise convs (forward and backward), in the other convs, and in everything else.
+
 ``--section accuracy``: the same pairs trained on a Fashion-MNIST subset (``--train``
 images, ``--epochs`` epochs, Adam 1e-3, batches of 64) for ``--seeds`` seeds each, test
 accuracy on the first 2,000 test images.
@@ -32,7 +35,7 @@ import time
 
 import bnrs
 import numpy as np
-from bnrs import _core, nn, optim
+from bnrs import _core, datasets, nn, optim
 from bnrs import functional as F
 from bnrs.bench.network import network_flops
 
@@ -54,7 +57,10 @@ def cpu_time(run) -> float:
 
 
 def alternate(runs: dict, repeats: int) -> dict:
-    """CPU seconds of each of ``runs`` per repetition, the order alternating."""
+    """CPU seconds of each of ``runs`` per repetition, the order alternating, after an
+    untimed call of each (buffers allocated, fusion plans built)."""
+    for run in runs.values():
+        run()
     times = {name: [] for name in runs}
     names = list(runs)
     for repeat in range(repeats):
@@ -145,8 +151,45 @@ def bench_networks(args) -> None:
               f"inference time {statistics.median(inference[regular]) / statistics.median(inference[separable]):.2f}x")
 
 
+def bench_profile(args) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.random((args.images, 1, 28, 28), dtype=np.float32)
+    targets = rng.integers(0, 10, args.images)
+    print(f"profile: CPU s of one training epoch ({args.images} images), median of "
+          f"{args.repeats}")
+    for specs in NETWORKS.values():
+        for spec in specs:
+            model = nn.from_spec(spec, (1, 28, 28), 10, random_state=0)
+            optimizer = optim.Adam(model.parameters(), lr=1e-3)
+            spent = {"depthwise conv": 0.0, "other conv": 0.0}
+
+            def timed(method, kind):
+                def run(*a, **k):
+                    start = time.process_time()
+                    result = method(*a, **k)
+                    spent[kind] += time.process_time() - start
+                    return result
+                return run
+
+            for module in model.modules():
+                if isinstance(module, nn.Conv2d):
+                    kind = "depthwise conv" if module.groups > 1 else "other conv"
+                    module.forward = timed(module.forward, kind)
+                    module.backward = timed(module.backward, kind)
+            rows = []
+            for _ in range(args.repeats):
+                spent.update(dict.fromkeys(spent, 0.0))
+                total = cpu_time(lambda: train_epoch(model, optimizer, images, targets))
+                rows.append((total, spent["depthwise conv"], spent["other conv"]))
+            total, depthwise, other = (statistics.median(column) for column in zip(*rows))
+            print(f"  {spec}: total {total:.3f} s; depthwise conv {depthwise:.3f} s "
+                  f"({depthwise / total:.0%}), other conv {other:.3f} s ({other / total:.0%}), "
+                  f"the rest {total - depthwise - other:.3f} s "
+                  f"({(total - depthwise - other) / total:.0%})")
+
+
 def bench_accuracy(args) -> None:
-    data = bnrs.datasets.load_fashion_mnist()
+    data = datasets.load_fashion_mnist()
     x_test, y_test = data.X_test[:2000], data.y_test[:2000]
     print(f"accuracy: Fashion-MNIST, {args.train} training images, {args.epochs} epochs, "
           f"{len(x_test)} test images, seeds 0..{args.seeds - 1}")
@@ -175,7 +218,7 @@ def bench_accuracy(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", default="all",
-                        choices=["kernels", "networks", "accuracy", "all"])
+                        choices=["kernels", "networks", "profile", "accuracy", "all"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--images", type=int, default=1024)
@@ -189,6 +232,8 @@ def main() -> None:
         bench_kernels(args)
     if args.section in ("networks", "all"):
         bench_networks(args)
+    if args.section in ("profile", "all"):
+        bench_profile(args)
     if args.section in ("accuracy", "all"):
         bench_accuracy(args)
 

@@ -28,7 +28,7 @@ returns float64); the labels are not in the graph but in its metadata, ``classes
 The layers as ONNX operators (default opset 17; ``opset`` may be 17 to 21):
 
 ======================================  ==============================================
-Conv2d                                  Conv
+Conv2d                                  Conv (``group`` = ``groups``)
 Linear                                  Gemm (MatMul and Add for inputs of more than
                                         two axes)
 BatchNorm1d/2d, BatchRenorm1d/2d        BatchNormalization (inference, with the
