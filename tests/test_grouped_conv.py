@@ -188,3 +188,5 @@ def test_layer_shapes_init_and_state_dict():
                                                                            random_state=5)
     assert np.array_equal(plain.weight.data, default.weight.data)
     assert "groups" not in repr(plain)
+    # The seventh positional argument is still bias (groups comes after it).
+    assert nn.Conv2d(3, 4, 3, 1, 0, 1, False).bias is None

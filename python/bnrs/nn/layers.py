@@ -89,11 +89,13 @@ class Conv2d(Module):
     padding : int or (int, int), default 0
         Zero padding on both sides of each spatial axis.
     dilation : int or (int, int), default 1
+    bias : bool, default True
     groups : int, default 1
         Channel groups, dividing both channel counts: output channel block g sees input
         channel block g only. ``groups == in_channels`` is a depthwise convolution
         (``out_channels`` a multiple of ``in_channels``), run by a per-channel stencil.
-    bias : bool, default True
+        After ``bias`` (PyTorch has it before), so that positional arguments keep their
+        meaning: pass it by name.
     rng, random_state : int, numpy.random.Generator or None
         Seed or generator for the initialisation (one of the two names).
 
@@ -109,7 +111,7 @@ class Conv2d(Module):
     _parameter_names = ("weight", "bias")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
-                 padding=0, dilation=1, groups: int = 1, bias: bool = True, *, rng=None,
+                 padding=0, dilation=1, bias: bool = True, groups: int = 1, *, rng=None,
                  random_state=None):
         super().__init__()
         self.in_channels = positive_int(in_channels, "in_channels")
