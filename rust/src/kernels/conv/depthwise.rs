@@ -25,8 +25,10 @@ const WEIGHT_GRAD_LANES: &str = "depthwise conv2d backward: the weight gradient'
 
 /// Output columns per step of a stencil: one AVX-512 register, two AVX2 ones. A row is
 /// run in whole steps (the padded plane is wide enough for the last step's reads, and the
-/// lanes beyond the row are dropped), so no row leaves a scalar remainder: 28-wide rows
-/// ran at half the speed, 7-wide ones at a fifth, with one.
+/// lanes beyond the row are dropped), so no row leaves a scalar remainder. A first
+/// version that ran each row as a loop with its remainder reached 12, 6 and 3 GFLOP/s
+/// forward on 28-, 14- and 7-wide planes (AVX-512, 1 thread); with whole steps, the
+/// column stride a constant and fewer, larger jobs, 16, 13 and 7 (docs/benchmark.md).
 const LANES: usize = 16;
 
 /// Planes per parallel job at least: a 7×7 plane is a few dozen vector operations, less
