@@ -214,10 +214,9 @@ class _Plan:
     def _describe(self, module, shape, output) -> tuple[str, tuple]:
         kind = type(module)
         if kind is nn.Conv2d:
-            if module.groups != 1:
-                raise _Unsupported("a grouped convolution")
             return "conv2d", (self._slot(module.weight), self._slot(module.bias),
-                              module.stride, module.padding, module.dilation)
+                              module.stride, module.padding, module.dilation,
+                              module.groups)
         if kind is nn.Linear:
             if len(shape) != 1:
                 raise _Unsupported("a linear layer on more than one axis")
