@@ -8,6 +8,8 @@ import pytest
 import reference as ref
 from bnrs import _core, nn
 from bnrs import functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 # name: (input shape, weight shape, stride, padding, dilation, groups, bias)
 CASES = {
@@ -190,3 +192,42 @@ def test_layer_shapes_init_and_state_dict():
     assert "groups" not in repr(plain)
     # The seventh positional argument is still bias (groups comes after it).
     assert nn.Conv2d(3, 4, 3, 1, 0, 1, False).bias is None
+
+
+@st.composite
+def _grouped_geometries(draw):
+    groups = draw(st.integers(1, 4))
+    in_per_group = draw(st.sampled_from([1, 1, 2]))   # depthwise more often
+    out_per_group = draw(st.integers(1, 3))
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    size = []
+    for axis in range(2):
+        reach = dilation[axis] * (kernel[axis] - 1) + 1 - 2 * padding[axis]
+        size.append(draw(st.integers(max(reach, 1), max(reach, 1) + 20)))
+    shape = (draw(st.integers(1, 3)), groups * in_per_group, *size)
+    weight_shape = (groups * out_per_group, in_per_group) + kernel
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    return shape, weight_shape, geometry, draw(st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_grouped_geometries())
+def test_random_grouped_geometries_match_reference(assert_close, case):
+    input_shape, weight_shape, geometry, seed = case
+    generator = np.random.default_rng(seed)
+    x = generator.standard_normal(input_shape).astype(np.float32)
+    w = generator.standard_normal(weight_shape).astype(np.float32)
+    b = generator.standard_normal(weight_shape[0]).astype(np.float32)
+    expected = ref.conv2d(x, w, b, **geometry)
+    terms_y, terms_x, terms_w = _terms(x, w, expected)
+    assert_close(F.conv2d(x, w, b, **geometry), expected, terms=terms_y, name="output")
+    gy = generator.standard_normal(expected.shape).astype(np.float32)
+    for name, got, want, terms in zip(["grad_input", "grad_weight", "grad_bias"],
+                                      F.conv2d_backward(gy, x, w, **geometry),
+                                      ref.conv2d_backward(gy, x, w, **geometry),
+                                      [terms_x, terms_w, terms_w]):
+        assert_close(got, want, terms=terms, name=name)
