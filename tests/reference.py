@@ -60,8 +60,25 @@ def _pad(x, padding):
     return np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
 
 
-def conv2d(x, w, b=None, stride=1, padding=0, dilation=1):
-    """Cross-correlation with zero padding: y[n,o,i,j] = b[o] + Σ x_pad[...] · w[o,c,p,q]."""
+def _group_slices(x_channels, w, groups):
+    """Per group: (its input channels, its output channels) as slices."""
+    in_block, out_block = x_channels // groups, w.shape[0] // groups
+    assert in_block * groups == x_channels and w.shape[1] == in_block
+    return [(slice(g * in_block, (g + 1) * in_block), slice(g * out_block, (g + 1) * out_block))
+            for g in range(groups)]
+
+
+def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """Cross-correlation with zero padding: y[n,o,i,j] = b[o] + Σ x_pad[...] · w[o,c,p,q].
+
+    With ``groups`` > 1 each group of output channels sees its own block of input
+    channels (as ``torch.nn.functional.conv2d``): one ordinary convolution per group.
+    """
+    if groups > 1:
+        x, w = _f64(x), _f64(w)
+        return np.concatenate(
+            [conv2d(x[:, cin], w[cout], None if b is None else b[cout], stride, padding,
+                    dilation) for cin, cout in _group_slices(x.shape[1], w, groups)], axis=1)
     x, w, b = _f64(x), _f64(w), _f64(b)
     stride, padding, dilation, out_shape = _conv_geometry(x, w, stride, padding, dilation)
     padded = _pad(x, padding)
@@ -75,8 +92,14 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1):
     return y
 
 
-def conv2d_backward(gy, x, w, stride=1, padding=0, dilation=1):
+def conv2d_backward(gy, x, w, stride=1, padding=0, dilation=1, groups=1):
     """(grad_input, grad_weight, grad_bias) of :func:`conv2d` for upstream gradient ``gy``."""
+    if groups > 1:
+        gy, x, w = _f64(gy), _f64(x), _f64(w)
+        parts = [conv2d_backward(gy[:, cout], x[:, cin], w[cout], stride, padding, dilation)
+                 for cin, cout in _group_slices(x.shape[1], w, groups)]
+        return tuple(np.concatenate([part[i] for part in parts], axis=axis)
+                     for i, axis in enumerate((1, 0, 0)))
     gy, x, w = _f64(gy), _f64(x), _f64(w)
     stride, padding, dilation, out_shape = _conv_geometry(x, w, stride, padding, dilation)
     padded = _pad(x, padding)
@@ -657,7 +680,7 @@ def network_forward(module, x, params, prefix=""):
             module.activation, y, params, f"{prefix}activation.")
     if kind == "Conv2d":
         return conv2d(x, params[prefix + "weight"], params.get(prefix + "bias"),
-                      module.stride, module.padding, module.dilation)
+                      module.stride, module.padding, module.dilation, module.groups)
     if kind == "BatchNorm2d":
         return batch_norm(x, params[prefix + "weight"], params[prefix + "bias"],
                           training=True, eps=module.eps)[0]

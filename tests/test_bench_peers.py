@@ -281,6 +281,7 @@ def test_keras_plan_permutes_the_dense_layer_after_a_flatten():
     (bnrs.nn.Sequential(bnrs.nn.MaxPool2d(3, 2, 1)), (1, 8, 8), "MaxPool2d"),
     (bnrs.nn.Sequential(bnrs.nn.Conv2d(1, 2, 3, 2, dilation=2)), (1, 9, 9), "Conv2d"),
     (bnrs.nn.Sequential(bnrs.nn.BatchNorm2d(1, momentum=None)), (1, 4, 4), "BatchNorm2d"),
+    (bnrs.nn.Sequential(bnrs.nn.Conv2d(4, 4, 3, groups=2)), (4, 6, 6), "Conv2d"),
 ])
 def test_keras_problem_names_the_layer(model, input_shape, named):
     problem = bench.keras_problem(model, input_shape)
@@ -317,6 +318,7 @@ PEER_NETWORKS = {
                (3, 36, 30)),
     "norms": ("c8-gn4-sigmoid-c8k3s2p1-in-mp3s2-c8-ln-relu-gap-fc6-ln", (2, 13, 15)),
     "flat": ("fc16-bn-relu-d0.1-fc8-gn2-tanh", (12,)),
+    "separable": ("c8-bn-relu-dsc16s2-relu-res16_dsc-inc4_4_8_2_4_4_dsc-gap", (1, 16, 14)),
 }
 
 

@@ -210,8 +210,45 @@ def test_module_list_names_its_children():
 def test_parse_block_tokens():
     tokens = nn.parse("inc8_4_8_2_4_4-res16s2_postbn-gap")
     assert [t.kind for t in tokens] == ["inception", "residual", "gap"]
-    assert tokens[0].args == {"branches": (8, 4, 8, 2, 4, 4), "norm": "bn"}
-    assert tokens[1].args == {"out_channels": 16, "stride": 2, "norm": "postbn"}
+    assert tokens[0].args == {"branches": (8, 4, 8, 2, 4, 4), "norm": "bn",
+                              "separable": False}
+    assert tokens[1].args == {"out_channels": 16, "stride": 2, "norm": "postbn",
+                              "separable": False}
+    tokens = nn.parse("inc8_4_8_2_4_4_dsc-res16s2_postbn_dsc-dsc8-dsc16k5s2p1_bn")
+    assert [t.kind for t in tokens] == ["inception", "residual", "separable", "separable"]
+    assert tokens[0].args["separable"] and tokens[1].args["separable"]
+    assert tokens[1].args["norm"] == "postbn"
+    assert tokens[2].args == {"out_channels": 8, "kernel_size": 3, "stride": 1,
+                              "padding": 1, "norm": None}
+    assert tokens[3].args == {"out_channels": 16, "kernel_size": 5, "stride": 2,
+                              "padding": 1, "norm": "bn"}
+    for bad in ("dsc", "dsc8_nobn", "dsc0", "res8_dsc_nobn"):
+        with pytest.raises(nn.SpecError):
+            nn.parse(bad)
+
+
+def test_separable_layouts_and_parameter_counts():
+    model = nn.from_spec("c8-dsc16-bn-relu-dsc16s2_bn-res16_dsc-inc4_4_8_2_4_4_dsc",
+                         (1, 9, 9), 3, random_state=0)
+    depthwise, pointwise = model[1], model[2]
+    assert (depthwise.groups, depthwise.weight.data.shape, depthwise.bias) == (
+        8, (8, 1, 3, 3), None)
+    assert pointwise.weight.data.shape == (16, 8, 1, 1) and pointwise.bias is not None
+    assert [type(m).__name__ for m in model[5:8]] == ["Conv2d", "BatchNorm2d", "Conv2d"]
+    assert model[5].stride == (2, 2) and model[5].groups == 16
+    body = [type(m).__name__ for m in model[8].body]
+    assert body == ["Conv2d", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "Conv2d",
+                    "BatchNorm2d"]
+    assert [m.groups for m in model[8].body if isinstance(m, nn.Conv2d)] == [16, 1, 16, 1]
+    branch3 = model[9].branches[1]
+    assert [getattr(m, "groups", None) for m in branch3] == [1, None, None, 4, 1, None, None]
+    # Separable 3x3 from 16 to 16 channels: 16*9 + 16*16 weights, against 16*16*9.
+    summary = model.summary((1, 9, 9))
+    residual_params = 2 * (16 * 9 + 16 * 16) + 2 * 2 * 16
+    assert summary.layers[8].params == residual_params
+    # Per output pixel (5x5 after the stride 2): 16*9 (depthwise) + 16*16 (pointwise),
+    # twice, and the two batch norms.
+    assert summary.layers[8].mult_adds == 2 * 25 * (16 * 9 + 16 * 16) + 2 * 25 * 16
 
 
 def test_block_layouts():

@@ -153,6 +153,28 @@ def test_every_layer_type_gives_the_bits_of_the_python_path(monkeypatch, opt_nam
                       _train(monkeypatch, False, model, opt, batches, threads))
 
 
+def _grouped_network():
+    """Depthwise (multiplier 1 and 2, strided) and grouped convolutions, as ``dsc`` tokens
+    and the fused training blocks after them build them."""
+    rng = np.random.default_rng(5)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, groups=2, rng=rng), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1, groups=4, bias=False, rng=rng),
+        nn.Conv2d(8, 6, 1, rng=rng), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, rng=rng), nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 3, rng=rng))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_convolutions_give_the_bits_of_the_python_path(monkeypatch, threads):
+    model = _grouped_network()
+    opt = _optimizer("adam", model)
+    batches = _batches((2, 10, 10), 3, 6, 3)
+    assert _runs_fused(model, opt, *batches[0], monkeypatch)
+    assert_same_state(_train(monkeypatch, True, model, opt, batches, threads),
+                      _train(monkeypatch, False, model, opt, batches, threads))
+
+
 def _blocks_network():
     """Fused training blocks of every shape, one at the start (whose input gradient is not
     wanted), dropouts in and out of blocks drawing from one generator, and runs the

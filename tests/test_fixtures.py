@@ -74,7 +74,7 @@ def test_every_fixture_key_belongs_to_a_tested_case():
     assert len(MAX_POOL_CASES) == 4 and len(AVG_POOL_CASES) == 5
     assert len(GROUP_NORM_CASES) == 6 and len(LAYER_NORM_CASES) == 4
     assert len(INSTANCE_NORM_CASES) == 3 and len(LR_SCHEDULER_CASES) == 14
-    assert len(BLOCK_CASES) == 3
+    assert len(BLOCK_CASES) == 4
     assert str(DATA["meta.dtype"]) == "float64"
 
 

@@ -252,6 +252,25 @@ def test_branching_networks_match_in_onnx_runtime(ort, spec, opset):
         assert_float32_close(output, model(x))
 
 
+#: Depthwise-separable convolutions (Conv with group = C), plain and inside the blocks.
+SEPARABLE_SPECS = ["dsc8-bn-relu-dsc12s2_bn-relu-dsc6k5p1-gap",
+                   "c8-bn-relu-inc4_4_8_2_4_4_dsc-res8_dsc-res12s2_postbn_dsc-gap"]
+
+
+@pytest.mark.parametrize("spec", SEPARABLE_SPECS)
+def test_separable_networks_match_in_onnx_runtime(ort, spec):
+    model = trained(nn.from_spec(spec, BRANCHING_INPUT_SHAPE, 5, random_state=0),
+                    BRANCHING_INPUT_SHAPE)
+    proto = bnrs_onnx.export(model, None, input_shape=BRANCHING_INPUT_SHAPE)
+    groups = sorted({attribute.i for node in proto.graph.node if node.op_type == "Conv"
+                     for attribute in node.attribute if attribute.name == "group"})
+    assert groups[0] == 1 and len(groups) > 1
+    x = np.random.default_rng(3).standard_normal((4, *BRANCHING_INPUT_SHAPE)).astype(
+        np.float32)
+    (output,) = run(ort, proto, x)
+    assert_float32_close(output, model(x))
+
+
 def test_branch_graph_structure(ort):
     """Each Concat branch and both Residual paths read the block's input tensor; the
     identity shortcut adds that tensor itself; the activation follows the Add."""

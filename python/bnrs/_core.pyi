@@ -75,6 +75,7 @@ def conv2d_forward(
     activation: Optional[str] = None,
     negative_slope: float = 0.0,
     pool: Optional[str] = None,
+    groups: int = 1,
 ) -> _F32: ...
 def conv2d_backward(
     grad_output: _F32,
@@ -85,6 +86,7 @@ def conv2d_backward(
     dilation: _Pair,
     bias: bool,
     input_grad: bool,
+    groups: int = 1,
 ) -> Tuple[Optional[_F32], _F32, Optional[_F32]]: ...
 def max_pool2d_forward(
     input: _F32, kernel_size: _Pair, stride: _Pair, padding: _Pair, return_indices: bool = True

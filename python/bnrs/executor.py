@@ -49,7 +49,8 @@ _OPTIMIZERS = {optim.Adam: "adam", optim.AdamW: "adamw", optim.SGD: "sgd"}
 # method equals the method of the same object only).
 _COMMON = ("training", "forward", "backward")
 _WATCHED = {
-    nn.Conv2d: attrgetter(*_COMMON, "weight", "bias", "stride", "padding", "dilation"),
+    nn.Conv2d: attrgetter(*_COMMON, "weight", "bias", "stride", "padding", "dilation",
+                           "groups"),
     nn.Linear: attrgetter(*_COMMON, "weight", "bias"),
     nn.BatchNorm1d: attrgetter(*_COMMON, "weight", "bias", "eps", "momentum",
                                "track_running_stats", "num_features"),
@@ -214,7 +215,8 @@ class _Plan:
         kind = type(module)
         if kind is nn.Conv2d:
             return "conv2d", (self._slot(module.weight), self._slot(module.bias),
-                              module.stride, module.padding, module.dilation)
+                              module.stride, module.padding, module.dilation,
+                              module.groups)
         if kind is nn.Linear:
             if len(shape) != 1:
                 raise _Unsupported("a linear layer on more than one axis")

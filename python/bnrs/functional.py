@@ -205,16 +205,21 @@ def _probability(p) -> float:
 
 
 def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: IntPair = 0,
-           dilation: IntPair = 1) -> np.ndarray:
-    """2-D convolution (cross-correlation, as in PyTorch), groups = 1.
+           dilation: IntPair = 1, groups: int = 1) -> np.ndarray:
+    """2-D convolution (cross-correlation, as in PyTorch).
 
     Parameters
     ----------
     input : array_like, shape (N, C_in, H, W)
-    weight : array_like, shape (C_out, C_in, kH, kW)
+    weight : array_like, shape (C_out, C_in / groups, kH, kW)
     bias : array_like, shape (C_out,), optional
     stride, padding, dilation : int or (int, int)
         Per-axis (height, width) or one value for both. Padding is zeros.
+    groups : int, default 1
+        Channel groups, as PyTorch's: output channel block g (of C_out / groups) sees
+        input channel block g (of C_in / groups) only; both counts divisible by
+        ``groups``. ``groups == C_in`` is a depthwise convolution (C_out a multiple of
+        C_in, the depth multiplier), run by a per-channel stencil.
 
     Returns
     -------
@@ -224,11 +229,18 @@ def conv2d(input, weight, bias=None, stride: IntPair = 1, padding: IntPair = 0,
     return _core.conv2d_forward(
         as_float32(input, "input"), as_float32(weight, "weight"),
         _optional_float32(bias, "bias"), _pair(stride, "stride"),
-        _pair(padding, "padding"), _pair(dilation, "dilation"))
+        _pair(padding, "padding"), _pair(dilation, "dilation"), groups=_groups(groups))
+
+
+def _groups(groups) -> int:
+    """An int >= 1 (a bool or float raises TypeError); divisibility is the kernel's check,
+    which knows the channel counts."""
+    return _count(groups, "groups", 1)
 
 
 def _conv2d_fused(input, weight, bias, stride, padding, dilation, activation=None,
-                  negative_slope: float = 0.0, pool: Optional[str] = None) -> np.ndarray:
+                  negative_slope: float = 0.0, pool: Optional[str] = None,
+                  groups: int = 1) -> np.ndarray:
     """:func:`conv2d` with ``activation`` (None or a name: relu, leaky_relu, sigmoid, tanh)
     applied to each output tile inside the kernel: the bits of the activation applied
     afterwards, without a second pass over the output. ``pool`` ("max" or "avg") then
@@ -238,18 +250,19 @@ def _conv2d_fused(input, weight, bias, stride, padding, dilation, activation=Non
         as_float32(input, "input"), as_float32(weight, "weight"),
         _optional_float32(bias, "bias"), _pair(stride, "stride"),
         _pair(padding, "padding"), _pair(dilation, "dilation"), activation,
-        _real(negative_slope, "negative_slope"), pool)
+        _real(negative_slope, "negative_slope"), pool, _groups(groups))
 
 
 def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: IntPair = 0,
-                    dilation: IntPair = 1, bias: bool = True, input_grad: bool = True):
+                    dilation: IntPair = 1, bias: bool = True, input_grad: bool = True,
+                    groups: int = 1):
     """Gradients of :func:`conv2d`.
 
     Parameters
     ----------
     grad_output : array_like, shape (N, C_out, H_out, W_out)
     input, weight : the forward's arguments
-    stride, padding, dilation : the forward's arguments
+    stride, padding, dilation, groups : the forward's arguments
     bias : bool
         Whether the forward had a bias (then ``grad_bias`` is returned, else None).
     input_grad : bool
@@ -258,13 +271,13 @@ def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: In
     Returns
     -------
     grad_input : ndarray (N, C_in, H, W) or None
-    grad_weight : ndarray (C_out, C_in, kH, kW)
+    grad_weight : ndarray (C_out, C_in / groups, kH, kW)
     grad_bias : ndarray (C_out,) or None
     """
     return _core.conv2d_backward(
         as_float32(grad_output, "grad_output"), as_float32(input, "input"),
         as_float32(weight, "weight"), _pair(stride, "stride"), _pair(padding, "padding"),
-        _pair(dilation, "dilation"), bool(bias), bool(input_grad))
+        _pair(dilation, "dilation"), bool(bias), bool(input_grad), _groups(groups))
 
 
 # --------------------------------------------------------------------------- pooling

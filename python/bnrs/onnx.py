@@ -28,7 +28,7 @@ returns float64); the labels are not in the graph but in its metadata, ``classes
 The layers as ONNX operators (default opset 17; ``opset`` may be 17 to 21):
 
 ======================================  ==============================================
-Conv2d                                  Conv
+Conv2d                                  Conv (``group`` = ``groups``)
 Linear                                  Gemm (MatMul and Add for inputs of more than
                                         two axes)
 BatchNorm1d/2d, BatchRenorm1d/2d        BatchNormalization (inference, with the
@@ -151,7 +151,7 @@ def _conv(graph: _Graph, layer, name, x, input_shape, output_shape) -> str:
         inputs.append(graph.constant(f"{name}.bias", layer.bias.data))
     return graph.node("Conv", inputs, name, kernel_shape=list(layer.kernel_size),
                       strides=list(layer.stride), pads=_pads(layer.padding),
-                      dilations=list(layer.dilation), group=1)
+                      dilations=list(layer.dilation), group=layer.groups)
 
 
 def _linear(graph: _Graph, layer, name, x, input_shape, output_shape) -> str:

@@ -38,6 +38,7 @@ pub enum LayerKind {
         stride: Pair,
         padding: Pair,
         dilation: Pair,
+        groups: i64,
     },
     Linear {
         weight: usize,
@@ -575,8 +576,16 @@ fn stage_forward(
             stride,
             padding,
             dilation,
+            groups,
         } => {
-            let p = Conv2dParams::new(&in_shape, weight_shape, *stride, *padding, *dilation)?;
+            let p = Conv2dParams::grouped(
+                &in_shape,
+                weight_shape,
+                *stride,
+                *padding,
+                *dilation,
+                *groups,
+            )?;
             let (w, b) = (param(arrays, *weight), bias.map(|b| param(arrays, b)));
             timed(|| conv::forward_fused(&p, x, w, b, Epilogue::default(), out))
         }
@@ -799,8 +808,16 @@ fn stage_backward(
             stride,
             padding,
             dilation,
+            groups,
         } => {
-            let p = Conv2dParams::new(&in_shape, weight_shape, *stride, *padding, *dilation)?;
+            let p = Conv2dParams::grouped(
+                &in_shape,
+                weight_shape,
+                *stride,
+                *padding,
+                *dilation,
+                *groups,
+            )?;
             let w = &*data[*weight];
             sinks.write(*weight, *bias, |gw, gb| {
                 timed(|| conv::backward(&p, grad_output, x, w, grad_input, gw, gb))

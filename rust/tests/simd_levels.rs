@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use bnrs::kernels::{activation, batch_norm, dropout, gemm, optim, pool};
+use bnrs::kernels::{activation, batch_norm, conv, dropout, gemm, optim, pool};
 use bnrs::simd::{self, Level};
 
 /// Tests in this binary run on parallel threads; each holds this while it switches levels.
@@ -135,6 +135,30 @@ fn own_kernels() -> Vec<(&'static str, Vec<f32>)> {
     };
     optim::adam_step(&mut param, &gy, &mut exp_avg, &mut exp_avg_sq, 3, adam).unwrap();
     out.extend([("adam", param), ("adam exp_avg_sq", exp_avg_sq)]);
+
+    // Depthwise convolution, multiplier 2: stride 1 (contiguous rows) and 2 (strided).
+    for stride in [1, 2] {
+        let weight = values(10 * 9, 10);
+        let p = conv::Conv2dParams::grouped(
+            &shape,
+            &[10, 1, 3, 3],
+            (stride, stride),
+            (1, 1),
+            (1, 1),
+            5,
+        )
+        .unwrap();
+        let mut y = vec![0.0; p.output_shape().iter().product()];
+        conv::forward(&p, &x, &weight, Some(&values(10, 11)), &mut y).unwrap();
+        let gy = values(y.len(), 12);
+        let (mut gx, mut gw, mut gb) = (vec![0.0; len], vec![0.0; weight.len()], vec![0.0; 10]);
+        conv::backward(&p, &gy, &x, &weight, Some(&mut gx), &mut gw, Some(&mut gb)).unwrap();
+        out.extend([
+            ("depthwise conv", y),
+            ("depthwise conv grad_input", gx),
+            ("depthwise conv grad_weight", gw),
+        ]);
+    }
     out
 }
 

@@ -87,18 +87,31 @@ def _conv(layer: nn.Conv2d, shape: tuple[int, ...]) -> list[KerasLayer]:
     dilation = tuple(layer.dilation)
     if dilation != (1, 1) and tuple(layer.stride) != (1, 1):
         raise _refuse(layer, "TensorFlow does not dilate a strided convolution")
+    groups = layer.groups
+    if groups not in (1, layer.in_channels):
+        # TensorFlow's CPU kernels have no grouped convolution; depthwise they have.
+        raise _refuse(layer, f"TensorFlow runs no grouped convolution on the CPU; "
+                             f"groups 1 or {layer.in_channels} (depthwise) it does")
     extent = [d * (k - 1) + 1 for d, k in zip(dilation, layer.kernel_size)]
     mode = _padding_mode(layer, shape, extent)
-    # (out, in, kh, kw) -> (kh, kw, in, out)
-    weights = [layer.weight.data.transpose(2, 3, 1, 0)]
+    common = {"kernel_size": tuple(layer.kernel_size), "strides": tuple(layer.stride),
+              "padding": "same" if mode == "same" else "valid", "dilation_rate": dilation,
+              "use_bias": layer.bias is not None}
+    if groups == 1:
+        # (out, in, kh, kw) -> (kh, kw, in, out)
+        weights = [layer.weight.data.transpose(2, 3, 1, 0)]
+        name, kwargs = "Conv2D", {"filters": layer.out_channels, **common}
+    else:
+        # Output channel c·m + j is input channel c's j-th of m: (in·m, 1, kh, kw) ->
+        # (kh, kw, in, m), DepthwiseConv2D's kernel.
+        multiplier = layer.out_channels // layer.in_channels
+        kh, kw = layer.kernel_size
+        weights = [layer.weight.data.reshape(layer.in_channels, multiplier, kh, kw)
+                   .transpose(2, 3, 0, 1)]
+        name, kwargs = "DepthwiseConv2D", {"depth_multiplier": multiplier, **common}
     if layer.bias is not None:
         weights.append(layer.bias.data)
-    conv = KerasLayer("Conv2D", {"filters": layer.out_channels,
-                                 "kernel_size": tuple(layer.kernel_size),
-                                 "strides": tuple(layer.stride),
-                                 "padding": "same" if mode == "same" else "valid",
-                                 "dilation_rate": dilation,
-                                 "use_bias": layer.bias is not None}, weights)
+    conv = KerasLayer(name, kwargs, weights)
     if mode != "pad":
         return [conv]
     return [KerasLayer("ZeroPadding2D", {"padding": tuple((p, p) for p in layer.padding)}),

@@ -94,7 +94,7 @@ def _layer_flops(layer: nn.Module, shape: tuple[int, ...],
         totals = [_layer_flops(part, shape, first)[:2] for part in parts]
         return (sum(t[0] for t in totals), sum(t[1] for t in totals), output_shape)
     if isinstance(layer, nn.Conv2d):
-        flops = 2.0 * math.prod(output_shape) * layer.in_channels * math.prod(
+        flops = 2.0 * math.prod(output_shape) * layer.in_channels // layer.groups * math.prod(
             layer.kernel_size)
     elif isinstance(layer, nn.Linear):
         flops = 2.0 * layer.in_features * layer.out_features

@@ -109,7 +109,7 @@ def torch_mirror(model: nn.Module, torch=None):
         if isinstance(layer, nn.Conv2d):
             return tnn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
                               layer.stride, layer.padding, layer.dilation,
-                              bias=layer.bias is not None)
+                              groups=layer.groups, bias=layer.bias is not None)
         if isinstance(layer, nn.Linear):
             return tnn.Linear(layer.in_features, layer.out_features,
                               bias=layer.bias is not None)

@@ -166,7 +166,7 @@ class FusedBlock:
         layer = self.layer
         if isinstance(layer, Conv2d):
             return F._conv2d_fused(x, weight, bias, layer.stride, layer.padding,
-                                   layer.dilation, name, slope, self.pool)
+                                   layer.dilation, name, slope, self.pool, layer.groups)
         return F._linear_fused(x, weight, bias, name, slope)
 
 

@@ -79,7 +79,7 @@ def _kaiming_uniform(generator: np.random.Generator, shape, fan_in: int) -> np.n
 
 
 class Conv2d(Module):
-    """2-D convolution over NCHW input, as ``torch.nn.Conv2d`` with ``groups=1``.
+    """2-D convolution over NCHW input, as ``torch.nn.Conv2d``.
 
     Parameters
     ----------
@@ -90,14 +90,20 @@ class Conv2d(Module):
         Zero padding on both sides of each spatial axis.
     dilation : int or (int, int), default 1
     bias : bool, default True
+    groups : int, default 1
+        Channel groups, dividing both channel counts: output channel block g sees input
+        channel block g only. ``groups == in_channels`` is a depthwise convolution
+        (``out_channels`` a multiple of ``in_channels``), run by a per-channel stencil.
+        After ``bias`` (PyTorch has it before), so that positional arguments keep their
+        meaning: pass it by name.
     rng, random_state : int, numpy.random.Generator or None
         Seed or generator for the initialisation (one of the two names).
 
     Attributes
     ----------
-    weight : Parameter, shape (out_channels, in_channels, kH, kW)
-        Initialised U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels*kH*kW,
-        PyTorch's default.
+    weight : Parameter, shape (out_channels, in_channels / groups, kH, kW)
+        Initialised U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+        fan_in = in_channels / groups * kH * kW, PyTorch's default.
     bias : Parameter, shape (out_channels,), or None
         Same distribution.
     """
@@ -105,7 +111,8 @@ class Conv2d(Module):
     _parameter_names = ("weight", "bias")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
-                 padding=0, dilation=1, bias: bool = True, *, rng=None, random_state=None):
+                 padding=0, dilation=1, bias: bool = True, groups: int = 1, *, rng=None,
+                 random_state=None):
         super().__init__()
         self.in_channels = positive_int(in_channels, "in_channels")
         self.out_channels = positive_int(out_channels, "out_channels")
@@ -113,12 +120,18 @@ class Conv2d(Module):
         self.stride = int_pair(stride, "stride", 1)
         self.padding = int_pair(padding, "padding", 0)
         self.dilation = int_pair(dilation, "dilation", 1)
+        self.groups = positive_int(groups, "groups")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"groups: expected a number of groups that divides in_channels "
+                f"({self.in_channels}) and out_channels ({self.out_channels}), got {groups!r}")
         generator = as_generator(random_state, rng)
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        shape = (self.out_channels, self.in_channels) + self.kernel_size
+        group_in = self.in_channels // self.groups
+        fan_in = group_in * self.kernel_size[0] * self.kernel_size[1]
+        shape = (self.out_channels, group_in) + self.kernel_size
         _check_weight_fits(shape, {
             "out_channels": (self.out_channels, self.out_channels),
-            "in_channels": (self.in_channels, self.in_channels),
+            "in_channels": (self.in_channels, group_in),
             "kernel_size": (self.kernel_size, math.prod(self.kernel_size))})
         self.weight = Parameter(_kaiming_uniform(generator, shape, fan_in))
         self.bias = (Parameter(_kaiming_uniform(generator, (self.out_channels,), fan_in))
@@ -129,7 +142,7 @@ class Conv2d(Module):
         x = F.as_float32(input, "input")
         _check_input(self, x, self.in_channels, f"(N, {self.in_channels}, H, W)")
         output = F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data,
-                          self.stride, self.padding, self.dilation)
+                          self.stride, self.padding, self.dilation, self.groups)
         self._ctx = x
         return output
 
@@ -138,7 +151,7 @@ class Conv2d(Module):
         x = self._saved()
         grad_input, grad_weight, grad_bias = F.conv2d_backward(
             grad_output, x, self.weight.data, self.stride, self.padding, self.dilation,
-            bias=self.bias is not None, input_grad=input_grad)
+            bias=self.bias is not None, input_grad=input_grad, groups=self.groups)
         self.weight.grad += grad_weight
         if self.bias is not None:
             self.bias.grad += grad_bias
@@ -158,6 +171,8 @@ class Conv2d(Module):
             text += f", padding={self.padding}"
         if self.dilation != (1, 1):
             text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
         if self.bias is None:
             text += ", bias=False"
         return text

@@ -4,6 +4,9 @@ Tokens are joined by ``-``:
 
 ============================  =====================================================
 ``c<out>[k<size>][s<stride>][p<pad>]``  Conv2d; defaults k3, s1, p = size // 2
+``dsc<out>[k<size>][s<stride>][p<pad>][_bn]``  depthwise-separable conv: a depthwise
+                              Conv2d (groups = C; k, s, p as ``c``'s), then a 1x1
+                              Conv2d to ``out`` channels (see below)
 ``fc<units>``                 Linear; a Flatten is inserted first on a 4-D tensor
 ``bn[m<momentum>][e<eps>]``   BatchNorm2d on a 4-D tensor, BatchNorm1d on a 2-D one;
                               defaults m0.1, e1e-5 (PyTorch's)
@@ -21,9 +24,9 @@ Tokens are joined by ``-``:
 ``relu`` ``lrelu``            ReLU, LeakyReLU(0.01)
 ``sigmoid`` ``tanh``          Sigmoid, Tanh
 ``gap``                       global average pooling, AdaptiveAvgPool2d(1), then Flatten
-``inc<b1>_<b3r>_<b3>_<b5r>_<b5>_<bp>[_<norm>]``  Inception block: four parallel
+``inc<b1>_<b3r>_<b3>_<b5r>_<b5>_<bp>[_<norm>][_dsc]``  Inception block: four parallel
                               branches concatenated along the channels (see below)
-``res<c>[s<s>][_<norm>]``     residual block, torchvision's BasicBlock (see below)
+``res<c>[s<s>][_<norm>][_dsc]``  residual block, torchvision's BasicBlock (see below)
 ============================  =====================================================
 
 The blocks. ``inc<b1>_<b3r>_<b3>_<b5r>_<b5>_<bp>`` is a :class:`~bnrs.nn.Concat` of the
@@ -39,7 +42,18 @@ The optional ``_<norm>`` suffix says where the batch norm goes: none for conv-BN
 (conv-ReLU-BN; a conv without its own ReLU keeps its BN). A conv directly followed by a BN
 has no bias (torchvision's choice); the others have one. The PyTorch mirror of the
 containers and their state-dict keys (``3.branches.0.0.weight``, ``2.body.0.weight``,
-``2.shortcut.0.weight``) are in :mod:`bnrs.nn.branches`.
+``2.shortcut.0.weight``) are in :mod:`bnrs.nn.branches`. The ``_dsc`` suffix makes
+every conv of a block wider than 1x1 (the 3x3 and 5x5 of ``inc``, the 3x3 of ``res``)
+depthwise-separable: the depthwise conv (no bias) then the 1x1 conv, which takes that
+conv's place before the norm and ReLU.
+
+``dsc<out>`` is the depthwise-separable convolution of MobileNet and Xception: a
+depthwise kxk Conv2d (``groups`` = ``in_channels``, one filter per channel, no bias) then
+a pointwise 1x1 Conv2d to ``out`` channels with a bias, as ``c<out>`` has; ``-bn-relu``
+after it as after ``c``. Between the two there is nothing (Chollet's Xception found a
+nonlinearity there hurt), or with ``_bn`` a BatchNorm2d of the input's channels
+(MobileNet's placement without its ReLU). It costs C·k² + C·out weights instead of
+C·out·k².
 
 The options of ``bn`` and ``brn`` come in the order shown, each at most once, and take a
 decimal number with an optional negative exponent: ``bnm0.01``, ``bne1e-3``,
@@ -117,6 +131,8 @@ def _norm_form(kind: str) -> tuple[str, str]:
 _FORMS: dict[str, tuple[str, str]] = {
     "conv": (rf"c{_NUMBER}(?:k{_NUMBER})?(?:s{_NUMBER})?(?:p{_NUMBER})?",
              "c<out>[k<size>][s<stride>][p<pad>]"),
+    "separable": (rf"dsc{_NUMBER}(?:k{_NUMBER})?(?:s{_NUMBER})?(?:p{_NUMBER})?(?:_(bn))?",
+                  "dsc<out>[k<size>][s<stride>][p<pad>][_bn]"),
     "fc": (rf"fc{_NUMBER}", "fc<units>"),
     "bn": _norm_form("bn"),
     "brn": _norm_form("brn"),
@@ -132,22 +148,23 @@ _FORMS: dict[str, tuple[str, str]] = {
     "sigmoid": ("sigmoid", "sigmoid"),
     "tanh": ("tanh", "tanh"),
     "gap": ("gap", "gap"),
-    "inception": ("inc" + "_".join([_NUMBER] * 6) + r"(?:_(nobn|postbn))?",
-                  "inc<b1>_<b3r>_<b3>_<b5r>_<b5>_<bp>[_nobn|_postbn]"),
-    "residual": (rf"res{_NUMBER}(?:s{_NUMBER})?(?:_(nobn|postbn))?",
-                 "res<c>[s<stride>][_nobn|_postbn]"),
+    "inception": ("inc" + "_".join([_NUMBER] * 6) + r"(?:_(nobn|postbn))?(?:_(dsc))?",
+                  "inc<b1>_<b3r>_<b3>_<b5r>_<b5>_<bp>[_nobn|_postbn][_dsc]"),
+    "residual": (rf"res{_NUMBER}(?:s{_NUMBER})?(?:_(nobn|postbn))?(?:_(dsc))?",
+                 "res<c>[s<stride>][_nobn|_postbn][_dsc]"),
 }
 _PATTERNS = {kind: re.compile(pattern, re.ASCII) for kind, (pattern, _) in _FORMS.items()}
 #: A token that starts like this is meant as that kind (for a precise error message).
-_PREFIXES = (("inc", "inception"), ("res", "residual"), ("fc", "fc"), ("sd", "spatial_dropout"), ("mp", "maxpool"), ("gn", "gn"),
+_PREFIXES = (("inc", "inception"), ("res", "residual"), ("dsc", "separable"), ("fc", "fc"), ("sd", "spatial_dropout"), ("mp", "maxpool"), ("gn", "gn"),
              ("ap", "avgpool"), ("brn", "brn"), ("bn", "bn"), ("c", "conv"),
              ("d", "dropout"))
-_EXAMPLES = {"conv": "c32, c32k5, c64k3s2p1", "dropout": "d0.5",
+_EXAMPLES = {"conv": "c32, c32k5, c64k3s2p1", "separable": "dsc32, dsc64s2, dsc32k5_bn",
+             "dropout": "d0.5",
              "spatial_dropout": "sd0.1", "maxpool": "mp2, mp3s2", "avgpool": "ap2, ap3s1",
              "fc": "fc128", "gn": "gn8, gn1", "bn": "bn, bnm0.01, bne1e-3, bnm0.01e1e-3",
              "brn": "brn, brnr2d1, brnm0.05e1e-4r3d5",
-             "inception": "inc16_8_16_4_8_8, inc8_4_8_2_4_4_nobn",
-             "residual": "res16, res32s2, res32s2_postbn"}
+             "inception": "inc16_8_16_4_8_8, inc8_4_8_2_4_4_nobn, inc16_8_16_4_8_8_dsc",
+             "residual": "res16, res32s2, res32s2_postbn, res32s2_dsc"}
 _ALL_FORMS = ", ".join(form for _, form in _FORMS.values())
 
 
@@ -157,7 +174,7 @@ class Token(NamedTuple):
     Attributes
     ----------
     kind : str
-        One of ``conv``, ``fc``, ``bn``, ``brn``, ``gn``, ``ln``, ``in``, ``dropout``,
+        One of ``conv``, ``separable``, ``fc``, ``bn``, ``brn``, ``gn``, ``ln``, ``in``, ``dropout``,
         ``spatial_dropout``, ``maxpool``, ``avgpool``, ``relu``, ``lrelu``, ``sigmoid``,
         ``tanh``, ``gap``, ``inception``, ``residual``.
     text : str
@@ -168,12 +185,12 @@ class Token(NamedTuple):
         0-based character offset in the string.
     args : dict
         The values, defaults filled in: conv ``out_channels, kernel_size, stride,
-        padding``; fc ``units``; gn ``num_groups``; dropout and spatial_dropout ``p``; maxpool and avgpool
+        padding``; separable those and ``norm`` (``"bn"`` or None); fc ``units``; gn ``num_groups``; dropout and spatial_dropout ``p``; maxpool and avgpool
         ``kernel_size, stride``; bn and brn the options written (``momentum``, ``eps``,
         and for brn ``r_max``, ``d_max``), the layer's defaults standing for the others;
-        inception ``branches`` (b1, b3r, b3, b5r, b5, bp) and ``norm``; residual
-        ``out_channels``, ``stride`` and ``norm`` (``"bn"``, ``"nobn"`` or ``"postbn"``);
-        nothing for the others.
+        inception ``branches`` (b1, b3r, b3, b5r, b5, bp), ``norm`` and ``separable``;
+        residual ``out_channels``, ``stride``, ``norm`` (``"bn"``, ``"nobn"`` or
+        ``"postbn"``) and ``separable`` (bool); nothing for the others.
     """
 
     kind: str
@@ -213,12 +230,14 @@ def _expected(kind: str) -> str:
 
 def _token_args(kind: str, groups: Sequence[str | None]) -> tuple[dict, str | None]:
     """The argument dict of a token that matched, or an error reason for a bad value."""
-    if kind == "conv":
-        out, size, stride, pad = groups
+    if kind in ("conv", "separable"):
+        out, size, stride, pad = groups[:4]
         size_value = 3 if size is None else int(size)
         args = {"out_channels": int(out), "kernel_size": size_value,
                 "stride": 1 if stride is None else int(stride),
                 "padding": size_value // 2 if pad is None else int(pad)}
+        if kind == "separable":
+            args["norm"] = groups[4]
         if min(args["out_channels"], args["kernel_size"], args["stride"]) < 1:
             return args, "the channel count, kernel size and stride must be at least 1"
         return args, None
@@ -248,28 +267,46 @@ def _token_args(kind: str, groups: Sequence[str | None]) -> tuple[dict, str | No
         return args, (None if min(args.values()) >= 1
                       else "the pooling size and stride must be at least 1")
     if kind == "inception":
-        args = {"branches": tuple(int(g) for g in groups[:6]), "norm": groups[6] or "bn"}
+        args = {"branches": tuple(int(g) for g in groups[:6]), "norm": groups[6] or "bn",
+                "separable": groups[7] is not None}
         return args, (None if min(args["branches"]) >= 1
                       else "every branch's channel count must be at least 1")
     if kind == "residual":
         args = {"out_channels": int(groups[0]),
-                "stride": 1 if groups[1] is None else int(groups[1]), "norm": groups[2] or "bn"}
+                "stride": 1 if groups[1] is None else int(groups[1]), "norm": groups[2] or "bn",
+                "separable": groups[3] is not None}
         return args, (None if min(args["out_channels"], args["stride"]) >= 1
                       else "the channel count and stride must be at least 1")
     return {}, None
 
 
+def _separable(in_channels: int, out_channels: int, kernel_size: int, stride: int,
+               padding: int, generator, bias: bool = True, between=()) -> list[Module]:
+    """A depthwise-separable conv: the depthwise conv (no bias: the pointwise conv's
+    follows), the layers ``between``, the 1x1 conv."""
+    rng = {"random_state": generator}
+    return [Conv2d(in_channels, in_channels, kernel_size, stride, padding,
+                   groups=in_channels, bias=False, **rng), *between,
+            Conv2d(in_channels, out_channels, 1, bias=bias, **rng)]
+
+
 def _conv_unit(in_channels: int, out_channels: int, kernel_size: int, stride: int,
-               norm: str, generator, activation: bool = True) -> list[Module]:
-    """A conv with the block's norm and (if ``activation``) a ReLU, in the norm's order."""
+               norm: str, generator, activation: bool = True,
+               separable: bool = False) -> list[Module]:
+    """A conv with the block's norm and (if ``activation``) a ReLU, in the norm's order;
+    ``separable`` makes a conv wider than 1x1 depthwise-separable."""
     rng = {"random_state": generator}
     bn_next = norm == "bn" or (norm == "postbn" and not activation)
-    conv = Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
-                  bias=not bn_next, **rng)
+    if separable and kernel_size > 1:
+        conv = _separable(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
+                          generator, bias=not bn_next)
+    else:
+        conv = [Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2,
+                       bias=not bn_next, **rng)]
     relu = [ReLU()] if activation else []
     batch_norm = [] if norm == "nobn" else [BatchNorm2d(out_channels, **rng)]
-    return [conv] + (relu + batch_norm if norm == "postbn" and activation
-                     else batch_norm + relu)
+    return conv + (relu + batch_norm if norm == "postbn" and activation
+                   else batch_norm + relu)
 
 
 def _inception(channels: int, args: dict, generator) -> Concat:
@@ -277,7 +314,7 @@ def _inception(channels: int, args: dict, generator) -> Concat:
     norm = args["norm"]
 
     def unit(c_in, c_out, k):
-        return _conv_unit(c_in, c_out, k, 1, norm, generator)
+        return _conv_unit(c_in, c_out, k, 1, norm, generator, separable=args["separable"])
 
     return Concat(Sequential(*unit(channels, b1, 1)),
                   Sequential(*unit(channels, b3r, 1), *unit(b3r, b3, 3)),
@@ -287,8 +324,11 @@ def _inception(channels: int, args: dict, generator) -> Concat:
 
 def _residual(channels: int, args: dict, generator) -> Residual:
     out, stride, norm = args["out_channels"], args["stride"], args["norm"]
-    body = Sequential(*_conv_unit(channels, out, 3, stride, norm, generator),
-                      *_conv_unit(out, out, 3, 1, norm, generator, activation=False))
+    separable = args["separable"]
+    body = Sequential(*_conv_unit(channels, out, 3, stride, norm, generator,
+                                  separable=separable),
+                      *_conv_unit(out, out, 3, 1, norm, generator, activation=False,
+                                  separable=separable))
     shortcut = None
     if stride != 1 or out != channels:
         shortcut = Sequential(*_conv_unit(channels, out, 1, stride, norm, generator,
@@ -350,13 +390,17 @@ def _build_layer(token: Token, shape: tuple[int, ...], generator) -> list[Module
     """The layers for one token given the current sample shape (Flatten where needed)."""
     args, rng = token.args, {"random_state": generator}
     spatial = len(shape) == 3
-    if token.kind in ("conv", "spatial_dropout", "maxpool", "avgpool", "in", "gap",
+    if token.kind in ("conv", "separable", "spatial_dropout", "maxpool", "avgpool", "in", "gap",
                       "inception", "residual") and not spatial:
         raise ValueError(f"needs a (C, H, W) feature map, but the tensor is already "
                          f"flat here, shape {shape}")
     if token.kind == "conv":
         return [Conv2d(shape[0], args["out_channels"], args["kernel_size"], args["stride"],
                        args["padding"], **rng)]
+    if token.kind == "separable":
+        between = [BatchNorm2d(shape[0], **rng)] if args["norm"] == "bn" else []
+        return _separable(shape[0], args["out_channels"], args["kernel_size"], args["stride"],
+                          args["padding"], generator, between=between)
     if token.kind == "fc":
         flatten = [Flatten()] if spatial else []
         features = shape[0] * shape[1] * shape[2] if spatial else shape[-1]

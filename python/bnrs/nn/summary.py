@@ -8,8 +8,8 @@ Multiply-adds are counted as follows (other conventions differ by the bias and t
 normalisations; torchinfo, for one, counts biases too):
 
 =====================================  ==============================================
-Conv2d                                 C_out * H_out * W_out * C_in * kH * kW (the
-                                       bias additions are not counted)
+Conv2d                                 C_out * H_out * W_out * C_in / groups * kH * kW
+                                       (the bias additions are not counted)
 Linear                                 out_features * in_features per row
 BatchNorm, BatchRenorm                 1 per element: in evaluation mode a per-channel
                                        scale and shift with the running statistics
@@ -121,7 +121,7 @@ def _mult_adds(layer: Module, input_shape: tuple[int, ...],
         paths = [layer.body] + ([] if layer.shortcut is None else [layer.shortcut])
         return sum(_path_mult_adds(path, input_shape) for path in paths)
     if isinstance(layer, Conv2d):
-        fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        fan_in = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
         return math.prod(output_shape) * fan_in
     if isinstance(layer, Linear):
         return math.prod(output_shape) * layer.in_features

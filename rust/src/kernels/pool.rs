@@ -691,7 +691,8 @@ mod tests {
                 [digit(0), digit(1), digit(2), digit(3)]
             })
             .collect();
-        let maps: [(&str, fn(f32) -> f32); 3] = [
+        type Map = (&'static str, fn(f32) -> f32);
+        let maps: [Map; 3] = [
             ("identity", |v| v),
             ("relu of v - 1", |v| Activation::Relu.value(v - 1.0)),
             ("tanh", f32::tanh),

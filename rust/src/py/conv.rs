@@ -13,9 +13,10 @@ type Pair = (i64, i64);
 /// conv2d forward: (N, C_in, H, W) * (C_out, C_in, kH, kW) -> (N, C_out, H_out, W_out),
 /// with an optional activation (a name as `activation_forward` takes) applied per output
 /// tile inside the kernel, and an optional 2×2, stride-2 pool ("max" or "avg") applied to
-/// each image's output while it is in cache.
+/// each image's output while it is in cache. `groups` splits the channels as
+/// `torch.nn.Conv2d(groups=...)` does: the weight is (C_out, C_in/groups, kH, kW).
 #[pyfunction]
-#[pyo3(signature = (input, weight, bias, stride, padding, dilation, activation=None, negative_slope=0.0, pool=None))]
+#[pyo3(signature = (input, weight, bias, stride, padding, dilation, activation=None, negative_slope=0.0, pool=None, groups=1))]
 #[allow(clippy::too_many_arguments)]
 fn conv2d_forward<'py>(
     py: Python<'py>,
@@ -28,8 +29,16 @@ fn conv2d_forward<'py>(
     activation: Option<&str>,
     negative_slope: f32,
     pool: Option<&str>,
+    groups: i64,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-    let p = Conv2dParams::new(input.shape(), weight.shape(), stride, padding, dilation)?;
+    let p = Conv2dParams::grouped(
+        input.shape(),
+        weight.shape(),
+        stride,
+        padding,
+        dilation,
+        groups,
+    )?;
     let pool = match pool {
         None => None,
         Some("max") => Some(Pool2x2::Max),
@@ -68,7 +77,7 @@ fn conv2d_forward<'py>(
 
 /// conv2d backward: (grad_input or None, grad_weight, grad_bias or None).
 #[pyfunction]
-#[pyo3(signature = (grad_output, input, weight, stride, padding, dilation, bias, input_grad))]
+#[pyo3(signature = (grad_output, input, weight, stride, padding, dilation, bias, input_grad, groups=1))]
 #[allow(clippy::too_many_arguments)]
 fn conv2d_backward<'py>(
     py: Python<'py>,
@@ -80,8 +89,16 @@ fn conv2d_backward<'py>(
     dilation: Pair,
     bias: bool,
     input_grad: bool,
+    groups: i64,
 ) -> PyResult<GradArrays<'py>> {
-    let p = Conv2dParams::new(input.shape(), weight.shape(), stride, padding, dilation)?;
+    let p = Conv2dParams::grouped(
+        input.shape(),
+        weight.shape(),
+        stride,
+        padding,
+        dilation,
+        groups,
+    )?;
     check_grad_output_channels(&grad_output, &weight)?;
     check_shape(&grad_output, "grad_output", &p.output_shape())?;
     let (gy, x, w) = (

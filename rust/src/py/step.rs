@@ -54,12 +54,13 @@ fn layer_kind(
     };
     Ok(match kind {
         "conv2d" => {
-            let (weight, bias, stride, padding, dilation): (
+            let (weight, bias, stride, padding, dilation, groups): (
                 usize,
                 Option<usize>,
                 Pair,
                 Pair,
                 Pair,
+                i64,
             ) = args.extract()?;
             let shape: [usize; 4] = weight_shape(weight)?
                 .try_into()
@@ -71,6 +72,7 @@ fn layer_kind(
                 stride,
                 padding,
                 dilation,
+                groups,
             }
         }
         "linear" => {

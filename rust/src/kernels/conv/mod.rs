@@ -1,4 +1,4 @@
-//! 2-D convolution (cross-correlation, groups = 1), forward and backward.
+//! 2-D convolution (cross-correlation), forward and backward.
 //!
 //! Each image is unfolded (im2col) into a K×P matrix, K = C_in·kH·kW, P = H_out·W_out,
 //! and multiplied by the C_out×K weight matrix. Which way that runs (a small-K product
@@ -14,11 +14,16 @@
 //! zero-padded image (forward, and so the input gradient; the weight gradient of larger
 //! images).
 //!
+//! Grouped convolutions (groups > 1) run in `grouped`: depthwise ones by a per-channel
+//! stencil, others as one of the convolutions above per group.
+//!
 //! Files: `params` (validation, output shape), `plan` (the choice of algorithm),
 //! `unfold` (im2col and col2im, one loop), `microkernel` (the small-K product),
-//! `direct` (the direct kernels).
+//! `direct` (the direct kernels), `grouped` and `depthwise` (groups > 1).
 
+mod depthwise;
 mod direct;
+mod grouped;
 mod microkernel;
 mod params;
 mod plan;
@@ -105,7 +110,25 @@ pub fn forward_fused(
     epilogue: Epilogue,
     output: &mut [f32],
 ) -> Result<()> {
+    if p.groups > 1 {
+        check_forward_lengths(p, input, weight, bias, output)?;
+        return grouped::forward(p, input, weight, bias, epilogue, output);
+    }
     forward_planned(p, &Plan::new(p), input, weight, bias, epilogue, output)
+}
+
+fn check_forward_lengths(
+    p: &Conv2dParams,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    output: &[f32],
+) -> Result<()> {
+    p.check_lengths(input.len(), weight.len(), output.len())?;
+    if let Some(b) = bias {
+        crate::error::check_len("bias", b.len(), p.out_channels)?;
+    }
+    Ok(())
 }
 
 /// The 2×2, stride-2, unpadded pool of a fused conv→activation→pool block.
@@ -155,6 +178,29 @@ pub fn forward_fused_pooled(
     p.check_lengths(input.len(), weight.len(), full_len)?;
     if let Some(b) = bias {
         crate::error::check_len("bias", b.len(), p.out_channels)?;
+    }
+    if p.groups > 1 {
+        // Grouped: the whole output, then the pool (the same bits, more memory).
+        // The pool may read past the last plane (see `pool_2x2_mapped`).
+        let slack = 2 * pool::MAPPED_STEP;
+        let mut full = Vec::new();
+        resize_scratch(&mut full, full_len + slack, POOLED_CONV_OUTPUT)?;
+        grouped::forward(p, input, weight, bias, epilogue, &mut full[..full_len])?;
+        let (pixels, pooled) = (p.pixels(), p.out_channels * ph * pw);
+        let read = (2 * ph - 1) * p.out_w + (2 * pw).next_multiple_of(slack);
+        let full = &full;
+        output
+            .par_chunks_mut(pooled)
+            .enumerate()
+            .for_each(|(n, out)| {
+                for c in 0..p.out_channels {
+                    let start = (n * p.out_channels + c) * pixels;
+                    let values = &full[start..start + read];
+                    let out = &mut out[c * ph * pw..];
+                    finish_pooled_plane(values, p.out_w, None, None, pool, out, (ph, pw));
+                }
+            });
+        return Ok(());
     }
     let plan = Plan::new(p);
     let images = match plan.forward {
@@ -284,10 +330,7 @@ fn forward_planned(
     epilogue: Epilogue,
     output: &mut [f32],
 ) -> Result<()> {
-    p.check_lengths(input.len(), weight.len(), output.len())?;
-    if let Some(b) = bias {
-        crate::error::check_len("bias", b.len(), p.out_channels)?;
-    }
+    check_forward_lengths(p, input, weight, bias, output)?;
     run_forward(p, plan, input, weight, bias, epilogue, output)
 }
 
@@ -661,7 +704,7 @@ pub fn backward(
     grad_output: &[f32],
     input: &[f32],
     weight: &[f32],
-    grad_input: Option<&mut [f32]>,
+    mut grad_input: Option<&mut [f32]>,
     grad_weight: &mut [f32],
     grad_bias: Option<&mut [f32]>,
 ) -> Result<()> {
@@ -683,6 +726,12 @@ pub fn backward(
             *g = total as f32;
         });
     }
+    if p.groups > 1 {
+        if let Some(gx) = grad_input.as_deref() {
+            crate::error::check_len("grad_input", gx.len(), input.len())?;
+        }
+        return grouped::backward(p, grad_output, input, weight, grad_input, grad_weight);
+    }
 
     let plan = Plan::new(p);
     let (group, block) = (plan.weight_grad_group, plan.weight_grad_images);
@@ -693,7 +742,6 @@ pub fn backward(
         n_groups * weight.len(),
         "conv2d backward: the weight gradients of groups of images",
     )?;
-    let mut grad_input = grad_input;
     if let (Some(gx), InputGrad::Transposed(transposed)) =
         (grad_input.as_deref_mut(), plan.input_grad)
     {
@@ -1040,7 +1088,8 @@ pub(super) mod tests {
                 for oh in 0..p.out_h {
                     for ow in 0..p.out_w {
                         let mut acc = 0.0f64;
-                        for c in 0..p.in_channels {
+                        let group = co / p.group_out_channels();
+                        for c in 0..p.group_in_channels() {
                             for ki in 0..p.kernel_h {
                                 for kj in 0..p.kernel_w {
                                     let ih = (oh * p.stride.0 + ki * p.dilation.0) as isize
@@ -1054,10 +1103,12 @@ pub(super) mod tests {
                                     {
                                         continue;
                                     }
-                                    let xv = x[((n * p.in_channels + c) * p.in_h + ih as usize)
+                                    let ci = group * p.group_in_channels() + c;
+                                    let xv = x[((n * p.in_channels + ci) * p.in_h + ih as usize)
                                         * p.in_w
                                         + iw as usize];
-                                    let wv = w[((co * p.in_channels + c) * p.kernel_h + ki)
+                                    let wv = w[((co * p.group_in_channels() + c) * p.kernel_h
+                                        + ki)
                                         * p.kernel_w
                                         + kj];
                                     acc += f64::from(xv) * f64::from(wv);
@@ -1191,6 +1242,46 @@ pub(super) mod tests {
                 assert_eq!(bits(&fused), bits(&separate), "{path} {act:?}");
             }
         }
+    }
+
+    #[test]
+    fn grouped_and_depthwise_match_the_direct_definition() {
+        // (input, weight, stride, padding, dilation, groups): depthwise (multiplier 1 and
+        // 2, strides, dilation) and general groups. Every SIMD level: tests/test_grouped_conv.py.
+        for (shape, wshape, s, pd, d, groups) in [
+            ([2, 4, 9, 7], [4, 1, 3, 3], (1, 1), (1, 1), (1, 1), 4),
+            ([1, 3, 11, 13], [6, 1, 3, 3], (2, 2), (2, 1), (1, 1), 3),
+            ([3, 2, 8, 9], [4, 1, 3, 2], (1, 2), (0, 1), (2, 1), 2),
+            ([2, 6, 10, 10], [9, 2, 5, 5], (2, 1), (2, 2), (1, 1), 3),
+            ([2, 4, 7, 7], [8, 2, 1, 1], (1, 1), (0, 0), (1, 1), 2),
+        ] {
+            let p = Conv2dParams::grouped(&shape, &wshape, s, pd, d, groups).unwrap();
+            assert_eq!(p.is_depthwise(), wshape[1] == 1);
+            let x = values(shape.iter().product(), 7);
+            let w = values(wshape.iter().product(), 8);
+            let mut y = vec![0.0; p.output_shape().iter().product()];
+            forward(&p, &x, &w, None, &mut y).unwrap();
+            for (a, b) in y.iter().zip(naive(&p, &x, &w)) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_rejects_groups_that_do_not_divide_the_channels() {
+        for (shape, wshape, groups) in [
+            ([1, 4, 5, 5], [6, 1, 3, 3], 4),
+            ([1, 6, 5, 5], [4, 2, 3, 3], 3),
+            ([1, 4, 5, 5], [4, 1, 3, 3], 0),
+        ] {
+            let err = Conv2dParams::grouped(&shape, &wshape, (1, 1), (0, 0), (1, 1), groups);
+            assert!(
+                matches!(err, Err(Error::Invalid { arg: "groups", .. })),
+                "{err:?}"
+            );
+        }
+        let err = Conv2dParams::grouped(&[1, 4, 5, 5], &[4, 2, 3, 3], (1, 1), (0, 0), (1, 1), 4);
+        assert!(matches!(err, Err(Error::Invalid { arg: "weight", .. })));
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub struct Conv2dParams {
     pub dilation: (usize, usize),
     pub out_h: usize,
     pub out_w: usize,
+    /// Channel groups: input channel block g (of C_in/groups) feeds output channel block
+    /// g (of C_out/groups) only, as `torch.nn.Conv2d(groups=...)`.
+    pub groups: usize,
 }
 
 impl Conv2dParams {
@@ -30,14 +33,35 @@ impl Conv2dParams {
         padding: (i64, i64),
         dilation: (i64, i64),
     ) -> Result<Self> {
+        Self::grouped(input_shape, weight_shape, stride, padding, dilation, 1)
+    }
+
+    /// [`Conv2dParams::new`] for `groups` channel groups: a weight (C_out, C_in/groups,
+    /// kH, kW), both channel counts divisible by `groups`.
+    pub fn grouped(
+        input_shape: &[usize],
+        weight_shape: &[usize],
+        stride: (i64, i64),
+        padding: (i64, i64),
+        dilation: (i64, i64),
+        groups: i64,
+    ) -> Result<Self> {
         let (batch, in_channels, in_h, in_w) = nchw("input", input_shape)?;
         if weight_shape.len() != 4 {
             return Err(Error::invalid(
                 "weight",
                 format!("a {}-D array {weight_shape:?}", weight_shape.len()),
-                "a 4-D (C_out, C_in, kH, kW) array",
+                "a 4-D (C_out, C_in/groups, kH, kW) array",
             ));
         }
+        if groups < 1 {
+            return Err(Error::invalid(
+                "groups",
+                groups.to_string(),
+                "a positive number of groups (>= 1)",
+            ));
+        }
+        let groups = groups as usize;
         nonzero("weight", weight_shape)?;
         let (out_channels, w_in, kernel_h, kernel_w) = (
             weight_shape[0],
@@ -45,11 +69,25 @@ impl Conv2dParams {
             weight_shape[2],
             weight_shape[3],
         );
-        if w_in != in_channels {
+        if in_channels % groups != 0 || out_channels % groups != 0 {
+            return Err(Error::invalid(
+                "groups",
+                format!(
+                    "{groups}, with {in_channels} input channels (shape {input_shape:?}) and \
+                     {out_channels} output channels (weight shape {weight_shape:?})"
+                ),
+                "a number of groups that divides both channel counts",
+            ));
+        }
+        if w_in * groups != in_channels {
             return Err(Error::invalid(
                 "weight",
-                format!("{w_in} input channels (shape {weight_shape:?})"),
-                format!("{in_channels} input channels, as input has (shape {input_shape:?})"),
+                format!("{w_in} input channels per group (shape {weight_shape:?})"),
+                format!(
+                    "{} input channels per group: input has {in_channels} (shape \
+                     {input_shape:?}) in {groups} group(s)",
+                    in_channels / groups
+                ),
             ));
         }
         let stride = positive_pair("stride", stride)?;
@@ -81,6 +119,7 @@ impl Conv2dParams {
             dilation,
             out_h,
             out_w,
+            groups,
         };
         let output = [batch, out_channels, out_h, out_w];
         if let Some(excess) = beyond_memory(&output).filter(|_| padding != (0, 0)) {
@@ -116,9 +155,25 @@ impl Conv2dParams {
             .saturating_mul(self.col_rows())
     }
 
-    /// Rows of the unfolded image: C_in · kH · kW.
+    /// Rows of the unfolded image: C_in · kH · kW (per group: C_in/groups · kH · kW).
     pub fn col_rows(&self) -> usize {
-        self.in_channels * self.kernel_h * self.kernel_w
+        self.group_in_channels() * self.kernel_h * self.kernel_w
+    }
+
+    /// Input channels per group: the weight's second dimension.
+    pub fn group_in_channels(&self) -> usize {
+        self.in_channels / self.groups
+    }
+
+    /// Output channels per group.
+    pub fn group_out_channels(&self) -> usize {
+        self.out_channels / self.groups
+    }
+
+    /// Every input channel its own group (C_out a multiple of C_in, the depth
+    /// multiplier): the per-channel stencil of [`super::depthwise`] runs it.
+    pub fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.in_channels
     }
 
     pub(super) fn pixels(&self) -> usize {
