@@ -362,3 +362,28 @@ def test_lower_is_better_effects_say_lower_or_higher():
     smaller = results.ClaimResult(1, "x", "", "final_train_loss", "supported", -0.276,
                                   -0.3, -0.25, 2.0, 10, 0, lower_is_better=True)
     assert smaller.effect_text(interval=False) == "0.276 lower"
+
+
+def _claim(question, statement, test, n_seeds, p_holm, tost_p_holm=math.nan):
+    return results.ClaimResult(question=question, statement=statement, source="", metric="m",
+                               verdict="inconclusive", mean=0.0, low=0.0, high=0.0,
+                               d_z=math.nan, n_seeds=n_seeds, diverged=0, test=test,
+                               p_holm=p_holm, tost_p_holm=tost_p_holm)
+
+
+def test_the_report_names_count_claims_that_holm_cannot_pass():
+    # 10 seeds: an exact test's p is at least 2 / 2**10 = 0.00195; with 96 tests Holm
+    # reaches that only after 96 - floor(0.05 / 0.00195) = 71 rejections.
+    decided = [_claim(1, f"t{i}", "paired t", 10, 0.001) for i in range(35)]
+    rest = [_claim(2, f"u{i}", "paired t", 10, 0.5) for i in range(59)]
+    counts = [_claim(7, "Fewer diverge", "exact McNemar", 10, 0.2),
+              _claim(1, "Sooner", "exact sign", 10, 0.1)]
+    (item,) = report._undecidable_counts(decided + rest + counts, 96)
+    assert "2 claims (2 pieces of advice" in item and "71 of the 96 tests" in item
+    assert "rejected 35" in item and "12 seeds" in item
+    assert "Q7 Fewer diverge" in item and "Q1 Sooner" in item
+    # Enough seeds, or enough rejections before them: nothing to say.
+    assert report._undecidable_counts(decided + rest + [
+        _claim(1, "Sooner", "exact sign", 14, 0.1)], 96) == []
+    assert report._undecidable_counts(
+        [_claim(1, f"t{i}", "paired t", 10, 0.001) for i in range(80)] + counts, 96) == []

@@ -462,6 +462,43 @@ def _summary(doc: _Document, questions, results_by_question, settings) -> None:
     doc.table(["advice"] + [REGIME_TITLES.get(g, g) for g in regimes], rows)
 
 
+def _undecidable_counts(results, n_tests: int) -> list[str]:
+    """The threat item for claims whose exact test on counts cannot pass Holm here.
+
+    Over n paired seeds an exact sign or McNemar test gives p >= 2 * 0.5**n even when
+    every seed agrees. Holm's step-down compares the k-th smallest p-value with
+    alpha / (m - k + 1), so that p is reached only after m - floor(alpha / p) other tests
+    have been rejected; where the study rejected fewer, the claim can be neither
+    supported nor contradicted, whatever its data.
+    """
+    rejected = sum(r.p_holm < ALPHA for r in results if math.isfinite(r.p_holm)) + sum(
+        r.tost_p_holm < ALPHA for r in results if math.isfinite(r.tost_p_holm))
+    blocked = []
+    for r in results:
+        if r.test not in ("exact sign", "exact McNemar") or r.n_seeds < 1:
+            continue
+        p_min = min(1.0, 2 * 0.5 ** r.n_seeds)
+        if n_tests - math.floor(ALPHA / p_min) > rejected:
+            blocked.append((r, p_min))
+    if not blocked:
+        return []
+    n_seeds = sorted({r.n_seeds for r, _ in blocked})
+    p_min = max(p for _, p in blocked)
+    needed = next(n for n in range(1, 64) if 2 * 0.5 ** n < ALPHA / n_tests)
+    advice = list(dict.fromkeys(f"Q{r.question} {_advice_text(r)}" for r, _ in blocked))
+    return [(f"**Claims this design cannot decide.** {len(blocked)} claims ("
+             f"{len(advice)} pieces of advice, some in both regimes) are tested on "
+             f"counts over {' or '.join(map(str, n_seeds))} paired seeds (steps to a "
+             "target accuracy by the exact sign test, diverged runs by the exact McNemar "
+             f"test): even when every seed agrees their p-value is at least {p_min:.3g}, "
+             f"which Holm's step-down reaches only after about "
+             f"{n_tests - math.floor(ALPHA / p_min)} of the {n_tests} tests have been "
+             f"rejected before it (this study rejected {rejected}). Their verdict is "
+             f"*inconclusive* by construction, not for lack of an effect; {needed} "
+             f"seeds would bring the smallest p under Holm's strictest level "
+             f"{ALPHA / n_tests:.2g}. They are: {'; '.join(advice)}.")]
+
+
 def _threats(doc: _Document, questions, results_by_question, summaries_by_question,
              settings, data, n_tests: int, entries, runs) -> None:
     """What limits the verdicts, with the numbers of this study where it has them."""
@@ -516,6 +553,7 @@ def _threats(doc: _Document, questions, results_by_question, summaries_by_questi
             "points (per claim, from its seeds and the SD of its paired differences): "
             "*inconclusive* below that is no evidence of no effect (only "
             "*equivalent* is)." if mdes else "Too few seeds for a power estimate.")),
+        *_undecidable_counts(results, n_tests),
         ("**What varies between seeds.** Initial weights, the order of mini-batches and "
          "dropout masks" + (", and each seed's own training subset" if per_seed_subset
                             else "; the training subset is one fixed draw for all seeds "
