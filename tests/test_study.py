@@ -237,9 +237,13 @@ def test_identical_configurations_are_shared():
     question_list = questions.build_questions(settings, [1, 2, 3])
     entries, jobs = runner.plan(question_list, settings, data, "digits")
     # Q1 has plain and bn in both regimes, Q2 repeats the short ones, Q3 repeats bn:
-    # 4 + 3 + 1 distinct variants.
-    assert len(entries) == (4 + 5 + 2) * 2
-    assert len(jobs) == (4 + 3 + 1) * 2
+    # 4 + 3 + 1 distinct variants. Q1's four enter its steps-to-target claims, decided
+    # on counts: they run twice the seeds (2 x 2), of which the others share the first 2.
+    factor = questions.COUNT_CLAIM_SEED_FACTOR
+    assert questions.count_claim_variants(question_list[0]) == {
+        v.name for v in question_list[0].variants}
+    assert len(entries) == (4 * factor + 5 + 2) * 2
+    assert len(jobs) == 4 * factor * 2 + (3 + 1) * 2
     overfit = {jobs[key].config.n_train for q, v, seed, key in entries
                if v.regime == "overfit"}
     assert overfit == {settings.overfit_n_train} and settings.overfit_n_train < settings.n_train
@@ -506,7 +510,9 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     table = _study(tmp_path)
     for name in ("report.md", "report.html", "results.csv", "results.sqlite", "study.json"):
         assert (tmp_path / name).is_file(), name
-    assert len(table) == (4 + 2) * 2 and len(table.where(question=3)) == 4
+    # Q1's four variants enter claims decided on counts: twice the seeds.
+    factor = questions.COUNT_CLAIM_SEED_FACTOR
+    assert len(table) == 4 * 2 * factor + 2 * 2 and len(table.where(question=3)) == 4
     assert {row["status"] for row in table} <= {"ok", "diverged"}
     assert len(table.verdicts) == 8 + 1
     assert {v["verdict"] for v in table.verdicts} <= {"supported", "contradicted",

@@ -300,7 +300,7 @@ def test_variant_summary_medians_count_every_run(tmp_path):
     q = _question(())
     bn = [_run(e) for e in (2, 3, None, None, None)]
     entries, runs = _entries(q, {"bn": bn, "plain": [_run(e) for e in (1, 2, 3, 4, 9)]})
-    summaries = results.variant_summaries(q, entries, runs, 5)
+    summaries = results.variant_summaries(q, entries, runs)
     # Averaging the two runs that got there would say 2.5 epochs; 3 of 5 never did.
     assert math.isinf(summaries[0].median_epochs_to_target) and summaries[0].n_timed == 2
     assert summaries[1].median_epochs_to_target == 3

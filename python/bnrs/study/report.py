@@ -45,7 +45,12 @@ from .plots import (
     plot_sweep,
     plot_time_to_target,
 )
-from .questions import STUCK_FRACTION, Question
+from .questions import (
+    COUNT_CLAIM_SEED_FACTOR,
+    STUCK_FRACTION,
+    Question,
+    count_claim_variants,
+)
 from .results import (
     ALPHA,
     DEFAULT_REGIME,
@@ -252,7 +257,7 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
     doc.paragraph(
         f"Data: **{data.name}** ({data.description}). {len(stored)} of {len(distinct)} "
         f"distinct runs stored ({sum(r['status'] == 'diverged' for r in stored)} "
-        f"diverged), {settings.seeds} seeds per variant. Run time: {compute / 60:.1f} min "
+        f"diverged), {_seeds_text(questions, settings)}. Run time: {compute / 60:.1f} min "
         f"summed over runs (each question's below counts a run it shares with another "
         f"in both); {_wall_clock(stored)}. bnrs {__version__}; report written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
@@ -261,7 +266,7 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
                       "(the study is still running or was interrupted); rerun the same "
                       "command to finish it.")
 
-    summaries_by_question = {q.number: variant_summaries(q, entries, runs, settings.seeds)
+    summaries_by_question = {q.number: variant_summaries(q, entries, runs)
                              for q in questions}
     doc.heading(2, "What this means for your network")
     _summary(doc, questions, results_by_question, settings)
@@ -460,6 +465,14 @@ def _summary(doc: _Document, questions, results_by_question, settings) -> None:
         f"this setting only (see [Threats to validity](#threats)).")
     regimes, rows = _summary_rows(questions, results_by_question)
     doc.table(["advice"] + [REGIME_TITLES.get(g, g) for g in regimes], rows)
+
+
+def _seeds_text(questions, settings) -> str:
+    """The seeds per variant, with the count claims' variants' own number if any."""
+    counted = any(count_claim_variants(q) for q in questions)
+    return f"{settings.seeds} seeds per variant" + (
+        f" ({COUNT_CLAIM_SEED_FACTOR * settings.seeds} for the variants of claims decided "
+        "on counts: steps to a target accuracy, diverged runs)" if counted else "")
 
 
 def _undecidable_counts(results, n_tests: int) -> list[str]:
@@ -775,7 +788,9 @@ def _method(doc: _Document, settings, data, plots: bool) -> None:
          f"{settings.batch_size}). The loop is the study's own (bnrs.study.train) over "
          "bnrs.nn and bnrs.optim, so that it can pair seeds, scale the initial weights and "
          f"evaluate after every epoch (protocol version {PROTOCOL})."),
-        (f"Seeds 0..{settings.seeds - 1}. The same seed gives every variant the same "
+        (f"Seeds 0..{settings.seeds - 1} (0..{COUNT_CLAIM_SEED_FACTOR * settings.seeds - 1} "
+         "for the variants of claims decided on counts, whose exact tests need them to "
+         "pass Holm's adjustment). The same seed gives every variant the same "
          "initial weights wherever the layer shapes agree (the conv and dense weights come "
          "from a separate random stream, unaffected by BN or dropout layers), the same "
          "order of mini-batches (for the same batch size) and the same data split; the "
@@ -839,8 +854,8 @@ def _method(doc: _Document, settings, data, plots: bool) -> None:
         ("Divergence: whether runs diverge is a count, so the divergence claim is "
          "decided by the exact McNemar test (the two-sided binomial test of the seeds "
          "where exactly one of the two paired variants diverged); with "
-         f"{settings.seeds} seeds its smallest possible p-value is "
-         f"{min(1.0, 2 * 0.5 ** settings.seeds):.3g}."),
+         f"{COUNT_CLAIM_SEED_FACTOR * settings.seeds} seeds its smallest possible "
+         f"p-value is {min(1.0, 2 * 0.5 ** (COUNT_CLAIM_SEED_FACTOR * settings.seeds)):.3g}."),
         ("Smallest detectable effect: (t(1 − α/2, n−1) + t(0.8, n−1)) · sd / √n for n "
          "seeds (the normal-shift approximation to the noncentral t); per question with "
          "the pooled SD of its paired accuracy differences, per claim (threats to "

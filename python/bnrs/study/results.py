@@ -697,9 +697,13 @@ class VariantSummary:
         return self.n_ok > 0 and 2 * self.rising > self.n_ok
 
 
-def variant_summaries(q, entries, runs, n_seeds: int) -> list[VariantSummary]:
+def variant_summaries(q, entries, runs) -> list[VariantSummary]:
     """The summary of each of ``q``'s variants, in the question's order."""
     by_variant = _runs_of(q, entries, runs)
+    planned = {v.name: 0 for v in q.variants}
+    for question, variant, _, _ in entries:
+        if question is q:
+            planned[variant.name] += 1
     summaries = []
     for variant in q.variants:
         seed_runs = by_variant[variant.name]
@@ -718,7 +722,7 @@ def variant_summaries(q, entries, runs, n_seeds: int) -> list[VariantSummary]:
                    for unit, times in timed.items()}
         summaries.append(VariantSummary(
             variant.name, variant.label, len(ok), len(seed_runs) - len(ok),
-            n_seeds - len(seed_runs), interval("test_acc"), interval("final_train_loss"),
+            planned[variant.name] - len(seed_runs), interval("test_acc"), interval("final_train_loss"),
             interval("gap"), interval("train_acc"), interval("epochs_to_target", reached),
             interval("seconds_to_target", reached), len(reached), _mean_curves(ok),
             next((run["metrics"]["chance"] for run in seed_runs.values()), math.nan),

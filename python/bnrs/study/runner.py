@@ -45,6 +45,7 @@ from .questions import (
     build_questions,
     custom_question,
     settings_for,
+    variant_seeds,
 )
 from .report import write_report
 from .results import ResultTable, build_table
@@ -134,7 +135,7 @@ def plan(questions: Sequence[Question], settings: Settings, data: bnrs_datasets.
                 n_train_eval=min(settings.n_train_eval, n_train),
                 n_test_curve=min(settings.n_test_curve, len(data.y_test)),
                 target_accuracy=settings.target(regime), mc_samples=mc_samples)
-            for seed in range(settings.seeds):
+            for seed in range(variant_seeds(q, variant, settings.seeds)):
                 key = run_key(config.to_dict(), seed)
                 entries.append((q, variant, seed, key))
                 jobs.setdefault(key, Job(key, config, seed, _cost(config)))
