@@ -12,6 +12,10 @@
   whole ``fit`` running in another thread while the main thread's call is interrupted
   complete, with exactly the results of an undisturbed run.
 - After an interrupted call, short and long calls give exactly the results of before.
+- Only Python's main thread (the one that runs signal handlers, also in a child forked
+  from another thread) watches its long calls for Ctrl-C; a call from another thread never
+  takes the GIL while it runs, so it cannot touch an interpreter that finalised meanwhile
+  (a daemon thread, or one ``Thread.join`` marked as stopped when Ctrl-C interrupted it).
 
 - SIGINT during ``CNNClassifier.fit`` raises KeyboardInterrupt within 1 second, with the
   network exactly as after the last completed epoch; a grid search over the estimator
@@ -250,6 +254,37 @@ def test_sigint_does_not_stop_kernel_calls_of_another_thread():
     assert "INTERRUPTED" in lines, f"no KeyboardInterrupt in the child\n{stdout}\n{stderr}"
     assert float(lines["INTERRUPTED"]) - sent < 1.0
     assert lines["WORKER"] == str([True] * 6), stdout
+
+
+def test_only_the_main_thread_watches_its_calls_for_ctrl_c():
+    # Another thread's long call polling for Ctrl-C took the GIL every 50 ms: once the
+    # interpreter had finalised under it, that crashed the process at exit.
+    assert threading.current_thread() is threading.main_thread()
+    assert _core._watches_ctrl_c()
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(_core._watches_ctrl_c()))
+    worker.start()
+    worker.join(30)
+    assert seen == [False]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_the_child_of_a_fork_from_another_thread_watches_its_main_thread():
+    # The forking thread is the child's main thread: the one its signal handlers run in.
+    result = child.run("""
+        import os, threading
+        from bnrs import _core
+        def fork_and_report():
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if _core._watches_ctrl_c() else 1)
+            _, status = os.waitpid(pid, 0)
+            print("CHILD", os.waitstatus_to_exitcode(status), flush=True)
+        worker = threading.Thread(target=fork_and_report)
+        worker.start()
+        worker.join(30)
+    """, timeout=60)
+    assert "CHILD 0" in result.stdout, result.stdout + result.stderr
 
 
 #: One image, 128 channels, 128 filters 3×3: a call is seconds of work on a single image,

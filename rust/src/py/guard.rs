@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 
 use crate::parallel::Outcome;
 
@@ -16,12 +17,12 @@ const INTERRUPTIBLE_WORK: usize = 1 << 24;
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// Run a kernel without the GIL, in the bnrs thread pool. For long calls (`work` at least
-/// [`INTERRUPTIBLE_WORK`]) Ctrl-C is checked every 50 ms while it runs: the kernel stops
-/// at its next chunk and `KeyboardInterrupt` is raised; shorter calls check it when they
-/// return. Only the main thread sees Ctrl-C (Python runs signal handlers there), and the
-/// stop reaches only this call's kernel: calls from other threads run to their end. A
-/// panic becomes a `RuntimeError` instead of aborting. Its time counts as kernel time
-/// ([`crate::clock`]).
+/// [`INTERRUPTIBLE_WORK`]) from the main thread, Ctrl-C is checked every 50 ms while it
+/// runs: the kernel stops at its next chunk and `KeyboardInterrupt` is raised; shorter
+/// calls check it when they return. Only the main thread sees Ctrl-C (Python runs signal
+/// handlers there), and the stop reaches only this call's kernel: calls from other threads
+/// run to their end, without taking the GIL until they return. A panic becomes a
+/// `RuntimeError` instead of aborting. Its time counts as kernel time ([`crate::clock`]).
 pub(crate) fn run_kernel<T: Send>(
     py: Python<'_>,
     work: usize,
@@ -40,7 +41,11 @@ pub(crate) fn run_guarded<T: Send>(
     interruptible: bool,
     kernel: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    if !interruptible {
+    // Another thread's call is never interrupted, so it has nothing to poll for; and it
+    // must not take the GIL while it runs: the interpreter may be finalising by then
+    // (a daemon thread, or one that `Thread.join` wrongly marked as stopped when Ctrl-C
+    // interrupted it), and taking the GIL of a finalised interpreter crashes.
+    if !interruptible || !handles_signals(py)? {
         // Short: handing the wait to a polling thread would cost more than the kernel.
         // The outer catch_unwind covers the pool itself (a pool that cannot start).
         let outcome = py.detach(|| {
@@ -72,6 +77,21 @@ pub(crate) fn run_guarded<T: Send>(
     };
     py.check_signals()?;
     outcome_to_result(outcome)
+}
+
+static MAIN_THREAD: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static GET_IDENT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Whether the calling thread is Python's main thread, the only one that runs signal
+/// handlers (asked each time: after `os.fork` from another thread, the forking thread is
+/// the child's main thread).
+pub(super) fn handles_signals(py: Python<'_>) -> PyResult<bool> {
+    let main = MAIN_THREAD
+        .import(py, "threading", "main_thread")?
+        .call0()?
+        .getattr("ident")?;
+    let current = GET_IDENT.import(py, "threading", "get_ident")?.call0()?;
+    main.eq(current)
 }
 
 type Caught<T> = std::thread::Result<crate::Result<T>>;

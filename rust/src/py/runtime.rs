@@ -187,6 +187,13 @@ fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
     })
 }
 
+/// Whether a long kernel call from the calling thread is watched for Ctrl-C while it runs
+/// (only from Python's main thread: the others never see a signal).
+#[pyfunction]
+fn _watches_ctrl_c(py: Python<'_>) -> PyResult<bool> {
+    super::guard::handles_signals(py)
+}
+
 /// Why the values of bnrs's environment variables were ignored, if they were: the
 /// package warns with these at import (from Python, so the warning points at the import).
 #[pyfunction]
@@ -212,6 +219,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_kernel_clock, m)?)?;
     m.add_function(wrap_pyfunction!(_kernel_clock_read_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(_environment_warnings, m)?)?;
+    m.add_function(wrap_pyfunction!(_watches_ctrl_c, m)?)?;
     m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
     Ok(())
 }
