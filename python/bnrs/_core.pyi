@@ -22,6 +22,7 @@ __all__ = [
     "_environment_warnings",
     "_panic_for_test",
     "_set_local_num_threads",
+    "_watches_ctrl_c",
     "activation_backward",
     "activation_forward",
     "adam_step",
