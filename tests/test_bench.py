@@ -79,6 +79,9 @@ def test_json_structure(smoke_run):
             assert stats["min"] <= stats["median"] <= stats["max"]
             assert len(stats["samples"]) >= 1
             assert row["torch_s"] is None and row["ratio"] is None
+            # One run without PyTorch: its wait for idle threads and their CPU time.
+            assert len(row["idle_wait_max_s"]) == len(row["not_idle"]) == 1
+            assert len(row["bnrs_threads_cpu_s"]) == len(row["other_threads_cpu_s"]) == 1
             for target in row["targets"]:
                 if target["kind"] == "speed ratio torch/bnrs":
                     assert target["measured"] is None and target["met"] is None
@@ -93,6 +96,9 @@ def test_json_structure(smoke_run):
     assert memory["bnrs"]["steps"] == 1
     assert "torch" not in memory and memory["ratio"] is None
     scaling_keys = {row["key"] for row in result["scaling"]}
+    # Without PyTorch in the process bnrs's speed-ups are measured in it, no child needed.
+    assert {row["bnrs_process"] for row in result["scaling"]} == {"bench"}
+    assert "train_epoch" in scaling_keys
     assert {"conv_large_fwd", "bn_train_fwd", "dropout_fwd", "maxpool_fwd"} <= scaling_keys
     kinds = {target["kind"] for target in result["targets"]}
     assert kinds == {"speed ratio torch/bnrs", "fraction of peak", "thread speed-up",
@@ -402,6 +408,19 @@ def test_other_threads_running_counts_running_threads_but_the_callers(tmp_path):
     assert bench.other_threads_running(str(tmp_path / "missing")) is None
 
 
+def test_threads_cpu_seconds_splits_bnrs_pool_from_the_others(tmp_path):
+    import threading
+
+    threads = {threading.get_native_id(): ("python", 9), 2: ("bnrs-0", 1), 3: ("bnrs-1", 2),
+               4: ("python", 4), 5: ("onnxruntime", 8)}
+    for tid, (name, seconds) in threads.items():
+        (tmp_path / str(tid)).mkdir()
+        (tmp_path / str(tid) / "comm").write_text(name + "\n")
+        (tmp_path / str(tid) / "schedstat").write_text(f"{seconds * 10**9} 0 1\n")
+    assert bench.timing.threads_cpu_seconds(str(tmp_path)) == (3.0, 12.0)
+    assert bench.timing.threads_cpu_seconds(str(tmp_path / "missing")) is None
+
+
 class FakeClock:
     """A clock that only ``sleep`` advances, for waits without real time."""
 
@@ -446,6 +465,7 @@ def test_measure_waits_before_every_sample():
     assert [len(waits) for waits in timings.idle_waits] == [3, 3]
     assert all(wait >= 0 for waits in timings.idle_waits for wait in waits)
     assert len(timings.not_idle) == 2
+    assert len(timings.threads_cpu) == 2
 
 
 # --- bnrs's speed-up, measured apart from PyTorch -------------------------------------------
@@ -484,6 +504,7 @@ def test_measure_scaling_takes_bnrs_speedup_from_elsewhere():
     work = bench.Work("k", "k", 1.0, bench.GFLOPS, never, None, scaling=True)
     given = {"1t_s": bench.spread([2.0]), "nt_s": bench.spread([1.0]), "speedup": 2.0,
              "cores": [1.0, 1.9], "idle_wait_max_s": [0.0, 0.0], "not_idle": [0, 0],
+             "bnrs_threads_cpu_s": [1.0, 2.0], "other_threads_cpu_s": [0.0, 0.0],
              "process": "child"}
     row = bench.measure_scaling(work, 2, bench.MODES["smoke"], None, given)
     assert row["bnrs_speedup"] == 2.0 and row["bnrs_process"] == "child"

@@ -65,6 +65,39 @@ def other_threads_running(task_dir: str = "/proc/self/task") -> int | None:
     return running
 
 
+#: The name of each of bnrs's pool threads begins so (rust/src/parallel.rs names them).
+BNRS_THREAD_PREFIX = "bnrs-"
+
+
+def threads_cpu_seconds(task_dir: str = "/proc/self/task") -> tuple[float, float] | None:
+    """CPU seconds so far of this process's threads other than the caller: (bnrs's pool
+    threads, all the others); None where they cannot be read (not Linux).
+
+    The others are the other framework's threads in a bench process: their CPU time during
+    a bnrs sample is time they took from it (and bnrs's during the other's samples)."""
+    me = str(threading.get_native_id())
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return None
+    bnrs_seconds = other_seconds = 0.0
+    for tid in tids:
+        if tid == me:
+            continue
+        try:
+            with open(f"{task_dir}/{tid}/comm") as comm:
+                name = comm.read()
+            with open(f"{task_dir}/{tid}/schedstat") as schedstat:
+                seconds = int(schedstat.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile, or no schedstat
+        if name.startswith(BNRS_THREAD_PREFIX):
+            bnrs_seconds += seconds
+        else:
+            other_seconds += seconds
+    return bnrs_seconds, other_seconds
+
+
 def wait_until_idle(minimum: float, timeout: float = IDLE_TIMEOUT_SECONDS,
                     running: Callable[[], int | None] = other_threads_running,
                     sleep: Callable[[float], None] = time.sleep,
@@ -107,6 +140,9 @@ class Timings(NamedTuple):
     cores: list[float]          # process CPU time / wall time while it ran: cores it got
     idle_waits: list[list[float]]  # seconds waited for idle threads before each sample
     not_idle: list[int]         # samples started with other threads still running
+    # CPU seconds of (bnrs's pool threads, the other threads but the caller) during each
+    # run's samples, summed; None where /proc cannot be read.
+    threads_cpu: list[tuple[float, float] | None]
 
 
 def measure(runs: Sequence[Callable[[], Any]], warmups: Sequence[Callable[[], Any]],
@@ -143,6 +179,7 @@ def measure(runs: Sequence[Callable[[], Any]], warmups: Sequence[Callable[[], An
     samples: list[list[float]] = [[] for _ in runs]
     idle_waits: list[list[float]] = [[] for _ in runs]
     not_idle = [0] * len(runs)
+    threads_cpu: list[tuple[float, float] | None] = [(0.0, 0.0)] * len(runs)
     cpu_seconds = [0.0] * len(runs)
     wall_seconds = [0.0] * len(runs)
     gc_enabled = gc.isenabled()
@@ -156,10 +193,17 @@ def measure(runs: Sequence[Callable[[], Any]], warmups: Sequence[Callable[[], An
                 idle_waits[index].append(waited)
                 not_idle[index] += not idle
                 run, count = runs[index], calls[index]
+                threads_before = threads_cpu_seconds()
                 cpu_start, start = time.process_time(), time.perf_counter()
                 for _ in range(count):
                     run()
                 wall = time.perf_counter() - start
+                threads_after = threads_cpu_seconds()
+                so_far = threads_cpu[index]
+                threads_cpu[index] = (
+                    None if so_far is None or threads_before is None or threads_after is None
+                    else (so_far[0] + threads_after[0] - threads_before[0],
+                          so_far[1] + threads_after[1] - threads_before[1]))
                 cpu_seconds[index] += time.process_time() - cpu_start
                 wall_seconds[index] += wall
                 samples[index].append(wall / count)
@@ -168,15 +212,21 @@ def measure(runs: Sequence[Callable[[], Any]], warmups: Sequence[Callable[[], An
             gc.enable()
     return Timings(samples, [cpu / max(wall, 1e-9)
                              for cpu, wall in zip(cpu_seconds, wall_seconds)],
-                   idle_waits, not_idle)
+                   idle_waits, not_idle, threads_cpu)
 
 
 def idle_summary(timings: Timings) -> dict:
     """The waits for idle threads of a measurement, for a row's JSON: the longest wait
-    before a sample of each run, and how many samples started before the other threads
-    were idle (0 unless a thread never slept or /proc could not be read)."""
+    before a sample of each run, how many samples started before the other threads were
+    idle (0 unless a thread never slept or /proc could not be read), and the CPU seconds
+    of bnrs's pool threads and of the other threads (the caller's aside) during each run's
+    samples: a framework's samples should find the other's threads near 0."""
     return {"idle_wait_max_s": [max(waits, default=0.0) for waits in timings.idle_waits],
-            "not_idle": list(timings.not_idle)}
+            "not_idle": list(timings.not_idle),
+            "bnrs_threads_cpu_s": [None if cpu is None else cpu[0]
+                                   for cpu in timings.threads_cpu],
+            "other_threads_cpu_s": [None if cpu is None else cpu[1]
+                                    for cpu in timings.threads_cpu]}
 
 
 def spread(samples: Sequence[float]) -> dict:
@@ -298,7 +348,7 @@ def measure_scaling(work: Work, threads: int, mode: Mode, torch,
             "cores": bnrs_speedup["cores"] + (torch_speedup["cores"] if torch_speedup else []),
             "idle_wait_max_s": bnrs_speedup["idle_wait_max_s"]
             + (torch_speedup["idle_wait_max_s"] if torch_speedup else []),
-            "not_idle": bnrs_speedup["not_idle"]
-            + (torch_speedup["not_idle"] if torch_speedup else []),
+            **{key: bnrs_speedup[key] + (torch_speedup[key] if torch_speedup else [])
+               for key in ("not_idle", "bnrs_threads_cpu_s", "other_threads_cpu_s")},
             "targets": [check_target("thread speed-up", 0.9 * threads,
                                      bnrs_speedup["speedup"])]}
