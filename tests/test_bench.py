@@ -510,3 +510,16 @@ def test_measure_scaling_takes_bnrs_speedup_from_elsewhere():
     assert row["bnrs_speedup"] == 2.0 and row["bnrs_process"] == "child"
     assert row["torch_speedup"] is None and row["cores"] == [1.0, 1.9]
     assert row["targets"][0]["met"] is True
+
+
+def test_with_torch_bnrs_speedups_come_from_the_scaling_child():
+    torch = pytest.importorskip("torch")
+    from bnrs.bench.runner import measure_all_scaling
+    from bnrs.cli import parse_bench_args
+
+    args = parse_bench_args(["--smoke", "--threads", "1", "2", "--no-peers"])
+    mode = bench.run_mode(args)
+    works = [work for work in bench.kernel_works(mode, torch) if work.key == "bn_train_fwd"]
+    rows = measure_all_scaling(works, mode, torch, args)
+    assert [(row["key"], row["bnrs_process"]) for row in rows] == [("bn_train_fwd", "child")]
+    assert rows[0]["torch_speedup"] > 0 and len(rows[0]["cores"]) == 4
