@@ -22,7 +22,8 @@ Usage::
 
 The package, one module per job: :mod:`.workloads` (the kernel rows and the run modes),
 :mod:`.network` (the training and inference rows of LeNetBN, the other named networks or
-the user's), :mod:`.torch_mirror` (PyTorch's import and the mirror of any bnrs network), :mod:`.timing` (interleaved repeats, each after the other threads went idle; targets),
+the user's), :mod:`.torch_mirror` (PyTorch's import and the mirror of any bnrs network),
+:mod:`.timing` (interleaved repeats, each after the other threads went idle; targets),
 :mod:`.peaks` (the machine's peaks), :mod:`.memory` (peak RSS in a fresh process),
 :mod:`.profile` (``--profile``), :mod:`.peer` (Keras and ONNX Runtime, each in a child
 process of its own: ``--peers``, ``--peer-python``), :mod:`.keras_mirror` (any bnrs

@@ -132,7 +132,8 @@ def scaling_child_command(args: argparse.Namespace, mode: Mode) -> list[str]:
     return command
 
 
-def scaling_pairs(works: Sequence[Work], thread_counts: Sequence[int]) -> list[tuple[int, Work]]:
+def scaling_pairs(works: Sequence[Work],
+                  thread_counts: Sequence[int]) -> list[tuple[int, Work]]:
     """(threads, work) of each speed-up to measure: the works with a scaling target at
     each count above 1, when 1 is in the run."""
     return [(n, work) for n in thread_counts if n > 1 and 1 in thread_counts
