@@ -79,6 +79,9 @@ def test_json_structure(smoke_run):
             assert stats["min"] <= stats["median"] <= stats["max"]
             assert len(stats["samples"]) >= 1
             assert row["torch_s"] is None and row["ratio"] is None
+            # One run without PyTorch: its wait for idle threads and their CPU time.
+            assert len(row["idle_wait_max_s"]) == len(row["not_idle"]) == 1
+            assert len(row["bnrs_threads_cpu_s"]) == len(row["other_threads_cpu_s"]) == 1
             for target in row["targets"]:
                 if target["kind"] == "speed ratio torch/bnrs":
                     assert target["measured"] is None and target["met"] is None
@@ -93,6 +96,9 @@ def test_json_structure(smoke_run):
     assert memory["bnrs"]["steps"] == 1
     assert "torch" not in memory and memory["ratio"] is None
     scaling_keys = {row["key"] for row in result["scaling"]}
+    # Without PyTorch in the process bnrs's speed-ups are measured in it, no child needed.
+    assert {row["bnrs_process"] for row in result["scaling"]} == {"bench"}
+    assert "train_epoch" in scaling_keys
     assert {"conv_large_fwd", "bn_train_fwd", "dropout_fwd", "maxpool_fwd"} <= scaling_keys
     kinds = {target["kind"] for target in result["targets"]}
     assert kinds == {"speed ratio torch/bnrs", "fraction of peak", "thread speed-up",
@@ -138,8 +144,9 @@ def test_unwritable_output_stops_before_measuring(tmp_path, monkeypatch, capsys,
 def test_repeats_interleave_after_warm_up():
     calls = []
     runs = [lambda: calls.append("bnrs"), lambda: calls.append("torch")]
-    samples, cores = bench.measure(runs, runs, repeats=3, min_sample_seconds=0.0,
-                                   settle_seconds=0.0)
+    timings = bench.measure(runs, runs, repeats=3, min_sample_seconds=0.0,
+                            settle_seconds=0.0)
+    samples, cores = timings.samples, timings.cores
     assert calls == ["bnrs", "torch",  # warm-ups
                      "bnrs", "torch", "torch", "bnrs", "bnrs", "torch"]
     assert [len(s) for s in samples] == [3, 3]
@@ -379,3 +386,140 @@ def test_digits_bench_torch_loop_trains():
     digits = _digits_bench()
     accuracy, seconds = digits.fit_torch(torch, 0, 2, *digits.digits())
     assert 0.5 < accuracy <= 1.0 and seconds > 0
+
+
+# --- Waiting for idle threads before each sample --------------------------------------------
+
+def test_thread_state_is_the_letter_after_the_name():
+    # The name is in brackets and may itself hold brackets and spaces.
+    assert bench.timing.thread_state("42 (python) S 1 42 42 0") == "S"
+    assert bench.timing.thread_state("43 (a) R (b)) R 1 43") == "R"
+
+
+def test_other_threads_running_counts_running_threads_but_the_callers(tmp_path):
+    import threading
+
+    states = {threading.get_native_id(): "R", 2: "R", 3: "S", 4: "R", 5: "D"}
+    for tid, state in states.items():
+        (tmp_path / str(tid)).mkdir()
+        (tmp_path / str(tid) / "stat").write_text(f"{tid} (pool worker) {state} 1 2 3\n")
+    (tmp_path / "6").mkdir()  # a thread that ended between the listing and the read
+    assert bench.other_threads_running(str(tmp_path)) == 2
+    assert bench.other_threads_running(str(tmp_path / "missing")) is None
+
+
+def test_threads_cpu_seconds_splits_bnrs_pool_from_the_others(tmp_path):
+    import threading
+
+    threads = {threading.get_native_id(): ("python", 9), 2: ("bnrs-0", 1), 3: ("bnrs-1", 2),
+               4: ("python", 4), 5: ("onnxruntime", 8)}
+    for tid, (name, seconds) in threads.items():
+        (tmp_path / str(tid)).mkdir()
+        (tmp_path / str(tid) / "comm").write_text(name + "\n")
+        (tmp_path / str(tid) / "schedstat").write_text(f"{seconds * 10**9} 0 1\n")
+    assert bench.timing.threads_cpu_seconds(str(tmp_path)) == (3.0, 12.0)
+    assert bench.timing.threads_cpu_seconds(str(tmp_path / "missing")) is None
+
+
+class FakeClock:
+    """A clock that only ``sleep`` advances, for waits without real time."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def __call__(self):
+        return self.now
+
+
+def test_wait_until_idle_needs_consecutive_idle_readings():
+    clock = FakeClock()
+    readings = iter([2, 0, 0, 1, 0, 0, 0, 5])
+    waited, idle = bench.wait_until_idle(0.002, running=lambda: next(readings),
+                                         sleep=clock.sleep, clock=clock)
+    assert idle
+    # The minimum first, then a poll after each reading but the last of the three idle ones.
+    assert clock.sleeps == [0.002] + [bench.timing.IDLE_POLL_SECONDS] * 6
+    assert waited == pytest.approx(clock.now)
+    assert next(readings) == 5
+
+
+def test_wait_until_idle_gives_up_at_the_timeout_or_without_proc():
+    clock = FakeClock()
+    waited, idle = bench.wait_until_idle(0.0, timeout=0.01, running=lambda: 1,
+                                         sleep=clock.sleep, clock=clock)
+    assert not idle and 0.01 <= waited < 0.01 + 2 * bench.timing.IDLE_POLL_SECONDS
+    clock = FakeClock()
+    waited, idle = bench.wait_until_idle(0.002, running=lambda: None, sleep=clock.sleep,
+                                         clock=clock)
+    assert not idle and waited == pytest.approx(0.002)
+
+
+def test_measure_waits_before_every_sample():
+    runs = [lambda: None, lambda: None]
+    timings = bench.measure(runs, runs, repeats=3, min_sample_seconds=0.0,
+                            settle_seconds=0.0)
+    assert [len(waits) for waits in timings.idle_waits] == [3, 3]
+    assert all(wait >= 0 for waits in timings.idle_waits for wait in waits)
+    assert len(timings.not_idle) == 2
+    assert len(timings.threads_cpu) == 2
+
+
+# --- bnrs's speed-up, measured apart from PyTorch -------------------------------------------
+
+def test_scaling_child_prints_bnrs_speedups(capsys):
+    assert bench.main(["--smoke", "--scaling-child", "--no-peers", "--threads", "1", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = {row["key"] for row in rows}
+    # LeNetBN's training epoch has the issue's scaling target, beside the kernels.
+    assert {"conv_large_fwd", "bn_train_fwd", "train_epoch"} <= keys
+    assert "inference" not in keys
+    for row in rows:
+        assert row["threads"] == 2 and row["process"] == "child"
+        assert row["speedup"] > 0 and len(row["cores"]) == 2
+
+
+def test_scaling_child_command_repeats_the_runs_sizes_and_networks():
+    from bnrs.bench.runner import scaling_child_command
+    from bnrs.cli import parse_bench_args
+
+    argv = ["--quick", "--threads", "1", "2", "--no-peers", "--architecture", "c8-relu-mp2",
+            "--input-shape", "1", "12", "12", "--n-classes", "3", "--batch-size", "16"]
+    args = parse_bench_args(argv)
+    command = scaling_child_command(args, bench.run_mode(args))
+    assert command[1:4] == ["-m", "bnrs.bench", "--scaling-child"]
+    child = parse_bench_args(command[3:])
+    assert child.scaling_child and child.quick and child.threads == [1, 2]
+    assert child.networks == args.networks and child.batch_size == 16
+    assert child.repeats == bench.MODES["quick"].kernel_repeats
+
+
+def test_measure_scaling_takes_bnrs_speedup_from_elsewhere():
+    def never():
+        pytest.fail("bnrs timed in the process of the other framework")
+
+    work = bench.Work("k", "k", 1.0, bench.GFLOPS, never, None, scaling=True)
+    given = {"1t_s": bench.spread([2.0]), "nt_s": bench.spread([1.0]), "speedup": 2.0,
+             "cores": [1.0, 1.9], "idle_wait_max_s": [0.0, 0.0], "not_idle": [0, 0],
+             "bnrs_threads_cpu_s": [1.0, 2.0], "other_threads_cpu_s": [0.0, 0.0],
+             "process": "child"}
+    row = bench.measure_scaling(work, 2, bench.MODES["smoke"], None, given)
+    assert row["bnrs_speedup"] == 2.0 and row["bnrs_process"] == "child"
+    assert row["torch_speedup"] is None and row["cores"] == [1.0, 1.9]
+    assert row["targets"][0]["met"] is True
+
+
+def test_with_torch_bnrs_speedups_come_from_the_scaling_child():
+    torch = pytest.importorskip("torch")
+    from bnrs.bench.runner import measure_all_scaling
+    from bnrs.cli import parse_bench_args
+
+    args = parse_bench_args(["--smoke", "--threads", "1", "2", "--no-peers"])
+    mode = bench.run_mode(args)
+    works = [work for work in bench.kernel_works(mode, torch) if work.key == "bn_train_fwd"]
+    rows = measure_all_scaling(works, mode, torch, args)
+    assert [(row["key"], row["bnrs_process"]) for row in rows] == [("bn_train_fwd", "child")]
+    assert rows[0]["torch_speedup"] > 0 and len(rows[0]["cores"]) == 4

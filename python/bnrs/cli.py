@@ -211,6 +211,7 @@ def bench_parser() -> argparse.ArgumentParser:
                         "with the peer and bnrs); implies --peers NAME")
     peers.add_argument("--no-peers", action="store_true", help="compare with no peer")
     parser.add_argument("--rss-child", choices=("bnrs", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--scaling-child", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 

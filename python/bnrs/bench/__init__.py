@@ -22,7 +22,8 @@ Usage::
 
 The package, one module per job: :mod:`.workloads` (the kernel rows and the run modes),
 :mod:`.network` (the training and inference rows of LeNetBN, the other named networks or
-the user's), :mod:`.torch_mirror` (PyTorch's import and the mirror of any bnrs network), :mod:`.timing` (interleaved repeats, targets),
+the user's), :mod:`.torch_mirror` (PyTorch's import and the mirror of any bnrs network),
+:mod:`.timing` (interleaved repeats, each after the other threads went idle; targets),
 :mod:`.peaks` (the machine's peaks), :mod:`.memory` (peak RSS in a fresh process),
 :mod:`.profile` (``--profile``), :mod:`.peer` (Keras and ONNX Runtime, each in a child
 process of its own: ``--peers``, ``--peer-python``), :mod:`.keras_mirror` (any bnrs
@@ -44,7 +45,8 @@ from .report import (all_targets, format_memory, format_peers, format_profile,
                      format_scaling, format_section, format_summary, plot_results)
 from .runner import (machine_info, main, measure_peers, measure_section, run_benchmarks,
                      run_mode)
-from .timing import Timings, measure, measure_row, measure_scaling, spread
+from .timing import (Timings, measure, measure_bnrs_scaling, measure_row, measure_scaling,
+                     measure_speedup, other_threads_running, spread, wait_until_idle)
 from .torch_mirror import (NO_RENORM_MESSAGE, NO_TORCH_MESSAGE, TORCH_DISABLED_MESSAGE,
                            build_torch_network, has_batch_renorm, import_torch,
                            torch_mirror, torch_train_epoch, torch_train_step)
@@ -59,7 +61,8 @@ __all__ = ["ARCHITECTURE", "GBPS", "GFLOPS", "INPUT_SHAPE", "LENET", "MIB", "MOD
            "format_scaling", "format_section", "format_summary", "has_batch_renorm",
            "import_torch", "keras_plan", "keras_problem", "kernel_works", "machine_info",
            "main", "make_data", "measure", "measure_memory", "measure_peaks",
-           "measure_peers", "measure_row", "measure_scaling", "measure_section",
-           "network_flops", "plot_results", "profile_bnrs", "profile_torch", "rss_child",
+           "measure_bnrs_scaling", "measure_peers", "measure_row", "measure_scaling",
+           "measure_section", "measure_speedup", "network_flops", "other_threads_running",
+           "plot_results", "profile_bnrs", "profile_torch", "rss_child",
            "run_benchmarks", "run_mode", "run_peer", "spread", "torch_mirror",
-           "torch_train_epoch", "torch_train_step"]
+           "torch_train_epoch", "torch_train_step", "wait_until_idle"]

@@ -180,5 +180,8 @@ class Trainer:
                  f"batch {mode.batch_size}, Adam", train_flops * n_train, GFLOPS,
                  self.bnrs_epoch, self.torch_epoch if has_torch else None, network.min_ratio,
                  samples=n_train, warm_bnrs=lambda: self.bnrs_epoch(5),
-                 warm_torch=lambda: self.torch_epoch(5)),
+                 warm_torch=lambda: self.torch_epoch(5),
+                 # The thread-scaling target of a training epoch is LeNetBN's, on
+                 # its own inputs: the network that has speed targets.
+                 scaling=network.min_ratio is not None),
         ]

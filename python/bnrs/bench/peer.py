@@ -48,7 +48,7 @@ import bnrs
 from .. import nn
 from .keras_mirror import build_keras_network
 from .network import INPUT_SHAPE, LENET, Network, Trainer
-from .timing import measure, spread
+from .timing import idle_summary, measure, spread
 from .workloads import MODES, Mode
 
 #: The exit code of a child whose interpreter cannot import the peer.
@@ -289,15 +289,15 @@ def measure_peer(framework: str, mode: Mode, threads: int, network: Network = LE
         name = f"{network.name} {work.name}"
         print(f"  {framework} {threads}t: {name}", file=sys.stderr, flush=True)
         gc.collect()
-        samples, cores = measure([work.run_bnrs, work.run_peer],
-                                 [work.warm_bnrs, work.warm_peer], mode.epoch_repeats, 0.0,
-                                 mode.settle_seconds)
+        timings = measure([work.run_bnrs, work.run_peer], [work.warm_bnrs, work.warm_peer],
+                          mode.epoch_repeats, 0.0, mode.settle_seconds)
+        samples = timings.samples
         bnrs_time, peer_time = spread(samples[0]), spread(samples[1])
         rows.append({"key": network.key + work.key, "name": name, "samples": work.samples,
                      "bnrs_s": bnrs_time, "peer_s": peer_time,
                      "ratio": peer_time["median"] / bnrs_time["median"],
                      "paired_ratio": spread([p / b for b, p in zip(*samples)]),
-                     "cores": cores})
+                     "cores": timings.cores, **idle_summary(timings)})
     return {"schema": SCHEMA, "framework": framework, "threads": threads, "mode": mode.name,
             "network": network.name, "architecture": network.architecture,
             "input_shape": list(network.input_shape), "n_classes": network.n_classes,

@@ -125,8 +125,11 @@ def format_scaling(rows: Sequence[dict]) -> list[str]:
     if not rows:
         return []
     row_format = "{:<51} {:>7} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {}"
+    where = ("bnrs in a process without PyTorch, PyTorch alone"
+             if any(row.get("bnrs_process") == "child" for row in rows) else "each alone")
     title = ("== speed-up over 1 thread (1 and n threads interleaved in one measurement; "
-             "cores = CPU time / wall time of bnrs at n threads, what the machine gave it) ==")
+             f"{where}; cores = CPU time / wall time of bnrs at n threads, what the machine "
+             "gave it) ==")
     lines = [title,
              row_format.format("work", "threads", "bnrs 1t ms", "bnrs nt ms", "cores", "bnrs",
                                "torch", "target", "met?")]

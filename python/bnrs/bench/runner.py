@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from .profile import profile_bnrs, profile_torch
 from .peer import run_peer
 from .report import (all_targets, format_peers, format_scaling, format_section,
                      format_summary, plot_results)
-from .timing import measure_row, measure_scaling
+from .timing import measure_bnrs_scaling, measure_row, measure_scaling
 from .torch_mirror import NO_RENORM_MESSAGE, has_batch_renorm, import_torch
 from .workloads import MODES, Mode, Work, kernel_works
 
@@ -113,6 +114,78 @@ def measure_peers(pythons: dict, threads: Sequence[int], mode: Mode,
     return peers
 
 
+def scaling_child_command(args: argparse.Namespace, mode: Mode) -> list[str]:
+    """``python -m bnrs.bench --scaling-child ...``: bnrs's speed-ups of the run's works
+    (its sizes, thread counts and networks) in a fresh process."""
+    command = [sys.executable, "-m", "bnrs.bench", "--scaling-child", "--no-peers",
+               "--threads", *map(str, args.threads), "--repeats", str(mode.kernel_repeats),
+               "--batch-size", str(mode.batch_size)]
+    command += [] if mode.name == "full" else [f"--{mode.name}"]
+    if args.architecture is not None:
+        command += ["--architecture", args.architecture]
+    elif args.network:
+        command += ["--network", *args.network]
+    if args.input_shape is not None:
+        command += ["--input-shape", *map(str, args.input_shape)]
+    if args.n_classes is not None:
+        command += ["--n-classes", str(args.n_classes)]
+    return command
+
+
+def scaling_pairs(works: Sequence[Work],
+                  thread_counts: Sequence[int]) -> list[tuple[int, Work]]:
+    """(threads, work) of each speed-up to measure: the works with a scaling target at
+    each count above 1, when 1 is in the run."""
+    return [(n, work) for n in thread_counts if n > 1 and 1 in thread_counts
+            for work in works if work.scaling]
+
+
+def scaling_child(args: argparse.Namespace) -> list[dict]:
+    """bnrs's speed-ups, measured in this process, which imports no other framework; what
+    ``--scaling-child`` prints."""
+    mode = run_mode(args)
+    if args.repeats is not None:
+        mode = dataclasses.replace(mode, kernel_repeats=args.repeats)
+    works = kernel_works(mode, None)
+    for network in args.networks:
+        works += Trainer(mode, None, network).works()
+    results = []
+    for threads, work in scaling_pairs(works, args.threads):
+        _progress(f"  speed-up 1t -> {threads}t: {work.name} (bnrs, scaling child)")
+        results.append({**measure_bnrs_scaling(work, threads, mode), "process": "child"})
+    return results
+
+
+def measure_all_scaling(works: Sequence[Work], mode: Mode, torch,
+                        args: argparse.Namespace) -> list[dict]:
+    """The speed-up rows. bnrs's speed-ups are measured where no other framework's threads
+    run: in this process without PyTorch, else in a child process (``--scaling-child``),
+    since PyTorch's OpenMP workers spin after its calls; PyTorch's here, alone."""
+    pairs = scaling_pairs(works, args.threads)
+    if not pairs:
+        return []
+    bnrs_speedups: dict = {}
+    if torch is not None:
+        _progress("  speed-up 1t -> nt of bnrs in a process without PyTorch "
+                  "(python -m bnrs.bench --scaling-child)")
+        done = subprocess.run(scaling_child_command(args, mode), capture_output=True,
+                              text=True, timeout=7200, check=False)
+        try:
+            speedups = json.loads(done.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            # Measured here instead, with PyTorch's workers idle between the samples.
+            _progress("  the scaling child failed (" + (done.stderr.strip().splitlines()
+                      or ["no output"])[-1] + "): bnrs's speed-ups measured in this process")
+            speedups = []
+        bnrs_speedups = {(row["key"], row["threads"]): row for row in speedups}
+    rows = []
+    for threads, work in pairs:
+        _progress(f"  speed-up 1t -> {threads}t: {work.name}")
+        rows.append(measure_scaling(work, threads, mode, torch,
+                                    bnrs_speedups.get((work.key, threads))))
+    return rows
+
+
 def run_benchmarks(args: argparse.Namespace) -> dict:
     """Measure everything the arguments ask for, printing each table as it is done."""
     mode = run_mode(args)
@@ -171,12 +244,7 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
             sections.append(section)
             print()
             print("\n".join(format_section(section, peaks)), flush=True)
-        scaling = []
-        for threads in (n for n in args.threads if n > 1 and 1 in args.threads):
-            for work in works:
-                if work.scaling:
-                    _progress(f"  speed-up 1t -> {threads}t: {work.name}")
-                    scaling.append(measure_scaling(work, threads, mode, torch))
+        scaling = measure_all_scaling(works, mode, torch, args)
     finally:
         bnrs.set_num_threads(previous_threads)
         if torch is not None:
@@ -205,6 +273,9 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bnrs bench`` (and ``python -m bnrs.bench``); returns the exit code."""
     args = parse_bench_args(argv)
+    if args.scaling_child:
+        print(json.dumps(scaling_child(args)))
+        return 0
     if args.rss_child:
         print(json.dumps(rss_child(args.rss_child, run_mode(args), args.threads[0],
                                    args.networks[0])))

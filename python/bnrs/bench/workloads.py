@@ -29,7 +29,7 @@ class Mode:
     kernel_repeats: int
     epoch_repeats: int          # training epochs and inference passes
     min_sample_seconds: float   # a kernel sample repeats the call until it takes this long
-    settle_seconds: float       # pause before each sample, so the other thread pool sleeps
+    settle_seconds: float       # least pause before each sample (then until threads idle)
     peak_seconds: float         # per FMA-peak measurement
     copy_bytes: int             # the array copied to measure the memory bandwidth
     profile_batches: int        # training steps under PyTorch's profiler (--profile)
