@@ -236,6 +236,26 @@ def test_fused_blocks_give_the_bits_of_the_unfused_paths(monkeypatch, network, o
                                          threads))
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_batches_that_shrink_and_grow_again_give_the_bits_of_the_python_path(monkeypatch,
+                                                                             fuse):
+    # The step keeps its buffers at their largest and uses a batch's share of them; a
+    # network that starts with a batch norm computes the input gradient no layer wants.
+    rng = np.random.default_rng(7)
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.ReLU(), nn.Dropout2d(0.2, rng=rng),
+                          nn.Conv2d(2, 3, 3, padding=1, rng=rng), nn.BatchNorm2d(3),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(3 * 3 * 3, 4, rng=rng))
+    opt = _optimizer("adam", model)
+    batches = [batch for size, seed in ((6, 1), (2, 2), (5, 3), (6, 4), (3, 5))
+               for batch in _batches((2, 6, 6), 4, size, 1, seed=seed)]
+    monkeypatch.setenv(FUSE_ENV, "1" if fuse else "0")
+    assert _plan_kinds(model, opt, *batches[0], monkeypatch)[0] == (
+        "bn_block" if fuse else "batch_norm")
+    assert_same_state(_train_with(monkeypatch, True, fuse, model, opt, batches, 1),
+                      _train_with(monkeypatch, False, fuse, model, opt, batches, 1))
+
+
 def test_the_fuse_flag_and_switch_are_followed_between_steps(monkeypatch):
     model = nn.from_spec(LENET, (1, 12, 12), 5, random_state=0)
     opt = _optimizer("adam", model)
