@@ -23,6 +23,7 @@ use crate::kernels::pool::{self, Pool2dParams};
 use crate::kernels::{dropout, nonzero};
 use crate::memory::resize_scratch;
 use crate::parallel::stop_token;
+use crate::simd_dispatch;
 
 type Pair = (i64, i64);
 
@@ -257,10 +258,24 @@ fn scratch<'b, T: Copy + Default>(
     Ok(&mut buffer[..len])
 }
 
-/// `total += part`, element by element: what `param.grad += grad` does in NumPy.
-fn accumulate(total: &mut [f32], part: &[f32]) {
-    for (t, &p) in total.iter_mut().zip(part) {
-        *t += p;
+simd_dispatch! {
+    /// `total += part`, element by element: what `param.grad += grad` does in NumPy.
+    fn accumulate(total: &mut [f32], part: &[f32]) {
+        for (t, &p) in total.iter_mut().zip(part) {
+            *t += p;
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `values += 0.0`: the bits of a gradient a kernel wrote as `0 + g` gives them (a
+    /// zero's sign), at the widest vectors: a pass over every parameter of the network
+    /// at every step (LeNetBN: 207k values; ~3 µs of a batch-8 step less than the
+    /// baseline build's loop).
+    fn plus_zero(values: &mut [f32]) {
+        for v in values {
+            *v += 0.0;
+        }
     }
 }
 
@@ -802,7 +817,7 @@ impl GradSinks<'_, '_> {
                     self.scratch[slot] = scratch;
                 }
                 None if result.is_ok() => {
-                    self.grads[slot].iter_mut().for_each(|g| *g += 0.0);
+                    plus_zero(self.grads[slot]);
                     self.direct[slot] = false;
                 }
                 None => {}
