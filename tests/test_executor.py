@@ -236,6 +236,26 @@ def test_fused_blocks_give_the_bits_of_the_unfused_paths(monkeypatch, network, o
                                          threads))
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_batches_that_shrink_and_grow_again_give_the_bits_of_the_python_path(monkeypatch,
+                                                                             fuse):
+    # The step keeps its buffers at their largest and uses a batch's share of them; a
+    # network that starts with a batch norm computes the input gradient no layer wants.
+    rng = np.random.default_rng(7)
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.ReLU(), nn.Dropout2d(0.2, rng=rng),
+                          nn.Conv2d(2, 3, 3, padding=1, rng=rng), nn.BatchNorm2d(3),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(3 * 3 * 3, 4, rng=rng))
+    opt = _optimizer("adam", model)
+    batches = [batch for size, seed in ((6, 1), (2, 2), (5, 3), (6, 4), (3, 5))
+               for batch in _batches((2, 6, 6), 4, size, 1, seed=seed)]
+    monkeypatch.setenv(FUSE_ENV, "1" if fuse else "0")
+    assert _plan_kinds(model, opt, *batches[0], monkeypatch)[0] == (
+        "bn_block" if fuse else "batch_norm")
+    assert_same_state(_train_with(monkeypatch, True, fuse, model, opt, batches, 1),
+                      _train_with(monkeypatch, False, fuse, model, opt, batches, 1))
+
+
 def test_the_fuse_flag_and_switch_are_followed_between_steps(monkeypatch):
     model = nn.from_spec(LENET, (1, 12, 12), 5, random_state=0)
     opt = _optimizer("adam", model)
@@ -645,3 +665,17 @@ def test_the_binding_refuses_too_few_seeds_or_statistics(monkeypatch):
         step.run(*args, running, [], [])
     with pytest.raises(ValueError, match=r"running: expected \d+ batch norm statistics"):
         step.run(*args, [], seeds, [])
+
+
+@pytest.mark.parametrize("bit_generator", [np.random.PCG64, np.random.PCG64DXSM,
+                                           np.random.MT19937, np.random.Philox])
+def test_a_dropout_seed_is_the_draw_of_the_layers_forward(bit_generator):
+    # The executor takes PCG64's seeds from the bit generator directly: the same numbers,
+    # and the generator left as the layer's own draw leaves it, after a 32-bit draw too.
+    ours, layers = (np.random.Generator(bit_generator(11)) for _ in range(2))
+    for generator in (ours, layers):
+        generator.integers(0, 10, dtype=np.uint32)
+    seeds = [executor._draw_seed(ours) for _ in range(5)]
+    assert seeds == [int(layers.integers(0, 2**64, dtype=np.uint64)) for _ in range(5)]
+    assert all(type(seed) is int for seed in seeds)
+    assert ours.random() == layers.random()

@@ -75,24 +75,24 @@ _ORIGINAL_METHODS[nn.CrossEntropyLoss] = (nn.CrossEntropyLoss.forward,
                                           nn.CrossEntropyLoss.backward)
 _ORIGINAL_METHODS[nn.Sequential] = (nn.Sequential.forward, nn.Sequential.backward)
 _OPTIMIZER_METHODS = ("step", "zero_grad", "_update", "_validate")
-_ORIGINAL_OPTIMIZER_METHODS = {cls: tuple(getattr(cls, name) for name in _OPTIMIZER_METHODS)
-                               for cls in _OPTIMIZERS}
+_optimizer_methods = attrgetter(*_OPTIMIZER_METHODS)
+_ORIGINAL_OPTIMIZER_METHODS = {cls: _optimizer_methods(cls) for cls in _OPTIMIZERS}
 _ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid",
                 nn.Tanh: "tanh"}
 
 
 def _original_methods(obj) -> bool:
     """Whether ``obj``'s forward and backward are those of its class at import."""
-    return ((type(obj).forward, type(obj).backward) == _ORIGINAL_METHODS[type(obj)]
-            and "forward" not in vars(obj) and "backward" not in vars(obj))
+    kind = type(obj)
+    return ((kind.forward, kind.backward) == _ORIGINAL_METHODS[kind]
+            and vars(obj).keys().isdisjoint(("forward", "backward")))
 
 
 def _original_optimizer(optimizer) -> bool:
     """Whether ``optimizer``'s methods are those of its class at import."""
     kind = type(optimizer)
-    return (tuple(getattr(kind, name) for name in _OPTIMIZER_METHODS)
-            == _ORIGINAL_OPTIMIZER_METHODS[kind]
-            and not any(name in vars(optimizer) for name in _OPTIMIZER_METHODS))
+    return (_optimizer_methods(kind) == _ORIGINAL_OPTIMIZER_METHODS[kind]
+            and vars(optimizer).keys().isdisjoint(_OPTIMIZER_METHODS))
 
 
 def executor_enabled() -> bool:
@@ -113,13 +113,12 @@ def _fuses(model: nn.Sequential) -> bool:
 def _signature(model: nn.Sequential):
     """What the plan of ``model`` depends on, or None for a layer type it does not run."""
     modules = tuple(model._modules.values())
-    watched = []
-    for module in modules:
-        getter = _WATCHED.get(type(module))
-        if getter is None:
-            return None
-        watched.append(getter(module))
-    return modules, watched, _fuses(model)
+    getters = list(map(_WATCHED.get, map(type, modules)))
+    if None in getters:
+        return None
+    # Read at every step: a comprehension, not a loop of calls, keeps that cheap.
+    return modules, [getter(module) for getter, module in zip(getters, modules)], \
+        _fuses(model)
 
 
 def _train_blocks(model: nn.Sequential, modules) -> dict[int, fusion.TrainBlock]:
@@ -298,9 +297,16 @@ def _executor(model, optimizer, kind: str, sample_shape) -> _Executor | None:
     return executor
 
 
+_INT64 = np.dtype(np.int64)
+
+
 def _labels(targets, batch: int) -> np.ndarray | None:
     """The targets as the loss kernel takes them, or None for what the Python path must
     see (and reject in its own words)."""
+    if type(targets) is np.ndarray and targets.dtype is _INT64 and targets.shape == (batch,):
+        flags = targets.flags
+        if flags.c_contiguous and flags.aligned:
+            return targets   # the usual case, recognised without np.require's work
     labels = np.asarray(targets)
     if labels.dtype.kind not in "iu" or labels.shape != (batch,):
         return None
@@ -317,6 +323,21 @@ def _validate(optimizer, group, validated: dict) -> None:
         return
     optimizer._validate(group)
     validated[id(group)] = tuple(value for key, value in group.items() if key != "params")
+
+
+#: Bit generators whose raw output is the uint64 ``Generator.integers(0, 2**64,
+#: dtype=np.uint64)`` returns (it takes the next 64 bits whole; MT19937's raw output is 32).
+_RAW_IS_UINT64 = (np.random.PCG64, np.random.PCG64DXSM)
+
+
+def _draw_seed(generator) -> int:
+    """A dropout layer's seed, ``int(generator.integers(0, 2**64, dtype=np.uint64))`` as
+    its forward draws it: the same number and generator state, taken from the bit generator
+    directly when it is one of :data:`_RAW_IS_UINT64` (0.2 µs rather than 2)."""
+    bit_generator = generator.bit_generator
+    if type(generator) is np.random.Generator and type(bit_generator) in _RAW_IS_UINT64:
+        return bit_generator.random_raw()
+    return int(generator.integers(0, 2**64, dtype=np.uint64))
 
 
 class _Replan(Exception):
@@ -340,16 +361,20 @@ def _adam_updates(optimizer, slot_of, created, validated, states):
         beta1, beta2 = group["betas"]
         hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                  float(group["weight_decay"]))
+        optimizer_state = optimizer.state
         for param in group["params"]:
-            state = optimizer.state.get(param)
+            state = optimizer_state.get(param)
             if state is None or "step" not in state:
                 created.append((param, state is None))
-                state = optimizer.state.setdefault(param, {})
+                state = optimizer_state.setdefault(param, {})
                 state["step"] = 0
                 state["exp_avg"] = np.zeros_like(param.data)
                 state["exp_avg_sq"] = np.zeros_like(param.data)
-            updates.append((_slot(slot_of, param), state["exp_avg"], state["exp_avg_sq"],
-                            state["step"] + 1) + hyper)
+            slot = slot_of.get(id(param))
+            if slot is None:
+                raise _Replan
+            updates.append((slot, state["exp_avg"], state["exp_avg_sq"], state["step"] + 1)
+                           + hyper)
             states.append(state)
     return updates
 
@@ -457,7 +482,7 @@ def run_step(model, criterion, optimizer, inputs, targets,
     running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
     generators = [m._rng.bit_generator for m in plan.dropouts]
     generator_states = [g.state for g in generators]   # for a step left to the Python path
-    seeds = [int(m._rng.integers(0, 2**64, dtype=np.uint64)) for m in plan.dropouts]
+    seeds = [_draw_seed(m._rng) for m in plan.dropouts]
     model._fused_input = None
     model._train_blocks = {}
     try:

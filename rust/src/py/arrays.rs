@@ -30,10 +30,11 @@ pub(crate) fn slice_mut<'a>(
         .map_err(|_| PyValueError::new_err(format!("{name}: expected a C-contiguous array")))
 }
 
-/// Borrow an array for in-place update, with errors that name it.
+/// Borrow an array for in-place update, with errors that name it (`name` is formatted
+/// only for an error: a training step borrows dozens of arrays).
 pub(crate) fn writeable<'py>(
     arr: &Bound<'py, PyArrayDyn<f32>>,
-    name: &str,
+    name: impl std::fmt::Display,
 ) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
     use numpy::PyArrayMethods;
     arr.try_readwrite().map_err(|e| {

@@ -191,17 +191,16 @@ fn borrow_all<'py>(
         .iter()
         .zip(names.iter().zip(shapes))
         .map(|(array, (name, shape))| {
-            let label = format!("{name}{what}");
             if array.shape() != shape.as_slice() {
                 return Err(PyValueError::new_err(format!(
-                    "{label}: expected shape {shape:?}, got {:?}",
+                    "{name}{what}: expected shape {shape:?}, got {:?}",
                     array.shape()
                 )));
             }
             if !array.is_c_contiguous() {
-                return Err(not_contiguous(&label));
+                return Err(not_contiguous(&format!("{name}{what}")));
             }
-            writeable(array, &label)
+            writeable(array, format_args!("{name}{what}"))
         })
         .collect()
 }
@@ -346,13 +345,12 @@ impl TrainStep {
             .iter()
             .enumerate()
             .map(|(index, (mean, var, count))| {
-                let label = |what: &str| format!("running[{index}].{what}");
                 let count = count.try_readwrite().map_err(|e| {
-                    PyValueError::new_err(format!("{}: {e}", label("num_batches_tracked")))
+                    PyValueError::new_err(format!("running[{index}].num_batches_tracked: {e}"))
                 })?;
                 Ok((
-                    writeable(mean, &label("running_mean"))?,
-                    writeable(var, &label("running_var"))?,
+                    writeable(mean, format_args!("running[{index}].running_mean"))?,
+                    writeable(var, format_args!("running[{index}].running_var"))?,
                     count,
                 ))
             })
@@ -438,18 +436,17 @@ impl TrainStep {
         what: &str,
     ) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
         let name = &self.slot_names[slot];
-        let label = format!("{name} {what}");
         if array.shape() != self.slot_shapes[slot].as_slice() {
             return Err(PyValueError::new_err(format!(
-                "{label}: expected the parameter's shape {:?}, got {:?}",
+                "{name} {what}: expected the parameter's shape {:?}, got {:?}",
                 self.slot_shapes[slot],
                 array.shape()
             )));
         }
         if !array.is_c_contiguous() {
-            return Err(not_contiguous(&label));
+            return Err(not_contiguous(&format!("{name} {what}")));
         }
-        writeable(array, &label)
+        writeable(array, format_args!("{name} {what}"))
     }
 
     fn checked_slot(&self, slot: usize) -> PyResult<usize> {
