@@ -42,22 +42,72 @@ pub(super) struct PlaneMap {
 /// Windows per step: one vector of each corner.
 const STEP: usize = 16;
 
-/// Loads of a step's row pair: `lanes` values (at most 32) of each row from `at`, the
-/// masked-off lanes zero (they are computed and never stored).
-#[derive(Clone, Copy)]
-struct StepMasks {
-    low: __mmask16,
-    high: __mmask16,
-    windows: __mmask16,
+/// The lowest `n` bits.
+fn low_bits(n: usize) -> __mmask16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
 }
 
-impl StepMasks {
-    fn new(windows: usize) -> Self {
-        let bits = |n: usize| if n >= 16 { u16::MAX } else { (1u16 << n) - 1 };
-        StepMasks {
-            low: bits((2 * windows).min(16)),
-            high: bits((2 * windows).saturating_sub(16)),
-            windows: bits(windows),
+/// One step's windows: the 32 values of a top row read as two vectors of 16 (`low` from
+/// offset `low_at` of the plane, `high` from `high_at`), the bottom row `w` further, split
+/// into 16 windows. Rows of more than 8 windows take up to 16 windows of one row pair (the
+/// high vector right after the low one); rows of at most 8 take two row pairs, the second
+/// pair in the high vector, so that 14-wide planes fill 14 of 16 lanes instead of 7.
+/// Masked-off lanes read as zero and are computed, never stored.
+#[derive(Clone, Copy)]
+struct Step {
+    low_at: usize,
+    high_at: usize,
+    low: __mmask16,
+    high: __mmask16,
+    /// The lanes of the windows, after the even/odd split.
+    windows: __mmask16,
+    /// The step's windows as consecutive pooled values: `count` from `pooled_at`.
+    pooled_at: usize,
+    count: usize,
+    /// Whether the windows are two row pairs' (lanes 0.. and 8..), else consecutive.
+    two_pairs: bool,
+}
+
+/// Run `f` on each step covering a plane of width `w`, `out_h`×`out_w` windows, in
+/// row-major order.
+#[inline(always)]
+fn for_each_step(w: usize, out_h: usize, out_w: usize, mut f: impl FnMut(&Step)) {
+    if out_w > STEP / 2 {
+        for oh in 0..out_h {
+            let top = 2 * oh * w;
+            for first in (0..out_w).step_by(STEP) {
+                let n = (out_w - first).min(STEP);
+                f(&Step {
+                    low_at: top + 2 * first,
+                    high_at: top + 2 * first + STEP,
+                    low: low_bits(2 * n),
+                    high: low_bits((2 * n).saturating_sub(STEP)),
+                    windows: low_bits(n),
+                    pooled_at: oh * out_w + first,
+                    count: n,
+                    two_pairs: false,
+                });
+            }
+        }
+    } else {
+        let row = low_bits(2 * out_w);
+        for oh in (0..out_h).step_by(2) {
+            let top = 2 * oh * w;
+            let second = oh + 1 < out_h;
+            f(&Step {
+                low_at: top,
+                high_at: if second { top + 2 * w } else { top },
+                low: row,
+                high: if second { row } else { 0 },
+                windows: low_bits(out_w) | if second { low_bits(out_w) << 8 } else { 0 },
+                pooled_at: oh * out_w,
+                count: if second { 2 * out_w } else { out_w },
+                two_pairs: true,
+            });
         }
     }
 }
@@ -87,15 +137,16 @@ impl Lanes {
     }
 }
 
-/// The normalised values `z` of one row's 32 values from `row[at..]`, split into even and
-/// odd columns.
+/// The normalised values `z` of a step's 32 values of one row (`down` = 0) or the row
+/// below (`down` = w), split into even and odd columns.
 ///
 /// # Safety
-/// AVX-512 F; the lanes of `masks` within `row`.
+/// AVX-512 F; the step's lanes, `down` further, within `plane`.
 #[target_feature(enable = "avx512f")]
 unsafe fn normalised_pairs(
-    row: *const f32,
-    masks: StepMasks,
+    plane: *const f32,
+    step: &Step,
+    down: usize,
     map: &PlaneMap,
     lanes: &Lanes,
 ) -> (__m512, __m512) {
@@ -111,8 +162,14 @@ unsafe fn normalised_pairs(
     // SAFETY: the caller's bounds; masked-off lanes are not read.
     let (low, high) = unsafe {
         (
-            normalise(_mm512_maskz_loadu_ps(masks.low, row)),
-            normalise(_mm512_maskz_loadu_ps(masks.high, row.add(16))),
+            normalise(_mm512_maskz_loadu_ps(
+                step.low,
+                plane.add(step.low_at + down),
+            )),
+            normalise(_mm512_maskz_loadu_ps(
+                step.high,
+                plane.add(step.high_at + down),
+            )),
         )
     };
     (
@@ -181,23 +238,23 @@ fn check(plane: &[f32], w: usize, pooled: &[f32]) -> (usize, usize) {
 pub(super) unsafe fn forward_plane(x: &[f32], w: usize, map: &PlaneMap, out: &mut [f32]) {
     let (out_h, out_w) = check(x, w, out);
     let lanes = Lanes::new();
-    for oh in 0..out_h {
-        let top = 2 * oh * w;
-        for first in (0..out_w).step_by(STEP) {
-            let masks = StepMasks::new((out_w - first).min(STEP));
-            // SAFETY: the masks cover columns 2·first.. below 2·out_w <= w of rows 2·oh and
-            // 2·oh + 1 < h; the stored windows lie in `out`'s row oh.
-            unsafe {
-                let at = x.as_ptr().add(top + 2 * first);
-                let (t0, t1) = normalised_pairs(at, masks, map, &lanes);
-                let (b0, b1) = normalised_pairs(at.add(w), masks, map, &lanes);
-                let corners = [t0, t1, b0, b1].map(|z| rectify(z, map.rectifier));
-                let (best, _) = scan(corners);
-                let dst = out.as_mut_ptr().add(oh * out_w + first);
-                _mm512_mask_storeu_ps(dst, masks.windows, best);
-            }
+    for_each_step(w, out_h, out_w, |step| {
+        // SAFETY: a step's lanes lie in rows 2·oh, 2·oh + 1 < h (and the next pair's), at
+        // columns below 2·out_w <= w; its pooled values in `out`.
+        unsafe {
+            let (t0, t1) = normalised_pairs(x.as_ptr(), step, 0, map, &lanes);
+            let (b0, b1) = normalised_pairs(x.as_ptr(), step, w, map, &lanes);
+            let corners = [t0, t1, b0, b1].map(|z| rectify(z, map.rectifier));
+            let (best, _) = scan(corners);
+            let pooled = if step.two_pairs {
+                _mm512_maskz_compress_ps(step.windows, best)
+            } else {
+                best
+            };
+            let dst = out.as_mut_ptr().add(step.pooled_at);
+            _mm512_mask_storeu_ps(dst, low_bits(step.count), pooled);
         }
-    }
+    });
 }
 
 /// Backward pass 1 of one plane: from the pooled gradient `grad` (after the dropout),
@@ -223,39 +280,38 @@ pub(super) unsafe fn backward_plane(
         let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, _mm512_setzero_ps());
         _mm512_mask_blend_ps(positive, _mm512_mul_ps(g, slope), g)
     };
-    for oh in 0..out_h {
-        let top = 2 * oh * w;
-        for first in (0..out_w).step_by(STEP) {
-            let masks = StepMasks::new((out_w - first).min(STEP));
-            // SAFETY: as in forward_plane, for `x` and `grad_input` alike, and the pooled
-            // gradient's row oh.
-            unsafe {
-                let at = x.as_ptr().add(top + 2 * first);
-                let (t0, t1) = normalised_pairs(at, masks, map, &lanes);
-                let (b0, b1) = normalised_pairs(at.add(w), masks, map, &lanes);
-                let z = [t0, t1, b0, b1];
-                let (_, [take1, take2, take3]) = scan(z.map(|z| rectify(z, map.rectifier)));
-                let g = _mm512_maskz_loadu_ps(masks.windows, grad.as_ptr().add(oh * out_w + first));
-                let routed = _mm512_add_ps(_mm512_setzero_ps(), g);
-                let winners = [
-                    !(take1 | take2 | take3),
-                    take1 & !(take2 | take3),
-                    take2 & !take3,
-                    take3,
-                ];
-                let [g0, g1, g2, g3]: [__m512; 4] = std::array::from_fn(|k| {
-                    derivative(z[k], _mm512_maskz_mov_ps(winners[k], routed))
-                });
-                let dst = grad_input.as_mut_ptr().add(top + 2 * first);
-                for (row, (even, odd)) in [(dst, (g0, g1)), (dst.add(w), (g2, g3))] {
-                    let low = _mm512_permutex2var_ps(even, lanes.interleave_low, odd);
-                    let high = _mm512_permutex2var_ps(even, lanes.interleave_high, odd);
-                    _mm512_mask_storeu_ps(row, masks.low, low);
-                    _mm512_mask_storeu_ps(row.add(16), masks.high, high);
-                }
+    for_each_step(w, out_h, out_w, |step| {
+        // SAFETY: as in forward_plane, for `x` and `grad_input` alike, and the pooled
+        // gradient's values.
+        unsafe {
+            let (t0, t1) = normalised_pairs(x.as_ptr(), step, 0, map, &lanes);
+            let (b0, b1) = normalised_pairs(x.as_ptr(), step, w, map, &lanes);
+            let z = [t0, t1, b0, b1];
+            let (_, [take1, take2, take3]) = scan(z.map(|z| rectify(z, map.rectifier)));
+            let g = _mm512_maskz_loadu_ps(low_bits(step.count), grad.as_ptr().add(step.pooled_at));
+            let g = if step.two_pairs {
+                _mm512_maskz_expand_ps(step.windows, g)
+            } else {
+                g
+            };
+            let routed = _mm512_add_ps(_mm512_setzero_ps(), g);
+            let winners = [
+                !(take1 | take2 | take3),
+                take1 & !(take2 | take3),
+                take2 & !take3,
+                take3,
+            ];
+            let [g0, g1, g2, g3]: [__m512; 4] =
+                std::array::from_fn(|k| derivative(z[k], _mm512_maskz_mov_ps(winners[k], routed)));
+            let dst = grad_input.as_mut_ptr();
+            for (down, (even, odd)) in [(0, (g0, g1)), (w, (g2, g3))] {
+                let low = _mm512_permutex2var_ps(even, lanes.interleave_low, odd);
+                let high = _mm512_permutex2var_ps(even, lanes.interleave_high, odd);
+                _mm512_mask_storeu_ps(dst.add(step.low_at + down), step.low, low);
+                _mm512_mask_storeu_ps(dst.add(step.high_at + down), step.high, high);
             }
         }
-    }
+    });
     // No window covers the last column of an odd width or the last row of an odd height:
     // a zero gradient through the derivative.
     let uncovered = |x: f32| {
