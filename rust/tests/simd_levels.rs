@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use bnrs::kernels::{activation, batch_norm, conv, dropout, gemm, optim, pool};
+use bnrs::kernels::{activation, batch_norm, conv, dropout, fused, gemm, optim, pool};
 use bnrs::simd::{self, Level};
 
 /// Tests in this binary run on parallel threads; each holds this while it switches levels.
@@ -119,6 +119,80 @@ fn own_kernels() -> Vec<(&'static str, Vec<f32>)> {
     let mut grad_pooled = vec![0.0; len];
     pool::avg_backward(&pool, &pooled, false, &mut grad_pooled).unwrap();
     out.extend([("avg_pool", pooled), ("avg_pool grad", grad_pooled)]);
+
+    // The fused training block: (leaky) ReLU and max pool run by their own AVX-512
+    // kernels (odd planes; rows of more than one 16-window step), the rest portable.
+    for (block_shape, act, pool, p_drop) in [
+        (
+            shape,
+            activation::Activation::Relu,
+            fused::Pool2x2::Max,
+            0.0,
+        ),
+        (
+            shape,
+            activation::Activation::LeakyRelu(0.1),
+            fused::Pool2x2::Max,
+            0.25,
+        ),
+        (
+            [2, 3, 9, 36],
+            activation::Activation::Relu,
+            fused::Pool2x2::Max,
+            0.25,
+        ),
+        (
+            shape,
+            activation::Activation::Tanh,
+            fused::Pool2x2::Avg,
+            0.25,
+        ),
+    ] {
+        let block_len: usize = block_shape.iter().product();
+        let c = block_shape[1];
+        let (bx, gamma, beta) = (values(block_len, 13), values(c, 14), values(c, 15));
+        let dropout = (p_drop > 0.0).then_some(fused::DropoutSpec {
+            p: p_drop,
+            seed: 5,
+            channel_wise: false,
+        });
+        let p =
+            fused::BnBlockParams::new(&block_shape, 1e-5, Some(act), Some(pool), dropout).unwrap();
+        let out_len: usize = p.output_shape(&block_shape).iter().product();
+        let (mut y, mut mean, mut invstd) = (vec![0.0; out_len], vec![0.0; c], vec![0.0; c]);
+        fused::forward_train(
+            &p,
+            &bx,
+            Some(&gamma),
+            Some(&beta),
+            None,
+            &mut y,
+            &mut mean,
+            &mut invstd,
+        )
+        .unwrap();
+        let gy = values(out_len, 16);
+        let (mut gx, mut ggamma, mut gbeta) = (vec![0.0; block_len], vec![0.0; c], vec![0.0; c]);
+        fused::backward(
+            &p,
+            &gy,
+            &bx,
+            Some(&gamma),
+            Some(&beta),
+            &mean,
+            &invstd,
+            &mut gx,
+            Some(&mut ggamma),
+            Some(&mut gbeta),
+        )
+        .unwrap();
+        out.extend([
+            ("bn block", y),
+            ("bn block grad_input", gx),
+            ("bn block grad_weight", ggamma),
+            ("bn block grad_bias", gbeta),
+        ]);
+    }
 
     let mut dropped = vec![0.0; len];
     dropout::forward(&x, 0.3, 17, 13, &mut dropped).unwrap();

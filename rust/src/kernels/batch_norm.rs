@@ -132,10 +132,14 @@ simd_dispatch! {
     }
 }
 
-simd_dispatch! {
-    pub(crate) fn plane_grad_sums(g: &[f32], x: &[f32], mean: f32) -> (f32, f32) {
-        grad_sums(g, x, mean)
+/// [`grad_sums`] of one plane: in one AVX register from the AVX2 level up (the same bits).
+pub(crate) fn plane_grad_sums(g: &[f32], x: &[f32], mean: f32) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() >= crate::simd::Level::Avx2 {
+        // SAFETY: level() is Avx2 or above only when the CPU has AVX2.
+        return unsafe { super::reduce::grad_sums_avx(g, x, mean) };
     }
+    grad_sums(g, x, mean)
 }
 
 simd_dispatch! {

@@ -5,7 +5,8 @@
 //! dropout) go in groups of 32: unit `i` belongs to group `g = i / 32`; with `r = i % 32`
 //! it takes word `r / 8` of the Philox block at counter `8g + r % 8`. A decision therefore
 //! depends on (seed, i) alone, so masks are the same at any thread count, the backward
-//! regenerates them from the seed, and eight blocks are computed side by side in SIMD lanes.
+//! regenerates them from the seed, and eight blocks (32 with AVX-512) are computed side by
+//! side in SIMD lanes.
 
 // Lane loops index several arrays at once on purpose: that is the form LLVM vectorises.
 #![allow(clippy::needless_range_loop)]
@@ -134,6 +135,12 @@ fn check_p(p: f32) -> Result<()> {
 /// Multipliers (`scale` if kept, else 0) of units `32·first_group..` for `factor.len()` units.
 fn fill_factors(factor: &mut [f32], first_group: u64, seed: u64, threshold: u32, scale: f32) {
     #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() == crate::simd::Level::Avx512 {
+        // SAFETY: the AVX-512 level is only on for CPUs that have AVX-512 F.
+        unsafe { fill_factors_avx512(factor, first_group, seed, threshold, scale) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::simd::use_avx2() {
         // SAFETY: the AVX2 path is only on for CPUs that have AVX2.
         unsafe { fill_factors_avx2(factor, first_group, seed, threshold, scale) };
@@ -243,6 +250,118 @@ unsafe fn fill_factors_avx2(
     }
 }
 
+/// The same word of 32 blocks (four groups' eight) in the lanes of two AVX-512
+/// registers: two independent chains of rounds, which overlap in the pipeline (one chain's
+/// rounds wait on each other's multiplies).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx512Words([std::arch::x86_64::__m512i; 2]);
+
+// SAFETY (every method): `Avx512Words` are only made in `fill_factors_avx512`, which runs
+// on CPUs with AVX-512 F only, and these methods are inlined into it.
+#[cfg(target_arch = "x86_64")]
+impl PhiloxWords for Avx512Words {
+    #[inline(always)]
+    fn mul_hi_lo(self, multiplier: u32) -> (Self, Self) {
+        use std::arch::x86_64::*;
+        unsafe {
+            let m = _mm512_set1_epi32(multiplier as i32);
+            let halves = self.0.map(|v| {
+                let even = _mm512_mul_epu32(m, v); // even lanes as 64-bit products
+                let odd = _mm512_mul_epu32(m, _mm512_srli_epi64::<32>(v)); // odd lanes
+                let lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64::<32>(odd));
+                let hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64::<32>(even), odd);
+                (hi, lo)
+            });
+            (
+                Avx512Words([halves[0].0, halves[1].0]),
+                Avx512Words([halves[0].1, halves[1].1]),
+            )
+        }
+    }
+
+    #[inline(always)]
+    fn xor(self, other: Self) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            Avx512Words([
+                _mm512_xor_si512(self.0[0], other.0[0]),
+                _mm512_xor_si512(self.0[1], other.0[1]),
+            ])
+        }
+    }
+
+    #[inline(always)]
+    fn xor_key(self, key: u32) -> Self {
+        use std::arch::x86_64::*;
+        unsafe {
+            let k = _mm512_set1_epi32(key as i32);
+            Avx512Words([
+                _mm512_xor_si512(self.0[0], k),
+                _mm512_xor_si512(self.0[1], k),
+            ])
+        }
+    }
+}
+
+/// Groups a step of [`fill_factors_avx512`] draws.
+#[cfg(target_arch = "x86_64")]
+const AVX512_GROUPS: usize = 4;
+
+/// [`fill_factors`] with AVX-512 intrinsics: four groups at a time, the 32 Philox blocks of
+/// groups g..g + 4 in the lanes of two sets of four registers (the same unit ↔ counter
+/// mapping, so the same words as [`group_words`]; tested against it).
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fill_factors_avx512(
+    factor: &mut [f32],
+    first_group: u64,
+    seed: u64,
+    threshold: u32,
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    const BLOCKS: usize = AVX512_GROUPS * LANES;
+    let limit = _mm512_set1_epi32(threshold as i32);
+    let scale = _mm512_set1_ps(scale);
+    for (step, chunk) in factor.chunks_mut(AVX512_GROUPS * GROUP).enumerate() {
+        // Blocks 8·g + l of the step's groups, one a lane (the low word may carry into the
+        // high one between two groups).
+        let first_block = (first_group + (AVX512_GROUPS * step) as u64) * LANES as u64;
+        let blocks: [u64; BLOCKS] = std::array::from_fn(|l| first_block + l as u64);
+        let (low, high): ([u32; BLOCKS], [u32; BLOCKS]) =
+            (blocks.map(|b| b as u32), blocks.map(|b| (b >> 32) as u32));
+        // SAFETY: unaligned loads of sixteen words from 32-word arrays.
+        let load = |words: &[u32; BLOCKS]| unsafe {
+            Avx512Words([
+                _mm512_loadu_si512(words.as_ptr().cast()),
+                _mm512_loadu_si512(words.as_ptr().add(16).cast()),
+            ])
+        };
+        let zero = Avx512Words([_mm512_setzero_si512(); 2]);
+        let words = philox_rounds([load(&low), load(&high), zero, zero], seed_key(seed));
+        let mut all = [0.0f32; AVX512_GROUPS * GROUP];
+        for (w, Avx512Words(registers)) in words.into_iter().enumerate() {
+            for (half, register) in registers.into_iter().enumerate() {
+                let keep = _mm512_cmplt_epu32_mask(register, limit);
+                let mut lanes = [0.0f32; 2 * LANES];
+                // SAFETY: an unaligned store into a sixteen-value array.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_maskz_mov_ps(keep, scale)) };
+                // Lane l of register `half` is block 16·half + l: group 2·half + l / 8,
+                // whose unit 8w + l % 8 takes word w.
+                for (k, group_lanes) in lanes.chunks_exact(LANES).enumerate() {
+                    let at = (2 * half + k) * GROUP + w * LANES;
+                    all[at..at + LANES].copy_from_slice(group_lanes);
+                }
+            }
+        }
+        chunk.copy_from_slice(&all[..chunk.len()]);
+    }
+}
+
 simd_dispatch! {
     /// out = x · factor, element-wise.
     pub(crate) fn multiply(x: &[f32], factor: &[f32], out: &mut [f32]) {
@@ -320,6 +439,16 @@ pub fn unit_factors(p: f32, seed: u64, first_unit: usize, factor: &mut [f32]) ->
     let threshold = keep_threshold(p);
     let scale = (1.0 / (1.0 - f64::from(p))) as f32;
     let (first_group, offset) = (first_unit / GROUP, first_unit % GROUP);
+    // A short run (a fused block's plane) from one call, so that its groups are drawn
+    // side by side rather than the first group alone.
+    const SHORT: usize = 4 * GROUP;
+    if offset != 0 && offset + factor.len() <= SHORT {
+        let mut groups = [0.0f32; SHORT];
+        let drawn = &mut groups[..offset + factor.len()];
+        fill_factors(drawn, first_group as u64, seed, threshold, scale);
+        factor.copy_from_slice(&drawn[offset..]);
+        return Ok(());
+    }
     let mut whole_groups = factor;
     if offset != 0 {
         let mut group = [0.0f32; GROUP];
@@ -426,11 +555,45 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_factors_match_the_portable_ones() {
+        if !crate::simd::Level::Avx512.is_available() {
+            eprintln!("fill_factors_avx512: skipped, this CPU lacks AVX-512");
+            return;
+        }
+        for &(seed, first_group, len, p) in &[
+            (0u64, 0u64, 32usize, 0.5f32),
+            (0x0123_4567_89ab_cdef, 5, 1000, 0.25),
+            (u64::MAX, (1u64 << 29) - 3, 77, 0.9), // blocks cross 2^32
+            (3, (1u64 << 29) - 1, 64, 0.5),        // between a step's groups
+            (7, 12, 31, 1e-6),
+            (11, 1, 65, 0.3),
+            (13, 2, 129, 0.6),
+        ] {
+            let threshold = keep_threshold(p);
+            let mut portable = vec![0.0f32; len];
+            fill_factors_portable(&mut portable, first_group, seed, threshold, 2.0);
+            let mut avx512 = vec![0.0f32; len];
+            // SAFETY: checked above that the CPU has AVX-512.
+            unsafe { fill_factors_avx512(&mut avx512, first_group, seed, threshold, 2.0) };
+            assert_eq!(portable, avx512, "seed {seed} group {first_group}");
+        }
+    }
+
+    #[test]
     fn unit_factors_from_any_first_unit_match_forward() {
         let n = 1000;
         let mut whole = vec![0.0f32; n];
         forward(&vec![1.0f32; n], 0.4, 9, 1, &mut whole).unwrap();
-        for (first, len) in [(0usize, 1000usize), (5, 3), (31, 2), (33, 200), (999, 1)] {
+        for (first, len) in [
+            (0usize, 1000usize),
+            (5, 3),
+            (31, 2),
+            (33, 200),
+            (999, 1),
+            (40, 49),
+            (100, 28),
+        ] {
             let mut part = vec![-1.0f32; len];
             unit_factors(0.4, 9, first, &mut part).unwrap();
             assert_eq!(part, whole[first..first + len], "units {first}..+{len}");

@@ -37,6 +37,9 @@ use super::pool::{
 use crate::error::{check_len, Error, Result};
 use crate::simd_dispatch;
 
+#[cfg(target_arch = "x86_64")]
+mod max_relu_avx512;
+
 /// A pooling with 2×2 windows, stride 2, no padding (floor mode: an odd last row or
 /// column is dropped).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,6 +246,35 @@ impl Affine<'_> {
     }
 }
 
+/// The plane's map for the AVX-512 kernels of [`max_relu_avx512`], when they run the
+/// tile: planes, (leaky) ReLU then a 2×2 max pool, at the AVX-512 level.
+#[cfg(target_arch = "x86_64")]
+fn max_relu_map(
+    p: &BnBlockParams,
+    affine: &Affine<'_>,
+    tile: usize,
+) -> Option<max_relu_avx512::PlaneMap> {
+    use max_relu_avx512::Rectifier;
+    let rectifier = match p.activation {
+        Some(Activation::Relu) => Rectifier::Relu,
+        Some(Activation::LeakyRelu(slope)) => Rectifier::Leaky(slope),
+        _ => return None,
+    };
+    if p.pool != Some(Pool2x2::Max)
+        || !matches!(p.tiles(), Tiles::Planes)
+        || crate::simd::level() != crate::simd::Level::Avx512
+    {
+        return None;
+    }
+    let c = tile % p.bn.channels;
+    Some(max_relu_avx512::PlaneMap {
+        mean: affine.mean[c],
+        scale: affine.scale[c],
+        shift: affine.shift[c],
+        rectifier,
+    })
+}
+
 /// (values per input tile, values per output tile).
 fn tile_lens(p: &BnBlockParams) -> (usize, usize) {
     match p.tiles() {
@@ -298,6 +330,19 @@ fn forward_tile(
 ) {
     let plane_w = p.plane_hw.map_or(0, |(_, w)| w);
     let out_w = p.out_hw().map_or(0, |(_, w)| w);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(map) = max_relu_map(p, affine, tile) {
+        // SAFETY: max_relu_map chose the AVX-512 level, which the CPU has.
+        match &p.dropout {
+            None => unsafe { max_relu_avx512::forward_plane(x, plane_w, &map, out) },
+            Some(d) => {
+                let pooled = &mut s.pooled[..out.len()];
+                unsafe { max_relu_avx512::forward_plane(x, plane_w, &map, pooled) };
+                apply_dropout(p, d, tile, pooled, out, &mut s.factors);
+            }
+        }
+        return;
+    }
     let normalise = |target: &mut [f32]| {
         affine.normalise(p, tile, x, target);
         if let Some(act) = p.activation {
@@ -406,6 +451,20 @@ fn grad_before_activation(
     let n = x.len();
     let plane_w = p.plane_hw.map_or(0, |(_, w)| w);
     let out_w = p.out_hw().map_or(0, |(_, w)| w);
+    let dropped: &[f32] = match &p.dropout {
+        Some(d) => {
+            let m = grad_output.len();
+            apply_dropout(p, d, tile, grad_output, &mut s.grad[..m], &mut s.factors);
+            &s.grad[..m]
+        }
+        None => grad_output,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let Some(map) = max_relu_map(p, affine, tile) {
+        // SAFETY: max_relu_map chose the AVX-512 level, which the CPU has.
+        unsafe { max_relu_avx512::backward_plane(x, plane_w, &map, dropped, grad_input) };
+        return;
+    }
     affine.normalise(p, tile, x, &mut s.normalised[..n]);
     let needs_output = p.needs_activation_output();
     if let (Some(act), true) = (p.activation, needs_output) {
@@ -417,14 +476,6 @@ fn grad_before_activation(
         &s.activated[..n]
     } else {
         normalised
-    };
-    let dropped: &[f32] = match &p.dropout {
-        Some(d) => {
-            let m = grad_output.len();
-            apply_dropout(p, d, tile, grad_output, &mut s.grad[..m], &mut s.factors);
-            &s.grad[..m]
-        }
-        None => grad_output,
     };
     let saved = |act: Activation| {
         if act.grad_uses_output() {

@@ -309,6 +309,7 @@ impl ForwardPlan {
 
     /// One image's output (C_out planes, NCHW), with the bias only if
     /// [`ForwardPlan::includes_bias`]: `write(channel, row, values)` receives each row.
+    #[cfg(test)]
     pub(super) fn image(
         &self,
         p: &Conv2dParams,

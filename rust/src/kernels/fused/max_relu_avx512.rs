@@ -1,0 +1,449 @@
+//! One plane of the fused block's normalise → ReLU (or leaky ReLU) → 2×2 max pool, in
+//! AVX-512 registers: the forward's pooled values, and the backward's gradient before the
+//! batch norm (pass 1) from the pooled gradient.
+//!
+//! The portable path runs each stage over the whole plane (normalised plane, activated
+//! copy, the windows' corners gathered into four arrays, the pool's gradient, the
+//! activation's derivative): six passes over the plane's scratch. Here a step takes 16
+//! windows of a row pair (32 values of each row, split into even and odd columns by one
+//! permutation) through every stage while they are in registers. Each value gets the
+//! portable stages' arithmetic (subtract, multiply, add without fusing; the same selects in
+//! the same order, the first NaN and the first of equal values winning; `0.0 + g` routed to
+//! the window's maximum; the derivative from the normalised value), so the same bits.
+
+use std::arch::x86_64::*;
+
+/// The activation before the pool: ReLU, or leaky ReLU with its slope.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Rectifier {
+    Relu,
+    Leaky(f32),
+}
+
+impl Rectifier {
+    /// The slope the gradient takes at or below zero (ReLU's derivative is `g·0.0` there).
+    fn slope(self) -> f32 {
+        match self {
+            Rectifier::Relu => 0.0,
+            Rectifier::Leaky(slope) => slope,
+        }
+    }
+}
+
+/// The plane's normalisation `(x - mean)·scale + shift` and its rectifier.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PlaneMap {
+    pub mean: f32,
+    pub scale: f32,
+    pub shift: f32,
+    pub rectifier: Rectifier,
+}
+
+/// Windows per step: one vector of each corner.
+const STEP: usize = 16;
+
+/// The lowest `n` bits.
+fn low_bits(n: usize) -> __mmask16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// One step's windows: the 32 values of a top row read as two vectors of 16 (`low` from
+/// offset `low_at` of the plane, `high` from `high_at`), the bottom row `w` further, split
+/// into 16 windows. Rows of more than 8 windows take up to 16 windows of one row pair (the
+/// high vector right after the low one); rows of at most 8 take two row pairs, the second
+/// pair in the high vector, so that 14-wide planes fill 14 of 16 lanes instead of 7.
+/// Masked-off lanes read as zero and are computed, never stored.
+#[derive(Clone, Copy)]
+struct Step {
+    low_at: usize,
+    high_at: usize,
+    low: __mmask16,
+    high: __mmask16,
+    /// The lanes of the windows, after the even/odd split.
+    windows: __mmask16,
+    /// The step's windows as consecutive pooled values: `count` from `pooled_at`.
+    pooled_at: usize,
+    count: usize,
+    /// Whether the windows are two row pairs' (lanes 0.. and 8..), else consecutive.
+    two_pairs: bool,
+}
+
+/// Run `f` on each step covering a plane of width `w`, `out_h`×`out_w` windows, in
+/// row-major order.
+#[inline(always)]
+fn for_each_step(w: usize, out_h: usize, out_w: usize, mut f: impl FnMut(&Step)) {
+    if out_w > STEP / 2 {
+        for oh in 0..out_h {
+            let top = 2 * oh * w;
+            for first in (0..out_w).step_by(STEP) {
+                let n = (out_w - first).min(STEP);
+                f(&Step {
+                    low_at: top + 2 * first,
+                    high_at: top + 2 * first + STEP,
+                    low: low_bits(2 * n),
+                    high: low_bits((2 * n).saturating_sub(STEP)),
+                    windows: low_bits(n),
+                    pooled_at: oh * out_w + first,
+                    count: n,
+                    two_pairs: false,
+                });
+            }
+        }
+    } else {
+        let row = low_bits(2 * out_w);
+        for oh in (0..out_h).step_by(2) {
+            let top = 2 * oh * w;
+            let second = oh + 1 < out_h;
+            f(&Step {
+                low_at: top,
+                high_at: if second { top + 2 * w } else { top },
+                low: row,
+                high: if second { row } else { 0 },
+                windows: low_bits(out_w) | if second { low_bits(out_w) << 8 } else { 0 },
+                pooled_at: oh * out_w,
+                count: if second { 2 * out_w } else { out_w },
+                two_pairs: true,
+            });
+        }
+    }
+}
+
+/// The even and odd columns of 32 consecutive values; and back.
+struct Lanes {
+    even: __m512i,
+    odd: __m512i,
+    interleave_low: __m512i,
+    interleave_high: __m512i,
+}
+
+impl Lanes {
+    #[target_feature(enable = "avx512f")]
+    fn new() -> Self {
+        let index = |f: fn(i32) -> i32| {
+            let v: [i32; 16] = std::array::from_fn(|i| f(i as i32));
+            // SAFETY: an unaligned load of a 16-value array.
+            unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+        };
+        Lanes {
+            even: index(|i| 2 * i),
+            odd: index(|i| 2 * i + 1),
+            interleave_low: index(|i| (i / 2) | ((i & 1) << 4)),
+            interleave_high: index(|i| (8 + i / 2) | ((i & 1) << 4)),
+        }
+    }
+}
+
+/// The normalised values `z` of a step's 32 values of one row (`down` = 0) or the row
+/// below (`down` = w), split into even and odd columns.
+///
+/// # Safety
+/// AVX-512 F; the step's lanes, `down` further, within `plane`.
+#[target_feature(enable = "avx512f")]
+unsafe fn normalised_pairs(
+    plane: *const f32,
+    step: &Step,
+    down: usize,
+    map: &PlaneMap,
+    lanes: &Lanes,
+) -> (__m512, __m512) {
+    let normalise = |v: __m512| {
+        _mm512_add_ps(
+            _mm512_mul_ps(
+                _mm512_sub_ps(v, _mm512_set1_ps(map.mean)),
+                _mm512_set1_ps(map.scale),
+            ),
+            _mm512_set1_ps(map.shift),
+        )
+    };
+    // SAFETY: the caller's bounds; masked-off lanes are not read.
+    let (low, high) = unsafe {
+        (
+            normalise(_mm512_maskz_loadu_ps(
+                step.low,
+                plane.add(step.low_at + down),
+            )),
+            normalise(_mm512_maskz_loadu_ps(
+                step.high,
+                plane.add(step.high_at + down),
+            )),
+        )
+    };
+    (
+        _mm512_permutex2var_ps(low, lanes.even, high),
+        _mm512_permutex2var_ps(low, lanes.odd, high),
+    )
+}
+
+/// The rectifier on `z`: ReLU keeps `z` where `z > 0` or NaN, else 0.0; leaky ReLU keeps it
+/// where `z > 0`, else `z·slope`.
+#[target_feature(enable = "avx512f")]
+fn rectify(z: __m512, rectifier: Rectifier) -> __m512 {
+    let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, _mm512_setzero_ps());
+    match rectifier {
+        Rectifier::Relu => {
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(z, z);
+            _mm512_maskz_mov_ps(positive | nan, z)
+        }
+        Rectifier::Leaky(slope) => {
+            _mm512_mask_blend_ps(positive, _mm512_mul_ps(z, _mm512_set1_ps(slope)), z)
+        }
+    }
+}
+
+/// Where candidate `v` replaces the running maximum `best` (the pool's rule): larger, or
+/// NaN, unless the maximum is NaN already.
+#[target_feature(enable = "avx512f")]
+fn replaces(v: __m512, best: __m512) -> __mmask16 {
+    let larger = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
+    let v_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    let best_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(best, best);
+    (larger | v_nan) & !best_nan
+}
+
+/// The pool's window scan over corners (top left, top right, bottom left, bottom right):
+/// the maximum, and where corners 1, 2, 3 took over from the ones before.
+#[target_feature(enable = "avx512f")]
+fn scan(corners: [__m512; 4]) -> (__m512, [__mmask16; 3]) {
+    let mut best = corners[0];
+    let mut takes = [0; 3];
+    for (take, &corner) in takes.iter_mut().zip(&corners[1..]) {
+        *take = replaces(corner, best);
+        best = _mm512_mask_mov_ps(best, *take, corner);
+    }
+    (best, takes)
+}
+
+/// Check the plane's shapes: `h×w` input values, `(h/2)×(w/2)` pooled ones.
+fn check(plane: &[f32], w: usize, pooled: &[f32]) -> (usize, usize) {
+    let (h, out_w) = (plane.len() / w.max(1), w / 2);
+    assert!(
+        w >= 2 && h >= 2 && plane.len() == h * w && pooled.len() == (h / 2) * out_w,
+        "max_relu_avx512: a plane of {} values, width {w}, pooled to {}",
+        plane.len(),
+        pooled.len()
+    );
+    (h / 2, out_w)
+}
+
+/// The pooled values of one plane `x` of width `w`: `max_pool_2x2_plane_values` of the
+/// rectified normalised plane.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn forward_plane(x: &[f32], w: usize, map: &PlaneMap, out: &mut [f32]) {
+    let (out_h, out_w) = check(x, w, out);
+    let lanes = Lanes::new();
+    for_each_step(w, out_h, out_w, |step| {
+        // SAFETY: a step's lanes lie in rows 2·oh, 2·oh + 1 < h (and the next pair's), at
+        // columns below 2·out_w <= w; its pooled values in `out`.
+        unsafe {
+            let (t0, t1) = normalised_pairs(x.as_ptr(), step, 0, map, &lanes);
+            let (b0, b1) = normalised_pairs(x.as_ptr(), step, w, map, &lanes);
+            let corners = [t0, t1, b0, b1].map(|z| rectify(z, map.rectifier));
+            let (best, _) = scan(corners);
+            let pooled = if step.two_pairs {
+                _mm512_maskz_compress_ps(step.windows, best)
+            } else {
+                best
+            };
+            let dst = out.as_mut_ptr().add(step.pooled_at);
+            _mm512_mask_storeu_ps(dst, low_bits(step.count), pooled);
+        }
+    });
+}
+
+/// Backward pass 1 of one plane: from the pooled gradient `grad` (after the dropout),
+/// the gradient before the rectifier into `grad_input`: `0.0 + g` at each window's
+/// maximum and 0.0 elsewhere (also the rows and columns no window covers), then the
+/// rectifier's derivative, `g` where `z > 0`, else `g·slope`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn backward_plane(
+    x: &[f32],
+    w: usize,
+    map: &PlaneMap,
+    grad: &[f32],
+    grad_input: &mut [f32],
+) {
+    let (out_h, out_w) = check(x, w, grad);
+    assert_eq!(grad_input.len(), x.len(), "max_relu_avx512: grad_input");
+    let lanes = Lanes::new();
+    let slope = _mm512_set1_ps(map.rectifier.slope());
+    let derivative = |z: __m512, g: __m512| {
+        let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, _mm512_setzero_ps());
+        _mm512_mask_blend_ps(positive, _mm512_mul_ps(g, slope), g)
+    };
+    for_each_step(w, out_h, out_w, |step| {
+        // SAFETY: as in forward_plane, for `x` and `grad_input` alike, and the pooled
+        // gradient's values.
+        unsafe {
+            let (t0, t1) = normalised_pairs(x.as_ptr(), step, 0, map, &lanes);
+            let (b0, b1) = normalised_pairs(x.as_ptr(), step, w, map, &lanes);
+            let z = [t0, t1, b0, b1];
+            let (_, [take1, take2, take3]) = scan(z.map(|z| rectify(z, map.rectifier)));
+            let g = _mm512_maskz_loadu_ps(low_bits(step.count), grad.as_ptr().add(step.pooled_at));
+            let g = if step.two_pairs {
+                _mm512_maskz_expand_ps(step.windows, g)
+            } else {
+                g
+            };
+            let routed = _mm512_add_ps(_mm512_setzero_ps(), g);
+            let winners = [
+                !(take1 | take2 | take3),
+                take1 & !(take2 | take3),
+                take2 & !take3,
+                take3,
+            ];
+            let [g0, g1, g2, g3]: [__m512; 4] =
+                std::array::from_fn(|k| derivative(z[k], _mm512_maskz_mov_ps(winners[k], routed)));
+            let dst = grad_input.as_mut_ptr();
+            for (down, (even, odd)) in [(0, (g0, g1)), (w, (g2, g3))] {
+                let low = _mm512_permutex2var_ps(even, lanes.interleave_low, odd);
+                let high = _mm512_permutex2var_ps(even, lanes.interleave_high, odd);
+                _mm512_mask_storeu_ps(dst.add(step.low_at + down), step.low, low);
+                _mm512_mask_storeu_ps(dst.add(step.high_at + down), step.high, high);
+            }
+        }
+    });
+    // No window covers the last column of an odd width or the last row of an odd height:
+    // a zero gradient through the derivative.
+    let uncovered = |x: f32| {
+        let z = (x - map.mean) * map.scale + map.shift;
+        if z > 0.0 {
+            0.0
+        } else {
+            0.0 * map.rectifier.slope()
+        }
+    };
+    if w % 2 == 1 {
+        for row in 0..2 * out_h {
+            let i = row * w + w - 1;
+            grad_input[i] = uncovered(x[i]);
+        }
+    }
+    if (x.len() / w) % 2 == 1 {
+        let last = x.len() - w;
+        for (g, &v) in grad_input[last..].iter_mut().zip(&x[last..]) {
+            *g = uncovered(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::activation::{self, Activation};
+    use crate::kernels::batch_norm::plane_normalise;
+    use crate::kernels::pool::{max_pool_2x2_plane_backward, max_pool_2x2_plane_values};
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// Few distinct values (ties within windows, rectified zeros), signed zeros, NaNs and
+    /// infinities, from a fixed sequence.
+    fn awkward(n: usize, salt: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let v = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(salt) >> 9;
+                match v % 23 {
+                    0 => f32::NAN,
+                    1 => -0.0,
+                    2 => 0.0,
+                    3 => f32::INFINITY,
+                    4 => f32::NEG_INFINITY,
+                    k => (k % 5) as f32 * 0.5 - 1.0,
+                }
+            })
+            .collect()
+    }
+
+    /// The portable stages, as the fused block runs them without this module.
+    fn portable(
+        x: &[f32],
+        w: usize,
+        map: &PlaneMap,
+        grad: &[f32],
+        activation: Activation,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let out_w = w / 2;
+        let mut z = vec![0.0; x.len()];
+        plane_normalise(x, &mut z, map.mean, map.scale, map.shift);
+        let mut activated = z.clone();
+        activation::apply_in_place(activation, &mut activated);
+        let mut pooled = vec![0.0; grad.len()];
+        max_pool_2x2_plane_values(&activated, w, &mut pooled, out_w);
+        let (mut unpooled, mut windows) = (vec![0.0; x.len()], vec![0.0; 5 * grad.len()]);
+        max_pool_2x2_plane_backward(&activated, w, grad, out_w, &mut unpooled, &mut windows);
+        let mut grad_input = vec![0.0; x.len()];
+        activation::backward_in_tile(activation, &unpooled, &z, &mut grad_input);
+        (pooled, grad_input)
+    }
+
+    #[test]
+    fn planes_give_the_portable_stages_bits() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("max_relu_avx512: skipped, this CPU lacks AVX-512");
+            return;
+        }
+        // Odd and even sizes, one step and several (16 windows a step), partial steps.
+        let sizes = [
+            (2, 2),
+            (3, 3),
+            (28, 28),
+            (14, 14),
+            (7, 9),
+            (5, 34),
+            (4, 33),
+            (6, 70),
+        ];
+        let maps = [
+            (Rectifier::Relu, Activation::Relu, 0.25, 1.5, -0.5),
+            (Rectifier::Relu, Activation::Relu, -1.0, -2.0, 0.0),
+            (
+                Rectifier::Leaky(0.1),
+                Activation::LeakyRelu(0.1),
+                0.5,
+                0.75,
+                0.125,
+            ),
+            (
+                Rectifier::Leaky(-0.3),
+                Activation::LeakyRelu(-0.3),
+                0.0,
+                1.0,
+                0.0,
+            ),
+        ];
+        for (salt, &(h, w)) in sizes.iter().enumerate() {
+            for &(rectifier, activation, mean, scale, shift) in &maps {
+                let map = PlaneMap {
+                    mean,
+                    scale,
+                    shift,
+                    rectifier,
+                };
+                let x = awkward(h * w, salt as u32);
+                let grad = awkward((h / 2) * (w / 2), 100 + salt as u32);
+                let (pooled, grad_input) = portable(&x, w, &map, &grad, activation);
+                let mut fast_pooled = vec![f32::NAN; pooled.len()];
+                let mut fast_grad = vec![f32::NAN; x.len()];
+                // SAFETY: the CPU has AVX-512 F (checked above).
+                unsafe {
+                    forward_plane(&x, w, &map, &mut fast_pooled);
+                    backward_plane(&x, w, &map, &grad, &mut fast_grad);
+                }
+                let what = format!("{h}x{w} {rectifier:?}");
+                assert_eq!(bits(&fast_pooled), bits(&pooled), "pooled {what}");
+                assert_eq!(bits(&fast_grad), bits(&grad_input), "grad_input {what}");
+            }
+        }
+    }
+}
