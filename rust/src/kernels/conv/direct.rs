@@ -124,7 +124,12 @@ impl Geometry {
 
 /// Copy `image`'s interior into `frame` (resized to `len`; borders zero). The borders are
 /// never written, so a frame reused for the next image of the same shape keeps them.
-fn fill_frame(p: &Conv2dParams, image: &[f32], frame: &mut Vec<f32>, len: usize) -> Result<()> {
+pub(super) fn fill_frame(
+    p: &Conv2dParams,
+    image: &[f32],
+    frame: &mut Vec<f32>,
+    len: usize,
+) -> Result<()> {
     if frame.len() != len {
         frame.clear();
         resize_scratch(frame, len, FRAME)?;
