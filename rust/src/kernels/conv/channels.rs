@@ -73,7 +73,10 @@ pub(super) struct ChannelPlan {
     initial: Vec<f32>,
     /// C_out rounded up to whole vectors: the row length of the channel-last output.
     channels: usize,
-    from_bias: bool,
+    /// What the pool adds to each channel's sums before the activation, the unfused bias
+    /// add (also of 0.0, which turns -0 into +0), unless the sums started from the bias;
+    /// zero beyond C_out.
+    add: Option<Vec<f32>>,
 }
 
 /// Per-thread scratch: the zero-padded frame and the channel-last output of one image.
@@ -81,6 +84,8 @@ pub(super) struct ChannelPlan {
 pub(super) struct ChannelScratch {
     frame: Vec<f32>,
     output: Vec<f32>,
+    /// The pooled output, channel-last, before its transposition to NCHW.
+    pooled: Vec<f32>,
 }
 
 impl ChannelPlan {
@@ -109,8 +114,14 @@ impl ChannelPlan {
             }
         }
         let mut initial = vec![0.0f32; channels];
-        if let (true, Some(b)) = (kernel.from_bias, bias) {
-            initial[..p.out_channels].copy_from_slice(&b[..p.out_channels]);
+        let mut add = vec![0.0f32; channels];
+        if let Some(b) = bias {
+            let start = if kernel.from_bias {
+                &mut initial
+            } else {
+                &mut add
+            };
+            start[..p.out_channels].copy_from_slice(&b[..p.out_channels]);
         }
         ChannelPlan {
             wp,
@@ -119,18 +130,17 @@ impl ChannelPlan {
             weights,
             initial,
             channels,
-            from_bias: kernel.from_bias,
+            add: (!kernel.from_bias).then_some(add),
         }
     }
 
-    /// One image convolved, then bias-added (unless the sums started from it), activated
-    /// and pooled into `out_image` (C_out planes of H_out/2 × W_out/2, NCHW).
-    #[allow(clippy::too_many_arguments)]
+    /// One image convolved, then bias-added (the bias the plan was made with, unless the
+    /// sums started from it), activated and pooled into `out_image` (C_out planes of
+    /// H_out/2 × W_out/2, NCHW).
     pub(super) fn image_pooled(
         &self,
         p: &Conv2dParams,
         image: &[f32],
-        bias: Option<&[f32]>,
         activation: Option<Activation>,
         pool: Pool2x2,
         scratch: &mut ChannelScratch,
@@ -143,23 +153,31 @@ impl ChannelPlan {
             resize_scratch(&mut scratch.output, output_len, CHANNEL_OUTPUT)?;
         }
         channels_forward(self, p, &scratch.frame, &mut scratch.output);
-        // The unfused bias add, also of 0.0 (which turns -0 into +0).
-        let add = (!self.from_bias).then(|| {
-            let mut add = vec![0.0f32; self.channels];
-            if let Some(b) = bias {
-                add[..p.out_channels].copy_from_slice(b);
-            }
-            add
-        });
+        let (ph, pw) = Pool2x2::output_size(p);
+        if scratch.pooled.len() != ph * pw * self.channels {
+            scratch.pooled.clear();
+            resize_scratch(&mut scratch.pooled, ph * pw * self.channels, CHANNEL_OUTPUT)?;
+        }
         pool_channels_last(
             &scratch.output,
             p,
             self.channels,
-            add.as_deref(),
+            self.add.as_deref(),
             activation,
             pool,
-            out_image,
+            &mut scratch.pooled,
         );
+        // Plane by plane, each written in order: scattering each pooled vector's lanes
+        // to sixteen planes cost more than the pool (a store and a bounds check a lane).
+        let planes = out_image[..p.out_channels * ph * pw].chunks_exact_mut(ph * pw);
+        for (c, plane) in planes.enumerate() {
+            for (o, pixel) in plane
+                .iter_mut()
+                .zip(scratch.pooled.chunks_exact(self.channels))
+            {
+                *o = pixel[c];
+            }
+        }
         Ok(())
     }
 }
@@ -285,31 +303,31 @@ impl Tile<'_> {
 
 simd_dispatch! {
     /// `pool` of `activation(v + add)` (or of `activation(v)`) over the channel-last
-    /// output, into the NCHW planes of `out`: the selects and sums of
+    /// output, into `pooled` (channel-last too): the selects and sums of
     /// `pool::pool_2x2_mapped` on the values of its map, so its bits.
     fn pool_channels_last(output: &[f32], p: &Conv2dParams, channels: usize,
                           add: Option<&[f32]>, activation: Option<Activation>, pool: Pool2x2,
-                          out: &mut [f32]) {
-        let shape = Pooled { out_w: p.out_w, channels, out_channels: p.out_channels,
-                             size: Pool2x2::output_size(p) };
+                          pooled: &mut [f32]) {
+        let shape = Pooled { out_w: p.out_w, channels, size: Pool2x2::output_size(p) };
         macro_rules! pooled {
             ($map:expr) => {
                 match pool {
-                    Pool2x2::Max => pool_vectors::<true>(output, &shape, out, $map),
-                    Pool2x2::Avg => pool_vectors::<false>(output, &shape, out, $map),
+                    Pool2x2::Max => pool_vectors::<true>(output, &shape, pooled, $map),
+                    Pool2x2::Avg => pool_vectors::<false>(output, &shape, pooled, $map),
                 }
             };
         }
         // ReLU and the bias apart from the other activations, so that their loops
-        // vectorise (as `finish_pooled_plane`).
+        // vectorise (as `finish_pooled_plane`). Without an add, `output` stands in for
+        // the add values (read, not used).
         let relu = Activation::Relu;
-        let zeros = vec![0.0f32; channels];
+        let unused = &output[..channels];
         match (add, activation) {
-            (None, None) => pooled!((&zeros, |v, _| v)),
+            (None, None) => pooled!((unused, |v, _| v)),
             (Some(add), None) => pooled!((add, |v, b| v + b)),
-            (None, Some(Activation::Relu)) => pooled!((&zeros, move |v, _| relu.value(v))),
+            (None, Some(Activation::Relu)) => pooled!((unused, move |v, _| relu.value(v))),
             (Some(add), Some(Activation::Relu)) => pooled!((add, move |v, b| relu.value(v + b))),
-            (None, Some(act)) => pooled!((&zeros, move |v, _| act.value(v))),
+            (None, Some(act)) => pooled!((unused, move |v, _| act.value(v))),
             (Some(add), Some(act)) => pooled!((add, move |v, b| act.value(v + b))),
         }
     }
@@ -319,22 +337,24 @@ simd_dispatch! {
 struct Pooled {
     out_w: usize,
     channels: usize,
-    out_channels: usize,
     size: (usize, usize),
 }
 
-/// Each 2×2 window of `map(v, add[channel])`, sixteen channels a step, into NCHW `out`.
+/// Each 2×2 window of `map(v, add[channel])`, sixteen channels a step, into `pooled`
+/// (`[pooled pixel][channels]`).
 #[inline(always)]
 fn pool_vectors<const MAX: bool>(
     output: &[f32],
     shape: &Pooled,
-    out: &mut [f32],
+    pooled: &mut [f32],
     (add, map): (&[f32], impl Fn(f32, f32) -> f32),
 ) {
     let (ph, pw) = shape.size;
     let row = shape.out_w * shape.channels;
+    let mut pooled_pixels = pooled.chunks_exact_mut(shape.channels);
     for i in 0..ph {
         for k in 0..pw {
+            let pooled_pixel = pooled_pixels.next().expect("a pooled pixel");
             let top_left = (2 * i * shape.out_w + 2 * k) * shape.channels;
             for first in (0..shape.channels).step_by(LANES) {
                 let vector = |at: usize| -> &[f32; LANES] {
@@ -348,7 +368,9 @@ fn pool_vectors<const MAX: bool>(
                     vector(top_left + row + shape.channels),
                 );
                 let add: &[f32; LANES] = add[first..first + LANES].try_into().expect("a vector");
-                let mut pooled = [0.0f32; LANES];
+                let pooled: &mut [f32; LANES] = (&mut pooled_pixel[first..first + LANES])
+                    .try_into()
+                    .expect("a vector");
                 for l in 0..LANES {
                     let (t0, t1) = (map(t0[l], add[l]), map(t1[l], add[l]));
                     let (b0, b1) = (map(b0[l], add[l]), map(b1[l], add[l]));
@@ -364,10 +386,6 @@ fn pool_vectors<const MAX: bool>(
                     } else {
                         (0.0 + t0 + t1 + b0 + b1) / 4.0
                     };
-                }
-                let lanes = LANES.min(shape.out_channels - first);
-                for (l, &v) in pooled[..lanes].iter().enumerate() {
-                    out[((first + l) * ph + i) * pw + k] = v;
                 }
             }
         }

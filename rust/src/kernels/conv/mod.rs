@@ -293,7 +293,6 @@ impl PooledImages {
             PooledImages::Channels(plan) => plan.image_pooled(
                 p,
                 image,
-                bias,
                 epilogue.activation,
                 pool,
                 &mut scratch.channels,
