@@ -44,8 +44,20 @@ const CHANNEL_OUTPUT: &str = "conv2d (direct, channels in lanes): one image's ou
 /// a first layer ([`Kernel::small_k`]): on LeNet's 1000×1×28×28→16 with the fused pool,
 /// one input channel leaves a broadcast per multiply-add, and the pixel kernel was 1.4x
 /// faster (CPU time, builds alternating, AMD EPYC with AVX-512, loaded).
+///
+/// The channel-last output (channels rounded up to 16 where the pixel kernel rounds
+/// them to 8: up to 1.33x its size) stays within the direct kernels' per-image scratch
+/// bound ([`direct::handles`]): a larger image keeps the pixel kernel.
 pub(super) fn handles(p: &Conv2dParams, kernel: Kernel, level: Level) -> bool {
-    level == Level::Avx512 && kernel.fused && !kernel.from_bias && p.out_channels >= LANES
+    let output_bytes = p
+        .pixels()
+        .saturating_mul(p.out_channels.next_multiple_of(LANES))
+        .saturating_mul(std::mem::size_of::<f32>());
+    level == Level::Avx512
+        && kernel.fused
+        && !kernel.from_bias
+        && p.out_channels >= LANES
+        && output_bytes <= direct::IMAGE_SCRATCH_BYTES
 }
 
 /// Runs `$body` with `$i` = 0, 1, ... up to (not including) the constant `$n` (at most

@@ -55,7 +55,7 @@ const FLAT_OUTPUT: &str = "conv2d (direct): the flat output of an image";
 /// Per-image scratch (frame and flat output) up to which the direct kernels run: a
 /// larger image goes to the tiled GEMM, whose scratch is bounded and which checks for
 /// Ctrl-C within an image.
-const IMAGE_SCRATCH_BYTES: usize = 16 << 20;
+pub(super) const IMAGE_SCRATCH_BYTES: usize = 16 << 20;
 
 /// Whether the direct kernels handle `p`: stride 1 (the flat frame needs one offset per
 /// tap for every pixel), and an image's scratch within [`IMAGE_SCRATCH_BYTES`].
