@@ -6,7 +6,8 @@ of this process (``time.process_time``), bnrs and ONNX Runtime taking turns: on 
 machine the peer runner's wall-clock ratios swing with the load. ONNX Runtime's intra-op
 threads do not spin (``session.intra_op.allow_spinning = 0``), so that at 2 threads its
 CPU time is its work, not its waiting. ``--stages`` also prints bnrs's CPU time per step
-of the fused plan on one batch (each stage repeated on its own input, so in cache).
+of the fused plan on one batch (each stage repeated on its own input, so in cache; two
+chained conv blocks are one step).
 
 Needs onnxruntime and onnx beside bnrs (a separate virtual environment, as for the peer):
 
@@ -59,15 +60,23 @@ def stages(model, images) -> None:
     model.eval()
     print(f"bnrs per stage, one batch of {BATCH} (CPU ms):")
     print(f"  {'the whole forward':42s} {cpu_ms(lambda: model(batch), 20):7.3f}")
-    steps = fusion.fusion_plan(list(model), model._fusion_blocks, training=False)
+    # The steps the evaluation forward runs: blocks, two pooled conv blocks chained.
+    steps = fusion.chain_blocks(
+        fusion.fusion_plan(list(model), model._fusion_blocks, training=False))
     x = batch
     for step in steps:
-        if isinstance(step, fusion.FusedBlock):
-            name = "+".join(type(m).__name__ for m in step.modules)
-            run = functools.partial(fusion.run_block, step, x)
+        if isinstance(step, (fusion.FusedBlock, fusion.FusedChain)):
+            blocks = [step] if isinstance(step, fusion.FusedBlock) else [step.first,
+                                                                          step.second]
+            name = " | ".join("+".join(type(m).__name__ for m in block.modules)
+                              for block in blocks)
+            run_step = fusion.run_block if isinstance(step, fusion.FusedBlock) else \
+                fusion.run_chain
+            run = functools.partial(run_step, step, x)
+            lookups = sum(cpu_ms(block.folded, 200) for block in blocks)
             print(f"  {name:42s} {cpu_ms(run, 20):7.3f}"
-                  f"  (staleness check and fold lookup {cpu_ms(step.folded, 200):.3f})")
-            x = fusion.run_block(step, x)
+                  f"  (staleness check and fold lookup {lookups:.3f})")
+            x = run_step(step, x)
         else:
             print(f"  {type(step).__name__:42s} {cpu_ms(functools.partial(step, x), 200):7.3f}")
             x = step(x)

@@ -785,3 +785,60 @@ def test_pools_the_fused_kernel_does_not_take_run_as_themselves(rng):
     x = rng.standard_normal((2, 5, 1, 6)).astype(np.float32)   # a 1-row output
     with pytest.raises(ValueError):
         model(x)
+
+
+#: Two pooled conv blocks in a row: (input shape, channels of the two convs, kernel,
+#: padding, stride of the second, pool, activation). LeNet's, odd sizes, channel counts
+#: off the vectors (the direct kernels with AVX-512), a strided second conv (the GEMM,
+#: through the whole intermediate).
+CHAIN_CASES = [
+    ((5, 1, 28, 28), (16, 32), 3, 1, 1, nn.MaxPool2d, nn.ReLU),
+    ((2, 3, 19, 23), (20, 17), 3, 1, 1, nn.AvgPool2d, nn.Tanh),
+    ((3, 2, 13, 12), (6, 9), 3, (1, 0), 1, nn.MaxPool2d, nn.ReLU),
+    ((2, 4, 22, 21), (5, 6), 3, 1, 2, nn.MaxPool2d, nn.ReLU),
+]
+
+
+def _chain_model(case, rng):
+    shape, (width1, width2), kernel, padding, stride, pool, activation = case
+    conv1 = nn.Conv2d(shape[1], width1, kernel, padding=padding, random_state=3)
+    conv2 = nn.Conv2d(width1, width2, kernel, stride=stride, padding=padding, random_state=4)
+    norm1, norm2 = nn.BatchNorm2d(width1), nn.BatchNorm2d(width2)
+    _randomise_norm(norm1, rng)
+    _randomise_norm(norm2, rng)
+    return nn.Sequential(conv1, norm1, activation(), pool(2),
+                         conv2, norm2, activation(), pool(2)).eval()
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES)
+def test_two_pooled_conv_blocks_chain_with_the_bits_of_each_block(
+        case, rng, assert_close, restore_threads_and_simd):
+    model = _chain_model(case, rng)
+    steps = fusion.fusion_plan(list(model.children()), model.__dict__.setdefault(
+        "_fusion_blocks", {}))
+    chained = fusion.chain_blocks(steps)
+    assert len(steps) == 2 and len(chained) == 1
+    assert isinstance(chained[0], fusion.FusedChain)
+    x = rng.standard_normal(case[0]).astype(np.float32)
+    for level in _core.simd_levels():
+        _core.set_simd(level)
+        for threads in (1, 2):
+            _core.set_num_threads(threads)
+            expected = fusion.run_block(steps[1], fusion.run_block(steps[0], x))
+            np.testing.assert_array_equal(model(x), expected,
+                                          err_msg=f"{case} {level} {threads}")
+    fused, unfused = _outputs(model, x)
+    assert_close(fused, unfused, terms=9 * case[1][0] * 4)
+
+
+def test_a_chain_whose_blocks_do_not_take_the_input_runs_them_as_blocks(rng):
+    model = _chain_model(CHAIN_CASES[0], rng)
+    with pytest.raises(ValueError):   # the first conv's channels
+        model(rng.standard_normal((2, 3, 28, 28)).astype(np.float32))
+    with pytest.raises(ValueError):   # the second pool's input: a 1x1 conv output
+        model(rng.standard_normal((2, 1, 3, 3)).astype(np.float32))
+    # A second block the fused pool does not take (an output under 2x2 in one axis
+    # leaves a 1-row pool, refused as unfused): the same error as unfused.
+    model.fuse = False
+    with pytest.raises(ValueError):
+        model(rng.standard_normal((2, 1, 3, 3)).astype(np.float32))

@@ -39,6 +39,7 @@ __all__ = [
     "bn_block_forward",
     "conv2d_backward",
     "conv2d_forward",
+    "conv2d_pooled_chain",
     "cached_memory",
     "check_fits_in_memory",
     "conv2d_output_shape",
@@ -77,6 +78,15 @@ def conv2d_forward(
     negative_slope: float = 0.0,
     pool: Optional[str] = None,
     groups: int = 1,
+) -> _F32: ...
+def conv2d_pooled_chain(
+    input: _F32,
+    first: Tuple[
+        _F32, Optional[_F32], _Pair, _Pair, _Pair, Optional[str], float, str, int
+    ],
+    second: Tuple[
+        _F32, Optional[_F32], _Pair, _Pair, _Pair, Optional[str], float, str, int
+    ],
 ) -> _F32: ...
 def conv2d_backward(
     grad_output: _F32,

@@ -253,6 +253,23 @@ def _conv2d_fused(input, weight, bias, stride, padding, dilation, activation=Non
         _real(negative_slope, "negative_slope"), pool, _groups(groups))
 
 
+def _conv2d_pooled_chain(input, first: tuple, second: tuple) -> np.ndarray:
+    """Two :func:`_conv2d_fused` calls with a pool, ``second`` on ``first``'s output, in
+    one kernel call that takes each image through both blocks while the first's output
+    is in cache: the bits of the two calls. Each block is a tuple (weight, bias, stride,
+    padding, dilation, activation, negative_slope, pool, groups), as
+    :func:`_conv2d_fused` takes them, ``pool`` "max" or "avg"."""
+    def block(weight, bias, stride, padding, dilation, activation, negative_slope, pool,
+              groups):
+        return (as_float32(weight, "weight"), _optional_float32(bias, "bias"),
+                _pair(stride, "stride"), _pair(padding, "padding"),
+                _pair(dilation, "dilation"), activation,
+                _real(negative_slope, "negative_slope"), pool, _groups(groups))
+
+    return _core.conv2d_pooled_chain(as_float32(input, "input"), block(*first),
+                                     block(*second))
+
+
 def conv2d_backward(grad_output, input, weight, stride: IntPair = 1, padding: IntPair = 0,
                     dilation: IntPair = 1, bias: bool = True, input_grad: bool = True,
                     groups: int = 1):

@@ -7,7 +7,10 @@ folds into the preceding convolution's (or linear layer's) weights and bias:
 follows runs inside the convolution or linear kernel on each output tile while it is in
 cache (the kernels' epilogue). A 2×2, stride-2, unpadded MaxPool2d/AvgPool2d after that
 runs in the same kernel call, on each image's output while it is in cache (the pool's own
-plane functions, so its bits). Dropout is the identity in evaluation and runs as itself.
+plane functions, so its bits). Two such pooled convolution blocks in a row run as one
+:class:`FusedChain`: one kernel call that takes each image through both, so the first
+block's output never exists for the whole batch (same bits). Dropout is the identity in
+evaluation and runs as itself.
 
 The folded weights are exact in real numbers but not in float32: the fused output differs
 from the unfused one by rounding (one product and one sum per weight, folded before the
@@ -350,19 +353,25 @@ def _conv_output_size(layer: Conv2d, size) -> tuple[int, int]:
         size, layer.padding, layer.dilation, layer.kernel_size, layer.stride))
 
 
-def run_block(block: FusedBlock, x: np.ndarray) -> np.ndarray:
-    """Run ``block`` on ``x``, fused when its input suits the fused kernels (a Linear with
-    a batch norm needs 2-D input, where the features are the batch norm's channels), else
-    as its modules one after the other."""
-    x = F.as_float32(x, "input")
+def _fits(block: FusedBlock, shape: tuple) -> bool:
+    """Whether an input of ``shape`` suits ``block``'s fused kernel (a Linear with a batch
+    norm needs 2-D input, where the features are the batch norm's channels)."""
     layer = block.layer
-    fits = (x.ndim == 4 and x.shape[1] == layer.in_channels if isinstance(layer, Conv2d)
-            else x.ndim >= 1 and x.shape[-1] == layer.in_features
-            and (block.norm is None or x.ndim == 2))
+    fits = (len(shape) == 4 and shape[1] == layer.in_channels if isinstance(layer, Conv2d)
+            else len(shape) >= 1 and shape[-1] == layer.in_features
+            and (block.norm is None or len(shape) == 2))
     if fits and block.pool is not None:
         # A conv output under 2×2 leaves the pool to raise its usual error.
-        fits = min(_conv_output_size(layer, x.shape[2:])) >= 2
-    if not fits:
+        fits = min(_conv_output_size(layer, shape[2:])) >= 2
+    return fits
+
+
+def run_block(block: FusedBlock, x: np.ndarray) -> np.ndarray:
+    """Run ``block`` on ``x``, fused when its input suits the fused kernels, else as its
+    modules one after the other."""
+    x = F.as_float32(x, "input")
+    layer = block.layer
+    if not _fits(block, x.shape):
         # The unfused modules give the usual errors for a wrong input.
         for module in block.modules:
             x = module(x)
@@ -373,3 +382,60 @@ def run_block(block: FusedBlock, x: np.ndarray) -> np.ndarray:
         rows = block(x.reshape(-1, layer.in_features))
         return rows.reshape(x.shape[:-1] + (layer.out_features,))
     return block(x)
+
+
+class FusedChain:
+    """Two pooled convolution blocks in a row (evaluation), run by one kernel call that
+    takes each image through both while the first block's output is in cache, so that
+    output is never written for the whole batch: the bits of the two blocks one after
+    the other (:func:`run_chain`)."""
+
+    def __init__(self, first: FusedBlock, second: FusedBlock):
+        self.first, self.second = first, second
+        self.modules = first.modules + second.modules
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return run_chain(self, x)
+
+
+def _pooled_conv(step) -> bool:
+    return (isinstance(step, FusedBlock) and type(step.layer) is Conv2d
+            and step.pool is not None)
+
+
+def chain_blocks(steps: list) -> list:
+    """``steps`` (of :func:`fusion_plan` in evaluation) with each two pooled convolution
+    blocks in a row as one :class:`FusedChain`."""
+    chained, i = [], 0
+    while i < len(steps):
+        if i + 1 < len(steps) and _pooled_conv(steps[i]) and _pooled_conv(steps[i + 1]):
+            chained.append(FusedChain(steps[i], steps[i + 1]))
+            i += 2
+        else:
+            chained.append(steps[i])
+            i += 1
+    return chained
+
+
+def _chain_arguments(block: FusedBlock) -> tuple:
+    weight, bias = block.folded()
+    name, slope = block.activation if block.activation is not None else (None, 0.0)
+    layer = block.layer
+    return (weight, bias, layer.stride, layer.padding, layer.dilation, name, slope,
+            block.pool, layer.groups)
+
+
+def run_chain(chain: FusedChain, x: np.ndarray) -> np.ndarray:
+    """Run ``chain`` on ``x`` in one kernel call when both blocks' inputs suit the fused
+    kernels, else block by block (:func:`run_block`)."""
+    x = F.as_float32(x, "input")
+    first, second = chain.first, chain.second
+    if _fits(first, x.shape):
+        size = _conv_output_size(first.layer, x.shape[2:])
+        between = (x.shape[0], first.layer.out_channels, size[0] // 2, size[1] // 2)
+        if _fits(second, between):
+            for module in chain.modules:
+                module._ctx = None   # a backward must not find an older forward's state
+            return F._conv2d_pooled_chain(x, _chain_arguments(first),
+                                          _chain_arguments(second))
+    return run_block(second, run_block(first, x))

@@ -491,10 +491,16 @@ class Sequential(Module):
         if not hasattr(self, "_fusion_blocks"):
             self._fusion_blocks = {}
         steps = fusion.fusion_plan(modules, self._fusion_blocks, training=self.training)
+        if not self.training:
+            steps = fusion.chain_blocks(steps)
         output, fused_modules, index = input, [], 0
         for step in steps:
             if isinstance(step, fusion.FusedBlock):
                 output = fusion.run_block(step, output)
+                fused_modules += step.modules
+                index += len(step.modules)
+            elif isinstance(step, fusion.FusedChain):
+                output = fusion.run_chain(step, output)
                 fused_modules += step.modules
                 index += len(step.modules)
             elif isinstance(step, fusion.TrainBlock):

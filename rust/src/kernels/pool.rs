@@ -132,7 +132,7 @@ impl Pool2dParams {
 /// Whether candidate `v` replaces the running maximum `best`: it is larger, or NaN,
 /// unless the maximum is already NaN (the first NaN wins, as the general loop keeps it).
 #[inline(always)]
-fn replaces(v: f32, best: f32) -> bool {
+pub(crate) fn replaces(v: f32, best: f32) -> bool {
     (v > best || v.is_nan()) & !best.is_nan()
 }
 

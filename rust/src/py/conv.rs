@@ -39,24 +39,8 @@ fn conv2d_forward<'py>(
         dilation,
         groups,
     )?;
-    let pool = match pool {
-        None => None,
-        Some("max") => Some(Pool2x2::Max),
-        Some("avg") => Some(Pool2x2::Avg),
-        Some(other) => {
-            return Err(Error::Invalid {
-                arg: "pool",
-                got: format!("{other:?}"),
-                expected: "None, \"max\" or \"avg\"".into(),
-            }
-            .into())
-        }
-    };
-    let epilogue = Epilogue {
-        activation: activation
-            .map(|name| Activation::from_name(name, negative_slope))
-            .transpose()?,
-    };
+    let pool = pool.map(parse_pool).transpose()?;
+    let epilogue = parse_epilogue(activation, negative_slope)?;
     if let Some(b) = &bias {
         check_shape(b, "bias", &[p.out_channels])?;
     }
@@ -73,6 +57,95 @@ fn conv2d_forward<'py>(
         None => conv::forward_fused(&p, x, w, b, epilogue, out_data),
     })?;
     Ok(out.into_array())
+}
+
+fn parse_pool(name: &str) -> PyResult<Pool2x2> {
+    match name {
+        "max" => Ok(Pool2x2::Max),
+        "avg" => Ok(Pool2x2::Avg),
+        other => Err(Error::Invalid {
+            arg: "pool",
+            got: format!("{other:?}"),
+            expected: "None, \"max\" or \"avg\"".into(),
+        }
+        .into()),
+    }
+}
+
+fn parse_epilogue(activation: Option<&str>, negative_slope: f32) -> PyResult<Epilogue> {
+    Ok(Epilogue {
+        activation: activation
+            .map(|name| Activation::from_name(name, negative_slope))
+            .transpose()?,
+    })
+}
+
+/// One block of [`conv2d_pooled_chain`]: (weight, bias, stride, padding, dilation,
+/// activation, negative_slope, pool, groups), as [`conv2d_forward`] takes them.
+type ChainBlock<'py> = (
+    PyReadonlyArrayDyn<'py, f32>,
+    Option<PyReadonlyArrayDyn<'py, f32>>,
+    Pair,
+    Pair,
+    Pair,
+    Option<String>,
+    f32,
+    String,
+    i64,
+);
+
+/// Two fused conv→activation→2×2 pool blocks, `second` on `first`'s output, in one call:
+/// the bits of two `conv2d_forward` calls with `pool`, each image through both blocks
+/// while the first's output is in cache. Each block is a [`ChainBlock`] tuple.
+#[pyfunction]
+fn conv2d_pooled_chain<'py>(
+    py: Python<'py>,
+    input: PyReadonlyArrayDyn<'py, f32>,
+    first: ChainBlock<'py>,
+    second: ChainBlock<'py>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let p1 = chain_params(input.shape(), &first)?;
+    let (ph, pw) = Pool2x2::output_size(&p1);
+    let p2 = chain_params(&[p1.batch, p1.out_channels, ph, pw], &second)?;
+    let one = chain_block(p1, &first)?;
+    let two = chain_block(p2, &second)?;
+    let x = slice(&input, "input")?;
+    let mut out = Output::new(py, "output", &two.output_shape())?;
+    let out_data = out.data();
+    let work = p1.multiply_adds().saturating_add(p2.multiply_adds());
+    run_kernel(py, work, || {
+        conv::forward_fused_pooled_chain(&one, &two, x, out_data)
+    })?;
+    Ok(out.into_array())
+}
+
+fn chain_params(input_shape: &[usize], block: &ChainBlock<'_>) -> PyResult<Conv2dParams> {
+    let (weight, _, stride, padding, dilation, _, _, _, groups) = block;
+    Ok(Conv2dParams::grouped(
+        input_shape,
+        weight.shape(),
+        *stride,
+        *padding,
+        *dilation,
+        *groups,
+    )?)
+}
+
+fn chain_block<'a>(
+    params: Conv2dParams,
+    block: &'a ChainBlock<'_>,
+) -> PyResult<conv::PooledConv<'a>> {
+    let (weight, bias, _, _, _, activation, negative_slope, pool, _) = block;
+    if let Some(b) = bias {
+        check_shape(b, "bias", &[params.out_channels])?;
+    }
+    Ok(conv::PooledConv {
+        params,
+        weight: slice(weight, "weight")?,
+        bias: bias.as_ref().map(|b| slice(b, "bias")).transpose()?,
+        epilogue: parse_epilogue(activation.as_deref(), *negative_slope)?,
+        pool: parse_pool(pool)?,
+    })
 }
 
 /// conv2d backward: (grad_input or None, grad_weight, grad_bias or None).
@@ -143,6 +216,7 @@ fn check_grad_output_channels(
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(conv2d_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(conv2d_pooled_chain, m)?)?;
     m.add_function(wrap_pyfunction!(conv2d_backward, m)?)?;
     Ok(())
 }

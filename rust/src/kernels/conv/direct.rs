@@ -55,7 +55,7 @@ const FLAT_OUTPUT: &str = "conv2d (direct): the flat output of an image";
 /// Per-image scratch (frame and flat output) up to which the direct kernels run: a
 /// larger image goes to the tiled GEMM, whose scratch is bounded and which checks for
 /// Ctrl-C within an image.
-const IMAGE_SCRATCH_BYTES: usize = 16 << 20;
+pub(super) const IMAGE_SCRATCH_BYTES: usize = 16 << 20;
 
 /// Whether the direct kernels handle `p`: stride 1 (the flat frame needs one offset per
 /// tap for every pixel), and an image's scratch within [`IMAGE_SCRATCH_BYTES`].
@@ -124,7 +124,12 @@ impl Geometry {
 
 /// Copy `image`'s interior into `frame` (resized to `len`; borders zero). The borders are
 /// never written, so a frame reused for the next image of the same shape keeps them.
-fn fill_frame(p: &Conv2dParams, image: &[f32], frame: &mut Vec<f32>, len: usize) -> Result<()> {
+pub(super) fn fill_frame(
+    p: &Conv2dParams,
+    image: &[f32],
+    frame: &mut Vec<f32>,
+    len: usize,
+) -> Result<()> {
     if frame.len() != len {
         frame.clear();
         resize_scratch(frame, len, FRAME)?;

@@ -1,0 +1,405 @@
+//! Direct convolution of stride 1 with the output channels across the vector lanes, for
+//! the evaluation forward with a fused 2×2 pool ([`super::forward_fused_pooled`]).
+//!
+//! [`super::direct`] puts sixteen consecutive flat pixels in a vector, so it also computes
+//! the padding columns between output rows (224 positions for the 196 pixels of a 14×14
+//! image under 3×3, padding 1). Here a vector holds sixteen output channels of one pixel:
+//! per (input channel, tap), a tile of P pixels × V vectors of channels takes V loads of
+//! weights and P broadcast inputs for P·V multiply-adds, and only the output pixels are
+//! computed (the layout of ONNX Runtime's NCHWc kernels and oneDNN's blocked ones, here
+//! for the output only). The output is channel-last, `[pixel][channel]`, so the pool's
+//! four window values of sixteen channels are four plain vectors, without the
+//! deinterleaving of pixel pairs; it writes the pooled planes back in NCHW.
+//!
+//! Each pixel's sum runs from the same start (0, or the bias for
+//! [`super::direct::Kernel::small_k`]) over (input channel, tap) in the same order, fused
+//! multiply-adds of the same products, as [`super::direct`]'s forward: the same bits. The
+//! pool then applies the same bias add, activation and selects or sums as
+//! `pool::pool_2x2_mapped`, so the fused call gives the bits of the other paths.
+
+use super::direct::{self, Kernel};
+use super::{Conv2dParams, Pool2x2};
+use crate::error::Result;
+use crate::kernels::activation::Activation;
+use crate::kernels::pool::replaces;
+use crate::memory::resize_scratch;
+use crate::simd::Level;
+use crate::simd_dispatch;
+
+/// Channels of one vector.
+const LANES: usize = 16;
+
+/// Pixels of the widest tile: a LeNet row (14). With two vectors of channels that is 28
+/// accumulators of the 32 AVX-512 registers.
+const PIXELS: usize = 14;
+
+/// Pixels of the tile that finishes a row narrower than, or not a multiple of, [`PIXELS`].
+const REST_PIXELS: usize = 4;
+
+const CHANNEL_OUTPUT: &str = "conv2d (direct, channels in lanes): one image's output";
+
+/// Whether the kernel of `kernel` (the plan's direct forward at `level`) may run here
+/// instead: with AVX-512 only (32 registers for the tile), with fused multiply-adds (the
+/// bits of the direct kernel), from at least one vector of output channels, and not for
+/// a first layer ([`Kernel::small_k`]): on LeNet's 1000×1×28×28→16 with the fused pool,
+/// one input channel leaves a broadcast per multiply-add, and the pixel kernel was 1.4x
+/// faster (CPU time, builds alternating, AMD EPYC with AVX-512, loaded).
+///
+/// The channel-last output (channels rounded up to 16 where the pixel kernel rounds
+/// them to 8: up to 1.33x its size) stays within the direct kernels' per-image scratch
+/// bound ([`direct::handles`]): a larger image keeps the pixel kernel.
+pub(super) fn handles(p: &Conv2dParams, kernel: Kernel, level: Level) -> bool {
+    let output_bytes = p
+        .pixels()
+        .saturating_mul(p.out_channels.next_multiple_of(LANES))
+        .saturating_mul(std::mem::size_of::<f32>());
+    level == Level::Avx512
+        && kernel.fused
+        && !kernel.from_bias
+        && p.out_channels >= LANES
+        && output_bytes <= direct::IMAGE_SCRATCH_BYTES
+}
+
+/// Runs `$body` with `$i` = 0, 1, ... up to (not including) the constant `$n` (at most
+/// 16) as straight-line code, as `direct`'s: left as loops, LLVM vectorises across the
+/// tile instead of the lanes.
+macro_rules! unroll {
+    ($i:ident < $n:expr => $body:block) => {
+        unroll!(@ $i, $n, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+    };
+    (@ $i:ident, $n:expr, $body:block, $($k:literal)*) => {
+        $( if $k < $n { let $i: usize = $k; $body } )*
+    };
+}
+
+/// The packed weights, starts and geometry of one call.
+pub(super) struct ChannelPlan {
+    /// Padded width (the frame's row stride) and one padded plane.
+    wp: usize,
+    plane: usize,
+    taps: Vec<usize>,
+    /// `[vector][input channel][tap][lane]`, zero beyond C_out.
+    weights: Vec<f32>,
+    /// Where each channel's sums start (its bias with [`Kernel::from_bias`], else 0),
+    /// zero beyond C_out.
+    initial: Vec<f32>,
+    /// C_out rounded up to whole vectors: the row length of the channel-last output.
+    channels: usize,
+    /// What the pool adds to each channel's sums before the activation, the unfused bias
+    /// add (also of 0.0, which turns -0 into +0), unless the sums started from the bias;
+    /// zero beyond C_out.
+    add: Option<Vec<f32>>,
+}
+
+/// Per-thread scratch: the zero-padded frame and the channel-last output of one image.
+#[derive(Default)]
+pub(super) struct ChannelScratch {
+    frame: Vec<f32>,
+    output: Vec<f32>,
+    /// The pooled output, channel-last, before its transposition to NCHW.
+    pooled: Vec<f32>,
+}
+
+impl ChannelPlan {
+    pub(super) fn new(
+        p: &Conv2dParams,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        kernel: Kernel,
+    ) -> Self {
+        let (hp, wp) = p.padded_size();
+        let taps: Vec<usize> = (0..p.kernel_h)
+            .flat_map(|ki| {
+                (0..p.kernel_w).map(move |kj| ki * p.dilation.0 * wp + kj * p.dilation.1)
+            })
+            .collect();
+        let channels = p.out_channels.next_multiple_of(LANES);
+        let per_vector = p.in_channels * taps.len() * LANES;
+        let mut weights = vec![0.0f32; channels / LANES * per_vector];
+        for co in 0..p.out_channels {
+            let (vector, lane) = (co / LANES, co % LANES);
+            for c in 0..p.in_channels {
+                for t in 0..taps.len() {
+                    weights[vector * per_vector + (c * taps.len() + t) * LANES + lane] =
+                        weight[(co * p.in_channels + c) * taps.len() + t];
+                }
+            }
+        }
+        let mut initial = vec![0.0f32; channels];
+        let mut add = vec![0.0f32; channels];
+        if let Some(b) = bias {
+            let start = if kernel.from_bias {
+                &mut initial
+            } else {
+                &mut add
+            };
+            start[..p.out_channels].copy_from_slice(&b[..p.out_channels]);
+        }
+        ChannelPlan {
+            wp,
+            plane: hp * wp,
+            taps,
+            weights,
+            initial,
+            channels,
+            add: (!kernel.from_bias).then_some(add),
+        }
+    }
+
+    /// One image convolved, then bias-added (the bias the plan was made with, unless the
+    /// sums started from it), activated and pooled into `out_image` (C_out planes of
+    /// H_out/2 × W_out/2, NCHW).
+    pub(super) fn image_pooled(
+        &self,
+        p: &Conv2dParams,
+        image: &[f32],
+        activation: Option<Activation>,
+        pool: Pool2x2,
+        scratch: &mut ChannelScratch,
+        out_image: &mut [f32],
+    ) -> Result<()> {
+        direct::fill_frame(p, image, &mut scratch.frame, p.in_channels * self.plane)?;
+        let output_len = p.pixels() * self.channels;
+        if scratch.output.len() != output_len {
+            scratch.output.clear();
+            resize_scratch(&mut scratch.output, output_len, CHANNEL_OUTPUT)?;
+        }
+        channels_forward(self, p, &scratch.frame, &mut scratch.output);
+        let (ph, pw) = Pool2x2::output_size(p);
+        if scratch.pooled.len() != ph * pw * self.channels {
+            scratch.pooled.clear();
+            resize_scratch(&mut scratch.pooled, ph * pw * self.channels, CHANNEL_OUTPUT)?;
+        }
+        pool_channels_last(
+            &scratch.output,
+            p,
+            self.channels,
+            self.add.as_deref(),
+            activation,
+            pool,
+            &mut scratch.pooled,
+        );
+        // Plane by plane, each written in order: scattering each pooled vector's lanes
+        // to sixteen planes cost more than the pool (a store and a bounds check a lane).
+        let planes = out_image[..p.out_channels * ph * pw].chunks_exact_mut(ph * pw);
+        for (c, plane) in planes.enumerate() {
+            for (o, pixel) in plane
+                .iter_mut()
+                .zip(scratch.pooled.chunks_exact(self.channels))
+            {
+                *o = pixel[c];
+            }
+        }
+        Ok(())
+    }
+}
+
+simd_dispatch! {
+    /// The channel-last output (`[pixel][channels]`) of one frame.
+    fn channels_forward(plan: &ChannelPlan, p: &Conv2dParams, frame: &[f32], output: &mut [f32]) {
+        let vectors = plan.channels / LANES;
+        let mut first = 0;
+        while first < vectors {
+            if vectors - first >= 2 {
+                image_rows::<2>(plan, p, first, frame, output);
+                first += 2;
+            } else {
+                image_rows::<1>(plan, p, first, frame, output);
+                first += 1;
+            }
+        }
+    }
+}
+
+/// Every output row for the `V` vectors of channels from vector `first`: tiles of
+/// [`PIXELS`] pixels, then of [`REST_PIXELS`], then single pixels.
+#[inline(always)]
+fn image_rows<const V: usize>(
+    plan: &ChannelPlan,
+    p: &Conv2dParams,
+    first: usize,
+    frame: &[f32],
+    output: &mut [f32],
+) {
+    let per_vector = p.in_channels * plan.taps.len() * LANES;
+    let weights = &plan.weights[first * per_vector..][..V * per_vector];
+    let initial = &plan.initial[first * LANES..][..V * LANES];
+    let tile = Tile {
+        weights,
+        initial,
+        frame,
+        taps: &plan.taps,
+        in_channels: p.in_channels,
+        plane: plan.plane,
+        per_vector,
+        channels: plan.channels,
+        first,
+    };
+    for oh in 0..p.out_h {
+        let mut ow = 0;
+        while ow + PIXELS <= p.out_w {
+            tile.run::<V, PIXELS>(oh * plan.wp + ow, oh * p.out_w + ow, output);
+            ow += PIXELS;
+        }
+        while ow + REST_PIXELS <= p.out_w {
+            tile.run::<V, REST_PIXELS>(oh * plan.wp + ow, oh * p.out_w + ow, output);
+            ow += REST_PIXELS;
+        }
+        while ow < p.out_w {
+            tile.run::<V, 1>(oh * plan.wp + ow, oh * p.out_w + ow, output);
+            ow += 1;
+        }
+    }
+}
+
+/// What every tile of one run of [`image_rows`] reads.
+struct Tile<'a> {
+    /// The `V` vectors' weights, `[vector][input channel][tap][lane]`.
+    weights: &'a [f32],
+    initial: &'a [f32],
+    frame: &'a [f32],
+    taps: &'a [usize],
+    in_channels: usize,
+    plane: usize,
+    per_vector: usize,
+    channels: usize,
+    first: usize,
+}
+
+impl Tile<'_> {
+    /// `P` consecutive pixels of one row, the first at flat frame position `at` and
+    /// output pixel `pixel`, for `V` vectors of channels.
+    #[inline(always)]
+    fn run<const V: usize, const P: usize>(&self, at: usize, pixel: usize, output: &mut [f32]) {
+        let taps = self.taps;
+        let reach = taps.last().copied().unwrap_or(0);
+        let mut acc = [[[0.0f32; LANES]; V]; P];
+        let mut start = [[0.0f32; LANES]; V];
+        unroll!(v < V => {
+            start[v] = self.initial[v * LANES..(v + 1) * LANES].try_into().expect("a vector");
+        });
+        unroll!(j < P => {
+            acc[j] = start;
+        });
+        for c in 0..self.in_channels {
+            let window = &self.frame[c * self.plane + at..][..reach + P];
+            let channel_weights = c * taps.len() * LANES;
+            for (t, &tap) in taps.iter().enumerate() {
+                // An opaque tap keeps the vectoriser off this loop (see unroll!).
+                let x = &window[std::hint::black_box(tap)..][..P];
+                let mut w = [[0.0f32; LANES]; V];
+                unroll!(v < V => {
+                    let from = v * self.per_vector + channel_weights + t * LANES;
+                    w[v] = self.weights[from..from + LANES].try_into().expect("a vector");
+                });
+                unroll!(j < P => {
+                    let xj = x[j];
+                    unroll!(v < V => {
+                        for (a, &wl) in acc[j][v].iter_mut().zip(&w[v]) {
+                            *a = wl.mul_add(xj, *a);
+                        }
+                    });
+                });
+            }
+        }
+        unroll!(j < P => {
+            unroll!(v < V => {
+                let at = (pixel + j) * self.channels + (self.first + v) * LANES;
+                let dst: &mut [f32; LANES] =
+                    (&mut output[at..at + LANES]).try_into().expect("a vector");
+                *dst = acc[j][v];
+            });
+        });
+    }
+}
+
+simd_dispatch! {
+    /// `pool` of `activation(v + add)` (or of `activation(v)`) over the channel-last
+    /// output, into `pooled` (channel-last too): the selects and sums of
+    /// `pool::pool_2x2_mapped` on the values of its map, so its bits.
+    fn pool_channels_last(output: &[f32], p: &Conv2dParams, channels: usize,
+                          add: Option<&[f32]>, activation: Option<Activation>, pool: Pool2x2,
+                          pooled: &mut [f32]) {
+        let shape = Pooled { out_w: p.out_w, channels, size: Pool2x2::output_size(p) };
+        macro_rules! pooled {
+            ($map:expr) => {
+                match pool {
+                    Pool2x2::Max => pool_vectors::<true>(output, &shape, pooled, $map),
+                    Pool2x2::Avg => pool_vectors::<false>(output, &shape, pooled, $map),
+                }
+            };
+        }
+        // ReLU and the bias apart from the other activations, so that their loops
+        // vectorise (as `finish_pooled_plane`). Without an add, `output` stands in for
+        // the add values (read, not used).
+        let relu = Activation::Relu;
+        let unused = &output[..channels];
+        match (add, activation) {
+            (None, None) => pooled!((unused, |v, _| v)),
+            (Some(add), None) => pooled!((add, |v, b| v + b)),
+            (None, Some(Activation::Relu)) => pooled!((unused, move |v, _| relu.value(v))),
+            (Some(add), Some(Activation::Relu)) => pooled!((add, move |v, b| relu.value(v + b))),
+            (None, Some(act)) => pooled!((unused, move |v, _| act.value(v))),
+            (Some(add), Some(act)) => pooled!((add, move |v, b| act.value(v + b))),
+        }
+    }
+}
+
+/// The shapes [`pool_vectors`] reads and writes.
+struct Pooled {
+    out_w: usize,
+    channels: usize,
+    size: (usize, usize),
+}
+
+/// Each 2×2 window of `map(v, add[channel])`, sixteen channels a step, into `pooled`
+/// (`[pooled pixel][channels]`).
+#[inline(always)]
+fn pool_vectors<const MAX: bool>(
+    output: &[f32],
+    shape: &Pooled,
+    pooled: &mut [f32],
+    (add, map): (&[f32], impl Fn(f32, f32) -> f32),
+) {
+    let (ph, pw) = shape.size;
+    let row = shape.out_w * shape.channels;
+    let mut pooled_pixels = pooled.chunks_exact_mut(shape.channels);
+    for i in 0..ph {
+        for k in 0..pw {
+            let pooled_pixel = pooled_pixels.next().expect("a pooled pixel");
+            let top_left = (2 * i * shape.out_w + 2 * k) * shape.channels;
+            for first in (0..shape.channels).step_by(LANES) {
+                let vector = |at: usize| -> &[f32; LANES] {
+                    output[at + first..at + first + LANES]
+                        .try_into()
+                        .expect("a vector")
+                };
+                let (t0, t1) = (vector(top_left), vector(top_left + shape.channels));
+                let (b0, b1) = (
+                    vector(top_left + row),
+                    vector(top_left + row + shape.channels),
+                );
+                let add: &[f32; LANES] = add[first..first + LANES].try_into().expect("a vector");
+                let pooled: &mut [f32; LANES] = (&mut pooled_pixel[first..first + LANES])
+                    .try_into()
+                    .expect("a vector");
+                for l in 0..LANES {
+                    let (t0, t1) = (map(t0[l], add[l]), map(t1[l], add[l]));
+                    let (b0, b1) = (map(b0[l], add[l]), map(b1[l], add[l]));
+                    pooled[l] = if MAX {
+                        // The row winners, then the winner of the two: as pool_2x2_mapped.
+                        let top = if replaces(t1, t0) { t1 } else { t0 };
+                        let bottom = if replaces(b1, b0) { b1 } else { b0 };
+                        if replaces(bottom, top) {
+                            bottom
+                        } else {
+                            top
+                        }
+                    } else {
+                        (0.0 + t0 + t1 + b0 + b1) / 4.0
+                    };
+                }
+            }
+        }
+    }
+}
