@@ -1,5 +1,6 @@
 //! Direct convolution of stride 1 with the output channels across the vector lanes, for
-//! the evaluation forward with a fused 2×2 pool ([`super::forward_fused_pooled`]).
+//! the evaluation forward with a fused 2×2 pool ([`super::forward_fused_pooled`]) and,
+//! from two vectors of output channels, the plain forward ([`ChannelPlan::image`]).
 //!
 //! [`super::direct`] puts sixteen consecutive flat pixels in a vector, so it also computes
 //! the padding columns between output rows (224 positions for the 196 pixels of a 14×14
