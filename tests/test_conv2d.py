@@ -192,3 +192,44 @@ def test_random_geometries_match_reference(assert_close, geometry_case):
                                       ref.conv2d_backward(gy, x, w, **geometry),
                                       [terms_x, terms_w, terms_w]):
         assert_close(got, want, terms=terms, name=name)
+
+
+#: Stride-1 convolutions of at least 32 output channels, which AVX-512 runs with the
+#: output channels across the lanes (AVX2 with pixels across them): LeNet's middle conv,
+#: a partial vector of channels, rows of 14-, 4- and 1-pixel tiles, a rectangular dilated
+#: kernel, 16 pixels (one whole block of the transposition). Each: input shape, weight
+#: shape, padding, dilation, bias.
+CHANNELS_IN_LANES_CASES = [
+    ((3, 16, 14, 14), (32, 16, 3, 3), 1, 1, True),
+    ((2, 4, 6, 31), (33, 4, 3, 2), (0, 1), (1, 2), False),
+    ((1, 5, 9, 4), (48, 5, 5, 3), 2, (2, 1), True),
+    ((2, 3, 4, 4), (40, 3, 3, 3), 1, 1, True),
+]
+
+
+@pytest.mark.parametrize("case", CHANNELS_IN_LANES_CASES)
+def test_forward_same_bits_at_each_fma_level_and_thread_count(rng, assert_close, case):
+    from bnrs import _core
+
+    input_shape, weight_shape, padding, dilation, has_bias = case
+    x = rng.standard_normal(input_shape).astype(np.float32)
+    w = rng.standard_normal(weight_shape).astype(np.float32)
+    b = rng.standard_normal(weight_shape[0]).astype(np.float32) if has_bias else None
+    geometry = {"padding": padding, "dilation": dilation}
+    expected = ref.conv2d(x, w, b, **geometry)
+    threads, level = _core.get_num_threads(), _core.simd_backend()
+    fused_bits = None
+    try:
+        for simd in _core.simd_levels():
+            _core.set_simd(simd)
+            for n_threads in (1, 2):
+                _core.set_num_threads(n_threads)
+                y = F.conv2d(x, w, b, **geometry)
+                assert_close(y, expected, terms=_terms(x, w, y)[0], name=f"{simd}")
+                if simd != "scalar":   # with FMA every level sums in the same order
+                    if fused_bits is None:
+                        fused_bits = y
+                    np.testing.assert_array_equal(y, fused_bits, err_msg=f"{simd} {n_threads}")
+    finally:
+        _core.set_num_threads(threads)
+        _core.set_simd(level)

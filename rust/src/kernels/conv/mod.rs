@@ -603,8 +603,40 @@ fn forward_direct(
     kernel: direct::Kernel,
     epilogue: Epilogue,
 ) -> Result<()> {
+    if channels::handles_planes(p, kernel, crate::simd::level()) {
+        let plan = channels::ChannelPlan::new(p, weight, bias, kernel);
+        return channel_images(p, &plan, input, output, epilogue);
+    }
     let direct = direct::ForwardPlan::new(p, weight, bias, kernel);
     direct_images(p, &direct, input, bias, output, epilogue)
+}
+
+/// [`Forward::Direct`] by the channels-in-lanes kernel: only the output pixels computed
+/// (not the padding columns of the flat output), the same sums in the same order.
+fn channel_images(
+    p: &Conv2dParams,
+    plan: &channels::ChannelPlan,
+    input: &[f32],
+    output: &mut [f32],
+    epilogue: Epilogue,
+) -> Result<()> {
+    let stop = stop_token();
+    output
+        .par_chunks_mut(p.out_channels * p.pixels())
+        .zip(input.par_chunks(p.image_len()))
+        .try_for_each_init(
+            channels::ChannelScratch::default,
+            |scratch, (out_image, image)| {
+                if stop.is_set() {
+                    return Ok(());
+                }
+                plan.image(p, image, scratch, out_image)?;
+                for plane in out_image.chunks_exact_mut(p.pixels()) {
+                    epilogue.apply(plane);
+                }
+                Ok(())
+            },
+        )
 }
 
 /// [`Forward::Direct`] with the weights already packed in `direct`.
