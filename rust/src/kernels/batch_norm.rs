@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::reduce::{grad_sums, grad_sums_x4, shifted_sums, shifted_sums_x4};
 use crate::error::{check_len, Error, Result};
+use crate::parallel::task_items;
 use crate::simd_dispatch;
 
 /// Layout of a batch-norm input: `batch` × `channels` × `spatial` values.
@@ -260,9 +261,11 @@ fn normalise(
             .for_each(|(out, rows)| rows_normalise(rows, out, mean, scale, shift));
         return;
     }
+    let planes = task_items(p.spatial);
     y.par_chunks_mut(p.spatial)
         .zip(x.par_chunks(p.spatial))
-        .with_min_len((4096 / p.spatial).max(1))
+        .with_min_len(planes)
+        .with_max_len(planes)
         .enumerate()
         .for_each(|(i, (out, plane))| {
             if stop.is_set() {
@@ -291,8 +294,11 @@ pub(crate) fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
             })
             .collect();
     }
+    let channels = task_items(p.count());
     (0..p.channels)
         .into_par_iter()
+        .with_min_len(channels)
+        .with_max_len(channels)
         .map(|c| {
             let shift = x[c * p.spatial];
             let stride = p.channels * p.spatial;
@@ -464,8 +470,11 @@ pub fn backward(
         });
         sg.into_iter().zip(sgx).collect()
     } else {
+        let channels = task_items(p.count());
         (0..p.channels)
             .into_par_iter()
+            .with_min_len(channels)
+            .with_max_len(channels)
             .map(|c| {
                 let (offset, stride) = (c * p.spatial, p.channels * p.spatial);
                 channel_grad_sums(
@@ -490,6 +499,7 @@ pub fn backward(
             .for_each(|(out, (g, xr))| rows_grad_input(g, xr, out, &a, &b, &c0));
     } else {
         let stop = crate::parallel::stop_token();
+        let planes = task_items(p.spatial);
         grad_input
             .par_chunks_mut(p.spatial)
             .zip(
@@ -497,7 +507,8 @@ pub fn backward(
                     .par_chunks(p.spatial)
                     .zip(x.par_chunks(p.spatial)),
             )
-            .with_min_len((4096 / p.spatial).max(1))
+            .with_min_len(planes)
+            .with_max_len(planes)
             .enumerate()
             .for_each(|(i, (out, (g, xp)))| {
                 if stop.is_set() {

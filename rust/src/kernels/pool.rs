@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::{nchw, non_negative_pair, positive_pair, window_output_hw};
 use crate::error::{check_len, checked_size, Error, Result};
+use crate::parallel::task_items;
 use crate::simd_dispatch;
 
 /// PyTorch's rule for pooling: padding at most half the kernel on each axis, rounded down
@@ -296,10 +297,13 @@ pub fn max_forward(
     };
     check_len("indices", indices.len(), output.len())?;
     let stop = crate::parallel::stop_token();
+    let planes = task_items(p.in_plane());
     output
         .par_chunks_mut(p.out_plane())
         .zip(indices.par_chunks_mut(p.out_plane()))
         .zip(input.par_chunks(p.in_plane()))
+        .with_min_len(planes)
+        .with_max_len(planes)
         .for_each(|((out, idx), plane)| {
             if stop.is_set() {
                 return;
@@ -329,9 +333,12 @@ fn per_plane(
     f: impl Fn(&mut [f32], &[f32]) + Sync + Send,
 ) {
     let stop = crate::parallel::stop_token();
+    let planes = task_items(out_plane.max(in_plane));
     output
         .par_chunks_mut(out_plane)
         .zip(input.par_chunks(in_plane))
+        .with_min_len(planes)
+        .with_max_len(planes)
         .for_each(|(out, plane)| {
             if !stop.is_set() {
                 f(out, plane);
@@ -393,10 +400,13 @@ pub fn max_backward(
     // Each plane checks its indices as it scatters them, in parallel: a serial check
     // beforehand was a tenth of the call on one thread. The first bad index in flat
     // order is the one reported, whichever thread meets it.
+    let planes = task_items(h * w);
     let bad = grad_input
         .par_chunks_mut(h * w)
         .zip(grad_output.par_chunks(gh * gw))
         .zip(indices.par_chunks(gh * gw))
+        .with_min_len(planes)
+        .with_max_len(planes)
         .find_map_first(|((gx, gy), idx)| {
             if stop.is_set() {
                 return None;
