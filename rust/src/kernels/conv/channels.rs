@@ -169,13 +169,7 @@ impl ChannelPlan {
         scratch: &mut ChannelScratch,
         out_image: &mut [f32],
     ) -> Result<()> {
-        direct::fill_frame(p, image, &mut scratch.frame, p.in_channels * self.plane)?;
-        let output_len = p.pixels() * self.channels;
-        if scratch.output.len() != output_len {
-            scratch.output.clear();
-            resize_scratch(&mut scratch.output, output_len, CHANNEL_OUTPUT)?;
-        }
-        channels_forward(self, p, &scratch.frame, &mut scratch.output);
+        self.convolve(p, image, scratch)?;
         let (ph, pw) = Pool2x2::output_size(p);
         if scratch.pooled.len() != ph * pw * self.channels {
             scratch.pooled.clear();
@@ -206,6 +200,24 @@ impl ChannelPlan {
 }
 
 impl ChannelPlan {
+    /// One image convolved into `scratch.output`, channels last (the image framed in
+    /// `scratch.frame` first).
+    fn convolve(
+        &self,
+        p: &Conv2dParams,
+        image: &[f32],
+        scratch: &mut ChannelScratch,
+    ) -> Result<()> {
+        direct::fill_frame(p, image, &mut scratch.frame, p.in_channels * self.plane)?;
+        let output_len = p.pixels() * self.channels;
+        if scratch.output.len() != output_len {
+            scratch.output.clear();
+            resize_scratch(&mut scratch.output, output_len, CHANNEL_OUTPUT)?;
+        }
+        channels_forward(self, p, &scratch.frame, &mut scratch.output);
+        Ok(())
+    }
+
     /// One image convolved into `out_image` (C_out planes, NCHW), each value plus its
     /// channel's bias (0.0 without one): the values [`super::direct`]'s forward writes
     /// through `write_flat_planes`, so its bits.
@@ -216,13 +228,7 @@ impl ChannelPlan {
         scratch: &mut ChannelScratch,
         out_image: &mut [f32],
     ) -> Result<()> {
-        direct::fill_frame(p, image, &mut scratch.frame, p.in_channels * self.plane)?;
-        let output_len = p.pixels() * self.channels;
-        if scratch.output.len() != output_len {
-            scratch.output.clear();
-            resize_scratch(&mut scratch.output, output_len, CHANNEL_OUTPUT)?;
-        }
-        channels_forward(self, p, &scratch.frame, &mut scratch.output);
+        self.convolve(p, image, scratch)?;
         let add = self
             .add
             .as_deref()
