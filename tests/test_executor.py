@@ -19,6 +19,7 @@ import bnrs
 import numpy as np
 import pytest
 from bnrs import _core, executor, nn, optim
+from bnrs.nn.dropout import draw_seed
 from bnrs.nn.fusion import FUSE_ENV
 from bnrs.training import num_threads, train_step
 
@@ -670,12 +671,12 @@ def test_the_binding_refuses_too_few_seeds_or_statistics(monkeypatch):
 @pytest.mark.parametrize("bit_generator", [np.random.PCG64, np.random.PCG64DXSM,
                                            np.random.MT19937, np.random.Philox])
 def test_a_dropout_seed_is_the_draw_of_the_layers_forward(bit_generator):
-    # The executor takes PCG64's seeds from the bit generator directly: the same numbers,
-    # and the generator left as the layer's own draw leaves it, after a 32-bit draw too.
+    # The seed drawer takes PCG64's seeds from the bit generator directly: the same numbers,
+    # and the generator left as Generator.integers leaves it, after a 32-bit draw too.
     ours, layers = (np.random.Generator(bit_generator(11)) for _ in range(2))
     for generator in (ours, layers):
         generator.integers(0, 10, dtype=np.uint32)
-    seeds = [executor._draw_seed(ours) for _ in range(5)]
+    seeds = [draw_seed(ours) for _ in range(5)]
     assert seeds == [int(layers.integers(0, 2**64, dtype=np.uint64)) for _ in range(5)]
     assert all(type(seed) is int for seed in seeds)
     assert ours.random() == layers.random()

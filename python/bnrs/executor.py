@@ -37,6 +37,7 @@ import numpy as np
 from . import _core, nn, optim
 from . import functional as F
 from .nn import fusion
+from .nn.dropout import draw_seed
 
 __all__ = ["STEP_ENV", "executor_enabled", "run_step"]
 
@@ -325,21 +326,6 @@ def _validate(optimizer, group, validated: dict) -> None:
     validated[id(group)] = tuple(value for key, value in group.items() if key != "params")
 
 
-#: Bit generators whose raw output is the uint64 ``Generator.integers(0, 2**64,
-#: dtype=np.uint64)`` returns (it takes the next 64 bits whole; MT19937's raw output is 32).
-_RAW_IS_UINT64 = (np.random.PCG64, np.random.PCG64DXSM)
-
-
-def _draw_seed(generator) -> int:
-    """A dropout layer's seed, ``int(generator.integers(0, 2**64, dtype=np.uint64))`` as
-    its forward draws it: the same number and generator state, taken from the bit generator
-    directly when it is one of :data:`_RAW_IS_UINT64` (0.2 µs rather than 2)."""
-    bit_generator = generator.bit_generator
-    if type(generator) is np.random.Generator and type(bit_generator) in _RAW_IS_UINT64:
-        return bit_generator.random_raw()
-    return int(generator.integers(0, 2**64, dtype=np.uint64))
-
-
 class _Replan(Exception):
     """A parameter of the optimizer that the plan has no slot for (added since)."""
 
@@ -370,11 +356,8 @@ def _adam_updates(optimizer, slot_of, created, validated, states):
                 state["step"] = 0
                 state["exp_avg"] = np.zeros_like(param.data)
                 state["exp_avg_sq"] = np.zeros_like(param.data)
-            slot = slot_of.get(id(param))
-            if slot is None:
-                raise _Replan
-            updates.append((slot, state["exp_avg"], state["exp_avg_sq"], state["step"] + 1)
-                           + hyper)
+            updates.append((_slot(slot_of, param), state["exp_avg"], state["exp_avg_sq"],
+                            state["step"] + 1) + hyper)
             states.append(state)
     return updates
 
@@ -482,7 +465,7 @@ def run_step(model, criterion, optimizer, inputs, targets,
     running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
     generators = [m._rng.bit_generator for m in plan.dropouts]
     generator_states = [g.state for g in generators]   # for a step left to the Python path
-    seeds = [_draw_seed(m._rng) for m in plan.dropouts]
+    seeds = [draw_seed(m._rng) for m in plan.dropouts]
     model._fused_input = None
     model._train_blocks = {}
     try:

@@ -14,6 +14,22 @@ from .module import Module, as_generator
 __all__ = ["Dropout", "Dropout2d", "enable_dropout", "mc_dropout"]
 
 
+#: Bit generators whose raw output is the uint64 ``Generator.integers(0, 2**64,
+#: dtype=np.uint64)`` returns (it takes the next 64 bits whole; MT19937's raw output is 32).
+_RAW_IS_UINT64 = (np.random.PCG64, np.random.PCG64DXSM)
+
+
+def draw_seed(generator: np.random.Generator) -> int:
+    """The seed of one dropout mask: ``int(generator.integers(0, 2**64, dtype=np.uint64))``,
+    taken from the bit generator directly when it is one of :data:`_RAW_IS_UINT64` (the
+    same number and generator state, 0.2 µs rather than 2: the one-call training step
+    draws one per dropout layer and step)."""
+    bit_generator = generator.bit_generator
+    if type(generator) is np.random.Generator and type(bit_generator) in _RAW_IS_UINT64:
+        return bit_generator.random_raw()
+    return int(generator.integers(0, 2**64, dtype=np.uint64))
+
+
 def _own_generator(random_state, rng) -> np.random.Generator:
     """A Generator for this layer alone: a given Generator only seeds a new one."""
     given = random_state if rng is None else rng
@@ -44,7 +60,7 @@ class _Dropout(Module):
         if self.p == 1.0:
             self._ctx = ("zero", x.shape)
             return np.zeros_like(x)
-        seed = int(self._rng.integers(0, 2**64, dtype=np.uint64))
+        seed = draw_seed(self._rng)
         self._ctx = ("mask", x.shape, seed)
         return self._dropout(x, seed)
 

@@ -45,7 +45,7 @@ import numpy as np
 from .. import functional as F
 from .activation import LeakyReLU, ReLU, Sigmoid, Tanh
 from .batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
-from .dropout import Dropout, Dropout2d
+from .dropout import Dropout, Dropout2d, draw_seed
 from .layers import AvgPool2d, Conv2d, Linear, MaxPool2d
 
 FUSE_ENV = "BNRS_FUSE"
@@ -219,7 +219,7 @@ class TrainBlock:
         dropout, dropout_p, seed = self.dropout, 0.0, 0
         if dropout is not None:
             dropout_p = dropout.p
-            seed = int(dropout._rng.integers(0, 2**64, dtype=np.uint64))
+            seed = draw_seed(dropout._rng)
         channel_wise = type(dropout) is Dropout2d
         weight = None if norm.weight is None else norm.weight.data
         bias = None if norm.bias is None else norm.bias.data
