@@ -45,20 +45,26 @@ def thread_state(stat: str) -> str:
     return stat[stat.rindex(")") + 2]
 
 
+def _other_tasks(task_dir: str) -> list[str] | None:
+    """The ``/proc`` directories of this process's threads other than the caller; None
+    where they cannot be listed (not Linux)."""
+    me = str(threading.get_native_id())
+    try:
+        return [f"{task_dir}/{tid}" for tid in os.listdir(task_dir) if tid != me]
+    except OSError:
+        return None
+
+
 def other_threads_running(task_dir: str = "/proc/self/task") -> int | None:
     """How many threads of this process, other than the caller, are running or runnable;
     None where the states cannot be read (not Linux)."""
-    me = str(threading.get_native_id())
-    try:
-        tids = os.listdir(task_dir)
-    except OSError:
+    tasks = _other_tasks(task_dir)
+    if tasks is None:
         return None
     running = 0
-    for tid in tids:
-        if tid == me:
-            continue
+    for task in tasks:
         try:
-            with open(f"{task_dir}/{tid}/stat") as stat:
+            with open(f"{task}/stat") as stat:
                 running += thread_state(stat.read()) == "R"
         except (OSError, ValueError, IndexError):
             continue  # the thread ended meanwhile
@@ -75,19 +81,15 @@ def threads_cpu_seconds(task_dir: str = "/proc/self/task") -> tuple[float, float
 
     The others are the other framework's threads in a bench process: their CPU time during
     a bnrs sample is time they took from it (and bnrs's during the other's samples)."""
-    me = str(threading.get_native_id())
-    try:
-        tids = os.listdir(task_dir)
-    except OSError:
+    tasks = _other_tasks(task_dir)
+    if tasks is None:
         return None
     bnrs_seconds = other_seconds = 0.0
-    for tid in tids:
-        if tid == me:
-            continue
+    for task in tasks:
         try:
-            with open(f"{task_dir}/{tid}/comm") as comm:
+            with open(f"{task}/comm") as comm:
                 name = comm.read()
-            with open(f"{task_dir}/{tid}/schedstat") as schedstat:
+            with open(f"{task}/schedstat") as schedstat:
                 seconds = int(schedstat.read().split()[0]) / 1e9
         except (OSError, ValueError, IndexError):
             continue  # the thread ended meanwhile, or no schedstat
