@@ -604,63 +604,41 @@ fn forward_direct(
     epilogue: Epilogue,
 ) -> Result<()> {
     if channels::handles_planes(p, kernel, crate::simd::level()) {
+        // The channels-in-lanes kernel: only the output pixels computed (not the padding
+        // columns of the flat output), the same sums in the same order.
         let plan = channels::ChannelPlan::new(p, weight, bias, kernel);
-        return channel_images(p, &plan, input, output, epilogue);
+        return each_image(p, input, output, |scratch, image, out_image| {
+            plan.image(p, image, scratch, out_image)?;
+            for plane in out_image.chunks_exact_mut(p.pixels()) {
+                epilogue.apply(plane);
+            }
+            Ok(())
+        });
     }
     let direct = direct::ForwardPlan::new(p, weight, bias, kernel);
-    direct_images(p, &direct, input, bias, output, epilogue)
+    each_image(p, input, output, |scratch, image, out_image| {
+        direct_image(p, &direct, image, bias, scratch, out_image, epilogue)
+    })
 }
 
-/// [`Forward::Direct`] by the channels-in-lanes kernel: only the output pixels computed
-/// (not the padding columns of the flat output), the same sums in the same order.
-fn channel_images(
+/// `image_output` on each image of `input` and its planes of `output`, in parallel, with a
+/// scratch of type `S` per task; images after a stop request are skipped.
+fn each_image<S: Default + Send>(
     p: &Conv2dParams,
-    plan: &channels::ChannelPlan,
     input: &[f32],
     output: &mut [f32],
-    epilogue: Epilogue,
+    image_output: impl Fn(&mut S, &[f32], &mut [f32]) -> Result<()> + Sync,
 ) -> Result<()> {
     let stop = stop_token();
     output
         .par_chunks_mut(p.out_channels * p.pixels())
         .zip(input.par_chunks(p.image_len()))
-        .try_for_each_init(
-            channels::ChannelScratch::default,
-            |scratch, (out_image, image)| {
-                if stop.is_set() {
-                    return Ok(());
-                }
-                plan.image(p, image, scratch, out_image)?;
-                for plane in out_image.chunks_exact_mut(p.pixels()) {
-                    epilogue.apply(plane);
-                }
-                Ok(())
-            },
-        )
-}
-
-/// [`Forward::Direct`] with the weights already packed in `direct`.
-fn direct_images(
-    p: &Conv2dParams,
-    direct: &direct::ForwardPlan,
-    input: &[f32],
-    bias: Option<&[f32]>,
-    output: &mut [f32],
-    epilogue: Epilogue,
-) -> Result<()> {
-    let stop = stop_token();
-    output
-        .par_chunks_mut(p.out_channels * p.pixels())
-        .zip(input.par_chunks(p.image_len()))
-        .try_for_each_init(
-            direct::ForwardScratch::default,
-            |scratch, (out_image, image)| {
-                if stop.is_set() {
-                    return Ok(());
-                }
-                direct_image(p, direct, image, bias, scratch, out_image, epilogue)
-            },
-        )
+        .try_for_each_init(S::default, |scratch, (out_image, image)| {
+            if stop.is_set() {
+                return Ok(());
+            }
+            image_output(scratch, image, out_image)
+        })
 }
 
 simd_dispatch! {
