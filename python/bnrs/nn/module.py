@@ -495,12 +495,9 @@ class Sequential(Module):
             steps = fusion.chain_blocks(steps)
         output, fused_modules, index = input, [], 0
         for step in steps:
-            if isinstance(step, fusion.FusedBlock):
-                output = fusion.run_block(step, output)
-                fused_modules += step.modules
-                index += len(step.modules)
-            elif isinstance(step, fusion.FusedChain):
-                output = fusion.run_chain(step, output)
+            if isinstance(step, (fusion.FusedBlock, fusion.FusedChain)):
+                run = fusion.run_chain if isinstance(step, fusion.FusedChain) else fusion.run_block
+                output = run(step, output)
                 fused_modules += step.modules
                 index += len(step.modules)
             elif isinstance(step, fusion.TrainBlock):
