@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference as ref
+from bnrs import _core
 from bnrs import functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -130,6 +131,31 @@ def test_max_nan_wins(rng):
     assert np.isnan(y[0, 0, 1, 0])
     assert indices[0, 0, 1, 0] == 2 * 4 + 1
     assert not np.isnan(np.delete(y.ravel(), 2)).any()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 47, 58), (1, 2, 6, 1030), (3, 1, 28, 28)])
+def test_max_2x2_on_large_planes_with_ties_nans_and_signed_zeros(rng, shape):
+    """At each SIMD level the CPU has, the 2x2 path takes a plane's windows in chunks that cross rows (667 windows of 23
+    rows of 29, a row of 515 longer than a chunk): each maximum and index as the
+    window-order scan gives them, among few distinct values (ties), signed zeros and NaNs."""
+    x = rng.integers(-2, 3, size=shape).astype(np.float32)
+    x[x == 0] = rng.choice(np.array([0.0, -0.0], dtype=np.float32), size=int((x == 0).sum()))
+    x.ravel()[rng.choice(x.size, size=x.size // 50, replace=False)] = np.nan
+    expected, expected_indices = ref.max_pool2d(x, 2)
+    planes = x.reshape(shape[0] * shape[1], -1)
+    before = _core.simd_backend()
+    try:
+        for level in _core.simd_levels():
+            _core.set_simd(level)
+            y, indices = F.max_pool2d(x, 2, return_indices=True)
+            np.testing.assert_array_equal(indices, expected_indices, err_msg=level)
+            np.testing.assert_array_equal(y, expected.astype(np.float32), err_msg=level)
+            # The winner's sign too: the first of equal zeros, read back through its index.
+            winners = np.take_along_axis(planes, indices.reshape(len(planes), -1), axis=1)
+            np.testing.assert_array_equal(np.signbit(y.reshape(len(planes), -1)),
+                                          np.signbit(winners), err_msg=level)
+    finally:
+        _core.set_simd(before)
 
 
 def test_max_overlapping_windows_accumulate():
