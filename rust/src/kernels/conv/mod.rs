@@ -267,8 +267,11 @@ impl PooledImages {
     fn new(p: &Conv2dParams, plan: &Plan, weight: &[f32], bias: Option<&[f32]>) -> Option<Self> {
         match plan.forward {
             Forward::Direct(kernel) if p.groups == 1 => {
-                Some(if channels::handles(p, kernel, crate::simd::level()) {
-                    PooledImages::Channels(channels::ChannelPlan::new(p, weight, bias, kernel))
+                let level = crate::simd::level();
+                Some(if channels::handles(p, kernel, level) {
+                    PooledImages::Channels(channels::ChannelPlan::new(
+                        p, weight, bias, kernel, level,
+                    ))
                 } else {
                     PooledImages::Pixels(direct::ForwardPlan::new(p, weight, bias, kernel))
                 })
@@ -603,10 +606,11 @@ fn forward_direct(
     kernel: direct::Kernel,
     epilogue: Epilogue,
 ) -> Result<()> {
-    if channels::handles_planes(p, kernel, crate::simd::level()) {
+    let level = crate::simd::level();
+    if channels::handles_planes(p, kernel, level) {
         // The channels-in-lanes kernel: only the output pixels computed (not the padding
         // columns of the flat output), the same sums in the same order.
-        let plan = channels::ChannelPlan::new(p, weight, bias, kernel);
+        let plan = channels::ChannelPlan::new(p, weight, bias, kernel, level);
         return each_image(p, input, output, |scratch, image, out_image| {
             plan.image(p, image, scratch, out_image)?;
             for plane in out_image.chunks_exact_mut(p.pixels()) {
