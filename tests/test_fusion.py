@@ -673,9 +673,10 @@ def test_children_called_alone_after_a_fused_training_forward(rng):
         model.backward(np.ones_like(output))
 
 
-#: Convolutions for the fused pool: every forward path (small-K, images sharing a GEMM,
-#: pointwise, row tiles, and the direct kernel with AVX-512), odd output sizes, batch 1
-#: and 3, channels not a multiple of 16.
+#: Convolutions for the fused pool: every forward path (small-K and images sharing a GEMM
+#: at the scalar level, pointwise, row tiles, and the direct kernels with AVX2 and
+#: AVX-512, 17 channels by the channels-in-lanes one), odd output sizes, batch 1 and 3,
+#: channels not a multiple of 16.
 POOLED_CONV_CASES = [
     (3, 1, (11, 9), 6, 5, 1, 2, True),
     (1, 3, (11, 10), 7, 3, 2, 0, False),
@@ -696,6 +697,7 @@ def test_fused_pool_gives_the_bits_of_conv_then_pool_at_each_level_and_thread_co
         kernel = (kernel, kernel)
         weight = rng.standard_normal((out_channels, channels) + kernel).astype(np.float32)
         b = rng.standard_normal(out_channels).astype(np.float32) if bias else None
+        fma_results = {}
         for level in _core.simd_levels():
             _core.set_simd(level)
             for threads in (1, 2):
@@ -708,10 +710,17 @@ def test_fused_pool_gives_the_bits_of_conv_then_pool_at_each_level_and_thread_co
                     assert fused.shape == expected.shape
                     np.testing.assert_array_equal(fused, expected,
                                                   err_msg=f"{case} {level} {threads}")
+                    if stride == 1 and kernel != (1, 1) and level != "scalar":
+                        # The direct kernels: the same sums at every FMA level.
+                        first = fma_results.setdefault(activation, fused)
+                        np.testing.assert_array_equal(fused.view(np.uint32),
+                                                      first.view(np.uint32),
+                                                      err_msg=f"{case} {level} {threads}")
 
 
-#: First layers (at most 32 unfolded rows, stride 1), which AVX-512 runs by the direct
-#: kernel summing in the small-K product's order (AVX2 by that product): LeNet's first
+#: First layers (at most 32 unfolded rows, stride 1), which AVX2 and AVX-512 run by the
+#: direct kernel summing in the small-K product's order (the scalar level by that
+#: product): LeNet's first
 #: conv, batch 1, one and three channels, no padding, rectangular padding, 5x5, dilation,
 #: odd sizes, channel counts off the register tiles.
 FIRST_LAYER_CASES = [
@@ -789,7 +798,7 @@ def test_pools_the_fused_kernel_does_not_take_run_as_themselves(rng):
 
 #: Two pooled conv blocks in a row: (input shape, channels of the two convs, kernel,
 #: padding, stride of the second, pool, activation). LeNet's, odd sizes, channel counts
-#: off the vectors (the direct kernels with AVX-512), a strided second conv (the GEMM,
+#: off the vectors (the direct kernels with AVX2 and AVX-512), a strided second conv (the GEMM,
 #: through the whole intermediate).
 CHAIN_CASES = [
     ((5, 1, 28, 28), (16, 32), 3, 1, 1, nn.MaxPool2d, nn.ReLU),

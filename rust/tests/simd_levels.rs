@@ -257,6 +257,82 @@ fn own_kernels_are_bit_identical_at_every_level() {
     }
 }
 
+/// Outputs of the stride-1 convolutions both FMA levels run by the direct kernels (a tile
+/// per level, the same sums): LeNet's two layers, plain, with the fused ReLU and pool, and
+/// chained; odd sizes and channel counts off the vectors; the input gradient (the
+/// forward of the transposed convolution). (Where the GEMM sums a pixel in one depth
+/// block, it gives these bits too.)
+fn direct_convolutions() -> Vec<(&'static str, Vec<f32>)> {
+    let mut out = Vec::new();
+    for (input, first_weight, second_weight) in [
+        ([3, 1, 28, 28], [16, 1, 3, 3], [32, 16, 3, 3]),
+        ([2, 3, 19, 23], [20, 3, 3, 3], [17, 20, 3, 3]),
+        // Sums of 1800 products: beyond the GEMM's depth block, whose bits would differ.
+        ([1, 200, 9, 11], [40, 200, 3, 3], [24, 40, 3, 3]),
+    ] {
+        let p1 = conv::Conv2dParams::new(&input, &first_weight, (1, 1), (1, 1), (1, 1)).unwrap();
+        let between = [input[0], first_weight[0], p1.out_h / 2, p1.out_w / 2];
+        let p2 = conv::Conv2dParams::new(&between, &second_weight, (1, 1), (1, 1), (1, 1)).unwrap();
+        let x = values(input.iter().product(), 20);
+        let (w1, w2) = (
+            values(first_weight.iter().product(), 21),
+            values(second_weight.iter().product(), 22),
+        );
+        let (b1, b2) = (values(first_weight[0], 23), values(second_weight[0], 24));
+        let x2 = values(between.iter().product(), 25);
+        let relu = conv::Epilogue {
+            activation: Some(activation::Activation::Relu),
+        };
+        for (name, p, x, w, b) in [("first", &p1, &x, &w1, &b1), ("second", &p2, &x2, &w2, &b2)] {
+            let mut y = vec![0.0; p.output_shape().iter().product()];
+            conv::forward_fused(p, x, w, Some(b), relu, &mut y).unwrap();
+            let mut pooled = vec![0.0; y.len() / p.out_h / p.out_w * (p.out_h / 2) * (p.out_w / 2)];
+            conv::forward_fused_pooled(p, x, w, Some(b), relu, conv::Pool2x2::Max, &mut pooled)
+                .unwrap();
+            let gy = values(y.len(), 26);
+            let (mut gx, mut gw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+            conv::backward(p, &gy, x, w, Some(&mut gx), &mut gw, None).unwrap();
+            out.extend([(name, y), (name, pooled), (name, gx)]);
+        }
+        let block = |params, weight, bias| conv::PooledConv {
+            params,
+            weight,
+            bias: Some(bias),
+            epilogue: relu,
+            pool: conv::Pool2x2::Avg,
+        };
+        let (one, two) = (block(p1, &w1[..], &b1[..]), block(p2, &w2[..], &b2[..]));
+        let mut chained = vec![0.0; two.output_shape().iter().product()];
+        conv::forward_fused_pooled_chain(&one, &two, &x, &mut chained).unwrap();
+        out.push(("chain", chained));
+    }
+    out
+}
+
+#[test]
+fn direct_convolutions_are_bit_identical_at_the_fma_levels() {
+    let runs = at_each_level("direct convolutions", direct_convolutions);
+    let mut fma = runs.iter().filter(|(level, _)| *level != Level::Scalar);
+    let Some((_, first)) = fma.next() else {
+        return;
+    };
+    for (level, outputs) in fma {
+        for ((name, got), (_, want)) in outputs.iter().zip(first) {
+            let differing = got
+                .iter()
+                .zip(want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differing,
+                0,
+                "{name} at {}: {differing} values differ",
+                level.name()
+            );
+        }
+    }
+}
+
 /// (m, n, k, accumulate, transposed lhs): conv-like and linear-like shapes, edges that
 /// are not multiples of any register block, and the tiny products `gemm` treats apart.
 const PRODUCTS: [(usize, usize, usize, bool, bool); 6] = [

@@ -30,21 +30,50 @@ use crate::simd_dispatch;
 /// Channels of one vector.
 const LANES: usize = 16;
 
-/// Pixels of the widest tile: a LeNet row (14). With two vectors of channels that is 28
-/// accumulators of the 32 AVX-512 registers.
-const PIXELS: usize = 14;
+/// The register tile of a level: `pixels` pixels of one row × up to `vectors` vectors
+/// of channels, a row's remainder in tiles of `rest` pixels, then single pixels. Any
+/// tile gives the same bits: each pixel's sum is the same sequence of multiply-adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ChannelTile {
+    pub pixels: usize,
+    pub vectors: usize,
+    pub rest: usize,
+}
 
-/// Pixels of the tile that finishes a row narrower than, or not a multiple of, [`PIXELS`].
-const REST_PIXELS: usize = 4;
+impl ChannelTile {
+    /// AVX-512: a LeNet row (14 pixels) × 2 vectors, 28 accumulators of the 32
+    /// registers. AVX2: a vector of sixteen channels is two of its 16 registers, so 6
+    /// pixels × 1 vector (12 accumulators). With the fused pool on 64×16×14×14→32 it was
+    /// as fast as 5×1 (rest 4) and 2×2 (4 rounds alternating), and in single runs 1.1x
+    /// faster than 4×1, 1.15x than 6×1 with a rest of 4, 1.5-1.8x than 7×1, 3×2 and
+    /// 14×2 (which spill). (CPU time, AMD EPYC with AVX-512 held to AVX2, loaded.)
+    pub(super) fn of(level: Level) -> Self {
+        if level == Level::Avx512 {
+            ChannelTile {
+                pixels: 14,
+                vectors: 2,
+                rest: 4,
+            }
+        } else {
+            ChannelTile {
+                pixels: 6,
+                vectors: 1,
+                rest: 2,
+            }
+        }
+    }
+}
 
 const CHANNEL_OUTPUT: &str = "conv2d (direct, channels in lanes): one image's output";
 
 /// Whether the kernel of `kernel` (the plan's direct forward at `level`) may run here
-/// instead: with AVX-512 only (32 registers for the tile), with fused multiply-adds (the
-/// bits of the direct kernel), from at least one vector of output channels, and not for
+/// instead: with AVX2 or AVX-512 (a tile each, [`ChannelTile`]), with fused multiply-adds
+/// (the bits of the direct kernel), from at least one vector of output channels, and not for
 /// a first layer ([`Kernel::small_k`]): on LeNet's 1000×1×28×28→16 with the fused pool,
 /// one input channel leaves a broadcast per multiply-add, and the pixel kernel was 1.4x
-/// faster (CPU time, builds alternating, AMD EPYC with AVX-512, loaded).
+/// faster (CPU time, builds alternating, AMD EPYC with AVX-512, loaded). With AVX2, on
+/// 64×16×14×14→32 with the fused ReLU and max pool it was 1.06x faster than the pixel
+/// kernel, LeNetBN inference 1.05x (4 rounds alternating, AMD EPYC held to AVX2, loaded).
 ///
 /// The channel-last output (channels rounded up to 16 where the pixel kernel rounds
 /// them to 8: up to 1.33x its size) stays within the direct kernels' per-image scratch
@@ -54,7 +83,7 @@ pub(super) fn handles(p: &Conv2dParams, kernel: Kernel, level: Level) -> bool {
         .pixels()
         .saturating_mul(p.out_channels.next_multiple_of(LANES))
         .saturating_mul(std::mem::size_of::<f32>());
-    level == Level::Avx512
+    level >= Level::Avx2
         && kernel.fused
         && !kernel.from_bias
         && p.out_channels >= LANES
@@ -66,9 +95,12 @@ pub(super) fn handles(p: &Conv2dParams, kernel: Kernel, level: Level) -> bool {
 /// [`handles`], from two vectors of output channels. On LeNet's 64×16×14×14→32, 3×3,
 /// padding 1 it was 1.07x faster than the pixel kernel; on the input gradient of that
 /// convolution (32 → 16 channels, one vector) 1.1x slower (CPU time, builds alternating,
-/// AMD EPYC with AVX-512, shared).
+/// AMD EPYC with AVX-512, shared). With AVX2 (its 6×1 tile), against the GEMM on
+/// 64×16×14×14→32, 64×32×7×7→64, 64×16×28×28→32 and 32×64×32×32→64, it was 0.94-1.04x
+/// where the pixel kernel was 0.96-1.08x: the pixel kernel there (4 rounds alternating,
+/// AMD EPYC held to AVX2, loaded).
 pub(super) fn handles_planes(p: &Conv2dParams, kernel: Kernel, level: Level) -> bool {
-    handles(p, kernel, level) && p.out_channels >= 2 * LANES
+    level == Level::Avx512 && handles(p, kernel, level) && p.out_channels >= 2 * LANES
 }
 
 /// Runs `$body` with `$i` = 0, 1, ... up to (not including) the constant `$n` (at most
@@ -96,6 +128,7 @@ pub(super) struct ChannelPlan {
     initial: Vec<f32>,
     /// C_out rounded up to whole vectors: the row length of the channel-last output.
     channels: usize,
+    tile: ChannelTile,
     /// What the pool adds to each channel's sums before the activation, the unfused bias
     /// add (also of 0.0, which turns -0 into +0), unless the sums started from the bias;
     /// zero beyond C_out.
@@ -117,6 +150,7 @@ impl ChannelPlan {
         weight: &[f32],
         bias: Option<&[f32]>,
         kernel: Kernel,
+        level: Level,
     ) -> Self {
         let (hp, wp) = p.padded_size();
         let taps: Vec<usize> = (0..p.kernel_h)
@@ -153,6 +187,7 @@ impl ChannelPlan {
             weights,
             initial,
             channels,
+            tile: ChannelTile::of(level),
             add: (!kernel.from_bias).then_some(add),
         }
     }
@@ -279,23 +314,33 @@ simd_dispatch! {
     /// The channel-last output (`[pixel][channels]`) of one frame.
     fn channels_forward(plan: &ChannelPlan, p: &Conv2dParams, frame: &[f32], output: &mut [f32]) {
         let vectors = plan.channels / LANES;
+        let tile = plan.tile;
+        macro_rules! rows {
+            ($v:literal, $first:expr) => {
+                match (tile.pixels, tile.rest) {
+                    (14, 4) => image_rows::<$v, 14, 4>(plan, p, $first, frame, output),
+                    (6, 2) => image_rows::<$v, 6, 2>(plan, p, $first, frame, output),
+                    _ => unreachable!("channels_forward: no tile of {tile:?}"),
+                }
+            };
+        }
         let mut first = 0;
         while first < vectors {
-            if vectors - first >= 2 {
-                image_rows::<2>(plan, p, first, frame, output);
+            if tile.vectors >= 2 && vectors - first >= 2 {
+                rows!(2, first);
                 first += 2;
             } else {
-                image_rows::<1>(plan, p, first, frame, output);
+                rows!(1, first);
                 first += 1;
             }
         }
     }
 }
 
-/// Every output row for the `V` vectors of channels from vector `first`: tiles of
-/// [`PIXELS`] pixels, then of [`REST_PIXELS`], then single pixels.
+/// Every output row for the `V` vectors of channels from vector `first`: tiles of `P`
+/// pixels, then of `REST`, then single pixels.
 #[inline(always)]
-fn image_rows<const V: usize>(
+fn image_rows<const V: usize, const P: usize, const REST: usize>(
     plan: &ChannelPlan,
     p: &Conv2dParams,
     first: usize,
@@ -318,13 +363,13 @@ fn image_rows<const V: usize>(
     };
     for oh in 0..p.out_h {
         let mut ow = 0;
-        while ow + PIXELS <= p.out_w {
-            tile.run::<V, PIXELS>(oh * plan.wp + ow, oh * p.out_w + ow, output);
-            ow += PIXELS;
+        while ow + P <= p.out_w {
+            tile.run::<V, P>(oh * plan.wp + ow, oh * p.out_w + ow, output);
+            ow += P;
         }
-        while ow + REST_PIXELS <= p.out_w {
-            tile.run::<V, REST_PIXELS>(oh * plan.wp + ow, oh * p.out_w + ow, output);
-            ow += REST_PIXELS;
+        while ow + REST <= p.out_w {
+            tile.run::<V, REST>(oh * plan.wp + ow, oh * p.out_w + ow, output);
+            ow += REST;
         }
         while ow < p.out_w {
             tile.run::<V, 1>(oh * plan.wp + ow, oh * p.out_w + ow, output);
@@ -503,40 +548,99 @@ mod tests {
         ([2, 2, 4, 4], [40, 2, 3, 3], (1, 1), (1, 1)),
     ];
 
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// The levels whose tiles run (those this CPU lacks too: the tile, not the level,
+    /// decides the loops), each with its pixel kernel.
+    const LEVELS: [Level; 2] = [Level::Avx512, Level::Avx2];
+
     #[test]
-    fn planes_give_the_bits_of_the_pixel_kernel() {
-        let kernel = Kernel::forward(Level::Avx512);
-        for (input, weight, padding, dilation) in SHAPES {
-            let p = Conv2dParams::new(&input, &weight, (1, 1), padding, dilation).unwrap();
-            let x = values(input.iter().product(), 1);
-            let w = values(weight.iter().product(), 2);
-            let b = values(weight[0], 3);
-            let pixel_plan = direct::ForwardPlan::new(&p, &w, None, kernel);
-            let mut pixel_scratch = direct::ForwardScratch::default();
-            let mut scratch = ChannelScratch::default();
-            let out_image = p.out_channels * p.pixels();
-            for bias in [Some(&b[..]), None] {
-                let plan = ChannelPlan::new(&p, &w, bias, kernel);
-                for (n, image) in x.chunks_exact(p.image_len()).enumerate() {
-                    let mut expected = vec![f32::NAN; out_image];
-                    pixel_plan
-                        .image(&p, image, &mut pixel_scratch, |co, oh, row| {
-                            let add = bias.map_or(0.0, |b| b[co]);
-                            let at = (co * p.out_h + oh) * p.out_w;
-                            for (e, &v) in expected[at..at + p.out_w].iter_mut().zip(row) {
-                                *e = v + add;
-                            }
-                        })
+    fn planes_give_the_bits_of_the_pixel_kernel_with_each_tile() {
+        for level in LEVELS {
+            let kernel = Kernel::forward(level);
+            for (input, weight, padding, dilation) in SHAPES {
+                let p = Conv2dParams::new(&input, &weight, (1, 1), padding, dilation).unwrap();
+                let x = values(input.iter().product(), 1);
+                let w = values(weight.iter().product(), 2);
+                let b = values(weight[0], 3);
+                let pixel_plan = direct::ForwardPlan::new(&p, &w, None, kernel);
+                let mut pixel_scratch = direct::ForwardScratch::default();
+                let mut scratch = ChannelScratch::default();
+                let out_image = p.out_channels * p.pixels();
+                for bias in [Some(&b[..]), None] {
+                    let plan = ChannelPlan::new(&p, &w, bias, kernel, level);
+                    for (n, image) in x.chunks_exact(p.image_len()).enumerate() {
+                        let mut expected = vec![f32::NAN; out_image];
+                        pixel_plan
+                            .image(&p, image, &mut pixel_scratch, |co, oh, row| {
+                                let add = bias.map_or(0.0, |b| b[co]);
+                                let at = (co * p.out_h + oh) * p.out_w;
+                                for (e, &v) in expected[at..at + p.out_w].iter_mut().zip(row) {
+                                    *e = v + add;
+                                }
+                            })
+                            .unwrap();
+                        let mut planes = vec![f32::NAN; out_image];
+                        plan.image(&p, image, &mut scratch, &mut planes).unwrap();
+                        assert_eq!(
+                            bits(&planes),
+                            bits(&expected),
+                            "{level:?} {input:?} {weight:?} image {n} bias {}",
+                            bias.is_some()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pooled_gives_the_bits_of_the_pixel_kernel_with_each_tile() {
+        use crate::kernels::conv::{direct_image_pooled, Epilogue};
+        for level in LEVELS {
+            let kernel = Kernel::forward(level);
+            for (input, weight, padding, dilation) in SHAPES {
+                let p = Conv2dParams::new(&input, &weight, (1, 1), padding, dilation).unwrap();
+                let x = values(input.iter().product(), 4);
+                let w = values(weight.iter().product(), 5);
+                let b = values(weight[0], 6);
+                let pixel_plan = direct::ForwardPlan::new(&p, &w, None, kernel);
+                let mut pixel_scratch = direct::ForwardScratch::default();
+                let mut scratch = ChannelScratch::default();
+                let (ph, pw) = Pool2x2::output_size(&p);
+                let out_image = p.out_channels * ph * pw;
+                for (bias, activation, pool) in [
+                    (Some(&b[..]), Some(Activation::Relu), Pool2x2::Max),
+                    (None, None, Pool2x2::Avg),
+                    (Some(&b[..]), Some(Activation::Tanh), Pool2x2::Avg),
+                ] {
+                    let plan = ChannelPlan::new(&p, &w, bias, kernel, level);
+                    let epilogue = Epilogue { activation };
+                    for (n, image) in x.chunks_exact(p.image_len()).enumerate() {
+                        // The pixel kernel's pool may store past the image's planes.
+                        let mut expected = vec![f32::NAN; out_image + 2 * direct::FLAT_SLACK];
+                        direct_image_pooled(
+                            &p,
+                            &pixel_plan,
+                            image,
+                            bias,
+                            &mut pixel_scratch,
+                            epilogue,
+                            pool,
+                            &mut expected,
+                        )
                         .unwrap();
-                    let mut planes = vec![f32::NAN; out_image];
-                    plan.image(&p, image, &mut scratch, &mut planes).unwrap();
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(
-                        bits(&planes),
-                        bits(&expected),
-                        "{input:?} {weight:?} image {n} bias {}",
-                        bias.is_some()
-                    );
+                        let mut pooled = vec![f32::NAN; out_image];
+                        plan.image_pooled(&p, image, activation, pool, &mut scratch, &mut pooled)
+                            .unwrap();
+                        assert_eq!(
+                            bits(&pooled),
+                            bits(&expected[..out_image]),
+                            "{level:?} {input:?} {weight:?} image {n} {pool:?} {activation:?}"
+                        );
+                    }
                 }
             }
         }

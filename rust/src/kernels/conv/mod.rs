@@ -10,9 +10,9 @@
 //! itself a convolution (of the output gradient with the flipped, transposed weights);
 //! other strides fold the GEMM's K×P gradient back (col2im).
 //!
-//! With AVX-512, stride-1 convolutions skip the unfolding: a direct kernel reads the
-//! zero-padded image (forward, and so the input gradient; the weight gradient of larger
-//! images).
+//! With FMA (AVX2 or AVX-512), stride-1 convolutions skip the unfolding: a direct kernel
+//! reads the zero-padded image (forward, and so the input gradient; with AVX-512 the
+//! weight gradient of larger images too).
 //!
 //! Grouped convolutions (groups > 1) run in `grouped`: depthwise ones by a per-channel
 //! stencil, others as one of the convolutions above per group.
@@ -267,8 +267,11 @@ impl PooledImages {
     fn new(p: &Conv2dParams, plan: &Plan, weight: &[f32], bias: Option<&[f32]>) -> Option<Self> {
         match plan.forward {
             Forward::Direct(kernel) if p.groups == 1 => {
-                Some(if channels::handles(p, kernel, crate::simd::level()) {
-                    PooledImages::Channels(channels::ChannelPlan::new(p, weight, bias, kernel))
+                let level = crate::simd::level();
+                Some(if channels::handles(p, kernel, level) {
+                    PooledImages::Channels(channels::ChannelPlan::new(
+                        p, weight, bias, kernel, level,
+                    ))
                 } else {
                     PooledImages::Pixels(direct::ForwardPlan::new(p, weight, bias, kernel))
                 })
@@ -603,10 +606,11 @@ fn forward_direct(
     kernel: direct::Kernel,
     epilogue: Epilogue,
 ) -> Result<()> {
-    if channels::handles_planes(p, kernel, crate::simd::level()) {
+    let level = crate::simd::level();
+    if channels::handles_planes(p, kernel, level) {
         // The channels-in-lanes kernel: only the output pixels computed (not the padding
         // columns of the flat output), the same sums in the same order.
-        let plan = channels::ChannelPlan::new(p, weight, bias, kernel);
+        let plan = channels::ChannelPlan::new(p, weight, bias, kernel, level);
         return each_image(p, input, output, |scratch, image, out_image| {
             plan.image(p, image, scratch, out_image)?;
             for plane in out_image.chunks_exact_mut(p.pixels()) {
@@ -1233,7 +1237,7 @@ pub(super) mod tests {
             ([1, 1, 3, 3], [17, 1, 3, 3], (1, 1), (1, 1)),
         ] {
             let p = Conv2dParams::new(&input, &weight, (1, 1), padding, dilation).unwrap();
-            let small = Plan::for_level(&p, Level::Avx2);
+            let small = Plan::for_level(&p, Level::Scalar);
             assert!(matches!(small.forward, Forward::SmallK { .. }), "{input:?}");
             let x = values(input.iter().product(), 1);
             let w = values(weight.iter().product(), 2);
@@ -1324,7 +1328,7 @@ pub(super) mod tests {
 
     #[test]
     fn fused_chain_gives_the_bits_of_the_two_blocks() {
-        // LeNet's blocks (both per image with AVX-512), odd sizes, a second block on the
+        // LeNet's blocks (both per image with FMA), odd sizes, a second block on the
         // GEMM path (stride 2) and a grouped one (both through the whole intermediate);
         // max and avg.
         for (input, first_weight, second_weight, stride, groups) in [
@@ -1481,8 +1485,9 @@ pub(super) mod tests {
             ([1, 64, 21, 30], [2, 64, 3, 3], (2, 1), (0, 1), (1, 1)),
         ] {
             let p = Conv2dParams::new(&shape, &wshape, s, pd, d).unwrap();
-            // The GEMM paths (the plan with AVX2), and the direct one where AVX-512 has it.
-            let gemm = Plan::for_level(&p, Level::Avx2);
+            // The GEMM paths (the plan of the portable level), and the direct one where
+            // the FMA levels have it.
+            let gemm = Plan::for_level(&p, Level::Scalar);
             if shape[1] == 64 {
                 assert!(
                     matches!(gemm.forward, Forward::TiledIm2col { rows } if rows < p.out_h),
@@ -1491,7 +1496,11 @@ pub(super) mod tests {
             }
             let x = values(shape.iter().product(), 1);
             let w = values(wshape.iter().product(), 2);
-            for plan in [gemm, Plan::for_level(&p, Level::Avx512)] {
+            for plan in [
+                gemm,
+                Plan::for_level(&p, Level::Avx2),
+                Plan::for_level(&p, Level::Avx512),
+            ] {
                 let mut y = vec![0.0; p.output_shape().iter().product()];
                 forward_planned(&p, &plan, &x, &w, None, Epilogue::default(), &mut y).unwrap();
                 for (a, b) in y.iter().zip(naive(&p, &x, &w)) {
@@ -1509,7 +1518,7 @@ pub(super) mod tests {
                 [4, 1, 3, 3],
                 (1, 1),
                 (1, 1),
-                Level::Avx2,
+                Level::Scalar,
                 "small",
             ),
             (
@@ -1517,7 +1526,7 @@ pub(super) mod tests {
                 [8, 16, 3, 3],
                 (1, 1),
                 (1, 1),
-                Level::Avx2,
+                Level::Scalar,
                 "shared",
             ),
             (
@@ -1542,6 +1551,14 @@ pub(super) mod tests {
                 (1, 1),
                 (1, 1),
                 Level::Avx512,
+                "direct",
+            ),
+            (
+                [16, 16, 7, 7],
+                [8, 16, 3, 3],
+                (1, 1),
+                (1, 1),
+                Level::Avx2,
                 "direct",
             ),
         ] {

@@ -78,24 +78,32 @@ impl Plan {
 
     pub(super) fn for_level(p: &Conv2dParams, level: Level) -> Self {
         let images = images_per_gemm(p);
-        let direct_handles = level == Level::Avx512 && direct::handles(p) && !p.is_pointwise();
+        // With FMA (AVX2 or AVX-512): the levels' direct kernels give the same bits.
+        let direct_handles = level >= Level::Avx2 && direct::handles(p) && !p.is_pointwise();
         let direct = direct_handles && p.col_rows() > SMALL_K;
         let forward = if direct {
             // Stride 1 with AVX-512, where the GEMM's packing and the unfolding cost more
             // than the 2/(W+2) dropped columns of the flat frame. Forward against the GEMM,
             // builds alternating, 4 rounds: 64x16x14x14->32 1.37x, 64x32x7x7->64 1.18x,
             // 64x16x28x28->32 1.17x, 32x64x32x32->64 1.29x; 64x32x14x14->16 (the input
-            // gradient of the first, a forward of the transposed convolution) 1.95x. With
-            // AVX2 0.96-1.14x: kept on the GEMM there. (AMD EPYC Zen 5, 1 thread, CPU time,
-            // the machine loaded by other jobs.)
+            // gradient of the first, a forward of the transposed convolution) 1.95x.
+            // (AMD EPYC Zen 5, 1 thread, CPU time, the machine loaded by other jobs.)
+            // With AVX2 the plain forward is about as fast as the GEMM (64x16x14x14->32
+            // 1.02x, 64x32x7x7->64 1.02x, 64x16x28x28->32 1.0x, 32x64x32x32->64 1.06x;
+            // 64x32x14x14->16 1.20x), but only this path fuses the 2x2 pool (and chains
+            // two blocks) in the evaluation forward: 64x16x14x14->32 with ReLU and max
+            // pool 1.20x, LeNetBN inference 1.27x, a LeNetBN training step (batch 64)
+            // 1.02x. (The same machine held to AVX2, builds alternating, 6 rounds.)
             Forward::Direct(Kernel::forward(level))
         } else if direct_handles {
-            // A first layer (few unfolded rows) with AVX-512: the direct kernel summing in
-            // the small-K product's order, so its bits, without unfolding the image.
-            // Forward 64x1x28x28->16 k3p1 against the small-K product, builds alternating,
-            // 4 rounds: 1.30x; with the fused ReLU and 2x2 pool on 1000 images 1.87x (with
+            // A first layer (few unfolded rows): the direct kernel summing in the small-K
+            // product's order, so its bits, without unfolding the image. Forward
+            // 64x1x28x28->16 k3p1 against the small-K product, builds alternating, 4
+            // rounds: 1.30x; with the fused ReLU and 2x2 pool on 1000 images 1.87x (with
             // the pool's own change). 1000 images unpooled 1.0x: writing the 50 MB output
-            // bounds both. (AMD EPYC Zen 5, 1 thread, CPU time, the machine loaded.)
+            // bounds both. (AMD EPYC Zen 5, 1 thread, CPU time, the machine loaded.) With
+            // AVX2, 64 images: unpooled 0.93-0.97x, with the fused ReLU and max pool 1.37x
+            // (the same machine held to AVX2, builds alternating, 4 and 6 rounds).
             Forward::Direct(Kernel::small_k(level))
         } else if p.col_rows() <= SMALL_K {
             // Few unfolded rows (a first layer on one or three channels, 3×3): a GEMM with
@@ -142,8 +150,9 @@ impl Plan {
             // Beside the forward's, from 14×14 outputs: weight gradient 1.31x faster on
             // 64x16x14x14->32, 1.37x on 64x16x28x28->32, 2.72x on 32x64x32x32->64 (as
             // above), but 0.69x on 64x32x7x7->64 (7 of 9 flat columns kept, and per image
-            // only four steps of 16 pixels to spread its set-up over).
-            weight_grad_direct: (direct && p.pixels() >= 14 * 14)
+            // only four steps of 16 pixels to spread its set-up over). With AVX-512 only:
+            // not measured against the GEMM with AVX2.
+            weight_grad_direct: (level == Level::Avx512 && direct && p.pixels() >= 14 * 14)
                 .then(|| Kernel::weight_grad(level)),
         }
     }
@@ -253,9 +262,9 @@ pub(super) fn transposed_params(p: &Conv2dParams) -> Option<Conv2dParams> {
 mod tests {
     use super::*;
 
-    /// The plan with AVX2: the GEMM paths.
+    /// The plan of the portable level: the GEMM paths.
     fn plan(input: [usize; 4], weight: [usize; 4], stride: i64, padding: i64) -> Plan {
-        plan_at(input, weight, stride, padding, Level::Avx2)
+        plan_at(input, weight, stride, padding, Level::Scalar)
     }
 
     fn plan_at(
@@ -301,46 +310,46 @@ mod tests {
     }
 
     #[test]
-    fn direct_kernels_where_avx512_measured_them_faster() {
-        let direct = Kernel::forward(Level::Avx512);
-        let middle = plan_at([64, 16, 14, 14], [32, 16, 3, 3], 1, 1, Level::Avx512);
-        assert_eq!(middle.forward, Forward::Direct(direct));
-        assert_eq!(
-            middle.weight_grad_direct,
-            Some(Kernel::weight_grad(Level::Avx512))
-        );
-        let small = plan_at([64, 32, 7, 7], [64, 32, 3, 3], 1, 1, Level::Avx512);
-        assert_eq!(small.forward, Forward::Direct(direct));
-        assert_eq!(small.weight_grad_direct, None);
-        let InputGrad::Transposed(transposed) = middle.input_grad else {
-            panic!("{:?}", middle.input_grad)
-        };
-        assert_eq!(
-            Plan::for_level(&transposed, Level::Avx512).forward,
-            Forward::Direct(direct)
-        );
-        let larger = plan_at([64, 16, 28, 28], [32, 16, 3, 3], 1, 1, Level::Avx512);
-        assert_eq!(
-            larger.weight_grad_direct,
-            Some(Kernel::weight_grad(Level::Avx512))
-        );
-        // The first layer's forward (small K) by the kernel in the small-K product's
-        // order; its weight gradient stays on the GEMM.
-        let first = plan_at([64, 1, 28, 28], [16, 1, 3, 3], 1, 1, Level::Avx512);
-        assert_eq!(
-            first.forward,
-            Forward::Direct(Kernel::small_k(Level::Avx512))
-        );
-        assert!(Kernel::small_k(Level::Avx512).from_bias && !direct.from_bias);
-        assert_eq!(first.weight_grad_direct, None);
-        // Not: strides, pointwise, and any shape with AVX2.
-        for (input, weight, stride, padding) in [
-            ([64, 1, 28, 28], [16, 1, 3, 3], 2, 1),
-            ([64, 16, 28, 28], [32, 16, 3, 3], 2, 1),
-            ([2, 64, 32, 32], [32, 64, 1, 1], 1, 0),
-        ] {
-            let p = plan_at(input, weight, stride, padding, Level::Avx512);
-            assert!(!matches!(p.forward, Forward::Direct(_)) && p.weight_grad_direct.is_none());
+    fn direct_kernels_with_fma() {
+        for level in [Level::Avx512, Level::Avx2] {
+            let direct = Kernel::forward(level);
+            let middle = plan_at([64, 16, 14, 14], [32, 16, 3, 3], 1, 1, level);
+            assert_eq!(middle.forward, Forward::Direct(direct));
+            let small = plan_at([64, 32, 7, 7], [64, 32, 3, 3], 1, 1, level);
+            assert_eq!(small.forward, Forward::Direct(direct));
+            assert_eq!(small.weight_grad_direct, None);
+            let InputGrad::Transposed(transposed) = middle.input_grad else {
+                panic!("{:?}", middle.input_grad)
+            };
+            assert_eq!(
+                Plan::for_level(&transposed, level).forward,
+                Forward::Direct(direct)
+            );
+            // The first layer's forward (small K) by the kernel in the small-K product's
+            // order; its weight gradient stays on the GEMM.
+            let first = plan_at([64, 1, 28, 28], [16, 1, 3, 3], 1, 1, level);
+            assert_eq!(first.forward, Forward::Direct(Kernel::small_k(level)));
+            assert!(Kernel::small_k(level).from_bias && !direct.from_bias);
+            assert_eq!(first.weight_grad_direct, None);
+            // Not: strides, pointwise.
+            for (input, weight, stride, padding) in [
+                ([64, 1, 28, 28], [16, 1, 3, 3], 2, 1),
+                ([64, 16, 28, 28], [32, 16, 3, 3], 2, 1),
+                ([2, 64, 32, 32], [32, 64, 1, 1], 1, 0),
+            ] {
+                let p = plan_at(input, weight, stride, padding, level);
+                assert!(!matches!(p.forward, Forward::Direct(_)) && p.weight_grad_direct.is_none());
+            }
+        }
+        // The direct weight gradient with AVX-512 only.
+        for input in [[64, 16, 14, 14], [64, 16, 28, 28]] {
+            let avx512 = plan_at(input, [32, 16, 3, 3], 1, 1, Level::Avx512);
+            assert_eq!(
+                avx512.weight_grad_direct,
+                Some(Kernel::weight_grad(Level::Avx512))
+            );
+            let avx2 = plan_at(input, [32, 16, 3, 3], 1, 1, Level::Avx2);
+            assert_eq!(avx2.weight_grad_direct, None);
         }
         assert!(plan([64, 16, 28, 28], [32, 16, 3, 3], 1, 1)
             .weight_grad_direct
