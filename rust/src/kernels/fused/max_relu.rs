@@ -263,21 +263,23 @@ fn backward_steps<const W: usize, const V: usize, const LEAKY: bool>(
         let (z_top, c0, c1) = corners::<W, V, LEAKY>(lanes(x, top), map);
         let (z_bottom, c2, c3) = corners::<W, V, LEAKY>(lanes(x, top + w), map);
         let g: &[f32; W] = lanes(grad, pooled_at);
-        let mut routed = [[0.0f32; W]; 4];
+        // Four arrays, not an array of four: LLVM then keeps them in registers, and
+        // interleaves them back into columns with register shuffles.
+        let (mut g0, mut g1, mut g2, mut g3) = ([0.0; W], [0.0; W], [0.0; W], [0.0; W]);
         for i in 0..W {
             let (_, at) = scan(c0[i], c1[i], c2[i], c3[i]);
             let v = 0.0 + g[i];
-            for (k, routed) in routed.iter_mut().enumerate() {
-                routed[i] = if at == k as f32 { v } else { 0.0 };
-            }
+            g0[i] = if at == 0.0 { v } else { 0.0 };
+            g1[i] = if at == 1.0 { v } else { 0.0 };
+            g2[i] = if at == 2.0 { v } else { 0.0 };
+            g3[i] = if at == 3.0 { v } else { 0.0 };
         }
-        let [g0, g1, g2, g3] = &routed;
         let out: &mut [f32; V] = (&mut grad_input[top..top + V]).try_into().expect("V");
-        row_grad(&z_top, g0, g1, slope, out);
+        row_grad(&z_top, &g0, &g1, slope, out);
         let out: &mut [f32; V] = (&mut grad_input[top + w..top + w + V])
             .try_into()
             .expect("V");
-        row_grad(&z_bottom, g2, g3, slope, out);
+        row_grad(&z_bottom, &g2, &g3, slope, out);
     }
     uncovered_grad(x, w, map, grad_input);
 }
