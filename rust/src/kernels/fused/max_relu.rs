@@ -5,11 +5,12 @@
 //! The portable stages of the block run each stage over the whole plane (normalised plane,
 //! activated copy, the windows' corners gathered into four arrays, the pool's gradient, the
 //! activation's derivative): six passes over the plane's scratch. Here a step takes
-//! [`STEP`] windows of a row pair (2·STEP values of each row, in fixed-size arrays) through
-//! every stage at once: one body under [`simd_dispatch!`] that LLVM vectorises at each level
-//! (the even/odd split of a row's values is a shuffle of registers). AVX-512 keeps its
-//! hand-written kernels ([`super::max_relu_avx512`]), which fill 16 lanes from two row pairs
-//! when a row has at most 8 windows (LeNet's 14- and 7-wide pooled planes).
+//! [`STEP`] windows (two half steps of [`HALF`], from one row pair or, on narrow rows, from
+//! two) through every stage at once, in fixed-size arrays: one body under
+//! [`simd_dispatch!`] that LLVM vectorises at each level (the even/odd split of a row's
+//! values and the interleave back are register shuffles). The AVX-512 level keeps its
+//! hand-written kernels ([`super::max_relu_avx512`]): this body built for AVX-512 ran
+//! LeNet's two blocks about 8% slower (CPU time, forward and backward).
 //!
 //! Each value gets the portable stages' arithmetic (subtract, multiply, add without
 //! fusing; the same selects in the same order, the first NaN and the first of equal values
@@ -93,49 +94,67 @@ pub(super) fn uncovered_grad(x: &[f32], w: usize, map: &PlaneMap, grad_input: &m
     }
 }
 
-/// Windows per step on rows of at least that many windows: 16 values of a row, two AVX2
-/// vectors.
-const WIDE: usize = 8;
+/// Windows per half step: a half step takes 4 windows of a row pair (8 values of each
+/// row, one AVX2 vector); a step takes two, from the same row pair or, on rows of fewer
+/// than 8 windows, from two (LeNet's second block pools 14-wide planes to 7), so that its
+/// 16 values a row fill two vectors either way. Rows of fewer windows (planes under 8
+/// wide) take the portable stages instead.
+const HALF: usize = 4;
 
-/// Windows per step on narrower rows (LeNet's second block pools 14-wide planes to 7).
-/// Rows of fewer windows (planes under 8 wide) take the portable stages instead.
-const NARROW: usize = 4;
+/// Windows per step.
+const STEP: usize = 2 * HALF;
 
 /// Whether the kernels take planes of width `w` at the level in use.
 pub(super) fn takes(w: usize) -> bool {
-    w / 2 >= NARROW || avx512()
+    w / 2 >= HALF || avx512()
 }
 
 fn avx512() -> bool {
     cfg!(target_arch = "x86_64") && crate::simd::level() == crate::simd::Level::Avx512
 }
 
-/// The steps of `W` windows covering a plane of width `w` with `out_h`×`out_w` windows
-/// (`out_w >= W`), as `(top, pooled_at)`: the step's top row starts at value `top` of the
-/// plane and its first window is pooled value `pooled_at`. The last step of a row moves
-/// back to end at the row's last window (the windows it shares with the one before are
-/// computed twice, to the same bits), so that every step is whole. An iterator rather than
-/// a closure per step, so that the step's body is compiled into the caller with its level's
-/// target features.
+/// The steps covering a plane of width `w` with `out_h`×`out_w` windows (`out_w >= HALF`),
+/// as two half steps `(top, pooled_at)` each: the half step's top row starts at value `top`
+/// of the plane and its first window is pooled value `pooled_at`. Rows of at least `STEP`
+/// windows take steps of consecutive windows, the row's last step moved back to end at its
+/// last window; narrower rows take half steps (the last moved back likewise), two a step,
+/// an odd last one paired with itself. Windows computed twice give the same bits, so every
+/// step is whole. An iterator rather than a closure per step, so that the step's body is
+/// compiled into the caller with its level's target features.
 #[inline(always)]
-fn steps<const W: usize>(
-    w: usize,
-    out_h: usize,
-    out_w: usize,
-) -> impl Iterator<Item = (usize, usize)> {
-    let per_row = out_w.div_ceil(W);
-    (0..out_h).flat_map(move |oh| {
-        (0..per_row).map(move |k| {
-            let first = (k * W).min(out_w - W);
-            (2 * oh * w + 2 * first, oh * out_w + first)
-        })
+fn steps(w: usize, out_h: usize, out_w: usize) -> impl Iterator<Item = [(usize, usize); 2]> {
+    let half = move |oh: usize, first: usize| (2 * oh * w + 2 * first, oh * out_w + first);
+    let wide = out_w >= STEP;
+    let (per_row, unit) = if wide {
+        (out_w.div_ceil(STEP), STEP)
+    } else {
+        (out_w.div_ceil(HALF), HALF)
+    };
+    let mut units = (0..out_h)
+        .flat_map(move |oh| (0..per_row).map(move |k| (oh, (k * unit).min(out_w - unit))));
+    std::iter::from_fn(move || {
+        let (oh, first) = units.next()?;
+        if wide {
+            return Some([half(oh, first), half(oh, first + HALF)]);
+        }
+        let second = units
+            .next()
+            .map_or(half(oh, first), |(oh, first)| half(oh, first));
+        Some([half(oh, first), second])
     })
 }
 
-/// `N` values of `src` from `at`, as an array.
+/// A step's `2·STEP` values of one row (`down` = 0) or the row below (`down` = w): each
+/// half step's `STEP` values from its `top`.
 #[inline(always)]
-fn lanes<const N: usize>(src: &[f32], at: usize) -> &[f32; N] {
-    src[at..at + N].try_into().expect("N values")
+fn row_values(plane: &[f32], halves: &[(usize, usize); 2], down: usize) -> [f32; 2 * STEP] {
+    let mut values = [0.0; 2 * STEP];
+    for (values, &(top, _)) in values.chunks_exact_mut(STEP).zip(halves) {
+        for (v, &x) in values.iter_mut().zip(&plane[top + down..top + down + STEP]) {
+            *v = x;
+        }
+    }
+    values
 }
 
 /// The rectifier, leaky ReLU (`LEAKY`, with `slope`) or ReLU, as the activation computes it.
@@ -148,22 +167,22 @@ fn rectify<const LEAKY: bool>(z: f32, slope: f32) -> f32 {
     }
 }
 
-/// A step's `V = 2·W` values of one row: their normalised values `z` and their rectified
-/// values split into even and odd columns (the windows' left and right corners). Plain
-/// loops over fixed-size arrays: `array::map` and `array::from_fn` are not inlined into
-/// the level's build.
+/// A step's values of one row: their normalised values `z` and their rectified values
+/// split into even and odd columns (the windows' left and right corners). Plain loops over
+/// fixed-size arrays: `array::map` and `array::from_fn` are not inlined into the level's
+/// build.
 #[inline(always)]
-fn corners<const W: usize, const V: usize, const LEAKY: bool>(
-    values: &[f32; V],
+fn corners<const LEAKY: bool>(
+    values: &[f32; 2 * STEP],
     map: &PlaneMap,
-) -> ([f32; V], [f32; W], [f32; W]) {
+) -> ([f32; 2 * STEP], [f32; STEP], [f32; STEP]) {
     let slope = map.rectifier.slope();
-    let mut z = [0.0; V];
+    let mut z = [0.0; 2 * STEP];
     for (z, &v) in z.iter_mut().zip(values) {
         *z = map.normalise(v);
     }
-    let (mut left, mut right) = ([0.0; W], [0.0; W]);
-    for i in 0..W {
+    let (mut left, mut right) = ([0.0; STEP], [0.0; STEP]);
+    for i in 0..STEP {
         left[i] = rectify::<LEAKY>(z[2 * i], slope);
         right[i] = rectify::<LEAKY>(z[2 * i + 1], slope);
     }
@@ -184,37 +203,48 @@ fn scan(c0: f32, c1: f32, c2: f32, c3: f32) -> (f32, f32) {
     (best, at)
 }
 
-/// [`forward_rectified`] in steps of `W` windows (`V = 2·W` values a row), with leaky ReLU
-/// (`LEAKY`) or ReLU.
+/// [`forward_rectified`] with leaky ReLU (`LEAKY`) or ReLU, on rows of at least `STEP`
+/// windows (`WIDE`: a step's pooled values are consecutive, one store that LLVM builds the
+/// step's vectors from, rather than two half-width ones) or fewer.
 #[inline(always)]
-fn forward_steps<const W: usize, const V: usize, const LEAKY: bool>(
+fn forward_steps<const LEAKY: bool, const WIDE: bool>(
     x: &[f32],
     w: usize,
     map: &PlaneMap,
     out: &mut [f32],
 ) {
     let (out_h, out_w) = check(x, w, out);
-    for (top, pooled_at) in steps::<W>(w, out_h, out_w) {
-        let (_, c0, c1) = corners::<W, V, LEAKY>(lanes(x, top), map);
-        let (_, c2, c3) = corners::<W, V, LEAKY>(lanes(x, top + w), map);
-        let pooled: &mut [f32; W] = (&mut out[pooled_at..pooled_at + W]).try_into().expect("W");
-        for i in 0..W {
+    for halves in steps(w, out_h, out_w) {
+        let (_, c0, c1) = corners::<LEAKY>(&row_values(x, &halves, 0), map);
+        let (_, c2, c3) = corners::<LEAKY>(&row_values(x, &halves, w), map);
+        let mut pooled = [0.0; STEP];
+        for i in 0..STEP {
             pooled[i] = scan(c0[i], c1[i], c2[i], c3[i]).0;
+        }
+        if WIDE {
+            let at = halves[0].1;
+            for (o, &v) in out[at..at + STEP].iter_mut().zip(&pooled) {
+                *o = v;
+            }
+        } else {
+            for (pooled, &(_, at)) in pooled.chunks_exact(HALF).zip(&halves) {
+                for (o, &v) in out[at..at + HALF].iter_mut().zip(pooled) {
+                    *o = v;
+                }
+            }
         }
     }
 }
 
-/// The pooled values of one plane `x` of width `w` (at least `2·NARROW`):
+/// The pooled values of one plane `x` of width `w` (at least `2·HALF`):
 /// `max_pool_2x2_plane_values` of the rectified normalised plane, in portable steps.
 #[inline(always)]
 fn forward_rectified(x: &[f32], w: usize, map: &PlaneMap, out: &mut [f32]) {
-    match (map.rectifier, w / 2 >= WIDE) {
-        (Rectifier::Relu, true) => forward_steps::<WIDE, { 2 * WIDE }, false>(x, w, map, out),
-        (Rectifier::Relu, false) => forward_steps::<NARROW, { 2 * NARROW }, false>(x, w, map, out),
-        (Rectifier::Leaky(_), true) => forward_steps::<WIDE, { 2 * WIDE }, true>(x, w, map, out),
-        (Rectifier::Leaky(_), false) => {
-            forward_steps::<NARROW, { 2 * NARROW }, true>(x, w, map, out)
-        }
+    match (map.rectifier, w / 2 >= STEP) {
+        (Rectifier::Relu, true) => forward_steps::<false, true>(x, w, map, out),
+        (Rectifier::Relu, false) => forward_steps::<false, false>(x, w, map, out),
+        (Rectifier::Leaky(_), true) => forward_steps::<true, true>(x, w, map, out),
+        (Rectifier::Leaky(_), false) => forward_steps::<true, false>(x, w, map, out),
     }
 }
 
@@ -227,29 +257,38 @@ simd_dispatch! {
 
 /// The gradient of one row of a step before the rectifier: the routed gradients of the
 /// left and right corners interleaved back into columns, through the derivative at `z`
-/// (`g` where `z > 0`, else `g·slope`, as `relu_grad_chunk`), into `out`.
+/// (`g` where `z > 0`, else `g·slope`, as `relu_grad_chunk`), into each half step's values
+/// of `grad_input` from its `top`, `down` further.
 #[inline(always)]
-fn row_grad<const W: usize, const V: usize>(
-    z: &[f32; V],
-    left: &[f32; W],
-    right: &[f32; W],
+fn row_grad(
+    z: &[f32; 2 * STEP],
+    left: &[f32; STEP],
+    right: &[f32; STEP],
     slope: f32,
-    out: &mut [f32; V],
+    halves: &[(usize, usize); 2],
+    down: usize,
+    grad_input: &mut [f32],
 ) {
-    let mut routed = [0.0; V];
-    for i in 0..W {
+    let mut routed = [0.0; 2 * STEP];
+    for i in 0..STEP {
         routed[2 * i] = left[i];
         routed[2 * i + 1] = right[i];
     }
-    for ((o, &g), &z) in out.iter_mut().zip(&routed).zip(z) {
+    let mut grad = [0.0; 2 * STEP];
+    for ((o, &g), &z) in grad.iter_mut().zip(&routed).zip(z) {
         *o = if z > 0.0 { g } else { g * slope };
+    }
+    for (grad, &(top, _)) in grad.chunks_exact(STEP).zip(halves) {
+        let at = top + down;
+        for (o, &g) in grad_input[at..at + STEP].iter_mut().zip(grad) {
+            *o = g;
+        }
     }
 }
 
-/// [`backward_rectified`] in steps of `W` windows (`V = 2·W` values a row), with leaky
-/// ReLU (`LEAKY`) or ReLU.
+/// [`backward_rectified`] with leaky ReLU (`LEAKY`) or ReLU.
 #[inline(always)]
-fn backward_steps<const W: usize, const V: usize, const LEAKY: bool>(
+fn backward_steps<const LEAKY: bool>(
     x: &[f32],
     w: usize,
     map: &PlaneMap,
@@ -259,14 +298,19 @@ fn backward_steps<const W: usize, const V: usize, const LEAKY: bool>(
     let (out_h, out_w) = check(x, w, grad);
     assert_eq!(grad_input.len(), x.len(), "max_relu: grad_input");
     let slope = map.rectifier.slope();
-    for (top, pooled_at) in steps::<W>(w, out_h, out_w) {
-        let (z_top, c0, c1) = corners::<W, V, LEAKY>(lanes(x, top), map);
-        let (z_bottom, c2, c3) = corners::<W, V, LEAKY>(lanes(x, top + w), map);
-        let g: &[f32; W] = lanes(grad, pooled_at);
+    for halves in steps(w, out_h, out_w) {
+        let (z_top, c0, c1) = corners::<LEAKY>(&row_values(x, &halves, 0), map);
+        let (z_bottom, c2, c3) = corners::<LEAKY>(&row_values(x, &halves, w), map);
+        let mut g = [0.0; STEP];
+        for (g, &(_, at)) in g.chunks_exact_mut(HALF).zip(&halves) {
+            for (g, &v) in g.iter_mut().zip(&grad[at..at + HALF]) {
+                *g = v;
+            }
+        }
         // Four arrays, not an array of four: LLVM then keeps them in registers, and
         // interleaves them back into columns with register shuffles.
-        let (mut g0, mut g1, mut g2, mut g3) = ([0.0; W], [0.0; W], [0.0; W], [0.0; W]);
-        for i in 0..W {
+        let (mut g0, mut g1, mut g2, mut g3) = ([0.0; STEP], [0.0; STEP], [0.0; STEP], [0.0; STEP]);
+        for i in 0..STEP {
             let (_, at) = scan(c0[i], c1[i], c2[i], c3[i]);
             let v = 0.0 + g[i];
             g0[i] = if at == 0.0 { v } else { 0.0 };
@@ -274,33 +318,22 @@ fn backward_steps<const W: usize, const V: usize, const LEAKY: bool>(
             g2[i] = if at == 2.0 { v } else { 0.0 };
             g3[i] = if at == 3.0 { v } else { 0.0 };
         }
-        let out: &mut [f32; V] = (&mut grad_input[top..top + V]).try_into().expect("V");
-        row_grad(&z_top, &g0, &g1, slope, out);
-        let out: &mut [f32; V] = (&mut grad_input[top + w..top + w + V])
-            .try_into()
-            .expect("V");
-        row_grad(&z_bottom, &g2, &g3, slope, out);
+        row_grad(&z_top, &g0, &g1, slope, &halves, 0, grad_input);
+        row_grad(&z_bottom, &g2, &g3, slope, &halves, w, grad_input);
     }
     uncovered_grad(x, w, map, grad_input);
 }
 
-/// Backward pass 1 of one plane of width `w` (at least `2·NARROW`): from the pooled
-/// gradient `grad` (after the dropout), the gradient before the rectifier into
-/// `grad_input`: `0.0 + g` at each window's maximum and 0.0 elsewhere (also the rows and
-/// columns no window covers), then the rectifier's derivative, `g` where `z > 0`, else
-/// `g·slope`; in portable steps.
+/// Backward pass 1 of one plane of width `w` (at least `2·HALF`): from the pooled gradient
+/// `grad` (after the dropout), the gradient before the rectifier into `grad_input`:
+/// `0.0 + g` at each window's maximum and 0.0 elsewhere (also the rows and columns no
+/// window covers), then the rectifier's derivative, `g` where `z > 0`, else `g·slope`; in
+/// portable steps.
 #[inline(always)]
 fn backward_rectified(x: &[f32], w: usize, map: &PlaneMap, grad: &[f32], grad_input: &mut [f32]) {
-    let (x, g, gi) = (x, grad, grad_input);
-    match (map.rectifier, w / 2 >= WIDE) {
-        (Rectifier::Relu, true) => backward_steps::<WIDE, { 2 * WIDE }, false>(x, w, map, g, gi),
-        (Rectifier::Relu, false) => {
-            backward_steps::<NARROW, { 2 * NARROW }, false>(x, w, map, g, gi)
-        }
-        (Rectifier::Leaky(_), true) => backward_steps::<WIDE, { 2 * WIDE }, true>(x, w, map, g, gi),
-        (Rectifier::Leaky(_), false) => {
-            backward_steps::<NARROW, { 2 * NARROW }, true>(x, w, map, g, gi)
-        }
+    match map.rectifier {
+        Rectifier::Relu => backward_steps::<false>(x, w, map, grad, grad_input),
+        Rectifier::Leaky(_) => backward_steps::<true>(x, w, map, grad, grad_input),
     }
 }
 
@@ -404,7 +437,7 @@ mod tests {
         let mut kernels: Vec<(&'static str, Takes, Forward, Backward)> = vec![
             (
                 "portable",
-                |w| w / 2 >= NARROW,
+                |w| w / 2 >= HALF,
                 forward_rectified,
                 backward_rectified,
             ),
