@@ -10,7 +10,7 @@
 //! [`simd_dispatch!`] that LLVM vectorises at each level (the even/odd split of a row's
 //! values and the interleave back are register shuffles). The AVX-512 level keeps its
 //! hand-written kernels ([`super::max_relu_avx512`]): this body built for AVX-512 ran
-//! LeNet's two blocks about 8% slower (CPU time, forward and backward).
+//! LeNet's two blocks about 12% slower (CPU time, forward and backward).
 //!
 //! Each value gets the portable stages' arithmetic (subtract, multiply, add without
 //! fusing; the same selects in the same order, the first NaN and the first of equal values
