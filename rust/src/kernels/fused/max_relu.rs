@@ -109,6 +109,7 @@ pub(super) fn takes(w: usize) -> bool {
     w / 2 >= HALF || avx512()
 }
 
+/// Whether the level in use is AVX-512, where [`super::max_relu_avx512`] runs the planes.
 fn avx512() -> bool {
     cfg!(target_arch = "x86_64") && crate::simd::level() == crate::simd::Level::Avx512
 }
