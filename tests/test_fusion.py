@@ -527,6 +527,22 @@ def restore_threads_and_simd():
     _core.set_simd(level)
 
 
+#: Max pool after (leaky) ReLU on planes of 4 to 7 windows a row, of 8 or more (a row's
+#: last step moved back), and too narrow for the register-blocked plane kernel.
+@pytest.mark.parametrize("stages", [("relu", "max", "dropout"), ("leaky_relu", "max", None)],
+                         ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("shape, width", [((3, 2, 7, 9), 5), ((2, 3, 10, 19), 4),
+                                          ((1, 2, 5, 6), 3)], ids=lambda v: str(v))
+def test_training_blocks_give_the_unfused_bits_at_each_simd_level(
+        shape, width, stages, rng, restore_threads_and_simd):
+    x, grads = _inputs(_train_model(shape, width, stages), shape, rng)
+    for level in _core.simd_levels():
+        _core.set_simd(level)
+        fused = _train_steps(_train_model(shape, width, stages), x, grads, True)
+        unfused = _train_steps(_train_model(shape, width, stages), x, grads, False)
+        _assert_same_bits(fused, unfused, f"{level} {shape} {stages}")
+
+
 def test_training_blocks_same_bits_at_any_thread_count_and_simd_level(
         rng, restore_threads_and_simd):
     shape, width, stages = (3, 5, 13, 11), 17, ("relu", "max", "dropout")

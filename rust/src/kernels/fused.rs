@@ -37,6 +37,7 @@ use super::pool::{
 use crate::error::{check_len, Error, Result};
 use crate::simd_dispatch;
 
+mod max_relu;
 #[cfg(target_arch = "x86_64")]
 mod max_relu_avx512;
 
@@ -246,28 +247,24 @@ impl Affine<'_> {
     }
 }
 
-/// The plane's map for the AVX-512 kernels of [`max_relu_avx512`], when they run the
-/// tile: planes, (leaky) ReLU then a 2×2 max pool, at the AVX-512 level.
-#[cfg(target_arch = "x86_64")]
-fn max_relu_map(
-    p: &BnBlockParams,
-    affine: &Affine<'_>,
-    tile: usize,
-) -> Option<max_relu_avx512::PlaneMap> {
-    use max_relu_avx512::Rectifier;
+/// The plane's map for the kernels of [`max_relu`], when they run the tile: planes,
+/// (leaky) ReLU then a 2×2 max pool.
+fn max_relu_map(p: &BnBlockParams, affine: &Affine<'_>, tile: usize) -> Option<max_relu::PlaneMap> {
+    use max_relu::Rectifier;
     let rectifier = match p.activation {
         Some(Activation::Relu) => Rectifier::Relu,
         Some(Activation::LeakyRelu(slope)) => Rectifier::Leaky(slope),
         _ => return None,
     };
+    let plane_w = p.plane_hw.map_or(0, |(_, w)| w);
     if p.pool != Some(Pool2x2::Max)
         || !matches!(p.tiles(), Tiles::Planes)
-        || crate::simd::level() != crate::simd::Level::Avx512
+        || !max_relu::takes(plane_w)
     {
         return None;
     }
     let c = tile % p.bn.channels;
-    Some(max_relu_avx512::PlaneMap {
+    Some(max_relu::PlaneMap {
         mean: affine.mean[c],
         scale: affine.scale[c],
         shift: affine.shift[c],
@@ -330,14 +327,12 @@ fn forward_tile(
 ) {
     let plane_w = p.plane_hw.map_or(0, |(_, w)| w);
     let out_w = p.out_hw().map_or(0, |(_, w)| w);
-    #[cfg(target_arch = "x86_64")]
     if let Some(map) = max_relu_map(p, affine, tile) {
-        // SAFETY: max_relu_map chose the AVX-512 level, which the CPU has.
         match &p.dropout {
-            None => unsafe { max_relu_avx512::forward_plane(x, plane_w, &map, out) },
+            None => max_relu::forward_plane(x, plane_w, &map, out),
             Some(d) => {
                 let pooled = &mut s.pooled[..out.len()];
-                unsafe { max_relu_avx512::forward_plane(x, plane_w, &map, pooled) };
+                max_relu::forward_plane(x, plane_w, &map, pooled);
                 apply_dropout(p, d, tile, pooled, out, &mut s.factors);
             }
         }
@@ -459,10 +454,8 @@ fn grad_before_activation(
         }
         None => grad_output,
     };
-    #[cfg(target_arch = "x86_64")]
     if let Some(map) = max_relu_map(p, affine, tile) {
-        // SAFETY: max_relu_map chose the AVX-512 level, which the CPU has.
-        unsafe { max_relu_avx512::backward_plane(x, plane_w, &map, dropped, grad_input) };
+        max_relu::backward_plane(x, plane_w, &map, dropped, grad_input);
         return;
     }
     affine.normalise(p, tile, x, &mut s.normalised[..n]);

@@ -13,31 +13,7 @@
 
 use std::arch::x86_64::*;
 
-/// The activation before the pool: ReLU, or leaky ReLU with its slope.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(super) enum Rectifier {
-    Relu,
-    Leaky(f32),
-}
-
-impl Rectifier {
-    /// The slope the gradient takes at or below zero (ReLU's derivative is `g·0.0` there).
-    fn slope(self) -> f32 {
-        match self {
-            Rectifier::Relu => 0.0,
-            Rectifier::Leaky(slope) => slope,
-        }
-    }
-}
-
-/// The plane's normalisation `(x - mean)·scale + shift` and its rectifier.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct PlaneMap {
-    pub mean: f32,
-    pub scale: f32,
-    pub shift: f32,
-    pub rectifier: Rectifier,
-}
+use super::max_relu::{check, uncovered_grad, PlaneMap, Rectifier};
 
 /// Windows per step: one vector of each corner.
 const STEP: usize = 16;
@@ -217,18 +193,6 @@ fn scan(corners: [__m512; 4]) -> (__m512, [__mmask16; 3]) {
     (best, takes)
 }
 
-/// Check the plane's shapes: `h×w` input values, `(h/2)×(w/2)` pooled ones.
-fn check(plane: &[f32], w: usize, pooled: &[f32]) -> (usize, usize) {
-    let (h, out_w) = (plane.len() / w.max(1), w / 2);
-    assert!(
-        w >= 2 && h >= 2 && plane.len() == h * w && pooled.len() == (h / 2) * out_w,
-        "max_relu_avx512: a plane of {} values, width {w}, pooled to {}",
-        plane.len(),
-        pooled.len()
-    );
-    (h / 2, out_w)
-}
-
 /// The pooled values of one plane `x` of width `w`: `max_pool_2x2_plane_values` of the
 /// rectified normalised plane.
 ///
@@ -312,138 +276,5 @@ pub(super) unsafe fn backward_plane(
             }
         }
     });
-    // No window covers the last column of an odd width or the last row of an odd height:
-    // a zero gradient through the derivative.
-    let uncovered = |x: f32| {
-        let z = (x - map.mean) * map.scale + map.shift;
-        if z > 0.0 {
-            0.0
-        } else {
-            0.0 * map.rectifier.slope()
-        }
-    };
-    if w % 2 == 1 {
-        for row in 0..2 * out_h {
-            let i = row * w + w - 1;
-            grad_input[i] = uncovered(x[i]);
-        }
-    }
-    if (x.len() / w) % 2 == 1 {
-        let last = x.len() - w;
-        for (g, &v) in grad_input[last..].iter_mut().zip(&x[last..]) {
-            *g = uncovered(v);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::activation::{self, Activation};
-    use crate::kernels::batch_norm::plane_normalise;
-    use crate::kernels::pool::{max_pool_2x2_plane_backward, max_pool_2x2_plane_values};
-
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|f| f.to_bits()).collect()
-    }
-
-    /// Few distinct values (ties within windows, rectified zeros), signed zeros, NaNs and
-    /// infinities, from a fixed sequence.
-    fn awkward(n: usize, salt: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let v = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(salt) >> 9;
-                match v % 23 {
-                    0 => f32::NAN,
-                    1 => -0.0,
-                    2 => 0.0,
-                    3 => f32::INFINITY,
-                    4 => f32::NEG_INFINITY,
-                    k => (k % 5) as f32 * 0.5 - 1.0,
-                }
-            })
-            .collect()
-    }
-
-    /// The portable stages, as the fused block runs them without this module.
-    fn portable(
-        x: &[f32],
-        w: usize,
-        map: &PlaneMap,
-        grad: &[f32],
-        activation: Activation,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let out_w = w / 2;
-        let mut z = vec![0.0; x.len()];
-        plane_normalise(x, &mut z, map.mean, map.scale, map.shift);
-        let mut activated = z.clone();
-        activation::apply_in_place(activation, &mut activated);
-        let mut pooled = vec![0.0; grad.len()];
-        max_pool_2x2_plane_values(&activated, w, &mut pooled, out_w);
-        let (mut unpooled, mut windows) = (vec![0.0; x.len()], vec![0.0; 5 * grad.len()]);
-        max_pool_2x2_plane_backward(&activated, w, grad, out_w, &mut unpooled, &mut windows);
-        let mut grad_input = vec![0.0; x.len()];
-        activation::backward_in_tile(activation, &unpooled, &z, &mut grad_input);
-        (pooled, grad_input)
-    }
-
-    #[test]
-    fn planes_give_the_portable_stages_bits() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            eprintln!("max_relu_avx512: skipped, this CPU lacks AVX-512");
-            return;
-        }
-        // Odd and even sizes, one step and several (16 windows a step), partial steps.
-        let sizes = [
-            (2, 2),
-            (3, 3),
-            (28, 28),
-            (14, 14),
-            (7, 9),
-            (5, 34),
-            (4, 33),
-            (6, 70),
-        ];
-        let maps = [
-            (Rectifier::Relu, Activation::Relu, 0.25, 1.5, -0.5),
-            (Rectifier::Relu, Activation::Relu, -1.0, -2.0, 0.0),
-            (
-                Rectifier::Leaky(0.1),
-                Activation::LeakyRelu(0.1),
-                0.5,
-                0.75,
-                0.125,
-            ),
-            (
-                Rectifier::Leaky(-0.3),
-                Activation::LeakyRelu(-0.3),
-                0.0,
-                1.0,
-                0.0,
-            ),
-        ];
-        for (salt, &(h, w)) in sizes.iter().enumerate() {
-            for &(rectifier, activation, mean, scale, shift) in &maps {
-                let map = PlaneMap {
-                    mean,
-                    scale,
-                    shift,
-                    rectifier,
-                };
-                let x = awkward(h * w, salt as u32);
-                let grad = awkward((h / 2) * (w / 2), 100 + salt as u32);
-                let (pooled, grad_input) = portable(&x, w, &map, &grad, activation);
-                let mut fast_pooled = vec![f32::NAN; pooled.len()];
-                let mut fast_grad = vec![f32::NAN; x.len()];
-                // SAFETY: the CPU has AVX-512 F (checked above).
-                unsafe {
-                    forward_plane(&x, w, &map, &mut fast_pooled);
-                    backward_plane(&x, w, &map, &grad, &mut fast_grad);
-                }
-                let what = format!("{h}x{w} {rectifier:?}");
-                assert_eq!(bits(&fast_pooled), bits(&pooled), "pooled {what}");
-                assert_eq!(bits(&fast_grad), bits(&grad_input), "grad_input {what}");
-            }
-        }
-    }
+    uncovered_grad(x, w, map, grad_input);
 }
