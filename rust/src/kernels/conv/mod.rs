@@ -935,6 +935,21 @@ fn transposed_weight(p: &Conv2dParams, weight: &[f32]) -> Vec<f32> {
     flipped
 }
 
+simd_dispatch! {
+    /// Output channel `co`'s bias gradient: its planes' sums added over the batch in f64.
+    /// At the level's vector width (the sums only add, so the bits are the same at every
+    /// level); in baseline code it took about 3% of the backward of LeNet's middle
+    /// convolution.
+    fn bias_grad(p: &Conv2dParams, grad_output: &[f32], co: usize) -> f32 {
+        let pixels = p.pixels();
+        let mut total = 0.0f64;
+        for image in grad_output.chunks_exact(p.out_channels * pixels) {
+            total += f64::from(crate::kernels::reduce::sum(&image[co * pixels..][..pixels]));
+        }
+        total as f32
+    }
+}
+
 /// Gradients of [`forward`]: `grad_input` (if given), `grad_weight`, `grad_bias` (if given).
 pub fn backward(
     p: &Conv2dParams,
@@ -952,16 +967,9 @@ pub fn backward(
 
     if let Some(gb) = grad_bias {
         crate::error::check_len("grad_bias", gb.len(), p.out_channels)?;
-        gb.par_iter_mut().enumerate().for_each(|(co, g)| {
-            let mut total = 0.0f64;
-            for n in 0..p.batch {
-                let start = n * out_image + co * pixels;
-                total += f64::from(crate::kernels::reduce::sum(
-                    &grad_output[start..start + pixels],
-                ));
-            }
-            *g = total as f32;
-        });
+        gb.par_iter_mut()
+            .enumerate()
+            .for_each(|(co, g)| *g = bias_grad(p, grad_output, co));
     }
     if p.groups > 1 {
         if let Some(gx) = grad_input.as_deref() {
