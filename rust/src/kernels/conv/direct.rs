@@ -153,13 +153,18 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// Image `image`'s output gradient into a pass's flat gradients as `layout` lays them
-    /// out (the dropped columns stay zero), at the level's vector width as
-    /// [`copy_interior`] (in baseline code it took about 6% of the backward of LeNet's
-    /// middle convolution).
+    /// out (the dropped columns stay zero), and each plane's sum into `plane_sums`, at the
+    /// level's vector width as [`copy_interior`] (in baseline code it took about 6% of the
+    /// backward of LeNet's middle convolution).
     fn copy_grad_rows(p: &Conv2dParams, grad_output: &[f32], layout: GradLayout, image: usize,
-                      grads: &mut [f32]) {
+                      grads: &mut [f32], plane_sums: &mut [f32]) {
         let block = layout.channels * LANES;
-        for (co, plane) in grad_output.chunks_exact(p.out_h * p.out_w).enumerate() {
+        for ((co, plane), sum) in grad_output
+            .chunks_exact(p.out_h * p.out_w)
+            .enumerate()
+            .zip(plane_sums.iter_mut())
+        {
+            *sum = crate::kernels::reduce::sum(plane);
             let start = (co / layout.channels) * layout.tile_len()
                 + image * layout.channels * layout.computed
                 + (co % layout.channels) * LANES;
@@ -519,13 +524,15 @@ impl WeightGradPlan {
     }
 
     /// The weight gradient of `images` (consecutive, with their output gradients) into
-    /// `partial` (C_out × C_in·kH·kW), overwritten.
+    /// `partial` (C_out × C_in·kH·kW), overwritten; each output-gradient plane's sum
+    /// (`reduce::sum`, for the bias gradient) into `plane_sums` (images × C_out).
     pub(super) fn images(
         &self,
         p: &Conv2dParams,
         input: &[f32],
         grad_output: &[f32],
         partial: &mut [f32],
+        plane_sums: &mut [f32],
         scratch: &mut WeightGradScratch,
     ) -> Result<()> {
         let (image_len, out_image) = (p.image_len(), p.out_channels * p.pixels());
@@ -560,6 +567,7 @@ impl WeightGradPlan {
                     layout,
                     i,
                     &mut scratch.grads,
+                    &mut plane_sums[(first + i) * p.out_channels..][..p.out_channels],
                 );
             }
             resize_scratch(
@@ -932,8 +940,15 @@ mod tests {
                     let mut plan = WeightGradPlan::new(&p, kernel);
                     plan.images_per_pass = images_per_pass.min(plan.images_per_pass.max(p.batch));
                     let mut gw = vec![f32::NAN; expected.len()];
-                    plan.images(&p, &x, &gy, &mut gw, &mut WeightGradScratch::default())
+                    let mut plane_sums = vec![f32::NAN; p.batch * p.out_channels];
+                    let mut scratch = WeightGradScratch::default();
+                    plan.images(&p, &x, &gy, &mut gw, &mut plane_sums, &mut scratch)
                         .unwrap();
+                    let sums: Vec<f32> = gy
+                        .chunks_exact(p.pixels())
+                        .map(crate::kernels::reduce::sum)
+                        .collect();
+                    assert_eq!(bits(&plane_sums), bits(&sums), "{input:?} {kernel:?}");
                     let what = format!("{input:?} {kernel:?} {images_per_pass}");
                     assert_close(&gw, &expected, p.batch * p.pixels(), &what);
                     if kernel.fused && images_per_pass == usize::MAX {
