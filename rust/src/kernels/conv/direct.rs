@@ -473,6 +473,18 @@ fn forward_tiles<const R: usize, const V: usize, const FUSED: bool>(
 /// Images whose frames a weight-gradient pass holds at once: about 512 KiB (L2-sized).
 const PASS_BYTES: usize = 512 * 1024;
 
+/// Floats a scratch buffer has beyond its use, for [`cache_aligned`].
+const ALIGN_SLACK: usize = 64 / std::mem::size_of::<f32>() - 1;
+
+/// The `len` floats of `buffer` (`len + ALIGN_SLACK` long) from its first 64-byte
+/// boundary: the kernel's vectors of output gradients are then whole cache lines, where
+/// the allocator's 16-byte alignment split every one of them in two. The window stays
+/// where it is while the buffer is not reallocated, so its zero borders are kept.
+fn cache_aligned(buffer: &mut [f32], len: usize) -> &mut [f32] {
+    let start = buffer.as_ptr().align_offset(64).min(ALIGN_SLACK);
+    &mut buffer[start..start + len]
+}
+
 const GRAD_FRAMES: &str = "conv2d backward (direct): the frames of a group of images";
 
 /// The geometry and tiles of one weight-gradient call.
@@ -542,18 +554,21 @@ impl WeightGradPlan {
         let k = p.col_rows();
         for (pass, first) in (0..n_images).step_by(self.images_per_pass).enumerate() {
             let count = self.images_per_pass.min(n_images - first);
-            if scratch.frames.len() != count * self.frame_len {
+            let (frames_len, grads_len) = (count * self.frame_len, count * grad_len);
+            if scratch.frames.len() != frames_len + ALIGN_SLACK {
                 scratch.frames.clear();
-                resize_scratch(&mut scratch.frames, count * self.frame_len, GRAD_FRAMES)?;
+                resize_scratch(&mut scratch.frames, frames_len + ALIGN_SLACK, GRAD_FRAMES)?;
                 scratch.grads.clear();
-                resize_scratch(&mut scratch.grads, count * grad_len, GRAD_FRAMES)?;
+                resize_scratch(&mut scratch.grads, grads_len + ALIGN_SLACK, GRAD_FRAMES)?;
             }
+            let frames = cache_aligned(&mut scratch.frames, frames_len);
+            let grads = cache_aligned(&mut scratch.grads, grads_len);
             for i in 0..count {
                 let image = &input[(first + i) * image_len..][..image_len];
                 copy_interior(
                     p,
                     image,
-                    &mut scratch.frames[i * self.frame_len..][..self.frame_len],
+                    &mut frames[i * self.frame_len..][..self.frame_len],
                 );
                 let layout = GradLayout {
                     computed: self.computed,
@@ -566,7 +581,7 @@ impl WeightGradPlan {
                     &grad_output[(first + i) * out_image..][..out_image],
                     layout,
                     i,
-                    &mut scratch.grads,
+                    grads,
                     &mut plane_sums[(first + i) * p.out_channels..][..p.out_channels],
                 );
             }
@@ -576,9 +591,9 @@ impl WeightGradPlan {
                 GRAD_FRAMES,
             )?;
             let images = Images {
-                frames: &scratch.frames,
+                frames,
                 frame_len: self.frame_len,
-                grads: &scratch.grads,
+                grads,
                 computed: self.computed,
                 count,
             };
