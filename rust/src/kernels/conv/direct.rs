@@ -11,9 +11,10 @@
 //! per tap, V loads of the input and R broadcast weights feed R·V multiply-adds.
 //!
 //! The weight gradient is the same product read the other way: per (output channel,
-//! tap) a dot product of the output gradient (laid into the flat output's frame, zero in
-//! the dropped columns) with the shifted input frame, sixteen lanes at a time, summed
-//! over a group of images before the lanes are added in a fixed tree.
+//! tap) a dot product of the output gradient (laid out at the flat output's positions,
+//! zero in the dropped columns, a tile's channels interleaved per vector: `GradLayout`)
+//! with the shifted input frame, sixteen lanes at a time, summed over a group of images
+//! before the lanes are added in a fixed tree.
 //!
 //! Every sum runs in the order (input channel, tap) per pixel, and (image, pixel) per
 //! lane: fixed by the shape, whatever the tile, level or thread count. With FMA (the
