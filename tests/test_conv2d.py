@@ -94,6 +94,55 @@ def test_backward_matches_reference(rng, assert_close, name):
         assert_close(grad_bias, expected_bias, terms=terms_w, name="grad_bias")
 
 
+#: Stride-1 convolutions of at least 14x14 outputs and more than 32 unfolded rows, whose
+#: weight gradient AVX-512 runs by the direct kernel (AVX2 by the GEMM): output channels
+#: not a multiple of its tile of 4, rows not a multiple of 16, a rectangular dilated kernel,
+#: and groups of two images. Each: input shape, weight shape, padding,
+#: dilation.
+DIRECT_WEIGHT_GRAD_CASES = [
+    ((3, 5, 14, 15), (9, 5, 3, 3), 1, 1),
+    ((2, 6, 16, 17), (6, 6, 3, 2), (2, 1), (2, 1)),
+    ((10, 4, 14, 14), (7, 4, 3, 3), 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", DIRECT_WEIGHT_GRAD_CASES)
+def test_backward_at_each_level_and_thread_count(rng, assert_close, case):
+    from bnrs import _core
+
+    input_shape, weight_shape, padding, dilation = case
+    x = rng.standard_normal(input_shape).astype(np.float32)
+    w = rng.standard_normal(weight_shape).astype(np.float32)
+    geometry = {"padding": padding, "dilation": dilation}
+    y = ref.conv2d(x, w, None, **geometry)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    _, terms_x, terms_w = _terms(x, w, y)
+    expected = ref.conv2d_backward(gy, x, w, **geometry)
+    threads, level = _core.get_num_threads(), _core.simd_backend()
+    bias_bits = None
+    try:
+        for simd in _core.simd_levels():
+            _core.set_simd(simd)
+            first = None
+            for n_threads in (1, 2):
+                _core.set_num_threads(n_threads)
+                actual = F.conv2d_backward(gy, x, w, **geometry)
+                for name, got, want, terms in zip(
+                        ["grad_input", "grad_weight", "grad_bias"], actual, expected,
+                        [terms_x, terms_w, terms_w]):
+                    assert_close(got, want, terms=terms, name=f"{name} {simd}")
+                first = first or actual
+                for got, want in zip(actual, first):
+                    np.testing.assert_array_equal(got, want, err_msg=f"{simd} {n_threads}")
+            # The bias gradient adds the same plane sums in the same order on every path
+            # (the direct weight gradient's framing, or its own pass).
+            bias_bits = actual[2] if bias_bits is None else bias_bits
+            np.testing.assert_array_equal(actual[2], bias_bits, err_msg=simd)
+    finally:
+        _core.set_num_threads(threads)
+        _core.set_simd(level)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_backward_optional_outputs(rng, assert_close, bias, input_grad):

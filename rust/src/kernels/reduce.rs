@@ -20,7 +20,9 @@ pub fn sum(x: &[f32]) -> f32 {
             acc[l] += c[l];
         }
     }
-    let mut total = fold_lanes(acc);
+    // Opaque lanes: seen through, LLVM's SLP vectoriser shaped the loop after the fold's
+    // pairs (four 2-wide vectors and shuffles per chunk) instead of one 8-wide add.
+    let mut total = fold_lanes(std::hint::black_box(acc));
     for &v in chunks.remainder() {
         total += v;
     }
