@@ -236,24 +236,29 @@ fn own_kernels() -> Vec<(&'static str, Vec<f32>)> {
     out
 }
 
+/// Every named output of `got` (at `level`) has the bits of the same output of `want`.
+fn assert_same_bits(level: Level, got: &[(&str, Vec<f32>)], want: &[(&str, Vec<f32>)]) {
+    for ((name, got), (_, want)) in got.iter().zip(want) {
+        let differing = got
+            .iter()
+            .zip(want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differing,
+            0,
+            "{name} at {}: {differing} values differ",
+            level.name()
+        );
+    }
+}
+
 #[test]
 fn own_kernels_are_bit_identical_at_every_level() {
     let runs = at_each_level("own kernels", own_kernels);
     let (_, portable) = &runs[0];
     for (level, outputs) in &runs[1..] {
-        for ((name, got), (_, want)) in outputs.iter().zip(portable) {
-            let differing = got
-                .iter()
-                .zip(want)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-            assert_eq!(
-                differing,
-                0,
-                "{name} at {}: {differing} values differ",
-                level.name()
-            );
-        }
+        assert_same_bits(*level, outputs, portable);
     }
 }
 
@@ -317,19 +322,7 @@ fn direct_convolutions_are_bit_identical_at_the_fma_levels() {
         return;
     };
     for (level, outputs) in fma {
-        for ((name, got), (_, want)) in outputs.iter().zip(first) {
-            let differing = got
-                .iter()
-                .zip(want)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-            assert_eq!(
-                differing,
-                0,
-                "{name} at {}: {differing} values differ",
-                level.name()
-            );
-        }
+        assert_same_bits(*level, outputs, first);
     }
 }
 
