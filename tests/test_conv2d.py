@@ -95,10 +95,9 @@ def test_backward_matches_reference(rng, assert_close, name):
 
 
 #: Stride-1 convolutions of at least 14x14 outputs and more than 32 unfolded rows, whose
-#: weight gradient AVX-512 runs by the direct kernel (AVX2 by the GEMM): output channels
-#: not a multiple of its tile of 4, rows not a multiple of 16, a rectangular dilated kernel,
-#: and groups of two images. Each: input shape, weight shape, padding,
-#: dilation.
+#: weight gradient both FMA levels run by the direct kernel: output channels not a multiple
+#: of AVX-512's tile of 4 or AVX2's of 2, rows not a multiple of 16, a rectangular dilated
+#: kernel, and groups of two images. Each: input shape, weight shape, padding, dilation.
 DIRECT_WEIGHT_GRAD_CASES = [
     ((3, 5, 14, 15), (9, 5, 3, 3), 1, 1),
     ((2, 6, 16, 17), (6, 6, 3, 2), (2, 1), (2, 1)),
@@ -119,7 +118,7 @@ def test_backward_at_each_level_and_thread_count(rng, assert_close, case):
     _, terms_x, terms_w = _terms(x, w, y)
     expected = ref.conv2d_backward(gy, x, w, **geometry)
     threads, level = _core.get_num_threads(), _core.simd_backend()
-    bias_bits = None
+    bias_bits = weight_bits = None
     try:
         for simd in _core.simd_levels():
             _core.set_simd(simd)
@@ -138,6 +137,10 @@ def test_backward_at_each_level_and_thread_count(rng, assert_close, case):
             # (the direct weight gradient's framing, or its own pass).
             bias_bits = actual[2] if bias_bits is None else bias_bits
             np.testing.assert_array_equal(actual[2], bias_bits, err_msg=simd)
+            # The direct weight gradient gives the same bits at both FMA levels.
+            if simd != "scalar":
+                weight_bits = actual[1] if weight_bits is None else weight_bits
+                np.testing.assert_array_equal(actual[1], weight_bits, err_msg=simd)
     finally:
         _core.set_num_threads(threads)
         _core.set_simd(level)

@@ -265,8 +265,8 @@ fn own_kernels_are_bit_identical_at_every_level() {
 /// Outputs of the stride-1 convolutions both FMA levels run by the direct kernels (a tile
 /// per level, the same sums): LeNet's two layers, plain, with the fused ReLU and pool, and
 /// chained; odd sizes and channel counts off the vectors; the input gradient (the
-/// forward of the transposed convolution). (Where the GEMM sums a pixel in one depth
-/// block, it gives these bits too.)
+/// forward of the transposed convolution); the weight gradient of LeNet's second layer.
+/// (Where the GEMM sums a pixel in one depth block, it gives these bits too.)
 fn direct_convolutions() -> Vec<(&'static str, Vec<f32>)> {
     let mut out = Vec::new();
     for (input, first_weight, second_weight) in [
@@ -298,6 +298,11 @@ fn direct_convolutions() -> Vec<(&'static str, Vec<f32>)> {
             let (mut gx, mut gw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
             conv::backward(p, &gy, x, w, Some(&mut gx), &mut gw, None).unwrap();
             out.extend([(name, y), (name, pooled), (name, gx)]);
+            // The weight gradient by the direct kernel (from 14×14 outputs, beyond the
+            // small-K first layers); elsewhere by the GEMM, whose bits differ by level.
+            if p.out_h * p.out_w >= 14 * 14 && p.in_channels * 9 > 32 {
+                out.push((name, gw));
+            }
         }
         let block = |params, weight, bias| conv::PooledConv {
             params,

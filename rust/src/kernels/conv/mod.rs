@@ -11,8 +11,8 @@
 //! other strides fold the GEMM's K×P gradient back (col2im).
 //!
 //! With FMA (AVX2 or AVX-512), stride-1 convolutions skip the unfolding: a direct kernel
-//! reads the zero-padded image (forward, and so the input gradient; with AVX-512 the
-//! weight gradient of larger images too).
+//! reads the zero-padded image (forward, and so the input gradient; the weight gradient
+//! of larger images too).
 //!
 //! Grouped convolutions (groups > 1) run in `grouped`: depthwise ones by a per-channel
 //! stencil, others as one of the convolutions above per group.
