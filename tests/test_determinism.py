@@ -38,7 +38,9 @@ def _conv():
 
 
 def _conv_image_blocks():
-    """Small images in a batch of 19: blocks of 3 images share one GEMM."""
+    """Small images in a batch of 19: blocks of 3 images share one GEMM (with FMA the
+    forward and the input gradient take the direct kernels; the weight gradient of 12x12
+    outputs stays on the GEMM)."""
     _, normal = _data(3)
     x, w, b = normal(19, 16, 12, 12), normal(8, 16, 3, 3), normal(8)
     gy = normal(19, 8, 12, 12)
@@ -302,7 +304,7 @@ def test_each_simd_level_agrees_with_the_scalar_path(restore_simd, assert_close,
 # Everything bnrs computes itself is compiled from one body per level and must be identical.
 GEMM_OUTPUTS = {
     "conv2d": {"output", "grad_input", "grad_weight"},
-    "conv2d_image_blocks": {"output", "grad_input", "grad_weight"},
+    "conv2d_image_blocks": {"grad_weight"},
     "conv2d_first_layer": {"grad_weight"},
     "linear": {"output", "grad_input", "grad_weight"},
 }
