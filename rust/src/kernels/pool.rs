@@ -491,6 +491,26 @@ pub(crate) const MAPPED_STEP: usize = 16;
 /// steps store over it, and past the last row if `out` is longer (a caller's next
 /// plane, written after this one): a short copy of a variable length would be a call
 /// to memcpy, here only where `out` ends.
+/// One 2×2 window's maximum (`MAX`) or average from its corners in window order (top
+/// left, top right, bottom left, bottom right). The maximum is each row's winner, then the
+/// winner of the two: the window-order scan's value (the largest, the first of equal ones,
+/// the first NaN), with two selects in a row instead of three. The average sums from 0.0
+/// in window order, as the general loop.
+#[inline(always)]
+pub(crate) fn pool_window<const MAX: bool>(t0: f32, t1: f32, b0: f32, b1: f32) -> f32 {
+    if MAX {
+        let top = if replaces(t1, t0) { t1 } else { t0 };
+        let bottom = if replaces(b1, b0) { b1 } else { b0 };
+        if replaces(bottom, top) {
+            bottom
+        } else {
+            top
+        }
+    } else {
+        (0.0 + t0 + t1 + b0 + b1) / 4.0
+    }
+}
+
 #[inline(always)]
 pub(crate) fn pool_2x2_mapped<const MAX: bool, const STEP: usize, const PAIRS: usize>(
     plane: &[f32],
@@ -518,20 +538,7 @@ pub(crate) fn pool_2x2_mapped<const MAX: bool, const STEP: usize, const PAIRS: u
             for (i, o) in pooled.iter_mut().enumerate() {
                 let (t0, t1) = (map(top[2 * i]), map(top[2 * i + 1]));
                 let (b0, b1) = (map(bottom[2 * i]), map(bottom[2 * i + 1]));
-                *o = if MAX {
-                    // Each row's winner, then the winner of the two: the window-order scan's
-                    // value (the largest, the first of equal ones, the first NaN), with two
-                    // selects in a row instead of three.
-                    let top = if replaces(t1, t0) { t1 } else { t0 };
-                    let bottom = if replaces(b1, b0) { b1 } else { b0 };
-                    if replaces(bottom, top) {
-                        bottom
-                    } else {
-                        top
-                    }
-                } else {
-                    (0.0 + t0 + t1 + b0 + b1) / 4.0
-                };
+                *o = pool_window::<MAX>(t0, t1, b0, b1);
             }
             let at = oh * out_w + ow;
             match out.get_mut(at..at + STEP) {

@@ -22,7 +22,7 @@ use super::direct::{self, Kernel};
 use super::{Conv2dParams, Pool2x2};
 use crate::error::Result;
 use crate::kernels::activation::Activation;
-use crate::kernels::pool::replaces;
+use crate::kernels::pool::pool_window;
 use crate::memory::resize_scratch;
 use crate::simd::Level;
 use crate::simd_dispatch;
@@ -512,18 +512,7 @@ fn pool_vectors<const MAX: bool>(
                 for l in 0..LANES {
                     let (t0, t1) = (map(t0[l], add[l]), map(t1[l], add[l]));
                     let (b0, b1) = (map(b0[l], add[l]), map(b1[l], add[l]));
-                    pooled[l] = if MAX {
-                        // The row winners, then the winner of the two: as pool_2x2_mapped.
-                        let top = if replaces(t1, t0) { t1 } else { t0 };
-                        let bottom = if replaces(b1, b0) { b1 } else { b0 };
-                        if replaces(bottom, top) {
-                            bottom
-                        } else {
-                            top
-                        }
-                    } else {
-                        (0.0 + t0 + t1 + b0 + b1) / 4.0
-                    };
+                    pooled[l] = pool_window::<MAX>(t0, t1, b0, b1);
                 }
             }
         }
