@@ -545,41 +545,73 @@ mod tests {
     /// decides the loops), each with its pixel kernel.
     const LEVELS: [Level; 2] = [Level::Avx512, Level::Avx2];
 
+    /// One case of the tests: a level, its pixel kernel, a shape of [`SHAPES`], and the
+    /// input, weights and bias (values from `salt`, `salt + 1`, `salt + 2`).
+    struct Case {
+        level: Level,
+        kernel: Kernel,
+        shape: Shape,
+        p: Conv2dParams,
+        x: Vec<f32>,
+        w: Vec<f32>,
+        b: Vec<f32>,
+    }
+
+    /// Every level of [`LEVELS`] with every shape of [`SHAPES`].
+    fn cases(salt: u32) -> impl Iterator<Item = Case> {
+        LEVELS.into_iter().flat_map(move |level| {
+            SHAPES.into_iter().map(move |shape| {
+                let (input, weight, padding, dilation) = shape;
+                Case {
+                    level,
+                    kernel: Kernel::forward(level),
+                    shape,
+                    p: Conv2dParams::new(&input, &weight, (1, 1), padding, dilation).unwrap(),
+                    x: values(input.iter().product(), salt),
+                    w: values(weight.iter().product(), salt + 1),
+                    b: values(weight[0], salt + 2),
+                }
+            })
+        })
+    }
+
     #[test]
     fn planes_give_the_bits_of_the_pixel_kernel_with_each_tile() {
-        for level in LEVELS {
-            let kernel = Kernel::forward(level);
-            for (input, weight, padding, dilation) in SHAPES {
-                let p = Conv2dParams::new(&input, &weight, (1, 1), padding, dilation).unwrap();
-                let x = values(input.iter().product(), 1);
-                let w = values(weight.iter().product(), 2);
-                let b = values(weight[0], 3);
-                let pixel_plan = direct::ForwardPlan::new(&p, &w, None, kernel);
-                let mut pixel_scratch = direct::ForwardScratch::default();
-                let mut scratch = ChannelScratch::default();
-                let out_image = p.out_channels * p.pixels();
-                for bias in [Some(&b[..]), None] {
-                    let plan = ChannelPlan::new(&p, &w, bias, kernel, level);
-                    for (n, image) in x.chunks_exact(p.image_len()).enumerate() {
-                        let mut expected = vec![f32::NAN; out_image];
-                        pixel_plan
-                            .image(&p, image, &mut pixel_scratch, |co, oh, row| {
-                                let add = bias.map_or(0.0, |b| b[co]);
-                                let at = (co * p.out_h + oh) * p.out_w;
-                                for (e, &v) in expected[at..at + p.out_w].iter_mut().zip(row) {
-                                    *e = v + add;
-                                }
-                            })
-                            .unwrap();
-                        let mut planes = vec![f32::NAN; out_image];
-                        plan.image(&p, image, &mut scratch, &mut planes).unwrap();
-                        assert_eq!(
-                            bits(&planes),
-                            bits(&expected),
-                            "{level:?} {input:?} {weight:?} image {n} bias {}",
-                            bias.is_some()
-                        );
-                    }
+        for case in cases(1) {
+            let Case {
+                level,
+                kernel,
+                shape: (input, weight, ..),
+                p,
+                x,
+                w,
+                b,
+            } = case;
+            let pixel_plan = direct::ForwardPlan::new(&p, &w, None, kernel);
+            let mut pixel_scratch = direct::ForwardScratch::default();
+            let mut scratch = ChannelScratch::default();
+            let out_image = p.out_channels * p.pixels();
+            for bias in [Some(&b[..]), None] {
+                let plan = ChannelPlan::new(&p, &w, bias, kernel, level);
+                for (n, image) in x.chunks_exact(p.image_len()).enumerate() {
+                    let mut expected = vec![f32::NAN; out_image];
+                    pixel_plan
+                        .image(&p, image, &mut pixel_scratch, |co, oh, row| {
+                            let add = bias.map_or(0.0, |b| b[co]);
+                            let at = (co * p.out_h + oh) * p.out_w;
+                            for (e, &v) in expected[at..at + p.out_w].iter_mut().zip(row) {
+                                *e = v + add;
+                            }
+                        })
+                        .unwrap();
+                    let mut planes = vec![f32::NAN; out_image];
+                    plan.image(&p, image, &mut scratch, &mut planes).unwrap();
+                    assert_eq!(
+                        bits(&planes),
+                        bits(&expected),
+                        "{level:?} {input:?} {weight:?} image {n} bias {}",
+                        bias.is_some()
+                    );
                 }
             }
         }
@@ -588,48 +620,50 @@ mod tests {
     #[test]
     fn pooled_gives_the_bits_of_the_pixel_kernel_with_each_tile() {
         use crate::kernels::conv::{direct_image_pooled, Epilogue};
-        for level in LEVELS {
-            let kernel = Kernel::forward(level);
-            for (input, weight, padding, dilation) in SHAPES {
-                let p = Conv2dParams::new(&input, &weight, (1, 1), padding, dilation).unwrap();
-                let x = values(input.iter().product(), 4);
-                let w = values(weight.iter().product(), 5);
-                let b = values(weight[0], 6);
-                let pixel_plan = direct::ForwardPlan::new(&p, &w, None, kernel);
-                let mut pixel_scratch = direct::ForwardScratch::default();
-                let mut scratch = ChannelScratch::default();
-                let (ph, pw) = Pool2x2::output_size(&p);
-                let out_image = p.out_channels * ph * pw;
-                for (bias, activation, pool) in [
-                    (Some(&b[..]), Some(Activation::Relu), Pool2x2::Max),
-                    (None, None, Pool2x2::Avg),
-                    (Some(&b[..]), Some(Activation::Tanh), Pool2x2::Avg),
-                ] {
-                    let plan = ChannelPlan::new(&p, &w, bias, kernel, level);
-                    let epilogue = Epilogue { activation };
-                    for (n, image) in x.chunks_exact(p.image_len()).enumerate() {
-                        // The pixel kernel's pool may store past the image's planes.
-                        let mut expected = vec![f32::NAN; out_image + 2 * direct::FLAT_SLACK];
-                        direct_image_pooled(
-                            &p,
-                            &pixel_plan,
-                            image,
-                            bias,
-                            &mut pixel_scratch,
-                            epilogue,
-                            pool,
-                            &mut expected,
-                        )
+        for case in cases(4) {
+            let Case {
+                level,
+                kernel,
+                shape: (input, weight, ..),
+                p,
+                x,
+                w,
+                b,
+            } = case;
+            let pixel_plan = direct::ForwardPlan::new(&p, &w, None, kernel);
+            let mut pixel_scratch = direct::ForwardScratch::default();
+            let mut scratch = ChannelScratch::default();
+            let (ph, pw) = Pool2x2::output_size(&p);
+            let out_image = p.out_channels * ph * pw;
+            for (bias, activation, pool) in [
+                (Some(&b[..]), Some(Activation::Relu), Pool2x2::Max),
+                (None, None, Pool2x2::Avg),
+                (Some(&b[..]), Some(Activation::Tanh), Pool2x2::Avg),
+            ] {
+                let plan = ChannelPlan::new(&p, &w, bias, kernel, level);
+                let epilogue = Epilogue { activation };
+                for (n, image) in x.chunks_exact(p.image_len()).enumerate() {
+                    // The pixel kernel's pool may store past the image's planes.
+                    let mut expected = vec![f32::NAN; out_image + 2 * direct::FLAT_SLACK];
+                    direct_image_pooled(
+                        &p,
+                        &pixel_plan,
+                        image,
+                        bias,
+                        &mut pixel_scratch,
+                        epilogue,
+                        pool,
+                        &mut expected,
+                    )
+                    .unwrap();
+                    let mut pooled = vec![f32::NAN; out_image];
+                    plan.image_pooled(&p, image, activation, pool, &mut scratch, &mut pooled)
                         .unwrap();
-                        let mut pooled = vec![f32::NAN; out_image];
-                        plan.image_pooled(&p, image, activation, pool, &mut scratch, &mut pooled)
-                            .unwrap();
-                        assert_eq!(
-                            bits(&pooled),
-                            bits(&expected[..out_image]),
-                            "{level:?} {input:?} {weight:?} image {n} {pool:?} {activation:?}"
-                        );
-                    }
+                    assert_eq!(
+                        bits(&pooled),
+                        bits(&expected[..out_image]),
+                        "{level:?} {input:?} {weight:?} image {n} {pool:?} {activation:?}"
+                    );
                 }
             }
         }
