@@ -158,13 +158,13 @@ unsafe fn normalised_pairs(
 /// where `z > 0`, else `z·slope`.
 #[target_feature(enable = "avx512f")]
 fn rectify(z: __m512, rectifier: Rectifier) -> __m512 {
-    let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, _mm512_setzero_ps());
     match rectifier {
+        // `!(z <= 0)`: z > 0, or z is NaN.
         Rectifier::Relu => {
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(z, z);
-            _mm512_maskz_mov_ps(positive | nan, z)
+            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLE_UQ>(z, _mm512_setzero_ps()), z)
         }
         Rectifier::Leaky(slope) => {
+            let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, _mm512_setzero_ps());
             _mm512_mask_blend_ps(positive, _mm512_mul_ps(z, _mm512_set1_ps(slope)), z)
         }
     }
@@ -174,10 +174,9 @@ fn rectify(z: __m512, rectifier: Rectifier) -> __m512 {
 /// NaN, unless the maximum is NaN already.
 #[target_feature(enable = "avx512f")]
 fn replaces(v: __m512, best: __m512) -> __mmask16 {
-    let larger = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best);
-    let v_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-    let best_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(best, best);
-    (larger | v_nan) & !best_nan
+    // `!(v <= best)` (v > best, or either is NaN) where `best` is not NaN.
+    let best_ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(best, best);
+    _mm512_mask_cmp_ps_mask::<_CMP_NLE_UQ>(best_ordered, v, best)
 }
 
 /// The pool's window scan over corners (top left, top right, bottom left, bottom right):
@@ -240,10 +239,9 @@ pub(super) unsafe fn backward_plane(
     assert_eq!(grad_input.len(), x.len(), "max_relu_avx512: grad_input");
     let lanes = Lanes::new();
     let slope = _mm512_set1_ps(map.rectifier.slope());
-    let derivative = |z: __m512, g: __m512| {
-        let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, _mm512_setzero_ps());
-        _mm512_mask_blend_ps(positive, _mm512_mul_ps(g, slope), g)
-    };
+    let zero_sloped = _mm512_set1_ps(0.0 * map.rectifier.slope());
+    // `0.0·slope` is `+0.0` unless the slope is negative (or NaN).
+    let zero_stays_zero = (0.0 * map.rectifier.slope()).to_bits() == 0;
     for_each_step(w, out_h, out_w, |step| {
         // SAFETY: as in forward_plane, for `x` and `grad_input` alike, and the pooled
         // gradient's values.
@@ -265,8 +263,20 @@ pub(super) unsafe fn backward_plane(
                 take2 & !take3,
                 take3,
             ];
-            let [g0, g1, g2, g3]: [__m512; 4] =
-                std::array::from_fn(|k| derivative(z[k], _mm512_maskz_mov_ps(winners[k], routed)));
+            // The derivative of each corner's routed gradient: `g` where `z > 0`, else
+            // `g·slope`; a corner that is not its window's maximum gets `0.0`, and
+            // `0.0·slope` when `z <= 0` (`-0.0` for a negative slope).
+            let sloped = _mm512_mul_ps(routed, slope);
+            let [g0, g1, g2, g3]: [__m512; 4] = std::array::from_fn(|k| {
+                let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z[k], _mm512_setzero_ps());
+                let winner = _mm512_mask_blend_ps(positive, sloped, routed);
+                if zero_stays_zero {
+                    _mm512_maskz_mov_ps(winners[k], winner)
+                } else {
+                    let loser = _mm512_maskz_mov_ps(!positive, zero_sloped);
+                    _mm512_mask_blend_ps(winners[k], loser, winner)
+                }
+            });
             let dst = grad_input.as_mut_ptr();
             for (down, (even, odd)) in [(0, (g0, g1)), (w, (g2, g3))] {
                 let low = _mm512_permutex2var_ps(even, lanes.interleave_low, odd);
