@@ -174,7 +174,7 @@ struct Scratch {
     normalised: Vec<f32>,
     activated: Vec<f32>,
     pooled: Vec<f32>,
-    factors: Vec<f32>,
+    factors: FactorRun,
     grad: Vec<f32>,
     grad_unpooled: Vec<f32>,
     /// Five values per pooling window, for the max pool's backward.
@@ -197,7 +197,7 @@ impl Scratch {
             normalised: vec![0.0; tile_in],
             activated: sized(p.needs_activation_output(), tile_in),
             pooled: sized(pool && dropout, tile_out),
-            factors: sized(dropout, tile_out),
+            factors: FactorRun::default(),
             grad: sized(dropout, tile_out),
             grad_unpooled: sized(pool && act, tile_in),
             windows: sized(p.pool == Some(Pool2x2::Max), 5 * tile_out),
@@ -280,6 +280,37 @@ fn tile_lens(p: &BnBlockParams) -> (usize, usize) {
     }
 }
 
+/// Units a [`FactorRun`] draws at least: 32 groups of the generator, 4 KB.
+const FACTOR_RUN: usize = 32 * dropout::GROUP;
+
+/// The dropout multipliers of a run of consecutive units, drawn at least [`FACTOR_RUN`] at
+/// a time. A job's tiles are consecutive, so a tile's units (49 on 7×7 planes) are mostly
+/// among those drawn for the tiles before it: the generator runs over whole runs of
+/// groups in its vector lanes instead of once per tile. A unit's multiplier depends on
+/// (seed, unit) alone, so the run changes no value.
+#[derive(Default)]
+struct FactorRun {
+    /// The unit of `factors[0]`.
+    first: usize,
+    factors: Vec<f32>,
+}
+
+impl FactorRun {
+    /// The multipliers of units `first_unit..first_unit + units`, of `total` units.
+    fn get(&mut self, d: &DropoutSpec, first_unit: usize, units: usize, total: usize) -> &[f32] {
+        let end = first_unit + units;
+        if first_unit < self.first || end > self.first + self.factors.len() {
+            let start = first_unit - first_unit % dropout::GROUP;
+            let len = (start + FACTOR_RUN).clamp(end, total.max(end)) - start;
+            self.factors.resize(len, 0.0);
+            let drawn = dropout::unit_factors(d.p, d.seed, start, &mut self.factors);
+            debug_assert!(drawn.is_ok(), "p was validated");
+            self.first = start;
+        }
+        &self.factors[first_unit - self.first..end - self.first]
+    }
+}
+
 /// Multiply `values` (output tile `tile`, or its gradient) by the tile's dropout
 /// multipliers into `out`, as [`dropout::forward`] (and its backward, the same call) does.
 fn apply_dropout(
@@ -288,23 +319,18 @@ fn apply_dropout(
     tile: usize,
     values: &[f32],
     out: &mut [f32],
-    factors: &mut [f32],
+    factors: &mut FactorRun,
 ) {
     let (_, tile_out) = tile_lens(p);
-    let (first_unit, units) = if d.channel_wise {
-        (tile, 1)
-    } else {
-        (tile * tile_out, values.len())
-    };
-    let drawn = dropout::unit_factors(d.p, d.seed, first_unit, &mut factors[..units]);
-    debug_assert!(drawn.is_ok(), "p was validated");
+    let total = p.out_len();
     if d.channel_wise {
-        let f = factors[0];
+        let f = factors.get(d, tile, 1, total / tile_out.max(1))[0];
         for (o, &v) in out.iter_mut().zip(values) {
             *o = v * f;
         }
     } else {
-        dropout::multiply(values, &factors[..units], out);
+        let factors = factors.get(d, tile * tile_out, values.len(), total);
+        dropout::multiply(values, factors, out);
     }
 }
 
