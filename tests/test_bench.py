@@ -523,3 +523,29 @@ def test_with_torch_bnrs_speedups_come_from_the_scaling_child():
     rows = measure_all_scaling(works, mode, torch, args)
     assert [(row["key"], row["bnrs_process"]) for row in rows] == [("bn_train_fwd", "child")]
     assert rows[0]["torch_speedup"] > 0 and len(rows[0]["cores"]) == 4
+
+
+EPOCH_BENCH = Path(__file__).parent.parent / "benches" / "bench_epoch.py"
+
+
+def test_epoch_bench_reports_each_thread_count_against_the_peak():
+    """benches/bench_epoch.py, at its smallest: one round per count, each count's times and
+    shares of the peak, the shares matching the epoch's FLOPs over its times."""
+    result = subprocess.run([sys.executable, str(EPOCH_BENCH), "--rounds", "2", "--threads",
+                             "1", "2", "--samples", "130"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.startswith("LeNetBN training epoch, 130 images, batch 64, Adam: ")
+    gflop = float(header.split("Adam: ")[1].split(" GFLOP")[0])
+    peak = float(header.split("FMA peak ")[1].split(" GFLOP/s")[0])
+    assert gflop > 0 and peak > 0
+    assert [row.split(" thread(s)")[0].strip() for row in rows] == ["1", "2"]
+    for threads, row in zip((1, 2), rows):
+        times = [float(t) for t in row.split(": ")[1].split(" ms;")[0].split(", ")]
+        assert len(times) == 2 and all(t > 0 for t in times)
+        fastest = float(row.split("fastest ")[1].split(" ms")[0])
+        share = float(row.split(" ms = ")[-1].rstrip("%")) / 100
+        assert fastest == min(times)
+        # Rounded as printed: the times to the ms, the share to 0.1%.
+        assert share == pytest.approx(gflop / (fastest / 1e3) / (peak * threads), rel=0.2)

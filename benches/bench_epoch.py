@@ -1,0 +1,72 @@
+"""LeNetBN's training epoch alone, as a share of this machine's FMA peak.
+
+The epoch of ``bnrs bench`` (``c16-bn-relu-mp2-c32-bn-relu-mp2-d0.25-fc128-bn-relu-d0.5``
+on its synthetic 1x28x28 data, 10,000 images in batches of 64, Adam), timed in a process
+that imports no other framework: ``--rounds`` rounds, each one epoch at 1 thread and one at
+each other ``--threads`` count, in turn (after a 5-batch warm-up at that count), so that
+the machine's load falls on every count alike. The FMA peak is measured as the bench
+measures it (the best of ten short runs of ``_core.fma_peak_gflops`` on one core, times
+the threads), before the first round and after the last; the shares use the higher of the
+two. Printed per count: each round's wall time, and the median's and the fastest round's
+share of the peak (the fastest is the epoch on the quietest stretch of a shared machine;
+the bench reports the median).
+
+    python benches/bench_epoch.py [--rounds 5] [--threads 1 2] [--samples 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import bnrs
+from bnrs import _core, nn, optim
+from bnrs.bench.network import LENET, network_flops
+from bnrs.bench.workloads import MODES
+from bnrs.training import batch_bounds, train_epoch
+
+
+def fma_peak_gflops() -> float:
+    """One core's FMA peak, as ``bnrs bench`` (its full run) measures it."""
+    return max(_core.fma_peak_gflops(MODES["full"].peak_seconds) for _ in range(10))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--samples", type=int, default=10_000)
+    args = parser.parse_args()
+
+    images, labels = LENET.make_data(args.samples)
+    model = LENET.build()
+    criterion, optimizer = nn.CrossEntropyLoss(), optim.Adam(model.parameters(), lr=1e-3)
+    bounds = batch_bounds(len(images), 64, last="keep")
+    _, step_flops = network_flops(model)
+    epoch_gflop = step_flops * len(images) / 1e9
+
+    peak = fma_peak_gflops()
+    times: dict[int, list[float]] = {n: [] for n in args.threads}
+    for _ in range(args.rounds):
+        for n in args.threads:
+            bnrs.set_num_threads(n)
+            train_epoch(model, criterion, optimizer, images, labels, bounds[:5])
+            start = time.perf_counter()
+            train_epoch(model, criterion, optimizer, images, labels, bounds)
+            times[n].append(time.perf_counter() - start)
+    peak = max(peak, fma_peak_gflops())
+
+    print(f"LeNetBN training epoch, {len(images)} images, batch 64, Adam: {epoch_gflop:.1f} "
+          f"GFLOP; bnrs {bnrs.__version__} ({bnrs.simd_backend()}), FMA peak "
+          f"{peak:.1f} GFLOP/s per core")
+    for n, samples in times.items():
+        median, fastest = statistics.median(samples), min(samples)
+        rounds = ", ".join(f"{t * 1e3:.0f}" for t in samples)
+        print(f"  {n} thread(s): {rounds} ms; median {median * 1e3:.0f} ms = "
+              f"{epoch_gflop / median / (peak * n):.1%} of the peak, fastest "
+              f"{fastest * 1e3:.0f} ms = {epoch_gflop / fastest / (peak * n):.1%}")
+
+
+if __name__ == "__main__":
+    main()
