@@ -186,7 +186,7 @@ THREAD_COUNT_CHILD = """
             try:
                 with open(f"/proc/self/task/{task}/comm") as comm:
                     names.append(comm.read().strip())
-            except FileNotFoundError:  # a thread that just exited
+            except (FileNotFoundError, ProcessLookupError):  # a thread that just exited
                 pass
         return sum(name.startswith("bnrs-") for name in names)
 
