@@ -191,8 +191,11 @@ THREAD_COUNT_CHILD = """
         return sum(name.startswith("bnrs-") for name in names)
 
     def settle(expected):
-        # A replaced pool's threads exit on their own: wait for them (up to 5 s).
-        deadline = time.monotonic() + 5
+        # A replaced pool's threads exit on their own, "soon" (rayon has no synchronous
+        # shutdown): wait for them, up to 30 s. With 5 s, a replaced one-thread pool's
+        # worker was still there at the deadline in about one run in fifty, asleep in a
+        # futex wait, and gone 50 ms later; with 30 s, never in 1,100 runs.
+        deadline = time.monotonic() + 30
         while pool_threads() != expected and time.monotonic() < deadline:
             time.sleep(0.01)
         return pool_threads()
