@@ -239,9 +239,10 @@ pub(super) unsafe fn backward_plane(
     assert_eq!(grad_input.len(), x.len(), "max_relu_avx512: grad_input");
     let lanes = Lanes::new();
     let slope = _mm512_set1_ps(map.rectifier.slope());
-    let zero_sloped = _mm512_set1_ps(0.0 * map.rectifier.slope());
-    // `0.0·slope` is `+0.0` unless the slope is negative (or NaN).
-    let zero_stays_zero = (0.0 * map.rectifier.slope()).to_bits() == 0;
+    // `0.0·slope`, `+0.0` unless the slope is negative (or NaN).
+    let zero_times_slope = 0.0 * map.rectifier.slope();
+    let zero_sloped = _mm512_set1_ps(zero_times_slope);
+    let zero_stays_zero = zero_times_slope.to_bits() == 0;
     for_each_step(w, out_h, out_w, |step| {
         // SAFETY: as in forward_plane, for `x` and `grad_input` alike, and the pooled
         // gradient's values.
