@@ -2,8 +2,8 @@
 //!
 //! Rows of the batch (and, for the weight gradient, rows of W) are split into blocks of a
 //! size fixed by the problem; each block is one GEMM with the whole reduction inside it
-//! (the forward takes two blocks in one GEMM where the `gemm` crate computes each output
-//! alike either way), so results do not depend on the thread count.
+//! (the forward takes a thread's blocks in one GEMM where the `gemm` crate computes each
+//! output alike either way), so results do not depend on the thread count.
 
 use rayon::prelude::*;
 
@@ -25,21 +25,60 @@ fn row_block(rows: usize) -> usize {
     chunk_len(rows, 16, 16)
 }
 
-/// Row blocks per parallel job of the forward. A job whose blocks all take the `gemm`
-/// crate's general path ([`general_path`]) is one product, so that the weight is packed
-/// once for its rows rather than once per block: 64×1568→128 ran 1.4x faster at 1
-/// thread, 1.3x at 2 (AMD EPYC with AVX-512, 32 rows a product instead of 16).
-const FORWARD_JOB_BLOCKS: usize = 2;
+/// Whether a product of `rows` rows of the batch (or of the weight gradient) takes the
+/// `gemm` crate's general path, where each output is the same sum, in the same order,
+/// whatever the number of rows: the crate computes the transposed product (`long` ×
+/// `rows`, depth `depth`), and with more than 64 of its rows its depth blocking depends
+/// on the depth alone. The other paths (at most 16×16 outputs; a depth of at most 2; one
+/// row, a matrix-vector product; both sides at most 64) sum in an order of their own, so
+/// a block that takes one keeps its own product.
+fn general_path(long: usize, rows: usize, depth: usize) -> bool {
+    long > 64 && depth > 2 && rows >= 2 && rows * long > 16 * 16
+}
 
-/// Whether the forward's product for `rows` rows takes the `gemm` crate's general path,
-/// where each output is the same sum, in the same order, whatever the number of rows: the
-/// crate computes the transposed product (out_features × rows, depth in_features), and
-/// with more than 64 of its rows its depth blocking depends on the depth alone. The
-/// other paths (at most 16×16 outputs, which includes one row; a depth of at most 2; both
-/// sides at most 64) sum in an order of their own, so a block that takes one keeps its
-/// own product.
-fn general_path(p: &LinearParams, rows: usize) -> bool {
-    p.out_features > 64 && p.in_features > 2 && rows * p.out_features > 16 * 16
+/// The forward's split into row blocks: jobs of consecutive blocks, one job per thread;
+/// a job whose blocks all take the general path ([`general_path`]) is one product, so
+/// that the weight is packed once for its rows rather than once per block. 64×1568→128
+/// ran 1.4x faster at 1 thread and 1.3x at 2 with 32 rows a product instead of 16, and
+/// 1.3x faster again at 1 thread with all 64 rows in one product (AMD EPYC with
+/// AVX-512). A block gives the same bits in any job, so the split by threads changes no
+/// value. (The backward's products gained nothing from merged blocks.)
+#[derive(Clone, Copy)]
+struct RowJobs {
+    /// Rows of a block.
+    rows: usize,
+    /// Rows of a job: whole blocks.
+    job: usize,
+}
+
+impl RowJobs {
+    fn new(total: usize) -> Self {
+        let rows = row_block(total);
+        let blocks = total.div_ceil(rows);
+        RowJobs {
+            rows,
+            job: blocks.div_ceil(rayon::current_num_threads().max(1)) * rows,
+        }
+    }
+
+    /// Run `product(first_row, rows)` over a job of `job_rows` rows: once for the whole
+    /// job when each of its blocks takes the general path (`general(rows)`), else once per
+    /// block.
+    fn run(
+        &self,
+        job_rows: usize,
+        general: impl Fn(usize) -> bool,
+        mut product: impl FnMut(usize, usize),
+    ) {
+        let blocks = (0..job_rows).step_by(self.rows);
+        if blocks.clone().all(|b| general(self.rows.min(job_rows - b))) {
+            product(0, job_rows);
+        } else {
+            for b in blocks {
+                product(b, self.rows.min(job_rows - b));
+            }
+        }
+    }
 }
 
 impl LinearParams {
@@ -112,32 +151,26 @@ pub fn forward_fused(
         check_len("bias", b.len(), p.out_features)?;
     }
     let stop = crate::parallel::stop_token();
-    let rows = row_block(p.batch);
-    let job = FORWARD_JOB_BLOCKS * rows;
+    let jobs = RowJobs::new(p.batch);
+    let (in_f, out_f) = (p.in_features, p.out_features);
     output
-        .par_chunks_mut(job * p.out_features)
-        .zip(input.par_chunks(job * p.in_features))
+        .par_chunks_mut(jobs.job * out_f)
+        .zip(input.par_chunks(jobs.job * in_f))
         .for_each(|(out, x)| {
             if stop.is_set() {
                 return;
             }
             if let Some(b) = bias {
-                for row in out.chunks_exact_mut(p.out_features) {
+                for row in out.chunks_exact_mut(out_f) {
                     row.copy_from_slice(b);
                 }
             }
-            let blocks = x.chunks(rows * p.in_features);
-            if blocks
-                .clone()
-                .all(|x| general_path(p, x.len() / p.in_features))
-            {
+            let general = |rows| general_path(out_f, rows, in_f);
+            jobs.run(x.len() / in_f, general, |first, rows| {
+                let x = &x[first * in_f..(first + rows) * in_f];
+                let out = &mut out[first * out_f..(first + rows) * out_f];
                 product(p, x, weight, bias.is_some(), out, &stop);
-            } else {
-                let out_blocks = out.chunks_mut(rows * p.out_features);
-                for (out, x) in out_blocks.zip(blocks) {
-                    product(p, x, weight, bias.is_some(), out, &stop);
-                }
-            }
+            });
             if let Some(act) = activation {
                 activation::apply_in_place(act, out);
             }
@@ -253,56 +286,153 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn forward_gives_the_bits_of_one_product_per_row_block() {
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// (rows, columns, depth) of the products: batch × out ← in; batch × in ← out; out ×
+    /// in ← batch.
+    const SHAPES: [(usize, usize, usize); 12] = [
+        (64, 1568, 128),
+        (100, 37, 65),
+        (33, 7, 200),
+        (17, 300, 70),
+        (2, 50, 128),
+        (35, 50, 100),
+        (1000, 3, 80),
+        (64, 1568, 10),
+        (130, 5, 65),
+        (49, 2, 128),
+        (65, 20, 300),
+        (160, 70, 66),
+    ];
+
+    /// The three products of each shape at `threads` threads: forward, input and weight
+    /// gradients.
+    fn products(threads: usize, batch: usize, in_f: usize, out_f: usize) -> [Vec<f32>; 3] {
+        let p = LinearParams {
+            batch,
+            in_features: in_f,
+            out_features: out_f,
+        };
+        let (x, w, b) = (
+            values(batch * in_f, 1),
+            values(out_f * in_f, 2),
+            values(out_f, 3),
+        );
+        let gy = values(batch * out_f, 4);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut y = vec![f32::NAN; batch * out_f];
+            forward(&p, &x, &w, Some(&b), &mut y).unwrap();
+            let (mut gx, mut gw) = (vec![f32::NAN; x.len()], vec![f32::NAN; w.len()]);
+            backward(&p, &gy, &x, &w, Some(&mut gx), &mut gw, None).unwrap();
+            [y, gx, gw]
+        })
+    }
+
+    /// The same products, one per block of `row_block` rows, each block computed alone.
+    fn per_block(batch: usize, in_f: usize, out_f: usize) -> [Vec<f32>; 3] {
         let stop = crate::parallel::stop_token();
-        let shapes = [
-            (64, 1568, 128),
-            (100, 37, 65),
-            (33, 7, 200),
-            (17, 300, 70),
-            (2, 50, 128),
-            (35, 50, 100),
-            (1000, 3, 80),
-            (64, 1568, 10),
-            (130, 5, 65),
-            (49, 2, 128),
-        ];
-        let mut merged = 0;
-        for (batch, in_features, out_features) in shapes {
-            let p = LinearParams {
-                batch,
-                in_features,
-                out_features,
-            };
-            let x = values(batch * in_features, 1);
-            let w = values(out_features * in_features, 2);
-            let b = values(out_features, 3);
-            let mut got = vec![f32::NAN; batch * out_features];
-            forward(&p, &x, &w, Some(&b), &mut got).unwrap();
-            // One product per block of `row_block` rows, as each block was computed alone.
-            let rows = row_block(batch);
-            let mut want = vec![f32::NAN; batch * out_features];
-            for (out, xb) in want
-                .chunks_mut(rows * out_features)
-                .zip(x.chunks(rows * in_features))
-            {
-                for row in out.chunks_exact_mut(out_features) {
-                    row.copy_from_slice(&b);
-                }
-                product(&p, xb, &w, true, out, &stop);
+        let (x, w, b) = (
+            values(batch * in_f, 1),
+            values(out_f * in_f, 2),
+            values(out_f, 3),
+        );
+        let gy = values(batch * out_f, 4);
+        let mut y = vec![f32::NAN; batch * out_f];
+        let rows = row_block(batch);
+        for (first, out) in (0..batch).step_by(rows).zip(y.chunks_mut(rows * out_f)) {
+            let m = out.len() / out_f;
+            for row in out.chunks_exact_mut(out_f) {
+                row.copy_from_slice(&b);
             }
-            let differ = got
-                .iter()
-                .zip(&want)
-                .filter(|(g, w)| g.to_bits() != w.to_bits())
-                .count();
-            assert_eq!(
-                differ, 0,
-                "{batch}x{in_features}->{out_features}: values differ"
+            let x = MatRef::rows(&x[first * in_f..], in_f);
+            sgemm(
+                m,
+                out_f,
+                in_f,
+                out,
+                out_f,
+                true,
+                x,
+                MatRef::transposed(&w, in_f),
+                &stop,
             );
-            merged += usize::from(batch > rows && general_path(&p, rows));
         }
-        assert!(merged >= 4, "only {merged} shapes merged blocks");
+        let mut gx = vec![f32::NAN; batch * in_f];
+        for (first, gx) in (0..batch).step_by(rows).zip(gx.chunks_mut(rows * in_f)) {
+            let m = gx.len() / in_f;
+            let gy = MatRef::rows(&gy[first * out_f..], out_f);
+            sgemm(
+                m,
+                in_f,
+                out_f,
+                gx,
+                in_f,
+                false,
+                gy,
+                MatRef::rows(&w, in_f),
+                &stop,
+            );
+        }
+        let mut gw = vec![f32::NAN; out_f * in_f];
+        let rows = row_block(out_f);
+        for (first, gw) in (0..out_f).step_by(rows).zip(gw.chunks_mut(rows * in_f)) {
+            let m = gw.len() / in_f;
+            let gy = MatRef::transposed(&gy[first..], out_f);
+            sgemm(
+                m,
+                in_f,
+                batch,
+                gw,
+                in_f,
+                false,
+                gy,
+                MatRef::rows(&x, in_f),
+                &stop,
+            );
+        }
+        [y, gx, gw]
+    }
+
+    #[test]
+    fn products_give_the_bits_of_one_product_per_row_block_at_any_thread_count() {
+        let mut merged = [0; 3];
+        for (batch, in_f, out_f) in SHAPES {
+            let want = per_block(batch, in_f, out_f);
+            for threads in [1, 2, 3, 5] {
+                let got = products(threads, batch, in_f, out_f);
+                for (k, name) in ["output", "grad_input", "grad_weight"].iter().enumerate() {
+                    assert!(
+                        bits(&got[k]) == bits(&want[k]),
+                        "{batch}x{in_f}->{out_f}, {threads} threads: {name} differs"
+                    );
+                }
+            }
+            // Products that merge blocks at one thread.
+            let (rows, wrows) = (row_block(batch), row_block(out_f));
+            merged[0] += usize::from(batch > rows && general_path(out_f, rows, in_f));
+            merged[1] += usize::from(batch > rows && general_path(in_f, rows, out_f));
+            merged[2] += usize::from(out_f > wrows && general_path(in_f, wrows, batch));
+        }
+        assert!(
+            merged.iter().all(|&m| m >= 3),
+            "too few shapes merge blocks: {merged:?}"
+        );
+    }
+
+    #[test]
+    fn one_row_and_small_products_keep_their_own_path() {
+        // One row: a matrix-vector product; 16×16 outputs or fewer: the crate's small
+        // kernels; depth 2: its outer products.
+        assert!(!general_path(300, 1, 100));
+        assert!(!general_path(128, 2, 100));
+        assert!(!general_path(128, 4, 2));
+        assert!(!general_path(64, 16, 100));
+        assert!(general_path(65, 4, 3));
     }
 }
