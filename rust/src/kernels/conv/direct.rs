@@ -182,9 +182,7 @@ simd_dispatch! {
                             (&mut grads[at..at + LANES]).try_into().expect("a vector");
                         *dst = run.try_into().expect("a vector");
                     } else {
-                        for (d, &v) in grads[at..at + n].iter_mut().zip(run) {
-                            *d = v;
-                        }
+                        copy_row(&mut grads[at..at + n], run);
                     }
                     q += n;
                     rest = after;

@@ -664,7 +664,7 @@ simd_dispatch! {
                         *d = v + b;
                     }
                 } else {
-                    row.copy_from_slice(values);
+                    unfold::copy_row(row, values);
                 }
             }
         }
