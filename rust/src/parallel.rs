@@ -6,7 +6,7 @@
 //! at any thread count.
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -413,26 +413,56 @@ thread_local! {
         const { Cell::new(None) };
 }
 
+/// Most threads given a pool of their own ([`own_thread_pool`]) in the life of the process.
+/// rayon keeps such a pool's registry after its thread ends (about 7.6 KiB, measured over
+/// 2,000 short-lived threads each making one call at one thread), so a program that starts
+/// thread after thread (a server's thread per request) grew by that much per thread; past
+/// this many, a thread's calls at one thread go to the shared one-thread pool instead (a
+/// hand-off, two context switches per call). Enough for the threads a program keeps
+/// (its main thread, a thread pool's workers).
+const MAX_OWN_POOLS: usize = 64;
+
+/// Pools of their own built so far ([`MAX_OWN_POOLS`]).
+static OWN_POOLS_BUILT: AtomicUsize = AtomicUsize::new(0);
+
 /// A pool of one thread, the calling thread itself, made on its first call at one thread
 /// and kept for its later ones: `install` then runs the job where it is called. Handing a
 /// call to a pool thread and waiting for it costs two context switches, measured at ~12 µs
 /// of CPU (~30 µs of wall time) per call on the AMD EPYC, loaded: a tenth of the CPU time
 /// of a batch-8 LeNetBN step through the layers, and about as much as its smallest
 /// kernels. No other thread ever uses this pool, so the thread never waits for itself.
-/// rayon keeps such a pool's few kilobytes until the process ends (the thread is its
-/// worker from then on; its calls at more threads wait for the other pool as rayon's
-/// nested pools do). `None` if rayon refuses: a thread already in a pool.
+/// rayon keeps such a pool until the process ends (the thread is its worker from then on;
+/// its calls at more threads wait for the other pool as rayon's nested pools do), so at
+/// most [`MAX_OWN_POOLS`] threads get one. `None` if rayon refuses (a thread already in a
+/// pool) or the threads before took them all.
 fn own_thread_pool() -> Option<&'static ThreadPool> {
+    own_thread_pool_within(&OWN_POOLS_BUILT, MAX_OWN_POOLS)
+}
+
+/// [`own_thread_pool`], `built` counting the pools built so far, at most `max`.
+fn own_thread_pool_within(built: &AtomicUsize, max: usize) -> Option<&'static ThreadPool> {
     OWN_THREAD_POOL.with(|cell| {
         if let Some(pool) = cell.get() {
             return pool;
         }
-        let pool = ThreadPoolBuilder::new()
-            .num_threads(1)
-            .use_current_thread()
-            .build()
-            .ok()
+        let claimed = built
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        let pool = claimed
+            .then(|| {
+                ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .use_current_thread()
+                    .build()
+                    .ok()
+            })
+            .flatten()
             .map(|pool| &*Box::leak(Box::new(pool)));
+        if claimed && pool.is_none() {
+            built.fetch_sub(1, Ordering::Relaxed);
+        }
         cell.set(Some(pool));
         pool
     })
@@ -539,6 +569,42 @@ mod tests {
                 parse_num_threads(bad),
                 Err(format!("expected an int in [1, 1024], got '{bad}'"))
             );
+        }
+    }
+
+    #[test]
+    fn at_most_max_own_pools_threads_get_a_pool_of_their_own() {
+        // A count of its own, so that the other tests' threads keep theirs: of ten threads
+        // one after the other, the first four get a pool of their own and keep it; the
+        // others are refused one, and their calls at one thread still run, in the shared
+        // pool.
+        static BUILT: AtomicUsize = AtomicUsize::new(0);
+        let got: Vec<(bool, bool, usize)> = (0..10)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    let own = own_thread_pool_within(&BUILT, 4);
+                    let again = own_thread_pool_within(&BUILT, 4);
+                    assert_eq!(own.map(|p| p as *const _), again.map(|p| p as *const _));
+                    set_local_threads(Some(1)).unwrap();
+                    let caller = std::thread::current().id();
+                    let (sum, on_caller) = run_in_pool(|| {
+                        use rayon::prelude::*;
+                        let sum: usize = (0..100usize).into_par_iter().sum();
+                        (sum, std::thread::current().id() == caller)
+                    });
+                    (own.is_some(), on_caller, sum)
+                })
+                .join()
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(BUILT.load(Ordering::Relaxed), 4);
+        for (i, &(own, on_caller, sum)) in got.iter().enumerate() {
+            assert_eq!(own, i < 4, "thread {i}: {got:?}");
+            // A thread's own pool runs its calls where they are made; the shared one on
+            // its pool thread.
+            assert_eq!(on_caller, own, "thread {i}: {got:?}");
+            assert_eq!(sum, 4950);
         }
     }
 }
