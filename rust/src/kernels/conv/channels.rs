@@ -371,11 +371,32 @@ unsafe fn write_planes_avx512(
                 unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), sum) };
             }
         }
-        for c in group..group + count {
-            let plane = &mut out_image[c * pixels..(c + 1) * pixels];
-            for (q, o) in plane.iter_mut().enumerate().skip(blocks * LANES) {
-                *o = output[q * channels + c] + add[c];
-            }
+        write_last_pixels(
+            output,
+            channels,
+            add,
+            pixels,
+            group..group + count,
+            out_image,
+        );
+    }
+}
+
+/// The pixels after the last whole 16-pixel block of channels `group`, one by one: the
+/// end of [`write_planes`]'s planes.
+#[inline(always)]
+fn write_last_pixels(
+    output: &[f32],
+    channels: usize,
+    add: &[f32],
+    pixels: usize,
+    group: std::ops::Range<usize>,
+    out_image: &mut [f32],
+) {
+    for c in group {
+        let plane = &mut out_image[c * pixels..(c + 1) * pixels];
+        for (q, o) in plane.iter_mut().enumerate().skip(pixels / LANES * LANES) {
+            *o = output[q * channels + c] + add[c];
         }
     }
 }
@@ -387,7 +408,8 @@ simd_dispatch! {
         let out_channels = out_image.len() / pixels;
         let blocks = pixels / LANES;
         for group in (0..out_channels).step_by(LANES) {
-            let add: &[f32; LANES] = add[group..group + LANES].try_into().expect("a vector");
+            let group_add: &[f32; LANES] =
+                add[group..group + LANES].try_into().expect("a vector");
             let count = LANES.min(out_channels - group);
             for block in 0..blocks {
                 let mut rows = [[0.0f32; LANES]; LANES];
@@ -398,7 +420,7 @@ simd_dispatch! {
                 let mut columns = [[0.0f32; LANES]; LANES];
                 unroll!(c < LANES => {
                     unroll!(j < LANES => {
-                        columns[c][j] = rows[j][c] + add[c];
+                        columns[c][j] = rows[j][c] + group_add[c];
                     });
                 });
                 for (c, column) in columns.iter().enumerate().take(count) {
@@ -406,12 +428,7 @@ simd_dispatch! {
                     out_image[at..at + LANES].copy_from_slice(column);
                 }
             }
-            for c in group..group + count {
-                let plane = &mut out_image[c * pixels..(c + 1) * pixels];
-                for (q, o) in plane.iter_mut().enumerate().skip(blocks * LANES) {
-                    *o = output[q * channels + c] + add[c - group];
-                }
-            }
+            write_last_pixels(output, channels, add, pixels, group..group + count, out_image);
         }
     }
 }
