@@ -25,8 +25,8 @@ fn row_block(rows: usize) -> usize {
     chunk_len(rows, 16, 16)
 }
 
-/// Whether a product of `rows` rows of the batch (or of the weight gradient) takes the
-/// `gemm` crate's general path, where each output is the same sum, in the same order,
+/// Whether the forward's product for `rows` rows of the batch takes the `gemm` crate's
+/// general path, where each output is the same sum, in the same order,
 /// whatever the number of rows: the crate computes the transposed product (`long` ×
 /// `rows`, depth `depth`), and with more than 64 of its rows its depth blocking depends
 /// on the depth alone. The other paths (at most 16×16 outputs; a depth of at most 2; one
@@ -290,8 +290,7 @@ mod tests {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
-    /// (rows, columns, depth) of the products: batch × out ← in; batch × in ← out; out ×
-    /// in ← batch.
+    /// (batch, in_features, out_features).
     const SHAPES: [(usize, usize, usize); 12] = [
         (64, 1568, 128),
         (100, 37, 65),
@@ -401,7 +400,7 @@ mod tests {
 
     #[test]
     fn products_give_the_bits_of_one_product_per_row_block_at_any_thread_count() {
-        let mut merged = [0; 3];
+        let mut merged = 0;
         for (batch, in_f, out_f) in SHAPES {
             let want = per_block(batch, in_f, out_f);
             for threads in [1, 2, 3, 5] {
@@ -413,16 +412,11 @@ mod tests {
                     );
                 }
             }
-            // Products that merge blocks at one thread.
-            let (rows, wrows) = (row_block(batch), row_block(out_f));
-            merged[0] += usize::from(batch > rows && general_path(out_f, rows, in_f));
-            merged[1] += usize::from(batch > rows && general_path(in_f, rows, out_f));
-            merged[2] += usize::from(out_f > wrows && general_path(in_f, wrows, batch));
+            // Forwards that merge blocks at one thread.
+            let rows = row_block(batch);
+            merged += usize::from(batch > rows && general_path(out_f, rows, in_f));
         }
-        assert!(
-            merged.iter().all(|&m| m >= 3),
-            "too few shapes merge blocks: {merged:?}"
-        );
+        assert!(merged >= 4, "only {merged} shapes merge blocks");
     }
 
     #[test]
