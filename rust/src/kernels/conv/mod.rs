@@ -940,24 +940,9 @@ fn transposed_weight(p: &Conv2dParams, weight: &[f32]) -> Vec<f32> {
 }
 
 simd_dispatch! {
-    /// Output channel `co`'s bias gradient: its planes' sums added over the batch in f64.
-    /// At the level's vector width (the sums only add, so the bits are the same at every
-    /// level); in baseline code it took about 3% of the backward of LeNet's middle
-    /// convolution.
-    fn bias_grad(p: &Conv2dParams, grad_output: &[f32], co: usize) -> f32 {
-        let pixels = p.pixels();
-        let mut total = 0.0f64;
-        for image in grad_output.chunks_exact(p.out_channels * pixels) {
-            total += f64::from(crate::kernels::reduce::sum(&image[co * pixels..][..pixels]));
-        }
-        total as f32
-    }
-}
-
-simd_dispatch! {
     /// Each output channel's plane sum of one image's output gradient (`image`, C_out
-    /// planes) into `sums`: [`bias_grad`]'s per-plane sums, taken by the weight gradient's
-    /// loop while the image is in cache.
+    /// planes) into `sums`, for the bias gradient ([`bias_from_plane_sums`]). At the
+    /// level's vector width (the sums only add, so the bits are the same at every level).
     fn image_plane_sums(pixels: usize, image: &[f32], sums: &mut [f32]) {
         for (sum, plane) in sums.iter_mut().zip(image.chunks_exact(pixels)) {
             *sum = crate::kernels::reduce::sum(plane);
@@ -965,8 +950,8 @@ simd_dispatch! {
     }
 }
 
-/// The bias gradient from the planes' sums (`C_out` a row, one row per image), as
-/// [`bias_grad`] adds them: over the batch in f64, in image order.
+/// The bias gradient from the planes' sums (`C_out` a row, one row per image): each
+/// channel's added over the batch in f64, in image order.
 fn bias_from_plane_sums(plane_sums: &[f32], grad_bias: &mut [f32]) {
     let channels = grad_bias.len();
     for (co, g) in grad_bias.iter_mut().enumerate() {
@@ -1003,11 +988,23 @@ pub fn backward(
         p.groups == 1
             && (grad_input.is_none() || matches!(plan.input_grad, InputGrad::Transposed(_)))
     });
+    // The planes' sums of the output gradient, for the bias gradient: taken by the weight
+    // gradient's loops while each image is in cache (a pass of their own was 17% of the
+    // first layer's backward, 64x1x28x28->16, AMD EPYC with AVX-512); by a pass of their
+    // own for grouped convolutions.
+    let mut plane_sums = Vec::new();
+    resize_scratch(
+        &mut plane_sums,
+        p.batch * p.out_channels,
+        "conv2d backward: the sums of the output gradient's planes",
+    )?;
     if p.groups > 1 {
         if let Some(gb) = grad_bias.take() {
-            gb.par_iter_mut()
-                .enumerate()
-                .for_each(|(co, g)| *g = bias_grad(p, grad_output, co));
+            plane_sums
+                .par_chunks_mut(p.out_channels)
+                .zip(grad_output.par_chunks(out_image))
+                .for_each(|(sums, image)| image_plane_sums(p.pixels(), image, sums));
+            bias_from_plane_sums(&plane_sums, gb);
         }
         if let Some(gx) = grad_input.as_deref() {
             crate::error::check_len("grad_input", gx.len(), input.len())?;
@@ -1038,12 +1035,6 @@ pub fn backward(
     }
     if let Some(kernel) = direct_weight_grad {
         let direct = direct::WeightGradPlan::new(p, kernel);
-        let mut plane_sums = Vec::new();
-        resize_scratch(
-            &mut plane_sums,
-            p.batch * p.out_channels,
-            "conv2d backward: the sums of the output gradient's planes",
-        )?;
         let stop = stop_token();
         partials
             .par_chunks_mut(weight.len())
@@ -1065,23 +1056,7 @@ pub fn backward(
         }
         return Ok(());
     }
-    // The bias gradient's plane sums, taken image by image after each image's product
-    // (the image's output gradient still in cache) rather than in a pass of their own:
-    // that pass was 17% of the first layer's backward (64x1x28x28->16, AMD EPYC with
-    // AVX-512).
-    let mut plane_sums = Vec::new();
-    if grad_bias.is_some() {
-        resize_scratch(
-            &mut plane_sums,
-            p.batch * p.out_channels,
-            "conv2d backward: the sums of the output gradient's planes",
-        )?;
-    }
-    let sums_per_group = if grad_bias.is_some() {
-        group * p.out_channels
-    } else {
-        0
-    };
+    let want_bias = grad_bias.is_some();
     let grad_input_groups: Vec<Option<&mut [f32]>> = match grad_input {
         Some(gx) => {
             crate::error::check_len("grad_input", gx.len(), input.len())?;
@@ -1091,14 +1066,10 @@ pub fn backward(
     };
     let image_len = p.image_len();
     let stop = stop_token();
-    let mut group_sums: Vec<&mut [f32]> = match sums_per_group {
-        0 => (0..n_groups).map(|_| &mut [][..]).collect(),
-        len => plane_sums.chunks_mut(len).collect(),
-    };
     grad_input_groups
         .into_par_iter()
         .zip(partials.par_chunks_mut(weight.len()))
-        .zip(group_sums.par_iter_mut())
+        .zip(plane_sums.par_chunks_mut(group * p.out_channels))
         .enumerate()
         .try_for_each(|(g, ((mut gx_group, partial), sums))| -> Result<()> {
             let (mut col, mut grad_col, mut gy_block) = (Vec::new(), Vec::new(), Vec::new());
@@ -1111,7 +1082,7 @@ pub fn backward(
                 }
                 let images = block.min(last - start);
                 let n = images * pixels;
-                if !sums.is_empty() {
+                if want_bias {
                     for i in start..start + images {
                         let at = (i - first) * p.out_channels;
                         let gy = &grad_output[i * out_image..(i + 1) * out_image];
@@ -1206,7 +1177,6 @@ pub fn backward(
             }
             Ok(())
         })?;
-    drop(group_sums);
     sum_partials(&partials, grad_weight);
     if let Some(gb) = grad_bias {
         bias_from_plane_sums(&plane_sums, gb);
