@@ -61,16 +61,12 @@ impl RowJobs {
         }
     }
 
-    /// Run `product(first_row, rows)` over a job of `job_rows` rows: once for the whole
-    /// job when each of its blocks takes the general path (`general(rows)`), else once per
+    /// Run `product(first_row, rows)` over a job of `job_rows` rows of `p`'s batch: once
+    /// for the whole job when each of its blocks takes the general path, else once per
     /// block.
-    fn run(
-        &self,
-        job_rows: usize,
-        general: impl Fn(usize) -> bool,
-        mut product: impl FnMut(usize, usize),
-    ) {
+    fn run(&self, p: &LinearParams, job_rows: usize, mut product: impl FnMut(usize, usize)) {
         let blocks = (0..job_rows).step_by(self.rows);
+        let general = |rows| general_path(p.out_features, rows, p.in_features);
         if blocks.clone().all(|b| general(self.rows.min(job_rows - b))) {
             product(0, job_rows);
         } else {
@@ -165,8 +161,7 @@ pub fn forward_fused(
                     row.copy_from_slice(b);
                 }
             }
-            let general = |rows| general_path(out_f, rows, in_f);
-            jobs.run(x.len() / in_f, general, |first, rows| {
+            jobs.run(p, x.len() / in_f, |first, rows| {
                 let x = &x[first * in_f..(first + rows) * in_f];
                 let out = &mut out[first * out_f..(first + rows) * out_f];
                 product(p, x, weight, bias.is_some(), out, &stop);
