@@ -423,6 +423,7 @@ def test_sigint_during_a_grid_search_stops_the_search():
 #: Ctrl-C: one that finds the worker between two kernel calls, rather than inside one,
 #: could not disturb it even with one stop flag for all calls.)
 THREAD_FIT_CHILD = FIT_DATA + """
+    import sys
     import threading
     from bnrs import functional as F
     w = rng.standard_normal((64, 64, 3, 3), dtype=np.float32)
@@ -457,7 +458,10 @@ THREAD_FIT_CHILD = FIT_DATA + """
             break
         except KeyboardInterrupt:
             interrupts += 1
-            print("INTERRUPTED", interrupts, worker.is_alive(), flush=True)
+            # One write: print() writes its arguments one by one, and the worker's
+            # epoch lines may come between them.
+            sys.stdout.write("INTERRUPTED %d %s\\n" % (interrupts, worker.is_alive()))
+            sys.stdout.flush()
     main_done.set()
     worker.join(300)
     print("ERROR", outcome.get("error"), flush=True)
@@ -484,12 +488,13 @@ def test_sigint_to_the_main_thread_leaves_fits_in_another_thread_whole():
         time.sleep(0.3)
         process.send_signal(signal.SIGINT)
         # The next Ctrl-C only once this one was caught (the worker prints epoch lines).
+        # The worker's epoch line may have been cut by it: "epoch ...INTERRUPTED 1 True".
         line = process.stdout.readline()
-        while line and not line.startswith("INTERRUPTED"):
+        while line and "INTERRUPTED" not in line:
             read.append(line)
             line = process.stdout.readline()
-        seen.append(line.strip())
-        if line.strip() != f"INTERRUPTED {count} True":
+        seen.append(line[line.find("INTERRUPTED"):].strip())
+        if seen[-1] != f"INTERRUPTED {count} True":
             break
     stdout, stderr = child.finish(process, timeout=300)
     stdout = "".join(read) + stdout
