@@ -14,6 +14,9 @@
 from __future__ import annotations
 
 import copy
+import signal
+import textwrap
+import time
 
 import bnrs
 import numpy as np
@@ -21,7 +24,7 @@ import pytest
 from bnrs import _core, executor, nn, optim
 from bnrs.nn.dropout import draw_seed
 from bnrs.nn.fusion import FUSE_ENV
-from bnrs.training import num_threads, train_step
+from bnrs.training import batch_bounds, num_threads, train_epoch, train_step
 
 LENET = "c4-bn-relu-mp2-c8-bn-relu-mp2-d0.25-fc16-bn-relu-d0.5"
 
@@ -680,3 +683,210 @@ def test_a_dropout_seed_is_the_draw_of_the_layers_forward(bit_generator):
     assert seeds == [int(layers.integers(0, 2**64, dtype=np.uint64)) for _ in range(5)]
     assert all(type(seed) is int for seed in seeds)
     assert ours.random() == layers.random()
+
+
+# ---------------------------------------------------------------- an epoch in one call
+
+
+def _epoch(monkeypatch, path: str, model, opt, X, y, bounds, order, threads=1):
+    """Train copies of ``model`` and ``opt`` for one train_epoch: the executor's epoch in
+    one call ("epoch"), its steps one by one ("steps": a per-step callback keeps them
+    apart) or the Python path ("python"); return them and the losses."""
+    model, opt = copy.deepcopy((model, opt))
+    monkeypatch.setenv(executor.STEP_ENV, "0" if path == "python" else "1")
+    after_step = None if path == "epoch" else (lambda: None)
+    with num_threads(threads):
+        losses = train_epoch(model, nn.CrossEntropyLoss(), opt, X, y, bounds, order,
+                             after_step=after_step)
+    return model, opt, losses
+
+
+def _epoch_data(shape, n_classes, n, seed=3):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n,) + shape).astype(np.float32),
+            rng.integers(0, n_classes, n))
+
+
+def _takes_epoch(model, opt, X, y, bounds, order, monkeypatch) -> bool:
+    """Whether the executor takes the whole epoch in one call (on copies)."""
+    model, opt = copy.deepcopy((model, opt))
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    model.train()
+    return executor.run_epoch(model, nn.CrossEntropyLoss(), opt, X, y, bounds,
+                              order) is not None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd", "nesterov", "groups"])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_an_epoch_in_one_call_is_the_bits_of_its_steps(monkeypatch, opt_name, threads,
+                                                       shuffled):
+    model = nn.from_spec(LENET, (1, 12, 12), 5, random_state=0)
+    opt = _optimizer(opt_name, model)
+    X, y = _epoch_data((1, 12, 12), 5, 45)
+    bounds = batch_bounds(45, 8, last="keep")   # the last batch has 5 samples
+    order = np.random.default_rng(4).permutation(45) if shuffled else None
+    assert _takes_epoch(model, opt, X, y, bounds, order, monkeypatch)
+    # Twice: the second epoch goes on from the optimizer state the first made.
+    runs = []
+    for path in ("epoch", "steps", "python"):
+        trained, trained_opt, losses = _epoch(monkeypatch, path, model, opt, X, y, bounds,
+                                              order, threads)
+        more = _epoch(monkeypatch, path, trained, trained_opt, X, y, bounds[:3], order,
+                      threads)
+        runs.append((more[0], more[1], losses + more[2]))
+    assert len(runs[0][2]) == len(bounds) + 3
+    assert_same_state(runs[0], runs[1])
+    assert_same_state(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("fuse", ["1", "0"])
+@pytest.mark.parametrize("network", ["layers", "blocks"])
+def test_an_epoch_of_every_layer_type_is_the_bits_of_its_steps(monkeypatch, network, fuse):
+    monkeypatch.setenv(FUSE_ENV, fuse)
+    model, shape = ((_layers_network(), (2, 10, 10)) if network == "layers"
+                    else (_blocks_network(), (2, 8, 8)))
+    opt = _optimizer("adam", model)
+    X, y = _epoch_data(shape, 3, 30)
+    bounds = batch_bounds(30, 7)   # the last batch has 9 samples
+    order = np.random.default_rng(5).permutation(30)
+    assert _takes_epoch(model, opt, X, y, bounds, order, monkeypatch)
+    assert_same_state(_epoch(monkeypatch, "epoch", model, opt, X, y, bounds, order, 2),
+                      _epoch(monkeypatch, "steps", model, opt, X, y, bounds, order, 2))
+
+
+def test_an_epoch_stops_at_a_non_finite_loss_as_its_steps_do(monkeypatch):
+    model = nn.from_spec("fc6-bn-relu-d0.5-fc5-relu-d0.2", (4,), 3, random_state=0)
+    X, y = _epoch_data((4,), 3, 24)
+    bounds = batch_bounds(24, 4)
+    for bad_batch in (2, 0):   # a later step, then the first
+        X_bad = X.copy()
+        X_bad[4 * bad_batch + 1, 0] = np.inf
+        opt = _optimizer("adam", model)
+        runs = [_epoch(monkeypatch, path, model, opt, X_bad, y, bounds, None)
+                for path in ("epoch", "steps")]
+        assert len(runs[0][2]) == bad_batch + 1 and not np.isfinite(runs[0][2][-1])
+        for result in runs:   # the Python path keeps its forward's state
+            result[0].clear_saved()
+        assert_same_state(*runs)
+        assert (runs[0][1].state == {}) == (bad_batch == 0)
+
+
+def test_an_epoch_that_fails_midway_keeps_the_steps_before(monkeypatch):
+    # The third batch has one sample: its batch norm refuses it, after the first dropout
+    # drew its seed and before the second did; the two steps before it stay taken.
+    model = nn.from_spec("fc12-relu-d0.5-fc16-bn-relu-d0.5", (10,), 4, random_state=0)
+    X, y = _epoch_data((10,), 4, 9)
+    bounds = [(0, 4), (4, 8), (8, 9)]
+    opt = _optimizer("sgd", model)
+    results = []
+    for path in ("epoch", "steps"):
+        trained, trained_opt = copy.deepcopy((model, opt))
+        monkeypatch.setenv(executor.STEP_ENV, "1")
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            train_epoch(trained, nn.CrossEntropyLoss(), trained_opt, X, y, bounds,
+                        after_step=None if path == "epoch" else (lambda: None))
+        results.append((trained, trained_opt, []))
+    assert_same_state(*results)
+    trained = results[0][0]
+    assert int(trained[4].num_batches_tracked) == 2
+    assert all(s["momentum_buffer"] is not None for s in results[0][1].state.values())
+
+
+def test_an_epoch_the_executor_cannot_gather_is_taken_step_by_step(monkeypatch):
+    # Float64 samples, an order with a negative index (NumPy's from the end) and a batch
+    # past the order's end (sliced short, as NumPy does): the Python steps' own rules.
+    model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    X, y = _epoch_data((4,), 3, 12)
+    order = np.arange(12)[::-1] - 1   # 10 .. -1
+    strided = np.repeat(X, 2, axis=0)[::2]   # C-contiguous it is not
+    for samples, order_, bounds in [(X.astype(np.float64), None, [(0, 6), (6, 12)]),
+                                    (X, order, [(0, 6), (6, 12)]),
+                                    (X, None, [(0, 6), (6, 20)]),
+                                    (strided, None, [(0, 6), (6, 12)])]:
+        assert not _takes_epoch(model, opt, samples, y, bounds, order_, monkeypatch)
+        assert_same_state(
+            _epoch(monkeypatch, "epoch", model, opt, samples, y, bounds, order_),
+            _epoch(monkeypatch, "steps", model, opt, samples, y, bounds, order_))
+
+
+def test_the_epoch_binding_names_the_argument_at_fault(monkeypatch):
+    model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
+    opt = _optimizer("sgd", model)
+    X, y = _epoch_data((4,), 3, 12)
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    model.train()
+    assert executor.run_epoch(model, nn.CrossEntropyLoss(), opt, X, y, [(0, 6)]) is not None
+    plan = executor._EXECUTORS[model].plan
+    step = executor._EXECUTORS[model].train_step
+    slots = plan.slots
+    running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
+    updates = [(plan.slot_of[id(p)], opt.state[p]["momentum_buffer"], False, 0.1, 0.9, 0.0,
+                False, 0.0) for p in slots]
+    before = [p.data.copy() for p in slots]
+
+    def run(order, bounds, seeds, targets=y):
+        return step.run_epoch(X, targets, order, bounds, [p.data for p in slots],
+                              [p.grad for p in slots], [], running, seeds, updates)
+
+    seeds = [1, 2]
+    with pytest.raises(ValueError, match=r"order: expected indices from 0 to 11, got index 12"):
+        run(np.array([0, 12], np.int64), [(0, 2)], seeds)
+    with pytest.raises(ValueError, match=r"order: expected indices from 0 to 11, got index -1"):
+        run(np.array([-1, 3], np.int64), [(0, 2)], seeds)
+    with pytest.raises(ValueError, match=r"bounds: expected start < stop <= 12, got a batch \(4, 4\)"):
+        run(None, [(0, 4), (4, 4)], seeds)
+    with pytest.raises(ValueError, match=r"seeds: expected 1 per step, 2, got 1 dropout seeds"):
+        run(None, [(0, 4), (4, 8)], [1])
+    with pytest.raises(ValueError, match=r"targets: expected 12 class indices"):
+        run(None, [(0, 4)], seeds, y[:5])
+    with pytest.raises(ValueError, match=r"order: expected a 1-D array"):
+        run(np.zeros((2, 2), np.int64), [(0, 2)], seeds)
+    for p, value in zip(slots, before):   # refused before any step
+        assert np.array_equal(p.data, value)
+
+
+def test_sigint_during_an_epoch_of_short_steps_keeps_the_steps_taken():
+    # Each step is too short to be watched for Ctrl-C alone; the epoch is, and the steps
+    # it completed are counted by the optimizer as by the running statistics (which the
+    # interrupted step's forward may have counted too).
+    import child
+
+    code = textwrap.dedent("""
+        import time
+        import numpy as np
+        from bnrs import nn, optim
+        from bnrs.training import batch_bounds, train_epoch
+        rng = np.random.default_rng(0)
+        model = nn.from_spec("c8-bn-relu-mp2-fc16-bn-relu-d0.5", (1, 12, 12), 4,
+                             random_state=0)
+        opt = optim.Adam(model.parameters(), lr=1e-3)
+        X = rng.standard_normal((20_000, 1, 12, 12), dtype=np.float32)
+        y = rng.integers(0, 4, len(X))
+        bounds = batch_bounds(len(X), 16)
+        print("READY", flush=True)
+        try:
+            while True:
+                train_epoch(model, nn.CrossEntropyLoss(), opt, X, y, bounds,
+                            rng.permutation(len(X)))
+        except KeyboardInterrupt:
+            print("INTERRUPTED", time.monotonic(), flush=True)
+        print("STEPS", *sorted({int(s["step"]) for s in opt.state.values()}), flush=True)
+        print("COUNTS", *sorted({int(m.num_batches_tracked) for m in model
+                                 if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))}),
+              flush=True)
+    """)
+    process = child.start(code)
+    child.expect_line(process, "READY")
+    time.sleep(1.0)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = child.finish(process, timeout=60)
+    lines = dict(line.split(" ", 1) for line in stdout.splitlines() if " " in line)
+    assert "INTERRUPTED" in lines, f"no KeyboardInterrupt\n{stdout}\n{stderr}"
+    assert float(lines["INTERRUPTED"]) - sent < 1.0
+    steps = [int(v) for v in lines["STEPS"].split()]
+    counts = [int(v) for v in lines["COUNTS"].split()]
+    assert len(steps) == 1 and steps[0] > 0, stdout
+    assert set(counts) <= {steps[0], steps[0] + 1}, stdout

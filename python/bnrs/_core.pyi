@@ -258,9 +258,29 @@ class TrainStep:
     ) -> float:
         """Zero the gradients of ``zero``, forward, loss, backward, optimizer update;
         the loss (a non-finite one before the backward)."""
+    def run_epoch(
+        self,
+        samples: _F32,
+        targets: _I64,
+        order: Optional[_I64],
+        bounds: list[tuple[int, int]],
+        data: list[_F32],
+        grads: list[_F32],
+        zero: list[int],
+        running: list[tuple[_F32, _F32, _I64]],
+        seeds: list[int],
+        updates: list[tuple[Any, ...]],
+    ) -> list[float]:
+        """A step (as ``run``, without sample weights) per ``(start, stop)`` of ``bounds``
+        on the samples at those positions of ``order`` (None: of ``samples``); ``seeds``
+        holds every step's dropout seeds in turn and ``updates`` the first step's tuples.
+        The losses of the steps taken: the epoch stops after a non-finite one."""
     @property
     def seeds_used(self) -> int:
         """How many of the last step's dropout seeds its forward used."""
+    @property
+    def steps_done(self) -> int:
+        """How many steps the last ``run_epoch`` completed (also when it raised)."""
     def release_buffers(self) -> int:
         """Free the buffers kept between steps; the bytes freed."""
 

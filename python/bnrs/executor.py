@@ -19,6 +19,11 @@ blocks (a batch norm with the activation, 2×2 pool and dropout after it) are on
 each, run by the fused kernels its :class:`~bnrs.nn.fusion.TrainBlock` calls; those give
 the unfused bits, so the step's results do not depend on the fusion.
 
+:func:`run_epoch` takes the steps of a whole epoch in one call
+(:meth:`bnrs._core.TrainStep.run_epoch`): each batch gathered from the samples in Rust,
+the next step started without returning to Python, the same bits as a :func:`run_step`
+per batch.
+
 Anything else (another layer or loss, a layer in evaluation mode, nested or branching
 modules, a method of a layer, the loss or the optimizer replaced since import, an input
 or target the layers would reject) returns None, and the caller runs the Python path. ``BNRS_FUSED_STEP=0`` turns the
@@ -39,7 +44,7 @@ from . import functional as F
 from .nn import fusion
 from .nn.dropout import draw_seed
 
-__all__ = ["STEP_ENV", "executor_enabled", "run_step"]
+__all__ = ["STEP_ENV", "executor_enabled", "run_epoch", "run_step"]
 
 STEP_ENV = "BNRS_FUSED_STEP"
 
@@ -404,6 +409,35 @@ def _undo_created(optimizer, created) -> None:
 _SHARED_ARRAY = "cannot be updated in place"
 
 
+def _kind(model, criterion, optimizer) -> str | None:
+    """The optimizer's name in a plan, or None when the executor does not run steps of
+    this model, loss and optimizer (or is turned off)."""
+    if not executor_enabled() or type(criterion) is not nn.CrossEntropyLoss:
+        return None
+    kind = _OPTIMIZERS.get(type(optimizer))
+    if (kind is None or type(model) is not nn.Sequential or not _original_methods(model)
+            or not _original_methods(criterion) or not _original_optimizer(optimizer)):
+        return None
+    return kind
+
+
+def _updates(model, executor: _Executor, optimizer, kind: str, created: list, states: list):
+    """The optimizer's update tuples for the plan (:func:`_adam_updates`), or None when
+    the Python path must take the step (a group or state it would refuse: it raises
+    then). Raises :class:`_Replan`, the plan dropped, for a parameter the plan has no slot
+    for; whatever state was made is undone in both cases."""
+    try:
+        return (_sgd_updates if kind == "sgd" else _adam_updates)(
+            optimizer, executor.plan.slot_of, created, executor.validated, states)
+    except _Replan:
+        _undo_created(optimizer, created)
+        _EXECUTORS.pop(model, None)
+        raise
+    except (KeyError, TypeError, ValueError):
+        _undo_created(optimizer, created)
+        return None
+
+
 def run_step(model, criterion, optimizer, inputs, targets,
              sample_weight=None, _replanned: bool = False) -> float | None:
     """One training step by the executor, or None when the Python path must take it.
@@ -419,11 +453,8 @@ def run_step(model, criterion, optimizer, inputs, targets,
         The loss (non-finite: returned before the backward, as the Python path does),
         or None if the executor does not run this network or batch.
     """
-    if not executor_enabled() or type(criterion) is not nn.CrossEntropyLoss:
-        return None
-    kind = _OPTIMIZERS.get(type(optimizer))
-    if (kind is None or type(model) is not nn.Sequential or not _original_methods(model)
-            or not _original_methods(criterion) or not _original_optimizer(optimizer)):
+    kind = _kind(model, criterion, optimizer)
+    if kind is None:
         return None
     try:
         x = F.as_float32(inputs, "input")
@@ -447,18 +478,13 @@ def run_step(model, criterion, optimizer, inputs, targets,
     created: list = []
     states: list = []
     try:
-        updates = (_sgd_updates if kind == "sgd" else _adam_updates)(
-            optimizer, plan.slot_of, created, executor.validated, states)
+        updates = _updates(model, executor, optimizer, kind, created, states)
     except _Replan:   # a parameter added to the optimizer since: plan again, once
-        _undo_created(optimizer, created)
-        _EXECUTORS.pop(model, None)
         if _replanned:
             return None
         return run_step(model, criterion, optimizer, inputs, targets, sample_weight,
                         _replanned=True)
-    except (KeyError, TypeError, ValueError):
-        # A group or state the Python path would refuse: it takes the step and raises.
-        _undo_created(optimizer, created)
+    if updates is None:
         return None
     zero = [update[0] for update in updates]   # the optimizer's zero_grad
     slots = plan.slots
@@ -493,3 +519,130 @@ def run_step(model, criterion, optimizer, inputs, targets,
     for state in states:
         state["step"] += 1
     return loss
+
+
+def _replay(dropouts, states, steps: int, partial: int = 0) -> None:
+    """Put the dropout layers' generators where a step-by-step epoch leaves them: back to
+    ``states`` (as they were before the epoch), then ``steps`` steps' draws, and the draws
+    of the first ``partial`` layers of one more step."""
+    for module, state in zip(dropouts, states):
+        module._rng.bit_generator.state = state
+    for _ in range(steps):
+        for module in dropouts:
+            draw_seed(module._rng)
+    for module in dropouts[:partial]:
+        draw_seed(module._rng)
+
+
+def _epoch_order(order, n_samples: int) -> tuple[bool, np.ndarray | None]:
+    """(whether the executor can take ``order``, the order as it takes it): None stays
+    None; else a 1-D array of integers, each a sample's index (0 .. n_samples - 1: NumPy
+    reads a negative index from the end, and an index past the end raises, on the
+    Python path)."""
+    if order is None:
+        return True, None
+    if type(order) is not np.ndarray or order.ndim != 1 or order.dtype.kind not in "iu":
+        return False, None
+    if order.size and not (order.min() >= 0 and order.max() < n_samples):
+        return False, None
+    return True, np.require(order, np.int64, ["C_CONTIGUOUS", "ALIGNED"])
+
+
+def run_epoch(model, criterion, optimizer, X, y, bounds, order=None) -> list[float] | None:
+    """The steps of :func:`bnrs.training.train_epoch` (without sample weights, transform,
+    per-step callback or ``mark``) in one call into Rust, or None when they must be taken
+    one by one.
+
+    The batches are gathered from ``X`` in Rust, and the steps follow one another without
+    returning to Python: the bits, the losses, the optimizer's step counts and the
+    dropout layers' generators are those of a :func:`run_step` per batch, and so are those
+    of an epoch that stops early (at a non-finite loss, an error or Ctrl-C).
+
+    Parameters
+    ----------
+    model, criterion, optimizer
+        As :func:`bnrs.training.train_step`.
+    X, y, bounds, order
+        As :func:`bnrs.training.train_epoch`. ``X`` must be a C-contiguous float32 array
+        (the executor reads the samples where they are) and every batch one of samples.
+
+    Returns
+    -------
+    list of float or None
+        The loss of every step taken; None if the executor does not run this epoch (the
+        caller takes its steps one by one).
+    """
+    kind = _kind(model, criterion, optimizer)
+    if kind is None or type(X) is not np.ndarray or X.dtype != np.float32 or X.ndim < 2:
+        return None
+    if not (X.flags.c_contiguous and X.flags.aligned):
+        return None
+    n_samples = len(X)
+    labels = _labels(y, n_samples)
+    usable, order = _epoch_order(order, n_samples)
+    if labels is None or not usable:
+        return None
+    positions = n_samples if order is None else len(order)
+    try:
+        bounds = [(int(start), int(stop)) for start, stop in bounds]
+    except (TypeError, ValueError):
+        return None
+    if not bounds or not all(0 <= start < stop <= positions for start, stop in bounds):
+        return None
+    executor = _executor(model, optimizer, kind, X.shape[1:])
+    if executor is None or executor.plan is None:
+        return None
+    created: list = []
+    states: list = []
+    try:
+        updates = _updates(model, executor, optimizer, kind, created, states)
+    except _Replan:   # a parameter added to the optimizer since: plan again, once
+        executor = _executor(model, optimizer, kind, X.shape[1:])
+        if executor.plan is None:
+            return None
+        try:
+            updates = _updates(model, executor, optimizer, kind, created, states)
+        except _Replan:
+            return None
+    if updates is None:
+        return None
+    plan = executor.plan
+    train_step = executor.train_step
+    zero = [update[0] for update in updates]
+    slots = plan.slots
+    running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
+    dropouts = plan.dropouts
+    generator_states = [m._rng.bit_generator.state for m in dropouts]
+    seeds = [draw_seed(m._rng) for _ in bounds for m in dropouts]
+    model._fused_input = None
+    model._train_blocks = {}
+    try:
+        losses = train_step.run_epoch(X, labels, order, bounds, [p.data for p in slots],
+                                      [p.grad for p in slots], zero, running, seeds,
+                                      updates)
+    except BaseException as error:
+        if isinstance(error, ValueError) and _SHARED_ARRAY in str(error):
+            # Refused before any step: the steps are taken one by one.
+            _undo_created(optimizer, created)
+            _replay(dropouts, generator_states, 0)
+            return None
+        _end_epoch(plan, criterion, optimizer, created, states, train_step.steps_done)
+        _replay(dropouts, generator_states, train_step.steps_done, train_step.seeds_used)
+        raise
+    done = train_step.steps_done
+    _end_epoch(plan, criterion, optimizer, created, states, done)
+    if done < len(bounds):   # stopped at a non-finite loss, after that step's forward
+        _replay(dropouts, generator_states, done + 1)
+    return losses
+
+
+def _end_epoch(plan: _Plan, criterion, optimizer, created, states, done: int) -> None:
+    """The Python side of ``done`` steps taken by the executor: the layers keep nothing
+    of them, the optimizer counts them (and drops the state it made for none)."""
+    for module in plan.modules:
+        module._ctx = None
+    criterion._ctx = None
+    if done == 0:
+        _undo_created(optimizer, created)
+    for state in states:
+        state["step"] += done

@@ -176,6 +176,11 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
                 ) -> list[float]:
     """A training step per mini-batch, in training mode; stops at a non-finite loss.
 
+    A network the step executor runs takes the whole epoch in one call into Rust
+    (:func:`bnrs.executor.run_epoch`: the batches gathered there, no Python between the
+    steps) when there is no ``mark``, ``sample_weight``, ``transform`` or ``after_step``,
+    with the bits, losses and state of its steps taken one by one.
+
     Parameters
     ----------
     model, criterion, optimizer
@@ -209,6 +214,10 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
     model.train()
     losses = []
     try:
+        if mark is None and sample_weight is None and transform is None and after_step is None:
+            epoch = executor.run_epoch(model, criterion, optimizer, X, y, bounds, order)
+            if epoch is not None:
+                return epoch
         for start, stop in bounds:
             index = slice(start, stop) if order is None else order[start:stop]
             weight = None if sample_weight is None else sample_weight[index]

@@ -226,6 +226,24 @@ pub struct StepPlan {
     /// past the largest): after a failed step, the caller gives the generators of the
     /// others their draw back, as a layer-by-layer forward would not have reached them.
     seeds_used: usize,
+    /// How many steps the last [`StepPlan::run_epoch`] completed (backward and update
+    /// done): the caller counts them in its optimizer's steps and dropout draws, the
+    /// epoch having ended early or not.
+    steps_done: usize,
+}
+
+/// The mini-batches of an epoch, each gathered into its step's input in turn.
+pub struct EpochBatches<'a> {
+    /// Every sample, one after another (the plan's sample length each), and its class.
+    pub samples: &'a [f32],
+    pub targets: &'a [i64],
+    /// The order of the samples in this epoch (indices into them), or None: as they are.
+    pub order: Option<&'a [i64]>,
+    /// Each batch's (start, stop) positions into `order`, or into the samples.
+    pub bounds: &'a [(usize, usize)],
+    /// The dropout seeds of every step, one step's after another
+    /// ([`StepPlan::running_and_seed_counts`] per step).
+    pub seeds: &'a [u64],
 }
 
 const ACTIVATION: &str = "training step: a layer's output";
@@ -309,6 +327,11 @@ impl StepPlan {
     /// completed (all of them after a step that got past the forward).
     pub fn seeds_used(&self) -> usize {
         self.seeds_used
+    }
+
+    /// How many steps the last [`StepPlan::run_epoch`] completed.
+    pub fn steps_done(&self) -> usize {
+        self.steps_done
     }
 
     /// How many running-statistics entries and dropout seeds a step of this plan reads
@@ -403,6 +426,7 @@ impl StepPlan {
             direct: vec![false; n_slots],
             first_trained,
             seeds_used: 0,
+            steps_done: 0,
         })
     }
 
@@ -477,6 +501,109 @@ impl StepPlan {
             update(arrays)?;
         }
         Ok(loss)
+    }
+
+    /// The steps of an epoch, one per batch of `batches`, in one call: each batch's samples
+    /// gathered (in `order`) into the step's input, then [`StepPlan::run`] with that
+    /// step's dropout seeds, `arrays` holding everything else (its input, target, sample
+    /// weight and seeds are not read). After each step the optimizer's step counts move
+    /// on as the next `train_step` would pass them (Adam's `step` + 1; SGD's
+    /// `first_step` false). Returns the losses of the steps taken; the epoch stops after
+    /// a non-finite one (that step, as `train_step`, without backward or update).
+    /// [`StepPlan::steps_done`] counts the completed steps, also after an error.
+    pub fn run_epoch(
+        &mut self,
+        batches: &EpochBatches<'_>,
+        arrays: &mut StepArrays<'_>,
+    ) -> Result<Vec<f64>> {
+        self.steps_done = 0;
+        let sample_len = self.sample_len();
+        let n_samples = batches.samples.len() / sample_len.max(1);
+        if sample_len == 0 || n_samples * sample_len != batches.samples.len() {
+            return Err(Error::invalid(
+                "samples",
+                format!("{} values", batches.samples.len()),
+                format!("a whole number of samples of {sample_len} values"),
+            ));
+        }
+        if batches.targets.len() != n_samples {
+            return Err(Error::invalid(
+                "targets",
+                format!("{} class indices", batches.targets.len()),
+                format!("one per sample, {n_samples}"),
+            ));
+        }
+        let positions = match batches.order {
+            Some(order) => {
+                if let Some(&bad) = order
+                    .iter()
+                    .find(|&&i| usize::try_from(i).map_or(true, |i| i >= n_samples))
+                {
+                    return Err(Error::invalid(
+                        "order",
+                        format!("index {bad}"),
+                        format!("indices from 0 to {}", n_samples - 1),
+                    ));
+                }
+                order.len()
+            }
+            None => n_samples,
+        };
+        if let Some(&(start, stop)) = batches
+            .bounds
+            .iter()
+            .find(|&&(start, stop)| start >= stop || stop > positions)
+        {
+            return Err(Error::invalid(
+                "bounds",
+                format!("a batch ({start}, {stop})"),
+                format!("start < stop <= {positions}"),
+            ));
+        }
+        let per_step = self.running_and_seed_counts().1;
+        let seeds_needed = batches.bounds.len() * per_step;
+        if batches.seeds.len() < seeds_needed {
+            return Err(Error::invalid(
+                "seeds",
+                format!("{} dropout seeds", batches.seeds.len()),
+                format!("{per_step} per step, {seeds_needed}"),
+            ));
+        }
+        let stop_requested = stop_token();
+        let mut input = Vec::new();
+        let mut target = Vec::new();
+        let mut losses = Vec::with_capacity(batches.bounds.len());
+        for (index, &(start, stop)) in batches.bounds.iter().enumerate() {
+            if stop_requested.is_set() {
+                return Err(interrupted());
+            }
+            let (x, t): (&[f32], &[i64]) = match batches.order {
+                // Consecutive samples: the step reads them where they are.
+                None => (
+                    &batches.samples[start * sample_len..stop * sample_len],
+                    &batches.targets[start..stop],
+                ),
+                Some(order) => {
+                    gather(
+                        batches,
+                        &order[start..stop],
+                        sample_len,
+                        &mut input,
+                        &mut target,
+                    )?;
+                    (&input, &target)
+                }
+            };
+            let seeds = &batches.seeds[index * per_step..(index + 1) * per_step];
+            let loss = self.run(&mut arrays.for_batch(x, t, seeds))?;
+            losses.push(loss);
+            if !loss.is_finite() {
+                break;
+            }
+            self.steps_done += 1;
+            arrays.next_step();
+        }
+        Ok(losses)
     }
 
     /// Forward, loss and (if the loss is finite) backward; returns the loss.
@@ -999,6 +1126,98 @@ fn stage_backward(
 /// hyper-parameters are checked before the first parameter moves, and a Ctrl-C is not
 /// taken between parameters: a step updates all of them or none (the caller counts
 /// Adam's steps only for a step that returned).
+/// The samples and classes of `indices` (checked in range), one after another, into
+/// `input` and `target`.
+fn gather(
+    batches: &EpochBatches<'_>,
+    indices: &[i64],
+    sample_len: usize,
+    input: &mut Vec<f32>,
+    target: &mut Vec<i64>,
+) -> Result<()> {
+    input.clear();
+    target.clear();
+    if input.try_reserve(indices.len() * sample_len).is_err() {
+        return Err(Error::invalid(
+            "training step: a batch's input",
+            "more memory than is free",
+            "memory for it",
+        ));
+    }
+    for &i in indices {
+        let i = i as usize;
+        input.extend_from_slice(&batches.samples[i * sample_len..(i + 1) * sample_len]);
+        target.push(batches.targets[i]);
+    }
+    Ok(())
+}
+
+impl StepArrays<'_> {
+    /// These arrays with the batch of one step (`input`, `target`, its dropout `seeds`;
+    /// no sample weight): the parameters, gradients, running statistics and optimizer
+    /// state borrowed again for the step.
+    fn for_batch<'b>(
+        &'b mut self,
+        input: &'b [f32],
+        target: &'b [i64],
+        seeds: &'b [u64],
+    ) -> StepArrays<'b> {
+        let updates = match &mut self.updates {
+            Updates::Adam(params) => Updates::Adam(
+                params
+                    .iter_mut()
+                    .map(|u| AdamUpdate {
+                        slot: u.slot,
+                        exp_avg: &mut *u.exp_avg,
+                        exp_avg_sq: &mut *u.exp_avg_sq,
+                        step: u.step,
+                        config: u.config,
+                    })
+                    .collect(),
+            ),
+            Updates::Sgd(params) => Updates::Sgd(
+                params
+                    .iter_mut()
+                    .map(|u| SgdUpdate {
+                        slot: u.slot,
+                        momentum_buffer: u.momentum_buffer.as_deref_mut(),
+                        first_step: u.first_step,
+                        config: u.config,
+                    })
+                    .collect(),
+            ),
+        };
+        StepArrays {
+            input,
+            target,
+            sample_weight: None,
+            data: self.data.iter_mut().map(|d| &mut **d).collect(),
+            grads: self.grads.iter_mut().map(|g| &mut **g).collect(),
+            zero: self.zero,
+            running: self
+                .running
+                .iter_mut()
+                .map(|r| RunningArrays {
+                    mean: &mut *r.mean,
+                    var: &mut *r.var,
+                    num_batches_tracked: &mut *r.num_batches_tracked,
+                })
+                .collect(),
+            seeds,
+            updates,
+        }
+    }
+
+    /// The optimizer's counts as the next step has them: Adam's step one more, SGD's
+    /// momentum buffers past their first step.
+    fn next_step(&mut self) {
+        match &mut self.updates {
+            Updates::Adam(params) => params.iter_mut().for_each(|u| u.step += 1),
+            Updates::Sgd(params) => params.iter_mut().for_each(|u| u.first_step = false),
+        }
+    }
+}
+
 fn update(arrays: &mut StepArrays<'_>) -> Result<()> {
     let StepArrays {
         data,

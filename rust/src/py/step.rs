@@ -13,7 +13,8 @@ use crate::kernels::activation::Activation;
 use crate::kernels::fused::Pool2x2;
 use crate::kernels::optim::{AdamConfig, SgdConfig};
 use crate::step::{
-    AdamUpdate, BlockDropout, LayerKind, RunningArrays, SgdUpdate, StepArrays, StepPlan, Updates,
+    AdamUpdate, BlockDropout, EpochBatches, LayerKind, RunningArrays, SgdUpdate, StepArrays,
+    StepPlan, Updates,
 };
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -321,84 +322,97 @@ impl TrainStep {
                 )));
             }
         }
-        if let Some(&slot) = zero.iter().find(|&&s| s >= this.slot_names.len()) {
-            return Err(PyValueError::new_err(format!(
-                "zero: no parameter slot {slot}"
-            )));
-        }
-        let (running_needed, seeds_needed) = this.plan.running_and_seed_counts();
-        if running.len() < running_needed {
-            return Err(PyValueError::new_err(format!(
-                "running: expected {running_needed} batch norm statistics, got {}",
-                running.len()
-            )));
-        }
-        if seeds.len() < seeds_needed {
-            return Err(PyValueError::new_err(format!(
-                "seeds: expected {seeds_needed} dropout seeds, got {}",
-                seeds.len()
-            )));
-        }
-        let mut data_views = borrow_all(&data, &this.slot_names, &this.slot_shapes, "")?;
-        let mut grad_views = borrow_all(&grads, &this.slot_names, &this.slot_shapes, ".grad")?;
-        let mut running_views = running
-            .iter()
-            .enumerate()
-            .map(|(index, (mean, var, count))| {
-                let count = count.try_readwrite().map_err(|e| {
-                    PyValueError::new_err(format!("running[{index}].num_batches_tracked: {e}"))
-                })?;
-                Ok((
-                    writeable(mean, format_args!("running[{index}].running_mean"))?,
-                    writeable(var, format_args!("running[{index}].running_var"))?,
-                    count,
-                ))
-            })
-            .collect::<PyResult<Vec<_>>>()?;
-        let (mut states, configs) = this.updates(&updates)?;
         let x = slice(&input, "input")?;
         let t = slice(&target, "target")?;
         let w = sample_weight
             .as_ref()
             .map(|w| slice(w, "sample_weight"))
             .transpose()?;
-        let mut running_arrays = Vec::with_capacity(running_views.len());
-        for (index, (mean, var, count)) in running_views.iter_mut().enumerate() {
-            let count = count
-                .as_slice_mut()
-                .ok()
-                .filter(|c| c.len() == 1)
-                .ok_or_else(|| {
-                    PyValueError::new_err(format!(
-                        "running[{index}].num_batches_tracked: expected a 0-d int64 array"
-                    ))
-                })?;
-            running_arrays.push(RunningArrays {
-                mean: mean
-                    .as_slice_mut()
-                    .map_err(|_| not_contiguous("running_mean"))?,
-                var: var
-                    .as_slice_mut()
-                    .map_err(|_| not_contiguous("running_var"))?,
-                num_batches_tracked: &mut count[0],
-            });
+        let seeds_needed = this.plan.running_and_seed_counts().1;
+        if seeds.len() < seeds_needed {
+            return Err(PyValueError::new_err(format!(
+                "seeds: expected {seeds_needed} dropout seeds, got {}",
+                seeds.len()
+            )));
         }
-        let updates = this.bind_updates(&mut states, configs);
-        let mut arrays = StepArrays {
-            input: x,
-            target: t,
-            sample_weight: w,
-            data: slices(&mut data_views),
-            grads: slices(&mut grad_views),
-            zero: &zero,
-            running: running_arrays,
-            seeds: &seeds,
-            updates,
-        };
+        let mut borrowed = this.borrow(&data, &grads, &zero, &running, &updates)?;
+        let mut arrays = this.arrays(&mut borrowed, x, t, w, &zero, &seeds)?;
         let work = this.plan.work(batch);
         let plan = &mut this.plan;
         run_guarded(py, work >= STEP_INTERRUPTIBLE_WORK, || {
             plan.run(&mut arrays)
+        })
+    }
+
+    /// How many steps the last `run_epoch` completed (backward and update done), also
+    /// when it raised.
+    #[getter]
+    fn steps_done(&self) -> usize {
+        self.plan.steps_done()
+    }
+
+    /// The steps of an epoch in one call: a step (as `run`, without sample weights) per
+    /// `(start, stop)` of `bounds`, on the samples at those positions of `order` (None:
+    /// of `samples`), each gathered into the step's input; `seeds` holds each step's
+    /// dropout seeds in turn, and `updates` the first step's tuples (the next steps count
+    /// on from them). Returns the losses of the steps taken: the epoch stops after a
+    /// non-finite one. See `steps_done`.
+    #[pyo3(signature = (samples, targets, order, bounds, data, grads, zero, running, seeds, updates))]
+    #[allow(clippy::too_many_arguments)]
+    fn run_epoch<'py>(
+        mut slf: PyRefMut<'py, Self>,
+        py: Python<'py>,
+        samples: PyReadonlyArrayDyn<'py, f32>,
+        targets: PyReadonlyArrayDyn<'py, i64>,
+        order: Option<PyReadonlyArrayDyn<'py, i64>>,
+        bounds: Vec<(usize, usize)>,
+        data: Vec<Array<'py>>,
+        grads: Vec<Array<'py>>,
+        zero: Vec<usize>,
+        running: Vec<Running<'py>>,
+        seeds: Vec<u64>,
+        updates: Vec<Bound<'py, PyTuple>>,
+    ) -> PyResult<Vec<f64>> {
+        let this = &mut *slf;
+        let shape = samples.shape();
+        if shape.len() != this.input_shape.len() + 1 || shape[1..] != this.input_shape[..] {
+            return Err(PyValueError::new_err(format!(
+                "samples: expected shape (N, {}), the plan's samples, got {shape:?}",
+                crate::error::join_dims(&this.input_shape)
+            )));
+        }
+        if targets.shape() != [shape[0]] {
+            return Err(PyValueError::new_err(format!(
+                "targets: expected {} class indices, got shape {:?}",
+                shape[0],
+                targets.shape()
+            )));
+        }
+        if let Some(order) = &order {
+            if order.ndim() != 1 {
+                return Err(PyValueError::new_err(format!(
+                    "order: expected a 1-D array of indices, got shape {:?}",
+                    order.shape()
+                )));
+            }
+        }
+        let order = order.as_ref().map(|o| slice(o, "order")).transpose()?;
+        let batches = EpochBatches {
+            samples: slice(&samples, "samples")?,
+            targets: slice(&targets, "targets")?,
+            order,
+            bounds: &bounds,
+            seeds: &seeds,
+        };
+        let mut borrowed = this.borrow(&data, &grads, &zero, &running, &updates)?;
+        let mut arrays = this.arrays(&mut borrowed, &[], &[], None, &zero, &[])?;
+        let work = bounds
+            .iter()
+            .map(|&(start, stop)| this.plan.work(stop.saturating_sub(start)))
+            .fold(0usize, usize::saturating_add);
+        let plan = &mut this.plan;
+        run_guarded(py, work >= STEP_INTERRUPTIBLE_WORK, || {
+            plan.run_epoch(&batches, &mut arrays)
         })
     }
 }
@@ -428,7 +442,117 @@ enum UpdateConfig {
     Sgd(bool, SgdConfig),
 }
 
+/// A step's arrays, borrowed for update in place (see [`TrainStep::borrow`]).
+struct Borrowed<'py> {
+    data: Vec<PyReadwriteArrayDyn<'py, f32>>,
+    grads: Vec<PyReadwriteArrayDyn<'py, f32>>,
+    running: Vec<RunningViews<'py>>,
+    states: Vec<StateViews<'py>>,
+    configs: Vec<UpdateConfig>,
+}
+
+type RunningViews<'py> = (
+    PyReadwriteArrayDyn<'py, f32>,
+    PyReadwriteArrayDyn<'py, f32>,
+    PyReadwriteArrayDyn<'py, i64>,
+);
+
 impl TrainStep {
+    /// Check and borrow the arrays a step updates: parameters, gradients, running
+    /// statistics and optimizer state (each refused, before anything changes, when it
+    /// cannot be written in place).
+    fn borrow<'py>(
+        &self,
+        data: &[Array<'py>],
+        grads: &[Array<'py>],
+        zero: &[usize],
+        running: &[Running<'py>],
+        updates: &[Bound<'py, PyTuple>],
+    ) -> PyResult<Borrowed<'py>> {
+        if let Some(&slot) = zero.iter().find(|&&s| s >= self.slot_names.len()) {
+            return Err(PyValueError::new_err(format!(
+                "zero: no parameter slot {slot}"
+            )));
+        }
+        let running_needed = self.plan.running_and_seed_counts().0;
+        if running.len() < running_needed {
+            return Err(PyValueError::new_err(format!(
+                "running: expected {running_needed} batch norm statistics, got {}",
+                running.len()
+            )));
+        }
+        let data = borrow_all(data, &self.slot_names, &self.slot_shapes, "")?;
+        let grads = borrow_all(grads, &self.slot_names, &self.slot_shapes, ".grad")?;
+        let running = running
+            .iter()
+            .enumerate()
+            .map(|(index, (mean, var, count))| {
+                let count = count.try_readwrite().map_err(|e| {
+                    PyValueError::new_err(format!("running[{index}].num_batches_tracked: {e}"))
+                })?;
+                Ok((
+                    writeable(mean, format_args!("running[{index}].running_mean"))?,
+                    writeable(var, format_args!("running[{index}].running_var"))?,
+                    count,
+                ))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let (states, configs) = self.updates(updates)?;
+        Ok(Borrowed {
+            data,
+            grads,
+            running,
+            states,
+            configs,
+        })
+    }
+
+    /// The step's arrays over `borrowed` (whose update configurations it takes).
+    fn arrays<'a>(
+        &self,
+        borrowed: &'a mut Borrowed<'_>,
+        input: &'a [f32],
+        target: &'a [i64],
+        sample_weight: Option<&'a [f64]>,
+        zero: &'a [usize],
+        seeds: &'a [u64],
+    ) -> PyResult<StepArrays<'a>> {
+        let mut running_arrays = Vec::with_capacity(borrowed.running.len());
+        for (index, (mean, var, count)) in borrowed.running.iter_mut().enumerate() {
+            let count = count
+                .as_slice_mut()
+                .ok()
+                .filter(|c| c.len() == 1)
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!(
+                        "running[{index}].num_batches_tracked: expected a 0-d int64 array"
+                    ))
+                })?;
+            running_arrays.push(RunningArrays {
+                mean: mean
+                    .as_slice_mut()
+                    .map_err(|_| not_contiguous("running_mean"))?,
+                var: var
+                    .as_slice_mut()
+                    .map_err(|_| not_contiguous("running_var"))?,
+                num_batches_tracked: &mut count[0],
+            });
+        }
+        let configs = std::mem::take(&mut borrowed.configs);
+        let updates = self.bind_updates(&mut borrowed.states, configs);
+        Ok(StepArrays {
+            input,
+            target,
+            sample_weight,
+            data: slices(&mut borrowed.data),
+            grads: slices(&mut borrowed.grads),
+            zero,
+            running: running_arrays,
+            seeds,
+            updates,
+        })
+    }
+
     fn state<'py>(
         &self,
         slot: usize,
