@@ -11,7 +11,12 @@ two. Printed per count: each round's wall time, and the median's and the fastest
 share of the peak (the fastest is the epoch on the quietest stretch of a shared machine;
 the bench reports the median).
 
+``--step-by-step`` also times, in each round right after it, the same epoch with its steps
+taken one by one (a per-step callback that does nothing keeps ``train_epoch`` from taking
+the epoch in one call), and prints how much faster the one call is (ratio of medians).
+
     python benches/bench_epoch.py [--rounds 5] [--threads 1 2] [--samples 10000]
+                                  [--step-by-step]
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--samples", type=int, default=10_000)
+    parser.add_argument("--step-by-step", action="store_true",
+                        help="also time the epoch's steps one by one, alternating")
     args = parser.parse_args()
 
     images, labels = LENET.make_data(args.samples)
@@ -48,6 +55,7 @@ def main() -> None:
 
     peak = fma_peak_gflops()
     times: dict[int, list[float]] = {n: [] for n in args.threads}
+    by_step: dict[int, list[float]] = {n: [] for n in args.threads}
     for _ in range(args.rounds):
         for n in args.threads:
             bnrs.set_num_threads(n)
@@ -55,6 +63,11 @@ def main() -> None:
             start = time.perf_counter()
             train_epoch(model, criterion, optimizer, images, labels, bounds)
             times[n].append(time.perf_counter() - start)
+            if args.step_by_step:
+                start = time.perf_counter()
+                train_epoch(model, criterion, optimizer, images, labels, bounds,
+                            after_step=lambda: None)
+                by_step[n].append(time.perf_counter() - start)
     peak = max(peak, fma_peak_gflops())
 
     print(f"LeNetBN training epoch, {len(images)} images, batch 64, Adam: {epoch_gflop:.1f} "
@@ -66,6 +79,11 @@ def main() -> None:
         print(f"  {n} thread(s): {rounds} ms; median {median * 1e3:.0f} ms = "
               f"{epoch_gflop / median / (peak * n):.1%} of the peak, fastest "
               f"{fastest * 1e3:.0f} ms = {epoch_gflop / fastest / (peak * n):.1%}")
+        if args.step_by_step:
+            rounds = ", ".join(f"{t * 1e3:.0f}" for t in by_step[n])
+            ratio = statistics.median(by_step[n]) / median
+            print(f"  {n} thread(s), step by step: {rounds} ms; the epoch in one call "
+                  f"{ratio:.3f}x faster (medians)")
 
 
 if __name__ == "__main__":

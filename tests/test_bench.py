@@ -549,3 +549,18 @@ def test_epoch_bench_reports_each_thread_count_against_the_peak():
         assert fastest == min(times)
         # Rounded as printed: the times to the ms, the share to 0.1%.
         assert share == pytest.approx(gflop / (fastest / 1e3) / (peak * threads), rel=0.2)
+
+
+def test_epoch_bench_compares_the_epoch_in_one_call_with_its_steps():
+    result = subprocess.run([sys.executable, str(EPOCH_BENCH), "--rounds", "1", "--threads",
+                             "2", "--samples", "1280", "--step-by-step"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    _, row, compared = result.stdout.splitlines()
+    assert row.startswith("  2 thread(s): ")
+    assert compared.startswith("  2 thread(s), step by step: ")
+    epoch = float(row.split(": ")[1].split(" ms;")[0])
+    steps = float(compared.split(": ")[1].split(" ms;")[0])
+    ratio = float(compared.split("one call ")[1].split("x faster")[0])
+    # One round: the ratio of the two times, printed rounded to the ms (20 steps: tens of ms).
+    assert ratio == pytest.approx(steps / epoch, rel=0.05)
