@@ -517,6 +517,7 @@ impl StepPlan {
         arrays: &mut StepArrays<'_>,
     ) -> Result<Vec<f64>> {
         self.steps_done = 0;
+        self.seeds_used = 0;
         let sample_len = self.sample_len();
         let n_samples = batches.samples.len() / sample_len.max(1);
         if sample_len == 0 || n_samples * sample_len != batches.samples.len() {
@@ -574,6 +575,8 @@ impl StepPlan {
         let mut target = Vec::new();
         let mut losses = Vec::with_capacity(batches.bounds.len());
         for (index, &(start, stop)) in batches.bounds.iter().enumerate() {
+            // What an error or Ctrl-C before the step's forward leaves: no seed used.
+            self.seeds_used = 0;
             if stop_requested.is_set() {
                 return Err(interrupted());
             }
