@@ -824,13 +824,14 @@ def test_the_epoch_binding_names_the_argument_at_fault(monkeypatch):
     running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
     updates = [(plan.slot_of[id(p)], opt.state[p]["momentum_buffer"], False, 0.1, 0.9, 0.0,
                 False, 0.0) for p in slots]
-    before = [p.data.copy() for p in slots]
 
     def run(order, bounds, seeds, targets=y):
         return step.run_epoch(X, targets, order, bounds, [p.data for p in slots],
                               [p.grad for p in slots], [], running, seeds, updates)
 
     seeds = [1, 2]
+    assert run(None, [(0, 6), (6, 12)], seeds) and (step.steps_done, step.seeds_used) == (2, 1)
+    before = [p.data.copy() for p in slots]
     with pytest.raises(ValueError, match=r"order: expected indices from 0 to 11, got index 12"):
         run(np.array([0, 12], np.int64), [(0, 2)], seeds)
     with pytest.raises(ValueError, match=r"order: expected indices from 0 to 11, got index -1"):
@@ -845,6 +846,8 @@ def test_the_epoch_binding_names_the_argument_at_fault(monkeypatch):
         run(np.zeros((2, 2), np.int64), [(0, 2)], seeds)
     for p, value in zip(slots, before):   # refused before any step
         assert np.array_equal(p.data, value)
+    # No step taken, no seed used: nothing of the epoch before is reported.
+    assert (step.steps_done, step.seeds_used) == (0, 0)
 
 
 def test_sigint_during_an_epoch_of_short_steps_keeps_the_steps_taken():
