@@ -598,7 +598,7 @@ def run_epoch(model, criterion, optimizer, X, y, bounds, order=None) -> list[flo
         updates = _updates(model, executor, optimizer, kind, created, states)
     except _Replan:   # a parameter added to the optimizer since: plan again, once
         executor = _executor(model, optimizer, kind, X.shape[1:])
-        if executor.plan is None:
+        if executor is None or executor.plan is None:
             return None
         try:
             updates = _updates(model, executor, optimizer, kind, created, states)
