@@ -830,7 +830,9 @@ def test_the_epoch_binding_names_the_argument_at_fault(monkeypatch):
                               [p.grad for p in slots], [], running, seeds, updates)
 
     seeds = [1, 2]
-    assert run(None, [(0, 6), (6, 12)], seeds) and (step.steps_done, step.seeds_used) == (2, 1)
+    # After the last step no seed of a step left unfinished: a Ctrl-C seen then gives no
+    # draw back.
+    assert run(None, [(0, 6), (6, 12)], seeds) and (step.steps_done, step.seeds_used) == (2, 0)
     before = [p.data.copy() for p in slots]
     with pytest.raises(ValueError, match=r"order: expected indices from 0 to 11, got index 12"):
         run(np.array([0, 12], np.int64), [(0, 2)], seeds)
@@ -893,3 +895,79 @@ def test_sigint_during_an_epoch_of_short_steps_keeps_the_steps_taken():
     counts = [int(v) for v in lines["COUNTS"].split()]
     assert len(steps) == 1 and steps[0] > 0, stdout
     assert set(counts) <= {steps[0], steps[0] + 1}, stdout
+
+
+def test_an_epoch_refused_by_the_binding_after_another_counts_nothing(monkeypatch):
+    # A gradient of the wrong shape is refused before the epoch starts: no step is
+    # counted and no dropout draw is kept, whatever the epoch before did.
+    model = nn.from_spec("fc6-bn-relu-d0.5-fc5-relu-d0.2", (4,), 3, random_state=0)
+    X, y = _epoch_data((4,), 3, 24)
+    bounds = batch_bounds(24, 4)
+    results = []
+    for path in ("epoch", "steps"):
+        trained, opt, _ = _epoch(monkeypatch, path, model, _optimizer("adam", model), X, y,
+                                 bounds, None)
+        generators = [m._rng.bit_generator.state for m in trained if isinstance(m, nn.Dropout)]
+        trained[0].weight.grad = np.zeros((1, 1), np.float32)
+        with pytest.raises(ValueError, match="grad: expected shape"):
+            train_epoch(trained, nn.CrossEntropyLoss(), opt, X, y, bounds,
+                        after_step=None if path == "epoch" else (lambda: None))
+        assert {s["step"] for s in opt.state.values()} == {len(bounds)}
+        assert generators == [m._rng.bit_generator.state for m in trained
+                              if isinstance(m, nn.Dropout)]
+        results.append((trained, opt, generators))
+    assert results[0][2] == results[1][2]
+
+
+def test_a_parameter_group_added_between_epochs_counts_each_step_once(monkeypatch):
+    model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
+    X, y = _epoch_data((4,), 3, 24)
+    bounds = batch_bounds(24, 4)
+    runs = []
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    for path in ("epoch", "steps"):
+        # The same objects for both epochs: the second finds the plan of the first,
+        # without a slot for the new parameter.
+        trained, opt = copy.deepcopy((model, _optimizer("adam", model)))
+        after_step = None if path == "epoch" else (lambda: None)
+        losses = train_epoch(trained, nn.CrossEntropyLoss(), opt, X, y, bounds,
+                             after_step=after_step)
+        opt.add_param_group({"params": [nn.Parameter(np.ones(3, np.float32))]})
+        losses += train_epoch(trained, nn.CrossEntropyLoss(), opt, X, y, bounds,
+                              after_step=after_step)
+        runs.append((trained, opt, losses))
+    assert_same_state(*runs)
+    steps = {s["step"] for p, s in runs[0][1].state.items() if p.shape != (3,)}
+    assert steps == {2 * len(bounds)}
+
+
+def test_an_epoch_whose_later_batch_has_a_bad_target_keeps_the_steps_before(monkeypatch):
+    model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
+    X, y = _epoch_data((4,), 3, 24)
+    y[13] = 7   # in the fourth batch
+    results = []
+    for path in ("epoch", "steps"):
+        trained, opt = copy.deepcopy((model, _optimizer("sgd", model)))
+        monkeypatch.setenv(executor.STEP_ENV, "1")
+        with pytest.raises(ValueError, match="target"):
+            train_epoch(trained, nn.CrossEntropyLoss(), opt, X, y, batch_bounds(24, 4),
+                        after_step=None if path == "epoch" else (lambda: None))
+        trained.clear_saved()
+        results.append((trained, opt, []))
+    assert_same_state(*results)
+    assert int(results[0][0][1].num_batches_tracked) == 4   # three steps and a forward
+
+
+def test_an_epoch_takes_its_batches_from_any_iterable_and_refuses_float_bounds(monkeypatch):
+    model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
+    X, y = _epoch_data((4,), 3, 24)
+    bounds = batch_bounds(24, 5)
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    unsupported = nn.Sequential(nn.Sequential(nn.Linear(4, 3)))   # nested: layer by layer
+    for network in (model, unsupported):
+        trained, opt = copy.deepcopy((network, _optimizer("adam", network)))
+        losses = train_epoch(trained, nn.CrossEntropyLoss(), opt, X, y, iter(bounds))
+        assert len(losses) == len(bounds)
+    trained, opt = copy.deepcopy((model, _optimizer("adam", model)))
+    with pytest.raises(TypeError):
+        train_epoch(trained, nn.CrossEntropyLoss(), opt, X, y, [(0.0, 12.0)])

@@ -281,6 +281,8 @@ class TrainStep:
     @property
     def steps_done(self) -> int:
         """How many steps the last ``run_epoch`` completed (also when it raised)."""
+    def reset_counts(self) -> None:
+        """Set ``seeds_used`` and ``steps_done`` to 0 (before a call)."""
     def release_buffers(self) -> int:
         """Free the buffers kept between steps; the bytes freed."""
 

@@ -33,6 +33,7 @@ executor off (for comparisons).
 from __future__ import annotations
 
 import math
+import operator
 import os
 import weakref
 from operator import attrgetter
@@ -494,6 +495,7 @@ def run_step(model, criterion, optimizer, inputs, targets,
     seeds = [draw_seed(m._rng) for m in plan.dropouts]
     model._fused_input = None
     model._train_blocks = {}
+    executor.train_step.reset_counts()
     try:
         loss = executor.train_step.run(x, labels, weight, [p.data for p in slots],
                                        [p.grad for p in slots], zero, running, seeds,
@@ -583,8 +585,8 @@ def run_epoch(model, criterion, optimizer, X, y, bounds, order=None) -> list[flo
     if labels is None or not usable:
         return None
     positions = n_samples if order is None else len(order)
-    try:
-        bounds = [(int(start), int(stop)) for start, stop in bounds]
+    try:   # integers only: the Python path's slices refuse floats
+        bounds = [(operator.index(start), operator.index(stop)) for start, stop in bounds]
     except (TypeError, ValueError):
         return None
     if not bounds or not all(0 <= start < stop <= positions for start, stop in bounds):
@@ -600,6 +602,7 @@ def run_epoch(model, criterion, optimizer, X, y, bounds, order=None) -> list[flo
         executor = _executor(model, optimizer, kind, X.shape[1:])
         if executor is None or executor.plan is None:
             return None
+        created, states = [], []   # undone: the retry lists its own
         try:
             updates = _updates(model, executor, optimizer, kind, created, states)
         except _Replan:
@@ -616,6 +619,7 @@ def run_epoch(model, criterion, optimizer, X, y, bounds, order=None) -> list[flo
     seeds = [draw_seed(m._rng) for _ in bounds for m in dropouts]
     model._fused_input = None
     model._train_blocks = {}
+    train_step.reset_counts()
     try:
         losses = train_step.run_epoch(X, labels, order, bounds, [p.data for p in slots],
                                       [p.grad for p in slots], zero, running, seeds,

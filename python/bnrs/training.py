@@ -215,6 +215,7 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
     losses = []
     try:
         if mark is None and sample_weight is None and transform is None and after_step is None:
+            bounds = list(bounds)   # read twice should the executor leave it to the steps
             epoch = executor.run_epoch(model, criterion, optimizer, X, y, bounds, order)
             if epoch is not None:
                 return epoch

@@ -334,6 +334,13 @@ impl StepPlan {
         self.steps_done
     }
 
+    /// Forget what the last call did ([`StepPlan::steps_done`], [`StepPlan::seeds_used`]):
+    /// a call refused before it starts reports neither steps nor seeds.
+    pub fn reset_counts(&mut self) {
+        self.steps_done = 0;
+        self.seeds_used = 0;
+    }
+
     /// How many running-statistics entries and dropout seeds a step of this plan reads
     /// (one past the largest index its layers name), for the binding to check the lists
     /// it is given against.
@@ -604,6 +611,8 @@ impl StepPlan {
                 break;
             }
             self.steps_done += 1;
+            // A Ctrl-C seen once the step returned takes no draw of it back.
+            self.seeds_used = 0;
             arrays.next_step();
         }
         Ok(losses)
@@ -1125,10 +1134,6 @@ fn stage_backward(
     }
 }
 
-/// The optimizer's updates, parameter by parameter in its order. Every update's
-/// hyper-parameters are checked before the first parameter moves, and a Ctrl-C is not
-/// taken between parameters: a step updates all of them or none (the caller counts
-/// Adam's steps only for a step that returned).
 /// The samples and classes of `indices` (checked in range), one after another, into
 /// `input` and `target`.
 fn gather(
@@ -1221,6 +1226,10 @@ impl StepArrays<'_> {
     }
 }
 
+/// The optimizer's updates, parameter by parameter in its order. Every update's
+/// hyper-parameters are checked before the first parameter moves, and a Ctrl-C is not
+/// taken between parameters: a step updates all of them or none (the caller counts
+/// Adam's steps only for a step that returned).
 fn update(arrays: &mut StepArrays<'_>) -> Result<()> {
     let StepArrays {
         data,

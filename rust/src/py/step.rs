@@ -270,6 +270,13 @@ impl TrainStep {
         self.plan.seeds_used()
     }
 
+    /// Set `seeds_used` and `steps_done` to 0: called before `run` or `run_epoch`, so that
+    /// a call refused before it starts (its arguments converted or checked) reports
+    /// neither steps nor seeds of the call before.
+    fn reset_counts(&mut self) {
+        self.plan.reset_counts();
+    }
+
     /// Free the activation and gradient buffers kept between steps (the next step makes
     /// them again); returns the bytes freed.
     fn release_buffers(&mut self) -> usize {
