@@ -826,7 +826,7 @@ def test_the_epoch_binding_names_the_argument_at_fault(monkeypatch):
                 False, 0.0) for p in slots]
 
     def run(order, bounds, seeds, targets=y):
-        return step.run_epoch(X, targets, order, bounds, [p.data for p in slots],
+        return step.run_epoch(X, targets, None, order, bounds, [p.data for p in slots],
                               [p.grad for p in slots], [], running, seeds, updates)
 
     seeds = [1, 2]
@@ -838,7 +838,8 @@ def test_the_epoch_binding_names_the_argument_at_fault(monkeypatch):
         run(np.array([0, 12], np.int64), [(0, 2)], seeds)
     with pytest.raises(ValueError, match=r"order: expected indices from 0 to 11, got index -1"):
         run(np.array([-1, 3], np.int64), [(0, 2)], seeds)
-    with pytest.raises(ValueError, match=r"bounds: expected start < stop <= 12, got a batch \(4, 4\)"):
+    with pytest.raises(ValueError,
+                       match=r"bounds: expected start < stop <= 12, got a batch \(4, 4\)"):
         run(None, [(0, 4), (4, 4)], seeds)
     with pytest.raises(ValueError, match=r"seeds: expected 1 per step, 2, got 1 dropout seeds"):
         run(None, [(0, 4), (4, 8)], [1])
@@ -971,3 +972,74 @@ def test_an_epoch_takes_its_batches_from_any_iterable_and_refuses_float_bounds(m
     trained, opt = copy.deepcopy((model, _optimizer("adam", model)))
     with pytest.raises(TypeError):
         train_epoch(trained, nn.CrossEntropyLoss(), opt, X, y, [(0.0, 12.0)])
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_an_epoch_with_sample_weights_is_the_bits_of_its_steps(monkeypatch, shuffled):
+    # Weights of several sizes, and batches whose weights are all 0 (skipped: loss 0.0,
+    # no step, no dropout draw), first, between and last.
+    model = nn.from_spec(LENET, (1, 12, 12), 5, random_state=0)
+    X, y = _epoch_data((1, 12, 12), 5, 40)
+    bounds = batch_bounds(40, 5)
+    order = np.random.default_rng(6).permutation(40) if shuffled else None
+    weight = np.random.default_rng(7).uniform(0.5, 2.0, 40).astype(np.float32)
+    positions = order if order is not None else np.arange(40)
+    for batch in (0, 3, 7):
+        weight[positions[5 * batch:5 * batch + 5]] = 0
+    opt = _optimizer("adam", model)
+    assert _takes_epoch(model, opt, X, y, bounds, order, monkeypatch)
+    runs = []
+    for path in ("epoch", "steps", "python"):
+        trained, trained_opt = copy.deepcopy((model, opt))
+        monkeypatch.setenv(executor.STEP_ENV, "0" if path == "python" else "1")
+        losses = train_epoch(trained, nn.CrossEntropyLoss(), trained_opt, X, y, bounds, order,
+                             sample_weight=weight,
+                             after_step=None if path == "epoch" else (lambda: None))
+        runs.append((trained, trained_opt, losses))
+    assert [runs[0][2][b] for b in (0, 3, 7)] == [0.0, 0.0, 0.0] and len(runs[0][2]) == 8
+    assert_same_state(runs[0], runs[1])
+    assert_same_state(runs[0], runs[2])
+    assert _takes_epoch_weighted(model, opt, X, y, bounds, weight, monkeypatch, order)
+
+
+def test_an_epoch_with_weights_stops_at_a_non_finite_loss_as_its_steps_do(monkeypatch):
+    model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
+    X, y = _epoch_data((4,), 3, 24)
+    X[9, 0] = np.inf   # in the third batch
+    weight = np.ones(24)
+    weight[4:8] = 0    # the second batch is skipped
+    weight[16:20] = 0  # and the fifth, after the stop
+    runs = []
+    for path in ("epoch", "steps"):
+        trained, opt = copy.deepcopy((model, _optimizer("adam", model)))
+        monkeypatch.setenv(executor.STEP_ENV, "1")
+        losses = train_epoch(trained, nn.CrossEntropyLoss(), opt, X, y, batch_bounds(24, 4),
+                             sample_weight=weight,
+                             after_step=None if path == "epoch" else (lambda: None))
+        trained.clear_saved()
+        runs.append((trained, opt, losses))
+    assert len(runs[0][2]) == 3 and runs[0][2][1] == 0.0 and not np.isfinite(runs[0][2][2])
+    assert_same_state(*runs)
+
+
+def test_weights_the_executor_cannot_tell_apart_leave_the_epoch_to_the_steps(monkeypatch):
+    # A negative weight (the steps skip a batch whose weights sum to 0 or less, and the
+    # loss refuses the others), a NaN, and weights of another length.
+    model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
+    X, y = _epoch_data((4,), 3, 12)
+    opt = _optimizer("adam", model)
+    for weight in (np.r_[-1.0, 0.0, 0.0, 0.0, np.ones(8)], np.r_[np.nan, np.ones(11)],
+                   np.ones(13)):
+        assert not _takes_epoch_weighted(model, opt, X, y, [(0, 4), (4, 12)], weight,
+                                         monkeypatch)
+    assert _takes_epoch_weighted(model, opt, X, y, [(0, 4), (4, 12)], np.ones(12),
+                                 monkeypatch)
+
+
+def _takes_epoch_weighted(model, opt, X, y, bounds, weight, monkeypatch, order=None) -> bool:
+    """Whether the executor takes the whole epoch, with these weights, in one call."""
+    model, opt = copy.deepcopy((model, opt))
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    model.train()
+    return executor.run_epoch(model, nn.CrossEntropyLoss(), opt, X, y, bounds, order,
+                              weight) is not None

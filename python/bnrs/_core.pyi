@@ -262,6 +262,7 @@ class TrainStep:
         self,
         samples: _F32,
         targets: _I64,
+        sample_weight: Optional[_F64],
         order: Optional[_I64],
         bounds: list[tuple[int, int]],
         data: list[_F32],
@@ -271,9 +272,10 @@ class TrainStep:
         seeds: list[int],
         updates: list[tuple[Any, ...]],
     ) -> list[float]:
-        """A step (as ``run``, without sample weights) per ``(start, stop)`` of ``bounds``
-        on the samples at those positions of ``order`` (None: of ``samples``); ``seeds``
-        holds every step's dropout seeds in turn and ``updates`` the first step's tuples.
+        """A step (as ``run``) per ``(start, stop)`` of ``bounds`` on the samples (and
+        their ``sample_weight``) at those positions of ``order`` (None: of ``samples``);
+        ``seeds`` holds every step's dropout seeds in turn and ``updates`` the first
+        step's tuples.
         The losses of the steps taken: the epoch stops after a non-finite one."""
     @property
     def seeds_used(self) -> int:

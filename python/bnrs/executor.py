@@ -26,8 +26,8 @@ per batch.
 
 Anything else (another layer or loss, a layer in evaluation mode, nested or branching
 modules, a method of a layer, the loss or the optimizer replaced since import, an input
-or target the layers would reject) returns None, and the caller runs the Python path. ``BNRS_FUSED_STEP=0`` turns the
-executor off (for comparisons).
+or target the layers would reject) returns None, and the caller runs the Python path.
+``BNRS_FUSED_STEP=0`` turns the executor off (for comparisons).
 """
 
 from __future__ import annotations
@@ -550,10 +550,10 @@ def _epoch_order(order, n_samples: int) -> tuple[bool, np.ndarray | None]:
     return True, np.require(order, np.int64, ["C_CONTIGUOUS", "ALIGNED"])
 
 
-def run_epoch(model, criterion, optimizer, X, y, bounds, order=None) -> list[float] | None:
-    """The steps of :func:`bnrs.training.train_epoch` (without sample weights, transform,
-    per-step callback or ``mark``) in one call into Rust, or None when they must be taken
-    one by one.
+def run_epoch(model, criterion, optimizer, X, y, bounds, order=None,
+              sample_weight=None) -> list[float] | None:
+    """The steps of :func:`bnrs.training.train_epoch` (without transform, per-step callback
+    or ``mark``) in one call into Rust, or None when they must be taken one by one.
 
     The batches are gathered from ``X`` in Rust, and the steps follow one another without
     returning to Python: the bits, the losses, the optimizer's step counts and the
@@ -564,9 +564,11 @@ def run_epoch(model, criterion, optimizer, X, y, bounds, order=None) -> list[flo
     ----------
     model, criterion, optimizer
         As :func:`bnrs.training.train_step`.
-    X, y, bounds, order
+    X, y, bounds, order, sample_weight
         As :func:`bnrs.training.train_epoch`. ``X`` must be a C-contiguous float32 array
-        (the executor reads the samples where they are) and every batch one of samples.
+        (the executor reads the samples where they are), every batch one of samples and
+        every weight finite and non-negative. A batch whose weights are all 0 is skipped
+        (its loss 0.0), as there.
 
     Returns
     -------
@@ -591,6 +593,12 @@ def run_epoch(model, criterion, optimizer, X, y, bounds, order=None) -> list[flo
         return None
     if not bounds or not all(0 <= start < stop <= positions for start, stop in bounds):
         return None
+    weights, taken = _epoch_weights(sample_weight, n_samples, order, bounds)
+    if taken is None:
+        return None
+    if not taken:   # every batch's weights are 0: no step
+        return [0.0] * len(bounds)
+    steps = [bounds[index] for index in taken]
     executor = _executor(model, optimizer, kind, X.shape[1:])
     if executor is None or executor.plan is None:
         return None
@@ -616,14 +624,14 @@ def run_epoch(model, criterion, optimizer, X, y, bounds, order=None) -> list[flo
     running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
     dropouts = plan.dropouts
     generator_states = [m._rng.bit_generator.state for m in dropouts]
-    seeds = [draw_seed(m._rng) for _ in bounds for m in dropouts]
+    seeds = [draw_seed(m._rng) for _ in steps for m in dropouts]
     model._fused_input = None
     model._train_blocks = {}
     train_step.reset_counts()
     try:
-        losses = train_step.run_epoch(X, labels, order, bounds, [p.data for p in slots],
-                                      [p.grad for p in slots], zero, running, seeds,
-                                      updates)
+        losses = train_step.run_epoch(X, labels, weights, order, steps,
+                                      [p.data for p in slots], [p.grad for p in slots],
+                                      zero, running, seeds, updates)
     except BaseException as error:
         if isinstance(error, ValueError) and _SHARED_ARRAY in str(error):
             # Refused before any step: the steps are taken one by one.
@@ -635,9 +643,43 @@ def run_epoch(model, criterion, optimizer, X, y, bounds, order=None) -> list[flo
         raise
     done = train_step.steps_done
     _end_epoch(plan, criterion, optimizer, created, states, done)
-    if done < len(bounds):   # stopped at a non-finite loss, after that step's forward
+    if done < len(steps):   # stopped at a non-finite loss, after that step's forward
         _replay(dropouts, generator_states, done + 1)
-    return losses
+    return _with_skipped(losses, taken, len(bounds))
+
+
+def _epoch_weights(sample_weight, n_samples: int, order, bounds):
+    """(the weights as the executor takes them, the indices of the batches it steps on),
+    or (None, None) when the epoch is left to the steps: weights of another shape, type or
+    sign (the steps raise, or skip a batch whose weights sum to 0 or less, where the
+    executor could not tell the same batches apart)."""
+    if sample_weight is None:
+        return None, list(range(len(bounds)))
+    try:
+        weights = F._sample_weight(sample_weight, n_samples, "sample_weight")
+    except (TypeError, ValueError):
+        return None, None
+    if not (np.isfinite(weights).all() and (weights >= 0).all()):
+        return None, None
+    # The steps skip a batch unless its weights' sum is above 0: with weights finite and
+    # non-negative, unless one of them is.
+    by_position = weights if order is None else weights[order]
+    taken = [index for index, (start, stop) in enumerate(bounds)
+             if by_position[start:stop].any()]
+    return weights, taken
+
+
+def _with_skipped(losses: list[float], taken: list[int], n_batches: int) -> list[float]:
+    """The losses of every batch in order: those of the steps taken, 0.0 for a batch
+    skipped for its weights, up to the step that ended the epoch."""
+    if len(taken) == n_batches:
+        return losses
+    merged = [0.0] * n_batches
+    for index, loss in zip(taken, losses):
+        merged[index] = loss
+    if len(losses) < len(taken) or (losses and not math.isfinite(losses[-1])):
+        return merged[:taken[len(losses) - 1] + 1]
+    return merged
 
 
 def _end_epoch(plan: _Plan, criterion, optimizer, created, states, done: int) -> None:

@@ -178,8 +178,8 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
 
     A network the step executor runs takes the whole epoch in one call into Rust
     (:func:`bnrs.executor.run_epoch`: the batches gathered there, no Python between the
-    steps) when there is no ``mark``, ``sample_weight``, ``transform`` or ``after_step``,
-    with the bits, losses and state of its steps taken one by one.
+    steps) when there is no ``mark``, ``transform`` or ``after_step``, with the bits,
+    losses and state of its steps taken one by one.
 
     Parameters
     ----------
@@ -214,9 +214,10 @@ def train_epoch(model: nn.Module, criterion: nn.CrossEntropyLoss,
     model.train()
     losses = []
     try:
-        if mark is None and sample_weight is None and transform is None and after_step is None:
+        if mark is None and transform is None and after_step is None:
             bounds = list(bounds)   # read twice should the executor leave it to the steps
-            epoch = executor.run_epoch(model, criterion, optimizer, X, y, bounds, order)
+            epoch = executor.run_epoch(model, criterion, optimizer, X, y, bounds, order,
+                                       sample_weight)
             if epoch is not None:
                 return epoch
         for start, stop in bounds:

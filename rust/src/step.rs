@@ -237,6 +237,8 @@ pub struct EpochBatches<'a> {
     /// Every sample, one after another (the plan's sample length each), and its class.
     pub samples: &'a [f32],
     pub targets: &'a [i64],
+    /// Every sample's weight in the loss (None: the plain mean).
+    pub weights: Option<&'a [f64]>,
     /// The order of the samples in this epoch (indices into them), or None: as they are.
     pub order: Option<&'a [i64]>,
     /// Each batch's (start, stop) positions into `order`, or into the samples.
@@ -541,6 +543,13 @@ impl StepPlan {
                 format!("one per sample, {n_samples}"),
             ));
         }
+        if let Some(weights) = batches.weights.filter(|w| w.len() != n_samples) {
+            return Err(Error::invalid(
+                "sample_weight",
+                format!("{} weights", weights.len()),
+                format!("one per sample, {n_samples}"),
+            ));
+        }
         let positions = match batches.order {
             Some(order) => {
                 if let Some(&bad) = order
@@ -580,6 +589,7 @@ impl StepPlan {
         let stop_requested = stop_token();
         let mut input = Vec::new();
         let mut target = Vec::new();
+        let mut weight = Vec::new();
         let mut losses = Vec::with_capacity(batches.bounds.len());
         for (index, &(start, stop)) in batches.bounds.iter().enumerate() {
             // What an error or Ctrl-C before the step's forward leaves: no seed used.
@@ -587,25 +597,25 @@ impl StepPlan {
             if stop_requested.is_set() {
                 return Err(interrupted());
             }
-            let (x, t): (&[f32], &[i64]) = match batches.order {
+            let (x, t, w): (&[f32], &[i64], Option<&[f64]>) = match batches.order {
                 // Consecutive samples: the step reads them where they are.
                 None => (
                     &batches.samples[start * sample_len..stop * sample_len],
                     &batches.targets[start..stop],
+                    batches.weights.map(|w| &w[start..stop]),
                 ),
                 Some(order) => {
-                    gather(
-                        batches,
-                        &order[start..stop],
-                        sample_len,
-                        &mut input,
-                        &mut target,
-                    )?;
-                    (&input, &target)
+                    let rows = Rows {
+                        input: &mut input,
+                        target: &mut target,
+                        weight: &mut weight,
+                    };
+                    gather(batches, &order[start..stop], sample_len, rows)?;
+                    (&input, &target, batches.weights.map(|_| &weight[..]))
                 }
             };
             let seeds = &batches.seeds[index * per_step..(index + 1) * per_step];
-            let loss = self.run(&mut arrays.for_batch(x, t, seeds))?;
+            let loss = self.run(&mut arrays.for_batch(x, t, w, seeds))?;
             losses.push(loss);
             if !loss.is_finite() {
                 break;
@@ -1134,17 +1144,29 @@ fn stage_backward(
     }
 }
 
-/// The samples and classes of `indices` (checked in range), one after another, into
-/// `input` and `target`.
+/// A batch's samples, classes and weights, gathered.
+struct Rows<'b> {
+    input: &'b mut Vec<f32>,
+    target: &'b mut Vec<i64>,
+    weight: &'b mut Vec<f64>,
+}
+
+/// The samples, classes and weights (if any) of `indices` (checked in range), one after
+/// another, into `rows`.
 fn gather(
     batches: &EpochBatches<'_>,
     indices: &[i64],
     sample_len: usize,
-    input: &mut Vec<f32>,
-    target: &mut Vec<i64>,
+    rows: Rows<'_>,
 ) -> Result<()> {
+    let Rows {
+        input,
+        target,
+        weight,
+    } = rows;
     input.clear();
     target.clear();
+    weight.clear();
     if input.try_reserve(indices.len() * sample_len).is_err() {
         return Err(Error::invalid(
             "training step: a batch's input",
@@ -1156,18 +1178,22 @@ fn gather(
         let i = i as usize;
         input.extend_from_slice(&batches.samples[i * sample_len..(i + 1) * sample_len]);
         target.push(batches.targets[i]);
+        if let Some(weights) = batches.weights {
+            weight.push(weights[i]);
+        }
     }
     Ok(())
 }
 
 impl StepArrays<'_> {
-    /// These arrays with the batch of one step (`input`, `target`, its dropout `seeds`;
-    /// no sample weight): the parameters, gradients, running statistics and optimizer
+    /// These arrays with the batch of one step (`input`, `target`, `sample_weight`, its
+    /// dropout `seeds`): the parameters, gradients, running statistics and optimizer
     /// state borrowed again for the step.
     fn for_batch<'b>(
         &'b mut self,
         input: &'b [f32],
         target: &'b [i64],
+        sample_weight: Option<&'b [f64]>,
         seeds: &'b [u64],
     ) -> StepArrays<'b> {
         let updates = match &mut self.updates {
@@ -1198,7 +1224,7 @@ impl StepArrays<'_> {
         StepArrays {
             input,
             target,
-            sample_weight: None,
+            sample_weight,
             data: self.data.iter_mut().map(|d| &mut **d).collect(),
             grads: self.grads.iter_mut().map(|g| &mut **g).collect(),
             zero: self.zero,

@@ -358,19 +358,20 @@ impl TrainStep {
         self.plan.steps_done()
     }
 
-    /// The steps of an epoch in one call: a step (as `run`, without sample weights) per
-    /// `(start, stop)` of `bounds`, on the samples at those positions of `order` (None:
-    /// of `samples`), each gathered into the step's input; `seeds` holds each step's
+    /// The steps of an epoch in one call: a step (as `run`) per `(start, stop)` of
+    /// `bounds`, on the samples (and their `sample_weight`, if given) at those positions
+    /// of `order` (None: of `samples`), each gathered into the step's input; `seeds` holds each step's
     /// dropout seeds in turn, and `updates` the first step's tuples (the next steps count
     /// on from them). Returns the losses of the steps taken: the epoch stops after a
     /// non-finite one. See `steps_done`.
-    #[pyo3(signature = (samples, targets, order, bounds, data, grads, zero, running, seeds, updates))]
+    #[pyo3(signature = (samples, targets, sample_weight, order, bounds, data, grads, zero, running, seeds, updates))]
     #[allow(clippy::too_many_arguments)]
     fn run_epoch<'py>(
         mut slf: PyRefMut<'py, Self>,
         py: Python<'py>,
         samples: PyReadonlyArrayDyn<'py, f32>,
         targets: PyReadonlyArrayDyn<'py, i64>,
+        sample_weight: Option<PyReadonlyArrayDyn<'py, f64>>,
         order: Option<PyReadonlyArrayDyn<'py, i64>>,
         bounds: Vec<(usize, usize)>,
         data: Vec<Array<'py>>,
@@ -403,10 +404,24 @@ impl TrainStep {
                 )));
             }
         }
+        if let Some(w) = &sample_weight {
+            if w.shape() != [shape[0]] {
+                return Err(PyValueError::new_err(format!(
+                    "sample_weight: expected shape ({},), got {:?}",
+                    shape[0],
+                    w.shape()
+                )));
+            }
+        }
         let order = order.as_ref().map(|o| slice(o, "order")).transpose()?;
+        let weights = sample_weight
+            .as_ref()
+            .map(|w| slice(w, "sample_weight"))
+            .transpose()?;
         let batches = EpochBatches {
             samples: slice(&samples, "samples")?,
             targets: slice(&targets, "targets")?,
+            weights,
             order,
             bounds: &bounds,
             seeds: &seeds,
