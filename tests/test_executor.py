@@ -834,9 +834,11 @@ def test_the_epoch_binding_names_the_argument_at_fault(monkeypatch):
     # draw back.
     assert run(None, [(0, 6), (6, 12)], seeds) and (step.steps_done, step.seeds_used) == (2, 0)
     before = [p.data.copy() for p in slots]
-    with pytest.raises(ValueError, match=r"order: expected indices from 0 to 11, got index 12"):
+    with pytest.raises(ValueError, match=r"order: expected indices below 12, the number "
+                                         r"of samples, got index 12"):
         run(np.array([0, 12], np.int64), [(0, 2)], seeds)
-    with pytest.raises(ValueError, match=r"order: expected indices from 0 to 11, got index -1"):
+    with pytest.raises(ValueError, match=r"order: expected indices below 12, the number "
+                                         r"of samples, got index -1"):
         run(np.array([-1, 3], np.int64), [(0, 2)], seeds)
     with pytest.raises(ValueError,
                        match=r"bounds: expected start < stop <= 12, got a batch \(4, 4\)"):

@@ -559,7 +559,7 @@ impl StepPlan {
                     return Err(Error::invalid(
                         "order",
                         format!("index {bad}"),
-                        format!("indices from 0 to {}", n_samples - 1),
+                        format!("indices below {n_samples}, the number of samples"),
                     ));
                 }
                 order.len()
