@@ -849,6 +849,9 @@ def test_the_epoch_binding_names_the_argument_at_fault(monkeypatch):
         run(None, [(0, 4)], seeds, y[:5])
     with pytest.raises(ValueError, match=r"order: expected a 1-D array"):
         run(np.zeros((2, 2), np.int64), [(0, 2)], seeds)
+    with pytest.raises(ValueError, match=r"sample_weight: expected shape \(12,\), got \[5\]"):
+        step.run_epoch(X, y, np.ones(5), None, [(0, 4)], [p.data for p in slots],
+                       [p.grad for p in slots], [], running, seeds, updates)
     for p, value in zip(slots, before):   # refused before any step
         assert np.array_equal(p.data, value)
     # No step taken, no seed used: nothing of the epoch before is reported.

@@ -307,28 +307,12 @@ impl TrainStep {
         updates: Vec<Bound<'py, PyTuple>>,
     ) -> PyResult<f64> {
         let this = &mut *slf;
-        let shape = input.shape();
-        if shape.len() != this.input_shape.len() + 1 || shape[1..] != this.input_shape[..] {
-            return Err(PyValueError::new_err(format!(
-                "input: expected shape (N, {}), the plan's samples, got {shape:?}",
-                crate::error::join_dims(&this.input_shape)
-            )));
-        }
-        let batch = shape[0];
-        if target.shape() != [batch] {
-            return Err(PyValueError::new_err(format!(
-                "target: expected {batch} class indices, got shape {:?}",
-                target.shape()
-            )));
-        }
-        if let Some(w) = &sample_weight {
-            if w.shape() != [batch] {
-                return Err(PyValueError::new_err(format!(
-                    "sample_weight: expected shape ({batch},), got {:?}",
-                    w.shape()
-                )));
-            }
-        }
+        let batch = this.check_samples(
+            ("input", "target"),
+            input.shape(),
+            target.shape(),
+            sample_weight.as_ref().map(|w| w.shape()),
+        )?;
         let x = slice(&input, "input")?;
         let t = slice(&target, "target")?;
         let w = sample_weight
@@ -382,34 +366,17 @@ impl TrainStep {
         updates: Vec<Bound<'py, PyTuple>>,
     ) -> PyResult<Vec<f64>> {
         let this = &mut *slf;
-        let shape = samples.shape();
-        if shape.len() != this.input_shape.len() + 1 || shape[1..] != this.input_shape[..] {
-            return Err(PyValueError::new_err(format!(
-                "samples: expected shape (N, {}), the plan's samples, got {shape:?}",
-                crate::error::join_dims(&this.input_shape)
-            )));
-        }
-        if targets.shape() != [shape[0]] {
-            return Err(PyValueError::new_err(format!(
-                "targets: expected {} class indices, got shape {:?}",
-                shape[0],
-                targets.shape()
-            )));
-        }
+        this.check_samples(
+            ("samples", "targets"),
+            samples.shape(),
+            targets.shape(),
+            sample_weight.as_ref().map(|w| w.shape()),
+        )?;
         if let Some(order) = &order {
             if order.ndim() != 1 {
                 return Err(PyValueError::new_err(format!(
                     "order: expected a 1-D array of indices, got shape {:?}",
                     order.shape()
-                )));
-            }
-        }
-        if let Some(w) = &sample_weight {
-            if w.shape() != [shape[0]] {
-                return Err(PyValueError::new_err(format!(
-                    "sample_weight: expected shape ({},), got {:?}",
-                    shape[0],
-                    w.shape()
                 )));
             }
         }
@@ -480,6 +447,37 @@ type RunningViews<'py> = (
 );
 
 impl TrainStep {
+    /// The number of samples of a step's (or an epoch's) samples, checked against the
+    /// plan's sample shape, with one class index and at most one weight each; `names`
+    /// name the samples' and the classes' arguments in the errors.
+    fn check_samples(
+        &self,
+        names: (&str, &str),
+        shape: &[usize],
+        target_shape: &[usize],
+        weight_shape: Option<&[usize]>,
+    ) -> PyResult<usize> {
+        let (samples, targets) = names;
+        if shape.len() != self.input_shape.len() + 1 || shape[1..] != self.input_shape[..] {
+            return Err(PyValueError::new_err(format!(
+                "{samples}: expected shape (N, {}), the plan's samples, got {shape:?}",
+                crate::error::join_dims(&self.input_shape)
+            )));
+        }
+        let n = shape[0];
+        if target_shape != [n] {
+            return Err(PyValueError::new_err(format!(
+                "{targets}: expected {n} class indices, got shape {target_shape:?}"
+            )));
+        }
+        if let Some(weight_shape) = weight_shape.filter(|&w| w != [n]) {
+            return Err(PyValueError::new_err(format!(
+                "sample_weight: expected shape ({n},), got {weight_shape:?}"
+            )));
+        }
+        Ok(n)
+    }
+
     /// Check and borrow the arrays a step updates: parameters, gradients, running
     /// statistics and optimizer state (each refused, before anything changes, when it
     /// cannot be written in place).
