@@ -29,7 +29,7 @@ type Pair = (i64, i64);
 
 /// What a layer does in the step, with the indices of the arrays it uses: parameters by
 /// their slot in [`StepArrays::data`], running statistics by their index in
-/// [`StepArrays::running`], dropout seeds by theirs in [`StepArrays::seeds`].
+/// [`StepArrays::running`], dropout seeds by theirs in [`Batch::seeds`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum LayerKind {
     Conv2d {
@@ -187,12 +187,18 @@ pub enum Updates<'a> {
     Sgd(Vec<SgdUpdate<'a>>),
 }
 
-/// The arrays of one step: the batch, the parameters, their gradients, the running
-/// statistics, the dropout seeds and the optimizer's state.
-pub struct StepArrays<'a> {
+/// What one step trains on: its samples, their classes and weights, and the seeds of its
+/// dropout masks.
+pub struct Batch<'a> {
     pub input: &'a [f32],
     pub target: &'a [i64],
     pub sample_weight: Option<&'a [f64]>,
+    pub seeds: &'a [u64],
+}
+
+/// The arrays a step updates, kept from one step to the next: the parameters, their
+/// gradients, the running statistics and the optimizer's state.
+pub struct StepArrays<'a> {
     /// The values of every parameter slot (the model's and the optimizer's).
     pub data: Vec<&'a mut [f32]>,
     /// Their gradients, added to by the backward (as `param.grad += ...`).
@@ -200,7 +206,6 @@ pub struct StepArrays<'a> {
     /// The slots whose gradients are set to zero first (the optimizer's `zero_grad`).
     pub zero: &'a [usize],
     pub running: Vec<RunningArrays<'a>>,
-    pub seeds: &'a [u64],
     pub updates: Updates<'a>,
 }
 
@@ -463,19 +468,19 @@ impl StepPlan {
             .saturating_mul(3)
     }
 
-    /// One step: zero the gradients of `arrays.zero`, forward, loss; if the loss is
-    /// finite, the backward (adding to the gradients) and the optimizer's updates.
+    /// One step on `feed`: zero the gradients of `arrays.zero`, forward, loss; if the loss
+    /// is finite, the backward (adding to the gradients) and the optimizer's updates.
     /// Returns the loss (a non-finite one before any backward, as `train_step`).
-    pub fn run(&mut self, arrays: &mut StepArrays<'_>) -> Result<f64> {
+    pub fn run(&mut self, feed: &Batch<'_>, arrays: &mut StepArrays<'_>) -> Result<f64> {
         let sample_len = self.sample_len();
-        if sample_len == 0 || !arrays.input.len().is_multiple_of(sample_len) {
+        if sample_len == 0 || !feed.input.len().is_multiple_of(sample_len) {
             return Err(Error::invalid(
                 "input",
-                format!("{} values", arrays.input.len()),
+                format!("{} values", feed.input.len()),
                 format!("a whole number of samples of {sample_len} values"),
             ));
         }
-        let batch = arrays.input.len() / sample_len;
+        let batch = feed.input.len() / sample_len;
         self.seeds_used = 0;
         if arrays.data.len() != self.used.len() || arrays.grads.len() != self.used.len() {
             return Err(Error::invalid(
@@ -493,7 +498,7 @@ impl StepPlan {
                 arrays.grads[slot].fill(0.0);
             }
         }
-        let outcome = self.forward_backward(batch, arrays);
+        let outcome = self.forward_backward(batch, feed, arrays);
         for (slot, _) in self
             .direct
             .iter()
@@ -514,8 +519,7 @@ impl StepPlan {
 
     /// The steps of an epoch, one per batch of `batches`, in one call: each batch's samples
     /// gathered (in `order`) into the step's input, then [`StepPlan::run`] with that
-    /// step's dropout seeds, `arrays` holding everything else (its input, target, sample
-    /// weight and seeds are not read). After each step the optimizer's step counts move
+    /// step's dropout seeds on `arrays`. After each step the optimizer's step counts move
     /// on as the next `train_step` would pass them (Adam's `step` + 1; SGD's
     /// `first_step` false). Returns the losses of the steps taken; the epoch stops after
     /// a non-finite one (that step, as `train_step`, without backward or update).
@@ -614,8 +618,13 @@ impl StepPlan {
                     (&input, &target, batches.weights.map(|_| &weight[..]))
                 }
             };
-            let seeds = &batches.seeds[index * per_step..(index + 1) * per_step];
-            let loss = self.run(&mut arrays.for_batch(x, t, w, seeds))?;
+            let feed = Batch {
+                input: x,
+                target: t,
+                sample_weight: w,
+                seeds: &batches.seeds[index * per_step..(index + 1) * per_step],
+            };
+            let loss = self.run(&feed, arrays)?;
             losses.push(loss);
             if !loss.is_finite() {
                 break;
@@ -629,20 +638,25 @@ impl StepPlan {
     }
 
     /// Forward, loss and (if the loss is finite) backward; returns the loss.
-    fn forward_backward(&mut self, batch: usize, arrays: &mut StepArrays<'_>) -> Result<f64> {
+    fn forward_backward(
+        &mut self,
+        batch: usize,
+        feed: &Batch<'_>,
+        arrays: &mut StepArrays<'_>,
+    ) -> Result<f64> {
         let stop = stop_token();
-        self.forward(batch, arrays)?;
+        self.forward(batch, feed, arrays)?;
         if stop.is_set() {
             return Err(interrupted());
         }
         let last = self.stages.last().expect("a plan has layers");
         let classes = ClassesParams::new(&batched(batch, &last.output_shape))?;
         let logits = match last.output {
-            None => arrays.input,
+            None => feed.input,
             Some(k) => &self.activations[k][..len_of(batch, &last.output_shape)],
         };
         let loss =
-            timed(|| loss::cross_entropy(&classes, logits, arrays.target, arrays.sample_weight))?;
+            timed(|| loss::cross_entropy(&classes, logits, feed.target, feed.sample_weight))?;
         if !loss.is_finite() {
             return Ok(loss);
         }
@@ -651,16 +665,21 @@ impl StepPlan {
             loss::cross_entropy_backward(
                 &classes,
                 logits,
-                arrays.target,
-                arrays.sample_weight,
+                feed.target,
+                feed.sample_weight,
                 grad_logits,
             )
         })?;
-        self.backward(batch, arrays)?;
+        self.backward(batch, feed, arrays)?;
         Ok(loss)
     }
 
-    fn forward(&mut self, batch: usize, arrays: &mut StepArrays<'_>) -> Result<()> {
+    fn forward(
+        &mut self,
+        batch: usize,
+        feed: &Batch<'_>,
+        arrays: &mut StepArrays<'_>,
+    ) -> Result<()> {
         let stop = stop_token();
         for index in 0..self.stages.len() {
             if stop.is_set() {
@@ -675,11 +694,11 @@ impl StepPlan {
             let mut output = std::mem::take(&mut self.activations[out_slot]);
             let stage = &mut self.stages[index];
             let x = match stage.input {
-                None => arrays.input,
+                None => feed.input,
                 Some(k) => &self.activations[k][..len_of(batch, &stage.input_shape)],
             };
             let result = scratch(&mut output, len_of(batch, &stage.output_shape), ACTIVATION)
-                .and_then(|out| stage_forward(stage, batch, x, out, arrays));
+                .and_then(|out| stage_forward(stage, batch, x, out, feed.seeds, arrays));
             self.activations[out_slot] = output;
             result?;
             if let Some(seed) = self.stages[index].kind.seed() {
@@ -689,15 +708,14 @@ impl StepPlan {
         Ok(())
     }
 
-    fn backward(&mut self, batch: usize, arrays: &mut StepArrays<'_>) -> Result<()> {
+    fn backward(
+        &mut self,
+        batch: usize,
+        feed: &Batch<'_>,
+        arrays: &mut StepArrays<'_>,
+    ) -> Result<()> {
         let stop = stop_token();
-        let StepArrays {
-            input,
-            data,
-            grads,
-            seeds,
-            ..
-        } = arrays;
+        let StepArrays { data, grads, .. } = arrays;
         let mut sinks = GradSinks {
             grads,
             scratch: &mut self.param_grads,
@@ -723,7 +741,7 @@ impl StepPlan {
                 false => None,
             };
             let x = match stage.input {
-                None => *input,
+                None => feed.input,
                 Some(k) => &self.activations[k][..in_len],
             };
             let y =
@@ -737,7 +755,7 @@ impl StepPlan {
                 gx,
                 data,
                 &mut sinks,
-                seeds,
+                feed.seeds,
             )?;
             if input_grad {
                 std::mem::swap(&mut self.grad_output, &mut self.grad_input);
@@ -756,6 +774,7 @@ fn stage_forward(
     batch: usize,
     x: &[f32],
     out: &mut [f32],
+    seeds: &[u64],
     arrays: &mut StepArrays<'_>,
 ) -> Result<()> {
     let in_shape = batched(batch, &stage.input_shape);
@@ -815,7 +834,7 @@ fn stage_forward(
             momentum,
             ..
         } => {
-            let p = block_params(&stage.kind, &in_shape, *eps, arrays.seeds)?;
+            let p = block_params(&stage.kind, &in_shape, *eps, seeds)?;
             resize_scratch(&mut stage.save_mean, p.bn.channels, SAVED)?;
             resize_scratch(&mut stage.save_invstd, p.bn.channels, SAVED)?;
             let gamma = weight.map(|w| &*arrays.data[w]);
@@ -847,7 +866,7 @@ fn stage_forward(
         }
         LayerKind::Dropout { p, unit, seed } => {
             nonzero("input", &in_shape)?;
-            let seed = arrays.seeds[*seed];
+            let seed = seeds[*seed];
             timed(|| dropout::forward(x, *p, seed, *unit, out))
         }
         LayerKind::Zeros => {
@@ -1186,62 +1205,6 @@ fn gather(
 }
 
 impl StepArrays<'_> {
-    /// These arrays with the batch of one step (`input`, `target`, `sample_weight`, its
-    /// dropout `seeds`): the parameters, gradients, running statistics and optimizer
-    /// state borrowed again for the step.
-    fn for_batch<'b>(
-        &'b mut self,
-        input: &'b [f32],
-        target: &'b [i64],
-        sample_weight: Option<&'b [f64]>,
-        seeds: &'b [u64],
-    ) -> StepArrays<'b> {
-        let updates = match &mut self.updates {
-            Updates::Adam(params) => Updates::Adam(
-                params
-                    .iter_mut()
-                    .map(|u| AdamUpdate {
-                        slot: u.slot,
-                        exp_avg: &mut *u.exp_avg,
-                        exp_avg_sq: &mut *u.exp_avg_sq,
-                        step: u.step,
-                        config: u.config,
-                    })
-                    .collect(),
-            ),
-            Updates::Sgd(params) => Updates::Sgd(
-                params
-                    .iter_mut()
-                    .map(|u| SgdUpdate {
-                        slot: u.slot,
-                        momentum_buffer: u.momentum_buffer.as_deref_mut(),
-                        first_step: u.first_step,
-                        config: u.config,
-                    })
-                    .collect(),
-            ),
-        };
-        StepArrays {
-            input,
-            target,
-            sample_weight,
-            data: self.data.iter_mut().map(|d| &mut **d).collect(),
-            grads: self.grads.iter_mut().map(|g| &mut **g).collect(),
-            zero: self.zero,
-            running: self
-                .running
-                .iter_mut()
-                .map(|r| RunningArrays {
-                    mean: &mut *r.mean,
-                    var: &mut *r.var,
-                    num_batches_tracked: &mut *r.num_batches_tracked,
-                })
-                .collect(),
-            seeds,
-            updates,
-        }
-    }
-
     /// The optimizer's counts as the next step has them: Adam's step one more, SGD's
     /// momentum buffers past their first step.
     fn next_step(&mut self) {
@@ -1410,18 +1373,23 @@ mod tests {
                 })
                 .collect(),
         );
-        let mut arrays = StepArrays {
+        let feed = Batch {
             input: &x,
             target: &target,
             sample_weight: None,
+            seeds: &[],
+        };
+        let mut arrays = StepArrays {
             data: params.iter_mut().map(|p| &mut p[..]).collect(),
             grads: step_grads.iter_mut().map(|g| &mut g[..]).collect(),
             zero: &zero,
             running: Vec::new(),
-            seeds: &[],
             updates,
         };
-        assert_eq!(plan.run(&mut arrays).unwrap().to_bits(), loss.to_bits());
+        assert_eq!(
+            plan.run(&feed, &mut arrays).unwrap().to_bits(),
+            loss.to_bits()
+        );
         drop(arrays);
         for (k, (got, want)) in params.iter().zip(&expected).enumerate() {
             assert!(
@@ -1469,18 +1437,20 @@ mod tests {
                 })
                 .collect(),
         );
-        let mut arrays = StepArrays {
+        let feed = Batch {
             input: &x,
             target: &target,
             sample_weight: None,
+            seeds: &[],
+        };
+        let mut arrays = StepArrays {
             data: params.iter_mut().map(|p| &mut p[..]).collect(),
             grads: grads.iter_mut().map(|g| &mut g[..]).collect(),
             zero: &[0, 1],
             running: Vec::new(),
-            seeds: &[],
             updates,
         };
-        assert!(plan.run(&mut arrays).is_err());
+        assert!(plan.run(&feed, &mut arrays).is_err());
         drop(arrays);
         assert_eq!(params, before);
         // The logits and the loss gradient were kept; freed once, then nothing is left.
@@ -1581,10 +1551,13 @@ mod tests {
                         })
                         .collect(),
                 );
-                let mut arrays = StepArrays {
+                let feed = Batch {
                     input: &x,
                     target: &target,
                     sample_weight: None,
+                    seeds: &[12345 + step],
+                };
+                let mut arrays = StepArrays {
                     data: params.iter_mut().map(|p| &mut p[..]).collect(),
                     grads: grads.iter_mut().map(|g| &mut g[..]).collect(),
                     zero: &[0, 1, 2, 3, 4, 5],
@@ -1593,10 +1566,9 @@ mod tests {
                         var: &mut var,
                         num_batches_tracked: &mut tracked,
                     }],
-                    seeds: &[12345 + step],
                     updates,
                 };
-                losses.push(plan.run(&mut arrays).unwrap().to_bits());
+                losses.push(plan.run(&feed, &mut arrays).unwrap().to_bits());
             }
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let mut all: Vec<Vec<u32>> = params.iter().map(|p| bits(p)).collect();

@@ -13,7 +13,7 @@ use crate::kernels::activation::Activation;
 use crate::kernels::fused::Pool2x2;
 use crate::kernels::optim::{AdamConfig, SgdConfig};
 use crate::step::{
-    AdamUpdate, BlockDropout, EpochBatches, LayerKind, RunningArrays, SgdUpdate, StepArrays,
+    AdamUpdate, Batch, BlockDropout, EpochBatches, LayerKind, RunningArrays, SgdUpdate, StepArrays,
     StepPlan, Updates,
 };
 
@@ -327,11 +327,17 @@ impl TrainStep {
             )));
         }
         let mut borrowed = this.borrow(&data, &grads, &zero, &running, &updates)?;
-        let mut arrays = this.arrays(&mut borrowed, x, t, w, &zero, &seeds)?;
+        let mut arrays = this.arrays(&mut borrowed, &zero)?;
+        let feed = Batch {
+            input: x,
+            target: t,
+            sample_weight: w,
+            seeds: &seeds,
+        };
         let work = this.plan.work(batch);
         let plan = &mut this.plan;
         run_guarded(py, work >= STEP_INTERRUPTIBLE_WORK, || {
-            plan.run(&mut arrays)
+            plan.run(&feed, &mut arrays)
         })
     }
 
@@ -394,7 +400,7 @@ impl TrainStep {
             seeds: &seeds,
         };
         let mut borrowed = this.borrow(&data, &grads, &zero, &running, &updates)?;
-        let mut arrays = this.arrays(&mut borrowed, &[], &[], None, &zero, &[])?;
+        let mut arrays = this.arrays(&mut borrowed, &zero)?;
         let work = bounds
             .iter()
             .map(|&(start, stop)| this.plan.work(stop.saturating_sub(start)))
@@ -531,11 +537,7 @@ impl TrainStep {
     fn arrays<'a>(
         &self,
         borrowed: &'a mut Borrowed<'_>,
-        input: &'a [f32],
-        target: &'a [i64],
-        sample_weight: Option<&'a [f64]>,
         zero: &'a [usize],
-        seeds: &'a [u64],
     ) -> PyResult<StepArrays<'a>> {
         let mut running_arrays = Vec::with_capacity(borrowed.running.len());
         for (index, (mean, var, count)) in borrowed.running.iter_mut().enumerate() {
@@ -561,14 +563,10 @@ impl TrainStep {
         let configs = std::mem::take(&mut borrowed.configs);
         let updates = self.bind_updates(&mut borrowed.states, configs);
         Ok(StepArrays {
-            input,
-            target,
-            sample_weight,
             data: slices(&mut borrowed.data),
             grads: slices(&mut borrowed.grads),
             zero,
             running: running_arrays,
-            seeds,
             updates,
         })
     }
