@@ -422,25 +422,35 @@ def _kind(model, criterion, optimizer) -> str | None:
     return kind
 
 
-def _updates(model, executor: _Executor, optimizer, kind: str, created: list, states: list):
-    """The optimizer's update tuples for the plan (:func:`_adam_updates`), or None when
-    the Python path must take the step (a group or state it would refuse: it raises
-    then). Raises :class:`_Replan`, the plan dropped, for a parameter the plan has no slot
-    for; whatever state was made is undone in both cases."""
-    try:
-        return (_sgd_updates if kind == "sgd" else _adam_updates)(
-            optimizer, executor.plan.slot_of, created, executor.validated, states)
-    except _Replan:
-        _undo_created(optimizer, created)
-        _EXECUTORS.pop(model, None)
-        raise
-    except (KeyError, TypeError, ValueError):
-        _undo_created(optimizer, created)
-        return None
+def _planned_updates(model, optimizer, kind: str, sample_shape):
+    """(the executor, the optimizer's update tuples for its plan, the optimizer states it
+    made, the Adam states it counts steps in: see :func:`_adam_updates`), or None when the
+    Python path must take the step: a network the executor does not run, or a group or
+    state the Python path would refuse (it raises then). A parameter added to the
+    optimizer since the plan was made has the model planned again, once. Whatever state
+    was made for a step not taken is undone."""
+    for _ in range(2):
+        executor = _executor(model, optimizer, kind, sample_shape)
+        if executor is None or executor.plan is None:
+            return None
+        created: list = []
+        states: list = []
+        try:
+            updates = (_sgd_updates if kind == "sgd" else _adam_updates)(
+                optimizer, executor.plan.slot_of, created, executor.validated, states)
+        except _Replan:
+            _undo_created(optimizer, created)
+            _EXECUTORS.pop(model, None)
+            continue
+        except (KeyError, TypeError, ValueError):
+            _undo_created(optimizer, created)
+            return None
+        return executor, updates, created, states
+    return None
 
 
 def run_step(model, criterion, optimizer, inputs, targets,
-             sample_weight=None, _replanned: bool = False) -> float | None:
+             sample_weight=None) -> float | None:
     """One training step by the executor, or None when the Python path must take it.
 
     Parameters
@@ -463,10 +473,6 @@ def run_step(model, criterion, optimizer, inputs, targets,
         return None
     if x.ndim < 2:
         return None
-    executor = _executor(model, optimizer, kind, x.shape[1:])
-    if executor is None or executor.plan is None:
-        return None
-    plan = executor.plan
     labels = _labels(targets, len(x))
     if labels is None:
         return None
@@ -476,17 +482,11 @@ def run_step(model, criterion, optimizer, inputs, targets,
             weight = F._sample_weight(sample_weight, len(labels), "sample_weight")
         except (TypeError, ValueError):
             return None
-    created: list = []
-    states: list = []
-    try:
-        updates = _updates(model, executor, optimizer, kind, created, states)
-    except _Replan:   # a parameter added to the optimizer since: plan again, once
-        if _replanned:
-            return None
-        return run_step(model, criterion, optimizer, inputs, targets, sample_weight,
-                        _replanned=True)
-    if updates is None:
+    planned = _planned_updates(model, optimizer, kind, x.shape[1:])
+    if planned is None:
         return None
+    executor, updates, created, states = planned
+    plan = executor.plan
     zero = [update[0] for update in updates]   # the optimizer's zero_grad
     slots = plan.slots
     running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
@@ -599,24 +599,10 @@ def run_epoch(model, criterion, optimizer, X, y, bounds, order=None,
     if not taken:   # every batch's weights are 0: no step
         return [0.0] * len(bounds)
     steps = [bounds[index] for index in taken]
-    executor = _executor(model, optimizer, kind, X.shape[1:])
-    if executor is None or executor.plan is None:
+    planned = _planned_updates(model, optimizer, kind, X.shape[1:])
+    if planned is None:
         return None
-    created: list = []
-    states: list = []
-    try:
-        updates = _updates(model, executor, optimizer, kind, created, states)
-    except _Replan:   # a parameter added to the optimizer since: plan again, once
-        executor = _executor(model, optimizer, kind, X.shape[1:])
-        if executor is None or executor.plan is None:
-            return None
-        created, states = [], []   # undone: the retry lists its own
-        try:
-            updates = _updates(model, executor, optimizer, kind, created, states)
-        except _Replan:
-            return None
-    if updates is None:
-        return None
+    executor, updates, created, states = planned
     plan = executor.plan
     train_step = executor.train_step
     zero = [update[0] for update in updates]
