@@ -321,6 +321,82 @@ def test_a_forward_that_fails_leaves_the_later_dropouts_generators_alone(monkeyp
         assert states[0][0] != fresh[0] and states[0][1] == fresh[1]
 
 
+def test_a_forward_that_fails_gives_back_only_the_later_layers_draw_of_a_shared_generator(
+        monkeypatch):
+    # Both dropouts draw from one generator: layer by layer, the first draws before the
+    # batch norm refuses the batch and the second never does, so the generator moves by
+    # one draw. The executor drew both seeds up front and must give back the second only.
+    model = nn.from_spec("fc12-relu-d0.5-fc16-bn-relu-d0.5", (10,), 4, random_state=0)
+    model[6]._rng = model[2]._rng
+    inputs, targets = _batches((10,), 4, 1, 1)[0]
+    fresh = copy.deepcopy(model[2]._rng)
+    draw_seed(fresh)
+    for fuse in ("1", "0"):
+        monkeypatch.setenv(FUSE_ENV, fuse)
+        for step in (True, False):
+            monkeypatch.setenv(executor.STEP_ENV, "1" if step else "0")
+            trained = copy.deepcopy(model)
+            assert trained[6]._rng is trained[2]._rng
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                train_step(trained, nn.CrossEntropyLoss(), _optimizer("adam", trained),
+                           inputs, targets)
+            assert trained[2]._rng.bit_generator.state == fresh.bit_generator.state, step
+
+
+class _InterruptedAsItEnds:
+    """A TrainStep whose ``run`` completes and then raises KeyboardInterrupt, as a call
+    does when Ctrl-C is seen while its step ends (the binding discards the result)."""
+
+    def __init__(self, train_step):
+        self.train_step = train_step
+
+    def __getattr__(self, name):
+        return getattr(self.train_step, name)
+
+    def run(self, *args):
+        self.train_step.run(*args)
+        raise KeyboardInterrupt
+
+
+def test_a_step_interrupted_as_it_ends_counts_in_the_optimizer(monkeypatch):
+    # Its parameters moved, so Adam counts the step: the steps after it are those of
+    # steps never interrupted.
+    model = nn.from_spec(LENET, (1, 12, 12), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    batches = _batches((1, 12, 12), 3, 6, 4)
+    reference = _train(monkeypatch, True, model, opt, batches)
+    model, opt = copy.deepcopy((model, opt))
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    losses = [train_step(model, criterion, opt, *batches[0])]
+    train = executor._EXECUTORS[model]
+    assert train.train_step.steps_done == 1
+    train.train_step = _InterruptedAsItEnds(train.train_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_step(model, criterion, opt, *batches[1])
+    assert all(state["step"] == 2 for state in opt.state.values())
+    train.train_step = train.train_step.train_step
+    # The reference's loss of the interrupted step, which the call could not return.
+    losses.append(reference[2][1])
+    losses += [train_step(model, criterion, opt, *batch) for batch in batches[2:]]
+    assert_same_state((model, opt, losses), reference)
+
+
+def test_a_step_with_a_non_finite_loss_reports_no_step_done(monkeypatch):
+    model = nn.from_spec("fc8-bn-relu-d0.5", (4,), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    inputs, targets = _batches((4,), 3, 5, 1)[0]
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    model.train()
+    train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
+    assert executor._EXECUTORS[model].train_step.steps_done == 1
+    inputs[0, 0] = np.inf
+    assert np.isnan(train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets))
+    assert executor._EXECUTORS[model].train_step.steps_done == 0
+    assert all(state["step"] == 1 for state in opt.state.values())
+
+
 def test_a_learning_rate_beyond_float32_is_refused_before_any_parameter_moves(monkeypatch):
     # 1e39 is a finite Python float but infinite in float32: the kernels refused it at the
     # second group, after the first group's parameters had moved.

@@ -282,7 +282,8 @@ class TrainStep:
         """How many of the last step's dropout seeds its forward used."""
     @property
     def steps_done(self) -> int:
-        """How many steps the last ``run_epoch`` completed (also when it raised)."""
+        """How many steps the last ``run`` (0 or 1) or ``run_epoch`` completed, their
+        updates done (also when it raised: Ctrl-C seen as a step ended)."""
     def reset_counts(self) -> None:
         """Set ``seeds_used`` and ``steps_done`` to 0 (before a call)."""
     def release_buffers(self) -> int:

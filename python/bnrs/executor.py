@@ -490,8 +490,8 @@ def run_step(model, criterion, optimizer, inputs, targets,
     zero = [update[0] for update in updates]   # the optimizer's zero_grad
     slots = plan.slots
     running = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in plan.norms]
-    generators = [m._rng.bit_generator for m in plan.dropouts]
-    generator_states = [g.state for g in generators]   # for a step left to the Python path
+    # For a step left to the Python path, or one that stops in its forward.
+    generator_states = [m._rng.bit_generator.state for m in plan.dropouts]
     seeds = [draw_seed(m._rng) for m in plan.dropouts]
     model._fused_input = None
     model._train_blocks = {}
@@ -501,25 +501,23 @@ def run_step(model, criterion, optimizer, inputs, targets,
                                        [p.grad for p in slots], zero, running, seeds,
                                        updates)
     except BaseException as error:
-        _undo_created(optimizer, created)
         refused = isinstance(error, ValueError) and _SHARED_ARRAY in str(error)
+        if not refused and executor.train_step.steps_done:
+            # Ctrl-C seen as the step ended: its updates are done, so it counts.
+            _end_steps(plan, criterion, optimizer, created, states, 1)
+            raise
+        _undo_created(optimizer, created)
         # A refused step changed nothing (the Python path takes it). Otherwise the dropout
         # layers the forward did not complete would not have drawn in a layer-by-layer
-        # forward either: their generators get the draw back.
-        used = 0 if refused else executor.train_step.seeds_used
-        for generator, state in zip(generators[used:], generator_states[used:]):
-            generator.state = state
+        # forward either: their generators get the draw back (a generator two layers
+        # share, only the later layer's).
+        _replay(plan.dropouts, generator_states, 0,
+                0 if refused else executor.train_step.seeds_used)
         if refused:
             return None
         raise
-    for module in plan.modules:
-        module._ctx = None
-    criterion._ctx = None
-    if not math.isfinite(loss):
-        _undo_created(optimizer, created)
-        return loss
-    for state in states:
-        state["step"] += 1
+    _end_steps(plan, criterion, optimizer, created, states,
+               1 if math.isfinite(loss) else 0)
     return loss
 
 
@@ -624,11 +622,11 @@ def run_epoch(model, criterion, optimizer, X, y, bounds, order=None,
             _undo_created(optimizer, created)
             _replay(dropouts, generator_states, 0)
             return None
-        _end_epoch(plan, criterion, optimizer, created, states, train_step.steps_done)
+        _end_steps(plan, criterion, optimizer, created, states, train_step.steps_done)
         _replay(dropouts, generator_states, train_step.steps_done, train_step.seeds_used)
         raise
     done = train_step.steps_done
-    _end_epoch(plan, criterion, optimizer, created, states, done)
+    _end_steps(plan, criterion, optimizer, created, states, done)
     if done < len(steps):   # stopped at a non-finite loss, after that step's forward
         _replay(dropouts, generator_states, done + 1)
     return _with_skipped(losses, taken, len(bounds))
@@ -668,9 +666,10 @@ def _with_skipped(losses: list[float], taken: list[int], n_batches: int) -> list
     return merged
 
 
-def _end_epoch(plan: _Plan, criterion, optimizer, created, states, done: int) -> None:
-    """The Python side of ``done`` steps taken by the executor: the layers keep nothing
-    of them, the optimizer counts them (and drops the state it made for none)."""
+def _end_steps(plan: _Plan, criterion, optimizer, created, states, done: int) -> None:
+    """The Python side of ``done`` steps taken by the executor (one call of ``run`` or
+    ``run_epoch``): the layers keep nothing of them, the optimizer counts them (and drops
+    the state it made for none)."""
     for module in plan.modules:
         module._ctx = None
     criterion._ctx = None

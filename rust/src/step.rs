@@ -336,7 +336,8 @@ impl StepPlan {
         self.seeds_used
     }
 
-    /// How many steps the last [`StepPlan::run_epoch`] completed.
+    /// How many steps the last [`StepPlan::run`] (0 or 1) or [`StepPlan::run_epoch`]
+    /// completed, their updates done.
     pub fn steps_done(&self) -> usize {
         self.steps_done
     }
@@ -471,7 +472,20 @@ impl StepPlan {
     /// One step on `feed`: zero the gradients of `arrays.zero`, forward, loss; if the loss
     /// is finite, the backward (adding to the gradients) and the optimizer's updates.
     /// Returns the loss (a non-finite one before any backward, as `train_step`).
+    /// [`StepPlan::steps_done`] is 1 once the updates are done, and stays 1 when the call
+    /// is then reported as interrupted (a Ctrl-C seen as the step ended discards its
+    /// result, not its updates).
     pub fn run(&mut self, feed: &Batch<'_>, arrays: &mut StepArrays<'_>) -> Result<f64> {
+        self.steps_done = 0;
+        let loss = self.step(feed, arrays)?;
+        if loss.is_finite() {
+            self.steps_done = 1;
+        }
+        Ok(loss)
+    }
+
+    /// [`StepPlan::run`] without the count.
+    fn step(&mut self, feed: &Batch<'_>, arrays: &mut StepArrays<'_>) -> Result<f64> {
         let sample_len = self.sample_len();
         if sample_len == 0 || !feed.input.len().is_multiple_of(sample_len) {
             return Err(Error::invalid(
@@ -624,7 +638,7 @@ impl StepPlan {
                 sample_weight: w,
                 seeds: &batches.seeds[index * per_step..(index + 1) * per_step],
             };
-            let loss = self.run(&feed, arrays)?;
+            let loss = self.step(&feed, arrays)?;
             losses.push(loss);
             if !loss.is_finite() {
                 break;

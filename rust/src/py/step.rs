@@ -341,8 +341,9 @@ impl TrainStep {
         })
     }
 
-    /// How many steps the last `run_epoch` completed (backward and update done), also
-    /// when it raised.
+    /// How many steps the last `run` (0 or 1) or `run_epoch` completed (backward and
+    /// update done), also when it raised: a Ctrl-C seen as a step ended raises
+    /// KeyboardInterrupt after its update.
     #[getter]
     fn steps_done(&self) -> usize {
         self.plan.steps_done()
