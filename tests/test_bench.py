@@ -59,6 +59,7 @@ def test_table_has_every_work_item_per_thread_count(smoke_run):
     assert "LeNetBN train epoch" in output and "samples/s" in output
     assert "steps) above the baseline: bnrs" in output
     assert "speed-up over 1 thread" in output
+    assert "-- profile: bnrs training step of LeNetBN as it runs (fused stages" in output
     assert "== targets:" in output
 
 
@@ -90,6 +91,21 @@ def test_json_structure(smoke_run):
         assert len(profile["bnrs"]["layers"]) == len(bench.build_bnrs_network())
         assert set(profile["bnrs"]["stages_ms"]) == {
             "zero_grad", "forward", "loss fwd+bwd", "backward", "optimizer step"}
+    step = result["step_profile"]
+    assert step["network"] == "LeNetBN" and step["threads"] == list(THREADS)
+    assert step["steps"] >= 1 and step["rounds"] >= 1
+    assert [stage["stage"].split()[0] for stage in step["stages"]] == [
+        "conv2d", "bn_block", "conv2d", "bn_block", "view", "linear", "bn_block", "linear"]
+    assert step["stages"][4]["stage"] == "view 32x7x7 -> 1568"
+    for stage in step["stages"]:
+        times = stage["forward_ms"] + stage["backward_ms"]
+        assert len(times) == 2 * len(THREADS) and min(times) >= 0
+        if stage["stage"].startswith("view"):   # a reshape: no work, never timed
+            assert max(times) == 0
+        else:
+            assert min(stage["forward_ms"]) > 0 and min(stage["backward_ms"]) > 0
+    for key in ("loss_ms", "update_ms", "outside_ms", "step_ms"):
+        assert len(step[key]) == len(THREADS) and min(step[key]) >= 0
     # Smoke mode measures the peak memory (in a fresh process) at the last thread count.
     memory = result["sections"][-1]["memory"]
     assert memory["bnrs"]["peak_kib"] >= memory["bnrs"]["baseline_kib"] > 0
@@ -300,6 +316,10 @@ def test_custom_architecture_smoke_run(tmp_path):
     assert "custom network train epoch, 64 x 3x16x16, batch 16, Adam: bnrs" in output
     assert "peak RSS of custom network training (4 steps) above the baseline: bnrs" in output
     assert "-- profile: bnrs training step of custom network" in output
+    # Branches: the step executor does not plan the network, so it has no stages to time.
+    assert data["step_profile"] is None
+    assert ("-- profile: the training step of custom network runs layer by layer (the step "
+            "executor does not plan this network)") in output
     assert data["architecture"] == spec
     assert data["networks"] == [{"name": "custom network", "key": "custom_",
                                  "architecture": spec, "input_shape": [3, 16, 16],

@@ -397,6 +397,54 @@ def test_a_step_with_a_non_finite_loss_reports_no_step_done(monkeypatch):
     assert all(state["step"] == 1 for state in opt.state.values())
 
 
+def test_the_stage_clock_times_each_stage_without_changing_a_bit(monkeypatch):
+    model = nn.from_spec(LENET, (1, 12, 12), 3, random_state=0)
+    opt = _optimizer("adam", model)
+    batches = _batches((1, 12, 12), 3, 6, 4)
+    reference = _train(monkeypatch, True, model, opt, batches)
+    model, opt = copy.deepcopy((model, opt))
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    assert not executor.set_stage_clock(model)   # no plan before the first step
+    assert executor.stage_times(model) is None
+    losses = [train_step(model, criterion, opt, *batches[0])]
+    assert executor.stage_times(model) is None   # off until switched on
+    assert executor.set_stage_clock(model)
+    start = time.perf_counter()
+    losses += [train_step(model, criterion, opt, *batch) for batch in batches[1:3]]
+    elapsed = time.perf_counter() - start
+    times = executor.stage_times(model)
+    assert times["steps"] == 2
+    names = [stage["stage"] for stage in times["stages"]]
+    assert names == ["conv2d 1x12x12 -> 4x12x12", "bn_block 4x12x12 -> 4x6x6",
+                     "conv2d 4x6x6 -> 8x6x6", "bn_block 8x6x6 -> 8x3x3", "view 8x3x3 -> 72",
+                     "linear 72 -> 16", "bn_block 16 -> 16", "linear 16 -> 3"]
+    for stage in times["stages"]:
+        if stage["stage"].startswith("view"):
+            assert stage["forward_s"] == stage["backward_s"] == 0.0
+        else:
+            assert stage["forward_s"] > 0 and stage["backward_s"] > 0
+    assert times["loss_s"] > 0 and times["update_s"] > 0
+    inside = times["loss_s"] + times["update_s"] + sum(
+        stage["forward_s"] + stage["backward_s"] for stage in times["stages"])
+    assert inside <= elapsed   # parts of the two steps, timed inside them
+    # Switched on again: from zero; an epoch's steps count too.
+    assert executor.set_stage_clock(model, True)
+    assert executor.stage_times(model)["steps"] == 0
+    losses += train_epoch(model, criterion, opt, *batches[3], [(0, 6)])
+    assert executor.stage_times(model)["steps"] == 1
+    assert_same_state((model, opt, losses), reference)
+    # A step without updates (a non-finite loss) is not counted; its loss is timed.
+    loss_before = executor.stage_times(model)["loss_s"]
+    bad = batches[3][0].copy()
+    bad[0, 0, 0, 0] = np.nan
+    assert np.isnan(train_step(model, criterion, opt, bad, batches[3][1]))
+    assert executor.stage_times(model)["steps"] == 1
+    assert executor.stage_times(model)["loss_s"] > loss_before
+    assert executor.set_stage_clock(model, False)
+    assert executor.stage_times(model) is None
+
+
 def test_a_learning_rate_beyond_float32_is_refused_before_any_parameter_moves(monkeypatch):
     # 1e39 is a finite Python float but infinite in float32: the kernels refused it at the
     # second group, after the first group's parameters had moved.

@@ -286,6 +286,13 @@ class TrainStep:
         updates done (also when it raised: Ctrl-C seen as a step ended)."""
     def reset_counts(self) -> None:
         """Set ``seeds_used`` and ``steps_done`` to 0 (before a call)."""
+    def set_stage_clock(self, on: bool) -> None:
+        """Start timing the stages from zero (``on``), or stop and forget the times."""
+    def stage_clock(
+        self,
+    ) -> tuple[list[float], list[float], float, float, int] | None:
+        """Wall seconds since the clock was switched on: (forward per stage, backward per
+        stage, loss, optimizer updates, steps whose updates were done); None when off."""
     def release_buffers(self) -> int:
         """Free the buffers kept between steps; the bytes freed."""
 

@@ -45,7 +45,8 @@ from . import functional as F
 from .nn import fusion
 from .nn.dropout import draw_seed
 
-__all__ = ["STEP_ENV", "executor_enabled", "run_epoch", "run_step"]
+__all__ = ["STEP_ENV", "executor_enabled", "run_epoch", "run_step", "set_stage_clock",
+           "stage_times"]
 
 STEP_ENV = "BNRS_FUSED_STEP"
 
@@ -285,6 +286,77 @@ def release_buffers() -> int:
     them again); returns the bytes freed. Part of :func:`bnrs.release_memory`."""
     return sum(executor.train_step.release_buffers()
                for executor in list(_EXECUTORS.values()) if executor.train_step is not None)
+
+
+def set_stage_clock(model, on: bool = True) -> bool:
+    """Start timing the stages of ``model``'s training steps by the executor, from zero
+    (``on``), or stop and forget the times.
+
+    Parameters
+    ----------
+    model : bnrs.nn.Sequential
+        A model the executor has taken a training step of (its plan exists).
+    on : bool, default True
+        Whether to time the steps from now on.
+
+    Returns
+    -------
+    bool
+        False when the executor has no plan for ``model`` (no step yet, or a network it
+        does not run): nothing is timed then. A plan made anew (after a layer or an
+        optimizer's parameter group changed) starts with the clock off.
+    """
+    executor = _EXECUTORS.get(model)
+    if executor is None or executor.train_step is None:
+        return False
+    executor.train_step.set_stage_clock(bool(on))
+    return True
+
+
+def stage_times(model) -> dict | None:
+    """The wall time of each stage of ``model``'s steps since :func:`set_stage_clock`.
+
+    A stage is one layer, or a fused block (convolution or linear layer's batch norm,
+    activation, pooling and dropout, as the executor plans them), named by its kind and
+    its sample's shapes. Timing costs two clock readings a stage and step.
+
+    Returns
+    -------
+    dict or None
+        ``{"steps": steps whose updates were done, "stages": [{"stage": name,
+        "forward_s": seconds, "backward_s": seconds}, ...], "loss_s": the loss and its
+        gradient, "update_s": the optimizer's updates}``, in seconds summed over the
+        steps; None while the clock is off.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnrs import executor, nn, optim
+    >>> from bnrs.training import train_step
+    >>> model = nn.from_spec("fc8-bn-relu-d0.5", (4,), 2, random_state=0)
+    >>> opt, loss = optim.Adam(model.parameters()), nn.CrossEntropyLoss()
+    >>> x, y = np.ones((6, 4), np.float32), np.array([0, 1] * 3)
+    >>> _ = train_step(model, loss, opt, x, y)
+    >>> executor.set_stage_clock(model)
+    True
+    >>> _ = train_step(model, loss, opt, x, y)
+    >>> times = executor.stage_times(model)
+    >>> times["steps"], [stage["stage"] for stage in times["stages"]]
+    (1, ['linear 4 -> 8', 'bn_block 8 -> 8', 'linear 8 -> 2'])
+    """
+    executor = _EXECUTORS.get(model)
+    if executor is None or executor.train_step is None:
+        return None
+    clock = executor.train_step.stage_clock()
+    if clock is None:
+        return None
+    forward, backward, loss, update, steps = clock
+    shape = "x".join
+    stages = [{"stage": f"{kind} {shape(map(str, before))} -> {shape(map(str, after))}",
+               "forward_s": f, "backward_s": b}
+              for (kind, before, after, _), f, b in zip(executor.plan.layers, forward,
+                                                        backward)]
+    return {"steps": steps, "stages": stages, "loss_s": loss, "update_s": update}
 
 
 def _executor(model, optimizer, kind: str, sample_shape) -> _Executor | None:

@@ -10,6 +10,8 @@
 //! one fused block ([`LayerKind::BnBlock`], the kernels of [`crate::kernels::fused`],
 //! which give the unfused bits): the runs `bnrs.nn.fusion` fuses in a Sequential.
 
+use std::time::Instant;
+
 use crate::clock::timed;
 use crate::error::{Error, Result};
 use crate::kernels::activation::{self, Activation};
@@ -235,6 +237,35 @@ pub struct StepPlan {
     /// done): the caller counts them in its optimizer's steps and dropout draws, the
     /// epoch having ended early or not.
     steps_done: usize,
+    /// The wall time of each stage, while switched on ([`StepPlan::set_stage_clock`]).
+    clock: Option<StageClock>,
+}
+
+/// Wall time spent in each part of the steps since the clock was switched on: per stage
+/// its forward and backward (a view's are 0), the loss (forward and gradient) and the
+/// optimizer's updates; and the steps counted. Wall time, not CPU time: at several
+/// threads a stage's time is what the step waits for it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StageClock {
+    pub forward: Vec<f64>,
+    pub backward: Vec<f64>,
+    pub loss: f64,
+    pub update: f64,
+    /// Steps whose updates were done.
+    pub steps: u64,
+}
+
+/// `run()`, its wall time added to `*seconds` when `seconds` is given.
+fn clocked<T>(seconds: Option<&mut f64>, run: impl FnOnce() -> T) -> T {
+    match seconds {
+        None => run(),
+        Some(total) => {
+            let start = Instant::now();
+            let result = run();
+            *total += start.elapsed().as_secs_f64();
+            result
+        }
+    }
 }
 
 /// The mini-batches of an epoch, each gathered into its step's input in turn.
@@ -349,6 +380,20 @@ impl StepPlan {
         self.seeds_used = 0;
     }
 
+    /// Start timing the stages from zero (`on`), or stop and forget the times.
+    pub fn set_stage_clock(&mut self, on: bool) {
+        self.clock = on.then(|| StageClock {
+            forward: vec![0.0; self.stages.len()],
+            backward: vec![0.0; self.stages.len()],
+            ..StageClock::default()
+        });
+    }
+
+    /// The times since the clock was switched on (None while it is off).
+    pub fn stage_clock(&self) -> Option<&StageClock> {
+        self.clock.as_ref()
+    }
+
     /// How many running-statistics entries and dropout seeds a step of this plan reads
     /// (one past the largest index its layers name), for the binding to check the lists
     /// it is given against.
@@ -442,6 +487,7 @@ impl StepPlan {
             first_trained,
             seeds_used: 0,
             steps_done: 0,
+            clock: None,
         })
     }
 
@@ -526,7 +572,12 @@ impl StepPlan {
             if stop_token().is_set() {
                 return Err(interrupted());
             }
-            update(arrays)?;
+            clocked(self.clock.as_mut().map(|c| &mut c.update), || {
+                update(arrays)
+            })?;
+            if let Some(clock) = &mut self.clock {
+                clock.steps += 1;
+            }
         }
         Ok(loss)
     }
@@ -669,21 +720,32 @@ impl StepPlan {
             None => feed.input,
             Some(k) => &self.activations[k][..len_of(batch, &last.output_shape)],
         };
-        let loss =
-            timed(|| loss::cross_entropy(&classes, logits, feed.target, feed.sample_weight))?;
+        // The loss and, if finite, its gradient (the backward's start).
+        let grad_output = &mut self.grad_output;
+        let loss = clocked(
+            self.clock.as_mut().map(|c| &mut c.loss),
+            || -> Result<f64> {
+                let loss = timed(|| {
+                    loss::cross_entropy(&classes, logits, feed.target, feed.sample_weight)
+                })?;
+                if loss.is_finite() {
+                    let grad_logits = scratch(grad_output, logits.len(), GRADIENT)?;
+                    timed(|| {
+                        loss::cross_entropy_backward(
+                            &classes,
+                            logits,
+                            feed.target,
+                            feed.sample_weight,
+                            grad_logits,
+                        )
+                    })?;
+                }
+                Ok(loss)
+            },
+        )?;
         if !loss.is_finite() {
             return Ok(loss);
         }
-        let grad_logits = scratch(&mut self.grad_output, logits.len(), GRADIENT)?;
-        timed(|| {
-            loss::cross_entropy_backward(
-                &classes,
-                logits,
-                feed.target,
-                feed.sample_weight,
-                grad_logits,
-            )
-        })?;
         self.backward(batch, feed, arrays)?;
         Ok(loss)
     }
@@ -711,8 +773,11 @@ impl StepPlan {
                 None => feed.input,
                 Some(k) => &self.activations[k][..len_of(batch, &stage.input_shape)],
             };
-            let result = scratch(&mut output, len_of(batch, &stage.output_shape), ACTIVATION)
-                .and_then(|out| stage_forward(stage, batch, x, out, feed.seeds, arrays));
+            let seconds = self.clock.as_mut().map(|c| &mut c.forward[index]);
+            let result = clocked(seconds, || {
+                scratch(&mut output, len_of(batch, &stage.output_shape), ACTIVATION)
+                    .and_then(|out| stage_forward(stage, batch, x, out, feed.seeds, arrays))
+            });
             self.activations[out_slot] = output;
             result?;
             if let Some(seed) = self.stages[index].kind.seed() {
@@ -760,17 +825,20 @@ impl StepPlan {
             };
             let y =
                 &self.activations[stage.output.expect("a stage that is no view writes")][..out_len];
-            stage_backward(
-                stage,
-                batch,
-                x,
-                y,
-                &self.grad_output[..out_len],
-                gx,
-                data,
-                &mut sinks,
-                feed.seeds,
-            )?;
+            let seconds = self.clock.as_mut().map(|c| &mut c.backward[index]);
+            clocked(seconds, || {
+                stage_backward(
+                    stage,
+                    batch,
+                    x,
+                    y,
+                    &self.grad_output[..out_len],
+                    gx,
+                    data,
+                    &mut sinks,
+                    feed.seeds,
+                )
+            })?;
             if input_grad {
                 std::mem::swap(&mut self.grad_output, &mut self.grad_input);
             }

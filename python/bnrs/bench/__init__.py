@@ -40,9 +40,10 @@ from .keras_mirror import (NoKerasCounterpart, build_keras_network, keras_plan,
                            keras_problem)
 from .peaks import Peaks, copy_bandwidth_gbps, measure_peaks
 from .peer import check_peer, run_peer
-from .profile import LayerTimer, profile_bnrs, profile_torch
+from .profile import LayerTimer, profile_bnrs, profile_step, profile_torch
 from .report import (all_targets, format_memory, format_peers, format_profile,
-                     format_scaling, format_section, format_summary, plot_results)
+                     format_scaling, format_section, format_step_profile, format_summary,
+                     plot_results)
 from .runner import (machine_info, main, measure_peers, measure_section, run_benchmarks,
                      run_mode)
 from .timing import (Timings, measure, measure_bnrs_scaling, measure_row, measure_scaling,
@@ -58,11 +59,12 @@ __all__ = ["ARCHITECTURE", "GBPS", "GFLOPS", "INPUT_SHAPE", "LENET", "MIB", "MOD
            "Peaks", "Timings", "Trainer", "Work", "all_targets", "build_bnrs_network",
            "build_keras_network", "build_torch_network", "check_peer",
            "copy_bandwidth_gbps", "format_memory", "format_peers", "format_profile",
-           "format_scaling", "format_section", "format_summary", "has_batch_renorm",
+           "format_scaling", "format_section", "format_step_profile", "format_summary",
+           "has_batch_renorm",
            "import_torch", "keras_plan", "keras_problem", "kernel_works", "machine_info",
            "main", "make_data", "measure", "measure_memory", "measure_peaks",
            "measure_bnrs_scaling", "measure_peers", "measure_row", "measure_scaling",
            "measure_section", "measure_speedup", "network_flops", "other_threads_running",
-           "plot_results", "profile_bnrs", "profile_torch", "rss_child",
+           "plot_results", "profile_bnrs", "profile_step", "profile_torch", "rss_child",
            "run_benchmarks", "run_mode", "run_peer", "spread", "torch_mirror",
            "torch_train_epoch", "torch_train_step", "wait_until_idle"]

@@ -1,4 +1,5 @@
-"""``--profile``: the time per layer and stage of the bnrs training step; PyTorch's top ops."""
+"""``--profile``: the time per layer and stage of the bnrs training step (layer by layer,
+and the executor's fused stages at each thread count); PyTorch's top ops."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from .. import nn
+from .. import executor, nn
+from ..training import num_threads
 from .network import Trainer
 
 
@@ -78,6 +80,59 @@ def profile_bnrs(trainer: Trainer) -> dict:
               for index in sorted(timer.labels)]
     return {"batches": n_batches, "layers": layers,
             "stages_ms": {stage: seconds * per_batch for stage, seconds in stages.items()}}
+
+
+def profile_step(trainer: Trainer, thread_counts, rounds: int) -> dict | None:
+    """The training step as it runs (the executor's plan: fused blocks, an epoch in one
+    call), stage by stage, from its stage clock: ``rounds`` epochs at each of
+    ``thread_counts`` in turn, per stage the median over the rounds of its ms per step.
+
+    None when the executor does not run the network (no plan to time).
+    """
+    model = trainer.model
+    with num_threads(thread_counts[0]):
+        trainer.bnrs_epoch(5)   # warm-up; makes the plan
+    if not executor.set_stage_clock(model, False):
+        return None
+    runs: dict[int, list[dict]] = {threads: [] for threads in thread_counts}
+    try:
+        for _ in range(rounds):
+            for threads in thread_counts:
+                with num_threads(threads):
+                    executor.set_stage_clock(model, True)
+                    start = time.perf_counter()
+                    trainer.bnrs_epoch()
+                    seconds = time.perf_counter() - start
+                    times = executor.stage_times(model)
+                if times is None or times["steps"] == 0:
+                    return None   # planned anew mid-epoch: nothing consistent to show
+                runs[threads].append({**times, "epoch_s": seconds})
+    finally:
+        executor.set_stage_clock(model, False)
+
+    def per_step(threads: int, value) -> float:
+        return float(np.median([value(run) * 1e3 / run["steps"] for run in runs[threads]]))
+
+    def outside(run: dict) -> float:
+        inside = run["loss_s"] + run["update_s"] + sum(
+            stage["forward_s"] + stage["backward_s"] for stage in run["stages"])
+        return run["epoch_s"] - inside
+
+    def at_each(value) -> list[float]:
+        """``value``'s ms per step at each thread count, in the order of ``threads``."""
+        return [per_step(threads, value) for threads in thread_counts]
+
+    first = runs[thread_counts[0]][0]
+    stages = [{"stage": stage["stage"],
+               "forward_ms": at_each(lambda r, i=i: r["stages"][i]["forward_s"]),
+               "backward_ms": at_each(lambda r, i=i: r["stages"][i]["backward_s"])}
+              for i, stage in enumerate(first["stages"])]
+    return {"network": trainer.network.name, "rounds": rounds, "steps": first["steps"],
+            "threads": list(thread_counts), "stages": stages,
+            "loss_ms": at_each(lambda r: r["loss_s"]),
+            "update_ms": at_each(lambda r: r["update_s"]),
+            "outside_ms": at_each(outside),
+            "step_ms": at_each(lambda r: r["epoch_s"])}
 
 
 def profile_torch(trainer: Trainer, top: int = 15) -> dict:

@@ -121,6 +121,43 @@ def format_profile(profile: dict | None) -> list[str]:
     return lines
 
 
+def format_step_profile(profile: dict | None) -> list[str]:
+    """The executor's stages at each thread count, and the speed-up of each stage."""
+    if profile is None:
+        return []
+    threads = profile["threads"]
+    speedup = len(threads) > 1
+    heads = [f"{t}t {part}" for t in threads for part in ("fwd", "bwd")]
+    if speedup:
+        heads.append("speed-up")
+    row = "   {:<44}" + " {:>8}" * len(heads)
+    title = (f"-- profile: bnrs training step of {profile['network']} as it runs (fused "
+             f"stages, the epoch in one call), ms per step, median of {profile['rounds']} "
+             f"epochs of {profile['steps']} steps at each thread count in turn")
+    lines = [title, row.format("stage (sample shape in -> out)", *heads)]
+
+    def ratio(first: float, last: float) -> str:
+        return f"{first / last:.2f}x" if last > 0 else "-"
+
+    for stage in profile["stages"]:
+        values = [f"{ms:.3f}" for pair in zip(stage["forward_ms"], stage["backward_ms"])
+                  for ms in pair]
+        if speedup:
+            total = [f + b for f, b in zip(stage["forward_ms"], stage["backward_ms"])]
+            values.append(ratio(total[0], total[-1]))
+        lines.append(row.format(stage["stage"], *values))
+    for name, key in (("loss (forward and gradient)", "loss_ms"),
+                      ("optimizer updates", "update_ms"),
+                      ("outside the stages (batches, Python)", "outside_ms"),
+                      ("step", "step_ms")):
+        ms = profile[key]
+        values = [v for m in ms for v in (f"{m:.3f}", "")]
+        if speedup:
+            values.append(ratio(ms[0], ms[-1]))
+        lines.append(row.format(name, *values).rstrip())
+    return lines
+
+
 def format_scaling(rows: Sequence[dict]) -> list[str]:
     if not rows:
         return []

@@ -23,10 +23,10 @@ from .keras_mirror import keras_problem
 from .memory import measure_memory, rss_child
 from .network import LENET, Network, Trainer
 from .peaks import Peaks, measure_peaks
-from .profile import profile_bnrs, profile_torch
+from .profile import profile_bnrs, profile_step, profile_torch
 from .peer import run_peer
 from .report import (all_targets, format_peers, format_scaling, format_section,
-                     format_summary, plot_results)
+                     format_step_profile, format_summary, plot_results)
 from .timing import measure_bnrs_scaling, measure_row, measure_scaling
 from .torch_mirror import NO_RENORM_MESSAGE, has_batch_renorm, import_torch
 from .workloads import MODES, Mode, Work, kernel_works
@@ -244,6 +244,15 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
             sections.append(section)
             print()
             print("\n".join(format_section(section, peaks)), flush=True)
+        step_profile = None
+        if args.profile:
+            _progress("profiling the training step's stages at each thread count")
+            step_profile = profile_step(trainers[0], args.threads, mode.epoch_repeats)
+            unplanned = (f"-- profile: the training step of {trainers[0].network.name} runs "
+                         "layer by layer (the step executor does not plan this network): "
+                         "no stages to time")
+            lines = format_step_profile(step_profile) or [unplanned]
+            print("\n" + "\n".join(lines), flush=True)
         scaling = measure_all_scaling(works, mode, torch, args)
     finally:
         bnrs.set_num_threads(previous_threads)
@@ -267,7 +276,8 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
             "peaks": {"fma_gflops_1t": peaks.fma_gflops_1t,
                       "fma_gflops_concurrent": peaks.fma_gflops_concurrent,
                       "copy_gbps": peaks.copy_gbps},
-            "sections": sections, "scaling": scaling, "peers": peers, "targets": targets}
+            "sections": sections, "step_profile": step_profile, "scaling": scaling,
+            "peers": peers, "targets": targets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

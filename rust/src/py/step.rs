@@ -341,6 +341,29 @@ impl TrainStep {
         })
     }
 
+    /// Start timing each stage's forward and backward, the loss and the updates, from
+    /// zero (`on`), or stop and forget the times. Off when the plan is made.
+    fn set_stage_clock(&mut self, on: bool) {
+        self.plan.set_stage_clock(on);
+    }
+
+    /// The wall time in seconds since the stage clock was switched on, as
+    /// `(forward, backward, loss, update, steps)`: per stage (the plan's layers, in order)
+    /// its forward and backward, then the loss's forward and gradient, the optimizer's
+    /// updates, and the steps whose updates were done. None while the clock is off.
+    #[allow(clippy::type_complexity)]
+    fn stage_clock(&self) -> Option<(Vec<f64>, Vec<f64>, f64, f64, u64)> {
+        self.plan.stage_clock().map(|c| {
+            (
+                c.forward.clone(),
+                c.backward.clone(),
+                c.loss,
+                c.update,
+                c.steps,
+            )
+        })
+    }
+
     /// How many steps the last `run` (0 or 1) or `run_epoch` completed (backward and
     /// update done), also when it raised: a Ctrl-C seen as a step ended raises
     /// KeyboardInterrupt after its update.
