@@ -358,17 +358,22 @@ class _InterruptedAsItEnds:
         raise KeyboardInterrupt
 
 
-def test_a_step_interrupted_as_it_ends_counts_in_the_optimizer(monkeypatch):
-    # Its parameters moved, so Adam counts the step: the steps after it are those of
-    # steps never interrupted.
+def _lenet_to_train(monkeypatch):
+    """A small LeNet and its optimizer to train by the executor, four batches, and the
+    state four uninterrupted steps leave (``_train``)."""
     model = nn.from_spec(LENET, (1, 12, 12), 3, random_state=0)
     opt = _optimizer("adam", model)
     batches = _batches((1, 12, 12), 3, 6, 4)
     reference = _train(monkeypatch, True, model, opt, batches)
     model, opt = copy.deepcopy((model, opt))
-    monkeypatch.setenv(executor.STEP_ENV, "1")
-    criterion = nn.CrossEntropyLoss()
     model.train()
+    return model, opt, nn.CrossEntropyLoss(), batches, reference
+
+
+def test_a_step_interrupted_as_it_ends_counts_in_the_optimizer(monkeypatch):
+    # Its parameters moved, so Adam counts the step: the steps after it are those of
+    # steps never interrupted.
+    model, opt, criterion, batches, reference = _lenet_to_train(monkeypatch)
     losses = [train_step(model, criterion, opt, *batches[0])]
     train = executor._EXECUTORS[model]
     assert train.train_step.steps_done == 1
@@ -398,13 +403,7 @@ def test_a_step_with_a_non_finite_loss_reports_no_step_done(monkeypatch):
 
 
 def test_the_stage_clock_times_each_stage_without_changing_a_bit(monkeypatch):
-    model = nn.from_spec(LENET, (1, 12, 12), 3, random_state=0)
-    opt = _optimizer("adam", model)
-    batches = _batches((1, 12, 12), 3, 6, 4)
-    reference = _train(monkeypatch, True, model, opt, batches)
-    model, opt = copy.deepcopy((model, opt))
-    criterion = nn.CrossEntropyLoss()
-    model.train()
+    model, opt, criterion, batches, reference = _lenet_to_train(monkeypatch)
     assert not executor.set_stage_clock(model)   # no plan before the first step
     assert executor.stage_times(model) is None
     losses = [train_step(model, criterion, opt, *batches[0])]
