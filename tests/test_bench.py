@@ -30,6 +30,9 @@ def smoke_run(tmp_path_factory):
     output = io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+        # The step profile's stages are the fused plan's, whatever the environment says.
+        patch.setenv("BNRS_FUSE", "1")
+        patch.setenv("BNRS_FUSED_STEP", "1")
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(io.StringIO()):
             assert bench.main(argv) == 0
     return output.getvalue(), json.loads(path.read_text())
@@ -318,8 +321,8 @@ def test_custom_architecture_smoke_run(tmp_path):
     assert "-- profile: bnrs training step of custom network" in output
     # Branches: the step executor does not plan the network, so it has no stages to time.
     assert data["step_profile"] is None
-    assert ("-- profile: the training step of custom network runs layer by layer (the step "
-            "executor does not plan this network)") in output
+    assert ("-- profile: no stage times for custom network: its steps did not run as the "
+            "step executor's plan") in output
     assert data["architecture"] == spec
     assert data["networks"] == [{"name": "custom network", "key": "custom_",
                                  "architecture": spec, "input_shape": [3, 16, 16],

@@ -361,12 +361,14 @@ class _InterruptedAsItEnds:
 def _lenet_to_train(monkeypatch):
     """A small LeNet and its optimizer to train by the executor, four batches, and the
     state four uninterrupted steps leave (``_train``)."""
+    monkeypatch.setenv(FUSE_ENV, "1")   # the stages a test names are the fused plan's
     model = nn.from_spec(LENET, (1, 12, 12), 3, random_state=0)
     opt = _optimizer("adam", model)
     batches = _batches((1, 12, 12), 3, 6, 4)
     reference = _train(monkeypatch, True, model, opt, batches)
     model, opt = copy.deepcopy((model, opt))
     model.train()
+    monkeypatch.setenv(executor.STEP_ENV, "1")
     return model, opt, nn.CrossEntropyLoss(), batches, reference
 
 

@@ -316,9 +316,11 @@ def set_stage_clock(model, on: bool = True) -> bool:
 def stage_times(model) -> dict | None:
     """The wall time of each stage of ``model``'s steps since :func:`set_stage_clock`.
 
-    A stage is one layer, or a fused block (convolution or linear layer's batch norm,
-    activation, pooling and dropout, as the executor plans them), named by its kind and
-    its sample's shapes. Timing costs two clock readings a stage and step.
+    A stage is one layer, or a fused block (a batch norm with the activation, pooling and
+    dropout after it, as the executor plans them), named by its kind and its sample's
+    shapes. A view (a reshape) takes no time, nor does the backward of the stages before
+    the first with parameters (the backward stops there). Timing costs two clock
+    readings a stage and step.
 
     Returns
     -------
@@ -326,7 +328,8 @@ def stage_times(model) -> dict | None:
         ``{"steps": steps whose updates were done, "stages": [{"stage": name,
         "forward_s": seconds, "backward_s": seconds}, ...], "loss_s": the loss and its
         gradient, "update_s": the optimizer's updates}``, in seconds summed over the
-        steps; None while the clock is off.
+        steps (a step that stopped early, at a non-finite loss, an error or Ctrl-C, adds
+        the time of what it ran but is not counted); None while the clock is off.
 
     Examples
     --------

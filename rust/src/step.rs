@@ -233,18 +233,21 @@ pub struct StepPlan {
     /// past the largest): after a failed step, the caller gives the generators of the
     /// others their draw back, as a layer-by-layer forward would not have reached them.
     seeds_used: usize,
-    /// How many steps the last [`StepPlan::run_epoch`] completed (backward and update
-    /// done): the caller counts them in its optimizer's steps and dropout draws, the
-    /// epoch having ended early or not.
+    /// How many steps the last [`StepPlan::run`] (0 or 1) or [`StepPlan::run_epoch`]
+    /// completed (backward and update done): the caller counts them in its optimizer's
+    /// steps and dropout draws, the call having ended early or not.
     steps_done: usize,
     /// The wall time of each stage, while switched on ([`StepPlan::set_stage_clock`]).
     clock: Option<StageClock>,
 }
 
 /// Wall time spent in each part of the steps since the clock was switched on: per stage
-/// its forward and backward (a view's are 0), the loss (forward and gradient) and the
-/// optimizer's updates; and the steps counted. Wall time, not CPU time: at several
-/// threads a stage's time is what the step waits for it.
+/// its forward and backward (0 for a view, and the backward 0 for the stages before the
+/// first with parameters, which the backward does not reach), the loss (forward and
+/// gradient) and the optimizer's updates; and the steps whose updates were done. Steps
+/// that stopped early (a non-finite loss, an error, Ctrl-C) add the time of the parts
+/// they ran without being counted. Wall time, not CPU time: at several threads a stage's
+/// time is what the step waits for it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StageClock {
     pub forward: Vec<f64>,
@@ -583,8 +586,9 @@ impl StepPlan {
     }
 
     /// The steps of an epoch, one per batch of `batches`, in one call: each batch's samples
-    /// gathered (in `order`) into the step's input, then [`StepPlan::run`] with that
-    /// step's dropout seeds on `arrays`. After each step the optimizer's step counts move
+    /// gathered (in `order`) into the step's input, then a step as [`StepPlan::run`]
+    /// takes it (without `run`'s reset of [`StepPlan::steps_done`], which the epoch
+    /// counts up) with that step's dropout seeds on `arrays`. After each step the optimizer's step counts move
     /// on as the next `train_step` would pass them (Adam's `step` + 1; SGD's
     /// `first_step` false). Returns the losses of the steps taken; the epoch stops after
     /// a non-finite one (that step, as `train_step`, without backward or update).

@@ -87,8 +87,10 @@ def profile_step(trainer: Trainer, thread_counts, rounds: int) -> dict | None:
     call), stage by stage, from its stage clock: ``rounds`` epochs at each of
     ``thread_counts`` in turn, per stage the median over the rounds of its ms per step.
 
-    None when the executor does not run the network (no plan to time).
+    None when the steps did not run as the executor's plan (a network it does not plan,
+    ``BNRS_FUSED_STEP=0``, or a plan made anew during the run): no stage times.
     """
+    thread_counts = list(dict.fromkeys(thread_counts))   # each count once
     model = trainer.model
     with num_threads(thread_counts[0]):
         trainer.bnrs_epoch(5)   # warm-up; makes the plan

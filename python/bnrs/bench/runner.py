@@ -248,9 +248,9 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
         if args.profile:
             _progress("profiling the training step's stages at each thread count")
             step_profile = profile_step(trainers[0], args.threads, mode.epoch_repeats)
-            unplanned = (f"-- profile: the training step of {trainers[0].network.name} runs "
-                         "layer by layer (the step executor does not plan this network): "
-                         "no stages to time")
+            unplanned = (f"-- profile: no stage times for {trainers[0].network.name}: its "
+                         "steps did not run as the step executor's plan (a network it does "
+                         "not plan, BNRS_FUSED_STEP=0, or a plan made anew during the run)")
             lines = format_step_profile(step_profile) or [unplanned]
             print("\n" + "\n".join(lines), flush=True)
         scaling = measure_all_scaling(works, mode, torch, args)
