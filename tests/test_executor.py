@@ -670,7 +670,7 @@ def test_the_binding_names_the_array_at_fault(monkeypatch):
 
 
 @pytest.mark.parametrize("fuse", [False, True])
-def test_the_step_makes_the_kernel_calls_of_the_python_path(monkeypatch, fuse):
+def test_the_step_makes_the_python_paths_kernel_calls_with_one_for_the_updates(monkeypatch, fuse):
     # With fusion, the norm -> activation -> pool run is one fused kernel call forward
     # and one backward, in the executor as in the Python path: four calls fewer.
     monkeypatch.setenv(FUSE_ENV, "1" if fuse else "0")
@@ -692,9 +692,11 @@ def test_the_step_makes_the_kernel_calls_of_the_python_path(monkeypatch, fuse):
     finally:
         _core._kernel_clock(False)
     # conv, bn, relu, pool, linear, relu, dropout, linear forward and backward; the
-    # loss forward and backward; Adam over eight parameters.
-    unfused = 8 * 2 + 2 + 8
-    assert calls[True] == calls[False] == unfused - (4 if fuse else 0)
+    # loss forward and backward; Adam over eight parameters: a call per parameter on the
+    # Python path, one for all of them in the executor.
+    layers = 8 * 2 + 2 - (4 if fuse else 0)
+    assert calls[False] == layers + 8
+    assert calls[True] == layers + 1
     stopped = _core._kernel_time()
     train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
     assert _core._kernel_time() == stopped

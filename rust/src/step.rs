@@ -1301,10 +1301,11 @@ impl StepArrays<'_> {
     }
 }
 
-/// The optimizer's updates, parameter by parameter in its order. Every update's
-/// hyper-parameters are checked before the first parameter moves, and a Ctrl-C is not
-/// taken between parameters: a step updates all of them or none (the caller counts
-/// Adam's steps only for a step that returned).
+/// The optimizer's updates of every parameter, in one parallel loop over all their
+/// chunks ([`optim::adam_steps`], [`optim::sgd_steps`]). Every update's hyper-parameters
+/// and lengths are checked before the first parameter moves, and a Ctrl-C is not taken
+/// during the loop: a step updates all of them or none (the caller counts Adam's steps
+/// only for a step that returned).
 fn update(arrays: &mut StepArrays<'_>) -> Result<()> {
     let StepArrays {
         data,
@@ -1312,30 +1313,46 @@ fn update(arrays: &mut StepArrays<'_>) -> Result<()> {
         updates,
         ..
     } = arrays;
+    // Each slot's values, taken once by the parameter that updates them.
+    let mut values: Vec<Option<&mut [f32]>> = data.iter_mut().map(|d| Some(&mut **d)).collect();
+    let mut take = |slot: usize| {
+        values[slot].take().ok_or_else(|| {
+            Error::invalid(
+                "updates",
+                format!("parameter slot {slot} updated twice"),
+                "each parameter once",
+            )
+        })
+    };
     match updates {
         Updates::Adam(params) => {
-            for u in params.iter() {
-                optim::check_adam(u.step, u.config)?;
-            }
+            let mut steps = Vec::with_capacity(params.len());
             for u in params.iter_mut() {
-                let (w, g) = (&mut *data[u.slot], &*grads[u.slot]);
-                timed(|| {
-                    optim::adam_step(w, g, &mut *u.exp_avg, &mut *u.exp_avg_sq, u.step, u.config)
-                })?;
+                steps.push(optim::AdamArrays {
+                    param: take(u.slot)?,
+                    grad: &*grads[u.slot],
+                    exp_avg: &mut *u.exp_avg,
+                    exp_avg_sq: &mut *u.exp_avg_sq,
+                    step: u.step,
+                    cfg: u.config,
+                });
             }
+            timed(|| optim::adam_steps(steps))
         }
         Updates::Sgd(params) => {
-            for u in params.iter() {
-                optim::check_sgd(u.momentum_buffer.is_some(), u.config)?;
-            }
+            let mut steps = Vec::with_capacity(params.len());
             for u in params.iter_mut() {
-                let (w, g) = (&mut *data[u.slot], &*grads[u.slot]);
-                let buffer = u.momentum_buffer.as_deref_mut();
-                timed(|| optim::sgd_step(w, g, buffer, u.config, u.first_step))?;
+                steps.push(optim::SgdArrays {
+                    param: take(u.slot)?,
+                    grad: &*grads[u.slot],
+                    momentum_buffer: u.momentum_buffer.as_deref_mut(),
+                    cfg: u.config,
+                    first_step: u.first_step,
+                });
             }
+            timed(|| optim::sgd_steps(steps))
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

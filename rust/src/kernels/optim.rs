@@ -143,6 +143,25 @@ pub fn check_adam(step: u64, cfg: AdamConfig) -> Result<()> {
     Ok(())
 }
 
+/// One parameter of a [`sgd_steps`] call: its values, gradient and momentum buffer.
+pub struct SgdArrays<'a> {
+    pub param: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub momentum_buffer: Option<&'a mut [f32]>,
+    pub cfg: SgdConfig,
+    pub first_step: bool,
+}
+
+/// One parameter of an [`adam_steps`] call: its values, gradient and moments.
+pub struct AdamArrays<'a> {
+    pub param: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub exp_avg: &'a mut [f32],
+    pub exp_avg_sq: &'a mut [f32],
+    pub step: u64,
+    pub cfg: AdamConfig,
+}
+
 /// One SGD step on `param`; `momentum_buffer` is required when momentum is non-zero and
 /// is (re)initialised to the gradient when `first_step`.
 pub fn sgd_step(
@@ -152,27 +171,52 @@ pub fn sgd_step(
     cfg: SgdConfig,
     first_step: bool,
 ) -> Result<()> {
-    check_sgd(momentum_buffer.is_some(), cfg)?;
-    check_len("grad", grad.len(), param.len())?;
-    let buf = match momentum_buffer {
-        Some(buf) if cfg.momentum != 0.0 => {
-            check_len("momentum_buffer", buf.len(), param.len())?;
-            Some(buf)
+    sgd_steps(vec![SgdArrays {
+        param,
+        grad,
+        momentum_buffer,
+        cfg,
+        first_step,
+    }])
+}
+
+/// [`sgd_step`] on each of `params`: every one checked before any moves, then the
+/// chunks of all of them in one parallel loop (a parameter's chunks as [`sgd_step`]
+/// cuts them, each value updated alone, so the same bits). A loop per parameter left
+/// the second thread idle in the small ones' (a network's biases and batch-norm
+/// parameters: most of its parameters, a few hundred values each).
+pub fn sgd_steps(params: Vec<SgdArrays<'_>>) -> Result<()> {
+    for a in &params {
+        check_sgd(a.momentum_buffer.is_some(), a.cfg)?;
+        check_len("grad", a.grad.len(), a.param.len())?;
+        if let (Some(buf), true) = (&a.momentum_buffer, a.cfg.momentum != 0.0) {
+            check_len("momentum_buffer", buf.len(), a.param.len())?;
         }
-        _ => None,
-    };
-    let chunk = elementwise_chunk(param.len());
-    match buf {
-        Some(buf) => param
-            .par_chunks_mut(chunk)
-            .zip(grad.par_chunks(chunk))
-            .zip(buf.par_chunks_mut(chunk))
-            .for_each(|((w, g), b)| sgd_chunk(w, g, Some(b), cfg, first_step)),
-        None => param
-            .par_chunks_mut(chunk)
-            .zip(grad.par_chunks(chunk))
-            .for_each(|(w, g)| sgd_chunk(w, g, None, cfg, first_step)),
     }
+    type Chunk<'a> = (
+        &'a mut [f32],
+        &'a [f32],
+        Option<&'a mut [f32]>,
+        SgdConfig,
+        bool,
+    );
+    let mut chunks: Vec<Chunk<'_>> = Vec::new();
+    for a in params {
+        let chunk = elementwise_chunk(a.param.len());
+        let (cfg, first) = (a.cfg, a.first_step);
+        let values = a.param.chunks_mut(chunk).zip(a.grad.chunks(chunk));
+        match a.momentum_buffer.filter(|_| cfg.momentum != 0.0) {
+            Some(buf) => chunks.extend(
+                values
+                    .zip(buf.chunks_mut(chunk))
+                    .map(|((w, g), b)| (w, g, Some(b), cfg, first)),
+            ),
+            None => chunks.extend(values.map(|(w, g)| (w, g, None, cfg, first))),
+        }
+    }
+    chunks
+        .into_par_iter()
+        .for_each(|(w, g, b, cfg, first)| sgd_chunk(w, g, b, cfg, first));
     Ok(())
 }
 
@@ -185,24 +229,176 @@ pub fn adam_step(
     step: u64,
     cfg: AdamConfig,
 ) -> Result<()> {
-    check_adam(step, cfg)?;
-    check_len("grad", grad.len(), param.len())?;
-    check_len("exp_avg", exp_avg.len(), param.len())?;
-    check_len("exp_avg_sq", exp_avg_sq.len(), param.len())?;
-    let t = step.min(i32::MAX as u64) as i32;
-    let bias1 = 1.0 - f64::from(cfg.beta1).powi(t);
-    let bias2 = 1.0 - f64::from(cfg.beta2).powi(t);
-    let step_size = (f64::from(cfg.lr) / bias1) as f32;
-    let bias2_sqrt = bias2.sqrt() as f32;
-    let chunk = elementwise_chunk(param.len());
-    param
-        .par_chunks_mut(chunk)
-        .zip(grad.par_chunks(chunk))
-        .zip(
-            exp_avg
-                .par_chunks_mut(chunk)
-                .zip(exp_avg_sq.par_chunks_mut(chunk)),
-        )
-        .for_each(|((w, g), (m, v))| adam_chunk(w, g, m, v, cfg, step_size, bias2_sqrt));
+    adam_steps(vec![AdamArrays {
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step,
+        cfg,
+    }])
+}
+
+/// [`adam_step`] on each of `params`, as [`sgd_steps`]: every one checked before any
+/// moves, then the chunks of all of them in one parallel loop.
+pub fn adam_steps(params: Vec<AdamArrays<'_>>) -> Result<()> {
+    for a in &params {
+        check_adam(a.step, a.cfg)?;
+        check_len("grad", a.grad.len(), a.param.len())?;
+        check_len("exp_avg", a.exp_avg.len(), a.param.len())?;
+        check_len("exp_avg_sq", a.exp_avg_sq.len(), a.param.len())?;
+    }
+    type Chunk<'a> = (
+        &'a mut [f32],
+        &'a [f32],
+        &'a mut [f32],
+        &'a mut [f32],
+        AdamConfig,
+        f32,
+        f32,
+    );
+    let mut chunks: Vec<Chunk<'_>> = Vec::new();
+    for a in params {
+        let t = a.step.min(i32::MAX as u64) as i32;
+        let bias1 = 1.0 - f64::from(a.cfg.beta1).powi(t);
+        let bias2 = 1.0 - f64::from(a.cfg.beta2).powi(t);
+        let step_size = (f64::from(a.cfg.lr) / bias1) as f32;
+        let bias2_sqrt = bias2.sqrt() as f32;
+        let (chunk, cfg) = (elementwise_chunk(a.param.len()), a.cfg);
+        chunks.extend(
+            a.param
+                .chunks_mut(chunk)
+                .zip(a.grad.chunks(chunk))
+                .zip(
+                    a.exp_avg
+                        .chunks_mut(chunk)
+                        .zip(a.exp_avg_sq.chunks_mut(chunk)),
+                )
+                .map(|((w, g), (m, v))| (w, g, m, v, cfg, step_size, bias2_sqrt)),
+        );
+    }
+    chunks
+        .into_par_iter()
+        .for_each(|(w, g, m, v, cfg, step_size, bias2_sqrt)| {
+            adam_chunk(w, g, m, v, cfg, step_size, bias2_sqrt)
+        });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, salt: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2654435761) ^ salt) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    const ADAM: AdamConfig = AdamConfig {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        decoupled: true,
+    };
+
+    const SGD: SgdConfig = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        dampening: 0.0,
+        nesterov: true,
+        weight_decay: 1e-3,
+    };
+
+    /// Sizes of one chunk, several chunks with a short last one, and a handful.
+    const SIZES: [usize; 3] = [300, 70_000, 5];
+
+    #[test]
+    fn adam_steps_give_the_bits_of_one_call_per_parameter_or_move_nothing() {
+        let make = |salt| -> Vec<[Vec<f32>; 4]> {
+            SIZES
+                .iter()
+                .map(|&n| std::array::from_fn(|k| values(n, salt + k as u32)))
+                .collect()
+        };
+        let (mut one_by_one, mut together) = (make(1), make(1));
+        for (i, [w, g, m, v]) in one_by_one.iter_mut().enumerate() {
+            adam_step(w, g, m, v, 3 + i as u64, ADAM).unwrap();
+        }
+        let steps = together
+            .iter_mut()
+            .enumerate()
+            .map(|(i, [w, g, m, v])| AdamArrays {
+                param: w,
+                grad: g,
+                exp_avg: m,
+                exp_avg_sq: v,
+                step: 3 + i as u64,
+                cfg: ADAM,
+            })
+            .collect();
+        adam_steps(steps).unwrap();
+        for (a, b) in one_by_one.iter().zip(&together) {
+            for (x, y) in a.iter().zip(b) {
+                assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()));
+            }
+        }
+        // A bad length in the last parameter: nothing moves, the first included.
+        let mut arrays = make(2);
+        let before = arrays.clone();
+        let last = arrays.len() - 1;
+        arrays[last][3].pop();
+        let steps = arrays
+            .iter_mut()
+            .map(|[w, g, m, v]| AdamArrays {
+                param: w,
+                grad: g,
+                exp_avg: m,
+                exp_avg_sq: v,
+                step: 1,
+                cfg: ADAM,
+            })
+            .collect();
+        assert!(adam_steps(steps).is_err());
+        assert_eq!(arrays[0], before[0]);
+    }
+
+    #[test]
+    fn sgd_steps_give_the_bits_of_one_call_per_parameter() {
+        for (momentum, first) in [(true, true), (true, false), (false, false)] {
+            let make = || -> Vec<[Vec<f32>; 3]> {
+                SIZES
+                    .iter()
+                    .map(|&n| std::array::from_fn(|k| values(n, 7 + k as u32)))
+                    .collect()
+            };
+            let cfg = if momentum {
+                SGD
+            } else {
+                SgdConfig {
+                    momentum: 0.0,
+                    nesterov: false,
+                    ..SGD
+                }
+            };
+            let (mut one_by_one, mut together) = (make(), make());
+            for [w, g, b] in one_by_one.iter_mut() {
+                sgd_step(w, g, momentum.then_some(&mut b[..]), cfg, first).unwrap();
+            }
+            let steps = together
+                .iter_mut()
+                .map(|[w, g, b]| SgdArrays {
+                    param: w,
+                    grad: g,
+                    momentum_buffer: momentum.then_some(&mut b[..]),
+                    cfg,
+                    first_step: first,
+                })
+                .collect();
+            sgd_steps(steps).unwrap();
+            assert_eq!(one_by_one, together);
+        }
+    }
 }
