@@ -588,9 +588,9 @@ impl StepPlan {
     /// The steps of an epoch, one per batch of `batches`, in one call: each batch's samples
     /// gathered (in `order`) into the step's input, then a step as [`StepPlan::run`]
     /// takes it (without `run`'s reset of [`StepPlan::steps_done`], which the epoch
-    /// counts up) with that step's dropout seeds on `arrays`. After each step the optimizer's step counts move
-    /// on as the next `train_step` would pass them (Adam's `step` + 1; SGD's
-    /// `first_step` false). Returns the losses of the steps taken; the epoch stops after
+    /// counts up) with that step's dropout seeds on `arrays`. After each step the
+    /// optimizer's step counts move on as the next `train_step` would pass them (Adam's
+    /// `step` + 1; SGD's `first_step` false). Returns the losses of the steps taken; the epoch stops after
     /// a non-finite one (that step, as `train_step`, without backward or update).
     /// [`StepPlan::steps_done`] counts the completed steps, also after an error.
     pub fn run_epoch(
