@@ -341,6 +341,14 @@ impl StopToken {
         }
     }
 
+    /// A token already set, for tests of what a kernel does once asked to stop.
+    #[cfg(test)]
+    pub(crate) fn already_set() -> StopToken {
+        let token = StopToken::new();
+        token.set();
+        token
+    }
+
     /// Whether the call should stop early (its caller was interrupted). A call that was
     /// asked to stop is reported as interrupted, never as a result.
     #[inline]

@@ -23,7 +23,7 @@ use crate::kernels::loss::{self, ClassesParams};
 use crate::kernels::optim::{self, AdamConfig, SgdConfig};
 use crate::kernels::pool::{self, Pool2dParams};
 use crate::kernels::{dropout, nonzero};
-use crate::memory::resize_scratch;
+use crate::memory::{grow_scratch_until, resize_scratch};
 use crate::parallel::stop_token;
 use crate::simd_dispatch;
 
@@ -302,7 +302,8 @@ fn batched(batch: usize, sample: &[usize]) -> Vec<usize> {
 }
 
 /// The first `len` values of `buffer`, a kernel's output kept from one step to the next;
-/// grown (zeroed) only when it is shorter. The kernels write every value of their output,
+/// grown (zeroed, a piece at a time: an interrupt stops it in between) only when it is
+/// shorter. The kernels write every value of their output,
 /// so what an earlier step left there is never read: a step after a smaller one (the last
 /// batch of an epoch) does not write zeros only to overwrite them, nor does the backward's
 /// input gradient, whose buffer swaps with the output gradient from layer to layer.
@@ -311,8 +312,8 @@ fn scratch<'b, T: Copy + Default>(
     len: usize,
     what: &'static str,
 ) -> Result<&'b mut [T]> {
-    if buffer.len() < len {
-        resize_scratch(buffer, len, what)?;
+    if buffer.len() < len && !grow_scratch_until(buffer, len, what, &stop_token())? {
+        return Err(interrupted());
     }
     Ok(&mut buffer[..len])
 }

@@ -25,6 +25,7 @@ use super::unfold::{copy_row, interior_rows};
 use super::Conv2dParams;
 use crate::error::Result;
 use crate::memory::resize_scratch;
+use crate::parallel::StopToken;
 use crate::simd::Level;
 use crate::simd_dispatch;
 
@@ -537,6 +538,10 @@ impl WeightGradPlan {
     /// The weight gradient of `images` (consecutive, with their output gradients) into
     /// `partial` (C_out × C_in·kH·kW), overwritten; each output-gradient plane's sum
     /// (`reduce::sum`, for the bias gradient) into `plane_sums` (images × C_out).
+    /// Returns early, `partial` unfinished, once `stop` is set (checked pass by pass: a
+    /// group of a large batch is many passes, 0.4 s of a 1.5 s training step at batch
+    /// 2,000 on 64x64x32x32 -> 64).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn images(
         &self,
         p: &Conv2dParams,
@@ -545,6 +550,7 @@ impl WeightGradPlan {
         partial: &mut [f32],
         plane_sums: &mut [f32],
         scratch: &mut WeightGradScratch,
+        stop: &StopToken,
     ) -> Result<()> {
         let (image_len, out_image) = (p.image_len(), p.out_channels * p.pixels());
         let n_images = input.len() / image_len;
@@ -552,6 +558,9 @@ impl WeightGradPlan {
         let grad_len = grad_rows * self.computed;
         let k = p.col_rows();
         for (pass, first) in (0..n_images).step_by(self.images_per_pass).enumerate() {
+            if stop.is_set() {
+                return Ok(());
+            }
             let count = self.images_per_pass.min(n_images - first);
             let (frames_len, grads_len) = (count * self.frame_len, count * grad_len);
             if scratch.frames.len() != frames_len + ALIGN_SLACK {
@@ -956,7 +965,8 @@ mod tests {
                     let mut gw = vec![f32::NAN; expected.len()];
                     let mut plane_sums = vec![f32::NAN; p.batch * p.out_channels];
                     let mut scratch = WeightGradScratch::default();
-                    plan.images(&p, &x, &gy, &mut gw, &mut plane_sums, &mut scratch)
+                    let stop = StopToken::default();
+                    plan.images(&p, &x, &gy, &mut gw, &mut plane_sums, &mut scratch, &stop)
                         .unwrap();
                     let sums: Vec<f32> = gy
                         .chunks_exact(p.pixels())

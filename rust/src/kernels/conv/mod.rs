@@ -1047,7 +1047,7 @@ pub fn backward(
                     if stop.is_set() {
                         return Ok(());
                     }
-                    direct.images(p, images, grads, partial, sums, scratch)
+                    direct.images(p, images, grads, partial, sums, scratch, &stop)
                 },
             )?;
         sum_partials(&partials, grad_weight);
