@@ -24,7 +24,7 @@ use crate::kernels::optim::{self, AdamConfig, SgdConfig};
 use crate::kernels::pool::{self, Pool2dParams};
 use crate::kernels::{dropout, nonzero};
 use crate::memory::{grow_scratch_until, resize_scratch};
-use crate::parallel::stop_token;
+use crate::parallel::{stop_token, StopToken};
 use crate::simd_dispatch;
 
 type Pair = (i64, i64);
@@ -684,7 +684,13 @@ impl StepPlan {
                         target: &mut target,
                         weight: &mut weight,
                     };
-                    gather(batches, &order[start..stop], sample_len, rows)?;
+                    gather(
+                        batches,
+                        &order[start..stop],
+                        sample_len,
+                        rows,
+                        &stop_requested,
+                    )?;
                     (&input, &target, batches.weights.map(|_| &weight[..]))
                 }
             };
@@ -1258,12 +1264,15 @@ struct Rows<'b> {
 }
 
 /// The samples, classes and weights (if any) of `indices` (checked in range), one after
-/// another, into `rows`.
+/// another, into `rows`; an interrupt stops it every 1 MiB of samples (the first batch
+/// writes fresh memory, slow the first time on a virtual machine: see
+/// [`grow_scratch_until`]).
 fn gather(
     batches: &EpochBatches<'_>,
     indices: &[i64],
     sample_len: usize,
     rows: Rows<'_>,
+    stop: &StopToken,
 ) -> Result<()> {
     let Rows {
         input,
@@ -1280,7 +1289,11 @@ fn gather(
             "memory for it",
         ));
     }
-    for &i in indices {
+    let check_every = ((1 << 20) / (sample_len * std::mem::size_of::<f32>()).max(1)).max(1);
+    for (n, &i) in indices.iter().enumerate() {
+        if n % check_every == 0 && stop.is_set() {
+            return Err(interrupted());
+        }
         let i = i as usize;
         input.extend_from_slice(&batches.samples[i * sample_len..(i + 1) * sample_len]);
         target.push(batches.targets[i]);
@@ -1366,6 +1379,34 @@ mod tests {
             bias: Some(bias),
             weight_shape: [out_features, in_features],
         }
+    }
+
+    #[test]
+    fn gathering_a_batch_takes_its_rows_in_order_and_stops_when_asked() {
+        let samples: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let targets = [0i64, 1, 2, 3];
+        let weights = [0.5f64, 1.0, 1.5, 2.0];
+        let batches = EpochBatches {
+            samples: &samples,
+            targets: &targets,
+            weights: Some(&weights),
+            order: None,
+            bounds: &[],
+            seeds: &[],
+        };
+        let gathered = |indices: &[i64], stop: &StopToken| {
+            let (mut input, mut target, mut weight) = (vec![9.0], vec![9], vec![9.0]);
+            let rows = Rows {
+                input: &mut input,
+                target: &mut target,
+                weight: &mut weight,
+            };
+            gather(&batches, indices, 3, rows, stop).map(|()| (input, target, weight))
+        };
+        let (input, target, weight) = gathered(&[3, 0], &StopToken::default()).unwrap();
+        assert_eq!(input, [9.0, 10.0, 11.0, 0.0, 1.0, 2.0]);
+        assert_eq!((target, weight), (vec![3, 0], vec![2.0, 0.5]));
+        assert!(gathered(&[1, 2], &StopToken::already_set()).is_err());
     }
 
     #[test]
