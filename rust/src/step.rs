@@ -303,10 +303,10 @@ fn batched(batch: usize, sample: &[usize]) -> Vec<usize> {
 
 /// The first `len` values of `buffer`, a kernel's output kept from one step to the next;
 /// grown (zeroed, a piece at a time: an interrupt stops it in between) only when it is
-/// shorter. The kernels write every value of their output,
-/// so what an earlier step left there is never read: a step after a smaller one (the last
-/// batch of an epoch) does not write zeros only to overwrite them, nor does the backward's
-/// input gradient, whose buffer swaps with the output gradient from layer to layer.
+/// shorter. The kernels write every value of their output, so what an earlier step left
+/// there is never read: a step after a smaller one (the last batch of an epoch) does not
+/// write zeros only to overwrite them, nor does the backward's input gradient, whose
+/// buffer swaps with the output gradient from layer to layer.
 fn scratch<'b, T: Copy + Default>(
     buffer: &'b mut Vec<T>,
     len: usize,
@@ -1395,7 +1395,8 @@ mod tests {
             seeds: &[],
         };
         let gathered = |indices: &[i64], stop: &StopToken| {
-            let (mut input, mut target, mut weight) = (vec![9.0], vec![9], vec![9.0]);
+            // What an earlier batch left: cleared.
+            let (mut input, mut target, mut weight) = (vec![-1.0], vec![-1], vec![-1.0]);
             let rows = Rows {
                 input: &mut input,
                 target: &mut target,
