@@ -81,26 +81,26 @@ impl BatchNormParams {
 }
 
 simd_dispatch! {
-    /// The f64 sums, in sample order, of each of `batch` planes' f32 [`shifted_sums`]; the
-    /// planes are `x[n·stride..][..len]`. Four planes at a time ([`shifted_sums_x4`]: the
-    /// bits of one at a time).
-    fn channel_shifted_sums(x: &[f32], stride: usize, len: usize, batch: usize, shift: f32) -> (f64, f64) {
-        let plane = |n: usize| &x[n * stride..n * stride + len];
-        let (mut s1, mut s2) = (0.0f64, 0.0f64);
-        let mut n = 0;
-        while n + 4 <= batch {
-            for (a, b) in shifted_sums_x4([plane(n), plane(n + 1), plane(n + 2), plane(n + 3)], shift) {
-                s1 += f64::from(a);
-                s2 += f64::from(b);
+    /// Each plane's f32 [`shifted_sums`] of `images` consecutive images (`channels`
+    /// planes of `len` values each) into `sums` (`[image][channel]`), each channel's
+    /// planes shifted by its `shifts` value. Four images' planes of a channel at a time
+    /// ([`shifted_sums_x4`]: the bits of one at a time).
+    fn image_shifted_sums(x: &[f32], channels: usize, len: usize, shifts: &[f32], sums: &mut [(f32, f32)]) {
+        let images = sums.len() / channels;
+        let plane = |n: usize, c: usize| &x[(n * channels + c) * len..][..len];
+        for (c, &shift) in shifts.iter().enumerate() {
+            let mut n = 0;
+            while n + 4 <= images {
+                let four = [plane(n, c), plane(n + 1, c), plane(n + 2, c), plane(n + 3, c)];
+                for (i, pair) in shifted_sums_x4(four, shift).into_iter().enumerate() {
+                    sums[(n + i) * channels + c] = pair;
+                }
+                n += 4;
             }
-            n += 4;
+            for n in n..images {
+                sums[n * channels + c] = shifted_sums(plane(n, c), shift);
+            }
         }
-        for n in n..batch {
-            let (a, b) = shifted_sums(plane(n), shift);
-            s1 += f64::from(a);
-            s2 += f64::from(b);
-        }
-        (s1, s2)
     }
 }
 
@@ -294,16 +294,35 @@ pub(crate) fn batch_stats(p: &BatchNormParams, x: &[f32]) -> Vec<(f64, f64)> {
             })
             .collect();
     }
-    let channels = task_items(p.count());
-    (0..p.channels)
-        .into_par_iter()
-        .with_min_len(channels)
-        .with_max_len(channels)
-        .map(|c| {
-            let shift = x[c * p.spatial];
-            let stride = p.channels * p.spatial;
-            let (s1, s2) =
-                channel_shifted_sums(&x[c * p.spatial..], stride, p.spatial, p.batch, shift);
+    // Each plane's f32 sums, by tasks of whole images (four or more: the sums take four
+    // planes at a time), so that a thread reads the images it wrote in the layer before
+    // (split by images too) rather than every image's planes of its channels; then each
+    // channel's added in f64 in image order. In blocks of at most `BLOCK_TASKS` tasks,
+    // so that the planes' sums take little memory whatever the batch.
+    const BLOCK_TASKS: usize = 64;
+    let image_len = p.channels * p.spatial;
+    let task = task_items(image_len).next_multiple_of(4);
+    let shifts: Vec<f32> = (0..p.channels).map(|c| x[c * p.spatial]).collect();
+    let mut totals = vec![(0.0f64, 0.0f64); p.channels];
+    let mut plane_sums = Vec::new();
+    for block in x.chunks(BLOCK_TASKS * task * image_len) {
+        plane_sums.clear();
+        plane_sums.resize(block.len() / p.spatial, (0.0f32, 0.0f32));
+        plane_sums
+            .par_chunks_mut(task * p.channels)
+            .zip(block.par_chunks(task * image_len))
+            .for_each(|(sums, x)| image_shifted_sums(x, p.channels, p.spatial, &shifts, sums));
+        for image in plane_sums.chunks_exact(p.channels) {
+            for (total, &(a, b)) in totals.iter_mut().zip(image) {
+                total.0 += f64::from(a);
+                total.1 += f64::from(b);
+            }
+        }
+    }
+    totals
+        .iter()
+        .zip(&shifts)
+        .map(|(&(s1, s2), &shift)| {
             let mean_shifted = s1 / count;
             let var = (s2 / count - mean_shifted * mean_shifted).max(0.0);
             (f64::from(shift) + mean_shifted, var)
@@ -574,6 +593,55 @@ pub(crate) fn store_param_grads(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The statistics are each channel's plane sums ([`shifted_sums`], shifted by the
+    /// channel's first value) added in f64 in image order, whatever the tasks, blocks and
+    /// threads: batches of whole and partial blocks and tasks, planes of odd lengths.
+    #[test]
+    fn batch_statistics_add_each_channels_planes_in_image_order_at_any_thread_count() {
+        // 2 x 4,100 values an image: tasks of 4 images, blocks of 256; 261 images are a
+        // whole block and a partial one, and a partial task.
+        for shape in [[261usize, 2, 4100], [7, 3, 5], [1, 4, 9], [64, 16, 196]] {
+            let p = BatchNormParams::new(&shape, 0.0).unwrap();
+            // Planes of very different magnitudes, so that the f64 sums round and their
+            // order shows.
+            let image_len = (p.channels * p.spatial) as u32;
+            let x: Vec<f32> = (0..p.len() as u32)
+                .map(|i| {
+                    let h = i.wrapping_mul(0x9E37_79B9).rotate_left(11);
+                    let scale = [1.0, 1e15, 1e-15, 3e7, 1e-7][(i / image_len % 5) as usize];
+                    ((h % 4001) as f32 / 1000.0 - 2.0) * scale
+                })
+                .collect();
+            let count = p.count() as f64;
+            let expected: Vec<(u64, u64)> = (0..p.channels)
+                .map(|c| {
+                    let shift = x[c * p.spatial];
+                    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+                    for plane in p.channel_planes(&x, c) {
+                        let (a, b) = shifted_sums(plane, shift);
+                        s1 += f64::from(a);
+                        s2 += f64::from(b);
+                    }
+                    let m = s1 / count;
+                    let var = (s2 / count - m * m).max(0.0);
+                    ((f64::from(shift) + m).to_bits(), var.to_bits())
+                })
+                .collect();
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let stats = pool.install(|| batch_stats(&p, &x));
+                let got: Vec<(u64, u64)> = stats
+                    .iter()
+                    .map(|(m, v)| (m.to_bits(), v.to_bits()))
+                    .collect();
+                assert_eq!(got, expected, "{shape:?} at {threads} threads");
+            }
+        }
+    }
 
     #[test]
     fn normalised_channels_have_zero_mean_unit_variance() {
