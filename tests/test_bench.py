@@ -51,6 +51,11 @@ def test_table_has_every_work_item_per_thread_count(smoke_run):
     for threads in THREADS:
         plural = "s" if threads > 1 else ""
         assert f"== {threads} thread{plural}: peak" in output
+    titles = [line for line in output.splitlines() if line.startswith("== ")
+              and " thread" in line and ": peak " in line]
+    assert ["cache-line round trip between cores" in t for t in titles] == [
+        t.startswith("== 2 threads") and result["machine"]["usable_cpus"] >= 2
+        for t in titles]
     header = next(line for line in output.splitlines() if line.startswith("work "))
     for column in ("bnrs ms", "torch ms", "torch/bnrs", "bnrs rate", "% peak", "target",
                    "met?"):
@@ -75,6 +80,17 @@ def test_json_structure(smoke_run):
     assert result["peaks"]["fma_gflops_1t"] > 0
     assert set(result["peaks"]["copy_gbps"]) == {str(t) for t in THREADS}
     assert [s["threads"] for s in result["sections"]] == list(THREADS)
+    # The cache-line round trip between cores: before each section of two threads or
+    # more, and at the end (when the process may use two CPUs).
+    two_cpus = machine["usable_cpus"] >= 2
+    for section in result["sections"]:
+        round_trip = section["core_round_trip_ns"]
+        if section["threads"] > 1 and two_cpus:
+            assert round_trip > 0
+        else:
+            assert round_trip is None
+    assert (machine["core_round_trip_ns_end"] > 0) if two_cpus else (
+        machine["core_round_trip_ns_end"] is None)
     for section in result["sections"]:
         for row in section["rows"]:
             assert row["unit"] in (bench.GFLOPS, bench.GBPS)
@@ -558,7 +574,8 @@ def test_epoch_bench_reports_each_thread_count_against_the_peak():
                              "1", "2", "--samples", "130"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    header, *rows = result.stdout.splitlines()
+    header, *lines = result.stdout.splitlines()
+    rows = [line for line in lines if " thread(s): " in line]
     assert header.startswith("LeNetBN training epoch, 130 images, batch 64, Adam: ")
     gflop = float(header.split("Adam: ")[1].split(" GFLOP")[0])
     peak = float(header.split("FMA peak ")[1].split(" GFLOP/s")[0])
@@ -572,6 +589,14 @@ def test_epoch_bench_reports_each_thread_count_against_the_peak():
         assert fastest == min(times)
         # Rounded as printed: the times to the ms, the share to 0.1%.
         assert share == pytest.approx(gflop / (fastest / 1e3) / (peak * threads), rel=0.2)
+    # At two threads, the round trip between cores before each round, on a line of its
+    # own right after the count's.
+    trips_line = lines[lines.index(rows[1]) + 1]
+    assert trips_line.startswith("  2 thread(s), cache-line round trip between cores before "
+                                 "each round: ")
+    trips = [float(t) for t in trips_line.split(": ")[1].split(" ns")[0].split(", ")]
+    assert len(trips) == 2 and all(t > 0 for t in trips)
+    assert len(lines) == 3
 
 
 def test_epoch_bench_compares_the_epoch_in_one_call_with_its_steps():
@@ -579,7 +604,7 @@ def test_epoch_bench_compares_the_epoch_in_one_call_with_its_steps():
                              "2", "--samples", "1280", "--step-by-step"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    _, row, compared = result.stdout.splitlines()
+    _, row, _, compared = result.stdout.splitlines()
     assert row.startswith("  2 thread(s): ")
     assert compared.startswith("  2 thread(s), step by step: ")
     epoch = float(row.split(": ")[1].split(" ms;")[0])
@@ -587,3 +612,34 @@ def test_epoch_bench_compares_the_epoch_in_one_call_with_its_steps():
     ratio = float(compared.split("one call ")[1].split("x faster")[0])
     # One round: the ratio of the two times, printed rounded to the ms (20 steps: tens of ms).
     assert ratio == pytest.approx(steps / epoch, rel=0.05)
+
+
+def test_epoch_bench_times_single_thread_epochs_in_processes_at_once():
+    """--concurrent: as many single-thread processes as the largest count, each taking an
+    epoch at the same moment, against the single-thread epoch alone."""
+    result = subprocess.run([sys.executable, str(EPOCH_BENCH), "--rounds", "2", "--threads",
+                             "1", "2", "--samples", "130", "--concurrent"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    single = next(line for line in lines if line.startswith("  1 thread(s): "))
+    together = lines[-1]
+    assert together.startswith("  2 processes at once, 1 thread each: ")
+    alone = [float(t) for t in single.split(": ")[1].split(" ms;")[0].split(", ")]
+    at_once = [float(t) for t in together.split(": ")[1].split(" ms (")[0].split(", ")]
+    assert len(at_once) == 2 and all(t > 0 for t in at_once)
+    slower = float(together.split("processes); ")[1].split("x the single")[0])
+    # Medians of two rounds, each printed rounded to the ms (a few ms an epoch).
+    ratio = (sum(at_once) / 2) / (sum(alone) / 2)
+    assert slower == pytest.approx(ratio, rel=0.25)
+    bound = float(together.split("at best ")[1].split(" ms")[0])
+    assert bound == pytest.approx(sum(alone) / 2 * slower / 2, rel=0.25, abs=1)
+
+
+def test_core_round_trip_is_measured_and_its_duration_checked():
+    from bnrs import _core
+
+    assert 0 < _core.core_round_trip_ns(0.01) < 1e9
+    for seconds in (0.0, -1.0, float("nan"), float("inf"), 61.0):
+        with pytest.raises(ValueError, match=r"seconds: expected a number in \(0, 60\]"):
+            _core.core_round_trip_ns(seconds)

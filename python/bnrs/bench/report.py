@@ -38,9 +38,12 @@ def format_section(section: dict, peaks: Peaks) -> list[str]:
     """The table of one thread count, then samples/s, memory and the profile."""
     threads = section["threads"]
     plural = "s" if threads > 1 else ""
+    round_trip = section.get("core_round_trip_ns")
+    between = ("" if round_trip is None
+               else f", cache-line round trip between cores {round_trip:.0f} ns")
     title = (f"== {threads} thread{plural}: peak {peaks.of(GFLOPS, threads):.1f} GFLOP/s "
              f"(FMA, {peaks.fma_gflops_1t:.1f} x {threads}), "
-             f"{peaks.of(GBPS, threads):.1f} GB/s (copy) ==")
+             f"{peaks.of(GBPS, threads):.1f} GB/s (copy){between} ==")
     lines = [title,
              TABLE_FORMAT.format("work", "bnrs ms", "(IQR)", "torch ms", "(IQR)",
                                  "torch/bnrs", "bnrs rate", "% peak", "target", "met?")]

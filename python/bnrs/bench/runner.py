@@ -18,6 +18,7 @@ import numpy as np
 
 import bnrs
 
+from .. import _core
 from ..cli import parse_bench_args
 from .keras_mirror import keras_problem
 from .memory import measure_memory, rss_child
@@ -44,14 +45,29 @@ def machine_info(torch) -> dict:
                               if line.startswith("model name")), cpu_model)
     except OSError:
         pass
-    usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-              else os.cpu_count())
-    return {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+    return {"cpu_model": cpu_model, "logical_cpus": os.cpu_count(),
+            "usable_cpus": _usable_cpus(),
             "load_average_start": _load_average(),
             "simd_backend": bnrs.simd_backend(), "platform": platform.platform(),
             "python": platform.python_version(), "numpy": np.__version__,
             "bnrs": bnrs.__version__, "torch": None if torch is None else torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _usable_cpus() -> int | None:
+    """The CPUs this process may run on."""
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count())
+
+
+def core_round_trip_ns() -> float | None:
+    """The round trip of a cache line between two cores, in ns (``None`` with one usable
+    CPU): tens of ns between cores that share a cache, several hundred between cores that
+    do not. A virtual machine's CPUs can move from one to the other as the host schedules
+    them, and every 2-thread time with them (see docs/benchmark.md)."""
+    if (_usable_cpus() or 1) < 2:
+        return None
+    return round(_core.core_round_trip_ns(0.2), 1)
 
 
 def _load_average() -> float | None:
@@ -72,10 +88,12 @@ def measure_section(threads: int, works: Sequence[Work], trainer: Trainer, mode:
     ``trainer``'s network)."""
     rows = []
     gc.collect()
+    round_trip = core_round_trip_ns() if threads > 1 else None
     for work in works:
         _progress(f"  {threads}t: {work.name}")
         rows.append(measure_row(work, threads, mode, peaks))
-    section: dict[str, Any] = {"threads": threads, "rows": rows}
+    section: dict[str, Any] = {"threads": threads, "rows": rows,
+                               "core_round_trip_ns": round_trip}
     if mode.memory_all_threads or threads == args.threads[-1]:
         _progress(f"  {threads}t: peak memory of a training epoch (fresh processes)")
         frameworks = ["bnrs"] + ([] if trainer.torch is None else ["torch"])
@@ -265,7 +283,11 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
     lines = format_peers(peers)
     print(("\n" + "\n".join(lines)) if lines else "", flush=True)
     info["load_average_end"] = _load_average()
-    print(f"\nload average at the end: {info['load_average_end']}")
+    info["core_round_trip_ns_end"] = core_round_trip_ns()
+    end = f"\nload average at the end: {info['load_average_end']}"
+    if info["core_round_trip_ns_end"] is not None:
+        end += f"; cache-line round trip between cores {info['core_round_trip_ns_end']:.0f} ns"
+    print(end)
     targets = all_targets(sections, scaling)
     print("\n" + "\n".join(format_summary(targets)), flush=True)
     return {"schema": SCHEMA, "mode": dataclasses.asdict(mode),

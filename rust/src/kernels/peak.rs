@@ -125,3 +125,76 @@ pub fn fma_gflops(seconds: f64) -> f64 {
         iterations = iterations.saturating_mul(if elapsed < seconds / 10.0 { 8 } else { 2 });
     }
 }
+
+/// The round trip of one cache line between two threads, in nanoseconds: one thread
+/// writes a counter, the other answers on the same line, for about `seconds` of wall
+/// clock; the median of ten batches. On two idle cores it is what any data one core
+/// hands the other costs in latency: tens of nanoseconds between cores that share a
+/// cache, several hundred between cores that do not (a virtual machine's two CPUs may
+/// move between the two from one minute to the next). A waiting thread spins, then
+/// yields, so that the measure also ends on a machine with one core free (slowly). Fails
+/// only if the second thread cannot be started.
+pub fn core_round_trip_ns(seconds: f64) -> std::io::Result<f64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// Spins between yields while waiting for the other thread.
+    const SPINS: u32 = 1 << 14;
+    /// Wait until `line` holds a value `done` accepts, and return it.
+    fn wait_until(line: &AtomicU64, done: impl Fn(u64) -> bool) -> u64 {
+        let mut spins = 0u32;
+        loop {
+            let value = line.load(Ordering::Acquire);
+            if done(value) {
+                return value;
+            }
+            spins += 1;
+            if spins.is_multiple_of(SPINS) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    const BATCHES: usize = 10;
+    let line = Arc::new(AtomicU64::new(0));
+    let answer = Arc::clone(&line);
+    // The other thread answers each odd value with the next even one until told to stop
+    // (u64::MAX).
+    let answerer = std::thread::Builder::new().spawn(move || {
+        let mut seen = 0u64;
+        loop {
+            let value = wait_until(&answer, |value| value != seen);
+            if value == u64::MAX {
+                return;
+            }
+            answer.store(value + 1, Ordering::Release);
+            seen = value + 1;
+        }
+    })?;
+    let mut value = 0u64;
+    let mut round_trips = |count: u64| {
+        let start = Instant::now();
+        for _ in 0..count {
+            line.store(value + 1, Ordering::Release);
+            wait_until(&line, |answered| answered == value + 2);
+            value += 2;
+        }
+        start.elapsed().as_secs_f64()
+    };
+    // Size a batch: four times the round trips until one takes a fortieth of `seconds`,
+    // so that the ten take a quarter of it to all of it.
+    let mut count = 64u64;
+    while round_trips(count) < seconds / BATCHES as f64 / 4.0 && count < 1 << 40 {
+        count *= 4;
+    }
+    let mut batches: Vec<f64> = (0..BATCHES)
+        .map(|_| round_trips(count) / count as f64 * 1e9)
+        .collect();
+    line.store(u64::MAX, Ordering::Release);
+    answerer
+        .join()
+        .expect("the answering thread does not panic");
+    batches.sort_by(f64::total_cmp);
+    Ok(batches[BATCHES / 2])
+}

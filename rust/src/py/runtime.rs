@@ -159,6 +159,23 @@ fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
     py.detach(|| Ok(crate::kernels::peak::fma_gflops(seconds)))
 }
 
+/// The round trip of a cache line between two threads (ns), measured for about
+/// `seconds`.
+#[pyfunction]
+fn core_round_trip_ns(py: Python<'_>, seconds: f64) -> PyResult<f64> {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
+        return Err(PyValueError::new_err(format!(
+            "seconds: expected a number in (0, 60], got {seconds}"
+        )));
+    }
+    py.detach(|| crate::kernels::peak::core_round_trip_ns(seconds))
+        .map_err(|e| {
+            pyo3::exceptions::PyOSError::new_err(format!(
+                "core_round_trip_ns: cannot start a thread: {e}"
+            ))
+        })
+}
+
 /// (kernel CPU seconds, kernel calls) counted while the kernel clock was on, every
 /// thread's calls added up (a training step's CPU time less the first is its overhead
 /// outside the kernels; each call counted holds about one reading of the clock).
@@ -221,5 +238,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_environment_warnings, m)?)?;
     m.add_function(wrap_pyfunction!(_watches_ctrl_c, m)?)?;
     m.add_function(wrap_pyfunction!(fma_peak_gflops, m)?)?;
+    m.add_function(wrap_pyfunction!(core_round_trip_ns, m)?)?;
     Ok(())
 }
