@@ -51,11 +51,15 @@ def test_table_has_every_work_item_per_thread_count(smoke_run):
     for threads in THREADS:
         plural = "s" if threads > 1 else ""
         assert f"== {threads} thread{plural}: peak" in output
+    # The round trip between cores before and after each section of two threads and the
+    # speed-ups (when the process may use two CPUs).
+    two_cpus = result["machine"]["usable_cpus"] >= 2
     titles = [line for line in output.splitlines() if line.startswith("== ")
-              and " thread" in line and ": peak " in line]
+              and (": peak " in line or "speed-up over 1 thread" in line)]
+    assert len(titles) == len(THREADS) + 1
     assert ["cache-line round trip between cores" in t for t in titles] == [
-        t.startswith("== 2 threads") and result["machine"]["usable_cpus"] >= 2
-        for t in titles]
+        two_cpus and not t.startswith("== 1 thread:") for t in titles]
+    assert all(t.endswith(" ns after ==") for t in titles[1:]) or not two_cpus
     header = next(line for line in output.splitlines() if line.startswith("work "))
     for column in ("bnrs ms", "torch ms", "torch/bnrs", "bnrs rate", "% peak", "target",
                    "met?"):
@@ -84,13 +88,14 @@ def test_json_structure(smoke_run):
     # more, and at the end (when the process may use two CPUs).
     two_cpus = machine["usable_cpus"] >= 2
     for section in result["sections"]:
-        round_trip = section["core_round_trip_ns"]
-        if section["threads"] > 1 and two_cpus:
-            assert round_trip > 0
-        else:
-            assert round_trip is None
-    assert (machine["core_round_trip_ns_end"] > 0) if two_cpus else (
-        machine["core_round_trip_ns_end"] is None)
+        for key in ("core_round_trip_ns", "core_round_trip_ns_after"):
+            if section["threads"] > 1 and two_cpus:
+                assert section[key] > 0
+            else:
+                assert section[key] is None
+    for round_trip in (*result["scaling_core_round_trip_ns"],
+                       machine["core_round_trip_ns_end"]):
+        assert (round_trip > 0) if two_cpus else (round_trip is None)
     for section in result["sections"]:
         for row in section["rows"]:
             assert row["unit"] in (bench.GFLOPS, bench.GBPS)

@@ -38,9 +38,9 @@ def format_section(section: dict, peaks: Peaks) -> list[str]:
     """The table of one thread count, then samples/s, memory and the profile."""
     threads = section["threads"]
     plural = "s" if threads > 1 else ""
-    round_trip = section.get("core_round_trip_ns")
-    between = ("" if round_trip is None
-               else f", cache-line round trip between cores {round_trip:.0f} ns")
+    between = round_trips_text(section.get("core_round_trip_ns"),
+                               section.get("core_round_trip_ns_after"))
+    between = between and ", " + between
     title = (f"== {threads} thread{plural}: peak {peaks.of(GFLOPS, threads):.1f} GFLOP/s "
              f"(FMA, {peaks.fma_gflops_1t:.1f} x {threads}), "
              f"{peaks.of(GBPS, threads):.1f} GB/s (copy){between} ==")
@@ -161,15 +161,26 @@ def format_step_profile(profile: dict | None) -> list[str]:
     return lines
 
 
-def format_scaling(rows: Sequence[dict]) -> list[str]:
+def round_trips_text(before: float | None, after: float | None) -> str:
+    """The cache-line round trip between cores measured before and after a part of the
+    run ('' when not measured: one usable CPU)."""
+    if before is None or after is None:
+        return ""
+    return (f"cache-line round trip between cores {before:.0f} ns before, "
+            f"{after:.0f} ns after")
+
+
+def format_scaling(rows: Sequence[dict],
+                   round_trips: Sequence[float | None] = (None, None)) -> list[str]:
     if not rows:
         return []
     row_format = "{:<51} {:>7} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {}"
     where = ("bnrs in a process without PyTorch, PyTorch alone"
              if any(row.get("bnrs_process") == "child" for row in rows) else "each alone")
+    between = round_trips_text(*round_trips)
     title = ("== speed-up over 1 thread (1 and n threads interleaved in one measurement; "
              f"{where}; cores = CPU time / wall time of bnrs at n threads, what the machine "
-             "gave it) ==")
+             "gave it)" + (f"; {between}" if between else "") + " ==")
     lines = [title,
              row_format.format("work", "threads", "bnrs 1t ms", "bnrs nt ms", "cores", "bnrs",
                                "torch", "target", "met?")]

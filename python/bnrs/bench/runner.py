@@ -92,8 +92,10 @@ def measure_section(threads: int, works: Sequence[Work], trainer: Trainer, mode:
     for work in works:
         _progress(f"  {threads}t: {work.name}")
         rows.append(measure_row(work, threads, mode, peaks))
+    round_trip_after = core_round_trip_ns() if threads > 1 else None
     section: dict[str, Any] = {"threads": threads, "rows": rows,
-                               "core_round_trip_ns": round_trip}
+                               "core_round_trip_ns": round_trip,
+                               "core_round_trip_ns_after": round_trip_after}
     if mode.memory_all_threads or threads == args.threads[-1]:
         _progress(f"  {threads}t: peak memory of a training epoch (fresh processes)")
         frameworks = ["bnrs"] + ([] if trainer.torch is None else ["torch"])
@@ -271,12 +273,15 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
                          "not plan, BNRS_FUSED_STEP=0, or a plan made anew during the run)")
             lines = format_step_profile(step_profile) or [unplanned]
             print("\n" + "\n".join(lines), flush=True)
+        several = max(args.threads) > 1
+        scaling_round_trips = [core_round_trip_ns() if several else None]
         scaling = measure_all_scaling(works, mode, torch, args)
+        scaling_round_trips.append(core_round_trip_ns() if several else None)
     finally:
         bnrs.set_num_threads(previous_threads)
         if torch is not None:
             torch.set_num_threads(previous_torch_threads)
-    lines = format_scaling(scaling)
+    lines = format_scaling(scaling, scaling_round_trips)
     print(("\n" + "\n".join(lines)) if lines else "", flush=True)
     peers = measure_peers(getattr(args, "peer_pythons", {}), args.threads, mode,
                           args.networks)
@@ -299,6 +304,7 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
                       "fma_gflops_concurrent": peaks.fma_gflops_concurrent,
                       "copy_gbps": peaks.copy_gbps},
             "sections": sections, "step_profile": step_profile, "scaling": scaling,
+            "scaling_core_round_trip_ns": scaling_round_trips,
             "peers": peers, "targets": targets}
 
 
