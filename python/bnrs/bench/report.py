@@ -38,9 +38,9 @@ def format_section(section: dict, peaks: Peaks) -> list[str]:
     """The table of one thread count, then samples/s, memory and the profile."""
     threads = section["threads"]
     plural = "s" if threads > 1 else ""
-    between = round_trips_text(section.get("core_round_trip_ns"),
-                               section.get("core_round_trip_ns_after"))
-    between = between and ", " + between
+    round_trips = round_trips_text(section.get("core_round_trip_ns"),
+                                   section.get("core_round_trip_ns_after"))
+    between = f", {round_trips}" if round_trips else ""
     title = (f"== {threads} thread{plural}: peak {peaks.of(GFLOPS, threads):.1f} GFLOP/s "
              f"(FMA, {peaks.fma_gflops_1t:.1f} x {threads}), "
              f"{peaks.of(GBPS, threads):.1f} GB/s (copy){between} ==")
