@@ -648,3 +648,19 @@ def test_core_round_trip_is_measured_and_its_duration_checked():
     for seconds in (0.0, -1.0, float("nan"), float("inf"), 61.0):
         with pytest.raises(ValueError, match=r"seconds: expected a number in \(0, 60\]"):
             _core.core_round_trip_ns(seconds)
+
+
+def test_a_part_run_with_the_cores_far_apart_is_noted():
+    from bnrs.bench.report import FAR_APART_NS, far_apart_note, format_scaling
+
+    assert far_apart_note(None, None) == []
+    assert far_apart_note(48.0, FAR_APART_NS) == []
+    note = far_apart_note(47.0, 433.0)
+    assert len(note) == 1 and "round trip up to 433 ns" in note[0]
+    assert far_apart_note(512.0, 46.0)[0].startswith("note: the cores were far apart")
+    row = {"name": "LeNetBN train epoch", "threads": 2, "bnrs_1t_s": {"median": 0.5},
+           "bnrs_s": {"median": 0.3}, "cores": [1.0, 1.9], "bnrs_speedup": 1.7,
+           "torch_speedup": None, "targets": [{"target": 1.8, "met": False}]}
+    lines = format_scaling([row], (40.0, 450.0))
+    assert lines[0].endswith("cache-line round trip between cores 40 ns before, 450 ns after ==")
+    assert lines[1] == far_apart_note(40.0, 450.0)[0]

@@ -44,9 +44,11 @@ def format_section(section: dict, peaks: Peaks) -> list[str]:
     title = (f"== {threads} thread{plural}: peak {peaks.of(GFLOPS, threads):.1f} GFLOP/s "
              f"(FMA, {peaks.fma_gflops_1t:.1f} x {threads}), "
              f"{peaks.of(GBPS, threads):.1f} GB/s (copy){between} ==")
-    lines = [title,
-             TABLE_FORMAT.format("work", "bnrs ms", "(IQR)", "torch ms", "(IQR)",
-                                 "torch/bnrs", "bnrs rate", "% peak", "target", "met?")]
+    lines = [title]
+    lines.extend(far_apart_note(section.get("core_round_trip_ns"),
+                                section.get("core_round_trip_ns_after")))
+    lines.append(TABLE_FORMAT.format("work", "bnrs ms", "(IQR)", "torch ms", "(IQR)",
+                                     "torch/bnrs", "bnrs rate", "% peak", "target", "met?"))
     for row in section["rows"]:
         bnrs_median, bnrs_iqr = _timing(row["bnrs_s"])
         torch_median, torch_iqr = _timing(row["torch_s"])
@@ -170,6 +172,24 @@ def round_trips_text(before: float | None, after: float | None) -> str:
             f"{after:.0f} ns after")
 
 
+#: A cache-line round trip between cores above this (ns) means the two CPUs share no
+#: cache: on the 2-vCPU AMD EPYC virtual machine of docs/benchmark.md it was 40-70 ns
+#: most of the time, 150-250 ns at times (2-thread times as fast), and 360-530 ns in
+#: spells when the 2-thread training epoch ran a third slower.
+FAR_APART_NS = 300.0
+
+
+def far_apart_note(before: float | None, after: float | None) -> list[str]:
+    """A note under a part of the run whose round trip between cores, before or after,
+    says the two CPUs shared no cache for some of it."""
+    slowest = max((t for t in (before, after) if t is not None), default=None)
+    if slowest is None or slowest <= FAR_APART_NS:
+        return []
+    return [f"note: the cores were far apart for some of this part (round trip up to "
+            f"{slowest:.0f} ns, against tens of ns between cores that share a cache): "
+            "times with more than one thread ran slow"]
+
+
 def format_scaling(rows: Sequence[dict],
                    round_trips: Sequence[float | None] = (None, None)) -> list[str]:
     if not rows:
@@ -181,7 +201,7 @@ def format_scaling(rows: Sequence[dict],
     title = ("== speed-up over 1 thread (1 and n threads interleaved in one measurement; "
              f"{where}; cores = CPU time / wall time of bnrs at n threads, what the machine "
              "gave it)" + (f"; {between}" if between else "") + " ==")
-    lines = [title,
+    lines = [title, *far_apart_note(*round_trips),
              row_format.format("work", "threads", "bnrs 1t ms", "bnrs nt ms", "cores", "bnrs",
                                "torch", "target", "met?")]
     for row in rows:
