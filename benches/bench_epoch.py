@@ -151,9 +151,10 @@ def main() -> None:
         rounds = ", ".join(f"{t * 1e3:.0f}" for t in together)
         slower = statistics.median(together) / statistics.median(times[1])
         bound = statistics.median(times[1]) * slower / at_once
-        print(f"  {at_once} processes at once, 1 thread each: {rounds} ms (mean of the "
+        processes = "processes at once" if at_once > 1 else "process (alone)"
+        print(f"  {at_once} {processes}, 1 thread each: {rounds} ms (mean of the "
               f"processes); {slower:.3f}x the single-thread epoch alone (medians), so "
-              f"{at_once} threads at best {bound * 1e3:.0f} ms = "
+              f"{at_once} thread(s) at best {bound * 1e3:.0f} ms = "
               f"{epoch_gflop / bound / (peak * at_once):.1%} of the peak")
 
 
