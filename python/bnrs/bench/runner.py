@@ -11,8 +11,8 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,8 @@ from .report import (all_targets, format_peers, format_scaling, format_section,
 from .timing import measure_bnrs_scaling, measure_row, measure_scaling
 from .torch_mirror import NO_RENORM_MESSAGE, has_batch_renorm, import_torch
 from .workloads import MODES, Mode, Work, kernel_works
+
+T = TypeVar("T")
 
 #: The version of the JSON a run writes: 2 when the peers' runs are one per peer, network
 #: and thread count (each naming its network), not one per peer and thread count.
@@ -70,6 +72,15 @@ def core_round_trip_ns() -> float | None:
     return round(_core.core_round_trip_ns(0.2), 1)
 
 
+def between_round_trips(several_threads: bool, measure: Callable[[], T]
+                        ) -> tuple[T, list[float | None]]:
+    """``measure()``'s result and the round trip between cores before and after it (both
+    ``None`` unless it runs ``several_threads``)."""
+    before = core_round_trip_ns() if several_threads else None
+    result = measure()
+    return result, [before, core_round_trip_ns() if several_threads else None]
+
+
 def _load_average() -> float | None:
     """The 1-minute load average (other processes compete for the cores), if known."""
     try:
@@ -88,11 +99,13 @@ def measure_section(threads: int, works: Sequence[Work], trainer: Trainer, mode:
     ``trainer``'s network)."""
     rows = []
     gc.collect()
-    round_trip = core_round_trip_ns() if threads > 1 else None
-    for work in works:
-        _progress(f"  {threads}t: {work.name}")
-        rows.append(measure_row(work, threads, mode, peaks))
-    round_trip_after = core_round_trip_ns() if threads > 1 else None
+
+    def measure_rows() -> None:
+        for work in works:
+            _progress(f"  {threads}t: {work.name}")
+            rows.append(measure_row(work, threads, mode, peaks))
+
+    _, (round_trip, round_trip_after) = between_round_trips(threads > 1, measure_rows)
     section: dict[str, Any] = {"threads": threads, "rows": rows,
                                "core_round_trip_ns": round_trip,
                                "core_round_trip_ns_after": round_trip_after}
@@ -273,10 +286,8 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
                          "not plan, BNRS_FUSED_STEP=0, or a plan made anew during the run)")
             lines = format_step_profile(step_profile) or [unplanned]
             print("\n" + "\n".join(lines), flush=True)
-        several = max(args.threads) > 1
-        scaling_round_trips = [core_round_trip_ns() if several else None]
-        scaling = measure_all_scaling(works, mode, torch, args)
-        scaling_round_trips.append(core_round_trip_ns() if several else None)
+        scaling, scaling_round_trips = between_round_trips(
+            max(args.threads) > 1, lambda: measure_all_scaling(works, mode, torch, args))
     finally:
         bnrs.set_num_threads(previous_threads)
         if torch is not None:

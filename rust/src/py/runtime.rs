@@ -148,14 +148,20 @@ pub(super) fn warn_runtime(py: Python<'_>, message: &str) -> PyResult<()> {
     PyErr::warn(py, category.as_any(), &message, 1)
 }
 
+/// A machine measure's duration: a number of seconds in (0, 60].
+fn check_seconds(seconds: f64) -> PyResult<()> {
+    if seconds.is_finite() && seconds > 0.0 && seconds <= 60.0 {
+        return Ok(());
+    }
+    Err(PyValueError::new_err(format!(
+        "seconds: expected a number in (0, 60], got {seconds}"
+    )))
+}
+
 /// Single-thread float32 FMA throughput (GFLOP/s), measured for about `seconds`.
 #[pyfunction]
 fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
-    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
-        return Err(PyValueError::new_err(format!(
-            "seconds: expected a number in (0, 60], got {seconds}"
-        )));
-    }
+    check_seconds(seconds)?;
     py.detach(|| Ok(crate::kernels::peak::fma_gflops(seconds)))
 }
 
@@ -163,11 +169,7 @@ fn fma_peak_gflops(py: Python<'_>, seconds: f64) -> PyResult<f64> {
 /// `seconds`.
 #[pyfunction]
 fn core_round_trip_ns(py: Python<'_>, seconds: f64) -> PyResult<f64> {
-    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
-        return Err(PyValueError::new_err(format!(
-            "seconds: expected a number in (0, 60], got {seconds}"
-        )));
-    }
+    check_seconds(seconds)?;
     py.detach(|| crate::kernels::peak::core_round_trip_ns(seconds))
         .map_err(|e| {
             pyo3::exceptions::PyOSError::new_err(format!(
