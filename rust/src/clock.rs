@@ -81,10 +81,12 @@ pub fn kernel_time() -> (f64, u64) {
 mod tests {
     #[test]
     fn timed_calls_add_up_while_the_clock_is_on() {
+        // A fixed amount of work, not a wall-clock spin: on a busy machine a thread
+        // spinning for 3 ms of wall time may be given far less CPU time than that.
+        // 2^24 additions through memory take well over a millisecond on any CPU.
         let spin = || {
-            let start = std::time::Instant::now();
             let mut x = 0u64;
-            while start.elapsed() < std::time::Duration::from_millis(3) {
+            for _ in 0..1u32 << 24 {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
             x
