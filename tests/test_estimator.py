@@ -41,8 +41,9 @@ def _fit(X, y, **params):
 # --------------------------------------------------------------------------- sklearn checks
 
 
-#: scikit-learn checks that fail, and why (marked as expected failures, strictly: a check
-#: that starts to pass fails the test until it is taken off this list).
+#: scikit-learn checks that fail, and why (marked as expected failures, strictly but for
+#: those in MACHINE_DEPENDENT: a check that starts to pass fails the test until it is
+#: taken off this list).
 EXPECTED_FAILURES = {
     # Equivalent up to float32 rounding (the network computes in float32: a weighted row
     # and its repeats are summed in another order), max relative difference 2.5e-7
@@ -57,13 +58,21 @@ EXPECTED_FAILURES = {
 }
 
 
+#: Listed checks whose outcome depends on the machine: the float32 rounding of the two
+#: fits differs with the SIMD level (the kernels sum in vectors of its width), and may
+#: land within the check's rtol on one CPU and not on another (the regressor's passed on
+#: AVX2 and failed on AVX-512). Not strict: tests/test_weights_mc.py is the real check.
+MACHINE_DEPENDENT = {"check_sample_weight_equivalence_on_dense_data"}
+
+
 def expect_known_failure(request, check, expected_failures=EXPECTED_FAILURES):
-    """Mark ``check`` xfail (strict) if it is listed, with the reason; works with every
-    supported scikit-learn (``expected_failed_checks`` needs 1.6)."""
+    """Mark ``check`` xfail if it is listed, with the reason (strictly, but for the
+    checks in :data:`MACHINE_DEPENDENT`); works with every supported scikit-learn
+    (``expected_failed_checks`` needs 1.6)."""
     name = getattr(check, "func", check).__name__
     if name in expected_failures:
-        request.node.add_marker(pytest.mark.xfail(reason=expected_failures[name],
-                                                  strict=True))
+        request.node.add_marker(pytest.mark.xfail(
+            reason=expected_failures[name], strict=name not in MACHINE_DEPENDENT))
 
 
 @parametrize_with_checks([CNNClassifier("fc16", max_epochs=10, learning_rate=0.01,

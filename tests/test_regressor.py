@@ -55,11 +55,12 @@ def test_sklearn_compatible(estimator, check, request):
     # with a few features.
     name = getattr(check, "func", check).__name__
     if name == "check_sample_weight_equivalence_on_dense_data":
-        # As for the classifier: equal within float32 rounding only (max relative
-        # difference 1.5e-7 against the check's rtol=1e-7); tests/test_weights_mc.py
-        # checks it at 1e-5.
+        # As for the classifier: equal within float32 rounding only, and whether that
+        # lands within the check's rtol=1e-7 depends on the SIMD level (max relative
+        # difference 1.5e-7 on AVX-512; within it on AVX2), so not strict;
+        # tests/test_weights_mc.py checks it at 1e-5.
         request.node.add_marker(pytest.mark.xfail(
-            reason="equivalent only within float32 rounding", strict=True))
+            reason="equivalent only within float32 rounding", strict=False))
     check(estimator)
 
 
