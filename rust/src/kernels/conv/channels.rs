@@ -121,6 +121,8 @@ pub(super) struct ChannelPlan {
     wp: usize,
     plane: usize,
     taps: Vec<usize>,
+    /// The largest of `taps`.
+    reach: usize,
     /// `[vector][input channel][tap][lane]`, zero beyond C_out.
     weights: Vec<f32>,
     /// Where each channel's sums start (its bias with [`Kernel::from_bias`], else 0),
@@ -183,6 +185,7 @@ impl ChannelPlan {
         ChannelPlan {
             wp,
             plane: hp * wp,
+            reach: taps.iter().copied().max().unwrap_or(0),
             taps,
             weights,
             initial,
@@ -438,11 +441,11 @@ simd_dispatch! {
     fn channels_forward(plan: &ChannelPlan, p: &Conv2dParams, frame: &[f32], output: &mut [f32]) {
         let vectors = plan.channels / LANES;
         let tile = plan.tile;
-        macro_rules! rows {
+        macro_rules! tiles {
             ($v:literal, $first:expr) => {
                 match (tile.pixels, tile.rest) {
-                    (14, 4) => image_rows::<$v, 14, 4>(plan, p, $first, frame, output),
-                    (6, 2) => image_rows::<$v, 6, 2>(plan, p, $first, frame, output),
+                    (14, 4) => image_tiles::<$v, 14, 4>(plan, p, $first, frame, output),
+                    (6, 2) => image_tiles::<$v, 6, 2>(plan, p, $first, frame, output),
                     _ => unreachable!("channels_forward: no tile of {tile:?}"),
                 }
             };
@@ -450,20 +453,26 @@ simd_dispatch! {
         let mut first = 0;
         while first < vectors {
             if tile.vectors >= 2 && vectors - first >= 2 {
-                rows!(2, first);
+                tiles!(2, first);
                 first += 2;
             } else {
-                rows!(1, first);
+                tiles!(1, first);
                 first += 1;
             }
         }
     }
 }
 
-/// Every output row for the `V` vectors of channels from vector `first`: tiles of `P`
-/// pixels, then of `REST`, then single pixels.
+/// Every output pixel for the `V` vectors of channels from vector `first`, in flat
+/// order: tiles of `P` pixels, then of `REST`, then single pixels. A tile may run on into
+/// the next output row (the rows' padding columns lie between its pixels in the frame),
+/// so that a row's remainder does not leave small tiles: with AVX2's 6-pixel tile, a
+/// 14-pixel row is 6 + 6 + 2, and the 2-pixel tile's four accumulators wait on their
+/// multiply-adds' latency. LeNetBN's inference (a 1000×1×28×28 forward, the same bits)
+/// ran 1.05x faster than with tiles of one row at a time (CPU time, builds alternating,
+/// 8 rounds, AMD EPYC with AVX2 only).
 #[inline(always)]
-fn image_rows<const V: usize, const P: usize, const REST: usize>(
+fn image_tiles<const V: usize, const P: usize, const REST: usize>(
     plan: &ChannelPlan,
     p: &Conv2dParams,
     first: usize,
@@ -478,36 +487,38 @@ fn image_rows<const V: usize, const P: usize, const REST: usize>(
         initial,
         frame,
         taps: &plan.taps,
+        reach: plan.reach,
         in_channels: p.in_channels,
         plane: plan.plane,
         per_vector,
         channels: plan.channels,
         first,
     };
-    for oh in 0..p.out_h {
-        let mut ow = 0;
-        while ow + P <= p.out_w {
-            tile.run::<V, P>(oh * plan.wp + ow, oh * p.out_w + ow, output);
-            ow += P;
-        }
-        while ow + REST <= p.out_w {
-            tile.run::<V, REST>(oh * plan.wp + ow, oh * p.out_w + ow, output);
-            ow += REST;
-        }
-        while ow < p.out_w {
-            tile.run::<V, 1>(oh * plan.wp + ow, oh * p.out_w + ow, output);
-            ow += 1;
-        }
+    let pixels = p.pixels();
+    let mut pixel = 0;
+    while pixel + P <= pixels {
+        tile.pixels::<V, P>(plan.wp, p.out_w, pixel, output);
+        pixel += P;
+    }
+    while pixel + REST <= pixels {
+        tile.pixels::<V, REST>(plan.wp, p.out_w, pixel, output);
+        pixel += REST;
+    }
+    while pixel < pixels {
+        tile.pixels::<V, 1>(plan.wp, p.out_w, pixel, output);
+        pixel += 1;
     }
 }
 
-/// What every tile of one run of [`image_rows`] reads.
+/// What every tile of one run of [`image_tiles`] reads.
 struct Tile<'a> {
     /// The `V` vectors' weights, `[vector][input channel][tap][lane]`.
     weights: &'a [f32],
     initial: &'a [f32],
     frame: &'a [f32],
     taps: &'a [usize],
+    /// The largest of `taps`.
+    reach: usize,
     in_channels: usize,
     plane: usize,
     per_vector: usize,
@@ -516,12 +527,45 @@ struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// `P` consecutive pixels of one row, the first at flat frame position `at` and
-    /// output pixel `pixel`, for `V` vectors of channels.
+    /// The `P` output pixels from flat output pixel `pixel` (rows of `out_w`), for `V`
+    /// vectors of channels, read from the frame (rows of `wp`).
     #[inline(always)]
-    fn run<const V: usize, const P: usize>(&self, at: usize, pixel: usize, output: &mut [f32]) {
+    fn pixels<const V: usize, const P: usize>(
+        &self,
+        wp: usize,
+        out_w: usize,
+        pixel: usize,
+        output: &mut [f32],
+    ) {
+        let (row, column) = (pixel / out_w, pixel % out_w);
+        let at = row * wp + column;
+        if column + P <= out_w {
+            // In one row: consecutive in the frame, offsets the compiler knows.
+            self.run::<V, P>(at, std::array::from_fn(|j| j), pixel, output);
+        } else {
+            let offsets = std::array::from_fn(|j| {
+                let (row, column) = ((pixel + j) / out_w, (pixel + j) % out_w);
+                row * wp + column - at
+            });
+            self.run::<V, P>(at, offsets, pixel, output);
+        }
+    }
+
+    /// `P` pixels, the `j`th at flat frame position `at + offsets[j]` (increasing) and
+    /// output pixel `pixel + j`, for `V` vectors of channels.
+    #[inline(always)]
+    fn run<const V: usize, const P: usize>(
+        &self,
+        at: usize,
+        offsets: [usize; P],
+        pixel: usize,
+        output: &mut [f32],
+    ) {
         let taps = self.taps;
-        let reach = taps.last().copied().unwrap_or(0);
+        // Every read is within one slice of `last + 1` values a tap: the offsets are
+        // clamped to the last, which they do not exceed, so that the compiler sees it.
+        let last = offsets[P - 1];
+        let offsets = offsets.map(|o| o.min(last));
         let mut acc = [[[0.0f32; LANES]; V]; P];
         let mut start = [[0.0f32; LANES]; V];
         unroll!(v < V => {
@@ -531,18 +575,18 @@ impl Tile<'_> {
             acc[j] = start;
         });
         for c in 0..self.in_channels {
-            let window = &self.frame[c * self.plane + at..][..reach + P];
+            let window = &self.frame[c * self.plane + at..][..self.reach + last + 1];
             let channel_weights = c * taps.len() * LANES;
             for (t, &tap) in taps.iter().enumerate() {
                 // An opaque tap keeps the vectoriser off this loop (see unroll!).
-                let x = &window[std::hint::black_box(tap)..][..P];
+                let x = &window[std::hint::black_box(tap)..][..=last];
                 let mut w = [[0.0f32; LANES]; V];
                 unroll!(v < V => {
                     let from = v * self.per_vector + channel_weights + t * LANES;
                     w[v] = self.weights[from..from + LANES].try_into().expect("a vector");
                 });
                 unroll!(j < P => {
-                    let xj = x[j];
+                    let xj = x[offsets[j]];
                     unroll!(v < V => {
                         for (a, &wl) in acc[j][v].iter_mut().zip(&w[v]) {
                             *a = wl.mul_add(xj, *a);
@@ -649,8 +693,8 @@ mod tests {
 
     type Shape = ([usize; 4], [usize; 4], (i64, i64), (i64, i64));
 
-    /// (input, weight, padding, dilation): LeNet's middle convolution, rows of 14-, 4- and
-    /// 1-pixel tiles, channels leaving a partial vector, rectangular and dilated kernels,
+    /// (input, weight, padding, dilation): LeNet's middle convolution, tiles within a row
+    /// and across rows, of every size of both levels' tiles, channels leaving a partial vector, rectangular and dilated kernels,
     /// pixels a whole number of 16-pixel blocks and not.
     const SHAPES: [Shape; 5] = [
         ([3, 16, 14, 14], [32, 16, 3, 3], (1, 1), (1, 1)),
