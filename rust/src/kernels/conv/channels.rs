@@ -578,8 +578,8 @@ impl Tile<'_> {
             let window = &self.frame[c * self.plane + at..][..self.reach + last + 1];
             let channel_weights = c * taps.len() * LANES;
             for (t, &tap) in taps.iter().enumerate() {
-                // A plain tap: the tile's reads are broadcasts either way, and the
-                // opaque one (`black_box`, as in `direct`) cost a store and a load a tap
+                // A plain tap: the tile's reads are broadcasts either way, and an
+                // opaque one (`black_box`) cost a store and a load a tap
                 // (LeNetBN inference 1.06x faster without, AVX2; the AVX-512 loop is the
                 // same instructions less those).
                 let x = &window[tap..][..=last];
