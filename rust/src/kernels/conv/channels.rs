@@ -91,16 +91,17 @@ pub(super) fn handles(p: &Conv2dParams, kernel: Kernel, level: Level) -> bool {
 }
 
 /// Whether [`ChannelPlan::image`] may run the direct forward `kernel` at `level` (the
-/// unpooled forward, whose channel-last output is transposed back to planes): as
-/// [`handles`], from two vectors of output channels. On LeNet's 64×16×14×14→32, 3×3,
-/// padding 1 it was 1.07x faster than the pixel kernel; on the input gradient of that
-/// convolution (32 → 16 channels, one vector) 1.1x slower (CPU time, builds alternating,
-/// AMD EPYC with AVX-512, shared). With AVX2 (its 6×1 tile), against the GEMM on
-/// 64×16×14×14→32, 64×32×7×7→64, 64×16×28×28→32 and 32×64×32×32→64, it was 0.94-1.04x
-/// where the pixel kernel was 0.96-1.08x: the pixel kernel there (4 rounds alternating,
-/// AMD EPYC held to AVX2, loaded).
+/// unpooled forward, whose channel-last output is transposed back to planes in registers,
+/// [`write_planes`]): as [`handles`], from two vectors of output channels. On LeNet's
+/// 64×16×14×14→32, 3×3, padding 1 it was 1.07x faster than the pixel kernel at AVX-512;
+/// on the input gradient of that convolution (32 → 16 channels, one vector) 1.1x slower
+/// (CPU time, builds alternating, AMD EPYC with AVX-512, shared). At AVX2, with the
+/// transposition in registers (before it, value by value, the two kernels were even),
+/// 1.11x faster on 64×16×14×14→32, 1.09x on 64×16×28×28→32, 1.10x on 64×32×7×7→64 and
+/// 1.06x on 32×64×32×32→64 (CPU time, alternating in one process, AMD EPYC with AVX2
+/// only), the same bits.
 pub(super) fn handles_planes(p: &Conv2dParams, kernel: Kernel, level: Level) -> bool {
-    level == Level::Avx512 && handles(p, kernel, level) && p.out_channels >= 2 * LANES
+    handles(p, kernel, level) && p.out_channels >= 2 * LANES
 }
 
 /// Runs `$body` with `$i` = 0, 1, ... up to (not including) the constant `$n` (at most
@@ -278,9 +279,10 @@ impl ChannelPlan {
 
 /// The channel-last `output` (`[pixel][channels]`) plus `add` into C_out planes of
 /// `pixels` (NCHW): plane by plane, each written in order. At AVX-512 each 16×16 block is
-/// transposed in registers ([`write_planes_avx512`]); the portable body moves it value by
-/// value (LLVM builds the transpose from single-value inserts: 13% of LeNet's middle
-/// convolution forward). Both write `value + add[c]`: the same bits.
+/// transposed in registers ([`write_planes_avx512`]), at AVX2 each 8×8 block
+/// ([`write_planes_avx2`]); the portable body moves it value by value (LLVM builds the
+/// transpose from single-value inserts: 13% of LeNet's middle convolution forward). All
+/// write `value + add[c]`: the same bits.
 fn write_planes(
     output: &[f32],
     channels: usize,
@@ -303,7 +305,86 @@ fn write_planes(
         unsafe { write_planes_avx512(output, channels, add, pixels, out_image) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() == Level::Avx2 {
+        // SAFETY: the level is AVX2 only on CPUs that have it; the bounds are checked
+        // above.
+        unsafe { write_planes_avx2(output, channels, add, pixels, out_image) };
+        return;
+    }
     write_planes_portable(output, channels, add, pixels, out_image);
+}
+
+/// [`write_planes`] on 8×8 blocks transposed in registers (the 16-channel groups as two
+/// halves): pairs of rows interleaved, then pairs of pairs, then the 128-bit lanes.
+///
+/// # Safety
+/// AVX2; the bounds [`write_planes`] checks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn write_planes_avx2(
+    output: &[f32],
+    channels: usize,
+    add: &[f32],
+    pixels: usize,
+    out_image: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    const HALF: usize = LANES / 2;
+    let out_channels = out_image.len() / pixels;
+    let blocks = pixels / HALF;
+    for group in (0..out_channels).step_by(HALF) {
+        let count = HALF.min(out_channels - group);
+        for block in 0..blocks {
+            // SAFETY: rows block·8.. of 8 channels from `group` lie in `output`
+            // (`pixels · channels` values, `group + 8 <= channels`: `channels` is a
+            // multiple of 16 and `group < out_channels <= channels`).
+            let r: [__m256; HALF] = std::array::from_fn(|j| unsafe {
+                _mm256_loadu_ps(output.as_ptr().add((block * HALF + j) * channels + group))
+            });
+            let t: [__m256; HALF] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i & 1 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            // u[4q + k]: from t[4q + (k >> 1)] and t[4q + 2 + (k >> 1)]; channels k and
+            // k + 4 of pixels 4q..4q + 4 in its two 128-bit lanes.
+            let u: [__m256; HALF] = std::array::from_fn(|i| {
+                let (q, k) = (i / 4, i % 4);
+                let (a, b) = (t[4 * q + k / 2], t[4 * q + 2 + k / 2]);
+                if k % 2 == 0 {
+                    _mm256_shuffle_ps::<0x44>(a, b)
+                } else {
+                    _mm256_shuffle_ps::<0xEE>(a, b)
+                }
+            });
+            // Channel c: the low (c < 4) or high 128-bit lanes of u[c % 4] and u[4 + c % 4].
+            for c in 0..count {
+                let (a, b) = (u[c % 4], u[4 + c % 4]);
+                let column = if c < 4 {
+                    _mm256_permute2f128_ps::<0x20>(a, b)
+                } else {
+                    _mm256_permute2f128_ps::<0x31>(a, b)
+                };
+                let sum = _mm256_add_ps(column, _mm256_set1_ps(add[group + c]));
+                let at = (group + c) * pixels + block * HALF;
+                let dst = &mut out_image[at..at + HALF];
+                // SAFETY: eight values of `dst`.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), sum) };
+            }
+        }
+        write_last_pixels(
+            output,
+            channels,
+            add,
+            blocks * HALF..pixels,
+            group..group + count,
+            out_image,
+        );
+    }
 }
 
 /// [`write_planes`] on 16×16 blocks transposed in registers: pairs of rows interleaved,
@@ -378,28 +459,29 @@ unsafe fn write_planes_avx512(
             output,
             channels,
             add,
-            pixels,
+            blocks * LANES..pixels,
             group..group + count,
             out_image,
         );
     }
 }
 
-/// The pixels after the last whole 16-pixel block of channels `group`, one by one: the
+/// Pixels `last` (those after the last whole block) of channels `group`, one by one: the
 /// end of [`write_planes`]'s planes.
 #[inline(always)]
 fn write_last_pixels(
     output: &[f32],
     channels: usize,
     add: &[f32],
-    pixels: usize,
+    last: std::ops::Range<usize>,
     group: std::ops::Range<usize>,
     out_image: &mut [f32],
 ) {
+    let pixels = last.end;
     for c in group {
         let plane = &mut out_image[c * pixels..(c + 1) * pixels];
-        for (q, o) in plane.iter_mut().enumerate().skip(pixels / LANES * LANES) {
-            *o = output[q * channels + c] + add[c];
+        for q in last.clone() {
+            plane[q] = output[q * channels + c] + add[c];
         }
     }
 }
@@ -431,7 +513,8 @@ simd_dispatch! {
                     out_image[at..at + LANES].copy_from_slice(column);
                 }
             }
-            write_last_pixels(output, channels, add, pixels, group..group + count, out_image);
+            write_last_pixels(output, channels, add, blocks * LANES..pixels, group..group + count,
+                              out_image);
         }
     }
 }
@@ -774,6 +857,17 @@ mod tests {
                 bits(&want),
                 "{channels} {out_channels} {pixels}: portable"
             );
+            #[cfg(target_arch = "x86_64")]
+            if Level::Avx2.is_available() {
+                got.fill(f32::NAN);
+                // SAFETY: the CPU has AVX2; the bounds are write_planes's.
+                unsafe { write_planes_avx2(&output, channels, &add, pixels, &mut got) };
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{channels} {out_channels} {pixels}: avx2"
+                );
+            }
             #[cfg(target_arch = "x86_64")]
             if Level::Avx512.is_available() {
                 got.fill(f32::NAN);
