@@ -466,8 +466,8 @@ unsafe fn write_planes_avx512(
     }
 }
 
-/// Pixels `last` (those after the last whole block) of channels `group`, one by one: the
-/// end of [`write_planes`]'s planes.
+/// Pixels `last` (those after the last whole block, to the planes' end: `last.end` is
+/// their length) of channels `group`, one by one: the end of [`write_planes`]'s planes.
 #[inline(always)]
 fn write_last_pixels(
     output: &[f32],
@@ -780,8 +780,9 @@ mod tests {
     type Shape = ([usize; 4], [usize; 4], (i64, i64), (i64, i64));
 
     /// (input, weight, padding, dilation): LeNet's middle convolution, tiles within a row
-    /// and across rows, of every size of both levels' tiles, channels leaving a partial vector, rectangular and dilated kernels,
-    /// pixels a whole number of 16-pixel blocks and not.
+    /// and across rows, of every size of both levels' tiles, channels leaving a partial
+    /// vector, rectangular and dilated kernels, pixels a whole number of 16-pixel blocks
+    /// and not.
     const SHAPES: [Shape; 5] = [
         ([3, 16, 14, 14], [32, 16, 3, 3], (1, 1), (1, 1)),
         ([2, 3, 7, 9], [32, 3, 3, 3], (1, 1), (1, 1)),
