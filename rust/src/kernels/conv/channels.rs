@@ -223,17 +223,14 @@ impl ChannelPlan {
             pool,
             &mut scratch.pooled,
         );
-        // Plane by plane, each written in order: scattering each pooled vector's lanes
-        // to sixteen planes cost more than the pool (a store and a bounds check a lane).
-        let planes = out_image[..p.out_channels * ph * pw].chunks_exact_mut(ph * pw);
-        for (c, plane) in planes.enumerate() {
-            for (o, pixel) in plane
-                .iter_mut()
-                .zip(scratch.pooled.chunks_exact(self.channels))
-            {
-                *o = pixel[c];
-            }
-        }
+        // Transposed to planes as the unpooled output is, with nothing added.
+        write_planes(
+            &scratch.pooled,
+            self.channels,
+            None,
+            ph * pw,
+            &mut out_image[..p.out_channels * ph * pw],
+        );
         Ok(())
     }
 }
@@ -272,21 +269,28 @@ impl ChannelPlan {
             .add
             .as_deref()
             .expect("sums that start from 0 take the bias after");
-        write_planes(&scratch.output, self.channels, add, p.pixels(), out_image);
+        write_planes(
+            &scratch.output,
+            self.channels,
+            Some(add),
+            p.pixels(),
+            out_image,
+        );
         Ok(())
     }
 }
 
-/// The channel-last `output` (`[pixel][channels]`) plus `add` into C_out planes of
+/// The channel-last `output` (`[pixel][channels]`), plus `add` if given, into C_out planes of
 /// `pixels` (NCHW): plane by plane, each written in order. At AVX-512 each 16×16 block is
 /// transposed in registers ([`write_planes_avx512`]), at AVX2 each 8×8 block
 /// ([`write_planes_avx2`]); the portable body moves it value by value (LLVM builds the
 /// transpose from single-value inserts: 13% of LeNet's middle convolution forward). All
-/// write `value + add[c]`: the same bits.
+/// write `value + add[c]`, or the value itself without `add` (not `+ 0.0`, which would
+/// turn -0 into +0): the same bits.
 fn write_planes(
     output: &[f32],
     channels: usize,
-    add: &[f32],
+    add: Option<&[f32]>,
     pixels: usize,
     out_image: &mut [f32],
 ) {
@@ -294,7 +298,7 @@ fn write_planes(
     assert!(
         channels.is_multiple_of(LANES)
             && out_channels <= channels
-            && add.len() >= out_channels.next_multiple_of(LANES)
+            && add.is_none_or(|add| add.len() >= out_channels.next_multiple_of(LANES))
             && output.len() >= pixels * channels,
         "write_planes: channel-last output of {channels} channels"
     );
@@ -325,7 +329,7 @@ fn write_planes(
 unsafe fn write_planes_avx2(
     output: &[f32],
     channels: usize,
-    add: &[f32],
+    add: Option<&[f32]>,
     pixels: usize,
     out_image: &mut [f32],
 ) {
@@ -369,11 +373,14 @@ unsafe fn write_planes_avx2(
                 } else {
                     _mm256_permute2f128_ps::<0x31>(a, b)
                 };
-                let sum = _mm256_add_ps(column, _mm256_set1_ps(add[group + c]));
+                let value = match add {
+                    Some(add) => _mm256_add_ps(column, _mm256_set1_ps(add[group + c])),
+                    None => column,
+                };
                 let at = (group + c) * pixels + block * HALF;
                 let dst = &mut out_image[at..at + HALF];
                 // SAFETY: eight values of `dst`.
-                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), sum) };
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), value) };
             }
         }
         write_last_pixels(
@@ -397,7 +404,7 @@ unsafe fn write_planes_avx2(
 unsafe fn write_planes_avx512(
     output: &[f32],
     channels: usize,
-    add: &[f32],
+    add: Option<&[f32]>,
     pixels: usize,
     out_image: &mut [f32],
 ) {
@@ -448,11 +455,14 @@ unsafe fn write_planes_avx512(
                 } else {
                     _mm512_shuffle_f32x4::<0xDD>(a, b)
                 };
-                let sum = _mm512_add_ps(column, _mm512_set1_ps(add[group + c]));
+                let value = match add {
+                    Some(add) => _mm512_add_ps(column, _mm512_set1_ps(add[group + c])),
+                    None => column,
+                };
                 let at = (group + c) * pixels + block * LANES;
                 let dst = &mut out_image[at..at + LANES];
                 // SAFETY: sixteen values of `dst`.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), sum) };
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), value) };
             }
         }
         write_last_pixels(
@@ -472,7 +482,7 @@ unsafe fn write_planes_avx512(
 fn write_last_pixels(
     output: &[f32],
     channels: usize,
-    add: &[f32],
+    add: Option<&[f32]>,
     last: std::ops::Range<usize>,
     group: std::ops::Range<usize>,
     out_image: &mut [f32],
@@ -481,20 +491,21 @@ fn write_last_pixels(
     for c in group {
         let plane = &mut out_image[c * pixels..(c + 1) * pixels];
         for q in last.clone() {
-            plane[q] = output[q * channels + c] + add[c];
+            let value = output[q * channels + c];
+            plane[q] = add.map_or(value, |add| value + add[c]);
         }
     }
 }
 
 simd_dispatch! {
     /// [`write_planes`] below AVX-512: each 16×16 block moved value by value.
-    fn write_planes_portable(output: &[f32], channels: usize, add: &[f32], pixels: usize,
-                             out_image: &mut [f32]) {
+    fn write_planes_portable(output: &[f32], channels: usize, add: Option<&[f32]>,
+                             pixels: usize, out_image: &mut [f32]) {
         let out_channels = out_image.len() / pixels;
         let blocks = pixels / LANES;
         for group in (0..out_channels).step_by(LANES) {
-            let group_add: &[f32; LANES] =
-                add[group..group + LANES].try_into().expect("a vector");
+            let group_add: Option<&[f32; LANES]> =
+                add.map(|add| add[group..group + LANES].try_into().expect("a vector"));
             let count = LANES.min(out_channels - group);
             for block in 0..blocks {
                 let mut rows = [[0.0f32; LANES]; LANES];
@@ -503,11 +514,22 @@ simd_dispatch! {
                     rows[j] = output[at..at + LANES].try_into().expect("a vector");
                 });
                 let mut columns = [[0.0f32; LANES]; LANES];
-                unroll!(c < LANES => {
-                    unroll!(j < LANES => {
-                        columns[c][j] = rows[j][c] + group_add[c];
-                    });
-                });
+                match group_add {
+                    Some(group_add) => {
+                        unroll!(c < LANES => {
+                            unroll!(j < LANES => {
+                                columns[c][j] = rows[j][c] + group_add[c];
+                            });
+                        });
+                    }
+                    None => {
+                        unroll!(c < LANES => {
+                            unroll!(j < LANES => {
+                                columns[c][j] = rows[j][c];
+                            });
+                        });
+                    }
+                }
                 for (c, column) in columns.iter().enumerate().take(count) {
                     let at = (group + c) * pixels + block * LANES;
                     out_image[at..at + LANES].copy_from_slice(column);
@@ -832,53 +854,46 @@ mod tests {
     #[test]
     fn write_planes_transposes_and_adds_at_each_level() {
         // (channels of the channel-last output, output channels, pixels): partial groups
-        // of channels, pixels a whole number of 16-pixel blocks and not.
+        // of channels, pixels a whole number of 16-pixel blocks and not; with an add and
+        // without one (which keeps -0, where adding 0.0 would not).
         for (channels, out_channels, pixels) in [
             (32usize, 32usize, 196usize),
             (32, 20, 37),
             (16, 16, 16),
             (48, 33, 15),
         ] {
-            let output = values(pixels * channels, 7);
-            let add = values(out_channels.next_multiple_of(LANES), 8);
-            let want: Vec<f32> = (0..out_channels * pixels)
-                .map(|i| output[(i % pixels) * channels + i / pixels] + add[i / pixels])
-                .collect();
-            let mut got = vec![f32::NAN; want.len()];
-            write_planes(&output, channels, &add, pixels, &mut got);
-            assert_eq!(
-                bits(&got),
-                bits(&want),
-                "{channels} {out_channels} {pixels}: in use"
-            );
-            got.fill(f32::NAN);
-            write_planes_portable(&output, channels, &add, pixels, &mut got);
-            assert_eq!(
-                bits(&got),
-                bits(&want),
-                "{channels} {out_channels} {pixels}: portable"
-            );
-            #[cfg(target_arch = "x86_64")]
-            if Level::Avx2.is_available() {
+            let mut output = values(pixels * channels, 7);
+            output[channels + 1] = -0.0;
+            output[(pixels - 1) * channels] = -0.0;
+            let add_values = values(out_channels.next_multiple_of(LANES), 8);
+            for add in [Some(&add_values[..]), None] {
+                let want: Vec<f32> = (0..out_channels * pixels)
+                    .map(|i| {
+                        let value = output[(i % pixels) * channels + i / pixels];
+                        add.map_or(value, |add| value + add[i / pixels])
+                    })
+                    .collect();
+                let case = format!("{channels} {out_channels} {pixels} {}", add.is_some());
+                let mut got = vec![f32::NAN; want.len()];
+                write_planes(&output, channels, add, pixels, &mut got);
+                assert_eq!(bits(&got), bits(&want), "{case}: in use");
                 got.fill(f32::NAN);
-                // SAFETY: the CPU has AVX2; the bounds are write_planes's.
-                unsafe { write_planes_avx2(&output, channels, &add, pixels, &mut got) };
-                assert_eq!(
-                    bits(&got),
-                    bits(&want),
-                    "{channels} {out_channels} {pixels}: avx2"
-                );
-            }
-            #[cfg(target_arch = "x86_64")]
-            if Level::Avx512.is_available() {
-                got.fill(f32::NAN);
-                // SAFETY: the CPU has AVX-512; the bounds are write_planes's.
-                unsafe { write_planes_avx512(&output, channels, &add, pixels, &mut got) };
-                assert_eq!(
-                    bits(&got),
-                    bits(&want),
-                    "{channels} {out_channels} {pixels}: avx512"
-                );
+                write_planes_portable(&output, channels, add, pixels, &mut got);
+                assert_eq!(bits(&got), bits(&want), "{case}: portable");
+                #[cfg(target_arch = "x86_64")]
+                if Level::Avx2.is_available() {
+                    got.fill(f32::NAN);
+                    // SAFETY: the CPU has AVX2; the bounds are write_planes's.
+                    unsafe { write_planes_avx2(&output, channels, add, pixels, &mut got) };
+                    assert_eq!(bits(&got), bits(&want), "{case}: avx2");
+                }
+                #[cfg(target_arch = "x86_64")]
+                if Level::Avx512.is_available() {
+                    got.fill(f32::NAN);
+                    // SAFETY: the CPU has AVX-512; the bounds are write_planes's.
+                    unsafe { write_planes_avx512(&output, channels, add, pixels, &mut got) };
+                    assert_eq!(bits(&got), bits(&want), "{case}: avx512");
+                }
             }
         }
     }
