@@ -595,6 +595,8 @@ fn image_tiles<const V: usize, const P: usize, const REST: usize>(
         reach: plan.reach,
         in_channels: p.in_channels,
         plane: plan.plane,
+        wp: plan.wp,
+        out_w: p.out_w,
         per_vector,
         channels: plan.channels,
         first,
@@ -602,15 +604,15 @@ fn image_tiles<const V: usize, const P: usize, const REST: usize>(
     let pixels = p.pixels();
     let mut pixel = 0;
     while pixel + P <= pixels {
-        tile.pixels::<V, P>(plan.wp, p.out_w, pixel, output);
+        tile.pixels::<V, P>(pixel, output);
         pixel += P;
     }
     while pixel + REST <= pixels {
-        tile.pixels::<V, REST>(plan.wp, p.out_w, pixel, output);
+        tile.pixels::<V, REST>(pixel, output);
         pixel += REST;
     }
     while pixel < pixels {
-        tile.pixels::<V, 1>(plan.wp, p.out_w, pixel, output);
+        tile.pixels::<V, 1>(pixel, output);
         pixel += 1;
     }
 }
@@ -626,32 +628,31 @@ struct Tile<'a> {
     reach: usize,
     in_channels: usize,
     plane: usize,
+    /// The frame's row stride (the padded width) and the output's row length.
+    wp: usize,
+    out_w: usize,
     per_vector: usize,
     channels: usize,
     first: usize,
 }
 
 impl Tile<'_> {
-    /// The `P` output pixels from flat output pixel `pixel` (rows of `out_w`), for `V`
-    /// vectors of channels, read from the frame (rows of `wp`).
+    /// Where flat output pixel `pixel` (rows of `out_w`) starts its window in the frame
+    /// (rows of `wp`).
     #[inline(always)]
-    fn pixels<const V: usize, const P: usize>(
-        &self,
-        wp: usize,
-        out_w: usize,
-        pixel: usize,
-        output: &mut [f32],
-    ) {
-        let (row, column) = (pixel / out_w, pixel % out_w);
-        let at = row * wp + column;
-        if column + P <= out_w {
+    fn frame_at(&self, pixel: usize) -> usize {
+        pixel / self.out_w * self.wp + pixel % self.out_w
+    }
+
+    /// The `P` output pixels from flat output pixel `pixel`, for `V` vectors of channels.
+    #[inline(always)]
+    fn pixels<const V: usize, const P: usize>(&self, pixel: usize, output: &mut [f32]) {
+        let at = self.frame_at(pixel);
+        if pixel % self.out_w + P <= self.out_w {
             // In one row: consecutive in the frame, offsets the compiler knows.
             self.run::<V, P>(at, std::array::from_fn(|j| j), pixel, output);
         } else {
-            let offsets = std::array::from_fn(|j| {
-                let (row, column) = ((pixel + j) / out_w, (pixel + j) % out_w);
-                row * wp + column - at
-            });
+            let offsets = std::array::from_fn(|j| self.frame_at(pixel + j) - at);
             self.run::<V, P>(at, offsets, pixel, output);
         }
     }
