@@ -121,8 +121,10 @@ pub(super) struct ChannelPlan {
     /// Padded width (the frame's row stride) and one padded plane.
     wp: usize,
     plane: usize,
-    taps: Vec<usize>,
-    /// The largest of `taps`.
+    /// Where each (input channel, tap) reads the frame, from a pixel's window start:
+    /// `channel · plane + tap`, in the weights' order.
+    starts: Vec<usize>,
+    /// The largest of `starts`.
     reach: usize,
     /// `[vector][input channel][tap][lane]`, zero beyond C_out.
     weights: Vec<f32>,
@@ -183,11 +185,15 @@ impl ChannelPlan {
             };
             start[..p.out_channels].copy_from_slice(&b[..p.out_channels]);
         }
+        let plane = hp * wp;
+        let starts: Vec<usize> = (0..p.in_channels)
+            .flat_map(|c| taps.iter().map(move |&tap| c * plane + tap))
+            .collect();
         ChannelPlan {
             wp,
-            plane: hp * wp,
-            reach: taps.iter().copied().max().unwrap_or(0),
-            taps,
+            plane,
+            reach: starts.iter().copied().max().unwrap_or(0),
+            starts,
             weights,
             initial,
             channels,
@@ -584,17 +590,15 @@ fn image_tiles<const V: usize, const P: usize, const REST: usize>(
     frame: &[f32],
     output: &mut [f32],
 ) {
-    let per_vector = p.in_channels * plan.taps.len() * LANES;
+    let per_vector = plan.starts.len() * LANES;
     let weights = &plan.weights[first * per_vector..][..V * per_vector];
     let initial = &plan.initial[first * LANES..][..V * LANES];
     let tile = Tile {
         weights,
         initial,
         frame,
-        taps: &plan.taps,
+        starts: &plan.starts,
         reach: plan.reach,
-        in_channels: p.in_channels,
-        plane: plan.plane,
         wp: plan.wp,
         out_w: p.out_w,
         per_vector,
@@ -623,11 +627,9 @@ struct Tile<'a> {
     weights: &'a [f32],
     initial: &'a [f32],
     frame: &'a [f32],
-    taps: &'a [usize],
-    /// The largest of `taps`.
+    /// Where each (input channel, tap) reads ([`ChannelPlan::starts`]) and the largest.
+    starts: &'a [usize],
     reach: usize,
-    in_channels: usize,
-    plane: usize,
     /// The frame's row stride (the padded width) and the output's row length.
     wp: usize,
     out_w: usize,
@@ -667,7 +669,6 @@ impl Tile<'_> {
         pixel: usize,
         output: &mut [f32],
     ) {
-        let taps = self.taps;
         // Every read is within one slice of `last + 1` values a tap: the offsets are
         // clamped to the last, which they do not exceed, so that the compiler sees it.
         let last = offsets[P - 1];
@@ -680,29 +681,39 @@ impl Tile<'_> {
         unroll!(j < P => {
             acc[j] = start;
         });
-        for c in 0..self.in_channels {
-            let window = &self.frame[c * self.plane + at..][..self.reach + last + 1];
-            let channel_weights = c * taps.len() * LANES;
-            for (t, &tap) in taps.iter().enumerate() {
-                // A plain tap: the tile's reads are broadcasts either way, and an
-                // opaque one (`black_box`) cost a store and a load a tap
-                // (LeNetBN inference 1.06x faster without, AVX2; the AVX-512 loop is the
-                // same instructions less those).
-                let x = &window[tap..][..=last];
-                let mut w = [[0.0f32; LANES]; V];
+        // Every read is within `window`: the starts do not exceed `reach`.
+        let window = &self.frame[at..][..self.reach + last + 1];
+        // Each vector's weights, a tap's `LANES` after another's in `starts`' order. The
+        // first vector's walk along with the starts (no check a tap); `others` holds the
+        // walks of the rest (its first entry unused).
+        let vector_weights =
+            |v: usize| self.weights[v * self.per_vector..][..self.per_vector].chunks_exact(LANES);
+        let mut others: [std::slice::ChunksExact<'_, f32>; V] =
+            [(); V].map(|()| [].chunks_exact(LANES));
+        unroll!(v < V => {
+            others[v] = vector_weights(v);
+        });
+        // One flat loop over (input channel, tap), the sums' order. A plain tap: the
+        // tile's reads are broadcasts either way, and an opaque one (`black_box`) cost a
+        // store and a load a tap (LeNetBN inference 1.06x faster without, AVX2; the
+        // AVX-512 loop is the same instructions less those).
+        for (&tap_start, first_weights) in self.starts.iter().zip(vector_weights(0)) {
+            let x = &window[tap_start..][..=last];
+            let mut w = [[0.0f32; LANES]; V];
+            w[0] = first_weights.try_into().expect("a vector");
+            unroll!(v < V => {
+                if v > 0 {
+                    w[v] = others[v].next().expect("a tap's weights").try_into().expect("a vector");
+                }
+            });
+            unroll!(j < P => {
+                let xj = x[offsets[j]];
                 unroll!(v < V => {
-                    let from = v * self.per_vector + channel_weights + t * LANES;
-                    w[v] = self.weights[from..from + LANES].try_into().expect("a vector");
+                    for (a, &wl) in acc[j][v].iter_mut().zip(&w[v]) {
+                        *a = wl.mul_add(xj, *a);
+                    }
                 });
-                unroll!(j < P => {
-                    let xj = x[offsets[j]];
-                    unroll!(v < V => {
-                        for (a, &wl) in acc[j][v].iter_mut().zip(&w[v]) {
-                            *a = wl.mul_add(xj, *a);
-                        }
-                    });
-                });
-            }
+            });
         }
         unroll!(j < P => {
             unroll!(v < V => {
