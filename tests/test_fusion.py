@@ -336,6 +336,25 @@ def test_folded_weights_never_go_stale(change, rng, assert_close):
     _assert_fresh(model, x, assert_close)
 
 
+@pytest.mark.parametrize("size", [10, 40_000])   # compared as bytes, and value by value
+def test_fold_cache_compares_bits(size):
+    _same = fusion._same
+    a = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    a[0], a[-1] = 0.0, np.nan
+    assert _same(a, a.copy())
+    signed = a.copy()
+    signed[0] = -0.0                       # equal in value, another sign
+    other_nan = a.copy()
+    other_nan.view(np.uint32)[-1] ^= 1     # another NaN payload
+    moved = a.copy()
+    moved[size // 2] = np.nextafter(moved[size // 2], np.float32(2.0))
+    for changed in (signed, other_nan, moved):
+        assert not _same(a, changed)
+    assert not _same(a, a.astype(np.float64))
+    assert not _same(a, a[:-1])
+    assert _same(None, None) and not _same(a, None)
+
+
 def test_folded_weights_follow_the_sign_of_a_zero(rng):
     # -0.0 == +0.0 in value, but the folded weights of that channel change sign.
     model = _conv_bn_relu(rng)

@@ -292,8 +292,20 @@ def _same(a, b) -> bool:
         return a is None and b is None
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    bits = np.dtype(f"u{a.dtype.itemsize}")
-    return bool(np.array_equal(a.view(bits), b.view(bits)))
+    bits = _UNSIGNED.get(a.dtype.itemsize)
+    if a.nbytes <= _BYTES_COMPARED or bits is None:
+        # Small: the bytes compared at once (a copy each and a memcmp) cost less than
+        # NumPy's calls.
+        return a.tobytes() == b.tobytes()
+    return bool((a.view(bits) == b.view(bits)).all())
+
+
+#: Up to this many bytes :func:`_same` compares arrays as bytes objects.
+_BYTES_COMPARED = 64 * 1024
+
+#: The unsigned integer type of each item size, for :func:`_same`.
+_UNSIGNED = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32),
+             8: np.dtype(np.uint64)}
 
 
 def fusion_plan(modules: list, cache: dict, training: bool = False) -> list:
