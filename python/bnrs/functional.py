@@ -171,6 +171,8 @@ def _int64(value, name: str) -> int:
 
 def _count(value, name: str, minimum: int) -> int:
     """An int in [minimum, 2**63), or TypeError/ValueError naming ``name``."""
+    if type(value) is int and minimum <= value < 2**63:
+        return value   # what the check returns, without its 15 µs (a layer's `groups`)
     return check_int(value, name, minimum, 2**63 - 1)
 
 
