@@ -604,6 +604,13 @@ def test_the_shared_checks_name_the_argument_what_it_expected_and_what_it_got():
     _raises(TypeError, "^shape: ", lambda: V.check_int_tuple("88", "shape", (2,)))
     assert V.check_int_pair(3, "stride", 1) == (3, 3)
     _raises(ValueError, "^stride: ", lambda: V.check_int_pair((1, 0), "stride", 1))
+    # Plain ints and pairs of them take a shorter path; its edges give the same answers.
+    assert V.check_int(5, "n", 5, 5) == 5
+    _raises(ValueError, "^n: ", lambda: V.check_int(6, "n", 1, 5))
+    assert V.check_int_pair((2, 3), "stride", 2) == (2, 3)
+    assert V.check_int_pair((np.int64(2), 3), "stride") == (2, 3)
+    _raises(TypeError, "^stride: ", lambda: V.check_int_pair((True, 1), "stride"))
+    _raises(ValueError, "^stride: ", lambda: V.check_int_pair((3, 1), "stride", 2))
     # A wrong type is also a ValueError, as scikit-learn's InvalidParameterError is, so
     # code written when some of these raised ValueError still catches them.
     _raises(ValueError, "^n: ", lambda: V.check_int(2.5, "n", 1))
