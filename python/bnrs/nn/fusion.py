@@ -284,10 +284,11 @@ def _train_block_at(modules: list, i: int) -> TrainBlock | None:
 def _same(a, b) -> bool:
     """Whether ``a`` and ``b`` hold the same bits (or are both None).
 
-    Compared as unsigned integers of the item's size: one pass, about 10x faster than
-    ``np.array_equal(equal_nan=True)`` (whose NaN passes were two thirds of LeNetBN's
-    Python time per evaluation forward), and stricter than equal values (-0 is not +0),
-    so a fold is reused only for sources that give its bits."""
+    Compared as bytes (up to :data:`_BYTES_COMPARED`) or as unsigned integers of the
+    item's size: one pass, about 10x faster than ``np.array_equal(equal_nan=True)``
+    (whose NaN passes were two thirds of LeNetBN's Python time per evaluation forward),
+    and stricter than equal values (-0 is not +0), so a fold is reused only for sources
+    that give its bits."""
     if a is None or b is None:
         return a is None and b is None
     if a.shape != b.shape or a.dtype != b.dtype:
