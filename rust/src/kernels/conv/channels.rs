@@ -520,22 +520,12 @@ simd_dispatch! {
                     rows[j] = output[at..at + LANES].try_into().expect("a vector");
                 });
                 let mut columns = [[0.0f32; LANES]; LANES];
-                match group_add {
-                    Some(group_add) => {
-                        unroll!(c < LANES => {
-                            unroll!(j < LANES => {
-                                columns[c][j] = rows[j][c] + group_add[c];
-                            });
-                        });
-                    }
-                    None => {
-                        unroll!(c < LANES => {
-                            unroll!(j < LANES => {
-                                columns[c][j] = rows[j][c];
-                            });
-                        });
-                    }
-                }
+                unroll!(c < LANES => {
+                    unroll!(j < LANES => {
+                        let value = rows[j][c];
+                        columns[c][j] = group_add.map_or(value, |add| value + add[c]);
+                    });
+                });
                 for (c, column) in columns.iter().enumerate().take(count) {
                     let at = (group + c) * pixels + block * LANES;
                     out_image[at..at + LANES].copy_from_slice(column);
