@@ -1035,6 +1035,7 @@ pub fn backward(
     }
     if let Some(kernel) = direct_weight_grad {
         let direct = direct::WeightGradPlan::new(p, kernel);
+        let want_sums = grad_bias.is_some();
         let stop = stop_token();
         partials
             .par_chunks_mut(weight.len())
@@ -1047,6 +1048,7 @@ pub fn backward(
                     if stop.is_set() {
                         return Ok(());
                     }
+                    let sums = want_sums.then_some(sums);
                     direct.images(p, images, grads, partial, sums, scratch, &stop)
                 },
             )?;
