@@ -156,6 +156,9 @@ struct Stage {
     save_mean: Vec<f32>,
     save_invstd: Vec<f32>,
     indices: Vec<i64>,
+    /// A fused block's pooling-window codes (one byte per output value), from its forward
+    /// for its backward ([`fused::forward_train`]).
+    window_codes: Vec<u8>,
 }
 
 /// The running statistics of one batch norm, updated in place.
@@ -360,7 +363,7 @@ impl StepPlan {
         }
         for stage in &mut self.stages {
             bytes += free(&mut stage.save_mean) + free(&mut stage.save_invstd);
-            bytes += free(&mut stage.indices);
+            bytes += free(&mut stage.indices) + free(&mut stage.window_codes);
         }
         bytes
     }
@@ -452,6 +455,7 @@ impl StepPlan {
                 save_mean: Vec::new(),
                 save_invstd: Vec::new(),
                 indices: Vec::new(),
+                window_codes: Vec::new(),
             });
         }
         let last = stages.last().expect("at least one layer");
@@ -930,12 +934,16 @@ fn stage_forward(
             let p = block_params(&stage.kind, &in_shape, *eps, seeds)?;
             resize_scratch(&mut stage.save_mean, p.bn.channels, SAVED)?;
             resize_scratch(&mut stage.save_invstd, p.bn.channels, SAVED)?;
+            resize_scratch(&mut stage.window_codes, p.out_len(), SAVED)?;
             let gamma = weight.map(|w| &*arrays.data[w]);
             let beta = bias.map(|b| &*arrays.data[b]);
             let stats = running.map(|r| &mut arrays.running[r]);
             let (mean, invstd) = (&mut stage.save_mean, &mut stage.save_invstd);
+            let codes = Some(&mut stage.window_codes[..]);
             train_norm(stats, *momentum, |running| {
-                timed(|| fused::forward_train(&p, x, gamma, beta, running, out, mean, invstd))
+                timed(|| {
+                    fused::forward_train(&p, x, gamma, beta, running, out, mean, invstd, codes)
+                })
             })
         }
         LayerKind::Activation(act) => timed(|| activation::forward(*act, x, out)),
@@ -1183,6 +1191,7 @@ fn stage_backward(
             let p = block_params(&stage.kind, &in_shape, 0.0, seeds)?;
             let gx = grad_input.expect(norm_grad);
             let (mean, invstd) = (&stage.save_mean[..], &stage.save_invstd[..]);
+            let codes = Some(&stage.window_codes[..]);
             let beta = bias.map(|b| &*data[b]);
             match (weight, bias) {
                 (Some(w), Some(b)) => {
@@ -1200,6 +1209,7 @@ fn stage_backward(
                                 gx,
                                 Some(gg),
                                 gb,
+                                codes,
                             )
                         })
                     })
@@ -1216,6 +1226,7 @@ fn stage_backward(
                         gx,
                         None,
                         None,
+                        codes,
                     )
                 }),
             }

@@ -169,6 +169,7 @@ fn own_kernels() -> Vec<(&'static str, Vec<f32>)> {
             &mut y,
             &mut mean,
             &mut invstd,
+            None,
         )
         .unwrap();
         let gy = values(out_len, 16);
@@ -184,13 +185,57 @@ fn own_kernels() -> Vec<(&'static str, Vec<f32>)> {
             &mut gx,
             Some(&mut ggamma),
             Some(&mut gbeta),
+            None,
         )
         .unwrap();
+        // Again with the pooling windows' codes from the forward to the backward.
+        let mut codes = vec![0u8; out_len];
+        let mut y_codes = vec![0.0; out_len];
+        fused::forward_train(
+            &p,
+            &bx,
+            Some(&gamma),
+            Some(&beta),
+            None,
+            &mut y_codes,
+            &mut mean,
+            &mut invstd,
+            Some(&mut codes),
+        )
+        .unwrap();
+        let mut gx_codes = vec![0.0; block_len];
+        fused::backward(
+            &p,
+            &gy,
+            &bx,
+            Some(&gamma),
+            Some(&beta),
+            &mean,
+            &invstd,
+            &mut gx_codes,
+            None,
+            None,
+            Some(&codes),
+        )
+        .unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&y_codes),
+            bits(&y),
+            "bn block with codes: {block_shape:?}"
+        );
+        assert_eq!(
+            bits(&gx_codes),
+            bits(&gx),
+            "bn block from codes: {block_shape:?}"
+        );
         out.extend([
             ("bn block", y),
             ("bn block grad_input", gx),
             ("bn block grad_weight", ggamma),
             ("bn block grad_bias", gbeta),
+            ("bn block with codes", y_codes),
+            ("bn block grad_input from codes", gx_codes),
         ]);
     }
 

@@ -4,13 +4,15 @@
 //! Forward: one pass for the batch statistics (the batch-norm kernel's own, so the same
 //! bits), then one pass that normalises, applies the activation, pools and drops out each
 //! plane while it is in cache. Only the block's input (the batch norm's input) and the
-//! seed are kept: no normalised tensor, no activation input, no argmax indices.
+//! seed are kept: no normalised tensor, no activation input, no argmax indices; for
+//! (leaky) ReLU and a max pool, optionally one byte per pooled value, the window's
+//! outcome (the training step keeps them).
 //!
 //! Backward: pass 1 recomputes each plane's normalised values (the forward's arithmetic,
-//! so the same bits), regenerates the dropout mask from the seed, routes the gradient
-//! through the pool (the forward's argmax rule) and the activation's derivative, writes
-//! that gradient into `grad_input` and sums it per plane for the batch norm; pass 2 turns
-//! it into the batch norm's input gradient in place. Each step is the unfused kernel's
+//! so the same bits), or reads the window bytes, regenerates the dropout mask from the
+//! seed, routes the gradient through the pool (the forward's argmax rule) and the
+//! activation's derivative, writes that gradient into `grad_input` and sums it per plane
+//! for the batch norm; pass 2 turns it into the batch norm's input gradient in place. Each step is the unfused kernel's
 //! arithmetic in the unfused order, so the block gives the unfused chain's bits, and
 //! planes (or fixed chunks of rows) are the parallel split, so the result is the same at
 //! any thread count.
@@ -139,7 +141,8 @@ impl BnBlockParams {
         self.out_hw().map_or(self.bn.spatial, |(h, w)| h * w)
     }
 
-    fn out_len(&self) -> usize {
+    /// Values of the output (and of its gradient, and window codes).
+    pub fn out_len(&self) -> usize {
         self.bn.batch * self.bn.channels * self.out_plane()
     }
 
@@ -350,15 +353,16 @@ fn forward_tile(
     x: &[f32],
     out: &mut [f32],
     s: &mut Scratch,
+    codes: Option<&mut [u8]>,
 ) {
     let plane_w = p.plane_hw.map_or(0, |(_, w)| w);
     let out_w = p.out_hw().map_or(0, |(_, w)| w);
     if let Some(map) = max_relu_map(p, affine, tile) {
         match &p.dropout {
-            None => max_relu::forward_plane(x, plane_w, &map, out),
+            None => max_relu::forward_plane(x, plane_w, &map, out, codes),
             Some(d) => {
                 let pooled = &mut s.pooled[..out.len()];
-                max_relu::forward_plane(x, plane_w, &map, pooled);
+                max_relu::forward_plane(x, plane_w, &map, pooled, codes);
                 apply_dropout(p, d, tile, pooled, out, &mut s.factors);
             }
         }
@@ -392,6 +396,12 @@ fn forward_tile(
 /// and moving `running` if given, exactly as [`batch_norm::forward_train`]), then
 /// normalise → activation → pool → dropout in one pass into `y`
 /// (shape [`BnBlockParams::output_shape`]).
+///
+/// `codes`, when given (one byte per output value), keeps each pooling window's outcome
+/// where the planes take the (leaky) ReLU and max pool kernels: [`backward`] given them
+/// back routes the gradient from them, the same bits, instead of normalising the input
+/// and scanning its windows again (about a third of the block's backward). They hold for
+/// this call's input and statistics only.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_train(
     p: &BnBlockParams,
@@ -402,9 +412,13 @@ pub fn forward_train(
     y: &mut [f32],
     save_mean: &mut [f32],
     save_invstd: &mut [f32],
+    codes: Option<&mut [u8]>,
 ) -> Result<()> {
     check_len("input", x.len(), p.bn.len())?;
     check_len("output", y.len(), p.out_len())?;
+    if let Some(codes) = codes.as_deref() {
+        check_len("codes", codes.len(), p.out_len())?;
+    }
     batch_norm::check_train_arguments(
         &p.bn,
         gamma,
@@ -423,15 +437,19 @@ pub fn forward_train(
     };
     let (tile_in, tile_out) = tile_lens(p);
     let stop = crate::parallel::stop_token();
+    let code_tiles: Vec<Option<&mut [u8]>> = match codes {
+        Some(codes) => codes.chunks_mut(tile_out).map(Some).collect(),
+        None => (0..y.len().div_ceil(tile_out)).map(|_| None).collect(),
+    };
     y.par_chunks_mut(tile_out)
-        .zip(x.par_chunks(tile_in))
+        .zip(x.par_chunks(tile_in).zip(code_tiles))
         .with_min_len((4096 / tile_in).max(1))
         .enumerate()
         .for_each_init(
             || Scratch::new(p),
-            |scratch, (tile, (out, xt))| {
+            |scratch, (tile, (out, (xt, codes)))| {
                 if !stop.is_set() {
-                    forward_tile(p, &affine, tile, xt, out, scratch);
+                    forward_tile(p, &affine, tile, xt, out, scratch, codes);
                 }
             },
         );
@@ -460,6 +478,7 @@ fn unpool_plane(
 
 /// Backward pass 1 on one tile: the gradient with respect to the batch norm's output,
 /// into `grad_input` (the tile of the block's input shape).
+#[allow(clippy::too_many_arguments)]
 fn grad_before_activation(
     p: &BnBlockParams,
     affine: &Affine<'_>,
@@ -468,6 +487,7 @@ fn grad_before_activation(
     grad_output: &[f32],
     grad_input: &mut [f32],
     s: &mut Scratch,
+    codes: Option<&[u8]>,
 ) {
     let n = x.len();
     let plane_w = p.plane_hw.map_or(0, |(_, w)| w);
@@ -481,7 +501,12 @@ fn grad_before_activation(
         None => grad_output,
     };
     if let Some(map) = max_relu_map(p, affine, tile) {
-        max_relu::backward_plane(x, plane_w, &map, dropped, grad_input);
+        match codes {
+            Some(codes) => {
+                max_relu::backward_from_codes(x, plane_w, &map, codes, dropped, grad_input)
+            }
+            None => max_relu::backward_plane(x, plane_w, &map, dropped, grad_input),
+        }
         return;
     }
     affine.normalise(p, tile, x, &mut s.normalised[..n]);
@@ -532,8 +557,9 @@ fn grad_before_activation(
 }
 
 /// Gradients of [`forward_train`]: `grad_output` has the output's shape; `x`, `gamma`,
-/// `beta`, `save_mean`, `save_invstd` (and the seed in `p`) are the forward's. Writes
-/// `grad_input` and, when given, `grad_gamma`/`grad_beta`: the unfused chain's bits.
+/// `beta`, `save_mean`, `save_invstd` (and the seed in `p`) are the forward's, and so
+/// are `codes` when given (written by that forward call). Writes `grad_input` and, when
+/// given, `grad_gamma`/`grad_beta`: the unfused chain's bits.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     p: &BnBlockParams,
@@ -546,9 +572,13 @@ pub fn backward(
     grad_input: &mut [f32],
     grad_gamma: Option<&mut [f32]>,
     grad_beta: Option<&mut [f32]>,
+    codes: Option<&[u8]>,
 ) -> Result<()> {
     let bn = &p.bn;
     check_len("grad_output", grad_output.len(), p.out_len())?;
+    if let Some(codes) = codes {
+        check_len("codes", codes.len(), p.out_len())?;
+    }
     check_len("input", x.len(), bn.len())?;
     check_len("grad_input", grad_input.len(), bn.len())?;
     for (arg, v) in [("weight", gamma), ("bias", beta)] {
@@ -567,18 +597,25 @@ pub fn backward(
     let (tile_in, tile_out) = tile_lens(p);
     let stop = crate::parallel::stop_token();
     // Pass 1: the batch norm's output gradient, and on planes its sums per plane.
+    let code_tiles: Vec<Option<&[u8]>> = match codes {
+        Some(codes) => codes.chunks(tile_out).map(Some).collect(),
+        None => (0..grad_output.len().div_ceil(tile_out))
+            .map(|_| None)
+            .collect(),
+    };
     let plane_sums: Vec<(f32, f32)> = grad_input
         .par_chunks_mut(tile_in)
         .zip(x.par_chunks(tile_in).zip(grad_output.par_chunks(tile_out)))
+        .zip(code_tiles)
         .with_min_len((4096 / tile_in).max(1))
         .enumerate()
         .map_init(
             || Scratch::new(p),
-            |scratch, (tile, (gi, (xt, go)))| {
+            |scratch, (tile, ((gi, (xt, go)), codes))| {
                 if stop.is_set() {
                     return (0.0, 0.0);
                 }
-                grad_before_activation(p, &affine, tile, xt, go, gi, scratch);
+                grad_before_activation(p, &affine, tile, xt, go, gi, scratch, codes);
                 match p.tiles() {
                     Tiles::Planes => plane_grad_sums(gi, xt, save_mean[tile % bn.channels]),
                     Tiles::Rows(_) => (0.0, 0.0),
@@ -775,41 +812,50 @@ mod tests {
                         let (gamma, beta) = (values(c, 2), values(c, 3));
                         let go = values(p.out_len(), 4);
                         let expected = unfused(&p, shape, &x, &gamma, &beta, &go);
-                        let mut y = vec![0.0; p.out_len()];
-                        let (mut mean, mut invstd) = (vec![0.0; c], vec![0.0; c]);
-                        forward_train(
-                            &p,
-                            &x,
-                            Some(&gamma),
-                            Some(&beta),
-                            None,
-                            &mut y,
-                            &mut mean,
-                            &mut invstd,
-                        )
-                        .unwrap();
-                        let (mut gx, mut gg, mut gb) = (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
-                        backward(
-                            &p,
-                            &go,
-                            &x,
-                            Some(&gamma),
-                            Some(&beta),
-                            &mean,
-                            &invstd,
-                            &mut gx,
-                            Some(&mut gg),
-                            Some(&mut gb),
-                        )
-                        .unwrap();
-                        let what = format!("{shape:?} {act:?} {pool:?} {dropout:?}");
-                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&y), bits(&expected.0), "output {what}");
-                        assert_eq!(bits(&mean), bits(&expected.1), "mean {what}");
-                        assert_eq!(bits(&invstd), bits(&expected.2), "invstd {what}");
-                        assert_eq!(bits(&gx), bits(&expected.3), "grad_input {what}");
-                        assert_eq!(bits(&gg), bits(&expected.4), "grad_weight {what}");
-                        assert_eq!(bits(&gb), bits(&expected.5), "grad_bias {what}");
+                        // Without the window codes, and with them (forward to backward).
+                        for with_codes in [false, true] {
+                            let mut y = vec![0.0; p.out_len()];
+                            let (mut mean, mut invstd) = (vec![0.0; c], vec![0.0; c]);
+                            let mut codes = vec![u8::MAX; p.out_len()];
+                            forward_train(
+                                &p,
+                                &x,
+                                Some(&gamma),
+                                Some(&beta),
+                                None,
+                                &mut y,
+                                &mut mean,
+                                &mut invstd,
+                                with_codes.then_some(&mut codes[..]),
+                            )
+                            .unwrap();
+                            let (mut gx, mut gg, mut gb) =
+                                (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
+                            backward(
+                                &p,
+                                &go,
+                                &x,
+                                Some(&gamma),
+                                Some(&beta),
+                                &mean,
+                                &invstd,
+                                &mut gx,
+                                Some(&mut gg),
+                                Some(&mut gb),
+                                with_codes.then_some(&codes[..]),
+                            )
+                            .unwrap();
+                            let what =
+                                format!("{shape:?} {act:?} {pool:?} {dropout:?} {with_codes}");
+                            let bits =
+                                |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(&y), bits(&expected.0), "output {what}");
+                            assert_eq!(bits(&mean), bits(&expected.1), "mean {what}");
+                            assert_eq!(bits(&invstd), bits(&expected.2), "invstd {what}");
+                            assert_eq!(bits(&gx), bits(&expected.3), "grad_input {what}");
+                            assert_eq!(bits(&gg), bits(&expected.4), "grad_weight {what}");
+                            assert_eq!(bits(&gb), bits(&expected.5), "grad_bias {what}");
+                        }
                     }
                 }
             }

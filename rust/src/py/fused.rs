@@ -112,7 +112,19 @@ fn bn_block_forward<'py>(
     let mut invstd = Output::new(py, "save_invstd", &[c])?;
     let (y_data, mean_data, invstd_data) = (y.data(), mean.data(), invstd.data());
     run_kernel(py, x.len(), || {
-        fused::forward_train(&p, x, gamma, beta, running, y_data, mean_data, invstd_data)
+        // No window codes: the backward is a call of its own, on arrays it cannot check
+        // against this call's.
+        fused::forward_train(
+            &p,
+            x,
+            gamma,
+            beta,
+            running,
+            y_data,
+            mean_data,
+            invstd_data,
+            None,
+        )
     })?;
     Ok((y.into_array(), mean.into_array(), invstd.into_array()))
 }
@@ -162,7 +174,7 @@ fn bn_block_backward<'py>(
     let (gx_data, gg_data, gb_data) = grads.data();
     run_kernel(py, x.len(), || {
         fused::backward(
-            &p, gy, x, gamma, beta, mean, invstd, gx_data, gg_data, gb_data,
+            &p, gy, x, gamma, beta, mean, invstd, gx_data, gg_data, gb_data, None,
         )
     })?;
     Ok(grads.into_arrays())

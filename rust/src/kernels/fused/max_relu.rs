@@ -16,6 +16,12 @@
 //! fusing; the same selects in the same order, the first NaN and the first of equal values
 //! winning; `0.0 + g` routed to the window's maximum; the derivative from the normalised
 //! value), so the same bits at every level.
+//!
+//! The training forward may also keep each window's outcome as one byte ([`code`]: the
+//! corner the pool took and which corners' normalised values are above zero): the backward
+//! then routes the gradient from the bytes ([`backward_from_codes`]) instead of normalising
+//! the plane and scanning its windows again, with the same selects on the same values, so
+//! the same bits.
 
 use crate::kernels::activation::Activation;
 use crate::kernels::pool::replaces;
@@ -204,6 +210,19 @@ fn scan(c0: f32, c1: f32, c2: f32, c3: f32) -> (f32, f32) {
     (best, at)
 }
 
+/// A window's outcome in one byte: bits 0-1 the corner the pool took (0 to 3: top left,
+/// top right, bottom left, bottom right), bit `2 + k` whether corner `k`'s normalised value
+/// is above zero (false for NaN). Level-independent: the forward of any level writes the
+/// bytes that the backward of any level reads.
+#[inline(always)]
+pub(super) fn code(at: f32, z: [f32; 4]) -> u8 {
+    let mut code = at as u8;
+    for (k, &z) in z.iter().enumerate() {
+        code |= u8::from(z > 0.0) << (2 + k);
+    }
+    code
+}
+
 /// [`forward_rectified`] with leaky ReLU (`LEAKY`) or ReLU, on rows of at least `STEP`
 /// windows (`WIDE`: a step's pooled values are consecutive, one store that LLVM builds the
 /// step's vectors from, rather than two half-width ones) or fewer.
@@ -213,24 +232,43 @@ fn forward_steps<const LEAKY: bool, const WIDE: bool>(
     w: usize,
     map: &PlaneMap,
     out: &mut [f32],
+    mut codes: Option<&mut [u8]>,
 ) {
     let (out_h, out_w) = check(x, w, out);
+    if let Some(codes) = codes.as_deref() {
+        assert_eq!(codes.len(), out.len(), "max_relu: codes");
+    }
     for halves in steps(w, out_h, out_w) {
-        let (_, c0, c1) = corners::<LEAKY>(&row_values(x, &halves, 0), map);
-        let (_, c2, c3) = corners::<LEAKY>(&row_values(x, &halves, w), map);
+        let (z_top, c0, c1) = corners::<LEAKY>(&row_values(x, &halves, 0), map);
+        let (z_bottom, c2, c3) = corners::<LEAKY>(&row_values(x, &halves, w), map);
         let mut pooled = [0.0; STEP];
+        let mut step_codes = [0u8; STEP];
         for i in 0..STEP {
-            pooled[i] = scan(c0[i], c1[i], c2[i], c3[i]).0;
+            let (best, at) = scan(c0[i], c1[i], c2[i], c3[i]);
+            pooled[i] = best;
+            let z = [
+                z_top[2 * i],
+                z_top[2 * i + 1],
+                z_bottom[2 * i],
+                z_bottom[2 * i + 1],
+            ];
+            step_codes[i] = code(at, z);
         }
         if WIDE {
             let at = halves[0].1;
             for (o, &v) in out[at..at + STEP].iter_mut().zip(&pooled) {
                 *o = v;
             }
+            if let Some(codes) = codes.as_deref_mut() {
+                codes[at..at + STEP].copy_from_slice(&step_codes);
+            }
         } else {
-            for (pooled, &(_, at)) in pooled.chunks_exact(HALF).zip(&halves) {
-                for (o, &v) in out[at..at + HALF].iter_mut().zip(pooled) {
+            for (k, &(_, at)) in halves.iter().enumerate() {
+                for (o, &v) in out[at..at + HALF].iter_mut().zip(&pooled[k * HALF..]) {
                     *o = v;
+                }
+                if let Some(codes) = codes.as_deref_mut() {
+                    codes[at..at + HALF].copy_from_slice(&step_codes[k * HALF..][..HALF]);
                 }
             }
         }
@@ -238,21 +276,28 @@ fn forward_steps<const LEAKY: bool, const WIDE: bool>(
 }
 
 /// The pooled values of one plane `x` of width `w` (at least `2·HALF`):
-/// `max_pool_2x2_plane_values` of the rectified normalised plane, in portable steps.
+/// `max_pool_2x2_plane_values` of the rectified normalised plane, in portable steps; and,
+/// when given, each window's [`code`] into `codes` (one per pooled value).
 #[inline(always)]
-fn forward_rectified(x: &[f32], w: usize, map: &PlaneMap, out: &mut [f32]) {
+fn forward_rectified(
+    x: &[f32],
+    w: usize,
+    map: &PlaneMap,
+    out: &mut [f32],
+    codes: Option<&mut [u8]>,
+) {
     match (map.rectifier, w / 2 >= STEP) {
-        (Rectifier::Relu, true) => forward_steps::<false, true>(x, w, map, out),
-        (Rectifier::Relu, false) => forward_steps::<false, false>(x, w, map, out),
-        (Rectifier::Leaky(_), true) => forward_steps::<true, true>(x, w, map, out),
-        (Rectifier::Leaky(_), false) => forward_steps::<true, false>(x, w, map, out),
+        (Rectifier::Relu, true) => forward_steps::<false, true>(x, w, map, out, codes),
+        (Rectifier::Relu, false) => forward_steps::<false, false>(x, w, map, out, codes),
+        (Rectifier::Leaky(_), true) => forward_steps::<true, true>(x, w, map, out, codes),
+        (Rectifier::Leaky(_), false) => forward_steps::<true, false>(x, w, map, out, codes),
     }
 }
 
 simd_dispatch! {
     /// [`forward_rectified`] compiled for each level.
-    fn forward_portable(x: &[f32], w: usize, map: &PlaneMap, out: &mut [f32]) {
-        forward_rectified(x, w, map, out)
+    fn forward_portable(x: &[f32], w: usize, map: &PlaneMap, out: &mut [f32], codes: Option<&mut [u8]>) {
+        forward_rectified(x, w, map, out, codes)
     }
 }
 
@@ -270,14 +315,32 @@ fn row_grad(
     down: usize,
     grad_input: &mut [f32],
 ) {
+    let mut positive = [false; 2 * STEP];
+    for (p, &z) in positive.iter_mut().zip(z) {
+        *p = z > 0.0;
+    }
+    row_grad_signed(&positive, left, right, slope, halves, down, grad_input);
+}
+
+/// [`row_grad`] from whether each value's `z` is above zero.
+#[inline(always)]
+fn row_grad_signed(
+    positive: &[bool; 2 * STEP],
+    left: &[f32; STEP],
+    right: &[f32; STEP],
+    slope: f32,
+    halves: &[(usize, usize); 2],
+    down: usize,
+    grad_input: &mut [f32],
+) {
     let mut routed = [0.0; 2 * STEP];
     for i in 0..STEP {
         routed[2 * i] = left[i];
         routed[2 * i + 1] = right[i];
     }
     let mut grad = [0.0; 2 * STEP];
-    for ((o, &g), &z) in grad.iter_mut().zip(&routed).zip(z) {
-        *o = if z > 0.0 { g } else { g * slope };
+    for ((o, &g), &positive) in grad.iter_mut().zip(&routed).zip(positive) {
+        *o = if positive { g } else { g * slope };
     }
     for (grad, &(top, _)) in grad.chunks_exact(STEP).zip(halves) {
         let at = top + down;
@@ -345,17 +408,92 @@ simd_dispatch! {
     }
 }
 
+/// [`backward_rectified`] from the forward's window codes (see [`code`]), in portable
+/// steps: the same routing and derivative from the bytes, without the plane's values
+/// (but for the rows and columns no window covers).
+#[inline(always)]
+fn backward_codes_steps(
+    x: &[f32],
+    w: usize,
+    map: &PlaneMap,
+    codes: &[u8],
+    grad: &[f32],
+    grad_input: &mut [f32],
+) {
+    let (out_h, out_w) = check(x, w, grad);
+    assert_eq!(grad_input.len(), x.len(), "max_relu: grad_input");
+    assert_eq!(codes.len(), grad.len(), "max_relu: codes");
+    let slope = map.rectifier.slope();
+    for halves in steps(w, out_h, out_w) {
+        let (mut g, mut c) = ([0.0; STEP], [0u8; STEP]);
+        for (k, &(_, at)) in halves.iter().enumerate() {
+            g[k * HALF..][..HALF].copy_from_slice(&grad[at..at + HALF]);
+            c[k * HALF..][..HALF].copy_from_slice(&codes[at..at + HALF]);
+        }
+        let (mut g0, mut g1, mut g2, mut g3) = ([0.0; STEP], [0.0; STEP], [0.0; STEP], [0.0; STEP]);
+        let (mut top, mut bottom) = ([false; 2 * STEP], [false; 2 * STEP]);
+        for i in 0..STEP {
+            let (at, v) = (c[i] & 3, 0.0 + g[i]);
+            g0[i] = if at == 0 { v } else { 0.0 };
+            g1[i] = if at == 1 { v } else { 0.0 };
+            g2[i] = if at == 2 { v } else { 0.0 };
+            g3[i] = if at == 3 { v } else { 0.0 };
+            top[2 * i] = c[i] & 4 != 0;
+            top[2 * i + 1] = c[i] & 8 != 0;
+            bottom[2 * i] = c[i] & 16 != 0;
+            bottom[2 * i + 1] = c[i] & 32 != 0;
+        }
+        row_grad_signed(&top, &g0, &g1, slope, &halves, 0, grad_input);
+        row_grad_signed(&bottom, &g2, &g3, slope, &halves, w, grad_input);
+    }
+    uncovered_grad(x, w, map, grad_input);
+}
+
+simd_dispatch! {
+    /// [`backward_codes_steps`] compiled for each level.
+    fn backward_codes_portable(x: &[f32], w: usize, map: &PlaneMap, codes: &[u8], grad: &[f32], grad_input: &mut [f32]) {
+        backward_codes_steps(x, w, map, codes, grad, grad_input)
+    }
+}
+
 /// The pooled values of one plane `x` of width `w` (one [`takes`]):
 /// `max_pool_2x2_plane_values` of the rectified normalised plane (AVX-512 intrinsics at
-/// that level, else the portable steps).
-pub(super) fn forward_plane(x: &[f32], w: usize, map: &PlaneMap, out: &mut [f32]) {
+/// that level, else the portable steps); and, when given, each window's [`code`] into
+/// `codes` (one per pooled value), for [`backward_from_codes`].
+pub(super) fn forward_plane(
+    x: &[f32],
+    w: usize,
+    map: &PlaneMap,
+    out: &mut [f32],
+    codes: Option<&mut [u8]>,
+) {
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: the AVX-512 level runs only on a CPU that has it.
-        unsafe { super::max_relu_avx512::forward_plane(x, w, map, out) };
+        unsafe { super::max_relu_avx512::forward_plane(x, w, map, out, codes) };
         return;
     }
-    forward_portable(x, w, map, out);
+    forward_portable(x, w, map, out, codes);
+}
+
+/// [`backward_plane`] from the codes [`forward_plane`] wrote for the same plane and map:
+/// the same bits, without normalising the plane and scanning its windows again (`x` is
+/// read only where no window covers it).
+pub(super) fn backward_from_codes(
+    x: &[f32],
+    w: usize,
+    map: &PlaneMap,
+    codes: &[u8],
+    grad: &[f32],
+    grad_input: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the AVX-512 level runs only on a CPU that has it.
+        unsafe { super::max_relu_avx512::backward_from_codes(x, w, map, codes, grad, grad_input) };
+        return;
+    }
+    backward_codes_portable(x, w, map, codes, grad, grad_input);
 }
 
 /// Backward pass 1 of one plane (see [`backward_rectified`]), at the level in use.
@@ -426,37 +564,57 @@ mod tests {
         (pooled, grad_input)
     }
 
-    type Forward = fn(&[f32], usize, &PlaneMap, &mut [f32]);
+    type Forward = fn(&[f32], usize, &PlaneMap, &mut [f32], Option<&mut [u8]>);
     type Backward = fn(&[f32], usize, &PlaneMap, &[f32], &mut [f32]);
+    type FromCodes = fn(&[f32], usize, &PlaneMap, &[u8], &[f32], &mut [f32]);
     /// Whether a kernel takes planes of a width.
     type Takes = fn(usize) -> bool;
+
+    struct Kernels {
+        name: &'static str,
+        takes: Takes,
+        forward: Forward,
+        backward: Backward,
+        from_codes: FromCodes,
+    }
 
     /// The portable steps (compiled for the baseline), the kernels at the level in use, and
     /// the AVX-512 ones if the CPU has them. The other levels' builds of the portable steps
     /// are checked from Python, which sets the level (tests/test_fusion.py).
-    fn kernels() -> Vec<(&'static str, Takes, Forward, Backward)> {
-        let mut kernels: Vec<(&'static str, Takes, Forward, Backward)> = vec![
-            (
-                "portable",
-                |w| w / 2 >= HALF,
-                forward_rectified,
-                backward_rectified,
-            ),
-            ("level in use", takes, forward_plane, backward_plane),
+    fn kernels() -> Vec<Kernels> {
+        let mut kernels = vec![
+            Kernels {
+                name: "portable",
+                takes: |w| w / 2 >= HALF,
+                forward: forward_rectified,
+                backward: backward_rectified,
+                from_codes: backward_codes_steps,
+            },
+            Kernels {
+                name: "level in use",
+                takes,
+                forward: forward_plane,
+                backward: backward_plane,
+                from_codes: backward_from_codes,
+            },
         ];
         #[cfg(target_arch = "x86_64")]
         if crate::simd::Level::Avx512.is_available() {
+            use super::super::max_relu_avx512 as avx512;
             // SAFETY: the CPU has the AVX-512 level (checked just above).
-            kernels.push((
-                "avx512",
-                |_| true,
-                |x, w, map, out| unsafe {
-                    super::super::max_relu_avx512::forward_plane(x, w, map, out)
+            kernels.push(Kernels {
+                name: "avx512",
+                takes: |_| true,
+                forward: |x, w, map, out, codes| unsafe {
+                    avx512::forward_plane(x, w, map, out, codes)
                 },
-                |x, w, map, grad, grad_input| unsafe {
-                    super::super::max_relu_avx512::backward_plane(x, w, map, grad, grad_input)
+                backward: |x, w, map, grad, grad_input| unsafe {
+                    avx512::backward_plane(x, w, map, grad, grad_input)
                 },
-            ));
+                from_codes: |x, w, map, codes, grad, grad_input| unsafe {
+                    avx512::backward_from_codes(x, w, map, codes, grad, grad_input)
+                },
+            });
         }
         kernels
     }
@@ -509,14 +667,31 @@ mod tests {
                 let x = awkward(h * w, salt as u32);
                 let grad = awkward((h / 2) * (w / 2), 100 + salt as u32);
                 let (pooled, grad_input) = portable(&x, w, &map, &grad, activation);
-                for (kernel, _, forward, backward) in kernels().into_iter().filter(|k| k.1(w)) {
+                let mut first_codes: Option<Vec<u8>> = None;
+                for k in kernels().into_iter().filter(|k| (k.takes)(w)) {
+                    let what = format!("{} {h}x{w} {rectifier:?}", k.name);
                     let mut fast_pooled = vec![f32::NAN; pooled.len()];
                     let mut fast_grad = vec![f32::NAN; x.len()];
-                    forward(&x, w, &map, &mut fast_pooled);
-                    backward(&x, w, &map, &grad, &mut fast_grad);
-                    let what = format!("{kernel} {h}x{w} {rectifier:?}");
+                    (k.forward)(&x, w, &map, &mut fast_pooled, None);
+                    (k.backward)(&x, w, &map, &grad, &mut fast_grad);
                     assert_eq!(bits(&fast_pooled), bits(&pooled), "pooled {what}");
                     assert_eq!(bits(&fast_grad), bits(&grad_input), "grad_input {what}");
+                    // With the window codes: the same pooled values, codes that do not
+                    // depend on the kernel, and the backward's bits from them.
+                    let mut codes = vec![u8::MAX; pooled.len()];
+                    fast_pooled.fill(f32::NAN);
+                    (k.forward)(&x, w, &map, &mut fast_pooled, Some(&mut codes));
+                    assert_eq!(
+                        bits(&fast_pooled),
+                        bits(&pooled),
+                        "pooled with codes {what}"
+                    );
+                    assert!(codes.iter().all(|&c| c < 64), "codes {what}: {codes:?}");
+                    let first = first_codes.get_or_insert_with(|| codes.clone());
+                    assert_eq!(*first, codes, "codes {what}");
+                    fast_grad.fill(f32::NAN);
+                    (k.from_codes)(&x, w, &map, &codes, &grad, &mut fast_grad);
+                    assert_eq!(bits(&fast_grad), bits(&grad_input), "from codes {what}");
                 }
             }
         }

@@ -9,7 +9,8 @@
 //! permutation) through every stage while they are in registers. Each value gets the
 //! portable stages' arithmetic (subtract, multiply, add without fusing; the same selects in
 //! the same order, the first NaN and the first of equal values winning; `0.0 + g` routed to
-//! the window's maximum; the derivative from the normalised value), so the same bits.
+//! the window's maximum; the derivative from the normalised value), so the same bits. The
+//! forward may keep each window's code, and the backward route from the codes.
 
 use std::arch::x86_64::*;
 
@@ -193,22 +194,33 @@ fn scan(corners: [__m512; 4]) -> (__m512, [__mmask16; 3]) {
 }
 
 /// The pooled values of one plane `x` of width `w`: `max_pool_2x2_plane_values` of the
-/// rectified normalised plane.
+/// rectified normalised plane; and, when given, each window's code
+/// ([`super::max_relu::code`]) into `codes`.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn forward_plane(x: &[f32], w: usize, map: &PlaneMap, out: &mut [f32]) {
+/// The CPU must have the AVX-512 level (F, BW, VL).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn forward_plane(
+    x: &[f32],
+    w: usize,
+    map: &PlaneMap,
+    out: &mut [f32],
+    codes: Option<&mut [u8]>,
+) {
     let (out_h, out_w) = check(x, w, out);
+    let codes = codes.map(|codes| {
+        assert_eq!(codes.len(), out.len(), "max_relu_avx512: codes");
+        codes.as_mut_ptr()
+    });
     let lanes = Lanes::new();
     for_each_step(w, out_h, out_w, |step| {
         // SAFETY: a step's lanes lie in rows 2·oh, 2·oh + 1 < h (and the next pair's), at
-        // columns below 2·out_w <= w; its pooled values in `out`.
+        // columns below 2·out_w <= w; its pooled values (and codes) in `out` (`codes`).
         unsafe {
             let (t0, t1) = normalised_pairs(x.as_ptr(), step, 0, map, &lanes);
             let (b0, b1) = normalised_pairs(x.as_ptr(), step, w, map, &lanes);
             let corners = [t0, t1, b0, b1].map(|z| rectify(z, map.rectifier));
-            let (best, _) = scan(corners);
+            let (best, [take1, take2, take3]) = scan(corners);
             let pooled = if step.two_pairs {
                 _mm512_maskz_compress_ps(step.windows, best)
             } else {
@@ -216,8 +228,117 @@ pub(super) unsafe fn forward_plane(x: &[f32], w: usize, map: &PlaneMap, out: &mu
             };
             let dst = out.as_mut_ptr().add(step.pooled_at);
             _mm512_mask_storeu_ps(dst, low_bits(step.count), pooled);
+            if let Some(codes) = codes {
+                // The corner the pool took (the last one that took over), then which
+                // corners are above zero. (The masks one by one: as an array, they went
+                // through the stack in two sizes, a stalled load a step.)
+                let code = _mm512_maskz_mov_epi32(take1, _mm512_set1_epi32(1));
+                let code = _mm512_mask_mov_epi32(code, take2, _mm512_set1_epi32(2));
+                let code = _mm512_mask_mov_epi32(code, take3, _mm512_set1_epi32(3));
+                let code = positive_bits(code, t0, 4);
+                let code = positive_bits(code, t1, 8);
+                let code = positive_bits(code, b0, 16);
+                let code = positive_bits(code, b1, 32);
+                let code = if step.two_pairs {
+                    _mm512_maskz_compress_epi32(step.windows, code)
+                } else {
+                    code
+                };
+                _mm512_mask_cvtepi32_storeu_epi8(
+                    codes.add(step.pooled_at).cast(),
+                    low_bits(step.count),
+                    code,
+                );
+            }
         }
     });
+}
+
+/// `code` with `bit` set in the lanes where `z > 0` (ordered: not for NaN).
+#[target_feature(enable = "avx512f")]
+fn positive_bits(code: __m512i, z: __m512, bit: i32) -> __m512i {
+    let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, _mm512_setzero_ps());
+    _mm512_mask_or_epi32(code, positive, code, _mm512_set1_epi32(bit))
+}
+
+/// The rectifier's slope as [`write_routed`] applies it.
+struct Slope {
+    slope: __m512,
+    /// `0.0·slope`: `+0.0` unless the slope is negative (or NaN).
+    zero_sloped: __m512,
+    zero_stays_zero: bool,
+}
+
+impl Slope {
+    #[target_feature(enable = "avx512f")]
+    fn new(map: &PlaneMap) -> Self {
+        let zero_times_slope = 0.0 * map.rectifier.slope();
+        Slope {
+            slope: _mm512_set1_ps(map.rectifier.slope()),
+            zero_sloped: _mm512_set1_ps(zero_times_slope),
+            zero_stays_zero: zero_times_slope.to_bits() == 0,
+        }
+    }
+}
+
+/// A step's pooled gradient, `count` values from `pooled_at` of `grad`, in its windows'
+/// lanes.
+///
+/// # Safety
+/// Those values lie within `grad`.
+#[target_feature(enable = "avx512f")]
+unsafe fn step_grad(grad: &[f32], step: &Step) -> __m512 {
+    // SAFETY: the caller's bounds; masked-off lanes are not read.
+    let g =
+        unsafe { _mm512_maskz_loadu_ps(low_bits(step.count), grad.as_ptr().add(step.pooled_at)) };
+    if step.two_pairs {
+        _mm512_maskz_expand_ps(step.windows, g)
+    } else {
+        g
+    }
+}
+
+/// The gradient before the rectifier of a step's values into `grad_input`: `0.0 + g` at
+/// each window's maximum (`winners[k]`: the windows whose corner `k` the pool took) and
+/// 0.0 elsewhere, then the derivative, `g` where the corner's `z > 0` (`positive[k]`),
+/// else `g·slope`: a corner that is not its window's maximum gets `0.0`, and `0.0·slope`
+/// when `z <= 0` (`-0.0` for a negative slope).
+///
+/// # Safety
+/// The step's lanes, and the row below them, lie within `grad_input`.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_routed(
+    grad_input: &mut [f32],
+    w: usize,
+    step: &Step,
+    g: __m512,
+    winners: [__mmask16; 4],
+    positive: [__mmask16; 4],
+    slope: &Slope,
+    lanes: &Lanes,
+) {
+    let routed = _mm512_add_ps(_mm512_setzero_ps(), g);
+    let sloped = _mm512_mul_ps(routed, slope.slope);
+    let [g0, g1, g2, g3]: [__m512; 4] = std::array::from_fn(|k| {
+        let winner = _mm512_mask_blend_ps(positive[k], sloped, routed);
+        if slope.zero_stays_zero {
+            _mm512_maskz_mov_ps(winners[k], winner)
+        } else {
+            let loser = _mm512_maskz_mov_ps(!positive[k], slope.zero_sloped);
+            _mm512_mask_blend_ps(winners[k], loser, winner)
+        }
+    });
+    let dst = grad_input.as_mut_ptr();
+    for (down, (even, odd)) in [(0, (g0, g1)), (w, (g2, g3))] {
+        let low = _mm512_permutex2var_ps(even, lanes.interleave_low, odd);
+        let high = _mm512_permutex2var_ps(even, lanes.interleave_high, odd);
+        // SAFETY: the caller's bounds; masked-off lanes are not written.
+        unsafe {
+            _mm512_mask_storeu_ps(dst.add(step.low_at + down), step.low, low);
+            _mm512_mask_storeu_ps(dst.add(step.high_at + down), step.high, high);
+        }
+    }
 }
 
 /// Backward pass 1 of one plane: from the pooled gradient `grad` (after the dropout),
@@ -237,12 +358,7 @@ pub(super) unsafe fn backward_plane(
 ) {
     let (out_h, out_w) = check(x, w, grad);
     assert_eq!(grad_input.len(), x.len(), "max_relu_avx512: grad_input");
-    let lanes = Lanes::new();
-    let slope = _mm512_set1_ps(map.rectifier.slope());
-    // `0.0·slope`, `+0.0` unless the slope is negative (or NaN).
-    let zero_times_slope = 0.0 * map.rectifier.slope();
-    let zero_sloped = _mm512_set1_ps(zero_times_slope);
-    let zero_stays_zero = zero_times_slope.to_bits() == 0;
+    let (lanes, slope) = (Lanes::new(), Slope::new(map));
     for_each_step(w, out_h, out_w, |step| {
         // SAFETY: as in forward_plane, for `x` and `grad_input` alike, and the pooled
         // gradient's values.
@@ -251,40 +367,59 @@ pub(super) unsafe fn backward_plane(
             let (b0, b1) = normalised_pairs(x.as_ptr(), step, w, map, &lanes);
             let z = [t0, t1, b0, b1];
             let (_, [take1, take2, take3]) = scan(z.map(|z| rectify(z, map.rectifier)));
-            let g = _mm512_maskz_loadu_ps(low_bits(step.count), grad.as_ptr().add(step.pooled_at));
-            let g = if step.two_pairs {
-                _mm512_maskz_expand_ps(step.windows, g)
-            } else {
-                g
-            };
-            let routed = _mm512_add_ps(_mm512_setzero_ps(), g);
             let winners = [
                 !(take1 | take2 | take3),
                 take1 & !(take2 | take3),
                 take2 & !take3,
                 take3,
             ];
-            // The derivative of each corner's routed gradient: `g` where `z > 0`, else
-            // `g·slope`; a corner that is not its window's maximum gets `0.0`, and
-            // `0.0·slope` when `z <= 0` (`-0.0` for a negative slope).
-            let sloped = _mm512_mul_ps(routed, slope);
-            let [g0, g1, g2, g3]: [__m512; 4] = std::array::from_fn(|k| {
-                let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z[k], _mm512_setzero_ps());
-                let winner = _mm512_mask_blend_ps(positive, sloped, routed);
-                if zero_stays_zero {
-                    _mm512_maskz_mov_ps(winners[k], winner)
-                } else {
-                    let loser = _mm512_maskz_mov_ps(!positive, zero_sloped);
-                    _mm512_mask_blend_ps(winners[k], loser, winner)
-                }
-            });
-            let dst = grad_input.as_mut_ptr();
-            for (down, (even, odd)) in [(0, (g0, g1)), (w, (g2, g3))] {
-                let low = _mm512_permutex2var_ps(even, lanes.interleave_low, odd);
-                let high = _mm512_permutex2var_ps(even, lanes.interleave_high, odd);
-                _mm512_mask_storeu_ps(dst.add(step.low_at + down), step.low, low);
-                _mm512_mask_storeu_ps(dst.add(step.high_at + down), step.high, high);
-            }
+            let positive = z.map(|z| _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, _mm512_setzero_ps()));
+            let g = step_grad(grad, step);
+            write_routed(grad_input, w, step, g, winners, positive, &slope, &lanes);
+        }
+    });
+    uncovered_grad(x, w, map, grad_input);
+}
+
+/// [`backward_plane`] from the window codes [`forward_plane`] wrote for the same plane and
+/// map: the same selects on the same values, without the plane's (`x` is read only where
+/// no window covers it).
+///
+/// # Safety
+/// The CPU must have the AVX-512 level (F, BW, VL).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn backward_from_codes(
+    x: &[f32],
+    w: usize,
+    map: &PlaneMap,
+    codes: &[u8],
+    grad: &[f32],
+    grad_input: &mut [f32],
+) {
+    let (out_h, out_w) = check(x, w, grad);
+    assert_eq!(grad_input.len(), x.len(), "max_relu_avx512: grad_input");
+    assert_eq!(codes.len(), grad.len(), "max_relu_avx512: codes");
+    let (lanes, slope) = (Lanes::new(), Slope::new(map));
+    for_each_step(w, out_h, out_w, |step| {
+        // SAFETY: as in backward_plane; the step's codes lie where its pooled values do.
+        unsafe {
+            let code = _mm_maskz_loadu_epi8(
+                low_bits(step.count),
+                codes.as_ptr().add(step.pooled_at).cast(),
+            );
+            let code = _mm512_cvtepu8_epi32(code);
+            let code = if step.two_pairs {
+                _mm512_maskz_expand_epi32(step.windows, code)
+            } else {
+                code
+            };
+            let at = _mm512_and_si512(code, _mm512_set1_epi32(3));
+            let winners: [__mmask16; 4] =
+                std::array::from_fn(|k| _mm512_cmpeq_epi32_mask(at, _mm512_set1_epi32(k as i32)));
+            let positive: [__mmask16; 4] =
+                std::array::from_fn(|k| _mm512_test_epi32_mask(code, _mm512_set1_epi32(4 << k)));
+            let g = step_grad(grad, step);
+            write_routed(grad_input, w, step, g, winners, positive, &slope, &lanes);
         }
     });
     uncovered_grad(x, w, map, grad_input);
