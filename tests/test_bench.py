@@ -282,6 +282,14 @@ def test_network_options_parse():
     assert network.min_ratio is None
     assert bench.run_mode(args).batch_size == 128
     assert bench.run_mode(bench.runner.parse_bench_args([])).batch_size == 64
+    # The inference batch: the rows keep about the mode's number of samples.
+    default = bench.run_mode(bench.runner.parse_bench_args([]))
+    assert (default.infer_batches, default.infer_batch_size) == (10, 1000)
+    small = bench.run_mode(bench.runner.parse_bench_args(["--inference-batch-size", "8"]))
+    assert (small.infer_batches, small.infer_batch_size) == (1250, 8)
+    large = bench.run_mode(bench.runner.parse_bench_args(["--inference-batch-size",
+                                                          "20000"]))
+    assert (large.infer_batches, large.infer_batch_size) == (1, 20000)
     # LeNetBN stays the default network; --quick and full runs add the other two.
     assert bench.runner.parse_bench_args(["--smoke"]).networks == [bench.LENET]
     names = [n.name for n in bench.runner.parse_bench_args(["--quick"]).networks]
@@ -310,6 +318,7 @@ def test_network_options_parse():
      "--input-shape: bad token 'mp2' (token 8, character 29)"),
     (["--input-shape", "1", "x"], "argument --input-shape: invalid int value: 'x'"),
     (["--batch-size", "0"], "--batch-size: expected at least 1, got 0"),
+    (["--inference-batch-size", "-1"], "--inference-batch-size: expected at least 1, got -1"),
     (["--n-classes", "0"], "--n-classes: expected at least 1, got 0"),
     (["--network", "vgg"], "argument --network: invalid choice: 'vgg'"),
     (["--network", "lenet", "--architecture", "c8"],
@@ -531,13 +540,15 @@ def test_scaling_child_command_repeats_the_runs_sizes_and_networks():
     from bnrs.cli import parse_bench_args
 
     argv = ["--quick", "--threads", "1", "2", "--no-peers", "--architecture", "c8-relu-mp2",
-            "--input-shape", "1", "12", "12", "--n-classes", "3", "--batch-size", "16"]
+            "--input-shape", "1", "12", "12", "--n-classes", "3", "--batch-size", "16",
+            "--inference-batch-size", "4"]
     args = parse_bench_args(argv)
     command = scaling_child_command(args, bench.run_mode(args))
     assert command[1:4] == ["-m", "bnrs.bench", "--scaling-child"]
     child = parse_bench_args(command[3:])
     assert child.scaling_child and child.quick and child.threads == [1, 2]
     assert child.networks == args.networks and child.batch_size == 16
+    assert bench.run_mode(child) == bench.run_mode(args)
     assert child.repeats == bench.MODES["quick"].kernel_repeats
 
 

@@ -119,12 +119,12 @@ def test_child_prints_one_json_line(tmp_path):
 def test_child_times_the_network_it_is_given():
     network = bench.Network("Tiny", "tiny_", "c4-bn-relu-ap2-gap", (3, 10, 12), 5)
     command = [sys.executable, "-c", FAKE_CHILD, "fake", "--framework", "fake",
-               "--threads", "1", "--smoke", *peer.network_options(network, 16)]
+               "--threads", "1", "--smoke", *peer.network_options(network, 16, 8)]
     done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert (result["network"], result["architecture"], result["input_shape"],
-            result["n_classes"], result["batch_size"]) == (
-                "Tiny", "c4-bn-relu-ap2-gap", [3, 10, 12], 5, 16)
+            result["n_classes"], result["batch_size"], result["inference_batch_size"]) == (
+                "Tiny", "c4-bn-relu-ap2-gap", [3, 10, 12], 5, 16, 8)
     (row,) = result["rows"]
     assert row["key"] == "tiny_inference" and row["name"] == "Tiny fake inference"
 
@@ -192,17 +192,19 @@ def test_bench_runs_a_peer_in_its_interpreter_and_reports_it(fake_interpreter, t
 def test_measure_peers_runs_one_child_per_network_and_thread_count(monkeypatch):
     calls = []
 
-    def fake_run_peer(framework, python, threads, mode_name, network, batch_size):
-        calls.append((framework, network.name, threads, mode_name, batch_size))
+    def fake_run_peer(framework, python, threads, mode_name, network, batch_size,
+                      inference_batch_size):
+        calls.append((framework, network.name, threads, mode_name, batch_size,
+                      inference_batch_size))
         return {"framework": framework, "threads": threads, "network": network.name}
 
     monkeypatch.setattr(bench.runner, "run_peer", fake_run_peer)
     networks = [bench.LENET, bench.NETWORKS["resnet"]]
-    mode = dataclasses.replace(bench.MODES["smoke"], batch_size=16)
+    mode = dataclasses.replace(bench.MODES["smoke"], batch_size=16, infer_batch_size=8)
     with contextlib.redirect_stderr(io.StringIO()):
         peers = bench.measure_peers({"keras": "k", "onnxruntime": "o"}, [1, 2], mode,
                                     networks)
-    assert calls == [(framework, name, threads, "smoke", 16)
+    assert calls == [(framework, name, threads, "smoke", 16, 8)
                      for framework in ("keras", "onnxruntime")
                      for name in ("LeNetBN", "ResNet") for threads in (1, 2)]
     assert [run["network"] for run in peers["onnxruntime"]["runs"]] == [
@@ -434,3 +436,6 @@ def test_peer_mode_uses_4000_samples_in_a_full_run():
     assert mode.train_samples == 4000
     assert mode.infer_batches * mode.infer_batch_size == 4000
     assert peer.peer_mode(bench.MODES["quick"]) == bench.MODES["quick"]
+    # Smaller inference batches: as many of them as make the same 4,000 samples.
+    small = peer.peer_mode(bench.workloads.with_inference_batch(bench.MODES["full"], 8))
+    assert (small.infer_batches, small.infer_batch_size) == (500, 8)

@@ -201,6 +201,10 @@ def bench_parser() -> argparse.ArgumentParser:
                          help="classes, the width of the output layer (default 10)")
     network.add_argument("--batch-size", type=int, metavar="B",
                          help="training batch size (default 64)")
+    network.add_argument("--inference-batch-size", type=int, metavar="B",
+                         help="inference batch size, in bnrs and every peer (default 1000; "
+                         "the inference rows keep about as many samples: 10,000 in a full "
+                         "run, 4,000 in the peers' processes)")
     peers = parser.add_mutually_exclusive_group()
     peers.add_argument("--peers", nargs="+", choices=PEER_NAMES, metavar="NAME",
                         help="compare with these peers too on each network, in a process "
@@ -252,8 +256,10 @@ def _bench_networks(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     from .bench.network import INPUT_SHAPE, N_CLASSES, NETWORKS, Network
     from .nn import from_spec
 
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch-size: expected at least 1, got {args.batch_size}")
+    for option, value in (("--batch-size", args.batch_size),
+                          ("--inference-batch-size", args.inference_batch_size)):
+        if value is not None and value < 1:
+            parser.error(f"{option}: expected at least 1, got {value}")
     if args.n_classes is not None and args.n_classes < 1:
         parser.error(f"--n-classes: expected at least 1, got {args.n_classes}")
     shape = INPUT_SHAPE if args.input_shape is None else tuple(args.input_shape)

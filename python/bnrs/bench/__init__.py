@@ -19,6 +19,7 @@ Usage::
     python -m bnrs.bench [--quick] [--threads 1 2] [--json FILE] [--plot FILE] [--profile]
                          [--network lenet inception resnet | --architecture SPEC]
                          [--input-shape C H W] [--n-classes K] [--batch-size B]
+                         [--inference-batch-size B]
 
 The package, one module per job: :mod:`.workloads` (the kernel rows and the run modes),
 :mod:`.network` (the training and inference rows of LeNetBN, the other named networks or

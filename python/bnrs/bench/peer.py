@@ -3,7 +3,7 @@
 PyTorch and TensorFlow abort when loaded into one process (both register LLVM options), so
 each peer runs in a child: ``bnrs bench`` starts ``PYTHON -m bnrs.bench.peer --framework F
 --threads N --name NAME --key KEY --architecture SPEC --input-shape D... --n-classes K
---batch-size B`` (PYTHON from ``--peer-python F=PYTHON``, else the bench's own
+--batch-size B --inference-batch-size B`` (PYTHON from ``--peer-python F=PYTHON``, else the bench's own
 interpreter), one child per peer, network and thread count. The child imports bnrs and
 the peer, builds that network in both with the same weights, times both interleaved
 (:func:`.timing.measure`) and prints one JSON line, the last of its standard output; the
@@ -49,7 +49,7 @@ from .. import nn
 from .keras_mirror import build_keras_network
 from .network import INPUT_SHAPE, LENET, Network, Trainer
 from .timing import idle_summary, measure, spread
-from .workloads import MODES, Mode
+from .workloads import MODES, Mode, with_inference_batch
 
 #: The exit code of a child whose interpreter cannot import the peer.
 MISSING_EXIT_CODE = 3
@@ -98,11 +98,16 @@ def _child_command(python: str, framework: str, threads: int, *options: str) -> 
             str(threads), *options]
 
 
-def network_options(network: Network, batch_size: int) -> list[str]:
-    """The child's options that give it ``network`` and the training batch size."""
-    return ["--name", network.name, "--key", network.key, "--architecture",
-            network.architecture, "--input-shape", *map(str, network.input_shape),
-            "--n-classes", str(network.n_classes), "--batch-size", str(batch_size)]
+def network_options(network: Network, batch_size: int,
+                    inference_batch_size: int | None = None) -> list[str]:
+    """The child's options that give it ``network``, the training batch size and, when
+    given, the inference batch size."""
+    options = ["--name", network.name, "--key", network.key, "--architecture",
+               network.architecture, "--input-shape", *map(str, network.input_shape),
+               "--n-classes", str(network.n_classes), "--batch-size", str(batch_size)]
+    if inference_batch_size is not None:
+        options += ["--inference-batch-size", str(inference_batch_size)]
+    return options
 
 
 def _last_line(text: str) -> str:
@@ -129,13 +134,14 @@ def check_peer(framework: str, python: str) -> str | None:
 
 
 def run_peer(framework: str, python: str, threads: int, mode_name: str,
-             network: Network = LENET, batch_size: int | None = None) -> dict:
+             network: Network = LENET, batch_size: int | None = None,
+             inference_batch_size: int | None = None) -> dict:
     """One child's JSON for ``network`` (a dict with ``error`` if it failed); the batch
-    size is the mode's unless given."""
+    sizes are the mode's unless given."""
     options = [] if mode_name == "full" else [f"--{mode_name}"]
     batch_size = MODES[mode_name].batch_size if batch_size is None else batch_size
     command = _child_command(python, framework, threads, *options,
-                             *network_options(network, batch_size))
+                             *network_options(network, batch_size, inference_batch_size))
     failed = {"framework": framework, "threads": threads, "network": network.name}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=3600,
@@ -301,7 +307,8 @@ def measure_peer(framework: str, mode: Mode, threads: int, network: Network = LE
     return {"schema": SCHEMA, "framework": framework, "threads": threads, "mode": mode.name,
             "network": network.name, "architecture": network.architecture,
             "input_shape": list(network.input_shape), "n_classes": network.n_classes,
-            "batch_size": mode.batch_size, "python": sys.executable, "bnrs": bnrs.__version__,
+            "batch_size": mode.batch_size, "inference_batch_size": mode.infer_batch_size,
+            "python": sys.executable, "bnrs": bnrs.__version__,
             "simd_backend": bnrs.simd_backend(), **about, "rows": rows}
 
 
@@ -324,6 +331,8 @@ def parser() -> argparse.ArgumentParser:
     network.add_argument("--key", help="the prefix of the rows' keys")
     network.add_argument("--batch-size", type=int, metavar="B",
                          help="training batch size (default: the mode's)")
+    network.add_argument("--inference-batch-size", type=int, metavar="B",
+                         help="inference batch size (default: the mode's)")
     return parser
 
 
@@ -349,7 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print(json.dumps({"framework": args.framework, "ok": True}))
         return 0
-    mode = peer_mode(MODES["smoke" if args.smoke else "quick" if args.quick else "full"])
+    mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.inference_batch_size is not None:
+        mode = with_inference_batch(mode, args.inference_batch_size)
+    mode = peer_mode(mode)
     if args.batch_size is not None:
         mode = dataclasses.replace(mode, batch_size=args.batch_size)
     result = measure_peer(args.framework, mode, args.threads, parsed_network(args))

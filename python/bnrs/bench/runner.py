@@ -30,7 +30,7 @@ from .report import (all_targets, format_peers, format_scaling, format_section,
                      format_step_profile, format_summary, plot_results)
 from .timing import measure_bnrs_scaling, measure_row, measure_scaling
 from .torch_mirror import NO_RENORM_MESSAGE, has_batch_renorm, import_torch
-from .workloads import MODES, Mode, Work, kernel_works
+from .workloads import MODES, Mode, Work, kernel_works, with_inference_batch
 
 T = TypeVar("T")
 
@@ -123,10 +123,13 @@ def measure_section(threads: int, works: Sequence[Work], trainer: Trainer, mode:
 
 
 def run_mode(args: argparse.Namespace) -> Mode:
-    """The sizes of the run (``--smoke``, ``--quick`` or full) with ``--batch-size``."""
+    """The sizes of the run (``--smoke``, ``--quick`` or full) with ``--batch-size`` and
+    ``--inference-batch-size``."""
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.batch_size is not None:
         mode = dataclasses.replace(mode, batch_size=args.batch_size)
+    if args.inference_batch_size is not None:
+        mode = with_inference_batch(mode, args.inference_batch_size)
     return mode
 
 
@@ -142,7 +145,7 @@ def measure_peers(pythons: dict, threads: Sequence[int], mode: Mode,
                 _progress(f"  {n}t: {framework} against bnrs on {network.name} "
                           f"(python -m bnrs.bench.peer, {python})")
                 runs.append(run_peer(framework, python, n, mode.name, network,
-                                     mode.batch_size))
+                                     mode.batch_size, mode.infer_batch_size))
         peers[framework] = {"python": python, "runs": runs}
     return peers
 
@@ -152,7 +155,8 @@ def scaling_child_command(args: argparse.Namespace, mode: Mode) -> list[str]:
     (its sizes, thread counts and networks) in a fresh process."""
     command = [sys.executable, "-m", "bnrs.bench", "--scaling-child", "--no-peers",
                "--threads", *map(str, args.threads), "--repeats", str(mode.kernel_repeats),
-               "--batch-size", str(mode.batch_size)]
+               "--batch-size", str(mode.batch_size),
+               "--inference-batch-size", str(mode.infer_batch_size)]
     command += [] if mode.name == "full" else [f"--{mode.name}"]
     if args.architecture is not None:
         command += ["--architecture", args.architecture]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,14 @@ class Mode:
     profile_batches: int        # training steps under PyTorch's profiler (--profile)
     memory_batches: int | None   # steps of the peak-memory run (None: the whole epoch)
     memory_all_threads: bool    # peak memory at every thread count, or only at the last
+
+
+def with_inference_batch(mode: Mode, size: int) -> Mode:
+    """``mode`` with inference in batches of ``size``: as many batches as keep the
+    inference passes at about the mode's number of samples (at least one batch)."""
+    samples = mode.infer_batches * mode.infer_batch_size
+    return dataclasses.replace(mode, infer_batch_size=size,
+                               infer_batches=max(1, samples // size))
 
 
 MODES = {
