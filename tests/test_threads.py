@@ -319,11 +319,14 @@ def test_a_forked_child_keeps_the_thread_count_set_before_the_fork():
     result = child.run(THREAD_COUNT_CHILD.split("    x = np.ones")[0] + """
     import signal
     bnrs.set_num_threads(3)
-    F.relu(np.ones(3, np.float32))
+    # Large enough to run in the pool (a call of a few elements runs on the calling
+    # thread alone, and would not start it).
+    pooled = np.ones(1 << 17, np.float32)
+    F.relu(pooled)
     pid = os.fork()
     if pid == 0:
         signal.alarm(20)
-        F.relu(np.ones(3, np.float32))
+        F.relu(pooled)
         os._exit(10 * bnrs.get_num_threads() + settle(3))
     _, status = os.waitpid(pid, 0)
     print("CHILD", os.waitstatus_to_exitcode(status))

@@ -415,6 +415,17 @@ pub fn run_in_pool<R: Send>(job: impl FnOnce() -> R + Send) -> R {
     pool.install(job)
 }
 
+/// Run `job` on the calling thread alone, whatever the pool's size: in the thread's own
+/// one-thread pool ([`own_thread_pool`]), else (no pool of its own to be had) as
+/// [`run_in_pool`]. For a call too short to gain from the pool's threads what handing it
+/// to them costs; any thread count gives the same bits.
+pub fn run_on_calling_thread<R: Send>(job: impl FnOnce() -> R + Send) -> R {
+    if let Some(own) = own_thread_pool() {
+        return own.install(|| with_stop_token(StopToken::default(), job));
+    }
+    run_in_pool(job)
+}
+
 thread_local! {
     /// [`own_thread_pool`]: not built yet (`None`), built, or refused (`Some(None)`).
     static OWN_THREAD_POOL: Cell<Option<Option<&'static ThreadPool>>> =

@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run_kernel, slice, GradArrays, LayerGrads, Output};
+use super::{check_shape, run_product_kernel, slice, GradArrays, LayerGrads, Output};
 use crate::error::Error;
 use crate::kernels::activation::Activation;
 use crate::kernels::conv::{self, Conv2dParams, Epilogue, Pool2x2};
@@ -52,7 +52,7 @@ fn conv2d_forward<'py>(
     }
     let mut out = Output::new(py, "output", &shape)?;
     let out_data = out.data();
-    run_kernel(py, p.multiply_adds(), || match pool {
+    run_product_kernel(py, p.multiply_adds(), || match pool {
         Some(pool) => conv::forward_fused_pooled(&p, x, w, b, epilogue, pool, out_data),
         None => conv::forward_fused(&p, x, w, b, epilogue, out_data),
     })?;
@@ -113,7 +113,7 @@ fn conv2d_pooled_chain<'py>(
     let mut out = Output::new(py, "output", &two.output_shape())?;
     let out_data = out.data();
     let work = p1.multiply_adds().saturating_add(p2.multiply_adds());
-    run_kernel(py, work, || {
+    run_product_kernel(py, work, || {
         conv::forward_fused_pooled_chain(&one, &two, x, out_data)
     })?;
     Ok(out.into_array())
@@ -186,7 +186,7 @@ fn conv2d_backward<'py>(
         bias.then_some(p.out_channels),
     )?;
     let (gx_data, gw_data, gb_data) = grads.data();
-    run_kernel(py, p.multiply_adds().saturating_mul(2), || {
+    run_product_kernel(py, p.multiply_adds().saturating_mul(2), || {
         conv::backward(&p, gy, x, w, gx_data, gw_data, gb_data)
     })?;
     Ok(grads.into_arrays())

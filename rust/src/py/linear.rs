@@ -3,7 +3,7 @@
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{check_shape, run_kernel, slice, LayerGrads, Output};
+use super::{check_shape, run_product_kernel, slice, LayerGrads, Output};
 use crate::kernels::activation::Activation;
 use crate::kernels::linear::{self, LinearParams};
 
@@ -36,7 +36,7 @@ fn linear_forward<'py>(
         .batch
         .saturating_mul(p.in_features)
         .saturating_mul(p.out_features);
-    run_kernel(py, work, || {
+    run_product_kernel(py, work, || {
         linear::forward_fused(&p, x, w, b, act, out_data)
     })?;
     Ok(out.into_array())
@@ -70,7 +70,7 @@ fn linear_backward<'py>(
         .batch
         .saturating_mul(p.in_features)
         .saturating_mul(2 * p.out_features);
-    run_kernel(py, work, || {
+    run_product_kernel(py, work, || {
         linear::backward(&p, gy, x, w, gx_data, gw_data, gb_data)
     })?;
     Ok(grads.into_arrays())

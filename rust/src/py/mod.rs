@@ -26,7 +26,7 @@ pub(crate) use arrays::{
     check_allocatable, check_shape, readable, slice, slice_mut, writeable, GradArrays, LayerGrads,
     NormGradArrays, NormGrads, Output, RunningBorrow,
 };
-pub(crate) use guard::{run_guarded, run_kernel};
+pub(crate) use guard::{run_guarded, run_kernel, run_product_kernel};
 
 #[pymodule]
 #[pyo3(name = "_core")]
