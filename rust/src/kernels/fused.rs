@@ -12,10 +12,10 @@
 //! so the same bits), or reads the window bytes, regenerates the dropout mask from the
 //! seed, routes the gradient through the pool (the forward's argmax rule) and the
 //! activation's derivative, writes that gradient into `grad_input` and sums it per plane
-//! for the batch norm; pass 2 turns it into the batch norm's input gradient in place. Each step is the unfused kernel's
-//! arithmetic in the unfused order, so the block gives the unfused chain's bits, and
-//! planes (or fixed chunks of rows) are the parallel split, so the result is the same at
-//! any thread count.
+//! for the batch norm; pass 2 turns it into the batch norm's input gradient in place.
+//! Each step is the unfused kernel's arithmetic in the unfused order, so the block gives
+//! the unfused chain's bits, and planes (or fixed chunks of rows) are the parallel split,
+//! so the result is the same at any thread count.
 //!
 //! The statistics are not accumulated in the convolution's epilogue. The batch norm sums
 //! values shifted by the first value of each channel (image 0's), which the tiles of the
