@@ -296,7 +296,8 @@ fn forward_rectified(
 
 simd_dispatch! {
     /// [`forward_rectified`] compiled for each level.
-    fn forward_portable(x: &[f32], w: usize, map: &PlaneMap, out: &mut [f32], codes: Option<&mut [u8]>) {
+    fn forward_portable(x: &[f32], w: usize, map: &PlaneMap, out: &mut [f32],
+                        codes: Option<&mut [u8]>) {
         forward_rectified(x, w, map, out, codes)
     }
 }
@@ -451,7 +452,8 @@ fn backward_codes_steps(
 
 simd_dispatch! {
     /// [`backward_codes_steps`] compiled for each level.
-    fn backward_codes_portable(x: &[f32], w: usize, map: &PlaneMap, codes: &[u8], grad: &[f32], grad_input: &mut [f32]) {
+    fn backward_codes_portable(x: &[f32], w: usize, map: &PlaneMap, codes: &[u8], grad: &[f32],
+                               grad_input: &mut [f32]) {
         backward_codes_steps(x, w, map, codes, grad, grad_input)
     }
 }
