@@ -20,8 +20,11 @@ const INTERRUPTIBLE_WORK: usize = 1 << 24;
 const ONE_THREAD_ELEMENTS: usize = 1 << 16;
 
 /// [`ONE_THREAD_ELEMENTS`] for a product's multiply-adds (a convolution's, a dense
-/// layer's): about 30 µs at AVX-512 on one core, 60 µs at AVX2.
-const ONE_THREAD_MULTIPLY_ADDS: usize = 1 << 22;
+/// layer's): about 60 µs at AVX-512 on one core (120 µs at AVX2), which two threads would
+/// finish about a hand-off sooner. LeNetBN's evaluation forward of eight images at two
+/// threads (its two convolutions, one call of 8.1M multiply-adds, on the calling thread):
+/// 225 µs, as at one thread, against 245 µs with half this bound (AMD EPYC, AVX-512).
+const ONE_THREAD_MULTIPLY_ADDS: usize = 1 << 23;
 
 /// How often a waiting caller checks for Ctrl-C while a kernel runs.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
