@@ -336,9 +336,16 @@ def test_folded_weights_never_go_stale(change, rng, assert_close):
     _assert_fresh(model, x, assert_close)
 
 
-@pytest.mark.parametrize("size", [10, 40_000])   # compared as bytes, and value by value
-def test_fold_cache_compares_bits(size):
-    _same = fusion._same
+# Compared as bytes; in Rust (float32, contiguous: whole chunks of 64 and a partial last
+# one); and as unsigned integers (strided).
+@pytest.mark.parametrize("size, strided", [(10, False), (40_000, False), (40_003, False),
+                                           (40_003, True)])
+def test_fold_cache_compares_bits(size, strided):
+    def _same(x, y):
+        if strided:   # every other value of an array twice as long
+            x, y = (None if v is None else np.repeat(v, 2)[::2] for v in (x, y))
+        return fusion._same(x, y)
+
     a = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     a[0], a[-1] = 0.0, np.nan
     assert _same(a, a.copy())
@@ -353,6 +360,18 @@ def test_fold_cache_compares_bits(size):
     assert not _same(a, a.astype(np.float64))
     assert not _same(a, a[:-1])
     assert _same(None, None) and not _same(a, None)
+
+
+def test_same_bits_compares_contiguous_float32_arrays_bit_for_bit():
+    a = np.arange(130, dtype=np.float32)
+    assert bnrs._core.same_bits(a, a.copy())
+    assert not bnrs._core.same_bits(a, a[:-1].copy())     # another length
+    b = a.copy()
+    b[129] = np.float32(129.0) + np.float32(2.0 ** -16)    # in the last, partial chunk
+    assert not bnrs._core.same_bits(a, b)
+    assert bnrs._core.same_bits(a.reshape(13, 10), a)      # lengths, not shapes
+    with pytest.raises(ValueError, match="b: expected a C-contiguous array"):
+        bnrs._core.same_bits(a[::2].copy(), a[::2])
 
 
 def test_folded_weights_follow_the_sign_of_a_zero(rng):

@@ -1,5 +1,6 @@
 //! Array arguments and results: contiguous views of the inputs, in-place buffers, shape
-//! checks, and the outputs the kernels fill (large ones from the buffer cache).
+//! checks, the outputs the kernels fill (large ones from the buffer cache), and the
+//! bitwise comparison of two arrays (`same_bits`).
 
 use numpy::{
     Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
@@ -347,5 +348,27 @@ pub(crate) fn check_shape<T: numpy::Element>(
             arr.shape()
         )));
     }
+    Ok(())
+}
+
+/// Whether two C-contiguous float32 arrays hold the same bits: -0 is not +0, NaN payloads
+/// count, and arrays of different lengths differ (their shapes are the caller's to
+/// compare). For the fold cache's check that a layer's parameters are unchanged
+/// (`bnrs.nn.fusion`): one pass in chunks the compiler vectorises, where NumPy made a
+/// boolean array and reduced it.
+#[pyfunction]
+fn same_bits(a: PyReadonlyArrayDyn<'_, f32>, b: PyReadonlyArrayDyn<'_, f32>) -> PyResult<bool> {
+    let (a, b) = (slice(&a, "a")?, slice(&b, "b")?);
+    const CHUNK: usize = 64;
+    Ok(a.len() == b.len()
+        && a.chunks(CHUNK).zip(b.chunks(CHUNK)).all(|(x, y)| {
+            x.iter()
+                .zip(y)
+                .fold(true, |same, (p, q)| same & (p.to_bits() == q.to_bits()))
+        }))
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(same_bits, m)?)?;
     Ok(())
 }

@@ -45,6 +45,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
         runtime::warn_runtime(py, &message)?;
     }
     activation::register(m)?;
+    arrays::register(m)?;
     batch_norm::register(m)?;
     conv::register(m)?;
     dropout::register(m)?;
