@@ -303,29 +303,11 @@ simd_dispatch! {
 }
 
 /// The gradient of one row of a step before the rectifier: the routed gradients of the
-/// left and right corners interleaved back into columns, through the derivative at `z`
-/// (`g` where `z > 0`, else `g·slope`, as `relu_grad_chunk`), into each half step's values
-/// of `grad_input` from its `top`, `down` further.
+/// left and right corners interleaved back into columns, through the derivative (`g`
+/// where the value's `z > 0`, `positive`, else `g·slope`, as `relu_grad_chunk`), into each
+/// half step's values of `grad_input` from its `top`, `down` further.
 #[inline(always)]
 fn row_grad(
-    z: &[f32; 2 * STEP],
-    left: &[f32; STEP],
-    right: &[f32; STEP],
-    slope: f32,
-    halves: &[(usize, usize); 2],
-    down: usize,
-    grad_input: &mut [f32],
-) {
-    let mut positive = [false; 2 * STEP];
-    for (p, &z) in positive.iter_mut().zip(z) {
-        *p = z > 0.0;
-    }
-    row_grad_signed(&positive, left, right, slope, halves, down, grad_input);
-}
-
-/// [`row_grad`] from whether each value's `z` is above zero.
-#[inline(always)]
-fn row_grad_signed(
     positive: &[bool; 2 * STEP],
     left: &[f32; STEP],
     right: &[f32; STEP],
@@ -351,6 +333,37 @@ fn row_grad_signed(
     }
 }
 
+/// A step's gradient before the rectifier, both rows, into `grad_input`: `0.0 + g` at the
+/// corner each window's pool took (`at`, 0.0 to 3.0: top left, top right, bottom left,
+/// bottom right) and 0.0 at the others, through the derivative (`top` and `bottom`: whether
+/// each value's `z` is above zero). The recomputing backward and the one from the window
+/// codes both route here, so they give the same bits by construction.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn route_step(
+    g: &[f32; STEP],
+    at: &[f32; STEP],
+    top: &[bool; 2 * STEP],
+    bottom: &[bool; 2 * STEP],
+    slope: f32,
+    halves: &[(usize, usize); 2],
+    w: usize,
+    grad_input: &mut [f32],
+) {
+    // Four arrays, not an array of four: LLVM then keeps them in registers, and
+    // interleaves them back into columns with register shuffles.
+    let (mut g0, mut g1, mut g2, mut g3) = ([0.0; STEP], [0.0; STEP], [0.0; STEP], [0.0; STEP]);
+    for i in 0..STEP {
+        let v = 0.0 + g[i];
+        g0[i] = if at[i] == 0.0 { v } else { 0.0 };
+        g1[i] = if at[i] == 1.0 { v } else { 0.0 };
+        g2[i] = if at[i] == 2.0 { v } else { 0.0 };
+        g3[i] = if at[i] == 3.0 { v } else { 0.0 };
+    }
+    row_grad(top, &g0, &g1, slope, halves, 0, grad_input);
+    row_grad(bottom, &g2, &g3, slope, halves, w, grad_input);
+}
+
 /// [`backward_rectified`] with leaky ReLU (`LEAKY`) or ReLU.
 #[inline(always)]
 fn backward_steps<const LEAKY: bool>(
@@ -372,19 +385,16 @@ fn backward_steps<const LEAKY: bool>(
                 *g = v;
             }
         }
-        // Four arrays, not an array of four: LLVM then keeps them in registers, and
-        // interleaves them back into columns with register shuffles.
-        let (mut g0, mut g1, mut g2, mut g3) = ([0.0; STEP], [0.0; STEP], [0.0; STEP], [0.0; STEP]);
+        let mut at = [0.0; STEP];
         for i in 0..STEP {
-            let (_, at) = scan(c0[i], c1[i], c2[i], c3[i]);
-            let v = 0.0 + g[i];
-            g0[i] = if at == 0.0 { v } else { 0.0 };
-            g1[i] = if at == 1.0 { v } else { 0.0 };
-            g2[i] = if at == 2.0 { v } else { 0.0 };
-            g3[i] = if at == 3.0 { v } else { 0.0 };
+            at[i] = scan(c0[i], c1[i], c2[i], c3[i]).1;
         }
-        row_grad(&z_top, &g0, &g1, slope, &halves, 0, grad_input);
-        row_grad(&z_bottom, &g2, &g3, slope, &halves, w, grad_input);
+        let (mut top, mut bottom) = ([false; 2 * STEP], [false; 2 * STEP]);
+        for j in 0..2 * STEP {
+            top[j] = z_top[j] > 0.0;
+            bottom[j] = z_bottom[j] > 0.0;
+        }
+        route_step(&g, &at, &top, &bottom, slope, &halves, w, grad_input);
     }
     uncovered_grad(x, w, map, grad_input);
 }
@@ -431,21 +441,16 @@ fn backward_codes_steps(
             g[k * HALF..][..HALF].copy_from_slice(&grad[at..at + HALF]);
             c[k * HALF..][..HALF].copy_from_slice(&codes[at..at + HALF]);
         }
-        let (mut g0, mut g1, mut g2, mut g3) = ([0.0; STEP], [0.0; STEP], [0.0; STEP], [0.0; STEP]);
+        let mut at = [0.0; STEP];
         let (mut top, mut bottom) = ([false; 2 * STEP], [false; 2 * STEP]);
         for i in 0..STEP {
-            let (at, v) = (c[i] & 3, 0.0 + g[i]);
-            g0[i] = if at == 0 { v } else { 0.0 };
-            g1[i] = if at == 1 { v } else { 0.0 };
-            g2[i] = if at == 2 { v } else { 0.0 };
-            g3[i] = if at == 3 { v } else { 0.0 };
+            at[i] = f32::from(c[i] & 3);
             top[2 * i] = c[i] & 4 != 0;
             top[2 * i + 1] = c[i] & 8 != 0;
             bottom[2 * i] = c[i] & 16 != 0;
             bottom[2 * i + 1] = c[i] & 32 != 0;
         }
-        row_grad_signed(&top, &g0, &g1, slope, &halves, 0, grad_input);
-        row_grad_signed(&bottom, &g2, &g3, slope, &halves, w, grad_input);
+        route_step(&g, &at, &top, &bottom, slope, &halves, w, grad_input);
     }
     uncovered_grad(x, w, map, grad_input);
 }
