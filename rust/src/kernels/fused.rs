@@ -597,24 +597,19 @@ pub fn backward(
     let (tile_in, tile_out) = tile_lens(p);
     let stop = crate::parallel::stop_token();
     // Pass 1: the batch norm's output gradient, and on planes its sums per plane.
-    let code_tiles: Vec<Option<&[u8]>> = match codes {
-        Some(codes) => codes.chunks(tile_out).map(Some).collect(),
-        None => (0..grad_output.len().div_ceil(tile_out))
-            .map(|_| None)
-            .collect(),
-    };
     let plane_sums: Vec<(f32, f32)> = grad_input
         .par_chunks_mut(tile_in)
         .zip(x.par_chunks(tile_in).zip(grad_output.par_chunks(tile_out)))
-        .zip(code_tiles)
         .with_min_len((4096 / tile_in).max(1))
         .enumerate()
         .map_init(
             || Scratch::new(p),
-            |scratch, (tile, ((gi, (xt, go)), codes))| {
+            |scratch, (tile, (gi, (xt, go)))| {
                 if stop.is_set() {
                     return (0.0, 0.0);
                 }
+                // The tile's codes: as many as its output gradient has values.
+                let codes = codes.map(|codes| &codes[tile * tile_out..][..go.len()]);
                 grad_before_activation(p, &affine, tile, xt, go, gi, scratch, codes);
                 match p.tiles() {
                     Tiles::Planes => plane_grad_sums(gi, xt, save_mean[tile % bn.channels]),

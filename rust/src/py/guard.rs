@@ -44,10 +44,7 @@ pub(crate) fn run_kernel<T: Send>(
     work: usize,
     kernel: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    let one_thread = work < ONE_THREAD_ELEMENTS;
-    run_guarded_on(py, work >= INTERRUPTIBLE_WORK, one_thread, || {
-        crate::clock::timed(kernel)
-    })
+    run_sized(py, work, ONE_THREAD_ELEMENTS, kernel)
 }
 
 /// [`run_kernel`] for a product whose work is counted in multiply-adds: fewer than
@@ -57,8 +54,19 @@ pub(crate) fn run_product_kernel<T: Send>(
     multiply_adds: usize,
     kernel: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    let one_thread = multiply_adds < ONE_THREAD_MULTIPLY_ADDS;
-    run_guarded_on(py, multiply_adds >= INTERRUPTIBLE_WORK, one_thread, || {
+    run_sized(py, multiply_adds, ONE_THREAD_MULTIPLY_ADDS, kernel)
+}
+
+/// A timed kernel call of `work`: on the calling thread alone below `one_thread_below`,
+/// watched for Ctrl-C from [`INTERRUPTIBLE_WORK`].
+fn run_sized<T: Send>(
+    py: Python<'_>,
+    work: usize,
+    one_thread_below: usize,
+    kernel: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    let one_thread = work < one_thread_below;
+    run_guarded_on(py, work >= INTERRUPTIBLE_WORK, one_thread, || {
         crate::clock::timed(kernel)
     })
 }
