@@ -1,11 +1,13 @@
 """Fusion in Sequential: conv/linear → batch norm → activation blocks in evaluation, batch
 norm → activation → pool → dropout blocks in training.
 
-Fused and unfused outputs differ by float32 rounding only: folding the batch norm into
-the weights rounds ``w·γ/√(σ²+ε)`` to float32 before the GEMM, whose sums then round
-differently from the unfused GEMM's followed by the normalisation. The tolerance below is
-that rounding bounded term by term, not a loosened comparison. An activation without a
-batch norm changes nothing in the arithmetic, so it must give the unfused bits.
+A convolution's fused and unfused outputs differ by float32 rounding only: folding the
+batch norm into the weights rounds ``w·γ/√(σ²+ε)`` to float32 before the convolution,
+whose sums then round differently from the unfused ones followed by the normalisation.
+The tolerance below is that rounding bounded term by term, not a loosened comparison. A
+linear layer's batch norm is not folded but applied to the layer's output by the kernel,
+in the normalisation's own arithmetic, and an activation without a batch norm changes
+nothing in the arithmetic: both must give the unfused bits.
 
 Training blocks do each unfused kernel's arithmetic in the unfused order (statistics,
 normalisation, activation, pool, dropout mask; backward likewise), so outputs, gradients
@@ -26,6 +28,7 @@ from bnrs import functional as F
 from bnrs.nn import fusion
 from bnrs.nn.fusion import TrainBlock
 from bnrs.nn.spec import DEFAULT_ARCHITECTURE, from_spec
+from bnrs.training import num_threads
 
 UNIT_ROUNDOFF = 2.0 ** -24
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -85,10 +88,10 @@ def _outputs(model, x):
 
 
 def _folding_bound(model, x) -> np.ndarray:
-    """Per output element, a bound on |fused - unfused| for a one-block ``model``.
+    """Per output element, a bound on |fused - unfused| for a one-block convolution
+    ``model``.
 
-    With s = γ/√(σ²+ε) and A = Σ|w||x| over the K = C_in·kH·kW (or in_features) terms of
-    an output, each GEMM's sum errs by at most K·u·A (u = 2⁻²⁴), the folded weights by u
+    With s = γ/√(σ²+ε) and A = Σ|w||x| over the K = C_in·kH·kW terms of an output, each GEMM's sum errs by at most K·u·A (u = 2⁻²⁴), the folded weights by u
     each, and the normalisation and the folded bias by a few u of |s|(|z| + |b| + |μ|) +
     |β|: (2K + 8)·u·(|s|(A + |b| + |μ|) + |β|). Every activation here is 1-Lipschitz, so
     the bound holds after it too.
@@ -96,15 +99,10 @@ def _folding_bound(model, x) -> np.ndarray:
     layer = model[0]
     norm = model[1] if len(model) > 1 and isinstance(model[1], NORMS) else None
     absolute_weight = np.abs(layer.weight.data)
-    if isinstance(layer, nn.Conv2d):
-        magnitude = F.conv2d(np.abs(x), absolute_weight, None, layer.stride, layer.padding,
-                             layer.dilation).astype(np.float64)
-        terms = absolute_weight[0].size
-        channel_shape = (1, -1, 1, 1)
-    else:
-        magnitude = (np.abs(x).astype(np.float64) @ absolute_weight.T.astype(np.float64))
-        terms = layer.in_features
-        channel_shape = (1, -1)
+    magnitude = F.conv2d(np.abs(x), absolute_weight, None, layer.stride, layer.padding,
+                         layer.dilation).astype(np.float64)
+    terms = absolute_weight[0].size
+    channel_shape = (1, -1, 1, 1)
     bias = 0.0 if layer.bias is None else np.abs(layer.bias.data).reshape(channel_shape)
     if norm is None:
         return np.zeros_like(magnitude)
@@ -145,19 +143,27 @@ def test_conv_blocks_match_unfused_within_folding_rounding(case, activation, nor
     _assert_within_folding(model, x)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("norm_kind", [None, "affine", "plain"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("batch, in_features, out_features, bias",
                          [(1, 1, 5, True), (7, 3, 16, False), (7, 37, 16, True),
-                          (40, 16, 3, True)])
-def test_linear_blocks_match_unfused_within_folding_rounding(
-        batch, in_features, out_features, bias, activation, norm_kind, rng):
+                          (40, 16, 3, True), (700, 300, 33, True)])
+def test_linear_blocks_give_the_unfused_bits(
+        batch, in_features, out_features, bias, activation, norm_kind, threads, rng):
+    # The last shape is blocks of rows on both threads, each normalised as its product
+    # ends; the unfused batch norm normalises the whole output after it.
     if activation is None and norm_kind is None:
         pytest.skip("a lone linear layer is no block")
     linear = nn.Linear(in_features, out_features, bias=bias, random_state=2)
     model = _block(linear, norm_kind, activation, rng)
-    x = rng.standard_normal((batch, in_features)).astype(np.float32)
-    _assert_within_folding(model, x)
+    x = (3.0 * rng.standard_normal((batch, in_features))).astype(np.float32)
+    with num_threads(threads):
+        steps = fusion.fusion_plan(list(model), {})
+        assert len(steps) == 1 and isinstance(steps[0], fusion.FusedBlock)
+        fused, unfused = _outputs(model, x)
+    assert fused.dtype == np.float32 and fused.shape == unfused.shape
+    np.testing.assert_array_equal(fused, unfused)
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid", "tanh"])
@@ -185,6 +191,24 @@ def test_functional_fused_relu_is_conv_then_relu(rng):
                                   F.conv2d(x, weight, None, 2, 0))
     with pytest.raises(ValueError, match="activation"):
         F._conv2d_fused(x, weight, bias, 1, 1, 1, "gelu")
+
+
+def test_functional_fused_linear_norm_is_linear_then_batch_norm(rng):
+    x = rng.standard_normal((9, 12)).astype(np.float32)
+    weight = rng.standard_normal((5, 12)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    gamma, beta, mean = (rng.standard_normal(5).astype(np.float32) for _ in range(3))
+    var = rng.uniform(0.2, 2.0, 5).astype(np.float32)
+    expected = F.batch_norm(F.linear(x, weight, bias), mean, var, gamma, beta,
+                            training=False, eps=1e-3)
+    got = F._linear_fused(x, weight, bias, None, 0.0, (gamma, beta, mean, var, 1e-3))
+    np.testing.assert_array_equal(got, expected)
+    for norm, name in [((gamma[:4], beta, mean, var, 1e-3), "norm weight"),
+                       ((gamma, beta, mean, var[:4], 1e-3), "running_var"),
+                       ((None, None, mean[:3], var, 1e-3), "running_mean"),
+                       ((None, None, mean, var, -1.0), "eps")]:
+        with pytest.raises(ValueError, match=name):
+            F._linear_fused(x, weight, bias, "relu", 0.0, norm)
 
 
 def _lenet(rng, n_classes=10):

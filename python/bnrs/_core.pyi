@@ -184,6 +184,7 @@ def linear_forward(
     bias: Optional[_F32],
     activation: Optional[str] = None,
     negative_slope: float = 0.0,
+    norm: Optional[Tuple[Optional[_F32], Optional[_F32], _F32, _F32, float]] = None,
 ) -> _F32: ...
 def linear_backward(
     grad_output: _F32, input: _F32, weight: _F32, bias: bool, input_grad: bool

@@ -547,13 +547,20 @@ def linear(input, weight, bias=None) -> np.ndarray:
                                 _optional_float32(bias, "bias"))
 
 
-def _linear_fused(input, weight, bias, activation=None,
-                  negative_slope: float = 0.0) -> np.ndarray:
-    """:func:`linear` with ``activation`` applied to each block of rows inside the kernel
-    (see :func:`_conv2d_fused`)."""
+def _linear_fused(input, weight, bias, activation=None, negative_slope: float = 0.0,
+                  norm: tuple | None = None) -> np.ndarray:
+    """:func:`linear` with a batch norm in evaluation, then ``activation``, applied to each
+    block of rows inside the kernel (see :func:`_conv2d_fused`), with the bits of the
+    layers one by one. ``norm`` is ``(weight, bias, running_mean, running_var, eps)`` of
+    the batch norm, or None."""
+    if norm is not None:
+        gamma, beta, running_mean, running_var, eps = norm
+        norm = (_optional_float32(gamma, "weight"), _optional_float32(beta, "bias"),
+                as_float32(running_mean, "running_mean"),
+                as_float32(running_var, "running_var"), _real(eps, "eps"))
     return _core.linear_forward(as_float32(input, "input"), as_float32(weight, "weight"),
                                 _optional_float32(bias, "bias"), activation,
-                                _real(negative_slope, "negative_slope"))
+                                _real(negative_slope, "negative_slope"), norm)
 
 
 def linear_backward(grad_output, input, weight, bias: bool = True, input_grad: bool = True):

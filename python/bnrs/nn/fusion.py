@@ -108,8 +108,15 @@ def _foldable(layer, norm) -> bool:
 
 
 class FusedBlock:
-    """A conv or linear layer with an optional folded batch norm and activation, and (after
-    a conv) an optional 2×2 pool ("max" or "avg").
+    """A conv or linear layer with an optional batch norm in evaluation and activation, and
+    (after a conv) an optional 2×2 pool ("max" or "avg").
+
+    A conv's batch norm is folded into its weight and bias (cached, and refolded when a
+    source value changes). A linear layer's is applied by the kernel to each block of
+    output rows, from the norm's own parameters: its weight is read as it is, where a fold
+    had to compare it with its copy at every call (a read of twice the weight, as much as
+    the product itself for one sample), and the output has the bits of the layers one by
+    one.
 
     ``modules`` are the Sequential's children it stands for (for re-running them unfused).
     """
@@ -165,13 +172,20 @@ class FusedBlock:
         return folded_weight, shift.astype(np.float32)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        weight, bias = self.folded()
         name, slope = self.activation if self.activation is not None else (None, 0.0)
         layer = self.layer
         if isinstance(layer, Conv2d):
+            weight, bias = self.folded()
             return F._conv2d_fused(x, weight, bias, layer.stride, layer.padding,
                                    layer.dilation, name, slope, self.pool, layer.groups)
-        return F._linear_fused(x, weight, bias, name, slope)
+        norm = self.norm
+        if norm is not None:
+            norm = (None if norm.weight is None else norm.weight.data,
+                    None if norm.bias is None else norm.bias.data,
+                    norm.running_mean, norm.running_var, norm.eps)
+        return F._linear_fused(x, layer.weight.data,
+                               None if layer.bias is None else layer.bias.data,
+                               name, slope, norm)
 
 
 class TrainBlock:

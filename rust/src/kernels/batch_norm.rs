@@ -189,6 +189,18 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
+    /// values[c] = (values[c] - mean[c])·a[c] + b[c], for rows of C values: the
+    /// arithmetic of [`rows_normalise`], in place.
+    pub(crate) fn rows_normalise_in_place(values: &mut [f32], mean: &[f32], a: &[f32], b: &[f32]) {
+        for row in values.chunks_exact_mut(a.len()) {
+            for (((v, &m), &aa), &bb) in row.iter_mut().zip(mean).zip(a).zip(b) {
+                *v = (*v - m) * aa + bb;
+            }
+        }
+    }
+}
+
+simd_dispatch! {
     /// out[c] = (x[c] - mean[c])·a[c] + b[c], for rows of C values.
     pub(crate) fn rows_normalise(x: &[f32], out: &mut [f32], mean: &[f32], a: &[f32], b: &[f32]) {
         for (o_row, x_row) in out.chunks_exact_mut(a.len()).zip(x.chunks_exact(a.len())) {
@@ -446,13 +458,27 @@ pub fn forward_eval(
     p.check_channel_vector("bias", beta)?;
     check_len("running_mean", running_mean.len(), p.channels)?;
     check_len("running_var", running_var.len(), p.channels)?;
-    for c in 0..p.channels {
-        save_mean[c] = running_mean[c];
-        save_invstd[c] = (1.0 / (f64::from(running_var[c]) + f64::from(p.eps)).sqrt()) as f32;
-    }
-    let (scale, shift) = affine_coefficients(p, gamma, beta, save_invstd);
+    save_mean.copy_from_slice(running_mean);
+    let (scale, shift) = eval_coefficients(p, gamma, beta, running_var, save_invstd);
     normalise(p, x, y, save_mean, &scale, &shift);
     Ok(())
+}
+
+/// The evaluation's `(scale, shift)` per channel (the output is `(x - running_mean)·scale
+/// + shift`), with `1/sqrt(running_var + eps)` written to `invstd`: what
+/// [`forward_eval`] applies, for a kernel that applies it to its own output (the
+/// evaluation's dense layer followed by a batch norm, [`crate::kernels::linear`]).
+pub(crate) fn eval_coefficients(
+    p: &BatchNormParams,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    running_var: &[f32],
+    invstd: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    for (s, &var) in invstd.iter_mut().zip(running_var) {
+        *s = (1.0 / (f64::from(var) + f64::from(p.eps)).sqrt()) as f32;
+    }
+    affine_coefficients(p, gamma, beta, invstd)
 }
 
 /// Gradients of batch normalisation. `training` says whether the forward used batch

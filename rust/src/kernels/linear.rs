@@ -8,6 +8,7 @@
 use rayon::prelude::*;
 
 use super::activation::{self, Activation};
+use super::batch_norm;
 use super::gemm::{sgemm, MatRef};
 use crate::error::{check_len, checked_size, Error, Result};
 use crate::parallel::chunk_len;
@@ -129,22 +130,39 @@ pub fn forward(
     bias: Option<&[f32]>,
     output: &mut [f32],
 ) -> Result<()> {
-    forward_fused(p, input, weight, bias, None, output)
+    forward_fused(p, input, weight, bias, None, None, output)
 }
 
-/// [`forward`] with `activation` applied to each block of rows as soon as its GEMM ends,
-/// while the block is in cache: the same bits as the activation applied afterwards.
+/// A batch norm in evaluation applied to a dense layer's output, feature by feature:
+/// `(y - mean)·scale + shift` (the coefficients of
+/// [`crate::kernels::batch_norm::eval_coefficients`]).
+#[derive(Clone, Copy)]
+pub struct EvalNorm<'a> {
+    pub mean: &'a [f32],
+    pub scale: &'a [f32],
+    pub shift: &'a [f32],
+}
+
+/// [`forward`] with `norm`, then `activation`, applied to each block of rows as soon as
+/// its GEMM ends, while the block is in cache: the same bits as the batch norm's
+/// evaluation forward and the activation applied afterwards.
 pub fn forward_fused(
     p: &LinearParams,
     input: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
+    norm: Option<EvalNorm<'_>>,
     activation: Option<Activation>,
     output: &mut [f32],
 ) -> Result<()> {
     p.check(input.len(), weight.len(), output.len())?;
     if let Some(b) = bias {
         check_len("bias", b.len(), p.out_features)?;
+    }
+    if let Some(n) = norm {
+        check_len("running_mean", n.mean.len(), p.out_features)?;
+        check_len("norm scale", n.scale.len(), p.out_features)?;
+        check_len("norm shift", n.shift.len(), p.out_features)?;
     }
     let stop = crate::parallel::stop_token();
     let jobs = RowJobs::new(p.batch);
@@ -166,6 +184,9 @@ pub fn forward_fused(
                 let out = &mut out[first * out_f..(first + rows) * out_f];
                 product(p, x, weight, bias.is_some(), out, &stop);
             });
+            if let Some(n) = norm {
+                batch_norm::rows_normalise_in_place(out, n.mean, n.scale, n.shift);
+            }
             if let Some(act) = activation {
                 activation::apply_in_place(act, out);
             }
@@ -412,6 +433,67 @@ mod tests {
             merged += usize::from(batch > rows && general_path(out_f, rows, in_f));
         }
         assert!(merged >= 4, "only {merged} shapes merge blocks");
+    }
+
+    #[test]
+    fn a_batch_norm_and_activation_in_the_kernel_give_the_bits_of_the_layers() {
+        use crate::kernels::batch_norm::{eval_coefficients, forward_eval, BatchNormParams};
+        let act = Activation::from_name("leaky_relu", 0.1).unwrap();
+        for (batch, in_f, out_f) in [(1, 37, 65), (700, 300, 33), (64, 1568, 128)] {
+            let p = LinearParams {
+                batch,
+                in_features: in_f,
+                out_features: out_f,
+            };
+            let (x, w, b) = (
+                values(batch * in_f, 1),
+                values(out_f * in_f, 2),
+                values(out_f, 3),
+            );
+            let (gamma, beta, mean) = (values(out_f, 5), values(out_f, 6), values(out_f, 7));
+            let var: Vec<f32> = values(out_f, 8).iter().map(|v| v.abs() + 0.1).collect();
+            let np = BatchNormParams::new(&[batch, out_f], 1e-3).unwrap();
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let (fused, layers) = pool.install(|| {
+                    let mut invstd = vec![0.0f32; out_f];
+                    let (scale, shift) =
+                        eval_coefficients(&np, Some(&gamma), Some(&beta), &var, &mut invstd);
+                    let norm = EvalNorm {
+                        mean: &mean,
+                        scale: &scale,
+                        shift: &shift,
+                    };
+                    let mut fused = vec![f32::NAN; batch * out_f];
+                    forward_fused(&p, &x, &w, Some(&b), Some(norm), Some(act), &mut fused).unwrap();
+                    let mut y = vec![f32::NAN; batch * out_f];
+                    forward(&p, &x, &w, Some(&b), &mut y).unwrap();
+                    let mut layers = vec![f32::NAN; batch * out_f];
+                    let (mut m, mut s) = (vec![0.0f32; out_f], vec![0.0f32; out_f]);
+                    forward_eval(
+                        &np,
+                        &y,
+                        Some(&gamma),
+                        Some(&beta),
+                        &mean,
+                        &var,
+                        &mut layers,
+                        &mut m,
+                        &mut s,
+                    )
+                    .unwrap();
+                    activation::apply_in_place(act, &mut layers);
+                    (fused, layers)
+                });
+                assert!(
+                    bits(&fused) == bits(&layers),
+                    "{batch}x{in_f}->{out_f}, {threads} threads"
+                );
+            }
+        }
     }
 
     #[test]

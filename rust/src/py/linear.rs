@@ -5,14 +5,26 @@ use pyo3::prelude::*;
 
 use super::{check_shape, run_product_kernel, slice, LayerGrads, Output};
 use crate::kernels::activation::Activation;
+use crate::kernels::batch_norm::{self, BatchNormParams};
 use crate::kernels::linear::{self, LinearParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
 
-/// y = f(x·Wᵀ + b), f an optional activation (a name as `activation_forward` takes)
-/// applied per block of rows inside the kernel.
+/// A batch norm in evaluation after the layer: (weight, bias, running_mean, running_var,
+/// eps), as `batch_norm_forward` takes them.
+type NormArgs<'py> = (
+    Option<PyReadonlyArrayDyn<'py, f32>>,
+    Option<PyReadonlyArrayDyn<'py, f32>>,
+    PyReadonlyArrayDyn<'py, f32>,
+    PyReadonlyArrayDyn<'py, f32>,
+    f32,
+);
+
+/// y = f(norm(x·Wᵀ + b)), `norm` an optional batch norm in evaluation (its running
+/// statistics) and f an optional activation (a name as `activation_forward` takes), both
+/// applied per block of rows inside the kernel, with the bits of the layers one by one.
 #[pyfunction]
-#[pyo3(signature = (input, weight, bias, activation=None, negative_slope=0.0))]
+#[pyo3(signature = (input, weight, bias, activation=None, negative_slope=0.0, norm=None))]
 fn linear_forward<'py>(
     py: Python<'py>,
     input: PyReadonlyArrayDyn<'py, f32>,
@@ -20,6 +32,7 @@ fn linear_forward<'py>(
     bias: Option<PyReadonlyArrayDyn<'py, f32>>,
     activation: Option<&str>,
     negative_slope: f32,
+    norm: Option<NormArgs<'py>>,
 ) -> PyResult<Array<'py>> {
     let p = LinearParams::new(input.shape(), weight.shape())?;
     let act = activation
@@ -30,6 +43,33 @@ fn linear_forward<'py>(
     }
     let (x, w) = (slice(&input, "input")?, slice(&weight, "weight")?);
     let b = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
+    // The batch norm's coefficients, as its evaluation forward computes them.
+    let coefficients = match &norm {
+        None => None,
+        Some((gamma, beta, running_mean, running_var, eps)) => {
+            let c = [p.out_features];
+            let np = BatchNormParams::new(&[p.batch, p.out_features], *eps)?;
+            for (arr, name) in [(gamma, "norm weight"), (beta, "norm bias")] {
+                if let Some(a) = arr {
+                    check_shape(a, name, &c)?;
+                }
+            }
+            check_shape(running_mean, "running_mean", &c)?;
+            check_shape(running_var, "running_var", &c)?;
+            let gamma = gamma
+                .as_ref()
+                .map(|g| slice(g, "norm weight"))
+                .transpose()?;
+            let beta = beta.as_ref().map(|b| slice(b, "norm bias")).transpose()?;
+            let var = slice(running_var, "running_var")?;
+            let mut invstd = vec![0.0f32; p.out_features];
+            let (scale, shift) = batch_norm::eval_coefficients(&np, gamma, beta, var, &mut invstd);
+            Some((slice(running_mean, "running_mean")?, scale, shift))
+        }
+    };
+    let eval_norm = coefficients
+        .as_ref()
+        .map(|(mean, scale, shift)| linear::EvalNorm { mean, scale, shift });
     let mut out = Output::new(py, "output", &[p.batch, p.out_features])?;
     let out_data = out.data();
     let work = p
@@ -37,7 +77,7 @@ fn linear_forward<'py>(
         .saturating_mul(p.in_features)
         .saturating_mul(p.out_features);
     run_product_kernel(py, work, || {
-        linear::forward_fused(&p, x, w, b, act, out_data)
+        linear::forward_fused(&p, x, w, b, eval_norm, act, out_data)
     })?;
     Ok(out.into_array())
 }
