@@ -314,8 +314,8 @@ def _same(a, b) -> bool:
         # NumPy's calls.
         return a.tobytes() == b.tobytes()
     if a.dtype == np.float32 and a.flags.c_contiguous and b.flags.c_contiguous:
-        # A layer's parameters: one pass in Rust, where NumPy makes a boolean array and
-        # reduces it (LeNetBN's 800 KB fc1 weight: a fifth of a one-image forward).
+        # A convolution's parameters: one pass in Rust, where NumPy makes a boolean array
+        # and reduces it (an 800 KB weight took a fifth of LeNetBN's one-image forward).
         return _core.same_bits(a, b)
     return bool((a.view(bits) == b.view(bits)).all())
 
