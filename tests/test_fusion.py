@@ -91,10 +91,11 @@ def _folding_bound(model, x) -> np.ndarray:
     """Per output element, a bound on |fused - unfused| for a one-block convolution
     ``model``.
 
-    With s = γ/√(σ²+ε) and A = Σ|w||x| over the K = C_in·kH·kW terms of an output, each GEMM's sum errs by at most K·u·A (u = 2⁻²⁴), the folded weights by u
-    each, and the normalisation and the folded bias by a few u of |s|(|z| + |b| + |μ|) +
-    |β|: (2K + 8)·u·(|s|(A + |b| + |μ|) + |β|). Every activation here is 1-Lipschitz, so
-    the bound holds after it too.
+    With s = γ/√(σ²+ε) and A = Σ|w||x| over the K = C_in·kH·kW terms of an output, each
+    sum errs by at most K·u·A (u = 2⁻²⁴), the folded weights by u each, and the
+    normalisation and the folded bias by a few u of |s|(|z| + |b| + |μ|) + |β|:
+    (2K + 8)·u·(|s|(A + |b| + |μ|) + |β|). Every activation here is 1-Lipschitz, so the
+    bound holds after it too.
     """
     layer = model[0]
     norm = model[1] if len(model) > 1 and isinstance(model[1], NORMS) else None

@@ -555,7 +555,7 @@ def _linear_fused(input, weight, bias, activation=None, negative_slope: float = 
     the batch norm, or None."""
     if norm is not None:
         gamma, beta, running_mean, running_var, eps = norm
-        norm = (_optional_float32(gamma, "weight"), _optional_float32(beta, "bias"),
+        norm = (_optional_float32(gamma, "norm weight"), _optional_float32(beta, "norm bias"),
                 as_float32(running_mean, "running_mean"),
                 as_float32(running_var, "running_var"), _real(eps, "eps"))
     return _core.linear_forward(as_float32(input, "input"), as_float32(weight, "weight"),
