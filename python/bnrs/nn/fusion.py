@@ -2,30 +2,30 @@
 evaluation, batch norm → activation → pool → dropout in training.
 
 In evaluation a batch norm with running statistics is an affine map per channel, so it
-folds into the preceding convolution's weights and bias:
-``w' = w·γ/√(σ²+ε)`` per output channel, ``b' = (b-μ)·γ/√(σ²+ε)+β``. After a linear
-layer it is not folded: the linear kernel applies the norm's own arithmetic to each block
-of output rows while it is in cache (the unfused bits, and no weight copy to compare per
-call, see :class:`FusedBlock`). The activation that follows runs inside the convolution
-or linear kernel on each output tile while it is in cache (the kernels' epilogue). A 2×2, stride-2, unpadded MaxPool2d/AvgPool2d after that
-runs in the same kernel call, on each image's output while it is in cache (the pool's own
-plane functions, so its bits). Two such pooled convolution blocks in a row run as one
-:class:`FusedChain`: one kernel call that takes each image through both, so the first
-block's output never exists for the whole batch (same bits). Dropout is the identity in
-evaluation and runs as itself.
+folds into the preceding convolution's weights and bias: ``w' = w·γ/√(σ²+ε)`` per output
+channel, ``b' = (b-μ)·γ/√(σ²+ε)+β``. After a linear layer it is not folded: the linear
+kernel applies the norm's own arithmetic to each block of output rows while it is in
+cache (the unfused bits, and no weight copy to compare per call, see
+:class:`FusedBlock`). The activation that follows runs inside the convolution or linear
+kernel on each output tile while it is in cache (the kernels' epilogue). A 2×2,
+stride-2, unpadded MaxPool2d/AvgPool2d after that runs in the same kernel call, on each
+image's output while it is in cache (the pool's own plane functions, so its bits). Two
+such pooled convolution blocks in a row run as one :class:`FusedChain`: one kernel call
+that takes each image through both, so the first block's output never exists for the
+whole batch (same bits). Dropout is the identity in evaluation and runs as itself.
 
 The folded weights are exact in real numbers but not in float32: a convolution block's
 fused output differs from the unfused one by rounding (one product and one sum per
 weight, folded before the convolution instead of applied after it). An activation alone,
 without a batch norm, and a linear block give the unfused bits.
 
-Staleness rule: each fused convolution block keeps its folded weights with a copy of every value they
-were folded from (weight, bias, γ, β, running mean and variance, ε) and reuses them only
-while all of these hold the same bits (dtype, shape and every bit, so also the sign of a
-zero and a NaN's payload), checked at every fused forward. That costs one comparison pass
-over the parameters per forward and is never stale, whatever changed them:
-``load_state_dict``, an optimizer step, an in-place edit of ``.data`` or of a running
-statistic, a new array assigned to ``.data``.
+Staleness rule: each fused convolution block keeps its folded weights with a copy of
+every value they were folded from (weight, bias, γ, β, running mean and variance, ε) and
+reuses them only while all of these hold the same bits (dtype, shape and every bit, so
+also the sign of a zero and a NaN's payload), checked at every fused forward. That costs
+one comparison pass over the parameters per forward and is never stale, whatever changed
+them: ``load_state_dict``, an optimizer step, an in-place edit of ``.data`` or of a
+running statistic, a new array assigned to ``.data``.
 
 Training: a BatchNorm2d (or BatchNorm1d) in training mode followed by an activation, a
 2×2 stride-2 unpadded MaxPool2d/AvgPool2d (after BatchNorm2d) and/or a Dropout/Dropout2d
