@@ -322,19 +322,25 @@ mod tests {
         (160, 70, 66),
     ];
 
-    /// The three products of each shape at `threads` threads: forward, input and weight
-    /// gradients.
-    fn products(threads: usize, batch: usize, in_f: usize, out_f: usize) -> [Vec<f32>; 3] {
+    /// A layer of the shape and its input, weight and bias (values from salts 1, 2, 3).
+    fn layer(batch: usize, in_f: usize, out_f: usize) -> (LinearParams, [Vec<f32>; 3]) {
         let p = LinearParams {
             batch,
             in_features: in_f,
             out_features: out_f,
         };
-        let (x, w, b) = (
+        let xwb = [
             values(batch * in_f, 1),
             values(out_f * in_f, 2),
             values(out_f, 3),
-        );
+        ];
+        (p, xwb)
+    }
+
+    /// The three products of each shape at `threads` threads: forward, input and weight
+    /// gradients.
+    fn products(threads: usize, batch: usize, in_f: usize, out_f: usize) -> [Vec<f32>; 3] {
+        let (p, [x, w, b]) = layer(batch, in_f, out_f);
         let gy = values(batch * out_f, 4);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -352,11 +358,7 @@ mod tests {
     /// The same products, one per block of `row_block` rows, each block computed alone.
     fn per_block(batch: usize, in_f: usize, out_f: usize) -> [Vec<f32>; 3] {
         let stop = crate::parallel::stop_token();
-        let (x, w, b) = (
-            values(batch * in_f, 1),
-            values(out_f * in_f, 2),
-            values(out_f, 3),
-        );
+        let (_, [x, w, b]) = layer(batch, in_f, out_f);
         let gy = values(batch * out_f, 4);
         let mut y = vec![f32::NAN; batch * out_f];
         let rows = row_block(batch);
@@ -440,16 +442,7 @@ mod tests {
         use crate::kernels::batch_norm::{eval_coefficients, forward_eval, BatchNormParams};
         let act = Activation::from_name("leaky_relu", 0.1).unwrap();
         for (batch, in_f, out_f) in [(1, 37, 65), (700, 300, 33), (64, 1568, 128)] {
-            let p = LinearParams {
-                batch,
-                in_features: in_f,
-                out_features: out_f,
-            };
-            let (x, w, b) = (
-                values(batch * in_f, 1),
-                values(out_f * in_f, 2),
-                values(out_f, 3),
-            );
+            let (p, [x, w, b]) = layer(batch, in_f, out_f);
             let (gamma, beta, mean) = (values(out_f, 5), values(out_f, 6), values(out_f, 7));
             let var: Vec<f32> = values(out_f, 8).iter().map(|v| v.abs() + 0.1).collect();
             let np = BatchNormParams::new(&[batch, out_f], 1e-3).unwrap();
