@@ -903,7 +903,7 @@ fn stage_forward(
         } => {
             let p = LinearParams::new(&in_shape, weight_shape)?;
             let (w, b) = (param(arrays, *weight), bias.map(|b| param(arrays, b)));
-            timed(|| linear::forward_fused(&p, x, w, b, None, None, out))
+            timed(|| linear::forward(&p, x, w, b, out))
         }
         LayerKind::BatchNorm {
             weight,
@@ -1466,29 +1466,11 @@ mod tests {
             LinearParams::new(&[n, h], &[o, h]).unwrap(),
         );
         let mut hidden = vec![0.0; n * h];
-        linear::forward_fused(
-            &p1,
-            &x,
-            &params[0],
-            Some(&params[1]),
-            None,
-            None,
-            &mut hidden,
-        )
-        .unwrap();
+        linear::forward(&p1, &x, &params[0], Some(&params[1]), &mut hidden).unwrap();
         let mut act = vec![0.0; n * h];
         activation::forward(Activation::Relu, &hidden, &mut act).unwrap();
         let mut logits = vec![0.0; n * o];
-        linear::forward_fused(
-            &p2,
-            &act,
-            &params[2],
-            Some(&params[3]),
-            None,
-            None,
-            &mut logits,
-        )
-        .unwrap();
+        linear::forward(&p2, &act, &params[2], Some(&params[3]), &mut logits).unwrap();
         let classes = ClassesParams::new(&[n, o]).unwrap();
         let loss = loss::cross_entropy(&classes, &logits, &target, None).unwrap();
         let mut g_logits = vec![0.0; n * o];
