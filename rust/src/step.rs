@@ -934,12 +934,17 @@ fn stage_forward(
             let p = block_params(&stage.kind, &in_shape, *eps, seeds)?;
             resize_scratch(&mut stage.save_mean, p.bn.channels, SAVED)?;
             resize_scratch(&mut stage.save_invstd, p.bn.channels, SAVED)?;
-            resize_scratch(&mut stage.window_codes, p.out_len(), SAVED)?;
             let gamma = weight.map(|w| &*arrays.data[w]);
             let beta = bias.map(|b| &*arrays.data[b]);
             let stats = running.map(|r| &mut arrays.running[r]);
             let (mean, invstd) = (&mut stage.save_mean, &mut stage.save_invstd);
-            let codes = Some(&mut stage.window_codes[..]);
+            // Window codes only for the blocks that write them (not a BatchNorm1d's).
+            let codes = if p.writes_window_codes() {
+                resize_scratch(&mut stage.window_codes, p.out_len(), SAVED)?;
+                Some(&mut stage.window_codes[..])
+            } else {
+                None
+            };
             train_norm(stats, *momentum, |running| {
                 timed(|| {
                     fused::forward_train(&p, x, gamma, beta, running, out, mean, invstd, codes)
@@ -1191,7 +1196,7 @@ fn stage_backward(
             let p = block_params(&stage.kind, &in_shape, 0.0, seeds)?;
             let gx = grad_input.expect(norm_grad);
             let (mean, invstd) = (&stage.save_mean[..], &stage.save_invstd[..]);
-            let codes = Some(&stage.window_codes[..]);
+            let codes = p.writes_window_codes().then_some(&stage.window_codes[..]);
             let beta = bias.map(|b| &*data[b]);
             match (weight, bias) {
                 (Some(w), Some(b)) => {

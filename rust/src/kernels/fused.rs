@@ -250,22 +250,33 @@ impl Affine<'_> {
     }
 }
 
-/// The plane's map for the kernels of [`max_relu`], when they run the tile: planes,
-/// (leaky) ReLU then a 2×2 max pool.
-fn max_relu_map(p: &BnBlockParams, affine: &Affine<'_>, tile: usize) -> Option<max_relu::PlaneMap> {
-    use max_relu::Rectifier;
-    let rectifier = match p.activation {
-        Some(Activation::Relu) => Rectifier::Relu,
-        Some(Activation::LeakyRelu(slope)) => Rectifier::Leaky(slope),
-        _ => return None,
-    };
-    let plane_w = p.plane_hw.map_or(0, |(_, w)| w);
-    if p.pool != Some(Pool2x2::Max)
-        || !matches!(p.tiles(), Tiles::Planes)
-        || !max_relu::takes(plane_w)
-    {
-        return None;
+impl BnBlockParams {
+    /// The rectifier of the [`max_relu`] kernels when they run the block's planes:
+    /// planes, (leaky) ReLU then a 2×2 max pool, of a width they take.
+    fn max_relu_rectifier(&self) -> Option<max_relu::Rectifier> {
+        use max_relu::Rectifier;
+        let rectifier = match self.activation {
+            Some(Activation::Relu) => Rectifier::Relu,
+            Some(Activation::LeakyRelu(slope)) => Rectifier::Leaky(slope),
+            _ => return None,
+        };
+        let plane_w = self.plane_hw.map_or(0, |(_, w)| w);
+        (self.pool == Some(Pool2x2::Max)
+            && matches!(self.tiles(), Tiles::Planes)
+            && max_relu::takes(plane_w))
+        .then_some(rectifier)
     }
+
+    /// Whether [`forward_train`] writes window codes for this block (and [`backward`]
+    /// reads them): only where the [`max_relu`] kernels run it. Other blocks ignore them.
+    pub fn writes_window_codes(&self) -> bool {
+        self.max_relu_rectifier().is_some()
+    }
+}
+
+/// The plane's map for the kernels of [`max_relu`], when they run the tile.
+fn max_relu_map(p: &BnBlockParams, affine: &Affine<'_>, tile: usize) -> Option<max_relu::PlaneMap> {
+    let rectifier = p.max_relu_rectifier()?;
     let c = tile % p.bn.channels;
     Some(max_relu::PlaneMap {
         mean: affine.mean[c],
@@ -854,6 +865,29 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn window_codes_are_written_only_where_the_max_relu_kernels_run() {
+        let block = |shape: &[usize], act, pool| BnBlockParams::new(shape, 1e-5, act, pool, None);
+        let (relu, leaky) = (Some(Activation::Relu), Some(Activation::LeakyRelu(0.1)));
+        let max = Some(Pool2x2::Max);
+        // LeNetBN's blocks: planes wide enough for the kernels at every level.
+        for act in [relu, leaky] {
+            assert!(block(&[4, 16, 28, 28], act, max)
+                .unwrap()
+                .writes_window_codes());
+        }
+        // Another activation or pool, no pool, or a batch norm over (N, C): none.
+        let none = [
+            block(&[4, 16, 28, 28], Some(Activation::Tanh), max),
+            block(&[4, 16, 28, 28], relu, Some(Pool2x2::Avg)),
+            block(&[4, 16, 28, 28], relu, None),
+            block(&[4, 128], relu, None),
+        ];
+        for p in none {
+            assert!(!p.unwrap().writes_window_codes());
         }
     }
 
