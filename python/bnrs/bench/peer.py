@@ -3,8 +3,8 @@
 PyTorch and TensorFlow abort when loaded into one process (both register LLVM options), so
 each peer runs in a child: ``bnrs bench`` starts ``PYTHON -m bnrs.bench.peer --framework F
 --threads N --name NAME --key KEY --architecture SPEC --input-shape D... --n-classes K
---batch-size B --inference-batch-size B`` (PYTHON from ``--peer-python F=PYTHON``, else the bench's own
-interpreter), one child per peer, network and thread count. The child imports bnrs and
+--batch-size B --inference-batch-size B`` (PYTHON from ``--peer-python F=PYTHON``, else
+the bench's own interpreter), one child per peer, network and thread count. The child imports bnrs and
 the peer, builds that network in both with the same weights, times both interleaved
 (:func:`.timing.measure`) and prints one JSON line, the last of its standard output; the
 ratios it reports come from that one process. Without the network options it times
