@@ -15,6 +15,11 @@ CASES = {
     "no_bias": (5, 7, 4, False),
     "one_output": (4, 6, 1, True),
     "wide": (64, 33, 17, True),
+    # Few rows of a large weight: the dot-product kernel instead of the GEMM (odd rows,
+    # features and a depth that is not a whole number of vectors).
+    "few_rows": (3, 333, 197, True),
+    "few_rows_lenet": (8, 1568, 128, True),
+    "few_rows_16": (16, 1000, 70, False),
 }
 
 
@@ -76,3 +81,22 @@ def test_backward_matches_finite_differences(rng, assert_close):
     x, w, gy, numerical = _fd_case(rng)
     for name, actual, approx in zip(NAMES, F.linear_backward(gy, x, w), numerical):
         assert_close(actual, approx, terms=x.shape[1], name=name)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 16])
+def test_few_rows_forward_is_the_same_at_any_thread_count(rng, batch):
+    import bnrs
+
+    x = rng.standard_normal((batch, 700)).astype(np.float32)
+    w = rng.standard_normal((101, 700)).astype(np.float32)
+    b = rng.standard_normal(101).astype(np.float32)
+    before = bnrs.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2, 3):
+            bnrs.set_num_threads(threads)
+            outputs.append(F.linear(x, w, b))
+    finally:
+        bnrs.set_num_threads(before)
+    for other in outputs[1:]:
+        assert other.tobytes() == outputs[0].tobytes()
