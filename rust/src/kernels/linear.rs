@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use super::activation::{self, Activation};
 use super::batch_norm;
 use super::gemm::{sgemm, MatRef};
+use super::multiply_add;
 use crate::error::{check_len, checked_size, Error, Result};
 use crate::parallel::chunk_len;
 
@@ -167,20 +168,10 @@ pub fn forward_fused(
     let stop = crate::parallel::stop_token();
     let (in_f, out_f) = (p.in_features, p.out_features);
     if few_rows(p) {
-        if let Some(b) = bias {
-            for row in output.chunks_exact_mut(out_f) {
-                row.copy_from_slice(b);
-            }
-        }
+        fill_rows(output, bias);
         few_rows_product(p, input, weight, bias.is_some(), output, &stop);
-        if stop.is_set() {
-            return Ok(());
-        }
-        if let Some(n) = norm {
-            batch_norm::rows_normalise_in_place(output, n.mean, n.scale, n.shift);
-        }
-        if let Some(act) = activation {
-            activation::apply_in_place(act, output);
+        if !stop.is_set() {
+            finish_rows(output, norm, activation);
         }
         return Ok(());
     }
@@ -192,24 +183,34 @@ pub fn forward_fused(
             if stop.is_set() {
                 return;
             }
-            if let Some(b) = bias {
-                for row in out.chunks_exact_mut(out_f) {
-                    row.copy_from_slice(b);
-                }
-            }
+            fill_rows(out, bias);
             jobs.run(p, x.len() / in_f, |first, rows| {
                 let x = &x[first * in_f..(first + rows) * in_f];
                 let out = &mut out[first * out_f..(first + rows) * out_f];
                 product(p, x, weight, bias.is_some(), out, &stop);
             });
-            if let Some(n) = norm {
-                batch_norm::rows_normalise_in_place(out, n.mean, n.scale, n.shift);
-            }
-            if let Some(act) = activation {
-                activation::apply_in_place(act, out);
-            }
+            finish_rows(out, norm, activation);
         });
     Ok(())
+}
+
+/// Each row of `out` set to `bias`, the products' start (left as it is without one).
+fn fill_rows(out: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in out.chunks_exact_mut(b.len()) {
+            row.copy_from_slice(b);
+        }
+    }
+}
+
+/// `norm`, then `activation`, applied to the rows of `out`.
+fn finish_rows(out: &mut [f32], norm: Option<EvalNorm<'_>>, activation: Option<Activation>) {
+    if let Some(n) = norm {
+        batch_norm::rows_normalise_in_place(out, n.mean, n.scale, n.shift);
+    }
+    if let Some(act) = activation {
+        activation::apply_in_place(act, out);
+    }
 }
 
 /// `out (+)= x · weightᵀ` for the rows of `x`.
@@ -232,18 +233,6 @@ fn product(
         MatRef::transposed(weight, p.in_features),
         stop,
     );
-}
-
-/// Runs `$body` with `$i` = 0, 1, ... up to (not including) the constant `$n` (at most
-/// 4) as straight-line code: left as loops, LLVM vectorises a tile across its rows or
-/// features instead of the lanes.
-macro_rules! unroll {
-    ($i:ident < $n:expr => $body:block) => {
-        unroll!(@ $i, $n, $body, 0 1 2 3)
-    };
-    (@ $i:ident, $n:expr, $body:block, $($k:literal)*) => {
-        $( if $k < $n { let $i: usize = $k; $body } )*
-    };
 }
 
 /// Batches of at most this many rows take [`few_rows_product`].
@@ -417,16 +406,6 @@ fn dot_tile<const RT: usize, const OT: usize, const FUSED: bool>(
         }
     }
     sums
-}
-
-/// `acc + a·b`, fused (one rounding) or not.
-#[inline(always)]
-fn multiply_add<const FUSED: bool>(a: f32, b: f32, acc: f32) -> f32 {
-    if FUSED {
-        a.mul_add(b, acc)
-    } else {
-        acc + a * b
-    }
 }
 
 /// Gradients of [`forward`]: `grad_input` (if given), `grad_weight`, `grad_bias` (if given).

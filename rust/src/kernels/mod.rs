@@ -3,6 +3,21 @@
 //! Each module holds one op family; shapes and hyper-parameters are validated by a
 //! small parameter struct before any work starts.
 
+/// Runs `$body` with `$i` = 0, 1, ... up to (not including) the constant `$n` (at most
+/// 16) as straight-line code. A register tile's loops must be unrolled before LLVM's loop
+/// vectoriser runs: left as loops, it vectorises across the tile (its channels, rows or
+/// features) with gathers and scatters of the accumulators instead of across the lanes
+/// (30x slower in the direct convolution).
+/// Defined before the modules so that every kernel module sees it.
+macro_rules! unroll {
+    ($i:ident < $n:expr => $body:block) => {
+        unroll!(@ $i, $n, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+    };
+    (@ $i:ident, $n:expr, $body:block, $($k:literal)*) => {
+        $( if $k < $n { let $i: usize = $k; $body } )*
+    };
+}
+
 pub mod activation;
 pub mod batch_norm;
 pub mod conv;
@@ -18,6 +33,17 @@ pub mod pool;
 pub mod reduce;
 
 use crate::error::{Error, Result};
+
+/// `acc + a·b`, fused (one rounding, with FMA) or not (the portable level, where a fused
+/// multiply-add is a library call).
+#[inline(always)]
+pub(crate) fn multiply_add<const FUSED: bool>(a: f32, b: f32, acc: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, acc)
+    } else {
+        acc + a * b
+    }
+}
 
 /// A (height, width) pair of strictly positive sizes, from signed user input.
 pub fn positive_pair(arg: &'static str, value: (i64, i64)) -> Result<(usize, usize)> {

@@ -121,18 +121,6 @@ pub(super) fn handles_planes(p: &Conv2dParams, kernel: Kernel, level: Level) -> 
     p.out_channels.next_multiple_of(LANES) * p.pixels() <= pixel_channels * p.out_h * wp
 }
 
-/// Runs `$body` with `$i` = 0, 1, ... up to (not including) the constant `$n` (at most
-/// 16) as straight-line code, as `direct`'s: left as loops, LLVM vectorises across the
-/// tile instead of the lanes.
-macro_rules! unroll {
-    ($i:ident < $n:expr => $body:block) => {
-        unroll!(@ $i, $n, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
-    };
-    (@ $i:ident, $n:expr, $body:block, $($k:literal)*) => {
-        $( if $k < $n { let $i: usize = $k; $body } )*
-    };
-}
-
 /// The packed weights, starts and geometry of one call.
 pub(super) struct ChannelPlan {
     /// Padded width (the frame's row stride) and one padded plane.

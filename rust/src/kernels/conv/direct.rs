@@ -24,6 +24,7 @@
 use super::unfold::{copy_row, interior_rows};
 use super::Conv2dParams;
 use crate::error::Result;
+use crate::kernels::multiply_add;
 use crate::memory::resize_scratch;
 use crate::parallel::StopToken;
 use crate::simd::Level;
@@ -32,19 +33,6 @@ use crate::simd_dispatch;
 /// Lanes of one vector: the pixels a load reads, whatever the level (two registers with
 /// AVX2), so that the lanes' sums, and so the bits, do not depend on the level.
 const LANES: usize = 16;
-
-/// Runs `$body` with `$i` = 0, 1, ... up to (not including) the constant `$n` (at most
-/// 16) as straight-line code. The register tile's loops must be unrolled before LLVM's
-/// loop vectoriser runs: left as loops, it vectorises across the tile's channels with
-/// gathers and scatters of the accumulators (30x slower) instead of the 16 lanes.
-macro_rules! unroll {
-    ($i:ident < $n:expr => $body:block) => {
-        unroll!(@ $i, $n, $body, 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
-    };
-    (@ $i:ident, $n:expr, $body:block, $($k:literal)*) => {
-        $( if $k < $n { let $i: usize = $k; $body } )*
-    };
-}
 
 /// Values after the flat output's last plane: a fused 2×2 pool reads up to
 /// `2·out_w` rounded up to whole steps of `2·MAPPED_STEP` from a row's start, at most
@@ -396,16 +384,6 @@ simd_dispatch! {
             (6, 1) => run!(6, 1),
             _ => unreachable!("direct_forward: no tile of {}×{}", plan.channels, plan.vectors),
         }
-    }
-}
-
-/// `acc + a·b`, fused (one rounding) or not.
-#[inline(always)]
-fn multiply_add<const FUSED: bool>(a: f32, b: f32, acc: f32) -> f32 {
-    if FUSED {
-        a.mul_add(b, acc)
-    } else {
-        acc + a * b
     }
 }
 
