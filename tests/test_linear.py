@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bnrs
 import numpy as np
 import pytest
 import reference as ref
@@ -85,8 +86,8 @@ def test_backward_matches_finite_differences(rng, assert_close):
 
 @pytest.mark.parametrize("batch", [1, 2, 7, 16])
 def test_few_rows_forward_is_the_same_at_any_thread_count(rng, batch):
-    import bnrs
-
+    # A batch of at most 16 rows through a weight of 64K values or more: the dot products
+    # split by output features between the threads.
     x = rng.standard_normal((batch, 700)).astype(np.float32)
     w = rng.standard_normal((101, 700)).astype(np.float32)
     b = rng.standard_normal(101).astype(np.float32)
