@@ -324,12 +324,17 @@ fn dot_tiles<const FUSED: bool>(x: &[f32], w: &[f32], in_f: usize, rows: usize, 
     let w_row = |o: usize| &w[o * in_f..(o + 1) * in_f];
     let mut o = 0;
     while o < features {
-        let tile = OUT_TILE.min(features - o);
+        // Whole tiles of features, then the last ones one at a time.
+        let tile = if features - o >= OUT_TILE {
+            OUT_TILE
+        } else {
+            1
+        };
         let mut r = 0;
         while r < rows {
             let pair = 2.min(rows - r);
             macro_rules! tile {
-                ($rt:literal, $ot:literal) => {{
+                ($rt:literal, $ot:expr) => {{
                     let values = dot_tile::<$rt, $ot, FUSED>(
                         std::array::from_fn(|i| x_row(r + i)),
                         std::array::from_fn(|j| w_row(o + j)),
@@ -340,21 +345,10 @@ fn dot_tiles<const FUSED: bool>(x: &[f32], w: &[f32], in_f: usize, rows: usize, 
                 }};
             }
             match (pair, tile) {
-                (2, 3) => tile!(2, 3),
-                (1, 3) => tile!(1, 3),
-                (2, _) => {
-                    for j in 0..tile {
-                        let values =
-                            dot_tile::<2, 1, FUSED>([x_row(r), x_row(r + 1)], [w_row(o + j)]);
-                        sums[(o + j) * rows + r..][..2].copy_from_slice(&values[0]);
-                    }
-                }
-                _ => {
-                    for j in 0..tile {
-                        sums[(o + j) * rows + r] =
-                            dot_tile::<1, 1, FUSED>([x_row(r)], [w_row(o + j)])[0][0];
-                    }
-                }
+                (2, OUT_TILE) => tile!(2, OUT_TILE),
+                (1, OUT_TILE) => tile!(1, OUT_TILE),
+                (2, _) => tile!(2, 1),
+                _ => tile!(1, 1),
             }
             r += pair;
         }
