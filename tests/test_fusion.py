@@ -23,7 +23,7 @@ import bnrs
 import numpy as np
 import pytest
 import reference as ref
-from bnrs import CNNClassifier, _core, nn, optim
+from bnrs import CNNClassifier, _core, executor, nn, optim
 from bnrs import functional as F
 from bnrs.nn import fusion
 from bnrs.nn.fusion import TrainBlock
@@ -325,7 +325,11 @@ def _assert_fresh(model, x, assert_close):
 @pytest.mark.parametrize("change", [
     "load_state_dict", "optimizer_step", "in_place_weight", "in_place_running_var",
     "in_place_gamma", "assigned_data", "eps", "pickle"])
-def test_folded_weights_never_go_stale(change, rng, assert_close):
+@pytest.mark.parametrize("one_call", [True, False], ids=["executor", "python"])
+def test_folded_weights_never_go_stale(change, one_call, rng, assert_close, monkeypatch):
+    # The executor folds at every call; the Python path keeps its fold while the sources
+    # hold the same bits.
+    monkeypatch.setenv(executor.STEP_ENV, "1" if one_call else "0")
     model = _conv_bn_relu(rng)
     x = rng.standard_normal((4, 3, 6, 6)).astype(np.float32)
     before = model(x)   # fills the fusion cache
@@ -399,8 +403,10 @@ def test_same_bits_compares_contiguous_float32_arrays_bit_for_bit():
         bnrs._core.same_bits(a[::2].copy(), a[::2])
 
 
-def test_folded_weights_follow_the_sign_of_a_zero(rng):
-    # -0.0 == +0.0 in value, but the folded weights of that channel change sign.
+def test_folded_weights_follow_the_sign_of_a_zero(rng, monkeypatch):
+    # -0.0 == +0.0 in value, but the folded weights of that channel change sign. The
+    # Python path's fold cache (the executor keeps no fold).
+    monkeypatch.setenv(executor.STEP_ENV, "0")
     model = _conv_bn_relu(rng)
     x = rng.standard_normal((4, 3, 6, 6)).astype(np.float32)
     model[1].weight.data[3] = 0.0

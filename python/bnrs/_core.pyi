@@ -27,6 +27,7 @@ __all__ = [
     "activation_forward",
     "adam_step",
     "CachedBuffer",
+    "EvalStep",
     "TrainStep",
     "_kernel_clock",
     "_kernel_clock_read_seconds",
@@ -298,6 +299,32 @@ class TrainStep:
         stage, loss, optimizer updates, steps whose updates were done); None when off."""
     def release_buffers(self) -> int:
         """Free the buffers kept between steps; the bytes freed."""
+
+@final
+class EvalStep:
+    """An evaluation forward of a chain of layers in one call (built by
+    :func:`bnrs.executor.run_forward`).
+
+    ``stages``: one ``(kind, sample input shape, sample output shape, args)`` per stage,
+    kind one of "conv" (a convolution with an optional folded batch norm, activation and
+    2x2 pool), "conv_chain" (two pooled "conv" blocks in one kernel call), "linear" (with
+    an optional batch norm's arithmetic and activation on its output), "batch_norm",
+    "activation", "max_pool2d", "avg_pool2d" or "view"; the arrays (parameters and
+    running statistics) are numbered by slot, of ``slot_shapes``.
+    """
+
+    def __new__(
+        cls,
+        stages: list[tuple[str, list[int], list[int], tuple[Any, ...]]],
+        slot_shapes: list[list[int]],
+    ) -> EvalStep: ...
+    @property
+    def input_shape(self) -> list[int]:
+        """The sample shape the plan takes."""
+    def forward(self, input: _F32, arrays: list[Any]) -> Optional[_F32]:
+        """The output for ``input`` (N >= 1 samples of ``input_shape``) with ``arrays`` in
+        the slots; None when an array is not C-contiguous aligned float32 of its slot's
+        shape."""
 
 def conv2d_output_shape(
     input_hw: _Pair, kernel_size: _Pair, stride: _Pair, padding: _Pair, dilation: _Pair

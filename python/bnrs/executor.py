@@ -27,7 +27,15 @@ per batch.
 Anything else (another layer or loss, a layer in evaluation mode, nested or branching
 modules, a method of a layer, the loss or the optimizer replaced since import, an input
 or target the layers would reject) returns None, and the caller runs the Python path.
-``BNRS_FUSED_STEP=0`` turns the executor off (for comparisons).
+
+:func:`run_forward` does for a forward in evaluation what :func:`run_step` does for a
+training step: the stages :meth:`~bnrs.nn.Sequential.forward` would run fused (folded
+convolution blocks, chained pooled blocks, dense blocks, the layers alone) described
+once per sample shape to a :class:`bnrs._core.EvalStep`, then one call per forward with
+the arrays of that call, the kernels the Python path calls with the same arguments: the
+same bits, without the per-layer Python (most of a one-image forward).
+
+``BNRS_FUSED_STEP=0`` turns the executor off, for steps and forwards (for comparisons).
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ from . import functional as F
 from .nn import fusion
 from .nn.dropout import draw_seed
 
-__all__ = ["STEP_ENV", "executor_enabled", "run_epoch", "run_step", "set_stage_clock",
+__all__ = ["STEP_ENV", "executor_enabled", "run_epoch", "run_forward", "run_step",
+           "set_stage_clock",
            "stage_times"]
 
 STEP_ENV = "BNRS_FUSED_STEP"
@@ -752,3 +761,202 @@ def _end_steps(plan: _Plan, criterion, optimizer, created, states, done: int) ->
         _undo_created(optimizer, created)
     for state in states:
         state["step"] += done
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class _EvalPlan:
+    """A :class:`bnrs._core.EvalStep` for one model in evaluation and sample shape, and
+    where each forward's arrays come from: the stages of
+    :func:`bnrs.nn.fusion.fusion_plan` and :func:`~bnrs.nn.fusion.chain_blocks` for that
+    shape, each described with the arguments its Python path passes its kernel."""
+
+    def __init__(self, modules, sample_shape):
+        self.sample_shape = sample_shape
+        self.sources: list[tuple] = []   # (getter, module) per array slot
+        self.slot_of: dict[tuple, int] = {}
+        self.shapes: list[list[int]] = []
+        self.stages: list[tuple] = []
+        for module in modules:
+            if module.training:
+                raise _Unsupported("a layer in training mode")
+            if not _original_methods(module):
+                raise _Unsupported("a layer whose forward or backward was replaced")
+        steps = fusion.chain_blocks(fusion.fusion_plan(list(modules), {}, training=False))
+        shape = tuple(sample_shape)
+        for step in steps:
+            shape = self._step(step, shape)
+        try:
+            self.core = _core.EvalStep(self.stages, self.shapes)
+        except ValueError as error:   # a stage the kernels would refuse
+            raise _Unsupported(str(error)) from None
+
+    def _slot(self, module, attribute: str) -> int:
+        """The slot of ``module``'s array at ``attribute`` (a dotted path)."""
+        key = (id(module), attribute)
+        slot = self.slot_of.get(key)
+        if slot is None:
+            getter = attrgetter(attribute)
+            array = getter(module)
+            if not isinstance(array, np.ndarray):
+                raise _Unsupported(f"{attribute} that is not an array")
+            slot = self.slot_of[key] = len(self.sources)
+            self.sources.append((getter, module))
+            self.shapes.append(list(array.shape))
+        return slot
+
+    def _parameter(self, module, name: str) -> int | None:
+        return None if getattr(module, name) is None else self._slot(module, f"{name}.data")
+
+    def _norm(self, norm) -> tuple:
+        """An evaluation batch norm with running statistics: its slots and eps."""
+        if not norm.track_running_stats:
+            raise _Unsupported("a batch norm without running statistics")
+        return (self._parameter(norm, "weight"), self._parameter(norm, "bias"),
+                self._slot(norm, "running_mean"), self._slot(norm, "running_var"),
+                float(norm.eps))
+
+    def _add(self, kind: str, shape, output, args: tuple) -> tuple:
+        self.stages.append((kind, list(shape), list(output), args))
+        return tuple(output)
+
+    @staticmethod
+    def _output(modules, shape) -> tuple:
+        for module in modules:
+            try:
+                shape = tuple(module.output_shape(shape))
+            except ValueError:
+                raise _Unsupported("a layer that does not take its input") from None
+        return shape
+
+    def _conv(self, layer, norm=None, activation=None, pool=None) -> tuple:
+        return (self._slot(layer, "weight.data"), self._parameter(layer, "bias"),
+                layer.stride, layer.padding, layer.dilation, layer.groups,
+                None if norm is None else self._norm(norm), activation, pool)
+
+    def _step(self, step, shape) -> tuple:
+        """Describe ``step`` on samples of ``shape`` as its Python path would run it;
+        returns its output's sample shape."""
+        if isinstance(step, fusion.FusedChain):
+            first, second = step.first, step.second
+            if fusion._fits(first, (1,) + shape):
+                between = self._output(first.modules, shape)
+                if fusion._fits(second, (1,) + between):
+                    return self._add("conv_chain", shape, self._output(second.modules, between),
+                                     (self._block(first), self._block(second)))
+            return self._step(second, self._step(first, shape))
+        if isinstance(step, fusion.FusedBlock):
+            if not fusion._fits(step, (1,) + shape):
+                for module in step.modules:   # run_block runs them one by one
+                    shape = self._module(module, shape)
+                return shape
+            output = self._output(step.modules, shape)
+            if type(step.layer) is nn.Conv2d:
+                return self._add("conv", shape, output, self._block(step))
+            if len(shape) != 1:
+                raise _Unsupported("a linear layer on more than one axis")
+            layer = step.layer
+            norm = None if step.norm is None else self._norm(step.norm)
+            return self._add("linear", shape, output,
+                             (self._slot(layer, "weight.data"), self._parameter(layer, "bias"),
+                              norm, step.activation))
+        return self._module(step, shape)
+
+    def _block(self, block: fusion.FusedBlock) -> tuple:
+        return self._conv(block.layer, block.norm, block.activation, block.pool)
+
+    def _module(self, module, shape) -> tuple:
+        """Describe a layer that runs as itself."""
+        output = self._output([module], shape)
+        kind = type(module)
+        if kind is nn.Conv2d:
+            return self._add("conv", shape, output, self._conv(module))
+        if kind is nn.Linear:
+            if len(shape) != 1:
+                raise _Unsupported("a linear layer on more than one axis")
+            return self._add("linear", shape, output,
+                             (self._slot(module, "weight.data"),
+                              self._parameter(module, "bias"), None, None))
+        if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+            return self._add("batch_norm", shape, output, self._norm(module))
+        if kind in _ACTIVATIONS:
+            return self._add("activation", shape, output,
+                             (_ACTIVATIONS[kind],
+                              float(getattr(module, "negative_slope", 0.0))))
+        if kind is nn.MaxPool2d:
+            return self._add("max_pool2d", shape, output,
+                             (module.kernel_size, module.stride, module.padding))
+        if kind is nn.AvgPool2d:
+            return self._add("avg_pool2d", shape, output,
+                             (module.kernel_size, module.stride, module.padding,
+                              module.count_include_pad))
+        if kind in (nn.Dropout, nn.Dropout2d):   # the identity in evaluation
+            return self._add("view", shape, output, ())
+        if kind is nn.Flatten:
+            start = module.start_dim + len(shape) + 1 if module.start_dim < 0 else module.start_dim
+            if start < 1:
+                raise _Unsupported("a Flatten that merges the batch axis")
+            return self._add("view", shape, output, ())
+        raise _Unsupported(f"a {kind.__name__}")
+
+
+class _EvalExecutor:
+    """A model's evaluation plan (None: the Python path runs it) and its key."""
+
+    def __init__(self, signature, sample_shape, plan: _EvalPlan | None):
+        self.signature, self.sample_shape, self.plan = signature, sample_shape, plan
+
+
+# Keyed by model, so that a plan goes with its model.
+_EVAL_EXECUTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+_FLOAT32 = np.dtype(np.float32)
+
+
+def run_forward(model: nn.Sequential, input) -> np.ndarray | None:
+    """``model(input)`` in evaluation as one call into Rust, with the GIL released, or
+    None when the Python path must run it.
+
+    The stages are those :meth:`bnrs.nn.Sequential.forward` runs fused (``model`` fuses),
+    described once per sample shape and calling the same kernels with the same
+    arguments, so the output has the same bits; a convolution's batch norm is folded at
+    every call from the arrays of that call. Every layer must be in evaluation mode and of
+    a type the training executor runs (a batch norm with running statistics, a dense
+    layer on (N, features)); the input must have a batch axis and at least one sample.
+    Like the fused Python path, the layers keep no state for a backward: the
+    Sequential's backward re-runs the forward unfused. ``BNRS_FUSED_STEP=0`` turns it
+    off."""
+    if not executor_enabled():
+        return None
+    signature = _signature(model)
+    if signature is None:
+        return None
+    if (type(input) is np.ndarray and input.dtype is _FLOAT32 and input.flags.c_contiguous
+            and input.flags.aligned):
+        x = input
+    else:
+        try:
+            x = F.as_float32(input, "input")
+        except (TypeError, ValueError, MemoryError):
+            return None   # the layers raise it in their own words
+    shape = x.shape
+    if len(shape) < 2 or shape[0] == 0:
+        return None
+    sample_shape = shape[1:]
+    executor = _EVAL_EXECUTORS.get(model)
+    if (executor is None or executor.sample_shape != sample_shape
+            or executor.signature != signature):
+        try:
+            plan = _EvalPlan(signature[0], sample_shape)
+        except _Unsupported:
+            plan = None
+        executor = _EVAL_EXECUTORS[model] = _EvalExecutor(signature, sample_shape, plan)
+    plan = executor.plan
+    if plan is None:
+        return None
+    output = plan.core.forward(x, [getter(module) for getter, module in plan.sources])
+    if output is not None:
+        for module in signature[0]:
+            module._ctx = None   # a backward must not find an older forward's state
+    return output

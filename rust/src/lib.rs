@@ -6,6 +6,7 @@
 pub mod buffers;
 pub mod clock;
 pub mod error;
+pub mod evaluate;
 pub mod kernels;
 pub mod memory;
 pub mod parallel;

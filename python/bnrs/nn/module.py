@@ -488,6 +488,14 @@ class Sequential(Module):
         modules = list(self._modules.values())
         if not fusion.fusion_enabled(self._fuses()):
             return self._forward_unfused(input)
+        if not self.training:
+            from .. import executor   # executor.py imports the layers
+
+            output = executor.run_forward(self, input)
+            if output is not None:
+                # A backward re-runs the modules unfused on this input (see backward).
+                self._fused_input = (input, modules)
+                return output
         if not hasattr(self, "_fusion_blocks"):
             self._fusion_blocks = {}
         steps = fusion.fusion_plan(modules, self._fusion_blocks, training=self.training)

@@ -481,6 +481,66 @@ pub(crate) fn eval_coefficients(
     affine_coefficients(p, gamma, beta, invstd)
 }
 
+/// A convolution's (or any layer's) weight and bias with the evaluation batch norm after
+/// it folded in: per output channel `c`, `scale = γ/√(var+eps)`, the weight's values
+/// times `scale`, and `(bias - mean)·scale + β` as the new bias (`γ`, `β`, the bias
+/// default to 1, 0, 0), in float64 and rounded once to float32: the bits of
+/// `bnrs.nn.fusion.FusedBlock._fold`, the same operations in the same order on NumPy's
+/// float64. `weight` holds `mean.len()` rows of equal length.
+#[allow(clippy::too_many_arguments)]
+pub fn fold_into_weights(
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f64,
+    folded_weight: &mut [f32],
+    folded_bias: &mut [f32],
+) -> Result<()> {
+    let channels = running_mean.len();
+    for (name, len) in [
+        ("running_var", Some(running_var.len())),
+        ("bias", bias.map(<[f32]>::len)),
+        ("weight", gamma.map(<[f32]>::len)),
+        ("bias", beta.map(<[f32]>::len)),
+        ("folded_bias", Some(folded_bias.len())),
+    ] {
+        if let Some(len) = len {
+            check_len(name, len, channels)?;
+        }
+    }
+    check_len("folded_weight", folded_weight.len(), weight.len())?;
+    if channels == 0 || !weight.len().is_multiple_of(channels) {
+        return Err(Error::invalid(
+            "weight",
+            format!("{} values", weight.len()),
+            format!("a whole number of values for each of {channels} channels"),
+        ));
+    }
+    let row = weight.len() / channels;
+    for c in 0..channels {
+        let mut scale = 1.0 / (f64::from(running_var[c]) + eps).sqrt();
+        if let Some(g) = gamma {
+            scale *= f64::from(g[c]);
+        }
+        let mut shift = -f64::from(running_mean[c]) * scale;
+        if let Some(b) = bias {
+            shift += f64::from(b[c]) * scale;
+        }
+        if let Some(b) = beta {
+            shift += f64::from(b[c]);
+        }
+        let (from, to) = (c * row, (c + 1) * row);
+        for (out, &w) in folded_weight[from..to].iter_mut().zip(&weight[from..to]) {
+            *out = (f64::from(w) * scale) as f32;
+        }
+        folded_bias[c] = shift as f32;
+    }
+    Ok(())
+}
+
 /// Gradients of batch normalisation. `training` says whether the forward used batch
 /// statistics (the gradient then flows through them) or fixed running statistics.
 /// `grad_gamma`/`grad_beta` are written when given.

@@ -12,6 +12,7 @@ mod activation;
 mod batch_norm;
 mod conv;
 mod dropout;
+mod evaluate;
 mod fused;
 mod group_norm;
 mod linear;
@@ -49,6 +50,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     batch_norm::register(m)?;
     conv::register(m)?;
     dropout::register(m)?;
+    evaluate::register(m)?;
     fused::register(m)?;
     group_norm::register(m)?;
     linear::register(m)?;
