@@ -11,13 +11,14 @@
 //! the plan keeps can go stale; folding LeNetBN's two convolutions costs about 5K
 //! multiplications, less than comparing the parameters with a kept copy would.
 
+use crate::buffers::{self, Block, MIN_CACHED_BYTES};
 use crate::error::{check_len, Error, Result};
 use crate::kernels::activation::{self, Activation};
 use crate::kernels::batch_norm::{self, BatchNormParams};
 use crate::kernels::conv::{self, Conv2dParams, Epilogue, Pool2x2, PooledConv};
 use crate::kernels::linear::{self, LinearParams};
 use crate::kernels::pool::{self, Pool2dParams};
-use crate::memory::resize_scratch;
+use crate::memory::{exceeds_physical, resize_scratch};
 
 type Pair = (i64, i64);
 
@@ -347,28 +348,24 @@ impl EvalPlan {
             .rposition(|s| s.kind != EvalKind::View)
             .expect("a plan runs at least one kernel");
         // Two buffers in turn for the stages' outputs; the last kernel writes `output`.
-        let mut buffers: [Vec<f32>; 2] = [Vec::new(), Vec::new()];
+        let mut buffers: [StageBuffer; 2] = [StageBuffer::default(), StageBuffer::default()];
         let mut current: Option<usize> = None; // None: the input
         for (index, stage) in self.stages.iter().enumerate() {
             if stage.kind == EvalKind::View {
                 continue;
             }
             if index == last {
-                let x = current.map_or(input, |b| &buffers[b][..]);
+                let x = current.map_or(input, |b| buffers[b].values());
                 return self.run_stage(stage, batch, x, arrays, output);
             }
             let next = usize::from(current == Some(0));
-            resize_scratch(
-                &mut buffers[next],
-                len_of(batch, &stage.output_shape),
-                "a stage's output",
-            )?;
+            buffers[next] = StageBuffer::new(len_of(batch, &stage.output_shape))?;
             let [first, second] = &mut buffers;
             let (x, y): (&[f32], &mut [f32]) = match (current, next) {
-                (None, 0) => (input, first),
-                (None, _) => (input, second),
-                (Some(_), 0) => (second, first),
-                (Some(_), _) => (first, second),
+                (None, 0) => (input, first.values_mut()),
+                (None, _) => (input, second.values_mut()),
+                (Some(_), 0) => (second.values(), first.values_mut()),
+                (Some(_), _) => (first.values(), second.values_mut()),
             };
             self.run_stage(stage, batch, x, arrays, y)?;
             current = Some(next);
@@ -471,6 +468,77 @@ impl EvalPlan {
                 pool::avg_forward(&p, x, *count_include_pad, out)
             }
             EvalKind::View => Ok(()),
+        }
+    }
+}
+
+/// A stage's output between two stages: a large one in memory of [`crate::buffers`]
+/// (given back when dropped, so the next forward finds its pages mapped, as the Python
+/// path's outputs do), a small one in a vector. Every stage writes all of its output
+/// before the next reads it.
+#[derive(Default)]
+struct StageBuffer {
+    block: Option<Block>,
+    small: Vec<f32>,
+    len: usize,
+}
+
+impl StageBuffer {
+    fn new(len: usize) -> Result<Self> {
+        let bytes = len as u128 * std::mem::size_of::<f32>() as u128;
+        let refused = |detail: String| Error::ScratchTooLarge {
+            what: "a stage's output",
+            detail,
+        };
+        if let Some(excess) = exceeds_physical(bytes) {
+            return Err(refused(excess));
+        }
+        let bytes = bytes as usize;
+        if bytes < MIN_CACHED_BYTES {
+            let mut small = Vec::new();
+            resize_scratch(&mut small, len, "a stage's output")?;
+            return Ok(StageBuffer {
+                block: None,
+                small,
+                len,
+            });
+        }
+        let block = buffers::take(bytes)
+            .ok_or_else(|| refused(format!("of {bytes} bytes refused by the system")))?;
+        Ok(StageBuffer {
+            block: Some(block),
+            small: Vec::new(),
+            len,
+        })
+    }
+
+    fn values(&self) -> &[f32] {
+        match &self.block {
+            // SAFETY: the block holds `len` f32 values (4·len bytes, 64-byte aligned) and
+            // is owned by this buffer; the stage that wrote it wrote every value.
+            Some(block) => unsafe {
+                std::slice::from_raw_parts(block.as_ptr().cast::<f32>(), self.len)
+            },
+            None => &self.small,
+        }
+    }
+
+    fn values_mut(&mut self) -> &mut [f32] {
+        match &mut self.block {
+            // SAFETY: as in `values`, and `&mut self` makes this the only view; any bit
+            // pattern is a valid f32, and the stage writes every value before it is read.
+            Some(block) => unsafe {
+                std::slice::from_raw_parts_mut(block.as_ptr().cast::<f32>(), self.len)
+            },
+            None => &mut self.small,
+        }
+    }
+}
+
+impl Drop for StageBuffer {
+    fn drop(&mut self) {
+        if let Some(block) = self.block.take() {
+            buffers::give(block);
         }
     }
 }
