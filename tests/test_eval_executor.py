@@ -14,12 +14,13 @@ against the Python path of a Sequential in evaluation (BNRS_FUSED_STEP=0).
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from bnrs import _core, executor, nn
+from bnrs import _core, executor, nn, optim
 from bnrs.nn.fusion import FUSE_ENV
-from bnrs.training import num_threads
+from bnrs.training import num_threads, train_step
 
 
 def _forward(monkeypatch, model, x, one_call: bool, threads: int = 1):
@@ -28,9 +29,27 @@ def _forward(monkeypatch, model, x, one_call: bool, threads: int = 1):
         return model(x)
 
 
+_RAN: list = []   # one entry per call of run_forward: whether it gave the output
+
+
+@pytest.fixture(autouse=True)
+def _count_one_calls(monkeypatch):
+    """Record whether each run_forward gave the output (or left it to the Python path)."""
+    original = executor.run_forward
+
+    def spy(model, input):
+        output = original(model, input)
+        _RAN.append(output is not None)
+        return output
+
+    monkeypatch.setattr(executor, "run_forward", spy)
+    _RAN.clear()
+
+
 def _planned(model) -> bool:
+    """Whether the last forward was the one call (a plan made, and the call not refused)."""
     entry = executor._EVAL_EXECUTORS.get(model)
-    return entry is not None and entry.plan is not None
+    return entry is not None and entry.plan is not None and bool(_RAN) and _RAN[-1]
 
 
 def _randomise_statistics(model, rng) -> None:
@@ -120,8 +139,6 @@ def test_fusion_turned_off_leaves_the_forward_to_the_layers(monkeypatch):
     monkeypatch.setenv(FUSE_ENV, "0")
     unfused = _forward(monkeypatch, model, x, one_call=True)
     assert model not in executor._EVAL_EXECUTORS
-    expected = _forward(monkeypatch, model, x, one_call=False)
-    assert unfused.tobytes() == expected.tobytes()
     # Folding rounds differently from the norm after the convolution.
     np.testing.assert_allclose(fused, unfused, rtol=1e-5, atol=1e-5)
 
@@ -184,6 +201,7 @@ def test_a_linear_layer_on_more_axes_and_a_sample_without_batch_fall_back(monkey
     rng = np.random.default_rng(7)
     model = nn.Sequential(nn.Linear(5, 3), nn.ReLU()).eval()
     for shape in [(2, 4, 5), (5,)]:
+        executor._EVAL_EXECUTORS.pop(model, None)
         x = rng.standard_normal(shape).astype(np.float32)
         got = _forward(monkeypatch, model, x, one_call=True)
         assert not _planned(model)
@@ -207,6 +225,7 @@ def test_arrays_the_binding_cannot_read_leave_the_call_to_the_python_path(monkey
     assert plan.core.forward(x, arrays) is None
     expected = _forward(monkeypatch, model, x, one_call=False)
     assert _forward(monkeypatch, model, x, one_call=True).tobytes() == expected.tobytes()
+    assert _RAN[-1] is False   # refused by the binding, run by the Python path
     model[1].running_var = np.repeat(model[1].running_var.astype(np.float32), 2)[::2]
     expected = _forward(monkeypatch, model, x, one_call=False)
     assert _forward(monkeypatch, model, x, one_call=True).tobytes() == expected.tobytes()
@@ -304,3 +323,103 @@ def test_the_fold_keeps_the_sign_of_a_zero_as_the_python_path(monkeypatch, zero)
     x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
     out = _check_same_bits(monkeypatch, model, x, threads=(1,))
     assert (out[:, 1] == 0).all()
+
+
+def _attribute_changes():
+    """(what, a model, a change of one of its layers' attributes after a first forward)."""
+    def conv_relu():
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.LeakyReLU(0.1), nn.MaxPool2d(2)).eval()
+
+    return [
+        ("slope", conv_relu, lambda m: setattr(m[1], "negative_slope", 0.3)),
+        ("padding", conv_relu, lambda m: setattr(m[0], "padding", (1, 1))),
+        ("stride", conv_relu, lambda m: setattr(m[0], "stride", (2, 1))),
+        ("pool stride", conv_relu, lambda m: setattr(m[2], "stride", (1, 1))),
+        ("training flag", conv_relu, lambda m: m[1].train()),
+        ("activation replaced", conv_relu, lambda m: m.add_module("1", nn.Tanh().eval())),
+        ("weight replaced", conv_relu,
+         lambda m: setattr(m[0], "weight", nn.Parameter(m[0].weight.data * 2))),
+    ]
+
+
+@pytest.mark.parametrize("what, make, change", _attribute_changes(),
+                         ids=[case[0] for case in _attribute_changes()])
+def test_a_layer_changed_after_the_plan_gives_the_python_paths_new_bits(monkeypatch, what,
+                                                                        make, change):
+    rng = np.random.default_rng(13)
+    model = make()
+    x = rng.standard_normal((3, 2, 9, 8)).astype(np.float32)
+    before = _check_same_bits(monkeypatch, model, x, threads=(1,))
+    change(model)
+    expected = _forward(monkeypatch, model, x, one_call=False)
+    got = _forward(monkeypatch, model, x, one_call=True)
+    assert got.shape == expected.shape and got.tobytes() == expected.tobytes()
+    if what == "training flag":   # the same output, by the Python path
+        assert _RAN[-1] is False
+    else:
+        assert got.shape != before.shape or got.tobytes() != before.tobytes()
+        assert _RAN[-1] is True
+
+
+@pytest.mark.parametrize("attribute, value", [("padding", 1), ("dilation", [1, 1]),
+                                              ("stride", [1, 1])])
+def test_attributes_the_layers_convert_leave_the_forward_to_them(monkeypatch, attribute,
+                                                                  value):
+    """An int padding or a list stride, which the layers accept, is not a plan's
+    description: the Python path runs, in evaluation and in a training step."""
+    rng = np.random.default_rng(14)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.AvgPool2d(3, 1, 1),
+                          nn.Flatten(), nn.Linear(3 * 6 * 6 if attribute == "padding"
+                                                  else 3 * 4 * 4, 2))
+    setattr(model[0], attribute, value)
+    model.eval()
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    expected = _forward(monkeypatch, model, x, one_call=False)
+    assert _forward(monkeypatch, model, x, one_call=True).tobytes() == expected.tobytes()
+    assert _RAN[-1] is False
+    model.train()
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    loss = train_step(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1), x,
+                      np.array([0, 1]))
+    assert np.isfinite(loss)
+
+
+def test_a_sequential_subclass_that_is_not_hashable_runs_the_python_path(monkeypatch):
+    class Unhashable(nn.Sequential):
+        def __eq__(self, other):
+            return self is other
+
+    model = Unhashable(nn.Linear(5, 3), nn.ReLU()).eval()
+    x = np.ones((2, 5), np.float32)
+    expected = _forward(monkeypatch, model, x, one_call=False)
+    assert _forward(monkeypatch, model, x, one_call=True).tobytes() == expected.tobytes()
+    assert _RAN[-1] is False
+
+
+def test_an_empty_batch_is_left_to_the_python_path(monkeypatch):
+    model = nn.from_spec("c3-bn-relu-mp2-fc4", (2, 6, 6), 2, random_state=0).eval()
+    x = np.zeros((0, 2, 6, 6), np.float32)
+    outcomes = []
+    for one_call in (False, True):
+        try:
+            outcomes.append(("output", _forward(monkeypatch, model, x, one_call).shape))
+        except (ValueError, TypeError) as error:
+            outcomes.append((type(error), str(error)))
+    assert outcomes[0] == outcomes[1]
+    assert _RAN[-1] is False
+
+
+def test_forwards_from_several_threads_at_once_give_the_same_bits(monkeypatch):
+    rng = np.random.default_rng(15)
+    model = nn.from_spec("c4-bn-relu-mp2-c8-bn-relu-mp2-fc16-bn-relu-fc3", (1, 12, 12), 3,
+                         random_state=0)
+    _randomise_statistics(model, rng)
+    model.eval()
+    inputs = [rng.standard_normal((n, 1, 12, 12)).astype(np.float32) for n in (1, 5, 9)]
+    expected = [_forward(monkeypatch, model, x, one_call=False).tobytes() for x in inputs]
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    _RAN.clear()
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda i: model(inputs[i % 3]).tobytes(), range(60)))
+    assert all(got == expected[i % 3] for i, got in enumerate(results))
+    assert all(_RAN)

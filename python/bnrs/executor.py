@@ -67,8 +67,8 @@ _OPTIMIZERS = {optim.Adam: "adam", optim.AdamW: "adamw", optim.SGD: "sgd"}
 _COMMON = ("training", "forward", "backward")
 _WATCHED = {
     nn.Conv2d: attrgetter(*_COMMON, "weight", "bias", "stride", "padding", "dilation",
-                           "groups"),
-    nn.Linear: attrgetter(*_COMMON, "weight", "bias"),
+                           "groups", "in_channels", "out_channels", "kernel_size"),
+    nn.Linear: attrgetter(*_COMMON, "weight", "bias", "in_features", "out_features"),
     nn.BatchNorm1d: attrgetter(*_COMMON, "weight", "bias", "eps", "momentum",
                                "track_running_stats", "num_features"),
     nn.BatchNorm2d: attrgetter(*_COMMON, "weight", "bias", "eps", "momentum",
@@ -189,7 +189,7 @@ class _Plan:
                     raise _Unsupported("a layer whose forward or backward was replaced")
                 try:
                     output = tuple(module.output_shape(output))
-                except ValueError:
+                except (TypeError, ValueError):
                     raise _Unsupported("a layer that does not take its input") from None
             if block is not None:
                 kind_args = self._describe_block(block, shape)
@@ -381,7 +381,13 @@ def _executor(model, optimizer, kind: str, sample_shape) -> _Executor | None:
         return executor
     try:
         plan = _Plan(model, signature[0], kind, sample_shape)
-        executor = _Executor(signature, kind, sample_shape, plan, plan.core(optimizer))
+        try:
+            train_step = plan.core(optimizer)
+        except TypeError as error:
+            # An attribute of a type the layers convert (an int padding, a list
+            # stride) that the plan's description does not take: the Python path runs.
+            raise _Unsupported(str(error)) from None
+        executor = _Executor(signature, kind, sample_shape, plan, train_step)
     except _Unsupported:
         executor = _Executor(signature, kind, sample_shape, None)
     _EXECUTORS[model] = executor
@@ -789,7 +795,9 @@ class _EvalPlan:
             shape = self._step(step, shape)
         try:
             self.core = _core.EvalStep(self.stages, self.shapes)
-        except ValueError as error:   # a stage the kernels would refuse
+        except (TypeError, ValueError) as error:
+            # A stage the kernels would refuse, or an attribute of a type the layers
+            # convert (an int padding, a list stride): the Python path runs it.
             raise _Unsupported(str(error)) from None
 
     def _slot(self, module, attribute: str) -> int:
@@ -826,7 +834,7 @@ class _EvalPlan:
         for module in modules:
             try:
                 shape = tuple(module.output_shape(shape))
-            except ValueError:
+            except (TypeError, ValueError):
                 raise _Unsupported("a layer that does not take its input") from None
         return shape
 
@@ -944,7 +952,10 @@ def run_forward(model: nn.Sequential, input) -> np.ndarray | None:
     if len(shape) < 2 or shape[0] == 0:
         return None
     sample_shape = shape[1:]
-    executor = _EVAL_EXECUTORS.get(model)
+    try:
+        executor = _EVAL_EXECUTORS.get(model)
+    except TypeError:   # a Sequential subclass that is not hashable
+        return None
     if (executor is None or executor.sample_shape != sample_shape
             or executor.signature != signature):
         try:

@@ -546,9 +546,10 @@ class Sequential(Module):
 
         Notes
         -----
-        After a fused forward in evaluation mode the modules did not keep their state:
-        the forward is first re-run unfused on the same input, so the gradient is that of
-        the unfused network, as without fusion. After one in training mode each fused
+        After a fused forward in evaluation mode the modules did not keep their state
+        (after one run by the executor in one call, no module did): the forward is first
+        re-run unfused on the same input, so the gradient is that of the unfused network,
+        as without fusion. After one in training mode each fused
         block runs its own backward, with the unfused bits.
         """
         fused = getattr(self, "_fused_input", None)
