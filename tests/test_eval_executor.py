@@ -423,3 +423,28 @@ def test_forwards_from_several_threads_at_once_give_the_same_bits(monkeypatch):
         results = list(pool.map(lambda i: model(inputs[i % 3]).tobytes(), range(60)))
     assert all(got == expected[i % 3] for i, got in enumerate(results))
     assert all(_RAN)
+
+
+LONG_FORWARD_SETUP = """
+    from bnrs import executor
+    model = nn.from_spec("c64-bn-relu-c64-bn-relu-mp2-fc10", (8, 32, 32), 10,
+                         random_state=0).eval()
+    probe = rng.standard_normal((2, 8, 32, 32), dtype=np.float32)
+    model(probe)
+    assert executor._EVAL_EXECUTORS[model].plan is not None
+    start = time.monotonic()
+    model(probe)
+    per_sample = (time.monotonic() - start) / 2
+    x = rng.standard_normal((max(4, int(1.5 / per_sample)), 8, 32, 32), dtype=np.float32)
+"""
+LONG_FORWARD_BODY = """
+        while True:
+            model(x)
+"""
+
+
+def test_sigint_during_one_long_forward_is_honoured_within_a_second():
+    from test_interrupts import sigint_latency
+
+    latency = sigint_latency(LONG_FORWARD_SETUP, LONG_FORWARD_BODY, delay=0.3)
+    assert latency < 1.0, f"SIGINT took {latency:.3f} s to be honoured"
