@@ -171,12 +171,16 @@ impl ChannelPlan {
         let channels = p.out_channels.next_multiple_of(LANES);
         let per_vector = p.in_channels * taps.len() * LANES;
         let mut weights = vec![0.0f32; channels / LANES * per_vector];
-        for co in 0..p.out_channels {
-            let (vector, lane) = (co / LANES, co % LANES);
-            for c in 0..p.in_channels {
-                for t in 0..taps.len() {
-                    weights[vector * per_vector + (c * taps.len() + t) * LANES + lane] =
-                        weight[(co * p.in_channels + c) * taps.len() + t];
+        // [vector][input channel][tap][lane], written in that order: a scatter in the
+        // weight's order (a store to another cache line each) was 5% of a one-image
+        // LeNetBN forward.
+        let row = p.in_channels * taps.len();
+        for (vector, block) in weights.chunks_exact_mut(per_vector).enumerate() {
+            let lanes = LANES.min(p.out_channels - vector * LANES);
+            let rows = &weight[vector * LANES * row..][..lanes * row];
+            for (k, values) in block.chunks_exact_mut(LANES).enumerate() {
+                for (value, source) in values.iter_mut().zip(rows.chunks_exact(row)) {
+                    *value = source[k];
                 }
             }
         }
