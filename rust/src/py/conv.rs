@@ -59,7 +59,7 @@ fn conv2d_forward<'py>(
     Ok(out.into_array())
 }
 
-fn parse_pool(name: &str) -> PyResult<Pool2x2> {
+pub(super) fn parse_pool(name: &str) -> PyResult<Pool2x2> {
     match name {
         "max" => Ok(Pool2x2::Max),
         "avg" => Ok(Pool2x2::Avg),

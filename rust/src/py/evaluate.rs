@@ -9,7 +9,6 @@ use pyo3::types::PyTuple;
 use super::{run_product_kernel, slice, Output};
 use crate::evaluate::{ConvBlock, EvalKind, EvalNorm, EvalPlan};
 use crate::kernels::activation::Activation;
-use crate::kernels::conv::Pool2x2;
 
 type Pair = (i64, i64);
 /// A stage as Python describes it: (kind, sample input shape, sample output shape, args).
@@ -55,16 +54,7 @@ fn activation(args: Option<(String, f32)>) -> PyResult<Option<Activation>> {
 
 fn conv_block(args: ConvArgs) -> PyResult<ConvBlock> {
     let (weight, bias, stride, padding, dilation, groups, norm_args, act, pool) = args;
-    let pool = match pool.as_deref() {
-        None => None,
-        Some("max") => Some(Pool2x2::Max),
-        Some("avg") => Some(Pool2x2::Avg),
-        Some(other) => {
-            return Err(PyValueError::new_err(format!(
-                "stages: a convolution's pool {other:?}, expected None, 'max' or 'avg'"
-            )))
-        }
-    };
+    let pool = pool.as_deref().map(super::conv::parse_pool).transpose()?;
     Ok(ConvBlock {
         weight,
         bias,
