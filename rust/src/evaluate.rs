@@ -413,25 +413,22 @@ impl EvalPlan {
             } => {
                 let p = LinearParams::new(&input, self.slot_shape(*weight)?)?;
                 let (w, b) = (slot(*weight), bias.map(slot));
-                // The batch norm's coefficients, as its evaluation forward computes them.
-                let coefficients = match norm {
-                    None => None,
-                    Some(n) => {
-                        let np = BatchNormParams::new(&[batch, p.out_features], n.eps as f32)?;
-                        let mut invstd = vec![0.0f32; p.out_features];
-                        let (scale, shift) = batch_norm::eval_coefficients(
-                            &np,
+                let coefficients = norm
+                    .map(|n| {
+                        linear::EvalNormCoefficients::new(
+                            batch,
+                            p.out_features,
                             n.weight.map(slot),
                             n.bias.map(slot),
+                            slot(n.mean),
                             slot(n.var),
-                            &mut invstd,
-                        );
-                        Some((slot(n.mean), scale, shift))
-                    }
-                };
+                            n.eps as f32,
+                        )
+                    })
+                    .transpose()?;
                 let eval_norm = coefficients
                     .as_ref()
-                    .map(|(mean, scale, shift)| linear::EvalNorm { mean, scale, shift });
+                    .map(linear::EvalNormCoefficients::norm);
                 linear::forward_fused(&p, x, w, b, eval_norm, *activation, out)
             }
             EvalKind::BatchNorm(n) => {

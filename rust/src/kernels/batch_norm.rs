@@ -72,7 +72,7 @@ impl BatchNormParams {
             .map(move |n| &x[n * stride + c * self.spatial..n * stride + (c + 1) * self.spatial])
     }
 
-    fn check_channel_vector(&self, arg: &'static str, v: Option<&[f32]>) -> Result<()> {
+    pub(crate) fn check_channel_vector(&self, arg: &'static str, v: Option<&[f32]>) -> Result<()> {
         match v {
             Some(v) => check_len(arg, v.len(), self.channels),
             None => Ok(()),

@@ -144,6 +144,51 @@ pub struct EvalNorm<'a> {
     pub shift: &'a [f32],
 }
 
+/// The coefficients of a batch norm in evaluation after a dense layer's `rows` × `features`
+/// output, as the norm's evaluation forward computes them from its weight (`gamma`),
+/// bias (`beta`), running statistics and eps (its errors for `rows` or `eps`): what
+/// [`EvalNorm`] borrows.
+pub struct EvalNormCoefficients<'a> {
+    mean: &'a [f32],
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+impl<'a> EvalNormCoefficients<'a> {
+    pub fn new(
+        rows: usize,
+        features: usize,
+        gamma: Option<&[f32]>,
+        beta: Option<&[f32]>,
+        running_mean: &'a [f32],
+        running_var: &[f32],
+        eps: f32,
+    ) -> Result<Self> {
+        let p = batch_norm::BatchNormParams::new(&[rows, features], eps)?;
+        p.check_channel_vector("norm weight", gamma)?;
+        p.check_channel_vector("norm bias", beta)?;
+        check_len("running_mean", running_mean.len(), features)?;
+        check_len("running_var", running_var.len(), features)?;
+        let mut invstd = vec![0.0f32; features];
+        let (scale, shift) =
+            batch_norm::eval_coefficients(&p, gamma, beta, running_var, &mut invstd);
+        Ok(EvalNormCoefficients {
+            mean: running_mean,
+            scale,
+            shift,
+        })
+    }
+
+    /// The norm [`forward_fused`] applies.
+    pub fn norm(&self) -> EvalNorm<'_> {
+        EvalNorm {
+            mean: self.mean,
+            scale: &self.scale,
+            shift: &self.shift,
+        }
+    }
+}
+
 /// [`forward`] with `norm`, then `activation`, applied to each block of rows as soon as
 /// its GEMM ends, while the block is in cache: the same bits as the batch norm's
 /// evaluation forward and the activation applied afterwards.

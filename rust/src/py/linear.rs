@@ -5,7 +5,6 @@ use pyo3::prelude::*;
 
 use super::{check_shape, run_product_kernel, slice, LayerGrads, Output};
 use crate::kernels::activation::Activation;
-use crate::kernels::batch_norm::{self, BatchNormParams};
 use crate::kernels::linear::{self, LinearParams};
 
 type Array<'py> = Bound<'py, PyArrayDyn<f32>>;
@@ -43,12 +42,10 @@ fn linear_forward<'py>(
     }
     let (x, w) = (slice(&input, "input")?, slice(&weight, "weight")?);
     let b = bias.as_ref().map(|b| slice(b, "bias")).transpose()?;
-    // The batch norm's coefficients, as its evaluation forward computes them.
     let coefficients = match &norm {
         None => None,
         Some((gamma, beta, running_mean, running_var, eps)) => {
             let c = [p.out_features];
-            let np = BatchNormParams::new(&[p.batch, p.out_features], *eps)?;
             for (arr, name) in [(gamma, "norm weight"), (beta, "norm bias")] {
                 if let Some(a) = arr {
                     check_shape(a, name, &c)?;
@@ -56,20 +53,23 @@ fn linear_forward<'py>(
             }
             check_shape(running_mean, "running_mean", &c)?;
             check_shape(running_var, "running_var", &c)?;
-            let gamma = gamma
-                .as_ref()
-                .map(|g| slice(g, "norm weight"))
-                .transpose()?;
-            let beta = beta.as_ref().map(|b| slice(b, "norm bias")).transpose()?;
-            let var = slice(running_var, "running_var")?;
-            let mut invstd = vec![0.0f32; p.out_features];
-            let (scale, shift) = batch_norm::eval_coefficients(&np, gamma, beta, var, &mut invstd);
-            Some((slice(running_mean, "running_mean")?, scale, shift))
+            Some(linear::EvalNormCoefficients::new(
+                p.batch,
+                p.out_features,
+                gamma
+                    .as_ref()
+                    .map(|g| slice(g, "norm weight"))
+                    .transpose()?,
+                beta.as_ref().map(|b| slice(b, "norm bias")).transpose()?,
+                slice(running_mean, "running_mean")?,
+                slice(running_var, "running_var")?,
+                *eps,
+            )?)
         }
     };
     let eval_norm = coefficients
         .as_ref()
-        .map(|(mean, scale, shift)| linear::EvalNorm { mean, scale, shift });
+        .map(linear::EvalNormCoefficients::norm);
     let mut out = Output::new(py, "output", &[p.batch, p.out_features])?;
     let out_data = out.data();
     let work = p
