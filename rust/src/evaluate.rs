@@ -17,7 +17,7 @@ use crate::kernels::activation::{self, Activation};
 use crate::kernels::batch_norm::{self, BatchNormParams};
 use crate::kernels::conv::{self, Conv2dParams, Epilogue, Pool2x2, PooledConv};
 use crate::kernels::linear::{self, LinearParams};
-use crate::kernels::pool::{self, Pool2dParams};
+use crate::kernels::pool::Pool2d;
 use crate::memory::{exceeds_physical, resize_scratch};
 
 type Pair = (i64, i64);
@@ -66,17 +66,7 @@ pub enum EvalKind {
     },
     BatchNorm(EvalNorm),
     Activation(Activation),
-    MaxPool {
-        kernel: Pair,
-        stride: Pair,
-        padding: Pair,
-    },
-    AvgPool {
-        kernel: Pair,
-        stride: Pair,
-        padding: Pair,
-        count_include_pad: bool,
-    },
+    Pool(Pool2d),
     /// The output is the input itself, reshaped (Flatten; dropout in evaluation).
     View,
 }
@@ -264,19 +254,7 @@ impl EvalPlan {
                 input
             }
             EvalKind::Activation(_) => input,
-            EvalKind::MaxPool {
-                kernel,
-                stride,
-                padding,
-            }
-            | EvalKind::AvgPool {
-                kernel,
-                stride,
-                padding,
-                ..
-            } => Pool2dParams::new(&input, *kernel, *stride, *padding)?
-                .output_shape()
-                .to_vec(),
+            EvalKind::Pool(pooling) => pooling.params(&input)?.output_shape().to_vec(),
             EvalKind::View => {
                 if len_of(1, &stage.output_shape) != len_of(1, &stage.input_shape) {
                     return Err(plan_error(format!(
@@ -447,23 +425,7 @@ impl EvalPlan {
                 )
             }
             EvalKind::Activation(act) => activation::forward(*act, x, out),
-            EvalKind::MaxPool {
-                kernel,
-                stride,
-                padding,
-            } => {
-                let p = Pool2dParams::new(&input, *kernel, *stride, *padding)?;
-                pool::max_forward(&p, x, out, None)
-            }
-            EvalKind::AvgPool {
-                kernel,
-                stride,
-                padding,
-                count_include_pad,
-            } => {
-                let p = Pool2dParams::new(&input, *kernel, *stride, *padding)?;
-                pool::avg_forward(&p, x, *count_include_pad, out)
-            }
+            EvalKind::Pool(pooling) => pooling.forward(&pooling.params(&input)?, x, out, None),
             EvalKind::View => Ok(()),
         }
     }

@@ -21,7 +21,7 @@ use crate::kernels::fused::{self, BnBlockParams, DropoutSpec, Pool2x2};
 use crate::kernels::linear::{self, LinearParams};
 use crate::kernels::loss::{self, ClassesParams};
 use crate::kernels::optim::{self, AdamConfig, SgdConfig};
-use crate::kernels::pool::{self, Pool2dParams};
+use crate::kernels::pool::{self, Pool2d};
 use crate::kernels::{dropout, nonzero};
 use crate::memory::{grow_scratch_until, resize_scratch};
 use crate::parallel::{stop_token, StopToken};
@@ -58,17 +58,7 @@ pub enum LayerKind {
         momentum: Option<f32>,
     },
     Activation(Activation),
-    MaxPool {
-        kernel: Pair,
-        stride: Pair,
-        padding: Pair,
-    },
-    AvgPool {
-        kernel: Pair,
-        stride: Pair,
-        padding: Pair,
-        count_include_pad: bool,
-    },
+    Pool(Pool2d),
     /// Inverted dropout over units of `unit` elements (1, or H·W for Dropout2d) with the
     /// step's seed number `seed`.
     Dropout {
@@ -952,23 +942,13 @@ fn stage_forward(
             })
         }
         LayerKind::Activation(act) => timed(|| activation::forward(*act, x, out)),
-        LayerKind::MaxPool {
-            kernel,
-            stride,
-            padding,
-        } => {
-            let p = Pool2dParams::new(&in_shape, *kernel, *stride, *padding)?;
-            let indices = scratch(&mut stage.indices, out.len(), SAVED)?;
-            timed(|| pool::max_forward(&p, x, out, Some(indices)))
-        }
-        LayerKind::AvgPool {
-            kernel,
-            stride,
-            padding,
-            count_include_pad,
-        } => {
-            let p = Pool2dParams::new(&in_shape, *kernel, *stride, *padding)?;
-            timed(|| pool::avg_forward(&p, x, *count_include_pad, out))
+        LayerKind::Pool(pooling) => {
+            let p = pooling.params(&in_shape)?;
+            let indices = match pooling {
+                Pool2d::Max { .. } => Some(scratch(&mut stage.indices, out.len(), SAVED)?),
+                Pool2d::Avg { .. } => None,
+            };
+            timed(|| pooling.forward(&p, x, out, indices))
         }
         LayerKind::Dropout { p, unit, seed } => {
             nonzero("input", &in_shape)?;
@@ -1244,19 +1224,18 @@ fn stage_backward(
             };
             timed(|| activation::backward(*act, grad_output, saved, gx))
         }
-        LayerKind::MaxPool { .. } => {
+        LayerKind::Pool(Pool2d::Max { .. }) => {
             let gx = grad_input.expect(expect_grad);
             let indices = &stage.indices[..grad_output.len()];
             timed(|| pool::max_backward(&in_shape, &out_shape, grad_output, indices, gx))
         }
-        LayerKind::AvgPool {
-            kernel,
-            stride,
-            padding,
-            count_include_pad,
-        } => {
+        LayerKind::Pool(
+            pooling @ Pool2d::Avg {
+                count_include_pad, ..
+            },
+        ) => {
             let gx = grad_input.expect(expect_grad);
-            let p = Pool2dParams::new(&in_shape, *kernel, *stride, *padding)?;
+            let p = pooling.params(&in_shape)?;
             timed(|| pool::avg_backward(&p, grad_output, *count_include_pad, gx))
         }
         LayerKind::Dropout { p, unit, seed } => {

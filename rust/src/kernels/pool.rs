@@ -130,6 +130,58 @@ impl Pool2dParams {
     }
 }
 
+/// A 2-D pooling layer as a step or evaluation plan keeps it: max or average, with its
+/// window, stride and padding as (height, width), checked on each input it meets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pool2d {
+    Max {
+        kernel: (i64, i64),
+        stride: (i64, i64),
+        padding: (i64, i64),
+    },
+    Avg {
+        kernel: (i64, i64),
+        stride: (i64, i64),
+        padding: (i64, i64),
+        count_include_pad: bool,
+    },
+}
+
+impl Pool2d {
+    /// The pooling of an (N, C, H, W) `input_shape`, validated.
+    pub fn params(&self, input_shape: &[usize]) -> Result<Pool2dParams> {
+        let (Pool2d::Max {
+            kernel,
+            stride,
+            padding,
+        }
+        | Pool2d::Avg {
+            kernel,
+            stride,
+            padding,
+            ..
+        }) = *self;
+        Pool2dParams::new(input_shape, kernel, stride, padding)
+    }
+
+    /// The forward of [`max_forward`] or [`avg_forward`]; a max pool writes each
+    /// maximum's index to `indices` if given, an average pool takes none.
+    pub fn forward(
+        &self,
+        p: &Pool2dParams,
+        input: &[f32],
+        output: &mut [f32],
+        indices: Option<&mut [i64]>,
+    ) -> Result<()> {
+        match *self {
+            Pool2d::Max { .. } => max_forward(p, input, output, indices),
+            Pool2d::Avg {
+                count_include_pad, ..
+            } => avg_forward(p, input, count_include_pad, output),
+        }
+    }
+}
+
 /// Whether candidate `v` replaces the running maximum `best`: it is larger, or NaN,
 /// unless the maximum is already NaN (the first NaN wins, as the general loop keeps it).
 #[inline(always)]

@@ -6,6 +6,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use super::pool::pool2d;
 use super::{run_product_kernel, slice, Output};
 use crate::evaluate::{ConvBlock, EvalKind, EvalNorm, EvalPlan};
 use crate::kernels::activation::Activation;
@@ -99,23 +100,7 @@ fn stage_kind(kind: &str, args: &Bound<'_, PyTuple>) -> PyResult<EvalKind> {
             let (name, slope): (String, f32) = args.extract()?;
             EvalKind::Activation(Activation::from_name(&name, slope)?)
         }
-        "max_pool2d" => {
-            let (kernel, stride, padding) = args.extract()?;
-            EvalKind::MaxPool {
-                kernel,
-                stride,
-                padding,
-            }
-        }
-        "avg_pool2d" => {
-            let (kernel, stride, padding, count_include_pad) = args.extract()?;
-            EvalKind::AvgPool {
-                kernel,
-                stride,
-                padding,
-                count_include_pad,
-            }
-        }
+        "max_pool2d" | "avg_pool2d" => EvalKind::Pool(pool2d(kind, args)?),
         "view" => EvalKind::View,
         other => {
             return Err(PyValueError::new_err(format!(

@@ -1,10 +1,12 @@
 //! max_pool2d and avg_pool2d bindings.
 
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 use super::{check_allocatable, check_shape, run_kernel, slice, Output};
-use crate::kernels::pool::{self, Pool2dParams};
+use crate::kernels::pool::{self, Pool2d, Pool2dParams};
 
 type Pair = (i64, i64);
 type PooledWithIndices<'py> = (
@@ -115,6 +117,34 @@ fn avg_pool2d_backward<'py>(
         pool::avg_backward(&p, gy, count_include_pad, gx_data)
     })?;
     Ok(gx.into_array())
+}
+
+/// A step or evaluation plan's pooling layer from the kind and arguments `bnrs.executor`
+/// gives: "max_pool2d" with (kernel, stride, padding), "avg_pool2d" with those and
+/// count_include_pad.
+pub(super) fn pool2d(kind: &str, args: &Bound<'_, PyTuple>) -> PyResult<Pool2d> {
+    match kind {
+        "max_pool2d" => {
+            let (kernel, stride, padding) = args.extract()?;
+            Ok(Pool2d::Max {
+                kernel,
+                stride,
+                padding,
+            })
+        }
+        "avg_pool2d" => {
+            let (kernel, stride, padding, count_include_pad) = args.extract()?;
+            Ok(Pool2d::Avg {
+                kernel,
+                stride,
+                padding,
+                count_include_pad,
+            })
+        }
+        other => Err(PyValueError::new_err(format!(
+            "layers: {other:?} is not a pooling kind"
+        ))),
+    }
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -8,6 +8,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use super::pool::pool2d;
 use super::{run_guarded, slice, writeable};
 use crate::kernels::activation::Activation;
 use crate::kernels::fused::Pool2x2;
@@ -143,23 +144,7 @@ fn layer_kind(
             let (name, negative_slope): (String, f32) = args.extract()?;
             LayerKind::Activation(Activation::from_name(&name, negative_slope)?)
         }
-        "max_pool2d" => {
-            let (kernel, stride, padding) = args.extract()?;
-            LayerKind::MaxPool {
-                kernel,
-                stride,
-                padding,
-            }
-        }
-        "avg_pool2d" => {
-            let (kernel, stride, padding, count_include_pad) = args.extract()?;
-            LayerKind::AvgPool {
-                kernel,
-                stride,
-                padding,
-                count_include_pad,
-            }
-        }
+        "max_pool2d" | "avg_pool2d" => LayerKind::Pool(pool2d(kind, args)?),
         "dropout" => {
             let (p, unit, seed) = args.extract()?;
             LayerKind::Dropout { p, unit, seed }
