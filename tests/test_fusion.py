@@ -420,6 +420,22 @@ def test_folded_weights_follow_the_sign_of_a_zero(rng, monkeypatch):
     assert np.signbit(block.folded()[0][3]).any()
 
 
+@pytest.mark.parametrize("one_call", [False, True])
+def test_a_slope_changed_to_minus_zero_is_a_new_block(one_call, rng, monkeypatch):
+    # 0.0 == -0.0, but a leaky ReLU of slope -0.0 gives negative inputs +0.0, not -0.0:
+    # the block kept for slope 0.0 must not serve.
+    monkeypatch.setenv(executor.STEP_ENV, "1" if one_call else "0")
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, random_state=0), nn.LeakyReLU(0.0)).eval()
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    for slope in (0.0, -0.0, 0.0):
+        model[1].negative_slope = slope
+        fused, unfused = _outputs(model, x)
+        np.testing.assert_array_equal(fused.view(np.uint32), unfused.view(np.uint32))
+        zeros = fused[fused == 0]
+        # A negative input times the slope: -0.0 for slope 0.0, +0.0 for -0.0.
+        assert zeros.size and (np.signbit(zeros) != np.signbit(slope)).all()
+
+
 def test_pickled_fused_model_predicts_the_same_bits(rng):
     model = _lenet(rng)
     x = rng.random((4, 1, 28, 28), dtype=np.float32)

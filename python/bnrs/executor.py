@@ -65,6 +65,15 @@ _OPTIMIZERS = {optim.Adam: "adam", optim.AdamW: "adamw", optim.SGD: "sgd"}
 # any of it changed (a forward or backward replaced on the instance counts: a bound
 # method equals the method of the same object only).
 _COMMON = ("training", "forward", "backward")
+_common = attrgetter(*_COMMON)
+
+
+def _sign(value):
+    """A float's sign bit (a slope of 0.0 changed to -0.0 changes the outputs' zeros,
+    and 0.0 == -0.0), None for anything else."""
+    return math.copysign(1.0, value) if isinstance(value, float) else None
+
+
 _WATCHED = {
     nn.Conv2d: attrgetter(*_COMMON, "weight", "bias", "stride", "padding", "dilation",
                            "groups", "in_channels", "out_channels", "kernel_size"),
@@ -74,7 +83,7 @@ _WATCHED = {
     nn.BatchNorm2d: attrgetter(*_COMMON, "weight", "bias", "eps", "momentum",
                                "track_running_stats", "num_features"),
     nn.ReLU: attrgetter(*_COMMON),
-    nn.LeakyReLU: attrgetter(*_COMMON, "negative_slope"),
+    nn.LeakyReLU: lambda m: (_common(m), m.negative_slope, _sign(m.negative_slope)),
     nn.Sigmoid: attrgetter(*_COMMON),
     nn.Tanh: attrgetter(*_COMMON),
     nn.MaxPool2d: attrgetter(*_COMMON, "kernel_size", "stride", "padding"),

@@ -40,6 +40,7 @@ would unfused.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -370,7 +371,10 @@ def fusion_plan(modules: list, cache: dict, training: bool = False) -> list:
         if end == i + 1:
             steps.append(layer)
         else:
-            key = (tuple(id(m) for m in modules[i:end]), norm is not None, activation, pool)
+            # The slope's sign too: 0.0 == -0.0, yet the outputs' zeros take its sign.
+            slope_sign = activation and math.copysign(1.0, activation[1])
+            key = (tuple(id(m) for m in modules[i:end]), norm is not None, activation,
+                   slope_sign, pool)
             if key not in cache:
                 cache[key] = FusedBlock(layer, norm, activation, modules[i:end], pool)
             steps.append(cache[key])
