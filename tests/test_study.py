@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import bnrs
 import numpy as np
 import pytest
 from bnrs.study import plots, questions, report, results, runner, stats, storage, train
@@ -196,6 +197,42 @@ def test_store_round_trip_and_insert_or_ignore(tmp_path):
     assert store.finished_keys() == {key} and len(store) == 1
     with sqlite3.connect(store.path) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+_OLD_LAYOUT = """CREATE TABLE runs (run_key TEXT PRIMARY KEY, config TEXT NOT NULL,
+    seed INTEGER NOT NULL, status TEXT NOT NULL, metrics TEXT NOT NULL, curves TEXT NOT NULL,
+    dataset TEXT, architecture TEXT, batch_size INTEGER, lr REAL, init_scale REAL,
+    epochs INTEGER, n_train INTEGER, test_acc REAL, train_seconds REAL, bnrs_version TEXT,
+    host TEXT, finished_at TEXT NOT NULL)"""
+
+
+def test_a_database_without_the_simd_column_is_read_then_given_it(tmp_path):
+    # A study stored before runs recorded their SIMD level: read as it is (and not
+    # changed by reading), given the column at its next write.
+    with sqlite3.connect(tmp_path / storage.DB_NAME) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")   # as the store made it
+        connection.execute(_OLD_LAYOUT)
+        connection.execute("INSERT INTO runs VALUES (?, ?, 0, 'ok', ?, ?, NULL, NULL, NULL, "
+                           "NULL, NULL, NULL, NULL, 0.5, 1.0, '0.0', 'old-host', "
+                           "'2026-01-01T00:00:00Z')",
+                           ("old", json.dumps({"a": 1}), json.dumps(FAKE_RESULT["metrics"]),
+                            json.dumps(FAKE_RESULT["curves"])))
+    connection.close()
+    saved = (tmp_path / storage.DB_NAME).read_bytes()
+    store = storage.ResultStore(tmp_path)
+    old = store.get()["old"]
+    assert old["simd"] is None and old["host"] == "old-host"
+    assert (tmp_path / storage.DB_NAME).read_bytes() == saved
+    result = dict(FAKE_RESULT, host="worker-7", simd="avx2")
+    assert store.put("new", {"b": 2}, 0, result, "0.1")
+    runs = store.get()
+    assert runs["old"]["simd"] is None and runs["new"]["simd"] == "avx2"
+    assert runs["new"]["host"] == "worker-7"
+    assert report._simd_levels(list(runs.values())) == {"not recorded": 1, "avx2": 1}
+    with sqlite3.connect(store.path) as connection:
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(runs)")]
+    connection.close()
+    assert columns[-1] == "simd" and tuple(columns) == storage._COLUMNS
 
 
 def _writer(directory: str, start: int, count: int) -> None:
@@ -537,10 +574,24 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
         assert (tmp_path / "plots" / "q1-curves.png").is_file()
         assert "plots/q1-accuracy.png" in text
 
+    # Each run records the SIMD level it trained at, and the report says it.
+    level = bnrs.simd_backend()
+    stored = storage.ResultStore(tmp_path).get()
+    assert {run["simd"] for run in stored.values()} == {level}
+    assert f"SIMD level {level} ({len(stored)} runs)" in text and "Mixed SIMD" not in text
+
     # The same command again trains nothing: every run is in the database.
     monkeypatch.setattr(runner, "train_run", _must_not_train)
     again = _study(tmp_path)
     assert [row["test_acc"] for row in again] == [row["test_acc"] for row in table]
+
+    # Runs at two levels (a study resumed on another CPU) are said to be.
+    with sqlite3.connect(tmp_path / storage.DB_NAME) as connection:
+        connection.execute("UPDATE runs SET simd = 'other' WHERE rowid % 2 = 0")
+    connection.close()
+    _study(tmp_path, report_only=True)
+    text = (tmp_path / "report.md").read_text()
+    assert f"**Mixed SIMD levels** ({', '.join(sorted([level, 'other']))})" in text
 
 
 def test_question_run_time_sums_its_stored_runs():

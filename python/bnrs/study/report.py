@@ -33,6 +33,7 @@ import math
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from .. import __version__, diagnostics
@@ -220,7 +221,15 @@ def _wall_clock(runs: list[dict]) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(start))
     return (f"wall clock {(max(ends) - start) / 60:.0f} min from the first run's start "
             f"({stamp} UTC) to the last one's end, hosts "
-            + ", ".join(sorted({run["host"] or "?" for run in runs})))
+            + ", ".join(sorted({run["host"] or "?" for run in runs}))
+            + "; SIMD level " + ", ".join(f"{level} ({n} runs)" for level, n in
+                                          sorted(_simd_levels(runs).items())))
+
+
+def _simd_levels(runs: list[dict]) -> Counter:
+    """How many runs trained at each SIMD level ("not recorded" for runs stored before
+    the level was)."""
+    return Counter(run.get("simd") or "not recorded" for run in runs)
 
 
 def _question_time(q, entries, runs) -> str:
@@ -261,6 +270,12 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
         f"summed over runs (each question's below counts a run it shares with another "
         f"in both); {_wall_clock(stored)}. bnrs {__version__}; report written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
+    levels = set(_simd_levels(stored)) - {"not recorded"}
+    if len(levels) > 1:
+        doc.paragraph(f"**Mixed SIMD levels** ({', '.join(sorted(levels))}): the kernels "
+                      "block their sums by register width, so a run at another level "
+                      "gives other bits than the same seed at this one; the study was "
+                      "resumed on another CPU or run on unlike machines.")
     if len(stored) < len(distinct):
         doc.paragraph(f"**Incomplete:** {len(distinct) - len(stored)} runs are missing "
                       "(the study is still running or was interrupted); rerun the same "

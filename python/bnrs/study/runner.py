@@ -28,6 +28,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -37,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__, nn
+from .. import __version__, nn, simd_backend
 from .. import datasets as bnrs_datasets
 from .questions import (
     Question,
@@ -185,6 +186,8 @@ def _execute(config: RunConfig, seed: int, n_threads: int, key: str,
     except Exception:   # noqa: BLE001 - reported by the parent, and retried next time
         return key, None, traceback.format_exc()
     result["metrics"]["wall_seconds"] = time.perf_counter() - started
+    # Where it trained (a dask worker may be another machine): stored with the run.
+    result.update(host=socket.gethostname(), simd=simd_backend())
     return key, result, None
 
 

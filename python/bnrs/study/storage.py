@@ -12,8 +12,12 @@ Design, so that a study can be interrupted, resumed and shared:
   and ``--report-only``) read and write one file at the same time.
 
 Each row keeps the configuration and the metrics as JSON, the per-epoch curves as JSON,
-the bnrs version, the host and timestamps; a few columns are copied out of the JSON for
-queries by hand (``sqlite3 results.sqlite "select architecture, avg(test_acc) ..."``).
+the bnrs version, the host and SIMD level the run trained on, and timestamps; a few
+columns are copied out of the JSON for queries by hand
+(``sqlite3 results.sqlite "select architecture, avg(test_acc) ..."``). The SIMD level
+matters: the kernels' sums are blocked by register width, so runs at another level give
+other bits. A database written before the ``simd`` column existed gets it at its next
+write, empty for the runs already stored (their level was not recorded).
 """
 
 from __future__ import annotations
@@ -52,12 +56,16 @@ CREATE TABLE IF NOT EXISTS runs (
     train_seconds REAL,
     bnrs_version  TEXT,
     host          TEXT,
-    finished_at   TEXT NOT NULL
+    finished_at   TEXT NOT NULL,
+    simd          TEXT
 );
 """
 
 
 _COLUMNS = tuple(line.split()[0] for line in _SCHEMA.strip().splitlines()[1:-1])
+# The layout before the SIMD level was recorded: read as it is, given the column at the
+# next write.
+_COLUMNS_WITHOUT_SIMD = _COLUMNS[:-1]
 
 
 class ResultStoreError(ValueError):
@@ -144,8 +152,8 @@ class ResultStore:
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not tables:
             return
-        columns = tuple(row[1] for row in connection.execute("PRAGMA table_info(runs)"))
-        if columns != _COLUMNS:
+        columns = _columns(connection)
+        if columns not in (_COLUMNS, _COLUMNS_WITHOUT_SIMD):
             found = (f"a table 'runs' with columns {', '.join(columns)}" if columns
                      else f"tables {', '.join(sorted(tables))}")
             raise ResultStoreError(f"{self.path}: not a bnrs results database (it has "
@@ -169,7 +177,10 @@ class ResultStore:
 
     def put(self, key: str, config: dict, seed: int, result: dict,
             bnrs_version: str) -> bool:
-        """Store one finished run in one transaction; False if the key was already there."""
+        """Store one finished run in one transaction; False if the key was already there.
+
+        ``result`` may name the ``host`` and ``simd`` level the run trained on (a
+        worker's, which may not be this process's); the host defaults to this one's."""
         metrics = result["metrics"]
         row = (key, _json(config), int(seed), result["status"], _json(metrics),
                _json(result["curves"]), config.get("dataset"), config.get("architecture"),
@@ -177,10 +188,13 @@ class ResultStore:
                config.get("epochs"), config.get("n_train"),
                _finite_or_none(metrics.get("test_acc")),
                _finite_or_none(metrics.get("train_seconds")), bnrs_version,
-               socket.gethostname(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+               result.get("host") or socket.gethostname(),
+               time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), result.get("simd"))
         with self._connect() as connection:
             connection.execute("BEGIN IMMEDIATE")
             try:
+                if _columns(connection) == _COLUMNS_WITHOUT_SIMD:
+                    connection.execute("ALTER TABLE runs ADD COLUMN simd TEXT")
                 cursor = connection.execute(
                     f"INSERT OR IGNORE INTO runs VALUES ({', '.join('?' * len(row))})", row)
                 connection.execute("COMMIT")
@@ -198,9 +212,10 @@ class ResultStore:
         runs = {}
         with self._connect() as connection:
             connection.row_factory = sqlite3.Row
+            simd = "simd" if "simd" in _columns(connection) else "NULL AS simd"
             for row in connection.execute(
                     "SELECT run_key, config, seed, status, metrics, curves, bnrs_version, "
-                    "host, finished_at FROM runs"):
+                    f"host, finished_at, {simd} FROM runs"):
                 if wanted is not None and row["run_key"] not in wanted:
                     continue
                 runs[row["run_key"]] = {
@@ -208,12 +223,17 @@ class ResultStore:
                     "status": row["status"], "metrics": _nan_for_none(json.loads(
                         row["metrics"])), "curves": _nan_for_none(json.loads(row["curves"])),
                     "bnrs_version": row["bnrs_version"], "host": row["host"],
-                    "finished_at": row["finished_at"]}
+                    "simd": row["simd"], "finished_at": row["finished_at"]}
         return runs
 
     def __len__(self) -> int:
         with self._connect() as connection:
             return connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
+def _columns(connection: sqlite3.Connection) -> tuple[str, ...]:
+    """The columns of the table ``runs`` (none if there is no such table)."""
+    return tuple(row[1] for row in connection.execute("PRAGMA table_info(runs)"))
 
 
 _KEEP_NONE = {"epochs_to_target", "steps_to_target", "seconds_to_target",
