@@ -333,10 +333,17 @@ def _attribute_changes():
     def conv_flat_relu():
         return nn.Sequential(nn.Conv2d(2, 3, 3), nn.LeakyReLU(0.0)).eval()
 
+    def conv_flat_relu32():   # a slope set as a NumPy scalar after construction
+        model = conv_flat_relu()
+        model[1].negative_slope = np.float32(0.0)
+        return model
+
     return [
         ("slope", conv_relu, lambda m: setattr(m[1], "negative_slope", 0.3)),
         # Equal slopes, but the negative outputs' zeros change sign.
         ("slope's sign", conv_flat_relu, lambda m: setattr(m[1], "negative_slope", -0.0)),
+        ("float32 slope's sign", conv_flat_relu32,
+         lambda m: setattr(m[1], "negative_slope", np.float32(-0.0))),
         ("padding", conv_relu, lambda m: setattr(m[0], "padding", (1, 1))),
         ("stride", conv_relu, lambda m: setattr(m[0], "stride", (2, 1))),
         ("pool stride", conv_relu, lambda m: setattr(m[2], "stride", (1, 1))),

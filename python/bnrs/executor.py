@@ -41,6 +41,7 @@ same bits, without the per-layer Python (most of a one-image forward).
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import os
 import weakref
@@ -69,9 +70,9 @@ _common = attrgetter(*_COMMON)
 
 
 def _sign(value):
-    """A float's sign bit (a slope of 0.0 changed to -0.0 changes the outputs' zeros,
-    and 0.0 == -0.0), None for anything else."""
-    return math.copysign(1.0, value) if isinstance(value, float) else None
+    """A real number's sign bit (a slope of 0.0 changed to -0.0 changes the outputs'
+    zeros, and 0.0 == -0.0), None for anything else."""
+    return math.copysign(1.0, value) if isinstance(value, numbers.Real) else None
 
 
 _WATCHED = {
