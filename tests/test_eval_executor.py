@@ -338,12 +338,19 @@ def _attribute_changes():
         model[1].negative_slope = np.float32(0.0)
         return model
 
+    def conv_flat_relu_array():
+        model = conv_flat_relu()
+        model[1].negative_slope = np.array(0.0)
+        return model
+
     return [
         ("slope", conv_relu, lambda m: setattr(m[1], "negative_slope", 0.3)),
         # Equal slopes, but the negative outputs' zeros change sign.
         ("slope's sign", conv_flat_relu, lambda m: setattr(m[1], "negative_slope", -0.0)),
         ("float32 slope's sign", conv_flat_relu32,
          lambda m: setattr(m[1], "negative_slope", np.float32(-0.0))),
+        ("0-d array slope changed in place", conv_flat_relu_array,
+         lambda m: m[1].negative_slope.fill(0.25)),
         ("padding", conv_relu, lambda m: setattr(m[0], "padding", (1, 1))),
         ("stride", conv_relu, lambda m: setattr(m[0], "stride", (2, 1))),
         ("pool stride", conv_relu, lambda m: setattr(m[2], "stride", (1, 1))),

@@ -595,6 +595,24 @@ def test_a_changed_layer_is_planned_again(monkeypatch):
     assert_same_state(train_then_change(True), train_then_change(False))
 
 
+def test_a_slope_changed_to_minus_zero_is_planned_again(monkeypatch):
+    # 0.0 == -0.0, but the activation's negative outputs and gradients take the slope's
+    # sign: the step must not keep the plan made for 0.0.
+    model = nn.Sequential(nn.Linear(4, 6, random_state=0), nn.LeakyReLU(0.0),
+                          nn.Linear(6, 3, random_state=1))
+    opt = _optimizer("sgd", model)
+    inputs, targets = _batches((4,), 3, 5, 1)[0]
+    monkeypatch.setenv(executor.STEP_ENV, "1")
+    train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
+    first = executor._EXECUTORS[model]
+    model[1].negative_slope = -0.0
+    train_step(model, nn.CrossEntropyLoss(), opt, inputs, targets)
+    second = executor._EXECUTORS[model]
+    assert second is not first
+    (_, slope), = [args for kind, _, _, args in second.plan.layers if kind == "activation"]
+    assert slope == 0 and np.signbit(slope)
+
+
 def test_a_non_finite_loss_leaves_the_state_of_the_python_path(monkeypatch):
     model = nn.from_spec("fc6-bn-relu-d0.5", (4,), 3, random_state=0)
     opt = _optimizer("adam", model)

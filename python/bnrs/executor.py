@@ -41,7 +41,6 @@ same bits, without the per-layer Python (most of a one-image forward).
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 import os
 import weakref
@@ -69,10 +68,15 @@ _COMMON = ("training", "forward", "backward")
 _common = attrgetter(*_COMMON)
 
 
-def _sign(value):
-    """A real number's sign bit (a slope of 0.0 changed to -0.0 changes the outputs'
-    zeros, and 0.0 == -0.0), None for anything else."""
-    return math.copysign(1.0, value) if isinstance(value, numbers.Real) else None
+def _slope(value):
+    """A slope as a plan reads it (``float()``: a NumPy scalar or 0-d array changed in
+    place is read anew) with its sign bit, since 0.0 == -0.0 yet the outputs' zeros take
+    the sign; anything else as it is (the layer raises it in its own words)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value, None
+    return number, math.copysign(1.0, number)
 
 
 _WATCHED = {
@@ -84,7 +88,7 @@ _WATCHED = {
     nn.BatchNorm2d: attrgetter(*_COMMON, "weight", "bias", "eps", "momentum",
                                "track_running_stats", "num_features"),
     nn.ReLU: attrgetter(*_COMMON),
-    nn.LeakyReLU: lambda m: (_common(m), m.negative_slope, _sign(m.negative_slope)),
+    nn.LeakyReLU: lambda m: (_common(m), _slope(m.negative_slope)),
     nn.Sigmoid: attrgetter(*_COMMON),
     nn.Tanh: attrgetter(*_COMMON),
     nn.MaxPool2d: attrgetter(*_COMMON, "kernel_size", "stride", "padding"),
