@@ -579,6 +579,8 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     stored = storage.ResultStore(tmp_path).get()
     assert {run["simd"] for run in stored.values()} == {level}
     assert f"SIMD level {level} ({len(stored)} runs)" in text and "Mixed SIMD" not in text
+    assert report._levels_text(report._simd_levels([{"simd": "avx2"}])) == \
+        "SIMD level avx2 (1 run)"
 
     # The same command again trains nothing: every run is in the database.
     monkeypatch.setattr(runner, "train_run", _must_not_train)
@@ -591,7 +593,15 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     connection.close()
     _study(tmp_path, report_only=True)
     text = (tmp_path / "report.md").read_text()
-    assert f"**Mixed SIMD levels** ({', '.join(sorted([level, 'other']))})" in text
+    assert f"**Mixed SIMD levels** ({', '.join(sorted([level, 'other']))}):" in text
+    assert "SIMD levels " in text
+    # Runs of an unknown level beside those of a known one may be mixed as well.
+    with sqlite3.connect(tmp_path / storage.DB_NAME) as connection:
+        connection.execute("UPDATE runs SET simd = NULL WHERE simd = 'other'")
+    connection.close()
+    _study(tmp_path, report_only=True)
+    text = (tmp_path / "report.md").read_text()
+    assert f"**Mixed SIMD levels** ({level} (and runs stored before the level" in text
 
 
 def test_question_run_time_sums_its_stored_runs():

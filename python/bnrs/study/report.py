@@ -222,8 +222,13 @@ def _wall_clock(runs: list[dict]) -> str:
     return (f"wall clock {(max(ends) - start) / 60:.0f} min from the first run's start "
             f"({stamp} UTC) to the last one's end, hosts "
             + ", ".join(sorted({run["host"] or "?" for run in runs}))
-            + "; SIMD level " + ", ".join(f"{level} ({n} runs)" for level, n in
-                                          sorted(_simd_levels(runs).items())))
+            + "; " + _levels_text(_simd_levels(runs)))
+
+
+def _levels_text(levels: Counter) -> str:
+    """"SIMD level avx2 (1 run)", or "SIMD levels avx2 (3 runs), not recorded (2 runs)"."""
+    runs = [f"{level} ({n} run{'s' * (n != 1)})" for level, n in sorted(levels.items())]
+    return f"SIMD level{'s' * (len(runs) != 1)} " + ", ".join(runs)
 
 
 def _simd_levels(runs: list[dict]) -> Counter:
@@ -270,12 +275,16 @@ def write_report(out, questions, settings, data, entries, runs, table, *,
         f"summed over runs (each question's below counts a run it shares with another "
         f"in both); {_wall_clock(stored)}. bnrs {__version__}; report written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
-    levels = set(_simd_levels(stored)) - {"not recorded"}
-    if len(levels) > 1:
-        doc.paragraph(f"**Mixed SIMD levels** ({', '.join(sorted(levels))}): the kernels "
-                      "block their sums by register width, so a run at another level "
-                      "gives other bits than the same seed at this one; the study was "
-                      "resumed on another CPU or run on unlike machines.")
+    levels = set(_simd_levels(stored))
+    recorded = sorted(levels - {"not recorded"})
+    if len(recorded) > 1 or (recorded and "not recorded" in levels):
+        unknown = (" (and runs stored before the level was recorded, at a level not known)"
+                   if "not recorded" in levels else "")
+        doc.paragraph(f"**Mixed SIMD levels** ({', '.join(recorded)}{unknown}): the "
+                      "kernels block their sums by register width, so the same seed at "
+                      "two levels gives two different runs; the study was resumed on "
+                      "another CPU, run on unlike machines, or run with `BNRS_SIMD` or "
+                      "`bnrs.set_simd` in between.")
     if len(stored) < len(distinct):
         doc.paragraph(f"**Incomplete:** {len(distinct) - len(stored)} runs are missing "
                       "(the study is still running or was interrupted); rerun the same "
