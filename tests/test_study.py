@@ -587,20 +587,19 @@ def test_end_to_end_study_and_resume(tmp_path, monkeypatch):
     again = _study(tmp_path)
     assert [row["test_acc"] for row in again] == [row["test_acc"] for row in table]
 
+    def report_with(update):
+        with sqlite3.connect(tmp_path / storage.DB_NAME) as connection:
+            connection.execute(update)
+        connection.close()
+        _study(tmp_path, report_only=True)
+        return (tmp_path / "report.md").read_text()
+
     # Runs at two levels (a study resumed on another CPU) are said to be.
-    with sqlite3.connect(tmp_path / storage.DB_NAME) as connection:
-        connection.execute("UPDATE runs SET simd = 'other' WHERE rowid % 2 = 0")
-    connection.close()
-    _study(tmp_path, report_only=True)
-    text = (tmp_path / "report.md").read_text()
+    text = report_with("UPDATE runs SET simd = 'other' WHERE rowid % 2 = 0")
     assert f"**Mixed SIMD levels** ({', '.join(sorted([level, 'other']))}):" in text
     assert "SIMD levels " in text
     # Runs of an unknown level beside those of a known one may be mixed as well.
-    with sqlite3.connect(tmp_path / storage.DB_NAME) as connection:
-        connection.execute("UPDATE runs SET simd = NULL WHERE simd = 'other'")
-    connection.close()
-    _study(tmp_path, report_only=True)
-    text = (tmp_path / "report.md").read_text()
+    text = report_with("UPDATE runs SET simd = NULL WHERE simd = 'other'")
     assert f"**Mixed SIMD levels** ({level} (and runs stored before the level" in text
 
 
