@@ -70,13 +70,12 @@ _common = attrgetter(*_COMMON)
 
 def _slope(value):
     """A slope as a plan reads it (``float()``: a NumPy scalar or 0-d array changed in
-    place is read anew) with its sign bit, since 0.0 == -0.0 yet the outputs' zeros take
-    the sign; anything else as it is (the layer raises it in its own words)."""
+    place is read anew), keyed with its sign (:func:`bnrs.nn.fusion.slope_key`);
+    anything else as it is (the layer raises it in its own words)."""
     try:
-        number = float(value)
+        return fusion.slope_key(float(value))
     except (TypeError, ValueError):
         return value, None
-    return number, math.copysign(1.0, number)
 
 
 _WATCHED = {

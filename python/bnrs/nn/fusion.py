@@ -70,6 +70,12 @@ def _activation_of(module, training: bool = False) -> tuple[str, float] | None:
     return name, float(getattr(module, "negative_slope", 0.0))
 
 
+def slope_key(slope: float) -> tuple[float, float]:
+    """An activation's slope as a key of what was built for it: its value and its sign
+    bit, since 0.0 == -0.0 yet the outputs' zeros take the slope's sign."""
+    return slope, math.copysign(1.0, slope)
+
+
 _POOLS = {MaxPool2d: "max", AvgPool2d: "avg"}
 
 
@@ -371,10 +377,8 @@ def fusion_plan(modules: list, cache: dict, training: bool = False) -> list:
         if end == i + 1:
             steps.append(layer)
         else:
-            # The slope's sign too: 0.0 == -0.0, yet the outputs' zeros take its sign.
-            slope_sign = activation and math.copysign(1.0, activation[1])
-            key = (tuple(id(m) for m in modules[i:end]), norm is not None, activation,
-                   slope_sign, pool)
+            key = (tuple(id(m) for m in modules[i:end]), norm is not None,
+                   activation and (activation[0], *slope_key(activation[1])), pool)
             if key not in cache:
                 cache[key] = FusedBlock(layer, norm, activation, modules[i:end], pool)
             steps.append(cache[key])
